@@ -1,0 +1,176 @@
+//! The contract between Pagoda's model code and a compute device.
+//!
+//! A [`Backend`] owns device memory ([`Tensor`]s) and implements the handful of
+//! ops a Llama-family forward pass over a paged KV cache needs, plus sampling.
+//! The model code (`pagoda-models`) is written once against this trait; the
+//! CPU reference backend implements it with plain loops and is the oracle for
+//! the CUDA backend, whose kernels are tested op by op against it.
+//!
+//! Conventions every implementation keeps:
+//! - Tensors are dense and row-major. Views are cheap handles on shared storage
+//!   (a leading-dimension [`Tensor::narrow`] or a [`Tensor::reshape`]).
+//! - Ops write into caller-provided outputs (`out`), which must not share
+//!   storage with an input unless the op says so; this lets a device backend
+//!   reuse buffers and capture graphs. Device ops may run asynchronously:
+//!   only `download*`, `sample` and `synchronize` wait for the device.
+//! - Float tensors may be `F32`, `F16` or `BF16`; arithmetic accumulates in f32.
+//!   Index tensors are `I32` (token ids, positions, block tables, lengths) or
+//!   `I64` (slot mappings).
+//! - The KV cache of one layer is two tensors, K and V, each
+//!   `[num_blocks, num_kv_heads, block_size, head_dim]`: one block of one head
+//!   is contiguous, which is what a decode kernel wants to stream.
+//!
+//! ```
+//! use pagoda_backend::{DType, Shape};
+//! let s = Shape::from(&[4, 8][..]);
+//! assert_eq!(s.numel(), 32);
+//! assert_eq!(DType::BF16.size_in_bytes(), 2);
+//! ```
+
+mod attention;
+mod error;
+mod host;
+mod tensor;
+
+pub use attention::{AttentionArgs, AttentionHostMetadata, AttentionMetadata, RopeStyle, RotaryCacheArgs};
+pub use error::{BackendError, Result};
+pub use host::{HostSlice, HostVec};
+pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
+pub use tensor::{DType, Shape, Tensor};
+
+/// Bytes of device memory, as the device reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryInfo {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// The shape of one layer's paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_blocks: usize,
+    pub num_kv_heads: usize,
+    pub block_size: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheShape {
+    /// `[num_blocks, num_kv_heads, block_size, head_dim]`.
+    pub fn dims(&self) -> [usize; 4] {
+        [self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim]
+    }
+
+    /// Elements in one block of K (or V) of one layer.
+    pub fn block_numel(&self) -> usize {
+        self.num_kv_heads * self.block_size * self.head_dim
+    }
+}
+
+/// A compute device. See the crate docs for the conventions.
+///
+/// Shapes below use `T` for tokens in the step, `H` hidden size, `V` vocabulary,
+/// `I` intermediate (FFN) size, `Hq`/`Hkv` query/KV heads and `D` head dim.
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// Device memory behind a tensor.
+    type Storage: Send + Sync + 'static;
+
+    /// A human-readable device name, e.g. "cpu-ref" or "NVIDIA H100 80GB HBM3".
+    fn name(&self) -> String;
+
+    /// The float dtype activations and the KV cache use on this backend.
+    fn activation_dtype(&self) -> DType;
+
+    // ---- memory -------------------------------------------------------------
+
+    /// A new tensor whose contents are unspecified.
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+
+    /// A new tensor of `dtype` holding `data` (floats are converted; integer
+    /// data must match `dtype`).
+    fn upload(&self, data: HostSlice<'_>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+
+    /// Overwrites `dst` with `data` (same element count; conversion as in `upload`).
+    fn write(&self, dst: &Tensor<Self>, data: HostSlice<'_>) -> Result<()>;
+
+    /// Copies a tensor to the host in its own dtype; waits for pending work.
+    fn download(&self, src: &Tensor<Self>) -> Result<HostVec>;
+
+    /// Sets every element of a float or integer tensor to `value`.
+    fn fill(&self, dst: &Tensor<Self>, value: f32) -> Result<()>;
+
+    /// Waits until all queued work has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    /// Free and total device memory.
+    fn memory_info(&self) -> Result<MemoryInfo>;
+
+    /// Downloads any float or integer tensor as f32 (tests and debugging).
+    fn download_f32(&self, src: &Tensor<Self>) -> Result<Vec<f32>> {
+        Ok(self.download(src)?.to_f32())
+    }
+
+    // ---- the forward pass ---------------------------------------------------
+
+    /// `out[t, :] = table[token_ids[t], :]`; ids `I32 [T]`, table `[V, H]`, out `[T, H]`.
+    fn embedding(&self, token_ids: &Tensor<Self>, table: &Tensor<Self>, out: &Tensor<Self>) -> Result<()>;
+
+    /// `out = x / sqrt(mean(x^2) + eps) * weight`, row-wise; x, out `[T, H]`, weight `[H]`.
+    fn rms_norm(&self, x: &Tensor<Self>, weight: &Tensor<Self>, eps: f32, out: &Tensor<Self>) -> Result<()>;
+
+    /// Fused residual add and norm: `residual += x; out = rms_norm(residual)`.
+    /// `residual` is read and written in place; `out` is a third tensor.
+    fn add_rms_norm(
+        &self,
+        x: &Tensor<Self>,
+        residual: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+        out: &Tensor<Self>,
+    ) -> Result<()>;
+
+    /// `out = x · weightᵀ + bias`; x `[T, K]`, weight `[N, K]`, bias `[N]`, out `[T, N]`.
+    /// `out` may be F32 when x and weight are a lower precision (logits).
+    fn linear(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        out: &Tensor<Self>,
+    ) -> Result<()>;
+
+    /// Rotates q and k by their positions and writes k and v into the paged
+    /// cache through the slot mapping; see [`RotaryCacheArgs`].
+    fn rotary_and_cache(&self, args: &RotaryCacheArgs<'_, Self>) -> Result<()>;
+
+    /// Causal attention of this step's queries over each sequence's cached
+    /// keys and values; see [`AttentionArgs`].
+    fn attention(&self, args: &AttentionArgs<'_, Self>) -> Result<()>;
+
+    /// `out = silu(x[:, :I]) * x[:, I:]`; x `[T, 2I]`, out `[T, I]`.
+    fn silu_and_mul(&self, x: &Tensor<Self>, out: &Tensor<Self>) -> Result<()>;
+
+    /// `out[m, :] = x[indices[m], :]`; x `[T, H]`, indices `I32 [M]`, out `[M, H]`.
+    fn gather_rows(&self, x: &Tensor<Self>, indices: &Tensor<Self>, out: &Tensor<Self>) -> Result<()>;
+
+    // ---- KV cache management -------------------------------------------------
+
+    /// For every cache tensor and every `(src, dst)` pair, copies block `src`
+    /// over block `dst` (copy-on-write). Pairs are applied in order.
+    fn copy_blocks(&self, caches: &[&Tensor<Self>], pairs: &[(u32, u32)]) -> Result<()>;
+
+    /// Copies device blocks to a host pool: for each `(device, host)` pair,
+    /// block `device` of `cache` goes to block `host` of `host_pool`, whose
+    /// blocks have the cache's per-block byte layout. Waits for completion.
+    fn swap_out(&self, cache: &Tensor<Self>, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()>;
+
+    /// The reverse of `swap_out`: for each `(host, device)` pair.
+    fn swap_in(&self, host_pool: &[u8], cache: &Tensor<Self>, pairs: &[(u32, u32)]) -> Result<()>;
+
+    // ---- sampling --------------------------------------------------------------
+
+    /// Samples one token per row of `logits` (`[M, V]`, any float dtype) under
+    /// `rows[m]`, exactly as [`pagoda_sampler::sample_row`] specifies (device
+    /// backends may differ only where float rounding reorders near-equal
+    /// probabilities). Waits for the device; the result is on the host.
+    fn sample(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>>;
+}
