@@ -1,0 +1,164 @@
+//! Requests as they arrive, sequences as the scheduler tracks them, and what a
+//! step reports back per sequence.
+
+use std::fmt;
+
+use pagoda_paged_kv::{SeqId, TokenId};
+
+use crate::policy::RankKey;
+
+/// A client request (one prompt; `n` parallel samples of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request {}", self.0)
+    }
+}
+
+/// A request as handed to [`crate::Scheduler::add_request`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRequest {
+    pub request_id: RequestId,
+    pub prompt_token_ids: Vec<TokenId>,
+    /// Most tokens to generate per sample (at least 1).
+    pub max_tokens: usize,
+    /// Parallel samples: the prompt is prefilled once, then forks into `n`
+    /// sequences that share its KV blocks copy-on-write.
+    pub n: usize,
+    /// Lower values are served first under the priority policy.
+    pub priority: i32,
+    /// Arrival time in seconds (informational; order is the order of arrival
+    /// at `add_request`).
+    pub arrival: f64,
+    pub eos_token_id: Option<TokenId>,
+    pub stop_token_ids: Vec<TokenId>,
+    /// Keep generating past the EOS token.
+    pub ignore_eos: bool,
+    /// EOS and stop tokens do not end a sample before this many tokens.
+    pub min_tokens: usize,
+    /// Folded into every prefix-cache block hash: requests with different
+    /// salts (tenants, LoRA adapters) never share cached blocks.
+    pub cache_salt: Option<u64>,
+}
+
+impl NewRequest {
+    /// A single-sample request with every option at its default.
+    pub fn new(request_id: RequestId, prompt_token_ids: Vec<TokenId>, max_tokens: usize) -> Self {
+        Self {
+            request_id,
+            prompt_token_ids,
+            max_tokens,
+            n: 1,
+            priority: 0,
+            arrival: 0.0,
+            eos_token_id: None,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            min_tokens: 0,
+            cache_salt: None,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop condition matched: the EOS or stop token id that ended it, or
+    /// `None` for a stop the engine detected itself (a stop string).
+    Stop(Option<TokenId>),
+    /// `max_tokens` generated, or the model's maximum length reached.
+    Length,
+    /// Aborted (client gone, or the engine gave up on it).
+    Abort,
+}
+
+/// Where a live sequence is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqStatus {
+    /// Queued for (re)computation; holds no blocks.
+    Waiting,
+    /// Holds GPU blocks; scheduled in steps while budgets allow.
+    Running,
+    /// Preempted to the CPU swap pool.
+    Swapped,
+}
+
+/// One sequence: a request's prompt and the tokens one of its samples has
+/// generated so far.
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    pub(crate) seq_id: SeqId,
+    pub(crate) request_id: RequestId,
+    pub(crate) sample_index: usize,
+    /// Prompt then generated tokens.
+    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) num_prompt_tokens: usize,
+    /// Tokens whose KV is computed (or scheduled for computation this step).
+    pub(crate) num_computed_tokens: usize,
+    pub(crate) status: SeqStatus,
+    pub(crate) rank: RankKey,
+    /// Sibling sequences to create when the prompt completes (n > 1).
+    pub(crate) pending_fork: Vec<SeqId>,
+    /// Upper bound on tokens this sequence ever holds KV slots for.
+    pub(crate) max_total_tokens: usize,
+    /// The last step this sequence was scheduled in.
+    pub(crate) scheduled_step: u64,
+}
+
+impl Sequence {
+    pub fn seq_id(&self) -> SeqId {
+        self.seq_id
+    }
+
+    pub fn request_id(&self) -> RequestId {
+        self.request_id
+    }
+
+    /// Which of the request's `n` samples this is (0-based).
+    pub fn sample_index(&self) -> usize {
+        self.sample_index
+    }
+
+    pub fn prompt_token_ids(&self) -> &[TokenId] {
+        &self.tokens[..self.num_prompt_tokens]
+    }
+
+    pub fn output_token_ids(&self) -> &[TokenId] {
+        &self.tokens[self.num_prompt_tokens..]
+    }
+
+    /// Prompt followed by output.
+    pub fn all_token_ids(&self) -> &[TokenId] {
+        &self.tokens
+    }
+
+    pub fn num_computed_tokens(&self) -> usize {
+        self.num_computed_tokens
+    }
+
+    pub fn status(&self) -> SeqStatus {
+        self.status
+    }
+
+    /// Whether the KV of all tokens but the newest is computed (the sequence
+    /// is generating, not prefilling).
+    pub fn is_decoding(&self) -> bool {
+        self.pending_fork.is_empty()
+            && self.num_computed_tokens + 1 == self.tokens.len()
+            && self.num_computed_tokens >= self.num_prompt_tokens
+    }
+}
+
+/// What a step did to one sequence that sampled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqUpdate {
+    pub seq_id: SeqId,
+    pub request_id: RequestId,
+    /// Which of the request's samples this is (0-based).
+    pub sample_index: usize,
+    pub new_token: TokenId,
+    /// `Some` when this token ended the sequence (its blocks are already freed).
+    pub finish_reason: Option<FinishReason>,
+}

@@ -1,0 +1,796 @@
+//! The continuous-batching scheduler.
+
+use std::collections::BTreeSet;
+
+use pagoda_paged_kv::{
+    AllocError, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, SeqId, SeqStart, TokenId,
+};
+use rustc_hash::FxHashMap;
+
+use crate::config::{PreemptionMode, SchedulerConfig};
+use crate::error::{AddRequestError, ConfigError, SchedulerError, UpdateError};
+use crate::output::{ScheduledSeq, SchedulerOutput};
+use crate::policy::{RankKey, RequestView, SchedulingPolicy};
+use crate::request::{FinishReason, NewRequest, RequestId, SeqStatus, SeqUpdate, Sequence};
+
+/// Cumulative counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub num_steps: u64,
+    /// Preemptions of either kind.
+    pub num_preemptions: u64,
+    pub num_recompute_preemptions: u64,
+    pub num_swap_preemptions: u64,
+    pub num_requests_added: u64,
+    /// Requests whose every sample has finished (including aborted ones).
+    pub num_requests_finished: u64,
+    pub num_requests_aborted: u64,
+}
+
+/// Per-request state shared by its samples.
+#[derive(Clone, Debug)]
+struct RequestState {
+    max_tokens: usize,
+    eos_token_id: Option<TokenId>,
+    stop_token_ids: Vec<TokenId>,
+    ignore_eos: bool,
+    min_tokens: usize,
+    cache_salt: Option<u64>,
+    /// Sequences of this request that exist and have not finished.
+    live_seqs: Vec<SeqId>,
+}
+
+type QueueKey = (RankKey, SeqId);
+
+/// Iteration-level scheduler: each [`Scheduler::schedule`] call picks the
+/// sequences of one model step under the token and sequence budgets, and
+/// [`Scheduler::update_from_output`] feeds the sampled tokens back.
+///
+/// A step schedules, in order:
+/// 1. running sequences that decode (one new token each), best-ranked first;
+///    when a block is missing, the worst-ranked running sequence not yet
+///    scheduled this step is preempted (possibly the one being scheduled);
+/// 2. running sequences in the middle of a chunked prefill, with what is left
+///    of the token budget;
+/// 3. unless step 1 or 2 preempted anything, swapped and waiting sequences
+///    merged in rank order (so a preempted sequence resumes before anything
+///    ranked after it): swapped ones are swapped in, waiting ones reuse their
+///    longest cached prefix and prefill the rest, the last one chunked to fit.
+///    The first one that does not fit stops the step (no overtaking).
+pub struct Scheduler<A: KvAllocator> {
+    config: SchedulerConfig,
+    kv: A,
+    policy: Box<dyn SchedulingPolicy>,
+    requests: FxHashMap<RequestId, RequestState>,
+    seqs: FxHashMap<SeqId, Sequence>,
+    waiting: BTreeSet<QueueKey>,
+    running: BTreeSet<QueueKey>,
+    swapped: BTreeSet<QueueKey>,
+    /// Samples that running sequences will fork into when their prompts
+    /// complete: they count against `max_num_seqs` already.
+    pending_fork_slots: usize,
+    next_seq_id: u64,
+    next_arrival_index: u64,
+    /// The last step handed out, and the last step applied (or known empty).
+    step: u64,
+    applied_step: u64,
+    stats: SchedulerStats,
+}
+
+impl<A: KvAllocator> Scheduler<A> {
+    /// A scheduler with the built-in policy named in `config`.
+    pub fn new(config: SchedulerConfig, kv: A) -> Result<Self, ConfigError> {
+        let policy = config.policy.build();
+        Self::with_policy(config, kv, policy)
+    }
+
+    /// A scheduler with a custom policy (`config.policy` is ignored).
+    pub fn with_policy(
+        config: SchedulerConfig,
+        kv: A,
+        policy: Box<dyn SchedulingPolicy>,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            kv,
+            policy,
+            requests: FxHashMap::default(),
+            seqs: FxHashMap::default(),
+            waiting: BTreeSet::new(),
+            running: BTreeSet::new(),
+            swapped: BTreeSet::new(),
+            pending_fork_slots: 0,
+            next_seq_id: 0,
+            next_arrival_index: 0,
+            step: 0,
+            applied_step: 0,
+            stats: SchedulerStats::default(),
+        })
+    }
+
+    // ---- requests in and out ------------------------------------------------
+
+    /// Queues a request. Refuses (and queues nothing) a request that could
+    /// never complete: empty or over-long prompt, or a sequence longer than
+    /// the whole KV cache.
+    pub fn add_request(&mut self, req: NewRequest) -> Result<(), AddRequestError> {
+        let len = req.prompt_token_ids.len();
+        let max_model_len = self.config.max_model_len;
+        if len == 0 {
+            return Err(AddRequestError::EmptyPrompt);
+        }
+        if len > max_model_len {
+            return Err(AddRequestError::PromptTooLong { len, max_model_len });
+        }
+        if req.max_tokens == 0 {
+            return Err(AddRequestError::ZeroMaxTokens);
+        }
+        if req.min_tokens > req.max_tokens {
+            return Err(AddRequestError::MinTokensExceedsMax {
+                min_tokens: req.min_tokens,
+                max_tokens: req.max_tokens,
+            });
+        }
+        if req.n == 0 {
+            return Err(AddRequestError::ZeroSamples);
+        }
+        if req.n > self.config.max_num_seqs {
+            return Err(AddRequestError::TooManySamples { n: req.n, max_num_seqs: self.config.max_num_seqs });
+        }
+        if self.requests.contains_key(&req.request_id) {
+            return Err(AddRequestError::DuplicateRequest(req.request_id));
+        }
+        // A sample holds KV for at most prompt + max_tokens tokens, capped by
+        // the model length; it must fit alone, or it could never finish.
+        let max_total_tokens = len.saturating_add(req.max_tokens).min(max_model_len).max(len);
+        if !self.kv.can_ever_fit(max_total_tokens) {
+            return Err(AddRequestError::CannotFit {
+                tokens: max_total_tokens,
+                capacity_tokens: self.kv.num_gpu_blocks() * self.kv.block_size(),
+            });
+        }
+
+        let view = RequestView {
+            request_id: req.request_id,
+            priority: req.priority,
+            arrival: req.arrival,
+            arrival_index: self.next_arrival_index,
+            num_prompt_tokens: len,
+            max_tokens: req.max_tokens,
+            n: req.n,
+        };
+        self.next_arrival_index += 1;
+        let rank = self.policy.rank(&view);
+        let seq_id = self.new_seq_id();
+        let pending_fork = (1..req.n).map(|_| self.new_seq_id()).collect();
+        let seq = Sequence {
+            seq_id,
+            request_id: req.request_id,
+            sample_index: 0,
+            tokens: req.prompt_token_ids,
+            num_prompt_tokens: len,
+            num_computed_tokens: 0,
+            status: SeqStatus::Waiting,
+            rank,
+            pending_fork,
+            max_total_tokens,
+            scheduled_step: 0,
+        };
+        self.requests.insert(
+            req.request_id,
+            RequestState {
+                max_tokens: req.max_tokens,
+                eos_token_id: req.eos_token_id,
+                stop_token_ids: req.stop_token_ids,
+                ignore_eos: req.ignore_eos,
+                min_tokens: req.min_tokens,
+                cache_salt: req.cache_salt,
+                live_seqs: vec![seq_id],
+            },
+        );
+        self.waiting.insert((rank, seq_id));
+        self.seqs.insert(seq_id, seq);
+        self.stats.num_requests_added += 1;
+        Ok(())
+    }
+
+    /// Aborts every sequence of a request, wherever it is, freeing its blocks
+    /// at once. Returns the sequences aborted (empty if the request is unknown
+    /// or already finished).
+    pub fn abort_request(&mut self, request_id: RequestId) -> Vec<SeqId> {
+        let Some(req) = self.requests.get(&request_id) else { return Vec::new() };
+        let seqs = req.live_seqs.clone();
+        for &s in &seqs {
+            self.finish(s);
+        }
+        if !seqs.is_empty() {
+            self.stats.num_requests_aborted += 1;
+        }
+        seqs
+    }
+
+    /// Ends one sequence for a reason found outside the scheduler (a stop
+    /// string, a client cancelling one sample), freeing its blocks at once.
+    /// Returns false if unknown. Ending a request's first sample before its
+    /// prompt completes also drops the samples it was to fork into. The
+    /// reason is the caller's to report; the scheduler only needs to know
+    /// the sequence is over.
+    pub fn finish_seq(&mut self, seq_id: SeqId, _reason: FinishReason) -> bool {
+        if !self.seqs.contains_key(&seq_id) {
+            return false;
+        }
+        self.finish(seq_id);
+        true
+    }
+
+    // ---- one step ------------------------------------------------------------
+
+    /// Picks the sequences of the next step (see the type's docs for the
+    /// rules). Execute it, then give it to [`Self::update_from_output`] before
+    /// the next call (a step that scheduled nothing needs no update, but may
+    /// still carry swap-outs to execute).
+    pub fn schedule(&mut self) -> Result<SchedulerOutput, SchedulerError> {
+        if self.applied_step != self.step {
+            return Err(SchedulerError::StepNotApplied(self.step));
+        }
+        self.step += 1;
+        self.stats.num_steps += 1;
+        let mut out = SchedulerOutput { step: self.step, ..SchedulerOutput::default() };
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut preempted = false;
+
+        // Decodes first, in rank order; prefill chunks of running sequences
+        // get what is left. Sequences preempted along the way (always ranked
+        // after the one being scheduled) are skipped by the status check.
+        let running: Vec<SeqId> = self.running.iter().map(|&(_, id)| id).collect();
+        let mut prefills = Vec::new();
+        for id in running {
+            if budget == 0 || out.scheduled.len() >= self.config.max_num_seqs {
+                break;
+            }
+            let seq = &self.seqs[&id];
+            if seq.status != SeqStatus::Running {
+                continue;
+            }
+            if seq.tokens.len() - seq.num_computed_tokens > 1 {
+                prefills.push(id);
+                continue;
+            }
+            if self.schedule_running(id, 1, &mut out, &mut preempted)? {
+                budget -= 1;
+            }
+        }
+        for id in prefills {
+            if budget == 0 || out.scheduled.len() >= self.config.max_num_seqs {
+                break;
+            }
+            let seq = &self.seqs[&id];
+            if seq.status != SeqStatus::Running {
+                continue;
+            }
+            let Some(n) = self.prefill_chunk(seq.tokens.len() - seq.num_computed_tokens, budget) else {
+                continue;
+            };
+            if self.schedule_running(id, n, &mut out, &mut preempted)? {
+                budget -= n;
+            }
+        }
+        // After a preemption memory is tight: admitting more would only
+        // preempt again (and swap-ins must not share a step with swap-outs,
+        // whose CPU blocks they could reuse before they are read).
+        if !preempted {
+            self.schedule_queued(&mut out, &mut budget)?;
+        }
+
+        if !out.scheduled.is_sorted_by_key(|s| s.token_ids.len() != 1) {
+            out.scheduled.sort_by_key(|s| s.token_ids.len() != 1);
+        }
+        out.num_decodes = out.scheduled.iter().take_while(|s| s.token_ids.len() == 1).count();
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget;
+        if out.scheduled.is_empty() {
+            // Nothing will be sampled: there is nothing to apply.
+            self.applied_step = self.step;
+        }
+        Ok(out)
+    }
+
+    /// How many of `remaining` prompt tokens to prefill now, or `None` to skip.
+    fn prefill_chunk(&self, remaining: usize, budget: usize) -> Option<usize> {
+        if self.config.enable_chunked_prefill {
+            let cap = self.config.long_prefill_token_threshold.unwrap_or(usize::MAX);
+            Some(remaining.min(budget).min(cap)).filter(|&n| n > 0)
+        } else {
+            (remaining <= budget).then_some(remaining)
+        }
+    }
+
+    /// Allocates `n` slots for a running sequence, preempting worse-ranked
+    /// sequences while blocks are missing. Returns false if the sequence
+    /// itself was preempted.
+    fn schedule_running(
+        &mut self,
+        id: SeqId,
+        n: usize,
+        out: &mut SchedulerOutput,
+        preempted: &mut bool,
+    ) -> Result<bool, SchedulerError> {
+        loop {
+            let seq = &self.seqs[&id];
+            let start = seq.num_computed_tokens;
+            match self.kv.append_slots(id, &seq.tokens[start..start + n], &mut out.blocks_to_copy) {
+                Ok(()) => {
+                    self.push_entry(id, n, out)?;
+                    return Ok(true);
+                }
+                Err(e) if e.is_out_of_memory() => {
+                    // `id` itself is a candidate, so a victim always exists.
+                    let victim = self.pick_victim().unwrap_or(id);
+                    self.preempt(victim, out)?;
+                    *preempted = true;
+                    if victim == id {
+                        return Ok(false);
+                    }
+                }
+                Err(source) => return Err(SchedulerError::Allocator { seq: id, source }),
+            }
+        }
+    }
+
+    /// The worst-ranked running sequence not scheduled in this step.
+    fn pick_victim(&self) -> Option<SeqId> {
+        self.running.iter().rev().map(|&(_, s)| s).find(|s| self.seqs[s].scheduled_step != self.step)
+    }
+
+    fn preempt(&mut self, victim: SeqId, out: &mut SchedulerOutput) -> Result<(), SchedulerError> {
+        let Some(seq) = self.seqs.get_mut(&victim) else { return Ok(()) };
+        let key = (seq.rank, victim);
+        self.running.remove(&key);
+        self.pending_fork_slots -= seq.pending_fork.len();
+        out.preempted.push(victim);
+        self.stats.num_preemptions += 1;
+        if self.config.preemption_mode == PreemptionMode::Swap && seq.is_decoding() {
+            match self.kv.swap_out(victim, &mut out.blocks_to_swap_out) {
+                Ok(()) => {
+                    seq.status = SeqStatus::Swapped;
+                    self.swapped.insert(key);
+                    self.stats.num_swap_preemptions += 1;
+                    return Ok(());
+                }
+                Err(AllocError::OutOfCpuBlocks { .. }) => {} // recompute instead
+                Err(source) => return Err(SchedulerError::Allocator { seq: victim, source }),
+            }
+        }
+        self.kv.free(victim).map_err(|source| SchedulerError::Allocator { seq: victim, source })?;
+        seq.num_computed_tokens = 0;
+        seq.status = SeqStatus::Waiting;
+        self.waiting.insert(key);
+        self.stats.num_recompute_preemptions += 1;
+        Ok(())
+    }
+
+    /// Swapped and waiting sequences, merged in rank order, until one does not fit.
+    fn schedule_queued(
+        &mut self,
+        out: &mut SchedulerOutput,
+        budget: &mut usize,
+    ) -> Result<(), SchedulerError> {
+        while *budget > 0 && out.scheduled.len() < self.config.max_num_seqs {
+            let next = match (self.swapped.first().copied(), self.waiting.first().copied()) {
+                (Some(s), Some(w)) if s < w => (s, true),
+                (_, Some(w)) => (w, false),
+                (Some(s), None) => (s, true),
+                (None, None) => break,
+            };
+            let admitted = match next {
+                (key, true) => self.try_swap_in(key, out, budget)?,
+                (key, false) => self.try_admit(key, out, budget)?,
+            };
+            if !admitted {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn try_swap_in(
+        &mut self,
+        key: QueueKey,
+        out: &mut SchedulerOutput,
+        budget: &mut usize,
+    ) -> Result<bool, SchedulerError> {
+        let id = key.1;
+        let seq = &self.seqs[&id];
+        let start = seq.num_computed_tokens;
+        let n = seq.tokens.len() - start;
+        if self.running.len() + self.pending_fork_slots >= self.config.max_num_seqs || n > *budget {
+            return Ok(false);
+        }
+        match self.kv.swap_in(id, &seq.tokens[start..], &mut out.blocks_to_swap_in) {
+            Ok(()) => {}
+            Err(e) if e.is_out_of_memory() => return Ok(false),
+            Err(source) => return Err(SchedulerError::Allocator { seq: id, source }),
+        }
+        self.swapped.remove(&key);
+        self.running.insert(key);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.status = SeqStatus::Running;
+        }
+        self.push_entry(id, n, out)?;
+        *budget -= n;
+        Ok(true)
+    }
+
+    fn try_admit(
+        &mut self,
+        key: QueueKey,
+        out: &mut SchedulerOutput,
+        budget: &mut usize,
+    ) -> Result<bool, SchedulerError> {
+        let id = key.1;
+        let seq = &self.seqs[&id];
+        // Reserve room for the samples this prompt will fork into.
+        let slots = self.running.len() + self.pending_fork_slots;
+        if slots + 1 + seq.pending_fork.len() > self.config.max_num_seqs {
+            return Ok(false);
+        }
+        let salt = self.requests.get(&seq.request_id).and_then(|r| r.cache_salt);
+        let prefix = self.kv.lookup_prefix(&seq.tokens, salt);
+        let cached = prefix.num_cached_tokens;
+        let Some(n) = self.prefill_chunk(seq.tokens.len() - cached, *budget) else { return Ok(false) };
+        let start = SeqStart {
+            tokens: &seq.tokens[..cached + n],
+            prefix,
+            extra_key: salt,
+            max_total_tokens: seq.max_total_tokens,
+        };
+        match self.kv.start_seq(id, start) {
+            Ok(()) => {}
+            Err(e) if e.is_out_of_memory() => return Ok(false),
+            Err(source) => return Err(SchedulerError::Allocator { seq: id, source }),
+        }
+        self.waiting.remove(&key);
+        self.running.insert(key);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.status = SeqStatus::Running;
+            seq.num_computed_tokens = cached;
+            self.pending_fork_slots += seq.pending_fork.len();
+        }
+        self.push_entry(id, n, out)?;
+        *budget -= n;
+        Ok(true)
+    }
+
+    /// Describes `n` new tokens of a sequence whose slots are allocated.
+    fn push_entry(&mut self, id: SeqId, n: usize, out: &mut SchedulerOutput) -> Result<(), SchedulerError> {
+        let b = self.kv.block_size();
+        let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
+        seq.scheduled_step = self.step;
+        let start = seq.num_computed_tokens;
+        let end = start + n;
+        let table = self.kv.block_table(id).unwrap_or(&[]);
+        if table.len() * b < end {
+            return Err(SchedulerError::ShortBlockTable { seq: id, blocks: table.len(), tokens: end });
+        }
+        let slot_mapping =
+            (start..end).map(|pos| i64::from(table[pos / b]) * b as i64 + (pos % b) as i64).collect();
+        let sample_for = if end == seq.tokens.len() {
+            std::iter::once(id).chain(seq.pending_fork.iter().copied()).collect()
+        } else {
+            Vec::new()
+        };
+        out.scheduled.push(ScheduledSeq {
+            seq_id: id,
+            request_id: seq.request_id,
+            token_ids: seq.tokens[start..end].to_vec(),
+            start_position: start,
+            block_table: table.to_vec(),
+            slot_mapping,
+            sample_for,
+        });
+        Ok(())
+    }
+
+    // ---- after the step ----------------------------------------------------------
+
+    /// Applies a step's results: advances every scheduled sequence's computed
+    /// tokens, forks requests with `n > 1` whose prompt just completed, appends
+    /// each sampled token, checks stop conditions (EOS unless `ignore_eos`, and
+    /// stop tokens, both only after `min_tokens`; then `max_tokens` and the
+    /// model length), and frees finished sequences at once.
+    ///
+    /// `sampled` holds one token per sequence in the output's `sample_for`
+    /// lists. Sequences aborted or finished since the step was scheduled are
+    /// skipped (a token sampled for them is ignored).
+    pub fn update_from_output(
+        &mut self,
+        output: &SchedulerOutput,
+        sampled: &[(SeqId, TokenId)],
+    ) -> Result<Vec<SeqUpdate>, UpdateError> {
+        if output.step != self.step {
+            return Err(UpdateError::StaleOutput { got: output.step, expected: self.step });
+        }
+        if output.is_empty() && sampled.is_empty() {
+            return Ok(Vec::new()); // nothing ran: nothing to apply
+        }
+        if self.applied_step == self.step {
+            return Err(UpdateError::AlreadyApplied(self.step));
+        }
+        // Validate everything before changing anything.
+        let mut tokens: FxHashMap<SeqId, Option<TokenId>> =
+            FxHashMap::with_capacity_and_hasher(sampled.len(), Default::default());
+        for s in output.sampling_seqs() {
+            tokens.insert(s, None);
+        }
+        for &(s, t) in sampled {
+            match tokens.get_mut(&s) {
+                None => return Err(UpdateError::UnexpectedSample(s)),
+                Some(Some(_)) => return Err(UpdateError::DuplicateSample(s)),
+                Some(slot) => *slot = Some(t),
+            }
+        }
+        let live: Vec<bool> = output.scheduled.iter().map(|e| self.is_live_entry(e)).collect();
+        for (entry, _) in output.scheduled.iter().zip(&live).filter(|(_, &l)| l) {
+            if let Some(&s) = entry.sample_for.iter().find(|s| tokens.get(s).is_some_and(|t| t.is_none())) {
+                return Err(UpdateError::MissingSample(s));
+            }
+        }
+        self.applied_step = self.step;
+
+        let mut updates = Vec::with_capacity(sampled.len());
+        for (entry, _) in output.scheduled.iter().zip(&live).filter(|(_, &l)| l) {
+            if let Some(seq) = self.seqs.get_mut(&entry.seq_id) {
+                seq.num_computed_tokens += entry.token_ids.len();
+            }
+            if entry.sample_for.len() > 1 {
+                self.fork_samples(entry.seq_id, &entry.sample_for[1..]);
+            }
+            for s in &entry.sample_for {
+                if let Some(&Some(token)) = tokens.get(s) {
+                    self.append_token(*s, token, &mut updates);
+                }
+            }
+        }
+        Ok(updates)
+    }
+
+    fn is_live_entry(&self, entry: &ScheduledSeq) -> bool {
+        self.seqs
+            .get(&entry.seq_id)
+            .is_some_and(|s| s.status == SeqStatus::Running && s.scheduled_step == self.step)
+    }
+
+    /// Creates the other samples of a request whose prompt just completed.
+    /// Each shares the parent's blocks; if the allocator cannot share, the
+    /// sample is queued to recompute the prompt on its own.
+    fn fork_samples(&mut self, parent: SeqId, children: &[SeqId]) {
+        let Some(p) = self.seqs.get_mut(&parent) else { return };
+        self.pending_fork_slots -= p.pending_fork.len();
+        p.pending_fork.clear();
+        let template = p.clone();
+        for (i, &child) in children.iter().enumerate() {
+            let mut seq = template.clone();
+            seq.seq_id = child;
+            seq.sample_index = template.sample_index + i + 1;
+            match self.kv.fork(parent, child) {
+                Ok(()) => {
+                    self.running.insert((seq.rank, child));
+                }
+                Err(_) => {
+                    seq.status = SeqStatus::Waiting;
+                    seq.num_computed_tokens = 0;
+                    self.waiting.insert((seq.rank, child));
+                }
+            }
+            self.seqs.insert(child, seq);
+            if let Some(req) = self.requests.get_mut(&template.request_id) {
+                req.live_seqs.push(child);
+            }
+        }
+    }
+
+    fn append_token(&mut self, id: SeqId, token: TokenId, updates: &mut Vec<SeqUpdate>) {
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        seq.tokens.push(token);
+        let finish_reason = self
+            .requests
+            .get(&seq.request_id)
+            .and_then(|req| stop_reason(req, seq, token, self.config.max_model_len));
+        updates.push(SeqUpdate {
+            seq_id: id,
+            request_id: seq.request_id,
+            sample_index: seq.sample_index,
+            new_token: token,
+            finish_reason,
+        });
+        if finish_reason.is_some() {
+            self.finish(id);
+        }
+    }
+
+    /// Removes a sequence from its queue, frees its blocks, and retires the
+    /// request once its last sample is gone.
+    fn finish(&mut self, id: SeqId) {
+        let Some(seq) = self.seqs.remove(&id) else { return };
+        let key = (seq.rank, id);
+        match seq.status {
+            SeqStatus::Waiting => {
+                self.waiting.remove(&key);
+            }
+            SeqStatus::Running | SeqStatus::Swapped => {
+                if self.running.remove(&key) {
+                    self.pending_fork_slots -= seq.pending_fork.len();
+                }
+                self.swapped.remove(&key);
+                // Cannot fail: running and swapped sequences hold blocks.
+                let freed = self.kv.free(id);
+                debug_assert!(freed.is_ok(), "freeing {id}: {freed:?}");
+            }
+        }
+        if let Some(req) = self.requests.get_mut(&seq.request_id) {
+            req.live_seqs.retain(|&s| s != id);
+            if req.live_seqs.is_empty() {
+                self.requests.remove(&seq.request_id);
+                self.stats.num_requests_finished += 1;
+            }
+        }
+    }
+
+    fn new_seq_id(&mut self) -> SeqId {
+        let id = SeqId(self.next_seq_id);
+        self.next_seq_id += 1;
+        id
+    }
+
+    // ---- introspection ---------------------------------------------------------------
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    pub fn policy_name(&self) -> &str {
+        self.policy.name()
+    }
+
+    /// A live sequence (finished ones are forgotten at once).
+    pub fn seq(&self, seq_id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&seq_id)
+    }
+
+    /// The live sequences of a request.
+    pub fn request_seqs(&self, request_id: RequestId) -> &[SeqId] {
+        self.requests.get(&request_id).map(|r| r.live_seqs.as_slice()).unwrap_or(&[])
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_swapped(&self) -> usize {
+        self.swapped.len()
+    }
+
+    /// Whether any request is still in flight.
+    pub fn has_unfinished(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    pub fn num_unfinished_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.kv.prefix_cache_stats()
+    }
+
+    pub fn kv_usage(&self) -> KvUsage {
+        self.kv.usage()
+    }
+
+    pub fn allocator(&self) -> &A {
+        &self.kv
+    }
+
+    /// Evicts every unreferenced prefix-cache block; returns how many.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.kv.reset_prefix_cache()
+    }
+
+    /// Checks queues, statuses, requests and the allocator against each other
+    /// (O(everything); for tests). Valid between `update_from_output` and
+    /// `schedule`.
+    pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
+        self.kv.check_invariants()?;
+        let queued = self.waiting.len() + self.running.len() + self.swapped.len();
+        if queued != self.seqs.len() {
+            return Err(format!("{} sequences but {queued} queue entries", self.seqs.len()).into());
+        }
+        for (&id, seq) in &self.seqs {
+            let key = (seq.rank, id);
+            let (queue, on_gpu) = match seq.status {
+                SeqStatus::Waiting => (&self.waiting, None),
+                SeqStatus::Running => (&self.running, Some(true)),
+                SeqStatus::Swapped => (&self.swapped, Some(false)),
+            };
+            if !queue.contains(&key) {
+                return Err(format!("{id} is {:?} but not in that queue", seq.status).into());
+            }
+            match on_gpu {
+                None => {
+                    if self.kv.num_tokens(id).is_some() || seq.num_computed_tokens != 0 {
+                        return Err(format!("{id} is waiting but holds KV").into());
+                    }
+                }
+                Some(gpu) => {
+                    if self.kv.num_tokens(id) != Some(seq.num_computed_tokens)
+                        || self.kv.is_swapped(id) == gpu
+                    {
+                        return Err(format!(
+                            "{id} ({:?}): {} computed tokens, allocator holds {:?} (swapped = {})",
+                            seq.status,
+                            seq.num_computed_tokens,
+                            self.kv.num_tokens(id),
+                            self.kv.is_swapped(id)
+                        )
+                        .into());
+                    }
+                }
+            }
+            if seq.num_computed_tokens >= seq.tokens.len() && seq.status != SeqStatus::Waiting {
+                return Err(format!("{id} has nothing left to compute").into());
+            }
+            let owned = self.requests.get(&seq.request_id).is_some_and(|r| r.live_seqs.contains(&id));
+            if !owned {
+                return Err(format!("{id} is not listed by {}", seq.request_id).into());
+            }
+        }
+        let pending: usize = self.running.iter().map(|(_, s)| self.seqs[s].pending_fork.len()).sum();
+        if pending != self.pending_fork_slots {
+            return Err(
+                format!("{pending} pending fork slots, counter says {}", self.pending_fork_slots).into()
+            );
+        }
+        if self.running.len() + pending > self.config.max_num_seqs {
+            return Err(
+                format!("{} running + {pending} forks to come > max_num_seqs", self.running.len()).into()
+            );
+        }
+        for (rid, req) in &self.requests {
+            if req.live_seqs.is_empty() || req.live_seqs.iter().any(|s| !self.seqs.contains_key(s)) {
+                return Err(format!("{rid} lists sequences that do not exist, or none").into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why the token just appended ends the sequence, if it does.
+fn stop_reason(
+    req: &RequestState,
+    seq: &Sequence,
+    token: TokenId,
+    max_model_len: usize,
+) -> Option<FinishReason> {
+    let num_output = seq.tokens.len() - seq.num_prompt_tokens;
+    if num_output >= req.min_tokens
+        && ((!req.ignore_eos && req.eos_token_id == Some(token)) || req.stop_token_ids.contains(&token))
+    {
+        return Some(FinishReason::Stop(Some(token)));
+    }
+    if num_output >= req.max_tokens || seq.tokens.len() >= max_model_len {
+        return Some(FinishReason::Length);
+    }
+    None
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

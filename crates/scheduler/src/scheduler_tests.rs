@@ -1,0 +1,498 @@
+use pagoda_paged_kv::{ContiguousAllocator, ContiguousConfig, PagedAllocator, PagedConfig, Reservation};
+
+use super::*;
+use crate::policy::Policy;
+
+fn paged(blocks: usize, cpu: usize, b: usize, caching: bool) -> PagedAllocator {
+    PagedAllocator::new(PagedConfig {
+        num_gpu_blocks: blocks,
+        num_cpu_blocks: cpu,
+        block_size: b,
+        enable_prefix_caching: caching,
+    })
+    .unwrap()
+}
+
+fn config(batched: usize, seqs: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_batched_tokens: batched,
+        max_num_seqs: seqs,
+        max_model_len: 256,
+        ..Default::default()
+    }
+}
+
+fn req(id: u64, prompt_len: usize, max_tokens: usize) -> NewRequest {
+    NewRequest::new(RequestId(id), (0..prompt_len as u32).map(|t| t + 100 * id as u32).collect(), max_tokens)
+}
+
+/// One engine step: schedule, "sample" `token` for every sampling sequence,
+/// apply. Checks the invariants after.
+fn step<A: KvAllocator>(s: &mut Scheduler<A>, token: TokenId) -> (SchedulerOutput, Vec<SeqUpdate>) {
+    let out = s.schedule().unwrap();
+    let sampled: Vec<(SeqId, TokenId)> = out.sampling_seqs().map(|id| (id, token)).collect();
+    let updates = if out.is_empty() { Vec::new() } else { s.update_from_output(&out, &sampled).unwrap() };
+    s.check_invariants().unwrap();
+    (out, updates)
+}
+
+fn run_to_end<A: KvAllocator>(s: &mut Scheduler<A>, max_steps: usize) -> usize {
+    for i in 0..max_steps {
+        if !s.has_unfinished() {
+            return i;
+        }
+        step(s, 1);
+    }
+    panic!("not finished after {max_steps} steps");
+}
+
+#[test]
+fn add_request_refuses_what_could_never_run() {
+    let mut s = Scheduler::new(config(64, 4), paged(4, 0, 4, false)).unwrap();
+    let e = |s: &mut Scheduler<_>, r| s.add_request(r).unwrap_err();
+    assert_eq!(e(&mut s, req(1, 0, 1)), AddRequestError::EmptyPrompt);
+    assert_eq!(e(&mut s, req(1, 257, 1)), AddRequestError::PromptTooLong { len: 257, max_model_len: 256 });
+    assert_eq!(e(&mut s, req(1, 4, 0)), AddRequestError::ZeroMaxTokens);
+    assert_eq!(
+        e(&mut s, NewRequest { min_tokens: 5, ..req(1, 4, 4) }),
+        AddRequestError::MinTokensExceedsMax { min_tokens: 5, max_tokens: 4 }
+    );
+    assert_eq!(e(&mut s, NewRequest { n: 0, ..req(1, 4, 4) }), AddRequestError::ZeroSamples);
+    assert_eq!(
+        e(&mut s, NewRequest { n: 5, ..req(1, 4, 4) }),
+        AddRequestError::TooManySamples { n: 5, max_num_seqs: 4 }
+    );
+    // 16 slots in the pool: prompt 10 + 7 new tokens can never fit.
+    assert_eq!(e(&mut s, req(1, 10, 7)), AddRequestError::CannotFit { tokens: 17, capacity_tokens: 16 });
+    s.add_request(req(1, 10, 6)).unwrap();
+    assert_eq!(e(&mut s, req(1, 1, 1)), AddRequestError::DuplicateRequest(RequestId(1)));
+    assert_eq!(s.num_waiting(), 1);
+    assert!(
+        Scheduler::new(SchedulerConfig { max_num_seqs: 0, ..config(1, 1) }, paged(1, 0, 1, false)).is_err()
+    );
+    assert!(Scheduler::new(
+        SchedulerConfig { enable_chunked_prefill: false, ..config(64, 4) },
+        paged(1, 0, 1, false)
+    )
+    .is_err());
+}
+
+#[test]
+fn one_request_prefills_then_decodes_until_max_tokens() {
+    let mut s = Scheduler::new(config(64, 4), paged(8, 0, 4, false)).unwrap();
+    s.add_request(req(1, 6, 3)).unwrap();
+    let (out, up) = step(&mut s, 7);
+    assert_eq!(out.scheduled.len(), 1);
+    let e = &out.scheduled[0];
+    assert_eq!((e.start_position, e.token_ids.len(), e.seq_len()), (0, 6, 6));
+    assert_eq!(e.block_table.len(), 2);
+    let b = e.block_table.clone();
+    assert_eq!(
+        e.slot_mapping,
+        vec![
+            b[0] as i64 * 4,
+            b[0] as i64 * 4 + 1,
+            b[0] as i64 * 4 + 2,
+            b[0] as i64 * 4 + 3,
+            b[1] as i64 * 4,
+            b[1] as i64 * 4 + 1
+        ]
+    );
+    assert_eq!(e.sample_for, vec![e.seq_id]);
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].finish_reason, None);
+    let id = e.seq_id;
+    let (out, _) = step(&mut s, 8);
+    assert_eq!(out.num_decodes, 1);
+    assert_eq!(out.scheduled[0].token_ids, vec![7]);
+    assert_eq!(out.scheduled[0].start_position, 6);
+    let (_, up) = step(&mut s, 9);
+    assert_eq!(up[0].finish_reason, Some(FinishReason::Length));
+    assert_eq!(s.seq(id).map(|x| x.output_token_ids().to_vec()), None, "finished sequences are forgotten");
+    assert!(!s.has_unfinished());
+    assert_eq!(s.kv_usage().used_blocks, 0, "blocks freed at once");
+}
+
+#[test]
+fn stop_conditions() {
+    let mut s = Scheduler::new(config(64, 8), paged(32, 0, 4, false)).unwrap();
+    let base = |id| NewRequest { eos_token_id: Some(2), stop_token_ids: vec![5], ..req(id, 3, 10) };
+    s.add_request(base(1)).unwrap();
+    s.add_request(NewRequest { ignore_eos: true, ..base(2) }).unwrap();
+    s.add_request(NewRequest { min_tokens: 2, ..base(3) }).unwrap();
+    let (_, up) = step(&mut s, 2); // everyone samples EOS as the first token
+    let reason =
+        |up: &[SeqUpdate], r| up.iter().find(|u| u.request_id == RequestId(r)).and_then(|u| u.finish_reason);
+    assert_eq!(reason(&up, 1), Some(FinishReason::Stop(Some(2))));
+    assert_eq!(reason(&up, 2), None, "ignore_eos");
+    assert_eq!(reason(&up, 3), None, "min_tokens not reached");
+    let (_, up) = step(&mut s, 5); // a stop token
+    assert_eq!(reason(&up, 2), Some(FinishReason::Stop(Some(5))), "stop tokens apply despite ignore_eos");
+    assert_eq!(reason(&up, 3), Some(FinishReason::Stop(Some(5))));
+    assert!(!s.has_unfinished());
+
+    // The model length ends a sequence whatever max_tokens says.
+    let cfg = SchedulerConfig { max_model_len: 8, ..config(64, 4) };
+    let mut s = Scheduler::new(cfg, paged(8, 0, 4, false)).unwrap();
+    s.add_request(req(1, 6, 100)).unwrap();
+    step(&mut s, 1);
+    let (_, up) = step(&mut s, 1);
+    assert_eq!(up[0].finish_reason, Some(FinishReason::Length));
+}
+
+#[test]
+fn chunked_prefill_splits_a_long_prompt_and_samples_only_at_its_end() {
+    let mut s = Scheduler::new(config(8, 4), paged(16, 0, 4, false)).unwrap();
+    s.add_request(req(1, 20, 2)).unwrap();
+    let mut starts = vec![];
+    for _ in 0..3 {
+        let (out, up) = step(&mut s, 1);
+        let e = &out.scheduled[0];
+        starts.push((e.start_position, e.token_ids.len(), e.sample_for.len()));
+        assert_eq!(up.len(), e.sample_for.len());
+        assert!(out.num_batched_tokens <= 8);
+    }
+    assert_eq!(starts, vec![(0, 8, 0), (8, 8, 0), (16, 4, 1)]);
+}
+
+#[test]
+fn decodes_go_first_and_a_prefill_takes_what_is_left() {
+    let mut s = Scheduler::new(config(10, 8), paged(64, 0, 4, false)).unwrap();
+    for id in 0..3 {
+        s.add_request(req(id, 2, 10)).unwrap();
+    }
+    step(&mut s, 1); // three 2-token prefills
+    s.add_request(req(9, 30, 2)).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.num_decodes, 3);
+    assert!(out.scheduled[..3].iter().all(|e| e.token_ids.len() == 1));
+    assert_eq!(out.scheduled[3].token_ids.len(), 7, "the prefill gets the 7 tokens left");
+    assert_eq!(out.num_batched_tokens, 10);
+}
+
+#[test]
+fn max_num_seqs_and_budget_are_never_exceeded() {
+    let mut s = Scheduler::new(config(6, 2), paged(64, 0, 4, false)).unwrap();
+    for id in 0..5 {
+        s.add_request(req(id, 3, 4)).unwrap();
+    }
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled.len(), 2);
+    assert_eq!(out.num_batched_tokens, 6);
+    assert_eq!(s.num_running(), 2);
+    assert_eq!(s.num_waiting(), 3);
+    let steps = run_to_end(&mut s, 100);
+    assert!(steps > 5);
+}
+
+#[test]
+fn without_chunking_a_prompt_waits_for_a_budget_that_holds_it_whole() {
+    let cfg = SchedulerConfig { enable_chunked_prefill: false, max_model_len: 16, ..config(16, 4) };
+    let mut s = Scheduler::new(cfg, paged(64, 0, 4, false)).unwrap();
+    s.add_request(req(1, 10, 4)).unwrap();
+    s.add_request(req(2, 10, 4)).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled.len(), 1, "the second prompt does not fit in the 6 tokens left");
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled.len(), 2);
+    assert_eq!(out.scheduled[1].token_ids.len(), 10);
+}
+
+#[test]
+fn long_prefill_threshold_caps_each_chunk() {
+    let cfg = SchedulerConfig { long_prefill_token_threshold: Some(5), ..config(64, 4) };
+    let mut s = Scheduler::new(cfg, paged(64, 0, 4, false)).unwrap();
+    s.add_request(req(1, 12, 2)).unwrap();
+    s.add_request(req(2, 3, 2)).unwrap();
+    let (out, _) = step(&mut s, 1);
+    let lens: Vec<usize> = out.scheduled.iter().map(|e| e.token_ids.len()).collect();
+    assert_eq!(lens, vec![5, 3]);
+}
+
+/// Two requests whose growth overflows an 6-block pool of 4-token blocks.
+fn tight_pool(mode: PreemptionMode, cpu_blocks: usize) -> Scheduler<PagedAllocator> {
+    let cfg = SchedulerConfig { preemption_mode: mode, ..config(64, 4) };
+    let mut s = Scheduler::new(cfg, paged(6, cpu_blocks, 4, false)).unwrap();
+    s.add_request(req(1, 8, 12)).unwrap();
+    s.add_request(req(2, 8, 12)).unwrap();
+    s
+}
+
+#[test]
+fn recompute_preemption_requeues_the_latest_and_resumes_it_first() {
+    let mut s = tight_pool(PreemptionMode::Recompute, 0);
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled.len(), 2); // 4 blocks used
+    let victim = out.scheduled[1].seq_id;
+    let mut preempted_at = None;
+    for i in 0..8 {
+        let (out, _) = step(&mut s, 1);
+        if !out.preempted.is_empty() {
+            assert_eq!(out.preempted, vec![victim], "the later request is the victim");
+            assert!(out.scheduled.iter().all(|e| e.seq_id != victim));
+            preempted_at = Some(i);
+            break;
+        }
+    }
+    assert!(preempted_at.is_some());
+    let seq = s.seq(victim).unwrap();
+    assert_eq!(seq.status(), SeqStatus::Waiting);
+    assert_eq!(seq.num_computed_tokens(), 0);
+    let kept = seq.output_token_ids().len();
+    assert!(kept > 0, "generated tokens are kept");
+    // A newer request arrives; the preempted one still goes first.
+    s.add_request(req(3, 2, 1)).unwrap();
+    let mut resumed = false;
+    for _ in 0..40 {
+        let (out, _) = step(&mut s, 1);
+        let victim_entry = out.scheduled.iter().position(|e| e.seq_id == victim && e.start_position == 0);
+        let newer_entry = out.scheduled.iter().position(|e| e.request_id == RequestId(3));
+        if let Some(v) = victim_entry {
+            // Its prefill recomputes prompt and kept outputs together.
+            assert_eq!(out.scheduled[v].token_ids.len(), 8 + kept);
+            resumed = true;
+            break;
+        }
+        assert_eq!(newer_entry, None, "the newer request must not overtake the preempted one");
+    }
+    assert!(resumed);
+    run_to_end(&mut s, 100);
+    assert_eq!(s.stats().num_recompute_preemptions, s.stats().num_preemptions);
+    assert_eq!(s.kv_usage().used_blocks, 0);
+}
+
+#[test]
+fn swap_preemption_moves_blocks_out_and_back() {
+    let mut s = tight_pool(PreemptionMode::Swap, 16);
+    step(&mut s, 1);
+    let mut swapped_out = None;
+    for _ in 0..10 {
+        let (out, _) = step(&mut s, 1);
+        if !out.blocks_to_swap_out.is_empty() {
+            assert!(out.blocks_to_swap_in.is_empty(), "never both in one step");
+            swapped_out = Some(out.preempted[0]);
+            break;
+        }
+    }
+    let victim = swapped_out.expect("a swap-out happened");
+    assert_eq!(s.seq(victim).unwrap().status(), SeqStatus::Swapped);
+    assert_eq!(s.num_swapped(), 1);
+    let mut swapped_in = false;
+    for _ in 0..40 {
+        let (out, _) = step(&mut s, 1);
+        if !out.blocks_to_swap_in.is_empty() {
+            let e = out.scheduled.iter().find(|e| e.seq_id == victim).unwrap();
+            assert_eq!(e.token_ids.len(), 1, "a swapped sequence resumes decoding");
+            swapped_in = true;
+            break;
+        }
+    }
+    assert!(swapped_in);
+    run_to_end(&mut s, 100);
+    assert_eq!(s.stats().num_swap_preemptions, 1);
+    let u = s.kv_usage();
+    assert_eq!((u.used_blocks, u.used_cpu_blocks), (0, 0));
+}
+
+#[test]
+fn swap_falls_back_to_recompute_when_the_cpu_pool_is_full() {
+    let mut s = tight_pool(PreemptionMode::Swap, 1);
+    for _ in 0..10 {
+        let (out, _) = step(&mut s, 1);
+        assert!(out.blocks_to_swap_out.is_empty());
+    }
+    assert!(s.stats().num_recompute_preemptions >= 1);
+    assert_eq!(s.stats().num_swap_preemptions, 0);
+    run_to_end(&mut s, 100);
+}
+
+#[test]
+fn priority_policy_serves_and_protects_the_most_urgent() {
+    let cfg = SchedulerConfig { policy: Policy::Priority, ..config(64, 1) };
+    let mut s = Scheduler::new(cfg, paged(64, 0, 4, false)).unwrap();
+    s.add_request(NewRequest { priority: 5, ..req(1, 4, 2) }).unwrap();
+    s.add_request(NewRequest { priority: -1, ..req(2, 4, 2) }).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled[0].request_id, RequestId(2));
+    assert_eq!(s.policy_name(), "priority");
+
+    // Under memory pressure the worst priority is preempted even if it came first.
+    let cfg = SchedulerConfig { policy: Policy::Priority, ..config(64, 4) };
+    let mut s = Scheduler::new(cfg, paged(6, 0, 4, false)).unwrap();
+    s.add_request(NewRequest { priority: 9, ..req(1, 8, 12) }).unwrap();
+    s.add_request(NewRequest { priority: 0, ..req(2, 8, 12) }).unwrap();
+    let mut victim = None;
+    for _ in 0..10 {
+        let (out, _) = step(&mut s, 1);
+        if let Some(&v) = out.preempted.first() {
+            victim = Some(s.seq(v).unwrap().request_id());
+            break;
+        }
+    }
+    assert_eq!(victim, Some(RequestId(1)));
+}
+
+#[derive(Debug)]
+struct ShortestPromptFirst;
+
+impl SchedulingPolicy for ShortestPromptFirst {
+    fn name(&self) -> &str {
+        "spf"
+    }
+    fn rank(&self, r: &RequestView) -> RankKey {
+        RankKey(r.num_prompt_tokens as i64, r.arrival_index)
+    }
+}
+
+#[test]
+fn a_custom_policy_plugs_in() {
+    let mut s =
+        Scheduler::with_policy(config(64, 1), paged(64, 0, 4, false), Box::new(ShortestPromptFirst)).unwrap();
+    s.add_request(req(1, 9, 1)).unwrap();
+    s.add_request(req(2, 3, 1)).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled[0].request_id, RequestId(2));
+}
+
+#[test]
+fn prefix_cache_skips_computed_blocks() {
+    let mut s = Scheduler::new(config(64, 4), paged(32, 0, 4, true)).unwrap();
+    s.add_request(req(1, 10, 1)).unwrap();
+    run_to_end(&mut s, 10);
+    let mut again = req(2, 10, 1);
+    again.prompt_token_ids = req(1, 10, 1).prompt_token_ids;
+    s.add_request(again).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled[0].start_position, 8);
+    assert_eq!(out.scheduled[0].token_ids.len(), 2);
+    let stats = s.prefix_cache_stats();
+    assert_eq!((stats.queried_tokens, stats.hit_tokens), (20, 8));
+    // A different salt shares nothing.
+    let mut salted = req(3, 10, 1);
+    salted.prompt_token_ids = req(1, 10, 1).prompt_token_ids;
+    salted.cache_salt = Some(42);
+    s.add_request(salted).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled[0].start_position, 0);
+}
+
+#[test]
+fn parallel_samples_fork_after_the_prompt_and_copy_on_write() {
+    let mut s = Scheduler::new(config(64, 4), paged(32, 0, 4, false)).unwrap();
+    s.add_request(NewRequest { n: 3, ..req(1, 6, 3) }).unwrap();
+    let out = s.schedule().unwrap();
+    assert_eq!(out.scheduled.len(), 1, "the prompt is prefilled once");
+    let e = &out.scheduled[0];
+    assert_eq!(e.sample_for.len(), 3);
+    assert_eq!(e.sample_for[0], e.seq_id);
+    let sampled: Vec<_> = e.sample_for.iter().enumerate().map(|(i, &id)| (id, 10 + i as u32)).collect();
+    let up = s.update_from_output(&out, &sampled).unwrap();
+    assert_eq!(
+        up.iter().map(|u| (u.sample_index, u.new_token)).collect::<Vec<_>>(),
+        vec![(0, 10), (1, 11), (2, 12)]
+    );
+    s.check_invariants().unwrap();
+    assert_eq!(s.num_running(), 3);
+    assert_eq!(s.kv_usage().used_blocks, 2, "all samples share the prompt's blocks");
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.num_decodes, 3);
+    // The last block (2 of 4 slots filled) is shared: two of the three get a copy.
+    assert_eq!(out.blocks_to_copy.len(), 2);
+    let tables: Vec<_> = out.scheduled.iter().map(|e| e.block_table.clone()).collect();
+    assert!(tables.iter().all(|t| t[0] == tables[0][0]), "full blocks stay shared");
+    // Each sample keeps its own first token.
+    for (i, &id) in sampled.iter().map(|(id, _)| id).enumerate() {
+        assert_eq!(s.seq(id).unwrap().output_token_ids(), &[10 + i as u32, 1]);
+    }
+    // Finishing one sample leaves the request alive.
+    assert!(s.finish_seq(sampled[1].0, FinishReason::Stop(None)));
+    assert!(s.has_unfinished());
+    assert_eq!(s.request_seqs(RequestId(1)).len(), 2);
+    run_to_end(&mut s, 10);
+    assert_eq!(s.kv_usage().used_blocks, 0);
+    assert_eq!(s.stats().num_requests_finished, 1);
+}
+
+#[test]
+fn parallel_samples_without_sharing_recompute_the_prompt() {
+    let kv = ContiguousAllocator::new(ContiguousConfig {
+        num_gpu_blocks: 64,
+        num_cpu_blocks: 0,
+        block_size: 4,
+        reservation: Reservation::Fixed(64),
+    })
+    .unwrap();
+    let cfg = SchedulerConfig { max_model_len: 64, ..config(64, 4) };
+    let mut s = Scheduler::new(cfg, kv).unwrap();
+    s.add_request(NewRequest { n: 2, ..req(1, 6, 3) }).unwrap();
+    step(&mut s, 5);
+    assert_eq!(s.num_running(), 1);
+    assert_eq!(s.num_waiting(), 1, "the second sample could not share the prompt's blocks");
+    let (out, _) = step(&mut s, 1);
+    let re = out.scheduled.iter().find(|e| e.start_position == 0).unwrap();
+    assert_eq!(re.token_ids.len(), 7, "prompt plus its first sampled token");
+    run_to_end(&mut s, 10);
+}
+
+#[test]
+fn abort_frees_everything_at_once_from_any_queue() {
+    let mut s = tight_pool(PreemptionMode::Swap, 16);
+    s.add_request(req(3, 4, 4)).unwrap();
+    for _ in 0..6 {
+        step(&mut s, 1);
+    }
+    for r in 1..=3 {
+        let ids = s.abort_request(RequestId(r));
+        assert!(ids.iter().all(|&id| s.seq(id).is_none()));
+        s.check_invariants().unwrap();
+    }
+    assert!(!s.has_unfinished());
+    let u = s.kv_usage();
+    assert_eq!((u.used_blocks, u.used_cpu_blocks), (0, 0));
+    assert!(s.abort_request(RequestId(1)).is_empty());
+}
+
+#[test]
+fn abort_between_schedule_and_update_is_harmless() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, false)).unwrap();
+    s.add_request(req(1, 5, 4)).unwrap();
+    s.add_request(req(2, 5, 4)).unwrap();
+    let out = s.schedule().unwrap();
+    s.abort_request(RequestId(1));
+    let sampled: Vec<_> = out.sampling_seqs().map(|id| (id, 3)).collect();
+    let up = s.update_from_output(&out, &sampled).unwrap();
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].request_id, RequestId(2));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn update_validates_before_applying() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, false)).unwrap();
+    s.add_request(req(1, 5, 4)).unwrap();
+    let out = s.schedule().unwrap();
+    let id = out.scheduled[0].seq_id;
+    assert_eq!(s.schedule().unwrap_err(), SchedulerError::StepNotApplied(1));
+    assert_eq!(s.update_from_output(&out, &[]), Err(UpdateError::MissingSample(id)));
+    assert_eq!(s.update_from_output(&out, &[(SeqId(99), 1)]), Err(UpdateError::UnexpectedSample(SeqId(99))));
+    assert_eq!(s.update_from_output(&out, &[(id, 1), (id, 2)]), Err(UpdateError::DuplicateSample(id)));
+    let stale = SchedulerOutput { step: 7, ..out.clone() };
+    assert_eq!(
+        s.update_from_output(&stale, &[(id, 1)]),
+        Err(UpdateError::StaleOutput { got: 7, expected: 1 })
+    );
+    assert_eq!(s.seq(id).unwrap().num_computed_tokens(), 0, "nothing applied");
+    s.update_from_output(&out, &[(id, 1)]).unwrap();
+    assert_eq!(s.update_from_output(&out, &[(id, 1)]), Err(UpdateError::AlreadyApplied(1)));
+    assert_eq!(s.seq(id).unwrap().num_computed_tokens(), 5);
+}
+
+#[test]
+fn an_empty_step_needs_no_update() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, false)).unwrap();
+    let out = s.schedule().unwrap();
+    assert!(out.is_empty());
+    assert_eq!(s.update_from_output(&out, &[]), Ok(vec![]));
+    assert!(s.schedule().unwrap().is_empty());
+    assert_eq!(s.stats().num_steps, 2);
+}

@@ -1,0 +1,399 @@
+//! Property tests: random interleavings of add / schedule / update / abort
+//! against small KV pools, with a shadow copy of cache memory that executes
+//! each step exactly as a runner must (swap-outs, swap-ins, copies, then the
+//! new tokens' writes through the slot mapping). After every step each
+//! scheduled sequence's whole context is read back through its block table
+//! and compared with its tokens, so any wrong table, slot, copy, swap or
+//! prefix-cache hit shows up as corrupted "KV".
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pagoda_paged_kv::{ContiguousAllocator, ContiguousConfig, PagedAllocator, PagedConfig, Reservation};
+use pagoda_scheduler::{
+    FinishReason, KvAllocator, NewRequest, Policy, PreemptionMode, RequestId, Scheduler, SchedulerConfig,
+    SchedulerOutput, SeqId, TokenId,
+};
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Add {
+        base: usize,
+        prompt_len: usize,
+        max_tokens: usize,
+        n: usize,
+        priority: i32,
+        eos: bool,
+        salt: Option<u64>,
+    },
+    Step {
+        seed: u64,
+    },
+    Abort {
+        pick: usize,
+        mid_step: bool,
+    },
+    FinishSeq {
+        pick: usize,
+    },
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0usize..3, 1usize..24, 1usize..12, prop::sample::select(vec![1usize, 1, 1, 2, 3]), -2i32..3, any::<bool>(), prop::option::weighted(0.2, 0u64..2))
+            .prop_map(|(base, prompt_len, max_tokens, n, priority, eos, salt)| Op::Add { base, prompt_len, max_tokens, n, priority, eos, salt }),
+        8 => any::<u64>().prop_map(|seed| Op::Step { seed }),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, mid_step)| Op::Abort { pick, mid_step }),
+        1 => any::<usize>().prop_map(|pick| Op::FinishSeq { pick }),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Setup {
+    block_size: usize,
+    num_gpu_blocks: usize,
+    num_cpu_blocks: usize,
+    caching: bool,
+    contiguous: Option<Reservation>,
+    config: SchedulerConfig,
+}
+
+fn setup_strategy() -> impl Strategy<Value = Setup> {
+    (
+        prop::sample::select(vec![1usize, 2, 4, 8]),
+        6usize..40,
+        0usize..16,
+        any::<bool>(),
+        prop::option::weighted(
+            0.2,
+            prop::sample::select(vec![
+                Reservation::Fixed(40),
+                Reservation::Exact,
+                Reservation::NextPowerOfTwo,
+            ]),
+        ),
+        (
+            1usize..40,
+            1usize..6,
+            12usize..40,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            prop::option::of(1usize..8),
+        ),
+    )
+        .prop_map(
+            |(
+                block_size,
+                blocks,
+                cpu,
+                caching,
+                contiguous,
+                (batched, seqs, model_len, chunked, swap, priority, threshold),
+            )| {
+                let max_model_len = model_len.min(blocks * block_size);
+                let max_model_len = match contiguous {
+                    Some(Reservation::Fixed(m)) => max_model_len.min(m),
+                    _ => max_model_len,
+                };
+                let config = SchedulerConfig {
+                    max_num_batched_tokens: if chunked { batched } else { batched.max(max_model_len) },
+                    max_num_seqs: seqs,
+                    max_model_len,
+                    enable_chunked_prefill: chunked,
+                    preemption_mode: if swap { PreemptionMode::Swap } else { PreemptionMode::Recompute },
+                    policy: if priority { Policy::Priority } else { Policy::Fcfs },
+                    long_prefill_token_threshold: threshold,
+                };
+                Setup { block_size, num_gpu_blocks: blocks, num_cpu_blocks: cpu, caching, contiguous, config }
+            },
+        )
+}
+
+fn base_prompt(base: usize) -> Vec<TokenId> {
+    (0..24u32).map(|i| 10 + (i * (base as u32 + 1) / 2) % 4).collect()
+}
+
+const EOS: TokenId = 0;
+
+/// What the test knows about each request, independently of the scheduler.
+#[derive(Debug)]
+struct Expect {
+    n: usize,
+    max_tokens: usize,
+    prompt_len: usize,
+    /// Tokens sampled so far per sample index.
+    sampled: BTreeMap<usize, usize>,
+    finished: BTreeSet<usize>,
+    aborted: bool,
+}
+
+struct Harness<A: KvAllocator> {
+    s: Scheduler<A>,
+    gpu: Vec<Option<TokenId>>,
+    cpu: Vec<Option<TokenId>>,
+    requests: BTreeMap<RequestId, Expect>,
+    next_request: u64,
+}
+
+impl<A: KvAllocator> Harness<A> {
+    fn new(s: Scheduler<A>) -> Self {
+        let b = s.allocator().block_size();
+        let gpu = vec![None; s.allocator().num_gpu_blocks() * b];
+        let cpu = vec![None; s.allocator().num_cpu_blocks() * b];
+        Self { s, gpu, cpu, requests: BTreeMap::new(), next_request: 0 }
+    }
+
+    fn live_request(&self, pick: usize) -> Option<RequestId> {
+        let live: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, e)| !e.aborted && e.finished.len() < e.n)
+            .map(|(&r, _)| r)
+            .collect();
+        (!live.is_empty()).then(|| live[pick % live.len()])
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        match op {
+            Op::Add { base, prompt_len, max_tokens, n, priority, eos, salt } => {
+                let id = RequestId(self.next_request);
+                let mut r = NewRequest::new(id, base_prompt(*base)[..*prompt_len].to_vec(), *max_tokens);
+                r.n = *n;
+                r.priority = *priority;
+                r.eos_token_id = eos.then_some(EOS);
+                r.cache_salt = *salt;
+                if self.s.add_request(r).is_ok() {
+                    self.next_request += 1;
+                    let e = Expect {
+                        n: *n,
+                        max_tokens: *max_tokens,
+                        prompt_len: *prompt_len,
+                        sampled: BTreeMap::new(),
+                        finished: BTreeSet::new(),
+                        aborted: false,
+                    };
+                    self.requests.insert(id, e);
+                }
+            }
+            Op::Step { seed } => self.step(*seed, None)?,
+            Op::Abort { pick, mid_step } => {
+                if let Some(r) = self.live_request(*pick) {
+                    if *mid_step {
+                        self.step(*pick as u64, Some(r))?;
+                    } else {
+                        self.abort(r);
+                    }
+                }
+            }
+            Op::FinishSeq { pick } => {
+                if let Some(r) = self.live_request(*pick) {
+                    // Engines stop on strings in generated text: only after a token.
+                    let seqs: Vec<SeqId> = self
+                        .s
+                        .request_seqs(r)
+                        .iter()
+                        .copied()
+                        .filter(|&q| !self.s.seq(q).unwrap().output_token_ids().is_empty())
+                        .collect();
+                    if seqs.is_empty() {
+                        return Ok(());
+                    }
+                    let seq = seqs[pick % seqs.len()];
+                    let idx = self.s.seq(seq).unwrap().sample_index();
+                    prop_assert!(self.s.finish_seq(seq, FinishReason::Stop(None)));
+                    prop_assert!(self.requests.get_mut(&r).unwrap().finished.insert(idx));
+                }
+            }
+        }
+        if let Err(e) = self.s.check_invariants() {
+            return Err(TestCaseError::fail(e.to_string()));
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, r: RequestId) {
+        self.s.abort_request(r);
+        self.requests.get_mut(&r).unwrap().aborted = true;
+    }
+
+    fn copy(from: &[Option<TokenId>], to: &mut [Option<TokenId>], src: u32, dst: u32, b: usize) {
+        let block: Vec<_> = from[src as usize * b..(src as usize + 1) * b].to_vec();
+        to[dst as usize * b..(dst as usize + 1) * b].copy_from_slice(&block);
+    }
+
+    fn check_output(&self, out: &SchedulerOutput) -> Result<(), TestCaseError> {
+        let cfg = self.s.config();
+        let b = self.s.allocator().block_size();
+        prop_assert!(out.num_batched_tokens <= cfg.max_num_batched_tokens, "token budget");
+        prop_assert_eq!(
+            out.num_batched_tokens,
+            out.scheduled.iter().map(|e| e.token_ids.len()).sum::<usize>()
+        );
+        prop_assert!(out.scheduled.len() <= cfg.max_num_seqs, "sequence budget");
+        let ids: BTreeSet<SeqId> = out.scheduled.iter().map(|e| e.seq_id).collect();
+        prop_assert_eq!(ids.len(), out.scheduled.len(), "a sequence scheduled twice");
+        prop_assert!(out.scheduled[..out.num_decodes].iter().all(|e| e.token_ids.len() == 1));
+        prop_assert!(out.scheduled[out.num_decodes..].iter().all(|e| e.token_ids.len() > 1), "decodes first");
+        for p in &out.preempted {
+            prop_assert!(!ids.contains(p), "preempted and scheduled in one step");
+        }
+        // A CPU block freed by a swap-in must not be overwritten by a swap-out
+        // of the same step (swap-outs run first).
+        let written: BTreeSet<u32> = out.blocks_to_swap_out.iter().map(|p| p.1).collect();
+        prop_assert!(out.blocks_to_swap_in.iter().all(|p| !written.contains(&p.0)));
+        for e in &out.scheduled {
+            prop_assert!(!e.token_ids.is_empty());
+            let seq = self.s.seq(e.seq_id).unwrap();
+            let all = seq.all_token_ids();
+            prop_assert_eq!(&e.token_ids[..], &all[e.positions()], "tokens of {}", e.seq_id);
+            prop_assert_eq!(seq.num_computed_tokens(), e.start_position);
+            prop_assert_eq!(e.sample_for.is_empty(), e.seq_len() < all.len(), "sample only at the end");
+            prop_assert!(e.block_table.len() * b >= e.seq_len());
+            for (i, pos) in e.positions().enumerate() {
+                prop_assert_eq!(
+                    e.slot_mapping[i],
+                    e.block_table[pos / b] as i64 * b as i64 + (pos % b) as i64
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the output on the shadow memory and reads every context back.
+    fn execute(&mut self, out: &SchedulerOutput) -> Result<(), TestCaseError> {
+        let b = self.s.allocator().block_size();
+        for &(g, c) in &out.blocks_to_swap_out {
+            Self::copy(&self.gpu, &mut self.cpu, g, c, b);
+        }
+        for &(c, g) in &out.blocks_to_swap_in {
+            Self::copy(&self.cpu, &mut self.gpu, c, g, b);
+        }
+        for &(src, dst) in &out.blocks_to_copy {
+            let gpu = self.gpu.clone();
+            Self::copy(&gpu, &mut self.gpu, src, dst, b);
+        }
+        for e in &out.scheduled {
+            for (&slot, &t) in e.slot_mapping.iter().zip(&e.token_ids) {
+                self.gpu[slot as usize] = Some(t);
+            }
+        }
+        for e in &out.scheduled {
+            let all = self.s.seq(e.seq_id).unwrap().all_token_ids();
+            for (pos, &t) in all[..e.seq_len()].iter().enumerate() {
+                let slot = e.block_table[pos / b] as usize * b + pos % b;
+                prop_assert_eq!(self.gpu[slot], Some(t), "{} reads wrong KV at position {}", e.seq_id, pos);
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, seed: u64, abort_mid_step: Option<RequestId>) -> Result<(), TestCaseError> {
+        let out = self.s.schedule().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.check_output(&out)?;
+        self.execute(&out)?;
+        if let Some(r) = abort_mid_step {
+            self.abort(r);
+        }
+        let mut rng = seed | 1;
+        let sampled: Vec<(SeqId, TokenId)> = out
+            .sampling_seqs()
+            .map(|id| {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (id, ((rng >> 33) % 6) as TokenId)
+            })
+            .collect();
+        if out.is_empty() {
+            return Ok(());
+        }
+        let updates =
+            self.s.update_from_output(&out, &sampled).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for u in updates {
+            let e = self.requests.get_mut(&u.request_id).unwrap();
+            prop_assert!(!e.aborted, "update for an aborted request");
+            prop_assert!(!e.finished.contains(&u.sample_index), "update after finish");
+            let count = e.sampled.entry(u.sample_index).or_insert(0);
+            *count += 1;
+            prop_assert!(*count <= e.max_tokens, "max_tokens exceeded");
+            if let Some(seq) = self.s.seq(u.seq_id) {
+                prop_assert_eq!(seq.output_token_ids().len(), *count, "outputs lost or duplicated");
+                prop_assert_eq!(*seq.output_token_ids().last().unwrap(), u.new_token);
+            }
+            match u.finish_reason {
+                Some(FinishReason::Length) => {
+                    let cap =
+                        e.max_tokens.min(self.s.config().max_model_len.saturating_sub(e.prompt_len).max(1));
+                    prop_assert_eq!(*count, cap, "Length finish at the wrong count");
+                    e.finished.insert(u.sample_index);
+                }
+                Some(FinishReason::Stop(t)) => {
+                    prop_assert_eq!(t, Some(u.new_token));
+                    e.finished.insert(u.sample_index);
+                }
+                Some(FinishReason::Abort) => prop_assert!(false, "abort reported by update"),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<(), TestCaseError> {
+        let mut steps = 0;
+        while self.s.has_unfinished() {
+            steps += 1;
+            prop_assert!(steps < 5000, "no progress: {} unfinished", self.s.num_unfinished_requests());
+            self.step(steps, None)?;
+            if let Err(e) = self.s.check_invariants() {
+                return Err(TestCaseError::fail(e.to_string()));
+            }
+        }
+        for (r, e) in &self.requests {
+            prop_assert!(e.aborted || e.finished.len() == e.n, "{} ended with {:?}", r, e);
+        }
+        let stats = self.s.stats();
+        prop_assert_eq!(stats.num_requests_finished, stats.num_requests_added);
+        let u = self.s.kv_usage();
+        prop_assert_eq!(u.used_blocks, 0, "blocks leaked");
+        prop_assert_eq!(u.used_cpu_blocks, 0, "CPU blocks leaked");
+        Ok(())
+    }
+}
+
+fn run<A: KvAllocator>(s: Scheduler<A>, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut h = Harness::new(s);
+    for op in ops {
+        h.apply(op)?;
+    }
+    h.drain()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_request_ends_and_memory_stays_consistent(
+        setup in setup_strategy(),
+        ops in prop::collection::vec(op_strategy(), 1..120),
+    ) {
+        match setup.contiguous {
+            None => {
+                let kv = PagedAllocator::new(PagedConfig {
+                    num_gpu_blocks: setup.num_gpu_blocks,
+                    num_cpu_blocks: setup.num_cpu_blocks,
+                    block_size: setup.block_size,
+                    enable_prefix_caching: setup.caching,
+                }).unwrap();
+                run(Scheduler::new(setup.config.clone(), kv).unwrap(), &ops)?;
+            }
+            Some(reservation) => {
+                let kv = ContiguousAllocator::new(ContiguousConfig {
+                    num_gpu_blocks: setup.num_gpu_blocks,
+                    num_cpu_blocks: setup.num_cpu_blocks,
+                    block_size: setup.block_size,
+                    reservation,
+                }).unwrap();
+                run(Scheduler::new(setup.config.clone(), kv).unwrap(), &ops)?;
+            }
+        }
+    }
+}
