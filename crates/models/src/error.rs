@@ -1,0 +1,70 @@
+use std::path::PathBuf;
+
+use pagoda_backend::BackendError;
+use thiserror::Error;
+
+use crate::gguf::GgufError;
+
+/// What can go wrong finding, parsing or running a model.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// A file could not be opened or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The model path does not hold what a model folder needs.
+    #[error("{}: {detail}", path.display())]
+    ModelPath { path: PathBuf, detail: String },
+    /// `config.json` (or another JSON file) is not what we expect.
+    #[error("{}: {detail}", path.display())]
+    Config { path: PathBuf, detail: String },
+    /// The architecture is not one of the Llama family this crate runs.
+    #[error("unsupported architecture {0:?} (supported: Llama, Mistral, Qwen2 and the Llama-family GGUFs)")]
+    UnknownArchitecture(String),
+    /// A safetensors file is corrupt or truncated.
+    #[error("{}: invalid safetensors file: {detail}", path.display())]
+    Safetensors { path: PathBuf, detail: String },
+    /// A GGUF file is corrupt, truncated or of a kind we cannot read.
+    #[error("{}: {source}", path.display())]
+    Gguf {
+        path: PathBuf,
+        #[source]
+        source: GgufError,
+    },
+    /// The weights lack a tensor the architecture needs.
+    #[error("missing tensor {0:?} in the weights")]
+    MissingTensor(String),
+    /// A tensor's shape does not fit the config.
+    #[error("tensor {name:?}: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A tensor's element type cannot be loaded.
+    #[error("tensor {name:?}: unsupported dtype {dtype}")]
+    UnsupportedDType { name: String, dtype: String },
+    /// The tokenizer could not be built or failed on an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A chat template failed to compile or render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// A forward-pass input is inconsistent (the message says how).
+    #[error("forward: {0}")]
+    Forward(String),
+    /// The backend rejected an op.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+        Self::Config { path: path.into(), detail: detail.into() }
+    }
+}

@@ -1,0 +1,444 @@
+//! The Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2) over the
+//! [`Backend`] trait.
+//!
+//! One layer is: RMS norm (fused with the residual add from the previous
+//! layer) → fused q/k/v projection → rotary embedding and KV-cache write →
+//! paged attention → output projection → residual add and RMS norm → fused
+//! gate/up projection → SiLU(gate) · up → down projection. The q/k/v and
+//! gate/up weights are concatenated at load so each is one matmul.
+
+use pagoda_backend::{
+    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, KvCacheShape,
+    RopeStyle, RotaryCacheArgs, Tensor, TokenId,
+};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::rope::cos_sin_table;
+use crate::weights::{WeightData, WeightSource, WeightTensor};
+
+/// The paged KV cache of every layer: `layers[l] = (K, V)`, each
+/// `[num_blocks, num_kv_heads, block_size, head_dim]`.
+pub struct KvCache<B: Backend> {
+    pub shape: KvCacheShape,
+    pub layers: Vec<(Tensor<B>, Tensor<B>)>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Every K and V tensor, in layer order (for `copy_blocks` and swapping).
+    pub fn tensors(&self) -> Vec<&Tensor<B>> {
+        self.layers.iter().flat_map(|(k, v)| [k, v]).collect()
+    }
+}
+
+/// The inputs of one forward step, on the device.
+pub struct ForwardBatch<B: Backend> {
+    /// I32 `[T]`.
+    pub token_ids: Tensor<B>,
+    /// I32 `[T]`.
+    pub positions: Tensor<B>,
+    pub attn: AttentionMetadata<B>,
+    /// I32 `[M]`: the rows of the step whose logits are wanted.
+    pub logits_indices: Tensor<B>,
+}
+
+impl<B: Backend> ForwardBatch<B> {
+    /// Uploads host inputs, checking their lengths agree with the attention metadata.
+    pub fn upload(
+        backend: &B,
+        token_ids: &[TokenId],
+        positions: &[i32],
+        attn: AttentionHostMetadata,
+        logits_indices: &[i32],
+    ) -> Result<Self> {
+        let t = token_ids.len();
+        if positions.len() != t || attn.num_tokens() != t {
+            return Err(ModelError::Forward(format!(
+                "{t} tokens, {} positions, {} slots in the attention metadata",
+                positions.len(),
+                attn.num_tokens()
+            )));
+        }
+        if let Some(bad) = logits_indices.iter().find(|&&i| i < 0 || i as usize >= t) {
+            return Err(ModelError::Forward(format!(
+                "logits index {bad} outside the {t} tokens of the step"
+            )));
+        }
+        let ids: Vec<i32> = token_ids
+            .iter()
+            .map(|&id| i32::try_from(id).map_err(|_| ModelError::Forward(format!("token id {id} too large"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            token_ids: backend.upload(HostSlice::I32(&ids), &[t], DType::I32)?,
+            positions: backend.upload(HostSlice::I32(positions), &[t], DType::I32)?,
+            attn: AttentionMetadata::upload(backend, attn)?,
+            logits_indices: backend.upload(
+                HostSlice::I32(logits_indices),
+                &[logits_indices.len()],
+                DType::I32,
+            )?,
+        })
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.numel()
+    }
+}
+
+/// Largest rotary table we build (4 GiB of f32); Llama 3.1's 128k context needs 16M.
+const MAX_ROPE_TABLE_ELEMENTS: usize = 1 << 30;
+
+/// What to load and how.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Longest sequence (in tokens) the engine will run; caps the rotary
+    /// table. Default: the model's `max_position_embeddings`.
+    pub max_positions: Option<usize>,
+}
+
+struct LlamaLayer<B: Backend> {
+    input_norm: Tensor<B>,
+    /// `[Hq*D + 2*Hkv*D, H]`: q, k and v rows stacked.
+    qkv: Tensor<B>,
+    qkv_bias: Option<Tensor<B>>,
+    o_proj: Tensor<B>,
+    o_bias: Option<Tensor<B>>,
+    post_attention_norm: Tensor<B>,
+    /// `[2I, H]`: gate rows then up rows.
+    gate_up: Tensor<B>,
+    down: Tensor<B>,
+    sliding_window: Option<usize>,
+}
+
+/// A loaded Llama-family model on a backend.
+pub struct LlamaModel<B: Backend> {
+    config: ModelConfig,
+    dtype: DType,
+    embed_tokens: Tensor<B>,
+    layers: Vec<LlamaLayer<B>>,
+    norm: Tensor<B>,
+    /// The embedding table itself when the embeddings are tied.
+    lm_head: Tensor<B>,
+    /// F32 `[max_positions, head_dim]`.
+    cos_sin: Tensor<B>,
+    max_positions: usize,
+}
+
+/// Uploads tensors one at a time, checking shapes and reporting progress.
+struct Uploader<'a, B: Backend> {
+    backend: &'a B,
+    weights: &'a dyn WeightSource,
+    dtype: DType,
+    done: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl<B: Backend> Uploader<'_, B> {
+    fn fetch(&self, name: &str, expected: &[usize]) -> Result<WeightTensor<'_>> {
+        let t = self.weights.tensor(name)?;
+        if t.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: t.shape,
+            });
+        }
+        Ok(t)
+    }
+
+    fn advance(&mut self, name: &str) {
+        self.done += self.weights.file_bytes(name);
+        (self.progress)(self.done, self.total);
+    }
+
+    /// A new device tensor holding one named weight.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor<B>> {
+        let t = {
+            let w = self.fetch(name, shape)?;
+            self.backend.upload(host_slice(&w.data), shape, self.dtype)?
+        };
+        self.advance(name);
+        Ok(t)
+    }
+
+    /// A new device tensor of stacked rows: the named weights, in order, along
+    /// the leading dimension. Each part is written straight into its rows.
+    fn stacked(&mut self, parts: &[(String, Vec<usize>)]) -> Result<Tensor<B>> {
+        let rows: usize = parts.iter().map(|(_, s)| s[0]).sum();
+        let mut dims = parts[0].1.clone();
+        dims[0] = rows;
+        let out = self.backend.alloc(&dims, self.dtype)?;
+        let mut start = 0;
+        for (name, shape) in parts {
+            {
+                let w = self.fetch(name, shape)?;
+                self.backend.write(&out.narrow(start, shape[0])?, host_slice(&w.data))?;
+            }
+            start += shape[0];
+            self.advance(name);
+        }
+        Ok(out)
+    }
+}
+
+fn host_slice<'a>(data: &'a WeightData<'_>) -> HostSlice<'a> {
+    match data {
+        WeightData::Borrowed(bytes, dtype) => HostSlice::Bytes(bytes, *dtype),
+        WeightData::Owned(values) => HostSlice::F32(values),
+    }
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Uploads the weights named as in Hugging Face checkpoints, in the
+    /// backend's activation dtype, tensor by tensor. `progress(done, total)`
+    /// counts bytes of the file.
+    pub fn load(
+        backend: &B,
+        config: ModelConfig,
+        weights: &dyn WeightSource,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self> {
+        config.validate().map_err(|d| ModelError::config("config", d))?;
+        let c = &config;
+        let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
+        let (q, kv) = (c.q_size(), c.kv_size());
+
+        // Every tensor the config implies, with its shape: checked before any
+        // upload, so a wrong file fails in milliseconds, not after minutes.
+        let mut expected: Vec<(String, Vec<usize>)> =
+            vec![("model.embed_tokens.weight".into(), vec![v, h]), ("model.norm.weight".into(), vec![h])];
+        if !c.tie_word_embeddings {
+            expected.push(("lm_head.weight".into(), vec![v, h]));
+        }
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut layer = vec![
+                ("input_layernorm.weight", vec![h]),
+                ("self_attn.q_proj.weight", vec![q, h]),
+                ("self_attn.k_proj.weight", vec![kv, h]),
+                ("self_attn.v_proj.weight", vec![kv, h]),
+                ("self_attn.o_proj.weight", vec![h, q]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ];
+            if c.qkv_bias {
+                layer.extend([
+                    ("self_attn.q_proj.bias", vec![q]),
+                    ("self_attn.k_proj.bias", vec![kv]),
+                    ("self_attn.v_proj.bias", vec![kv]),
+                ]);
+            }
+            if c.o_bias {
+                layer.push(("self_attn.o_proj.bias", vec![h]));
+            }
+            expected.extend(layer.into_iter().map(|(n, s)| (format!("{p}.{n}"), s)));
+        }
+        for (name, shape) in &expected {
+            match weights.shape(name) {
+                None => return Err(ModelError::MissingTensor(name.clone())),
+                Some(found) if found != *shape => {
+                    return Err(ModelError::ShapeMismatch {
+                        name: name.clone(),
+                        expected: shape.clone(),
+                        found,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        let max_positions = options.max_positions.unwrap_or(c.max_position_embeddings).max(1);
+        if max_positions.saturating_mul(c.head_dim) > MAX_ROPE_TABLE_ELEMENTS {
+            return Err(ModelError::config(
+                "config",
+                format!("a rotary table for {max_positions} positions is too large; set LoadOptions::max_positions"),
+            ));
+        }
+        let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let total = names.iter().map(|n| weights.file_bytes(n)).sum();
+        progress(0, total);
+
+        let dtype = backend.activation_dtype();
+        let mut up = Uploader { backend, weights, dtype, done: 0, total, progress };
+        let embed_tokens = up.tensor("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let qkv_parts = |kind: &str, cols: &[usize]| -> Vec<(String, Vec<usize>)> {
+                [("q", q), ("k", kv), ("v", kv)]
+                    .into_iter()
+                    .map(|(m, rows)| (format!("{p}.self_attn.{m}_proj.{kind}"), [&[rows][..], cols].concat()))
+                    .collect()
+            };
+            layers.push(LlamaLayer {
+                input_norm: up.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv: up.stacked(&qkv_parts("weight", &[h]))?,
+                qkv_bias: if c.qkv_bias { Some(up.stacked(&qkv_parts("bias", &[]))?) } else { None },
+                o_proj: up.tensor(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?,
+                o_bias: if c.o_bias {
+                    Some(up.tensor(&format!("{p}.self_attn.o_proj.bias"), &[h])?)
+                } else {
+                    None
+                },
+                post_attention_norm: up.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up: up.stacked(&[
+                    (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+                    (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+                ])?,
+                down: up.tensor(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                sliding_window: c.layer_sliding_window(l),
+            });
+        }
+        let norm = up.tensor("model.norm.weight", &[h])?;
+        let lm_head =
+            if c.tie_word_embeddings { embed_tokens.clone() } else { up.tensor("lm_head.weight", &[v, h])? };
+
+        let table = cos_sin_table(c, max_positions);
+        let cos_sin = backend.upload(HostSlice::F32(&table), &[max_positions, c.head_dim], DType::F32)?;
+        Ok(Self { config, dtype, embed_tokens, layers, norm, lm_head, cos_sin, max_positions })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The dtype of weights, activations and the KV cache.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Positions the rotary table covers: the longest sequence this model can run.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// A zeroed paged KV cache of `num_blocks` blocks of `block_size` tokens per layer.
+    pub fn alloc_kv_cache(&self, backend: &B, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+        let shape = KvCacheShape {
+            num_blocks,
+            num_kv_heads: self.config.num_kv_heads,
+            block_size,
+            head_dim: self.config.head_dim,
+        };
+        let mut layers = Vec::with_capacity(self.config.num_layers);
+        for _ in 0..self.config.num_layers {
+            let k = backend.alloc(&shape.dims(), self.dtype)?;
+            let v = backend.alloc(&shape.dims(), self.dtype)?;
+            // Unwritten slots are never read, but zeros keep a stray read finite.
+            backend.fill(&k, 0.0)?;
+            backend.fill(&v, 0.0)?;
+            layers.push((k, v));
+        }
+        Ok(KvCache { shape, layers })
+    }
+
+    /// Runs the step's tokens through the model, writing their keys and values
+    /// into `kv`, and returns the F32 logits `[M, V]` of the rows
+    /// `batch.logits_indices` selects.
+    pub fn forward(&self, backend: &B, batch: &ForwardBatch<B>, kv: &KvCache<B>) -> Result<Tensor<B>> {
+        let c = &self.config;
+        let t = self.check_batch(batch, kv)?;
+        let m = batch.logits_indices.numel();
+        let (h, d) = (c.hidden_size, self.dtype);
+
+        let residual = backend.alloc(&[t, h], d)?;
+        let normed = backend.alloc(&[t, h], d)?;
+        let delta = backend.alloc(&[t, h], d)?; // attention or MLP output, added to the residual
+        let qkv = backend.alloc(&[t, c.qkv_size()], d)?;
+        let q = backend.alloc(&[t, c.q_size()], d)?;
+        let attn_out = backend.alloc(&[t, c.q_size()], d)?;
+        let gate_up = backend.alloc(&[t, 2 * c.intermediate_size], d)?;
+        let mlp_act = backend.alloc(&[t, c.intermediate_size], d)?;
+
+        backend.embedding(&batch.token_ids, &self.embed_tokens, &residual)?;
+        for (l, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
+            if l == 0 {
+                backend.rms_norm(&residual, &layer.input_norm, c.rms_norm_eps, &normed)?;
+            } else {
+                backend.add_rms_norm(&delta, &residual, &layer.input_norm, c.rms_norm_eps, &normed)?;
+            }
+            backend.linear(&normed, &layer.qkv, layer.qkv_bias.as_ref(), &qkv)?;
+            backend.rotary_and_cache(&RotaryCacheArgs {
+                qkv: &qkv,
+                positions: &batch.positions,
+                cos_sin: &self.cos_sin,
+                q_out: &q,
+                k_cache,
+                v_cache,
+                slot_mapping: &batch.attn.slot_mapping,
+                num_q_heads: c.num_attention_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                rotary_dim: c.head_dim,
+                style: RopeStyle::Neox,
+            })?;
+            backend.attention(&AttentionArgs {
+                q: &q,
+                k_cache,
+                v_cache,
+                out: &attn_out,
+                meta: &batch.attn,
+                num_q_heads: c.num_attention_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                scale: 1.0 / (c.head_dim as f32).sqrt(),
+                sliding_window: layer.sliding_window,
+            })?;
+            backend.linear(&attn_out, &layer.o_proj, layer.o_bias.as_ref(), &delta)?;
+            backend.add_rms_norm(&delta, &residual, &layer.post_attention_norm, c.rms_norm_eps, &normed)?;
+            backend.linear(&normed, &layer.gate_up, None, &gate_up)?;
+            backend.silu_and_mul(&gate_up, &mlp_act)?;
+            backend.linear(&mlp_act, &layer.down, None, &delta)?;
+        }
+        backend.add_rms_norm(&delta, &residual, &self.norm, c.rms_norm_eps, &normed)?;
+
+        let logits = backend.alloc(&[m, c.vocab_size], DType::F32)?;
+        if m > 0 {
+            let last_hidden = backend.alloc(&[m, h], d)?;
+            backend.gather_rows(&normed, &batch.logits_indices, &last_hidden)?;
+            backend.linear(&last_hidden, &self.lm_head, None, &logits)?;
+        }
+        Ok(logits)
+    }
+
+    /// Checks the batch and cache fit this model; returns the token count.
+    fn check_batch(&self, batch: &ForwardBatch<B>, kv: &KvCache<B>) -> Result<usize> {
+        let c = &self.config;
+        let t = batch.num_tokens();
+        let err = |s: String| Err(ModelError::Forward(s));
+        if t == 0 {
+            return err("empty batch".into());
+        }
+        if batch.token_ids.dtype() != DType::I32 || batch.positions.dtype() != DType::I32 {
+            return err("token_ids and positions must be I32".into());
+        }
+        if batch.positions.numel() != t || batch.attn.host.num_tokens() != t {
+            return err(format!(
+                "{t} tokens but {} positions and {} slots",
+                batch.positions.numel(),
+                batch.attn.host.num_tokens()
+            ));
+        }
+        if batch.attn.host.max_seq_len() > self.max_positions {
+            return err(format!(
+                "sequence of {} tokens exceeds the {} positions the model was loaded for",
+                batch.attn.host.max_seq_len(),
+                self.max_positions
+            ));
+        }
+        if kv.layers.len() != c.num_layers
+            || kv.shape.num_kv_heads != c.num_kv_heads
+            || kv.shape.head_dim != c.head_dim
+        {
+            return err(format!(
+                "KV cache {:?} with {} layers does not fit this model",
+                kv.shape,
+                kv.layers.len()
+            ));
+        }
+        Ok(t)
+    }
+}

@@ -1,0 +1,203 @@
+//! From a `--model PATH` to a model on a device: find the files, read the
+//! config, tokenizer, chat template and generation defaults, then upload the
+//! weights.
+
+use std::path::{Path, PathBuf};
+
+use pagoda_backend::Backend;
+
+use crate::chat_template::ChatTemplate;
+use crate::config::{ModelConfig, RopeScaling};
+use crate::dequant::dequantize;
+use crate::error::{ModelError, Result};
+use crate::generation::GenerationConfig;
+use crate::gguf::GgufFile;
+use crate::llama::{LlamaModel, LoadOptions};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{GgufWeights, SafetensorsWeights, WeightSource};
+
+/// Where a model's files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face folder: `config.json`, `*.safetensors`, `tokenizer.json`...
+    HuggingFace(PathBuf),
+    /// One GGUF file holding weights, config and tokenizer.
+    Gguf(PathBuf),
+}
+
+impl ModelSource {
+    /// Interprets `--model PATH`: a Hugging Face folder (it has `config.json`),
+    /// a folder holding exactly one `.gguf`, or a `.gguf` file.
+    pub fn resolve(path: &Path) -> Result<Self> {
+        let err = |detail: String| ModelError::ModelPath { path: path.to_path_buf(), detail };
+        if !path.exists() {
+            return Err(err("does not exist".into()));
+        }
+        if path.is_file() {
+            let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+            return if is_gguf {
+                Ok(Self::Gguf(path.to_path_buf()))
+            } else {
+                Err(err("is a file but not a .gguf; pass a .gguf file or a model folder".into()))
+            };
+        }
+        if path.join("config.json").is_file() {
+            return Ok(Self::HuggingFace(path.to_path_buf()));
+        }
+        let entries = std::fs::read_dir(path).map_err(|e| ModelError::io(path, e))?;
+        let mut ggufs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+            .collect();
+        ggufs.sort();
+        match ggufs.len() {
+            1 => Ok(Self::Gguf(ggufs.remove(0))),
+            0 => Err(err("holds neither config.json (a Hugging Face model) nor a .gguf file".into())),
+            _ => Err(err(format!(
+                "holds {} .gguf files ({}); pass the one to load",
+                ggufs.len(),
+                ggufs
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .map(|n| n.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::HuggingFace(p) | Self::Gguf(p) => p,
+        }
+    }
+}
+
+/// A model's files, opened and parsed, with the weights memory-mapped but
+/// not yet on any device.
+pub struct ModelFiles {
+    pub source: ModelSource,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub generation: GenerationConfig,
+    weights: Box<dyn WeightSource + Send + Sync>,
+}
+
+impl std::fmt::Debug for ModelFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFiles")
+            .field("source", &self.source)
+            .field("config", &self.config)
+            .field("tokenizer", &self.tokenizer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelFiles {
+    /// Resolves `path` (see [`ModelSource::resolve`]) and opens what it holds.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        match ModelSource::resolve(path.as_ref())? {
+            ModelSource::HuggingFace(dir) => Self::open_hf(dir),
+            ModelSource::Gguf(file) => Self::open_gguf(file),
+        }
+    }
+
+    fn open_hf(dir: PathBuf) -> Result<Self> {
+        let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+        let tokenizer = Tokenizer::from_hf_dir(&dir)?;
+        let chat_template = ChatTemplate::from_tokenizer_config(tokenizer.config())?;
+        let mut generation = GenerationConfig::from_hf_dir(&dir)?;
+        generation.add_eos_tokens(config.eos_token_ids.iter().copied());
+        generation.add_eos_tokens(tokenizer.eos_token_id());
+        if generation.bos_token_id.is_none() {
+            generation.bos_token_id = config.bos_token_id;
+        }
+        let weights = SafetensorsWeights::open_dir(&dir)?;
+        Ok(Self {
+            source: ModelSource::HuggingFace(dir),
+            config,
+            tokenizer,
+            chat_template,
+            generation,
+            weights: Box::new(weights),
+        })
+    }
+
+    fn open_gguf(path: PathBuf) -> Result<Self> {
+        let file = GgufFile::open(&path)?;
+        let header = file.header();
+        let mut config = ModelConfig::from_gguf(header, header.tensor("output.weight").is_some())
+            .map_err(|e| file.err(e))?;
+        // Llama 3.1 GGUFs carry their rope scaling as one divisor per frequency.
+        if let Some(info) = header.tensor("rope_freqs.weight") {
+            let mut factors = vec![0f32; info.numel() as usize];
+            dequantize(&info.name, info.ggml_type, file.tensor_bytes(info), &mut factors)
+                .map_err(|e| file.err(e))?;
+            config.rope_scaling = RopeScaling::PerFrequency(factors.iter().map(|&f| f as f64).collect());
+        }
+        let tokenizer = Tokenizer::from_gguf(header).map_err(|e| file.err(e))?;
+        let chat_template = ChatTemplate::from_tokenizer_config(tokenizer.config())?;
+        let mut generation = GenerationConfig {
+            bos_token_id: config.bos_token_id,
+            eos_token_ids: config.eos_token_ids.clone(),
+            ..GenerationConfig::default()
+        };
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            generation.add_eos_tokens(header.get(key).and_then(|v| v.as_u64()).map(|v| v as u32));
+        }
+        let weights =
+            GgufWeights::new(file, config.architecture, config.num_attention_heads, config.num_kv_heads);
+        Ok(Self {
+            source: ModelSource::Gguf(path),
+            config,
+            tokenizer,
+            chat_template,
+            generation,
+            weights: Box::new(weights),
+        })
+    }
+
+    /// The weights, by Hugging Face tensor name.
+    pub fn weights(&self) -> &dyn WeightSource {
+        self.weights.as_ref()
+    }
+
+    /// Uploads the weights to `backend`; `progress(done_bytes, total_bytes)`
+    /// is called after every tensor.
+    pub fn load_model<B: Backend>(
+        &self,
+        backend: &B,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<LlamaModel<B>> {
+        LlamaModel::load(backend, self.config.clone(), self.weights.as_ref(), options, progress)
+    }
+}
+
+/// Everything needed to serve a model: the weights on a device and the text side.
+pub struct LoadedModel<B: Backend> {
+    pub source: ModelSource,
+    pub model: LlamaModel<B>,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub generation: GenerationConfig,
+}
+
+/// Opens `path` and uploads its weights to `backend` in one go.
+pub fn load_model<B: Backend>(
+    backend: &B,
+    path: impl AsRef<Path>,
+    options: &LoadOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<LoadedModel<B>> {
+    let files = ModelFiles::open(path)?;
+    let model = files.load_model(backend, options, progress)?;
+    Ok(LoadedModel {
+        source: files.source,
+        model,
+        tokenizer: files.tokenizer,
+        chat_template: files.chat_template,
+        generation: files.generation,
+    })
+}

@@ -1,0 +1,236 @@
+//! Bad input gives a typed error, never a panic: real files, damaged in the
+//! test (truncated, magic flipped, wrong sizes, missing pieces).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::fixture;
+use pagoda_backend_cpu_ref::CpuBackend;
+use pagoda_models::{GgufError, GgufHeader, LoadOptions, ModelError, ModelFiles, ModelSource};
+use proptest::prelude::*;
+
+/// A copy of a fixture folder in a fresh temporary directory.
+fn copy_fixture(rel: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join(rel.replace('/', "_"));
+    fs::create_dir_all(&dst).unwrap();
+    for entry in fs::read_dir(fixture(rel)).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+    (tmp, dst)
+}
+
+fn load(path: &Path) -> Result<(), ModelError> {
+    let files = ModelFiles::open(path)?;
+    files.load_model(&CpuBackend::new(), &LoadOptions::default(), &mut |_, _| {})?;
+    Ok(())
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    fs::write(path, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_paths_and_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = ModelFiles::open(tmp.path().join("nope")).unwrap_err();
+    assert!(
+        matches!(err, ModelError::ModelPath { .. }) && err.to_string().contains("does not exist"),
+        "{err}"
+    );
+    let err = ModelFiles::open(tmp.path()).unwrap_err();
+    assert!(err.to_string().contains("neither config.json"), "{err}");
+
+    let txt = tmp.path().join("weights.bin");
+    fs::write(&txt, b"hello").unwrap();
+    assert!(matches!(ModelSource::resolve(&txt), Err(ModelError::ModelPath { .. })));
+
+    let (_t, dir) = copy_fixture("tiny-llama");
+    fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let err = ModelFiles::open(&dir).unwrap_err();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+
+    let (_t, dir) = copy_fixture("tiny-llama");
+    fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = ModelFiles::open(&dir).unwrap_err();
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+
+    let (_t, dir) = copy_fixture("tiny-qwen2");
+    fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    assert!(matches!(ModelFiles::open(&dir), Err(ModelError::Io { .. })));
+}
+
+#[test]
+fn folder_with_two_ggufs_is_ambiguous() {
+    let (_t, dir) = copy_fixture("tiny-llama-gguf");
+    fs::copy(dir.join("tiny-llama.gguf"), dir.join("other.gguf")).unwrap();
+    let err = ModelFiles::open(&dir).unwrap_err();
+    assert!(err.to_string().contains("2 .gguf files"), "{err}");
+}
+
+#[test]
+fn unknown_architecture() {
+    let (_t, dir) = copy_fixture("tiny-llama");
+    edit_json(&dir.join("config.json"), |c| c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]));
+    let err = ModelFiles::open(&dir).unwrap_err();
+    assert!(matches!(err, ModelError::UnknownArchitecture(ref a) if a == "GPT2LMHeadModel"), "{err}");
+}
+
+#[test]
+fn broken_config_json() {
+    let (_t, dir) = copy_fixture("tiny-llama");
+    fs::write(dir.join("config.json"), "{ not json").unwrap();
+    assert!(matches!(ModelFiles::open(&dir), Err(ModelError::Config { .. })));
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors() {
+    let (_t, dir) = copy_fixture("tiny-llama");
+    let path = dir.join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    for len in [0, 7, 100, bytes.len() / 2, bytes.len() - 1] {
+        fs::write(&path, &bytes[..len]).unwrap();
+        let err = ModelFiles::open(&dir).unwrap_err();
+        assert!(matches!(err, ModelError::Safetensors { .. }), "truncated to {len}: {err}");
+    }
+    // A header length pointing past the end of the file.
+    let mut bad = bytes.clone();
+    bad[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    fs::write(&path, &bad).unwrap();
+    assert!(matches!(ModelFiles::open(&dir), Err(ModelError::Safetensors { .. })));
+    // Garbage in the JSON header.
+    let mut bad = bytes.clone();
+    bad[9] = b'!';
+    fs::write(&path, &bad).unwrap();
+    assert!(matches!(ModelFiles::open(&dir), Err(ModelError::Safetensors { .. })));
+}
+
+#[test]
+fn shapes_that_do_not_fit_the_config() {
+    let (_t, dir) = copy_fixture("tiny-llama");
+    edit_json(&dir.join("config.json"), |c| c["intermediate_size"] = serde_json::json!(96));
+    let err = load(&dir).unwrap_err();
+    assert!(matches!(err, ModelError::ShapeMismatch { ref name, .. } if name.contains("gate_proj")), "{err}");
+    let (_t, dir) = copy_fixture("tiny-llama");
+    edit_json(&dir.join("config.json"), |c| c["vocab_size"] = serde_json::json!(321));
+    assert!(matches!(load(&dir), Err(ModelError::ShapeMismatch { .. })));
+}
+
+#[test]
+fn missing_tensor() {
+    // Untied, the model needs lm_head.weight, which this tied checkpoint lacks.
+    let (_t, dir) = copy_fixture("tiny-llama");
+    edit_json(&dir.join("config.json"), |c| c["tie_word_embeddings"] = serde_json::json!(false));
+    let err = load(&dir).unwrap_err();
+    assert!(matches!(err, ModelError::MissingTensor(ref n) if n == "lm_head.weight"), "{err}");
+}
+
+fn gguf_bytes() -> Vec<u8> {
+    fs::read(fixture("tiny-llama-gguf/tiny-llama.gguf")).unwrap()
+}
+
+fn open_gguf_bytes(bytes: &[u8]) -> Result<ModelFiles, ModelError> {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    fs::write(&path, bytes).unwrap();
+    ModelFiles::open(&path)
+}
+
+fn gguf_error(bytes: &[u8]) -> GgufError {
+    match open_gguf_bytes(bytes) {
+        Err(ModelError::Gguf { source, .. }) => source,
+        Err(other) => panic!("expected a GGUF error, got {other}"),
+        Ok(_) => panic!("expected a GGUF error, the file opened"),
+    }
+}
+
+#[test]
+fn gguf_bad_magic_version_and_truncation() {
+    let good = gguf_bytes();
+    let mut b = good.clone();
+    b[..4].copy_from_slice(b"GGML");
+    assert!(matches!(gguf_error(&b), GgufError::BadMagic(_)));
+    let mut b = good.clone();
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert!(matches!(gguf_error(&b), GgufError::UnsupportedVersion(1)));
+    let mut b = good.clone();
+    b[4..8].copy_from_slice(&4u32.to_le_bytes());
+    assert!(matches!(gguf_error(&b), GgufError::UnsupportedVersion(4)));
+    for len in [0, 3, 10, 100, good.len() / 2, good.len() - 1] {
+        let err = gguf_error(&good[..len]);
+        assert!(matches!(err, GgufError::Truncated { .. } | GgufError::Invalid(_)), "len {len}: {err}");
+    }
+}
+
+#[test]
+fn gguf_bad_value_and_tensor_types() {
+    let good = gguf_bytes();
+    let header = GgufHeader::parse(&good).unwrap();
+    // The first metadata entry's value type follows magic, version, the two
+    // counts and its key (u64 length + bytes).
+    let first_key_len = u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+    let at = 32 + first_key_len;
+    let mut b = good.clone();
+    b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+    assert!(matches!(gguf_error(&b), GgufError::BadValueType { value_type: 99, .. }));
+
+    // A tensor's ggml type: find the first tensor info by its name.
+    let name = &header.tensors[0].name;
+    let pos = good.windows(name.len()).position(|w| w == name.as_bytes()).unwrap() + name.len();
+    let n_dims = u32::from_le_bytes(good[pos..pos + 4].try_into().unwrap()) as usize;
+    let type_at = pos + 4 + 8 * n_dims;
+    let mut b = good.clone();
+    b[type_at..type_at + 4].copy_from_slice(&5u32.to_le_bytes()); // a retired ggml type id
+    assert!(matches!(gguf_error(&b), GgufError::UnknownTensorType { ggml_type: 5, .. }));
+}
+
+#[test]
+fn gguf_unsupported_architecture_and_tokenizer() {
+    let good = gguf_bytes();
+    // Same length, other name: "llama" -> "gpt-j" keeps every offset valid.
+    let needle = b"\x05\x00\x00\x00\x00\x00\x00\x00llama";
+    let pos = good.windows(needle.len()).position(|w| w == needle).unwrap();
+    let mut b = good.clone();
+    b[pos + 8..pos + 13].copy_from_slice(b"gpt-j");
+    let err = gguf_error(&b);
+    assert!(err.to_string().contains("unsupported architecture"), "{err}");
+
+    let needle = b"\x04\x00\x00\x00\x00\x00\x00\x00gpt2";
+    let pos = good.windows(needle.len()).position(|w| w == needle).unwrap();
+    let mut b = good.clone();
+    b[pos + 8..pos + 12].copy_from_slice(b"t5xx");
+    let err = gguf_error(&b);
+    assert!(err.to_string().contains("not supported"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Any damage to a GGUF header is an error or a valid parse, never a panic.
+    #[test]
+    fn gguf_parser_never_panics(flips in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8), cut in 0usize..4096) {
+        let mut bytes = gguf_bytes();
+        for (at, v) in flips {
+            let at = at % bytes.len();
+            bytes[at] = v;
+        }
+        let cut = bytes.len() - cut.min(bytes.len());
+        let _ = GgufHeader::parse(&bytes[..cut]);
+    }
+}
+
+#[test]
+fn absurd_sizes_fail_before_allocating() {
+    let (_t, dir) = copy_fixture("tiny-llama");
+    edit_json(&dir.join("config.json"), |c| c["intermediate_size"] = serde_json::json!(1u64 << 40));
+    assert!(matches!(load(&dir), Err(ModelError::ShapeMismatch { .. })));
+    let (_t, dir) = copy_fixture("tiny-llama");
+    edit_json(&dir.join("config.json"), |c| c["max_position_embeddings"] = serde_json::json!(1u64 << 40));
+    let err = load(&dir).unwrap_err();
+    assert!(matches!(err, ModelError::Config { .. }) && err.to_string().contains("max_positions"), "{err}");
+}
