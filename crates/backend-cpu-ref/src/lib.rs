@@ -1,1 +1,220 @@
-//! placeholder
+//! The CPU reference backend: [`CpuBackend`] implements
+//! [`pagoda_backend::Backend`] with plain f32 loops that a reader can check
+//! against the formulas in the trait's docs. It is the oracle every device
+//! kernel is tested against ([`conformance`] runs any backend against it), and
+//! it runs small models (SmolLM2-135M) at a usable speed: `linear` streams the
+//! weights for decode and uses `matrixmultiply`'s sgemm for prefill, and rows,
+//! heads and output features are spread over cores with rayon.
+//!
+//! Storage and dtypes:
+//! - Every float tensor is **F32**; [`Backend::activation_dtype`] is F32. F16
+//!   and BF16 *host data* (typed or raw bytes from a safetensors file) is
+//!   widened to f32 at upload, but asking for an F16/BF16 tensor (`alloc`, or
+//!   `upload`/`write` with an F16/BF16 target) is refused with
+//!   [`BackendError::DType`](pagoda_backend::BackendError::DType).
+//! - Integer tensors are I32 or I64, exactly as uploaded.
+//! - Fresh allocations are poisoned (NaN, or the integer minimum) so reading
+//!   memory nothing wrote shows up in the reference.
+//! - Each storage sits behind an `RwLock`: an op read-locks its inputs and
+//!   write-locks its outputs, refusing an output that shares storage with an
+//!   input ([`BackendError::Aliasing`](pagoda_backend::BackendError::Aliasing)).
+//!   `add_rms_norm`'s residual is the one operand read and written in place.
+//! - The swap host pool holds blocks in the cache's layout as little-endian f32.
+//!
+//! ```
+//! use pagoda_backend::{Backend, DType, HostSlice};
+//! use pagoda_backend_cpu_ref::CpuBackend;
+//!
+//! let cpu = CpuBackend::new();
+//! let x = cpu.upload(HostSlice::F32(&[1.0, 2.0, 3.0, 4.0]), &[2, 2], DType::F32)?;
+//! let w = cpu.upload(HostSlice::F32(&[1.0, 0.0, 1.0, 1.0]), &[2, 2], DType::F32)?;
+//! let out = cpu.alloc(&[2, 2], DType::F32)?;
+//! cpu.linear(&x, &w, None, &out)?; // out = x · wᵀ
+//! assert_eq!(cpu.download_f32(&out)?, vec![1.0, 3.0, 3.0, 7.0]);
+//! # Ok::<(), pagoda_backend::BackendError>(())
+//! ```
+
+mod attention;
+pub mod conformance;
+mod kv_blocks;
+mod linear;
+mod memory;
+mod ops;
+mod rotary;
+mod simd;
+mod storage;
+
+use pagoda_backend::{
+    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, MemoryInfo, Result, RotaryCacheArgs,
+    SampledToken, SamplingRow, Tensor,
+};
+use rayon::prelude::*;
+
+pub use storage::CpuStorage;
+
+/// The CPU reference backend. Cheap to create; all instances share rayon's
+/// global thread pool.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+type T = Tensor<CpuBackend>;
+
+impl Backend for CpuBackend {
+    type Storage = CpuStorage;
+
+    fn name(&self) -> String {
+        "cpu-ref".to_string()
+    }
+
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        memory::alloc(shape, dtype)
+    }
+
+    fn upload(&self, data: HostSlice<'_>, shape: &[usize], dtype: DType) -> Result<T> {
+        memory::upload(data, shape, dtype)
+    }
+
+    fn write(&self, dst: &T, data: HostSlice<'_>) -> Result<()> {
+        memory::write(dst, data)
+    }
+
+    fn download(&self, src: &T) -> Result<HostVec> {
+        memory::download(src)
+    }
+
+    fn fill(&self, dst: &T, value: f32) -> Result<()> {
+        memory::fill(dst, value)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(()) // every op has finished when it returns
+    }
+
+    fn memory_info(&self) -> Result<MemoryInfo> {
+        host_memory_info()
+    }
+
+    fn is_host_memory(&self) -> bool {
+        true
+    }
+
+    fn embedding(&self, token_ids: &T, table: &T, out: &T) -> Result<()> {
+        ops::embedding(token_ids, table, out)
+    }
+
+    fn rms_norm(&self, x: &T, weight: &T, eps: f32, out: &T) -> Result<()> {
+        ops::rms_norm(x, weight, eps, out)
+    }
+
+    fn add_rms_norm(&self, x: &T, residual: &T, weight: &T, eps: f32, out: &T) -> Result<()> {
+        ops::add_rms_norm(x, residual, weight, eps, out)
+    }
+
+    fn linear(&self, x: &T, weight: &T, bias: Option<&T>, out: &T) -> Result<()> {
+        linear::linear(x, weight, bias, out)
+    }
+
+    fn rotary_and_cache(&self, args: &RotaryCacheArgs<'_, Self>) -> Result<()> {
+        rotary::rotary_and_cache(args)
+    }
+
+    fn attention(&self, args: &AttentionArgs<'_, Self>) -> Result<()> {
+        attention::attention(args)
+    }
+
+    fn silu_and_mul(&self, x: &T, out: &T) -> Result<()> {
+        ops::silu_and_mul(x, out)
+    }
+
+    fn gather_rows(&self, x: &T, indices: &T, out: &T) -> Result<()> {
+        ops::gather_rows(x, indices, out)
+    }
+
+    fn copy_blocks(&self, caches: &[&T], pairs: &[(u32, u32)]) -> Result<()> {
+        kv_blocks::copy_blocks(caches, pairs)
+    }
+
+    fn swap_out(&self, cache: &T, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()> {
+        kv_blocks::swap_out(cache, host_pool, pairs)
+    }
+
+    fn swap_in(&self, host_pool: &[u8], cache: &T, pairs: &[(u32, u32)]) -> Result<()> {
+        kv_blocks::swap_in(host_pool, cache, pairs)
+    }
+
+    /// Each row goes through [`pagoda_sampler::sample_row`] unchanged, rows in parallel.
+    fn sample(&self, logits: &T, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
+        const OP: &str = "sample";
+        let (m, vocab) = logits.dims2(OP)?;
+        if rows.len() != m {
+            return Err(BackendError::shape(OP, format!("{} sampling rows for {m} logit rows", rows.len())));
+        }
+        if vocab == 0 && m > 0 {
+            return Err(BackendError::shape(OP, "empty vocabulary"));
+        }
+        storage::with_operands(OP, &[logits], &[], |ins, _| {
+            let all = ins.f32(logits)?;
+            Ok(rows
+                .par_iter()
+                .enumerate()
+                .map(|(i, row)| pagoda_sampler::sample_row(&all[i * vocab..(i + 1) * vocab], row))
+                .collect())
+        })
+    }
+}
+
+/// The machine's memory as `/proc/meminfo` reports it (free = MemAvailable).
+fn host_memory_info() -> Result<MemoryInfo> {
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| BackendError::Device(format!("reading /proc/meminfo: {e}")))?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    match (field("MemAvailable:"), field("MemTotal:")) {
+        (Some(free_bytes), Some(total_bytes)) => Ok(MemoryInfo { free_bytes, total_bytes }),
+        _ => Err(BackendError::Device("/proc/meminfo lacks MemAvailable or MemTotal".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pagoda_sampler::SamplingParams;
+
+    use super::*;
+
+    #[test]
+    fn sample_calls_the_reference_per_row() {
+        let cpu = CpuBackend::new();
+        let logits = [0.0f32, 3.0, 1.0, 5.0, -1.0, 0.0];
+        let t = cpu.upload(HostSlice::F32(&logits), &[2, 3], DType::F32).unwrap();
+        let greedy = SamplingParams::greedy();
+        let seeded = SamplingParams { temperature: 0.7, logprobs: Some(2), ..Default::default() };
+        let rows = [
+            SamplingRow { params: &greedy, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[] },
+            SamplingRow { params: &seeded, seed: 11, step: 4, prompt_tokens: &[1], output_tokens: &[0] },
+        ];
+        let got = cpu.sample(&t, &rows).unwrap();
+        assert_eq!(got[0], pagoda_sampler::sample_row(&logits[..3], &rows[0]));
+        assert_eq!(got[1], pagoda_sampler::sample_row(&logits[3..], &rows[1]));
+        assert_eq!(got[0].token, 1);
+        assert!(matches!(cpu.sample(&t, &rows[..1]), Err(BackendError::Shape { .. })));
+    }
+
+    #[test]
+    fn memory_info_is_plausible() {
+        let info = CpuBackend::new().memory_info().unwrap();
+        assert!(info.total_bytes > 0 && info.free_bytes <= info.total_bytes);
+    }
+}

@@ -104,6 +104,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Free and total device memory.
     fn memory_info(&self) -> Result<MemoryInfo>;
 
+    /// Whether "device" memory is the host's own (the CPU backend): then the
+    /// KV cache is sized by an explicit byte budget, not by what is free.
+    fn is_host_memory(&self) -> bool {
+        false
+    }
+
     /// Downloads any float or integer tensor as f32 (tests and debugging).
     fn download_f32(&self, src: &Tensor<Self>) -> Result<Vec<f32>> {
         Ok(self.download(src)?.to_f32())

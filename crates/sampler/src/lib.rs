@@ -36,8 +36,8 @@ mod params;
 mod reference;
 mod rng;
 
-pub use params::{SamplingParams, SamplingParamsError};
-pub use reference::{log_softmax, sample_row};
+pub use params::{SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
+pub use reference::{apply_penalties, log_softmax, sample_row};
 pub use rng::uniform;
 
 /// A token id in the model's vocabulary.

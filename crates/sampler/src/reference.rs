@@ -20,8 +20,9 @@ fn by_value_desc_then_id(a: &(TokenId, f32), b: &(TokenId, f32)) -> Ordering {
     b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0))
 }
 
-/// Applies repetition, frequency and presence penalties in place.
-pub(crate) fn apply_penalties(logits: &mut [f32], row: &SamplingRow) {
+/// Applies repetition, frequency and presence penalties in place (step 2 of
+/// the crate docs); public so conformance checks can rebuild the distribution.
+pub fn apply_penalties(logits: &mut [f32], row: &SamplingRow) {
     let p = row.params;
     if p.repetition_penalty != 1.0 {
         let mut seen = vec![false; logits.len()];

@@ -1,0 +1,634 @@
+//! What a conformance run covers: shapes for every op, as plain data so a
+//! device's tests can add their own cases to [`Grid::quick`] or [`Grid::full`].
+
+use pagoda_backend::RopeStyle;
+use pagoda_sampler::SamplingParams;
+
+/// The cases of one conformance run. Every field is a list of cases; an empty
+/// list skips that family of ops.
+#[derive(Clone, Debug)]
+pub struct Grid {
+    pub name: String,
+    /// Seeds every case's inputs (each case also mixes in its own label).
+    pub seed: u64,
+    /// Element counts for upload / download / write / fill round trips.
+    pub memory: Vec<usize>,
+    /// embedding, rms_norm, add_rms_norm, silu_and_mul, gather_rows.
+    pub rows: Vec<RowsCase>,
+    pub linear: Vec<LinearCase>,
+    pub rotary: Vec<RotaryCase>,
+    pub attention: Vec<AttentionCase>,
+    /// copy_blocks and the swap_out / swap_in round trip.
+    pub blocks: Vec<BlocksCase>,
+    pub sample: Vec<SampleCase>,
+    /// Bad shapes and out-of-range host indices must come back as errors.
+    pub errors: bool,
+}
+
+/// Shapes for the row-wise ops.
+#[derive(Clone, Debug)]
+pub struct RowsCase {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    /// When > 0, inputs and outputs are views `margin` rows into a larger
+    /// tensor, and the rows around an output view must stay untouched.
+    pub margin: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct LinearCase {
+    pub tokens: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    /// The output is F32 whatever the activation dtype (the logits case).
+    pub f32_out: bool,
+    /// As in [`RowsCase::margin`], for `x` and `out`.
+    pub margin: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct RotaryCase {
+    pub tokens: usize,
+    pub num_q_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub style: RopeStyle,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_positions: usize,
+    /// Every `skip_every`-th token gets slot -1 (0: none skipped).
+    pub skip_every: usize,
+}
+
+/// One sequence of an attention batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqShape {
+    /// Context after this step: cached prefix plus this step's queries.
+    pub seq_len: usize,
+    pub query_len: usize,
+}
+
+impl SeqShape {
+    pub fn decode(seq_len: usize) -> Self {
+        Self { seq_len, query_len: 1 }
+    }
+
+    /// `query_len` new tokens after a cached prefix of `cached` tokens.
+    pub fn prefill(cached: usize, query_len: usize) -> Self {
+        Self { seq_len: cached + query_len, query_len }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AttentionCase {
+    pub num_kv_heads: usize,
+    /// Query heads per KV head (the GQA ratio).
+    pub group: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Decodes first, as the scheduler orders them.
+    pub seqs: Vec<SeqShape>,
+    pub sliding_window: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BlocksCase {
+    pub num_blocks: usize,
+    pub num_kv_heads: usize,
+    pub block_size: usize,
+    pub head_dim: usize,
+    /// Copy pairs and swapped blocks.
+    pub pairs: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct SampleCase {
+    pub rows: usize,
+    pub vocab: usize,
+    /// Row `i` uses `params[i % params.len()]`.
+    pub params: Vec<SamplingParams>,
+    /// Logits in F32 (as `linear` with an F32 output gives) rather than the
+    /// activation dtype.
+    pub f32_logits: bool,
+    /// Prompt and output history per row, for the penalties.
+    pub history: usize,
+    /// Standard deviation of the random logits.
+    pub logit_scale: f32,
+}
+
+impl AttentionCase {
+    pub fn label(&self) -> String {
+        let decodes = self.seqs.iter().take_while(|s| s.query_len == 1).count();
+        let prefills = self.seqs.len() - decodes;
+        let max_len = self.seqs.iter().map(|s| s.seq_len).max().unwrap_or(0);
+        let tokens: usize = self.seqs.iter().map(|s| s.query_len).sum();
+        let window = self.sliding_window.map(|w| format!(" win{w}")).unwrap_or_default();
+        format!(
+            "D{} {}q/{}kv bs{} {}dec+{}pre T{} ctx<={}{}",
+            self.head_dim,
+            self.num_kv_heads * self.group,
+            self.num_kv_heads,
+            self.block_size,
+            decodes,
+            prefills,
+            tokens,
+            max_len,
+            window
+        )
+    }
+}
+
+impl RowsCase {
+    pub fn label(&self) -> String {
+        let view = if self.margin > 0 { " view" } else { "" };
+        format!("T{} H{} I{} V{}{}", self.tokens, self.hidden, self.intermediate, self.vocab, view)
+    }
+}
+
+impl LinearCase {
+    pub fn label(&self) -> String {
+        format!(
+            "T{} K{} N{}{}{}{}",
+            self.tokens,
+            self.in_features,
+            self.out_features,
+            if self.bias { " +bias" } else { "" },
+            if self.f32_out { " f32-out" } else { "" },
+            if self.margin > 0 { " view" } else { "" },
+        )
+    }
+}
+
+impl RotaryCase {
+    pub fn label(&self) -> String {
+        format!(
+            "T{} {}q/{}kv D{} rot{} {:?} bs{}",
+            self.tokens,
+            self.num_q_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.rotary_dim,
+            self.style,
+            self.block_size
+        )
+    }
+}
+
+impl BlocksCase {
+    pub fn label(&self) -> String {
+        format!(
+            "{} blocks {}kv bs{} D{} {} pairs",
+            self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim, self.pairs
+        )
+    }
+}
+
+impl SampleCase {
+    pub fn label(&self) -> String {
+        let kinds: Vec<String> = self.params.iter().map(describe_params).collect();
+        format!(
+            "{}x{} {} {}",
+            self.rows,
+            self.vocab,
+            if self.f32_logits { "f32" } else { "act" },
+            kinds.join("|")
+        )
+    }
+}
+
+fn describe_params(p: &SamplingParams) -> String {
+    let mut parts = Vec::new();
+    if p.is_greedy() {
+        parts.push("greedy".to_string());
+    } else {
+        parts.push(format!("t{}", p.temperature));
+    }
+    if p.top_k > 0 {
+        parts.push(format!("k{}", p.top_k));
+    }
+    if p.top_p < 1.0 {
+        parts.push(format!("p{}", p.top_p));
+    }
+    if p.min_p > 0.0 {
+        parts.push(format!("minp{}", p.min_p));
+    }
+    if p.has_penalties() {
+        parts.push("pen".to_string());
+    }
+    if let Some(n) = p.logprobs {
+        parts.push(format!("lp{n}"));
+    }
+    parts.join(",")
+}
+
+/// The sampling mixes both grids use: greedy, plain and truncated seeded
+/// sampling, penalties, and logprobs.
+fn sampling_mixes() -> Vec<Vec<SamplingParams>> {
+    let greedy = SamplingParams::greedy();
+    let seeded = SamplingParams { temperature: 0.8, ..Default::default() };
+    let truncated =
+        SamplingParams { temperature: 1.0, top_k: 40, top_p: 0.9, min_p: 0.02, ..Default::default() };
+    let penalised = SamplingParams {
+        temperature: 0.7,
+        repetition_penalty: 1.3,
+        frequency_penalty: 0.5,
+        presence_penalty: 0.4,
+        ..Default::default()
+    };
+    let greedy_penalised =
+        SamplingParams { repetition_penalty: 1.2, presence_penalty: -0.5, ..greedy.clone() };
+    let with_logprobs =
+        SamplingParams { temperature: 1.2, top_p: 0.95, logprobs: Some(5), ..Default::default() };
+    let greedy_logprobs = SamplingParams { logprobs: Some(20), ..greedy.clone() };
+    vec![
+        vec![greedy.clone()],
+        vec![seeded, truncated.clone()],
+        vec![penalised, greedy_penalised],
+        vec![with_logprobs, greedy_logprobs, truncated],
+    ]
+}
+
+impl Grid {
+    /// Small shapes covering every op and every variant (GQA, both RoPE
+    /// styles, unaligned lengths, cached prefixes, mixed batches, windows,
+    /// views); runs in seconds on the CPU.
+    pub fn quick() -> Self {
+        let attention = vec![
+            AttentionCase {
+                num_kv_heads: 3,
+                group: 3,
+                head_dim: 64,
+                block_size: 16,
+                seqs: vec![SeqShape::decode(1), SeqShape::decode(17), SeqShape::decode(100)],
+                sliding_window: None,
+            },
+            AttentionCase {
+                num_kv_heads: 2,
+                group: 4,
+                head_dim: 128,
+                block_size: 32,
+                seqs: vec![SeqShape::prefill(0, 40), SeqShape::prefill(45, 30)],
+                sliding_window: None,
+            },
+            AttentionCase {
+                num_kv_heads: 1,
+                group: 8,
+                head_dim: 64,
+                block_size: 16,
+                seqs: vec![
+                    SeqShape::decode(33),
+                    SeqShape::decode(1),
+                    SeqShape::prefill(15, 5),
+                    SeqShape::prefill(0, 9),
+                ],
+                sliding_window: None,
+            },
+            AttentionCase {
+                num_kv_heads: 4,
+                group: 1,
+                head_dim: 64,
+                block_size: 16,
+                seqs: vec![SeqShape::decode(70), SeqShape::prefill(20, 19)],
+                sliding_window: Some(24),
+            },
+            AttentionCase {
+                num_kv_heads: 2,
+                group: 2,
+                head_dim: 128,
+                block_size: 16,
+                seqs: vec![SeqShape::decode(1500)],
+                sliding_window: None,
+            },
+        ];
+        let mixes = sampling_mixes();
+        Grid {
+            name: "quick".into(),
+            seed: 0x5eed_0001,
+            memory: vec![1, 1000, 4097],
+            rows: vec![
+                RowsCase { tokens: 1, hidden: 64, intermediate: 96, vocab: 100, margin: 0 },
+                RowsCase { tokens: 7, hidden: 576, intermediate: 1536, vocab: 1000, margin: 2 },
+                RowsCase { tokens: 33, hidden: 128, intermediate: 64, vocab: 50, margin: 0 },
+            ],
+            linear: vec![
+                LinearCase {
+                    tokens: 1,
+                    in_features: 64,
+                    out_features: 96,
+                    bias: false,
+                    f32_out: false,
+                    margin: 0,
+                },
+                LinearCase {
+                    tokens: 3,
+                    in_features: 130,
+                    out_features: 67,
+                    bias: true,
+                    f32_out: false,
+                    margin: 1,
+                },
+                LinearCase {
+                    tokens: 17,
+                    in_features: 64,
+                    out_features: 200,
+                    bias: true,
+                    f32_out: true,
+                    margin: 0,
+                },
+                LinearCase {
+                    tokens: 64,
+                    in_features: 256,
+                    out_features: 128,
+                    bias: false,
+                    f32_out: false,
+                    margin: 0,
+                },
+                LinearCase {
+                    tokens: 2,
+                    in_features: 64,
+                    out_features: 1000,
+                    bias: false,
+                    f32_out: true,
+                    margin: 0,
+                },
+            ],
+            rotary: vec![
+                RotaryCase {
+                    tokens: 5,
+                    num_q_heads: 4,
+                    num_kv_heads: 2,
+                    head_dim: 64,
+                    rotary_dim: 64,
+                    style: RopeStyle::Neox,
+                    block_size: 16,
+                    num_blocks: 8,
+                    max_positions: 256,
+                    skip_every: 3,
+                },
+                RotaryCase {
+                    tokens: 9,
+                    num_q_heads: 6,
+                    num_kv_heads: 2,
+                    head_dim: 128,
+                    rotary_dim: 64,
+                    style: RopeStyle::Interleaved,
+                    block_size: 32,
+                    num_blocks: 4,
+                    max_positions: 64,
+                    skip_every: 0,
+                },
+                RotaryCase {
+                    tokens: 1,
+                    num_q_heads: 9,
+                    num_kv_heads: 3,
+                    head_dim: 64,
+                    rotary_dim: 64,
+                    style: RopeStyle::Neox,
+                    block_size: 16,
+                    num_blocks: 3,
+                    max_positions: 8192,
+                    skip_every: 0,
+                },
+            ],
+            attention,
+            blocks: vec![BlocksCase {
+                num_blocks: 8,
+                num_kv_heads: 2,
+                block_size: 16,
+                head_dim: 64,
+                pairs: 3,
+            }],
+            sample: mixes
+                .into_iter()
+                .enumerate()
+                .map(|(i, params)| SampleCase {
+                    rows: 6,
+                    vocab: 1000,
+                    params,
+                    f32_logits: i % 2 == 0,
+                    history: 12,
+                    logit_scale: 3.0,
+                })
+                .collect(),
+            errors: true,
+        }
+    }
+
+    /// The grid: batch 1..256, context 1..8k, head dims 64/128, GQA
+    /// ratios 1/3/4/8, block sizes 16/32, unaligned lengths, prefill with a
+    /// cached prefix and chunked prefill, decode+prefill mixes, and
+    /// Llama-3-8B / SmolLM2 sized dense ops. Minutes on a many-core host.
+    pub fn full() -> Self {
+        let mut rng = GridRng(0xf011_9121);
+        let mut attention = Vec::new();
+        // (GQA ratio, kv heads): SmolLM2 (9/3), Llama-3-8B (32/8), 32/4, MHA 8/8.
+        let head_layouts = [(1usize, 8usize), (3, 3), (4, 8), (8, 4)];
+        let mut variant = 0usize;
+        for head_dim in [64usize, 128] {
+            for &(group, num_kv_heads) in &head_layouts {
+                for block_size in [16usize, 32] {
+                    let case = |seqs: Vec<SeqShape>| AttentionCase {
+                        num_kv_heads,
+                        group,
+                        head_dim,
+                        block_size,
+                        seqs,
+                        sliding_window: None,
+                    };
+                    // Decode-only: the batch size cycles over 1..256, with
+                    // contexts bounded so the cache stays near 64k tokens.
+                    let (batch, max_ctx) = [(1, 8192), (16, 8000), (64, 2000), (256, 500)][variant % 4];
+                    let mut seqs: Vec<SeqShape> =
+                        (0..batch).map(|_| SeqShape::decode(1 + rng.below(max_ctx))).collect();
+                    if batch == 1 {
+                        seqs[0] = SeqShape::decode(8192 - variant % 3); // long: split-K territory
+                    }
+                    attention.push(case(seqs));
+                    // Prefill-only: a fresh unaligned prompt and a chunk after a cached prefix.
+                    attention.push(case(vec![
+                        SeqShape::prefill(0, 100 + rng.below(300)),
+                        SeqShape::prefill(1 + rng.below(3000), 1 + rng.below(256)),
+                    ]));
+                    // Mixed: decodes first, then chunked and fresh prefills.
+                    let mut mixed: Vec<SeqShape> =
+                        (0..1 + rng.below(40)).map(|_| SeqShape::decode(1 + rng.below(3000))).collect();
+                    mixed.push(SeqShape::prefill(rng.below(2000), 1 + rng.below(200)));
+                    mixed.push(SeqShape::prefill(0, 1 + rng.below(64)));
+                    attention.push(case(mixed));
+                    variant += 1;
+                }
+            }
+        }
+        // Long chunked prefill at the end of an 8k context, and sliding windows (Mistral).
+        attention.push(AttentionCase {
+            num_kv_heads: 8,
+            group: 4,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![SeqShape::prefill(8192 - 512, 512)],
+            sliding_window: None,
+        });
+        attention.push(AttentionCase {
+            num_kv_heads: 8,
+            group: 4,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![SeqShape::decode(8000), SeqShape::decode(3000), SeqShape::prefill(5000, 300)],
+            sliding_window: Some(4096),
+        });
+        attention.push(AttentionCase {
+            num_kv_heads: 3,
+            group: 3,
+            head_dim: 64,
+            block_size: 32,
+            seqs: vec![SeqShape::decode(700), SeqShape::prefill(50, 200)],
+            sliding_window: Some(100),
+        });
+
+        let mut rows = Vec::new();
+        for (i, &tokens) in [1usize, 7, 64, 256, 1000].iter().enumerate() {
+            rows.push(RowsCase { tokens, hidden: 576, intermediate: 1536, vocab: 49152, margin: i % 2 });
+            rows.push(RowsCase { tokens, hidden: 4096, intermediate: 14336, vocab: 32000, margin: 0 });
+        }
+
+        let mut linear = Vec::new();
+        for tokens in [1usize, 7, 64, 256] {
+            // SmolLM2 qkv with a Qwen2-style bias, o_proj, gate_up, down.
+            linear.push(LinearCase {
+                tokens,
+                in_features: 576,
+                out_features: 960,
+                bias: true,
+                f32_out: false,
+                margin: 0,
+            });
+            linear.push(LinearCase {
+                tokens,
+                in_features: 1536,
+                out_features: 576,
+                bias: false,
+                f32_out: false,
+                margin: 1,
+            });
+            // Llama-3-8B qkv and down projections.
+            linear.push(LinearCase {
+                tokens,
+                in_features: 4096,
+                out_features: 6144,
+                bias: false,
+                f32_out: false,
+                margin: 0,
+            });
+            linear.push(LinearCase {
+                tokens,
+                in_features: 14336,
+                out_features: 4096,
+                bias: false,
+                f32_out: false,
+                margin: 0,
+            });
+        }
+        for tokens in [1usize, 256] {
+            linear.push(LinearCase {
+                tokens,
+                in_features: 576,
+                out_features: 49152,
+                bias: false,
+                f32_out: true,
+                margin: 0,
+            });
+            linear.push(LinearCase {
+                tokens,
+                in_features: 4096,
+                out_features: 28672,
+                bias: false,
+                f32_out: false,
+                margin: 0,
+            });
+        }
+        linear.push(LinearCase {
+            tokens: 333,
+            in_features: 1000,
+            out_features: 1001,
+            bias: true,
+            f32_out: true,
+            margin: 2,
+        });
+
+        let mut rotary = Vec::new();
+        for (i, &tokens) in [1usize, 64, 256, 1000].iter().enumerate() {
+            let style = if i % 2 == 0 { RopeStyle::Neox } else { RopeStyle::Interleaved };
+            rotary.push(RotaryCase {
+                tokens,
+                num_q_heads: 32,
+                num_kv_heads: 8,
+                head_dim: 128,
+                rotary_dim: 128,
+                style,
+                block_size: 16,
+                num_blocks: tokens.div_ceil(16) + 64,
+                max_positions: 8192,
+                skip_every: 7,
+            });
+            rotary.push(RotaryCase {
+                tokens,
+                num_q_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                rotary_dim: if i % 2 == 0 { 64 } else { 32 },
+                style: if i % 2 == 0 { RopeStyle::Interleaved } else { RopeStyle::Neox },
+                block_size: 32,
+                num_blocks: tokens.div_ceil(32) + 16,
+                max_positions: 8192,
+                skip_every: 0,
+            });
+        }
+
+        let mut sample = Vec::new();
+        for (i, params) in sampling_mixes().into_iter().enumerate() {
+            for (rows, vocab) in [(1usize, 49152usize), (64, 32000), (256, 128_256)] {
+                sample.push(SampleCase {
+                    rows,
+                    vocab,
+                    params: params.clone(),
+                    f32_logits: (i + rows) % 2 == 0,
+                    history: 64,
+                    logit_scale: 4.0,
+                });
+            }
+        }
+
+        Grid {
+            name: "full".into(),
+            seed: 0x5eed_f011,
+            memory: vec![1, 4097, 1 << 20],
+            rows,
+            linear,
+            rotary,
+            attention,
+            blocks: vec![
+                BlocksCase { num_blocks: 256, num_kv_heads: 8, block_size: 16, head_dim: 128, pairs: 32 },
+                BlocksCase { num_blocks: 100, num_kv_heads: 3, block_size: 32, head_dim: 64, pairs: 17 },
+            ],
+            sample,
+            errors: true,
+        }
+    }
+}
+
+/// A tiny generator for choosing the full grid's lengths reproducibly.
+struct GridRng(u64);
+
+impl GridRng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n.max(1) as u64) as usize
+    }
+}

@@ -1,0 +1,154 @@
+//! Whole-block moves in the paged KV cache: copy-on-write copies between
+//! device blocks, and swaps to and from a host pool (preemption by swapping).
+//! A block is one step of a cache tensor's leading dimension.
+
+use pagoda_backend::{BackendError, Result};
+
+use crate::ops::rows_cols;
+use crate::storage::{range_in, CpuBuffer, CpuTensor};
+
+fn block_index(op: &'static str, what: &str, block: u32, count: usize) -> Result<usize> {
+    if (block as usize) < count {
+        Ok(block as usize)
+    } else {
+        Err(BackendError::Index { op, detail: format!("{what} block {block} of {count}") })
+    }
+}
+
+/// Mutable access to one cache tensor's elements.
+fn with_cache<R>(
+    op: &'static str,
+    cache: &CpuTensor,
+    body: impl FnOnce(&mut [f32]) -> Result<R>,
+) -> Result<R> {
+    let mut buffer = cache.storage().write();
+    let CpuBuffer::F32(data) = &mut *buffer else {
+        return Err(BackendError::DType { op, dtype: cache.dtype() });
+    };
+    cache.expect_dtype(op, pagoda_backend::DType::F32)?;
+    let range = range_in(op, cache, data.len())?;
+    body(&mut data[range])
+}
+
+pub(crate) fn copy_blocks(caches: &[&CpuTensor], pairs: &[(u32, u32)]) -> Result<()> {
+    const OP: &str = "copy_blocks";
+    // Validate everything first so a bad pair leaves every cache untouched.
+    for cache in caches {
+        let (blocks, _) = rows_cols(OP, "cache", cache)?;
+        for &(src, dst) in pairs {
+            block_index(OP, "source", src, blocks)?;
+            block_index(OP, "destination", dst, blocks)?;
+        }
+    }
+    // One cache at a time: caches may be views of one allocation.
+    for cache in caches {
+        let (_, block) = rows_cols(OP, "cache", cache)?;
+        with_cache(OP, cache, |data| {
+            for &(src, dst) in pairs {
+                let (src, dst) = (src as usize * block, dst as usize * block);
+                data.copy_within(src..src + block, dst);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Bytes per block in the host pool: the cache's block in its own dtype (f32 here).
+fn host_block_bytes(op: &'static str, cache: &CpuTensor) -> Result<(usize, usize, usize)> {
+    let (blocks, block) = rows_cols(op, "cache", cache)?;
+    Ok((blocks, block, block * cache.dtype().size_in_bytes()))
+}
+
+pub(crate) fn swap_out(cache: &CpuTensor, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()> {
+    const OP: &str = "swap_out";
+    let (blocks, block, bytes) = host_block_bytes(OP, cache)?;
+    let host_blocks = host_pool.len().checked_div(bytes).unwrap_or(0);
+    for &(device, host) in pairs {
+        block_index(OP, "device", device, blocks)?;
+        block_index(OP, "host", host, host_blocks)?;
+    }
+    let buffer = cache.storage().read();
+    let CpuBuffer::F32(data) = &*buffer else {
+        return Err(BackendError::DType { op: OP, dtype: cache.dtype() });
+    };
+    let data = &data[range_in(OP, cache, data.len())?];
+    for &(device, host) in pairs {
+        let src = &data[device as usize * block..][..block];
+        let dst = &mut host_pool[host as usize * bytes..][..bytes];
+        for (d, s) in dst.chunks_exact_mut(4).zip(src) {
+            d.copy_from_slice(&s.to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn swap_in(host_pool: &[u8], cache: &CpuTensor, pairs: &[(u32, u32)]) -> Result<()> {
+    const OP: &str = "swap_in";
+    let (blocks, block, bytes) = host_block_bytes(OP, cache)?;
+    let host_blocks = host_pool.len().checked_div(bytes).unwrap_or(0);
+    for &(host, device) in pairs {
+        block_index(OP, "host", host, host_blocks)?;
+        block_index(OP, "device", device, blocks)?;
+    }
+    with_cache(OP, cache, |data| {
+        for &(host, device) in pairs {
+            let src = &host_pool[host as usize * bytes..][..bytes];
+            let dst = &mut data[device as usize * block..][..block];
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use pagoda_backend::{Backend, DType, HostSlice};
+
+    use crate::CpuBackend;
+
+    use super::*;
+
+    fn cache(cpu: &CpuBackend) -> CpuTensor {
+        let v: Vec<f32> = (0..4 * 6).map(|i| i as f32).collect();
+        cpu.upload(HostSlice::F32(&v), &[4, 1, 2, 3], DType::F32).unwrap()
+    }
+
+    #[test]
+    fn copy_blocks_applies_pairs_in_order_to_every_cache() {
+        let cpu = CpuBackend::new();
+        let (k, v) = (cache(&cpu), cache(&cpu));
+        cpu.copy_blocks(&[&k, &v], &[(0, 2), (2, 3)]).unwrap();
+        for t in [&k, &v] {
+            let got = cpu.download_f32(t).unwrap();
+            let block = |b: usize| got[b * 6..(b + 1) * 6].to_vec();
+            assert_eq!(block(2), (0..6).map(|i| i as f32).collect::<Vec<_>>());
+            assert_eq!(block(3), block(0));
+            assert_eq!(block(1), (6..12).map(|i| i as f32).collect::<Vec<_>>());
+        }
+        let before = cpu.download_f32(&k).unwrap();
+        assert!(matches!(cpu.copy_blocks(&[&k], &[(0, 1), (4, 0)]), Err(BackendError::Index { .. })));
+        assert_eq!(cpu.download_f32(&k).unwrap(), before, "a rejected call changes nothing");
+    }
+
+    #[test]
+    fn swap_out_then_in_round_trips_in_cache_layout() {
+        let cpu = CpuBackend::new();
+        let k = cache(&cpu);
+        let mut pool = vec![0u8; 3 * 6 * 4];
+        cpu.swap_out(&k, &mut pool, &[(3, 0), (1, 2)]).unwrap();
+        let first: Vec<f32> =
+            pool[..24].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(first, (18..24).map(|i| i as f32).collect::<Vec<_>>());
+        let fresh = cpu.alloc(&[4, 1, 2, 3], DType::F32).unwrap();
+        cpu.swap_in(&pool, &fresh, &[(0, 0), (2, 1)]).unwrap();
+        let got = cpu.download_f32(&fresh).unwrap();
+        assert_eq!(&got[..6], &(18..24).map(|i| i as f32).collect::<Vec<_>>()[..]);
+        assert_eq!(&got[6..12], &(6..12).map(|i| i as f32).collect::<Vec<_>>()[..]);
+        assert!(got[12..].iter().all(|x| x.is_nan()), "blocks not swapped in stay as they were");
+        assert!(matches!(cpu.swap_out(&k, &mut pool, &[(0, 3)]), Err(BackendError::Index { .. })));
+        assert!(matches!(cpu.swap_in(&pool, &k, &[(0, 4)]), Err(BackendError::Index { .. })));
+    }
+}
