@@ -1,1 +1,43 @@
-//! placeholder
+//! Pagoda's CUDA backend: [`CudaBackend`] implements [`pagoda_backend::Backend`]
+//! on one NVIDIA GPU (sm_80 and newer; sm_90a code for H100/H200).
+//!
+//! - Kernels are CUDA C++ in the repository's `csrc/` (one `.cu` per family),
+//!   built by nvcc through this crate's build script and called through the C
+//!   launchers of `csrc/pagoda_kernels.h` (bindgen), each returning an error
+//!   code that is checked here.
+//! - Decode attention is split-K PagedAttention (flash-decoding) reading K/V
+//!   through block tables; prefill attention is FlashAttention-2 style on
+//!   tensor cores (`mma.sync` m16n8k16) with the cached prefix read from the
+//!   paged cache, so prefix caching and chunked prefill work.
+//! - Dense products go to cuBLAS on the backend's stream (bf16/f16 in, f32
+//!   accumulation). Sampling runs on the device and follows
+//!   [`pagoda_sampler::sample_row`] exactly: only token ids and logprobs cross
+//!   to the host.
+//! - All work runs on one stream; device memory comes from the driver's
+//!   stream-ordered pool, and a dropped tensor is freed on that stream.
+//!
+//! Building needs the CUDA toolkit (`CUDA_PATH`, or `/usr/local/cuda`);
+//! `scripts/setup-cuda.sh` installs one on a machine without a GPU.
+//!
+//! ```no_run
+//! use pagoda_backend::{Backend, DType, HostSlice};
+//! use pagoda_backend_cuda::CudaBackend;
+//!
+//! let gpu = CudaBackend::new(0)?;
+//! let x = gpu.upload(HostSlice::F32(&[1.0, 2.0, 3.0, 4.0]), &[2, 2], DType::BF16)?;
+//! let w = gpu.upload(HostSlice::F32(&[1.0, 0.0, 1.0, 1.0]), &[2, 2], DType::BF16)?;
+//! let out = gpu.alloc(&[2, 2], DType::F32)?;
+//! gpu.linear(&x, &w, None, &out)?; // out = x · wᵀ, on cuBLAS
+//! assert_eq!(gpu.download_f32(&out)?, vec![1.0, 3.0, 3.0, 7.0]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod backend;
+mod device;
+mod error;
+mod ffi;
+mod sampling;
+
+pub use backend::CudaBackend;
+pub use device::CudaStorage;
+pub use error::CudaError;

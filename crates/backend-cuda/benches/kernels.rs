@@ -1,0 +1,290 @@
+//! Kernel bench on the GPU (not a test): each figure against its ceiling,
+//! measured in the same run.
+//!
+//! - Ceilings: a large device-to-device copy (bytes read + written) and a
+//!   cuBLAS bf16 GEMM (8192^3).
+//! - Paged decode attention, Llama-3-8B heads (32 q / 8 kv, D = 128, bf16,
+//!   block 16), batch 64 at context 2k and 8k: bytes of K and V read over time,
+//!   against the copy bandwidth.
+//! - Prefill attention (causal, with and without a cached prefix): TFLOP/s
+//!   against the GEMM.
+//! - rms_norm, add_rms_norm, silu_and_mul, rotary_and_cache on 8B shapes
+//!   against the copy bandwidth.
+//!
+//! Random data everywhere (never zeros), block tables shuffled, each timing
+//! the median of repeated launches after a warm-up, one event pair around each.
+//!
+//! Run: `cargo bench -p pagoda-backend-cuda --bench kernels [FILTER]` (on a GPU
+//! machine); with FILTER, only the rows whose label contains it run (for a profiler).
+use std::fmt::Write as _;
+
+use half::bf16;
+use pagoda_backend::{
+    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, Result, RopeStyle,
+    RotaryCacheArgs, Tensor,
+};
+use pagoda_backend_cuda::CudaBackend;
+
+type T = Tensor<CudaBackend>;
+
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// A bf16 tensor of random values: a random 32 MiB pattern tiled over it on the device.
+fn random_tensor(g: &CudaBackend, rng: &mut Rng, dims: &[usize]) -> Result<T> {
+    let t = g.alloc(dims, DType::BF16)?;
+    let numel = t.numel();
+    let chunk = numel.min(16 << 20);
+    let pattern: Vec<bf16> = (0..chunk).map(|_| bf16::from_f32(rng.uniform())).collect();
+    let flat = t.reshape(&[numel])?;
+    let mut start = 0;
+    while start < numel {
+        let len = chunk.min(numel - start);
+        g.write(&flat.narrow(start, len)?, HostSlice::BF16(&pattern[..len]))?;
+        start += len;
+    }
+    Ok(t)
+}
+
+/// Median milliseconds of `reps` timed runs after `warmup` untimed ones.
+fn median_ms(g: &CudaBackend, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        times.push(g.time_ms(&mut f)? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[reps / 2])
+}
+
+struct Row {
+    what: String,
+    ms: f64,
+    figure: String,
+    vs_ceiling: String,
+}
+
+fn main() -> Result<()> {
+    let g = CudaBackend::new(0)?;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rows = Vec::new();
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wanted = |label: &str| filter.as_deref().is_none_or(|f| label.contains(f));
+    let (mut peak_bw, mut gemm_tflops) = (f64::NAN, f64::NAN);
+
+    // ---- ceilings ----
+    if wanted("ceiling copy") {
+        let copy_elems = 512usize << 20; // 1 GiB of bf16
+        let src = random_tensor(&g, &mut rng, &[copy_elems])?;
+        let dst = g.alloc(&[copy_elems], DType::BF16)?;
+        let ms = median_ms(&g, 3, 20, || g.copy(&src, &dst))?;
+        peak_bw = 2.0 * (copy_elems * 2) as f64 / (ms * 1e-3);
+        rows.push(Row {
+            what: "d2d copy 1 GiB (read+write)".into(),
+            ms,
+            figure: format!("{:.0} GB/s", peak_bw / 1e9),
+            vs_ceiling: "ceiling".into(),
+        });
+        drop((src, dst));
+    }
+
+    if wanted("ceiling gemm") {
+        let n = 8192;
+        let a = random_tensor(&g, &mut rng, &[n, n])?;
+        let b = random_tensor(&g, &mut rng, &[n, n])?;
+        let c = g.alloc(&[n, n], DType::BF16)?;
+        let ms = median_ms(&g, 3, 10, || g.linear(&a, &b, None, &c))?;
+        gemm_tflops = 2.0 * (n as f64).powi(3) / (ms * 1e-3) / 1e12;
+        rows.push(Row {
+            what: "cuBLAS bf16 GEMM 8192^3".into(),
+            ms,
+            figure: format!("{gemm_tflops:.0} TFLOP/s"),
+            vs_ceiling: "ceiling".into(),
+        });
+        drop((a, b, c));
+    }
+
+    // ---- paged decode attention, Llama-3-8B heads ----
+    let (hq, hkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
+    for &(batch, ctx) in &[(64usize, 2048usize), (64, 8192)] {
+        let label = format!("decode attention b{batch} ctx{ctx} 32q/8kv D128 bs16");
+        if !wanted(&label) {
+            continue;
+        }
+        let blocks_per_seq = ctx.div_ceil(bs);
+        let num_blocks = batch * blocks_per_seq;
+        let k = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
+        let v = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
+        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let host = AttentionHostMetadata {
+            query_start_loc: (0..=batch as i32).collect(),
+            seq_lens: vec![ctx as i32; batch],
+            block_tables: perm,
+            max_blocks_per_seq: blocks_per_seq,
+            slot_mapping: vec![-1; batch],
+            num_decode_seqs: batch,
+        };
+        let meta = AttentionMetadata::upload(&g, host)?;
+        let q = random_tensor(&g, &mut rng, &[batch, hq, d])?;
+        let out = g.alloc(&[batch, hq, d], DType::BF16)?;
+        let args = AttentionArgs {
+            q: &q,
+            k_cache: &k,
+            v_cache: &v,
+            out: &out,
+            meta: &meta,
+            num_q_heads: hq,
+            num_kv_heads: hkv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            sliding_window: None,
+        };
+        let ms = median_ms(&g, 5, 30, || g.attention(&args))?;
+        let bytes = (2 * batch * ctx * hkv * d * 2 + 2 * batch * hq * d * 2) as f64;
+        let bw = bytes / (ms * 1e-3);
+        rows.push(Row {
+            what: label,
+            ms,
+            figure: format!("{:.0} GB/s", bw / 1e9),
+            vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
+        });
+    }
+
+    // ---- prefill attention ----
+    for &(seqs, cached, qlen) in &[(4usize, 0usize, 4096usize), (1, 0, 8192), (2, 4096, 2048)] {
+        let label = format!("prefill attention {seqs}x(cached {cached} + {qlen}) causal");
+        if !wanted(&label) {
+            continue;
+        }
+        let ctx = cached + qlen;
+        let blocks_per_seq = ctx.div_ceil(bs);
+        let num_blocks = seqs * blocks_per_seq;
+        let k = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
+        let v = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
+        let t = seqs * qlen;
+        let host = AttentionHostMetadata {
+            query_start_loc: (0..=seqs as i32).map(|s| s * qlen as i32).collect(),
+            seq_lens: vec![ctx as i32; seqs],
+            block_tables: (0..num_blocks as i32).collect(),
+            max_blocks_per_seq: blocks_per_seq,
+            slot_mapping: vec![-1; t],
+            num_decode_seqs: 0,
+        };
+        let meta = AttentionMetadata::upload(&g, host)?;
+        let q = random_tensor(&g, &mut rng, &[t, hq, d])?;
+        let out = g.alloc(&[t, hq, d], DType::BF16)?;
+        let args = AttentionArgs {
+            q: &q,
+            k_cache: &k,
+            v_cache: &v,
+            out: &out,
+            meta: &meta,
+            num_q_heads: hq,
+            num_kv_heads: hkv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            sliding_window: None,
+        };
+        let ms = median_ms(&g, 3, 10, || g.attention(&args))?;
+        // Query i (0-based within the chunk) sees cached + i + 1 keys: q.k and p.v are 2 * D flops each.
+        let pairs = (qlen * cached + qlen * (qlen + 1) / 2) as f64;
+        let flops = seqs as f64 * hq as f64 * pairs * 4.0 * d as f64;
+        let tflops = flops / (ms * 1e-3) / 1e12;
+        rows.push(Row {
+            what: label,
+            ms,
+            figure: format!("{tflops:.0} TFLOP/s"),
+            vs_ceiling: format!("{:.2}x GEMM", tflops / gemm_tflops),
+        });
+    }
+
+    // ---- row ops on 8B shapes (T = 4096 tokens) ----
+    if !wanted("row ops rms_norm silu rotary") {
+        print_table(&g, &rows);
+        return Ok(());
+    }
+    let (tok, hidden, inter) = (4096usize, 4096usize, 14336usize);
+    let x = random_tensor(&g, &mut rng, &[tok, hidden])?;
+    let res = random_tensor(&g, &mut rng, &[tok, hidden])?;
+    let w = random_tensor(&g, &mut rng, &[hidden])?;
+    let out = g.alloc(&[tok, hidden], DType::BF16)?;
+    let bw_row = |what: &str, ms: f64, bytes: usize| Row {
+        what: what.into(),
+        ms,
+        figure: format!("{:.0} GB/s", bytes as f64 / (ms * 1e-3) / 1e9),
+        vs_ceiling: format!("{:.1}% of copy", 100.0 * bytes as f64 / (ms * 1e-3) / peak_bw),
+    };
+    let ms = median_ms(&g, 5, 30, || g.rms_norm(&x, &w, 1e-5, &out))?;
+    rows.push(bw_row("rms_norm [4096, 4096]", ms, 2 * tok * hidden * 2));
+    let ms = median_ms(&g, 5, 30, || g.add_rms_norm(&x, &res, &w, 1e-5, &out))?;
+    rows.push(bw_row("add_rms_norm [4096, 4096]", ms, 4 * tok * hidden * 2));
+    let gate_up = random_tensor(&g, &mut rng, &[tok, 2 * inter])?;
+    let act = g.alloc(&[tok, inter], DType::BF16)?;
+    let ms = median_ms(&g, 5, 30, || g.silu_and_mul(&gate_up, &act))?;
+    rows.push(bw_row("silu_and_mul [4096, 2x14336]", ms, 3 * tok * inter * 2));
+    drop((gate_up, act));
+
+    let qkv = random_tensor(&g, &mut rng, &[tok, (hq + 2 * hkv) * d])?;
+    let positions: Vec<i32> = (0..tok as i32).collect();
+    let positions = g.upload(HostSlice::I32(&positions), &[tok], DType::I32)?;
+    let mut table = Vec::with_capacity(8192 * d);
+    for p in 0..8192 {
+        let angles: Vec<f32> =
+            (0..d / 2).map(|i| p as f32 * 500_000f32.powf(-2.0 * i as f32 / d as f32)).collect();
+        table.extend(angles.iter().map(|a| a.cos()));
+        table.extend(angles.iter().map(|a| a.sin()));
+    }
+    let cos_sin = g.upload(HostSlice::F32(&table), &[8192, d], DType::F32)?;
+    let num_blocks = tok.div_ceil(bs);
+    let kc = g.alloc(&[num_blocks, hkv, bs, d], DType::BF16)?;
+    let vc = g.alloc(&[num_blocks, hkv, bs, d], DType::BF16)?;
+    let slots: Vec<i64> = (0..tok as i64).collect();
+    let slots = g.upload(HostSlice::I64(&slots), &[tok], DType::I64)?;
+    let q_out = g.alloc(&[tok, hq * d], DType::BF16)?;
+    let args = RotaryCacheArgs {
+        qkv: &qkv,
+        positions: &positions,
+        cos_sin: &cos_sin,
+        q_out: &q_out,
+        k_cache: &kc,
+        v_cache: &vc,
+        slot_mapping: &slots,
+        num_q_heads: hq,
+        num_kv_heads: hkv,
+        head_dim: d,
+        rotary_dim: d,
+        style: RopeStyle::Neox,
+    };
+    let ms = median_ms(&g, 5, 30, || g.rotary_and_cache(&args))?;
+    // qkv read once, q and k, v written once, the cos/sin rows read once per token.
+    let bytes = 2 * tok * (hq + 2 * hkv) * d * 2 + tok * d * 4;
+    rows.push(bw_row("rotary_and_cache [4096, 6144]", ms, bytes));
+    g.synchronize()?;
+    print_table(&g, &rows);
+    Ok(())
+}
+
+fn print_table(g: &CudaBackend, rows: &[Row]) {
+    let mut table = String::new();
+    writeln!(table, "device: {}", g.name()).ok();
+    writeln!(table, "{:<52} {:>10} {:>16} {:>16}", "kernel", "ms", "achieved", "vs ceiling").ok();
+    for r in rows {
+        writeln!(table, "{:<52} {:>10.4} {:>16} {:>16}", r.what, r.ms, r.figure, r.vs_ceiling).ok();
+    }
+    print!("{table}");
+}

@@ -1,0 +1,839 @@
+//! [`CudaBackend`]: the `Backend` trait on one NVIDIA GPU.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cust::event::{Event, EventFlags};
+use half::{bf16, f16};
+use pagoda_backend::{
+    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, MemoryInfo, Result, RotaryCacheArgs,
+    SampledToken, SamplingRow, Tensor,
+};
+
+use crate::device::{CudaStorage, DeviceInner};
+use crate::error::{CudaError, DriverContext};
+use crate::ffi::{self, check};
+
+/// The CUDA backend: every op is a kernel (or a cuBLAS call) queued on one
+/// stream; only downloads, `sample`, swaps and `synchronize` wait for the GPU.
+///
+/// Index errors found on the device (a token id past the vocabulary, a cache
+/// slot or block-table entry out of range) skip the offending element and are
+/// reported as [`BackendError::Index`] by the next call that waits.
+pub struct CudaBackend {
+    device: Arc<DeviceInner>,
+    name: String,
+    activation: DType,
+    blas: Mutex<BlasHandle>,
+    /// The device status word the kernels set bits in.
+    status: CudaStorage,
+}
+
+struct BlasHandle(*mut c_void);
+
+// SAFETY: the handle is only used under the backend's mutex.
+unsafe impl Send for BlasHandle {}
+
+impl Drop for BlasHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by pagoda_blas_create, destroyed once.
+        unsafe {
+            let _ = ffi::pagoda_blas_destroy(self.0);
+        }
+    }
+}
+
+impl CudaBackend {
+    /// The GPU `ordinal` with bf16 activations.
+    pub fn new(ordinal: u32) -> Result<Self, CudaError> {
+        Self::with_activation_dtype(ordinal, DType::BF16)
+    }
+
+    /// The GPU `ordinal` with `activation` (BF16 or F16; F32 works for every op
+    /// but attention) as the activation and KV-cache dtype.
+    pub fn with_activation_dtype(ordinal: u32, activation: DType) -> Result<Self, CudaError> {
+        let device = DeviceInner::new(ordinal)?;
+        let name = device.device.name().during("cuDeviceGetName")?;
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current.
+        check("pagoda_blas_create", unsafe { ffi::pagoda_blas_create(&mut handle) })?;
+        let blas = Mutex::new(BlasHandle(handle));
+        let status = device.alloc(4)?;
+        device.memset_u32(status.ptr(), 0, 1)?;
+        Ok(Self { device, name, activation, blas, status })
+    }
+
+    fn stream(&self) -> *mut c_void {
+        self.device.raw_stream() as *mut c_void
+    }
+
+    fn status_ptr(&self) -> *mut u32 {
+        self.status.ptr() as *mut u32
+    }
+
+    fn bind(&self) -> Result<()> {
+        Ok(self.device.bind()?)
+    }
+
+    /// Reads and clears the status word; call after a synchronisation.
+    fn take_status(&self, word: u32) -> Result<()> {
+        if word == 0 {
+            return Ok(());
+        }
+        self.device.memset_u32(self.status.ptr(), 0, 1)?;
+        let mut what = Vec::new();
+        for (bit, name) in [
+            (ffi::PAGODA_STATUS_ROW_INDEX, "a row index or token id out of range"),
+            (ffi::PAGODA_STATUS_SLOT, "a cache slot out of range"),
+            (ffi::PAGODA_STATUS_BLOCK_TABLE, "a block-table entry out of range"),
+            (ffi::PAGODA_STATUS_POSITION, "a position outside the cos/sin table"),
+        ] {
+            if word & bit != 0 {
+                what.push(name);
+            }
+        }
+        Err(BackendError::Index { op: "device kernel", detail: what.join(", ") })
+    }
+
+    /// Synchronises and reports any index error the kernels recorded.
+    fn sync_checked(&self) -> Result<()> {
+        let mut word = [0u8; 4];
+        // SAFETY: `word` lives until the synchronisation below.
+        unsafe { self.device.copy_to_host_async(&mut word, self.status.ptr())? };
+        self.device.synchronize()?;
+        self.take_status(u32::from_le_bytes(word))
+    }
+
+    /// A scratch buffer that lives until the work queued before its drop is done.
+    fn scratch(&self, bytes: usize) -> Result<CudaStorage> {
+        Ok(self.device.alloc(bytes)?)
+    }
+
+    fn upload_scratch<T: bytemuck::Pod>(&self, data: &[T]) -> Result<CudaStorage> {
+        let buf = self.scratch(std::mem::size_of_val(data))?;
+        self.device.copy_to_device(buf.ptr(), bytemuck::cast_slice(data))?;
+        Ok(buf)
+    }
+
+    /// Copies `src` over `dst` on the device (same dtype and element count).
+    pub fn copy(&self, src: &Tensor<Self>, dst: &Tensor<Self>) -> Result<()> {
+        if src.dtype() != dst.dtype() || src.numel() != dst.numel() {
+            return Err(BackendError::shape("copy", format!("{src:?} to {dst:?}")));
+        }
+        Ok(self.device.copy_on_device(dptr(dst), dptr(src), src.size_in_bytes())?)
+    }
+
+    /// Runs `f` (which queues device work) and returns the GPU time between
+    /// events recorded before and after it, in milliseconds. Waits for the GPU.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        self.bind()?;
+        let start = Event::new(EventFlags::DEFAULT).map_err(|e| device_err("cuEventCreate", e))?;
+        let end = Event::new(EventFlags::DEFAULT).map_err(|e| device_err("cuEventCreate", e))?;
+        start.record(self.device.stream()).map_err(|e| device_err("cuEventRecord", e))?;
+        f()?;
+        end.record(self.device.stream()).map_err(|e| device_err("cuEventRecord", e))?;
+        end.synchronize().map_err(|e| device_err("cuEventSynchronize", e))?;
+        end.elapsed_time_f32(&start).map_err(|e| device_err("cuEventElapsedTime", e))
+    }
+}
+
+fn device_err(call: &'static str, source: cust::error::CudaError) -> BackendError {
+    CudaError::Driver { call, source }.into()
+}
+
+fn dtype_code(d: DType) -> i32 {
+    (match d {
+        DType::F32 => ffi::PAGODA_DTYPE_F32,
+        DType::F16 => ffi::PAGODA_DTYPE_F16,
+        DType::BF16 => ffi::PAGODA_DTYPE_BF16,
+        DType::I32 => ffi::PAGODA_DTYPE_I32,
+        DType::I64 => ffi::PAGODA_DTYPE_I64,
+    }) as i32
+}
+
+/// Device address of a tensor's first element.
+fn dptr(t: &Tensor<CudaBackend>) -> u64 {
+    t.storage().ptr() + (t.offset() * t.dtype().size_in_bytes()) as u64
+}
+
+fn vptr(t: &Tensor<CudaBackend>) -> *mut c_void {
+    dptr(t) as *mut c_void
+}
+
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| BackendError::shape(op, format!("{what} = {v} exceeds i32")))
+}
+
+fn no_alias(op: &'static str, out: &Tensor<CudaBackend>, inputs: &[&Tensor<CudaBackend>]) -> Result<()> {
+    if inputs.iter().any(|i| i.shares_storage(out)) {
+        return Err(BackendError::Aliasing { op });
+    }
+    Ok(())
+}
+
+fn expect_float(op: &'static str, t: &Tensor<CudaBackend>) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(BackendError::DType { op, dtype: t.dtype() });
+    }
+    Ok(())
+}
+
+fn same_dtype(op: &'static str, a: &Tensor<CudaBackend>, b: &Tensor<CudaBackend>) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(BackendError::DType { op, dtype: b.dtype() });
+    }
+    Ok(())
+}
+
+/// The bytes of `data` in `dtype` (floats converted; integers must match).
+fn encode<'a>(op: &'static str, data: HostSlice<'a>, dtype: DType) -> Result<Cow<'a, [u8]>> {
+    let from = data.dtype();
+    if from == dtype {
+        let bytes: &'a [u8] = match data {
+            HostSlice::F32(s) => bytemuck::cast_slice(s),
+            HostSlice::F16(s) => bytemuck::cast_slice(s),
+            HostSlice::BF16(s) => bytemuck::cast_slice(s),
+            HostSlice::I32(s) => bytemuck::cast_slice(s),
+            HostSlice::I64(s) => bytemuck::cast_slice(s),
+            HostSlice::Bytes(b, _) => b,
+        };
+        return Ok(Cow::Borrowed(&bytes[..data.len() * dtype.size_in_bytes()]));
+    }
+    if !(from.is_float() && dtype.is_float()) {
+        return Err(BackendError::DType { op, dtype: from });
+    }
+    let n = data.len();
+    let mut out = Vec::with_capacity(n * dtype.size_in_bytes());
+    match dtype {
+        DType::F32 => (0..n).for_each(|i| out.extend_from_slice(&data.get_f32(i).to_le_bytes())),
+        DType::F16 => {
+            (0..n).for_each(|i| out.extend_from_slice(&f16::from_f32(data.get_f32(i)).to_le_bytes()))
+        }
+        DType::BF16 => {
+            (0..n).for_each(|i| out.extend_from_slice(&bf16::from_f32(data.get_f32(i)).to_le_bytes()))
+        }
+        DType::I32 | DType::I64 => return Err(BackendError::DType { op, dtype }),
+    }
+    Ok(Cow::Owned(out))
+}
+
+fn host_vec_from_bytes(dtype: DType, bytes: &[u8]) -> HostVec {
+    match dtype {
+        DType::F32 => HostVec::F32(bytemuck::pod_collect_to_vec(bytes)),
+        DType::F16 => HostVec::F16(bytemuck::pod_collect_to_vec(bytes)),
+        DType::BF16 => HostVec::BF16(bytemuck::pod_collect_to_vec(bytes)),
+        DType::I32 => HostVec::I32(bytemuck::pod_collect_to_vec(bytes)),
+        DType::I64 => HostVec::I64(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
+
+/// Splits copy-on-write pairs into runs whose copies are independent, so each
+/// run can go in one launch and the runs keep the order the pairs were given in.
+fn independent_runs(pairs: &[(u32, u32)]) -> Vec<&[(u32, u32)]> {
+    let mut runs = Vec::new();
+    let (mut start, mut read, mut written) = (0, HashSet::new(), HashSet::new());
+    for (i, &(src, dst)) in pairs.iter().enumerate() {
+        let conflicts = written.contains(&src) || written.contains(&dst) || read.contains(&dst) || src == dst;
+        if conflicts && i > start {
+            runs.push(&pairs[start..i]);
+            start = i;
+            read.clear();
+            written.clear();
+        }
+        read.insert(src);
+        written.insert(dst);
+    }
+    if start < pairs.len() {
+        runs.push(&pairs[start..]);
+    }
+    runs
+}
+
+impl Backend for CudaBackend {
+    type Storage = CudaStorage;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn activation_dtype(&self) -> DType {
+        self.activation
+    }
+
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        let numel: usize = shape.iter().product();
+        let storage = self.device.alloc(numel * dtype.size_in_bytes())?;
+        Ok(Tensor::from_parts(Arc::new(storage), 0, shape.into(), dtype))
+    }
+
+    fn upload(&self, data: HostSlice<'_>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(BackendError::shape(
+                "upload",
+                format!("{} elements for shape {shape:?}", data.len()),
+            ));
+        }
+        let bytes = encode("upload", data, dtype)?;
+        let t = self.alloc(shape, dtype)?;
+        self.device.copy_to_device(dptr(&t), &bytes)?;
+        Ok(t)
+    }
+
+    fn write(&self, dst: &Tensor<Self>, data: HostSlice<'_>) -> Result<()> {
+        if data.len() != dst.numel() {
+            return Err(BackendError::shape("write", format!("{} elements into {dst:?}", data.len())));
+        }
+        let bytes = encode("write", data, dst.dtype())?;
+        Ok(self.device.copy_to_device(dptr(dst), &bytes)?)
+    }
+
+    fn download(&self, src: &Tensor<Self>) -> Result<HostVec> {
+        let mut bytes = vec![0u8; src.size_in_bytes()];
+        // SAFETY: `bytes` outlives the synchronisation in sync_checked.
+        unsafe { self.device.copy_to_host_async(&mut bytes, dptr(src))? };
+        self.sync_checked()?;
+        Ok(host_vec_from_bytes(src.dtype(), &bytes))
+    }
+
+    fn fill(&self, dst: &Tensor<Self>, value: f32) -> Result<()> {
+        self.bind()?;
+        // SAFETY: dst is a device range of numel elements of its dtype.
+        let rc = unsafe {
+            ffi::pagoda_fill(vptr(dst), dtype_code(dst.dtype()), dst.numel(), value, self.stream())
+        };
+        Ok(check("pagoda_fill", rc)?)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.sync_checked()
+    }
+
+    fn memory_info(&self) -> Result<MemoryInfo> {
+        self.sync_checked()?;
+        self.device.trim_pool()?;
+        let (free_bytes, total_bytes) = self.device.memory_info()?;
+        Ok(MemoryInfo { free_bytes, total_bytes })
+    }
+
+    fn embedding(&self, token_ids: &Tensor<Self>, table: &Tensor<Self>, out: &Tensor<Self>) -> Result<()> {
+        const OP: &str = "embedding";
+        token_ids.expect_dtype(OP, DType::I32)?;
+        let (vocab, hidden) = table.dims2(OP)?;
+        let t = token_ids.numel();
+        out.expect_dims(OP, "out", &[t, hidden])?;
+        same_dtype(OP, table, out)?;
+        no_alias(OP, out, &[token_ids, table])?;
+        self.gather(OP, table, vocab, hidden, token_ids, out)
+    }
+
+    fn rms_norm(&self, x: &Tensor<Self>, weight: &Tensor<Self>, eps: f32, out: &Tensor<Self>) -> Result<()> {
+        const OP: &str = "rms_norm";
+        let (rows, hidden) = x.dims2(OP)?;
+        self.norm(OP, x, None, weight, eps, out, rows, hidden)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &Tensor<Self>,
+        residual: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+        out: &Tensor<Self>,
+    ) -> Result<()> {
+        const OP: &str = "add_rms_norm";
+        let (rows, hidden) = x.dims2(OP)?;
+        residual.expect_dims(OP, "residual", &[rows, hidden])?;
+        same_dtype(OP, x, residual)?;
+        no_alias(OP, residual, &[x, weight])?;
+        no_alias(OP, out, &[residual])?;
+        self.norm(OP, x, Some(residual), weight, eps, out, rows, hidden)
+    }
+
+    fn linear(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        out: &Tensor<Self>,
+    ) -> Result<()> {
+        const OP: &str = "linear";
+        let (t, k) = x.dims2(OP)?;
+        let (n, k2) = weight.dims2(OP)?;
+        if k != k2 {
+            return Err(BackendError::shape(OP, format!("x {:?} vs weight {:?}", x.dims(), weight.dims())));
+        }
+        out.expect_dims(OP, "out", &[t, n])?;
+        expect_float(OP, x)?;
+        same_dtype(OP, x, weight)?;
+        if out.dtype() != x.dtype() && out.dtype() != DType::F32 {
+            return Err(BackendError::DType { op: OP, dtype: out.dtype() });
+        }
+        no_alias(OP, out, &[x, weight])?;
+        let (ti, ni, ki) =
+            (to_i32(OP, "tokens", t)?, to_i32(OP, "out features", n)?, to_i32(OP, "in features", k)?);
+        self.bind()?;
+        if let Some(b) = bias {
+            b.expect_dims(OP, "bias", &[n])?;
+            expect_float(OP, b)?;
+            no_alias(OP, out, &[b])?;
+            // SAFETY: ranges checked above.
+            let rc = unsafe {
+                ffi::pagoda_broadcast_rows(
+                    vptr(b),
+                    dtype_code(b.dtype()),
+                    vptr(out),
+                    dtype_code(out.dtype()),
+                    ti,
+                    ni,
+                    self.stream(),
+                )
+            };
+            check("pagoda_broadcast_rows", rc)?;
+        }
+        let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
+        // SAFETY: shapes and dtypes checked above; the handle is held under the mutex.
+        let rc = unsafe {
+            ffi::pagoda_gemm(
+                blas.0,
+                vptr(x),
+                vptr(weight),
+                dtype_code(x.dtype()),
+                vptr(out),
+                dtype_code(out.dtype()),
+                ti,
+                ni,
+                ki,
+                bias.is_some() as i32,
+                self.stream(),
+            )
+        };
+        Ok(check("pagoda_gemm", rc)?)
+    }
+
+    fn rotary_and_cache(&self, a: &RotaryCacheArgs<'_, Self>) -> Result<()> {
+        const OP: &str = "rotary_and_cache";
+        let (hq, hkv, d, rd) = (a.num_q_heads, a.num_kv_heads, a.head_dim, a.rotary_dim);
+        let t = a.positions.numel();
+        if a.qkv.numel() != t * (hq + 2 * hkv) * d || a.qkv.dims().first() != Some(&t) {
+            return Err(BackendError::shape(OP, format!("qkv {:?} for {t} tokens", a.qkv.dims())));
+        }
+        if a.q_out.numel() != t * hq * d {
+            return Err(BackendError::shape(OP, format!("q_out {:?}", a.q_out.dims())));
+        }
+        a.positions.expect_dtype(OP, DType::I32)?;
+        a.slot_mapping.expect_dtype(OP, DType::I64)?;
+        a.slot_mapping.expect_dims(OP, "slot_mapping", &[t])?;
+        a.cos_sin.expect_dtype(OP, DType::F32)?;
+        let (max_positions, width) = a.cos_sin.dims2(OP)?;
+        if width != rd || rd > d || rd % 2 != 0 {
+            return Err(BackendError::shape(
+                OP,
+                format!("cos_sin width {width}, rotary_dim {rd}, head_dim {d}"),
+            ));
+        }
+        let (num_blocks, block_size) = self.cache_dims(OP, a.k_cache, hkv, d)?;
+        a.v_cache.expect_dims(OP, "v_cache", a.k_cache.dims())?;
+        expect_float(OP, a.qkv)?;
+        for o in [a.q_out, a.k_cache, a.v_cache] {
+            same_dtype(OP, a.qkv, o)?;
+            no_alias(OP, o, &[a.qkv, a.positions, a.cos_sin, a.slot_mapping])?;
+        }
+        if a.k_cache.shares_storage(a.v_cache) && a.k_cache.offset() == a.v_cache.offset() {
+            return Err(BackendError::Aliasing { op: OP });
+        }
+        let args = ffi::PagodaRotaryArgs {
+            qkv: vptr(a.qkv),
+            positions: dptr(a.positions) as *const i32,
+            cos_sin: dptr(a.cos_sin) as *const f32,
+            q_out: vptr(a.q_out),
+            k_cache: vptr(a.k_cache),
+            v_cache: vptr(a.v_cache),
+            slot_mapping: dptr(a.slot_mapping) as *const i64,
+            status: self.status_ptr(),
+            dtype: dtype_code(a.qkv.dtype()),
+            num_tokens: to_i32(OP, "tokens", t)?,
+            num_q_heads: to_i32(OP, "q heads", hq)?,
+            num_kv_heads: to_i32(OP, "kv heads", hkv)?,
+            head_dim: to_i32(OP, "head_dim", d)?,
+            rotary_dim: to_i32(OP, "rotary_dim", rd)?,
+            neox: (a.style == pagoda_backend::RopeStyle::Neox) as i32,
+            max_positions: to_i32(OP, "max_positions", max_positions)?,
+            num_blocks: to_i32(OP, "num_blocks", num_blocks)?,
+            block_size: to_i32(OP, "block_size", block_size)?,
+        };
+        self.bind()?;
+        // SAFETY: every pointer and size was checked against the tensors above.
+        let rc = unsafe { ffi::pagoda_rotary_and_cache(&args, self.stream()) };
+        Ok(check("pagoda_rotary_and_cache", rc)?)
+    }
+
+    fn attention(&self, a: &AttentionArgs<'_, Self>) -> Result<()> {
+        const OP: &str = "attention";
+        let host = &a.meta.host;
+        let (hq, hkv, d) = (a.num_q_heads, a.num_kv_heads, a.head_dim);
+        let t = host.num_tokens();
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(BackendError::shape(OP, format!("{hq} query heads over {hkv} KV heads")));
+        }
+        if a.q.numel() != t * hq * d || a.q.dims().first() != Some(&t) {
+            return Err(BackendError::shape(OP, format!("q {:?} for {t} tokens", a.q.dims())));
+        }
+        a.out.expect_dims(OP, "out", a.q.dims())?;
+        let (num_blocks, block_size) = self.cache_dims(OP, a.k_cache, hkv, d)?;
+        a.v_cache.expect_dims(OP, "v_cache", a.k_cache.dims())?;
+        for x in [a.k_cache, a.v_cache, a.out] {
+            same_dtype(OP, a.q, x)?;
+        }
+        if !matches!(a.q.dtype(), DType::BF16 | DType::F16) {
+            return Err(BackendError::DType { op: OP, dtype: a.q.dtype() });
+        }
+        if d != 64 && d != 128 {
+            return Err(BackendError::shape(OP, format!("head_dim {d} (the kernels take 64 or 128)")));
+        }
+        if !block_size.is_power_of_two() {
+            return Err(BackendError::shape(
+                OP,
+                format!("block_size {block_size} (the kernels take powers of two)"),
+            ));
+        }
+        if a.sliding_window == Some(0) {
+            return Err(BackendError::shape(OP, "a sliding window of 0 sees nothing"));
+        }
+        if !(a.scale.is_finite() && a.scale > 0.0) {
+            return Err(BackendError::shape(OP, format!("softmax scale {} (must be positive)", a.scale)));
+        }
+        no_alias(OP, a.out, &[a.q, a.k_cache, a.v_cache])?;
+        let capacity = host.max_blocks_per_seq * block_size;
+        for (s, &len) in host.seq_lens.iter().enumerate() {
+            if len < 0 || len as usize > capacity {
+                return Err(BackendError::Index {
+                    op: OP,
+                    detail: format!("sequence {s}: {len} tokens but its block table holds {capacity}"),
+                });
+            }
+        }
+        let num_decode = host.num_decode_seqs;
+        let max_decode_seq_len = host.seq_lens[..num_decode].iter().copied().max().unwrap_or(0);
+        let max_prefill_query_len =
+            (num_decode..host.num_seqs()).map(|s| host.query_len(s)).max().unwrap_or(0);
+        let mut args = ffi::PagodaAttentionArgs {
+            q: vptr(a.q),
+            k_cache: vptr(a.k_cache),
+            v_cache: vptr(a.v_cache),
+            out: vptr(a.out),
+            query_start_loc: dptr(&a.meta.query_start_loc) as *const i32,
+            seq_lens: dptr(&a.meta.seq_lens) as *const i32,
+            block_tables: dptr(&a.meta.block_tables) as *const i32,
+            workspace: std::ptr::null_mut(),
+            workspace_bytes: 0,
+            status: self.status_ptr(),
+            dtype: dtype_code(a.q.dtype()),
+            num_seqs: to_i32(OP, "sequences", host.num_seqs())?,
+            num_decode_seqs: to_i32(OP, "decode sequences", num_decode)?,
+            max_blocks_per_seq: to_i32(OP, "max_blocks_per_seq", host.max_blocks_per_seq)?,
+            num_blocks: to_i32(OP, "num_blocks", num_blocks)?,
+            block_size: to_i32(OP, "block_size", block_size)?,
+            num_q_heads: to_i32(OP, "q heads", hq)?,
+            num_kv_heads: to_i32(OP, "kv heads", hkv)?,
+            head_dim: d as i32,
+            scale: a.scale,
+            sliding_window: to_i32(OP, "sliding_window", a.sliding_window.unwrap_or(0))?,
+            max_decode_seq_len,
+            max_prefill_query_len: to_i32(OP, "query length", max_prefill_query_len)?,
+        };
+        self.bind()?;
+        // SAFETY: a pure size computation over the arguments.
+        let bytes = unsafe { ffi::pagoda_attention_workspace_bytes(&args) };
+        let workspace = if bytes > 0 { Some(self.scratch(bytes)?) } else { None };
+        if let Some(w) = &workspace {
+            args.workspace = w.ptr() as *mut f32;
+            args.workspace_bytes = w.bytes();
+        }
+        // SAFETY: tensors checked above; the workspace is freed on the stream after the launch.
+        let rc = unsafe { ffi::pagoda_attention(&args, self.stream()) };
+        Ok(check("pagoda_attention", rc)?)
+    }
+
+    fn silu_and_mul(&self, x: &Tensor<Self>, out: &Tensor<Self>) -> Result<()> {
+        const OP: &str = "silu_and_mul";
+        let (rows, two_i) = x.dims2(OP)?;
+        if two_i % 2 != 0 {
+            return Err(BackendError::shape(OP, format!("x {:?}: odd width", x.dims())));
+        }
+        out.expect_dims(OP, "out", &[rows, two_i / 2])?;
+        expect_float(OP, x)?;
+        same_dtype(OP, x, out)?;
+        no_alias(OP, out, &[x])?;
+        self.bind()?;
+        // SAFETY: shapes checked above.
+        let rc = unsafe {
+            ffi::pagoda_silu_and_mul(
+                vptr(x),
+                vptr(out),
+                dtype_code(x.dtype()),
+                to_i32(OP, "rows", rows)?,
+                to_i32(OP, "width", two_i / 2)?,
+                self.stream(),
+            )
+        };
+        Ok(check("pagoda_silu_and_mul", rc)?)
+    }
+
+    fn gather_rows(&self, x: &Tensor<Self>, indices: &Tensor<Self>, out: &Tensor<Self>) -> Result<()> {
+        const OP: &str = "gather_rows";
+        indices.expect_dtype(OP, DType::I32)?;
+        let (rows, width) = x.dims2(OP)?;
+        out.expect_dims(OP, "out", &[indices.numel(), width])?;
+        same_dtype(OP, x, out)?;
+        no_alias(OP, out, &[x, indices])?;
+        self.gather(OP, x, rows, width, indices, out)
+    }
+
+    fn copy_blocks(&self, caches: &[&Tensor<Self>], pairs: &[(u32, u32)]) -> Result<()> {
+        const OP: &str = "copy_blocks";
+        if caches.is_empty() || pairs.is_empty() {
+            return Ok(());
+        }
+        let block_bytes = |c: &Tensor<Self>| c.shape().row_numel() * c.dtype().size_in_bytes();
+        let bytes0 = block_bytes(caches[0]);
+        for c in caches {
+            let num_blocks = *c.dims().first().ok_or_else(|| BackendError::shape(OP, "rank-0 cache"))?;
+            if block_bytes(c) != bytes0 {
+                return Err(BackendError::shape(OP, "caches with different block sizes"));
+            }
+            if let Some(&(s, d)) =
+                pairs.iter().find(|&&(s, d)| s as usize >= num_blocks || d as usize >= num_blocks)
+            {
+                return Err(BackendError::Index {
+                    op: OP,
+                    detail: format!("pair ({s}, {d}) in a cache of {num_blocks} blocks"),
+                });
+            }
+        }
+        let ptrs: Vec<u64> = caches.iter().map(|c| dptr(c)).collect();
+        let ptrs_dev = self.upload_scratch(&ptrs)?;
+        for run in independent_runs(pairs) {
+            let flat: Vec<i64> = run.iter().flat_map(|&(s, d)| [s as i64, d as i64]).collect();
+            let pairs_dev = self.upload_scratch(&flat)?;
+            self.bind()?;
+            // SAFETY: block ids checked against every cache; buffers live until after the launch.
+            let rc = unsafe {
+                ffi::pagoda_copy_blocks(
+                    ptrs_dev.ptr() as *const u64,
+                    to_i32(OP, "caches", caches.len())?,
+                    bytes0,
+                    pairs_dev.ptr() as *const i64,
+                    to_i32(OP, "pairs", run.len())?,
+                    self.stream(),
+                )
+            };
+            check("pagoda_copy_blocks", rc)?;
+        }
+        Ok(())
+    }
+
+    fn swap_out(&self, cache: &Tensor<Self>, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()> {
+        const OP: &str = "swap_out";
+        let (num_blocks, block_bytes) = swap_dims(OP, cache)?;
+        for &(dev, host) in pairs {
+            check_swap_pair(OP, dev, host, num_blocks, block_bytes, host_pool.len())?;
+        }
+        for &(dev, host) in pairs {
+            let dst = &mut host_pool[host as usize * block_bytes..(host as usize + 1) * block_bytes];
+            // SAFETY: the pool outlives the synchronisation below.
+            unsafe {
+                self.device.copy_to_host_async(dst, dptr(cache) + (dev as usize * block_bytes) as u64)?;
+            }
+        }
+        self.sync_checked()
+    }
+
+    fn swap_in(&self, host_pool: &[u8], cache: &Tensor<Self>, pairs: &[(u32, u32)]) -> Result<()> {
+        const OP: &str = "swap_in";
+        let (num_blocks, block_bytes) = swap_dims(OP, cache)?;
+        for &(host, dev) in pairs {
+            check_swap_pair(OP, dev, host, num_blocks, block_bytes, host_pool.len())?;
+        }
+        for &(host, dev) in pairs {
+            let src = &host_pool[host as usize * block_bytes..(host as usize + 1) * block_bytes];
+            self.device.copy_to_device(dptr(cache) + (dev as usize * block_bytes) as u64, src)?;
+        }
+        Ok(())
+    }
+
+    fn sample(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
+        crate::sampling::sample(self, logits, rows)
+    }
+}
+
+fn swap_dims(op: &'static str, cache: &Tensor<CudaBackend>) -> Result<(usize, usize)> {
+    let num_blocks = *cache.dims().first().ok_or_else(|| BackendError::shape(op, "rank-0 cache"))?;
+    Ok((num_blocks, cache.shape().row_numel() * cache.dtype().size_in_bytes()))
+}
+
+fn check_swap_pair(
+    op: &'static str,
+    dev: u32,
+    host: u32,
+    num_blocks: usize,
+    block_bytes: usize,
+    pool_bytes: usize,
+) -> Result<()> {
+    if dev as usize >= num_blocks || (host as usize + 1) * block_bytes > pool_bytes {
+        return Err(BackendError::Index {
+            op,
+            detail: format!(
+                "device block {dev} of {num_blocks}, host block {host} of {}",
+                pool_bytes / block_bytes.max(1)
+            ),
+        });
+    }
+    Ok(())
+}
+
+// Internal launch helpers shared by several ops.
+impl CudaBackend {
+    fn gather(
+        &self,
+        op: &'static str,
+        x: &Tensor<Self>,
+        rows: usize,
+        width: usize,
+        indices: &Tensor<Self>,
+        out: &Tensor<Self>,
+    ) -> Result<()> {
+        self.bind()?;
+        // SAFETY: shapes checked by the callers; bad indices are skipped on the device.
+        let rc = unsafe {
+            ffi::pagoda_gather_rows(
+                vptr(x),
+                dptr(indices) as *const i32,
+                vptr(out),
+                dtype_code(x.dtype()),
+                to_i32(op, "rows", indices.numel())?,
+                to_i32(op, "width", width)?,
+                to_i32(op, "source rows", rows)?,
+                self.status_ptr(),
+                ffi::PAGODA_STATUS_ROW_INDEX,
+                self.stream(),
+            )
+        };
+        Ok(check("pagoda_gather_rows", rc)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &self,
+        op: &'static str,
+        x: &Tensor<Self>,
+        residual: Option<&Tensor<Self>>,
+        weight: &Tensor<Self>,
+        eps: f32,
+        out: &Tensor<Self>,
+        rows: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        weight.expect_dims(op, "weight", &[hidden])?;
+        out.expect_dims(op, "out", &[rows, hidden])?;
+        expect_float(op, x)?;
+        same_dtype(op, x, out)?;
+        if weight.dtype() != x.dtype() && weight.dtype() != DType::F32 {
+            return Err(BackendError::DType { op, dtype: weight.dtype() });
+        }
+        no_alias(op, out, &[x, weight])?;
+        self.bind()?;
+        // SAFETY: shapes checked above.
+        let rc = unsafe {
+            ffi::pagoda_rms_norm(
+                vptr(x),
+                residual.map_or(std::ptr::null_mut(), vptr),
+                vptr(weight),
+                dtype_code(weight.dtype()),
+                vptr(out),
+                dtype_code(x.dtype()),
+                to_i32(op, "rows", rows)?,
+                to_i32(op, "hidden", hidden)?,
+                eps,
+                self.stream(),
+            )
+        };
+        Ok(check("pagoda_rms_norm", rc)?)
+    }
+
+    /// `(num_blocks, block_size)` of a `[num_blocks, Hkv, block_size, D]` cache.
+    fn cache_dims(
+        &self,
+        op: &'static str,
+        cache: &Tensor<Self>,
+        hkv: usize,
+        d: usize,
+    ) -> Result<(usize, usize)> {
+        match *cache.dims() {
+            [nb, h, bs, dd] if h == hkv && dd == d && bs > 0 => Ok((nb, bs)),
+            _ => Err(BackendError::shape(
+                op,
+                format!("cache {:?}: expected [blocks, {hkv}, block_size, {d}]", cache.dims()),
+            )),
+        }
+    }
+
+    pub(crate) fn raw_stream(&self) -> *mut c_void {
+        self.stream()
+    }
+
+    pub(crate) fn upload_bytes<T: bytemuck::Pod>(&self, data: &[T]) -> Result<CudaStorage> {
+        self.upload_scratch(data)
+    }
+
+    pub(crate) fn scratch_bytes(&self, bytes: usize) -> Result<CudaStorage> {
+        self.scratch(bytes)
+    }
+
+    /// Copies device bytes to the host, waits, and reports recorded index errors.
+    pub(crate) fn download_bytes(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        // SAFETY: `dst` outlives the synchronisation in sync_checked.
+        unsafe { self.device.copy_to_host_async(dst, src)? };
+        self.sync_checked()
+    }
+
+    pub(crate) fn bind_context(&self) -> Result<()> {
+        self.bind()
+    }
+}
+
+pub(crate) fn tensor_ptr(t: &Tensor<CudaBackend>) -> u64 {
+    dptr(t)
+}
+
+pub(crate) fn dtype_to_code(d: DType) -> i32 {
+    dtype_code(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn independent_runs_split_only_at_dependencies() {
+        let pairs = [(1, 2), (3, 4), (2, 5), (6, 7), (7, 1)];
+        let runs = independent_runs(&pairs);
+        assert_eq!(runs, vec![&pairs[0..2], &pairs[2..4], &pairs[4..5]]);
+        assert_eq!(independent_runs(&[(0, 1), (0, 2)]).len(), 1);
+        assert_eq!(independent_runs(&[(0, 1), (2, 1)]).len(), 2);
+        assert_eq!(independent_runs(&[(0, 1), (1, 0)]).len(), 2);
+        assert!(independent_runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn encode_converts_floats_and_refuses_integer_mismatches() {
+        let v = [1.5f32, -2.0];
+        let b = encode("t", HostSlice::F32(&v), DType::BF16).unwrap();
+        assert_eq!(&b[..], bytemuck::cast_slice::<bf16, u8>(&[bf16::from_f32(1.5), bf16::from_f32(-2.0)]));
+        assert!(matches!(encode("t", HostSlice::F32(&v), DType::F32).unwrap(), Cow::Borrowed(_)));
+        assert!(encode("t", HostSlice::I32(&[1]), DType::I64).is_err());
+        assert!(encode("t", HostSlice::I32(&[1]), DType::F32).is_err());
+    }
+}

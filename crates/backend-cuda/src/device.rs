@@ -1,0 +1,191 @@
+//! The device side the backend stands on: the primary context, the one stream
+//! every op runs on, and stream-ordered device memory.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cust::context::{Context, CurrentContext};
+use cust::device::Device;
+use cust::stream::{Stream, StreamFlags};
+use cust::sys as cu;
+
+use crate::error::{driver, CudaError, DriverContext};
+
+/// The context and stream shared by a backend and every buffer it allocated.
+/// Buffers hold an `Arc` of it, so the stream outlives the last free queued on it.
+pub(crate) struct DeviceInner {
+    // Field order is drop order: the stream goes before the context.
+    stream: Stream,
+    context: Context,
+    pool: cu::CUmemoryPool,
+    pub(crate) device: Device,
+}
+
+// SAFETY: the pool handle is a driver object usable from any thread once the
+// context is current, which every entry point ensures first.
+unsafe impl Send for DeviceInner {}
+unsafe impl Sync for DeviceInner {}
+
+impl DeviceInner {
+    pub(crate) fn new(ordinal: u32) -> Result<Arc<Self>, CudaError> {
+        cust::init(cust::CudaFlags::empty()).during("cuInit")?;
+        let device = Device::get_device(ordinal).during("cuDeviceGet")?;
+        let context = Context::new(device).during("cuDevicePrimaryCtxRetain")?;
+        CurrentContext::set_current(&context).during("cuCtxSetCurrent")?;
+        let stream = Stream::new(StreamFlags::NON_BLOCKING, None).during("cuStreamCreate")?;
+        let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: plain driver calls with valid out-pointers.
+        unsafe {
+            driver("cuDeviceGetDefaultMemPool", cu::cuDeviceGetDefaultMemPool(&mut pool, device.as_raw()))?;
+            // Keep freed memory in the pool across synchronisations: per-step
+            // activations are then recycled without going back to the driver.
+            let mut threshold: u64 = u64::MAX;
+            driver(
+                "cuMemPoolSetAttribute",
+                cu::cuMemPoolSetAttribute(
+                    pool,
+                    cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut c_void,
+                ),
+            )?;
+        }
+        Ok(Arc::new(Self { stream, context, pool, device }))
+    }
+
+    /// Makes the context current on the calling thread (cheap; every entry point calls it).
+    pub(crate) fn bind(&self) -> Result<(), CudaError> {
+        CurrentContext::set_current(&self.context).during("cuCtxSetCurrent")
+    }
+
+    pub(crate) fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    pub(crate) fn raw_stream(&self) -> cu::CUstream {
+        self.stream.as_inner()
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<(), CudaError> {
+        self.bind()?;
+        self.stream.synchronize().during("cuStreamSynchronize")
+    }
+
+    /// Returns pooled memory nobody holds to the driver (before reporting free memory).
+    pub(crate) fn trim_pool(&self) -> Result<(), CudaError> {
+        // SAFETY: the pool belongs to this device; trimming keeps live allocations.
+        unsafe { driver("cuMemPoolTrimTo", cu::cuMemPoolTrimTo(self.pool, 0)) }
+    }
+
+    /// Stream-ordered allocation of at least `bytes` bytes (at least one).
+    pub(crate) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<CudaStorage, CudaError> {
+        self.bind()?;
+        let mut ptr: cu::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; the stream belongs to the current context.
+        let r = unsafe { cu::cuMemAllocAsync(&mut ptr, bytes.max(1), self.raw_stream()) };
+        if r == cu::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+            return Err(CudaError::OutOfMemory { bytes: bytes as u64 });
+        }
+        driver("cuMemAllocAsync", r)?;
+        Ok(CudaStorage { ptr, bytes, device: self.clone() })
+    }
+
+    /// Enqueues a host-to-device copy. For pageable host memory the driver has
+    /// staged the data when this returns, so `src` may be dropped at once.
+    pub(crate) fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst is a device range of at least src.len() bytes (callers check sizes).
+        unsafe {
+            driver(
+                "cuMemcpyHtoDAsync",
+                cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), self.raw_stream()),
+            )
+        }
+    }
+
+    /// Enqueues a device-to-host copy into `dst`.
+    ///
+    /// # Safety
+    /// `dst` must stay valid and untouched until the stream is synchronised.
+    pub(crate) unsafe fn copy_to_host_async(&self, dst: &mut [u8], src: u64) -> Result<(), CudaError> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        driver(
+            "cuMemcpyDtoHAsync",
+            cu::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len(), self.raw_stream()),
+        )
+    }
+
+    /// Enqueues a device-to-device copy.
+    pub(crate) fn copy_on_device(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges are device memory of at least `bytes` (callers check sizes).
+        unsafe { driver("cuMemcpyDtoDAsync", cu::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.raw_stream())) }
+    }
+
+    pub(crate) fn memset_u32(&self, dst: u64, value: u32, count: usize) -> Result<(), CudaError> {
+        self.bind()?;
+        // SAFETY: dst holds at least `count` u32 (callers check sizes).
+        unsafe { driver("cuMemsetD32Async", cu::cuMemsetD32Async(dst, value, count, self.raw_stream())) }
+    }
+
+    pub(crate) fn memory_info(&self) -> Result<(u64, u64), CudaError> {
+        self.bind()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers.
+        unsafe { driver("cuMemGetInfo", cu::cuMemGetInfo_v2(&mut free, &mut total))? };
+        Ok((free as u64, total as u64))
+    }
+}
+
+impl Drop for DeviceInner {
+    fn drop(&mut self) {
+        // Let queued work (and queued frees) finish before the stream goes away.
+        let _ = CurrentContext::set_current(&self.context);
+        let _ = self.stream.synchronize();
+    }
+}
+
+/// Device memory from the stream-ordered pool, freed on the stream when dropped
+/// (so work queued before the drop still sees it).
+pub struct CudaStorage {
+    ptr: u64,
+    bytes: usize,
+    device: Arc<DeviceInner>,
+}
+
+impl CudaStorage {
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes as requested.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaStorage({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // SAFETY: ptr came from cuMemAllocAsync on this stream and is freed once.
+            unsafe {
+                let _ = cu::cuMemFreeAsync(self.ptr, self.device.raw_stream());
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+// Shared device helpers: element conversions, vector access, warp and block
+// reductions, and the dtype dispatch every launcher uses.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "pagoda_kernels.h"
+
+namespace pagoda {
+
+// ---- element conversion -----------------------------------------------------
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// Eight 16-bit elements packed in a uint4 (one 16-byte access).
+template <typename T> __device__ __forceinline__ void unpack8(const uint4 &v, float (&out)[8]) {
+    const T *e = reinterpret_cast<const T *>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_float<T>(e[i]);
+}
+
+template <typename T> __device__ __forceinline__ uint4 pack8(const float (&in)[8]) {
+    uint4 v;
+    T *e = reinterpret_cast<T *>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = from_float<T>(in[i]);
+    return v;
+}
+
+// ---- reductions -----------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum; every thread gets the result. `scratch` holds 32 values.
+template <typename V> __device__ __forceinline__ V block_sum(V v, V *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read from a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    V total = lane < nwarps ? scratch[lane] : V(0);
+    return warp_sum(total);
+}
+
+__device__ __forceinline__ float block_max(float v, float *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = lane < nwarps ? scratch[lane] : -INFINITY;
+    return warp_max(m);
+}
+
+__device__ __forceinline__ void set_status(uint32_t *status, uint32_t bit) {
+    if (status != nullptr) atomicOr(status, bit);
+}
+
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace pagoda
+
+// Runs `body` with `scalar_t` bound to the element type of a float dtype code;
+// returns PAGODA_ERR_DTYPE from the enclosing function for other codes.
+#define PAGODA_DISPATCH_FLOAT(dtype, ...)                                   \
+    switch (dtype) {                                                        \
+        case PAGODA_DTYPE_F32: {                                            \
+            using scalar_t = float;                                         \
+            __VA_ARGS__;                                                    \
+            break;                                                          \
+        }                                                                   \
+        case PAGODA_DTYPE_F16: {                                            \
+            using scalar_t = __half;                                        \
+            __VA_ARGS__;                                                    \
+            break;                                                          \
+        }                                                                   \
+        case PAGODA_DTYPE_BF16: {                                           \
+            using scalar_t = __nv_bfloat16;                                 \
+            __VA_ARGS__;                                                    \
+            break;                                                          \
+        }                                                                   \
+        default:                                                            \
+            return PAGODA_ERR_DTYPE;                                        \
+    }
+
+// The same for the 16-bit float types only (tensor-core and attention kernels).
+#define PAGODA_DISPATCH_HALF(dtype, ...)                                    \
+    switch (dtype) {                                                        \
+        case PAGODA_DTYPE_F16: {                                            \
+            using scalar_t = __half;                                        \
+            __VA_ARGS__;                                                    \
+            break;                                                          \
+        }                                                                   \
+        case PAGODA_DTYPE_BF16: {                                           \
+            using scalar_t = __nv_bfloat16;                                 \
+            __VA_ARGS__;                                                    \
+            break;                                                          \
+        }                                                                   \
+        default:                                                            \
+            return PAGODA_ERR_DTYPE;                                        \
+    }
+
+// The launch's own error (bad configuration) is returned at once.
+#define PAGODA_LAUNCH_CHECK() \
+    do {                                  \
+        cudaError_t e_ = cudaGetLastError(); \
+        if (e_ != cudaSuccess) return (int)e_; \
+    } while (0)

@@ -1,0 +1,167 @@
+// Elementwise and row-copy kernels: fill, bias broadcast, row gather
+// (embedding, gather_rows), SiLU-and-mul, and the error-string table.
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+
+using namespace pagoda;
+
+namespace {
+
+template <typename T> __global__ void fill_kernel(T *dst, size_t n, T value) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = value;
+}
+
+template <typename B, typename T> __global__ void broadcast_rows_kernel(const B *bias, T *out, int rows, int cols) {
+    const size_t n = (size_t)rows * cols;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = from_float<T>(to_float<B>(bias[i % cols]));
+}
+
+// One block per output row; VEC elements of 16 bytes when rows allow it.
+template <typename V>
+__global__ void gather_rows_kernel(const V *x, const int32_t *indices, V *out, int row_vecs, int num_src_rows,
+                                   uint32_t *status, uint32_t status_bit) {
+    const int m = blockIdx.x;
+    const int32_t src = indices[m];
+    if (src < 0 || src >= num_src_rows) {
+        if (threadIdx.x == 0) set_status(status, status_bit);
+        return;
+    }
+    const V *in = x + (size_t)src * row_vecs;
+    V *o = out + (size_t)m * row_vecs;
+    for (int i = threadIdx.x; i < row_vecs; i += blockDim.x) o[i] = in[i];
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+template <typename T>
+__global__ void silu_and_mul_vec_kernel(const T *x, T *out, int inter) {
+    const int r = blockIdx.x;
+    const int i = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
+    if (i >= inter) return;
+    const T *row = x + (size_t)r * 2 * inter;
+    float a[8], b[8], o[8];
+    unpack8<T>(*reinterpret_cast<const uint4 *>(row + i), a);
+    unpack8<T>(*reinterpret_cast<const uint4 *>(row + inter + i), b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = silu(a[e]) * b[e];
+    *reinterpret_cast<uint4 *>(out + (size_t)r * inter + i) = pack8<T>(o);
+}
+
+template <typename T> __global__ void silu_and_mul_kernel(const T *x, T *out, int inter) {
+    const int r = blockIdx.x;
+    const int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= inter) return;
+    const T *row = x + (size_t)r * 2 * inter;
+    out[(size_t)r * inter + i] = from_float<T>(silu(to_float<T>(row[i])) * to_float<T>(row[inter + i]));
+}
+
+template <typename T>
+void launch_silu_and_mul(const T *x, T *out, int rows, int inter, bool vec, cudaStream_t s) {
+    constexpr int threads = 256;
+    if constexpr (sizeof(T) == 2) {
+        if (vec) {
+            silu_and_mul_vec_kernel<T><<<dim3(rows, ceil_div(inter / 8, threads)), threads, 0, s>>>(x, out, inter);
+            return;
+        }
+    }
+    silu_and_mul_kernel<T><<<dim3(rows, ceil_div(inter, threads)), threads, 0, s>>>(x, out, inter);
+}
+
+int grid_for(size_t n, int threads) {
+    size_t blocks = (n + threads - 1) / threads;
+    if (blocks > 65535u * 16u) blocks = 65535u * 16u;
+    return blocks == 0 ? 1 : (int)blocks;
+}
+
+}  // namespace
+
+extern "C" const char *pagoda_error_string(int code) {
+    switch (code) {
+        case PAGODA_ERR_DTYPE: return "unsupported dtype";
+        case PAGODA_ERR_HEAD_DIM: return "unsupported head dimension (64 or 128)";
+        case PAGODA_ERR_GQA_RATIO: return "unsupported GQA ratio (query heads per KV head, at most 16)";
+        case PAGODA_ERR_ALIGNMENT: return "operand not aligned to 16 bytes";
+        case PAGODA_ERR_ARGUMENT: return "invalid argument";
+        case PAGODA_ERR_WORKSPACE: return "workspace too small";
+        default: break;
+    }
+    if (code >= PAGODA_ERR_CUBLAS) return "cuBLAS call failed";
+    return cudaGetErrorString((cudaError_t)code);
+}
+
+extern "C" int pagoda_fill(void *dst, int dtype, size_t n, float value, void *stream) {
+    if (n == 0) return 0;
+    cudaStream_t s = (cudaStream_t)stream;
+    const int threads = 256, blocks = grid_for(n, threads);
+    switch (dtype) {
+        case PAGODA_DTYPE_F32: fill_kernel<<<blocks, threads, 0, s>>>((float *)dst, n, value); break;
+        case PAGODA_DTYPE_F16: fill_kernel<<<blocks, threads, 0, s>>>((__half *)dst, n, __float2half_rn(value)); break;
+        case PAGODA_DTYPE_BF16:
+            fill_kernel<<<blocks, threads, 0, s>>>((__nv_bfloat16 *)dst, n, __float2bfloat16_rn(value));
+            break;
+        case PAGODA_DTYPE_I32: fill_kernel<<<blocks, threads, 0, s>>>((int32_t *)dst, n, (int32_t)value); break;
+        case PAGODA_DTYPE_I64: fill_kernel<<<blocks, threads, 0, s>>>((int64_t *)dst, n, (int64_t)value); break;
+        default: return PAGODA_ERR_DTYPE;
+    }
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+extern "C" int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out, int out_dtype, int rows, int cols,
+                                     void *stream) {
+    if (rows == 0 || cols == 0) return 0;
+    cudaStream_t s = (cudaStream_t)stream;
+    const size_t n = (size_t)rows * cols;
+    const int threads = 256, blocks = grid_for(n, threads);
+    PAGODA_DISPATCH_FLOAT(out_dtype, {
+        using out_t = scalar_t;
+        PAGODA_DISPATCH_FLOAT(bias_dtype, {
+            broadcast_rows_kernel<scalar_t, out_t><<<blocks, threads, 0, s>>>((const scalar_t *)bias, (out_t *)out,
+                                                                              rows, cols);
+        });
+    });
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+extern "C" int pagoda_gather_rows(const void *x, const int32_t *indices, void *out, int dtype, int num_out_rows,
+                                  int row_elems, int num_src_rows, uint32_t *status, uint32_t status_bit,
+                                  void *stream) {
+    if (num_out_rows == 0 || row_elems == 0) return 0;
+    int elem;
+    switch (dtype) {
+        case PAGODA_DTYPE_F16:
+        case PAGODA_DTYPE_BF16: elem = 2; break;
+        case PAGODA_DTYPE_F32:
+        case PAGODA_DTYPE_I32: elem = 4; break;
+        case PAGODA_DTYPE_I64: elem = 8; break;
+        default: return PAGODA_ERR_DTYPE;
+    }
+    cudaStream_t s = (cudaStream_t)stream;
+    const size_t row_bytes = (size_t)row_elems * elem;
+    const int threads = 128;
+    if (row_bytes % 16 == 0 && aligned16(x) && aligned16(out)) {
+        gather_rows_kernel<uint4><<<num_out_rows, threads, 0, s>>>(
+            (const uint4 *)x, indices, (uint4 *)out, (int)(row_bytes / 16), num_src_rows, status, status_bit);
+    } else if (row_bytes % 4 == 0 && ((uintptr_t)x & 3) == 0 && ((uintptr_t)out & 3) == 0) {
+        gather_rows_kernel<uint32_t><<<num_out_rows, threads, 0, s>>>(
+            (const uint32_t *)x, indices, (uint32_t *)out, (int)(row_bytes / 4), num_src_rows, status, status_bit);
+    } else {
+        gather_rows_kernel<uint16_t><<<num_out_rows, threads, 0, s>>>(
+            (const uint16_t *)x, indices, (uint16_t *)out, (int)(row_bytes / 2), num_src_rows, status, status_bit);
+    }
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+extern "C" int pagoda_silu_and_mul(const void *x, void *out, int dtype, int rows, int inter, void *stream) {
+    if (rows == 0 || inter == 0) return 0;
+    cudaStream_t s = (cudaStream_t)stream;
+    const bool vec = inter % 8 == 0 && aligned16(x) && aligned16(out);
+    PAGODA_DISPATCH_FLOAT(dtype, { launch_silu_and_mul<scalar_t>((const scalar_t *)x, (scalar_t *)out, rows, inter, vec, s); });
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}

@@ -1,0 +1,686 @@
+// Attention over the paged KV cache.
+//
+// Decode (one query token per sequence): flash-decoding. A thread block takes
+// one KV head of one sequence and one partition of its context, so one long
+// sequence still spreads over many blocks; all query heads that share the KV
+// head (GQA) are served from the same K/V reads. A second kernel merges the
+// partitions' partial softmax results.
+//
+// Prefill (any number of query tokens, with a cached prefix): FlashAttention-2
+// style. A thread block takes a 64-row tile of one query head's queries; K/V
+// tiles of 64 tokens are gathered from the paged cache into shared memory with
+// cp.async, scores and the P.V product use bf16/f16 tensor cores
+// (mma.sync m16n8k16, f32 accumulation), and the softmax is online.
+#include "common.cuh"
+
+using namespace pagoda;
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+constexpr int kDecodePartition = 512;
+constexpr int kMaxDecodeGroup = 8;
+
+// The first context token a query at position `pos` sees.
+__device__ __forceinline__ int window_start(int pos, int window) {
+    return (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
+}
+
+// 2^x on the special-function unit (inputs are <= 0 here; -inf gives 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Token -> (block, offset) with shifts: block sizes are powers of two (the launcher
+// checks), which keeps integer divisions out of the per-token work.
+struct BlockDiv {
+    int mask, shift;
+    __device__ __forceinline__ explicit BlockDiv(int block_size) : mask(block_size - 1), shift(0) {
+        while ((1 << shift) < block_size) ++shift;
+    }
+    __device__ __forceinline__ int div(int tok) const { return tok >> shift; }
+    __device__ __forceinline__ int mod(int tok) const { return tok & mask; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Decode
+// ---------------------------------------------------------------------------------------------
+
+// Grid (kv head, decode sequence, partition). Dynamic shared memory: the partition's
+// scores for every query head of the group, later reused to merge the warps' outputs.
+template <typename T, int D, int GMAX>
+__global__ void __launch_bounds__(kDecodeThreads)
+    paged_decode_kernel(const PagodaAttentionArgs a, int max_splits) {
+    constexpr int P = kDecodePartition;
+    constexpr int TPT = 8;                    // lanes per token for q.k
+    constexpr int EPL = D / TPT;              // elements per lane for q.k
+    constexpr int VPL = EPL / 8;              // 16-byte loads per lane for q.k
+    constexpr int QK_TOK = kDecodeWarps * (32 / TPT);  // tokens per block step for q.k
+    constexpr int LPV = D / 8;                // lanes per token for p.v
+    constexpr int PV_TOK = kDecodeWarps * (32 / LPV);
+    constexpr int U = 4;                      // K loads in flight per lane (x VPL)
+    constexpr int UV = 8;                     // V loads in flight per lane
+
+    extern __shared__ float smem[];
+    float *s_score = smem;  // [GMAX][P]
+    __shared__ float s_max[GMAX], s_sum[GMAX];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int kvh = blockIdx.x, s = blockIdx.y, split = blockIdx.z;
+    const int G = a.num_q_heads / a.num_kv_heads;
+    const int L = a.seq_lens[s];
+    const int start = window_start(L - 1, a.sliding_window);
+    const int num_splits = ceil_div(L - start, P);
+    if (split >= num_splits) return;
+    const int tok0 = start + split * P;
+    const int ntok = min(P, L - tok0);
+
+    const int qrow = a.query_start_loc[s];
+    const T *qbase = (const T *)a.q + ((size_t)qrow * a.num_q_heads + (size_t)kvh * G) * D;
+    const int32_t *table = a.block_tables + (size_t)s * a.max_blocks_per_seq;
+    const size_t block_stride = (size_t)a.num_kv_heads * a.block_size * D;
+    const T *kbase = (const T *)a.k_cache + (size_t)kvh * a.block_size * D;
+    const T *vbase = (const T *)a.v_cache + (size_t)kvh * a.block_size * D;
+    const float qscale = a.scale * kLog2e;
+
+    // The partition's block-table entries, once, in shared memory: the K and V
+    // loads below then wait for one memory round trip, not two.
+    __shared__ int s_blocks[kDecodePartition + 1];
+    const BlockDiv bdiv(a.block_size);
+    const int first_block = bdiv.div(tok0);
+    const int num_part_blocks = bdiv.div(tok0 + ntok - 1) - first_block + 1;
+    for (int i = threadIdx.x; i < num_part_blocks; i += blockDim.x) {
+        const int b = table[first_block + i];
+        const bool ok = b >= 0 && b < a.num_blocks;
+        if (!ok) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
+        s_blocks[i] = ok ? b : -1;
+    }
+    __syncthreads();
+
+    // ---- scores: q.k for every token of the partition and every head of the group ----
+    {
+        const int c = lane % TPT, sub = lane / TPT;
+        float qr[GMAX][EPL];
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) {
+#pragma unroll
+            for (int v = 0; v < VPL; ++v) {
+                float tmp[8];
+                if (g < G) {
+                    unpack8<T>(*reinterpret_cast<const uint4 *>(qbase + (size_t)g * D + (c + v * TPT) * 8), tmp);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) tmp[e] = 0.f;
+                }
+#pragma unroll
+                for (int e = 0; e < 8; ++e) qr[g][v * 8 + e] = tmp[e] * qscale;
+            }
+        }
+        for (int base = 0; base < ntok; base += QK_TOK * U) {
+            uint4 kv[U][VPL];
+            int tl[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                tl[u] = base + u * QK_TOK + warp * (32 / TPT) + sub;
+                const int tok = tok0 + tl[u];
+                const int b = tl[u] < ntok ? s_blocks[bdiv.div(tok) - first_block] : -1;
+#pragma unroll
+                for (int v = 0; v < VPL; ++v) {
+                    if (b >= 0) {
+                        const T *p = kbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D +
+                                     (c + v * TPT) * 8;
+                        kv[u][v] = __ldg(reinterpret_cast<const uint4 *>(p));
+                    } else {
+                        kv[u][v] = make_uint4(0, 0, 0, 0);
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                float acc[GMAX];
+#pragma unroll
+                for (int g = 0; g < GMAX; ++g) acc[g] = 0.f;
+#pragma unroll
+                for (int v = 0; v < VPL; ++v) {
+                    float k[8];
+                    unpack8<T>(kv[u][v], k);
+#pragma unroll
+                    for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[g] += qr[g][v * 8 + e] * k[e];
+                }
+#pragma unroll
+                for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+                    for (int o = TPT / 2; o > 0; o >>= 1) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
+                if (c == 0 && tl[u] < ntok) {
+#pragma unroll
+                    for (int g = 0; g < GMAX; ++g)
+                        if (g < G) s_score[g * P + tl[u]] = acc[g];
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    // ---- softmax within the partition (log2 domain) ----
+    for (int g = warp; g < G; g += kDecodeWarps) {
+        float m = -INFINITY;
+        for (int i = lane; i < ntok; i += 32) m = fmaxf(m, s_score[g * P + i]);
+        m = warp_max(m);
+        float sum = 0.f;
+        for (int i = lane; i < ntok; i += 32) {
+            const float p = fast_exp2(s_score[g * P + i] - m);
+            s_score[g * P + i] = p;
+            sum += p;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            s_max[g] = m;
+            s_sum[g] = sum;
+        }
+    }
+    __syncthreads();
+
+    // ---- p.v ----
+    const int vc = lane % LPV, vsub = lane / LPV;
+    float acc[GMAX][8];
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+    for (int base = 0; base < ntok; base += PV_TOK * UV) {
+        uint4 vv[UV];
+        int tl[UV];
+#pragma unroll
+        for (int u = 0; u < UV; ++u) {
+            tl[u] = base + u * PV_TOK + warp * (32 / LPV) + vsub;
+            const int tok = tok0 + tl[u];
+            const int b = tl[u] < ntok ? s_blocks[bdiv.div(tok) - first_block] : -1;
+            if (b >= 0) {
+                const T *p = vbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D + vc * 8;
+                vv[u] = __ldg(reinterpret_cast<const uint4 *>(p));
+            } else {
+                vv[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UV; ++u) {
+            if (tl[u] < ntok) {
+                float v[8];
+                unpack8<T>(vv[u], v);
+#pragma unroll
+                for (int g = 0; g < GMAX; ++g) {
+                    if (g < G) {
+                        const float p = s_score[g * P + tl[u]];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[g][e] += p * v[e];
+                    }
+                }
+            }
+        }
+    }
+    // Lanes that share a dimension chunk hold different tokens: sum them.
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+#pragma unroll
+            for (int o = LPV; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+    __syncthreads();  // every warp is done with the scores: reuse the memory
+    float *s_part = smem;  // [warps][GMAX][D]
+    if (vsub == 0) {
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s_part[(warp * GMAX + g) * D + vc * 8 + e] = acc[g][e];
+    }
+    __syncthreads();
+
+    const int Hq = a.num_q_heads;
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int g = i / D, d = i % D;
+        float o = 0.f;
+#pragma unroll
+        for (int w = 0; w < kDecodeWarps; ++w) o += s_part[(w * GMAX + g) * D + d];
+        const int h = kvh * G + g;
+        if (num_splits == 1) {
+            T *out = (T *)a.out + ((size_t)qrow * Hq + h) * D;
+            out[d] = from_float<T>(o / s_sum[g]);
+        } else {
+            const size_t part = ((size_t)s * Hq + h) * max_splits + split;
+            a.workspace[part * D + d] = o;
+            if (d == 0) {
+                const size_t nparts = (size_t)a.num_decode_seqs * Hq * max_splits;
+                a.workspace[nparts * D + part] = s_max[g];
+                a.workspace[nparts * (D + 1) + part] = s_sum[g];
+            }
+        }
+    }
+}
+
+// Grid (query head, decode sequence), D threads: merges the partitions of sequences that had several.
+template <typename T, int D>
+__global__ void paged_decode_merge_kernel(const PagodaAttentionArgs a, int max_splits) {
+    const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
+    const int L = a.seq_lens[s];
+    const int start = window_start(L - 1, a.sliding_window);
+    const int num_splits = ceil_div(L - start, kDecodePartition);
+    if (num_splits <= 1) return;
+    const int Hq = a.num_q_heads;
+    const size_t first = ((size_t)s * Hq + h) * max_splits;
+    const size_t nparts = (size_t)a.num_decode_seqs * Hq * max_splits;
+    const float *part_max = a.workspace + nparts * D;
+    const float *part_sum = a.workspace + nparts * (D + 1);
+    float m = -INFINITY;
+    for (int i = 0; i < num_splits; ++i) m = fmaxf(m, part_max[first + i]);
+    float l = 0.f, o = 0.f;
+    for (int i = 0; i < num_splits; ++i) {
+        const float w = exp2f(part_max[first + i] - m);
+        l += part_sum[first + i] * w;
+        o += a.workspace[(first + i) * D + d] * w;
+    }
+    const int qrow = a.query_start_loc[s];
+    T *out = (T *)a.out + ((size_t)qrow * Hq + h) * D;
+    out[d] = from_float<T>(o / l);
+}
+
+int decode_max_splits(const PagodaAttentionArgs *a) {
+    int ctx = a->max_decode_seq_len;
+    if (a->sliding_window > 0 && ctx > a->sliding_window) ctx = a->sliding_window;
+    return ceil_div(ctx > 0 ? ctx : 1, kDecodePartition);
+}
+
+template <typename T, int D, int GMAX> int launch_decode_g(const PagodaAttentionArgs *a, cudaStream_t s) {
+    const int max_splits = decode_max_splits(a);
+    const size_t smem = sizeof(float) * (size_t)max(GMAX * kDecodePartition, kDecodeWarps * GMAX * D);
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<T, D, GMAX>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    dim3 grid(a->num_kv_heads, a->num_decode_seqs, max_splits);
+    paged_decode_kernel<T, D, GMAX><<<grid, kDecodeThreads, smem, s>>>(*a, max_splits);
+    PAGODA_LAUNCH_CHECK();
+    if (max_splits > 1) {
+        paged_decode_merge_kernel<T, D><<<dim3(a->num_q_heads, a->num_decode_seqs), D, 0, s>>>(*a, max_splits);
+        PAGODA_LAUNCH_CHECK();
+    }
+    return 0;
+}
+
+template <typename T, int D> int launch_decode(const PagodaAttentionArgs *a, cudaStream_t s) {
+    const int G = a->num_q_heads / a->num_kv_heads;
+    if (G <= 1) return launch_decode_g<T, D, 1>(a, s);
+    if (G <= 2) return launch_decode_g<T, D, 2>(a, s);
+    if (G <= 4) return launch_decode_g<T, D, 4>(a, s);
+    return launch_decode_g<T, D, 8>(a, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kBM = 64;  // query rows per block (16 per warp)
+constexpr int kBN = 64;  // context tokens per K/V tile
+constexpr int kPrefillThreads = 128;
+
+__device__ __forceinline__ void cp_async16(void *smem_ptr, const void *gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_ptr);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *smem_ptr) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_ptr);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *smem_ptr) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_ptr);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&v);
+    }
+};
+template <> struct Mma<__half> {
+    __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&v);
+    }
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][D] tile, XOR-swizzled so
+// that ldmatrix's eight row addresses hit eight different bank groups.
+template <int D> __device__ __forceinline__ int swz(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// A thread's share of one K/V tile: rows r0 + j * RSTEP (j < RPT) at 16-byte chunk c.
+// The block-table entries are fetched first (raw, so the loads stay in flight
+// across the tensor-core work) and checked only when the copies are issued.
+template <int D> struct TileRows {
+    static constexpr int CH = D / 8;
+    static constexpr int RSTEP = kPrefillThreads / CH;
+    static constexpr int RPT = kBN / RSTEP;
+    static constexpr int kPastEnd = INT32_MIN;
+    int entry[RPT];  // table entry of each row's token, or kPastEnd
+    int n0;          // the tile's first token
+
+    __device__ __forceinline__ void fetch(const int32_t *table, int first, int end, const BlockDiv &bdiv) {
+        const int r0 = threadIdx.x / CH;
+        n0 = first;
+#pragma unroll
+        for (int j = 0; j < RPT; ++j) {
+            const int tok = n0 + r0 + j * RSTEP;
+            entry[j] = tok < end ? __ldg(table + bdiv.div(tok)) : kPastEnd;
+        }
+    }
+
+    // Queues the copies of the fetched tile's tokens into a swizzled tile; rows past the end
+    // (or with an out-of-range entry, reported in the status word) become zeros.
+    template <typename T>
+    __device__ __forceinline__ void issue(T *tile, const T *cache, int kvh, const PagodaAttentionArgs &a,
+                                          const BlockDiv &bdiv) const {
+        const int r0 = threadIdx.x / CH, c = threadIdx.x % CH;
+        const size_t block_stride = (size_t)a.num_kv_heads * a.block_size * D;
+#pragma unroll
+        for (int j = 0; j < RPT; ++j) {
+            const int r = r0 + j * RSTEP;
+            T *dst = tile + swz<D>(r, c);
+            const int b = entry[j];
+            if (b >= 0 && b < a.num_blocks) {
+                cp_async16(dst, cache + (size_t)b * block_stride +
+                                    ((size_t)kvh * a.block_size + bdiv.mod(n0 + r)) * D + c * 8);
+            } else {
+                if (b != kPastEnd) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
+                *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+            }
+        }
+    }
+};
+
+// Grid (query tile, query head, sequence - seq_begin). Registers are capped for three
+// resident blocks per SM (168; a few bytes spill): measured as fast as two blocks
+// without the cap (PERF.md), with more warps to hide latency.
+template <typename T, int D>
+__global__ void __launch_bounds__(kPrefillThreads, 3)
+    prefill_attention_kernel(const PagodaAttentionArgs a, int seq_begin) {
+    constexpr int CH = D / 8;
+    constexpr int KSTEPS = D / 16;   // k-steps of q.k
+    constexpr int NT = kBN / 8;      // n-tiles of the score tile
+    constexpr int DT = D / 8;        // n-tiles of the output
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *q_tile = reinterpret_cast<T *>(smem_raw);
+    T *k_tile = q_tile + kBM * D;
+    T *v_tile = k_tile + kBN * D;
+
+    const int s = seq_begin + blockIdx.z, h = blockIdx.y;
+    const int m_tile = gridDim.x - 1 - blockIdx.x;  // the longest rows first
+    const int qs = a.query_start_loc[s];
+    const int qlen = a.query_start_loc[s + 1] - qs;
+    const int m0 = m_tile * kBM;
+    if (m0 >= qlen) return;
+    const int L = a.seq_lens[s];
+    const int ctx_off = L - qlen;
+    const int rows_valid = min(kBM, qlen - m0);
+    const int pos_first = ctx_off + m0;
+    const int kv_end = pos_first + rows_valid;  // one past the last query's position
+    const int kv_begin = window_start(pos_first, a.sliding_window);
+    const int G = a.num_q_heads / a.num_kv_heads;
+    const int kvh = h / G;
+    const int32_t *table = a.block_tables + (size_t)s * a.max_blocks_per_seq;
+    const T *kc = (const T *)a.k_cache;
+    const T *vc = (const T *)a.v_cache;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t q_stride = (size_t)a.num_q_heads * D;
+
+    // Q tile -> registers (A fragments).
+    for (int i = threadIdx.x; i < kBM * CH; i += kPrefillThreads) {
+        const int r = i / CH, c = i % CH;
+        T *dst = q_tile + swz<D>(r, c);
+        if (r < rows_valid)
+            cp_async16(dst, (const T *)a.q + (size_t)(qs + m0 + r) * q_stride + (size_t)h * D + c * 8);
+        else
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    // Q stays in shared memory and is re-read per tile: that frees the registers
+    // for a fourth resident block per SM.
+    const T *q_frag = q_tile + (warp * 16 + (lane % 16)) * D;
+    const int q_row_swz = (lane % 16) & 7;
+
+    const float sl = a.scale * kLog2e;
+    const int r0 = warp * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
+    const int pos0 = pos_first + r0, pos1 = pos0 + 8;
+    const int lo0 = window_start(pos0, a.sliding_window), lo1 = window_start(pos1, a.sliding_window);
+    // The warp's rows see every token of a tile that ends at or before its first
+    // row's position and starts at or after its last row's window start.
+    const int warp_pos_min = pos_first + warp * 16;
+    const int warp_lo_max = window_start(warp_pos_min + 15, a.sliding_window);
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.f, l_1 = 0.f;
+
+    const BlockDiv bdiv(a.block_size);
+    TileRows<D> rows;
+    rows.fetch(table, kv_begin, kv_end, bdiv);
+    rows.issue(k_tile, kc, kvh, a, bdiv);
+    cp_async_commit();
+    rows.issue(v_tile, vc, kvh, a, bdiv);
+    cp_async_commit();
+
+    for (int n0 = kv_begin; n0 < kv_end; n0 += kBN) {
+        const bool has_next = n0 + kBN < kv_end;
+        cp_async_wait<1>();  // K of this tile (V may still be in flight)
+        __syncthreads();
+        // The next tile's table entries: in flight while the tensor cores work.
+        if (has_next) rows.fetch(table, n0 + kBN, kv_end, bdiv);
+
+        float sacc[NT][4];
+#pragma unroll
+        for (int i = 0; i < NT; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk += 2) {
+            uint32_t qa[4], qb[4];
+            ldmatrix_x4(qa, q_frag + (((2 * kk + lane / 16) ^ q_row_swz) << 3));
+            ldmatrix_x4(qb, q_frag + (((2 * kk + 2 + lane / 16) ^ q_row_swz) << 3));
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                uint32_t kf[4];
+                ldmatrix_x4(kf, k_tile + swz<D>(nt * 8 + (lane % 8), 2 * kk + lane / 8));
+                Mma<T>::run(sacc[nt], qa, kf[0], kf[1]);
+                Mma<T>::run(sacc[nt], qb, kf[2], kf[3]);
+            }
+        }
+        __syncthreads();  // every warp has read K: the next tile may overwrite it
+        if (has_next) rows.issue(k_tile, kc, kvh, a, bdiv);
+        cp_async_commit();
+
+        // Mask (only tiles on the diagonal or the window's edge need it), then the
+        // online softmax update; scores stay unscaled until the exponent (one FFMA).
+        // Each row's max and sum are shared by a lane quad.
+        if (n0 + kBN - 1 > warp_pos_min || n0 < warp_lo_max) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int tok = n0 + nt * 8 + 2 * (lane % 4) + j;
+                    if (tok > pos0 || tok < lo0) sacc[nt][j] = -INFINITY;
+                    if (tok > pos1 || tok < lo1) sacc[nt][2 + j] = -INFINITY;
+                }
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            mx0 = fmaxf(mx0, fmaxf(sacc[nt][0], sacc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sacc[nt][2], sacc[nt][3]));
+        }
+#pragma unroll
+        for (int o2 = 1; o2 < 4; o2 <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
+        }
+        // Running maxima in the scaled log2 domain (sl > 0 keeps the order).
+        const float mn0 = fmaxf(m_0, mx0 * sl), mn1 = fmaxf(m_1, mx1 * sl);
+        // A row with nothing visible yet keeps max -inf: use 0 so exp2 gives 0, not NaN.
+        const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float alpha0 = fast_exp2(m_0 - base0), alpha1 = fast_exp2(m_1 - base1);
+        m_0 = mn0;
+        m_1 = mn1;
+        float sum0 = 0.f, sum1 = 0.f;
+        uint32_t pa[kBN / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const float p0 = fast_exp2(fmaf(sacc[nt][0], sl, -base0)), p1 = fast_exp2(fmaf(sacc[nt][1], sl, -base0));
+            const float p2 = fast_exp2(fmaf(sacc[nt][2], sl, -base1)), p3 = fast_exp2(fmaf(sacc[nt][3], sl, -base1));
+            sum0 += p0 + p1;
+            sum1 += p2 + p3;
+            pa[nt / 2][(nt % 2) * 2 + 0] = Mma<T>::pack(p0, p1);
+            pa[nt / 2][(nt % 2) * 2 + 1] = Mma<T>::pack(p2, p3);
+        }
+        l_0 = l_0 * alpha0 + sum0;
+        l_1 = l_1 * alpha1 + sum1;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            o[dt][0] *= alpha0;
+            o[dt][1] *= alpha0;
+            o[dt][2] *= alpha1;
+            o[dt][3] *= alpha1;
+        }
+
+        if (has_next)
+            cp_async_wait<1>();  // V of this tile; the next K may stay in flight
+        else
+            cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                uint32_t vf[4];
+                ldmatrix_x4_trans(vf, v_tile + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dt + lane / 16));
+                Mma<T>::run(o[dt], pa[kk], vf[0], vf[1]);
+                Mma<T>::run(o[dt + 1], pa[kk], vf[2], vf[3]);
+            }
+        }
+        __syncthreads();  // every warp has read V
+        if (has_next) rows.issue(v_tile, vc, kvh, a, bdiv);
+        cp_async_commit();
+    }
+
+#pragma unroll
+    for (int o2 = 1; o2 < 4; o2 <<= 1) {
+        l_0 += __shfl_xor_sync(0xffffffffu, l_0, o2);
+        l_1 += __shfl_xor_sync(0xffffffffu, l_1, o2);
+    }
+    const float inv0 = l_0 > 0.f ? 1.f / l_0 : 0.f, inv1 = l_1 > 0.f ? 1.f / l_1 : 0.f;
+    T *out = (T *)a.out;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = r0 + half * 8;
+        if (r >= rows_valid) continue;
+        const float inv = half ? inv1 : inv0;
+        T *orow = out + (size_t)(qs + m0 + r) * q_stride + (size_t)h * D;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const int d = dt * 8 + 2 * (lane % 4);
+            orow[d] = from_float<T>(o[dt][half * 2] * inv);
+            orow[d + 1] = from_float<T>(o[dt][half * 2 + 1] * inv);
+        }
+    }
+}
+
+template <typename T, int D>
+int launch_prefill(const PagodaAttentionArgs *a, int seq_begin, int max_query_len, cudaStream_t s) {
+    const int nseqs = a->num_seqs - seq_begin;
+    if (nseqs <= 0 || max_query_len <= 0) return 0;
+    const size_t smem = sizeof(T) * (size_t)(kBM + 2 * kBN) * D;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(prefill_attention_kernel<T, D>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    dim3 grid(ceil_div(max_query_len, kBM), a->num_q_heads, nseqs);
+    prefill_attention_kernel<T, D><<<grid, kPrefillThreads, smem, s>>>(*a, seq_begin);
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+template <typename T, int D> int launch_attention(const PagodaAttentionArgs *a, cudaStream_t s) {
+    const int G = a->num_q_heads / a->num_kv_heads;
+    if (G > kMaxDecodeGroup) {
+        // Wide groups: the prefill kernel serves decode rows too (one query row each).
+        const int max_q = a->max_prefill_query_len > 1 ? a->max_prefill_query_len : 1;
+        return launch_prefill<T, D>(a, 0, max_q, s);
+    }
+    if (a->num_decode_seqs > 0) {
+        const int rc = launch_decode<T, D>(a, s);
+        if (rc != 0) return rc;
+    }
+    return launch_prefill<T, D>(a, a->num_decode_seqs, a->max_prefill_query_len, s);
+}
+
+}  // namespace
+
+extern "C" size_t pagoda_attention_workspace_bytes(const PagodaAttentionArgs *a) {
+    const int G = a->num_kv_heads > 0 ? a->num_q_heads / a->num_kv_heads : 0;
+    if (a->num_decode_seqs == 0 || G > kMaxDecodeGroup) return 0;
+    const int max_splits = decode_max_splits(a);
+    if (max_splits <= 1) return 0;
+    const size_t parts = (size_t)a->num_decode_seqs * a->num_q_heads * max_splits;
+    return parts * (size_t)(a->head_dim + 2) * sizeof(float);
+}
+
+extern "C" int pagoda_attention(const PagodaAttentionArgs *a, void *stream) {
+    if (a->num_seqs == 0) return 0;
+    if (a->num_kv_heads <= 0 || a->num_q_heads % a->num_kv_heads != 0 || a->block_size <= 0 ||
+        (a->block_size & (a->block_size - 1)) != 0)
+        return PAGODA_ERR_ARGUMENT;
+    if (a->num_decode_seqs > 0 && a->workspace_bytes < pagoda_attention_workspace_bytes(a))
+        return PAGODA_ERR_WORKSPACE;
+    if (!aligned16(a->q) || !aligned16(a->k_cache) || !aligned16(a->v_cache) || !aligned16(a->out))
+        return PAGODA_ERR_ALIGNMENT;
+    cudaStream_t s = (cudaStream_t)stream;
+    PAGODA_DISPATCH_HALF(a->dtype, {
+        switch (a->head_dim) {
+            case 64: return launch_attention<scalar_t, 64>(a, s);
+            case 128: return launch_attention<scalar_t, 128>(a, s);
+            default: return PAGODA_ERR_HEAD_DIM;
+        }
+    });
+    return 0;
+}

@@ -1,0 +1,207 @@
+/*
+ * Pagoda's CUDA kernels as plain C launchers: the one header bindgen reads.
+ *
+ * Every launcher takes the CUDA stream it runs on (a CUstream / cudaStream_t
+ * passed as void*) and returns 0 on success, a cudaError_t value when CUDA
+ * refused the launch, or one of the PAGODA_ERR_* codes when an argument is out
+ * of what the kernels support. Launches are asynchronous: errors inside a
+ * kernel surface at the next synchronisation.
+ *
+ * Device-side index checks (token ids, row indices, cache slots, block-table
+ * entries) cannot return an error without a synchronisation, so kernels skip
+ * the offending element and set a PAGODA_STATUS_* bit in a device status word
+ * that the caller reads back at its next synchronisation point.
+ */
+#ifndef PAGODA_KERNELS_H
+#define PAGODA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element types (the Rust DType, in this order). */
+#define PAGODA_DTYPE_F32 0
+#define PAGODA_DTYPE_F16 1
+#define PAGODA_DTYPE_BF16 2
+#define PAGODA_DTYPE_I32 3
+#define PAGODA_DTYPE_I64 4
+
+/* Argument errors (beyond the cudaError_t range). */
+#define PAGODA_ERR_DTYPE 10001
+#define PAGODA_ERR_HEAD_DIM 10002
+#define PAGODA_ERR_GQA_RATIO 10003
+#define PAGODA_ERR_ALIGNMENT 10004
+#define PAGODA_ERR_ARGUMENT 10005
+#define PAGODA_ERR_WORKSPACE 10006
+/* cuBLAS failures: PAGODA_ERR_CUBLAS + the cublasStatus_t. */
+#define PAGODA_ERR_CUBLAS 20000
+
+/* Bits of the device status word. */
+#define PAGODA_STATUS_ROW_INDEX 1u
+#define PAGODA_STATUS_SLOT 2u
+#define PAGODA_STATUS_BLOCK_TABLE 4u
+#define PAGODA_STATUS_POSITION 8u
+
+/* The most top logprobs a sampled row returns. */
+#define PAGODA_MAX_TOP_LOGPROBS 20
+
+/* A readable message for any code a launcher returned. */
+const char *pagoda_error_string(int code);
+
+/* ---- elementwise ------------------------------------------------------- */
+
+/* dst[0..n) = value, converted to dtype (integers: truncated toward zero). */
+int pagoda_fill(void *dst, int dtype, size_t n, float value, void *stream);
+
+/* out[r, :] = bias[:] for r in 0..rows (bias may be another float dtype). */
+int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out, int out_dtype, int rows, int cols,
+                          void *stream);
+
+/* out[m, :] = x[indices[m], :]; indices outside 0..num_src_rows set
+ * status_bit and leave the row unwritten. Used for embedding and gather_rows. */
+int pagoda_gather_rows(const void *x, const int32_t *indices, void *out, int dtype, int num_out_rows,
+                       int row_elems, int num_src_rows, uint32_t *status, uint32_t status_bit, void *stream);
+
+/* If residual != NULL: residual += x (rounded to dtype), then out = rms_norm(residual).
+ * Otherwise out = rms_norm(x). weight has dtype or F32. */
+int pagoda_rms_norm(const void *x, void *residual, const void *weight, int weight_dtype, void *out, int dtype,
+                    int rows, int hidden, float eps, void *stream);
+
+/* out[r, i] = silu(x[r, i]) * x[r, inter + i]. */
+int pagoda_silu_and_mul(const void *x, void *out, int dtype, int rows, int inter, void *stream);
+
+/* ---- rotary embedding fused with the cache write ---------------------- */
+
+typedef struct {
+    const void *qkv;           /* [T, (Hq + 2 Hkv) * D] */
+    const int32_t *positions;  /* [T] */
+    const float *cos_sin;      /* [max_positions, rotary_dim] */
+    void *q_out;               /* [T, Hq * D] */
+    void *k_cache;             /* [num_blocks, Hkv, block_size, D] */
+    void *v_cache;
+    const int64_t *slot_mapping; /* [T]; negative skips the token */
+    uint32_t *status;
+    int dtype;
+    int num_tokens;
+    int num_q_heads;
+    int num_kv_heads;
+    int head_dim;
+    int rotary_dim;
+    int neox; /* 1: dim i pairs with i + rotary_dim/2; 0: 2i with 2i+1 */
+    int max_positions;
+    int num_blocks;
+    int block_size;
+} PagodaRotaryArgs;
+
+int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, void *stream);
+
+/* ---- attention over the paged cache ----------------------------------- */
+
+typedef struct {
+    const void *q;          /* [T, Hq, D] */
+    const void *k_cache;    /* [num_blocks, Hkv, block_size, D] */
+    const void *v_cache;
+    void *out;              /* [T, Hq, D] */
+    const int32_t *query_start_loc; /* [num_seqs + 1] */
+    const int32_t *seq_lens;        /* [num_seqs] */
+    const int32_t *block_tables;    /* [num_seqs, max_blocks_per_seq] */
+    float *workspace;               /* split-K partials of the decode kernel */
+    size_t workspace_bytes;
+    uint32_t *status;
+    int dtype;
+    int num_seqs;
+    int num_decode_seqs;     /* the first num_decode_seqs have one query token */
+    int max_blocks_per_seq;
+    int num_blocks;
+    int block_size;
+    int num_q_heads;
+    int num_kv_heads;
+    int head_dim;
+    float scale;
+    int sliding_window;      /* 0: none */
+    int max_decode_seq_len;  /* over the decode sequences */
+    int max_prefill_query_len; /* over the other sequences */
+} PagodaAttentionArgs;
+
+/* Bytes of workspace pagoda_attention needs for these arguments. */
+size_t pagoda_attention_workspace_bytes(const PagodaAttentionArgs *args);
+
+/* Decode sequences through the split-K paged kernel, the rest through the
+ * tiled prefill kernel (tensor cores). */
+int pagoda_attention(const PagodaAttentionArgs *args, void *stream);
+
+/* ---- dense matrix products (cuBLAS) ------------------------------------ */
+
+/* A cuBLAS handle (one per backend: its work goes to the stream of each call). */
+int pagoda_blas_create(void **handle);
+int pagoda_blas_destroy(void *handle);
+
+/* out[t, n] = sum_k x[t, k] * w[n, k] (+ out[t, n] if accumulate), f32 accumulation.
+ * x and w share a dtype (F32, F16 or BF16); out is that dtype or F32. */
+int pagoda_gemm(void *handle, const void *x, const void *w, int in_dtype, void *out, int out_dtype, int t, int n,
+                int k, int accumulate, void *stream);
+
+/* ---- KV cache blocks ---------------------------------------------------- */
+
+/* For every cache c in 0..num_caches and pair p in 0..num_pairs (in order
+ * only if the pairs are independent: the caller splits dependent ones):
+ * copies block_bytes from block pairs[2p] to block pairs[2p+1] of cache c.
+ * cache_ptrs and pairs live on the device. */
+int pagoda_copy_blocks(const uint64_t *cache_ptrs, int num_caches, size_t block_bytes, const int64_t *pairs,
+                       int num_pairs, void *stream);
+
+/* ---- sampling ------------------------------------------------------------ */
+
+typedef struct {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+    float min_p;
+    float repetition_penalty;
+    float presence_penalty;
+    float frequency_penalty;
+    int32_t num_logprobs;  /* top logprobs to return, 0..PAGODA_MAX_TOP_LOGPROBS */
+    uint64_t seed;
+    uint64_t step;
+    int32_t draw_index;    /* slot among the rows that draw (temperature > 0), or -1 */
+    int32_t penalty_start; /* this row's entries in the penalty arrays */
+    int32_t penalty_end;
+    int32_t reserved;
+} PagodaSampleRow;
+
+/* What one row's sampling returns to the host. */
+typedef struct {
+    int32_t token;
+    float logprob;
+    int32_t top_ids[PAGODA_MAX_TOP_LOGPROBS];
+    float top_logprobs[PAGODA_MAX_TOP_LOGPROBS];
+} PagodaSampleOut;
+
+typedef struct {
+    const void *logits;              /* [num_rows, vocab] */
+    const PagodaSampleRow *rows;     /* [num_rows], on the device */
+    const int32_t *penalty_tokens;   /* token ids seen in a row's prompt or output */
+    const int32_t *penalty_counts;   /* occurrences of that token in the output */
+    PagodaSampleOut *out;            /* [num_rows] */
+    void *workspace;
+    size_t workspace_bytes;
+    int logits_dtype;
+    int num_rows;
+    int num_draw_rows;
+    int vocab;
+} PagodaSampleArgs;
+
+/* Bytes of workspace pagoda_sample needs. */
+int pagoda_sample_workspace_bytes(int num_rows, int num_draw_rows, int vocab, size_t *bytes);
+
+/* Samples every row exactly as pagoda_sampler::sample_row specifies. */
+int pagoda_sample(const PagodaSampleArgs *args, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PAGODA_KERNELS_H */

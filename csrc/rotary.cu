@@ -1,0 +1,164 @@
+// Rotary position embedding fused with the paged KV-cache write: one block per
+// token rotates its q and k heads, writes q to q_out and k, v to the cache slot.
+#include "common.cuh"
+
+using namespace pagoda;
+
+namespace {
+
+// The rotated value of element d of one head (x points at the head's first element).
+template <typename T>
+__device__ __forceinline__ float rotate(const T *x, int d, int rot, bool neox, const float *cs) {
+    const float v = to_float<T>(x[d]);
+    if (d >= rot) return v;
+    const int half = rot / 2;
+    if (neox) {
+        if (d < half) return v * cs[d] - to_float<T>(x[d + half]) * cs[half + d];
+        const int i = d - half;
+        return v * cs[i] + to_float<T>(x[i]) * cs[half + i];
+    }
+    const int i = d / 2;
+    if ((d & 1) == 0) return v * cs[i] - to_float<T>(x[d + 1]) * cs[half + i];
+    return v * cs[i] + to_float<T>(x[d - 1]) * cs[half + i];
+}
+
+template <typename T> __global__ void rotary_and_cache_kernel(PagodaRotaryArgs a) {
+    const int t = blockIdx.x;
+    const int D = a.head_dim, hq = a.num_q_heads, hkv = a.num_kv_heads;
+    const int pos = a.positions[t];
+    if (pos < 0 || pos >= a.max_positions) {
+        if (threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_POSITION);
+        return;
+    }
+    const int64_t slot = a.slot_mapping[t];
+    const int64_t num_slots = (int64_t)a.num_blocks * a.block_size;
+    const bool write_cache = slot >= 0 && slot < num_slots;
+    if (slot >= num_slots && threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_SLOT);
+    const int64_t block = write_cache ? slot / a.block_size : 0;
+    const int off = write_cache ? (int)(slot % a.block_size) : 0;
+
+    const T *row = (const T *)a.qkv + (size_t)t * (hq + 2 * hkv) * D;
+    const float *cs = a.cos_sin + (size_t)pos * a.rotary_dim;
+    const bool neox = a.neox != 0;
+    T *q_out = (T *)a.q_out + (size_t)t * hq * D;
+    T *kc = (T *)a.k_cache, *vc = (T *)a.v_cache;
+
+    for (int idx = threadIdx.x; idx < (hq + 2 * hkv) * D; idx += blockDim.x) {
+        const int head = idx / D, d = idx % D;
+        if (head < hq) {
+            q_out[idx] = from_float<T>(rotate(row + head * D, d, a.rotary_dim, neox, cs));
+        } else if (write_cache) {
+            const bool is_k = head < hq + hkv;
+            const int h = is_k ? head - hq : head - hq - hkv;
+            const size_t dst = (((size_t)block * hkv + h) * a.block_size + off) * D + d;
+            if (is_k)
+                kc[dst] = from_float<T>(rotate(row + head * D, d, a.rotary_dim, neox, cs));
+            else
+                vc[dst] = row[idx];
+        }
+    }
+}
+
+// The 16-byte path (16-bit types, rotary_dim == head_dim, head_dim % 16 == 0):
+// one work item is 8 elements. Neox items take 8 dims of a head's first half and
+// their partners in the second half; interleaved items are 4 adjacent pairs; v
+// items are copies.
+template <typename T, bool NEOX> __global__ void rotary_and_cache_vec_kernel(PagodaRotaryArgs a) {
+    const int t = blockIdx.x;
+    const int D = a.head_dim, hq = a.num_q_heads, hkv = a.num_kv_heads, half = D / 2;
+    const int pos = a.positions[t];
+    if (pos < 0 || pos >= a.max_positions) {
+        if (threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_POSITION);
+        return;
+    }
+    const int64_t slot = a.slot_mapping[t];
+    const int64_t num_slots = (int64_t)a.num_blocks * a.block_size;
+    const bool write_cache = slot >= 0 && slot < num_slots;
+    if (slot >= num_slots && threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_SLOT);
+    const int64_t block = write_cache ? slot / a.block_size : 0;
+    const int off = write_cache ? (int)(slot % a.block_size) : 0;
+
+    const T *row = (const T *)a.qkv + (size_t)t * (hq + 2 * hkv) * D;
+    const float *cs = a.cos_sin + (size_t)pos * D;
+    T *q_out = (T *)a.q_out + (size_t)t * hq * D;
+    const int per_head = NEOX ? half / 8 : D / 8;  // rotation items per head
+    const int rot_items = (hq + hkv) * per_head;
+    const int items = rot_items + hkv * (D / 8);
+    for (int idx = threadIdx.x; idx < items; idx += blockDim.x) {
+        if (idx >= rot_items) {  // v: a plain copy into the cache
+            if (!write_cache) continue;
+            const int j = idx - rot_items, h = j / (D / 8), d0 = (j % (D / 8)) * 8;
+            const uint4 v = *reinterpret_cast<const uint4 *>(row + (size_t)(hq + hkv + h) * D + d0);
+            *reinterpret_cast<uint4 *>((T *)a.v_cache + (((size_t)block * hkv + h) * a.block_size + off) * D + d0) = v;
+            continue;
+        }
+        const int head = idx / per_head, d0 = (idx % per_head) * 8;
+        const bool is_q = head < hq;
+        if (!is_q && !write_cache) continue;
+        T *dst = is_q ? q_out + (size_t)head * D
+                      : (T *)a.k_cache + (((size_t)block * hkv + (head - hq)) * a.block_size + off) * D;
+        const T *src = row + (size_t)head * D;
+        float x[8], o[8];
+        unpack8<T>(*reinterpret_cast<const uint4 *>(src + d0), x);
+        if constexpr (NEOX) {
+            float y[8], p[8], c[8], sn[8];
+            unpack8<T>(*reinterpret_cast<const uint4 *>(src + d0 + half), y);
+            *reinterpret_cast<float4 *>(c) = *reinterpret_cast<const float4 *>(cs + d0);
+            *reinterpret_cast<float4 *>(c + 4) = *reinterpret_cast<const float4 *>(cs + d0 + 4);
+            *reinterpret_cast<float4 *>(sn) = *reinterpret_cast<const float4 *>(cs + half + d0);
+            *reinterpret_cast<float4 *>(sn + 4) = *reinterpret_cast<const float4 *>(cs + half + d0 + 4);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                o[e] = x[e] * c[e] - y[e] * sn[e];
+                p[e] = y[e] * c[e] + x[e] * sn[e];
+            }
+            *reinterpret_cast<uint4 *>(dst + d0) = pack8<T>(o);
+            *reinterpret_cast<uint4 *>(dst + d0 + half) = pack8<T>(p);
+        } else {
+            float c[4], sn[4];
+            *reinterpret_cast<float4 *>(c) = *reinterpret_cast<const float4 *>(cs + d0 / 2);
+            *reinterpret_cast<float4 *>(sn) = *reinterpret_cast<const float4 *>(cs + half + d0 / 2);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                o[2 * q] = x[2 * q] * c[q] - x[2 * q + 1] * sn[q];
+                o[2 * q + 1] = x[2 * q + 1] * c[q] + x[2 * q] * sn[q];
+            }
+            *reinterpret_cast<uint4 *>(dst + d0) = pack8<T>(o);
+        }
+    }
+}
+
+template <typename T> void launch_rotary(const PagodaRotaryArgs *args, bool vec, cudaStream_t s) {
+    const int D = args->head_dim;
+    if constexpr (sizeof(T) == 2) {
+        if (vec) {
+            const int per_head = args->neox ? D / 16 : D / 8;
+            const int items = (args->num_q_heads + args->num_kv_heads) * per_head + args->num_kv_heads * (D / 8);
+            int threads = 256;
+            while (threads > 32 && threads / 2 >= items) threads /= 2;
+            if (args->neox)
+                rotary_and_cache_vec_kernel<T, true><<<args->num_tokens, threads, 0, s>>>(*args);
+            else
+                rotary_and_cache_vec_kernel<T, false><<<args->num_tokens, threads, 0, s>>>(*args);
+            return;
+        }
+    }
+    const int work = (args->num_q_heads + 2 * args->num_kv_heads) * D;
+    int threads = 512;
+    while (threads > 64 && threads / 2 >= work) threads /= 2;
+    rotary_and_cache_kernel<T><<<args->num_tokens, threads, 0, s>>>(*args);
+}
+
+}  // namespace
+
+extern "C" int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, void *stream) {
+    if (args->num_tokens == 0) return 0;
+    if (args->rotary_dim > args->head_dim || args->rotary_dim % 2 != 0) return PAGODA_ERR_ARGUMENT;
+    cudaStream_t s = (cudaStream_t)stream;
+    const bool vec = args->rotary_dim == args->head_dim && args->head_dim % 16 == 0 && aligned16(args->qkv) &&
+                     aligned16(args->q_out) && aligned16(args->k_cache) && aligned16(args->v_cache) &&
+                     aligned16(args->cos_sin);
+    PAGODA_DISPATCH_FLOAT(args->dtype, { launch_rotary<scalar_t>(args, vec, s); });
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# What CI runs for the CUDA path (no GPU there): install the toolchain into
+# .cuda/ (scripts/setup-cuda.sh), then compile and link the `cuda` feature's
+# binary and the CUDA backend's test and bench executables without running
+# them, and lint the backend, so the CUDA path cannot rot unnoticed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-cuda.sh
+# shellcheck disable=SC1091
+source .cuda/env.sh
+
+echo "==> cargo build --features cuda (the pagoda binary with the CUDA backend)"
+cargo build --features cuda --bin pagoda
+echo "==> CUDA backend tests and bench: compile and link only"
+cargo test -p pagoda-backend-cuda --all-targets --no-run
+echo "==> clippy on the CUDA backend"
+cargo clippy -p pagoda-backend-cuda --all-targets -- -D warnings
+echo "==> CUDA backend host-side unit tests (no GPU needed)"
+LD_LIBRARY_PATH="$CUDA_LIBRARY_PATH/lib64:$CUDA_PATH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test -p pagoda-backend-cuda --lib

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Installs the CUDA 13.0 build toolchain on a machine WITHOUT a GPU, so that
+# `cargo build --features cuda` compiles and links here; the binaries then run
+# on a GPU machine against its real driver.
+#
+# Everything lands in the git-ignored .cuda/ folder of the checkout:
+#   .cuda/venv/                   PyPI wheels of nvcc, the runtime, CCCL and cuBLAS (pinned to 13.0)
+#   .cuda/venv/.../nvidia/cu13    the toolkit root: bin/ (nvcc, ptxas), include/, lib/
+#   .cuda/lib64/libcuda.so        a stub driver (every cu* symbol cust_raw declares) for linking only
+#   .cuda/env.sh                  the environment to export before building
+# It is idempotent: a second run re-checks and rewrites env.sh but downloads nothing.
+# With a real toolkit (/usr/local/cuda), none of this is needed: build.rs finds it.
+#
+# Usage: scripts/setup-cuda.sh && source .cuda/env.sh
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CUDA_DIR="$ROOT/.cuda"
+VENV="$CUDA_DIR/venv"
+PYTHON="${PYTHON:-python3}"
+
+# Pinned to the GPU machines' driver (API 13.0).
+WHEELS=(
+  nvidia-cuda-nvcc==13.0.88
+  nvidia-cuda-runtime==13.0.96
+  nvidia-cuda-crt==13.0.88
+  nvidia-nvvm==13.0.88
+  nvidia-cuda-cccl==13.0.85
+  nvidia-cublas==13.0.2.14
+)
+CUST_RAW_VERSION=0.11.3
+
+log() { echo "setup-cuda: $*" >&2; }
+
+mkdir -p "$CUDA_DIR"
+
+# 1. libclang for bindgen.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1; then
+  log "installing libclang-dev (bindgen needs libclang)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
+fi
+
+# 2. The toolkit wheels, in a venv of their own.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -m pip show -q "${WHEELS[@]%%==*}" >/dev/null 2>&1 \
+  || ! "$VENV/bin/python" - "${WHEELS[@]}" <<'PY'
+import sys
+from importlib.metadata import version
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    if version(name) != want:
+        sys.exit(1)
+PY
+then
+  log "installing ${WHEELS[*]}"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${WHEELS[@]}"
+fi
+CU13="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
+for f in bin/nvcc include/cuda.h include/cuda_bf16.h include/cublas_v2.h include/cccl/cub/cub.cuh \
+  lib/libcudart_static.a lib/libcublas.so.13 lib/libcublasLt.so.13; do
+  [ -e "$CU13/$f" ] || { log "missing $CU13/$f after installing the wheels"; exit 1; }
+done
+
+# 3. Unversioned cuBLAS names for the linker.
+for lib in cublas cublasLt; do
+  ln -sfn "libcublas${lib#cublas}.so.13" "$CU13/lib/lib$lib.so"
+done
+
+# 4. A stub libcuda.so: the driver is not in the wheels, but cust links -lcuda.
+# It defines every cu* function cust_raw declares; at run time the real driver is used.
+STUB_DIR="$CUDA_DIR/lib64"
+if [ ! -e "$STUB_DIR/libcuda.so" ]; then
+  CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}"
+  find_cust_raw() { ls -d "$CARGO_HOME"/registry/src/*/cust_raw-$CUST_RAW_VERSION 2>/dev/null | head -n1; }
+  SRC="$(find_cust_raw)"
+  if [ -z "$SRC" ]; then
+    log "fetching cust_raw $CUST_RAW_VERSION sources for its symbol list"
+    TMP="$(mktemp -d)"
+    mkdir -p "$TMP/src" && echo 'fn main() {}' >"$TMP/src/main.rs"
+    printf '[package]\nname = "symbols"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\ncust_raw = "=%s"\n' \
+      "$CUST_RAW_VERSION" >"$TMP/Cargo.toml"
+    (cd "$TMP" && cargo fetch -q)
+    rm -rf "$TMP"
+    SRC="$(find_cust_raw)"
+  fi
+  [ -n "$SRC" ] || { log "cannot find cust_raw-$CUST_RAW_VERSION sources"; exit 1; }
+  mkdir -p "$STUB_DIR"
+  {
+    echo "/* Link-time stand-in for the CUDA driver; never loaded at run time. */"
+    grep -oE "pub fn cu[A-Za-z0-9_]+" "$SRC/src/cuda.rs" | sed 's/pub fn //' | sort -u \
+      | sed 's/.*/int &(void) { return 100; \/* CUDA_ERROR_NO_DEVICE *\/ }/'
+  } >"$STUB_DIR/libcuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB_DIR/libcuda.so.1" "$STUB_DIR/libcuda_stub.c"
+  ln -sfn libcuda.so.1 "$STUB_DIR/libcuda.so"
+  log "stub libcuda with $(grep -c '^int cu' "$STUB_DIR/libcuda_stub.c") symbols"
+fi
+
+# 5. The environment.
+cat >"$CUDA_DIR/env.sh" <<EOF
+# Written by scripts/setup-cuda.sh: source it before building with --features cuda.
+export CUDA_PATH="$CU13"
+export CUDA_LIBRARY_PATH="$CUDA_DIR"
+export PATH="$CU13/bin:\$PATH"
+EOF
+log "done; now run: source $CUDA_DIR/env.sh"
+cat "$CUDA_DIR/env.sh"
