@@ -1,1 +1,98 @@
-//! placeholder
+//! Pagoda's engine: where the scheduler, the paged KV cache, the model and the
+//! sampler meet.
+//!
+//! - [`LlmEngine`] is the synchronous core. [`LlmEngine::step`] runs one
+//!   iteration of continuous batching: the scheduler picks what runs, the
+//!   [`ModelRunner`] moves blocks (swap, copy-on-write) and runs one forward
+//!   pass over every scheduled token, the backend samples, and the engine
+//!   turns tokens into text deltas (incremental detokenization, stop strings).
+//! - [`AsyncEngine`] runs an `LlmEngine` on its own thread, fed through
+//!   channels: the HTTP server submits requests and streams their outputs;
+//!   dropping a stream aborts its request and frees its blocks.
+//! - [`EngineMetrics`] holds the Prometheus metrics the server exposes.
+//!
+//! ```no_run
+//! use pagoda_backend_cpu_ref::CpuBackend;
+//! use pagoda_engine::{load_engine, EngineConfig, GenerationRequest};
+//!
+//! let mut engine = load_engine(CpuBackend::new(), "models/smollm2-135m-instruct", EngineConfig::default(), |_, _| {})?;
+//! let prompt = engine.tokenizer().encode("The capital of France is", true)?;
+//! let mut req = GenerationRequest::new("r0", prompt);
+//! req.sampling = pagoda_engine::SamplingParams::greedy();
+//! let done = engine.generate(vec![req])?;
+//! println!("{}", done[0].seqs[0].text);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod async_engine;
+mod config;
+mod detokenizer;
+mod engine;
+mod error;
+mod metrics;
+mod output;
+mod request;
+mod runner;
+mod stop;
+
+use std::path::Path;
+
+pub use async_engine::{AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError};
+pub use config::{EngineConfig, DEFAULT_CPU_KV_CACHE_BYTES};
+pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
+pub use engine::{validate_request, LlmEngine, ModelInfo};
+pub use error::EngineError;
+pub use metrics::EngineMetrics;
+pub use output::{CompletedRequest, CompletedSeq};
+pub use pagoda_sampler::SamplingParams;
+pub use pagoda_scheduler::{Policy, PreemptionMode};
+pub use request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
+pub use runner::{ModelRunner, SampleTarget, StepInputs};
+pub use stop::{StopChecker, StopMatch};
+
+use pagoda_backend::Backend;
+use pagoda_models::{LoadOptions, LoadedModel, ModelFiles};
+
+/// Opens a model folder or GGUF file, uploads its weights to `backend`
+/// (reporting `(done_bytes, total_bytes)`), and builds an engine.
+pub fn load_engine<B: Backend>(
+    backend: B,
+    model_path: impl AsRef<Path>,
+    config: EngineConfig,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<LlmEngine<B>, EngineError> {
+    let files = ModelFiles::open(model_path.as_ref())?;
+    let max_model_len = config.max_model_len(&files.config);
+    let options = LoadOptions { max_positions: Some(max_model_len) };
+    let model = files.load_model(&backend, &options, &mut progress)?;
+    let loaded = LoadedModel {
+        source: files.source,
+        model,
+        tokenizer: files.tokenizer,
+        chat_template: files.chat_template,
+        generation: files.generation,
+    };
+    LlmEngine::new(backend, loaded, config)
+}
+
+impl<B: Backend> LlmEngine<B> {
+    /// Offline generation: adds every request, steps until all have
+    /// finished, and returns them in the order given.
+    pub fn generate(&mut self, requests: Vec<GenerationRequest>) -> Result<Vec<CompletedRequest>, EngineError> {
+        let mut done: Vec<CompletedRequest> =
+            requests.iter().map(|r| CompletedRequest::new(r.request_id.clone(), r.n)).collect();
+        let index: std::collections::HashMap<String, usize> =
+            requests.iter().enumerate().map(|(i, r)| (r.request_id.clone(), i)).collect();
+        for req in requests {
+            self.add_request(req)?;
+        }
+        while self.has_unfinished_requests() {
+            for out in self.step()? {
+                if let Some(&i) = index.get(&out.request_id) {
+                    done[i].absorb(out);
+                }
+            }
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,159 @@
+//! Engine configuration, with vLLM's option names and defaults where the
+//! meaning is the same, and how the KV pool is sized from a memory budget.
+
+use pagoda_backend::{Backend, MemoryInfo};
+use pagoda_models::ModelConfig;
+use pagoda_scheduler::{Policy, PreemptionMode, SchedulerConfig};
+
+use crate::error::EngineError;
+
+/// Everything the engine needs besides the model and the backend.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Tokens per KV block (vLLM `--block-size`).
+    pub block_size: usize,
+    /// Fixed number of device KV blocks; overrides the memory-based sizing
+    /// (vLLM `--num-gpu-blocks-override`).
+    pub num_gpu_blocks: Option<usize>,
+    /// Fraction of the device's memory the engine may use in all: weights,
+    /// activations and KV cache (vLLM `--gpu-memory-utilization`). Used on
+    /// devices that report their memory (CUDA).
+    pub gpu_memory_utilization: f64,
+    /// KV cache bytes on a device without a memory budget of its own (the
+    /// CPU backend); `None` means a default of 1 GiB.
+    pub kv_cache_memory_bytes: Option<u64>,
+    /// Host memory for swapped-out KV blocks, in bytes (vLLM `--swap-space`, in GiB there).
+    pub swap_space_bytes: u64,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + output; `None` means the model's own limit.
+    pub max_model_len: Option<usize>,
+    pub enable_prefix_caching: bool,
+    pub enable_chunked_prefill: bool,
+    pub preemption_mode: PreemptionMode,
+    pub policy: Policy,
+    /// Seed for the per-request seeds of requests that give none.
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_gpu_blocks: None,
+            gpu_memory_utilization: 0.9,
+            kv_cache_memory_bytes: None,
+            swap_space_bytes: 1 << 30,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            max_model_len: None,
+            enable_prefix_caching: true,
+            enable_chunked_prefill: true,
+            preemption_mode: PreemptionMode::Recompute,
+            policy: Policy::Fcfs,
+            seed: 0,
+        }
+    }
+}
+
+/// Default KV cache size on a backend that has no memory budget of its own.
+pub const DEFAULT_CPU_KV_CACHE_BYTES: u64 = 1 << 30;
+
+impl EngineConfig {
+    /// The effective context length: the configured one, capped by the model's.
+    pub fn max_model_len(&self, model: &ModelConfig) -> usize {
+        self.max_model_len.unwrap_or(model.max_position_embeddings).min(model.max_position_embeddings)
+    }
+
+    pub fn scheduler_config(&self, model: &ModelConfig) -> SchedulerConfig {
+        let max_model_len = self.max_model_len(model);
+        SchedulerConfig {
+            // Without chunking a whole prompt must fit in one step.
+            max_num_batched_tokens: if self.enable_chunked_prefill {
+                self.max_num_batched_tokens
+            } else {
+                self.max_num_batched_tokens.max(max_model_len)
+            },
+            max_num_seqs: self.max_num_seqs,
+            max_model_len,
+            enable_chunked_prefill: self.enable_chunked_prefill,
+            preemption_mode: self.preemption_mode,
+            policy: self.policy,
+            long_prefill_token_threshold: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::Config(m));
+        if !matches!(self.block_size, 8 | 16 | 32 | 64 | 128) {
+            return bad(format!("block size must be one of 8, 16, 32, 64, 128, got {}", self.block_size));
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return bad(format!("gpu memory utilization must be in (0, 1], got {}", self.gpu_memory_utilization));
+        }
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+            return bad("max-num-seqs and max-num-batched-tokens must be positive".into());
+        }
+        if self.max_model_len == Some(0) {
+            return bad("max-model-len must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Device KV blocks: the override, else what the memory budget allows.
+    ///
+    /// On a device that reports memory, the budget is
+    /// `total * gpu_memory_utilization - (memory already in use, i.e. the
+    /// weights) - an activation reserve for the largest step`; elsewhere it is
+    /// `kv_cache_memory_bytes`.
+    pub fn num_gpu_blocks<B: Backend>(
+        &self,
+        backend: &B,
+        model: &ModelConfig,
+        memory_after_weights: Option<MemoryInfo>,
+    ) -> Result<usize, EngineError> {
+        if let Some(n) = self.num_gpu_blocks {
+            return Ok(n);
+        }
+        let block_bytes = model.kv_cache_bytes_per_block(self.block_size, backend.activation_dtype()) as u64;
+        let budget = match memory_after_weights {
+            Some(mem) if mem.total_bytes > 0 && !backend.is_host_memory() => {
+                let allowed = (mem.total_bytes as f64 * self.gpu_memory_utilization) as u64;
+                let in_use = mem.total_bytes - mem.free_bytes;
+                let reserve = self.activation_reserve_bytes(model, backend);
+                allowed.saturating_sub(in_use).saturating_sub(reserve).min(mem.free_bytes)
+            }
+            _ => self.kv_cache_memory_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES),
+        };
+        let blocks = (budget / block_bytes) as usize;
+        if blocks == 0 {
+            return Err(EngineError::Config(format!(
+                "no memory left for the KV cache: {budget} bytes allow {blocks} blocks of {block_bytes} bytes"
+            )));
+        }
+        Ok(blocks)
+    }
+
+    /// Host swap blocks the swap space holds.
+    pub fn num_cpu_blocks<B: Backend>(&self, backend: &B, model: &ModelConfig) -> usize {
+        let block_bytes = model.kv_cache_bytes_per_block(self.block_size, backend.activation_dtype()) as u64;
+        if self.preemption_mode == PreemptionMode::Swap {
+            (self.swap_space_bytes / block_bytes) as usize
+        } else {
+            0
+        }
+    }
+
+    /// A generous bound on the activation memory of the largest step: the
+    /// residual stream, q/k/v, attention output, the FFN's gate/up and the
+    /// logits of every sampled row (at most `max_num_seqs`), doubled for the
+    /// allocator's slack.
+    fn activation_reserve_bytes<B: Backend>(&self, model: &ModelConfig, backend: &B) -> u64 {
+        let t = self.max_num_batched_tokens as u64;
+        let e = backend.activation_dtype().size_in_bytes() as u64;
+        let per_token =
+            (4 * model.hidden_size + 2 * model.qkv_size() + 3 * model.intermediate_size) as u64 * e;
+        let logits = self.max_num_seqs as u64 * model.vocab_size as u64 * 4 * 2;
+        2 * (t * per_token + logits) + (256 << 20)
+    }
+}

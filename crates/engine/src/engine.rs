@@ -1,0 +1,528 @@
+//! The synchronous engine: one `step()` schedules, runs the model, samples,
+//! and turns sampled tokens into per-request output deltas.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pagoda_backend::{Backend, SamplingParams, SamplingRow};
+use pagoda_models::{ChatTemplate, LoadedModel, Tokenizer};
+use pagoda_paged_kv::{PagedAllocator, PagedConfig};
+use pagoda_scheduler::{
+    FinishReason as SchedFinish, NewRequest, RequestId, Scheduler, SeqId, SeqUpdate,
+};
+
+use crate::config::EngineConfig;
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::error::EngineError;
+use crate::metrics::EngineMetrics;
+use crate::request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
+use crate::runner::{ModelRunner, StepInputs};
+use crate::stop::StopChecker;
+
+/// Facts about the served model that request validation and the API need.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+    /// Default sampling parameters from generation_config.json.
+    pub default_sampling: SamplingParams,
+    pub num_gpu_blocks: usize,
+    pub block_size: usize,
+}
+
+struct SeqState {
+    detokenizer: IncrementalDetokenizer,
+    /// All output text so far (truncated at a stop string once matched).
+    text: String,
+    /// Bytes of `text` already sent to the client.
+    sent: usize,
+    finished: Option<(FinishReason, Option<StopReason>)>,
+    last_token_at: Option<Instant>,
+    num_tokens: usize,
+}
+
+struct RequestState {
+    request: GenerationRequest,
+    scheduler_id: RequestId,
+    seed: u64,
+    stop: StopChecker,
+    seqs: Vec<Option<SeqState>>,
+    arrived: Instant,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    num_cached_tokens: usize,
+}
+
+/// The engine: scheduler + model runner + per-request output state.
+pub struct LlmEngine<B: Backend> {
+    config: EngineConfig,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    chat_template: Option<Arc<ChatTemplate>>,
+    scheduler: Scheduler<PagedAllocator>,
+    runner: ModelRunner<B>,
+    requests: HashMap<String, RequestState>,
+    by_scheduler_id: HashMap<RequestId, String>,
+    next_request_id: u64,
+    next_seed: u64,
+    metrics: Arc<EngineMetrics>,
+    /// Scheduler counters at the last metrics update (metrics take deltas).
+    last_counters: (u64, u64, u64),
+}
+
+impl<B: Backend> LlmEngine<B> {
+    /// Sizes the KV pool from the config and the memory left after the
+    /// weights, and assembles the engine.
+    pub fn new(backend: B, loaded: LoadedModel<B>, config: EngineConfig) -> Result<Self, EngineError> {
+        config.validate()?;
+        let model_config = loaded.model.config().clone();
+        let memory = backend.memory_info().ok();
+        let num_gpu_blocks = config.num_gpu_blocks(&backend, &model_config, memory)?;
+        let num_cpu_blocks = config.num_cpu_blocks(&backend, &model_config);
+        let kv = PagedAllocator::new(PagedConfig {
+            num_gpu_blocks,
+            num_cpu_blocks,
+            block_size: config.block_size,
+            enable_prefix_caching: config.enable_prefix_caching,
+        })
+        .map_err(|e| EngineError::Config(e.to_string()))?;
+        let scheduler = Scheduler::with_policy(config.scheduler_config(&model_config), kv, config.policy.build())
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let runner = ModelRunner::new(backend, loaded.model, num_gpu_blocks, num_cpu_blocks, config.block_size)?;
+        let mut eos_token_ids = loaded.generation.eos_token_ids.clone();
+        if eos_token_ids.is_empty() {
+            eos_token_ids.extend(loaded.tokenizer.eos_token_id());
+        }
+        let info = ModelInfo {
+            max_model_len: config.max_model_len(&model_config),
+            vocab_size: model_config.vocab_size,
+            eos_token_ids,
+            default_sampling: loaded.generation.default_sampling_params(),
+            num_gpu_blocks,
+            block_size: config.block_size,
+        };
+        let metrics = Arc::new(EngineMetrics::new());
+        metrics.kv_blocks_total.set(num_gpu_blocks as i64);
+        tracing::info!(
+            num_gpu_blocks,
+            num_cpu_blocks,
+            block_size = config.block_size,
+            max_model_len = info.max_model_len,
+            device = %runner.backend().name(),
+            "engine ready"
+        );
+        Ok(Self {
+            next_seed: config.seed,
+            config,
+            info,
+            tokenizer: loaded.tokenizer,
+            chat_template: loaded.chat_template.map(Arc::new),
+            scheduler,
+            runner,
+            requests: HashMap::new(),
+            by_scheduler_id: HashMap::new(),
+            next_request_id: 0,
+            metrics,
+            last_counters: (0, 0, 0),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn chat_template(&self) -> Option<&Arc<ChatTemplate>> {
+        self.chat_template.as_ref()
+    }
+
+    pub fn metrics(&self) -> Arc<EngineMetrics> {
+        self.metrics.clone()
+    }
+
+    pub fn runner(&self) -> &ModelRunner<B> {
+        &self.runner
+    }
+
+    pub fn scheduler(&self) -> &Scheduler<PagedAllocator> {
+        &self.scheduler
+    }
+
+    pub fn has_unfinished_requests(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    pub fn num_unfinished_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Queues a request. It joins the batch at the next step.
+    pub fn add_request(&mut self, mut req: GenerationRequest) -> Result<(), EngineError> {
+        self.add_request_at(&mut req, Instant::now())?;
+        Ok(())
+    }
+
+    /// [`add_request`](Self::add_request) with the arrival time given (the
+    /// async engine passes when the HTTP request arrived).
+    pub fn add_request_at(&mut self, req: &mut GenerationRequest, arrived: Instant) -> Result<(), EngineError> {
+        if self.requests.contains_key(&req.request_id) {
+            return Err(EngineError::DuplicateRequest(req.request_id.clone()));
+        }
+        validate_request(&self.info, self.config.max_num_seqs, req)?;
+        let scheduler_id = RequestId(self.next_request_id);
+        self.next_request_id += 1;
+        let seed = req.sampling.seed.unwrap_or_else(|| {
+            self.next_seed = self.next_seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            self.next_seed
+        });
+        let (eos_token_id, mut stop_token_ids) = match self.info.eos_token_ids.split_first() {
+            Some((&first, rest)) if !req.ignore_eos => (Some(first), rest.to_vec()),
+            _ => (None, Vec::new()),
+        };
+        stop_token_ids.extend_from_slice(&req.stop_token_ids);
+        let new = NewRequest {
+            request_id: scheduler_id,
+            prompt_token_ids: req.prompt_token_ids.clone(),
+            max_tokens: req.max_tokens.unwrap_or(1),
+            n: req.n,
+            priority: req.priority,
+            arrival: self.next_request_id as f64,
+            eos_token_id,
+            stop_token_ids,
+            ignore_eos: req.ignore_eos,
+            min_tokens: req.min_tokens,
+            cache_salt: None,
+        };
+        self.scheduler.add_request(new).map_err(|e| EngineError::invalid(Some("prompt"), e.to_string()))?;
+        let stop = StopChecker::new(req.stop.clone(), req.include_stop_str_in_output);
+        self.by_scheduler_id.insert(scheduler_id, req.request_id.clone());
+        self.requests.insert(
+            req.request_id.clone(),
+            RequestState {
+                request: req.clone(),
+                scheduler_id,
+                seed,
+                stop,
+                seqs: (0..req.n).map(|_| None).collect(),
+                arrived,
+                first_scheduled: None,
+                first_token: None,
+                num_cached_tokens: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Aborts a request (client gone): frees its blocks at once and returns
+    /// its last output (every unfinished sequence with finish reason `abort`),
+    /// or `None` if the request is not live.
+    pub fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput> {
+        let mut state = self.requests.remove(request_id)?;
+        self.scheduler.abort_request(state.scheduler_id);
+        self.by_scheduler_id.remove(&state.scheduler_id);
+        self.metrics.request_success.with_label_values(&["abort"]).inc();
+        let deltas = state
+            .seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_none_or(|s| s.finished.is_none()))
+            .map(|(index, seq)| {
+                let text = seq.as_mut().map(|s| s.text[s.sent..].to_string()).unwrap_or_default();
+                SeqDelta {
+                    index,
+                    text,
+                    token_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                    finish_reason: Some(FinishReason::Abort),
+                    stop_reason: None,
+                }
+            })
+            .collect();
+        Some(RequestOutput {
+            request_id: request_id.to_string(),
+            deltas,
+            finished: true,
+            num_prompt_tokens: state.request.prompt_token_ids.len(),
+            num_cached_tokens: state.num_cached_tokens,
+        })
+    }
+
+    /// One iteration: schedule, execute, sample, detokenize. Returns an output
+    /// for every request that produced something (finished ones included).
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let out = self.scheduler.schedule()?;
+        let now = Instant::now();
+        let mut prompt_tokens = 0usize;
+        for entry in &out.scheduled[out.num_decodes.min(out.scheduled.len())..] {
+            prompt_tokens += entry.token_ids.len();
+        }
+        for entry in &out.scheduled {
+            if let Some(state) = self.by_scheduler_id.get(&entry.request_id).and_then(|id| self.requests.get_mut(id)) {
+                if state.first_scheduled.is_none() {
+                    state.first_scheduled = Some(now);
+                    state.num_cached_tokens = entry.start_position;
+                    self.metrics.request_queue_time.observe((now - state.arrived).as_secs_f64());
+                }
+            }
+        }
+
+        let inputs = StepInputs::build(&out)?;
+        let sampled = {
+            let rows = sampling_rows(&self.scheduler, &self.by_scheduler_id, &self.requests, &inputs)?;
+            self.runner.execute(&out, &inputs, &rows)?
+        };
+        let sampled_ids: Vec<(SeqId, u32)> =
+            inputs.samplers.iter().zip(&sampled).map(|(t, s)| (t.seq_id, s.token)).collect();
+        let logprobs_by_seq: HashMap<SeqId, TokenLogprob> = inputs
+            .samplers
+            .iter()
+            .zip(sampled)
+            .map(|(t, s)| (t.seq_id, TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs }))
+            .collect();
+        let updates = self.scheduler.update_from_output(&out, &sampled_ids)?;
+
+        self.metrics.engine_steps.inc();
+        self.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        self.metrics.generation_tokens.inc_by(updates.len() as u64);
+        let outputs = self.process_updates(updates, logprobs_by_seq);
+        self.update_gauges();
+        Ok(outputs)
+    }
+
+    fn process_updates(
+        &mut self,
+        updates: Vec<SeqUpdate>,
+        mut logprobs: HashMap<SeqId, TokenLogprob>,
+    ) -> Vec<RequestOutput> {
+        let now = Instant::now();
+        let mut outputs: Vec<RequestOutput> = Vec::new();
+        let mut position: HashMap<String, usize> = HashMap::new();
+        for update in updates {
+            let Some(request_id) = self.by_scheduler_id.get(&update.request_id).cloned() else { continue };
+            let Some(state) = self.requests.get_mut(&request_id) else { continue };
+            let index = update.sample_index;
+            if state.first_token.is_none() {
+                state.first_token = Some(now);
+                self.metrics.time_to_first_token.observe((now - state.arrived).as_secs_f64());
+            }
+            let prompt = &state.request.prompt_token_ids;
+            let seq = state.seqs[index].get_or_insert_with(|| SeqState {
+                detokenizer: IncrementalDetokenizer::new(prompt),
+                text: String::new(),
+                sent: 0,
+                finished: None,
+                last_token_at: None,
+                num_tokens: 0,
+            });
+            if let Some(prev) = seq.last_token_at {
+                self.metrics.inter_token_latency.observe((now - prev).as_secs_f64());
+            }
+            seq.last_token_at = Some(now);
+            seq.num_tokens += 1;
+
+            let mut finish = update.finish_reason.map(|r| match r {
+                SchedFinish::Stop(Some(token)) => {
+                    let is_eos = self.info.eos_token_ids.contains(&token) && !state.request.stop_token_ids.contains(&token);
+                    (FinishReason::Stop, if is_eos { None } else { Some(StopReason::TokenId(token)) })
+                }
+                SchedFinish::Stop(None) => (FinishReason::Stop, None),
+                SchedFinish::Length => (FinishReason::Length, None),
+                SchedFinish::Abort => (FinishReason::Abort, None),
+            });
+            // The token that stopped the sequence is not part of its text.
+            let stopped_by_token = matches!(update.finish_reason, Some(SchedFinish::Stop(Some(_))));
+            if state.request.detokenize && !stopped_by_token {
+                let skip = state.request.skip_special_tokens;
+                let tok = &self.tokenizer;
+                let decode = |ids: &[u32]| tok.decode(ids, skip).unwrap_or_default();
+                let new_text = seq.detokenizer.push(update.new_token, &decode);
+                let new_len = new_text.len();
+                seq.text.push_str(&new_text);
+                if let Some(m) = state.stop.check(&seq.text, new_len) {
+                    seq.text.truncate(m.truncate_at);
+                    finish = Some((FinishReason::Stop, Some(StopReason::String(m.stop))));
+                    self.scheduler.finish_seq(update.seq_id, SchedFinish::Stop(None));
+                } else if finish.is_some() {
+                    let rest = seq.detokenizer.flush(&decode);
+                    seq.text.push_str(&rest);
+                }
+            }
+            seq.finished = finish.clone();
+
+            let streamable = if finish.is_some() { seq.text.len() } else { state.stop.streamable_len(&seq.text) };
+            let text = if streamable > seq.sent { seq.text[seq.sent..streamable].to_string() } else { String::new() };
+            seq.sent = seq.sent.max(streamable);
+            let delta = SeqDelta {
+                index,
+                text,
+                token_ids: vec![update.new_token],
+                logprobs: if state.request.sampling.logprobs.is_some() {
+                    logprobs.remove(&update.seq_id).into_iter().collect()
+                } else {
+                    Vec::new()
+                },
+                finish_reason: finish.as_ref().map(|f| f.0),
+                stop_reason: finish.and_then(|f| f.1),
+            };
+            let slot = *position.entry(request_id.clone()).or_insert_with(|| {
+                outputs.push(RequestOutput {
+                    request_id: request_id.clone(),
+                    deltas: Vec::new(),
+                    finished: false,
+                    num_prompt_tokens: state.request.prompt_token_ids.len(),
+                    num_cached_tokens: state.num_cached_tokens,
+                });
+                outputs.len() - 1
+            });
+            outputs[slot].deltas.push(delta);
+        }
+        for output in &mut outputs {
+            let done = self
+                .requests
+                .get(&output.request_id)
+                .is_some_and(|s| s.seqs.iter().all(|q| q.as_ref().is_some_and(|q| q.finished.is_some())));
+            if done {
+                output.finished = true;
+                if let Some(state) = self.requests.remove(&output.request_id) {
+                    self.by_scheduler_id.remove(&state.scheduler_id);
+                    self.metrics.e2e_request_latency.observe((now - state.arrived).as_secs_f64());
+                    for seq in state.seqs.iter().flatten() {
+                        if let Some((reason, _)) = &seq.finished {
+                            self.metrics.request_success.with_label_values(&[reason.as_str()]).inc();
+                        }
+                    }
+                }
+            }
+        }
+        outputs
+    }
+
+    fn update_gauges(&mut self) {
+        let m = &self.metrics;
+        m.requests_running.set(self.scheduler.num_running() as i64);
+        m.requests_waiting.set(self.scheduler.num_waiting() as i64);
+        m.requests_swapped.set(self.scheduler.num_swapped() as i64);
+        let usage = self.scheduler.kv_usage();
+        m.kv_blocks_used.set(usage.used_blocks as i64);
+        m.kv_blocks_free.set(usage.free_blocks() as i64);
+        m.kv_blocks_cached.set(usage.cached_blocks as i64);
+        m.kv_cache_usage.set(usage.used_blocks as f64 / usage.num_gpu_blocks.max(1) as f64);
+        let prefix = self.scheduler.prefix_cache_stats();
+        let stats = self.scheduler.stats();
+        let (q, h, p) = self.last_counters;
+        m.prefix_cache_queries.inc_by(prefix.queried_tokens.saturating_sub(q));
+        m.prefix_cache_hits.inc_by(prefix.hit_tokens.saturating_sub(h));
+        m.preemptions.inc_by(stats.num_preemptions.saturating_sub(p));
+        self.last_counters = (prefix.queried_tokens, prefix.hit_tokens, stats.num_preemptions);
+    }
+}
+
+/// Checks a request against the model and the engine's limits, filling in
+/// `max_tokens` when absent. Runs before [`LlmEngine::add_request`]
+/// (the async engine calls it on the caller's thread, for early 400s).
+pub fn validate_request(info: &ModelInfo, max_num_seqs: usize, req: &mut GenerationRequest) -> Result<(), EngineError> {
+    let prompt_len = req.prompt_token_ids.len();
+    if prompt_len == 0 {
+        return Err(EngineError::invalid(Some("prompt"), "the prompt is empty"));
+    }
+    if let Some(&bad) = req.prompt_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+        return Err(EngineError::invalid(
+            Some("prompt"),
+            format!("token id {bad} is out of vocabulary (size {})", info.vocab_size),
+        ));
+    }
+    if prompt_len >= info.max_model_len {
+        return Err(EngineError::invalid(
+            Some("prompt"),
+            format!(
+                "This model's maximum context length is {} tokens. However, your prompt has {prompt_len} \
+                 tokens, which leaves no room for output.",
+                info.max_model_len
+            ),
+        ));
+    }
+    let max_tokens = req.max_tokens.unwrap_or(info.max_model_len - prompt_len);
+    if max_tokens == 0 {
+        return Err(EngineError::invalid(Some("max_tokens"), "max_tokens must be at least 1"));
+    }
+    if prompt_len + max_tokens > info.max_model_len {
+        return Err(EngineError::invalid(
+            Some("max_tokens"),
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens \
+                 ({prompt_len} in the prompt, {max_tokens} in the completion).",
+                info.max_model_len,
+                prompt_len + max_tokens
+            ),
+        ));
+    }
+    req.max_tokens = Some(max_tokens);
+    if req.n == 0 || req.n > max_num_seqs {
+        return Err(EngineError::invalid(Some("n"), format!("n must be in 1..={max_num_seqs}, got {}", req.n)));
+    }
+    req.sampling.validate().map_err(|e| EngineError::invalid(Some(e.param), e.to_string()))?;
+    if let Some(&bad) = req.stop_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+        return Err(EngineError::invalid(Some("stop_token_ids"), format!("token id {bad} is out of vocabulary")));
+    }
+    Ok(())
+}
+
+/// Builds each sampler's row: its params, seed, and the token history
+/// penalties need. A child forked this step samples from its parent's
+/// history (it has no tokens of its own yet).
+fn sampling_rows<'a>(
+    scheduler: &'a Scheduler<PagedAllocator>,
+    by_scheduler_id: &HashMap<RequestId, String>,
+    requests: &'a HashMap<String, RequestState>,
+    inputs: &StepInputs,
+) -> Result<Vec<SamplingRow<'a>>, EngineError> {
+    inputs
+        .samplers
+        .iter()
+        .map(|target| {
+            // A child forked this step has no sequence of its own yet: it
+            // samples from its parent's history.
+            let (seq, own) = match scheduler.seq(target.seq_id) {
+                Some(seq) => (seq, true),
+                None => (
+                    scheduler
+                        .seq(target.entry_seq_id)
+                        .ok_or_else(|| EngineError::Internal(format!("no sequence {:?}", target.entry_seq_id)))?,
+                    false,
+                ),
+            };
+            let state = by_scheduler_id
+                .get(&seq.request_id())
+                .and_then(|id| requests.get(id))
+                .ok_or_else(|| EngineError::Internal(format!("no request for {:?}", seq.request_id())))?;
+            let index = if own { seq.sample_index() } else { target.fork_index };
+            let output = if own { seq.output_token_ids() } else { &[] };
+            Ok(SamplingRow {
+                params: &state.request.sampling,
+                seed: sample_seed(state.seed, index),
+                step: output.len() as u64,
+                prompt_tokens: seq.prompt_token_ids(),
+                output_tokens: output,
+            })
+        })
+        .collect()
+}
+
+/// The seed of sample `index` of a request: the request's seed for the first,
+/// a distinct stream for each sibling.
+fn sample_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        seed
+    } else {
+        seed ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)
+    }
+}

@@ -1,0 +1,111 @@
+//! What a client asks the engine for, and what the engine streams back.
+
+use pagoda_sampler::{SamplingParams, TokenId};
+
+/// A generation request, already tokenized. The server and CLI build these;
+/// [`GenerationRequest::validate`] runs before the engine accepts one.
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    /// Unique among live requests (the server makes `cmpl-...` ids).
+    pub request_id: String,
+    pub prompt_token_ids: Vec<TokenId>,
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most; `None` means up to the model's length limit.
+    pub max_tokens: Option<usize>,
+    /// Generate at least this many tokens before EOS or stop token ids count.
+    pub min_tokens: usize,
+    /// Parallel samples of the same prompt (the prompt is computed once and shared).
+    pub n: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<TokenId>,
+    pub ignore_eos: bool,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+    /// Lower values run first under the priority policy (vLLM's convention).
+    pub priority: i32,
+    /// Produce text (false for token-id benchmarks: saves the detokenizer's time).
+    pub detokenize: bool,
+}
+
+impl GenerationRequest {
+    /// A request with OpenAI's defaults for everything but the prompt.
+    pub fn new(request_id: impl Into<String>, prompt_token_ids: Vec<TokenId>) -> Self {
+        Self {
+            request_id: request_id.into(),
+            prompt_token_ids,
+            sampling: SamplingParams::default(),
+            max_tokens: Some(16),
+            min_tokens: 0,
+            n: 1,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+            priority: 0,
+            detokenize: true,
+        }
+    }
+}
+
+/// Why a sequence ended (OpenAI's `finish_reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// EOS, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` or the model's length limit.
+    Length,
+    /// Aborted: the client went away, or the server is shutting down.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// What matched when a sequence stopped (vLLM's `stop_reason`): `None` in
+/// [`SeqDelta::stop_reason`] means EOS or a length limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    TokenId(TokenId),
+    String(String),
+}
+
+/// The logprob of one generated token and its top alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenId,
+    pub logprob: f32,
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// New output of one of a request's `n` sequences since the last delta.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqDelta {
+    /// Which of the `n` samples (0-based).
+    pub index: usize,
+    pub text: String,
+    pub token_ids: Vec<TokenId>,
+    /// One per token in `token_ids` when the request asked for logprobs.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    pub stop_reason: Option<StopReason>,
+}
+
+/// One update of a request: the deltas of those of its sequences that moved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestOutput {
+    pub request_id: String,
+    pub deltas: Vec<SeqDelta>,
+    /// True on the request's last update (every sequence has finished).
+    pub finished: bool,
+    pub num_prompt_tokens: usize,
+    /// Prompt tokens found in the prefix cache (known once the prompt is scheduled).
+    pub num_cached_tokens: usize,
+}

@@ -1,0 +1,163 @@
+//! The model runner: turns one [`SchedulerOutput`] into device work (swaps,
+//! copy-on-write copies, one forward pass over every scheduled token) and
+//! returns the sampled tokens. It makes no policy: the scheduler decided.
+
+use pagoda_backend::{AttentionHostMetadata, Backend, SampledToken, SamplingRow};
+use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
+use pagoda_scheduler::{SchedulerOutput, SeqId};
+
+use crate::error::EngineError;
+
+/// The device side of the engine: the backend, the model's weights and the
+/// paged KV cache, plus the host pool that swapped-out blocks live in.
+pub struct ModelRunner<B: Backend> {
+    backend: B,
+    model: LlamaModel<B>,
+    kv: KvCache<B>,
+    /// One host pool per cache tensor (K and V of every layer), each
+    /// `num_cpu_blocks` blocks in the device's per-block byte layout.
+    host_pools: Vec<Vec<u8>>,
+}
+
+/// The host inputs of one forward pass, built from a scheduler output.
+#[derive(Debug, Default, PartialEq)]
+pub struct StepInputs {
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<i32>,
+    pub attn: AttentionHostMetadata,
+    /// One row per sampling sequence: the step row whose logits it samples.
+    pub logits_indices: Vec<i32>,
+    /// Who samples each logits row, in the same order.
+    pub samplers: Vec<SampleTarget>,
+}
+
+/// A sequence that samples this step, and the scheduled entry whose last
+/// position it samples from (a forked child samples its parent's row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleTarget {
+    pub seq_id: SeqId,
+    pub entry_seq_id: SeqId,
+    /// Position of `seq_id` among the entry's `sample_for` (its sample index at a fork).
+    pub fork_index: usize,
+}
+
+impl StepInputs {
+    /// Flattens the scheduled entries (decodes first, as the scheduler orders
+    /// them) into the arrays the forward pass takes.
+    pub fn build(out: &SchedulerOutput) -> Result<Self, EngineError> {
+        let mut s = StepInputs::default();
+        let max_blocks = out.scheduled.iter().map(|e| e.block_table.len()).max().unwrap_or(0).max(1);
+        s.attn.max_blocks_per_seq = max_blocks;
+        s.attn.num_decode_seqs = out.num_decodes;
+        s.attn.query_start_loc.push(0);
+        for entry in &out.scheduled {
+            let n = entry.token_ids.len();
+            if n == 0 || entry.slot_mapping.len() != n {
+                return Err(EngineError::Internal(format!(
+                    "scheduled {:?} with {n} tokens and {} slots",
+                    entry.seq_id,
+                    entry.slot_mapping.len()
+                )));
+            }
+            s.token_ids.extend_from_slice(&entry.token_ids);
+            s.positions.extend(entry.positions().map(|p| p as i32));
+            s.attn.slot_mapping.extend_from_slice(&entry.slot_mapping);
+            s.attn.query_start_loc.push(s.token_ids.len() as i32);
+            s.attn.seq_lens.push(entry.seq_len() as i32);
+            s.attn.block_tables.extend(entry.block_table.iter().map(|&b| b as i32));
+            s.attn.block_tables.extend(std::iter::repeat_n(0, max_blocks - entry.block_table.len()));
+            let last_row = (s.token_ids.len() - 1) as i32;
+            for (fork_index, &seq_id) in entry.sample_for.iter().enumerate() {
+                s.logits_indices.push(last_row);
+                s.samplers.push(SampleTarget { seq_id, entry_seq_id: entry.seq_id, fork_index });
+            }
+        }
+        Ok(s)
+    }
+}
+
+impl<B: Backend> ModelRunner<B> {
+    /// Allocates the KV cache (`num_gpu_blocks` of `block_size`) and a host
+    /// swap pool of `num_cpu_blocks`.
+    pub fn new(
+        backend: B,
+        model: LlamaModel<B>,
+        num_gpu_blocks: usize,
+        num_cpu_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, EngineError> {
+        let kv = model.alloc_kv_cache(&backend, num_gpu_blocks, block_size)?;
+        let block_bytes = kv.shape.block_numel() * model.dtype().size_in_bytes();
+        let host_pools = if num_cpu_blocks == 0 {
+            Vec::new()
+        } else {
+            (0..kv.layers.len() * 2).map(|_| vec![0u8; num_cpu_blocks * block_bytes]).collect()
+        };
+        Ok(Self { backend, model, kv, host_pools })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn model(&self) -> &LlamaModel<B> {
+        &self.model
+    }
+
+    pub fn kv_cache(&self) -> &KvCache<B> {
+        &self.kv
+    }
+
+    /// Runs one step: swap-out, swap-in, copy-on-write copies (in that order:
+    /// a block freed by a swap-out may be a swap-in destination), then the
+    /// forward pass and sampling. `row_for` gives each sampling target its
+    /// sampling row. Returns one sampled token per target, in order.
+    pub fn execute(
+        &mut self,
+        out: &SchedulerOutput,
+        inputs: &StepInputs,
+        rows: &[SamplingRow<'_>],
+    ) -> Result<Vec<SampledToken>, EngineError> {
+        self.move_blocks(out)?;
+        if out.scheduled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = ForwardBatch::upload(
+            &self.backend,
+            &inputs.token_ids,
+            &inputs.positions,
+            inputs.attn.clone(),
+            &inputs.logits_indices,
+        )?;
+        let logits = self.model.forward(&self.backend, &batch, &self.kv)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.backend.sample(&logits, rows)?)
+    }
+
+    fn move_blocks(&mut self, out: &SchedulerOutput) -> Result<(), EngineError> {
+        let has_swaps = !out.blocks_to_swap_out.is_empty() || !out.blocks_to_swap_in.is_empty();
+        if has_swaps && self.host_pools.is_empty() {
+            return Err(EngineError::Internal("the scheduler swapped with no CPU swap space".into()));
+        }
+        let caches = self.kv.tensors();
+        if !out.blocks_to_swap_out.is_empty() {
+            let pairs: Vec<(u32, u32)> = out.blocks_to_swap_out.iter().map(|&(g, c)| (g, c)).collect();
+            for (cache, pool) in caches.iter().zip(self.host_pools.iter_mut()) {
+                self.backend.swap_out(cache, pool, &pairs)?;
+            }
+        }
+        if !out.blocks_to_swap_in.is_empty() {
+            let pairs: Vec<(u32, u32)> = out.blocks_to_swap_in.iter().map(|&(c, g)| (c, g)).collect();
+            for (cache, pool) in caches.iter().zip(self.host_pools.iter()) {
+                self.backend.swap_in(pool, cache, &pairs)?;
+            }
+        }
+        if !out.blocks_to_copy.is_empty() {
+            let pairs: Vec<(u32, u32)> = out.blocks_to_copy.iter().map(|&(s, d)| (s, d)).collect();
+            self.backend.copy_blocks(&caches, &pairs)?;
+        }
+        Ok(())
+    }
+}
