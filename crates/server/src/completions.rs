@@ -1,0 +1,250 @@
+//! POST /v1/completions: one engine request per prompt, each with `n`
+//! samples; choice `i` of prompt `p` has index `p * n + i` (vLLM's numbering).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Json, Response};
+use pagoda_engine::{AsyncEngine, RequestOutput, SeqDelta};
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::logprobs::TokenTexts;
+use crate::params::{generation_request, stream_mode};
+use crate::protocol::{
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput, StopReasonOut,
+    Usage, UsageField,
+};
+use crate::state::{unix_now, AppState};
+use crate::streaming::{self, to_json, ChunkWriter};
+
+pub async fn create_completion(
+    State(state): State<AppState>,
+    body: Result<ApiJson<CompletionRequest>, ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let request_id = state.next_request_id("cmpl");
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "completions");
+    let result = async {
+        let ApiJson(request) = body?;
+        complete(&state, request, request_id, started).await
+    }
+    .instrument(span.clone())
+    .await;
+    result.unwrap_or_else(|e| {
+        span.in_scope(|| e.log());
+        e.into_response()
+    })
+}
+
+async fn complete(
+    state: &AppState,
+    request: CompletionRequest,
+    request_id: String,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    state.check_model(request.model.as_deref())?;
+    if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request(Some("suffix"), "suffix is not supported"));
+    }
+    let echo = request.echo.unwrap_or(false);
+    if echo && request.logprobs.is_some() {
+        return Err(ApiError::bad_request(Some("echo"), "echo together with logprobs is not supported"));
+    }
+    let engine = state.engine();
+    let tokenizer = engine.tokenizer();
+    let prompts: Vec<Vec<u32>> = match &request.prompt {
+        PromptInput::Texts(texts) => texts
+            .iter()
+            .map(|t| {
+                tokenizer.encode(t, true).map_err(|e| ApiError::bad_request(Some("prompt"), e.to_string()))
+            })
+            .collect::<Result<_, _>>()?,
+        PromptInput::TokenIds(ids) => ids.clone(),
+    };
+    let echo_texts: Option<Vec<String>> = echo.then(|| match &request.prompt {
+        PromptInput::Texts(texts) => texts.clone(),
+        PromptInput::TokenIds(ids) => {
+            ids.iter().map(|ids| tokenizer.decode(ids, true).unwrap_or_default()).collect()
+        }
+    });
+    let template =
+        generation_request(&request.sampling, engine.info(), request.max_tokens, request.logprobs)?;
+    let n = template.n;
+    let (stream, include_usage) = stream_mode(&request.sampling);
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let num_prompts = prompts.len();
+
+    let mut streams = Vec::with_capacity(num_prompts);
+    for (i, ids) in prompts.into_iter().enumerate() {
+        let mut req = template.clone();
+        req.request_id = if num_prompts == 1 { request_id.clone() } else { format!("{request_id}-{i}") };
+        req.prompt_token_ids = ids;
+        // On an error the streams already submitted drop here, aborting them.
+        let stream = engine.submit(req).map_err(|e| {
+            let mut e = ApiError::from(e);
+            if num_prompts > 1 && e.status.is_client_error() {
+                e.message = format!("prompt {i}: {}", e.message);
+            }
+            e
+        })?;
+        streams.push(stream);
+    }
+    tracing::info!(
+        num_prompts,
+        prompt_tokens,
+        n,
+        max_tokens = template.max_tokens,
+        stream,
+        "request accepted"
+    );
+
+    let model = state.config().model_name().to_string();
+    let created = unix_now();
+    let want_logprobs = request.logprobs.is_some();
+    if stream {
+        let writer = CompletionChunks {
+            id: request_id,
+            created,
+            model,
+            n,
+            include_usage,
+            want_logprobs,
+            engine: engine.clone(),
+            echo: echo_texts,
+            echoed: vec![false; num_prompts * n],
+            offsets: vec![0; num_prompts * n],
+            prompt_tokens,
+            completion_tokens: 0,
+        };
+        return Ok(streaming::sse_response(streaming::merge(streams), writer, started));
+    }
+
+    let done = streaming::collect(streams, n).await?;
+    let texts = TokenTexts::new(engine.tokenizer());
+    let mut choices = Vec::with_capacity(num_prompts * n);
+    let mut completion_tokens = 0;
+    for (p, request_done) in done.into_iter().enumerate() {
+        completion_tokens += request_done.num_generated_tokens();
+        for seq in request_done.seqs {
+            let mut text = echo_texts.as_ref().map(|t| t[p].clone()).unwrap_or_default();
+            text.push_str(&seq.text);
+            choices.push(CompletionChoice {
+                index: p * n + seq.index,
+                text,
+                logprobs: want_logprobs.then(|| texts.completion(&seq.logprobs, &mut 0)),
+                finish_reason: seq.finish_reason.map(|r| r.as_str()),
+                stop_reason: StopReasonOut::from_engine(&seq.stop_reason),
+            });
+        }
+    }
+    let usage = Usage::new(prompt_tokens, completion_tokens);
+    tracing::info!(
+        prompt_tokens,
+        completion_tokens,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "request finished"
+    );
+    let response = CompletionResponse {
+        id: request_id,
+        object: "text_completion",
+        created,
+        model,
+        choices,
+        usage: UsageField::Counts(usage),
+    };
+    Ok(Json(response).into_response())
+}
+
+/// The SSE chunks of a streamed completion: one chunk per choice update.
+struct CompletionChunks {
+    id: String,
+    created: u64,
+    model: String,
+    n: usize,
+    include_usage: bool,
+    want_logprobs: bool,
+    engine: Arc<AsyncEngine>,
+    /// Prompt texts to put before each choice's first text, when echoing.
+    echo: Option<Vec<String>>,
+    echoed: Vec<bool>,
+    /// Characters sent so far per choice (for `text_offset`).
+    offsets: Vec<usize>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl CompletionChunks {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: UsageField) -> String {
+        to_json(&CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn choice(&mut self, prompt: usize, delta: SeqDelta) -> Option<CompletionChoice> {
+        let index = prompt * self.n + delta.index;
+        self.completion_tokens += delta.token_ids.len();
+        let mut text = String::new();
+        if let Some(echo) = &self.echo {
+            if !self.echoed[index] {
+                self.echoed[index] = true;
+                text.push_str(&echo[prompt]);
+            }
+        }
+        text.push_str(&delta.text);
+        let logprobs: Option<CompletionLogprobs> =
+            (self.want_logprobs && !delta.logprobs.is_empty()).then(|| {
+                TokenTexts::new(self.engine.tokenizer()).completion(&delta.logprobs, &mut self.offsets[index])
+            });
+        if text.is_empty() && logprobs.is_none() && delta.finish_reason.is_none() {
+            // Nothing to show yet (text held back for a possible stop string).
+            return None;
+        }
+        Some(CompletionChoice {
+            index,
+            text,
+            logprobs,
+            finish_reason: delta.finish_reason.map(|r| r.as_str()),
+            stop_reason: StopReasonOut::from_engine(&delta.stop_reason),
+        })
+    }
+}
+
+impl ChunkWriter for CompletionChunks {
+    fn start(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn output(&mut self, prompt: usize, out: RequestOutput) -> Vec<String> {
+        let usage = if self.include_usage { UsageField::Null } else { UsageField::Absent };
+        let mut chunks = Vec::with_capacity(out.deltas.len());
+        for delta in out.deltas {
+            if let Some(choice) = self.choice(prompt, delta) {
+                chunks.push(self.chunk(vec![choice], usage));
+            }
+        }
+        chunks
+    }
+
+    fn end(&mut self) -> Vec<String> {
+        if self.include_usage {
+            vec![self.chunk(
+                Vec::new(),
+                UsageField::Counts(Usage::new(self.prompt_tokens, self.completion_tokens)),
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn usage(&self) -> (usize, usize) {
+        (self.prompt_tokens, self.completion_tokens)
+    }
+}

@@ -1,0 +1,185 @@
+//! The server's command-line options (flattened into `pagoda serve` next to
+//! the engine's), the [`ServerConfig`] built from them, and logging setup.
+
+use std::time::Duration;
+
+use pagoda_engine::AsyncEngineOptions;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (with the current span's fields, e.g. the request id).
+    Json,
+}
+
+/// HTTP server options of `pagoda serve` (vLLM's names where they mean the same).
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <key>` on /v1 endpoints.
+    #[arg(long, env = "PAGODA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Model name(s) clients use in `model`; the first is reported in responses.
+    /// Defaults to the --model argument.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    /// Most requests queued or running at once; beyond it requests get 429.
+    #[arg(long, default_value_t = 1024)]
+    pub max_pending_requests: usize,
+    /// On SIGTERM or Ctrl-C, how long in-flight requests may run before they are aborted.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerArgs {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 8000,
+            api_key: None,
+            served_model_name: Vec::new(),
+            max_pending_requests: 1024,
+            shutdown_grace_secs: 30,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl ServerArgs {
+    /// The async engine's options these arguments imply (pass them to
+    /// `AsyncEngine::start`: the waiting-queue bound lives in the engine).
+    pub fn engine_options(&self) -> AsyncEngineOptions {
+        AsyncEngineOptions { max_pending_requests: self.max_pending_requests }
+    }
+
+    /// The server configuration. `model` is the --model argument (the
+    /// default served name, as in vLLM); `version` and `git_rev` are what
+    /// /version reports (the binary's `CARGO_PKG_VERSION` and build rev).
+    pub fn to_config(&self, model: &str, version: &str, git_rev: &str) -> ServerConfig {
+        let served_model_names = if self.served_model_name.is_empty() {
+            vec![model.to_string()]
+        } else {
+            self.served_model_name.clone()
+        };
+        ServerConfig {
+            host: self.host.clone(),
+            port: self.port,
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            served_model_names,
+            model_root: model.to_string(),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            version: version.to_string(),
+            git_rev: git_rev.to_string(),
+        }
+    }
+}
+
+/// Everything the HTTP side needs besides the engine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub api_key: Option<String>,
+    /// Never empty; the first is the name responses carry.
+    pub served_model_names: Vec<String>,
+    /// Where the model came from (/v1/models' `root`).
+    pub model_root: String,
+    pub shutdown_grace: Duration,
+    pub version: String,
+    pub git_rev: String,
+}
+
+impl ServerConfig {
+    /// The name responses report.
+    pub fn model_name(&self) -> &str {
+        self.served_model_names.first().map(String::as_str).unwrap_or("")
+    }
+
+    /// Whether `name` is one of the served names.
+    pub fn serves(&self, name: &str) -> bool {
+        self.served_model_names.iter().any(|n| n == name)
+    }
+}
+
+/// Installs the global tracing subscriber: level from `RUST_LOG` (default
+/// `info`), lines as text or JSON. A second call keeps the first subscriber.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // An error means a subscriber is already set (tests, or a second call): keep it.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    #[test]
+    fn defaults_match_clap_defaults() {
+        let cli = Cli::try_parse_from(["pagoda"]).unwrap();
+        // The environment may carry PAGODA_API_KEY.
+        let expected = ServerArgs { api_key: cli.server.api_key.clone(), ..ServerArgs::default() };
+        assert_eq!(cli.server, expected);
+    }
+
+    #[test]
+    fn parses_every_option() {
+        let cli = Cli::try_parse_from([
+            "pagoda",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+            "--served-model-name",
+            "a",
+            "b",
+            "--max-pending-requests",
+            "2",
+            "--shutdown-grace-secs",
+            "5",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let config = cli.server.to_config("models/x", "0.1.0", "abc");
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.port, 0);
+        assert_eq!(config.api_key.as_deref(), Some("k"));
+        assert_eq!(config.model_name(), "a");
+        assert!(config.serves("b") && !config.serves("models/x"));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(cli.server.engine_options().max_pending_requests, 2);
+        assert_eq!(cli.server.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn model_path_is_the_default_name() {
+        let config = ServerArgs::default().to_config("models/smollm2", "0.1.0", "abc");
+        assert_eq!(config.served_model_names, vec!["models/smollm2".to_string()]);
+        assert_eq!(config.version, "0.1.0");
+    }
+}

@@ -1,0 +1,73 @@
+//! Token logprobs in the two shapes of the API: completions' legacy
+//! `{tokens, token_logprobs, top_logprobs, text_offset}` and chat's
+//! `{content: [{token, logprob, bytes, top_logprobs}]}`.
+
+use pagoda_engine::TokenLogprob;
+use pagoda_models::Tokenizer;
+
+use crate::protocol::{finite_logprob, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, TopLogprobMap};
+
+/// Turns token ids into the text shown for them: each token decoded alone,
+/// special tokens included (so EOS shows as itself rather than nothing).
+pub struct TokenTexts<'a> {
+    tokenizer: &'a Tokenizer,
+}
+
+impl<'a> TokenTexts<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self { tokenizer }
+    }
+
+    pub fn text(&self, token: u32) -> String {
+        self.tokenizer.decode(&[token], false).unwrap_or_default()
+    }
+
+    /// Completions' shape. `text_offset` continues from `*offset` (characters
+    /// of the choice's text before these tokens) and advances it. The chosen
+    /// token is always among the top entries, as in vLLM.
+    pub fn completion(&self, logprobs: &[TokenLogprob], offset: &mut usize) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs::default();
+        for lp in logprobs {
+            let text = self.text(lp.token);
+            let mut top: Vec<(String, f32)> = Vec::with_capacity(lp.top.len() + 1);
+            if !lp.top.iter().any(|&(t, _)| t == lp.token) {
+                top.push((text.clone(), finite_logprob(lp.logprob)));
+            }
+            top.extend(lp.top.iter().map(|&(t, l)| (self.text(t), finite_logprob(l))));
+            top.sort_by(|a, b| b.1.total_cmp(&a.1));
+            out.text_offset.push(*offset);
+            *offset += text.chars().count();
+            out.tokens.push(text);
+            out.token_logprobs.push(finite_logprob(lp.logprob));
+            out.top_logprobs.push(TopLogprobMap(top));
+        }
+        out
+    }
+
+    /// Chat's shape: `top_logprobs` holds exactly the `k` alternatives asked for.
+    pub fn chat(&self, logprobs: &[TokenLogprob]) -> Vec<ChatTokenLogprob> {
+        logprobs
+            .iter()
+            .map(|lp| {
+                let token = self.text(lp.token);
+                ChatTokenLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob: finite_logprob(lp.logprob),
+                    top_logprobs: lp
+                        .top
+                        .iter()
+                        .map(|&(t, l)| {
+                            let token = self.text(t);
+                            ChatTopLogprob {
+                                bytes: token.as_bytes().to_vec(),
+                                token,
+                                logprob: finite_logprob(l),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}

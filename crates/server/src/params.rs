@@ -1,0 +1,146 @@
+//! From an API request's sampling fields to the engine's
+//! [`GenerationRequest`]: OpenAI's defaults, the model's generation-config
+//! defaults for what the client left out (as vLLM does), and the checks the
+//! engine does not make itself.
+
+use pagoda_engine::{GenerationRequest, ModelInfo, SamplingParams};
+
+use crate::error::ApiError;
+use crate::protocol::SamplingFields;
+
+/// Most top logprobs per token (OpenAI's limit, the sampler's too).
+pub use pagoda_sampler::MAX_TOP_LOGPROBS;
+
+/// A request template: everything but the id and the prompt, which the
+/// handler fills in per prompt. The engine validates ranges on submit
+/// (naming the parameter); this adds what only the API knows.
+pub fn generation_request(
+    fields: &SamplingFields,
+    info: &ModelInfo,
+    max_tokens: Option<usize>,
+    logprobs: Option<u32>,
+) -> Result<GenerationRequest, ApiError> {
+    if fields.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::bad_request(Some("logit_bias"), "logit_bias is not supported"));
+    }
+    let top_k = match fields.top_k {
+        None => info.default_sampling.top_k,
+        Some(k) if k == -1 || k == 0 => 0,
+        Some(k) if k > 0 => u32::try_from(k)
+            .map_err(|_| ApiError::bad_request(Some("top_k"), format!("top_k is too large: {k}")))?,
+        Some(k) => {
+            return Err(ApiError::bad_request(
+                Some("top_k"),
+                format!("top_k must be -1 (disabled) or positive, got {k}"),
+            ))
+        }
+    };
+    if let Some(n) = logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::bad_request(
+            Some("logprobs"),
+            format!("logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"),
+        ));
+    }
+    let min_tokens = fields.min_tokens.unwrap_or(0);
+    if let Some(max) = max_tokens.filter(|&max| min_tokens > max) {
+        return Err(ApiError::bad_request(
+            Some("min_tokens"),
+            format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max})"),
+        ));
+    }
+    let defaults = &info.default_sampling;
+    let sampling = SamplingParams {
+        temperature: fields.temperature.unwrap_or(defaults.temperature),
+        top_k,
+        top_p: fields.top_p.unwrap_or(defaults.top_p),
+        min_p: fields.min_p.unwrap_or(defaults.min_p),
+        repetition_penalty: fields.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+        presence_penalty: fields.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: fields.frequency_penalty.unwrap_or(0.0),
+        // Negative seeds are valid in OpenAI's API; any 64 bits seed the generator.
+        seed: fields.seed.map(|s| s as u64),
+        logprobs,
+    };
+    let mut request = GenerationRequest::new(String::new(), Vec::new());
+    request.sampling = sampling;
+    request.max_tokens = max_tokens;
+    request.min_tokens = min_tokens;
+    request.n = fields.n.unwrap_or(1);
+    // An empty stop string would match at once; OpenAI clients never mean that.
+    request.stop = fields
+        .stop
+        .as_ref()
+        .map(|s| s.0.iter().filter(|s| !s.is_empty()).cloned().collect())
+        .unwrap_or_default();
+    request.stop_token_ids = fields.stop_token_ids.clone().unwrap_or_default();
+    request.ignore_eos = fields.ignore_eos.unwrap_or(false);
+    request.include_stop_str_in_output = fields.include_stop_str_in_output.unwrap_or(false);
+    request.skip_special_tokens = fields.skip_special_tokens.unwrap_or(true);
+    request.priority = fields.priority.unwrap_or(0);
+    Ok(request)
+}
+
+/// Whether the client asked for a stream, and for usage in it.
+pub fn stream_mode(fields: &SamplingFields) -> (bool, bool) {
+    let stream = fields.stream.unwrap_or(false);
+    let include_usage = fields.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    (stream, stream && include_usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::StopStrings;
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            max_model_len: 128,
+            vocab_size: 100,
+            eos_token_ids: vec![2],
+            default_sampling: SamplingParams { temperature: 0.7, top_p: 0.9, ..SamplingParams::default() },
+            num_gpu_blocks: 10,
+            block_size: 16,
+        }
+    }
+
+    #[test]
+    fn model_defaults_fill_what_the_client_left_out() {
+        let r = generation_request(&SamplingFields::default(), &info(), Some(16), None).unwrap();
+        assert_eq!(r.sampling.temperature, 0.7);
+        assert_eq!(r.sampling.top_p, 0.9);
+        assert_eq!(r.n, 1);
+        assert_eq!(r.max_tokens, Some(16));
+        let fields = SamplingFields { temperature: Some(0.0), top_k: Some(-1), ..Default::default() };
+        let r = generation_request(&fields, &info(), None, Some(3)).unwrap();
+        assert_eq!(r.sampling.temperature, 0.0);
+        assert_eq!(r.sampling.top_k, 0);
+        assert_eq!(r.sampling.logprobs, Some(3));
+    }
+
+    #[test]
+    fn api_only_checks_name_the_parameter() {
+        let cases = [
+            (SamplingFields { top_k: Some(-2), ..Default::default() }, None, "top_k"),
+            (SamplingFields::default(), Some(21), "logprobs"),
+            (SamplingFields { min_tokens: Some(20), ..Default::default() }, None, "min_tokens"),
+        ];
+        for (fields, logprobs, param) in cases {
+            let e = generation_request(&fields, &info(), Some(16), logprobs).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param));
+        }
+        let mut bias = serde_json::Map::new();
+        bias.insert("5".into(), serde_json::json!(10));
+        let fields = SamplingFields { logit_bias: Some(bias), ..Default::default() };
+        assert_eq!(
+            generation_request(&fields, &info(), None, None).unwrap_err().param.as_deref(),
+            Some("logit_bias")
+        );
+    }
+
+    #[test]
+    fn empty_stop_strings_are_dropped() {
+        let fields =
+            SamplingFields { stop: Some(StopStrings(vec!["".into(), "\n".into()])), ..Default::default() };
+        assert_eq!(generation_request(&fields, &info(), None, None).unwrap().stop, vec!["\n".to_string()]);
+    }
+}

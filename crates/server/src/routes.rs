@@ -1,0 +1,186 @@
+//! The router, the small endpoints (/v1/models, /health, /version,
+//! /metrics) and the middleware: API-key check and HTTP metrics.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use prometheus::IntGauge;
+
+use crate::error::ApiError;
+use crate::protocol::{ModelCard, ModelList};
+use crate::state::{unix_now, AppState};
+use crate::{chat, completions};
+
+/// Largest request body (long prompts as token-id lists are big).
+const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// The whole API. /v1 routes require the API key when one is configured;
+/// /health, /version and /metrics never do (probes and scrapers).
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .route("/v1/models", get(list_models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), track_http))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    let config = state.config();
+    let created = unix_now();
+    let max_model_len = state.engine().info().max_model_len;
+    let data = config
+        .served_model_names
+        .iter()
+        .map(|id| ModelCard {
+            id: id.clone(),
+            object: "model",
+            created,
+            owned_by: "pagoda",
+            root: config.model_root.clone(),
+            max_model_len,
+        })
+        .collect();
+    Json(ModelList { object: "list", data })
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    if state.is_shutting_down() {
+        ApiError::shutting_down().into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
+async fn version(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let config = state.config();
+    Json(serde_json::json!({ "version": config.version, "git_rev": config.git_rev }))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = state.engine().metrics().render();
+    text.push_str(&state.http_metrics().render());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::no_route(method.as_str(), uri.path())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+async fn require_api_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.config().api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without an early exit, so response timing does not leak how
+/// much of a guessed key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts responses by route and status, and requests in flight until their
+/// body (a whole stream, for SSE) is done or dropped.
+async fn track_http(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let metrics = state.http_metrics();
+    let guard = InFlight::new(metrics.in_flight.clone());
+    let response = next.run(request).await;
+    metrics.requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, Body::new(TrackedBody { inner: body, _in_flight: guard }))
+}
+
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A response body that holds an in-flight guard until it is dropped.
+struct TrackedBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn key_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

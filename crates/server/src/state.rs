@@ -1,0 +1,119 @@
+//! What every handler shares: the engine handle, the configuration, the
+//! HTTP-level metrics and the request-id source.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pagoda_engine::AsyncEngine;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+
+/// Handler state; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Arc<AsyncEngine>,
+    config: ServerConfig,
+    http_metrics: HttpMetrics,
+    next_id: AtomicU64,
+    /// Makes ids differ between server runs (logs from restarts don't collide).
+    id_salt: u64,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig, engine: Arc<AsyncEngine>) -> Self {
+        let id_salt = RandomState::new().hash_one(SystemTime::now());
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                config,
+                http_metrics: HttpMetrics::new(),
+                next_id: AtomicU64::new(0),
+                id_salt,
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<AsyncEngine> {
+        &self.inner.engine
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    pub fn http_metrics(&self) -> &HttpMetrics {
+        &self.inner.http_metrics
+    }
+
+    /// A fresh request id such as `cmpl-6f1c...-2a`.
+    pub fn next_request_id(&self, prefix: &str) -> String {
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:016x}{n:x}", self.inner.id_salt)
+    }
+
+    /// Marks the server as draining: /health turns 503.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst) || self.inner.engine.is_shutting_down()
+    }
+
+    /// Checks a request's `model` field (absent means the served model).
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(name) if !self.config().serves(name) => Err(ApiError::model_not_found(name)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (OpenAI's `created`).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// HTTP-level Prometheus metrics, rendered after the engine's at /metrics.
+pub struct HttpMetrics {
+    registry: Registry,
+    /// Responses by route and status code.
+    pub requests: IntCounterVec,
+    /// Requests being handled (streams count until their last event).
+    pub in_flight: IntGauge,
+}
+
+impl HttpMetrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("pagoda:http_requests_total", "HTTP responses by route and status code."),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGauge::new("pagoda:http_requests_in_flight", "HTTP requests being handled.")
+            .expect("valid metric");
+        registry.register(Box::new(requests.clone())).expect("unique metric");
+        registry.register(Box::new(in_flight.clone())).expect("unique metric");
+        Self { registry, requests, in_flight }
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

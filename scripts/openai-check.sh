@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Checks the server with the official `openai` Python client, end to end:
+#   1. a venv with `openai` (pip, from PyPI) in .venv-openai-check/
+#   2. `pagoda serve --model MODEL` in the background on a free loopback port
+#   3. scripts/openai_client_check.py against it (chat streaming, completions, n=2,
+#      stop strings, logprobs, error cases, a wrong API key)
+#   4. SIGTERM to the server (a graceful shutdown), and the check's exit status.
+# Usage: scripts/openai-check.sh [MODEL_PATH]   (default: the model scripts/fetch-model.sh fetches)
+# PAGODA_BIN picks the binary (default target/release/pagoda, built if missing).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+MODEL="${1:-${PAGODA_TEST_MODEL:-$(scripts/fetch-model.sh)}}"
+PAGODA_BIN="${PAGODA_BIN:-$ROOT/target/release/pagoda}"
+VENV="$ROOT/.venv-openai-check"
+PYTHON="${PYTHON:-python3}"
+API_KEY="openai-check-key"
+SERVED_NAME="pagoda-check"
+
+if [[ ! -x "$PAGODA_BIN" ]]; then
+    echo "==> building $PAGODA_BIN" >&2
+    cargo build --release --bin pagoda
+fi
+
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+    echo "==> creating $VENV with the openai package" >&2
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet openai
+fi
+
+PORT="${PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+LOG="$(mktemp -t pagoda-openai-check.XXXXXX.log)"
+echo "==> starting $PAGODA_BIN serve on 127.0.0.1:$PORT (log: $LOG)" >&2
+PAGODA_API_KEY="$API_KEY" "$PAGODA_BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" \
+    --served-model-name "$SERVED_NAME" >"$LOG" 2>&1 &
+SERVER_PID=$!
+stop_server() {
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+}
+trap stop_server EXIT
+
+echo "==> waiting for /health" >&2
+for _ in $(seq 1 300); do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "error: the server exited while starting; its log:" >&2
+        cat "$LOG" >&2
+        exit 1
+    fi
+    if "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; then
+        break
+    fi
+    sleep 1
+done
+
+status=0
+"$VENV/bin/python" scripts/openai_client_check.py --base-url "http://127.0.0.1:$PORT/v1" \
+    --model "$SERVED_NAME" --api-key "$API_KEY" || status=$?
+
+echo "==> stopping the server (SIGTERM)" >&2
+kill -TERM "$SERVER_PID"
+server_status=0
+wait "$SERVER_PID" || server_status=$?
+trap - EXIT
+if [[ $status -ne 0 ]]; then
+    echo "error: the openai client check failed; server log: $LOG" >&2
+    tail -n 40 "$LOG" >&2
+    exit "$status"
+fi
+if [[ $server_status -ne 0 ]]; then
+    echo "error: the server exited with status $server_status after SIGTERM; log: $LOG" >&2
+    tail -n 40 "$LOG" >&2
+    exit "$server_status"
+fi
+echo "==> openai client check passed" >&2
