@@ -1,3 +1,63 @@
-fn main() {
-    println!("pagoda {} ({})", env!("CARGO_PKG_VERSION"), env!("PAGODA_GIT_REV"));
+//! `pagoda`: the command line of the Pagoda inference engine.
+//!
+//! - `pagoda generate --model PATH [--chat] PROMPT...` runs prompts offline
+//!   as one continuous batch and prints the completions.
+//! - `pagoda serve --model PATH` serves the OpenAI-compatible HTTP API.
+//! - `pagoda bench {throughput,latency,serve}` measures the engine.
+//! - `pagoda sim` compares KV allocators on a request trace.
+
+mod backends;
+mod bench;
+mod engine_args;
+mod generate;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("PAGODA_GIT_REV"),
+    "; backends: ",
+    env!("PAGODA_BACKENDS"),
+    ")"
+);
+
+#[derive(Parser, Debug)]
+#[command(name = "pagoda", version = VERSION, about = "A PagedAttention LLM inference and serving engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate completions for prompts, offline, as one continuous batch.
+    Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
+    /// Benchmarks: offline throughput, single-stream latency, or a running server.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Compare KV-cache allocators (paged vs max-length reservation) on a request trace.
+    Sim(pagoda_scheduler::sim::SimArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Sim(args) => {
+            pagoda_scheduler::sim::run_cli(&args).map(|table| print!("{table}")).map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

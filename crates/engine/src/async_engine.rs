@@ -41,9 +41,15 @@ pub enum SubmitError {
 pub struct StreamError(pub String);
 
 enum Command {
-    Add { request: GenerationRequest, arrived: Instant, outputs: mpsc::UnboundedSender<Result<RequestOutput, StreamError>> },
+    Add {
+        request: GenerationRequest,
+        arrived: Instant,
+        outputs: mpsc::UnboundedSender<Result<RequestOutput, StreamError>>,
+    },
     Abort(String),
-    Shutdown { grace: Duration },
+    Shutdown {
+        grace: Duration,
+    },
 }
 
 /// Options of the async engine.
@@ -127,7 +133,8 @@ impl AsyncEngine {
     {
         let (commands, command_rx) = std_mpsc::channel();
         let (ready_tx, ready_rx) = std_mpsc::channel();
-        let shared = Arc::new(Shared { live_requests: AtomicUsize::new(0), shutting_down: AtomicBool::new(false) });
+        let shared =
+            Arc::new(Shared { live_requests: AtomicUsize::new(0), shutting_down: AtomicBool::new(false) });
         let loop_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("pagoda-engine".into())
@@ -198,8 +205,7 @@ impl AsyncEngine {
         if self.is_shutting_down() {
             return Err(SubmitError::ShuttingDown);
         }
-        validate_request(&self.info, self.max_num_seqs, &mut request)
-            .map_err(SubmitError::Invalid)?;
+        validate_request(&self.info, self.max_num_seqs, &mut request).map_err(SubmitError::Invalid)?;
         let live = self.shared.live_requests.fetch_add(1, Ordering::SeqCst);
         if live >= self.options.max_pending_requests {
             self.shared.live_requests.fetch_sub(1, Ordering::SeqCst);

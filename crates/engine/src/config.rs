@@ -89,7 +89,10 @@ impl EngineConfig {
             return bad(format!("block size must be one of 8, 16, 32, 64, 128, got {}", self.block_size));
         }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
-            return bad(format!("gpu memory utilization must be in (0, 1], got {}", self.gpu_memory_utilization));
+            return bad(format!(
+                "gpu memory utilization must be in (0, 1], got {}",
+                self.gpu_memory_utilization
+            ));
         }
         if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
             return bad("max-num-seqs and max-num-batched-tokens must be positive".into());

@@ -8,9 +8,7 @@ use std::time::Instant;
 use pagoda_backend::{Backend, SamplingParams, SamplingRow};
 use pagoda_models::{ChatTemplate, LoadedModel, Tokenizer};
 use pagoda_paged_kv::{PagedAllocator, PagedConfig};
-use pagoda_scheduler::{
-    FinishReason as SchedFinish, NewRequest, RequestId, Scheduler, SeqId, SeqUpdate,
-};
+use pagoda_scheduler::{FinishReason as SchedFinish, NewRequest, RequestId, Scheduler, SeqId, SeqUpdate};
 
 use crate::config::EngineConfig;
 use crate::detokenizer::IncrementalDetokenizer;
@@ -88,9 +86,11 @@ impl<B: Backend> LlmEngine<B> {
             enable_prefix_caching: config.enable_prefix_caching,
         })
         .map_err(|e| EngineError::Config(e.to_string()))?;
-        let scheduler = Scheduler::with_policy(config.scheduler_config(&model_config), kv, config.policy.build())
-            .map_err(|e| EngineError::Config(e.to_string()))?;
-        let runner = ModelRunner::new(backend, loaded.model, num_gpu_blocks, num_cpu_blocks, config.block_size)?;
+        let scheduler =
+            Scheduler::with_policy(config.scheduler_config(&model_config), kv, config.policy.build())
+                .map_err(|e| EngineError::Config(e.to_string()))?;
+        let runner =
+            ModelRunner::new(backend, loaded.model, num_gpu_blocks, num_cpu_blocks, config.block_size)?;
         let mut eos_token_ids = loaded.generation.eos_token_ids.clone();
         if eos_token_ids.is_empty() {
             eos_token_ids.extend(loaded.tokenizer.eos_token_id());
@@ -173,7 +173,11 @@ impl<B: Backend> LlmEngine<B> {
 
     /// [`add_request`](Self::add_request) with the arrival time given (the
     /// async engine passes when the HTTP request arrived).
-    pub fn add_request_at(&mut self, req: &mut GenerationRequest, arrived: Instant) -> Result<(), EngineError> {
+    pub fn add_request_at(
+        &mut self,
+        req: &mut GenerationRequest,
+        arrived: Instant,
+    ) -> Result<(), EngineError> {
         if self.requests.contains_key(&req.request_id) {
             return Err(EngineError::DuplicateRequest(req.request_id.clone()));
         }
@@ -230,6 +234,8 @@ impl<B: Backend> LlmEngine<B> {
         self.scheduler.abort_request(state.scheduler_id);
         self.by_scheduler_id.remove(&state.scheduler_id);
         self.metrics.request_success.with_label_values(&["abort"]).inc();
+        // The engine may go idle now (no further step): show the freed blocks at once.
+        self.update_gauges();
         let deltas = state
             .seqs
             .iter_mut()
@@ -266,7 +272,9 @@ impl<B: Backend> LlmEngine<B> {
             prompt_tokens += entry.token_ids.len();
         }
         for entry in &out.scheduled {
-            if let Some(state) = self.by_scheduler_id.get(&entry.request_id).and_then(|id| self.requests.get_mut(id)) {
+            if let Some(state) =
+                self.by_scheduler_id.get(&entry.request_id).and_then(|id| self.requests.get_mut(id))
+            {
                 if state.first_scheduled.is_none() {
                     state.first_scheduled = Some(now);
                     state.num_cached_tokens = entry.start_position;
@@ -286,7 +294,9 @@ impl<B: Backend> LlmEngine<B> {
             .samplers
             .iter()
             .zip(sampled)
-            .map(|(t, s)| (t.seq_id, TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs }))
+            .map(|(t, s)| {
+                (t.seq_id, TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs })
+            })
             .collect();
         let updates = self.scheduler.update_from_output(&out, &sampled_ids)?;
 
@@ -331,7 +341,8 @@ impl<B: Backend> LlmEngine<B> {
 
             let mut finish = update.finish_reason.map(|r| match r {
                 SchedFinish::Stop(Some(token)) => {
-                    let is_eos = self.info.eos_token_ids.contains(&token) && !state.request.stop_token_ids.contains(&token);
+                    let is_eos = self.info.eos_token_ids.contains(&token)
+                        && !state.request.stop_token_ids.contains(&token);
                     (FinishReason::Stop, if is_eos { None } else { Some(StopReason::TokenId(token)) })
                 }
                 SchedFinish::Stop(None) => (FinishReason::Stop, None),
@@ -358,8 +369,13 @@ impl<B: Backend> LlmEngine<B> {
             }
             seq.finished = finish.clone();
 
-            let streamable = if finish.is_some() { seq.text.len() } else { state.stop.streamable_len(&seq.text) };
-            let text = if streamable > seq.sent { seq.text[seq.sent..streamable].to_string() } else { String::new() };
+            let streamable =
+                if finish.is_some() { seq.text.len() } else { state.stop.streamable_len(&seq.text) };
+            let text = if streamable > seq.sent {
+                seq.text[seq.sent..streamable].to_string()
+            } else {
+                String::new()
+            };
             seq.sent = seq.sent.max(streamable);
             let delta = SeqDelta {
                 index,
@@ -429,7 +445,11 @@ impl<B: Backend> LlmEngine<B> {
 /// Checks a request against the model and the engine's limits, filling in
 /// `max_tokens` when absent. Runs before [`LlmEngine::add_request`]
 /// (the async engine calls it on the caller's thread, for early 400s).
-pub fn validate_request(info: &ModelInfo, max_num_seqs: usize, req: &mut GenerationRequest) -> Result<(), EngineError> {
+pub fn validate_request(
+    info: &ModelInfo,
+    max_num_seqs: usize,
+    req: &mut GenerationRequest,
+) -> Result<(), EngineError> {
     let prompt_len = req.prompt_token_ids.len();
     if prompt_len == 0 {
         return Err(EngineError::invalid(Some("prompt"), "the prompt is empty"));
@@ -467,11 +487,17 @@ pub fn validate_request(info: &ModelInfo, max_num_seqs: usize, req: &mut Generat
     }
     req.max_tokens = Some(max_tokens);
     if req.n == 0 || req.n > max_num_seqs {
-        return Err(EngineError::invalid(Some("n"), format!("n must be in 1..={max_num_seqs}, got {}", req.n)));
+        return Err(EngineError::invalid(
+            Some("n"),
+            format!("n must be in 1..={max_num_seqs}, got {}", req.n),
+        ));
     }
     req.sampling.validate().map_err(|e| EngineError::invalid(Some(e.param), e.to_string()))?;
     if let Some(&bad) = req.stop_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
-        return Err(EngineError::invalid(Some("stop_token_ids"), format!("token id {bad} is out of vocabulary")));
+        return Err(EngineError::invalid(
+            Some("stop_token_ids"),
+            format!("token id {bad} is out of vocabulary"),
+        ));
     }
     Ok(())
 }
@@ -494,9 +520,9 @@ fn sampling_rows<'a>(
             let (seq, own) = match scheduler.seq(target.seq_id) {
                 Some(seq) => (seq, true),
                 None => (
-                    scheduler
-                        .seq(target.entry_seq_id)
-                        .ok_or_else(|| EngineError::Internal(format!("no sequence {:?}", target.entry_seq_id)))?,
+                    scheduler.seq(target.entry_seq_id).ok_or_else(|| {
+                        EngineError::Internal(format!("no sequence {:?}", target.entry_seq_id))
+                    })?,
                     false,
                 ),
             };

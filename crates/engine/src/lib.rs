@@ -78,7 +78,10 @@ pub fn load_engine<B: Backend>(
 impl<B: Backend> LlmEngine<B> {
     /// Offline generation: adds every request, steps until all have
     /// finished, and returns them in the order given.
-    pub fn generate(&mut self, requests: Vec<GenerationRequest>) -> Result<Vec<CompletedRequest>, EngineError> {
+    pub fn generate(
+        &mut self,
+        requests: Vec<GenerationRequest>,
+    ) -> Result<Vec<CompletedRequest>, EngineError> {
         let mut done: Vec<CompletedRequest> =
             requests.iter().map(|r| CompletedRequest::new(r.request_id.clone(), r.n)).collect();
         let index: std::collections::HashMap<String, usize> =

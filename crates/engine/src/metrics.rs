@@ -3,8 +3,8 @@
 //! the server renders the registry at `/metrics`.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// All engine metrics, registered in one registry.
@@ -43,7 +43,8 @@ impl EngineMetrics {
         let counter =
             |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
         let latency = |name: &str, help: &str| {
-            let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 18).expect("buckets"));
+            let opts =
+                HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 18).expect("buckets"));
             reg(&registry, Histogram::with_opts(opts).expect("valid metric"))
         };
         Self {
@@ -52,7 +53,10 @@ impl EngineMetrics {
             requests_swapped: gauge("pagoda:num_requests_swapped", "Sequences swapped out to the CPU pool."),
             kv_blocks_total: gauge("pagoda:kv_cache_blocks_total", "KV cache blocks on the device."),
             kv_blocks_used: gauge("pagoda:kv_cache_blocks_used", "KV cache blocks held by sequences."),
-            kv_blocks_free: gauge("pagoda:kv_cache_blocks_free", "KV cache blocks free (cached ones included)."),
+            kv_blocks_free: gauge(
+                "pagoda:kv_cache_blocks_free",
+                "KV cache blocks free (cached ones included).",
+            ),
             kv_blocks_cached: gauge(
                 "pagoda:kv_cache_blocks_cached",
                 "Free KV cache blocks still holding a reusable prefix.",
@@ -66,7 +70,10 @@ impl EngineMetrics {
                 "pagoda:prefix_cache_queries_total",
                 "Prompt tokens looked up in the prefix cache.",
             ),
-            prefix_cache_hits: counter("pagoda:prefix_cache_hits_total", "Prompt tokens found in the prefix cache."),
+            prefix_cache_hits: counter(
+                "pagoda:prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache.",
+            ),
             preemptions: counter("pagoda:num_preemptions_total", "Sequences preempted."),
             prompt_tokens: counter("pagoda:prompt_tokens_total", "Prompt tokens processed."),
             generation_tokens: counter("pagoda:generation_tokens_total", "Tokens generated."),

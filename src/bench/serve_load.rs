@@ -1,0 +1,270 @@
+//! `pagoda bench serve`: an online load generator against a running
+//! OpenAI-compatible server, reporting what `vllm bench serve` reports.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::json;
+
+use super::workload::{WorkloadArgs, WorkloadRequest};
+
+#[derive(Args, Debug)]
+pub struct ServeBenchArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// Model name to send (default: the first the server lists).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Bearer token, if the server wants one.
+    #[arg(long, env = "PAGODA_API_KEY")]
+    pub api_key: Option<String>,
+    /// Mean request arrivals per second (Poisson); "inf" sends all at once.
+    #[arg(long, default_value = "inf")]
+    pub request_rate: f64,
+    /// At most this many requests in flight.
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// Generated prompts draw token ids below this (the model's vocabulary size or less).
+    #[arg(long, default_value_t = 32000)]
+    pub vocab_size: usize,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[arg(long)]
+    pub output_json: Option<PathBuf>,
+}
+
+/// Timings of one request.
+#[derive(Debug, Default, Clone)]
+struct RequestTiming {
+    ok: bool,
+    error: Option<String>,
+    prompt_tokens: usize,
+    output_tokens: usize,
+    ttft: f64,
+    itl: Vec<f64>,
+    e2e: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct Percentiles {
+    mean_ms: f64,
+    median_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct ServeResult {
+    successful_requests: usize,
+    failed_requests: usize,
+    duration_s: f64,
+    total_input_tokens: usize,
+    total_output_tokens: usize,
+    request_throughput: f64,
+    output_throughput: f64,
+    total_token_throughput: f64,
+    ttft: Percentiles,
+    tpot: Percentiles,
+    itl: Percentiles,
+    e2el: Percentiles,
+    request_rate: f64,
+    max_concurrency: Option<usize>,
+}
+
+pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
+    if args.request_rate.is_nan() || args.request_rate <= 0.0 {
+        bail!("--request-rate must be positive (or inf)");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: ServeBenchArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
+    let base = args.base_url.trim_end_matches('/').to_string();
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => first_model(&client, &base, args.api_key.as_deref()).await?,
+    };
+    let requests = args.workload.load(args.vocab_size)?;
+    let total = requests.len();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.unwrap_or(usize::MAX >> 4)));
+    let mut rng = StdRng::seed_from_u64(args.workload.seed ^ 0x5eed);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for req in requests {
+        if args.request_rate.is_finite() {
+            // Exponential gaps make a Poisson process.
+            let gap = -(1.0 - rng.random::<f64>()).ln() / args.request_rate;
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        }
+        let permit = limit.clone().acquire_owned().await?;
+        let (client, base, model, key, bar) =
+            (client.clone(), base.clone(), model.clone(), args.api_key.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let timing = one_request(&client, &base, &model, key.as_deref(), req).await;
+            bar.inc(1);
+            drop(permit);
+            timing
+        }));
+    }
+    let mut timings = Vec::with_capacity(total);
+    for t in tasks {
+        timings.push(t.await?);
+    }
+    let duration_s = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let ok: Vec<&RequestTiming> = timings.iter().filter(|t| t.ok).collect();
+    if let Some(err) = timings.iter().find_map(|t| t.error.as_ref()) {
+        eprintln!("first error: {err}");
+    }
+    let input: usize = ok.iter().map(|t| t.prompt_tokens).sum();
+    let output: usize = ok.iter().map(|t| t.output_tokens).sum();
+    let tpots: Vec<f64> = ok
+        .iter()
+        .filter(|t| t.output_tokens > 1)
+        .map(|t| (t.e2e - t.ttft) / (t.output_tokens - 1) as f64)
+        .collect();
+    let result = ServeResult {
+        successful_requests: ok.len(),
+        failed_requests: timings.len() - ok.len(),
+        duration_s,
+        total_input_tokens: input,
+        total_output_tokens: output,
+        request_throughput: ok.len() as f64 / duration_s,
+        output_throughput: output as f64 / duration_s,
+        total_token_throughput: (input + output) as f64 / duration_s,
+        ttft: percentiles(ok.iter().map(|t| t.ttft).collect()),
+        tpot: percentiles(tpots),
+        itl: percentiles(ok.iter().flat_map(|t| t.itl.iter().copied()).collect()),
+        e2el: percentiles(ok.iter().map(|t| t.e2e).collect()),
+        request_rate: args.request_rate,
+        max_concurrency: args.max_concurrency,
+    };
+    print_result(&result);
+    super::write_json(args.output_json.as_ref(), &result)?;
+    if result.successful_requests == 0 {
+        bail!("no request succeeded");
+    }
+    Ok(())
+}
+
+async fn first_model(client: &reqwest::Client, base: &str, key: Option<&str>) -> anyhow::Result<String> {
+    let mut req = client.get(format!("{base}/v1/models"));
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let body: serde_json::Value =
+        req.send().await.context("GET /v1/models")?.error_for_status()?.json().await?;
+    body["data"][0]["id"].as_str().map(str::to_string).context("the server lists no model")
+}
+
+async fn one_request(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    key: Option<&str>,
+    req: WorkloadRequest,
+) -> RequestTiming {
+    let mut timing = RequestTiming { prompt_tokens: req.prompt_token_ids.len(), ..Default::default() };
+    let body = json!({
+        "model": model,
+        "prompt": req.prompt_token_ids,
+        "max_tokens": req.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let started = Instant::now();
+    let mut http = client.post(format!("{base}/v1/completions")).json(&body);
+    if let Some(key) = key {
+        http = http.bearer_auth(key);
+    }
+    let result: anyhow::Result<()> = async {
+        let mut response = http.send().await?;
+        if !response.status().is_success() {
+            bail!("HTTP {}: {}", response.status(), response.text().await.unwrap_or_default());
+        }
+        let mut buffer = String::new();
+        let mut last = None::<f64>;
+        let mut chunks = 0usize;
+        while let Some(bytes) = response.chunk().await? {
+            buffer.push_str(&String::from_utf8_lossy(&bytes));
+            while let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                for data in event.lines().filter_map(|l| l.strip_prefix("data:")) {
+                    let data = data.trim();
+                    if data == "[DONE]" {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(data)?;
+                    if let Some(err) = v.get("error") {
+                        bail!("error event: {err}");
+                    }
+                    if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                        timing.output_tokens = n as usize;
+                    }
+                    if v["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                        let now = started.elapsed().as_secs_f64();
+                        match last {
+                            None => timing.ttft = now,
+                            Some(prev) => timing.itl.push(now - prev),
+                        }
+                        last = Some(now);
+                        chunks += 1;
+                    }
+                }
+            }
+        }
+        if timing.output_tokens == 0 {
+            timing.output_tokens = chunks;
+        }
+        Ok(())
+    }
+    .await;
+    timing.e2e = started.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => timing.ok = true,
+        Err(e) => timing.error = Some(format!("{e:#}")),
+    }
+    timing
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    if v.is_empty() {
+        return Percentiles { mean_ms: f64::NAN, median_ms: f64::NAN, p99_ms: f64::NAN };
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize] * 1e3;
+    Percentiles {
+        mean_ms: v.iter().sum::<f64>() / v.len() as f64 * 1e3,
+        median_ms: at(0.5),
+        p99_ms: at(0.99),
+    }
+}
+
+fn print_result(r: &ServeResult) {
+    println!("============ Serving Benchmark Result ============");
+    println!("{:<40}{:>10}", "Successful requests:", r.successful_requests);
+    println!("{:<40}{:>10}", "Failed requests:", r.failed_requests);
+    println!("{:<40}{:>10.2}", "Benchmark duration (s):", r.duration_s);
+    println!("{:<40}{:>10}", "Total input tokens:", r.total_input_tokens);
+    println!("{:<40}{:>10}", "Total generated tokens:", r.total_output_tokens);
+    println!("{:<40}{:>10.2}", "Request throughput (req/s):", r.request_throughput);
+    println!("{:<40}{:>10.2}", "Output token throughput (tok/s):", r.output_throughput);
+    println!("{:<40}{:>10.2}", "Total Token throughput (tok/s):", r.total_token_throughput);
+    for (name, p) in [("TTFT", &r.ttft), ("TPOT", &r.tpot), ("ITL", &r.itl), ("E2EL", &r.e2el)] {
+        println!("{:<40}{:>10.2}", format!("Mean {name} (ms):"), p.mean_ms);
+        println!("{:<40}{:>10.2}", format!("Median {name} (ms):"), p.median_ms);
+        println!("{:<40}{:>10.2}", format!("P99 {name} (ms):"), p.p99_ms);
+    }
+    println!("==================================================");
+}

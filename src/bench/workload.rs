@@ -1,0 +1,173 @@
+//! Benchmark workloads: a JSONL file of `{"prompt_token_ids": [...],
+//! "max_tokens": N}` lines (the format ../shared/bench/hf_peer.py reads and
+//! writes, so Pagoda and the peer run the very same requests), or requests
+//! generated with fixed or ShareGPT-like log-normal lengths.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Lengths {
+    Fixed,
+    Lognormal,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// Read requests from this JSONL file instead of generating them.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Generated workload: number of requests.
+    #[arg(long, default_value_t = 256)]
+    pub num_prompts: usize,
+    /// Generated workload: prompt length (the mean for log-normal lengths).
+    #[arg(long, default_value_t = 512)]
+    pub input_len: usize,
+    /// Generated workload: output length (the mean for log-normal lengths).
+    #[arg(long, default_value_t = 256)]
+    pub output_len: usize,
+    #[arg(long, value_enum, default_value_t = Lengths::Fixed)]
+    pub lengths: Lengths,
+    /// Generated workload: cap on log-normal lengths.
+    #[arg(long, default_value_t = 4096)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the requests used to this JSONL file.
+    #[arg(long)]
+    pub write_dataset: Option<PathBuf>,
+}
+
+/// One benchmark request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadRequest {
+    pub prompt_token_ids: Vec<u32>,
+    pub max_tokens: usize,
+}
+
+impl WorkloadArgs {
+    /// The requests, with token ids checked against the vocabulary.
+    pub fn load(&self, vocab_size: usize) -> anyhow::Result<Vec<WorkloadRequest>> {
+        let requests = match &self.dataset {
+            Some(path) => read_jsonl(path)?,
+            None => self.generate(vocab_size),
+        };
+        for (i, r) in requests.iter().enumerate() {
+            if r.prompt_token_ids.is_empty() || r.max_tokens == 0 {
+                bail!("request {i}: empty prompt or max_tokens 0");
+            }
+            if let Some(t) = r.prompt_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+                bail!("request {i}: token id {t} is outside the model's vocabulary of {vocab_size}");
+            }
+        }
+        if let Some(path) = &self.write_dataset {
+            let mut f =
+                std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            for r in &requests {
+                writeln!(f, "{}", serde_json::to_string(r)?)?;
+            }
+        }
+        Ok(requests)
+    }
+
+    fn generate(&self, vocab_size: usize) -> Vec<WorkloadRequest> {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        (0..self.num_prompts)
+            .map(|_| {
+                let (input, output) = match self.lengths {
+                    Lengths::Fixed => (self.input_len, self.output_len),
+                    Lengths::Lognormal => (
+                        lognormal(&mut rng, self.input_len as f64, 0.8).clamp(4, self.max_len),
+                        lognormal(&mut rng, self.output_len as f64, 0.8).clamp(4, self.max_len),
+                    ),
+                };
+                let seed = rng.random();
+                WorkloadRequest {
+                    prompt_token_ids: random_tokens(input, vocab_size, seed),
+                    max_tokens: output,
+                }
+            })
+            .collect()
+    }
+}
+
+/// `len` token ids drawn uniformly from the vocabulary, away from its ends
+/// (where special tokens live).
+pub fn random_tokens(len: usize, vocab_size: usize, seed: u64) -> Vec<u32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (lo, hi) = if vocab_size > 40 { (10, vocab_size - 10) } else { (0, vocab_size) };
+    (0..len).map(|_| rng.random_range(lo..hi) as u32).collect()
+}
+
+/// A log-normal draw whose median is `median` (as hf_peer.py draws them).
+fn lognormal(rng: &mut StdRng, median: f64, sigma: f64) -> usize {
+    // Box-Muller.
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+    (median.ln() + sigma * z).exp() as usize
+}
+
+fn read_jsonl(path: &PathBuf) -> anyhow::Result<Vec<WorkloadRequest>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: WorkloadRequest = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not a workload request", path.display(), n + 1))?;
+        out.push(r);
+    }
+    if out.is_empty() {
+        bail!("{}: no requests", path.display());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> WorkloadArgs {
+        WorkloadArgs {
+            dataset: None,
+            num_prompts: 50,
+            input_len: 100,
+            output_len: 20,
+            lengths: Lengths::Lognormal,
+            max_len: 300,
+            seed: 3,
+            write_dataset: None,
+        }
+    }
+
+    #[test]
+    fn generated_workloads_are_reproducible_and_in_range() {
+        let a = args().load(1000).unwrap();
+        assert_eq!(a, args().load(1000).unwrap());
+        assert_eq!(a.len(), 50);
+        assert!(a.iter().all(|r| (4..=300).contains(&r.prompt_token_ids.len())));
+        assert!(a.iter().flat_map(|r| &r.prompt_token_ids).all(|&t| (10..990).contains(&t)));
+    }
+
+    #[test]
+    fn jsonl_round_trip_and_vocab_check() {
+        let dir = std::env::temp_dir().join(format!("pagoda-workload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.jsonl");
+        let written = WorkloadArgs { write_dataset: Some(path.clone()), lengths: Lengths::Fixed, ..args() };
+        let a = written.load(1000).unwrap();
+        let read = WorkloadArgs { dataset: Some(path.clone()), ..args() };
+        assert_eq!(read.load(1000).unwrap(), a);
+        assert!(read.load(50).is_err(), "ids beyond a 50-token vocabulary must be refused");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,143 @@
+//! Engine options shared by `generate`, `serve` and `bench`, named as vLLM
+//! names them where the meaning is the same.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use pagoda_engine::{EngineConfig, Policy, PreemptionMode};
+
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// CUDA when this build has it and a GPU is present, else the CPU.
+    Auto,
+    /// The CPU reference backend (f32).
+    Cpu,
+    /// The CUDA backend (bf16); needs a build with `--features cuda`.
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PreemptionArg {
+    Recompute,
+    Swap,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    Fcfs,
+    Priority,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+    /// a folder holding one .gguf file, or a .gguf file.
+    #[arg(long, env = "PAGODA_MODEL")]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Fraction of GPU memory for weights, activations and KV cache.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Use exactly this many KV-cache blocks (overrides memory-based sizing).
+    #[arg(long, alias = "kv-cache-blocks")]
+    pub num_gpu_blocks_override: Option<usize>,
+    /// KV-cache size on the CPU backend, e.g. 512MiB, 2GiB or bytes (default 1GiB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub kv_cache_memory: Option<u64>,
+    /// CPU swap space for preempted sequences, in GiB (used with --preemption-mode swap).
+    #[arg(long, default_value_t = 4.0)]
+    pub swap_space: f64,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget of one engine step (prefill and decode tokens together).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + output (default: the model's own limit).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Reuse the KV of shared prompt prefixes (on by default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_prefix_caching: bool,
+    /// Turn prefix caching off.
+    #[arg(long, conflicts_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+    /// Split long prompts across steps so decodes keep flowing (on by default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_chunked_prefill: bool,
+    #[arg(long, value_enum, default_value_t = PreemptionArg::Recompute)]
+    pub preemption_mode: PreemptionArg,
+    #[arg(long, value_enum, default_value_t = PolicyArg::Fcfs)]
+    pub scheduling_policy: PolicyArg,
+    /// Seed for requests that give none.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl EngineArgs {
+    pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        if !(self.swap_space >= 0.0 && self.swap_space.is_finite()) {
+            bail!("--swap-space must be a non-negative number of GiB");
+        }
+        let config = EngineConfig {
+            block_size: self.block_size,
+            num_gpu_blocks: self.num_gpu_blocks_override,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            kv_cache_memory_bytes: self.kv_cache_memory,
+            swap_space_bytes: (self.swap_space * (1u64 << 30) as f64) as u64,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_model_len: self.max_model_len,
+            enable_prefix_caching: self.enable_prefix_caching && !self.no_enable_prefix_caching,
+            enable_chunked_prefill: self.enable_chunked_prefill,
+            preemption_mode: match self.preemption_mode {
+                PreemptionArg::Recompute => PreemptionMode::Recompute,
+                PreemptionArg::Swap => PreemptionMode::Swap,
+            },
+            policy: match self.scheduling_policy {
+                PolicyArg::Fcfs => Policy::Fcfs,
+                PolicyArg::Priority => Policy::Priority,
+            },
+            seed: self.seed,
+        };
+        config.validate().context("invalid engine options")?;
+        Ok(config)
+    }
+}
+
+/// Parses `1024`, `512KiB`, `512MiB`, `2GiB` (also KB/MB/GB, K/M/G, powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    Ok((value * scale as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("GiB").is_err());
+    }
+}

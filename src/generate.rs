@@ -1,0 +1,172 @@
+//! `pagoda generate`: offline generation of one or more prompts as one batch.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use pagoda_backend::Backend;
+use pagoda_engine::{load_engine, GenerationRequest, LlmEngine, SamplingParams};
+use pagoda_models::ChatMessage;
+
+use crate::backends::{dispatch, loading_bar, BackendJob};
+use crate::engine_args::EngineArgs;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The prompts; several run together as one continuous batch.
+    #[arg(required = true)]
+    pub prompts: Vec<String>,
+    /// Treat each prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 means greedy (the default here, so that runs are reproducible).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Samples per prompt.
+    #[arg(short, long, default_value_t = 1)]
+    pub n: usize,
+    /// Stop strings.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    dispatch(args.engine.device, Generate(args))
+}
+
+struct Generate(GenerateArgs);
+
+impl BackendJob for Generate {
+    type Output = ();
+
+    fn run<B: Backend, F>(self, make_backend: F) -> anyhow::Result<()>
+    where
+        F: FnOnce() -> anyhow::Result<B> + Send + 'static,
+    {
+        let args = self.0;
+        let backend = make_backend()?;
+        let device = backend.name();
+        let bar = loading_bar();
+        let started = Instant::now();
+        let mut engine =
+            load_engine(backend, &args.engine.model, args.engine.engine_config()?, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .with_context(|| format!("loading {}", args.engine.model.display()))?;
+        bar.finish_and_clear();
+        eprintln!(
+            "loaded {} on {device} in {:.1} s",
+            args.engine.model.display(),
+            started.elapsed().as_secs_f64()
+        );
+
+        let requests = build_requests(&engine, &args)?;
+        let num_prompt_tokens: usize = requests.iter().map(|r| r.prompt_token_ids.len()).sum();
+        let started = Instant::now();
+        let results = if requests.len() == 1 && args.n == 1 {
+            stream_one(&mut engine, requests.into_iter().next().expect("one request"))?
+        } else {
+            let done = engine.generate(requests)?;
+            for (prompt, result) in args.prompts.iter().zip(&done) {
+                println!("=== {prompt}");
+                for seq in &result.seqs {
+                    if result.seqs.len() > 1 {
+                        println!("--- sample {}", seq.index);
+                    }
+                    println!("{}", seq.text);
+                }
+            }
+            done.iter().map(|r| r.num_generated_tokens()).sum()
+        };
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "{} prompt tokens, {results} generated tokens in {secs:.2} s ({:.1} generated tok/s)",
+            num_prompt_tokens,
+            results as f64 / secs
+        );
+        Ok(())
+    }
+}
+
+fn build_requests<B: Backend>(
+    engine: &LlmEngine<B>,
+    args: &GenerateArgs,
+) -> anyhow::Result<Vec<GenerationRequest>> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    args.prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            let text = if args.chat {
+                let Some(template) = engine.chat_template() else {
+                    bail!("--chat: the model has no chat template");
+                };
+                let mut messages = Vec::new();
+                if let Some(system) = &args.system {
+                    messages.push(ChatMessage::new("system", system.as_str()));
+                }
+                messages.push(ChatMessage::new("user", prompt.as_str()));
+                template.render(&messages, true)?
+            } else {
+                prompt.clone()
+            };
+            // A chat template already holds its special tokens.
+            let prompt_token_ids = engine.tokenizer().encode(&text, !args.chat)?;
+            let mut req = GenerationRequest::new(format!("generate-{i}"), prompt_token_ids);
+            req.sampling = sampling.clone();
+            req.max_tokens = Some(args.max_tokens);
+            req.n = args.n;
+            req.stop = args.stop.clone();
+            req.ignore_eos = args.ignore_eos;
+            Ok(req)
+        })
+        .collect()
+}
+
+/// Runs one request, printing text as it is produced. Returns the tokens generated.
+fn stream_one<B: Backend>(engine: &mut LlmEngine<B>, request: GenerationRequest) -> anyhow::Result<usize> {
+    engine.add_request(request)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut generated = 0;
+    while engine.has_unfinished_requests() {
+        for out in engine.step()? {
+            for delta in out.deltas {
+                generated += delta.token_ids.len();
+                write!(stdout, "{}", delta.text)?;
+            }
+        }
+        stdout.flush()?;
+    }
+    writeln!(stdout)?;
+    Ok(generated)
+}
