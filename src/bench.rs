@@ -169,6 +169,8 @@ struct LatencyResult {
     median_ttft_s: f64,
     median_decode_tokens_per_s: f64,
     load_s: f64,
+    /// Process start to the first token of the first (warm-up) request.
+    cold_start_s: f64,
 }
 
 struct Latency(LatencyArgs);
@@ -188,6 +190,7 @@ impl BackendJob for Latency {
         let mut ttft = Vec::new();
         let mut decode = Vec::new();
         let mut e2e = Vec::new();
+        let mut cold_start_s = f64::NAN;
         for iter in 0..=args.num_iters {
             // A fresh random prompt each run, so the prefix cache cannot help.
             let prompt = workload::random_tokens(args.input_len, vocab, 1000 + iter as u64);
@@ -202,6 +205,10 @@ impl BackendJob for Latency {
             }
             let total = started.elapsed().as_secs_f64();
             let first = first.unwrap_or(total);
+            if iter == 0 {
+                let process_start = crate::PROCESS_START.get().copied().unwrap_or(started);
+                cold_start_s = (started - process_start).as_secs_f64() + first;
+            }
             if iter > 0 {
                 ttft.push(first);
                 decode.push((args.output_len - 1) as f64 / (total - first));
@@ -218,6 +225,7 @@ impl BackendJob for Latency {
             decode_tokens_per_s: decode,
             e2e_s: e2e,
             load_s,
+            cold_start_s,
         };
         println!("device:         {}", result.device);
         println!("prompt/output:  {} / {} tokens", result.input_len, result.output_len);
@@ -228,6 +236,7 @@ impl BackendJob for Latency {
             1e3 / result.median_decode_tokens_per_s
         );
         println!("model load:     {:.2} s", result.load_s);
+        println!("cold start:     {:.2} s (process start to the first token)", result.cold_start_s);
         write_json(args.output_json.as_ref(), &result)
     }
 }

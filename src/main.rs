@@ -43,7 +43,11 @@ enum Command {
     Sim(pagoda_scheduler::sim::SimArgs),
 }
 
+/// When the process started (cold-start figures are measured from here).
+pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn main() -> std::process::ExitCode {
+    PROCESS_START.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),

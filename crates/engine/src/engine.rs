@@ -103,6 +103,11 @@ impl<B: Backend> LlmEngine<B> {
             num_gpu_blocks,
             block_size: config.block_size,
         };
+        if !loaded.tokenizer.is_present() {
+            tracing::warn!(
+                "the model has no tokenizer: only token-id requests work, and outputs carry no text"
+            );
+        }
         let metrics = Arc::new(EngineMetrics::new());
         metrics.kv_blocks_total.set(num_gpu_blocks as i64);
         tracing::info!(
@@ -182,6 +187,16 @@ impl<B: Backend> LlmEngine<B> {
             return Err(EngineError::DuplicateRequest(req.request_id.clone()));
         }
         validate_request(&self.info, self.config.max_num_seqs, req)?;
+        if !self.tokenizer.is_present() {
+            // Like vLLM's --skip-tokenizer-init: token ids in, token ids out.
+            if !req.stop.is_empty() {
+                return Err(EngineError::invalid(
+                    Some("stop"),
+                    "stop strings need a tokenizer; this model has none",
+                ));
+            }
+            req.detokenize = false;
+        }
         let scheduler_id = RequestId(self.next_request_id);
         self.next_request_id += 1;
         let seed = req.sampling.seed.unwrap_or_else(|| {

@@ -91,9 +91,15 @@ impl TokenizerConfig {
 }
 
 /// A tokenizer with its special tokens.
+///
+/// A model folder without `tokenizer.json` (random-weight benchmark models)
+/// gets an *absent* tokenizer, like vLLM's `--skip-tokenizer-init`: token-id
+/// requests work, and every encode or decode is a clear error.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Option<tokenizers::Tokenizer>,
+    /// Why `inner` is absent.
+    absent_reason: String,
     config: TokenizerConfig,
     bos_token_id: Option<TokenId>,
     eos_token_id: Option<TokenId>,
@@ -118,19 +124,37 @@ impl Tokenizer {
     pub fn new(inner: tokenizers::Tokenizer, config: TokenizerConfig) -> Self {
         let id = |t: &Option<String>| t.as_deref().and_then(|t| inner.token_to_id(t));
         let (bos_token_id, eos_token_id) = (id(&config.bos_token), id(&config.eos_token));
-        Self { inner, config, bos_token_id, eos_token_id }
+        Self { inner: Some(inner), absent_reason: String::new(), config, bos_token_id, eos_token_id }
+    }
+
+    /// No tokenizer: `reason` says why (e.g. the folder has no tokenizer.json).
+    pub fn absent(reason: impl Into<String>, config: TokenizerConfig) -> Self {
+        Self { inner: None, absent_reason: reason.into(), config, bos_token_id: None, eos_token_id: None }
+    }
+
+    /// Whether there is a real tokenizer.
+    pub fn is_present(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    fn present(&self) -> Result<&tokenizers::Tokenizer> {
+        self.inner.as_ref().ok_or_else(|| {
+            ModelError::Tokenizer(format!(
+                "this model has no tokenizer ({}): send token ids",
+                self.absent_reason
+            ))
+        })
     }
 
     /// `tokenizer.json` and `tokenizer_config.json` of a Hugging Face folder.
     /// Whether encoding adds BOS is up to `tokenizer.json`'s post-processor,
-    /// as in transformers.
+    /// as in transformers. A folder without `tokenizer.json` gets an
+    /// [absent](Self::absent) tokenizer.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(ModelError::ModelPath {
-                path: dir.to_path_buf(),
-                detail: "no tokenizer.json".into(),
-            });
+            let reason = format!("{} has no tokenizer.json", dir.display());
+            return Ok(Self::absent(reason, TokenizerConfig::from_hf_dir(dir)?));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
@@ -253,29 +277,30 @@ impl Tokenizer {
     /// (BOS/EOS where the model wants them). Special-token text such as
     /// `<|im_start|>` is always matched whole.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(tok_err)?;
+        let enc = self.present()?.encode(text, add_special_tokens).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`; `skip_special_tokens` drops control tokens.
     pub fn decode(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
+        let inner = self.present()?;
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size()) {
             return Err(ModelError::Tokenizer(format!("token id {bad} is outside the vocabulary")));
         }
-        self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+        inner.decode(ids, skip_special_tokens).map_err(tok_err)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
-        self.inner.token_to_id(token)
+        self.inner.as_ref()?.token_to_id(token)
     }
 
     pub fn id_to_token(&self, id: TokenId) -> Option<String> {
-        self.inner.id_to_token(id)
+        self.inner.as_ref()?.id_to_token(id)
     }
 
-    /// Vocabulary size including added tokens.
+    /// Vocabulary size including added tokens (0 when absent).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.inner.as_ref().map_or(0, |t| t.get_vocab_size(true))
     }
 
     pub fn config(&self) -> &TokenizerConfig {
@@ -290,9 +315,9 @@ impl Tokenizer {
         self.eos_token_id
     }
 
-    /// The underlying `tokenizers` tokenizer (e.g. for incremental decoding).
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The underlying `tokenizers` tokenizer, if present.
+    pub fn inner(&self) -> Option<&tokenizers::Tokenizer> {
+        self.inner.as_ref()
     }
 }
 

@@ -50,10 +50,15 @@ fn missing_paths_and_files() {
     fs::write(&txt, b"hello").unwrap();
     assert!(matches!(ModelSource::resolve(&txt), Err(ModelError::ModelPath { .. })));
 
+    // Without tokenizer.json the model opens for token-id use, and any text
+    // use says why it cannot work.
     let (_t, dir) = copy_fixture("tiny-llama");
     fs::remove_file(dir.join("tokenizer.json")).unwrap();
-    let err = ModelFiles::open(&dir).unwrap_err();
+    let files = ModelFiles::open(&dir).unwrap();
+    assert!(!files.tokenizer.is_present());
+    let err = files.tokenizer.encode("hello", true).unwrap_err();
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    assert!(files.tokenizer.decode(&[1, 2], true).is_err());
 
     let (_t, dir) = copy_fixture("tiny-llama");
     fs::remove_file(dir.join("model.safetensors")).unwrap();
