@@ -20,7 +20,11 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
-constexpr int kDecodePartition = 512;
+// Context tokens per decode partition. Large partitions when there are enough
+// (sequence, KV head) pairs to fill the GPU; small ones otherwise, so that a
+// few sequences (single-stream decode) still spread over every SM.
+constexpr int kDecodePartitionLarge = 512;
+constexpr int kDecodePartitionSmall = 64;
 constexpr int kMaxDecodeGroup = 8;
 
 // The first context token a query at position `pos` sees.
@@ -52,10 +56,9 @@ struct BlockDiv {
 
 // Grid (kv head, decode sequence, partition). Dynamic shared memory: the partition's
 // scores for every query head of the group, later reused to merge the warps' outputs.
-template <typename T, int D, int GMAX>
+template <typename T, int D, int GMAX, int P>
 __global__ void __launch_bounds__(kDecodeThreads)
     paged_decode_kernel(const PagodaAttentionArgs a, int max_splits) {
-    constexpr int P = kDecodePartition;
     constexpr int TPT = 8;                    // lanes per token for q.k
     constexpr int EPL = D / TPT;              // elements per lane for q.k
     constexpr int VPL = EPL / 8;              // 16-byte loads per lane for q.k
@@ -89,7 +92,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
     // The partition's block-table entries, once, in shared memory: the K and V
     // loads below then wait for one memory round trip, not two.
-    __shared__ int s_blocks[kDecodePartition + 1];
+    __shared__ int s_blocks[P + 1];
     const BlockDiv bdiv(a.block_size);
     const int first_block = bdiv.div(tok0);
     const int num_part_blocks = bdiv.div(tok0 + ntok - 1) - first_block + 1;
@@ -265,11 +268,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
 // Grid (query head, decode sequence), D threads: merges the partitions of sequences that had several.
 template <typename T, int D>
-__global__ void paged_decode_merge_kernel(const PagodaAttentionArgs a, int max_splits) {
+__global__ void paged_decode_merge_kernel(const PagodaAttentionArgs a, int max_splits, int partition) {
     const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
     const int L = a.seq_lens[s];
     const int start = window_start(L - 1, a.sliding_window);
-    const int num_splits = ceil_div(L - start, kDecodePartition);
+    const int num_splits = ceil_div(L - start, partition);
     if (num_splits <= 1) return;
     const int Hq = a.num_q_heads;
     const size_t first = ((size_t)s * Hq + h) * max_splits;
@@ -289,28 +292,54 @@ __global__ void paged_decode_merge_kernel(const PagodaAttentionArgs a, int max_s
     out[d] = from_float<T>(o / l);
 }
 
-int decode_max_splits(const PagodaAttentionArgs *a) {
+int decode_context(const PagodaAttentionArgs *a) {
     int ctx = a->max_decode_seq_len;
     if (a->sliding_window > 0 && ctx > a->sliding_window) ctx = a->sliding_window;
-    return ceil_div(ctx > 0 ? ctx : 1, kDecodePartition);
+    return ctx > 0 ? ctx : 1;
 }
 
-template <typename T, int D, int GMAX> int launch_decode_g(const PagodaAttentionArgs *a, cudaStream_t s) {
-    const int max_splits = decode_max_splits(a);
-    const size_t smem = sizeof(float) * (size_t)max(GMAX * kDecodePartition, kDecodeWarps * GMAX * D);
+int num_sms() {
+    static const int n = [] {
+        int dev = 0, v = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0)
+            return 132;
+        return v;
+    }();
+    return n;
+}
+
+// Small partitions when large ones would leave most SMs idle (fewer blocks than
+// two per SM); the extra merge work is negligible at that size.
+int decode_partition(const PagodaAttentionArgs *a) {
+    const long blocks =
+        (long)a->num_kv_heads * a->num_decode_seqs * ceil_div(decode_context(a), kDecodePartitionLarge);
+    return blocks < 2L * num_sms() ? kDecodePartitionSmall : kDecodePartitionLarge;
+}
+
+int decode_max_splits(const PagodaAttentionArgs *a) { return ceil_div(decode_context(a), decode_partition(a)); }
+
+template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAttentionArgs *a, cudaStream_t s) {
+    const int max_splits = ceil_div(decode_context(a), P);
+    const size_t smem = sizeof(float) * (size_t)max(GMAX * P, kDecodeWarps * GMAX * D);
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<T, D, GMAX>,
+        cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<T, D, GMAX, P>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid(a->num_kv_heads, a->num_decode_seqs, max_splits);
-    paged_decode_kernel<T, D, GMAX><<<grid, kDecodeThreads, smem, s>>>(*a, max_splits);
+    paged_decode_kernel<T, D, GMAX, P><<<grid, kDecodeThreads, smem, s>>>(*a, max_splits);
     PAGODA_LAUNCH_CHECK();
     if (max_splits > 1) {
-        paged_decode_merge_kernel<T, D><<<dim3(a->num_q_heads, a->num_decode_seqs), D, 0, s>>>(*a, max_splits);
+        paged_decode_merge_kernel<T, D><<<dim3(a->num_q_heads, a->num_decode_seqs), D, 0, s>>>(*a, max_splits, P);
         PAGODA_LAUNCH_CHECK();
     }
     return 0;
+}
+
+template <typename T, int D, int GMAX> int launch_decode_g(const PagodaAttentionArgs *a, cudaStream_t s) {
+    return decode_partition(a) == kDecodePartitionSmall ? launch_decode_p<T, D, GMAX, kDecodePartitionSmall>(a, s)
+                                                        : launch_decode_p<T, D, GMAX, kDecodePartitionLarge>(a, s);
 }
 
 template <typename T, int D> int launch_decode(const PagodaAttentionArgs *a, cudaStream_t s) {

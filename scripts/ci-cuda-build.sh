@@ -12,8 +12,9 @@ source .cuda/env.sh
 
 echo "==> cargo build --features cuda (the pagoda binary with the CUDA backend)"
 cargo build --features cuda --bin pagoda
-echo "==> CUDA backend tests and bench: compile and link only"
+echo "==> CUDA backend tests and bench, and the whole-model GPU test: compile and link only"
 cargo test -p pagoda-backend-cuda --all-targets --no-run
+cargo test --features cuda --test cuda_model --no-run
 echo "==> clippy on the CUDA backend"
 cargo clippy -p pagoda-backend-cuda --all-targets -- -D warnings
 echo "==> CUDA backend host-side unit tests (no GPU needed)"

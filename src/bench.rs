@@ -154,6 +154,7 @@ impl BackendJob for Throughput {
             result.requests_per_s, result.output_tokens_per_s, result.total_tokens_per_s
         );
         println!("model load:         {:.2} s", result.load_s);
+        print_timings(&engine);
         write_json(args.output_json.as_ref(), &result)
     }
 }
@@ -237,8 +238,30 @@ impl BackendJob for Latency {
         );
         println!("model load:     {:.2} s", result.load_s);
         println!("cold start:     {:.2} s (process start to the first token)", result.cold_start_s);
+        print_timings(&engine);
         write_json(args.output_json.as_ref(), &result)
     }
+}
+
+/// Where the engine's steps spent their time (host wall clock; on a device,
+/// `sample` includes waiting for the forward pass to finish).
+fn print_timings<B: Backend>(engine: &LlmEngine<B>) {
+    let s = engine.step_timings();
+    let r = engine.runner().timings();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "step time (ms):     {} steps: schedule {:.0}, prepare {:.0}, execute {:.0} (blocks {:.0}, upload {:.0}, \
+         forward enqueue {:.0}, sample+wait {:.0}), update {:.0}",
+        s.steps,
+        ms(s.schedule),
+        ms(s.prepare),
+        ms(s.execute),
+        ms(r.move_blocks),
+        ms(r.upload),
+        ms(r.forward),
+        ms(r.sample),
+        ms(s.update)
+    );
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -96,7 +96,7 @@ async fn run_async(args: ServeBenchArgs) -> anyhow::Result<()> {
     let total = requests.len();
     let bar = indicatif::ProgressBar::new(total as u64);
     let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.unwrap_or(usize::MAX >> 4)));
-    let mut rng = StdRng::seed_from_u64(args.workload.seed ^ 0x5eed);
+    let mut rng = StdRng::seed_from_u64(args.workload.workload_seed ^ 0x5eed);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total);
     for req in requests {

@@ -37,8 +37,9 @@ pub struct WorkloadArgs {
     /// Generated workload: cap on log-normal lengths.
     #[arg(long, default_value_t = 4096)]
     pub max_len: usize,
+    /// Generated workload: seed of the lengths and token ids.
     #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    pub workload_seed: u64,
     /// Also write the requests used to this JSONL file.
     #[arg(long)]
     pub write_dataset: Option<PathBuf>,
@@ -77,7 +78,7 @@ impl WorkloadArgs {
     }
 
     fn generate(&self, vocab_size: usize) -> Vec<WorkloadRequest> {
-        let mut rng = StdRng::seed_from_u64(self.seed);
+        let mut rng = StdRng::seed_from_u64(self.workload_seed);
         (0..self.num_prompts)
             .map(|_| {
                 let (input, output) = match self.lengths {
@@ -144,7 +145,7 @@ mod tests {
             output_len: 20,
             lengths: Lengths::Lognormal,
             max_len: 300,
-            seed: 3,
+            workload_seed: 3,
             write_dataset: None,
         }
     }

@@ -68,6 +68,21 @@ pub struct LlmEngine<B: Backend> {
     metrics: Arc<EngineMetrics>,
     /// Scheduler counters at the last metrics update (metrics take deltas).
     last_counters: (u64, u64, u64),
+    timings: StepTimings,
+}
+
+/// Host wall-clock time of each phase of `step()`, summed over steps; the
+/// runner's own split is in [`RunnerTimings`](crate::RunnerTimings).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTimings {
+    pub steps: u64,
+    pub schedule: std::time::Duration,
+    /// Building the step's inputs and sampling rows.
+    pub prepare: std::time::Duration,
+    /// The runner: block moves, uploads, the forward pass, sampling.
+    pub execute: std::time::Duration,
+    /// Scheduler update, detokenization, outputs, metrics.
+    pub update: std::time::Duration,
 }
 
 impl<B: Backend> LlmEngine<B> {
@@ -131,6 +146,7 @@ impl<B: Backend> LlmEngine<B> {
             next_request_id: 0,
             metrics,
             last_counters: (0, 0, 0),
+            timings: StepTimings::default(),
         })
     }
 
@@ -160,6 +176,11 @@ impl<B: Backend> LlmEngine<B> {
 
     pub fn scheduler(&self) -> &Scheduler<PagedAllocator> {
         &self.scheduler
+    }
+
+    /// Where `step()` spent its time so far.
+    pub fn step_timings(&self) -> StepTimings {
+        self.timings
     }
 
     pub fn has_unfinished_requests(&self) -> bool {
@@ -280,8 +301,10 @@ impl<B: Backend> LlmEngine<B> {
     /// One iteration: schedule, execute, sample, detokenize. Returns an output
     /// for every request that produced something (finished ones included).
     pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let started = Instant::now();
         let out = self.scheduler.schedule()?;
         let now = Instant::now();
+        self.timings.schedule += now - started;
         let mut prompt_tokens = 0usize;
         for entry in &out.scheduled[out.num_decodes.min(out.scheduled.len())..] {
             prompt_tokens += entry.token_ids.len();
@@ -301,8 +324,13 @@ impl<B: Backend> LlmEngine<B> {
         let inputs = StepInputs::build(&out)?;
         let sampled = {
             let rows = sampling_rows(&self.scheduler, &self.by_scheduler_id, &self.requests, &inputs)?;
-            self.runner.execute(&out, &inputs, &rows)?
+            let prepared = Instant::now();
+            self.timings.prepare += prepared - now;
+            let sampled = self.runner.execute(&out, &inputs, &rows)?;
+            self.timings.execute += prepared.elapsed();
+            sampled
         };
+        let executed = Instant::now();
         let sampled_ids: Vec<(SeqId, u32)> =
             inputs.samplers.iter().zip(&sampled).map(|(t, s)| (t.seq_id, s.token)).collect();
         let logprobs_by_seq: HashMap<SeqId, TokenLogprob> = inputs
@@ -320,6 +348,8 @@ impl<B: Backend> LlmEngine<B> {
         self.metrics.generation_tokens.inc_by(updates.len() as u64);
         let outputs = self.process_updates(updates, logprobs_by_seq);
         self.update_gauges();
+        self.timings.update += executed.elapsed();
+        self.timings.steps += 1;
         Ok(outputs)
     }
 

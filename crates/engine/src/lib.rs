@@ -40,14 +40,14 @@ use std::path::Path;
 pub use async_engine::{AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError};
 pub use config::{EngineConfig, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
-pub use engine::{validate_request, LlmEngine, ModelInfo};
+pub use engine::{validate_request, LlmEngine, ModelInfo, StepTimings};
 pub use error::EngineError;
 pub use metrics::EngineMetrics;
 pub use output::{CompletedRequest, CompletedSeq};
 pub use pagoda_sampler::SamplingParams;
 pub use pagoda_scheduler::{Policy, PreemptionMode};
 pub use request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
-pub use runner::{ModelRunner, SampleTarget, StepInputs};
+pub use runner::{ModelRunner, RunnerTimings, SampleTarget, StepInputs};
 pub use stop::{StopChecker, StopMatch};
 
 use pagoda_backend::Backend;

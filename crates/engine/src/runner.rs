@@ -2,6 +2,8 @@
 //! copy-on-write copies, one forward pass over every scheduled token) and
 //! returns the sampled tokens. It makes no policy: the scheduler decided.
 
+use std::time::Instant;
+
 use pagoda_backend::{AttentionHostMetadata, Backend, SampledToken, SamplingRow};
 use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
 use pagoda_scheduler::{SchedulerOutput, SeqId};
@@ -14,9 +16,21 @@ pub struct ModelRunner<B: Backend> {
     backend: B,
     model: LlamaModel<B>,
     kv: KvCache<B>,
+    timings: RunnerTimings,
     /// One host pool per cache tensor (K and V of every layer), each
     /// `num_cpu_blocks` blocks in the device's per-block byte layout.
     host_pools: Vec<Vec<u8>>,
+}
+
+/// Where the runner's time went, summed over steps (host wall-clock time).
+/// On a device backend, `forward` is the time to *enqueue* the forward pass
+/// and `sample` includes waiting for the device to finish it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RunnerTimings {
+    pub move_blocks: std::time::Duration,
+    pub upload: std::time::Duration,
+    pub forward: std::time::Duration,
+    pub sample: std::time::Duration,
 }
 
 /// The host inputs of one forward pass, built from a scheduler output.
@@ -93,7 +107,7 @@ impl<B: Backend> ModelRunner<B> {
         } else {
             (0..kv.layers.len() * 2).map(|_| vec![0u8; num_cpu_blocks * block_bytes]).collect()
         };
-        Ok(Self { backend, model, kv, host_pools })
+        Ok(Self { backend, model, kv, timings: RunnerTimings::default(), host_pools })
     }
 
     pub fn backend(&self) -> &B {
@@ -108,6 +122,11 @@ impl<B: Backend> ModelRunner<B> {
         &self.kv
     }
 
+    /// Time spent in each phase so far.
+    pub fn timings(&self) -> RunnerTimings {
+        self.timings
+    }
+
     /// Runs one step: swap-out, swap-in, copy-on-write copies (in that order:
     /// a block freed by a swap-out may be a swap-in destination), then the
     /// forward pass and sampling. `row_for` gives each sampling target its
@@ -118,7 +137,10 @@ impl<B: Backend> ModelRunner<B> {
         inputs: &StepInputs,
         rows: &[SamplingRow<'_>],
     ) -> Result<Vec<SampledToken>, EngineError> {
+        let t0 = Instant::now();
         self.move_blocks(out)?;
+        let t1 = Instant::now();
+        self.timings.move_blocks += t1 - t0;
         if out.scheduled.is_empty() {
             return Ok(Vec::new());
         }
@@ -129,11 +151,17 @@ impl<B: Backend> ModelRunner<B> {
             inputs.attn.clone(),
             &inputs.logits_indices,
         )?;
+        let t2 = Instant::now();
+        self.timings.upload += t2 - t1;
         let logits = self.model.forward(&self.backend, &batch, &self.kv)?;
+        let t3 = Instant::now();
+        self.timings.forward += t3 - t2;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.backend.sample(&logits, rows)?)
+        let sampled = self.backend.sample(&logits, rows)?;
+        self.timings.sample += t3.elapsed();
+        Ok(sampled)
     }
 
     fn move_blocks(&mut self, out: &SchedulerOutput) -> Result<(), EngineError> {
