@@ -22,6 +22,19 @@ __device__ __forceinline__ float rotate(const T *x, int d, int rot, bool neox, c
     return v * cs[i] + to_float<T>(x[d - 1]) * cs[half + i];
 }
 
+// Where token t's k and v go in the cache (both kernels): `write_cache` is false for
+// a negative slot (padding) or an out-of-range one (status set); `block` and `off`
+// are 0 then.
+__device__ __forceinline__ void cache_slot(const PagodaRotaryArgs &a, int t, bool &write_cache, int64_t &block,
+                                           int &off) {
+    const int64_t slot = a.slot_mapping[t];
+    const int64_t num_slots = (int64_t)a.num_blocks * a.block_size;
+    write_cache = slot >= 0 && slot < num_slots;
+    if (slot >= num_slots && threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_SLOT);
+    block = write_cache ? slot / a.block_size : 0;
+    off = write_cache ? (int)(slot % a.block_size) : 0;
+}
+
 template <typename T> __global__ void rotary_and_cache_kernel(PagodaRotaryArgs a) {
     const int t = blockIdx.x;
     const int D = a.head_dim, hq = a.num_q_heads, hkv = a.num_kv_heads;
@@ -30,12 +43,10 @@ template <typename T> __global__ void rotary_and_cache_kernel(PagodaRotaryArgs a
         if (threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_POSITION);
         return;
     }
-    const int64_t slot = a.slot_mapping[t];
-    const int64_t num_slots = (int64_t)a.num_blocks * a.block_size;
-    const bool write_cache = slot >= 0 && slot < num_slots;
-    if (slot >= num_slots && threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_SLOT);
-    const int64_t block = write_cache ? slot / a.block_size : 0;
-    const int off = write_cache ? (int)(slot % a.block_size) : 0;
+    bool write_cache;
+    int64_t block;
+    int off;
+    cache_slot(a, t, write_cache, block, off);
 
     const T *row = (const T *)a.qkv + (size_t)t * (hq + 2 * hkv) * D;
     const float *cs = a.cos_sin + (size_t)pos * a.rotary_dim;
@@ -71,12 +82,10 @@ template <typename T, bool NEOX> __global__ void rotary_and_cache_vec_kernel(Pag
         if (threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_POSITION);
         return;
     }
-    const int64_t slot = a.slot_mapping[t];
-    const int64_t num_slots = (int64_t)a.num_blocks * a.block_size;
-    const bool write_cache = slot >= 0 && slot < num_slots;
-    if (slot >= num_slots && threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_SLOT);
-    const int64_t block = write_cache ? slot / a.block_size : 0;
-    const int off = write_cache ? (int)(slot % a.block_size) : 0;
+    bool write_cache;
+    int64_t block;
+    int off;
+    cache_slot(a, t, write_cache, block, off);
 
     const T *row = (const T *)a.qkv + (size_t)t * (hq + 2 * hkv) * D;
     const float *cs = a.cos_sin + (size_t)pos * D;

@@ -45,11 +45,8 @@ __device__ __forceinline__ bool argmax_before(float av, int ai, float bv, int bi
     return ai < bi;
 }
 
-// Block-wide arg-max over (value, id) pairs; every thread gets the winner.
-__device__ void block_argmax(float &v, int &id) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+// Warp-wide arg-max over (value, id) pairs; every lane gets the winner.
+__device__ __forceinline__ void warp_argmax(float &v, int &id) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, o);
@@ -59,6 +56,14 @@ __device__ void block_argmax(float &v, int &id) {
             id = oi;
         }
     }
+}
+
+// Block-wide arg-max over (value, id) pairs; every thread gets the winner.
+__device__ void block_argmax(float &v, int &id) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    warp_argmax(v, id);
     __syncthreads();
     if (lane == 0) {
         sv[warp] = v;
@@ -67,15 +72,7 @@ __device__ void block_argmax(float &v, int &id) {
     __syncthreads();
     v = lane < nwarps ? sv[lane] : NAN;
     id = lane < nwarps ? si[lane] : INT_MIN;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, id, o);
-        if (argmax_before(ov, oi, v, id)) {
-            v = ov;
-            id = oi;
-        }
-    }
+    warp_argmax(v, id);
 }
 
 template <typename T>

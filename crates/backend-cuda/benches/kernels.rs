@@ -69,6 +69,38 @@ fn median_ms(g: &CudaBackend, warmup: usize, reps: usize, mut f: impl FnMut() ->
     Ok(times[reps / 2])
 }
 
+/// Median milliseconds (as [`median_ms`]) of paged attention for the batch
+/// that `host` describes: a random query of `num_q_heads` heads over the
+/// caches `kv` (`[num_blocks, Hkv, block_size, D]` each), scale `1/sqrt(D)`.
+fn time_attention(
+    g: &CudaBackend,
+    rng: &mut Rng,
+    (k, v): (&T, &T),
+    host: AttentionHostMetadata,
+    num_q_heads: usize,
+    warmup: usize,
+    reps: usize,
+) -> Result<f64> {
+    let (num_kv_heads, head_dim) = (k.dim(1), k.dim(3));
+    let tokens = host.num_tokens();
+    let meta = AttentionMetadata::upload(g, host)?;
+    let q = random_tensor(g, rng, &[tokens, num_q_heads, head_dim])?;
+    let out = g.alloc(&[tokens, num_q_heads, head_dim], DType::BF16)?;
+    let args = AttentionArgs {
+        q: &q,
+        k_cache: k,
+        v_cache: v,
+        out: &out,
+        meta: &meta,
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        sliding_window: None,
+    };
+    median_ms(g, warmup, reps, || g.attention(&args))
+}
+
 struct Row {
     what: String,
     ms: f64,
@@ -139,22 +171,7 @@ fn main() -> Result<()> {
             slot_mapping: vec![-1; batch],
             num_decode_seqs: batch,
         };
-        let meta = AttentionMetadata::upload(&g, host)?;
-        let q = random_tensor(&g, &mut rng, &[batch, hq, d])?;
-        let out = g.alloc(&[batch, hq, d], DType::BF16)?;
-        let args = AttentionArgs {
-            q: &q,
-            k_cache: &k,
-            v_cache: &v,
-            out: &out,
-            meta: &meta,
-            num_q_heads: hq,
-            num_kv_heads: hkv,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-            sliding_window: None,
-        };
-        let ms = median_ms(&g, 5, 30, || g.attention(&args))?;
+        let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
         let bytes = (2 * batch * ctx * hkv * d * 2 + 2 * batch * hq * d * 2) as f64;
         let bw = bytes / (ms * 1e-3);
         rows.push(Row {
@@ -185,22 +202,7 @@ fn main() -> Result<()> {
             slot_mapping: vec![-1; t],
             num_decode_seqs: 0,
         };
-        let meta = AttentionMetadata::upload(&g, host)?;
-        let q = random_tensor(&g, &mut rng, &[t, hq, d])?;
-        let out = g.alloc(&[t, hq, d], DType::BF16)?;
-        let args = AttentionArgs {
-            q: &q,
-            k_cache: &k,
-            v_cache: &v,
-            out: &out,
-            meta: &meta,
-            num_q_heads: hq,
-            num_kv_heads: hkv,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-            sliding_window: None,
-        };
-        let ms = median_ms(&g, 3, 10, || g.attention(&args))?;
+        let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 3, 10)?;
         // Query i (0-based within the chunk) sees cached + i + 1 keys: q.k and p.v are 2 * D flops each.
         let pairs = (qlen * cached + qlen * (qlen + 1) / 2) as f64;
         let flops = seqs as f64 * hq as f64 * pairs * 4.0 * d as f64;

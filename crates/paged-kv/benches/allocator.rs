@@ -5,10 +5,10 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Bencher, Criterion, Throughput};
 use pagoda_paged_kv::{
-    ContiguousAllocator, ContiguousConfig, KvAllocator, PagedAllocator, PagedConfig, PrefixHit, Reservation,
-    SeqId, SeqStart,
+    BlockCopy, ContiguousAllocator, ContiguousConfig, KvAllocator, PagedAllocator, PagedConfig, PrefixHit,
+    Reservation, SeqId, SeqStart,
 };
 
 const SEQS: usize = 64;
@@ -38,6 +38,34 @@ fn start(kv: &mut impl KvAllocator, seq: usize, tokens: &[u32], max_total: usize
     .expect("pool sized for the bench");
 }
 
+/// Appends one token, `token`, to each of the `SEQS` sequences.
+fn decode_step(kv: &mut impl KvAllocator, token: u32, copies: &mut Vec<BlockCopy>) {
+    for s in 0..SEQS {
+        kv.append_slots(SeqId(s as u64), &[token], copies).expect("room");
+    }
+}
+
+/// Times `DECODE` decode steps of `SEQS` sequences, started with `PROMPT`
+/// tokens each in a fresh allocator from `new_kv` (setup not timed).
+fn bench_decode<A: KvAllocator>(bench: &mut Bencher<'_>, new_kv: impl Fn() -> A) {
+    bench.iter_batched(
+        || {
+            let mut kv = new_kv();
+            for s in 0..SEQS {
+                start(&mut kv, s, &prompt(s, PROMPT), PROMPT + DECODE);
+            }
+            (kv, Vec::new())
+        },
+        |(mut kv, mut copies)| {
+            for t in 0..DECODE as u32 {
+                decode_step(&mut kv, t, &mut copies);
+            }
+            (kv, copies)
+        },
+        BatchSize::LargeInput,
+    );
+}
+
 /// One decode token for each of 64 sequences, 512 times.
 fn decode_append(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_append");
@@ -45,51 +73,19 @@ fn decode_append(c: &mut Criterion) {
     for (b, caching) in [(16, false), (16, true), (8, true), (128, true)] {
         let blocks = SEQS * (PROMPT + DECODE).div_ceil(b) + 8;
         g.bench_function(format!("paged_b{b}_cache_{caching}"), |bench| {
-            bench.iter_batched(
-                || {
-                    let mut kv = paged(blocks, b, caching);
-                    for s in 0..SEQS {
-                        start(&mut kv, s, &prompt(s, PROMPT), PROMPT + DECODE);
-                    }
-                    (kv, Vec::new())
-                },
-                |(mut kv, mut copies)| {
-                    for t in 0..DECODE as u32 {
-                        for s in 0..SEQS {
-                            kv.append_slots(SeqId(s as u64), &[t], &mut copies).expect("room");
-                        }
-                    }
-                    (kv, copies)
-                },
-                BatchSize::LargeInput,
-            );
+            bench_decode(bench, || paged(blocks, b, caching));
         });
     }
     g.bench_function("contiguous_max_len_b16", |bench| {
-        bench.iter_batched(
-            || {
-                let mut kv = ContiguousAllocator::new(ContiguousConfig {
-                    num_gpu_blocks: SEQS * 2048 / 16,
-                    num_cpu_blocks: 0,
-                    block_size: 16,
-                    reservation: Reservation::Fixed(2048),
-                })
-                .expect("valid config");
-                for s in 0..SEQS {
-                    start(&mut kv, s, &prompt(s, PROMPT), PROMPT + DECODE);
-                }
-                (kv, Vec::new())
-            },
-            |(mut kv, mut copies)| {
-                for t in 0..DECODE as u32 {
-                    for s in 0..SEQS {
-                        kv.append_slots(SeqId(s as u64), &[t], &mut copies).expect("room");
-                    }
-                }
-                (kv, copies)
-            },
-            BatchSize::LargeInput,
-        );
+        bench_decode(bench, || {
+            ContiguousAllocator::new(ContiguousConfig {
+                num_gpu_blocks: SEQS * 2048 / 16,
+                num_cpu_blocks: 0,
+                block_size: 16,
+                reservation: Reservation::Fixed(2048),
+            })
+            .expect("valid config")
+        });
     });
     g.finish();
 }
@@ -109,9 +105,7 @@ fn lifecycle(c: &mut Criterion) {
                     start(&mut kv, s, p, PROMPT + DECODE);
                 }
                 for t in 0..DECODE as u32 {
-                    for s in 0..SEQS {
-                        kv.append_slots(SeqId(s as u64), &[t], &mut copies).expect("room");
-                    }
+                    decode_step(&mut kv, t, &mut copies);
                 }
                 for s in 0..SEQS {
                     kv.free(SeqId(s as u64)).expect("known");

@@ -4,7 +4,7 @@
 use rustc_hash::FxHashMap;
 
 use crate::free_queue::FreeBlockQueue;
-use crate::{BlockHash, BlockId, CpuBlockId};
+use crate::{AllocError, BlockHash, BlockId, CpuBlockId, SeqId, SwapOut};
 
 /// Physical GPU blocks with reference counts and a prefix cache.
 ///
@@ -233,6 +233,43 @@ impl CpuBlockPool {
         debug_assert!(self.in_use[block as usize]);
         self.in_use[block as usize] = false;
         self.free.push(block);
+    }
+
+    /// Gives each block of `gpu`, in order, a CPU block to be copied to,
+    /// pushing the `(gpu, cpu)` copies onto `plan`; returns the CPU blocks.
+    /// All or nothing: when too few are free, nothing changes.
+    pub(crate) fn swap_out(
+        &mut self,
+        gpu: &[BlockId],
+        plan: &mut Vec<SwapOut>,
+    ) -> Result<Vec<CpuBlockId>, AllocError> {
+        let needed = gpu.len();
+        if needed > self.num_free() {
+            return Err(AllocError::OutOfCpuBlocks { needed, free: self.num_free() });
+        }
+        let mut cpu = Vec::with_capacity(needed);
+        for &g in gpu {
+            let c = self.allocate().expect("free CPU block count was checked");
+            plan.push((g, c));
+            cpu.push(c);
+        }
+        Ok(cpu)
+    }
+
+    /// Counts `seq` as a holder of each of `blocks` in `holders` (indexed by
+    /// CPU block), for [`Self::check`]; an out-of-range block is an error.
+    pub(crate) fn count_holders(
+        seq: SeqId,
+        blocks: &[CpuBlockId],
+        holders: &mut [u32],
+    ) -> Result<(), String> {
+        for &c in blocks {
+            match holders.get_mut(c as usize) {
+                Some(h) => *h += 1,
+                None => return Err(format!("{seq}: CPU block {c} out of range")),
+            }
+        }
+        Ok(())
     }
 
     /// Checks that `holders[b]` is 1 exactly for the blocks in use.

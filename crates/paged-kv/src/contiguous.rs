@@ -253,17 +253,8 @@ impl KvAllocator for ContiguousAllocator {
         if s.swapped {
             return Err(AllocError::Swapped(seq));
         }
-        let needed = s.table.len();
-        if needed > self.cpu.num_free() {
-            return Err(AllocError::OutOfCpuBlocks { needed, free: self.cpu.num_free() });
-        }
         let (first, len) = (s.start, s.reserved_blocks);
-        let mut cpu = Vec::with_capacity(needed);
-        for &gpu in &s.table {
-            let c = self.cpu.allocate().expect("free CPU block count was checked");
-            plan.push((gpu, c));
-            cpu.push(c);
-        }
+        let cpu = self.cpu.swap_out(&s.table, plan)?;
         self.give_run(first, len);
         if let Some(s) = self.seqs.get_mut(&seq) {
             s.cpu = cpu;
@@ -373,12 +364,7 @@ impl KvAllocator for ContiguousAllocator {
                 if !s.table.is_empty() || s.cpu.len() != s.num_tokens.div_ceil(b) {
                     return Err(format!("{id}: swapped with a table or the wrong CPU block count").into());
                 }
-                for &c in &s.cpu {
-                    match cpu_holders.get_mut(c as usize) {
-                        Some(h) => *h += 1,
-                        None => return Err(format!("{id}: CPU block {c} out of range").into()),
-                    }
-                }
+                CpuBlockPool::count_holders(*id, &s.cpu, &mut cpu_holders)?;
                 continue;
             }
             let (st, e) = (s.start as usize, s.start as usize + s.reserved_blocks);

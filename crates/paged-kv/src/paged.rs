@@ -317,15 +317,8 @@ impl KvAllocator for PagedAllocator {
         if s.swapped {
             return Err(AllocError::Swapped(seq));
         }
-        let needed = s.gpu.len();
-        if needed > self.cpu.num_free() {
-            return Err(AllocError::OutOfCpuBlocks { needed, free: self.cpu.num_free() });
-        }
-        for &gpu in &s.gpu {
-            let cpu = self.cpu.allocate().expect("free CPU block count was checked");
-            plan.push((gpu, cpu));
-            s.cpu.push(cpu);
-        }
+        // Resident, so `s.cpu` is empty.
+        s.cpu = self.cpu.swap_out(&s.gpu, plan)?;
         for &gpu in s.gpu.iter().rev() {
             self.pool.release(gpu);
         }
@@ -466,12 +459,7 @@ impl KvAllocator for PagedAllocator {
                     );
                 }
             }
-            for &block in &s.cpu {
-                if block as usize >= cpu_holders.len() {
-                    return Err(format!("{id}: CPU block {block} out of range").into());
-                }
-                cpu_holders[block as usize] += 1;
-            }
+            CpuBlockPool::count_holders(id, &s.cpu, &mut cpu_holders)?;
             if self.config.enable_prefix_caching
                 && (s.hashes.len() != s.num_tokens / b || s.partial.len() != s.num_tokens % b)
             {

@@ -77,6 +77,17 @@ pub struct Scheduler<A: KvAllocator> {
     stats: SchedulerStats,
 }
 
+/// Whether an allocation for `seq` succeeded. Running out of memory is a
+/// plain `false` (the sequence waits for a later step); any other refusal is
+/// a bug (in the allocator or here), reported as an error.
+fn allocated(result: Result<(), AllocError>, seq: SeqId) -> Result<bool, SchedulerError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_out_of_memory() => Ok(false),
+        Err(source) => Err(SchedulerError::Allocator { seq, source }),
+    }
+}
+
 impl<A: KvAllocator> Scheduler<A> {
     /// A scheduler with the built-in policy named in `config`.
     pub fn new(config: SchedulerConfig, kv: A) -> Result<Self, ConfigError> {
@@ -246,7 +257,7 @@ impl<A: KvAllocator> Scheduler<A> {
         let running: Vec<SeqId> = self.running.iter().map(|&(_, id)| id).collect();
         let mut prefills = Vec::new();
         for id in running {
-            if budget == 0 || out.scheduled.len() >= self.config.max_num_seqs {
+            if self.batch_is_full(budget, &out) {
                 break;
             }
             let seq = &self.seqs[&id];
@@ -262,7 +273,7 @@ impl<A: KvAllocator> Scheduler<A> {
             }
         }
         for id in prefills {
-            if budget == 0 || out.scheduled.len() >= self.config.max_num_seqs {
+            if self.batch_is_full(budget, &out) {
                 break;
             }
             let seq = &self.seqs[&id];
@@ -293,6 +304,12 @@ impl<A: KvAllocator> Scheduler<A> {
             self.applied_step = self.step;
         }
         Ok(out)
+    }
+
+    /// Whether the step can take no more: no token budget left, or
+    /// `max_num_seqs` sequences scheduled.
+    fn batch_is_full(&self, budget: usize, out: &SchedulerOutput) -> bool {
+        budget == 0 || out.scheduled.len() >= self.config.max_num_seqs
     }
 
     /// How many of `remaining` prompt tokens to prefill now, or `None` to skip.
@@ -375,7 +392,7 @@ impl<A: KvAllocator> Scheduler<A> {
         out: &mut SchedulerOutput,
         budget: &mut usize,
     ) -> Result<(), SchedulerError> {
-        while *budget > 0 && out.scheduled.len() < self.config.max_num_seqs {
+        while !self.batch_is_full(*budget, out) {
             let next = match (self.swapped.first().copied(), self.waiting.first().copied()) {
                 (Some(s), Some(w)) if s < w => (s, true),
                 (_, Some(w)) => (w, false),
@@ -406,19 +423,11 @@ impl<A: KvAllocator> Scheduler<A> {
         if self.running.len() + self.pending_fork_slots >= self.config.max_num_seqs || n > *budget {
             return Ok(false);
         }
-        match self.kv.swap_in(id, &seq.tokens[start..], &mut out.blocks_to_swap_in) {
-            Ok(()) => {}
-            Err(e) if e.is_out_of_memory() => return Ok(false),
-            Err(source) => return Err(SchedulerError::Allocator { seq: id, source }),
+        if !allocated(self.kv.swap_in(id, &seq.tokens[start..], &mut out.blocks_to_swap_in), id)? {
+            return Ok(false);
         }
         self.swapped.remove(&key);
-        self.running.insert(key);
-        if let Some(seq) = self.seqs.get_mut(&id) {
-            seq.status = SeqStatus::Running;
-        }
-        self.push_entry(id, n, out)?;
-        *budget -= n;
-        Ok(true)
+        self.start_running(key, n, out, budget)
     }
 
     fn try_admit(
@@ -444,17 +453,31 @@ impl<A: KvAllocator> Scheduler<A> {
             extra_key: salt,
             max_total_tokens: seq.max_total_tokens,
         };
-        match self.kv.start_seq(id, start) {
-            Ok(()) => {}
-            Err(e) if e.is_out_of_memory() => return Ok(false),
-            Err(source) => return Err(SchedulerError::Allocator { seq: id, source }),
+        if !allocated(self.kv.start_seq(id, start), id)? {
+            return Ok(false);
         }
         self.waiting.remove(&key);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed_tokens = cached;
+            self.pending_fork_slots += seq.pending_fork.len();
+        }
+        self.start_running(key, n, out, budget)
+    }
+
+    /// Moves a queued sequence, whose slots for its next `n` tokens are
+    /// allocated, into the running set and schedules those tokens. Returns
+    /// true (admitted), for the `try_*` callers.
+    fn start_running(
+        &mut self,
+        key: QueueKey,
+        n: usize,
+        out: &mut SchedulerOutput,
+        budget: &mut usize,
+    ) -> Result<bool, SchedulerError> {
+        let id = key.1;
         self.running.insert(key);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.status = SeqStatus::Running;
-            seq.num_computed_tokens = cached;
-            self.pending_fork_slots += seq.pending_fork.len();
         }
         self.push_entry(id, n, out)?;
         *budget -= n;

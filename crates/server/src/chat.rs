@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Json, Response};
 use pagoda_engine::{AsyncEngine, RequestOutput};
 use serde_json::Value;
-use tracing::Instrument;
 
+use crate::endpoint::{log_finished, run_endpoint};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
@@ -19,25 +19,13 @@ use crate::protocol::{
     ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, MessageContent, StopReasonOut, Usage, UsageField,
 };
 use crate::state::{unix_now, AppState};
-use crate::streaming::{self, to_json, ChunkWriter};
+use crate::streaming::{self, to_json, ChunkWriter, StreamUsage};
 
 pub async fn create_chat_completion(
     State(state): State<AppState>,
     body: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
-    let started = Instant::now();
-    let request_id = state.next_request_id("chatcmpl");
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "chat");
-    let result = async {
-        let ApiJson(request) = body?;
-        chat(&state, request, request_id, started).await
-    }
-    .instrument(span.clone())
-    .await;
-    result.unwrap_or_else(|e| {
-        span.in_scope(|| e.log());
-        e.into_response()
-    })
+    run_endpoint(state, body, "chatcmpl", "chat", chat).await
 }
 
 /// The messages as the template sees them: content parts joined into one
@@ -82,7 +70,7 @@ fn template_messages(messages: &[ChatMessageIn]) -> Result<Value, ApiError> {
 }
 
 async fn chat(
-    state: &AppState,
+    state: AppState,
     request: ChatCompletionRequest,
     request_id: String,
     started: Instant,
@@ -154,11 +142,9 @@ async fn chat(
             created,
             model,
             n,
-            include_usage,
             want_logprobs,
             engine: engine.clone(),
-            prompt_tokens,
-            completion_tokens: 0,
+            usage: StreamUsage::new(include_usage, prompt_tokens),
         };
         return Ok(streaming::sse_response(streaming::merge(vec![request_stream]), writer, started));
     }
@@ -179,12 +165,7 @@ async fn chat(
             });
         }
     }
-    tracing::info!(
-        prompt_tokens,
-        completion_tokens,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "request finished"
-    );
+    log_finished(prompt_tokens, completion_tokens, started);
     let response = ChatCompletionResponse {
         id: request_id,
         object: "chat.completion",
@@ -203,11 +184,9 @@ struct ChatChunks {
     created: u64,
     model: String,
     n: usize,
-    include_usage: bool,
     want_logprobs: bool,
     engine: Arc<AsyncEngine>,
-    prompt_tokens: usize,
-    completion_tokens: usize,
+    usage: StreamUsage,
 }
 
 impl ChatChunks {
@@ -220,14 +199,6 @@ impl ChatChunks {
             choices,
             usage,
         })
-    }
-
-    fn usage_field(&self) -> UsageField {
-        if self.include_usage {
-            UsageField::Null
-        } else {
-            UsageField::Absent
-        }
     }
 }
 
@@ -242,7 +213,7 @@ impl ChunkWriter for ChatChunks {
                     finish_reason: None,
                     stop_reason: None,
                 };
-                self.chunk(vec![choice], self.usage_field())
+                self.chunk(vec![choice], self.usage.pending())
             })
             .collect()
     }
@@ -250,7 +221,7 @@ impl ChunkWriter for ChatChunks {
     fn output(&mut self, _prompt: usize, out: RequestOutput) -> Vec<String> {
         let mut chunks = Vec::with_capacity(out.deltas.len());
         for delta in out.deltas {
-            self.completion_tokens += delta.token_ids.len();
+            self.usage.completion_tokens += delta.token_ids.len();
             let logprobs = (self.want_logprobs && !delta.logprobs.is_empty()).then(|| ChatLogprobs {
                 content: TokenTexts::new(self.engine.tokenizer()).chat(&delta.logprobs),
             });
@@ -265,24 +236,17 @@ impl ChunkWriter for ChatChunks {
                 finish_reason: delta.finish_reason.map(|r| r.as_str()),
                 stop_reason: StopReasonOut::from_engine(&delta.stop_reason),
             };
-            chunks.push(self.chunk(vec![choice], self.usage_field()));
+            chunks.push(self.chunk(vec![choice], self.usage.pending()));
         }
         chunks
     }
 
     fn end(&mut self) -> Vec<String> {
-        if self.include_usage {
-            vec![self.chunk(
-                Vec::new(),
-                UsageField::Counts(Usage::new(self.prompt_tokens, self.completion_tokens)),
-            )]
-        } else {
-            Vec::new()
-        }
+        self.usage.last().map(|usage| self.chunk(Vec::new(), usage)).into_iter().collect()
     }
 
     fn usage(&self) -> (usize, usize) {
-        (self.prompt_tokens, self.completion_tokens)
+        self.usage.counts()
     }
 }
 

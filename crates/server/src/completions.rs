@@ -7,8 +7,8 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::response::{IntoResponse, Json, Response};
 use pagoda_engine::{AsyncEngine, RequestOutput, SeqDelta};
-use tracing::Instrument;
 
+use crate::endpoint::{log_finished, run_endpoint};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
@@ -18,29 +18,17 @@ use crate::protocol::{
     Usage, UsageField,
 };
 use crate::state::{unix_now, AppState};
-use crate::streaming::{self, to_json, ChunkWriter};
+use crate::streaming::{self, to_json, ChunkWriter, StreamUsage};
 
 pub async fn create_completion(
     State(state): State<AppState>,
     body: Result<ApiJson<CompletionRequest>, ApiError>,
 ) -> Response {
-    let started = Instant::now();
-    let request_id = state.next_request_id("cmpl");
-    let span = tracing::info_span!("request", request_id = %request_id, endpoint = "completions");
-    let result = async {
-        let ApiJson(request) = body?;
-        complete(&state, request, request_id, started).await
-    }
-    .instrument(span.clone())
-    .await;
-    result.unwrap_or_else(|e| {
-        span.in_scope(|| e.log());
-        e.into_response()
-    })
+    run_endpoint(state, body, "cmpl", "completions", complete).await
 }
 
 async fn complete(
-    state: &AppState,
+    state: AppState,
     request: CompletionRequest,
     request_id: String,
     started: Instant,
@@ -110,14 +98,12 @@ async fn complete(
             created,
             model,
             n,
-            include_usage,
             want_logprobs,
             engine: engine.clone(),
             echo: echo_texts,
             echoed: vec![false; num_prompts * n],
             offsets: vec![0; num_prompts * n],
-            prompt_tokens,
-            completion_tokens: 0,
+            usage: StreamUsage::new(include_usage, prompt_tokens),
         };
         return Ok(streaming::sse_response(streaming::merge(streams), writer, started));
     }
@@ -141,12 +127,7 @@ async fn complete(
         }
     }
     let usage = Usage::new(prompt_tokens, completion_tokens);
-    tracing::info!(
-        prompt_tokens,
-        completion_tokens,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "request finished"
-    );
+    log_finished(prompt_tokens, completion_tokens, started);
     let response = CompletionResponse {
         id: request_id,
         object: "text_completion",
@@ -164,7 +145,6 @@ struct CompletionChunks {
     created: u64,
     model: String,
     n: usize,
-    include_usage: bool,
     want_logprobs: bool,
     engine: Arc<AsyncEngine>,
     /// Prompt texts to put before each choice's first text, when echoing.
@@ -172,8 +152,7 @@ struct CompletionChunks {
     echoed: Vec<bool>,
     /// Characters sent so far per choice (for `text_offset`).
     offsets: Vec<usize>,
-    prompt_tokens: usize,
-    completion_tokens: usize,
+    usage: StreamUsage,
 }
 
 impl CompletionChunks {
@@ -190,7 +169,7 @@ impl CompletionChunks {
 
     fn choice(&mut self, prompt: usize, delta: SeqDelta) -> Option<CompletionChoice> {
         let index = prompt * self.n + delta.index;
-        self.completion_tokens += delta.token_ids.len();
+        self.usage.completion_tokens += delta.token_ids.len();
         let mut text = String::new();
         if let Some(echo) = &self.echo {
             if !self.echoed[index] {
@@ -223,7 +202,7 @@ impl ChunkWriter for CompletionChunks {
     }
 
     fn output(&mut self, prompt: usize, out: RequestOutput) -> Vec<String> {
-        let usage = if self.include_usage { UsageField::Null } else { UsageField::Absent };
+        let usage = self.usage.pending();
         let mut chunks = Vec::with_capacity(out.deltas.len());
         for delta in out.deltas {
             if let Some(choice) = self.choice(prompt, delta) {
@@ -234,17 +213,10 @@ impl ChunkWriter for CompletionChunks {
     }
 
     fn end(&mut self) -> Vec<String> {
-        if self.include_usage {
-            vec![self.chunk(
-                Vec::new(),
-                UsageField::Counts(Usage::new(self.prompt_tokens, self.completion_tokens)),
-            )]
-        } else {
-            Vec::new()
-        }
+        self.usage.last().map(|usage| self.chunk(Vec::new(), usage)).into_iter().collect()
     }
 
     fn usage(&self) -> (usize, usize) {
-        (self.prompt_tokens, self.completion_tokens)
+        self.usage.counts()
     }
 }

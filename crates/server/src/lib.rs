@@ -35,6 +35,7 @@
 mod chat;
 mod completions;
 mod config;
+mod endpoint;
 mod error;
 mod extract;
 mod logprobs;

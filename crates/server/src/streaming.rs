@@ -17,6 +17,7 @@ use pagoda_engine::{CompletedRequest, RequestOutput, RequestStream};
 use tracing::Instrument;
 
 use crate::error::ApiError;
+use crate::protocol::{Usage, UsageField};
 
 /// One event of a request's merged streams.
 pub enum Update {
@@ -73,6 +74,41 @@ pub trait ChunkWriter: Send + 'static {
     fn end(&mut self) -> Vec<String>;
     /// (prompt tokens, completion tokens) so far, for the log line.
     fn usage(&self) -> (usize, usize);
+}
+
+/// The token counts of a streamed response and whether the client asked for
+/// them (`stream_options.include_usage`): then every chunk carries
+/// `usage: null` and a last chunk carries the counts; otherwise no chunk has
+/// `usage`.
+pub struct StreamUsage {
+    pub include_usage: bool,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+impl StreamUsage {
+    pub fn new(include_usage: bool, prompt_tokens: usize) -> Self {
+        Self { include_usage, prompt_tokens, completion_tokens: 0 }
+    }
+
+    /// The `usage` of a chunk before the end.
+    pub fn pending(&self) -> UsageField {
+        if self.include_usage {
+            UsageField::Null
+        } else {
+            UsageField::Absent
+        }
+    }
+
+    /// The `usage` of the last chunk, when there is to be one.
+    pub fn last(&self) -> Option<UsageField> {
+        self.include_usage.then(|| UsageField::Counts(Usage::new(self.prompt_tokens, self.completion_tokens)))
+    }
+
+    /// (prompt tokens, completion tokens), as [`ChunkWriter::usage`] wants.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.prompt_tokens, self.completion_tokens)
+    }
 }
 
 /// Logs how a streamed request ended, including when the client left early
