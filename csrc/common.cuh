@@ -87,6 +87,26 @@ __device__ __forceinline__ void set_status(uint32_t *status, uint32_t bit) {
     if (status != nullptr) atomicOr(status, bit);
 }
 
+// Programmatic dependent launch (Hopper): a kernel launched with the
+// programmatic-serialization attribute may start while the kernel before it
+// on the stream finishes; it must wait before reading that kernel's output.
+// `pdl_launch_dependents` lets the next kernel start early; `pdl_wait` blocks
+// until the previous grid has completed and its writes are visible. Both are
+// no-ops before sm_90 and when the launch had no such attribute.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// SiLU with the fast exponential (the kernels' one definition).
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

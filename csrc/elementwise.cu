@@ -13,16 +13,20 @@ template <typename T> __global__ void fill_kernel(T *dst, size_t n, T value) {
         dst[i] = value;
 }
 
-template <typename B, typename T> __global__ void broadcast_rows_kernel(const B *bias, T *out, int rows, int cols) {
+template <typename B, typename T>
+__global__ void broadcast_rows_kernel(const B *bias, T *out, int rows, int cols, int accumulate) {
     const size_t n = (size_t)rows * cols;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = from_float<T>(to_float<B>(bias[i % cols]));
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float b = to_float<B>(bias[i % cols]);
+        out[i] = from_float<T>(accumulate ? to_float<T>(out[i]) + b : b);
+    }
 }
 
 // One block per output row; VEC elements of 16 bytes when rows allow it.
 template <typename V>
 __global__ void gather_rows_kernel(const V *x, const int32_t *indices, V *out, int row_vecs, int num_src_rows,
                                    uint32_t *status, uint32_t status_bit) {
+    pdl_launch_dependents();
     const int m = blockIdx.x;
     const int32_t src = indices[m];
     if (src < 0 || src >= num_src_rows) {
@@ -33,8 +37,6 @@ __global__ void gather_rows_kernel(const V *x, const int32_t *indices, V *out, i
     V *o = out + (size_t)m * row_vecs;
     for (int i = threadIdx.x; i < row_vecs; i += blockDim.x) o[i] = in[i];
 }
-
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 
 template <typename T>
 __global__ void silu_and_mul_vec_kernel(const T *x, T *out, int inter) {
@@ -111,7 +113,7 @@ extern "C" int pagoda_fill(void *dst, int dtype, size_t n, float value, void *st
 }
 
 extern "C" int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out, int out_dtype, int rows, int cols,
-                                     void *stream) {
+                                     int accumulate, void *stream) {
     if (rows == 0 || cols == 0) return 0;
     cudaStream_t s = (cudaStream_t)stream;
     const size_t n = (size_t)rows * cols;
@@ -120,7 +122,7 @@ extern "C" int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out
         using out_t = scalar_t;
         PAGODA_DISPATCH_FLOAT(bias_dtype, {
             broadcast_rows_kernel<scalar_t, out_t><<<blocks, threads, 0, s>>>((const scalar_t *)bias, (out_t *)out,
-                                                                              rows, cols);
+                                                                              rows, cols, accumulate);
         });
     });
     PAGODA_LAUNCH_CHECK();

@@ -1,8 +1,11 @@
-// Dense products through cuBLAS on the caller's stream: row-major
-// out[t, n] = x[t, k] . w[n, k]^T, which in cuBLAS's column-major terms is
-// out^T (n x t) = w (k x n)^T . x^T (k x t).
+// Linear layers (pagoda_linear): row-major out[t, n] = x[t, k] . w[n, k]^T with
+// the layer's norm, bias, SiLU and residual add fused in. Few token rows go to
+// a weight-streaming kernel written here; more go to cuBLAS on the caller's
+// stream, where in column-major terms out^T (n x t) = w (k x n)^T . x^T (k x t).
 #include <cublas_v2.h>
 #include <stdlib.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -24,72 +27,160 @@ int blas_status(cublasStatus_t st) { return st == CUBLAS_STATUS_SUCCESS ? 0 : PA
 // reading the weights once: each warp streams one weight row with 16-byte
 // loads (several in flight per lane) and dots it with every token row, which
 // stays in L1/L2. cuBLAS reaches about 70% of bandwidth on these shapes.
+//
+// What surrounds the product in a Llama layer rides along for free, since the
+// kernel is bound by the weight stream, not by arithmetic:
+// - NORM: the input rows are RMS-normalised on the fly. The dot product is
+//   taken with x * gamma and scaled by 1/rms(x) at the end; each warp sums x^2
+//   over the row it reads anyway.
+// - SILU: the weight is [gate; up] stacked; a warp streams gate row j and up
+//   row j + n_out together and writes silu(gate) * up.
+// - bias and accumulate (out += p: the residual update) in the epilogue.
 
 constexpr int GEMV_MAX_TOKENS = 8;
 constexpr int GEMV_WARPS = 8;
 constexpr int GEMV_UNROLL = 4;
+// 16-byte chunks of each weight row prefetched into L2 before waiting on the
+// previous kernel: 8 KB, a whole row of the 4096-wide products.
+constexpr int GEMV_PREFETCH_CHUNKS = 512;
 
-template <typename T, typename O, int TOKENS>
-__global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(const T *__restrict__ x, const T *__restrict__ w, O *__restrict__ out, int n, int k,
-                int accumulate) {
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (row >= n) return;
-    const uint4 *wrow = reinterpret_cast<const uint4 *>(w + (size_t)row * k);
-    const int chunks = k / 8;  // 16-byte chunks per row
-    float acc[TOKENS];
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// One 16-byte chunk `c` of each weight row against every token row.
+template <typename T, int TOKENS, int ROWS, bool NORM>
+__device__ __forceinline__ void gemv_chunk(const uint4 (&wv)[ROWS], const T *__restrict__ x,
+                                           const T *__restrict__ gamma, int k, int c, float (&acc)[ROWS][TOKENS],
+                                           float (&ss)[TOKENS]) {
+    float wf[ROWS][8];
 #pragma unroll
-    for (int t = 0; t < TOKENS; ++t) acc[t] = 0.f;
-    int c = lane;
-    // Main loop: GEMV_UNROLL independent weight loads issued before any use.
-    for (; c + (GEMV_UNROLL - 1) * 32 < chunks; c += GEMV_UNROLL * 32) {
-        uint4 wv[GEMV_UNROLL];
+    for (int r = 0; r < ROWS; ++r) pagoda::unpack8<T>(wv[r], wf[r]);
+    float gf[8];
+    if (NORM) pagoda::unpack8<T>(__ldg(reinterpret_cast<const uint4 *>(gamma) + c), gf);
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldg(wrow + c + u * 32);
+    for (int t = 0; t < TOKENS; ++t) {
+        float xf[8];
+        pagoda::unpack8<T>(__ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * k) + c), xf);
+        if (NORM) {
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
-            float wf[8];
-            pagoda::unpack8<T>(wv[u], wf);
-#pragma unroll
-            for (int t = 0; t < TOKENS; ++t) {
-                float xf[8];
-                pagoda::unpack8<T>(__ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * k) + c + u * 32), xf);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], xf[e], acc[t]);
+            for (int e = 0; e < 8; ++e) {
+                ss[t] = fmaf(xf[e], xf[e], ss[t]);
+                xf[e] *= gf[e];
             }
         }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r][t] = fmaf(wf[r][e], xf[e], acc[r][t]);
+    }
+}
+
+template <typename T, typename O, int TOKENS, bool NORM, bool SILU>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_kernel(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ bias,
+                const T *__restrict__ gamma, float eps, O *__restrict__ out, int n_out, int k, int accumulate) {
+    constexpr int ROWS = SILU ? 2 : 1;
+    pagoda::pdl_launch_dependents();
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    const uint4 *wrow[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        wrow[r] = reinterpret_cast<const uint4 *>(w + (size_t)(min(row, n_out - 1) + r * n_out) * k);
+    const int chunks = k / 8;  // 16-byte chunks per row
+    // The weights never depend on the kernel before this one: while it
+    // finishes (programmatic dependent launch), pull the start of this warp's
+    // rows into L2. Only then wait for it, before reading x or out.
+    if (row < n_out) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            for (int c = lane; c < min(chunks, GEMV_PREFETCH_CHUNKS); c += 32) prefetch_l2(wrow[r] + c);
+    }
+    pagoda::pdl_wait();
+    if (row >= n_out) return;
+    float acc[ROWS][TOKENS], ss[TOKENS];
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) {
+        ss[t] = 0.f;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[r][t] = 0.f;
+    }
+    int c = lane;
+    // Main loop: GEMV_UNROLL independent loads per weight row issued before any use.
+    for (; c + (GEMV_UNROLL - 1) * 32 < chunks; c += GEMV_UNROLL * 32) {
+        uint4 wv[GEMV_UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) wv[u][r] = __ldg(wrow[r] + c + u * 32);
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) gemv_chunk<T, TOKENS, ROWS, NORM>(wv[u], x, gamma, k, c + u * 32, acc, ss);
     }
     for (; c < chunks; c += 32) {
-        float wf[8];
-        pagoda::unpack8<T>(__ldg(wrow + c), wf);
+        uint4 wv[ROWS];
 #pragma unroll
-        for (int t = 0; t < TOKENS; ++t) {
-            float xf[8];
-            pagoda::unpack8<T>(__ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * k) + c), xf);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], xf[e], acc[t]);
-        }
+        for (int r = 0; r < ROWS; ++r) wv[r] = __ldg(wrow[r] + c);
+        gemv_chunk<T, TOKENS, ROWS, NORM>(wv, x, gamma, k, c, acc, ss);
     }
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) {
-        const float v = pagoda::warp_sum(acc[t]);
+        const float scale = NORM ? rsqrtf(pagoda::warp_sum(ss[t]) / (float)k + eps) : 1.f;
+        float v[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            v[r] = pagoda::warp_sum(acc[r][t]) * scale;
+            if (bias != nullptr) v[r] += pagoda::to_float<T>(bias[row + r * n_out]);
+        }
+        const float y = SILU ? pagoda::silu(v[0]) * v[ROWS - 1] : v[0];
         if (lane == 0) {
-            O *dst = out + (size_t)t * n + row;
-            *dst = pagoda::from_float<O>(accumulate ? pagoda::to_float<O>(*dst) + v : v);
+            O *dst = out + (size_t)t * n_out + row;
+            *dst = pagoda::from_float<O>(accumulate ? pagoda::to_float<O>(*dst) + y : y);
         }
     }
 }
 
-template <typename T, typename O>
-int launch_gemv(const void *x, const void *w, void *out, int t, int n, int k, int accumulate, cudaStream_t stream) {
-    const dim3 grid(pagoda::ceil_div(n, GEMV_WARPS)), block(GEMV_WARPS * 32);
-    const T *xp = static_cast<const T *>(x);
-    const T *wp = static_cast<const T *>(w);
-    O *op = static_cast<O *>(out);
-    switch (t) {
-#define PAGODA_GEMV_CASE(N) \
-    case N: gemv_kernel<T, O, N><<<grid, block, 0, stream>>>(xp, wp, op, n, k, accumulate); break;
+// Programmatic dependent launch for the GEMVs: on Hopper and newer, unless
+// PAGODA_DISABLE_PDL=1 (for comparisons).
+bool pdl_enabled() {
+    static const bool enabled = [] {
+        const char *v = getenv("PAGODA_DISABLE_PDL");
+        if (v != nullptr && v[0] == '1') return false;
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess) return false;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+        return major >= 9;
+    }();
+    return enabled;
+}
+
+template <typename T, typename O, bool NORM, bool SILU>
+int launch_gemv(const PagodaLinearArgs *a, cudaStream_t stream) {
+    const int n_out = SILU ? a->n / 2 : a->n;
+    const dim3 grid(pagoda::ceil_div(n_out, GEMV_WARPS)), block(GEMV_WARPS * 32);
+    const T *x = static_cast<const T *>(a->x);
+    const T *w = static_cast<const T *>(a->weight);
+    const T *bias = static_cast<const T *>(a->bias);
+    const T *gamma = static_cast<const T *>(a->norm_weight);
+    O *out = static_cast<O *>(a->out);
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.stream = stream;
+    cudaLaunchAttribute pdl[1];
+    pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl[0].val.programmaticStreamSerializationAllowed = 1;
+    if (pdl_enabled()) {
+        config.attrs = pdl;
+        config.numAttrs = 1;
+    }
+    cudaError_t e = cudaSuccess;
+    switch (a->t) {
+#define PAGODA_GEMV_CASE(N)                                                                                   \
+    case N:                                                                                                   \
+        e = cudaLaunchKernelEx(&config, gemv_kernel<T, O, N, NORM, SILU>, x, w, bias, gamma, a->eps, out, n_out, \
+                               a->k, a->accumulate);                                                          \
+        break;
         PAGODA_GEMV_CASE(1)
         PAGODA_GEMV_CASE(2)
         PAGODA_GEMV_CASE(3)
@@ -101,32 +192,64 @@ int launch_gemv(const void *x, const void *w, void *out, int t, int n, int k, in
 #undef PAGODA_GEMV_CASE
         default: return PAGODA_ERR_ARGUMENT;
     }
+    if (e != cudaSuccess) return (int)e;
     PAGODA_LAUNCH_CHECK();
     return 0;
+}
+
+template <typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, cudaStream_t stream) {
+    const bool norm = a->norm_weight != nullptr;
+    if (a->silu_mul) {
+        if constexpr (std::is_same<O, T>::value) {
+            return norm ? launch_gemv<T, O, true, true>(a, stream) : launch_gemv<T, O, false, true>(a, stream);
+        }
+        return PAGODA_ERR_DTYPE;
+    }
+    return norm ? launch_gemv<T, O, true, false>(a, stream) : launch_gemv<T, O, false, false>(a, stream);
 }
 
 // Whether the small-batch kernel takes this product: 16-bit inputs, at most
 // GEMV_MAX_TOKENS rows, rows of whole 16-byte chunks, aligned pointers, and
 // not switched off (PAGODA_DISABLE_GEMV=1 forces cuBLAS, for comparisons).
-bool gemv_applies(const void *x, const void *w, int in_dtype, int t, int k) {
+bool gemv_applies(const PagodaLinearArgs *a) {
     static const bool disabled = [] {
         const char *v = getenv("PAGODA_DISABLE_GEMV");
         return v != nullptr && v[0] == '1';
     }();
-    return !disabled && t >= 1 && t <= GEMV_MAX_TOKENS && k % 8 == 0 &&
-           (in_dtype == PAGODA_DTYPE_BF16 || in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(x) &&
-           pagoda::aligned16(w);
+    return !disabled && a->t >= 1 && a->t <= GEMV_MAX_TOKENS && a->k > 0 && a->k % 8 == 0 &&
+           (a->in_dtype == PAGODA_DTYPE_BF16 || a->in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(a->x) &&
+           pagoda::aligned16(a->weight) && (a->norm_weight == nullptr || pagoda::aligned16(a->norm_weight));
 }
 
-int gemv(const void *x, const void *w, int in_dtype, void *out, int out_dtype, int t, int n, int k, int accumulate,
-         cudaStream_t stream) {
-    if (in_dtype == PAGODA_DTYPE_BF16) {
-        return out_dtype == PAGODA_DTYPE_F32
-                   ? launch_gemv<__nv_bfloat16, float>(x, w, out, t, n, k, accumulate, stream)
-                   : launch_gemv<__nv_bfloat16, __nv_bfloat16>(x, w, out, t, n, k, accumulate, stream);
+int gemv(const PagodaLinearArgs *a, cudaStream_t stream) {
+    const bool f32_out = a->out_dtype == PAGODA_DTYPE_F32;
+    if (a->in_dtype == PAGODA_DTYPE_BF16) {
+        return f32_out ? gemv_fused<__nv_bfloat16, float>(a, stream)
+                       : gemv_fused<__nv_bfloat16, __nv_bfloat16>(a, stream);
     }
-    return out_dtype == PAGODA_DTYPE_F32 ? launch_gemv<__half, float>(x, w, out, t, n, k, accumulate, stream)
-                                         : launch_gemv<__half, __half>(x, w, out, t, n, k, accumulate, stream);
+    return f32_out ? gemv_fused<__half, float>(a, stream) : gemv_fused<__half, __half>(a, stream);
+}
+
+size_t dtype_bytes(int dtype) { return dtype == PAGODA_DTYPE_F32 ? 4 : 2; }
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+// The unfused path's scratch: normalised rows, then the product before SiLU.
+size_t normed_bytes(const PagodaLinearArgs *a) {
+    return a->norm_weight ? align256((size_t)a->t * a->k * dtype_bytes(a->in_dtype)) : 0;
+}
+size_t product_bytes(const PagodaLinearArgs *a) {
+    return a->silu_mul ? (size_t)a->t * a->n * dtype_bytes(a->in_dtype) : 0;
+}
+
+// cuBLAS: out (or a product buffer) = x . w^T (+ what is already there when accumulate).
+int blas_gemm(cublasHandle_t h, const void *x, const void *w, int in_dtype, void *out, int out_dtype, int t, int n,
+              int k, bool accumulate) {
+    cudaDataType_t in_type, out_type;
+    if (!cuda_type(in_dtype, &in_type) || !cuda_type(out_dtype, &out_type)) return PAGODA_ERR_DTYPE;
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    return blas_status(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, t, k, &alpha, w, in_type, k, x, in_type, k, &beta,
+                                    out, out_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace
@@ -143,21 +266,51 @@ extern "C" int pagoda_blas_create(void **handle) {
 
 extern "C" int pagoda_blas_destroy(void *handle) { return blas_status(cublasDestroy((cublasHandle_t)handle)); }
 
-extern "C" int pagoda_gemm(void *handle, const void *x, const void *w, int in_dtype, void *out, int out_dtype, int t,
-                           int n, int k, int accumulate, void *stream) {
-    if (t == 0 || n == 0) return 0;
-    cudaDataType_t in_type, out_type;
-    if (!cuda_type(in_dtype, &in_type) || !cuda_type(out_dtype, &out_type)) return PAGODA_ERR_DTYPE;
-    if (out_dtype != in_dtype && out_dtype != PAGODA_DTYPE_F32) return PAGODA_ERR_DTYPE;
-    cublasHandle_t h = (cublasHandle_t)handle;
-    cublasStatus_t st = cublasSetStream(h, (cudaStream_t)stream);
-    if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    if (k == 0 && !accumulate) return pagoda_fill(out, out_dtype, (size_t)t * n, 0.0f, stream);
-    if (k > 0 && gemv_applies(x, w, in_dtype, t, k)) {
-        return gemv(x, w, in_dtype, out, out_dtype, t, n, k, accumulate, (cudaStream_t)stream);
+extern "C" size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *a) {
+    if (a->t == 0 || a->n == 0 || gemv_applies(a)) return 0;
+    return normed_bytes(a) + product_bytes(a);
+}
+
+extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, void *stream) {
+    if (a->t < 0 || a->n < 0 || a->k < 0) return PAGODA_ERR_ARGUMENT;
+    if (a->t == 0 || a->n == 0) return 0;
+    cudaDataType_t unused;
+    if (!cuda_type(a->in_dtype, &unused) || !cuda_type(a->out_dtype, &unused)) return PAGODA_ERR_DTYPE;
+    if (a->out_dtype != a->in_dtype && a->out_dtype != PAGODA_DTYPE_F32) return PAGODA_ERR_DTYPE;
+    if (a->silu_mul && (a->n % 2 != 0 || a->accumulate || a->out_dtype != a->in_dtype)) return PAGODA_ERR_ARGUMENT;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (gemv_applies(a)) return gemv(a, s);
+
+    if (a->scratch_bytes < normed_bytes(a) + product_bytes(a)) return PAGODA_ERR_WORKSPACE;
+    char *scratch = (char *)a->scratch;
+    const void *x = a->x;
+    int rc;
+    if (a->norm_weight != nullptr) {
+        rc = pagoda_rms_norm(a->x, nullptr, a->norm_weight, a->in_dtype, scratch, a->in_dtype, a->t, a->k, a->eps,
+                             stream);
+        if (rc != 0) return rc;
+        x = scratch;
     }
-    st = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, t, k, &alpha, w, in_type, k, x, in_type, k, &beta, out,
-                      out_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    return blas_status(st);
+    void *product = a->silu_mul ? scratch + normed_bytes(a) : a->out;
+    const int product_dtype = a->silu_mul ? a->in_dtype : a->out_dtype;
+    bool accumulate = a->accumulate != 0;
+    if (a->bias != nullptr) {
+        rc = pagoda_broadcast_rows(a->bias, a->in_dtype, product, product_dtype, a->t, a->n, accumulate, stream);
+        if (rc != 0) return rc;
+        accumulate = true;
+    }
+    if (a->k == 0) {
+        if (!accumulate) {
+            rc = pagoda_fill(product, product_dtype, (size_t)a->t * a->n, 0.0f, stream);
+            if (rc != 0) return rc;
+        }
+    } else {
+        cublasHandle_t h = (cublasHandle_t)handle;
+        const cublasStatus_t st = cublasSetStream(h, s);
+        if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
+        rc = blas_gemm(h, x, a->weight, a->in_dtype, product, product_dtype, a->t, a->n, a->k, accumulate);
+        if (rc != 0) return rc;
+    }
+    if (a->silu_mul) return pagoda_silu_and_mul(product, a->out, a->in_dtype, a->t, a->n / 2, stream);
+    return 0;
 }

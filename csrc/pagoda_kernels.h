@@ -56,9 +56,9 @@ const char *pagoda_error_string(int code);
 /* dst[0..n) = value, converted to dtype (integers: truncated toward zero). */
 int pagoda_fill(void *dst, int dtype, size_t n, float value, void *stream);
 
-/* out[r, :] = bias[:] for r in 0..rows (bias may be another float dtype). */
+/* out[r, :] = bias[:] (or += with accumulate) for r in 0..rows (bias may be another float dtype). */
 int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out, int out_dtype, int rows, int cols,
-                          void *stream);
+                          int accumulate, void *stream);
 
 /* out[m, :] = x[indices[m], :]; indices outside 0..num_src_rows set
  * status_bit and leave the row unwritten. Used for embedding and gather_rows. */
@@ -139,10 +139,36 @@ int pagoda_attention(const PagodaAttentionArgs *args, void *stream);
 int pagoda_blas_create(void **handle);
 int pagoda_blas_destroy(void *handle);
 
-/* out[t, n] = sum_k x[t, k] * w[n, k] (+ out[t, n] if accumulate), f32 accumulation.
- * x and w share a dtype (F32, F16 or BF16); out is that dtype or F32. */
-int pagoda_gemm(void *handle, const void *x, const void *w, int in_dtype, void *out, int out_dtype, int t, int n,
-                int k, int accumulate, void *stream);
+/* A linear layer with what is fused around it, f32 accumulation:
+ *   x'   = rms_norm(x) * norm_weight       when norm_weight != NULL (eps), else x
+ *   p    = x' . weight^T + bias            (bias optional, [n])
+ *   out  = p, or silu(p[:, :n/2]) * p[:, n/2:] with silu_mul (out [t, n/2]),
+ *          added to out instead of stored with accumulate (not with silu_mul).
+ * x, weight, bias and norm_weight share in_dtype (F32, F16 or BF16); out is
+ * in_dtype or F32 (F32 not with silu_mul). With at most 8 token rows the norm,
+ * bias, SiLU and accumulation happen inside one weight-streaming kernel;
+ * otherwise through cuBLAS and the elementwise kernels, using `scratch`
+ * (pagoda_linear_scratch_bytes). */
+typedef struct {
+    const void *x;           /* [t, k] */
+    const void *weight;      /* [n, k] */
+    const void *bias;        /* [n] or NULL */
+    const void *norm_weight; /* [k] or NULL */
+    float eps;
+    void *out;
+    void *scratch;
+    size_t scratch_bytes;
+    int in_dtype;
+    int out_dtype;
+    int t, n, k;
+    int silu_mul;
+    int accumulate;
+} PagodaLinearArgs;
+
+/* Scratch the unfused (cuBLAS) path of these arguments needs; 0 if none. */
+size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *args);
+
+int pagoda_linear(void *handle, const PagodaLinearArgs *args, void *stream);
 
 /* ---- KV cache blocks ---------------------------------------------------- */
 
@@ -192,6 +218,9 @@ typedef struct {
     int num_rows;
     int num_draw_rows;
     int vocab;
+    /* Set when every row is greedy with no penalties and no top logprobs:
+     * rows are then split over many blocks (one row alone still fills the GPU). */
+    int greedy_only;
 } PagodaSampleArgs;
 
 /* Bytes of workspace pagoda_sample needs. */

@@ -45,8 +45,8 @@ mod simd;
 mod storage;
 
 use pagoda_backend::{
-    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, MemoryInfo, Result, RotaryCacheArgs,
-    SampledToken, SamplingRow, Tensor,
+    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion, MemoryInfo, Result,
+    RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 use rayon::prelude::*;
 
@@ -122,6 +122,17 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &T, weight: &T, bias: Option<&T>, out: &T) -> Result<()> {
         linear::linear(x, weight, bias, out)
+    }
+
+    fn linear_fused(
+        &self,
+        x: &T,
+        weight: &T,
+        bias: Option<&T>,
+        out: &T,
+        fusion: &LinearFusion<'_, Self>,
+    ) -> Result<()> {
+        linear::linear_fused(x, weight, bias, out, fusion)
     }
 
     fn rotary_and_cache(&self, args: &RotaryCacheArgs<'_, Self>) -> Result<()> {

@@ -9,12 +9,15 @@
 //! - many tokens (prefill): `matrixmultiply::sgemm`, with token rows split
 //!   across threads.
 
-use pagoda_backend::{BackendError, Result};
+use std::borrow::Cow;
+
+use pagoda_backend::{BackendError, LinearFusion, Result};
 use rayon::prelude::*;
 
-use crate::ops::{expect_rows_cols, rows_cols};
+use crate::ops::{expect_rows_cols, for_each_row, rms_norm_row, rows_cols, silu_and_mul_row};
 use crate::simd::{dot, Isa};
 use crate::storage::{with_operands, CpuTensor};
+use crate::CpuBackend;
 
 /// Up to this many tokens the weight-streaming path wins (measured with the
 /// `linear` criterion bench at SmolLM2's shapes on a 2-core x86-64).
@@ -50,6 +53,55 @@ pub(crate) fn linear(
         let w = ins.f32(weight)?;
         let b = bias.map(|b| ins.f32(b)).transpose()?;
         matmul_transposed(xs, w, b, outs[0], tokens, k, n);
+        Ok(())
+    })
+}
+
+/// The fused layer, done the plain way: norm rows, product, then store, add
+/// or SiLU-and-mul, each exactly as the separate ops compute it.
+pub(crate) fn linear_fused(
+    x: &CpuTensor,
+    weight: &CpuTensor,
+    bias: Option<&CpuTensor>,
+    out: &CpuTensor,
+    fusion: &LinearFusion<'_, CpuBackend>,
+) -> Result<()> {
+    const OP: &str = "linear_fused";
+    let (tokens, k, n) = fusion.check_shapes(OP, x, weight, bias, out)?;
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    inputs.extend(fusion.input_norm.map(|(g, _)| g));
+    with_operands(OP, &inputs, &[out], |ins, outs| {
+        let xs = ins.f32(x)?;
+        let w = ins.f32(weight)?;
+        let b = bias.map(|b| ins.f32(b)).transpose()?;
+        let normed: Cow<'_, [f32]> = match fusion.input_norm {
+            Some((g, eps)) => {
+                let g = ins.f32(g)?;
+                let mut normed = vec![0.0f32; tokens * k];
+                for_each_row(&mut normed, k, |t, row| rms_norm_row(&xs[t * k..(t + 1) * k], g, eps, row));
+                Cow::Owned(normed)
+            }
+            None => Cow::Borrowed(xs),
+        };
+        let out = &mut *outs[0];
+        if !fusion.silu_mul && !fusion.accumulate {
+            matmul_transposed(&normed, w, b, out, tokens, k, n);
+            return Ok(());
+        }
+        let mut product = vec![0.0f32; tokens * n];
+        matmul_transposed(&normed, w, b, &mut product, tokens, k, n);
+        if fusion.silu_mul {
+            let inter = n / 2;
+            for_each_row(out, inter, |t, row| {
+                let (gate, up) = product[t * n..(t + 1) * n].split_at(inter);
+                silu_and_mul_row(gate, up, row);
+            });
+        } else {
+            for (o, &p) in out.iter_mut().zip(&product) {
+                *o += p;
+            }
+        }
         Ok(())
     })
 }

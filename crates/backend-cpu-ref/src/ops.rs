@@ -72,7 +72,7 @@ pub(crate) fn embedding(token_ids: &CpuTensor, table: &CpuTensor, out: &CpuTenso
 }
 
 /// `out = x / sqrt(mean(x^2) + eps) * weight`; the mean square in f64.
-fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+pub(crate) fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let mean_square = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len().max(1) as f64;
     let inv_rms = 1.0 / (mean_square + eps as f64).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
@@ -131,6 +131,13 @@ pub(crate) fn add_rms_norm(
     })
 }
 
+/// `out = silu(gate) * up`, elementwise.
+pub(crate) fn silu_and_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
 pub(crate) fn silu_and_mul(x: &CpuTensor, out: &CpuTensor) -> Result<()> {
     const OP: &str = "silu_and_mul";
     let (tokens, width) = rows_cols(OP, "x", x)?;
@@ -143,9 +150,7 @@ pub(crate) fn silu_and_mul(x: &CpuTensor, out: &CpuTensor) -> Result<()> {
         let xs = ins.f32(x)?;
         for_each_row(outs[0], inter, |t, row| {
             let (gate, up) = xs[t * width..(t + 1) * width].split_at(inter);
-            for ((o, &g), &u) in row.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            silu_and_mul_row(gate, up, row);
         });
         Ok(())
     })

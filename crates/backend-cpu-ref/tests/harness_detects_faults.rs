@@ -8,8 +8,8 @@
 
 use half::{bf16, f16};
 use pagoda_backend::{
-    AttentionArgs, AttentionMetadata, Backend, DType, HostSlice, HostVec, MemoryInfo, Result, RopeStyle,
-    RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
+    AttentionArgs, AttentionMetadata, Backend, DType, HostSlice, HostVec, LinearFusion, MemoryInfo, Result,
+    RopeStyle, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
 use pagoda_backend_cpu_ref::{CpuBackend, CpuStorage};
@@ -24,6 +24,8 @@ enum Fault {
     /// Treats slot -1 as slot 0 instead of skipping the token.
     WritesSkippedSlots,
     LinearDropsBias,
+    /// A fused linear that should add into its output overwrites it.
+    FusedLinearOverwrites,
     /// eps 1e-2 instead of the caller's.
     RmsNormWrongEps,
     /// Leaves the last output element unwritten.
@@ -156,6 +158,26 @@ impl Backend for Device {
     fn linear(&self, x: &D, w: &D, bias: Option<&D>, out: &D) -> Result<()> {
         let bias = if self.fault == Fault::LinearDropsBias { None } else { bias.map(c) };
         self.cpu.linear(&c(x), &c(w), bias.as_ref(), &c(out))?;
+        self.store(out)
+    }
+
+    fn linear_fused(
+        &self,
+        x: &D,
+        w: &D,
+        bias: Option<&D>,
+        out: &D,
+        f: &LinearFusion<'_, Self>,
+    ) -> Result<()> {
+        let bias = if self.fault == Fault::LinearDropsBias { None } else { bias.map(c) };
+        let eps = |eps| if self.fault == Fault::RmsNormWrongEps { 1e-2 } else { eps };
+        let norm = f.input_norm.map(|(g, e)| (c(g), eps(e)));
+        let fusion = LinearFusion {
+            input_norm: norm.as_ref().map(|(g, e)| (g, *e)),
+            silu_mul: f.silu_mul,
+            accumulate: f.accumulate && self.fault != Fault::FusedLinearOverwrites,
+        };
+        self.cpu.linear_fused(&c(x), &c(w), bias.as_ref(), &c(out), &fusion)?;
         self.store(out)
     }
 
@@ -331,7 +353,8 @@ fn every_injected_fault_is_caught_where_it_lives() {
         (Fault::WrongRopeStyle, vec!["rotary_and_cache/q_out", "rotary_and_cache/k_cache"]),
         (Fault::WritesSkippedSlots, vec!["rotary_and_cache/k_cache", "rotary_and_cache/v_cache"]),
         (Fault::LinearDropsBias, vec!["linear", "errors"]), // it also accepts a bias of the wrong length
-        (Fault::RmsNormWrongEps, vec!["rms_norm"]),
+        (Fault::FusedLinearOverwrites, vec!["linear_fused"]),
+        (Fault::RmsNormWrongEps, vec!["rms_norm", "linear_fused"]),
         (Fault::SiluSkipsLastElement, vec!["silu_and_mul"]),
         (Fault::CopyBlocksFirstCacheOnly, vec!["copy_blocks/v"]),
         (Fault::SampleWrongStep, vec!["sample/tokens"]),

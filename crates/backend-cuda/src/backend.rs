@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use cust::event::{Event, EventFlags};
 use half::{bf16, f16};
 use pagoda_backend::{
-    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, MemoryInfo, Result, RotaryCacheArgs,
-    SampledToken, SamplingRow, Tensor,
+    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion, MemoryInfo, Result,
+    RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 
 use crate::device::{CudaStorage, DeviceInner};
@@ -359,58 +359,18 @@ impl Backend for CudaBackend {
         bias: Option<&Tensor<Self>>,
         out: &Tensor<Self>,
     ) -> Result<()> {
-        const OP: &str = "linear";
-        let (t, k) = x.dims2(OP)?;
-        let (n, k2) = weight.dims2(OP)?;
-        if k != k2 {
-            return Err(BackendError::shape(OP, format!("x {:?} vs weight {:?}", x.dims(), weight.dims())));
-        }
-        out.expect_dims(OP, "out", &[t, n])?;
-        expect_float(OP, x)?;
-        same_dtype(OP, x, weight)?;
-        if out.dtype() != x.dtype() && out.dtype() != DType::F32 {
-            return Err(BackendError::DType { op: OP, dtype: out.dtype() });
-        }
-        no_alias(OP, out, &[x, weight])?;
-        let (ti, ni, ki) =
-            (to_i32(OP, "tokens", t)?, to_i32(OP, "out features", n)?, to_i32(OP, "in features", k)?);
-        self.bind()?;
-        if let Some(b) = bias {
-            b.expect_dims(OP, "bias", &[n])?;
-            expect_float(OP, b)?;
-            no_alias(OP, out, &[b])?;
-            // SAFETY: ranges checked above.
-            let rc = unsafe {
-                ffi::pagoda_broadcast_rows(
-                    vptr(b),
-                    dtype_code(b.dtype()),
-                    vptr(out),
-                    dtype_code(out.dtype()),
-                    ti,
-                    ni,
-                    self.stream(),
-                )
-            };
-            check("pagoda_broadcast_rows", rc)?;
-        }
-        let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
-        // SAFETY: shapes and dtypes checked above; the handle is held under the mutex.
-        let rc = unsafe {
-            ffi::pagoda_gemm(
-                blas.0,
-                vptr(x),
-                vptr(weight),
-                dtype_code(x.dtype()),
-                vptr(out),
-                dtype_code(out.dtype()),
-                ti,
-                ni,
-                ki,
-                bias.is_some() as i32,
-                self.stream(),
-            )
-        };
-        Ok(check("pagoda_gemm", rc)?)
+        self.linear_layer("linear", x, weight, bias, out, &LinearFusion::none())
+    }
+
+    fn linear_fused(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        out: &Tensor<Self>,
+        fusion: &LinearFusion<'_, Self>,
+    ) -> Result<()> {
+        self.linear_layer("linear_fused", x, weight, bias, out, fusion)
     }
 
     fn rotary_and_cache(&self, a: &RotaryCacheArgs<'_, Self>) -> Result<()> {
@@ -722,6 +682,64 @@ impl CudaBackend {
             )
         };
         Ok(check("pagoda_gather_rows", rc)?)
+    }
+
+    /// Both `linear` and `linear_fused`: checks, then one `pagoda_linear` call
+    /// (the C side picks the fused small-batch kernel or cuBLAS).
+    fn linear_layer(
+        &self,
+        op: &'static str,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        out: &Tensor<Self>,
+        fusion: &LinearFusion<'_, Self>,
+    ) -> Result<()> {
+        let (t, k, n) = fusion.check_shapes(op, x, weight, bias, out)?;
+        expect_float(op, x)?;
+        same_dtype(op, x, weight)?;
+        if out.dtype() != x.dtype() && (out.dtype() != DType::F32 || fusion.silu_mul) {
+            return Err(BackendError::DType { op, dtype: out.dtype() });
+        }
+        no_alias(op, out, &[x, weight])?;
+        if let Some(b) = bias {
+            same_dtype(op, x, b)?;
+            no_alias(op, out, &[b])?;
+        }
+        if let Some((g, _)) = fusion.input_norm {
+            same_dtype(op, x, g)?;
+            no_alias(op, out, &[g])?;
+        }
+        let mut args = ffi::PagodaLinearArgs {
+            x: vptr(x),
+            weight: vptr(weight),
+            bias: bias.map_or(std::ptr::null(), |b| vptr(b) as *const c_void),
+            norm_weight: fusion.input_norm.map_or(std::ptr::null(), |(g, _)| vptr(g) as *const c_void),
+            eps: fusion.input_norm.map_or(0.0, |(_, eps)| eps),
+            out: vptr(out),
+            scratch: std::ptr::null_mut(),
+            scratch_bytes: 0,
+            in_dtype: dtype_code(x.dtype()),
+            out_dtype: dtype_code(out.dtype()),
+            t: to_i32(op, "tokens", t)?,
+            n: to_i32(op, "out features", n)?,
+            k: to_i32(op, "in features", k)?,
+            silu_mul: fusion.silu_mul as i32,
+            accumulate: fusion.accumulate as i32,
+        };
+        self.bind()?;
+        // SAFETY: a pure size computation over the arguments.
+        let bytes = unsafe { ffi::pagoda_linear_scratch_bytes(&args) };
+        let scratch = if bytes > 0 { Some(self.scratch(bytes)?) } else { None };
+        if let Some(s) = &scratch {
+            args.scratch = s.ptr() as *mut c_void;
+            args.scratch_bytes = s.bytes();
+        }
+        let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
+        // SAFETY: shapes, dtypes and aliasing checked above; the handle is held
+        // under the mutex; the scratch is freed on the stream after the work.
+        let rc = unsafe { ffi::pagoda_linear(blas.0, &args, self.stream()) };
+        Ok(check("pagoda_linear", rc)?)
     }
 
     #[allow(clippy::too_many_arguments)]

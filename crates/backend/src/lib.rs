@@ -30,11 +30,13 @@
 mod attention;
 mod error;
 mod host;
+mod linear;
 mod tensor;
 
 pub use attention::{AttentionArgs, AttentionHostMetadata, AttentionMetadata, RopeStyle, RotaryCacheArgs};
 pub use error::{BackendError, Result};
 pub use host::{HostSlice, HostVec};
+pub use linear::LinearFusion;
 pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
 pub use tensor::{DType, Shape, Tensor};
 
@@ -142,6 +144,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
         weight: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
         out: &Tensor<Self>,
+    ) -> Result<()>;
+
+    /// A linear layer with its neighbours fused in (input norm, SiLU-and-mul,
+    /// residual add): `p = x' · weightᵀ + bias`, then `out = p`, `out += p` or
+    /// `out = silu_and_mul(p)`; see [`LinearFusion`]. The result equals the
+    /// unfused ops up to rounding of the intermediates.
+    fn linear_fused(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        out: &Tensor<Self>,
+        fusion: &LinearFusion<'_, Self>,
     ) -> Result<()>;
 
     /// Rotates q and k by their positions and writes k and v into the paged

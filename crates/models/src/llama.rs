@@ -9,7 +9,7 @@
 
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, KvCacheShape,
-    RopeStyle, RotaryCacheArgs, Tensor, TokenId,
+    LinearFusion, RopeStyle, RotaryCacheArgs, Tensor, TokenId,
 };
 
 use crate::config::ModelConfig;
@@ -344,23 +344,27 @@ impl<B: Backend> LlamaModel<B> {
         let m = batch.logits_indices.numel();
         let (h, d) = (c.hidden_size, self.dtype);
 
+        // The residual stream is updated in place by the o and down products
+        // (accumulate); each norm rides in the product that consumes it.
         let residual = backend.alloc(&[t, h], d)?;
-        let normed = backend.alloc(&[t, h], d)?;
-        let delta = backend.alloc(&[t, h], d)?; // attention or MLP output, added to the residual
         let qkv = backend.alloc(&[t, c.qkv_size()], d)?;
         let q = backend.alloc(&[t, c.q_size()], d)?;
         let attn_out = backend.alloc(&[t, c.q_size()], d)?;
-        let gate_up = backend.alloc(&[t, 2 * c.intermediate_size], d)?;
         let mlp_act = backend.alloc(&[t, c.intermediate_size], d)?;
+        let eps = c.rms_norm_eps;
+        let normed_by =
+            |weight| LinearFusion { input_norm: Some((weight, eps)), silu_mul: false, accumulate: false };
+        let add_to_residual = LinearFusion { input_norm: None, silu_mul: false, accumulate: true };
 
         backend.embedding(&batch.token_ids, &self.embed_tokens, &residual)?;
-        for (l, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
-            if l == 0 {
-                backend.rms_norm(&residual, &layer.input_norm, c.rms_norm_eps, &normed)?;
-            } else {
-                backend.add_rms_norm(&delta, &residual, &layer.input_norm, c.rms_norm_eps, &normed)?;
-            }
-            backend.linear(&normed, &layer.qkv, layer.qkv_bias.as_ref(), &qkv)?;
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&kv.layers) {
+            backend.linear_fused(
+                &residual,
+                &layer.qkv,
+                layer.qkv_bias.as_ref(),
+                &qkv,
+                &normed_by(&layer.input_norm),
+            )?;
             backend.rotary_and_cache(&RotaryCacheArgs {
                 qkv: &qkv,
                 positions: &batch.positions,
@@ -387,19 +391,24 @@ impl<B: Backend> LlamaModel<B> {
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 sliding_window: layer.sliding_window,
             })?;
-            backend.linear(&attn_out, &layer.o_proj, layer.o_bias.as_ref(), &delta)?;
-            backend.add_rms_norm(&delta, &residual, &layer.post_attention_norm, c.rms_norm_eps, &normed)?;
-            backend.linear(&normed, &layer.gate_up, None, &gate_up)?;
-            backend.silu_and_mul(&gate_up, &mlp_act)?;
-            backend.linear(&mlp_act, &layer.down, None, &delta)?;
+            backend.linear_fused(
+                &attn_out,
+                &layer.o_proj,
+                layer.o_bias.as_ref(),
+                &residual,
+                &add_to_residual,
+            )?;
+            let mlp_in = LinearFusion { silu_mul: true, ..normed_by(&layer.post_attention_norm) };
+            backend.linear_fused(&residual, &layer.gate_up, None, &mlp_act, &mlp_in)?;
+            backend.linear_fused(&mlp_act, &layer.down, None, &residual, &add_to_residual)?;
         }
-        backend.add_rms_norm(&delta, &residual, &self.norm, c.rms_norm_eps, &normed)?;
 
+        // Only the rows that sample need the final norm and the vocabulary product.
         let logits = backend.alloc(&[m, c.vocab_size], DType::F32)?;
         if m > 0 {
             let last_hidden = backend.alloc(&[m, h], d)?;
-            backend.gather_rows(&normed, &batch.logits_indices, &last_hidden)?;
-            backend.linear(&last_hidden, &self.lm_head, None, &logits)?;
+            backend.gather_rows(&residual, &batch.logits_indices, &last_hidden)?;
+            backend.linear_fused(&last_hidden, &self.lm_head, None, &logits, &normed_by(&self.norm))?;
         }
         Ok(logits)
     }

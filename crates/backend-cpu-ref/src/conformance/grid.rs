@@ -413,6 +413,17 @@ impl Grid {
                     history: 12,
                     logit_scale: 3.0,
                 })
+                .chain([(1usize, 50_000usize, true), (3, 32_000, false)].map(|(rows, vocab, f32_logits)| {
+                    // Greedy-only rows long enough to be split across blocks.
+                    SampleCase {
+                        rows,
+                        vocab,
+                        params: vec![SamplingParams::greedy()],
+                        f32_logits,
+                        history: 0,
+                        logit_scale: 3.0,
+                    }
+                }))
                 .collect(),
             errors: true,
         }

@@ -110,6 +110,7 @@ pub fn run_with<B: Backend>(device: &B, grid: &Grid, tolerances: Tolerances) -> 
     check::memory::run(&mut h, &grid.memory);
     check::rows::run(&mut h, &grid.rows);
     check::linear::run(&mut h, &grid.linear);
+    check::linear::run_fused(&mut h, &grid.linear);
     check::rotary::run(&mut h, &grid.rotary);
     check::attention::run(&mut h, &grid.attention);
     check::blocks::run(&mut h, &grid.blocks);
