@@ -11,8 +11,12 @@
 //   4. sort:      each drawing row's probabilities, descending, ids ascending on ties (stable radix sort)
 //   5. draw:      top-k, top-p, min-p truncation, then the inverse-CDF walk at uniform(seed, step)
 //   6. finalise:  the chosen token's raw logprob and the top-n raw logprobs
+// Greedy-only calls (no penalties, no top logprobs) take a short path instead:
+// each row is split into chunks over many blocks, each finds its chunk's arg-max
+// and (max, sum of exp) partial log-sum-exp, and one warp per row merges them.
 #include <cub/device/device_segmented_radix_sort.cuh>
 
+#include <algorithm>
 #include <climits>
 
 #include "common.cuh"
@@ -278,6 +282,105 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// ---- greedy-only path -------------------------------------------------------
+
+constexpr int kGreedyThreads = 256;
+constexpr int kGreedyMinChunk = 2048;
+constexpr int kGreedyMaxChunks = 64;
+
+struct GreedyPartial {
+    double sum_exp;  // sum of exp(x - max) over the chunk (0 when the chunk is all -inf)
+    float max;       // fmaxf over the chunk: NaN-ignoring, as f32::max
+    float best_v;    // the chunk's arg-max
+    int best_id;
+    int pad;
+};
+
+// Chunks per row: about eight blocks per SM, chunks of at least kGreedyMinChunk.
+int greedy_chunks(int rows, int vocab) {
+    static const int sms = [] {
+        int dev = 0, n = 132;
+        if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+        return n;
+    }();
+    const int by_occupancy = ceil_div(8 * sms, rows);
+    const int by_size = max(1, vocab / kGreedyMinChunk);
+    return max(1, min(kGreedyMaxChunks, min(by_occupancy, by_size)));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kGreedyThreads)
+    greedy_partial_kernel(const T *__restrict__ logits, GreedyPartial *__restrict__ parts, int vocab, int chunks) {
+    __shared__ float fscratch[32];
+    __shared__ double dscratch[32];
+    const int m = blockIdx.x / chunks, c = blockIdx.x % chunks;
+    const int per = ceil_div(vocab, chunks);
+    const int begin = c * per, end = min(vocab, begin + per);
+    const T *x = logits + (size_t)m * vocab;
+    float mx = -INFINITY, v = NAN;
+    int id = INT_MIN;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const float xi = to_float<T>(x[i]);
+        mx = fmaxf(mx, xi);
+        if (argmax_before(xi, i, v, id)) {
+            v = xi;
+            id = i;
+        }
+    }
+    mx = block_max(mx, fscratch);
+    double sum = 0.0;
+    if (mx != -INFINITY)
+        for (int i = begin + threadIdx.x; i < end; i += blockDim.x)
+            sum += exp((double)to_float<T>(x[i]) - (double)mx);
+    sum = block_sum(sum, dscratch);
+    block_argmax(v, id);
+    if (threadIdx.x == 0) parts[blockIdx.x] = GreedyPartial{sum, mx, v, id, 0};
+}
+
+// One warp per row: log-sum-exp and arg-max over the row's chunks.
+template <typename T>
+__global__ void greedy_merge_kernel(const T *__restrict__ logits, const GreedyPartial *__restrict__ parts,
+                                    PagodaSampleOut *__restrict__ out, int vocab, int chunks) {
+    const int m = blockIdx.x, lane = threadIdx.x;
+    const GreedyPartial *p = parts + (size_t)m * chunks;
+    float mx = -INFINITY;
+    for (int c = lane; c < chunks; c += 32) mx = fmaxf(mx, p[c].max);
+    mx = warp_max(mx);
+    double sum = 0.0;
+    float v = NAN;
+    int id = INT_MIN;
+    for (int c = lane; c < chunks; c += 32) {
+        if (p[c].max != -INFINITY) sum += p[c].sum_exp * exp((double)p[c].max - (double)mx);
+        if (argmax_before(p[c].best_v, p[c].best_id, v, id)) {
+            v = p[c].best_v;
+            id = p[c].best_id;
+        }
+    }
+    sum = warp_sum(sum);
+    warp_argmax(v, id);
+    if (lane == 0) {
+        // An all -inf row: the full-row reference computes exp(-inf - -inf) = NaN.
+        const double lse = mx == -INFINITY ? (double)NAN : log(sum) + (double)mx;
+        out[m].token = id;
+        out[m].logprob = (float)((double)to_float<T>(logits[(size_t)m * vocab + id]) - lse);
+    }
+}
+
+int sample_greedy_only(const PagodaSampleArgs *a, cudaStream_t s) {
+    const int chunks = greedy_chunks(a->num_rows, a->vocab);
+    if ((size_t)a->num_rows * chunks * sizeof(GreedyPartial) > a->workspace_bytes) return PAGODA_ERR_WORKSPACE;
+    GreedyPartial *parts = (GreedyPartial *)a->workspace;
+    PAGODA_DISPATCH_FLOAT(a->logits_dtype, {
+        greedy_partial_kernel<scalar_t><<<a->num_rows * chunks, kGreedyThreads, 0, s>>>(
+            (const scalar_t *)a->logits, parts, a->vocab, chunks);
+        PAGODA_LAUNCH_CHECK();
+        greedy_merge_kernel<scalar_t><<<a->num_rows, 32, 0, s>>>((const scalar_t *)a->logits, parts, a->out,
+                                                                  a->vocab, chunks);
+    });
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
 size_t align_up(size_t x) { return (x + 255) & ~(size_t)255; }
 
 struct SampleWorkspace {
@@ -316,6 +419,8 @@ int plan_workspace(char *base, int num_rows, int num_draw, int vocab, SampleWork
         if (e != cudaSuccess) return (int)e;
     }
     w->sort_temp = take(w->sort_temp_bytes);
+    // The greedy-only path reuses the start of the workspace for its partials.
+    off = std::max(off, align_up((size_t)num_rows * kGreedyMaxChunks * sizeof(GreedyPartial)));
     w->total = off;
     return 0;
 }
@@ -339,6 +444,10 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
     if (rc != 0) return rc;
     if (w.total > a->workspace_bytes) return PAGODA_ERR_WORKSPACE;
     cudaStream_t s = (cudaStream_t)stream;
+    if (a->greedy_only) {
+        if (a->num_draw_rows != 0) return PAGODA_ERR_ARGUMENT;
+        return sample_greedy_only(a, s);
+    }
     const int M = a->num_rows, V = a->vocab, Md = a->num_draw_rows;
 
     PAGODA_DISPATCH_FLOAT(a->logits_dtype, {

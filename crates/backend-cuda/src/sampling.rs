@@ -118,6 +118,10 @@ pub(crate) fn sample(
         num_rows: m as i32,
         num_draw_rows: num_draw,
         vocab: vocab as i32,
+        greedy_only: packed
+            .iter()
+            .all(|r| r.draw_index < 0 && r.penalty_start == r.penalty_end && r.num_logprobs == 0)
+            as i32,
     };
     // SAFETY: every device buffer above is sized for these arguments and lives past the launch.
     check("pagoda_sample", unsafe { ffi::pagoda_sample(&args, backend.raw_stream()) })?;
