@@ -11,6 +11,8 @@
 // tiles of 64 tokens are gathered from the paged cache into shared memory with
 // cp.async, scores and the P.V product use bf16/f16 tensor cores
 // (mma.sync m16n8k16, f32 accumulation), and the softmax is online.
+#include <stdlib.h>
+
 #include "common.cuh"
 
 using namespace pagoda;
@@ -25,6 +27,7 @@ constexpr int kDecodeThreads = kDecodeWarps * 32;
 // few sequences (single-stream decode) still spread over every SM.
 constexpr int kDecodePartitionLarge = 512;
 constexpr int kDecodePartitionSmall = 64;
+constexpr int kDecodePartitionWhole = 1024;
 constexpr int kMaxDecodeGroup = 8;
 
 // The first context token a query at position `pos` sees.
@@ -68,6 +71,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     constexpr int U = 4;                      // K loads in flight per lane (x VPL)
     constexpr int UV = 8;                     // V loads in flight per lane
 
+    pdl_launch_dependents();  // the output product may start fetching its weights
     extern __shared__ float smem[];
     float *s_score = smem;  // [GMAX][P]
     __shared__ float s_max[GMAX], s_sum[GMAX];
@@ -269,6 +273,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 // Grid (query head, decode sequence), D threads: merges the partitions of sequences that had several.
 template <typename T, int D>
 __global__ void paged_decode_merge_kernel(const PagodaAttentionArgs a, int max_splits, int partition) {
+    pdl_launch_dependents();
     const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
     const int L = a.seq_lens[s];
     const int start = window_start(L - 1, a.sliding_window);
@@ -310,11 +315,24 @@ int num_sms() {
 }
 
 // Small partitions when large ones would leave most SMs idle (fewer blocks than
-// two per SM); the extra merge work is negligible at that size.
+// two per SM); the extra merge work is negligible at that size. When the
+// (sequence, KV head) pairs alone fill the GPU twice over and every context fits
+// kDecodePartitionWhole, one partition per pair: no merge pass, and no short
+// trailing partitions (the bench's sweep: larger partitions won at batch 64-256).
+// PAGODA_DECODE_PARTITION=64|128|256|512|1024 forces one (for that sweep).
 int decode_partition(const PagodaAttentionArgs *a) {
-    const long blocks =
-        (long)a->num_kv_heads * a->num_decode_seqs * ceil_div(decode_context(a), kDecodePartitionLarge);
-    return blocks < 2L * num_sms() ? kDecodePartitionSmall : kDecodePartitionLarge;
+    if (const char *forced = getenv("PAGODA_DECODE_PARTITION")) {
+        const int p = atoi(forced);
+        if (p == 64 || p == 128 || p == 256 || p == 512 || p == 1024) return p;
+    }
+    const long pairs = (long)a->num_kv_heads * a->num_decode_seqs;
+    const long blocks = pairs * ceil_div(decode_context(a), kDecodePartitionLarge);
+    if (blocks < 2L * num_sms()) return kDecodePartitionSmall;
+    // (Groups of 8 query heads need 255 registers at 1024: they keep 512.)
+    const int group = a->num_q_heads / a->num_kv_heads;
+    if (group <= 4 && decode_context(a) <= kDecodePartitionWhole && pairs >= 2L * num_sms())
+        return kDecodePartitionWhole;
+    return kDecodePartitionLarge;
 }
 
 int decode_max_splits(const PagodaAttentionArgs *a) { return ceil_div(decode_context(a), decode_partition(a)); }
@@ -338,8 +356,13 @@ template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAt
 }
 
 template <typename T, int D, int GMAX> int launch_decode_g(const PagodaAttentionArgs *a, cudaStream_t s) {
-    return decode_partition(a) == kDecodePartitionSmall ? launch_decode_p<T, D, GMAX, kDecodePartitionSmall>(a, s)
-                                                        : launch_decode_p<T, D, GMAX, kDecodePartitionLarge>(a, s);
+    switch (decode_partition(a)) {
+        case 64: return launch_decode_p<T, D, GMAX, 64>(a, s);
+        case 128: return launch_decode_p<T, D, GMAX, 128>(a, s);
+        case 256: return launch_decode_p<T, D, GMAX, 256>(a, s);
+        case 1024: return launch_decode_p<T, D, GMAX, 1024>(a, s);
+        default: return launch_decode_p<T, D, GMAX, 512>(a, s);
+    }
 }
 
 template <typename T, int D> int launch_decode(const PagodaAttentionArgs *a, cudaStream_t s) {

@@ -150,10 +150,22 @@ fn main() -> Result<()> {
 
     // ---- paged decode attention, Llama-3-8B heads ----
     let (hq, hkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
-    for &(batch, ctx) in &[(64usize, 2048usize), (64, 8192)] {
-        let label = format!("decode attention b{batch} ctx{ctx} 32q/8kv D128 bs16");
+    // The two shapes, then single-stream and the 8B workload's batch
+    // (256 sequences near 640 tokens); each with the launcher's own partition
+    // choice and then every partition forced, to check that choice.
+    let partitions = ["auto", "64", "128", "256", "512", "1024"];
+    for (batch, ctx, part) in [(64usize, 2048usize), (64, 8192), (1, 576), (256, 640)]
+        .iter()
+        .flat_map(|&(b, c)| partitions.iter().map(move |&p| (b, c, p)))
+    {
+        let label = format!("decode attention b{batch} ctx{ctx} 32q/8kv D128 bs16 partition {part}");
         if !wanted(&label) {
             continue;
+        }
+        // The bench is single-threaded; the launcher reads the variable per call.
+        match part {
+            "auto" => std::env::remove_var("PAGODA_DECODE_PARTITION"),
+            p => std::env::set_var("PAGODA_DECODE_PARTITION", p),
         }
         let blocks_per_seq = ctx.div_ceil(bs);
         let num_blocks = batch * blocks_per_seq;
@@ -172,6 +184,7 @@ fn main() -> Result<()> {
             num_decode_seqs: batch,
         };
         let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
+        std::env::remove_var("PAGODA_DECODE_PARTITION");
         let bytes = (2 * batch * ctx * hkv * d * 2 + 2 * batch * hq * d * 2) as f64;
         let bw = bytes / (ms * 1e-3);
         rows.push(Row {
