@@ -6,21 +6,26 @@
 #      stop strings, logprobs, error cases, a wrong API key)
 #   4. SIGTERM to the server (a graceful shutdown), and the check's exit status.
 # Usage: scripts/openai-check.sh [MODEL_PATH]   (default: the model scripts/fetch-model.sh fetches)
-# PAGODA_BIN picks the binary (default target/release/pagoda, built if missing).
+# PAGODA_BIN picks the binary; by default target/release/pagoda, (re)built from this
+# checkout with the default features so a stale or CUDA-only build is never tested.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 MODEL="${1:-${PAGODA_TEST_MODEL:-$(scripts/fetch-model.sh)}}"
-PAGODA_BIN="${PAGODA_BIN:-$ROOT/target/release/pagoda}"
+if [[ -z "${PAGODA_BIN:-}" ]]; then
+    PAGODA_BIN="$ROOT/target/release/pagoda"
+    echo "==> building $PAGODA_BIN" >&2
+    cargo build --release --bin pagoda
+fi
 VENV="$ROOT/.venv-openai-check"
 PYTHON="${PYTHON:-python3}"
 API_KEY="openai-check-key"
 SERVED_NAME="pagoda-check"
 
 if [[ ! -x "$PAGODA_BIN" ]]; then
-    echo "==> building $PAGODA_BIN" >&2
-    cargo build --release --bin pagoda
+    echo "error: $PAGODA_BIN is not an executable" >&2
+    exit 1
 fi
 
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then

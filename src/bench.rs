@@ -262,6 +262,17 @@ fn print_timings<B: Backend>(engine: &LlmEngine<B>) {
         ms(r.sample),
         ms(s.update)
     );
+    for (name, p) in [("decode-only steps", r.decode_only), ("steps with prefill", r.with_prefill)] {
+        if p.steps > 0 {
+            println!(
+                "{name:<19} {} steps, {} tokens, {:.0} ms executing ({:.2} ms per step)",
+                p.steps,
+                p.tokens,
+                ms(p.time),
+                ms(p.time) / p.steps as f64
+            );
+        }
+    }
 }
 
 fn median(values: &[f64]) -> f64 {

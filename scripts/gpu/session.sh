@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, with what package.sh built.
 # Phases (each one device call; state lives in /tmp/pagoda-gpu while the machine is warm):
-#   stash-a      keep the first half of the SmolLM2 GGUF (carry .device/gguf.00)
-#   stash-b      join it with the second half (carry .device/gguf.01) and check the hash
+#   stash        keep the thirds of the SmolLM2 GGUF this call carries (.device/gguf.0N)
+#   join         join the three thirds and check the hash
+#   keep-bin     keep pagoda and the GGUF hash for calls that do not carry .device/bin
+#   sanitize     compute-sanitizer memcheck and racecheck over the quick conformance grid
 #   kernels      every kernel against the CPU reference (conformance, quick and full grids)
 #   model-check  SmolLM2 on the GPU: whole-model tests vs CPU and transformers, a chat demo
 #   bench8b      build the random-weight Llama-3-8B (hf_peer.py), transformers static batching,
 #                then pagoda bench throughput + latency on the same requests
 #   peer-cb      transformers continuous batching and single stream on the same model/requests
+#   kbench       kernel bench (decode partition sweep) + conformance per forced partition
+#   model8b      only build the random-weight Llama-3-8B and its request file
+#   pagoda8b     pagoda bench throughput + latency on them
+#   throughput16k  the throughput run with --max-num-batched-tokens 16384
+#   ncu8b        kernel times (ncu) of decode steps at batch 256 and at batch 1
 # Logs go to $OUT; a short summary prints last.
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 W=/tmp/pagoda-gpu
 OUT="${OUT:-$W/out}"
 B=.device/bin    # pagoda, hf_peer.py, gguf.sha256
-K=.device/kbin   # test executables: cuda_model, conformance
+K=.device/kbin   # test executables: conformance, kernels (bench)
+M=.device/mtest  # the whole-model test executable: cuda_model
 mkdir -p "$W" "$OUT"
 SMOL="$W/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 L8B="$W/llama3-8b-random"
@@ -23,11 +31,24 @@ WORKLOAD="$W/llama3-8b-workload.jsonl"
 for phase in "$@"; do
   echo "=== $phase"
   case "$phase" in
-    stash-a) cp .device/gguf.00 "$W/" && ls -la "$W" ;;
-    stash-b)
+    stash)
+      # Keep whichever thirds of the SmolLM2 GGUF this call carried (.device/gguf.0N).
+      cp .device/gguf.0? "$W/" 2>/dev/null; ls "$W" ;;
+    join)
       mkdir -p "$W/smollm2"
-      cat "$W/gguf.00" .device/gguf.01 > "$SMOL"
-      echo "$(cat $B/gguf.sha256)  $SMOL" | sha256sum -c - ;;
+      cat "$W/gguf.00" "$W/gguf.01" "$W/gguf.02" > "$SMOL"
+      echo "$(cat $B/gguf.sha256 2>/dev/null || cat $W/gguf.sha256)  $SMOL" | sha256sum -c - ;;
+    keep-bin)
+      # Binaries for later calls that do not carry .device/bin or .device/kbin.
+      cp $B/pagoda $B/gguf.sha256 "$W/" 2>/dev/null; cp $K/conformance "$W/" 2>/dev/null; ls "$W" ;;
+    sanitize)
+      # conformance from this call's .device/kbin, or the copy an earlier call kept.
+      CONF=$K/conformance; [ -x "$CONF" ] || CONF=$W/conformance
+      compute-sanitizer --tool memcheck --error-exitcode 9 "$CONF" quick_grid_bf16 --test-threads=1 \
+        > "$OUT/sanitizer.log" 2>&1; echo "memcheck rc=$?"
+      compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 "$CONF" quick_grid_bf16 \
+        --test-threads=1 >> "$OUT/sanitizer.log" 2>&1; echo "racecheck rc=$?"
+      grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/sanitizer.log" | sort | uniq -c ;;
     kernels)
       $K/conformance --test-threads=1 --nocapture > "$OUT/conformance.log" 2>&1
       echo "conformance quick rc=$?"
@@ -36,10 +57,11 @@ for phase in "$@"; do
       grep -E "^test |test result|FAIL|^MAXERR" "$OUT/conformance.log" | head -40 ;;
     model-check)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-      PAGODA_TEST_MODEL="$SMOL" $K/cuda_model --test-threads=1 --nocapture > "$OUT/cuda_model.log" 2>&1
+      PAGODA_TEST_MODEL="$SMOL" $M/cuda_model --test-threads=1 --nocapture > "$OUT/cuda_model.log" 2>&1
       echo "cuda_model rc=$?"
       grep -E "^test |test result|teacher-forced|diverges|reproduced|panicked" "$OUT/cuda_model.log"
-      $B/pagoda generate --device cuda --model "$SMOL" --chat \
+      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      $PAGODA generate --device cuda --model "$SMOL" --chat \
         "What is the capital of France? Answer in one sentence, then name one famous landmark there." 2>&1 | tee "$OUT/demo.log" ;;
     bench8b)
       t0=$SECONDS
@@ -50,9 +72,45 @@ for phase in "$@"; do
         --max-num-batched-tokens 8192 --output-json "$OUT/pagoda_throughput.json" 2>&1 | tee "$OUT/pagoda_throughput.log"
       $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
         --output-json "$OUT/pagoda_latency.json" 2>&1 | tee "$OUT/pagoda_latency.log"
+      echo "--- the same without programmatic dependent launch (PAGODA_DISABLE_PDL=1)"
+      PAGODA_DISABLE_PDL=1 $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 \
+        --num-iters 3 2>&1 | tee "$OUT/pagoda_latency_nopdl.log"
       echo "--- the same with cuBLAS for small batches (PAGODA_DISABLE_GEMV=1)"
       PAGODA_DISABLE_GEMV=1 $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 \
         --num-iters 3 2>&1 | tee "$OUT/pagoda_latency_cublas.log" ;;
+    kbench)
+      # The kernel bench (decode partitions swept), then the quick conformance
+      # grid with each forced decode partition.
+      $K/kernels "${KBENCH_FILTER:-decode attention}" 2>&1 | tee "$OUT/kernels.log"
+      for p in 64 128 256 512 1024; do
+        PAGODA_DECODE_PARTITION=$p $K/conformance quick_grid_bf16 --test-threads=1 > "$OUT/conformance_p$p.log" 2>&1
+        echo "conformance quick bf16, decode partition $p: rc=$?"
+      done ;;
+    model8b)
+      t0=$SECONDS
+      python3 $B/hf_peer.py --preset llama3-8b --save-model "$L8B" --write-workload "$WORKLOAD" \
+        --n 256 --input-len 512 --output-len 256 --modes none 2>&1 | grep -v -e Warning -e '"error"'
+      echo "model build $((SECONDS - t0)) s"; ls "$L8B" ;;
+    pagoda8b)
+      $B/pagoda bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" \
+        --max-num-batched-tokens 8192 --output-json "$OUT/pagoda_throughput.json" 2>&1 | tee "$OUT/pagoda_throughput.log"
+      $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
+        --output-json "$OUT/pagoda_latency.json" 2>&1 | tee "$OUT/pagoda_latency.log" ;;
+    throughput16k)
+      # The same offline run with a 16k-token step budget (fewer, larger prefill steps).
+      $B/pagoda bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" \
+        --max-num-batched-tokens 16384 --output-json "$OUT/pagoda_throughput16k.json" 2>&1 \
+        | tee "$OUT/pagoda_throughput16k.log" ;;
+    ncu8b)
+      # Kernel times of ~2 decode steps at batch 256 (throughput run), then of
+      # ~2 single-stream decode steps (latency run); summed by kernel name.
+      NCU="ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv"
+      $NCU --launch-skip ${NCU_SKIP_BATCH:-40000} --launch-count ${NCU_COUNT_BATCH:-700} $B/pagoda bench throughput \
+        --device cuda --model "$L8B" --dataset "$WORKLOAD" --max-num-batched-tokens 8192 > "$OUT/ncu_batch.csv" 2>&1
+      python3 scripts/gpu/ncu_summary.py "$OUT/ncu_batch.csv" "${NCU_STEPS_BATCH:-2}"
+      $NCU --launch-skip ${NCU_SKIP_BS1:-6000} --launch-count ${NCU_COUNT_BS1:-500} $B/pagoda bench latency \
+        --device cuda --model "$L8B" --input-len 512 --output-len 64 --num-iters 1 > "$OUT/ncu_bs1.csv" 2>&1
+      python3 scripts/gpu/ncu_summary.py "$OUT/ncu_bs1.csv" "${NCU_STEPS_BS1:-2}" ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
         | grep -v Warning | tee "$OUT/peer_cb.log" ;;

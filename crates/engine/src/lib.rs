@@ -47,7 +47,7 @@ pub use output::{CompletedRequest, CompletedSeq};
 pub use pagoda_sampler::SamplingParams;
 pub use pagoda_scheduler::{Policy, PreemptionMode};
 pub use request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
-pub use runner::{ModelRunner, RunnerTimings, SampleTarget, StepInputs};
+pub use runner::{ModelRunner, PhaseTotal, RunnerTimings, SampleTarget, StepInputs};
 pub use stop::{StopChecker, StopMatch};
 
 use pagoda_backend::Backend;

@@ -31,6 +31,27 @@ pub struct RunnerTimings {
     pub upload: std::time::Duration,
     pub forward: std::time::Duration,
     pub sample: std::time::Duration,
+    /// Whole `execute` calls of steps that only decode, and of steps with
+    /// prompt tokens (the two behave differently on a device: weight- and
+    /// KV-bound vs compute-bound).
+    pub decode_only: PhaseTotal,
+    pub with_prefill: PhaseTotal,
+}
+
+/// A count of steps and their summed time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTotal {
+    pub steps: u64,
+    pub tokens: u64,
+    pub time: std::time::Duration,
+}
+
+impl PhaseTotal {
+    fn add(&mut self, tokens: usize, time: std::time::Duration) {
+        self.steps += 1;
+        self.tokens += tokens as u64;
+        self.time += time;
+    }
 }
 
 /// The host inputs of one forward pass, built from a scheduler output.
@@ -161,6 +182,12 @@ impl<B: Backend> ModelRunner<B> {
         }
         let sampled = self.backend.sample(&logits, rows)?;
         self.timings.sample += t3.elapsed();
+        let phase = if out.num_decodes == out.scheduled.len() {
+            &mut self.timings.decode_only
+        } else {
+            &mut self.timings.with_prefill
+        };
+        phase.add(inputs.token_ids.len(), t0.elapsed());
         Ok(sampled)
     }
 
