@@ -111,6 +111,14 @@ impl CudaBackend {
         Ok(self.device.alloc(bytes)?)
     }
 
+    /// A scratch buffer when a launcher asked for `bytes` > 0 of workspace.
+    fn optional_scratch(&self, bytes: usize) -> Result<Option<CudaStorage>> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        self.scratch(bytes).map(Some)
+    }
+
     fn upload_scratch<T: bytemuck::Pod>(&self, data: &[T]) -> Result<CudaStorage> {
         let buf = self.scratch(std::mem::size_of_val(data))?;
         self.device.copy_to_device(buf.ptr(), bytemuck::cast_slice(data))?;
@@ -137,6 +145,11 @@ impl CudaBackend {
         end.synchronize().map_err(|e| device_err("cuEventSynchronize", e))?;
         end.elapsed_time_f32(&start).map_err(|e| device_err("cuEventElapsedTime", e))
     }
+}
+
+/// A launcher's (workspace pointer, size) for an optional scratch buffer.
+fn scratch_args(scratch: &Option<CudaStorage>) -> (*mut c_void, usize) {
+    scratch.as_ref().map_or((std::ptr::null_mut(), 0), |s| (s.ptr() as *mut c_void, s.bytes()))
 }
 
 fn device_err(call: &'static str, source: cust::error::CudaError) -> BackendError {
@@ -507,11 +520,9 @@ impl Backend for CudaBackend {
         self.bind()?;
         // SAFETY: a pure size computation over the arguments.
         let bytes = unsafe { ffi::pagoda_attention_workspace_bytes(&args) };
-        let workspace = if bytes > 0 { Some(self.scratch(bytes)?) } else { None };
-        if let Some(w) = &workspace {
-            args.workspace = w.ptr() as *mut f32;
-            args.workspace_bytes = w.bytes();
-        }
+        let workspace = self.optional_scratch(bytes)?;
+        let (ptr, len) = scratch_args(&workspace);
+        (args.workspace, args.workspace_bytes) = (ptr as *mut f32, len);
         // SAFETY: tensors checked above; the workspace is freed on the stream after the launch.
         let rc = unsafe { ffi::pagoda_attention(&args, self.stream()) };
         Ok(check("pagoda_attention", rc)?)
@@ -730,11 +741,8 @@ impl CudaBackend {
         self.bind()?;
         // SAFETY: a pure size computation over the arguments.
         let bytes = unsafe { ffi::pagoda_linear_scratch_bytes(&args) };
-        let scratch = if bytes > 0 { Some(self.scratch(bytes)?) } else { None };
-        if let Some(s) = &scratch {
-            args.scratch = s.ptr() as *mut c_void;
-            args.scratch_bytes = s.bytes();
-        }
+        let scratch = self.optional_scratch(bytes)?;
+        (args.scratch, args.scratch_bytes) = scratch_args(&scratch);
         let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
         // SAFETY: shapes, dtypes and aliasing checked above; the handle is held
         // under the mutex; the scratch is freed on the stream after the work.
