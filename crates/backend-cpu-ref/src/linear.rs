@@ -321,4 +321,71 @@ mod tests {
             }
         }
     }
+
+    /// `linear_fused` is exactly the separate ops it stands for (all f32 here).
+    #[test]
+    fn fused_variants_equal_the_separate_ops() {
+        let cpu = CpuBackend::new();
+        let (t, k, n) = (3usize, 16usize, 10usize);
+        let up = |v: &[f32], dims: &[usize]| cpu.upload(HostSlice::F32(v), dims, DType::F32).unwrap();
+        let x = up(&values(t * k, 1), &[t, k]);
+        let w = up(&values(n * k, 2), &[n, k]);
+        let b = up(&values(n, 3), &[n]);
+        let g = up(&values(k, 4), &[k]);
+        let residual0 = values(t * n, 5);
+        let eps = 1e-5;
+
+        // norm: rms_norm then linear
+        let normed = cpu.alloc(&[t, k], DType::F32).unwrap();
+        cpu.rms_norm(&x, &g, eps, &normed).unwrap();
+        let want = cpu.alloc(&[t, n], DType::F32).unwrap();
+        cpu.linear(&normed, &w, Some(&b), &want).unwrap();
+        let got = cpu.alloc(&[t, n], DType::F32).unwrap();
+        let norm = LinearFusion { input_norm: Some((&g, eps)), silu_mul: false, accumulate: false };
+        cpu.linear_fused(&x, &w, Some(&b), &got, &norm).unwrap();
+        assert_eq!(cpu.download_f32(&got).unwrap(), cpu.download_f32(&want).unwrap());
+
+        // norm + silu_mul: ... then silu_and_mul
+        let product = cpu.alloc(&[t, n], DType::F32).unwrap();
+        cpu.linear(&normed, &w, None, &product).unwrap();
+        let want = cpu.alloc(&[t, n / 2], DType::F32).unwrap();
+        cpu.silu_and_mul(&product, &want).unwrap();
+        let got = cpu.alloc(&[t, n / 2], DType::F32).unwrap();
+        cpu.linear_fused(&x, &w, None, &got, &LinearFusion { silu_mul: true, ..norm }).unwrap();
+        assert_eq!(cpu.download_f32(&got).unwrap(), cpu.download_f32(&want).unwrap());
+
+        // accumulate: residual + linear, elementwise
+        let plain = cpu.alloc(&[t, n], DType::F32).unwrap();
+        cpu.linear(&x, &w, Some(&b), &plain).unwrap();
+        let want: Vec<f32> =
+            residual0.iter().zip(cpu.download_f32(&plain).unwrap()).map(|(r, p)| r + p).collect();
+        let residual = up(&residual0, &[t, n]);
+        let add = LinearFusion { input_norm: None, silu_mul: false, accumulate: true };
+        cpu.linear_fused(&x, &w, Some(&b), &residual, &add).unwrap();
+        assert_eq!(cpu.download_f32(&residual).unwrap(), want);
+    }
+
+    #[test]
+    fn fused_shapes_and_combinations_are_checked() {
+        let cpu = CpuBackend::new();
+        let x = cpu.alloc(&[2, 8], DType::F32).unwrap();
+        let w_odd = cpu.alloc(&[5, 8], DType::F32).unwrap();
+        let w = cpu.alloc(&[6, 8], DType::F32).unwrap();
+        let g_wrong = cpu.alloc(&[7], DType::F32).unwrap();
+        let out3 = cpu.alloc(&[2, 3], DType::F32).unwrap();
+        let out6 = cpu.alloc(&[2, 6], DType::F32).unwrap();
+        let none = LinearFusion::<CpuBackend>::none();
+        let silu = LinearFusion { silu_mul: true, ..LinearFusion::none() };
+        let is_shape = |r: Result<()>| matches!(r, Err(BackendError::Shape { .. }));
+        assert!(is_shape(cpu.linear_fused(&x, &w_odd, None, &out3, &silu)), "odd [gate; up]");
+        assert!(is_shape(cpu.linear_fused(&x, &w, None, &out6, &silu)), "silu output is half as wide");
+        assert!(is_shape(cpu.linear_fused(&x, &w, None, &out3, &none)), "plain output is N wide");
+        let both = LinearFusion { silu_mul: true, accumulate: true, input_norm: None };
+        assert!(is_shape(cpu.linear_fused(&x, &w, None, &out3, &both)), "silu and accumulate together");
+        let bad_norm = LinearFusion { input_norm: Some((&g_wrong, 1e-5)), ..LinearFusion::none() };
+        assert!(is_shape(cpu.linear_fused(&x, &w, None, &out6, &bad_norm)), "norm weight of K");
+        let bad_eps = LinearFusion { input_norm: Some((&g_wrong, f32::NAN)), ..LinearFusion::none() };
+        assert!(is_shape(cpu.linear_fused(&x, &w, None, &out6, &bad_eps)));
+        cpu.linear_fused(&x, &w, None, &out3, &silu).unwrap();
+    }
 }
