@@ -8,6 +8,8 @@ namespace {
 // Grid (pair, cache); each block copies one block of one cache.
 template <typename V>
 __global__ void copy_blocks_kernel(const uint64_t *cache_ptrs, size_t block_vecs, const int64_t *pairs) {
+    pdl_launch_dependents();
+    pdl_wait();  // the caches are written by the kernels before
     const int p = blockIdx.x, c = blockIdx.y;
     V *cache = reinterpret_cast<V *>(cache_ptrs[c]);
     const int64_t src = pairs[2 * p], dst = pairs[2 * p + 1];
@@ -26,11 +28,11 @@ extern "C" int pagoda_copy_blocks(const uint64_t *cache_ptrs, int num_caches, si
     dim3 grid(num_pairs, num_caches);
     // The caller passes 256-byte aligned cache bases, so 16-byte blocks stay aligned.
     if (block_bytes % 16 == 0)
-        copy_blocks_kernel<uint4><<<grid, 256, 0, s>>>(cache_ptrs, block_bytes / 16, pairs);
+        launch(copy_blocks_kernel<uint4>, grid, 256, 0, s, cache_ptrs, block_bytes / 16, pairs);
     else if (block_bytes % 4 == 0)
-        copy_blocks_kernel<uint32_t><<<grid, 256, 0, s>>>(cache_ptrs, block_bytes / 4, pairs);
+        launch(copy_blocks_kernel<uint32_t>, grid, 256, 0, s, cache_ptrs, block_bytes / 4, pairs);
     else
-        copy_blocks_kernel<uint8_t><<<grid, 256, 0, s>>>(cache_ptrs, block_bytes, pairs);
+        launch(copy_blocks_kernel<uint8_t>, grid, 256, 0, s, cache_ptrs, block_bytes, pairs);
     PAGODA_LAUNCH_CHECK();
     return 0;
 }

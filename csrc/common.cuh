@@ -1,11 +1,15 @@
 // Shared device helpers: element conversions, vector access, warp and block
-// reductions, and the dtype dispatch every launcher uses.
+// reductions, programmatic dependent launch, and the dtype dispatch every
+// launcher uses.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+#include <utility>
 
 #include "pagoda_kernels.h"
 
@@ -87,12 +91,26 @@ __device__ __forceinline__ void set_status(uint32_t *status, uint32_t bit) {
     if (status != nullptr) atomicOr(status, bit);
 }
 
-// Programmatic dependent launch (Hopper): a kernel launched with the
-// programmatic-serialization attribute may start while the kernel before it
-// on the stream finishes; it must wait before reading that kernel's output.
-// `pdl_launch_dependents` lets the next kernel start early; `pdl_wait` blocks
-// until the previous grid has completed and its writes are visible. Both are
-// no-ops before sm_90 and when the launch had no such attribute.
+// Programmatic dependent launch (PDL, Hopper). A kernel launched through
+// `launch` below may start once every block of the kernel before it on the
+// stream has called `pdl_launch_dependents` (or exited), so its launch and its
+// first memory round trips overlap that kernel's tail. `pdl_wait` blocks until
+// the previous grid has completed and its writes are visible. Both are no-ops
+// before sm_90 and when the launch had no PDL attribute (plain <<<>>>).
+//
+// Why it is safe: each kernel calls `pdl_launch_dependents` at its very start,
+// so the kernel before it may itself still be waiting on its own predecessor,
+// and so on back to the last non-kernel operation on the stream (a copy, a
+// memset, an event wait) or the last plain launch. Hence before its wait a kernel
+// may read only what no kernel since then writes: step inputs uploaded by host
+// copies (positions, slot mapping, sequence lengths, block tables), weights and
+// tables written at load time; and it writes nothing, the status word included.
+// An L2 prefetch is only a hint (a line a predecessor is still writing
+// stays coherent in L2) and may touch any mapped address. After the wait the whole
+// chain before it has completed, because every kernel completes only after its
+// own wait: so every kernel launched with the attribute calls `pdl_wait` on
+// every path, early exits included, before its first global write or read of
+// earlier output. A plain launch after the chain waits for all of it.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -102,6 +120,44 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Whether kernels are launched with the PDL attribute: on sm_90 and newer,
+// unless PAGODA_DISABLE_PDL=1 (for comparisons). One value per process.
+inline bool pdl_enabled() {
+    static const bool enabled = [] {
+        const char *v = getenv("PAGODA_DISABLE_PDL");
+        if (v != nullptr && v[0] == '1') return false;
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess) return false;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+        return major >= 9;
+    }();
+    return enabled;
+}
+
+// Launches `kernel` like <<<grid, block, smem, s>>>(args...), with programmatic
+// stream serialization when PDL is enabled: the kernel must follow the rules
+// above. A failed launch is also the thread's last error, so PAGODA_LAUNCH_CHECK
+// after it reports it as after <<<>>>.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                   Args &&...args) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    if (pdl_enabled()) {
+        config.attrs = attr;
+        config.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 // SiLU with the fast exponential (the kernels' one definition).

@@ -8,13 +8,20 @@ using namespace pagoda;
 
 namespace {
 
+// Each kernel waits on the kernel before (programmatic dependent launch) before
+// touching memory: there is nothing of use to do ahead of it, but the launch
+// itself still overlaps that kernel's tail.
 template <typename T> __global__ void fill_kernel(T *dst, size_t n, T value) {
+    pdl_launch_dependents();
+    pdl_wait();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = value;
 }
 
 template <typename B, typename T>
 __global__ void broadcast_rows_kernel(const B *bias, T *out, int rows, int cols, int accumulate) {
+    pdl_launch_dependents();
+    pdl_wait();
     const size_t n = (size_t)rows * cols;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float b = to_float<B>(bias[i % cols]);
@@ -27,6 +34,7 @@ template <typename V>
 __global__ void gather_rows_kernel(const V *x, const int32_t *indices, V *out, int row_vecs, int num_src_rows,
                                    uint32_t *status, uint32_t status_bit) {
     pdl_launch_dependents();
+    pdl_wait();  // the indices may be a kernel's output too (sampled tokens), not only host copies
     const int m = blockIdx.x;
     const int32_t src = indices[m];
     if (src < 0 || src >= num_src_rows) {
@@ -40,6 +48,8 @@ __global__ void gather_rows_kernel(const V *x, const int32_t *indices, V *out, i
 
 template <typename T>
 __global__ void silu_and_mul_vec_kernel(const T *x, T *out, int inter) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int r = blockIdx.x;
     const int i = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
     if (i >= inter) return;
@@ -53,6 +63,8 @@ __global__ void silu_and_mul_vec_kernel(const T *x, T *out, int inter) {
 }
 
 template <typename T> __global__ void silu_and_mul_kernel(const T *x, T *out, int inter) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int r = blockIdx.x;
     const int i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= inter) return;
@@ -65,11 +77,11 @@ void launch_silu_and_mul(const T *x, T *out, int rows, int inter, bool vec, cuda
     constexpr int threads = 256;
     if constexpr (sizeof(T) == 2) {
         if (vec) {
-            silu_and_mul_vec_kernel<T><<<dim3(rows, ceil_div(inter / 8, threads)), threads, 0, s>>>(x, out, inter);
+            launch(silu_and_mul_vec_kernel<T>, dim3(rows, ceil_div(inter / 8, threads)), threads, 0, s, x, out, inter);
             return;
         }
     }
-    silu_and_mul_kernel<T><<<dim3(rows, ceil_div(inter, threads)), threads, 0, s>>>(x, out, inter);
+    launch(silu_and_mul_kernel<T>, dim3(rows, ceil_div(inter, threads)), threads, 0, s, x, out, inter);
 }
 
 int grid_for(size_t n, int threads) {
@@ -99,13 +111,20 @@ extern "C" int pagoda_fill(void *dst, int dtype, size_t n, float value, void *st
     cudaStream_t s = (cudaStream_t)stream;
     const int threads = 256, blocks = grid_for(n, threads);
     switch (dtype) {
-        case PAGODA_DTYPE_F32: fill_kernel<<<blocks, threads, 0, s>>>((float *)dst, n, value); break;
-        case PAGODA_DTYPE_F16: fill_kernel<<<blocks, threads, 0, s>>>((__half *)dst, n, __float2half_rn(value)); break;
-        case PAGODA_DTYPE_BF16:
-            fill_kernel<<<blocks, threads, 0, s>>>((__nv_bfloat16 *)dst, n, __float2bfloat16_rn(value));
+        case PAGODA_DTYPE_F32: launch(fill_kernel<float>, blocks, threads, 0, s, (float *)dst, n, value); break;
+        case PAGODA_DTYPE_F16:
+            launch(fill_kernel<__half>, blocks, threads, 0, s, (__half *)dst, n, __float2half_rn(value));
             break;
-        case PAGODA_DTYPE_I32: fill_kernel<<<blocks, threads, 0, s>>>((int32_t *)dst, n, (int32_t)value); break;
-        case PAGODA_DTYPE_I64: fill_kernel<<<blocks, threads, 0, s>>>((int64_t *)dst, n, (int64_t)value); break;
+        case PAGODA_DTYPE_BF16:
+            launch(fill_kernel<__nv_bfloat16>, blocks, threads, 0, s, (__nv_bfloat16 *)dst, n,
+                   __float2bfloat16_rn(value));
+            break;
+        case PAGODA_DTYPE_I32:
+            launch(fill_kernel<int32_t>, blocks, threads, 0, s, (int32_t *)dst, n, (int32_t)value);
+            break;
+        case PAGODA_DTYPE_I64:
+            launch(fill_kernel<int64_t>, blocks, threads, 0, s, (int64_t *)dst, n, (int64_t)value);
+            break;
         default: return PAGODA_ERR_DTYPE;
     }
     PAGODA_LAUNCH_CHECK();
@@ -121,8 +140,8 @@ extern "C" int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out
     PAGODA_DISPATCH_FLOAT(out_dtype, {
         using out_t = scalar_t;
         PAGODA_DISPATCH_FLOAT(bias_dtype, {
-            broadcast_rows_kernel<scalar_t, out_t><<<blocks, threads, 0, s>>>((const scalar_t *)bias, (out_t *)out,
-                                                                              rows, cols, accumulate);
+            launch(broadcast_rows_kernel<scalar_t, out_t>, blocks, threads, 0, s, (const scalar_t *)bias,
+                   (out_t *)out, rows, cols, accumulate);
         });
     });
     PAGODA_LAUNCH_CHECK();
@@ -146,14 +165,14 @@ extern "C" int pagoda_gather_rows(const void *x, const int32_t *indices, void *o
     const size_t row_bytes = (size_t)row_elems * elem;
     const int threads = 128;
     if (row_bytes % 16 == 0 && aligned16(x) && aligned16(out)) {
-        gather_rows_kernel<uint4><<<num_out_rows, threads, 0, s>>>(
-            (const uint4 *)x, indices, (uint4 *)out, (int)(row_bytes / 16), num_src_rows, status, status_bit);
+        launch(gather_rows_kernel<uint4>, num_out_rows, threads, 0, s, (const uint4 *)x, indices, (uint4 *)out,
+               (int)(row_bytes / 16), num_src_rows, status, status_bit);
     } else if (row_bytes % 4 == 0 && ((uintptr_t)x & 3) == 0 && ((uintptr_t)out & 3) == 0) {
-        gather_rows_kernel<uint32_t><<<num_out_rows, threads, 0, s>>>(
-            (const uint32_t *)x, indices, (uint32_t *)out, (int)(row_bytes / 4), num_src_rows, status, status_bit);
+        launch(gather_rows_kernel<uint32_t>, num_out_rows, threads, 0, s, (const uint32_t *)x, indices,
+               (uint32_t *)out, (int)(row_bytes / 4), num_src_rows, status, status_bit);
     } else {
-        gather_rows_kernel<uint16_t><<<num_out_rows, threads, 0, s>>>(
-            (const uint16_t *)x, indices, (uint16_t *)out, (int)(row_bytes / 2), num_src_rows, status, status_bit);
+        launch(gather_rows_kernel<uint16_t>, num_out_rows, threads, 0, s, (const uint16_t *)x, indices,
+               (uint16_t *)out, (int)(row_bytes / 2), num_src_rows, status, status_bit);
     }
     PAGODA_LAUNCH_CHECK();
     return 0;

@@ -44,10 +44,6 @@ constexpr int GEMV_UNROLL = 4;
 // previous kernel: 8 KB, a whole row of the 4096-wide products.
 constexpr int GEMV_PREFETCH_CHUNKS = 512;
 
-__device__ __forceinline__ void prefetch_l2(const void *p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // One 16-byte chunk `c` of each weight row against every token row.
 template <typename T, int TOKENS, int ROWS, bool NORM>
 __device__ __forceinline__ void gemv_chunk(const uint4 (&wv)[ROWS], const T *__restrict__ x,
@@ -95,7 +91,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     if (row < n_out) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
-            for (int c = lane; c < min(chunks, GEMV_PREFETCH_CHUNKS); c += 32) prefetch_l2(wrow[r] + c);
+            for (int c = lane; c < min(chunks, GEMV_PREFETCH_CHUNKS); c += 32) pagoda::prefetch_l2(wrow[r] + c);
     }
     pagoda::pdl_wait();
     if (row >= n_out) return;
@@ -140,20 +136,6 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
 }
 
-// Programmatic dependent launch for the GEMVs: on Hopper and newer, unless
-// PAGODA_DISABLE_PDL=1 (for comparisons).
-bool pdl_enabled() {
-    static const bool enabled = [] {
-        const char *v = getenv("PAGODA_DISABLE_PDL");
-        if (v != nullptr && v[0] == '1') return false;
-        int dev = 0, major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess) return false;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-        return major >= 9;
-    }();
-    return enabled;
-}
-
 template <typename T, typename O, bool NORM, bool SILU>
 int launch_gemv(const PagodaLinearArgs *a, cudaStream_t stream) {
     const int n_out = SILU ? a->n / 2 : a->n;
@@ -163,23 +145,12 @@ int launch_gemv(const PagodaLinearArgs *a, cudaStream_t stream) {
     const T *bias = static_cast<const T *>(a->bias);
     const T *gamma = static_cast<const T *>(a->norm_weight);
     O *out = static_cast<O *>(a->out);
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.stream = stream;
-    cudaLaunchAttribute pdl[1];
-    pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    pdl[0].val.programmaticStreamSerializationAllowed = 1;
-    if (pdl_enabled()) {
-        config.attrs = pdl;
-        config.numAttrs = 1;
-    }
     cudaError_t e = cudaSuccess;
     switch (a->t) {
-#define PAGODA_GEMV_CASE(N)                                                                                   \
-    case N:                                                                                                   \
-        e = cudaLaunchKernelEx(&config, gemv_kernel<T, O, N, NORM, SILU>, x, w, bias, gamma, a->eps, out, n_out, \
-                               a->k, a->accumulate);                                                          \
+#define PAGODA_GEMV_CASE(N)                                                                                       \
+    case N:                                                                                                       \
+        e = pagoda::launch(gemv_kernel<T, O, N, NORM, SILU>, grid, block, 0, stream, x, w, bias, gamma, a->eps,   \
+                           out, n_out, a->k, a->accumulate);                                                      \
         break;
         PAGODA_GEMV_CASE(1)
         PAGODA_GEMV_CASE(2)
@@ -252,19 +223,51 @@ int blas_gemm(cublasHandle_t h, const void *x, const void *w, int in_dtype, void
                                     out, out_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// What the opaque handle points at: cuBLAS's handle and a workspace allocated
+// once here, so that cuBLAS never allocates during CUDA-graph stream capture.
+// cublasSetStream resets the workspace to cuBLAS's own pool, so the workspace is
+// set again whenever pagoda_linear moves the handle to another stream.
+struct BlasHandle {
+    cublasHandle_t handle;
+    void *workspace;
+    cudaStream_t stream;  // the stream `workspace` was last set for
+};
+
+// cuBLAS's recommended user workspace on Hopper (4 MiB suffices before it).
+constexpr size_t kBlasWorkspaceBytes = (size_t)32 << 20;
+
 }  // namespace
 
 extern "C" int pagoda_blas_create(void **handle) {
     cublasHandle_t h = nullptr;
     cublasStatus_t st = cublasCreate(&h);
     if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
+    void *workspace = nullptr;
+    const cudaError_t e = cudaMalloc(&workspace, kBlasWorkspaceBytes);
+    if (e != cudaSuccess) {
+        cublasDestroy(h);
+        return (int)e;
+    }
     // Bit-reproducible results on one device matter more than the last percent.
     st = cublasSetMathMode(h, CUBLAS_DEFAULT_MATH);
-    *handle = h;
-    return blas_status(st);
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasSetWorkspace(h, workspace, kBlasWorkspaceBytes);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        cublasDestroy(h);
+        cudaFree(workspace);
+        return blas_status(st);
+    }
+    *handle = new BlasHandle{h, workspace, nullptr};
+    return 0;
 }
 
-extern "C" int pagoda_blas_destroy(void *handle) { return blas_status(cublasDestroy((cublasHandle_t)handle)); }
+extern "C" int pagoda_blas_destroy(void *handle) {
+    if (handle == nullptr) return 0;
+    BlasHandle *b = static_cast<BlasHandle *>(handle);
+    const int rc = blas_status(cublasDestroy(b->handle));
+    const cudaError_t e = cudaFree(b->workspace);
+    delete b;
+    return rc != 0 ? rc : (int)e;
+}
 
 extern "C" size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *a) {
     if (a->t == 0 || a->n == 0 || gemv_applies(a)) return 0;
@@ -305,10 +308,14 @@ extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, void *stre
             if (rc != 0) return rc;
         }
     } else {
-        cublasHandle_t h = (cublasHandle_t)handle;
-        const cublasStatus_t st = cublasSetStream(h, s);
-        if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
-        rc = blas_gemm(h, x, a->weight, a->in_dtype, product, product_dtype, a->t, a->n, a->k, accumulate);
+        BlasHandle *b = static_cast<BlasHandle *>(handle);
+        if (b->stream != s) {
+            cublasStatus_t st = cublasSetStream(b->handle, s);
+            if (st == CUBLAS_STATUS_SUCCESS) st = cublasSetWorkspace(b->handle, b->workspace, kBlasWorkspaceBytes);
+            if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
+            b->stream = s;
+        }
+        rc = blas_gemm(b->handle, x, a->weight, a->in_dtype, product, product_dtype, a->t, a->n, a->k, accumulate);
         if (rc != 0) return rc;
     }
     if (a->silu_mul) return pagoda_silu_and_mul(product, a->out, a->in_dtype, a->t, a->n / 2, stream);

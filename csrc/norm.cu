@@ -14,6 +14,8 @@ constexpr int kCached = 4;
 template <typename T, typename W, bool RESIDUAL, bool VEC>
 __global__ void rms_norm_kernel(const T *__restrict__ x, T *__restrict__ residual, const W *__restrict__ weight,
                                 T *__restrict__ out, int hidden, float eps) {
+    pdl_launch_dependents();
+    pdl_wait();  // x and the residual come from the kernels before
     __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * hidden;
     const T *xr = x + base;
@@ -112,14 +114,14 @@ int launch_rms_norm(const T *x, T *residual, const W *weight, T *out, int rows, 
     constexpr bool kHalf = sizeof(T) == 2;  // only 16-bit rows take the 8-wide path
     if (residual != nullptr) {
         if (kHalf && vec)
-            rms_norm_kernel<T, W, true, kHalf><<<rows, threads, 0, s>>>(x, residual, weight, out, hidden, eps);
+            launch(rms_norm_kernel<T, W, true, kHalf>, rows, threads, 0, s, x, residual, weight, out, hidden, eps);
         else
-            rms_norm_kernel<T, W, true, false><<<rows, threads, 0, s>>>(x, residual, weight, out, hidden, eps);
+            launch(rms_norm_kernel<T, W, true, false>, rows, threads, 0, s, x, residual, weight, out, hidden, eps);
     } else {
         if (kHalf && vec)
-            rms_norm_kernel<T, W, false, kHalf><<<rows, threads, 0, s>>>(x, residual, weight, out, hidden, eps);
+            launch(rms_norm_kernel<T, W, false, kHalf>, rows, threads, 0, s, x, residual, weight, out, hidden, eps);
         else
-            rms_norm_kernel<T, W, false, false><<<rows, threads, 0, s>>>(x, residual, weight, out, hidden, eps);
+            launch(rms_norm_kernel<T, W, false, false>, rows, threads, 0, s, x, residual, weight, out, hidden, eps);
     }
     PAGODA_LAUNCH_CHECK();
     return 0;

@@ -29,6 +29,9 @@ constexpr int kDecodePartitionLarge = 512;
 constexpr int kDecodePartitionSmall = 64;
 constexpr int kDecodePartitionWhole = 1024;
 constexpr int kMaxDecodeGroup = 8;
+// Context tokens per decode partition whose K (and, for partitions no longer
+// than this, V) rows are prefetched into L2 while the kernel before finishes.
+constexpr int kDecodePrefetchTokens = 64;
 
 // The first context token a query at position `pos` sees.
 __device__ __forceinline__ int window_start(int pos, int window) {
@@ -76,13 +79,19 @@ __global__ void __launch_bounds__(kDecodeThreads)
     float *s_score = smem;  // [GMAX][P]
     __shared__ float s_max[GMAX], s_sum[GMAX];
 
+    // Until pdl_wait below, the kernel before (rotary_and_cache, writing q and the
+    // newest token's K/V) may still run: only step inputs (sequence lengths, query
+    // offsets, block tables) are read, and the cache is only prefetched.
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kvh = blockIdx.x, s = blockIdx.y, split = blockIdx.z;
     const int G = a.num_q_heads / a.num_kv_heads;
     const int L = a.seq_lens[s];
     const int start = window_start(L - 1, a.sliding_window);
     const int num_splits = ceil_div(L - start, P);
-    if (split >= num_splits) return;
+    if (split >= num_splits) {
+        pdl_wait();  // not to complete before the kernels this one follows
+        return;
+    }
     const int tok0 = start + split * P;
     const int ntok = min(P, L - tok0);
 
@@ -100,13 +109,37 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const BlockDiv bdiv(a.block_size);
     const int first_block = bdiv.div(tok0);
     const int num_part_blocks = bdiv.div(tok0 + ntok - 1) - first_block + 1;
+    bool bad_entry = false;
     for (int i = threadIdx.x; i < num_part_blocks; i += blockDim.x) {
         const int b = table[first_block + i];
         const bool ok = b >= 0 && b < a.num_blocks;
-        if (!ok) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
+        bad_entry |= !ok;
         s_blocks[i] = ok ? b : -1;
     }
     __syncthreads();
+
+    // The first tokens' K rows into L2 (all of the partition's when it is small,
+    // the latency-bound single-stream case), and their V rows too when that covers
+    // the partition, so p.v reads L2 instead of waiting on DRAM; with larger
+    // partitions V would be evicted by the K stream before p.v reads it. One
+    // prefetch per 32-byte sector, L2's fill unit.
+    {
+        constexpr int SECTORS = D * (int)sizeof(T) / 32;  // per token row
+        constexpr bool PREFETCH_V = P <= kDecodePrefetchTokens;
+        const int n = min(ntok, kDecodePrefetchTokens) * SECTORS * (PREFETCH_V ? 2 : 1);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const int sector = i % SECTORS, row = i / SECTORS;
+            const int tl = PREFETCH_V ? row / 2 : row;
+            const int tok = tok0 + tl;
+            const int b = s_blocks[bdiv.div(tok) - first_block];
+            if (b < 0) continue;
+            const T *cache = (PREFETCH_V && (row & 1)) ? vbase : kbase;
+            prefetch_l2(reinterpret_cast<const char *>(cache + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D) +
+                        sector * 32);
+        }
+    }
+    pdl_wait();  // q and the newest K/V come from the kernel before
+    if (bad_entry) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
 
     // ---- scores: q.k for every token of the partition and every head of the group ----
     {
@@ -275,9 +308,11 @@ template <typename T, int D>
 __global__ void paged_decode_merge_kernel(const PagodaAttentionArgs a, int max_splits, int partition) {
     pdl_launch_dependents();
     const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
-    const int L = a.seq_lens[s];
+    const int L = a.seq_lens[s];  // step inputs may be read before the wait, the partials not
     const int start = window_start(L - 1, a.sliding_window);
     const int num_splits = ceil_div(L - start, partition);
+    const int qrow = a.query_start_loc[s];
+    pdl_wait();
     if (num_splits <= 1) return;
     const int Hq = a.num_q_heads;
     const size_t first = ((size_t)s * Hq + h) * max_splits;
@@ -292,7 +327,6 @@ __global__ void paged_decode_merge_kernel(const PagodaAttentionArgs a, int max_s
         l += part_sum[first + i] * w;
         o += a.workspace[(first + i) * D + d] * w;
     }
-    const int qrow = a.query_start_loc[s];
     T *out = (T *)a.out + ((size_t)qrow * Hq + h) * D;
     out[d] = from_float<T>(o / l);
 }
@@ -346,10 +380,10 @@ template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAt
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid(a->num_kv_heads, a->num_decode_seqs, max_splits);
-    paged_decode_kernel<T, D, GMAX, P><<<grid, kDecodeThreads, smem, s>>>(*a, max_splits);
+    launch(paged_decode_kernel<T, D, GMAX, P>, grid, kDecodeThreads, smem, s, *a, max_splits);
     PAGODA_LAUNCH_CHECK();
     if (max_splits > 1) {
-        paged_decode_merge_kernel<T, D><<<dim3(a->num_q_heads, a->num_decode_seqs), D, 0, s>>>(*a, max_splits, P);
+        launch(paged_decode_merge_kernel<T, D>, dim3(a->num_q_heads, a->num_decode_seqs), D, 0, s, *a, max_splits, P);
         PAGODA_LAUNCH_CHECK();
     }
     return 0;
@@ -495,6 +529,9 @@ __global__ void __launch_bounds__(kPrefillThreads, 3)
     T *q_tile = reinterpret_cast<T *>(smem_raw);
     T *k_tile = q_tile + kBM * D;
     T *v_tile = k_tile + kBN * D;
+    // Programmatic dependent launch: only the launch overlaps the kernel before.
+    pdl_launch_dependents();
+    pdl_wait();
 
     const int s = seq_begin + blockIdx.z, h = blockIdx.y;
     const int m_tile = gridDim.x - 1 - blockIdx.x;  // the longest rows first
@@ -687,7 +724,7 @@ int launch_prefill(const PagodaAttentionArgs *a, int seq_begin, int max_query_le
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid(ceil_div(max_query_len, kBM), a->num_q_heads, nseqs);
-    prefill_attention_kernel<T, D><<<grid, kPrefillThreads, smem, s>>>(*a, seq_begin);
+    launch(prefill_attention_kernel<T, D>, grid, kPrefillThreads, smem, s, *a, seq_begin);
     PAGODA_LAUNCH_CHECK();
     return 0;
 }

@@ -22,31 +22,37 @@ __device__ __forceinline__ float rotate(const T *x, int d, int rot, bool neox, c
     return v * cs[i] + to_float<T>(x[d - 1]) * cs[half + i];
 }
 
-// Where token t's k and v go in the cache (both kernels): `write_cache` is false for
-// a negative slot (padding) or an out-of-range one (status set); `block` and `off`
-// are 0 then.
-__device__ __forceinline__ void cache_slot(const PagodaRotaryArgs &a, int t, bool &write_cache, int64_t &block,
-                                           int &off) {
+// Token t's position and cache slot (both kernels), read from step inputs before
+// waiting on the kernel before (programmatic dependent launch), then the wait.
+// Returns false, with the status set, when the position is out of range: the
+// block has nothing to do. `write_cache` is false for a negative slot (padding)
+// or an out-of-range one (status set); `block` and `off` are 0 then.
+__device__ __forceinline__ bool token_slot(const PagodaRotaryArgs &a, int t, int &pos, bool &write_cache,
+                                           int64_t &block, int &off) {
+    pos = a.positions[t];
     const int64_t slot = a.slot_mapping[t];
     const int64_t num_slots = (int64_t)a.num_blocks * a.block_size;
     write_cache = slot >= 0 && slot < num_slots;
-    if (slot >= num_slots && threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_SLOT);
     block = write_cache ? slot / a.block_size : 0;
     off = write_cache ? (int)(slot % a.block_size) : 0;
+    pdl_wait();  // qkv comes from the kernel before; the status word is written only after it
+    if (pos < 0 || pos >= a.max_positions) {
+        if (threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_POSITION);
+        return false;
+    }
+    if (slot >= num_slots && threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_SLOT);
+    return true;
 }
 
 template <typename T> __global__ void rotary_and_cache_kernel(PagodaRotaryArgs a) {
+    pdl_launch_dependents();
     const int t = blockIdx.x;
     const int D = a.head_dim, hq = a.num_q_heads, hkv = a.num_kv_heads;
-    const int pos = a.positions[t];
-    if (pos < 0 || pos >= a.max_positions) {
-        if (threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_POSITION);
-        return;
-    }
+    int pos;
     bool write_cache;
     int64_t block;
     int off;
-    cache_slot(a, t, write_cache, block, off);
+    if (!token_slot(a, t, pos, write_cache, block, off)) return;
 
     const T *row = (const T *)a.qkv + (size_t)t * (hq + 2 * hkv) * D;
     const float *cs = a.cos_sin + (size_t)pos * a.rotary_dim;
@@ -75,17 +81,14 @@ template <typename T> __global__ void rotary_and_cache_kernel(PagodaRotaryArgs a
 // their partners in the second half; interleaved items are 4 adjacent pairs; v
 // items are copies.
 template <typename T, bool NEOX> __global__ void rotary_and_cache_vec_kernel(PagodaRotaryArgs a) {
+    pdl_launch_dependents();
     const int t = blockIdx.x;
     const int D = a.head_dim, hq = a.num_q_heads, hkv = a.num_kv_heads, half = D / 2;
-    const int pos = a.positions[t];
-    if (pos < 0 || pos >= a.max_positions) {
-        if (threadIdx.x == 0) set_status(a.status, PAGODA_STATUS_POSITION);
-        return;
-    }
+    int pos;
     bool write_cache;
     int64_t block;
     int off;
-    cache_slot(a, t, write_cache, block, off);
+    if (!token_slot(a, t, pos, write_cache, block, off)) return;
 
     const T *row = (const T *)a.qkv + (size_t)t * (hq + 2 * hkv) * D;
     const float *cs = a.cos_sin + (size_t)pos * D;
@@ -146,16 +149,16 @@ template <typename T> void launch_rotary(const PagodaRotaryArgs *args, bool vec,
             int threads = 256;
             while (threads > 32 && threads / 2 >= items) threads /= 2;
             if (args->neox)
-                rotary_and_cache_vec_kernel<T, true><<<args->num_tokens, threads, 0, s>>>(*args);
+                launch(rotary_and_cache_vec_kernel<T, true>, args->num_tokens, threads, 0, s, *args);
             else
-                rotary_and_cache_vec_kernel<T, false><<<args->num_tokens, threads, 0, s>>>(*args);
+                launch(rotary_and_cache_vec_kernel<T, false>, args->num_tokens, threads, 0, s, *args);
             return;
         }
     }
     const int work = (args->num_q_heads + 2 * args->num_kv_heads) * D;
     int threads = 512;
     while (threads > 64 && threads / 2 >= work) threads /= 2;
-    rotary_and_cache_kernel<T><<<args->num_tokens, threads, 0, s>>>(*args);
+    launch(rotary_and_cache_kernel<T>, args->num_tokens, threads, 0, s, *args);
 }
 
 }  // namespace

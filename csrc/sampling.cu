@@ -79,9 +79,14 @@ __device__ void block_argmax(float &v, int &id) {
     warp_argmax(v, id);
 }
 
+// Every kernel here waits on the kernel before (programmatic dependent launch)
+// at its start: all it reads is that kernel's output (logits, the working copy,
+// partials), but the launch itself still overlaps the kernel before.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     prepare_kernel(const T *__restrict__ logits, float *__restrict__ work, double *__restrict__ lse, int vocab) {
+    pdl_launch_dependents();
+    pdl_wait();
     __shared__ float fscratch[32];
     __shared__ double dscratch[32];
     const size_t base = (size_t)blockIdx.x * vocab;
@@ -100,6 +105,8 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void penalties_kernel(const PagodaSampleRow *__restrict__ rows, const int32_t *__restrict__ tokens,
                                  const int32_t *__restrict__ counts, float *__restrict__ work, int vocab) {
+    pdl_launch_dependents();
+    pdl_wait();
     const PagodaSampleRow r = rows[blockIdx.x];
     const bool repetition = r.repetition_penalty != 1.0f;
     const bool additive = r.frequency_penalty != 0.0f || r.presence_penalty != 0.0f;
@@ -121,6 +128,8 @@ __global__ void __launch_bounds__(kThreads)
     select_kernel(const PagodaSampleRow *__restrict__ rows, const float *__restrict__ work,
                   float *__restrict__ probs, int32_t *__restrict__ ids, int32_t *__restrict__ offsets,
                   int32_t *__restrict__ draw_row_of, PagodaSampleOut *__restrict__ out, int vocab, int num_draw) {
+    pdl_launch_dependents();
+    pdl_wait();
     __shared__ float fscratch[32];
     __shared__ double dscratch[32];
     const int m = blockIdx.x;
@@ -220,6 +229,8 @@ __global__ void __launch_bounds__(kThreads)
     draw_kernel(const PagodaSampleRow *__restrict__ rows, const float *__restrict__ sorted_probs,
                 const int32_t *__restrict__ sorted_ids, const int32_t *__restrict__ draw_row_of,
                 PagodaSampleOut *__restrict__ out, int vocab) {
+    pdl_launch_dependents();
+    pdl_wait();
     __shared__ double dscratch[32];
     const int d = blockIdx.x;
     const int m = draw_row_of[d];
@@ -249,6 +260,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const T *__restrict__ logits, const PagodaSampleRow *__restrict__ rows,
                     const double *__restrict__ lse, PagodaSampleOut *__restrict__ out, int vocab) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int m = blockIdx.x;
     const T *x = logits + (size_t)m * vocab;
     const double log_sum = lse[m];
@@ -311,6 +324,8 @@ int greedy_chunks(int rows, int vocab) {
 template <typename T>
 __global__ void __launch_bounds__(kGreedyThreads)
     greedy_partial_kernel(const T *__restrict__ logits, GreedyPartial *__restrict__ parts, int vocab, int chunks) {
+    pdl_launch_dependents();
+    pdl_wait();
     __shared__ float fscratch[32];
     __shared__ double dscratch[32];
     const int m = blockIdx.x / chunks, c = blockIdx.x % chunks;
@@ -341,6 +356,8 @@ __global__ void __launch_bounds__(kGreedyThreads)
 template <typename T>
 __global__ void greedy_merge_kernel(const T *__restrict__ logits, const GreedyPartial *__restrict__ parts,
                                     PagodaSampleOut *__restrict__ out, int vocab, int chunks) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int m = blockIdx.x, lane = threadIdx.x;
     const GreedyPartial *p = parts + (size_t)m * chunks;
     float mx = -INFINITY;
@@ -371,11 +388,11 @@ int sample_greedy_only(const PagodaSampleArgs *a, cudaStream_t s) {
     if ((size_t)a->num_rows * chunks * sizeof(GreedyPartial) > a->workspace_bytes) return PAGODA_ERR_WORKSPACE;
     GreedyPartial *parts = (GreedyPartial *)a->workspace;
     PAGODA_DISPATCH_FLOAT(a->logits_dtype, {
-        greedy_partial_kernel<scalar_t><<<a->num_rows * chunks, kGreedyThreads, 0, s>>>(
-            (const scalar_t *)a->logits, parts, a->vocab, chunks);
+        launch(greedy_partial_kernel<scalar_t>, a->num_rows * chunks, kGreedyThreads, 0, s,
+               (const scalar_t *)a->logits, parts, a->vocab, chunks);
         PAGODA_LAUNCH_CHECK();
-        greedy_merge_kernel<scalar_t><<<a->num_rows, 32, 0, s>>>((const scalar_t *)a->logits, parts, a->out,
-                                                                  a->vocab, chunks);
+        launch(greedy_merge_kernel<scalar_t>, a->num_rows, 32, 0, s, (const scalar_t *)a->logits, parts, a->out,
+               a->vocab, chunks);
     });
     PAGODA_LAUNCH_CHECK();
     return 0;
@@ -451,13 +468,13 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
     const int M = a->num_rows, V = a->vocab, Md = a->num_draw_rows;
 
     PAGODA_DISPATCH_FLOAT(a->logits_dtype, {
-        prepare_kernel<scalar_t><<<M, kThreads, 0, s>>>((const scalar_t *)a->logits, w.work, w.lse, V);
+        launch(prepare_kernel<scalar_t>, M, kThreads, 0, s, (const scalar_t *)a->logits, w.work, w.lse, V);
     });
     PAGODA_LAUNCH_CHECK();
-    penalties_kernel<<<M, 256, 0, s>>>(a->rows, a->penalty_tokens, a->penalty_counts, w.work, V);
+    launch(penalties_kernel, M, 256, 0, s, a->rows, a->penalty_tokens, a->penalty_counts, w.work, V);
     PAGODA_LAUNCH_CHECK();
-    select_kernel<<<M, kThreads, 0, s>>>(a->rows, w.work, w.probs_in, w.ids_in, w.offsets, w.draw_row_of, a->out, V,
-                                          Md);
+    launch(select_kernel, M, kThreads, 0, s, a->rows, w.work, w.probs_in, w.ids_in, w.offsets, w.draw_row_of, a->out,
+           V, Md);
     PAGODA_LAUNCH_CHECK();
     if (Md > 0) {
         size_t temp_bytes = w.sort_temp_bytes;
@@ -465,11 +482,12 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
             w.sort_temp, temp_bytes, w.probs_in, w.probs_out, w.ids_in, w.ids_out, Md * V, Md, w.offsets,
             w.offsets + 1, 0, (int)(sizeof(float) * 8), s);
         if (e != cudaSuccess) return (int)e;
-        draw_kernel<<<Md, kThreads, 0, s>>>(a->rows, w.probs_out, w.ids_out, w.draw_row_of, a->out, V);
+        launch(draw_kernel, Md, kThreads, 0, s, a->rows, w.probs_out, w.ids_out, w.draw_row_of, a->out, V);
         PAGODA_LAUNCH_CHECK();
     }
     PAGODA_DISPATCH_FLOAT(a->logits_dtype, {
-        finalize_kernel<scalar_t><<<M, kThreads, 0, s>>>((const scalar_t *)a->logits, a->rows, w.lse, a->out, V);
+        launch(finalize_kernel<scalar_t>, M, kThreads, 0, s, (const scalar_t *)a->logits, a->rows, w.lse, a->out,
+               V);
     });
     PAGODA_LAUNCH_CHECK();
     return 0;
