@@ -163,6 +163,16 @@ impl Backend for CpuBackend {
         kv_blocks::swap_in(host_pool, cache, pairs)
     }
 
+    type Graph = pagoda_backend::NoGraph;
+
+    fn capture(&self, _record: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph> {
+        Err(BackendError::Unsupported { op: "graph capture", backend: self.name() })
+    }
+
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        match *graph {}
+    }
+
     /// Each row goes through [`pagoda_sampler::sample_row`] unchanged, rows in parallel.
     fn sample(&self, logits: &T, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
         const OP: &str = "sample";

@@ -8,8 +8,8 @@
 
 use half::{bf16, f16};
 use pagoda_backend::{
-    AttentionArgs, AttentionMetadata, Backend, DType, HostSlice, HostVec, LinearFusion, MemoryInfo, Result,
-    RopeStyle, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
+    AttentionArgs, AttentionMetadata, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion,
+    MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
 use pagoda_backend_cpu_ref::{CpuBackend, CpuStorage};
@@ -312,6 +312,16 @@ impl Backend for Device {
             })
             .collect();
         self.cpu.swap_in(&wide, &c(cache), pairs)
+    }
+
+    type Graph = pagoda_backend::NoGraph;
+
+    fn capture(&self, _record: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph> {
+        Err(BackendError::Unsupported { op: "graph capture", backend: self.name() })
+    }
+
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        match *graph {}
     }
 
     fn sample(&self, logits: &D, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {

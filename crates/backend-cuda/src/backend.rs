@@ -12,7 +12,7 @@ use pagoda_backend::{
     RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 
-use crate::device::{CudaStorage, DeviceInner};
+use crate::device::{CudaGraph, CudaStorage, DeviceInner};
 use crate::error::{CudaError, DriverContext};
 use crate::ffi::{self, check};
 
@@ -633,6 +633,20 @@ impl Backend for CudaBackend {
             self.device.copy_to_device(dptr(cache) + (dev as usize * block_bytes) as u64, src)?;
         }
         Ok(())
+    }
+
+    type Graph = CudaGraph;
+
+    fn supports_graphs(&self) -> bool {
+        true
+    }
+
+    fn capture(&self, record: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
+        self.device.capture(record)
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        Ok(self.device.replay(graph)?)
     }
 
     fn sample(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {

@@ -189,3 +189,83 @@ impl Drop for CudaStorage {
         }
     }
 }
+
+/// An instantiated CUDA graph: a decode step's launches, recorded once from
+/// the stream and replayed with one launch.
+pub struct CudaGraph {
+    exec: cu::CUgraphExec,
+    device: Arc<DeviceInner>,
+}
+
+// SAFETY: an executable graph is a driver object usable from any thread with
+// the context current; launches go through the backend's one stream.
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}
+
+impl std::fmt::Debug for CudaGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaGraph({:p})", self.exec)
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // Replays already queued keep the graph alive on the device side.
+            // SAFETY: exec came from cuGraphInstantiateWithFlags and is destroyed once.
+            unsafe {
+                let _ = cu::cuGraphExecDestroy(self.exec);
+            }
+        }
+    }
+}
+
+impl DeviceInner {
+    /// Records what `record` enqueues on the stream into a graph (nothing runs),
+    /// then instantiates it. Relaxed mode: other threads' driver calls (a server
+    /// thread querying memory, say) do not invalidate the capture.
+    pub(crate) fn capture<E: From<CudaError>>(
+        self: &Arc<Self>,
+        record: impl FnOnce() -> Result<(), E>,
+    ) -> Result<CudaGraph, E> {
+        self.bind()?;
+        // SAFETY: the stream belongs to the current context.
+        unsafe {
+            driver(
+                "cuStreamBeginCapture",
+                cu::cuStreamBeginCapture_v2(
+                    self.raw_stream(),
+                    cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+                ),
+            )?
+        };
+        let recorded = record();
+        let mut graph: cu::CUgraph = std::ptr::null_mut();
+        // Always end the capture, so the stream is usable again whatever happened.
+        // SAFETY: valid out-pointer; capture was begun on this stream above.
+        let ended =
+            unsafe { driver("cuStreamEndCapture", cu::cuStreamEndCapture(self.raw_stream(), &mut graph)) };
+        let instantiated = recorded.and_then(|()| {
+            ended?;
+            let mut exec: cu::CUgraphExec = std::ptr::null_mut();
+            // SAFETY: graph is the valid graph the capture produced.
+            unsafe { driver("cuGraphInstantiate", cu::cuGraphInstantiateWithFlags(&mut exec, graph, 0))? };
+            Ok(CudaGraph { exec, device: self.clone() })
+        });
+        if !graph.is_null() {
+            // The executable graph is independent of the graph it came from.
+            // SAFETY: graph came from cuStreamEndCapture and is destroyed once.
+            unsafe {
+                let _ = cu::cuGraphDestroy(graph);
+            }
+        }
+        instantiated
+    }
+
+    /// Enqueues one run of `graph` on the stream.
+    pub(crate) fn replay(&self, graph: &CudaGraph) -> Result<(), CudaError> {
+        self.bind()?;
+        // SAFETY: the graph was instantiated in this context; the stream is ours.
+        unsafe { driver("cuGraphLaunch", cu::cuGraphLaunch(graph.exec, self.raw_stream())) }
+    }
+}

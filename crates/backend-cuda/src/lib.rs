@@ -39,5 +39,5 @@ mod ffi;
 mod sampling;
 
 pub use backend::CudaBackend;
-pub use device::CudaStorage;
+pub use device::{CudaGraph, CudaStorage};
 pub use error::CudaError;

@@ -20,6 +20,9 @@ pub enum BackendError {
     /// The device has no memory left for this allocation.
     #[error("out of device memory allocating {bytes} bytes")]
     OutOfMemory { bytes: u64 },
+    /// This backend does not offer the operation (e.g. graph capture on the CPU).
+    #[error("{op} is not supported by the {backend} backend")]
+    Unsupported { op: &'static str, backend: String },
     /// A device or driver call failed.
     #[error("device error: {0}")]
     Device(String),

@@ -40,6 +40,10 @@ pub use linear::LinearFusion;
 pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
 pub use tensor::{DType, Shape, Tensor};
 
+/// The [`Backend::Graph`] of a backend that cannot capture graphs: no value exists.
+#[derive(Debug)]
+pub enum NoGraph {}
+
 /// Bytes of device memory, as the device reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryInfo {
@@ -186,6 +190,28 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// The reverse of `swap_out`: for each `(host, device)` pair.
     fn swap_in(&self, host_pool: &[u8], cache: &Tensor<Self>, pairs: &[(u32, u32)]) -> Result<()>;
+
+    // ---- recorded work (CUDA graphs) ----------------------------------------------
+
+    /// Device work recorded once by [`Backend::capture`] and replayed by [`Backend::replay`].
+    type Graph: Send + Sync + 'static;
+
+    /// Whether [`Backend::capture`] can record work; a backend that cannot (the
+    /// CPU reference) has every step run eagerly.
+    fn supports_graphs(&self) -> bool {
+        false
+    }
+
+    /// Records the device work that `record` enqueues, without running it, as a
+    /// graph that [`Backend::replay`] runs again and again. Each replay reads
+    /// and writes the same buffers, with whatever they hold at that time; so
+    /// every tensor the recorded ops touch must outlive the graph, and tensors
+    /// `record` allocates must be dropped inside it. Host-side choices the ops
+    /// made while recording (kernels, grid sizes) are frozen into the graph.
+    fn capture(&self, record: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+
+    /// Enqueues one run of a captured graph.
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
 
     // ---- sampling --------------------------------------------------------------
 

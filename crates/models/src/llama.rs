@@ -339,9 +339,32 @@ impl<B: Backend> LlamaModel<B> {
     /// into `kv`, and returns the F32 logits `[M, V]` of the rows
     /// `batch.logits_indices` selects.
     pub fn forward(&self, backend: &B, batch: &ForwardBatch<B>, kv: &KvCache<B>) -> Result<Tensor<B>> {
+        let logits = backend.alloc(&[batch.logits_indices.numel(), self.config.vocab_size], DType::F32)?;
+        self.forward_into(backend, batch, kv, &logits)?;
+        Ok(logits)
+    }
+
+    /// [`LlamaModel::forward`] into a caller's F32 `[M, V]` logits tensor. It
+    /// allocates nothing that outlives the call, so it can be captured as a
+    /// graph (the logits then stay where the graph writes them).
+    pub fn forward_into(
+        &self,
+        backend: &B,
+        batch: &ForwardBatch<B>,
+        kv: &KvCache<B>,
+        logits: &Tensor<B>,
+    ) -> Result<()> {
         let c = &self.config;
         let t = self.check_batch(batch, kv)?;
         let m = batch.logits_indices.numel();
+        if logits.dims() != [m, c.vocab_size] || logits.dtype() != DType::F32 {
+            return Err(ModelError::Forward(format!(
+                "logits {:?} {:?} for {m} rows of {} (F32 wanted)",
+                logits.dims(),
+                logits.dtype(),
+                c.vocab_size
+            )));
+        }
         let (h, d) = (c.hidden_size, self.dtype);
 
         // The residual stream is updated in place by the o and down products
@@ -404,13 +427,12 @@ impl<B: Backend> LlamaModel<B> {
         }
 
         // Only the rows that sample need the final norm and the vocabulary product.
-        let logits = backend.alloc(&[m, c.vocab_size], DType::F32)?;
         if m > 0 {
             let last_hidden = backend.alloc(&[m, h], d)?;
             backend.gather_rows(&residual, &batch.logits_indices, &last_hidden)?;
-            backend.linear_fused(&last_hidden, &self.lm_head, None, &logits, &normed_by(&self.norm))?;
+            backend.linear_fused(&last_hidden, &self.lm_head, None, logits, &normed_by(&self.norm))?;
         }
-        Ok(logits)
+        Ok(())
     }
 
     /// Checks the batch and cache fit this model; returns the token count.
