@@ -262,6 +262,13 @@ fn print_timings<B: Backend>(engine: &LlmEngine<B>) {
         ms(r.sample),
         ms(s.update)
     );
+    let g = r.graphs;
+    if g.warmups + g.replays + g.failed > 0 {
+        println!(
+            "decode graphs:      {} replays, {} captured, {} warm-up steps, {} failed captures",
+            g.replays, g.captures, g.warmups, g.failed
+        );
+    }
     for (name, p) in [("decode-only steps", r.decode_only), ("steps with prefill", r.with_prefill)] {
         if p.steps > 0 {
             println!(

@@ -78,6 +78,12 @@ pub struct EngineArgs {
     /// Seed for requests that give none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Launch every kernel of every step one by one: no recorded (CUDA) graphs.
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Largest decode batch replayed from a recorded graph (larger ones run eagerly).
+    #[arg(long, default_value_t = 256)]
+    pub max_graph_batch_size: usize,
 }
 
 impl EngineArgs {
@@ -105,6 +111,8 @@ impl EngineArgs {
                 PolicyArg::Priority => Policy::Priority,
             },
             seed: self.seed,
+            enforce_eager: self.enforce_eager,
+            max_graph_batch_size: self.max_graph_batch_size,
         };
         config.validate().context("invalid engine options")?;
         Ok(config)

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use pagoda_backend::{Backend, DType, SamplingParams};
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_backend_cuda::CudaBackend;
-use pagoda_engine::{load_engine, EngineConfig, GenerationRequest};
+use pagoda_engine::{load_engine, EngineConfig, GenerationRequest, GraphStats};
 use pagoda_models::{LlamaModel, LoadOptions, ModelFiles, SingleSequence};
 use serde_json::Value;
 
@@ -138,9 +138,13 @@ fn teacher_forced_logits_match_the_cpu_reference_f16() {
 }
 
 fn engine_greedy(dtype: DType) -> Vec<Vec<u32>> {
+    engine_greedy_with(dtype, EngineConfig::default()).0
+}
+
+/// Greedy tokens of every golden prompt (one batch) and how decode steps used graphs.
+fn engine_greedy_with(dtype: DType, config: EngineConfig) -> (Vec<Vec<u32>>, GraphStats) {
     let cases = golden_cases();
-    let mut engine =
-        load_engine(cuda(dtype), model_path(), EngineConfig::default(), |_, _| {}).expect("engine");
+    let mut engine = load_engine(cuda(dtype), model_path(), config, |_, _| {}).expect("engine");
     let reqs = cases
         .iter()
         .enumerate()
@@ -151,7 +155,9 @@ fn engine_greedy(dtype: DType) -> Vec<Vec<u32>> {
             r
         })
         .collect();
-    engine.generate(reqs).expect("generate").into_iter().map(|r| r.seqs[0].token_ids.clone()).collect()
+    let tokens =
+        engine.generate(reqs).expect("generate").into_iter().map(|r| r.seqs[0].token_ids.clone()).collect();
+    (tokens, engine.runner().timings().graphs)
 }
 
 /// Greedy tokens through the engine equal the golden ones, except that after
@@ -188,4 +194,21 @@ fn engine_greedy_tokens_match_transformers_bf16() {
 #[test]
 fn engine_greedy_tokens_match_transformers_f16() {
     check_engine_against_golden(DType::F16, 0.05);
+}
+
+/// Decode steps replayed from CUDA graphs compute what eager steps compute:
+/// the padded bucket runs the same kernels on the same rows, so greedy tokens
+/// are identical, at a batch that pads (6 prompts -> 8) and alone (bucket 1).
+#[test]
+fn graph_replays_match_eager_steps() {
+    for max_num_seqs in [256, 1] {
+        let config = EngineConfig { max_num_seqs, ..EngineConfig::default() };
+        let (eager, none) =
+            engine_greedy_with(DType::BF16, EngineConfig { enforce_eager: true, ..config.clone() });
+        assert_eq!(none, GraphStats::default(), "enforce_eager records no graphs");
+        let (graphs, stats) = engine_greedy_with(DType::BF16, config);
+        println!("max_num_seqs {max_num_seqs}: {stats:?}");
+        assert!(stats.captures > 0 && stats.replays > 0 && stats.failed == 0, "{stats:?}");
+        assert_eq!(graphs, eager, "max_num_seqs {max_num_seqs}: graph replays changed greedy tokens");
+    }
 }

@@ -34,6 +34,12 @@ pub struct EngineConfig {
     pub policy: Policy,
     /// Seed for the per-request seeds of requests that give none.
     pub seed: u64,
+    /// Never replay recorded graphs: every step launches its kernels one by
+    /// one (vLLM `--enforce-eager`).
+    pub enforce_eager: bool,
+    /// Largest decode batch replayed from a recorded graph; larger decode
+    /// steps, and steps with prompt tokens, run eagerly.
+    pub max_graph_batch_size: usize,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +58,8 @@ impl Default for EngineConfig {
             preemption_mode: PreemptionMode::Recompute,
             policy: Policy::Fcfs,
             seed: 0,
+            enforce_eager: false,
+            max_graph_batch_size: 256,
         }
     }
 }

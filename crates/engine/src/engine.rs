@@ -104,8 +104,13 @@ impl<B: Backend> LlmEngine<B> {
         let scheduler =
             Scheduler::with_policy(config.scheduler_config(&model_config), kv, config.policy.build())
                 .map_err(|e| EngineError::Config(e.to_string()))?;
-        let runner =
+        let mut runner =
             ModelRunner::new(backend, loaded.model, num_gpu_blocks, num_cpu_blocks, config.block_size)?;
+        let graphs = !config.enforce_eager && runner.backend().supports_graphs();
+        if graphs {
+            let max_batch = config.max_graph_batch_size.min(config.max_num_seqs);
+            runner.enable_decode_graphs(max_batch, config.max_model_len(&model_config))?;
+        }
         let mut eos_token_ids = loaded.generation.eos_token_ids.clone();
         if eos_token_ids.is_empty() {
             eos_token_ids.extend(loaded.tokenizer.eos_token_id());
@@ -131,6 +136,7 @@ impl<B: Backend> LlmEngine<B> {
             block_size = config.block_size,
             max_model_len = info.max_model_len,
             device = %runner.backend().name(),
+            graphs,
             "engine ready"
         );
         Ok(Self {
@@ -168,6 +174,15 @@ impl<B: Backend> LlmEngine<B> {
 
     pub fn metrics(&self) -> Arc<EngineMetrics> {
         self.metrics.clone()
+    }
+
+    /// Pads decode steps into fixed buffers, and records graphs where the
+    /// backend can, even where the engine did not turn this on itself (the CPU
+    /// backend): tests check the padded path on the CPU with it.
+    #[doc(hidden)]
+    pub fn force_decode_graphs(&mut self) -> Result<(), EngineError> {
+        let max_batch = self.config.max_graph_batch_size.min(self.config.max_num_seqs);
+        self.runner.enable_decode_graphs(max_batch, self.info.max_model_len)
     }
 
     pub fn runner(&self) -> &ModelRunner<B> {

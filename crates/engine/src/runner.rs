@@ -9,6 +9,7 @@ use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
 use pagoda_scheduler::{SchedulerOutput, SeqId};
 
 use crate::error::EngineError;
+use crate::graphs::{DecodeGraphs, GraphStats};
 
 /// The device side of the engine: the backend, the model's weights and the
 /// paged KV cache, plus the host pool that swapped-out blocks live in.
@@ -20,6 +21,8 @@ pub struct ModelRunner<B: Backend> {
     /// One host pool per cache tensor (K and V of every layer), each
     /// `num_cpu_blocks` blocks in the device's per-block byte layout.
     host_pools: Vec<Vec<u8>>,
+    /// Padded decode steps and their recorded graphs, when enabled.
+    graphs: Option<DecodeGraphs<B>>,
 }
 
 /// Where the runner's time went, summed over steps (host wall-clock time).
@@ -36,6 +39,8 @@ pub struct RunnerTimings {
     /// KV-bound vs compute-bound).
     pub decode_only: PhaseTotal,
     pub with_prefill: PhaseTotal,
+    /// How decode steps used recorded graphs (all zero when they are off).
+    pub graphs: GraphStats,
 }
 
 /// A count of steps and their summed time.
@@ -128,7 +133,19 @@ impl<B: Backend> ModelRunner<B> {
         } else {
             (0..kv.layers.len() * 2).map(|_| vec![0u8; num_cpu_blocks * block_bytes]).collect()
         };
-        Ok(Self { backend, model, kv, timings: RunnerTimings::default(), host_pools })
+        Ok(Self { backend, model, kv, timings: RunnerTimings::default(), host_pools, graphs: None })
+    }
+
+    /// Runs decode-only steps of up to `max_batch` sequences of up to
+    /// `max_context` tokens padded into fixed buffers, replaying a recorded
+    /// graph per bucket where the backend can record (see `graphs.rs`). On a
+    /// backend that cannot, steps are only padded (which tests use to check
+    /// the padding on the CPU).
+    pub fn enable_decode_graphs(&mut self, max_batch: usize, max_context: usize) -> Result<(), EngineError> {
+        let block_size = self.kv.shape.block_size;
+        let vocab = self.model.config().vocab_size;
+        self.graphs = Some(DecodeGraphs::new(&self.backend, max_batch, max_context, block_size, vocab)?);
+        Ok(())
     }
 
     pub fn backend(&self) -> &B {
@@ -165,18 +182,31 @@ impl<B: Backend> ModelRunner<B> {
         if out.scheduled.is_empty() {
             return Ok(Vec::new());
         }
-        let batch = ForwardBatch::upload(
-            &self.backend,
-            &inputs.token_ids,
-            &inputs.positions,
-            inputs.attn.clone(),
-            &inputs.logits_indices,
-        )?;
-        let t2 = Instant::now();
-        self.timings.upload += t2 - t1;
-        let logits = self.model.forward(&self.backend, &batch, &self.kv)?;
-        let t3 = Instant::now();
-        self.timings.forward += t3 - t2;
+        let bucket = self.graphs.as_ref().and_then(|g| g.bucket_for(out.num_decodes, inputs));
+        let (logits, t3) = match (bucket, self.graphs.as_mut()) {
+            (Some(bucket), Some(graphs)) => {
+                let logits = graphs.run(&self.backend, &self.model, &self.kv, bucket, inputs)?;
+                self.timings.graphs = graphs.stats();
+                let t3 = Instant::now();
+                self.timings.forward += t3 - t1;
+                (logits, t3)
+            }
+            _ => {
+                let batch = ForwardBatch::upload(
+                    &self.backend,
+                    &inputs.token_ids,
+                    &inputs.positions,
+                    inputs.attn.clone(),
+                    &inputs.logits_indices,
+                )?;
+                let t2 = Instant::now();
+                self.timings.upload += t2 - t1;
+                let logits = self.model.forward(&self.backend, &batch, &self.kv)?;
+                let t3 = Instant::now();
+                self.timings.forward += t3 - t2;
+                (logits, t3)
+            }
+        };
         if rows.is_empty() {
             return Ok(Vec::new());
         }

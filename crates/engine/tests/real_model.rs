@@ -329,3 +329,26 @@ fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
         Err(pagoda_engine::EngineError::DuplicateRequest(_))
     ));
 }
+
+/// Decode steps padded into the fixed buffers graphs replay from (bucket
+/// batch sizes 1, 2, 4, 8, …; padding rows that write no cache slot) give the
+/// same greedy tokens as unpadded steps. The CPU cannot record graphs, so
+/// this checks the padding itself; the CUDA model test checks the replays.
+#[test]
+fn padded_decode_steps_keep_greedy_tokens() {
+    let _serial = serial();
+    let prompts = batch_of_eight();
+    let mut plain = engine(EngineConfig::default());
+    let mut padded = engine(EngineConfig::default());
+    padded.force_decode_graphs().expect("padded decode buffers");
+    // Three prompts pad to a bucket of 4; all eight fill one of 8 until some finish.
+    for batch in [&prompts[..3], &prompts[..]] {
+        let want = run_all(&mut plain, batch, TOKENS);
+        let got = run_all(&mut padded, batch, TOKENS);
+        assert_eq!(got, want, "{} prompts: padded decode steps changed greedy tokens", batch.len());
+    }
+    let stats = padded.runner().timings().graphs;
+    assert!(stats.warmups >= 2, "decode steps should have run padded: {stats:?}");
+    assert_eq!(stats.replays, 0, "the CPU backend records no graphs");
+    assert_no_blocks_held(&padded);
+}

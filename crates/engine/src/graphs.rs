@@ -1,0 +1,380 @@
+//! Decode steps replayed from recorded graphs (CUDA graphs).
+//!
+//! A decode step at a small batch launches some 230 kernels of a few
+//! microseconds each for an 8B model; launching them one by one leaves gaps.
+//! Device backends can record a step once and replay it with one launch, but a
+//! replay repeats the recorded launches exactly: the same buffers, grid sizes
+//! and kernel choices. So a decode-only step is padded to a [`Bucket`] (batch
+//! rounded up to a capture size, context rounded up to a power of two), its
+//! inputs are written into buffers that never move, and the bucket's graph
+//! runs. The first step of a bucket runs eagerly on those same buffers (it
+//! loads every kernel and lets cuBLAS pick its algorithms outside a capture),
+//! the second records the graph, later ones replay it.
+//!
+//! Padding rows are one-token sequences at position 0 that write no cache slot
+//! (slot −1) and read block 0; their logits are computed and ignored. Kernels
+//! read real lengths from the device, so a graph recorded for a context bucket
+//! serves every step whose longest sequence fits it: partitions past a
+//! sequence's end exit at once.
+
+use std::collections::HashMap;
+
+use pagoda_backend::{
+    AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice, Tensor,
+};
+use pagoda_models::{ForwardBatch, KvCache, LlamaModel, ModelError};
+
+use crate::error::EngineError;
+use crate::runner::StepInputs;
+
+/// Smallest context bucket: below it, more buckets would only add captures.
+const MIN_CONTEXT_BUCKET: usize = 256;
+
+/// The shape a padded decode step is recorded for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Bucket {
+    /// Sequences (one token each), real and padding.
+    pub batch: usize,
+    /// Longest context any sequence of the step may have.
+    pub context: usize,
+}
+
+impl Bucket {
+    /// The bucket of a decode step of `num_seqs` sequences whose longest has
+    /// `max_seq_len` tokens, or `None` when the step is larger than any bucket.
+    pub fn for_step(
+        num_seqs: usize,
+        max_seq_len: usize,
+        max_batch: usize,
+        max_context: usize,
+    ) -> Option<Self> {
+        if num_seqs == 0 || max_seq_len == 0 || max_seq_len > max_context {
+            return None;
+        }
+        let batch = capture_sizes(max_batch).find(|&b| b >= num_seqs)?;
+        let context = max_seq_len.next_power_of_two().max(MIN_CONTEXT_BUCKET).min(max_context);
+        Some(Self { batch, context })
+    }
+
+    /// Block-table entries per sequence: enough blocks for `context` tokens.
+    pub fn table_width(&self, block_size: usize) -> usize {
+        self.context.div_ceil(block_size)
+    }
+}
+
+/// Batch sizes graphs are recorded for, up to `max_batch`: 1, 2, 4, then
+/// multiples of 8 (as vLLM captures), so padding wastes at most 7 rows.
+pub fn capture_sizes(max_batch: usize) -> impl Iterator<Item = usize> {
+    [1, 2, 4].into_iter().chain((8..).step_by(8)).take_while(move |&b| b <= max_batch)
+}
+
+/// Whether a step can run from a graph: decodes only, each sampling exactly
+/// once from its own row (no fork at this step).
+pub fn is_graphable(num_decodes: usize, inputs: &StepInputs) -> bool {
+    let n = inputs.attn.num_seqs();
+    n > 0
+        && num_decodes == n
+        && inputs.token_ids.len() == n
+        && inputs.logits_indices.len() == n
+        && inputs.logits_indices.iter().enumerate().all(|(i, &row)| row as usize == i)
+}
+
+/// The host arrays of one decode step padded to a bucket.
+#[derive(Debug, PartialEq)]
+pub struct PaddedDecodeInputs {
+    pub token_ids: Vec<i32>,
+    pub positions: Vec<i32>,
+    pub seq_lens: Vec<i32>,
+    /// `[batch, table_width]`, row-major.
+    pub block_tables: Vec<i32>,
+    pub slot_mapping: Vec<i64>,
+}
+
+impl PaddedDecodeInputs {
+    /// Pads a graphable step (see [`is_graphable`]) to `bucket`.
+    pub fn new(inputs: &StepInputs, bucket: Bucket, block_size: usize) -> Result<Self, EngineError> {
+        let n = inputs.attn.num_seqs();
+        let (b, width) = (bucket.batch, bucket.table_width(block_size));
+        if n > b || inputs.attn.max_seq_len() > bucket.context {
+            return Err(EngineError::Internal(format!("a step of {n} sequences does not fit {bucket:?}")));
+        }
+        let pad = |v: &[i32], with: i32| v.iter().copied().chain(std::iter::repeat(with)).take(b).collect();
+        let ids: Vec<i32> = inputs.token_ids.iter().map(|&t| t as i32).collect();
+        let mut block_tables = vec![0i32; b * width];
+        let src_width = inputs.attn.max_blocks_per_seq;
+        for (s, &len) in inputs.attn.seq_lens.iter().enumerate() {
+            // Only the blocks holding context are read; later entries are
+            // unused (they may exist when the table has room reserved).
+            let used = (len as usize).div_ceil(block_size);
+            let row = &inputs.attn.block_tables[s * src_width..][..used];
+            block_tables[s * width..][..used].copy_from_slice(row);
+        }
+        let mut slot_mapping = inputs.attn.slot_mapping.clone();
+        slot_mapping.resize(b, -1);
+        Ok(Self {
+            token_ids: pad(&ids, 0),
+            positions: pad(&inputs.positions, 0),
+            seq_lens: pad(&inputs.attn.seq_lens, 1),
+            block_tables,
+            slot_mapping,
+        })
+    }
+}
+
+/// Counts of how decode steps ran on the graph path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// First step of a bucket, run eagerly on the padded buffers.
+    pub warmups: u64,
+    pub captures: u64,
+    pub replays: u64,
+    /// Buckets whose capture failed; they run eagerly from then on.
+    pub failed: u64,
+}
+
+enum BucketState<G> {
+    /// Ran eagerly once; the next step records.
+    Warm,
+    Recorded(G),
+    /// Capture failed (the reason was logged): eager on the padded buffers.
+    Failed,
+}
+
+/// Fixed device buffers for padded decode steps, and the graph of each bucket.
+pub struct DecodeGraphs<B: Backend> {
+    max_batch: usize,
+    max_context: usize,
+    block_size: usize,
+    token_ids: Tensor<B>,
+    positions: Tensor<B>,
+    /// 0, 1, …, max_batch: every sequence has one query token.
+    query_start_loc: Tensor<B>,
+    seq_lens: Tensor<B>,
+    /// Flat: a bucket views the first `batch * table_width` entries.
+    block_tables: Tensor<B>,
+    slot_mapping: Tensor<B>,
+    /// 0, 1, …: every row samples.
+    logits_indices: Tensor<B>,
+    /// F32 `[max_batch, V]`.
+    logits: Tensor<B>,
+    buckets: HashMap<Bucket, BucketState<B::Graph>>,
+    stats: GraphStats,
+}
+
+impl<B: Backend> DecodeGraphs<B> {
+    /// Buffers for steps of up to `max_batch` sequences of up to `max_context` tokens.
+    pub fn new(
+        backend: &B,
+        max_batch: usize,
+        max_context: usize,
+        block_size: usize,
+        vocab_size: usize,
+    ) -> Result<Self, EngineError> {
+        let max_batch = capture_sizes(max_batch).last().unwrap_or(0);
+        let rows = max_batch.max(1);
+        let width = max_context.div_ceil(block_size).max(1);
+        let count: Vec<i32> = (0..=rows as i32).collect();
+        let i32_buf = |n: usize| backend.alloc(&[n], DType::I32);
+        Ok(Self {
+            max_batch,
+            max_context,
+            block_size,
+            token_ids: i32_buf(rows)?,
+            positions: i32_buf(rows)?,
+            query_start_loc: backend.upload(HostSlice::I32(&count), &[rows + 1], DType::I32)?,
+            seq_lens: i32_buf(rows)?,
+            block_tables: i32_buf(rows * width)?,
+            slot_mapping: backend.alloc(&[rows], DType::I64)?,
+            logits_indices: backend.upload(HostSlice::I32(&count[..rows]), &[rows], DType::I32)?,
+            logits: backend.alloc(&[rows, vocab_size], DType::F32)?,
+            buckets: HashMap::new(),
+            stats: GraphStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> GraphStats {
+        self.stats
+    }
+
+    /// The bucket this step runs in, or `None` if it must run unpadded.
+    pub fn bucket_for(&self, num_decodes: usize, inputs: &StepInputs) -> Option<Bucket> {
+        if !is_graphable(num_decodes, inputs) {
+            return None;
+        }
+        Bucket::for_step(inputs.attn.num_seqs(), inputs.attn.max_seq_len(), self.max_batch, self.max_context)
+    }
+
+    /// Runs the step in `bucket` (eagerly, by recording, or by replay) and
+    /// returns its logits, `[num_seqs, V]`, a view of the fixed logits buffer
+    /// that holds until the next step.
+    pub fn run(
+        &mut self,
+        backend: &B,
+        model: &LlamaModel<B>,
+        kv: &KvCache<B>,
+        bucket: Bucket,
+        inputs: &StepInputs,
+    ) -> Result<Tensor<B>, EngineError> {
+        let padded = PaddedDecodeInputs::new(inputs, bucket, self.block_size)?;
+        let batch = self.forward_batch(bucket)?;
+        backend.write(&batch.token_ids, HostSlice::I32(&padded.token_ids))?;
+        backend.write(&batch.positions, HostSlice::I32(&padded.positions))?;
+        backend.write(&batch.attn.seq_lens, HostSlice::I32(&padded.seq_lens))?;
+        backend.write(&batch.attn.block_tables, HostSlice::I32(&padded.block_tables))?;
+        backend.write(&batch.attn.slot_mapping, HostSlice::I64(&padded.slot_mapping))?;
+        let logits = self.logits.narrow(0, bucket.batch)?;
+        let forward = || model.forward_into(backend, &batch, kv, &logits);
+        let state = self.buckets.get(&bucket);
+        if let Some(BucketState::Recorded(graph)) = state {
+            backend.replay(graph)?;
+            self.stats.replays += 1;
+        } else if matches!(state, Some(BucketState::Warm)) && backend.supports_graphs() {
+            let mut model_error = None;
+            let recorded = backend.capture(&mut || {
+                forward().map_err(|e| {
+                    let text = e.to_string();
+                    model_error = Some(e);
+                    BackendError::Device(text)
+                })
+            });
+            if let Some(e) = model_error {
+                return Err(e.into());
+            }
+            match recorded {
+                Ok(graph) => {
+                    backend.replay(&graph)?;
+                    self.buckets.insert(bucket, BucketState::Recorded(graph));
+                    self.stats.captures += 1;
+                    self.stats.replays += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(?bucket, error = %e, "graph capture failed; this bucket runs eagerly");
+                    self.buckets.insert(bucket, BucketState::Failed);
+                    self.stats.failed += 1;
+                    forward()?;
+                }
+            }
+        } else {
+            forward()?;
+            if state.is_none() {
+                self.buckets.insert(bucket, BucketState::Warm);
+                self.stats.warmups += 1;
+            }
+        }
+        Ok(self.logits.narrow(0, inputs.attn.num_seqs())?)
+    }
+
+    /// The forward inputs of `bucket`: views of the fixed buffers, with host
+    /// metadata that describes the bucket's worst case (every sequence at the
+    /// bucket's context), which is what the kernels are chosen for.
+    fn forward_batch(&self, bucket: Bucket) -> Result<ForwardBatch<B>, ModelError> {
+        let (b, width) = (bucket.batch, bucket.table_width(self.block_size));
+        let host = AttentionHostMetadata {
+            query_start_loc: (0..=b as i32).collect(),
+            seq_lens: vec![bucket.context as i32; b],
+            block_tables: vec![0; b * width],
+            max_blocks_per_seq: width,
+            slot_mapping: vec![-1; b],
+            num_decode_seqs: b,
+        };
+        Ok(ForwardBatch {
+            token_ids: self.token_ids.narrow(0, b)?,
+            positions: self.positions.narrow(0, b)?,
+            attn: AttentionMetadata {
+                host,
+                query_start_loc: self.query_start_loc.narrow(0, b + 1)?,
+                seq_lens: self.seq_lens.narrow(0, b)?,
+                block_tables: self.block_tables.narrow(0, b * width)?.reshape(&[b, width])?,
+                slot_mapping: self.slot_mapping.narrow(0, b)?,
+            },
+            logits_indices: self.logits_indices.narrow(0, b)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_sizes_are_1_2_4_then_multiples_of_8() {
+        assert_eq!(capture_sizes(20).collect::<Vec<_>>(), vec![1, 2, 4, 8, 16]);
+        assert_eq!(capture_sizes(256).count(), 3 + 32);
+        assert_eq!(capture_sizes(0).count(), 0);
+    }
+
+    #[test]
+    fn buckets_round_batch_and_context_up() {
+        assert_eq!(Bucket::for_step(1, 577, 256, 8192), Some(Bucket { batch: 1, context: 1024 }));
+        assert_eq!(Bucket::for_step(3, 10, 256, 8192), Some(Bucket { batch: 4, context: 256 }));
+        assert_eq!(Bucket::for_step(9, 4097, 256, 8192), Some(Bucket { batch: 16, context: 8192 }));
+        // The context bucket never exceeds the longest sequence the engine runs.
+        assert_eq!(Bucket::for_step(1, 1500, 256, 2000), Some(Bucket { batch: 1, context: 2000 }));
+        assert_eq!(Bucket::for_step(257, 10, 256, 8192), None);
+        assert_eq!(Bucket::for_step(2, 2001, 256, 2000), None);
+        assert_eq!(Bucket { batch: 1, context: 2000 }.table_width(16), 125);
+    }
+
+    fn decode_step(seq_lens: &[i32], block_size: usize) -> StepInputs {
+        let mut s = StepInputs::default();
+        let width = seq_lens.iter().map(|&l| (l as usize).div_ceil(block_size)).max().unwrap() + 1;
+        s.attn.max_blocks_per_seq = width;
+        s.attn.num_decode_seqs = seq_lens.len();
+        s.attn.query_start_loc.push(0);
+        for (i, &len) in seq_lens.iter().enumerate() {
+            s.token_ids.push(100 + i as u32);
+            s.positions.push(len - 1);
+            s.attn.seq_lens.push(len);
+            s.attn.query_start_loc.push(i as i32 + 1);
+            // Distinct block ids per sequence, one spare entry past the context.
+            s.attn.block_tables.extend((0..width as i32).map(|j| 1000 * (i as i32 + 1) + j));
+            s.attn.slot_mapping.push((1000 * (i as i64 + 1)) * block_size as i64 + (len as i64 - 1));
+            s.logits_indices.push(i as i32);
+        }
+        s
+    }
+
+    #[test]
+    fn padding_keeps_real_rows_and_makes_harmless_ones() {
+        let inputs = decode_step(&[5, 40, 17], 16);
+        assert!(is_graphable(3, &inputs));
+        let bucket = Bucket::for_step(3, 40, 256, 4096).unwrap();
+        assert_eq!(bucket, Bucket { batch: 4, context: 256 });
+        let p = PaddedDecodeInputs::new(&inputs, bucket, 16).unwrap();
+        assert_eq!(p.token_ids, vec![100, 101, 102, 0]);
+        assert_eq!(p.positions, vec![4, 39, 16, 0]);
+        assert_eq!(p.seq_lens, vec![5, 40, 17, 1]);
+        assert_eq!(p.slot_mapping[..3], inputs.attn.slot_mapping[..]);
+        assert_eq!(p.slot_mapping[3], -1, "a padding row writes no cache slot");
+        let width = bucket.table_width(16);
+        assert_eq!(p.block_tables.len(), 4 * width);
+        assert_eq!(p.block_tables[..1], [1000]);
+        assert_eq!(p.block_tables[width..width + 3], [2000, 2001, 2002]);
+        assert_eq!(p.block_tables[2 * width..2 * width + 2], [3000, 3001]);
+        // Entries past each context (and the whole padding row) point at block 0.
+        assert!(p.block_tables[1..width].iter().all(|&b| b == 0));
+        assert!(p.block_tables[3 * width..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn only_plain_decode_steps_are_graphable() {
+        let mut fork = decode_step(&[5, 6], 16);
+        fork.logits_indices = vec![0, 0, 1];
+        assert!(!is_graphable(2, &fork), "a fork samples one row twice");
+        let inputs = decode_step(&[5, 6], 16);
+        assert!(!is_graphable(1, &inputs), "a step with a prefill");
+        let mut prefill = decode_step(&[5], 16);
+        prefill.token_ids.push(7);
+        assert!(!is_graphable(1, &prefill));
+        assert!(!is_graphable(0, &StepInputs::default()));
+    }
+
+    #[test]
+    fn a_step_larger_than_its_bucket_is_refused() {
+        let inputs = decode_step(&[5, 300], 16);
+        let err = PaddedDecodeInputs::new(&inputs, Bucket { batch: 2, context: 256 }, 16);
+        assert!(err.is_err());
+        let err = PaddedDecodeInputs::new(&inputs, Bucket { batch: 1, context: 512 }, 16);
+        assert!(err.is_err());
+    }
+}
