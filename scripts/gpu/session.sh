@@ -8,12 +8,14 @@
 #   kernels      every kernel against the CPU reference (conformance, quick and full grids)
 #   model-check  SmolLM2 on the GPU: whole-model tests vs CPU and transformers, a chat demo
 #   bench8b      build the random-weight Llama-3-8B (hf_peer.py), transformers static batching,
-#                then pagoda bench throughput + latency on the same requests
+#                then pagoda bench throughput + latency on the same requests (latency also with
+#                --enforce-eager and with PAGODA_DISABLE_PDL=1)
 #   peer-cb      transformers continuous batching and single stream on the same model/requests
 #   kbench       kernel bench (decode partition sweep) + conformance per forced partition
 #   model8b      only build the random-weight Llama-3-8B and its request file
 #   pagoda8b     pagoda bench throughput + latency on them
 #   throughput16k  the throughput run with --max-num-batched-tokens 16384
+#   eager16k     the same with --enforce-eager (no CUDA graphs), for comparison
 #   ncu8b        kernel times (ncu) of decode steps at batch 256 and at batch 1
 # Logs go to $OUT; a short summary prints last.
 set -uo pipefail
@@ -72,12 +74,12 @@ for phase in "$@"; do
         --max-num-batched-tokens 8192 --output-json "$OUT/pagoda_throughput.json" 2>&1 | tee "$OUT/pagoda_throughput.log"
       $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
         --output-json "$OUT/pagoda_latency.json" 2>&1 | tee "$OUT/pagoda_latency.log"
+      echo "--- the same with every kernel launched eagerly (--enforce-eager: no CUDA graphs)"
+      $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
+        --enforce-eager 2>&1 | tee "$OUT/pagoda_latency_eager.log"
       echo "--- the same without programmatic dependent launch (PAGODA_DISABLE_PDL=1)"
       PAGODA_DISABLE_PDL=1 $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 \
-        --num-iters 3 2>&1 | tee "$OUT/pagoda_latency_nopdl.log"
-      echo "--- the same with cuBLAS for small batches (PAGODA_DISABLE_GEMV=1)"
-      PAGODA_DISABLE_GEMV=1 $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 \
-        --num-iters 3 2>&1 | tee "$OUT/pagoda_latency_cublas.log" ;;
+        --num-iters 3 2>&1 | tee "$OUT/pagoda_latency_nopdl.log" ;;
     kbench)
       # The kernel bench (decode partitions swept), then the quick conformance
       # grid with each forced decode partition.
@@ -101,6 +103,10 @@ for phase in "$@"; do
       $B/pagoda bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" \
         --max-num-batched-tokens 16384 --output-json "$OUT/pagoda_throughput16k.json" 2>&1 \
         | tee "$OUT/pagoda_throughput16k.log" ;;
+    eager16k)
+      # throughput16k with --enforce-eager: what the decode graphs are worth at batch 256.
+      $B/pagoda bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" \
+        --max-num-batched-tokens 16384 --enforce-eager 2>&1 | tee "$OUT/pagoda_throughput16k_eager.log" ;;
     ncu8b)
       # Kernel times of ~2 decode steps at batch 256 (throughput run), then of
       # ~2 single-stream decode steps (latency run); summed by kernel name.
