@@ -114,15 +114,14 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wanted = |label: &str| filter.as_deref().is_none_or(|f| label.contains(f));
-    let (mut peak_bw, mut gemm_tflops) = (f64::NAN, f64::NAN);
 
     // ---- ceilings (always measured: every row is reported against one) ----
-    {
+    let peak_bw = {
         let copy_elems = 512usize << 20; // 1 GiB of bf16
         let src = random_tensor(&g, &mut rng, &[copy_elems])?;
         let dst = g.alloc(&[copy_elems], DType::BF16)?;
         let ms = median_ms(&g, 3, 20, || g.copy(&src, &dst))?;
-        peak_bw = 2.0 * (copy_elems * 2) as f64 / (ms * 1e-3);
+        let peak_bw = 2.0 * (copy_elems * 2) as f64 / (ms * 1e-3);
         rows.push(Row {
             what: "d2d copy 1 GiB (read+write)".into(),
             ms,
@@ -130,15 +129,16 @@ fn main() -> Result<()> {
             vs_ceiling: "ceiling".into(),
         });
         drop((src, dst));
-    }
+        peak_bw
+    };
 
-    {
+    let gemm_tflops = {
         let n = 8192;
         let a = random_tensor(&g, &mut rng, &[n, n])?;
         let b = random_tensor(&g, &mut rng, &[n, n])?;
         let c = g.alloc(&[n, n], DType::BF16)?;
         let ms = median_ms(&g, 3, 10, || g.linear(&a, &b, None, &c))?;
-        gemm_tflops = 2.0 * (n as f64).powi(3) / (ms * 1e-3) / 1e12;
+        let gemm_tflops = 2.0 * (n as f64).powi(3) / (ms * 1e-3) / 1e12;
         rows.push(Row {
             what: "cuBLAS bf16 GEMM 8192^3".into(),
             ms,
@@ -146,7 +146,8 @@ fn main() -> Result<()> {
             vs_ceiling: "ceiling".into(),
         });
         drop((a, b, c));
-    }
+        gemm_tflops
+    };
 
     // ---- paged decode attention, Llama-3-8B heads ----
     let (hq, hkv, d, bs) = (32usize, 8usize, 128usize, 16usize);

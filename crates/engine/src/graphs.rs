@@ -16,6 +16,10 @@
 //! read real lengths from the device, so a graph recorded for a context bucket
 //! serves every step whose longest sequence fits it: partitions past a
 //! sequence's end exit at once.
+//!
+//! Activations the forward pass allocates become the graph's own allocations.
+//! CUDA may back the allocations of graphs launched into one stream with the
+//! same physical memory, so many buckets do not multiply activation memory.
 
 use std::collections::HashMap;
 
