@@ -98,8 +98,9 @@ __device__ __forceinline__ void set_status(uint32_t *status, uint32_t bit) {
 // the previous grid has completed and its writes are visible. Both are no-ops
 // before sm_90 and when the launch had no PDL attribute (plain <<<>>>).
 //
-// Why it is safe: each kernel calls `pdl_launch_dependents` at its very start,
-// so the kernel before it may itself still be waiting on its own predecessor,
+// Why it is safe: a kernel may call `pdl_launch_dependents` at its very start
+// (most do; the GEMV calls it after its weight stream), so the kernel before it
+// may itself still be waiting on its own predecessor,
 // and so on back to the last non-kernel operation on the stream (a copy, a
 // memset, an event wait) or the last plain launch. Hence before its wait a kernel
 // may read only what no kernel since then writes: step inputs uploaded by host

@@ -40,9 +40,12 @@ int blas_status(cublasStatus_t st) { return st == CUBLAS_STATUS_SUCCESS ? 0 : PA
 constexpr int GEMV_MAX_TOKENS = 8;
 constexpr int GEMV_WARPS = 8;
 constexpr int GEMV_UNROLL = 4;
-// 16-byte chunks of each weight row prefetched into L2 before waiting on the
-// previous kernel: 8 KB, a whole row of the 4096-wide products.
-constexpr int GEMV_PREFETCH_CHUNKS = 512;
+// 16-byte chunks at the start of each weight row prefetched into L2 before
+// waiting on the previous kernel: 1 KB, enough to keep DRAM busy across the
+// kernel boundary. Whole rows (8 KB) were slower, 6.1 against 5.6 ms a token:
+// the blocks that are resident early belong to products that run later, and
+// their prefetches evicted the weights of the product running now (PERF.md, v10).
+constexpr int GEMV_PREFETCH_CHUNKS = 64;
 
 // One 16-byte chunk `c` of each weight row against every token row.
 template <typename T, int TOKENS, int ROWS, bool NORM>
@@ -77,7 +80,6 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ bias,
                 const T *__restrict__ gamma, float eps, O *__restrict__ out, int n_out, int k, int accumulate) {
     constexpr int ROWS = SILU ? 2 : 1;
-    pagoda::pdl_launch_dependents();
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     const uint4 *wrow[ROWS];
@@ -91,10 +93,14 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     if (row < n_out) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
-            for (int c = lane; c < min(chunks, GEMV_PREFETCH_CHUNKS); c += 32) pagoda::prefetch_l2(wrow[r] + c);
+            for (int c = 2 * lane; c < min(chunks, GEMV_PREFETCH_CHUNKS); c += 64)  // one per 32-byte sector
+                pagoda::prefetch_l2(wrow[r] + c);
     }
     pagoda::pdl_wait();
-    if (row >= n_out) return;
+    if (row >= n_out) {
+        pagoda::pdl_launch_dependents();
+        return;
+    }
     float acc[ROWS][TOKENS], ss[TOKENS];
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) {
@@ -119,6 +125,9 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
         for (int r = 0; r < ROWS; ++r) wv[r] = __ldg(wrow[r] + c);
         gemv_chunk<T, TOKENS, ROWS, NORM>(wv, x, gamma, k, c, acc, ss);
     }
+    // The next kernel may launch once every block is past its weight stream, not
+    // earlier: its blocks would take SM slots (and L2) from this one's later blocks.
+    pagoda::pdl_launch_dependents();
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) {
         const float scale = NORM ? rsqrtf(pagoda::warp_sum(ss[t]) / (float)k + eps) : 1.f;

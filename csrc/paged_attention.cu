@@ -29,9 +29,6 @@ constexpr int kDecodePartitionLarge = 512;
 constexpr int kDecodePartitionSmall = 64;
 constexpr int kDecodePartitionWhole = 1024;
 constexpr int kMaxDecodeGroup = 8;
-// Context tokens per decode partition whose K (and, for partitions no longer
-// than this, V) rows are prefetched into L2 while the kernel before finishes.
-constexpr int kDecodePrefetchTokens = 64;
 
 // The first context token a query at position `pos` sees.
 __device__ __forceinline__ int window_start(int pos, int window) {
@@ -81,7 +78,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
     // Until pdl_wait below, the kernel before (rotary_and_cache, writing q and the
     // newest token's K/V) may still run: only step inputs (sequence lengths, query
-    // offsets, block tables) are read, and the cache is only prefetched.
+    // offsets, block tables) are read. (Prefetching the partition's K/V into L2
+    // here made the isolated kernel faster but the whole decode step no faster:
+    // PERF.md, v10.)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kvh = blockIdx.x, s = blockIdx.y, split = blockIdx.z;
     const int G = a.num_q_heads / a.num_kv_heads;
@@ -118,26 +117,6 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
     __syncthreads();
 
-    // The first tokens' K rows into L2 (all of the partition's when it is small,
-    // the latency-bound single-stream case), and their V rows too when that covers
-    // the partition, so p.v reads L2 instead of waiting on DRAM; with larger
-    // partitions V would be evicted by the K stream before p.v reads it. One
-    // prefetch per 32-byte sector, L2's fill unit.
-    {
-        constexpr int SECTORS = D * (int)sizeof(T) / 32;  // per token row
-        constexpr bool PREFETCH_V = P <= kDecodePrefetchTokens;
-        const int n = min(ntok, kDecodePrefetchTokens) * SECTORS * (PREFETCH_V ? 2 : 1);
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const int sector = i % SECTORS, row = i / SECTORS;
-            const int tl = PREFETCH_V ? row / 2 : row;
-            const int tok = tok0 + tl;
-            const int b = s_blocks[bdiv.div(tok) - first_block];
-            if (b < 0) continue;
-            const T *cache = (PREFETCH_V && (row & 1)) ? vbase : kbase;
-            prefetch_l2(reinterpret_cast<const char *>(cache + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D) +
-                        sector * 32);
-        }
-    }
     pdl_wait();  // q and the newest K/V come from the kernel before
     if (bad_entry) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
 
