@@ -12,7 +12,7 @@ use pagoda_backend::{
     RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 
-use crate::device::{CudaGraph, CudaStorage, DeviceInner};
+use crate::device::{CudaGraph, CudaStorage, DeviceInner, PinnedHost};
 use crate::error::{CudaError, DriverContext};
 use crate::ffi::{self, check};
 
@@ -29,6 +29,8 @@ pub struct CudaBackend {
     blas: Mutex<BlasHandle>,
     /// The device status word the kernels set bits in.
     status: CudaStorage,
+    /// Where downloads and the status word land before they are copied out.
+    readback: Mutex<PinnedHost>,
 }
 
 struct BlasHandle(*mut c_void);
@@ -62,7 +64,8 @@ impl CudaBackend {
         let blas = Mutex::new(BlasHandle(handle));
         let status = device.alloc(4)?;
         device.memset_u32(status.ptr(), 0, 1)?;
-        Ok(Self { device, name, activation, blas, status })
+        let readback = Mutex::new(PinnedHost::new(device.clone()));
+        Ok(Self { device, name, activation, blas, status, readback })
     }
 
     fn stream(&self) -> *mut c_void {
@@ -305,9 +308,7 @@ impl Backend for CudaBackend {
 
     fn download(&self, src: &Tensor<Self>) -> Result<HostVec> {
         let mut bytes = vec![0u8; src.size_in_bytes()];
-        // SAFETY: `bytes` outlives the synchronisation in sync_checked.
-        unsafe { self.device.copy_to_host_async(&mut bytes, dptr(src))? };
-        self.sync_checked()?;
+        self.download_bytes(&mut bytes, dptr(src))?;
         Ok(host_vec_from_bytes(src.dtype(), &bytes))
     }
 
@@ -833,10 +834,23 @@ impl CudaBackend {
     }
 
     /// Copies device bytes to the host, waits, and reports recorded index errors.
+    /// Both copies go to page-locked memory, so one wait covers them: this is on
+    /// every decode step's critical path (the sampled tokens).
     pub(crate) fn download_bytes(&self, dst: &mut [u8], src: u64) -> Result<()> {
-        // SAFETY: `dst` outlives the synchronisation in sync_checked.
-        unsafe { self.device.copy_to_host_async(dst, src)? };
-        self.sync_checked()
+        let mut pinned =
+            self.readback.lock().map_err(|_| BackendError::Device("readback buffer poisoned".into()))?;
+        let status_at = dst.len().next_multiple_of(16);
+        let buf = pinned.slice(status_at + 4)?;
+        let (data, rest) = buf.split_at_mut(status_at);
+        // SAFETY: the pinned buffer outlives the synchronisation below, and
+        // nothing else touches it while the mutex is held.
+        unsafe {
+            self.device.copy_to_host_async(&mut data[..dst.len()], src)?;
+            self.device.copy_to_host_async(&mut rest[..4], self.status.ptr())?;
+        }
+        self.device.synchronize()?;
+        dst.copy_from_slice(&data[..dst.len()]);
+        self.take_status(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]))
     }
 
     pub(crate) fn bind_context(&self) -> Result<()> {

@@ -269,3 +269,54 @@ impl DeviceInner {
         unsafe { driver("cuGraphLaunch", cu::cuGraphLaunch(graph.exec, self.raw_stream())) }
     }
 }
+
+/// Page-locked host memory that device-to-host copies land in. A copy into
+/// pageable memory returns only once it is done, so two of them cost two round
+/// trips; into this buffer both are queued and one synchronisation covers them.
+pub(crate) struct PinnedHost {
+    device: Arc<DeviceInner>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain host memory, used under the owner's mutex.
+unsafe impl Send for PinnedHost {}
+
+impl PinnedHost {
+    pub(crate) fn new(device: Arc<DeviceInner>) -> Self {
+        Self { device, ptr: std::ptr::null_mut(), len: 0 }
+    }
+
+    /// The first `len` bytes, growing the buffer if it is smaller.
+    pub(crate) fn slice(&mut self, len: usize) -> Result<&mut [u8], CudaError> {
+        if len > self.len {
+            self.release();
+            self.device.bind()?;
+            let mut p: *mut c_void = std::ptr::null_mut();
+            let want = len.next_power_of_two().max(4096);
+            // SAFETY: valid out-pointer; the device's context is current.
+            unsafe { driver("cuMemAllocHost", cu::cuMemAllocHost_v2(&mut p, want))? };
+            self.ptr = p as *mut u8;
+            self.len = want;
+        }
+        // SAFETY: `ptr` points to `self.len >= len` bytes owned by this value.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
+    }
+
+    fn release(&mut self) {
+        if !self.ptr.is_null() && self.device.bind().is_ok() {
+            // SAFETY: allocated by cuMemAllocHost above, freed once.
+            unsafe {
+                let _ = cu::cuMemFreeHost(self.ptr as *mut c_void);
+            }
+        }
+        self.ptr = std::ptr::null_mut();
+        self.len = 0;
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

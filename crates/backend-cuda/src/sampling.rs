@@ -95,25 +95,30 @@ pub(crate) fn sample(
     counts.push(0);
 
     backend.bind_context()?;
-    let rows_dev = backend.upload_bytes(bytemuck::cast_slice::<ffi::PagodaSampleRow, u8>(&packed))?;
-    let tokens_dev = backend.upload_bytes(&tokens)?;
-    let counts_dev = backend.upload_bytes(&counts)?;
+    // One upload (rows, penalty tokens, penalty counts) and one scratch buffer
+    // (outputs, workspace): every copy is a separate operation on the stream
+    // that the decode step waits behind.
+    let mut inputs = Vec::new();
+    let rows_at = push_aligned(&mut inputs, bytemuck::cast_slice::<ffi::PagodaSampleRow, u8>(&packed));
+    let tokens_at = push_aligned(&mut inputs, bytemuck::cast_slice(&tokens));
+    let counts_at = push_aligned(&mut inputs, bytemuck::cast_slice(&counts));
+    let inputs_dev = backend.upload_bytes(&inputs)?;
     let out_bytes = m * std::mem::size_of::<ffi::PagodaSampleOut>();
-    let out_dev = backend.scratch_bytes(out_bytes)?;
     let mut workspace_bytes = 0usize;
     // SAFETY: a pure size computation.
     check("pagoda_sample_workspace_bytes", unsafe {
         ffi::pagoda_sample_workspace_bytes(m as i32, num_draw, vocab as i32, &mut workspace_bytes)
     })?;
-    let workspace = backend.scratch_bytes(workspace_bytes)?;
+    let workspace_at = out_bytes.next_multiple_of(SCRATCH_ALIGN);
+    let scratch = backend.scratch_bytes(workspace_at + workspace_bytes)?;
     let args = ffi::PagodaSampleArgs {
         logits: tensor_ptr(logits) as *const std::ffi::c_void,
-        rows: rows_dev.ptr() as *const ffi::PagodaSampleRow,
-        penalty_tokens: tokens_dev.ptr() as *const i32,
-        penalty_counts: counts_dev.ptr() as *const i32,
-        out: out_dev.ptr() as *mut ffi::PagodaSampleOut,
-        workspace: workspace.ptr() as *mut std::ffi::c_void,
-        workspace_bytes: workspace.bytes(),
+        rows: (inputs_dev.ptr() + rows_at) as *const ffi::PagodaSampleRow,
+        penalty_tokens: (inputs_dev.ptr() + tokens_at) as *const i32,
+        penalty_counts: (inputs_dev.ptr() + counts_at) as *const i32,
+        out: scratch.ptr() as *mut ffi::PagodaSampleOut,
+        workspace: (scratch.ptr() + workspace_at as u64) as *mut std::ffi::c_void,
+        workspace_bytes,
         logits_dtype: dtype_to_code(logits.dtype()),
         num_rows: m as i32,
         num_draw_rows: num_draw,
@@ -127,7 +132,7 @@ pub(crate) fn sample(
     check("pagoda_sample", unsafe { ffi::pagoda_sample(&args, backend.raw_stream()) })?;
 
     let mut raw = vec![0u8; out_bytes];
-    backend.download_bytes(&mut raw, out_dev.ptr())?;
+    backend.download_bytes(&mut raw, scratch.ptr())?;
     let outs: Vec<ffi::PagodaSampleOut> = bytemuck::pod_collect_to_vec(&raw);
     Ok(outs
         .iter()
@@ -140,6 +145,18 @@ pub(crate) fn sample(
                 .collect(),
         })
         .collect())
+}
+
+/// Alignment of each array inside the packed upload and of the workspace in
+/// the scratch buffer (the device allocator's pointers are at least this aligned).
+const SCRATCH_ALIGN: usize = 256;
+
+/// Appends `bytes` at the next aligned offset of `buf`; returns that offset.
+fn push_aligned(buf: &mut Vec<u8>, bytes: &[u8]) -> u64 {
+    let at = buf.len().next_multiple_of(SCRATCH_ALIGN);
+    buf.resize(at, 0);
+    buf.extend_from_slice(bytes);
+    at as u64
 }
 
 // The kernels read these records directly: their layout must be plain data.
