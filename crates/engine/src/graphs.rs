@@ -125,6 +125,28 @@ impl PaddedDecodeInputs {
     }
 }
 
+/// Where each i32 input of a padded step lives in the one buffer that holds
+/// them all: offsets in elements, for buffers of `rows` sequences.
+#[derive(Clone, Copy, Debug)]
+struct StepInputLayout {
+    rows: usize,
+}
+
+impl StepInputLayout {
+    fn token_ids(self) -> usize {
+        0
+    }
+    fn positions(self) -> usize {
+        self.rows
+    }
+    fn seq_lens(self) -> usize {
+        2 * self.rows
+    }
+    fn block_tables(self) -> usize {
+        3 * self.rows
+    }
+}
+
 /// Counts of how decode steps ran on the graph path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GraphStats {
@@ -149,13 +171,13 @@ pub struct DecodeGraphs<B: Backend> {
     max_batch: usize,
     max_context: usize,
     block_size: usize,
-    token_ids: Tensor<B>,
-    positions: Tensor<B>,
+    /// The step's i32 inputs in one buffer, so that a step uploads them with
+    /// one copy: token ids, positions and sequence lengths (`max_batch` each),
+    /// then the block tables (flat: a bucket views the first
+    /// `batch * table_width` entries). See [`StepInputLayout`].
+    step_i32: Tensor<B>,
     /// 0, 1, …, max_batch: every sequence has one query token.
     query_start_loc: Tensor<B>,
-    seq_lens: Tensor<B>,
-    /// Flat: a bucket views the first `batch * table_width` entries.
-    block_tables: Tensor<B>,
     slot_mapping: Tensor<B>,
     /// 0, 1, …: every row samples.
     logits_indices: Tensor<B>,
@@ -178,16 +200,13 @@ impl<B: Backend> DecodeGraphs<B> {
         let rows = max_batch.max(1);
         let width = max_context.div_ceil(block_size).max(1);
         let count: Vec<i32> = (0..=rows as i32).collect();
-        let i32_buf = |n: usize| backend.alloc(&[n], DType::I32);
+        let layout = StepInputLayout { rows };
         Ok(Self {
             max_batch,
             max_context,
             block_size,
-            token_ids: i32_buf(rows)?,
-            positions: i32_buf(rows)?,
+            step_i32: backend.alloc(&[layout.block_tables() + rows * width], DType::I32)?,
             query_start_loc: backend.upload(HostSlice::I32(&count), &[rows + 1], DType::I32)?,
-            seq_lens: i32_buf(rows)?,
-            block_tables: i32_buf(rows * width)?,
             slot_mapping: backend.alloc(&[rows], DType::I64)?,
             logits_indices: backend.upload(HostSlice::I32(&count[..rows]), &[rows], DType::I32)?,
             logits: backend.alloc(&[rows, vocab_size], DType::F32)?,
@@ -221,10 +240,13 @@ impl<B: Backend> DecodeGraphs<B> {
     ) -> Result<Tensor<B>, EngineError> {
         let padded = PaddedDecodeInputs::new(inputs, bucket, self.block_size)?;
         let batch = self.forward_batch(bucket)?;
-        backend.write(&batch.token_ids, HostSlice::I32(&padded.token_ids))?;
-        backend.write(&batch.positions, HostSlice::I32(&padded.positions))?;
-        backend.write(&batch.attn.seq_lens, HostSlice::I32(&padded.seq_lens))?;
-        backend.write(&batch.attn.block_tables, HostSlice::I32(&padded.block_tables))?;
+        let layout = self.layout();
+        let mut step_i32 = vec![0i32; layout.block_tables() + padded.block_tables.len()];
+        step_i32[layout.token_ids()..][..bucket.batch].copy_from_slice(&padded.token_ids);
+        step_i32[layout.positions()..][..bucket.batch].copy_from_slice(&padded.positions);
+        step_i32[layout.seq_lens()..][..bucket.batch].copy_from_slice(&padded.seq_lens);
+        step_i32[layout.block_tables()..].copy_from_slice(&padded.block_tables);
+        backend.write(&self.step_i32.narrow(0, step_i32.len())?, HostSlice::I32(&step_i32))?;
         backend.write(&batch.attn.slot_mapping, HostSlice::I64(&padded.slot_mapping))?;
         let logits = self.logits.narrow(0, bucket.batch)?;
         let forward = || model.forward_into(backend, &batch, kv, &logits);
@@ -268,6 +290,10 @@ impl<B: Backend> DecodeGraphs<B> {
         Ok(self.logits.narrow(0, inputs.attn.num_seqs())?)
     }
 
+    fn layout(&self) -> StepInputLayout {
+        StepInputLayout { rows: self.max_batch.max(1) }
+    }
+
     /// The forward inputs of `bucket`: views of the fixed buffers, with host
     /// metadata that describes the bucket's worst case (every sequence at the
     /// bucket's context), which is what the kernels are chosen for.
@@ -281,14 +307,15 @@ impl<B: Backend> DecodeGraphs<B> {
             slot_mapping: vec![-1; b],
             num_decode_seqs: b,
         };
+        let layout = self.layout();
         Ok(ForwardBatch {
-            token_ids: self.token_ids.narrow(0, b)?,
-            positions: self.positions.narrow(0, b)?,
+            token_ids: self.step_i32.narrow(layout.token_ids(), b)?,
+            positions: self.step_i32.narrow(layout.positions(), b)?,
             attn: AttentionMetadata {
                 host,
                 query_start_loc: self.query_start_loc.narrow(0, b + 1)?,
-                seq_lens: self.seq_lens.narrow(0, b)?,
-                block_tables: self.block_tables.narrow(0, b * width)?.reshape(&[b, width])?,
+                seq_lens: self.step_i32.narrow(layout.seq_lens(), b)?,
+                block_tables: self.step_i32.narrow(layout.block_tables(), b * width)?.reshape(&[b, width])?,
                 slot_mapping: self.slot_mapping.narrow(0, b)?,
             },
             logits_indices: self.logits_indices.narrow(0, b)?,
