@@ -17,6 +17,8 @@
 #   throughput16k  the throughput run with --max-num-batched-tokens 16384
 #   eager16k     the same with --enforce-eager (no CUDA graphs), for comparison
 #   ncu8b        kernel times (ncu) of decode steps at batch 256 and at batch 1
+#   variants8b   single-stream A/B: the latency run with no settings, then with each
+#                ';'-separated set of VAR=VALUE settings in $LAT_VARIANTS; two alternating rounds
 # Logs go to $OUT; a short summary prints last.
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
@@ -117,6 +119,16 @@ for phase in "$@"; do
       $NCU --launch-skip ${NCU_SKIP_BS1:-6000} --launch-count ${NCU_COUNT_BS1:-500} $B/pagoda bench latency \
         --device cuda --model "$L8B" --input-len 512 --output-len 64 --num-iters 1 > "$OUT/ncu_bs1.csv" 2>&1
       python3 scripts/gpu/ncu_summary.py "$OUT/ncu_bs1.csv" "${NCU_STEPS_BS1:-2}" ;;
+    variants8b)
+      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      IFS=';' read -ra VARIANTS <<< "${LAT_VARIANTS:-}"
+      for round in 1 2; do
+        for v in "" "${VARIANTS[@]}"; do
+          echo "--- round $round: ${v:-no settings}"
+          env $v $PAGODA bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 \
+            --num-iters 3 2>&1 | tee -a "$OUT/variants.log" | grep -E "decode:|TTFT|error|Error"
+        done
+      done ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
         | grep -v Warning | tee "$OUT/peer_cb.log" ;;
