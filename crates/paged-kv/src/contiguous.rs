@@ -45,6 +45,8 @@ struct Reserved {
     table: Vec<BlockId>,
     cpu: Vec<CpuBlockId>,
     swapped: bool,
+    /// The newest slot waits for its token id (`append_pending_slot`).
+    pending_token: bool,
 }
 
 /// Contiguous max-length reservation: what engines without paging do.
@@ -198,7 +200,15 @@ impl KvAllocator for ContiguousAllocator {
         let table = Self::table_for(first, n.div_ceil(self.config.block_size));
         self.seqs.insert(
             seq,
-            Reserved { start: first, reserved_blocks, num_tokens: n, table, cpu: Vec::new(), swapped: false },
+            Reserved {
+                start: first,
+                reserved_blocks,
+                num_tokens: n,
+                table,
+                cpu: Vec::new(),
+                swapped: false,
+                pending_token: false,
+            },
         );
         self.stats.num_queries += 1;
         self.stats.queried_tokens += start.prefix.num_queried_tokens as u64;
@@ -213,9 +223,7 @@ impl KvAllocator for ContiguousAllocator {
     ) -> Result<(), AllocError> {
         let b = self.config.block_size;
         let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        if s.swapped {
-            return Err(AllocError::Swapped(seq));
-        }
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
         let total = s.num_tokens + new_tokens.len();
         if total > s.reserved_blocks * b {
             return Err(AllocError::ReservationExceeded {
@@ -229,6 +237,23 @@ impl KvAllocator for ContiguousAllocator {
             s.table.push(s.start + s.table.len() as BlockId);
         }
         s.num_tokens = total;
+        Ok(())
+    }
+
+    fn append_pending_slot(&mut self, seq: SeqId, copies: &mut Vec<BlockCopy>) -> Result<(), AllocError> {
+        // No hashing here: the id is only a placeholder for the slot count.
+        self.append_slots(seq, &[0], copies)?;
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.pending_token = true;
+        }
+        Ok(())
+    }
+
+    fn set_pending_token(&mut self, seq: SeqId, _token: TokenId) -> Result<(), AllocError> {
+        let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
+        if !std::mem::take(&mut s.pending_token) {
+            return Err(AllocError::NoPendingToken(seq));
+        }
         Ok(())
     }
 
@@ -250,9 +275,7 @@ impl KvAllocator for ContiguousAllocator {
 
     fn swap_out(&mut self, seq: SeqId, plan: &mut Vec<SwapOut>) -> Result<(), AllocError> {
         let s = self.seqs.get(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        if s.swapped {
-            return Err(AllocError::Swapped(seq));
-        }
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
         let (first, len) = (s.start, s.reserved_blocks);
         let cpu = self.cpu.swap_out(&s.table, plan)?;
         self.give_run(first, len);

@@ -32,6 +32,12 @@ pub enum AllocError {
     StalePrefixHit { block: u32 },
     #[error("invalid prefix hit: {cached} cached tokens but only {tokens} tokens given")]
     InvalidPrefixHit { cached: usize, tokens: usize },
+    /// The sequence's newest slot still waits for its token id
+    /// ([`crate::KvAllocator::set_pending_token`]).
+    #[error("{0} has a slot whose token is not known yet")]
+    PendingToken(SeqId),
+    #[error("{0} has no slot waiting for its token")]
+    NoPendingToken(SeqId),
     /// This allocator cannot share blocks between sequences.
     #[error("this allocator does not support forking sequences")]
     ForkUnsupported,

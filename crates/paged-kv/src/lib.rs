@@ -234,7 +234,10 @@ impl KvUsage {
 ///
 /// Tokens are told to the allocator as their slots are allocated (their ids
 /// are known by then: prompt tokens, or the token sampled last step), which
-/// lets a caching allocator hash each block the moment it is full.
+/// lets a caching allocator hash each block the moment it is full. Under
+/// asynchronous scheduling a decode's slot is allocated while the step that
+/// samples its token still runs: [`KvAllocator::append_pending_slot`], then
+/// [`KvAllocator::set_pending_token`] once the id is back.
 pub trait KvAllocator {
     /// A short name for reports ("paged", "max-len"...).
     fn name(&self) -> &str;
@@ -267,6 +270,16 @@ pub trait KvAllocator {
         new_tokens: &[TokenId],
         copies: &mut Vec<BlockCopy>,
     ) -> Result<(), AllocError>;
+
+    /// Allocates the slot of one more token whose id is not known yet: a step
+    /// still running samples it (asynchronous scheduling). Copy-on-write works
+    /// as in [`Self::append_slots`]. Until [`Self::set_pending_token`] tells the
+    /// id, the sequence cannot grow, fork or swap, and the block holding the
+    /// slot is not hashed (a caching allocator registers it once it is known).
+    fn append_pending_slot(&mut self, seq: SeqId, copies: &mut Vec<BlockCopy>) -> Result<(), AllocError>;
+
+    /// Tells the id of the token whose slot [`Self::append_pending_slot`] made.
+    fn set_pending_token(&mut self, seq: SeqId, token: TokenId) -> Result<(), AllocError>;
 
     /// Makes `child` a sequence sharing all of `parent`'s blocks (copy on write).
     fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), AllocError>;
@@ -341,6 +354,12 @@ impl<T: KvAllocator + ?Sized> KvAllocator for Box<T> {
     ) -> Result<(), AllocError> {
         (**self).append_slots(seq, new_tokens, copies)
     }
+    fn append_pending_slot(&mut self, seq: SeqId, copies: &mut Vec<BlockCopy>) -> Result<(), AllocError> {
+        (**self).append_pending_slot(seq, copies)
+    }
+    fn set_pending_token(&mut self, seq: SeqId, token: TokenId) -> Result<(), AllocError> {
+        (**self).set_pending_token(seq, token)
+    }
     fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), AllocError> {
         (**self).fork(parent, child)
     }
@@ -379,6 +398,22 @@ impl<T: KvAllocator + ?Sized> KvAllocator for Box<T> {
     fn check_invariants(&self) -> Result<(), InvariantViolation> {
         (**self).check_invariants()
     }
+}
+
+/// Whether a sequence may get more slots (or fork, or swap out): not while
+/// swapped out, nor while its newest slot waits for its token id.
+pub(crate) fn check_resident_and_known(
+    seq: SeqId,
+    swapped: bool,
+    pending_token: bool,
+) -> Result<(), AllocError> {
+    if swapped {
+        return Err(AllocError::Swapped(seq));
+    }
+    if pending_token {
+        return Err(AllocError::PendingToken(seq));
+    }
+    Ok(())
 }
 
 /// Checks the block size and pool sizes shared by both allocators.

@@ -34,6 +34,9 @@ struct SeqBlocks {
     /// Tokens of the partly filled last block (prefix caching only).
     partial: Vec<TokenId>,
     extra_key: Option<u64>,
+    /// The newest slot's token id is not known yet (`append_pending_slot`):
+    /// `hashes` and `partial` cover every token but that one.
+    pending_token: bool,
 }
 
 /// Paged KV allocation over a fixed pool of GPU blocks and a CPU swap pool.
@@ -92,6 +95,42 @@ impl PagedAllocator {
         num_tokens.div_ceil(self.config.block_size)
     }
 
+    /// Gives a resident sequence slots for `n` more tokens (a private copy of
+    /// a shared, partly filled last block first) and returns where they start.
+    /// The caller records what the slots hold.
+    fn grow(&mut self, seq: SeqId, n: usize, copies: &mut Vec<BlockCopy>) -> Result<usize, AllocError> {
+        let b = self.config.block_size;
+        let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
+        let cur = s.num_tokens;
+        if n == 0 {
+            return Ok(cur);
+        }
+        let total = cur + n;
+        let new_blocks = total.div_ceil(b) - s.gpu.len();
+        // Writing into a partly filled block that others hold: copy it first.
+        let copy_last = cur % b != 0 && s.gpu.last().is_some_and(|&last| self.pool.ref_cnt(last) > 1);
+        let needed = new_blocks + usize::from(copy_last);
+        if needed > self.pool.num_free() {
+            return Err(AllocError::OutOfBlocks { needed, free: self.pool.num_free() });
+        }
+        if copy_last {
+            if let Some(last) = s.gpu.last_mut() {
+                let old = *last;
+                let new = Self::take_free_block(&mut self.pool);
+                self.pool.add_filled(new, cur % b);
+                self.pool.release(old);
+                copies.push((old, new));
+                *last = new;
+            }
+        }
+        for _ in 0..new_blocks {
+            s.gpu.push(Self::take_free_block(&mut self.pool));
+        }
+        s.num_tokens = total;
+        Ok(cur)
+    }
+
     fn take_free_block(pool: &mut BlockPool) -> BlockId {
         // Every caller has checked the free count first.
         pool.allocate().expect("free block count was checked before allocating")
@@ -108,7 +147,15 @@ fn write_tokens(
     block_size: usize,
     caching: bool,
 ) {
-    let end = start + tokens.len();
+    fill_slots(pool, seq, start, tokens.len(), block_size);
+    if caching {
+        hash_tokens(pool, seq, start, tokens, block_size);
+    }
+}
+
+/// Counts `count` slots from position `start` as filled in their blocks.
+fn fill_slots(pool: &mut BlockPool, seq: &SeqBlocks, start: usize, count: usize, block_size: usize) {
+    let end = start + count;
     let mut pos = start;
     while pos < end {
         let block_end = ((pos / block_size) + 1) * block_size;
@@ -116,9 +163,17 @@ fn write_tokens(
         pool.add_filled(seq.gpu[pos / block_size], stop - pos);
         pos = stop;
     }
-    if !caching {
-        return;
-    }
+}
+
+/// Extends the sequence's hash chain with `tokens` (at positions `start..`),
+/// registering every block they complete in the prefix cache.
+fn hash_tokens(
+    pool: &mut BlockPool,
+    seq: &mut SeqBlocks,
+    start: usize,
+    tokens: &[TokenId],
+    block_size: usize,
+) {
     let mut rest = tokens;
     let mut pos = start;
     while !rest.is_empty() {
@@ -224,6 +279,7 @@ impl KvAllocator for PagedAllocator {
             hashes: hit.hashes,
             partial: Vec::new(),
             extra_key: start.extra_key,
+            pending_token: false,
         };
         let cached = hit.num_cached_tokens;
         write_tokens(
@@ -247,39 +303,35 @@ impl KvAllocator for PagedAllocator {
         new_tokens: &[TokenId],
         copies: &mut Vec<BlockCopy>,
     ) -> Result<(), AllocError> {
+        let (b, caching) = (self.config.block_size, self.config.enable_prefix_caching);
+        let cur = self.grow(seq, new_tokens.len(), copies)?;
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            write_tokens(&mut self.pool, s, cur, new_tokens, b, caching);
+        }
+        Ok(())
+    }
+
+    fn append_pending_slot(&mut self, seq: SeqId, copies: &mut Vec<BlockCopy>) -> Result<(), AllocError> {
         let b = self.config.block_size;
-        let caching = self.config.enable_prefix_caching;
+        let cur = self.grow(seq, 1, copies)?;
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            fill_slots(&mut self.pool, s, cur, 1, b);
+            s.pending_token = true;
+        }
+        Ok(())
+    }
+
+    fn set_pending_token(&mut self, seq: SeqId, token: TokenId) -> Result<(), AllocError> {
+        let b = self.config.block_size;
         let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        if s.swapped {
-            return Err(AllocError::Swapped(seq));
+        if !s.pending_token {
+            return Err(AllocError::NoPendingToken(seq));
         }
-        if new_tokens.is_empty() {
-            return Ok(());
+        s.pending_token = false;
+        if self.config.enable_prefix_caching {
+            let pos = s.num_tokens - 1;
+            hash_tokens(&mut self.pool, s, pos, &[token], b);
         }
-        let cur = s.num_tokens;
-        let total = cur + new_tokens.len();
-        let new_blocks = total.div_ceil(b) - s.gpu.len();
-        // Writing into a partly filled block that others hold: copy it first.
-        let copy_last = cur % b != 0 && s.gpu.last().is_some_and(|&last| self.pool.ref_cnt(last) > 1);
-        let needed = new_blocks + usize::from(copy_last);
-        if needed > self.pool.num_free() {
-            return Err(AllocError::OutOfBlocks { needed, free: self.pool.num_free() });
-        }
-        if copy_last {
-            if let Some(last) = s.gpu.last_mut() {
-                let old = *last;
-                let new = Self::take_free_block(&mut self.pool);
-                self.pool.add_filled(new, cur % b);
-                self.pool.release(old);
-                copies.push((old, new));
-                *last = new;
-            }
-        }
-        for _ in 0..new_blocks {
-            s.gpu.push(Self::take_free_block(&mut self.pool));
-        }
-        write_tokens(&mut self.pool, s, cur, new_tokens, b, caching);
-        s.num_tokens = total;
         Ok(())
     }
 
@@ -288,9 +340,7 @@ impl KvAllocator for PagedAllocator {
             return Err(AllocError::SeqExists(child));
         }
         let p = self.seqs.get(&parent).ok_or(AllocError::UnknownSeq(parent))?;
-        if p.swapped {
-            return Err(AllocError::Swapped(parent));
-        }
+        crate::check_resident_and_known(parent, p.swapped, p.pending_token)?;
         let state = p.clone();
         for &block in &state.gpu {
             self.pool.acquire(block);
@@ -314,9 +364,7 @@ impl KvAllocator for PagedAllocator {
 
     fn swap_out(&mut self, seq: SeqId, plan: &mut Vec<SwapOut>) -> Result<(), AllocError> {
         let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        if s.swapped {
-            return Err(AllocError::Swapped(seq));
-        }
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
         // Resident, so `s.cpu` is empty.
         s.cpu = self.cpu.swap_out(&s.gpu, plan)?;
         for &gpu in s.gpu.iter().rev() {
@@ -460,16 +508,19 @@ impl KvAllocator for PagedAllocator {
                 }
             }
             CpuBlockPool::count_holders(id, &s.cpu, &mut cpu_holders)?;
+            let known = s.num_tokens - usize::from(s.pending_token);
             if self.config.enable_prefix_caching
-                && (s.hashes.len() != s.num_tokens / b || s.partial.len() != s.num_tokens % b)
+                && (s.hashes.len() != known / b || s.partial.len() != known % b)
             {
                 return Err(format!(
-                    "{id}: {} hashes and {} partial tokens for {} tokens",
+                    "{id}: {} hashes and {} partial tokens for {known} known tokens",
                     s.hashes.len(),
                     s.partial.len(),
-                    s.num_tokens
                 )
                 .into());
+            }
+            if s.pending_token && (s.swapped || s.num_tokens == 0) {
+                return Err(format!("{id}: a pending slot while swapped or empty").into());
             }
         }
         self.pool.check(&gpu_holders)?;
@@ -531,6 +582,30 @@ mod tests {
         kv.check_invariants().unwrap();
         kv.free(SeqId(1)).unwrap();
         assert_eq!(kv.num_free_blocks(), 4);
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_pending_slot_is_hashed_once_its_token_is_known() {
+        let mut kv = alloc(8, 4, 4, true);
+        start(&mut kv, 1, &[1, 2, 3]).unwrap();
+        let mut copies = vec![];
+        kv.append_pending_slot(SeqId(1), &mut copies).unwrap();
+        assert_eq!(kv.num_tokens(SeqId(1)), Some(4));
+        kv.check_invariants().unwrap();
+        // Not hashed yet: a prompt with the same first block misses.
+        assert_eq!(kv.lookup_prefix(&[1, 2, 3, 9, 5], None).num_cached_tokens, 0);
+        // The sequence cannot grow, fork or swap until the token is known.
+        assert_eq!(kv.append_slots(SeqId(1), &[5], &mut copies), Err(AllocError::PendingToken(SeqId(1))));
+        assert_eq!(kv.append_pending_slot(SeqId(1), &mut copies), Err(AllocError::PendingToken(SeqId(1))));
+        assert_eq!(kv.fork(SeqId(1), SeqId(2)), Err(AllocError::PendingToken(SeqId(1))));
+        assert_eq!(kv.swap_out(SeqId(1), &mut vec![]), Err(AllocError::PendingToken(SeqId(1))));
+        kv.set_pending_token(SeqId(1), 9).unwrap();
+        assert_eq!(kv.set_pending_token(SeqId(1), 9), Err(AllocError::NoPendingToken(SeqId(1))));
+        kv.check_invariants().unwrap();
+        assert_eq!(kv.lookup_prefix(&[1, 2, 3, 9, 5], None).num_cached_tokens, 4);
+        kv.append_slots(SeqId(1), &[5], &mut copies).unwrap();
+        assert!(copies.is_empty());
         kv.check_invariants().unwrap();
     }
 

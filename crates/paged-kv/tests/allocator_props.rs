@@ -45,6 +45,15 @@ enum Op {
         seq: usize,
         tokens: Vec<TokenId>,
     },
+    /// A decode slot whose token a running step samples: the "device" writes
+    /// `token` into the slot now, the allocator learns it at `SetPending`.
+    AppendPending {
+        seq: usize,
+        token: TokenId,
+    },
+    SetPending {
+        seq: usize,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -57,6 +66,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(|seq| Op::Free { seq }),
         2 => any::<usize>().prop_map(|seq| Op::SwapOut { seq }),
         2 => (any::<usize>(), prop::collection::vec(0u32..3, 0..3)).prop_map(|(seq, tokens)| Op::SwapIn { seq, tokens }),
+        3 => (any::<usize>(), 0u32..3).prop_map(|(seq, token)| Op::AppendPending { seq, token }),
+        3 => any::<usize>().prop_map(|seq| Op::SetPending { seq }),
     ]
 }
 
@@ -73,6 +84,8 @@ struct Model<A: KvAllocator> {
     seqs: BTreeMap<SeqId, Vec<(TokenId, Option<u64>)>>,
     /// Each live sequence's extra key (what its blocks are hashed under).
     keys: BTreeMap<SeqId, Option<u64>>,
+    /// Sequences whose newest slot's token the allocator has not been told.
+    pending: BTreeMap<SeqId, TokenId>,
     next_id: u64,
 }
 
@@ -83,7 +96,15 @@ impl<A: KvAllocator> Model<A> {
         let b = kv.block_size();
         let gpu = vec![None; kv.num_gpu_blocks() * b];
         let cpu = vec![None; kv.num_cpu_blocks() * b];
-        Self { kv, gpu, cpu, seqs: BTreeMap::new(), keys: BTreeMap::new(), next_id: 0 }
+        Self {
+            kv,
+            gpu,
+            cpu,
+            seqs: BTreeMap::new(),
+            keys: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_id: 0,
+        }
     }
 
     fn pick(&self, i: usize) -> Option<SeqId> {
@@ -197,6 +218,7 @@ impl<A: KvAllocator> Model<A> {
                 let Some(seq) = self.pick(*seq) else { return Ok(()) };
                 self.seqs.remove(&seq);
                 self.keys.remove(&seq);
+                self.pending.remove(&seq);
                 self.kv.free(seq)
             }
             Op::SwapOut { seq } => {
@@ -222,6 +244,33 @@ impl<A: KvAllocator> Model<A> {
                     self.write(seq, start, &cells);
                     self.seqs.get_mut(&seq).unwrap().extend(cells);
                 }
+                r
+            }
+            Op::AppendPending { seq, token } => {
+                let Some(seq) = self.pick(*seq) else { return Ok(()) };
+                let mut copies = Vec::new();
+                let r = self.kv.append_pending_slot(seq, &mut copies);
+                if r.is_ok() {
+                    for &(src, dst) in &copies {
+                        let gpu = self.gpu.clone();
+                        Self::copy_blocks(&gpu, &mut self.gpu, src, dst, b);
+                    }
+                    let cell = (*token, self.keys[&seq]);
+                    let start = self.seqs[&seq].len();
+                    self.write(seq, start, &[cell]);
+                    self.seqs.get_mut(&seq).unwrap().push(cell);
+                    prop_assert!(self.pending.insert(seq, *token).is_none(), "two pending slots");
+                } else {
+                    prop_assert!(copies.is_empty());
+                }
+                r
+            }
+            Op::SetPending { seq } => {
+                let Some(seq) = self.pick(*seq) else { return Ok(()) };
+                let token = self.pending.get(&seq).copied();
+                let r = self.kv.set_pending_token(seq, token.unwrap_or(0));
+                prop_assert_eq!(r.is_ok(), token.is_some(), "set_pending_token on {}: {:?}", seq, r);
+                self.pending.remove(&seq);
                 r
             }
         };
@@ -252,6 +301,7 @@ impl<A: KvAllocator> Model<A> {
     }
 
     fn free_all(&mut self) -> Result<(), TestCaseError> {
+        self.pending.clear();
         let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
         for s in ids {
             prop_assert_eq!(self.kv.free(s), Ok(()));
