@@ -229,6 +229,15 @@ int pagoda_sample_workspace_bytes(int num_rows, int num_draw_rows, int vocab, si
 /* Samples every row exactly as pagoda_sampler::sample_row specifies. */
 int pagoda_sample(const PagodaSampleArgs *args, void *stream);
 
+/* token_ids[i] = sampled[source_rows[i]].token for every i in 0..n with
+ * source_rows[i] >= 0, so a step's input can take the previous step's sampled
+ * ids without a round trip through the host. A source row >= num_sampled sets
+ * PAGODA_STATUS_ROW_INDEX and leaves token_ids[i] alone; a negative one leaves
+ * it alone silently. Device memory only, no synchronisation: it may be
+ * recorded in a graph (which then keeps reading this `sampled`). */
+int pagoda_feed_sampled_tokens(const PagodaSampleOut *sampled, int num_sampled, const int32_t *source_rows,
+                               int32_t *token_ids, int n, uint32_t *status, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -14,6 +14,8 @@
 // Greedy-only calls (no penalties, no top logprobs) take a short path instead:
 // each row is split into chunks over many blocks, each finds its chunk's arg-max
 // and (max, sum of exp) partial log-sum-exp, and one warp per row merges them.
+// pagoda_feed_sampled_tokens then copies chosen ids from the output records into
+// a later step's input token ids on the device (asynchronous scheduling).
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include <algorithm>
@@ -398,6 +400,26 @@ int sample_greedy_only(const PagodaSampleArgs *a, cudaStream_t s) {
     return 0;
 }
 
+// ---- feeding sampled ids into the next step ----------------------------------
+
+constexpr int kFeedThreads = 256;
+
+__global__ void feed_sampled_tokens_kernel(const PagodaSampleOut *__restrict__ sampled, int num_sampled,
+                                           const int32_t *__restrict__ source_rows, int32_t *__restrict__ token_ids,
+                                           int n, uint32_t *status) {
+    pdl_launch_dependents();
+    pdl_wait();  // the records are the sampling kernels' output
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int32_t r = source_rows[i];
+    if (r < 0) return;
+    if (r >= num_sampled) {
+        set_status(status, PAGODA_STATUS_ROW_INDEX);
+        return;
+    }
+    token_ids[i] = sampled[r].token;
+}
+
 size_t align_up(size_t x) { return (x + 255) & ~(size_t)255; }
 
 struct SampleWorkspace {
@@ -489,6 +511,16 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
         launch(finalize_kernel<scalar_t>, M, kThreads, 0, s, (const scalar_t *)a->logits, a->rows, w.lse, a->out,
                V);
     });
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+extern "C" int pagoda_feed_sampled_tokens(const PagodaSampleOut *sampled, int num_sampled, const int32_t *source_rows,
+                                          int32_t *token_ids, int n, uint32_t *status, void *stream) {
+    if (n == 0) return 0;
+    if (n < 0 || num_sampled < 0 || (num_sampled > 0 && sampled == nullptr)) return PAGODA_ERR_ARGUMENT;
+    launch(feed_sampled_tokens_kernel, ceil_div(n, kFeedThreads), kFeedThreads, 0, (cudaStream_t)stream, sampled,
+           num_sampled, source_rows, token_ids, n, status);
     PAGODA_LAUNCH_CHECK();
     return 0;
 }

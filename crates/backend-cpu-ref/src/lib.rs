@@ -20,6 +20,9 @@
 //!   input ([`BackendError::Aliasing`](pagoda_backend::BackendError::Aliasing)).
 //!   `add_rms_norm`'s residual is the one operand read and written in place.
 //! - The swap host pool holds blocks in the cache's layout as little-endian f32.
+//! - `sample_async` samples at once; its handle ([`CpuSampled`]) only holds the
+//!   tokens, and index errors (a bad source row for `feed_sampled_tokens`) are
+//!   returned by the call that finds them.
 //!
 //! ```
 //! use pagoda_backend::{Backend, DType, HostSlice};
@@ -41,6 +44,7 @@ mod linear;
 mod memory;
 mod ops;
 mod rotary;
+mod sampling;
 mod simd;
 mod storage;
 
@@ -48,8 +52,8 @@ use pagoda_backend::{
     AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion, MemoryInfo, Result,
     RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
-use rayon::prelude::*;
 
+pub use sampling::CpuSampled;
 pub use storage::CpuStorage;
 
 /// The CPU reference backend. Cheap to create; all instances share rayon's
@@ -173,24 +177,20 @@ impl Backend for CpuBackend {
         match *graph {}
     }
 
-    /// Each row goes through [`pagoda_sampler::sample_row`] unchanged, rows in parallel.
-    fn sample(&self, logits: &T, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
-        const OP: &str = "sample";
-        let (m, vocab) = logits.dims2(OP)?;
-        if rows.len() != m {
-            return Err(BackendError::shape(OP, format!("{} sampling rows for {m} logit rows", rows.len())));
-        }
-        if vocab == 0 && m > 0 {
-            return Err(BackendError::shape(OP, "empty vocabulary"));
-        }
-        storage::with_operands(OP, &[logits], &[], |ins, _| {
-            let all = ins.f32(logits)?;
-            Ok(rows
-                .par_iter()
-                .enumerate()
-                .map(|(i, row)| pagoda_sampler::sample_row(&all[i * vocab..(i + 1) * vocab], row))
-                .collect())
-        })
+    type Sampled = CpuSampled;
+
+    /// Each row goes through [`pagoda_sampler::sample_row`] unchanged, rows in
+    /// parallel, before this returns.
+    fn sample_async(&self, logits: &T, rows: &[SamplingRow<'_>]) -> Result<CpuSampled> {
+        sampling::sample_async(logits, rows)
+    }
+
+    fn finish_sample(&self, sampled: CpuSampled) -> Result<Vec<SampledToken>> {
+        Ok(sampled.into_tokens())
+    }
+
+    fn feed_sampled_tokens(&self, sampled: &CpuSampled, source_rows: &T, token_ids: &T) -> Result<()> {
+        sampling::feed_sampled_tokens(sampled, source_rows, token_ids)
     }
 }
 
@@ -211,27 +211,7 @@ fn host_memory_info() -> Result<MemoryInfo> {
 
 #[cfg(test)]
 mod tests {
-    use pagoda_sampler::SamplingParams;
-
     use super::*;
-
-    #[test]
-    fn sample_calls_the_reference_per_row() {
-        let cpu = CpuBackend::new();
-        let logits = [0.0f32, 3.0, 1.0, 5.0, -1.0, 0.0];
-        let t = cpu.upload(HostSlice::F32(&logits), &[2, 3], DType::F32).unwrap();
-        let greedy = SamplingParams::greedy();
-        let seeded = SamplingParams { temperature: 0.7, logprobs: Some(2), ..Default::default() };
-        let rows = [
-            SamplingRow { params: &greedy, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[] },
-            SamplingRow { params: &seeded, seed: 11, step: 4, prompt_tokens: &[1], output_tokens: &[0] },
-        ];
-        let got = cpu.sample(&t, &rows).unwrap();
-        assert_eq!(got[0], pagoda_sampler::sample_row(&logits[..3], &rows[0]));
-        assert_eq!(got[1], pagoda_sampler::sample_row(&logits[3..], &rows[1]));
-        assert_eq!(got[0].token, 1);
-        assert!(matches!(cpu.sample(&t, &rows[..1]), Err(BackendError::Shape { .. })));
-    }
 
     #[test]
     fn memory_info_is_plausible() {

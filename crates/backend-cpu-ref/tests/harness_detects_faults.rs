@@ -12,7 +12,7 @@ use pagoda_backend::{
     MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
-use pagoda_backend_cpu_ref::{CpuBackend, CpuStorage};
+use pagoda_backend_cpu_ref::{CpuBackend, CpuSampled, CpuStorage};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -324,7 +324,9 @@ impl Backend for Device {
         match *graph {}
     }
 
-    fn sample(&self, logits: &D, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
+    type Sampled = CpuSampled;
+
+    fn sample_async(&self, logits: &D, rows: &[SamplingRow<'_>]) -> Result<CpuSampled> {
         let shifted: Vec<SamplingRow<'_>> = rows
             .iter()
             .map(|r| {
@@ -335,7 +337,15 @@ impl Backend for Device {
                 }
             })
             .collect();
-        self.cpu.sample(&c(logits), &shifted)
+        self.cpu.sample_async(&c(logits), &shifted)
+    }
+
+    fn finish_sample(&self, sampled: CpuSampled) -> Result<Vec<SampledToken>> {
+        self.cpu.finish_sample(sampled)
+    }
+
+    fn feed_sampled_tokens(&self, sampled: &CpuSampled, source_rows: &D, token_ids: &D) -> Result<()> {
+        self.cpu.feed_sampled_tokens(sampled, &c(source_rows), &c(token_ids))
     }
 }
 

@@ -15,13 +15,17 @@ use pagoda_backend::{
 use crate::device::{CudaGraph, CudaStorage, DeviceInner, PinnedHost};
 use crate::error::{CudaError, DriverContext};
 use crate::ffi::{self, check};
+use crate::sampling::{CudaSampled, Readbacks};
 
 /// The CUDA backend: every op is a kernel (or a cuBLAS call) queued on one
-/// stream; only downloads, `sample`, swaps and `synchronize` wait for the GPU.
+/// stream; only downloads, `sample`/`finish_sample`, swap-outs and
+/// `synchronize` wait for the GPU (`finish_sample` for its own copies only).
+/// Small uploads are staged through page-locked memory, so they never wait.
 ///
 /// Index errors found on the device (a token id past the vocabulary, a cache
 /// slot or block-table entry out of range) skip the offending element and are
-/// reported as [`BackendError::Index`] by the next call that waits.
+/// reported as [`BackendError::Index`] by the next call that waits; errors
+/// recorded before a `sample_async` are reported by its `finish_sample`.
 pub struct CudaBackend {
     device: Arc<DeviceInner>,
     name: String,
@@ -31,6 +35,8 @@ pub struct CudaBackend {
     status: CudaStorage,
     /// Where downloads and the status word land before they are copied out.
     readback: Mutex<PinnedHost>,
+    /// Page-locked memory for `sample_async`'s copies, reused across calls.
+    sample_readbacks: Arc<Readbacks>,
 }
 
 struct BlasHandle(*mut c_void);
@@ -65,14 +71,16 @@ impl CudaBackend {
         let status = device.alloc(4)?;
         device.memset_u32(status.ptr(), 0, 1)?;
         let readback = Mutex::new(PinnedHost::new(device.clone()));
-        Ok(Self { device, name, activation, blas, status, readback })
+        let sample_readbacks = Arc::default();
+        Ok(Self { device, name, activation, blas, status, readback, sample_readbacks })
     }
 
     fn stream(&self) -> *mut c_void {
         self.device.raw_stream() as *mut c_void
     }
 
-    fn status_ptr(&self) -> *mut u32 {
+    /// The device status word the kernels set `PAGODA_STATUS_*` bits in.
+    pub(crate) fn status_ptr(&self) -> *mut u32 {
         self.status.ptr() as *mut u32
     }
 
@@ -80,12 +88,22 @@ impl CudaBackend {
         Ok(self.device.bind()?)
     }
 
-    /// Reads and clears the status word; call after a synchronisation.
+    /// Reports and clears the status word read back as `word`; call after a
+    /// synchronisation.
     fn take_status(&self, word: u32) -> Result<()> {
+        if word != 0 {
+            self.device.memset_u32(self.status.ptr(), 0, 1)?;
+        }
+        self.status_error(word)
+    }
+
+    /// The index error of status bits `word` (already cleared on the device),
+    /// with those of sampling handles dropped unfinished; `Ok` if none.
+    pub(crate) fn status_error(&self, word: u32) -> Result<()> {
+        let word = word | self.sample_readbacks.take_orphaned_status();
         if word == 0 {
             return Ok(());
         }
-        self.device.memset_u32(self.status.ptr(), 0, 1)?;
         let mut what = Vec::new();
         for (bit, name) in [
             (ffi::PAGODA_STATUS_ROW_INDEX, "a row index or token id out of range"),
@@ -650,8 +668,23 @@ impl Backend for CudaBackend {
         Ok(self.device.replay(graph)?)
     }
 
-    fn sample(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
-        crate::sampling::sample(self, logits, rows)
+    type Sampled = CudaSampled;
+
+    fn sample_async(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<CudaSampled> {
+        crate::sampling::sample_async(self, logits, rows)
+    }
+
+    fn finish_sample(&self, sampled: CudaSampled) -> Result<Vec<SampledToken>> {
+        crate::sampling::finish_sample(self, sampled)
+    }
+
+    fn feed_sampled_tokens(
+        &self,
+        sampled: &CudaSampled,
+        source_rows: &Tensor<Self>,
+        token_ids: &Tensor<Self>,
+    ) -> Result<()> {
+        crate::sampling::feed_sampled_tokens(self, sampled, source_rows, token_ids)
     }
 }
 
@@ -825,18 +858,17 @@ impl CudaBackend {
         self.stream()
     }
 
-    pub(crate) fn upload_bytes<T: bytemuck::Pod>(&self, data: &[T]) -> Result<CudaStorage> {
-        self.upload_scratch(data)
+    pub(crate) fn device(&self) -> &Arc<DeviceInner> {
+        &self.device
     }
 
-    pub(crate) fn scratch_bytes(&self, bytes: usize) -> Result<CudaStorage> {
-        self.scratch(bytes)
+    pub(crate) fn sample_readbacks(&self) -> &Arc<Readbacks> {
+        &self.sample_readbacks
     }
 
     /// Copies device bytes to the host, waits, and reports recorded index errors.
-    /// Both copies go to page-locked memory, so one wait covers them: this is on
-    /// every decode step's critical path (the sampled tokens).
-    pub(crate) fn download_bytes(&self, dst: &mut [u8], src: u64) -> Result<()> {
+    /// Both copies go to page-locked memory, so one wait covers them.
+    fn download_bytes(&self, dst: &mut [u8], src: u64) -> Result<()> {
         let mut pinned =
             self.readback.lock().map_err(|_| BackendError::Device("readback buffer poisoned".into()))?;
         let status_at = dst.len().next_multiple_of(16);
@@ -851,10 +883,6 @@ impl CudaBackend {
         self.device.synchronize()?;
         dst.copy_from_slice(&data[..dst.len()]);
         self.take_status(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]))
-    }
-
-    pub(crate) fn bind_context(&self) -> Result<()> {
-        self.bind()
     }
 }
 

@@ -1,11 +1,15 @@
 //! The device side the backend stands on: the primary context, the one stream
-//! every op runs on, and stream-ordered device memory.
+//! every op runs on, stream-ordered device memory, and the page-locked staging
+//! ring that keeps small host-to-device copies asynchronous.
 
+use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cust::context::{Context, CurrentContext};
 use cust::device::Device;
+use cust::event::{Event, EventFlags, EventStatus};
 use cust::stream::{Stream, StreamFlags};
 use cust::sys as cu;
 
@@ -14,7 +18,12 @@ use crate::error::{driver, CudaError, DriverContext};
 /// The context and stream shared by a backend and every buffer it allocated.
 /// Buffers hold an `Arc` of it, so the stream outlives the last free queued on it.
 pub(crate) struct DeviceInner {
-    // Field order is drop order: the stream goes before the context.
+    // Field order is drop order: the staging ring (pinned memory, events) and
+    // the stream go before the context.
+    staging: Mutex<StagingRing>,
+    /// Set while `capture` records the stream: copies then bypass the ring,
+    /// whose bytes a recorded copy would read again at every replay.
+    capturing: AtomicBool,
     stream: Stream,
     context: Context,
     pool: cu::CUmemoryPool,
@@ -49,7 +58,14 @@ impl DeviceInner {
                 ),
             )?;
         }
-        Ok(Arc::new(Self { stream, context, pool, device }))
+        Ok(Arc::new(Self {
+            staging: Mutex::new(StagingRing::default()),
+            capturing: AtomicBool::new(false),
+            stream,
+            context,
+            pool,
+            device,
+        }))
     }
 
     /// Makes the context current on the calling thread (cheap; every entry point calls it).
@@ -89,20 +105,33 @@ impl DeviceInner {
         Ok(CudaStorage { ptr, bytes, device: self.clone() })
     }
 
-    /// Enqueues a host-to-device copy. For pageable host memory the driver has
-    /// staged the data when this returns, so `src` may be dropped at once.
+    /// Enqueues a host-to-device copy; `src` may be dropped or reused as soon
+    /// as this returns. Copies up to [`STAGING_MAX_COPY`] bytes go through the
+    /// staging ring and never wait for the GPU; larger ones (weights at load
+    /// time) are queued from pageable memory, which the driver may make wait.
     pub(crate) fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
         if src.is_empty() {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: dst is a device range of at least src.len() bytes (callers check sizes).
-        unsafe {
-            driver(
-                "cuMemcpyHtoDAsync",
-                cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), self.raw_stream()),
-            )
+        if src.len() <= STAGING_MAX_COPY && !self.capturing.load(Ordering::Acquire) {
+            let mut ring = self.staging.lock().map_err(|_| CudaError::Poisoned("staging ring"))?;
+            return ring.copy(self, dst, src);
         }
+        // SAFETY: dst is a device range of at least src.len() bytes (callers check sizes).
+        unsafe { self.copy_from_host(dst, src.as_ptr(), src.len()) }
+    }
+
+    /// Enqueues `cuMemcpyHtoDAsync(dst, src, len)` on the stream.
+    ///
+    /// # Safety
+    /// `dst` is a device range and `src` a host range of `len` bytes; if `src`
+    /// is page-locked it must stay untouched until the copy has run.
+    unsafe fn copy_from_host(&self, dst: u64, src: *const u8, len: usize) -> Result<(), CudaError> {
+        driver(
+            "cuMemcpyHtoDAsync",
+            cu::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, self.raw_stream()),
+        )
     }
 
     /// Enqueues a device-to-host copy into `dst`.
@@ -229,6 +258,16 @@ impl DeviceInner {
         record: impl FnOnce() -> Result<(), E>,
     ) -> Result<CudaGraph, E> {
         self.bind()?;
+        self.capturing.store(true, Ordering::Release);
+        let captured = self.capture_inner(record);
+        self.capturing.store(false, Ordering::Release);
+        captured
+    }
+
+    fn capture_inner<E: From<CudaError>>(
+        self: &Arc<Self>,
+        record: impl FnOnce() -> Result<(), E>,
+    ) -> Result<CudaGraph, E> {
         // SAFETY: the stream belongs to the current context.
         unsafe {
             driver(
@@ -287,6 +326,20 @@ impl PinnedHost {
         Self { device, ptr: std::ptr::null_mut(), len: 0 }
     }
 
+    /// Bytes held (the most `slice` returns without growing).
+    pub(crate) fn capacity(&self) -> usize {
+        self.len
+    }
+
+    /// The first `len` bytes (at most the capacity) to read.
+    pub(crate) fn bytes(&self, len: usize) -> &[u8] {
+        if self.ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: `ptr` points to `self.len` bytes owned by this value.
+        unsafe { std::slice::from_raw_parts(self.ptr, len.min(self.len)) }
+    }
+
     /// The first `len` bytes, growing the buffer if it is smaller.
     pub(crate) fn slice(&mut self, len: usize) -> Result<&mut [u8], CudaError> {
         if len > self.len {
@@ -318,5 +371,150 @@ impl PinnedHost {
 impl Drop for PinnedHost {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// Size of the page-locked ring that small host-to-device copies are staged
+/// through (allocated at the first such copy).
+pub(crate) const STAGING_RING_BYTES: usize = 16 << 20;
+/// The largest copy staged through the ring; larger ones stay pageable.
+pub(crate) const STAGING_MAX_COPY: usize = STAGING_RING_BYTES / 4;
+/// Staged copies start at multiples of this.
+const STAGING_ALIGN: usize = 256;
+
+/// Page-locked staging for small host-to-device copies.
+///
+/// Why: `cuMemcpyHtoDAsync` from pageable memory may wait for the stream
+/// before it returns (the driver stages the bytes through its own pinned
+/// buffers), so every per-step upload (token ids, positions, block tables,
+/// sampling parameters) could wait for the GPU to finish the previous step.
+/// From page-locked memory the copy is only queued. So a small copy is first
+/// `memcpy`'d into this ring, then queued from there.
+///
+/// Reuse: each staged copy records an event after it. Positions in the ring
+/// count bytes since its creation and never wrap (the address is the position
+/// modulo the size), so in-flight copies are ordered by position; before a
+/// copy overwrites bytes, the copies that used them one lap earlier are waited
+/// for (normally long complete: that is 16 MiB of uploads ago).
+#[derive(Default)]
+struct StagingRing {
+    /// The pinned buffer, null until the first staged copy.
+    base: Option<std::ptr::NonNull<u8>>,
+    /// Where the next copy goes (a position, see above).
+    head: u64,
+    /// Staged copies not yet seen complete, oldest first: (position, event after it).
+    in_flight: VecDeque<(u64, Event)>,
+    /// Events of completed copies, recorded again by later ones.
+    spare: Vec<Event>,
+}
+
+// SAFETY: the buffer is plain host memory and the events driver objects; the
+// ring is used only under the device's mutex.
+unsafe impl Send for StagingRing {}
+
+/// Where a staged copy of `len` bytes (`0 < len <= capacity`) goes when the
+/// ring's next free position is `head`: returns `(start, reuse_below)`. It
+/// takes positions `start..start + len`, never straddling the end of the
+/// buffer (a copy that would is moved to the buffer's start, skipping the
+/// tail), and overwrites bytes that copies starting before `reuse_below` used,
+/// so those must have completed first.
+fn staging_reserve(head: u64, len: usize, capacity: usize) -> (u64, u64) {
+    let (len, capacity) = (len as u64, capacity as u64);
+    let at = head % capacity;
+    let start = if at + len > capacity { head + (capacity - at) } else { head };
+    (start, (start + len).saturating_sub(capacity))
+}
+
+impl StagingRing {
+    /// Stages `src` and queues its copy to `dst` on `device`'s stream.
+    fn copy(&mut self, device: &DeviceInner, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        let base = self.buffer()?;
+        let (start, reuse_below) = staging_reserve(self.head, src.len(), STAGING_RING_BYTES);
+        self.retire(reuse_below)?;
+        let event = match self.spare.pop() {
+            Some(e) => e,
+            None => Event::new(EventFlags::DISABLE_TIMING).during("cuEventCreate")?,
+        };
+        // SAFETY: `start % size .. + len` lies inside the buffer (staging_reserve
+        // never straddles its end) and no queued copy reads those bytes any more
+        // (waited for above); the copy reads them before the event recorded next
+        // completes, and nothing writes them again before that event is waited for.
+        unsafe {
+            let at = base.as_ptr().add((start % STAGING_RING_BYTES as u64) as usize);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), at, src.len());
+            device.copy_from_host(dst, at, src.len())?;
+        }
+        self.head = start + src.len().next_multiple_of(STAGING_ALIGN) as u64;
+        if let Err(e) = event.record(device.stream()).during("cuEventRecord") {
+            // Without its event the region cannot be tracked: let the copy finish now.
+            let _ = device.stream.synchronize();
+            return Err(e);
+        }
+        self.in_flight.push_back((start, event));
+        Ok(())
+    }
+
+    /// The pinned buffer, allocated on first use (the context is current).
+    fn buffer(&mut self) -> Result<std::ptr::NonNull<u8>, CudaError> {
+        if let Some(p) = self.base {
+            return Ok(p);
+        }
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the caller made the context current.
+        unsafe { driver("cuMemAllocHost", cu::cuMemAllocHost_v2(&mut p, STAGING_RING_BYTES))? };
+        let p = std::ptr::NonNull::new(p as *mut u8)
+            .ok_or(CudaError::OutOfMemory { bytes: STAGING_RING_BYTES as u64 })?;
+        self.base = Some(p);
+        Ok(p)
+    }
+
+    /// Retires copies, oldest first, their events going to the spares: those
+    /// starting before `reuse_below` are waited for; later ones are retired
+    /// only while already complete (so the queue stays short).
+    fn retire(&mut self, reuse_below: u64) -> Result<(), CudaError> {
+        while let Some((at, event)) = self.in_flight.front() {
+            if *at < reuse_below {
+                event.synchronize().during("cuEventSynchronize")?;
+            } else if event.query().during("cuEventQuery")? != EventStatus::Ready {
+                break;
+            }
+            if let Some((_, event)) = self.in_flight.pop_front() {
+                self.spare.push(event);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagingRing {
+    /// Runs inside `DeviceInner`'s drop, after the stream was synchronised and
+    /// with the context current.
+    fn drop(&mut self) {
+        if let Some(p) = self.base.take() {
+            // SAFETY: allocated by cuMemAllocHost, freed once, no copy pending.
+            unsafe {
+                let _ = cu::cuMemFreeHost(p.as_ptr() as *mut c_void);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_copies_fill_the_ring_in_order_and_skip_a_tail_they_would_straddle() {
+        let cap = 1000;
+        // The first lap overwrites nothing.
+        assert_eq!(staging_reserve(0, 100, cap), (0, 0));
+        assert_eq!(staging_reserve(900, 100, cap), (900, 0));
+        // 950 + 100 would straddle the end: start over at the next lap.
+        assert_eq!(staging_reserve(950, 100, cap), (1000, 100));
+        // Later laps wait for the copies that used the same bytes a lap before.
+        assert_eq!(staging_reserve(1100, 300, cap), (1100, 400));
+        assert_eq!(staging_reserve(2999, 1, cap), (2999, 2000));
+        // A copy of the whole ring waits for everything before it.
+        assert_eq!(staging_reserve(1500, cap, cap), (2000, 2000));
     }
 }

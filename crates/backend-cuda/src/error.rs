@@ -16,6 +16,9 @@ pub enum CudaError {
     /// The device has no memory left for this allocation.
     #[error("out of device memory allocating {bytes} bytes")]
     OutOfMemory { bytes: u64 },
+    /// A thread panicked while holding this lock; what it guards may be half updated.
+    #[error("the {0} lock was poisoned by a panic")]
+    Poisoned(&'static str),
 }
 
 impl From<CudaError> for BackendError {

@@ -13,8 +13,18 @@
 //!   accumulation). Sampling runs on the device and follows
 //!   [`pagoda_sampler::sample_row`] exactly: only token ids and logprobs cross
 //!   to the host.
+//! - Sampling is asynchronous: `sample_async` queues the kernels and the copy
+//!   of their results into page-locked memory and returns a [`CudaSampled`];
+//!   `feed_sampled_tokens` copies its ids into a later step's input on the
+//!   device (a small kernel), so the next step can be queued before
+//!   `finish_sample` waits for the tokens (on the handle's event, not the
+//!   whole stream).
 //! - All work runs on one stream; device memory comes from the driver's
 //!   stream-ordered pool, and a dropped tensor is freed on that stream.
+//! - Host-to-device copies up to 4 MiB (the per-step inputs) are staged
+//!   through a 16 MiB page-locked ring and never wait for the GPU (from
+//!   pageable memory the driver may wait for the stream); larger ones, such
+//!   as weights at load time, are copied from pageable memory.
 //!
 //! Building needs the CUDA toolkit (`CUDA_PATH`, or `/usr/local/cuda`);
 //! `scripts/setup-cuda.sh` installs one on a machine without a GPU.
@@ -41,3 +51,4 @@ mod sampling;
 pub use backend::CudaBackend;
 pub use device::{CudaGraph, CudaStorage};
 pub use error::CudaError;
+pub use sampling::CudaSampled;

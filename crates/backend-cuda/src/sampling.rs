@@ -1,13 +1,22 @@
 //! Host side of on-device sampling: packs each row's parameters and token
 //! history for the kernels, runs them, and reads back only the chosen ids and
-//! logprobs (`PagodaSampleOut` records), never the logits.
+//! logprobs (`PagodaSampleOut` records), never the logits. Sampling is
+//! asynchronous ([`CudaSampled`]): the records stay on the device, where
+//! `feed_sampled_tokens` copies ids into the next step's input, while their
+//! copy to the host is waited for only by `finish_sample`.
 
 use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
+use cust::event::{Event, EventFlags};
 use pagoda_backend::{Backend, BackendError, Result, SampledToken, SamplingRow, Tensor};
 use pagoda_sampler::TokenId;
 
 use crate::backend::{dtype_to_code, tensor_ptr, CudaBackend};
+use crate::device::{CudaStorage, DeviceInner, PinnedHost};
+use crate::error::{CudaError, DriverContext};
 use crate::ffi::{self, check};
 
 const OP: &str = "sample";
@@ -36,11 +45,144 @@ fn penalty_entries(row: &SamplingRow<'_>, tokens: &mut Vec<i32>, counts: &mut Ve
     }
 }
 
-pub(crate) fn sample(
+/// Tokens sampled on the device by [`CudaBackend`]'s `sample_async`.
+///
+/// The kernels' `PagodaSampleOut` records stay on the device for as long as
+/// the handle lives (`feed_sampled_tokens` reads them there), while a copy of
+/// them and of the status word travels to page-locked host memory the handle
+/// owns; `finish_sample` waits for that copy alone (an event), not for the
+/// whole stream. Dropping a handle unfinished waits for the copy before its
+/// host memory is reused; an index error it would have reported is reported
+/// by the backend's next wait instead.
+pub struct CudaSampled {
+    device: Arc<DeviceInner>,
+    /// Packed inputs followed by the output records (`None` with no rows);
+    /// freed on the stream when the handle drops, after every queued reader.
+    buffer: Option<CudaStorage>,
+    /// Byte offset of the records in `buffer`.
+    records_at: u64,
+    /// Top logprobs to return per row (already capped by the vocabulary).
+    top_n: Vec<usize>,
+    /// Byte offset of the status word in the host copy.
+    status_at: usize,
+    /// Where the copies land, until `finish_sample` takes it back.
+    readback: Option<Readback>,
+    pool: Arc<Readbacks>,
+}
+
+impl CudaSampled {
+    /// Rows sampled (one token each).
+    pub fn num_rows(&self) -> usize {
+        self.top_n.len()
+    }
+
+    fn records_ptr(&self) -> u64 {
+        self.buffer.as_ref().map_or(0, |b| b.ptr() + self.records_at)
+    }
+
+    /// The copies' destination: records first, the status word at `status_at`.
+    fn landed<'a>(&self, readback: &'a Readback) -> &'a [u8] {
+        readback.host.bytes(self.status_at + 4)
+    }
+
+    fn status_word(&self, landed: &[u8]) -> u32 {
+        let w = &landed[self.status_at..self.status_at + 4];
+        u32::from_le_bytes([w[0], w[1], w[2], w[3]])
+    }
+
+    /// Waits for the copies (the event only) and takes the host memory they
+    /// landed in; on failure the handle keeps it, for its drop to deal with.
+    fn take_landed(&mut self) -> Result<Readback> {
+        let readback = self
+            .readback
+            .take()
+            .ok_or_else(|| BackendError::Device("sampled tokens already taken".into()))?;
+        if let Err(e) = readback.event.synchronize() {
+            self.readback = Some(readback);
+            return Err(CudaError::Driver { call: "cuEventSynchronize", source: e }.into());
+        }
+        Ok(readback)
+    }
+}
+
+impl std::fmt::Debug for CudaSampled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaSampled({} rows at {:#x})", self.num_rows(), self.records_ptr())
+    }
+}
+
+impl Drop for CudaSampled {
+    fn drop(&mut self) {
+        let Some(readback) = self.readback.take() else { return };
+        // The copies into the host memory may still be running: wait for them
+        // before the memory goes back to the pool (or is freed).
+        if self.device.bind().is_ok() && readback.event.synchronize().is_ok() {
+            let word = self.status_word(self.landed(&readback));
+            self.pool.orphaned_status.fetch_or(word, Ordering::AcqRel);
+            self.pool.give_back(readback);
+        } else {
+            // The device failed; whether a copy may still land is unknown, so
+            // the host memory is never reused or freed.
+            std::mem::forget(readback);
+        }
+    }
+}
+
+/// Page-locked memory a handle's records and status word are copied into, and
+/// the event recorded after those copies.
+pub(crate) struct Readback {
+    // The event goes first: `host` may hold the last reference to the context.
+    event: Event,
+    host: PinnedHost,
+}
+
+/// The backend's free [`Readback`]s (so steady state allocates no pinned
+/// memory), and the status bits of handles dropped unfinished.
+#[derive(Default)]
+pub(crate) struct Readbacks {
+    free: Mutex<Vec<Readback>>,
+    orphaned_status: AtomicU32,
+}
+
+impl Readbacks {
+    /// Status bits that dropped handles read back and could not report.
+    pub(crate) fn take_orphaned_status(&self) -> u32 {
+        self.orphaned_status.swap(0, Ordering::AcqRel)
+    }
+
+    /// A readback of at least `len` bytes: a free one (preferably large
+    /// enough already), else a new one. The context must be current.
+    fn take(&self, device: &Arc<DeviceInner>, len: usize) -> Result<Readback> {
+        let reused = {
+            let mut free = self.free.lock().map_err(|_| CudaError::Poisoned("sampling readbacks"))?;
+            let i = free.iter().position(|r| r.host.capacity() >= len).or(free.len().checked_sub(1));
+            i.map(|i| free.swap_remove(i))
+        };
+        let mut readback = match reused {
+            Some(r) => r,
+            None => Readback {
+                event: Event::new(EventFlags::DISABLE_TIMING).during("cuEventCreate")?,
+                host: PinnedHost::new(device.clone()),
+            },
+        };
+        readback.host.slice(len)?;
+        Ok(readback)
+    }
+
+    fn give_back(&self, readback: Readback) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push(readback);
+        }
+    }
+}
+
+/// Queues sampling of every row and the copy of its results to the host;
+/// returns without waiting. See [`CudaSampled`].
+pub(crate) fn sample_async(
     backend: &CudaBackend,
     logits: &Tensor<CudaBackend>,
     rows: &[SamplingRow<'_>],
-) -> Result<Vec<SampledToken>> {
+) -> Result<CudaSampled> {
     let (m, vocab) = logits.dims2(OP)?;
     if rows.len() != m {
         return Err(BackendError::shape(OP, format!("{} sampling rows for {m} logit rows", rows.len())));
@@ -48,14 +190,61 @@ pub(crate) fn sample(
     if !logits.dtype().is_float() {
         return Err(BackendError::DType { op: OP, dtype: logits.dtype() });
     }
-    if m == 0 {
-        return Ok(Vec::new());
-    }
-    if vocab == 0 || vocab > i32::MAX as usize {
+    if m > 0 && (vocab == 0 || vocab > i32::MAX as usize) {
         return Err(BackendError::shape(OP, format!("vocabulary of {vocab}")));
     }
-
+    let device = backend.device();
+    device.bind()?;
+    let out_bytes = m * std::mem::size_of::<ffi::PagodaSampleOut>();
     let mut packed = Vec::with_capacity(m);
+    let (mut buffer, mut records_at) = (None, 0);
+    if m > 0 {
+        let (inputs, offsets) = pack_rows(rows, &mut packed, vocab)?;
+        records_at = (inputs.len() as u64).next_multiple_of(SCRATCH_ALIGN as u64);
+        // One allocation for the packed inputs and the records the handle
+        // keeps (the workspace, much larger, is freed as soon as the kernels
+        // are done), and one upload.
+        let inputs_dev = device.alloc(records_at as usize + out_bytes)?;
+        device.copy_to_device(inputs_dev.ptr(), &inputs)?;
+        launch(backend, logits, &packed, &inputs_dev, offsets, records_at, vocab)?;
+        buffer = Some(inputs_dev);
+    }
+    let status_at = out_bytes.next_multiple_of(16);
+    let pool = backend.sample_readbacks().clone();
+    let mut readback = pool.take(device, status_at + 4)?;
+    let queued =
+        queue_readback(backend, &mut readback, buffer.as_ref().map(|b| b.ptr() + records_at), out_bytes);
+    if let Err(e) = queued {
+        // A copy may be queued into the host memory: let it land first.
+        let _ = device.synchronize();
+        pool.give_back(readback);
+        return Err(e);
+    }
+    let top_n = packed.iter().map(|r| (r.num_logprobs.max(0) as usize).min(vocab)).collect();
+    Ok(CudaSampled {
+        device: device.clone(),
+        buffer,
+        records_at,
+        top_n,
+        status_at,
+        readback: Some(readback),
+        pool,
+    })
+}
+
+/// Byte offsets of the penalty tokens and counts in the packed upload (the rows start it).
+struct InputOffsets {
+    tokens: u64,
+    counts: u64,
+}
+
+/// Packs every row's parameters (into `packed`) and penalty entries into one
+/// upload: rows, penalty tokens, penalty counts.
+fn pack_rows(
+    rows: &[SamplingRow<'_>],
+    packed: &mut Vec<ffi::PagodaSampleRow>,
+    vocab: usize,
+) -> Result<(Vec<u8>, InputOffsets)> {
     let (mut tokens, mut counts) = (Vec::new(), Vec::new());
     let mut num_draw = 0i32;
     for row in rows {
@@ -93,31 +282,40 @@ pub(crate) fn sample(
     // Keep the device arrays non-empty so their pointers are valid.
     tokens.push(-1);
     counts.push(0);
-
-    backend.bind_context()?;
-    // One upload (rows, penalty tokens, penalty counts) and one scratch buffer
-    // (outputs, workspace): every copy is a separate operation on the stream
-    // that the decode step waits behind.
     let mut inputs = Vec::new();
-    let rows_at = push_aligned(&mut inputs, bytemuck::cast_slice::<ffi::PagodaSampleRow, u8>(&packed));
+    push_aligned(&mut inputs, bytemuck::cast_slice::<ffi::PagodaSampleRow, u8>(packed));
     let tokens_at = push_aligned(&mut inputs, bytemuck::cast_slice(&tokens));
     let counts_at = push_aligned(&mut inputs, bytemuck::cast_slice(&counts));
-    let inputs_dev = backend.upload_bytes(&inputs)?;
-    let out_bytes = m * std::mem::size_of::<ffi::PagodaSampleOut>();
+    Ok((inputs, InputOffsets { tokens: tokens_at, counts: counts_at }))
+}
+
+/// Runs the sampling kernels over the uploaded inputs; the records go to
+/// `inputs_dev` at `records_at`.
+fn launch(
+    backend: &CudaBackend,
+    logits: &Tensor<CudaBackend>,
+    packed: &[ffi::PagodaSampleRow],
+    inputs_dev: &CudaStorage,
+    offsets: InputOffsets,
+    records_at: u64,
+    vocab: usize,
+) -> Result<()> {
+    let m = packed.len();
+    let num_draw = packed.iter().filter(|r| r.draw_index >= 0).count() as i32;
     let mut workspace_bytes = 0usize;
     // SAFETY: a pure size computation.
     check("pagoda_sample_workspace_bytes", unsafe {
         ffi::pagoda_sample_workspace_bytes(m as i32, num_draw, vocab as i32, &mut workspace_bytes)
     })?;
-    let workspace_at = out_bytes.next_multiple_of(SCRATCH_ALIGN);
-    let scratch = backend.scratch_bytes(workspace_at + workspace_bytes)?;
+    // Freed on the stream when it drops at the end of this function, after the kernels.
+    let workspace = backend.device().alloc(workspace_bytes)?;
     let args = ffi::PagodaSampleArgs {
-        logits: tensor_ptr(logits) as *const std::ffi::c_void,
-        rows: (inputs_dev.ptr() + rows_at) as *const ffi::PagodaSampleRow,
-        penalty_tokens: (inputs_dev.ptr() + tokens_at) as *const i32,
-        penalty_counts: (inputs_dev.ptr() + counts_at) as *const i32,
-        out: scratch.ptr() as *mut ffi::PagodaSampleOut,
-        workspace: (scratch.ptr() + workspace_at as u64) as *mut std::ffi::c_void,
+        logits: tensor_ptr(logits) as *const c_void,
+        rows: inputs_dev.ptr() as *const ffi::PagodaSampleRow,
+        penalty_tokens: (inputs_dev.ptr() + offsets.tokens) as *const i32,
+        penalty_counts: (inputs_dev.ptr() + offsets.counts) as *const i32,
+        out: (inputs_dev.ptr() + records_at) as *mut ffi::PagodaSampleOut,
+        workspace: workspace.ptr() as *mut c_void,
         workspace_bytes,
         logits_dtype: dtype_to_code(logits.dtype()),
         num_rows: m as i32,
@@ -130,21 +328,100 @@ pub(crate) fn sample(
     };
     // SAFETY: every device buffer above is sized for these arguments and lives past the launch.
     check("pagoda_sample", unsafe { ffi::pagoda_sample(&args, backend.raw_stream()) })?;
+    Ok(())
+}
 
-    let mut raw = vec![0u8; out_bytes];
-    backend.download_bytes(&mut raw, scratch.ptr())?;
-    let outs: Vec<ffi::PagodaSampleOut> = bytemuck::pod_collect_to_vec(&raw);
+/// Queues the copies of the records (at device address `records`, `out_bytes`
+/// of them) and of the status word into `readback`, clears the status word,
+/// and records the readback's event after them.
+///
+/// The word is cleared in stream order right after its copy, so every index
+/// error is reported exactly once: by the first wait (a `finish_sample`, or
+/// `synchronize`/`download` through the backend's own copy) whose copy of
+/// the word follows the kernel that recorded it.
+fn queue_readback(
+    backend: &CudaBackend,
+    readback: &mut Readback,
+    records: Option<u64>,
+    out_bytes: usize,
+) -> Result<()> {
+    let device = backend.device();
+    let status_at = out_bytes.next_multiple_of(16);
+    let host = readback.host.slice(status_at + 4)?;
+    let (records_host, status_host) = host.split_at_mut(status_at);
+    // SAFETY: the host memory belongs to `readback`, which the handle keeps
+    // until the event recorded below has completed (`finish_sample` and the
+    // handle's drop wait for it), and nothing reads or writes it before that.
+    unsafe {
+        if let Some(src) = records {
+            device.copy_to_host_async(&mut records_host[..out_bytes], src)?;
+        }
+        device.copy_to_host_async(&mut status_host[..4], backend.status_ptr() as u64)?;
+    }
+    device.memset_u32(backend.status_ptr() as u64, 0, 1)?;
+    readback.event.record(device.stream()).during("cuEventRecord")?;
+    Ok(())
+}
+
+/// Waits for a handle's copies (its event only) and returns its tokens, or
+/// the index errors recorded before it.
+pub(crate) fn finish_sample(backend: &CudaBackend, mut sampled: CudaSampled) -> Result<Vec<SampledToken>> {
+    same_device(backend, &sampled)?;
+    backend.device().bind()?;
+    let readback = sampled.take_landed()?;
+    let landed = sampled.landed(&readback);
+    let word = sampled.status_word(landed);
+    let out_bytes = sampled.num_rows() * std::mem::size_of::<ffi::PagodaSampleOut>();
+    let outs: Vec<ffi::PagodaSampleOut> = bytemuck::pod_collect_to_vec(&landed[..out_bytes]);
+    sampled.pool.give_back(readback);
+    backend.status_error(word)?;
     Ok(outs
         .iter()
-        .zip(&packed)
-        .map(|(o, r)| SampledToken {
+        .zip(&sampled.top_n)
+        .map(|(o, &n)| SampledToken {
             token: o.token as TokenId,
             logprob: o.logprob,
-            top_logprobs: (0..r.num_logprobs.min(vocab as i32) as usize)
-                .map(|k| (o.top_ids[k] as TokenId, o.top_logprobs[k]))
-                .collect(),
+            top_logprobs: (0..n).map(|k| (o.top_ids[k] as TokenId, o.top_logprobs[k])).collect(),
         })
         .collect())
+}
+
+/// Queues `token_ids[i] = sampled id of row source_rows[i]` for rows >= 0.
+pub(crate) fn feed_sampled_tokens(
+    backend: &CudaBackend,
+    sampled: &CudaSampled,
+    source_rows: &Tensor<CudaBackend>,
+    token_ids: &Tensor<CudaBackend>,
+) -> Result<()> {
+    const OP: &str = "feed_sampled_tokens";
+    let n = pagoda_backend::check_feed_operands(source_rows, token_ids)?;
+    same_device(backend, sampled)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n = i32::try_from(n).map_err(|_| BackendError::shape(OP, format!("{n} token ids exceed i32")))?;
+    backend.device().bind()?;
+    // SAFETY: the records hold num_rows entries and live until the handle
+    // drops (freed on the stream, after this kernel); both vectors hold n i32.
+    let rc = unsafe {
+        ffi::pagoda_feed_sampled_tokens(
+            sampled.records_ptr() as *const ffi::PagodaSampleOut,
+            sampled.num_rows() as i32,
+            tensor_ptr(source_rows) as *const i32,
+            tensor_ptr(token_ids) as *mut i32,
+            n,
+            backend.status_ptr(),
+            backend.raw_stream(),
+        )
+    };
+    Ok(check("pagoda_feed_sampled_tokens", rc)?)
+}
+
+fn same_device(backend: &CudaBackend, sampled: &CudaSampled) -> Result<()> {
+    if !Arc::ptr_eq(backend.device(), &sampled.device) {
+        return Err(BackendError::Device("sampled tokens of another CUDA backend".into()));
+    }
+    Ok(())
 }
 
 /// Alignment of each array inside the packed upload and of the workspace in

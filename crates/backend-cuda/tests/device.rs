@@ -1,11 +1,13 @@
 //! GPU behaviour the conformance grid does not reach: index errors found on the
 //! device, wide GQA groups (served by the prefill kernel), split-K decode over
 //! a long context against the reference, seeded sampling over a large
-//! vocabulary, and the timing helpers. Needs an NVIDIA GPU (CI compiles only).
+//! vocabulary, asynchronous sampling (handles in flight, fed ids, dropped
+//! handles), uploads staged through the page-locked ring, and the timing
+//! helpers. Needs an NVIDIA GPU (CI compiles only).
 use half::bf16;
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice,
-    SamplingParams, SamplingRow,
+    HostVec, SamplingParams, SamplingRow,
 };
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_backend_cuda::CudaBackend;
@@ -209,4 +211,225 @@ fn time_ms_measures_a_device_copy() {
     let ms = g.time_ms(|| g.copy(&a, &b)).unwrap();
     assert!(ms > 0.0);
     assert_eq!(g.download_f32(&b.narrow(0, 4).unwrap()).unwrap(), vec![1.5; 4]);
+}
+
+// ---- asynchronous sampling ------------------------------------------------------
+
+/// Sampling parameters of every kind (greedy, seeded with each truncation,
+/// penalties, logprobs), one per row in turn.
+fn mixed_params() -> Vec<SamplingParams> {
+    vec![
+        SamplingParams::greedy(),
+        SamplingParams { temperature: 0.8, top_p: 0.9, logprobs: Some(3), ..Default::default() },
+        SamplingParams { temperature: 1.0, top_k: 20, ..Default::default() },
+        SamplingParams { temperature: 1.2, min_p: 0.05, repetition_penalty: 1.2, ..Default::default() },
+    ]
+}
+
+fn mixed_rows<'a>(
+    params: &'a [SamplingParams],
+    m: usize,
+    step: u64,
+    history: &'a [u32],
+) -> Vec<SamplingRow<'a>> {
+    (0..m)
+        .map(|i| SamplingRow {
+            params: &params[i % params.len()],
+            seed: 77 + i as u64,
+            step,
+            prompt_tokens: &history[..history.len() / 2],
+            output_tokens: &history[history.len() / 2..],
+        })
+        .collect()
+}
+
+/// Peaked random logits `[m, v]` (f32), rounded to bf16 so every backend sees the same values.
+fn random_logits(seed: u64, m: usize, v: usize) -> Vec<f32> {
+    Rng(seed).bf16_vec(m * v).iter().map(|x| x * 8.0).collect()
+}
+
+#[test]
+fn sample_async_then_finish_equals_sample() {
+    let g = gpu();
+    let (m, v) = (6, 5000);
+    let params = mixed_params();
+    let history: Vec<u32> = (0..40).map(|i| i * 97 % 5000).collect();
+    let logits = g.upload(HostSlice::F32(&random_logits(1, m, v)), &[m, v], DType::F32).unwrap();
+    let rows = mixed_rows(&params, m, 3, &history);
+    let want = g.sample(&logits, &rows).unwrap();
+    let handle = g.sample_async(&logits, &rows).unwrap();
+    assert_eq!(handle.num_rows(), m);
+    assert_eq!(g.finish_sample(handle).unwrap(), want);
+    // No rows: an empty result, whenever it is finished.
+    let none = g.alloc(&[0, v], DType::F32).unwrap();
+    let empty = g.sample_async(&none, &[]).unwrap();
+    assert!(g.finish_sample(empty).unwrap().is_empty());
+}
+
+#[test]
+fn handles_in_flight_finish_in_any_order() {
+    let g = gpu();
+    let (m, v) = (5, 3000);
+    let params = mixed_params();
+    let history: Vec<u32> = (0..20).collect();
+    let la = g.upload(HostSlice::F32(&random_logits(2, m, v)), &[m, v], DType::BF16).unwrap();
+    let lb = g.upload(HostSlice::F32(&random_logits(3, m, v)), &[m, v], DType::BF16).unwrap();
+    let (ra, rb) = (mixed_rows(&params, m, 0, &history), mixed_rows(&params, m, 1, &history));
+    let (want_a, want_b) = (g.sample(&la, &ra).unwrap(), g.sample(&lb, &rb).unwrap());
+    assert_ne!(want_a, want_b);
+    for reverse in [false, true] {
+        let a = g.sample_async(&la, &ra).unwrap();
+        let b = g.sample_async(&lb, &rb).unwrap();
+        if reverse {
+            assert_eq!(g.finish_sample(b).unwrap(), want_b);
+            assert_eq!(g.finish_sample(a).unwrap(), want_a);
+        } else {
+            assert_eq!(g.finish_sample(a).unwrap(), want_a);
+            assert_eq!(g.finish_sample(b).unwrap(), want_b);
+        }
+    }
+}
+
+#[test]
+fn dropped_unfinished_handles_leave_later_samples_intact() {
+    let g = gpu();
+    let (m, v) = (4, 2000);
+    let params = mixed_params();
+    let logits = g.upload(HostSlice::F32(&random_logits(4, m, v)), &[m, v], DType::F32).unwrap();
+    let rows = mixed_rows(&params, m, 9, &[]);
+    let want = g.sample(&logits, &rows).unwrap();
+    for i in 0..50 {
+        // Dropped at once (its copies surely still running), or after another is queued.
+        let dropped = g.sample_async(&logits, &rows).unwrap();
+        let kept = g.sample_async(&logits, &rows).unwrap();
+        if i % 2 == 0 {
+            drop(dropped);
+            assert_eq!(g.finish_sample(kept).unwrap(), want);
+        } else {
+            assert_eq!(g.finish_sample(kept).unwrap(), want);
+            drop(dropped);
+        }
+    }
+    g.synchronize().unwrap();
+}
+
+/// `feed_sampled_tokens` from handles of both backends over the same logits and rows.
+fn feed_on<B: Backend>(
+    b: &B,
+    logits: &[f32],
+    m: usize,
+    v: usize,
+    rows: &[SamplingRow<'_>],
+    src: &[i32],
+) -> Vec<f32> {
+    let l = b.upload(HostSlice::F32(logits), &[m, v], DType::F32).unwrap();
+    let sampled = b.sample_async(&l, rows).unwrap();
+    let before: Vec<i32> = (0..src.len() as i32).map(|i| 100_000 + i).collect();
+    let ids = b.upload(HostSlice::I32(&before), &[src.len()], DType::I32).unwrap();
+    let source = b.upload(HostSlice::I32(src), &[src.len()], DType::I32).unwrap();
+    b.feed_sampled_tokens(&sampled, &source, &ids).unwrap();
+    let fed = b.download_f32(&ids).unwrap();
+    let tokens = b.finish_sample(sampled).unwrap();
+    for (i, &r) in src.iter().enumerate() {
+        let want = if r < 0 { before[i] as f32 } else { tokens[r as usize].token as f32 };
+        assert_eq!(fed[i], want, "entry {i} (source row {r})");
+    }
+    fed
+}
+
+#[test]
+fn fed_token_ids_match_the_reference() {
+    let g = gpu();
+    let cpu = CpuBackend::new();
+    let (m, v) = (5, 4096);
+    let params = mixed_params();
+    let history: Vec<u32> = (0..30).map(|i| i * 131 % 4096).collect();
+    let logits = random_logits(5, m, v);
+    let rows = mixed_rows(&params, m, 2, &history);
+    // Decodes first (each fed from its row), prefill positions (-1) kept, rows repeated.
+    let src = [3, 0, 4, -1, -1, -1, 1, 2, 2, -1];
+    assert_eq!(feed_on(&g, &logits, m, v, &rows, &src), feed_on(&cpu, &logits, m, v, &rows, &src));
+    // A larger batch (several blocks of the kernel), all greedy.
+    let (m, v) = (300, 257);
+    let logits = random_logits(6, m, v);
+    let greedy = [SamplingParams::greedy()];
+    let rows = mixed_rows(&greedy, m, 0, &[]);
+    let src: Vec<i32> = (0..700).map(|i| if i % 7 == 3 { -1 } else { (i * 13 % m) as i32 }).collect();
+    assert_eq!(feed_on(&g, &logits, m, v, &rows, &src), feed_on(&cpu, &logits, m, v, &rows, &src));
+}
+
+#[test]
+fn an_out_of_range_source_row_is_reported_by_the_next_finish_sample() {
+    let g = gpu();
+    let (m, v) = (2, 100);
+    let logits = g.upload(HostSlice::F32(&random_logits(7, m, v)), &[m, v], DType::F32).unwrap();
+    let greedy = [SamplingParams::greedy()];
+    let rows = mixed_rows(&greedy, m, 0, &[]);
+    let ids = g.upload(HostSlice::I32(&[5, 6, 7]), &[3], DType::I32).unwrap();
+    let bad = g.upload(HostSlice::I32(&[1, 2, -1]), &[3], DType::I32).unwrap();
+
+    let a = g.sample_async(&logits, &rows).unwrap();
+    g.feed_sampled_tokens(&a, &bad, &ids).unwrap(); // queued: nothing is known yet
+    let b = g.sample_async(&logits, &rows).unwrap();
+    let tokens = g.finish_sample(a).unwrap(); // its copy of the status word came first
+    assert!(matches!(g.finish_sample(b), Err(BackendError::Index { .. })));
+    // The bad entry was left alone, the good one fed; the error was reported once.
+    assert_eq!(g.download_f32(&ids).unwrap(), vec![tokens[1].token as f32, 6.0, 7.0]);
+    g.synchronize().unwrap();
+    assert_eq!(g.sample(&logits, &rows).unwrap(), tokens);
+
+    // A handle dropped unfinished hands its error on to the next wait.
+    let a = g.sample_async(&logits, &rows).unwrap();
+    g.feed_sampled_tokens(&a, &bad, &ids).unwrap();
+    let b = g.sample_async(&logits, &rows).unwrap();
+    drop(b);
+    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
+    assert_eq!(g.finish_sample(a).unwrap(), tokens);
+    g.synchronize().unwrap();
+
+    // Shapes and dtypes are checked on the host.
+    let a = g.sample_async(&logits, &rows).unwrap();
+    let short = g.upload(HostSlice::I32(&[0]), &[1], DType::I32).unwrap();
+    assert!(matches!(g.feed_sampled_tokens(&a, &short, &ids), Err(BackendError::Shape { .. })));
+    assert!(matches!(g.feed_sampled_tokens(&a, &ids, &ids), Err(BackendError::Aliasing { .. })));
+    let wide = g.upload(HostSlice::I64(&[0, 0, 0]), &[3], DType::I64).unwrap();
+    assert!(matches!(g.feed_sampled_tokens(&a, &wide, &ids), Err(BackendError::DType { .. })));
+    g.finish_sample(a).unwrap();
+}
+
+// ---- staged uploads ----------------------------------------------------------------
+
+#[test]
+fn many_small_staged_writes_land_in_order_across_ring_laps() {
+    let g = gpu();
+    // Keep the GPU busy first (~20 ms), so the copies queue up behind it and
+    // the ring (16 MiB) wraps onto regions whose copies have not run yet.
+    let busy = g.alloc(&[256 << 20], DType::F32).unwrap();
+    for _ in 0..64 {
+        g.fill(&busy, 1.0).unwrap();
+    }
+    // 3000 writes of 4096 + 7 i32 (~48 MiB in all, three laps), each a new value
+    // per slot, and some slots written twice: the later write must win.
+    let (slots, len) = (2000, 4096 + 7);
+    let dst = g.alloc(&[slots, len], DType::I32).unwrap();
+    let mut want = vec![0i32; slots * len];
+    let mut host = vec![0i32; len];
+    for w in 0..3000usize {
+        let slot = w * 7 % slots;
+        host.iter_mut().enumerate().for_each(|(i, x)| *x = (w * 10_000 + i) as i32);
+        g.write(&dst.narrow(slot, 1).unwrap(), HostSlice::I32(&host)).unwrap();
+        want[slot * len..(slot + 1) * len].copy_from_slice(&host);
+    }
+    // Small uploads of new tensors through the same ring, kept alive together.
+    let small: Vec<_> =
+        (0..500).map(|i| g.upload(HostSlice::F32(&[i as f32; 33]), &[33], DType::F32).unwrap()).collect();
+    // One copy over the staging limit (4 MiB) takes the pageable path.
+    let big: Vec<f32> = (0..(5 << 20) / 4).map(|i| i as f32).collect();
+    let big_dev = g.upload(HostSlice::F32(&big), &[big.len()], DType::F32).unwrap();
+    let HostVec::I32(got) = g.download(&dst).unwrap() else { panic!("an I32 tensor downloads as I32") };
+    assert!(got == want, "staged writes lost or reordered");
+    for (i, t) in small.iter().enumerate() {
+        assert_eq!(g.download_f32(t).unwrap(), vec![i as f32; 33]);
+    }
+    assert_eq!(g.download_f32(&big_dev).unwrap(), big);
 }

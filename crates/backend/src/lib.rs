@@ -12,7 +12,8 @@
 //! - Ops write into caller-provided outputs (`out`), which must not share
 //!   storage with an input unless the op says so; this lets a device backend
 //!   reuse buffers and capture graphs. Device ops may run asynchronously:
-//!   only `download*`, `sample` and `synchronize` wait for the device.
+//!   only `download*`, `sample`, `finish_sample` and `synchronize` wait for
+//!   the device.
 //! - Float tensors may be `F32`, `F16` or `BF16`; arithmetic accumulates in f32.
 //!   Index tensors are `I32` (token ids, positions, block tables, lengths) or
 //!   `I64` (slot mappings).
@@ -39,6 +40,25 @@ pub use host::{HostSlice, HostVec};
 pub use linear::LinearFusion;
 pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
 pub use tensor::{DType, Shape, Tensor};
+
+/// Checks the operands of [`Backend::feed_sampled_tokens`] (I32 vectors of one
+/// length in separate buffers) and returns their length.
+pub fn check_feed_operands<B: Backend>(source_rows: &Tensor<B>, token_ids: &Tensor<B>) -> Result<usize> {
+    const OP: &str = "feed_sampled_tokens";
+    source_rows.expect_dtype(OP, DType::I32)?;
+    token_ids.expect_dtype(OP, DType::I32)?;
+    let n = token_ids.numel();
+    if source_rows.numel() != n {
+        return Err(BackendError::shape(
+            OP,
+            format!("{} source rows for {n} token ids", source_rows.numel()),
+        ));
+    }
+    if token_ids.shares_storage(source_rows) {
+        return Err(BackendError::Aliasing { op: OP });
+    }
+    Ok(n)
+}
 
 /// The [`Backend::Graph`] of a backend that cannot capture graphs: no value exists.
 #[derive(Debug)]
@@ -215,9 +235,40 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     // ---- sampling --------------------------------------------------------------
 
+    /// Tokens sampled by [`Backend::sample_async`] whose ids may still be on
+    /// the device.
+    type Sampled: Send + 'static;
+
     /// Samples one token per row of `logits` (`[M, V]`, any float dtype) under
     /// `rows[m]`, exactly as [`pagoda_sampler::sample_row`] specifies (device
     /// backends may differ only where float rounding reorders near-equal
     /// probabilities). Waits for the device; the result is on the host.
-    fn sample(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>>;
+    fn sample(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
+        let sampled = self.sample_async(logits, rows)?;
+        self.finish_sample(sampled)
+    }
+
+    /// Queues the sampling [`Backend::sample`] does and returns without waiting
+    /// for the device, so the host can prepare the next step meanwhile. The
+    /// ids stay on the device for as long as the handle lives:
+    /// [`Backend::feed_sampled_tokens`] copies them into a later step's input,
+    /// [`Backend::finish_sample`] waits for them and reads them back.
+    fn sample_async(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<Self::Sampled>;
+
+    /// Waits for a `sample_async` and returns its tokens, one per row in order.
+    /// Index errors that kernels recorded up to it are reported here.
+    fn finish_sample(&self, sampled: Self::Sampled) -> Result<Vec<SampledToken>>;
+
+    /// For every `i` with `source_rows[i] >= 0`, sets `token_ids[i]` to the id
+    /// sampled for row `source_rows[i]` of `sampled`, on the device and without
+    /// waiting; other entries keep their value. `source_rows` and `token_ids`
+    /// are I32 vectors of one length. A source row past the sampled rows is an
+    /// index error (that entry is left alone), returned at once by a host
+    /// backend and by the next wait (e.g. `finish_sample`) on a device.
+    fn feed_sampled_tokens(
+        &self,
+        sampled: &Self::Sampled,
+        source_rows: &Tensor<Self>,
+        token_ids: &Tensor<Self>,
+    ) -> Result<()>;
 }
