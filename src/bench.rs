@@ -244,22 +244,25 @@ impl BackendJob for Latency {
 }
 
 /// Where the engine's steps spent their time (host wall clock; on a device,
-/// `sample` includes waiting for the forward pass to finish).
+/// launching only enqueues, and waiting for tokens is where the host idles
+/// while the device works: under asynchronous scheduling, with the next step
+/// already enqueued).
 fn print_timings<B: Backend>(engine: &LlmEngine<B>) {
     let s = engine.step_timings();
     let r = engine.runner().timings();
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     println!(
-        "step time (ms):     {} steps: schedule {:.0}, prepare {:.0}, execute {:.0} (blocks {:.0}, upload {:.0}, \
-         forward enqueue {:.0}, sample+wait {:.0}), update {:.0}",
+        "step time (ms):     {} steps: schedule {:.0}, prepare {:.0}, launch {:.0} (blocks {:.0}, upload {:.0}, \
+         forward {:.0}, sample {:.0}), wait for tokens {:.0}, update {:.0}",
         s.steps,
         ms(s.schedule),
         ms(s.prepare),
-        ms(s.execute),
+        ms(s.launch),
         ms(r.move_blocks),
         ms(r.upload),
         ms(r.forward),
         ms(r.sample),
+        ms(s.wait),
         ms(s.update)
     );
     let g = r.graphs;
@@ -272,7 +275,7 @@ fn print_timings<B: Backend>(engine: &LlmEngine<B>) {
     for (name, p) in [("decode-only steps", r.decode_only), ("steps with prefill", r.with_prefill)] {
         if p.steps > 0 {
             println!(
-                "{name:<19} {} steps, {} tokens, {:.0} ms executing ({:.2} ms per step)",
+                "{name:<19} {} steps, {} tokens, {:.0} ms launching and waiting ({:.2} ms per step)",
                 p.steps,
                 p.tokens,
                 ms(p.time),

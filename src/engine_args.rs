@@ -84,6 +84,13 @@ pub struct EngineArgs {
     /// Largest decode batch replayed from a recorded graph (larger ones run eagerly).
     #[arg(long, default_value_t = 256)]
     pub max_graph_batch_size: usize,
+    /// Schedule and launch each step while the device still runs the one
+    /// before (on by default; vLLM `--async-scheduling`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub async_scheduling: bool,
+    /// Turn asynchronous scheduling off: each step waits for the one before.
+    #[arg(long, conflicts_with = "async_scheduling")]
+    pub no_async_scheduling: bool,
 }
 
 impl EngineArgs {
@@ -113,6 +120,7 @@ impl EngineArgs {
             seed: self.seed,
             enforce_eager: self.enforce_eager,
             max_graph_batch_size: self.max_graph_batch_size,
+            async_scheduling: self.async_scheduling && !self.no_async_scheduling,
         };
         config.validate().context("invalid engine options")?;
         Ok(config)

@@ -40,6 +40,11 @@ pub struct EngineConfig {
     /// Largest decode batch replayed from a recorded graph; larger decode
     /// steps, and steps with prompt tokens, run eagerly.
     pub max_graph_batch_size: usize,
+    /// Schedule and launch step N+1 before waiting for step N's tokens, which
+    /// the device feeds into step N+1 itself (vLLM `--async-scheduling`).
+    /// Steps whose sampling needs the token history (penalties) or that fork
+    /// samples are still waited for.
+    pub async_scheduling: bool,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +65,7 @@ impl Default for EngineConfig {
             seed: 0,
             enforce_eager: false,
             max_graph_batch_size: 256,
+            async_scheduling: true,
         }
     }
 }
@@ -88,6 +94,7 @@ impl EngineConfig {
             preemption_mode: self.preemption_mode,
             policy: self.policy,
             long_prefill_token_threshold: None,
+            async_scheduling: self.async_scheduling,
         }
     }
 

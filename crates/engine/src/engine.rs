@@ -8,14 +8,16 @@ use std::time::Instant;
 use pagoda_backend::{Backend, SamplingParams, SamplingRow};
 use pagoda_models::{ChatTemplate, LoadedModel, Tokenizer};
 use pagoda_paged_kv::{PagedAllocator, PagedConfig};
-use pagoda_scheduler::{FinishReason as SchedFinish, NewRequest, RequestId, Scheduler, SeqId, SeqUpdate};
+use pagoda_scheduler::{
+    FinishReason as SchedFinish, NewRequest, RequestId, Scheduler, SchedulerOutput, SeqId, SeqUpdate,
+};
 
 use crate::config::EngineConfig;
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
-use crate::runner::{ModelRunner, StepInputs};
+use crate::runner::{ModelRunner, SampleTarget, StepInputs};
 use crate::stop::StopChecker;
 
 /// Facts about the served model that request validation and the API need.
@@ -69,6 +71,9 @@ pub struct LlmEngine<B: Backend> {
     /// Scheduler counters at the last metrics update (metrics take deltas).
     last_counters: (u64, u64, u64),
     timings: StepTimings,
+    /// The step the device is running, whose tokens the next `step()` applies
+    /// (asynchronous scheduling; always `None` between steps otherwise).
+    in_flight: Option<InFlightStep<B>>,
 }
 
 /// Host wall-clock time of each phase of `step()`, summed over steps; the
@@ -79,10 +84,28 @@ pub struct StepTimings {
     pub schedule: std::time::Duration,
     /// Building the step's inputs and sampling rows.
     pub prepare: std::time::Duration,
-    /// The runner: block moves, uploads, the forward pass, sampling.
-    pub execute: std::time::Duration,
+    /// The runner enqueueing the step: block moves, uploads, the forward
+    /// pass, sampling (on a device backend, without waiting for any of it).
+    pub launch: std::time::Duration,
+    /// Waiting for the device to return a step's sampled tokens.
+    pub wait: std::time::Duration,
     /// Scheduler update, detokenization, outputs, metrics.
     pub update: std::time::Duration,
+    /// Steps launched while the step before was still in flight
+    /// (asynchronous scheduling at work).
+    pub launched_ahead: u64,
+}
+
+/// A step enqueued on the device whose sampled tokens are not applied yet.
+struct InFlightStep<B: Backend> {
+    out: SchedulerOutput,
+    /// Who samples each row of `sampled`.
+    samplers: Vec<SampleTarget>,
+    /// `None` when no row samples (a prefill chunk that ends no prompt).
+    sampled: Option<B::Sampled>,
+    prompt_tokens: usize,
+    /// Whether the next step may be scheduled before this one is applied.
+    schedule_ahead: bool,
 }
 
 impl<B: Backend> LlmEngine<B> {
@@ -153,6 +176,7 @@ impl<B: Backend> LlmEngine<B> {
             metrics,
             last_counters: (0, 0, 0),
             timings: StepTimings::default(),
+            in_flight: None,
         })
     }
 
@@ -198,8 +222,10 @@ impl<B: Backend> LlmEngine<B> {
         self.timings
     }
 
+    /// Whether `step()` has work: live requests, or a step in flight whose
+    /// results are still to be applied.
     pub fn has_unfinished_requests(&self) -> bool {
-        !self.requests.is_empty()
+        !self.requests.is_empty() || self.in_flight.is_some()
     }
 
     pub fn num_unfinished_requests(&self) -> usize {
@@ -313,17 +339,41 @@ impl<B: Backend> LlmEngine<B> {
         })
     }
 
-    /// One iteration: schedule, execute, sample, detokenize. Returns an output
-    /// for every request that produced something (finished ones included).
+    /// One iteration: schedule a step, enqueue it on the device, then apply
+    /// the sampled tokens of the step before it (asynchronous scheduling) or
+    /// of this one: scheduler update, detokenization, stop strings. Returns
+    /// an output for every request that produced something (finished ones
+    /// included).
+    ///
+    /// After an error, the steps not applied are dropped and their sequences
+    /// recompute from their known tokens (callers usually abort everything).
     pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let result = self.try_step();
+        if result.is_err() {
+            let dropped = self.in_flight.take().is_some();
+            let requeued = self.scheduler.discard_unapplied();
+            if dropped || !requeued.is_empty() {
+                tracing::warn!(requeued = requeued.len(), "a failed step dropped the steps in flight");
+            }
+        }
+        result
+    }
+
+    fn try_step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let mut outputs = Vec::new();
+        // A step whose results the next one needs on the host is applied first.
+        let must_apply = self.in_flight.as_ref().is_some_and(|f| !f.schedule_ahead);
+        if must_apply || !self.scheduler.can_schedule() {
+            if let Some(step) = self.in_flight.take() {
+                outputs = self.apply(step)?;
+            }
+        }
         let started = Instant::now();
         let out = self.scheduler.schedule()?;
         let now = Instant::now();
         self.timings.schedule += now - started;
-        let mut prompt_tokens = 0usize;
-        for entry in &out.scheduled[out.num_decodes.min(out.scheduled.len())..] {
-            prompt_tokens += entry.token_ids.len();
-        }
+        let prompt_tokens =
+            out.scheduled[out.num_decodes.min(out.scheduled.len())..].iter().map(|e| e.token_ids.len()).sum();
         for entry in &out.scheduled {
             if let Some(state) =
                 self.by_scheduler_id.get(&entry.request_id).and_then(|id| self.requests.get_mut(id))
@@ -336,19 +386,51 @@ impl<B: Backend> LlmEngine<B> {
             }
         }
 
-        let inputs = StepInputs::build(&out)?;
-        let sampled = {
-            let rows = sampling_rows(&self.scheduler, &self.by_scheduler_id, &self.requests, &inputs)?;
-            let prepared = Instant::now();
-            self.timings.prepare += prepared - now;
-            let sampled = self.runner.execute(&out, &inputs, &rows)?;
-            self.timings.execute += prepared.elapsed();
-            sampled
+        let previous = self.in_flight.as_ref();
+        let inputs = StepInputs::build(&out, previous.map_or(&[], |p| &p.samplers))?;
+        let rows = sampling_rows(&self.scheduler, &self.by_scheduler_id, &self.requests, &inputs)?;
+        // Penalties need the whole token history, which the host lacks while
+        // this step's tokens are still on the device.
+        let schedule_ahead = !rows.iter().any(|r| r.params.has_penalties());
+        let prepared = Instant::now();
+        self.timings.prepare += prepared - now;
+        self.timings.launched_ahead += u64::from(previous.is_some() && !out.is_empty());
+        let sampled = self.runner.launch(&out, &inputs, &rows, previous.and_then(|p| p.sampled.as_ref()))?;
+        drop(rows);
+        self.timings.launch += prepared.elapsed();
+        let launched = (!out.is_empty()).then(|| InFlightStep {
+            out,
+            samplers: inputs.samplers,
+            sampled,
+            prompt_tokens,
+            schedule_ahead,
+        });
+
+        if let Some(previous) = self.in_flight.take() {
+            outputs.extend(self.apply(previous)?);
+        }
+        self.in_flight = launched;
+        if !self.config.async_scheduling {
+            if let Some(step) = self.in_flight.take() {
+                outputs.extend(self.apply(step)?);
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Waits for a step's sampled tokens and applies them.
+    fn apply(&mut self, step: InFlightStep<B>) -> Result<Vec<RequestOutput>, EngineError> {
+        let decode_only = step.out.num_decodes == step.out.scheduled.len();
+        let waited = Instant::now();
+        let sampled = match step.sampled {
+            Some(sampled) => self.runner.finish(sampled, decode_only)?,
+            None => Vec::new(),
         };
-        let executed = Instant::now();
+        let started = Instant::now();
+        self.timings.wait += started - waited;
         let sampled_ids: Vec<(SeqId, u32)> =
-            inputs.samplers.iter().zip(&sampled).map(|(t, s)| (t.seq_id, s.token)).collect();
-        let logprobs_by_seq: HashMap<SeqId, TokenLogprob> = inputs
+            step.samplers.iter().zip(&sampled).map(|(t, s)| (t.seq_id, s.token)).collect();
+        let logprobs_by_seq: HashMap<SeqId, TokenLogprob> = step
             .samplers
             .iter()
             .zip(sampled)
@@ -356,14 +438,14 @@ impl<B: Backend> LlmEngine<B> {
                 (t.seq_id, TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs })
             })
             .collect();
-        let updates = self.scheduler.update_from_output(&out, &sampled_ids)?;
+        let updates = self.scheduler.update_from_output(&step.out, &sampled_ids)?;
 
         self.metrics.engine_steps.inc();
-        self.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        self.metrics.prompt_tokens.inc_by(step.prompt_tokens as u64);
         self.metrics.generation_tokens.inc_by(updates.len() as u64);
         let outputs = self.process_updates(updates, logprobs_by_seq);
         self.update_gauges();
-        self.timings.update += executed.elapsed();
+        self.timings.update += started.elapsed();
         self.timings.steps += 1;
         Ok(outputs)
     }
@@ -592,10 +674,13 @@ fn sampling_rows<'a>(
                 .ok_or_else(|| EngineError::Internal(format!("no request for {:?}", seq.request_id())))?;
             let index = if own { seq.sample_index() } else { target.fork_index };
             let output = if own { seq.output_token_ids() } else { &[] };
+            // Tokens sampled before this one: the known ones, and those awaited
+            // from steps still running (all but this step's own).
+            let earlier = if own { output.len() + seq.num_awaited_tokens().saturating_sub(1) } else { 0 };
             Ok(SamplingRow {
                 params: &state.request.sampling,
                 seed: sample_seed(state.seed, index),
-                step: output.len() as u64,
+                step: earlier as u64,
                 prompt_tokens: seq.prompt_token_ids(),
                 output_tokens: output,
             })

@@ -89,6 +89,9 @@ pub struct PaddedDecodeInputs {
     pub token_ids: Vec<i32>,
     pub positions: Vec<i32>,
     pub seq_lens: Vec<i32>,
+    /// Rows of the previous step's samples to feed as input tokens, or -1
+    /// (all -1 when nothing is fed).
+    pub source_rows: Vec<i32>,
     /// `[batch, table_width]`, row-major.
     pub block_tables: Vec<i32>,
     pub slot_mapping: Vec<i64>,
@@ -119,6 +122,7 @@ impl PaddedDecodeInputs {
             token_ids: pad(&ids, 0),
             positions: pad(&inputs.positions, 0),
             seq_lens: pad(&inputs.attn.seq_lens, 1),
+            source_rows: pad(&inputs.source_rows, -1),
             block_tables,
             slot_mapping,
         })
@@ -179,6 +183,10 @@ pub struct DecodeGraphs<B: Backend> {
     /// 0, 1, …, max_batch: every sequence has one query token.
     query_start_loc: Tensor<B>,
     slot_mapping: Tensor<B>,
+    /// Rows of the previous step's samples fed as input tokens (asynchronous
+    /// scheduling). Not in `step_i32`: an op's output may not share a buffer
+    /// with its input.
+    source_rows: Tensor<B>,
     /// 0, 1, …: every row samples.
     logits_indices: Tensor<B>,
     /// F32 `[max_batch, V]`.
@@ -208,6 +216,7 @@ impl<B: Backend> DecodeGraphs<B> {
             step_i32: backend.alloc(&[layout.block_tables() + rows * width], DType::I32)?,
             query_start_loc: backend.upload(HostSlice::I32(&count), &[rows + 1], DType::I32)?,
             slot_mapping: backend.alloc(&[rows], DType::I64)?,
+            source_rows: backend.alloc(&[rows], DType::I32)?,
             logits_indices: backend.upload(HostSlice::I32(&count[..rows]), &[rows], DType::I32)?,
             logits: backend.alloc(&[rows, vocab_size], DType::F32)?,
             buckets: HashMap::new(),
@@ -229,7 +238,8 @@ impl<B: Backend> DecodeGraphs<B> {
 
     /// Runs the step in `bucket` (eagerly, by recording, or by replay) and
     /// returns its logits, `[num_seqs, V]`, a view of the fixed logits buffer
-    /// that holds until the next step.
+    /// that holds until the next step. Input tokens listed in
+    /// `inputs.source_rows` are first fed from `previous` on the device.
     pub fn run(
         &mut self,
         backend: &B,
@@ -237,17 +247,25 @@ impl<B: Backend> DecodeGraphs<B> {
         kv: &KvCache<B>,
         bucket: Bucket,
         inputs: &StepInputs,
+        previous: Option<&B::Sampled>,
     ) -> Result<Tensor<B>, EngineError> {
         let padded = PaddedDecodeInputs::new(inputs, bucket, self.block_size)?;
         let batch = self.forward_batch(bucket)?;
         let layout = self.layout();
+        let b = bucket.batch;
         let mut step_i32 = vec![0i32; layout.block_tables() + padded.block_tables.len()];
-        step_i32[layout.token_ids()..][..bucket.batch].copy_from_slice(&padded.token_ids);
-        step_i32[layout.positions()..][..bucket.batch].copy_from_slice(&padded.positions);
-        step_i32[layout.seq_lens()..][..bucket.batch].copy_from_slice(&padded.seq_lens);
+        step_i32[layout.token_ids()..][..b].copy_from_slice(&padded.token_ids);
+        step_i32[layout.positions()..][..b].copy_from_slice(&padded.positions);
+        step_i32[layout.seq_lens()..][..b].copy_from_slice(&padded.seq_lens);
         step_i32[layout.block_tables()..].copy_from_slice(&padded.block_tables);
         backend.write(&self.step_i32.narrow(0, step_i32.len())?, HostSlice::I32(&step_i32))?;
         backend.write(&batch.attn.slot_mapping, HostSlice::I64(&padded.slot_mapping))?;
+        if let Some(previous) = previous.filter(|_| !inputs.source_rows.is_empty()) {
+            // Fed outside the graph, into the buffer the graph reads its tokens from.
+            let source_rows = self.source_rows.narrow(0, b)?;
+            backend.write(&source_rows, HostSlice::I32(&padded.source_rows))?;
+            backend.feed_sampled_tokens(previous, &source_rows, &batch.token_ids)?;
+        }
         let logits = self.logits.narrow(0, bucket.batch)?;
         let forward = || model.forward_into(backend, &batch, kv, &logits);
         let state = self.buckets.get(&bucket);
@@ -375,6 +393,7 @@ mod tests {
         assert_eq!(p.token_ids, vec![100, 101, 102, 0]);
         assert_eq!(p.positions, vec![4, 39, 16, 0]);
         assert_eq!(p.seq_lens, vec![5, 40, 17, 1]);
+        assert_eq!(p.source_rows, vec![-1; 4], "nothing fed");
         assert_eq!(p.slot_mapping[..3], inputs.attn.slot_mapping[..]);
         assert_eq!(p.slot_mapping[3], -1, "a padding row writes no cache slot");
         let width = bucket.table_width(16);
@@ -385,6 +404,14 @@ mod tests {
         // Entries past each context (and the whole padding row) point at block 0.
         assert!(p.block_tables[1..width].iter().all(|&b| b == 0));
         assert!(p.block_tables[3 * width..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn fed_rows_are_padded_with_rows_that_take_nothing() {
+        let mut inputs = decode_step(&[5, 40, 17], 16);
+        inputs.source_rows = vec![2, -1, 0];
+        let p = PaddedDecodeInputs::new(&inputs, Bucket { batch: 4, context: 256 }, 16).unwrap();
+        assert_eq!(p.source_rows, vec![2, -1, 0, -1]);
     }
 
     #[test]

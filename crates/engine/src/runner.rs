@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use pagoda_backend::{AttentionHostMetadata, Backend, SampledToken, SamplingRow};
+use pagoda_backend::{AttentionHostMetadata, Backend, DType, HostSlice, SampledToken, SamplingRow};
 use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
 use pagoda_scheduler::{SchedulerOutput, SeqId};
 
@@ -26,17 +26,20 @@ pub struct ModelRunner<B: Backend> {
 }
 
 /// Where the runner's time went, summed over steps (host wall-clock time).
-/// On a device backend, `forward` is the time to *enqueue* the forward pass
-/// and `sample` includes waiting for the device to finish it.
+/// On a device backend, `forward` and `sample` are the time to *enqueue* the
+/// forward pass and the sampling, and `wait` the time spent waiting for the
+/// device to finish them (under asynchronous scheduling the next step has
+/// been enqueued by then).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RunnerTimings {
     pub move_blocks: std::time::Duration,
     pub upload: std::time::Duration,
     pub forward: std::time::Duration,
     pub sample: std::time::Duration,
-    /// Whole `execute` calls of steps that only decode, and of steps with
-    /// prompt tokens (the two behave differently on a device: weight- and
-    /// KV-bound vs compute-bound).
+    pub wait: std::time::Duration,
+    /// Host time of steps that only decode, and of steps with prompt tokens
+    /// (the two behave differently on a device: weight- and KV-bound vs
+    /// compute-bound): enqueueing them, plus waiting for their tokens.
     pub decode_only: PhaseTotal,
     pub with_prefill: PhaseTotal,
     /// How decode steps used recorded graphs (all zero when they are off).
@@ -69,6 +72,10 @@ pub struct StepInputs {
     pub logits_indices: Vec<i32>,
     /// Who samples each logits row, in the same order.
     pub samplers: Vec<SampleTarget>,
+    /// Asynchronous scheduling: per token row, the row of the previous step's
+    /// samples whose token is this row's input (fed on the device), or -1.
+    /// Empty when no row takes its token from the previous step.
+    pub source_rows: Vec<i32>,
 }
 
 /// A sequence that samples this step, and the scheduled entry whose last
@@ -83,8 +90,10 @@ pub struct SampleTarget {
 
 impl StepInputs {
     /// Flattens the scheduled entries (decodes first, as the scheduler orders
-    /// them) into the arrays the forward pass takes.
-    pub fn build(out: &SchedulerOutput) -> Result<Self, EngineError> {
+    /// them) into the arrays the forward pass takes. `previous` lists who
+    /// sampled each row of the step before, still running when this one was
+    /// scheduled: entries whose input is one of those tokens read it there.
+    pub fn build(out: &SchedulerOutput, previous: &[SampleTarget]) -> Result<Self, EngineError> {
         let mut s = StepInputs::default();
         let max_blocks = out.scheduled.iter().map(|e| e.block_table.len()).max().unwrap_or(0).max(1);
         s.attn.max_blocks_per_seq = max_blocks;
@@ -106,11 +115,25 @@ impl StepInputs {
             s.attn.seq_lens.push(entry.seq_len() as i32);
             s.attn.block_tables.extend(entry.block_table.iter().map(|&b| b as i32));
             s.attn.block_tables.extend(std::iter::repeat_n(0, max_blocks - entry.block_table.len()));
+            if entry.token_from_previous_step {
+                let source = previous.iter().position(|t| t.seq_id == entry.seq_id).ok_or_else(|| {
+                    EngineError::Internal(format!(
+                        "{:?} takes a token the previous step does not sample",
+                        entry.seq_id
+                    ))
+                })?;
+                let row = s.token_ids.len() - n;
+                s.source_rows.resize(row, -1);
+                s.source_rows.push(source as i32);
+            }
             let last_row = (s.token_ids.len() - 1) as i32;
             for (fork_index, &seq_id) in entry.sample_for.iter().enumerate() {
                 s.logits_indices.push(last_row);
                 s.samplers.push(SampleTarget { seq_id, entry_seq_id: entry.seq_id, fork_index });
             }
+        }
+        if !s.source_rows.is_empty() {
+            s.source_rows.resize(s.token_ids.len(), -1);
         }
         Ok(s)
     }
@@ -165,27 +188,40 @@ impl<B: Backend> ModelRunner<B> {
         self.timings
     }
 
-    /// Runs one step: swap-out, swap-in, copy-on-write copies (in that order:
-    /// a block freed by a swap-out may be a swap-in destination), then the
-    /// forward pass and sampling. `row_for` gives each sampling target its
-    /// sampling row. Returns one sampled token per target, in order.
-    pub fn execute(
+    /// Enqueues one step: swap-out, swap-in, copy-on-write copies (in that
+    /// order: a block freed by a swap-out may be a swap-in destination), then
+    /// the forward pass and the sampling, without waiting for the device.
+    /// `rows` gives each sampling target its sampling row; `previous` is the
+    /// previous step's sampling, whose tokens rows of `inputs.source_rows`
+    /// take as input. Returns the sampling to [`Self::finish`], or `None`
+    /// when nothing samples.
+    pub fn launch(
         &mut self,
         out: &SchedulerOutput,
         inputs: &StepInputs,
         rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>, EngineError> {
+        previous: Option<&B::Sampled>,
+    ) -> Result<Option<B::Sampled>, EngineError> {
         let t0 = Instant::now();
         self.move_blocks(out)?;
         let t1 = Instant::now();
         self.timings.move_blocks += t1 - t0;
         if out.scheduled.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
+        let feed = match (inputs.source_rows.is_empty(), previous) {
+            (true, _) => None,
+            (false, Some(previous)) => Some(previous),
+            (false, None) => {
+                return Err(EngineError::Internal(
+                    "a step takes tokens from a step that did not sample".into(),
+                ))
+            }
+        };
         let bucket = self.graphs.as_ref().and_then(|g| g.bucket_for(out.num_decodes, inputs));
         let (logits, t3) = match (bucket, self.graphs.as_mut()) {
             (Some(bucket), Some(graphs)) => {
-                let logits = graphs.run(&self.backend, &self.model, &self.kv, bucket, inputs)?;
+                let logits = graphs.run(&self.backend, &self.model, &self.kv, bucket, inputs, feed)?;
                 self.timings.graphs = graphs.stats();
                 let t3 = Instant::now();
                 self.timings.forward += t3 - t1;
@@ -199,6 +235,12 @@ impl<B: Backend> ModelRunner<B> {
                     inputs.attn.clone(),
                     &inputs.logits_indices,
                 )?;
+                if let Some(previous) = feed {
+                    let n = inputs.source_rows.len();
+                    let source_rows =
+                        self.backend.upload(HostSlice::I32(&inputs.source_rows), &[n], DType::I32)?;
+                    self.backend.feed_sampled_tokens(previous, &source_rows, &batch.token_ids)?;
+                }
                 let t2 = Instant::now();
                 self.timings.upload += t2 - t1;
                 let logits = self.model.forward(&self.backend, &batch, &self.kv)?;
@@ -207,18 +249,35 @@ impl<B: Backend> ModelRunner<B> {
                 (logits, t3)
             }
         };
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sampled = self.backend.sample(&logits, rows)?;
-        self.timings.sample += t3.elapsed();
+        let sampled = if rows.is_empty() { None } else { Some(self.backend.sample_async(&logits, rows)?) };
+        let done = Instant::now();
+        self.timings.sample += done - t3;
         let phase = if out.num_decodes == out.scheduled.len() {
             &mut self.timings.decode_only
         } else {
             &mut self.timings.with_prefill
         };
-        phase.add(inputs.token_ids.len(), t0.elapsed());
+        phase.add(inputs.token_ids.len(), done - t0);
         Ok(sampled)
+    }
+
+    /// Waits for a step's sampling and returns one token per sampling target,
+    /// in order. `decode_only` says which phase the wait is counted in.
+    pub fn finish(
+        &mut self,
+        sampled: B::Sampled,
+        decode_only: bool,
+    ) -> Result<Vec<SampledToken>, EngineError> {
+        let t0 = Instant::now();
+        let tokens = self.backend.finish_sample(sampled)?;
+        let waited = t0.elapsed();
+        self.timings.wait += waited;
+        if decode_only {
+            self.timings.decode_only.time += waited;
+        } else {
+            self.timings.with_prefill.time += waited;
+        }
+        Ok(tokens)
     }
 
     fn move_blocks(&mut self, out: &SchedulerOutput) -> Result<(), EngineError> {

@@ -352,3 +352,83 @@ fn padded_decode_steps_keep_greedy_tokens() {
     assert_eq!(stats.replays, 0, "the CPU backend records no graphs");
     assert_no_blocks_held(&padded);
 }
+
+/// Asynchronous scheduling (step N+1 scheduled and launched before step N's
+/// tokens are back, its inputs fed from N's samples on the device) changes
+/// nothing a client sees: tokens, text, finish reasons and logprobs equal a
+/// synchronous engine's, for greedy and seeded sampling, penalties (which
+/// fall back to waiting), stop strings and tokens found one step late, n > 1
+/// forks, and padded decode steps.
+#[test]
+fn async_scheduling_gives_the_same_outputs_as_synchronous() {
+    let _serial = serial();
+    let prompts = batch_of_eight();
+    let (prompt0, want0) = golden_cases()[0].clone();
+    let requests = || {
+        let mut reqs: Vec<GenerationRequest> =
+            prompts.iter().enumerate().map(|(i, p)| greedy(format!("g{i}"), p.clone(), 4 + 3 * i)).collect();
+        let mut seeded = greedy("seeded", prompts[1].clone(), 14);
+        seeded.sampling = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.9,
+            seed: Some(5),
+            logprobs: Some(2),
+            ..Default::default()
+        };
+        reqs.push(seeded);
+        let mut penalized = greedy("penalized", prompts[2].clone(), 12);
+        penalized.sampling.repetition_penalty = 1.3;
+        penalized.sampling.frequency_penalty = 0.5;
+        reqs.push(penalized);
+        let mut forked = greedy("forked", prompts[3].clone(), 9);
+        forked.sampling = SamplingParams { temperature: 1.0, seed: Some(9), ..Default::default() };
+        forked.n = 2;
+        reqs.push(forked);
+        let mut stop_token = greedy("stop-token", prompt0.clone(), 20);
+        stop_token.stop_token_ids = vec![want0[3]];
+        reqs.push(stop_token);
+        let mut eos = greedy("eos", prompts[4].clone(), 40);
+        eos.ignore_eos = false;
+        reqs.push(eos);
+        reqs
+    };
+    let sync_config = EngineConfig { async_scheduling: false, ..EngineConfig::default() };
+    let mut sync = engine(sync_config);
+    let want = sync.generate(requests()).expect("synchronous");
+    // A stop string from the synchronous text, matched one step late here.
+    let text = &want[0].seqs[0].text;
+    let stop: String = text.trim_start().chars().skip(2).take(3).collect();
+    let with_stop = |mut reqs: Vec<GenerationRequest>| {
+        let mut r = greedy("stop-string", prompts[0].clone(), 20);
+        r.stop = vec![stop.clone()];
+        reqs.push(r);
+        reqs
+    };
+    let want = sync.generate(with_stop(requests())).expect("synchronous");
+    assert_eq!(sync.step_timings().launched_ahead, 0);
+
+    for padded in [false, true] {
+        let mut e = engine(EngineConfig::default());
+        if padded {
+            e.force_decode_graphs().expect("padded decode buffers");
+        }
+        let got = e.generate(with_stop(requests())).expect("asynchronous");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(
+                g.seqs, w.seqs,
+                "{} (padded: {padded}) differs from the synchronous engine",
+                w.request_id
+            );
+        }
+        // Penalties and forks made some of those steps wait; plain requests never do.
+        assert!(e.step_timings().launched_ahead > 0);
+        let before = e.step_timings();
+        assert_eq!(run_all(&mut e, &prompts, TOKENS), run_all(&mut sync, &prompts, TOKENS));
+        let (steps, ahead) =
+            (e.step_timings().steps - before.steps, e.step_timings().launched_ahead - before.launched_ahead);
+        assert!(ahead + 1 >= steps, "{ahead} of {steps} steps launched ahead (padded: {padded})");
+        assert_no_blocks_held(&e);
+    }
+    let stop_string = want.last().expect("stop-string request");
+    assert_eq!(stop_string.seqs[0].stop_reason, Some(StopReason::String(stop)));
+}

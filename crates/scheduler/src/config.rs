@@ -33,6 +33,12 @@ pub struct SchedulerConfig {
     /// Most prompt tokens one sequence may prefill in one step, so that one
     /// long prompt cannot take the whole budget.
     pub long_prefill_token_threshold: Option<usize>,
+    /// Allow scheduling a step while the previous one is not applied yet (its
+    /// tokens still being sampled), so the host prepares step N+1 while the
+    /// device runs step N. Decodes of the previous step's samplers then take
+    /// their input token from the device (see
+    /// [`crate::ScheduledSeq::token_from_previous_step`]).
+    pub async_scheduling: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -45,6 +51,7 @@ impl Default for SchedulerConfig {
             preemption_mode: PreemptionMode::Recompute,
             policy: Policy::Fcfs,
             long_prefill_token_threshold: None,
+            async_scheduling: false,
         }
     }
 }

@@ -39,7 +39,9 @@ pub enum AddRequestError {
 /// Why [`crate::Scheduler::schedule`] could not produce a step.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum SchedulerError {
-    /// The previous step's output has not been given to `update_from_output`.
+    /// A step's output has not been given to `update_from_output`, and the
+    /// next step cannot be scheduled before it is (synchronous scheduling; or
+    /// two steps unapplied; or the unapplied step forks samples).
     #[error("step {0} was scheduled but its output has not been applied yet")]
     StepNotApplied(u64),
     /// The allocator refused something other than for lack of memory: a bug
@@ -69,4 +71,12 @@ pub enum UpdateError {
     DuplicateSample(SeqId),
     #[error("no token was sampled for {0}")]
     MissingSample(SeqId),
+    /// The allocator refused to learn an awaited token: a bug (the step's
+    /// other results may be applied already).
+    #[error("KV allocator error for {seq}: {source}")]
+    Allocator {
+        seq: SeqId,
+        #[source]
+        source: AllocError,
+    },
 }

@@ -59,6 +59,21 @@
 //! copy (reported in the next step's `blocks_to_copy`). From then on each
 //! sample is an independent sequence; the request ends when all have.
 //!
+//! # Asynchronous scheduling
+//! With [`SchedulerConfig::async_scheduling`], `schedule` may run while one
+//! step is still unapplied, so that an engine prepares step N+1 while the
+//! device runs step N. A step's tokens count as computed when it is scheduled
+//! and its samples as *awaited* until `update_from_output`; a decode whose
+//! input is an awaited token is scheduled with a placeholder id
+//! ([`ScheduledSeq::token_from_previous_step`]: the runner feeds the real id
+//! on the device) and a slot from [`KvAllocator::append_pending_slot`], told
+//! its id at the update. Steps are applied in order; a sequence stopped by
+//! the older step's token has its output from the newer one dropped; a
+//! sequence whose awaited token ends it by length is not scheduled again. A
+//! step that forks (`n > 1`) must be applied before the next is scheduled
+//! ([`Scheduler::can_schedule`]), and [`Scheduler::discard_unapplied`] puts
+//! the sequences of steps whose results will never come back in the queue.
+//!
 //! # Prefix caching
 //! With a caching allocator, every full block (of prompt or generated tokens)
 //! is registered under a hash chained over its prefix and the request's

@@ -26,6 +26,11 @@ pub struct ScheduledSeq {
     /// normally, and every sample's id (this one first) at the step where a
     /// request with `n > 1` finishes its prompt and forks.
     pub sample_for: Vec<SeqId>,
+    /// Asynchronous scheduling: this decode's one input token is the one the
+    /// previous step (still running when this one was scheduled) samples for
+    /// the sequence. `token_ids[0]` is then a placeholder (0): the runner
+    /// takes the id from that step's sampled tokens on the device.
+    pub token_from_previous_step: bool,
 }
 
 impl ScheduledSeq {
@@ -73,6 +78,12 @@ impl SchedulerOutput {
     /// Nothing to run (there may still be plans, e.g. after preemptions).
     pub fn is_empty(&self) -> bool {
         self.scheduled.is_empty()
+    }
+
+    /// Whether a request forks into its `n` samples at this step (the next
+    /// step cannot be scheduled before this one is applied).
+    pub fn forks(&self) -> bool {
+        self.scheduled.iter().any(|s| s.sample_for.len() > 1)
     }
 
     /// Every sequence that samples a token this step, in entry order.

@@ -95,8 +95,14 @@ pub struct Sequence {
     /// Prompt then generated tokens.
     pub(crate) tokens: Vec<TokenId>,
     pub(crate) num_prompt_tokens: usize,
-    /// Tokens whose KV is computed (or scheduled for computation this step).
+    /// Tokens whose KV is computed or scheduled for computation (advanced
+    /// when a step is scheduled, so the next step can be scheduled before
+    /// this one's results are back).
     pub(crate) num_computed_tokens: usize,
+    /// Tokens that scheduled steps sample for this sequence and that are not
+    /// in `tokens` yet: 1 from scheduling until the update, 2 briefly under
+    /// asynchronous scheduling (the step running and the one just scheduled).
+    pub(crate) num_awaited_tokens: usize,
     pub(crate) status: SeqStatus,
     pub(crate) rank: RankKey,
     /// Sibling sequences to create when the prompt completes (n > 1).
@@ -138,6 +144,17 @@ impl Sequence {
         self.num_computed_tokens
     }
 
+    /// Tokens already sampled for it by scheduled steps but not applied yet.
+    pub fn num_awaited_tokens(&self) -> usize {
+        self.num_awaited_tokens
+    }
+
+    /// Known tokens plus awaited ones: the length the sequence will have once
+    /// every scheduled step is applied.
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len() + self.num_awaited_tokens
+    }
+
     pub fn status(&self) -> SeqStatus {
         self.status
     }
@@ -146,7 +163,7 @@ impl Sequence {
     /// is generating, not prefilling).
     pub fn is_decoding(&self) -> bool {
         self.pending_fork.is_empty()
-            && self.num_computed_tokens + 1 == self.tokens.len()
+            && self.num_computed_tokens + 1 == self.num_tokens()
             && self.num_computed_tokens >= self.num_prompt_tokens
     }
 }

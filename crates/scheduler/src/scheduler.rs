@@ -1,6 +1,6 @@
 //! The continuous-batching scheduler.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use pagoda_paged_kv::{
     AllocError, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, SeqId, SeqStart, TokenId,
@@ -42,6 +42,15 @@ struct RequestState {
 
 type QueueKey = (RankKey, SeqId);
 
+/// A scheduled step whose results are not applied yet.
+#[derive(Clone, Copy, Debug)]
+struct UnappliedStep {
+    step: u64,
+    /// A request forks at this step: nothing can be scheduled before it is
+    /// applied (the samples do not exist until then).
+    forks: bool,
+}
+
 /// Iteration-level scheduler: each [`Scheduler::schedule`] call picks the
 /// sequences of one model step under the token and sequence budgets, and
 /// [`Scheduler::update_from_output`] feeds the sampled tokens back.
@@ -71,9 +80,11 @@ pub struct Scheduler<A: KvAllocator> {
     pending_fork_slots: usize,
     next_seq_id: u64,
     next_arrival_index: u64,
-    /// The last step handed out, and the last step applied (or known empty).
+    /// The last step handed out.
     step: u64,
-    applied_step: u64,
+    /// Steps handed out and not applied yet, oldest first (at most one
+    /// between calls, two during an asynchronous `schedule`).
+    unapplied: VecDeque<UnappliedStep>,
     stats: SchedulerStats,
 }
 
@@ -115,7 +126,7 @@ impl<A: KvAllocator> Scheduler<A> {
             next_seq_id: 0,
             next_arrival_index: 0,
             step: 0,
-            applied_step: 0,
+            unapplied: VecDeque::new(),
             stats: SchedulerStats::default(),
         })
     }
@@ -182,6 +193,7 @@ impl<A: KvAllocator> Scheduler<A> {
             tokens: req.prompt_token_ids,
             num_prompt_tokens: len,
             num_computed_tokens: 0,
+            num_awaited_tokens: 0,
             status: SeqStatus::Waiting,
             rank,
             pending_fork,
@@ -239,11 +251,13 @@ impl<A: KvAllocator> Scheduler<A> {
 
     /// Picks the sequences of the next step (see the type's docs for the
     /// rules). Execute it, then give it to [`Self::update_from_output`] before
-    /// the next call (a step that scheduled nothing needs no update, but may
-    /// still carry swap-outs to execute).
+    /// the next call; with `async_scheduling`, before the call after next
+    /// (unless it forks: see [`Self::can_schedule`]). A step that scheduled
+    /// nothing needs no update, but may still carry swap-outs to execute.
     pub fn schedule(&mut self) -> Result<SchedulerOutput, SchedulerError> {
-        if self.applied_step != self.step {
-            return Err(SchedulerError::StepNotApplied(self.step));
+        if !self.can_schedule() {
+            let oldest = self.unapplied.front().map_or(self.step, |u| u.step);
+            return Err(SchedulerError::StepNotApplied(oldest));
         }
         self.step += 1;
         self.stats.num_steps += 1;
@@ -261,10 +275,10 @@ impl<A: KvAllocator> Scheduler<A> {
                 break;
             }
             let seq = &self.seqs[&id];
-            if seq.status != SeqStatus::Running {
+            if seq.status != SeqStatus::Running || self.ends_with_awaited(seq) {
                 continue;
             }
-            if seq.tokens.len() - seq.num_computed_tokens > 1 {
+            if seq.num_tokens() - seq.num_computed_tokens > 1 {
                 prefills.push(id);
                 continue;
             }
@@ -280,7 +294,7 @@ impl<A: KvAllocator> Scheduler<A> {
             if seq.status != SeqStatus::Running {
                 continue;
             }
-            let Some(n) = self.prefill_chunk(seq.tokens.len() - seq.num_computed_tokens, budget) else {
+            let Some(n) = self.prefill_chunk(seq.num_tokens() - seq.num_computed_tokens, budget) else {
                 continue;
             };
             if self.schedule_running(id, n, &mut out, &mut preempted)? {
@@ -299,11 +313,35 @@ impl<A: KvAllocator> Scheduler<A> {
         }
         out.num_decodes = out.scheduled.iter().take_while(|s| s.token_ids.len() == 1).count();
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget;
-        if out.scheduled.is_empty() {
-            // Nothing will be sampled: there is nothing to apply.
-            self.applied_step = self.step;
+        // A step that computes nothing samples nothing: there is nothing to apply.
+        if !out.scheduled.is_empty() {
+            self.unapplied.push_back(UnappliedStep { step: self.step, forks: out.forks() });
         }
         Ok(out)
+    }
+
+    /// Whether [`Self::schedule`] may be called now: every step is applied,
+    /// or, with `async_scheduling`, one is not and it does not fork.
+    pub fn can_schedule(&self) -> bool {
+        match self.unapplied.front() {
+            None => true,
+            Some(u) => self.config.async_scheduling && self.unapplied.len() == 1 && !u.forks,
+        }
+    }
+
+    /// Whether a running sequence must wait for its awaited tokens before it
+    /// can be scheduled again: two are outstanding, or the one outstanding
+    /// ends it by length (computing past it would be wasted).
+    fn ends_with_awaited(&self, seq: &Sequence) -> bool {
+        match seq.num_awaited_tokens {
+            0 => false,
+            1 => {
+                let max_tokens = self.requests.get(&seq.request_id).map_or(usize::MAX, |r| r.max_tokens);
+                seq.num_tokens() - seq.num_prompt_tokens >= max_tokens
+                    || seq.num_tokens() >= self.config.max_model_len
+            }
+            _ => true,
+        }
     }
 
     /// Whether the step can take no more: no token budget left, or
@@ -335,7 +373,14 @@ impl<A: KvAllocator> Scheduler<A> {
         loop {
             let seq = &self.seqs[&id];
             let start = seq.num_computed_tokens;
-            match self.kv.append_slots(id, &seq.tokens[start..start + n], &mut out.blocks_to_copy) {
+            // A decode whose input is the token the running step samples: its
+            // slot is allocated now, its id told to the allocator at the update.
+            let allocation = if start == seq.tokens.len() && n == 1 {
+                self.kv.append_pending_slot(id, &mut out.blocks_to_copy)
+            } else {
+                self.kv.append_slots(id, &seq.tokens[start..start + n], &mut out.blocks_to_copy)
+            };
+            match allocation {
                 Ok(()) => {
                     self.push_entry(id, n, out)?;
                     return Ok(true);
@@ -420,7 +465,11 @@ impl<A: KvAllocator> Scheduler<A> {
         let seq = &self.seqs[&id];
         let start = seq.num_computed_tokens;
         let n = seq.tokens.len() - start;
-        if self.running.len() + self.pending_fork_slots >= self.config.max_num_seqs || n > *budget {
+        // A sequence swapped out while a step sampled for it resumes once that token is known.
+        if seq.num_awaited_tokens > 0
+            || self.running.len() + self.pending_fork_slots >= self.config.max_num_seqs
+            || n > *budget
+        {
             return Ok(false);
         }
         if !allocated(self.kv.swap_in(id, &seq.tokens[start..], &mut out.blocks_to_swap_in), id)? {
@@ -438,9 +487,10 @@ impl<A: KvAllocator> Scheduler<A> {
     ) -> Result<bool, SchedulerError> {
         let id = key.1;
         let seq = &self.seqs[&id];
-        // Reserve room for the samples this prompt will fork into.
+        // Reserve room for the samples this prompt will fork into. A sequence
+        // preempted while a step sampled for it resumes once that token is known.
         let slots = self.running.len() + self.pending_fork_slots;
-        if slots + 1 + seq.pending_fork.len() > self.config.max_num_seqs {
+        if seq.num_awaited_tokens > 0 || slots + 1 + seq.pending_fork.len() > self.config.max_num_seqs {
             return Ok(false);
         }
         let salt = self.requests.get(&seq.request_id).and_then(|r| r.cache_salt);
@@ -484,7 +534,8 @@ impl<A: KvAllocator> Scheduler<A> {
         Ok(true)
     }
 
-    /// Describes `n` new tokens of a sequence whose slots are allocated.
+    /// Describes `n` new tokens of a sequence whose slots are allocated, and
+    /// counts them as computed (and the token sampled after them as awaited).
     fn push_entry(&mut self, id: SeqId, n: usize, out: &mut SchedulerOutput) -> Result<(), SchedulerError> {
         let b = self.kv.block_size();
         let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
@@ -497,47 +548,57 @@ impl<A: KvAllocator> Scheduler<A> {
         }
         let slot_mapping =
             (start..end).map(|pos| i64::from(table[pos / b]) * b as i64 + (pos % b) as i64).collect();
-        let sample_for = if end == seq.tokens.len() {
+        let sample_for = if end == seq.num_tokens() {
             std::iter::once(id).chain(seq.pending_fork.iter().copied()).collect()
         } else {
             Vec::new()
         };
+        // Only a decode can start past the known tokens (its input is awaited).
+        let token_from_previous_step = end > seq.tokens.len();
+        let token_ids = if token_from_previous_step { vec![0; n] } else { seq.tokens[start..end].to_vec() };
+        seq.num_computed_tokens = end;
+        if !sample_for.is_empty() {
+            seq.num_awaited_tokens += 1;
+        }
         out.scheduled.push(ScheduledSeq {
             seq_id: id,
             request_id: seq.request_id,
-            token_ids: seq.tokens[start..end].to_vec(),
+            token_ids,
             start_position: start,
             block_table: table.to_vec(),
             slot_mapping,
             sample_for,
+            token_from_previous_step,
         });
         Ok(())
     }
 
     // ---- after the step ----------------------------------------------------------
 
-    /// Applies a step's results: advances every scheduled sequence's computed
-    /// tokens, forks requests with `n > 1` whose prompt just completed, appends
-    /// each sampled token, checks stop conditions (EOS unless `ignore_eos`, and
+    /// Applies a step's results (steps in the order they were scheduled):
+    /// forks requests with `n > 1` whose prompt just completed, appends each
+    /// sampled token, checks stop conditions (EOS unless `ignore_eos`, and
     /// stop tokens, both only after `min_tokens`; then `max_tokens` and the
     /// model length), and frees finished sequences at once.
     ///
     /// `sampled` holds one token per sequence in the output's `sample_for`
     /// lists. Sequences aborted or finished since the step was scheduled are
-    /// skipped (a token sampled for them is ignored).
+    /// skipped (a token sampled for them is ignored). A sequence preempted
+    /// since then keeps its token: it was sampled from a complete context.
     pub fn update_from_output(
         &mut self,
         output: &SchedulerOutput,
         sampled: &[(SeqId, TokenId)],
     ) -> Result<Vec<SeqUpdate>, UpdateError> {
-        if output.step != self.step {
-            return Err(UpdateError::StaleOutput { got: output.step, expected: self.step });
-        }
-        if output.is_empty() && sampled.is_empty() {
+        if output.is_empty() && sampled.is_empty() && output.step <= self.step {
             return Ok(Vec::new()); // nothing ran: nothing to apply
         }
-        if self.applied_step == self.step {
-            return Err(UpdateError::AlreadyApplied(self.step));
+        let oldest = self.unapplied.front().map(|u| u.step);
+        if oldest != Some(output.step) {
+            if output.step <= self.step && oldest.is_none_or(|o| output.step < o) {
+                return Err(UpdateError::AlreadyApplied(output.step));
+            }
+            return Err(UpdateError::StaleOutput { got: output.step, expected: oldest.unwrap_or(self.step) });
         }
         // Validate everything before changing anything.
         let mut tokens: FxHashMap<SeqId, Option<TokenId>> =
@@ -558,29 +619,60 @@ impl<A: KvAllocator> Scheduler<A> {
                 return Err(UpdateError::MissingSample(s));
             }
         }
-        self.applied_step = self.step;
+        self.unapplied.pop_front();
 
         let mut updates = Vec::with_capacity(sampled.len());
         for (entry, _) in output.scheduled.iter().zip(&live).filter(|(_, &l)| l) {
-            if let Some(seq) = self.seqs.get_mut(&entry.seq_id) {
-                seq.num_computed_tokens += entry.token_ids.len();
-            }
             if entry.sample_for.len() > 1 {
                 self.fork_samples(entry.seq_id, &entry.sample_for[1..]);
             }
             for s in &entry.sample_for {
                 if let Some(&Some(token)) = tokens.get(s) {
-                    self.append_token(*s, token, &mut updates);
+                    self.append_token(*s, token, &mut updates)?;
                 }
             }
         }
         Ok(updates)
     }
 
+    /// Forgets every step not applied yet, whose results will never come (the
+    /// device failed). Each sequence those steps scheduled, or that awaits a
+    /// token from them, goes back to the waiting queue to recompute from its
+    /// known tokens: nothing is lost but the work. Returns those sequences.
+    pub fn discard_unapplied(&mut self) -> Vec<SeqId> {
+        let Some(oldest) = self.unapplied.front().map(|u| u.step) else { return Vec::new() };
+        self.unapplied.clear();
+        let mut requeued: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| {
+                s.num_awaited_tokens > 0 || (s.scheduled_step >= oldest && s.status != SeqStatus::Waiting)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        requeued.sort();
+        for &id in &requeued {
+            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            seq.num_awaited_tokens = 0;
+            let key = (seq.rank, id);
+            if seq.status == SeqStatus::Waiting {
+                continue;
+            }
+            if self.running.remove(&key) {
+                self.pending_fork_slots -= seq.pending_fork.len();
+            }
+            self.swapped.remove(&key);
+            let freed = self.kv.free(id);
+            debug_assert!(freed.is_ok(), "freeing {id}: {freed:?}");
+            seq.num_computed_tokens = 0;
+            seq.status = SeqStatus::Waiting;
+            self.waiting.insert(key);
+        }
+        requeued
+    }
+
     fn is_live_entry(&self, entry: &ScheduledSeq) -> bool {
-        self.seqs
-            .get(&entry.seq_id)
-            .is_some_and(|s| s.status == SeqStatus::Running && s.scheduled_step == self.step)
+        self.seqs.contains_key(&entry.seq_id)
     }
 
     /// Creates the other samples of a request whose prompt just completed.
@@ -612,9 +704,22 @@ impl<A: KvAllocator> Scheduler<A> {
         }
     }
 
-    fn append_token(&mut self, id: SeqId, token: TokenId, updates: &mut Vec<SeqUpdate>) {
-        let Some(seq) = self.seqs.get_mut(&id) else { return };
+    fn append_token(
+        &mut self,
+        id: SeqId,
+        token: TokenId,
+        updates: &mut Vec<SeqUpdate>,
+    ) -> Result<(), UpdateError> {
+        let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
         seq.tokens.push(token);
+        seq.num_awaited_tokens = seq.num_awaited_tokens.saturating_sub(1);
+        // Scheduled ahead (asynchronous scheduling): a later step already holds
+        // this token's slot, and the allocator can now hash it.
+        if seq.status == SeqStatus::Running && seq.num_computed_tokens >= seq.tokens.len() {
+            self.kv
+                .set_pending_token(id, token)
+                .map_err(|source| UpdateError::Allocator { seq: id, source })?;
+        }
         let finish_reason = self
             .requests
             .get(&seq.request_id)
@@ -629,6 +734,7 @@ impl<A: KvAllocator> Scheduler<A> {
         if finish_reason.is_some() {
             self.finish(id);
         }
+        Ok(())
     }
 
     /// Removes a sequence from its queue, frees its blocks, and retires the
@@ -729,7 +835,7 @@ impl<A: KvAllocator> Scheduler<A> {
 
     /// Checks queues, statuses, requests and the allocator against each other
     /// (O(everything); for tests). Valid between `update_from_output` and
-    /// `schedule`.
+    /// `schedule` (with one step unapplied under asynchronous scheduling).
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
         self.kv.check_invariants()?;
         let queued = self.waiting.len() + self.running.len() + self.swapped.len();
@@ -767,8 +873,16 @@ impl<A: KvAllocator> Scheduler<A> {
                     }
                 }
             }
-            if seq.num_computed_tokens >= seq.tokens.len() && seq.status != SeqStatus::Waiting {
+            if seq.num_computed_tokens >= seq.num_tokens() && seq.status != SeqStatus::Waiting {
                 return Err(format!("{id} has nothing left to compute").into());
+            }
+            if seq.num_awaited_tokens > self.unapplied.len() {
+                return Err(format!(
+                    "{id} awaits {} tokens from {} unapplied steps",
+                    seq.num_awaited_tokens,
+                    self.unapplied.len()
+                )
+                .into());
             }
             let owned = self.requests.get(&seq.request_id).is_some_and(|r| r.live_seqs.contains(&id));
             if !owned {

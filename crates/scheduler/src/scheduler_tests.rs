@@ -481,10 +481,12 @@ fn update_validates_before_applying() {
         s.update_from_output(&stale, &[(id, 1)]),
         Err(UpdateError::StaleOutput { got: 7, expected: 1 })
     );
-    assert_eq!(s.seq(id).unwrap().num_computed_tokens(), 0, "nothing applied");
+    assert!(s.seq(id).unwrap().output_token_ids().is_empty(), "nothing applied");
+    assert_eq!(s.seq(id).unwrap().num_awaited_tokens(), 1);
     s.update_from_output(&out, &[(id, 1)]).unwrap();
     assert_eq!(s.update_from_output(&out, &[(id, 1)]), Err(UpdateError::AlreadyApplied(1)));
-    assert_eq!(s.seq(id).unwrap().num_computed_tokens(), 5);
+    assert_eq!(s.seq(id).unwrap().output_token_ids(), [1]);
+    assert_eq!(s.seq(id).unwrap().num_awaited_tokens(), 0);
 }
 
 #[test]
@@ -495,4 +497,108 @@ fn an_empty_step_needs_no_update() {
     assert_eq!(s.update_from_output(&out, &[]), Ok(vec![]));
     assert!(s.schedule().unwrap().is_empty());
     assert_eq!(s.stats().num_steps, 2);
+}
+
+fn async_config(batched: usize, seqs: usize) -> SchedulerConfig {
+    SchedulerConfig { async_scheduling: true, ..config(batched, seqs) }
+}
+
+#[test]
+fn async_scheduling_runs_one_step_ahead_of_the_tokens() {
+    let mut s = Scheduler::new(async_config(64, 4), paged(8, 0, 4, true)).unwrap();
+    s.add_request(req(1, 5, 4)).unwrap();
+    let s1 = s.schedule().unwrap();
+    let id = s1.scheduled[0].seq_id;
+    assert!(s.can_schedule(), "one unapplied step is allowed");
+    let s2 = s.schedule().unwrap();
+    assert!(!s.can_schedule());
+    assert_eq!(s.schedule().unwrap_err(), SchedulerError::StepNotApplied(1));
+    let e = &s2.scheduled[0];
+    assert!(e.token_from_previous_step);
+    assert_eq!((e.start_position, e.token_ids.clone(), e.sample_for.clone()), (5, vec![0], vec![id]));
+    assert_eq!(s.seq(id).unwrap().num_awaited_tokens(), 2);
+    s.check_invariants().unwrap();
+    // Steps apply in order: the newer one is not next.
+    assert_eq!(s.update_from_output(&s2, &[(id, 8)]), Err(UpdateError::StaleOutput { got: 2, expected: 1 }));
+    assert_eq!(s.update_from_output(&s1, &[(id, 7)]).unwrap()[0].new_token, 7);
+    s.check_invariants().unwrap();
+    let s3 = s.schedule().unwrap();
+    assert_eq!(s3.scheduled[0].start_position, 6);
+    s.update_from_output(&s2, &[(id, 8)]).unwrap();
+    let s4 = s.schedule().unwrap();
+    assert_eq!(s4.scheduled[0].start_position, 7);
+    s.update_from_output(&s3, &[(id, 9)]).unwrap();
+    // The token awaited from s4 is the fourth and last: nothing to schedule.
+    let s5 = s.schedule().unwrap();
+    assert!(s5.is_empty());
+    let up = s.update_from_output(&s4, &[(id, 10)]).unwrap();
+    assert_eq!(up[0].finish_reason, Some(FinishReason::Length));
+    assert!(!s.has_unfinished());
+    s.check_invariants().unwrap();
+    // Blocks whose last slot was filled before its token was known are cached
+    // under the right hash once it is: prompt + 3 outputs = two full blocks.
+    let mut next: Vec<TokenId> = req(1, 5, 1).prompt_token_ids;
+    next.extend([7, 8, 9, 42]);
+    assert_eq!(s.allocator().lookup_prefix(&next, None).num_cached_tokens, 8);
+}
+
+#[test]
+fn async_scheduling_drops_the_step_after_a_stop_token() {
+    let mut s = Scheduler::new(async_config(64, 4), paged(8, 0, 4, false)).unwrap();
+    s.add_request(NewRequest { eos_token_id: Some(2), ..req(1, 3, 10) }).unwrap();
+    s.add_request(req(2, 3, 10)).unwrap();
+    let s1 = s.schedule().unwrap();
+    let (a, b) = (s1.scheduled[0].seq_id, s1.scheduled[1].seq_id);
+    let s2 = s.schedule().unwrap();
+    assert_eq!(s2.scheduled.len(), 2);
+    let up = s.update_from_output(&s1, &[(a, 2), (b, 2)]).unwrap();
+    assert_eq!(up[0].finish_reason, Some(FinishReason::Stop(Some(2))), "EOS ends the first");
+    assert_eq!(up[1].finish_reason, None);
+    let s3 = s.schedule().unwrap();
+    assert_eq!(s3.scheduled.len(), 1, "the finished sequence is not scheduled again");
+    // Its token from s2 was computed for nothing and is dropped.
+    let up = s.update_from_output(&s2, &[(a, 5), (b, 5)]).unwrap();
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].seq_id, b);
+    s.update_from_output(&s3, &[(b, 6)]).unwrap();
+    s.check_invariants().unwrap();
+    s.abort_request(RequestId(2));
+    assert_eq!(s.kv_usage().used_blocks, 0);
+}
+
+#[test]
+fn async_scheduling_waits_for_a_step_that_forks() {
+    let mut s = Scheduler::new(async_config(64, 4), paged(8, 0, 4, false)).unwrap();
+    s.add_request(NewRequest { n: 2, ..req(1, 3, 2) }).unwrap();
+    let s1 = s.schedule().unwrap();
+    assert!(s1.forks());
+    assert!(!s.can_schedule());
+    assert_eq!(s.schedule().unwrap_err(), SchedulerError::StepNotApplied(1));
+    let sampled: Vec<_> = s1.sampling_seqs().map(|q| (q, 4)).collect();
+    s.update_from_output(&s1, &sampled).unwrap();
+    let s2 = s.schedule().unwrap();
+    assert_eq!(s2.scheduled.len(), 2);
+    assert!(s2.scheduled.iter().all(|e| !e.token_from_previous_step));
+    assert!(s.can_schedule());
+}
+
+#[test]
+fn discarding_unapplied_steps_requeues_their_sequences() {
+    let mut s = Scheduler::new(async_config(64, 4), paged(8, 0, 4, true)).unwrap();
+    s.add_request(req(1, 5, 6)).unwrap();
+    s.add_request(req(2, 3, 6)).unwrap();
+    let s1 = s.schedule().unwrap();
+    let sampled: Vec<_> = s1.sampling_seqs().map(|q| (q, 1)).collect();
+    s.update_from_output(&s1, &sampled).unwrap();
+    let _s2 = s.schedule().unwrap();
+    let _s3 = s.schedule().unwrap(); // ahead of s2, which then fails
+    let requeued = s.discard_unapplied();
+    assert_eq!(requeued.len(), 2);
+    s.check_invariants().unwrap();
+    assert_eq!(s.num_waiting(), 2);
+    assert_eq!(s.kv_usage().used_blocks, 0);
+    for q in requeued {
+        assert_eq!(s.seq(q).unwrap().output_token_ids(), [1], "known tokens are kept");
+    }
+    assert_eq!(run_to_end(&mut s, 20), 5, "a recompute that samples the second token, then 4 decodes");
 }

@@ -36,6 +36,8 @@ enum Op {
     FinishSeq {
         pick: usize,
     },
+    /// The step in flight fails on the device: its results never come.
+    DeviceFailure,
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -45,6 +47,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         8 => any::<u64>().prop_map(|seed| Op::Step { seed }),
         1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, mid_step)| Op::Abort { pick, mid_step }),
         1 => any::<usize>().prop_map(|pick| Op::FinishSeq { pick }),
+        1 => Just(Op::DeviceFailure),
     ]
 }
 
@@ -81,6 +84,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
             any::<bool>(),
             prop::option::of(1usize..8),
         ),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -90,6 +94,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
                 caching,
                 contiguous,
                 (batched, seqs, model_len, chunked, swap, priority, threshold),
+                async_scheduling,
             )| {
                 let max_model_len = model_len.min(blocks * block_size);
                 let max_model_len = match contiguous {
@@ -104,6 +109,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
                     preemption_mode: if swap { PreemptionMode::Swap } else { PreemptionMode::Recompute },
                     policy: if priority { Policy::Priority } else { Policy::Fcfs },
                     long_prefill_token_threshold: threshold,
+                    async_scheduling,
                 };
                 Setup { block_size, num_gpu_blocks: blocks, num_cpu_blocks: cpu, caching, contiguous, config }
             },
@@ -134,6 +140,9 @@ struct Harness<A: KvAllocator> {
     cpu: Vec<Option<TokenId>>,
     requests: BTreeMap<RequestId, Expect>,
     next_request: u64,
+    /// Under asynchronous scheduling: the step "running on the device", with
+    /// the tokens it samples (known to the device, not yet to the scheduler).
+    in_flight: Option<(SchedulerOutput, Vec<(SeqId, TokenId)>)>,
 }
 
 impl<A: KvAllocator> Harness<A> {
@@ -141,7 +150,7 @@ impl<A: KvAllocator> Harness<A> {
         let b = s.allocator().block_size();
         let gpu = vec![None; s.allocator().num_gpu_blocks() * b];
         let cpu = vec![None; s.allocator().num_cpu_blocks() * b];
-        Self { s, gpu, cpu, requests: BTreeMap::new(), next_request: 0 }
+        Self { s, gpu, cpu, requests: BTreeMap::new(), next_request: 0, in_flight: None }
     }
 
     fn live_request(&self, pick: usize) -> Option<RequestId> {
@@ -177,6 +186,11 @@ impl<A: KvAllocator> Harness<A> {
                 }
             }
             Op::Step { seed } => self.step(*seed, None)?,
+            Op::DeviceFailure => {
+                if self.in_flight.take().is_some() {
+                    self.s.discard_unapplied();
+                }
+            }
             Op::Abort { pick, mid_step } => {
                 if let Some(r) = self.live_request(*pick) {
                     if *mid_step {
@@ -246,9 +260,24 @@ impl<A: KvAllocator> Harness<A> {
             prop_assert!(!e.token_ids.is_empty());
             let seq = self.s.seq(e.seq_id).unwrap();
             let all = seq.all_token_ids();
-            prop_assert_eq!(&e.token_ids[..], &all[e.positions()], "tokens of {}", e.seq_id);
-            prop_assert_eq!(seq.num_computed_tokens(), e.start_position);
-            prop_assert_eq!(e.sample_for.is_empty(), e.seq_len() < all.len(), "sample only at the end");
+            if e.token_from_previous_step {
+                prop_assert!(cfg.async_scheduling, "an awaited input without asynchronous scheduling");
+                prop_assert_eq!(e.token_ids.len(), 1);
+                prop_assert_eq!(e.start_position, all.len(), "the awaited token is the next one");
+                prop_assert!(
+                    self.previous_sample(e.seq_id).is_some(),
+                    "no running step samples {}",
+                    e.seq_id
+                );
+            } else {
+                prop_assert_eq!(&e.token_ids[..], &all[e.positions()], "tokens of {}", e.seq_id);
+            }
+            prop_assert_eq!(seq.num_computed_tokens(), e.seq_len());
+            if e.sample_for.is_empty() {
+                prop_assert!(e.seq_len() < seq.num_tokens(), "a prefill chunk that reaches the end");
+            } else {
+                prop_assert_eq!(e.seq_len() + 1, seq.num_tokens(), "sample only at the end");
+            }
             prop_assert!(e.block_table.len() * b >= e.seq_len());
             for (i, pos) in e.positions().enumerate() {
                 prop_assert_eq!(
@@ -274,12 +303,29 @@ impl<A: KvAllocator> Harness<A> {
             Self::copy(&gpu, &mut self.gpu, src, dst, b);
         }
         for e in &out.scheduled {
+            let fed = if e.token_from_previous_step { self.previous_sample(e.seq_id) } else { None };
             for (&slot, &t) in e.slot_mapping.iter().zip(&e.token_ids) {
-                self.gpu[slot as usize] = Some(t);
+                self.gpu[slot as usize] = Some(fed.unwrap_or(t));
             }
         }
+        Ok(())
+    }
+
+    /// The token the step in flight samples for `seq`, as the device has it.
+    fn previous_sample(&self, seq: SeqId) -> Option<TokenId> {
+        let (_, sampled) = self.in_flight.as_ref()?;
+        sampled.iter().find(|&&(s, _)| s == seq).map(|&(_, t)| t)
+    }
+
+    /// Reads every scheduled sequence's context back through its table (once
+    /// the tokens a step was scheduled ahead of are known).
+    fn read_back(&self, out: &SchedulerOutput) -> Result<(), TestCaseError> {
+        let b = self.s.allocator().block_size();
         for e in &out.scheduled {
-            let all = self.s.seq(e.seq_id).unwrap().all_token_ids();
+            // Finished or aborted since (its KV no longer matters).
+            let Some(seq) = self.s.seq(e.seq_id) else { continue };
+            let all = seq.all_token_ids();
+            prop_assert!(all.len() >= e.seq_len(), "{}: inputs still unknown", e.seq_id);
             for (pos, &t) in all[..e.seq_len()].iter().enumerate() {
                 let slot = e.block_table[pos / b] as usize * b + pos % b;
                 prop_assert_eq!(self.gpu[slot], Some(t), "{} reads wrong KV at position {}", e.seq_id, pos);
@@ -288,7 +334,12 @@ impl<A: KvAllocator> Harness<A> {
         Ok(())
     }
 
+    /// One engine step: schedule, "run" on the shadow memory, then apply the
+    /// step before it (asynchronous) or this one (synchronous).
     fn step(&mut self, seed: u64, abort_mid_step: Option<RequestId>) -> Result<(), TestCaseError> {
+        if self.in_flight.is_some() && !self.s.can_schedule() {
+            self.apply_in_flight()?; // it forks
+        }
         let out = self.s.schedule().map_err(|e| TestCaseError::fail(e.to_string()))?;
         self.check_output(&out)?;
         self.execute(&out)?;
@@ -303,9 +354,20 @@ impl<A: KvAllocator> Harness<A> {
                 (id, ((rng >> 33) % 6) as TokenId)
             })
             .collect();
-        if out.is_empty() {
-            return Ok(());
+        self.apply_in_flight()?;
+        self.read_back(&out)?;
+        if !out.is_empty() {
+            self.in_flight = Some((out, sampled));
         }
+        if !self.s.config().async_scheduling {
+            self.apply_in_flight()?;
+        }
+        Ok(())
+    }
+
+    /// Gives the step in flight's tokens to the scheduler and checks the updates.
+    fn apply_in_flight(&mut self) -> Result<(), TestCaseError> {
+        let Some((out, sampled)) = self.in_flight.take() else { return Ok(()) };
         let updates =
             self.s.update_from_output(&out, &sampled).map_err(|e| TestCaseError::fail(e.to_string()))?;
         for u in updates {
@@ -339,7 +401,7 @@ impl<A: KvAllocator> Harness<A> {
 
     fn drain(&mut self) -> Result<(), TestCaseError> {
         let mut steps = 0;
-        while self.s.has_unfinished() {
+        while self.s.has_unfinished() || self.in_flight.is_some() {
             steps += 1;
             prop_assert!(steps < 5000, "no progress: {} unfinished", self.s.num_unfinished_requests());
             self.step(steps, None)?;
