@@ -5,7 +5,8 @@
 #   join         join the three thirds and check the hash
 #   keep-bin     keep pagoda and the GGUF hash for calls that do not carry .device/bin
 #   sanitize     compute-sanitizer memcheck and racecheck over the quick conformance grid
-#   kernels      every kernel against the CPU reference (conformance, quick and full grids)
+#   kernels      the CUDA backend's device tests, then every kernel against the CPU reference
+#                (conformance, quick and full grids)
 #   model-check  SmolLM2 on the GPU: whole-model tests vs CPU and transformers, a chat demo
 #   bench8b      build the random-weight Llama-3-8B (hf_peer.py), transformers static batching,
 #                then pagoda bench throughput + latency on the same requests (latency also with
@@ -17,6 +18,8 @@
 #   throughput16k  the throughput run with --max-num-batched-tokens 16384
 #   eager16k     the same with --enforce-eager (no CUDA graphs), for comparison
 #   ncu8b        kernel times (ncu) of decode steps at batch 256 and at batch 1
+#   async8b      asynchronous scheduling on and off: single stream (two alternating rounds),
+#                and throughput16k with it off
 #   variants8b   single-stream A/B: the latency run with no settings, then with each
 #                ';'-separated set of VAR=VALUE settings in $LAT_VARIANTS; two alternating rounds
 # Logs go to $OUT; a short summary prints last.
@@ -25,7 +28,8 @@ export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRA
 W=/tmp/pagoda-gpu
 OUT="${OUT:-$W/out}"
 B=.device/bin    # pagoda, hf_peer.py, gguf.sha256
-K=.device/kbin   # test executables: conformance, kernels (bench)
+K=.device/kbin   # test executables: conformance, device
+KB=.device/kbench  # the kernel bench: kernels
 M=.device/mtest  # the whole-model test executable: cuda_model
 mkdir -p "$W" "$OUT"
 SMOL="$W/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +58,8 @@ for phase in "$@"; do
         --test-threads=1 >> "$OUT/sanitizer.log" 2>&1; echo "racecheck rc=$?"
       grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/sanitizer.log" | sort | uniq -c ;;
     kernels)
+      $K/device --test-threads=1 > "$OUT/device.log" 2>&1
+      echo "device tests rc=$?"; grep -E "test result|FAILED|panicked" "$OUT/device.log" | head -20
       $K/conformance --test-threads=1 --nocapture > "$OUT/conformance.log" 2>&1
       echo "conformance quick rc=$?"
       $K/conformance --ignored full_grid_bf16 --nocapture >> "$OUT/conformance.log" 2>&1
@@ -85,7 +91,7 @@ for phase in "$@"; do
     kbench)
       # The kernel bench (decode partitions swept), then the quick conformance
       # grid with each forced decode partition.
-      $K/kernels "${KBENCH_FILTER:-decode attention}" 2>&1 | tee "$OUT/kernels.log"
+      $KB/kernels "${KBENCH_FILTER:-decode attention}" 2>&1 | tee "$OUT/kernels.log"
       for p in 64 128 256 512 1024; do
         PAGODA_DECODE_PARTITION=$p $K/conformance quick_grid_bf16 --test-threads=1 > "$OUT/conformance_p$p.log" 2>&1
         echo "conformance quick bf16, decode partition $p: rc=$?"
@@ -129,6 +135,19 @@ for phase in "$@"; do
             --num-iters 3 2>&1 | tee -a "$OUT/variants.log" | grep -E "decode:|TTFT|error|Error"
         done
       done ;;
+    async8b)
+      # Asynchronous scheduling against waiting for every step: single stream
+      # (two alternating rounds), then the 16k offline run without it.
+      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      for round in 1 2; do
+        for flag in "" --no-async-scheduling; do
+          echo "--- round $round: ${flag:-asynchronous scheduling}"
+          $PAGODA bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
+            $flag 2>&1 | tee -a "$OUT/async.log" | grep -E "decode:|TTFT|step time|error|Error"
+        done
+      done
+      $PAGODA bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" \
+        --max-num-batched-tokens 16384 --no-async-scheduling 2>&1 | tee "$OUT/pagoda_throughput16k_sync.log" ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
         | grep -v Warning | tee "$OUT/peer_cb.log" ;;
