@@ -2,6 +2,7 @@
 //! copy-on-write copies, one forward pass over every scheduled token) and
 //! returns the sampled tokens. It makes no policy: the scheduler decided.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use pagoda_backend::{AttentionHostMetadata, Backend, DType, HostSlice, SampledToken, SamplingRow};
@@ -99,6 +100,11 @@ impl StepInputs {
         s.attn.max_blocks_per_seq = max_blocks;
         s.attn.num_decode_seqs = out.num_decodes;
         s.attn.query_start_loc.push(0);
+        let fed_from: HashMap<SeqId, usize> = if out.scheduled.iter().any(|e| e.token_from_previous_step) {
+            previous.iter().enumerate().map(|(row, t)| (t.seq_id, row)).collect()
+        } else {
+            HashMap::new()
+        };
         for entry in &out.scheduled {
             let n = entry.token_ids.len();
             if n == 0 || entry.slot_mapping.len() != n {
@@ -116,7 +122,7 @@ impl StepInputs {
             s.attn.block_tables.extend(entry.block_table.iter().map(|&b| b as i32));
             s.attn.block_tables.extend(std::iter::repeat_n(0, max_blocks - entry.block_table.len()));
             if entry.token_from_previous_step {
-                let source = previous.iter().position(|t| t.seq_id == entry.seq_id).ok_or_else(|| {
+                let source = *fed_from.get(&entry.seq_id).ok_or_else(|| {
                     EngineError::Internal(format!(
                         "{:?} takes a token the previous step does not sample",
                         entry.seq_id
