@@ -21,7 +21,7 @@
 #   async8b      asynchronous scheduling on and off: single stream (two alternating rounds),
 #                and throughput16k with it off
 #   serve8b      online: pagoda serve on the 8B model, pagoda bench serve at Poisson rates
-#                ($SERVE_RATES, default "8 16" req/s) and all at once
+#                ($SERVE_RATES, default "8 16 24" req/s) and all at once, a fresh server each
 #   variants8b   single-stream A/B: the latency run with no settings, then with each
 #                ';'-separated set of VAR=VALUE settings in $LAT_VARIANTS; two alternating rounds
 # Logs go to $OUT; a short summary prints last.
@@ -152,24 +152,26 @@ for phase in "$@"; do
         --max-num-batched-tokens 16384 --no-async-scheduling 2>&1 | tee "$OUT/pagoda_throughput16k_sync.log" ;;
     serve8b)
       # Online: pagoda serve on the 8B model, driven over HTTP by pagoda bench serve with the
-      # workload's requests at Poisson rates of ${SERVE_RATES:-8 16} req/s, then all at once.
+      # workload's requests at Poisson rates of ${SERVE_RATES:-8 16 24} req/s, then all at once.
+      # A fresh server for each rate, so no run finds the prompts of the one before in the cache.
       PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
-      $PAGODA serve --device cuda --model "$L8B" --port 8011 --max-num-batched-tokens 8192 \
-        > "$OUT/serve.log" 2>&1 &
-      SERVER=$!
-      for _ in $(seq 1 240); do
-        python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8011/health")' \
-          2>/dev/null && break
-        sleep 0.5
-      done
-      for rate in ${SERVE_RATES:-8 16} inf; do
+      for rate in ${SERVE_RATES:-8 16 24} inf; do
+        $PAGODA serve --device cuda --model "$L8B" --port 8011 --max-num-batched-tokens 8192 \
+          > "$OUT/serve_$rate.log" 2>&1 &
+        SERVER=$!
+        for _ in $(seq 1 240); do
+          python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8011/health")' \
+            2>/dev/null && break
+          sleep 0.5
+        done
         echo "--- request rate $rate"
-        $PAGODA bench serve --base-url http://127.0.0.1:8011 --dataset "$WORKLOAD" --request-rate $rate \
-          --output-json "$OUT/serve_rate_$rate.json" 2>&1 | grep -v -E "^\s*$|%" | tail -22
-      done
-      python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8011/metrics").read().decode())' \
-        | grep -E "^pagoda:(kv_cache_blocks_used|num_requests_running|num_preemptions_total|request_success_total|generation_tokens_total)[ {]"
-      kill -TERM $SERVER; wait $SERVER; echo "server exit $?" ;;
+        $PAGODA bench serve --base-url http://127.0.0.1:8011 --dataset "$WORKLOAD" --vocab-size 128256 \
+          --request-rate $rate --output-json "$OUT/serve_rate_$rate.json" 2>&1 \
+          | grep -E "Successful|Failed|duration|throughput|TTFT|TPOT|ITL|E2EL"
+        python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8011/metrics").read().decode())' \
+          | grep -E "^pagoda:(kv_cache_blocks_used|num_requests_running|num_preemptions_total|request_success_total)[ {]"
+        kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
+      done ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
         | grep -v Warning | tee "$OUT/peer_cb.log" ;;

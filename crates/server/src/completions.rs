@@ -182,8 +182,14 @@ impl CompletionChunks {
             (self.want_logprobs && !delta.logprobs.is_empty()).then(|| {
                 TokenTexts::new(self.engine.tokenizer()).completion(&delta.logprobs, &mut self.offsets[index])
             });
-        if text.is_empty() && logprobs.is_none() && delta.finish_reason.is_none() {
-            // Nothing to show yet (text held back for a possible stop string).
+        // A new token with no text yet (text held back for a possible stop
+        // string, a partial UTF-8 character, or a model without a tokenizer)
+        // still gets its chunk, as vLLM sends it: clients time tokens by chunks.
+        if text.is_empty()
+            && delta.token_ids.is_empty()
+            && logprobs.is_none()
+            && delta.finish_reason.is_none()
+        {
             return None;
         }
         Some(CompletionChoice {
