@@ -71,6 +71,21 @@ pub struct EngineArgs {
     /// Split long prompts across steps so decodes keep flowing (on by default).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub enable_chunked_prefill: bool,
+    /// Prompts with more tokens than this left to prefill are long, and no
+    /// prefill chunk exceeds it (default: none; with
+    /// --max-num-partial-prefills above 1, prompts above 4% of
+    /// --max-model-len count as long, and chunks are not capped).
+    #[arg(long)]
+    pub long_prefill_token_threshold: Option<usize>,
+    /// Most prompts partially prefilled at once. Above 1, prompts competing
+    /// for a step share its token budget, so a short prompt starts at once
+    /// beside long ones; 1 lets running prefills take the budget first.
+    #[arg(long, default_value_t = 4)]
+    pub max_num_partial_prefills: usize,
+    /// Most long prompts (see --long-prefill-token-threshold) partially
+    /// prefilled at once; shorter prompts pass further long ones.
+    #[arg(long, default_value_t = 1)]
+    pub max_long_partial_prefills: usize,
     #[arg(long, value_enum, default_value_t = PreemptionArg::Recompute)]
     pub preemption_mode: PreemptionArg,
     #[arg(long, value_enum, default_value_t = PolicyArg::Fcfs)]
@@ -109,6 +124,9 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             enable_prefix_caching: self.enable_prefix_caching && !self.no_enable_prefix_caching,
             enable_chunked_prefill: self.enable_chunked_prefill,
+            long_prefill_token_threshold: self.long_prefill_token_threshold,
+            max_num_partial_prefills: self.max_num_partial_prefills,
+            max_long_partial_prefills: self.max_long_partial_prefills,
             preemption_mode: match self.preemption_mode {
                 PreemptionArg::Recompute => PreemptionMode::Recompute,
                 PreemptionArg::Swap => PreemptionMode::Swap,

@@ -30,6 +30,19 @@ pub struct EngineConfig {
     pub max_model_len: Option<usize>,
     pub enable_prefix_caching: bool,
     pub enable_chunked_prefill: bool,
+    /// Prompts with more tokens than this left to prefill are long, and no
+    /// prefill chunk exceeds it (vLLM `--long-prefill-token-threshold`);
+    /// `None`: 4% of `max_model_len`, used only to class prompts.
+    pub long_prefill_token_threshold: Option<usize>,
+    /// Most prompts partially prefilled at once (vLLM
+    /// `--max-num-partial-prefills`). Above 1, prompts that compete for a
+    /// step share its budget, so short prompts start while long ones prefill;
+    /// 1 lets running prefills take the budget first (Pagoda's earlier
+    /// behaviour). Ignored without chunked prefill.
+    pub max_num_partial_prefills: usize,
+    /// Most long prompts partially prefilled at once; further long ones let
+    /// shorter ones pass (vLLM `--max-long-partial-prefills`).
+    pub max_long_partial_prefills: usize,
     pub preemption_mode: PreemptionMode,
     pub policy: Policy,
     /// Seed for the per-request seeds of requests that give none.
@@ -60,6 +73,9 @@ impl Default for EngineConfig {
             max_model_len: None,
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
+            long_prefill_token_threshold: None,
+            max_num_partial_prefills: 4,
+            max_long_partial_prefills: 1,
             preemption_mode: PreemptionMode::Recompute,
             policy: Policy::Fcfs,
             seed: 0,
@@ -93,7 +109,18 @@ impl EngineConfig {
             enable_chunked_prefill: self.enable_chunked_prefill,
             preemption_mode: self.preemption_mode,
             policy: self.policy,
-            long_prefill_token_threshold: None,
+            long_prefill_token_threshold: self.long_prefill_token_threshold,
+            // Without chunking no prompt is ever partially prefilled.
+            max_num_partial_prefills: if self.enable_chunked_prefill {
+                self.max_num_partial_prefills
+            } else {
+                1
+            },
+            max_long_partial_prefills: if self.enable_chunked_prefill {
+                self.max_long_partial_prefills
+            } else {
+                1
+            },
             async_scheduling: self.async_scheduling,
         }
     }
@@ -114,6 +141,18 @@ impl EngineConfig {
         }
         if self.max_model_len == Some(0) {
             return bad("max-model-len must be positive".into());
+        }
+        if self.long_prefill_token_threshold == Some(0) {
+            return bad("long-prefill-token-threshold must be positive".into());
+        }
+        if self.max_num_partial_prefills == 0 || self.max_long_partial_prefills == 0 {
+            return bad("max-num-partial-prefills and max-long-partial-prefills must be positive".into());
+        }
+        if self.max_long_partial_prefills > self.max_num_partial_prefills {
+            return bad(format!(
+                "max-long-partial-prefills ({}) must not exceed max-num-partial-prefills ({})",
+                self.max_long_partial_prefills, self.max_num_partial_prefills
+            ));
         }
         Ok(())
     }

@@ -13,6 +13,11 @@ pub enum ConfigError {
          max_model_len ({max_model_len}), or a long prompt could never be scheduled"
     )]
     BudgetBelowModelLen { max_num_batched_tokens: usize, max_model_len: usize },
+    #[error(
+        "max_long_partial_prefills ({max_long_partial_prefills}) must not exceed \
+         max_num_partial_prefills ({max_num_partial_prefills})"
+    )]
+    LongPartialPrefillsAboveMax { max_long_partial_prefills: usize, max_num_partial_prefills: usize },
 }
 
 /// Why a request was refused at the door.

@@ -41,13 +41,18 @@
 //!    and queues it again with prompt + generated tokens as its new prompt;
 //!    *swap* copies its blocks to the CPU pool;
 //! 2. running sequences in the middle of a chunked prefill get what is left
-//!    of the budget;
+//!    of the budget; with concurrent partial prefills (vLLM's
+//!    `max_num_partial_prefills`, 4 by default here) competing prompts share
+//!    it, and long ones (vLLM's `long_prefill_token_threshold`) are capped,
+//!    so a short prompt never waits for long ones to finish their prefill;
 //! 3. if nothing was preempted, swapped and waiting sequences in rank order:
 //!    a swapped one is swapped back in, a waiting one reuses its longest
 //!    cached prefix (always recomputing at least its last token) and prefills
 //!    the rest, chunked to the remaining budget. The first that does not fit
-//!    ends the step, so nothing overtakes a better-ranked request; since a
-//!    preempted request keeps its rank, it resumes before newer ones.
+//!    ends the step, so nothing overtakes a better-ranked request (except
+//!    that a long prompt beyond `max_long_partial_prefills` lets shorter ones
+//!    pass); since a preempted request keeps its rank, it resumes before
+//!    newer ones.
 //!
 //! Entries are ordered decodes first (one new token), then prefills.
 //!

@@ -1,13 +1,14 @@
 //! The continuous-batching scheduler.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::ops::Bound;
 
 use pagoda_paged_kv::{
     AllocError, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, SeqId, SeqStart, TokenId,
 };
 use rustc_hash::FxHashMap;
 
-use crate::config::{PreemptionMode, SchedulerConfig};
+use crate::config::{PartialPrefillLimits, PreemptionMode, SchedulerConfig};
 use crate::error::{AddRequestError, ConfigError, SchedulerError, UpdateError};
 use crate::output::{ScheduledSeq, SchedulerOutput};
 use crate::policy::{RankKey, RequestView, SchedulingPolicy};
@@ -42,6 +43,25 @@ struct RequestState {
 
 type QueueKey = (RankKey, SeqId);
 
+/// What became of a queued sequence offered a place in the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    Admitted,
+    /// Not now, but sequences ranked after it may go (a long prompt held back
+    /// by `max_long_partial_prefills`).
+    PassOver,
+    /// Not now, and nothing ranked after it either (no overtaking).
+    Stop,
+}
+
+/// Partial prefills counted while a step is built, against their limits.
+#[derive(Clone, Copy, Debug)]
+struct PartialPrefills {
+    limits: PartialPrefillLimits,
+    partial: usize,
+    long: usize,
+}
+
 /// A scheduled step whose results are not applied yet.
 #[derive(Clone, Copy, Debug)]
 struct UnappliedStep {
@@ -60,12 +80,25 @@ struct UnappliedStep {
 ///    when a block is missing, the worst-ranked running sequence not yet
 ///    scheduled this step is preempted (possibly the one being scheduled);
 /// 2. running sequences in the middle of a chunked prefill, with what is left
-///    of the token budget;
+///    of the token budget. With concurrent partial prefills
+///    (`max_num_partial_prefills > 1`, the default), when several prompts
+///    compete (running prefills, plus a queued sequence that could start),
+///    each running prefill takes at most its share of what the decodes left
+///    (`1/k`, `k` = the competitors, at most `max_num_partial_prefills`) and a
+///    long one (more tokens left than the long-prompt threshold) at most the
+///    threshold: so a short prompt arriving while long ones prefill starts in
+///    the next step and gets at least `1/max_num_partial_prefills` of the
+///    step until its prompt is done, instead of waiting for them;
 /// 3. unless step 1 or 2 preempted anything, swapped and waiting sequences
 ///    merged in rank order (so a preempted sequence resumes before anything
 ///    ranked after it): swapped ones are swapped in, waiting ones reuse their
 ///    longest cached prefix and prefill the rest, the last one chunked to fit.
-///    The first one that does not fit stops the step (no overtaking).
+///    The first one that does not fit stops the step (no overtaking), with
+///    one exception under the partial-prefill limits: a prompt its chunk
+///    would leave unfinished starts only while fewer than
+///    `max_num_partial_prefills` prompts are unfinished, and a long one only
+///    while fewer than `max_long_partial_prefills` long ones are; a long one
+///    held back by that is passed over, so shorter prompts behind it go first.
 pub struct Scheduler<A: KvAllocator> {
     config: SchedulerConfig,
     kv: A,
@@ -286,7 +319,25 @@ impl<A: KvAllocator> Scheduler<A> {
                 budget -= 1;
             }
         }
-        for id in prefills {
+        // With concurrent partial prefills, the prompts that compete for this
+        // step (running prefills and a queued one that could start) share what
+        // the decodes left, and long ones are capped at the threshold (rule 2
+        // in the type's docs).
+        let limits = self.config.partial_prefill_limits();
+        let (share, long_cap) = match limits {
+            Some(l) => {
+                let queued = !preempted && self.queued_prompt_can_start(l, &prefills);
+                let competing = (prefills.len() + usize::from(queued)).min(l.max_partial);
+                if competing > 1 {
+                    ((budget / competing).max(1), l.long_threshold)
+                } else {
+                    (usize::MAX, usize::MAX)
+                }
+            }
+            None => (usize::MAX, usize::MAX),
+        };
+        let long_threshold = limits.map_or(usize::MAX, |l| l.long_threshold);
+        for &id in &prefills {
             if self.batch_is_full(budget, &out) {
                 break;
             }
@@ -294,7 +345,9 @@ impl<A: KvAllocator> Scheduler<A> {
             if seq.status != SeqStatus::Running {
                 continue;
             }
-            let Some(n) = self.prefill_chunk(seq.num_tokens() - seq.num_computed_tokens, budget) else {
+            let remaining = seq.num_tokens() - seq.num_computed_tokens;
+            let cap = if remaining > long_threshold { share.min(long_cap) } else { share };
+            let Some(n) = self.prefill_chunk(remaining, budget.min(cap)) else {
                 continue;
             };
             if self.schedule_running(id, n, &mut out, &mut preempted)? {
@@ -305,7 +358,8 @@ impl<A: KvAllocator> Scheduler<A> {
         // preempt again (and swap-ins must not share a step with swap-outs,
         // whose CPU blocks they could reuse before they are read).
         if !preempted {
-            self.schedule_queued(&mut out, &mut budget)?;
+            let mut partials = limits.map(|l| self.count_partial_prefills(l, &prefills));
+            self.schedule_queued(&mut out, &mut budget, partials.as_mut())?;
         }
 
         if !out.scheduled.is_sorted_by_key(|s| s.token_ids.len() != 1) {
@@ -431,25 +485,84 @@ impl<A: KvAllocator> Scheduler<A> {
         Ok(())
     }
 
-    /// Swapped and waiting sequences, merged in rank order, until one does not fit.
+    /// Whether a queued sequence could start this step under the
+    /// partial-prefill limits: a swapped one, or the best-ranked waiting one
+    /// that is not a long prompt held back by `max_long_partial_prefills`.
+    /// (Cached prefixes are not looked up here: this only decides whether
+    /// running prefills leave room.)
+    fn queued_prompt_can_start(&self, limits: PartialPrefillLimits, running_prefills: &[SeqId]) -> bool {
+        if !self.swapped.is_empty() {
+            return true;
+        }
+        let long_running = running_prefills
+            .iter()
+            .filter(|id| {
+                self.seqs[id].num_tokens() - self.seqs[id].num_computed_tokens > limits.long_threshold
+            })
+            .count();
+        for &(_, id) in &self.waiting {
+            let seq = &self.seqs[&id];
+            if seq.num_awaited_tokens > 0 {
+                return false; // it blocks the queue until its token is known
+            }
+            if seq.tokens.len() <= limits.long_threshold || long_running < limits.max_long {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Running sequences still in their prompt after this step's chunks
+    /// (`prefills`: those that were in it before).
+    fn count_partial_prefills(&self, limits: PartialPrefillLimits, prefills: &[SeqId]) -> PartialPrefills {
+        let mut count = PartialPrefills { limits, partial: 0, long: 0 };
+        for id in prefills {
+            let seq = &self.seqs[id];
+            let remaining = seq.num_tokens() - seq.num_computed_tokens;
+            if seq.status == SeqStatus::Running && remaining > 1 {
+                count.partial += 1;
+                count.long += usize::from(remaining > limits.long_threshold);
+            }
+        }
+        count
+    }
+
+    /// Swapped and waiting sequences, merged in rank order, until one does
+    /// not fit. Under the partial-prefill limits, a long prompt held back by
+    /// `max_long_partial_prefills` is passed over instead.
     fn schedule_queued(
         &mut self,
         out: &mut SchedulerOutput,
         budget: &mut usize,
+        mut partials: Option<&mut PartialPrefills>,
     ) -> Result<(), SchedulerError> {
+        // Waiting sequences at or before this key were passed over.
+        let mut passed: Option<QueueKey> = None;
         while !self.batch_is_full(*budget, out) {
-            let next = match (self.swapped.first().copied(), self.waiting.first().copied()) {
+            let waiting = match passed {
+                None => self.waiting.first().copied(),
+                Some(k) => self.waiting.range((Bound::Excluded(k), Bound::Unbounded)).next().copied(),
+            };
+            let next = match (self.swapped.first().copied(), waiting) {
                 (Some(s), Some(w)) if s < w => (s, true),
                 (_, Some(w)) => (w, false),
                 (Some(s), None) => (s, true),
                 (None, None) => break,
             };
-            let admitted = match next {
-                (key, true) => self.try_swap_in(key, out, budget)?,
-                (key, false) => self.try_admit(key, out, budget)?,
+            let admission = match next {
+                (key, true) => {
+                    if self.try_swap_in(key, out, budget)? {
+                        Admission::Admitted
+                    } else {
+                        Admission::Stop
+                    }
+                }
+                (key, false) => self.try_admit(key, out, budget, partials.as_deref_mut())?,
             };
-            if !admitted {
-                break;
+            match admission {
+                Admission::Admitted => {}
+                Admission::PassOver => passed = Some(next.0),
+                Admission::Stop => break,
             }
         }
         Ok(())
@@ -484,19 +597,33 @@ impl<A: KvAllocator> Scheduler<A> {
         key: QueueKey,
         out: &mut SchedulerOutput,
         budget: &mut usize,
-    ) -> Result<bool, SchedulerError> {
+        partials: Option<&mut PartialPrefills>,
+    ) -> Result<Admission, SchedulerError> {
         let id = key.1;
         let seq = &self.seqs[&id];
         // Reserve room for the samples this prompt will fork into. A sequence
         // preempted while a step sampled for it resumes once that token is known.
         let slots = self.running.len() + self.pending_fork_slots;
         if seq.num_awaited_tokens > 0 || slots + 1 + seq.pending_fork.len() > self.config.max_num_seqs {
-            return Ok(false);
+            return Ok(Admission::Stop);
         }
         let salt = self.requests.get(&seq.request_id).and_then(|r| r.cache_salt);
         let prefix = self.kv.lookup_prefix(&seq.tokens, salt);
         let cached = prefix.num_cached_tokens;
-        let Some(n) = self.prefill_chunk(seq.tokens.len() - cached, *budget) else { return Ok(false) };
+        let remaining = seq.tokens.len() - cached;
+        let Some(n) = self.prefill_chunk(remaining, *budget) else { return Ok(Admission::Stop) };
+        // A prompt left unfinished by this chunk becomes a partial prefill.
+        if let Some(p) = partials.as_deref() {
+            if n < remaining {
+                let long = remaining > p.limits.long_threshold;
+                if long && p.long >= p.limits.max_long {
+                    return Ok(Admission::PassOver);
+                }
+                if p.partial >= p.limits.max_partial {
+                    return Ok(Admission::Stop);
+                }
+            }
+        }
         let start = SeqStart {
             tokens: &seq.tokens[..cached + n],
             prefix,
@@ -504,14 +631,21 @@ impl<A: KvAllocator> Scheduler<A> {
             max_total_tokens: seq.max_total_tokens,
         };
         if !allocated(self.kv.start_seq(id, start), id)? {
-            return Ok(false);
+            return Ok(Admission::Stop);
+        }
+        if let Some(p) = partials {
+            if n < remaining {
+                p.partial += 1;
+                p.long += usize::from(remaining > p.limits.long_threshold);
+            }
         }
         self.waiting.remove(&key);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.num_computed_tokens = cached;
             self.pending_fork_slots += seq.pending_fork.len();
         }
-        self.start_running(key, n, out, budget)
+        self.start_running(key, n, out, budget)?;
+        Ok(Admission::Admitted)
     }
 
     /// Moves a queued sequence, whose slots for its next `n` tokens are

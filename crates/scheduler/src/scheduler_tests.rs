@@ -602,3 +602,85 @@ fn discarding_unapplied_steps_requeues_their_sequences() {
     }
     assert_eq!(run_to_end(&mut s, 20), 5, "a recompute that samples the second token, then 4 decodes");
 }
+
+// ---- concurrent partial prefills (short prompts beside long ones) ----------
+
+/// Budget 64, max_model_len 256: prompts above 10 tokens (4%) are long.
+fn partial_config(max_num_partial_prefills: usize) -> SchedulerConfig {
+    SchedulerConfig { max_num_partial_prefills, ..config(64, 8) }
+}
+
+#[test]
+fn a_short_prompt_starts_beside_a_long_prefill() {
+    let mut s = Scheduler::new(partial_config(4), paged(128, 0, 4, false)).unwrap();
+    s.add_request(req(1, 200, 2)).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled[0].token_ids.len(), 64, "alone, a long prompt takes the whole budget");
+    s.add_request(req(2, 4, 2)).unwrap();
+    let (out, up) = step(&mut s, 1);
+    let lens: Vec<usize> = out.scheduled.iter().map(|e| e.token_ids.len()).collect();
+    assert_eq!(lens, vec![10, 4], "the long chunk is capped at the threshold; the short prompt runs whole");
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].request_id, RequestId(2), "its first token comes at once");
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(
+        out.scheduled.last().unwrap().token_ids.len(),
+        63,
+        "nothing waits: the long one takes the rest"
+    );
+}
+
+#[test]
+fn one_partial_prefill_keeps_the_fcfs_behaviour() {
+    let mut s = Scheduler::new(partial_config(1), paged(128, 0, 4, false)).unwrap();
+    s.add_request(req(1, 200, 2)).unwrap();
+    step(&mut s, 1);
+    s.add_request(req(2, 4, 2)).unwrap();
+    for _ in 0..2 {
+        let (out, _) = step(&mut s, 1);
+        assert_eq!(out.scheduled.len(), 1, "the running prefill takes the whole budget");
+        assert_eq!(out.scheduled[0].token_ids.len(), 64);
+    }
+}
+
+#[test]
+fn long_prompts_beyond_max_long_partial_prefills_let_short_ones_pass() {
+    let mut s = Scheduler::new(partial_config(4), paged(256, 0, 4, false)).unwrap();
+    s.add_request(req(1, 200, 2)).unwrap();
+    s.add_request(req(2, 200, 2)).unwrap();
+    s.add_request(req(3, 4, 2)).unwrap();
+    let (out, _) = step(&mut s, 1);
+    assert_eq!(out.scheduled.len(), 1, "the first long prompt takes the whole budget");
+    let (out, _) = step(&mut s, 1);
+    let reqs: Vec<u64> = out.scheduled.iter().map(|e| e.request_id.0).collect();
+    assert_eq!(reqs, vec![1, 3], "the second long prompt waits; the short one behind it goes");
+    assert_eq!(out.scheduled[0].token_ids.len(), 10);
+    assert_eq!(s.seq(s.request_seqs(RequestId(2))[0]).unwrap().status(), SeqStatus::Waiting);
+    // With two long partial prefills allowed, the second starts at once.
+    let cfg = SchedulerConfig { max_long_partial_prefills: 2, ..partial_config(4) };
+    let mut s = Scheduler::new(cfg, paged(256, 0, 4, false)).unwrap();
+    s.add_request(req(1, 200, 2)).unwrap();
+    s.add_request(req(2, 200, 2)).unwrap();
+    step(&mut s, 1);
+    let (out, _) = step(&mut s, 1);
+    let reqs: Vec<u64> = out.scheduled.iter().map(|e| e.request_id.0).collect();
+    assert_eq!(reqs, vec![1, 2]);
+    run_to_end(&mut s, 200);
+}
+
+#[test]
+fn partial_prefill_limits_are_validated() {
+    let bad = |cfg: SchedulerConfig| Scheduler::new(cfg, paged(8, 0, 4, false)).err().unwrap();
+    assert_eq!(bad(partial_config(0)), ConfigError::Zero("max_num_partial_prefills"));
+    assert_eq!(
+        bad(SchedulerConfig { max_long_partial_prefills: 0, ..partial_config(4) }),
+        ConfigError::Zero("max_long_partial_prefills")
+    );
+    assert_eq!(
+        bad(SchedulerConfig { max_long_partial_prefills: 5, ..partial_config(4) }),
+        ConfigError::LongPartialPrefillsAboveMax {
+            max_long_partial_prefills: 5,
+            max_num_partial_prefills: 4
+        }
+    );
+}

@@ -85,6 +85,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
             prop::option::of(1usize..8),
         ),
         any::<bool>(),
+        (1usize..5).prop_flat_map(|partial| (Just(partial), 1..=partial)),
     )
         .prop_map(
             |(
@@ -95,6 +96,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
                 contiguous,
                 (batched, seqs, model_len, chunked, swap, priority, threshold),
                 async_scheduling,
+                (max_num_partial_prefills, max_long_partial_prefills),
             )| {
                 let max_model_len = model_len.min(blocks * block_size);
                 let max_model_len = match contiguous {
@@ -109,6 +111,8 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
                     preemption_mode: if swap { PreemptionMode::Swap } else { PreemptionMode::Recompute },
                     policy: if priority { Policy::Priority } else { Policy::Fcfs },
                     long_prefill_token_threshold: threshold,
+                    max_num_partial_prefills,
+                    max_long_partial_prefills,
                     async_scheduling,
                 };
                 Setup { block_size, num_gpu_blocks: blocks, num_cpu_blocks: cpu, caching, contiguous, config }
@@ -151,6 +155,23 @@ impl<A: KvAllocator> Harness<A> {
         let gpu = vec![None; s.allocator().num_gpu_blocks() * b];
         let cpu = vec![None; s.allocator().num_cpu_blocks() * b];
         Self { s, gpu, cpu, requests: BTreeMap::new(), next_request: 0, in_flight: None }
+    }
+
+    /// Queues a request built outside the op list.
+    fn add(&mut self, r: NewRequest) -> Result<RequestId, TestCaseError> {
+        let id = r.request_id;
+        let e = Expect {
+            n: r.n,
+            max_tokens: r.max_tokens,
+            prompt_len: r.prompt_token_ids.len(),
+            sampled: BTreeMap::new(),
+            finished: BTreeSet::new(),
+            aborted: false,
+        };
+        self.s.add_request(r).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.requests.insert(id, e);
+        self.next_request = self.next_request.max(id.0 + 1);
+        Ok(id)
     }
 
     fn live_request(&self, pick: usize) -> Option<RequestId> {
@@ -457,5 +478,107 @@ proptest! {
                 run(Scheduler::new(setup.config.clone(), kv).unwrap(), &ops)?;
             }
         }
+    }
+}
+
+/// Long prompts prefilling, then a short prompt arriving: how the bound on
+/// its wait is derived is in `short_prompt_starts_within_a_bound_beside_long_prefills`.
+#[derive(Clone, Debug)]
+struct ShortBesideLong {
+    config: SchedulerConfig,
+    block_size: usize,
+    long_prompts: Vec<(usize, usize)>,
+    short_len: usize,
+    arrives_after: usize,
+}
+
+fn short_beside_long_strategy() -> impl Strategy<Value = ShortBesideLong> {
+    (
+        (2usize..6).prop_flat_map(|partial| (Just(partial), 1..partial)),
+        prop::collection::vec((0usize..300, 1usize..20), 1..4),
+        0usize..4,
+        0usize..64,
+        prop::option::of(2usize..16),
+        (prop::sample::select(vec![1usize, 4, 16]), any::<bool>(), any::<bool>()),
+        (any::<u32>(), 0usize..8),
+    )
+        .prop_map(
+            |(
+                (partial, long_partial),
+                longs,
+                spare_seqs,
+                spare_budget,
+                threshold,
+                (block_size, async_scheduling, priority),
+                (short_pick, arrives_after),
+            )| {
+                let max_model_len = 512;
+                let max_num_seqs = longs.len() + 1 + spare_seqs;
+                let max_num_batched_tokens = max_num_seqs + partial + spare_budget;
+                let config = SchedulerConfig {
+                    max_num_batched_tokens,
+                    max_num_seqs,
+                    max_model_len,
+                    long_prefill_token_threshold: threshold,
+                    max_num_partial_prefills: partial,
+                    max_long_partial_prefills: long_partial,
+                    async_scheduling,
+                    policy: if priority { Policy::Priority } else { Policy::Fcfs },
+                    ..SchedulerConfig::default()
+                };
+                let long_threshold = config.long_prompt_threshold();
+                // Longer than the threshold and than a whole step's budget.
+                let shortest_long = long_threshold.max(max_num_batched_tokens) + 1;
+                let long_prompts = longs
+                    .into_iter()
+                    .map(|(extra, max_tokens)| ((shortest_long + extra).min(400), max_tokens))
+                    .collect();
+                let short_len = 1 + short_pick as usize % long_threshold;
+                ShortBesideLong { config, block_size, long_prompts, short_len, arrives_after }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// With concurrent partial prefills (and `max_long_partial_prefills <
+    /// max_num_partial_prefills`), a short prompt arriving while long ones
+    /// prefill gets its first token within `L + 2 + ceil(s / share)` steps:
+    /// at most `L` steps in which long prompts ranked before it start (each
+    /// takes what the step has left), one in which it starts, then at least
+    /// `share = (budget - max_num_seqs) / max_num_partial_prefills` of its
+    /// `s` tokens per step; one more under asynchronous scheduling, whose
+    /// samples are applied a step later. The KV pool is large enough that
+    /// nothing is preempted.
+    #[test]
+    fn short_prompt_starts_within_a_bound_beside_long_prefills(case in short_beside_long_strategy()) {
+        let cfg = case.config.clone();
+        let kv = PagedAllocator::new(PagedConfig {
+            num_gpu_blocks: (case.long_prompts.len() + 1) * cfg.max_model_len.div_ceil(case.block_size),
+            num_cpu_blocks: 0,
+            block_size: case.block_size,
+            enable_prefix_caching: false,
+        }).unwrap();
+        let mut h = Harness::new(Scheduler::new(cfg.clone(), kv).unwrap());
+        for (i, &(len, max_tokens)) in case.long_prompts.iter().enumerate() {
+            let prompt = (0..len as u32).map(|t| 1000 + t).collect();
+            h.add(NewRequest { priority: i as i32 % 2, ..NewRequest::new(RequestId(i as u64), prompt, max_tokens) })?;
+        }
+        for step in 0..case.arrives_after {
+            h.step(step as u64, None)?;
+        }
+        let short = RequestId(100);
+        h.add(NewRequest { priority: 1, ..NewRequest::new(short, vec![7; case.short_len], 1) })?;
+        let share = (cfg.max_num_batched_tokens - cfg.max_num_seqs) / cfg.max_num_partial_prefills;
+        let bound = cfg.max_long_partial_prefills + 2 + case.short_len.div_ceil(share)
+            + usize::from(cfg.async_scheduling);
+        let mut waited = 0;
+        while h.requests[&short].sampled.is_empty() {
+            waited += 1;
+            prop_assert!(waited <= bound, "no first token after {} steps (bound {})", waited, bound);
+            h.step(waited as u64, None)?;
+        }
+        h.drain()?;
     }
 }
