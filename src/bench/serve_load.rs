@@ -36,6 +36,11 @@ pub struct ServeBenchArgs {
     pub vocab_size: usize,
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    /// Also report TTFT separately for requests whose prompt has at most this
+    /// many tokens ("short") and for the others ("long"). Default: the short
+    /// prompt length of a generated mixed workload (--short-fraction).
+    #[arg(long)]
+    pub split_ttft_at: Option<usize>,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -75,6 +80,35 @@ struct ServeResult {
     e2el: Percentiles,
     request_rate: f64,
     max_concurrency: Option<usize>,
+    /// TTFT by prompt length class, when asked for (`--split-ttft-at`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttft_by_prompt_length: Option<TtftByLength>,
+}
+
+/// TTFT of requests with short prompts (at most `split_at` tokens) and of
+/// the others, reported apart: a short request's wait beside long prompts is
+/// what an average over both hides.
+#[derive(Serialize, Debug)]
+struct TtftByLength {
+    split_at: usize,
+    short_requests: usize,
+    long_requests: usize,
+    short: Percentiles,
+    long: Percentiles,
+}
+
+impl TtftByLength {
+    fn of(timings: &[&RequestTiming], split_at: usize) -> Self {
+        let (short, long): (Vec<&RequestTiming>, Vec<&RequestTiming>) =
+            timings.iter().partition(|t| t.prompt_tokens <= split_at);
+        Self {
+            split_at,
+            short_requests: short.len(),
+            long_requests: long.len(),
+            short: percentiles(short.iter().map(|t| t.ttft).collect()),
+            long: percentiles(long.iter().map(|t| t.ttft).collect()),
+        }
+    }
 }
 
 pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
@@ -147,6 +181,7 @@ async fn run_async(args: ServeBenchArgs) -> anyhow::Result<()> {
         e2el: percentiles(ok.iter().map(|t| t.e2e).collect()),
         request_rate: args.request_rate,
         max_concurrency: args.max_concurrency,
+        ttft_by_prompt_length: split_ttft_at(&args).map(|at| TtftByLength::of(&ok, at)),
     };
     print_result(&result);
     super::write_json(args.output_json.as_ref(), &result)?;
@@ -154,6 +189,14 @@ async fn run_async(args: ServeBenchArgs) -> anyhow::Result<()> {
         bail!("no request succeeded");
     }
     Ok(())
+}
+
+/// Where TTFT is split by prompt length: as asked, else at the short prompt
+/// length of a generated mixed workload.
+fn split_ttft_at(args: &ServeBenchArgs) -> Option<usize> {
+    let w = &args.workload;
+    let mixed = w.dataset.is_none() && w.short_fraction > 0.0;
+    args.split_ttft_at.or(mixed.then_some(w.short_input_len))
 }
 
 async fn first_model(client: &reqwest::Client, base: &str, key: Option<&str>) -> anyhow::Result<String> {
@@ -266,5 +309,38 @@ fn print_result(r: &ServeResult) {
         println!("{:<40}{:>10.2}", format!("Median {name} (ms):"), p.median_ms);
         println!("{:<40}{:>10.2}", format!("P99 {name} (ms):"), p.p99_ms);
     }
+    if let Some(split) = &r.ttft_by_prompt_length {
+        let at = split.split_at;
+        for (class, n, p) in
+            [("short", split.short_requests, &split.short), ("long", split.long_requests, &split.long)]
+        {
+            let bound = if class == "short" { format!("<= {at}") } else { format!("> {at}") };
+            println!("{:-^50}", format!(" TTFT, {n} {class} prompts ({bound} tokens) "));
+            println!("{:<40}{:>10.2}", "Mean TTFT (ms):", p.mean_ms);
+            println!("{:<40}{:>10.2}", "Median TTFT (ms):", p.median_ms);
+            println!("{:<40}{:>10.2}", "P99 TTFT (ms):", p.p99_ms);
+        }
+    }
     println!("==================================================");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(prompt_tokens: usize, ttft: f64) -> RequestTiming {
+        RequestTiming { ok: true, prompt_tokens, ttft, ..Default::default() }
+    }
+
+    #[test]
+    fn ttft_is_split_by_prompt_length() {
+        let timings = [timing(8, 0.1), timing(1000, 5.0), timing(8, 0.3), timing(9, 2.0)];
+        let refs: Vec<&RequestTiming> = timings.iter().collect();
+        let split = TtftByLength::of(&refs, 8);
+        assert_eq!((split.short_requests, split.long_requests), (2, 2));
+        assert!((split.short.mean_ms - 200.0).abs() < 1e-9);
+        assert!((split.long.median_ms - 5000.0).abs() < 1e-9);
+        let json = serde_json::to_value(&split).unwrap();
+        assert_eq!(json["short"]["p99_ms"], 300.0);
+    }
 }

@@ -37,6 +37,18 @@ pub struct WorkloadArgs {
     /// Generated workload: cap on log-normal lengths.
     #[arg(long, default_value_t = 4096)]
     pub max_len: usize,
+    /// Generated workload: this fraction of the requests (spread evenly
+    /// through the sequence) are short ones of --short-input-len /
+    /// --short-output-len tokens, the rest as above: a stream of long prompts
+    /// with short requests among them.
+    #[arg(long, default_value_t = 0.0)]
+    pub short_fraction: f64,
+    /// Generated workload: prompt length of the short requests.
+    #[arg(long, default_value_t = 8)]
+    pub short_input_len: usize,
+    /// Generated workload: output length of the short requests.
+    #[arg(long, default_value_t = 8)]
+    pub short_output_len: usize,
     /// Generated workload: seed of the lengths and token ids.
     #[arg(long, default_value_t = 0)]
     pub workload_seed: u64,
@@ -55,6 +67,9 @@ pub struct WorkloadRequest {
 impl WorkloadArgs {
     /// The requests, with token ids checked against the vocabulary.
     pub fn load(&self, vocab_size: usize) -> anyhow::Result<Vec<WorkloadRequest>> {
+        if !(0.0..=1.0).contains(&self.short_fraction) {
+            bail!("--short-fraction must be between 0 and 1, got {}", self.short_fraction);
+        }
         let requests = match &self.dataset {
             Some(path) => read_jsonl(path)?,
             None => self.generate(vocab_size),
@@ -80,8 +95,9 @@ impl WorkloadArgs {
     fn generate(&self, vocab_size: usize) -> Vec<WorkloadRequest> {
         let mut rng = StdRng::seed_from_u64(self.workload_seed);
         (0..self.num_prompts)
-            .map(|_| {
+            .map(|i| {
                 let (input, output) = match self.lengths {
+                    _ if self.is_short(i) => (self.short_input_len, self.short_output_len),
                     Lengths::Fixed => (self.input_len, self.output_len),
                     Lengths::Lognormal => (
                         lognormal(&mut rng, self.input_len as f64, 0.8).clamp(4, self.max_len),
@@ -95,6 +111,15 @@ impl WorkloadArgs {
                 }
             })
             .collect()
+    }
+}
+
+impl WorkloadArgs {
+    /// Whether generated request `i` is a short one: the shorts are spread
+    /// evenly, `short_fraction` of every stretch of requests.
+    fn is_short(&self, i: usize) -> bool {
+        let shorts_before = |n: usize| (n as f64 * self.short_fraction).floor() as usize;
+        shorts_before(i + 1) > shorts_before(i)
     }
 }
 
@@ -145,9 +170,20 @@ mod tests {
             output_len: 20,
             lengths: Lengths::Lognormal,
             max_len: 300,
+            short_fraction: 0.0,
+            short_input_len: 8,
+            short_output_len: 8,
             workload_seed: 3,
             write_dataset: None,
         }
+    }
+
+    #[test]
+    fn a_mixed_workload_spreads_its_short_requests() {
+        let mixed = WorkloadArgs { lengths: Lengths::Fixed, num_prompts: 12, short_fraction: 0.25, ..args() };
+        let lens: Vec<usize> = mixed.load(1000).unwrap().iter().map(|r| r.prompt_token_ids.len()).collect();
+        assert_eq!(lens, [100, 100, 100, 8, 100, 100, 100, 8, 100, 100, 100, 8]);
+        assert!(WorkloadArgs { short_fraction: 1.5, ..args() }.load(1000).is_err());
     }
 
     #[test]
