@@ -22,6 +22,10 @@
 #                and throughput16k with it off
 #   serve8b      online: pagoda serve on the 8B model, pagoda bench serve at Poisson rates
 #                ($SERVE_RATES, default "8 16 24" req/s) and all at once, a fresh server each
+#   prefill8b    short requests' TTFT under a stream of long prompts (issue 13, D8): pagoda serve
+#                with the default partial prefills and with --max-num-partial-prefills 1 (the
+#                earlier behaviour), pagoda bench serve with half 4000-token and half 16-token
+#                prompts at $PREFILL_RATES (default "8 12") req/s; then the offline workload both ways
 #   variants8b   single-stream A/B: the latency run with no settings, then with each
 #                ';'-separated set of VAR=VALUE settings in $LAT_VARIANTS; two alternating rounds
 # Logs go to $OUT; a short summary prints last.
@@ -171,6 +175,34 @@ for phase in "$@"; do
         python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8011/metrics").read().decode())' \
           | grep -E "^pagoda:(kv_cache_blocks_used|num_requests_running|num_preemptions_total|request_success_total)[ {]"
         kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
+      done ;;
+    prefill8b)
+      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      for rate in ${PREFILL_RATES:-8 12}; do
+        for mode in before after; do
+          flags=""; [ "$mode" = before ] && flags="--max-num-partial-prefills 1"
+          # shellcheck disable=SC2086
+          $PAGODA serve --device cuda --model "$L8B" --port 8012 $flags > "$OUT/prefill_${mode}_$rate.log" 2>&1 &
+          SERVER=$!
+          for _ in $(seq 1 240); do
+            python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8012/health")' \
+              2>/dev/null && break
+            sleep 0.5
+          done
+          echo "--- $mode (${flags:-defaults}), $rate req/s"
+          $PAGODA bench serve --base-url http://127.0.0.1:8012 --vocab-size 128256 --num-prompts 96 \
+            --input-len 4000 --output-len 64 --short-fraction 0.5 --short-input-len 16 --short-output-len 16 \
+            --request-rate "$rate" --output-json "$OUT/prefill_${mode}_$rate.json" 2>&1 \
+            | tee "$OUT/prefill_${mode}_$rate.txt" | grep -E "Successful|Failed|duration|TTFT|TPOT"
+          kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
+        done
+      done
+      for mode in before after; do
+        flags=""; [ "$mode" = before ] && flags="--max-num-partial-prefills 1"
+        echo "--- offline workload, $mode (${flags:-defaults})"
+        # shellcheck disable=SC2086
+        $PAGODA bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" $flags \
+          --output-json "$OUT/prefill_offline_$mode.json" 2>&1 | tee "$OUT/prefill_offline_$mode.txt" | tail -4
       done ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
