@@ -282,6 +282,7 @@ impl<B: Backend> LlmEngine<B> {
             ignore_eos: req.ignore_eos,
             min_tokens: req.min_tokens,
             cache_salt: None,
+            fairness_group: req.fairness_group.map(u64::from),
         };
         self.scheduler.add_request(new).map_err(|e| EngineError::invalid(Some("prompt"), e.to_string()))?;
         let stop = StopChecker::new(req.stop.clone(), req.include_stop_str_in_output);

@@ -48,7 +48,9 @@ pub use metrics::EngineMetrics;
 pub use output::{CompletedRequest, CompletedSeq};
 pub use pagoda_sampler::SamplingParams;
 pub use pagoda_scheduler::{Policy, PreemptionMode};
-pub use request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
+pub use request::{
+    fairness_group, FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob,
+};
 pub use runner::{ModelRunner, PhaseTotal, RunnerTimings, SampleTarget, StepInputs};
 pub use stop::{StopChecker, StopMatch};
 

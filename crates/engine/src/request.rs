@@ -25,6 +25,12 @@ pub struct GenerationRequest {
     pub priority: i32,
     /// Produce text (false for token-id benchmarks: saves the detokenizer's time).
     pub detokenize: bool,
+    /// Requests with the same group share one fair share of admission: the
+    /// server sets it from the API call's id ([`fairness_group`]), so one
+    /// call's prompts and samples cannot keep other clients' requests
+    /// waiting. `None`: its own group. (A hash, not the id, keeps requests
+    /// small on the engine's channel.)
+    pub fairness_group: Option<u32>,
 }
 
 impl GenerationRequest {
@@ -44,8 +50,17 @@ impl GenerationRequest {
             skip_special_tokens: true,
             priority: 0,
             detokenize: true,
+            fairness_group: None,
         }
     }
+}
+
+/// The fairness group of every engine request made for one API call.
+pub fn fairness_group(api_request_id: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    api_request_id.hash(&mut h);
+    h.finish() as u32
 }
 
 /// Why a sequence ended (OpenAI's `finish_reason`).

@@ -52,7 +52,10 @@
 //!    ends the step, so nothing overtakes a better-ranked request (except
 //!    that a long prompt beyond `max_long_partial_prefills` lets shorter ones
 //!    pass); since a preempted request keeps its rank, it resumes before
-//!    newer ones.
+//!    newer ones. Among waiting sequences of one policy class, those of a
+//!    fairness group ([`NewRequest::fairness_group`]) holding fewer running
+//!    sequences go first, FCFS within a group: one request's fan-out cannot
+//!    starve another's.
 //!
 //! Entries are ordered decodes first (one new token), then prefills.
 //!

@@ -41,6 +41,10 @@ pub struct NewRequest {
     /// Folded into every prefix-cache block hash: requests with different
     /// salts (tenants, LoRA adapters) never share cached blocks.
     pub cache_salt: Option<u64>,
+    /// Requests with the same group share one fair share of admission (the
+    /// server gives every prompt and sample of one API call the same group);
+    /// `None`: a group of its own. See [`crate::Scheduler`]'s rule 3.
+    pub fairness_group: Option<u64>,
 }
 
 impl NewRequest {
@@ -58,6 +62,7 @@ impl NewRequest {
             ignore_eos: false,
             min_tokens: 0,
             cache_salt: None,
+            fairness_group: None,
         }
     }
 }

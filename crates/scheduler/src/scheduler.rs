@@ -1,7 +1,6 @@
 //! The continuous-batching scheduler.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::ops::Bound;
 
 use pagoda_paged_kv::{
     AllocError, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, SeqId, SeqStart, TokenId,
@@ -37,11 +36,19 @@ struct RequestState {
     ignore_eos: bool,
     min_tokens: usize,
     cache_salt: Option<u64>,
+    group: FairnessGroup,
     /// Sequences of this request that exist and have not finished.
     live_seqs: Vec<SeqId>,
 }
 
 type QueueKey = (RankKey, SeqId);
+
+/// Whose fair share of admission a request draws on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum FairnessGroup {
+    Shared(u64),
+    Alone(RequestId),
+}
 
 /// What became of a queued sequence offered a place in the step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,7 +98,11 @@ struct UnappliedStep {
 ///    step until its prompt is done, instead of waiting for them;
 /// 3. unless step 1 or 2 preempted anything, swapped and waiting sequences
 ///    merged in rank order (so a preempted sequence resumes before anything
-///    ranked after it): swapped ones are swapped in, waiting ones reuse their
+///    ranked after it), except that among waiting sequences of the same
+///    policy class, those of a fairness group ([`NewRequest::fairness_group`])
+///    holding fewer running sequences go first (FCFS within a group): one
+///    client's fan-out never keeps another's request waiting for more than
+///    the next free slot. Swapped ones are swapped in, waiting ones reuse their
 ///    longest cached prefix and prefill the rest, the last one chunked to fit.
 ///    The first one that does not fit stops the step (no overtaking), with
 ///    one exception under the partial-prefill limits: a prompt its chunk
@@ -242,6 +253,7 @@ impl<A: KvAllocator> Scheduler<A> {
                 ignore_eos: req.ignore_eos,
                 min_tokens: req.min_tokens,
                 cache_salt: req.cache_salt,
+                group: req.fairness_group.map_or(FairnessGroup::Alone(req.request_id), FairnessGroup::Shared),
                 live_seqs: vec![seq_id],
             },
         );
@@ -527,8 +539,9 @@ impl<A: KvAllocator> Scheduler<A> {
         count
     }
 
-    /// Swapped and waiting sequences, merged in rank order, until one does
-    /// not fit. Under the partial-prefill limits, a long prompt held back by
+    /// Swapped and waiting sequences, until one does not fit: swapped ones
+    /// in rank order, merged with waiting ones in [`Self::admission_order`].
+    /// Under the partial-prefill limits, a long prompt held back by
     /// `max_long_partial_prefills` is passed over instead.
     fn schedule_queued(
         &mut self,
@@ -536,14 +549,10 @@ impl<A: KvAllocator> Scheduler<A> {
         budget: &mut usize,
         mut partials: Option<&mut PartialPrefills>,
     ) -> Result<(), SchedulerError> {
-        // Waiting sequences at or before this key were passed over.
-        let mut passed: Option<QueueKey> = None;
+        let order = self.admission_order();
+        let mut waiting = order.iter().copied().peekable();
         while !self.batch_is_full(*budget, out) {
-            let waiting = match passed {
-                None => self.waiting.first().copied(),
-                Some(k) => self.waiting.range((Bound::Excluded(k), Bound::Unbounded)).next().copied(),
-            };
-            let next = match (self.swapped.first().copied(), waiting) {
+            let next = match (self.swapped.first().copied(), waiting.peek().copied()) {
                 (Some(s), Some(w)) if s < w => (s, true),
                 (_, Some(w)) => (w, false),
                 (Some(s), None) => (s, true),
@@ -557,15 +566,51 @@ impl<A: KvAllocator> Scheduler<A> {
                         Admission::Stop
                     }
                 }
-                (key, false) => self.try_admit(key, out, budget, partials.as_deref_mut())?,
+                (key, false) => {
+                    waiting.next();
+                    self.try_admit(key, out, budget, partials.as_deref_mut())?
+                }
             };
             match admission {
-                Admission::Admitted => {}
-                Admission::PassOver => passed = Some(next.0),
+                Admission::Admitted | Admission::PassOver => {}
                 Admission::Stop => break,
             }
         }
         Ok(())
+    }
+
+    /// The waiting sequences in the order they are offered a place: by the
+    /// policy's class (the priority, under the priority policy), then by how
+    /// many sequences their fairness group would hold once they start
+    /// (running ones, samples still to fork, and those of the group queued
+    /// before them), then by the group's size (running and queued: a small
+    /// request goes before a fan-out that holds as few), then by rank. So a request's fan-out cannot keep another
+    /// client's request waiting for more than the next free slot, and within
+    /// a group the order is the policy's.
+    fn admission_order(&self) -> Vec<QueueKey> {
+        let group_of = |id: &SeqId| self.requests.get(&self.seqs[id].request_id).map(|r| r.group);
+        let mut held: FxHashMap<Option<FairnessGroup>, usize> = FxHashMap::default();
+        for (_, id) in &self.running {
+            *held.entry(group_of(id)).or_default() += 1 + self.seqs[id].pending_fork.len();
+        }
+        let slots = |key: &QueueKey| 1 + self.seqs[&key.1].pending_fork.len();
+        let mut size = held.clone();
+        for key in &self.waiting {
+            *size.entry(group_of(&key.1)).or_default() += slots(key);
+        }
+        let mut order: Vec<(i64, usize, usize, QueueKey)> = self
+            .waiting
+            .iter()
+            .map(|&key| {
+                let group = group_of(&key.1);
+                let count = held.entry(group).or_default();
+                let before = *count;
+                *count += slots(&key);
+                (key.0 .0, before, size[&group], key)
+            })
+            .collect();
+        order.sort_unstable();
+        order.into_iter().map(|(_, _, _, key)| key).collect()
     }
 
     fn try_swap_in(

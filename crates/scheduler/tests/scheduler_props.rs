@@ -582,3 +582,92 @@ proptest! {
         h.drain()?;
     }
 }
+
+/// One client's fan-out (many requests of one fairness group, some with
+/// `n > 1`) and another client's single request arriving later.
+#[derive(Clone, Debug)]
+struct FanOutBesideOne {
+    max_num_seqs: usize,
+    fan_out: Vec<(usize, usize, usize)>,
+    single_len: usize,
+    arrives_after: usize,
+    async_scheduling: bool,
+}
+
+fn fan_out_strategy() -> impl Strategy<Value = FanOutBesideOne> {
+    (
+        2usize..6,
+        prop::collection::vec((1usize..20, 1usize..10, 1usize..3), 2..12),
+        1usize..8,
+        0usize..6,
+        any::<bool>(),
+    )
+        .prop_map(|(max_num_seqs, fan_out, single_len, arrives_after, async_scheduling)| {
+            let fan_out = fan_out
+                .into_iter()
+                .map(|(len, max_tokens, n)| (len, max_tokens, n.min(max_num_seqs)))
+                .collect();
+            FanOutBesideOne { max_num_seqs, fan_out, single_len, arrives_after, async_scheduling }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// The single request starts within `2 + 2 + 10 + 1` steps of its
+    /// arrival, however large the fan-out: at most the time for one running
+    /// sequence to finish (its prompt, at most 19 tokens, takes at most 2
+    /// steps at its share of the budget; then at most 9 more tokens), one
+    /// step to start, one more under asynchronous scheduling. The fan-out's
+    /// requests start in their arrival order.
+    #[test]
+    fn a_fan_out_does_not_starve_another_clients_request(case in fan_out_strategy()) {
+        let cfg = SchedulerConfig {
+            max_num_batched_tokens: 64,
+            max_num_seqs: case.max_num_seqs,
+            max_model_len: 64,
+            async_scheduling: case.async_scheduling,
+            ..SchedulerConfig::default()
+        };
+        let kv = PagedAllocator::new(PagedConfig {
+            num_gpu_blocks: 64 * case.max_num_seqs,
+            num_cpu_blocks: 0,
+            block_size: 4,
+            enable_prefix_caching: false,
+        }).unwrap();
+        let mut h = Harness::new(Scheduler::new(cfg.clone(), kv).unwrap());
+        for (i, &(len, max_tokens, n)) in case.fan_out.iter().enumerate() {
+            let prompt = (0..len as u32).map(|t| 1000 * (i as u32 + 1) + t).collect();
+            let r = NewRequest { n, fairness_group: Some(7), ..NewRequest::new(RequestId(i as u64), prompt, max_tokens) };
+            h.add(r)?;
+        }
+        let mut started: BTreeMap<RequestId, usize> = BTreeMap::new();
+        let single = RequestId(100);
+        let mut step = 0;
+        let mut single_started = None;
+        while h.s.has_unfinished() || h.in_flight.is_some() {
+            if step == case.arrives_after {
+                h.add(NewRequest::new(single, vec![3; case.single_len], 2))?;
+            }
+            step += 1;
+            prop_assert!(step < 5000, "no progress");
+            h.step(step as u64, None)?;
+            for (&r, _) in h.requests.iter() {
+                let running = h.s.request_seqs(r).iter().any(|&q| h.s.seq(q).unwrap().num_computed_tokens() > 0);
+                if running || !h.requests[&r].sampled.is_empty() {
+                    started.entry(r).or_insert(step);
+                }
+            }
+            if single_started.is_none() && started.contains_key(&single) {
+                single_started = Some(step);
+            }
+        }
+        let arrived = case.arrives_after;
+        let bound = 2 + 2 + 10 + usize::from(case.async_scheduling);
+        if let Some(at) = single_started {
+            prop_assert!(at - arrived <= bound, "the single request started {} steps after it arrived (bound {})", at - arrived, bound);
+        }
+        let order: Vec<usize> = (0..case.fan_out.len()).filter_map(|i| started.get(&RequestId(i as u64)).copied()).collect();
+        prop_assert!(order.is_sorted(), "the fan-out's requests started out of order: {:?}", order);
+    }
+}

@@ -124,6 +124,7 @@ async fn chat(
     let prompt_tokens = prompt_ids.len();
     req.request_id = request_id.clone();
     req.prompt_token_ids = prompt_ids;
+    req.fairness_group = Some(pagoda_engine::fairness_group(&request_id));
     let request_stream = engine.submit(req).map_err(|e| {
         let mut e = ApiError::from(e);
         // The engine names the prompt; here the prompt is the conversation.

@@ -70,6 +70,7 @@ async fn complete(
         let mut req = template.clone();
         req.request_id = if num_prompts == 1 { request_id.clone() } else { format!("{request_id}-{i}") };
         req.prompt_token_ids = ids;
+        req.fairness_group = Some(pagoda_engine::fairness_group(&request_id));
         // On an error the streams already submitted drop here, aborting them.
         let stream = engine.submit(req).map_err(|e| {
             let mut e = ApiError::from(e);
