@@ -4,7 +4,8 @@
 //! across clients). Dropping a stream before it finishes aborts its request,
 //! which frees its KV blocks at the next loop turn.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,9 +24,14 @@ use crate::request::{GenerationRequest, RequestOutput};
 /// Why a request was not accepted.
 #[derive(Debug, Error)]
 pub enum SubmitError {
-    /// Too many requests are waiting: try again later (HTTP 429).
-    #[error("the server is overloaded: {0} requests are already queued; retry later")]
-    Overloaded(usize),
+    /// The pending work is at a limit: try again later (HTTP 429). A request
+    /// over a limit on its own is [`SubmitError::Invalid`] instead: it could
+    /// never be admitted.
+    #[error(
+        "the server is busy: {in_use} of {limit} pending {what} are taken and this request needs \
+         {needed} ({flag}); retry later"
+    )]
+    Overloaded { what: &'static str, flag: &'static str, in_use: usize, needed: usize, limit: usize },
     /// The engine is shutting down or has stopped (HTTP 503).
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -40,11 +46,21 @@ pub enum SubmitError {
 #[error("{0}")]
 pub struct StreamError(pub String);
 
+type OutputSender = mpsc::UnboundedSender<Result<RequestOutput, StreamError>>;
+
+/// A request on its way to the engine thread, or live there.
+struct Admitted {
+    request: GenerationRequest,
+    outputs: OutputSender,
+    /// What it counts against the pending limits until it ends.
+    work: PendingWork,
+}
+
 enum Command {
+    /// The requests of one API call: added in one loop turn, all or none.
     Add {
-        request: GenerationRequest,
+        batch: Vec<Admitted>,
         arrived: Instant,
-        outputs: mpsc::UnboundedSender<Result<RequestOutput, StreamError>>,
     },
     Abort(String),
     Shutdown {
@@ -52,23 +68,91 @@ enum Command {
     },
 }
 
-/// Options of the async engine.
+/// Options of the async engine: bounds on the work live at once (queued or
+/// running). A submission over a bound gets [`SubmitError::Overloaded`]
+/// while other work is live, and [`SubmitError::Invalid`] if it is over the
+/// bound on its own.
 #[derive(Clone, Debug)]
 pub struct AsyncEngineOptions {
-    /// Most live requests (queued or running) before new ones get
-    /// [`SubmitError::Overloaded`].
+    /// Most live engine requests (one per prompt).
     pub max_pending_requests: usize,
+    /// Most live sequences: each request counts its `n`.
+    pub max_pending_seqs: usize,
+    /// Most live tokens: each request counts its prompt plus `n` times its
+    /// `max_tokens` (up to the context length when unset). `None`:
+    /// `max_pending_requests` times the context length, so that only
+    /// `n > 1` requests can reach it before the request bound.
+    pub max_pending_tokens: Option<usize>,
 }
 
 impl Default for AsyncEngineOptions {
     fn default() -> Self {
-        Self { max_pending_requests: 1024 }
+        Self {
+            max_pending_requests: 1024,
+            max_pending_seqs: DEFAULT_MAX_PENDING_SEQS,
+            max_pending_tokens: None,
+        }
+    }
+}
+
+/// Default of [`AsyncEngineOptions::max_pending_seqs`]: four times the
+/// default request bound, room for `n > 1` without letting one request's
+/// fan-out (prompts x n) queue tens of thousands of sequences.
+pub const DEFAULT_MAX_PENDING_SEQS: usize = 4096;
+
+/// The work of live requests, as the pending limits count it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PendingWork {
+    requests: usize,
+    seqs: usize,
+    tokens: usize,
+}
+
+impl PendingWork {
+    /// A validated request's work. Saturating: the sums only meet limits.
+    fn of(request: &GenerationRequest, max_model_len: usize) -> Self {
+        let prompt = request.prompt_token_ids.len();
+        let max_tokens = request.max_tokens.unwrap_or(max_model_len.saturating_sub(prompt));
+        Self {
+            requests: 1,
+            seqs: request.n,
+            tokens: prompt.saturating_add(request.n.saturating_mul(max_tokens)),
+        }
+    }
+
+    fn plus(self, other: Self) -> Self {
+        Self {
+            requests: self.requests.saturating_add(other.requests),
+            seqs: self.seqs.saturating_add(other.seqs),
+            tokens: self.tokens.saturating_add(other.tokens),
+        }
+    }
+
+    fn minus(self, other: Self) -> Self {
+        Self {
+            requests: self.requests.saturating_sub(other.requests),
+            seqs: self.seqs.saturating_sub(other.seqs),
+            tokens: self.tokens.saturating_sub(other.tokens),
+        }
     }
 }
 
 struct Shared {
-    live_requests: AtomicUsize,
+    /// The work of every request submitted and not yet ended.
+    pending: Mutex<PendingWork>,
     shutting_down: AtomicBool,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingWork> {
+        // The counters stay consistent even if a holder panicked.
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn release(&self, work: PendingWork) {
+        let mut pending = self.pending();
+        *pending = pending.minus(work);
+    }
 }
 
 /// A handle on the engine thread. Cheap to share behind an `Arc`.
@@ -80,7 +164,7 @@ pub struct AsyncEngine {
     chat_template: Option<Arc<ChatTemplate>>,
     metrics: Arc<EngineMetrics>,
     shared: Arc<Shared>,
-    options: AsyncEngineOptions,
+    limits: PendingWork,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -91,6 +175,17 @@ pub struct RequestStream {
     outputs: mpsc::UnboundedReceiver<Result<RequestOutput, StreamError>>,
     commands: std_mpsc::Sender<Command>,
     finished: bool,
+}
+
+/// One pending limit, for messages.
+struct Limit {
+    what: &'static str,
+    flag: &'static str,
+    /// The request parameter that makes a request big in this measure.
+    param: &'static str,
+    in_use: usize,
+    needed: usize,
+    limit: usize,
 }
 
 impl RequestStream {
@@ -133,8 +228,10 @@ impl AsyncEngine {
     {
         let (commands, command_rx) = std_mpsc::channel();
         let (ready_tx, ready_rx) = std_mpsc::channel();
-        let shared =
-            Arc::new(Shared { live_requests: AtomicUsize::new(0), shutting_down: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(PendingWork::default()),
+            shutting_down: AtomicBool::new(false),
+        });
         let loop_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("pagoda-engine".into())
@@ -162,6 +259,13 @@ impl AsyncEngine {
         let (info, max_num_seqs, tokenizer, chat_template, metrics) = ready_rx
             .recv()
             .map_err(|_| EngineError::Internal("the engine thread died while starting".into()))??;
+        let limits = PendingWork {
+            requests: options.max_pending_requests,
+            seqs: options.max_pending_seqs,
+            tokens: options
+                .max_pending_tokens
+                .unwrap_or(options.max_pending_requests.saturating_mul(info.max_model_len)),
+        };
         Ok(Self {
             commands,
             info,
@@ -170,7 +274,7 @@ impl AsyncEngine {
             chat_template,
             metrics,
             shared,
-            options,
+            limits,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -193,7 +297,12 @@ impl AsyncEngine {
 
     /// Live requests (queued or running).
     pub fn num_live_requests(&self) -> usize {
-        self.shared.live_requests.load(Ordering::SeqCst)
+        self.shared.pending().requests
+    }
+
+    /// Live sequences (each live request's `n`).
+    pub fn num_live_seqs(&self) -> usize {
+        self.shared.pending().seqs
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -201,23 +310,123 @@ impl AsyncEngine {
     }
 
     /// Validates and queues a request; its outputs arrive on the stream.
-    pub fn submit(&self, mut request: GenerationRequest) -> Result<RequestStream, SubmitError> {
+    pub fn submit(&self, request: GenerationRequest) -> Result<RequestStream, SubmitError> {
+        let mut streams = self.submit_all(vec![request])?;
+        streams.pop().ok_or_else(|| SubmitError::Invalid(EngineError::Internal("no stream".into())))
+    }
+
+    /// Validates and queues the requests of one API call (e.g. a completion
+    /// with several prompts) together: all are admitted, in one engine loop
+    /// turn, or none. Their work is counted against the pending limits as
+    /// one; with several requests, errors name the failing one as
+    /// `prompt {i}`.
+    pub fn submit_all(&self, requests: Vec<GenerationRequest>) -> Result<Vec<RequestStream>, SubmitError> {
         if self.is_shutting_down() {
             return Err(SubmitError::ShuttingDown);
         }
-        validate_request(&self.info, self.max_num_seqs, &mut request).map_err(SubmitError::Invalid)?;
-        let live = self.shared.live_requests.fetch_add(1, Ordering::SeqCst);
-        if live >= self.options.max_pending_requests {
-            self.shared.live_requests.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::Overloaded(live));
+        let several = requests.len() > 1;
+        let mut needed = PendingWork::default();
+        for (i, request) in requests.iter().enumerate() {
+            self.validate(request)
+                .map_err(|e| SubmitError::Invalid(if several { for_prompt(e, i) } else { e }))?;
+            needed = needed.plus(PendingWork::of(request, self.info.max_model_len));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let request_id = request.request_id.clone();
-        if self.commands.send(Command::Add { request, arrived: Instant::now(), outputs: tx }).is_err() {
-            self.shared.live_requests.fetch_sub(1, Ordering::SeqCst);
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.reserve(needed)?;
+        let mut streams = Vec::with_capacity(requests.len());
+        let mut batch = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let work = PendingWork::of(&request, self.info.max_model_len);
+            streams.push(RequestStream {
+                request_id: request.request_id.clone(),
+                outputs: rx,
+                commands: self.commands.clone(),
+                finished: false,
+            });
+            batch.push(Admitted { request, outputs: tx, work });
+        }
+        if self.commands.send(Command::Add { batch, arrived: Instant::now() }).is_err() {
+            self.shared.release(needed);
+            // The engine is gone: nothing to abort.
+            for stream in &mut streams {
+                stream.finished = true;
+            }
             return Err(SubmitError::ShuttingDown);
         }
-        Ok(RequestStream { request_id, outputs: rx, commands: self.commands.clone(), finished: false })
+        Ok(streams)
+    }
+
+    fn validate(&self, request: &GenerationRequest) -> Result<(), EngineError> {
+        validate_request(&self.info, self.max_num_seqs, request)?;
+        if !self.tokenizer.is_present() && !request.stop.is_empty() {
+            // Checked here too, so that it is a 400 and not a failed stream.
+            return Err(EngineError::invalid(
+                Some("stop"),
+                "stop strings need a tokenizer; this model has none",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts `needed` as pending if every limit allows it. Refuses as
+    /// invalid what no limit could ever allow, and as overloaded what only
+    /// the work already live keeps out.
+    fn reserve(&self, needed: PendingWork) -> Result<(), SubmitError> {
+        let mut pending = self.shared.pending();
+        let limits = [
+            Limit {
+                what: "requests",
+                flag: "--max-pending-requests",
+                param: "prompt",
+                in_use: pending.requests,
+                needed: needed.requests,
+                limit: self.limits.requests,
+            },
+            Limit {
+                what: "sequences",
+                flag: "--max-pending-seqs",
+                param: "n",
+                in_use: pending.seqs,
+                needed: needed.seqs,
+                limit: self.limits.seqs,
+            },
+            Limit {
+                what: "tokens",
+                flag: "--max-pending-tokens",
+                param: "max_tokens",
+                in_use: pending.tokens,
+                needed: needed.tokens,
+                limit: self.limits.tokens,
+            },
+        ];
+        if let Some(l) = limits.iter().find(|l| l.needed > l.limit) {
+            let hint = match l.what {
+                "requests" => "send fewer prompts per request",
+                "sequences" => "lower n, or send fewer prompts per request",
+                _ => "lower max_tokens or n, or send fewer or shorter prompts",
+            };
+            return Err(SubmitError::Invalid(EngineError::invalid(
+                Some(l.param),
+                format!(
+                    "this request needs {} pending {}, more than the server ever admits at once ({} {}): {hint}",
+                    l.needed, l.what, l.flag, l.limit
+                ),
+            )));
+        }
+        if let Some(l) = limits.iter().find(|l| l.in_use.saturating_add(l.needed) > l.limit) {
+            return Err(SubmitError::Overloaded {
+                what: l.what,
+                flag: l.flag,
+                in_use: l.in_use,
+                needed: l.needed,
+                limit: l.limit,
+            });
+        }
+        *pending = pending.plus(needed);
+        Ok(())
     }
 
     /// Aborts a request by id (no-op if it already finished).
@@ -243,7 +452,8 @@ impl Drop for AsyncEngine {
     }
 }
 
-type Senders = std::collections::HashMap<String, mpsc::UnboundedSender<Result<RequestOutput, StreamError>>>;
+/// Where each live request's outputs go, and the work it counts.
+type Senders = HashMap<String, (OutputSender, PendingWork)>;
 
 fn engine_loop<B: Backend>(mut engine: LlmEngine<B>, commands: std_mpsc::Receiver<Command>, shared: &Shared) {
     let mut senders: Senders = Senders::new();
@@ -277,10 +487,10 @@ fn engine_loop<B: Backend>(mut engine: LlmEngine<B>, commands: std_mpsc::Receive
                 for out in outputs {
                     let id = out.request_id.clone();
                     let finished = out.finished;
-                    let delivered = senders.get(&id).is_some_and(|tx| tx.send(Ok(out)).is_ok());
+                    let delivered = senders.get(&id).is_some_and(|(tx, _)| tx.send(Ok(out)).is_ok());
                     if finished {
-                        if senders.remove(&id).is_some() {
-                            shared.live_requests.fetch_sub(1, Ordering::SeqCst);
+                        if let Some((_, work)) = senders.remove(&id) {
+                            shared.release(work);
                         }
                     } else if !delivered {
                         // The receiver is gone: the client disconnected.
@@ -295,9 +505,9 @@ fn engine_loop<B: Backend>(mut engine: LlmEngine<B>, commands: std_mpsc::Receive
                 let ids: Vec<String> = senders.keys().cloned().collect();
                 for id in ids {
                     engine.abort_request(&id);
-                    if let Some(tx) = senders.remove(&id) {
+                    if let Some((tx, work)) = senders.remove(&id) {
                         let _ = tx.send(Err(StreamError(format!("engine error: {e}"))));
-                        shared.live_requests.fetch_sub(1, Ordering::SeqCst);
+                        shared.release(work);
                     }
                 }
             }
@@ -305,9 +515,11 @@ fn engine_loop<B: Backend>(mut engine: LlmEngine<B>, commands: std_mpsc::Receive
     }
     // Anything still queued when the loop ends is told so.
     while let Ok(cmd) = commands.try_recv() {
-        if let Command::Add { outputs, .. } = cmd {
-            let _ = outputs.send(Err(StreamError("the server is shutting down".into())));
-            shared.live_requests.fetch_sub(1, Ordering::SeqCst);
+        if let Command::Add { batch, .. } = cmd {
+            for admitted in batch {
+                let _ = admitted.outputs.send(Err(StreamError("the server is shutting down".into())));
+                shared.release(admitted.work);
+            }
         }
     }
 }
@@ -320,16 +532,32 @@ fn handle_command<B: Backend>(
     shared: &Shared,
 ) {
     match cmd {
-        Command::Add { mut request, arrived, outputs } => {
-            let id = request.request_id.clone();
-            match engine.add_request_at(&mut request, arrived) {
-                Ok(()) => {
-                    senders.insert(id, outputs);
+        Command::Add { mut batch, arrived } => {
+            // All or none: a refusal (a request id already live, say)
+            // takes back the requests of the batch added before it.
+            let mut added = Vec::with_capacity(batch.len());
+            let mut refused = None;
+            for admitted in &mut batch {
+                match engine.add_request_at(&mut admitted.request, arrived) {
+                    Ok(()) => added.push(admitted.request.request_id.clone()),
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
                 }
-                Err(e) => {
-                    let _ = outputs.send(Err(StreamError(e.to_string())));
-                    shared.live_requests.fetch_sub(1, Ordering::SeqCst);
+            }
+            if let Some(e) = refused {
+                for id in &added {
+                    engine.abort_request(id);
                 }
+                for admitted in batch {
+                    let _ = admitted.outputs.send(Err(StreamError(e.to_string())));
+                    shared.release(admitted.work);
+                }
+                return;
+            }
+            for admitted in batch {
+                senders.insert(admitted.request.request_id, (admitted.outputs, admitted.work));
             }
         }
         Command::Abort(id) => finish_abort(&id, engine, senders, shared),
@@ -340,12 +568,22 @@ fn handle_command<B: Backend>(
     }
 }
 
+/// Names the failing request of a batch in a client error.
+fn for_prompt(e: EngineError, index: usize) -> EngineError {
+    match e {
+        EngineError::InvalidRequest { param, message } => {
+            EngineError::InvalidRequest { param, message: format!("prompt {index}: {message}") }
+        }
+        other => other,
+    }
+}
+
 fn finish_abort<B: Backend>(id: &str, engine: &mut LlmEngine<B>, senders: &mut Senders, shared: &Shared) {
     let last = engine.abort_request(id);
-    if let Some(tx) = senders.remove(id) {
+    if let Some((tx, work)) = senders.remove(id) {
         if let Some(out) = last {
             let _ = tx.send(Ok(out));
         }
-        shared.live_requests.fetch_sub(1, Ordering::SeqCst);
+        shared.release(work);
     }
 }

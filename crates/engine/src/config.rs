@@ -95,6 +95,52 @@ impl EngineConfig {
         self.max_model_len.unwrap_or(model.max_position_embeddings).min(model.max_position_embeddings)
     }
 
+    /// Refuses a configured context length above the model's own (vLLM
+    /// refuses it too): positions past the trained ones give wrong outputs.
+    pub fn check_max_model_len(&self, model: &ModelConfig) -> Result<(), EngineError> {
+        match self.max_model_len {
+            Some(len) if len > model.max_position_embeddings => Err(EngineError::Config(format!(
+                "--max-model-len {len} is greater than the model's maximum context length of {} tokens \
+                 (max_position_embeddings in its config); use at most {}",
+                model.max_position_embeddings, model.max_position_embeddings
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes sure the KV cache of `num_gpu_blocks` blocks holds one sequence
+    /// of the context length. A --max-model-len given that does not fit is
+    /// an error naming both numbers (as in vLLM); the model's own length is
+    /// lowered to the cache's size instead, with a warning.
+    pub fn fit_max_model_len_to_kv_cache(
+        &mut self,
+        model: &ModelConfig,
+        num_gpu_blocks: usize,
+    ) -> Result<(), EngineError> {
+        let max_model_len = self.max_model_len(model);
+        let capacity = num_gpu_blocks.saturating_mul(self.block_size);
+        if max_model_len <= capacity {
+            return Ok(());
+        }
+        if self.max_model_len.is_some() {
+            return Err(EngineError::Config(format!(
+                "the KV cache holds {capacity} tokens ({num_gpu_blocks} blocks of {}), fewer than one \
+                 sequence of --max-model-len {max_model_len} tokens needs; lower --max-model-len to at \
+                 most {capacity}, or give the KV cache more memory (--gpu-memory-utilization, \
+                 --kv-cache-memory or --num-gpu-blocks-override)",
+                self.block_size
+            )));
+        }
+        tracing::warn!(
+            model_max_len = max_model_len,
+            kv_cache_tokens = capacity,
+            "the KV cache holds {capacity} tokens, fewer than the model's context of {max_model_len}: \
+             max_model_len lowered to {capacity} (give the KV cache more memory to serve longer sequences)"
+        );
+        self.max_model_len = Some(capacity);
+        Ok(())
+    }
+
     pub fn scheduler_config(&self, model: &ModelConfig) -> SchedulerConfig {
         let max_model_len = self.max_model_len(model);
         SchedulerConfig {

@@ -18,7 +18,7 @@ use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
 use crate::runner::{ModelRunner, SampleTarget, StepInputs};
-use crate::stop::StopChecker;
+use crate::stop::{StopChecker, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 
 /// Facts about the served model that request validation and the API need.
 #[derive(Clone, Debug)]
@@ -38,6 +38,8 @@ struct SeqState {
     text: String,
     /// Bytes of `text` already sent to the client.
     sent: usize,
+    /// Where `text` has got to in the request's stop-string automaton.
+    stop_scan: StopScan,
     finished: Option<(FinishReason, Option<StopReason>)>,
     last_token_at: Option<Instant>,
     num_tokens: usize,
@@ -111,11 +113,13 @@ struct InFlightStep<B: Backend> {
 impl<B: Backend> LlmEngine<B> {
     /// Sizes the KV pool from the config and the memory left after the
     /// weights, and assembles the engine.
-    pub fn new(backend: B, loaded: LoadedModel<B>, config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn new(backend: B, loaded: LoadedModel<B>, mut config: EngineConfig) -> Result<Self, EngineError> {
         config.validate()?;
         let model_config = loaded.model.config().clone();
+        config.check_max_model_len(&model_config)?;
         let memory = backend.memory_info().ok();
         let num_gpu_blocks = config.num_gpu_blocks(&backend, &model_config, memory)?;
+        config.fit_max_model_len_to_kv_cache(&model_config, num_gpu_blocks)?;
         let num_cpu_blocks = config.num_cpu_blocks(&backend, &model_config);
         let kv = PagedAllocator::new(PagedConfig {
             num_gpu_blocks,
@@ -273,7 +277,8 @@ impl<B: Backend> LlmEngine<B> {
         let new = NewRequest {
             request_id: scheduler_id,
             prompt_token_ids: req.prompt_token_ids.clone(),
-            max_tokens: req.max_tokens.unwrap_or(1),
+            // Validated: the prompt leaves room for at least one token.
+            max_tokens: req.max_tokens.unwrap_or(self.info.max_model_len - req.prompt_token_ids.len()),
             n: req.n,
             priority: req.priority,
             arrival: self.next_request_id as f64,
@@ -472,6 +477,7 @@ impl<B: Backend> LlmEngine<B> {
                 detokenizer: IncrementalDetokenizer::new(prompt),
                 text: String::new(),
                 sent: 0,
+                stop_scan: StopScan::default(),
                 finished: None,
                 last_token_at: None,
                 num_tokens: 0,
@@ -499,9 +505,8 @@ impl<B: Backend> LlmEngine<B> {
                 let tok = &self.tokenizer;
                 let decode = |ids: &[u32]| tok.decode(ids, skip).unwrap_or_default();
                 let new_text = seq.detokenizer.push(update.new_token, &decode);
-                let new_len = new_text.len();
                 seq.text.push_str(&new_text);
-                if let Some(m) = state.stop.check(&seq.text, new_len) {
+                if let Some(m) = state.stop.check(&mut seq.stop_scan, &seq.text) {
                     seq.text.truncate(m.truncate_at);
                     finish = Some((FinishReason::Stop, Some(StopReason::String(m.stop))));
                     self.scheduler.finish_seq(update.seq_id, SchedFinish::Stop(None));
@@ -512,8 +517,11 @@ impl<B: Backend> LlmEngine<B> {
             }
             seq.finished = finish.clone();
 
-            let streamable =
-                if finish.is_some() { seq.text.len() } else { state.stop.streamable_len(&seq.text) };
+            let streamable = if finish.is_some() {
+                seq.text.len()
+            } else {
+                state.stop.streamable_len(&seq.stop_scan, &seq.text)
+            };
             let text = if streamable > seq.sent {
                 seq.text[seq.sent..streamable].to_string()
             } else {
@@ -585,13 +593,15 @@ impl<B: Backend> LlmEngine<B> {
     }
 }
 
-/// Checks a request against the model and the engine's limits, filling in
-/// `max_tokens` when absent. Runs before [`LlmEngine::add_request`]
-/// (the async engine calls it on the caller's thread, for early 400s).
+/// Checks a request against the model and the engine's limits: lengths
+/// (prompt, `max_tokens`, both within the context and the KV cache), `n`,
+/// sampling parameters, stop strings and token ids. `max_tokens` absent
+/// means up to the context length. Runs in [`LlmEngine::add_request`]; the
+/// async engine also runs it on the caller's thread, for early 400s.
 pub fn validate_request(
     info: &ModelInfo,
     max_num_seqs: usize,
-    req: &mut GenerationRequest,
+    req: &GenerationRequest,
 ) -> Result<(), EngineError> {
     let prompt_len = req.prompt_token_ids.len();
     if prompt_len == 0 {
@@ -613,26 +623,71 @@ pub fn validate_request(
             ),
         ));
     }
-    let max_tokens = req.max_tokens.unwrap_or(info.max_model_len - prompt_len);
+    let requested_max_tokens = req.max_tokens;
+    let max_tokens = requested_max_tokens.unwrap_or(info.max_model_len - prompt_len);
     if max_tokens == 0 {
         return Err(EngineError::invalid(Some("max_tokens"), "max_tokens must be at least 1"));
     }
-    if prompt_len + max_tokens > info.max_model_len {
+    // Checked: a client may send any max_tokens up to u64::MAX.
+    let total_len = prompt_len.checked_add(max_tokens);
+    if total_len.is_none_or(|total| total > info.max_model_len) {
         return Err(EngineError::invalid(
             Some("max_tokens"),
             format!(
                 "This model's maximum context length is {} tokens. However, you requested {} tokens \
                  ({prompt_len} in the prompt, {max_tokens} in the completion).",
                 info.max_model_len,
-                prompt_len + max_tokens
+                prompt_len as u128 + max_tokens as u128
             ),
         ));
     }
-    req.max_tokens = Some(max_tokens);
+    // Here too, not only in the scheduler, where it would fail the request late.
+    if req.min_tokens > max_tokens {
+        return Err(EngineError::invalid(
+            Some("min_tokens"),
+            format!("min_tokens ({}) must not exceed max_tokens ({max_tokens})", req.min_tokens),
+        ));
+    }
     if req.n == 0 || req.n > max_num_seqs {
         return Err(EngineError::invalid(
             Some("n"),
             format!("n must be in 1..={max_num_seqs}, got {}", req.n),
+        ));
+    }
+    // Without max_tokens the output may stop early, so only the prompt must
+    // fit; with it, the whole of every sample must.
+    let seq_len = if requested_max_tokens.is_some() { prompt_len + max_tokens } else { prompt_len };
+    let needed = kv_blocks_needed(prompt_len, seq_len, req.n, info.block_size);
+    if needed.is_none_or(|blocks| blocks > info.num_gpu_blocks) {
+        let capacity = info.num_gpu_blocks * info.block_size;
+        let what = if req.n > 1 {
+            format!("{} samples of up to {seq_len} tokens, sharing a prompt of {prompt_len} tokens,", req.n)
+        } else {
+            format!("a sequence of {seq_len} tokens")
+        };
+        let needed = needed.map_or_else(|| "more".to_string(), |b| b.to_string());
+        return Err(EngineError::invalid(
+            Some(if requested_max_tokens.is_some() { "max_tokens" } else { "prompt" }),
+            format!(
+                "This request cannot fit in the KV cache: {what} need {needed} blocks of {} tokens, but the \
+                 cache holds {} blocks ({capacity} tokens). Lower max_tokens or n, or shorten the prompt.",
+                info.block_size, info.num_gpu_blocks
+            ),
+        ));
+    }
+    if req.stop.len() > MAX_STOP_STRINGS {
+        return Err(EngineError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", req.stop.len()),
+        ));
+    }
+    if let Some(long) = req.stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+        return Err(EngineError::invalid(
+            Some("stop"),
+            format!(
+                "a stop string may be at most {MAX_STOP_STRING_BYTES} bytes long, got one of {} bytes",
+                long.len()
+            ),
         ));
     }
     req.sampling.validate().map_err(|e| EngineError::invalid(Some(e.param), e.to_string()))?;
@@ -643,6 +698,15 @@ pub fn validate_request(
         ));
     }
     Ok(())
+}
+
+/// KV blocks a request holds at most: the prompt's full blocks once (its `n`
+/// samples share them copy-on-write) and, per sample, the blocks from there
+/// to `seq_len` tokens. `None` on overflow.
+pub fn kv_blocks_needed(prompt_len: usize, seq_len: usize, n: usize, block_size: usize) -> Option<usize> {
+    let shared = prompt_len / block_size;
+    let own = seq_len.div_ceil(block_size).checked_sub(shared)?;
+    own.checked_mul(n)?.checked_add(shared)
 }
 
 /// Builds each sampler's row: its params, seed, and the token history
@@ -696,5 +760,92 @@ fn sample_seed(seed: u64, index: usize) -> u64 {
         seed
     } else {
         seed ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model of 512 tokens of context over a KV cache of 64 blocks of 16
+    /// (1024 tokens).
+    fn info() -> ModelInfo {
+        ModelInfo {
+            max_model_len: 512,
+            vocab_size: 1000,
+            eos_token_ids: vec![2],
+            default_sampling: SamplingParams::default(),
+            num_gpu_blocks: 64,
+            block_size: 16,
+        }
+    }
+
+    fn request(prompt_len: usize, max_tokens: Option<usize>, n: usize) -> GenerationRequest {
+        let mut r = GenerationRequest::new("r", vec![1; prompt_len]);
+        r.max_tokens = max_tokens;
+        r.n = n;
+        r
+    }
+
+    fn refusal(req: &GenerationRequest) -> (Option<&'static str>, String) {
+        match validate_request(&info(), 256, req) {
+            Err(EngineError::InvalidRequest { param, message }) => (param, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn huge_max_tokens_is_refused_not_wrapped() {
+        for max_tokens in [usize::MAX, usize::MAX - 5, usize::MAX / 2 + 1, 503] {
+            let (param, message) = refusal(&request(10, Some(max_tokens), 1));
+            assert_eq!(param, Some("max_tokens"));
+            assert!(message.contains("maximum context length is 512"), "{message}");
+            assert!(message.contains(&max_tokens.to_string()), "{message}");
+        }
+        validate_request(&info(), 256, &request(10, Some(502), 1)).expect("prompt + max_tokens = 512 fits");
+        // min_tokens against the max_tokens implied by the context.
+        let mut r = request(10, None, 1);
+        r.min_tokens = 503;
+        assert_eq!(refusal(&r).0, Some("min_tokens"));
+        r.min_tokens = 502;
+        validate_request(&info(), 256, &r).expect("min_tokens up to the context");
+    }
+
+    #[test]
+    fn kv_blocks_count_the_shared_prompt_once() {
+        // 40 prompt tokens: 2 full blocks shared; each sample owns 4 blocks (to 100 tokens).
+        assert_eq!(kv_blocks_needed(40, 100, 1, 16), Some(7));
+        assert_eq!(kv_blocks_needed(40, 100, 3, 16), Some(2 + 3 * 5));
+        assert_eq!(kv_blocks_needed(32, 32, 4, 16), Some(2));
+        assert_eq!(kv_blocks_needed(1, usize::MAX, usize::MAX, 16), None);
+    }
+
+    #[test]
+    fn requests_larger_than_the_kv_cache_are_refused() {
+        // n=1 always fits within the context; n samples of 500 tokens need 32 blocks each.
+        validate_request(&info(), 256, &request(10, Some(490), 1)).expect("one sample fits");
+        validate_request(&info(), 256, &request(10, Some(490), 2)).expect("two fit in 64 blocks");
+        let (param, message) = refusal(&request(10, Some(490), 3));
+        assert_eq!(param, Some("max_tokens"));
+        assert!(message.contains("KV cache") && message.contains("64 blocks"), "{message}");
+        // Without max_tokens only the prompt counts: outputs may end early.
+        validate_request(&info(), 256, &request(500, None, 3)).expect("prompt fits thrice");
+        let (param, _) = refusal(&request(500, None, 256));
+        assert_eq!(param, Some("prompt"));
+    }
+
+    #[test]
+    fn stop_strings_are_bounded_in_number_and_length() {
+        let mut r = request(10, Some(10), 1);
+        r.stop = vec!["x".repeat(MAX_STOP_STRING_BYTES); MAX_STOP_STRINGS];
+        validate_request(&info(), 256, &r).expect("at the limits");
+        r.stop.push("y".into());
+        let (param, message) = refusal(&r);
+        assert_eq!(param, Some("stop"));
+        assert!(message.contains(&format!("at most {MAX_STOP_STRINGS} stop strings")), "{message}");
+        r.stop = vec!["a".into(), "é".repeat(MAX_STOP_STRING_BYTES / 2 + 1)];
+        let (param, message) = refusal(&r);
+        assert_eq!(param, Some("stop"));
+        assert!(message.contains(&format!("at most {MAX_STOP_STRING_BYTES} bytes")), "{message}");
     }
 }

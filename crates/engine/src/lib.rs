@@ -38,7 +38,9 @@ mod stop;
 
 use std::path::Path;
 
-pub use async_engine::{AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError};
+pub use async_engine::{
+    AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError, DEFAULT_MAX_PENDING_SEQS,
+};
 pub use config::{EngineConfig, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
 pub use engine::{validate_request, LlmEngine, ModelInfo, StepTimings};
@@ -52,7 +54,7 @@ pub use request::{
     fairness_group, FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob,
 };
 pub use runner::{ModelRunner, PhaseTotal, RunnerTimings, SampleTarget, StepInputs};
-pub use stop::{StopChecker, StopMatch};
+pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 
 use pagoda_backend::Backend;
 use pagoda_models::{LoadOptions, LoadedModel, ModelFiles};
@@ -66,6 +68,8 @@ pub fn load_engine<B: Backend>(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<LlmEngine<B>, EngineError> {
     let files = ModelFiles::open(model_path.as_ref())?;
+    // Before the weights load: a wrong --max-model-len fails at once.
+    config.check_max_model_len(&files.config)?;
     let max_model_len = config.max_model_len(&files.config);
     let options = LoadOptions { max_positions: Some(max_model_len) };
     let model = files.load_model(&backend, &options, &mut progress)?;

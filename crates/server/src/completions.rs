@@ -65,22 +65,19 @@ async fn complete(
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let num_prompts = prompts.len();
 
-    let mut streams = Vec::with_capacity(num_prompts);
-    for (i, ids) in prompts.into_iter().enumerate() {
-        let mut req = template.clone();
-        req.request_id = if num_prompts == 1 { request_id.clone() } else { format!("{request_id}-{i}") };
-        req.prompt_token_ids = ids;
-        req.fairness_group = Some(pagoda_engine::fairness_group(&request_id));
-        // On an error the streams already submitted drop here, aborting them.
-        let stream = engine.submit(req).map_err(|e| {
-            let mut e = ApiError::from(e);
-            if num_prompts > 1 && e.status.is_client_error() {
-                e.message = format!("prompt {i}: {}", e.message);
-            }
-            e
-        })?;
-        streams.push(stream);
-    }
+    let requests: Vec<_> = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| {
+            let mut req = template.clone();
+            req.request_id = if num_prompts == 1 { request_id.clone() } else { format!("{request_id}-{i}") };
+            req.prompt_token_ids = ids;
+            req.fairness_group = Some(pagoda_engine::fairness_group(&request_id));
+            req
+        })
+        .collect();
+    // All prompts are admitted together or not at all (errors name the prompt).
+    let streams = engine.submit_all(requests)?;
     tracing::info!(
         num_prompts,
         prompt_tokens,

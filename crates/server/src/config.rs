@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pagoda_engine::AsyncEngineOptions;
+use pagoda_engine::{AsyncEngineOptions, DEFAULT_MAX_PENDING_SEQS};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -31,9 +31,17 @@ pub struct ServerArgs {
     /// Defaults to the --model argument.
     #[arg(long, num_args = 1..)]
     pub served_model_name: Vec<String>,
-    /// Most requests queued or running at once; beyond it requests get 429.
+    /// Most requests queued or running at once (a completion counts one per
+    /// prompt); beyond it requests get 429, and a request over it alone 400.
     #[arg(long, default_value_t = 1024)]
     pub max_pending_requests: usize,
+    /// Most sequences queued or running at once (prompts x n), as above.
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING_SEQS)]
+    pub max_pending_seqs: usize,
+    /// Most tokens of work queued or running at once (per prompt: its tokens
+    /// plus n x max_tokens), as above. Default: --max-pending-requests x max-model-len.
+    #[arg(long)]
+    pub max_pending_tokens: Option<usize>,
     /// On SIGTERM or Ctrl-C, how long in-flight requests may run before they are aborted.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -50,6 +58,8 @@ impl Default for ServerArgs {
             api_key: None,
             served_model_name: Vec::new(),
             max_pending_requests: 1024,
+            max_pending_seqs: DEFAULT_MAX_PENDING_SEQS,
+            max_pending_tokens: None,
             shutdown_grace_secs: 30,
             log_format: LogFormat::Text,
         }
@@ -60,7 +70,11 @@ impl ServerArgs {
     /// The async engine's options these arguments imply (pass them to
     /// `AsyncEngine::start`: the waiting-queue bound lives in the engine).
     pub fn engine_options(&self) -> AsyncEngineOptions {
-        AsyncEngineOptions { max_pending_requests: self.max_pending_requests }
+        AsyncEngineOptions {
+            max_pending_requests: self.max_pending_requests,
+            max_pending_seqs: self.max_pending_seqs,
+            max_pending_tokens: self.max_pending_tokens,
+        }
     }
 
     /// The server configuration. `model` is the --model argument (the
@@ -159,6 +173,10 @@ mod tests {
             "b",
             "--max-pending-requests",
             "2",
+            "--max-pending-seqs",
+            "8",
+            "--max-pending-tokens",
+            "1000",
             "--shutdown-grace-secs",
             "5",
             "--log-format",
@@ -172,7 +190,11 @@ mod tests {
         assert_eq!(config.model_name(), "a");
         assert!(config.serves("b") && !config.serves("models/x"));
         assert_eq!(config.shutdown_grace, Duration::from_secs(5));
-        assert_eq!(cli.server.engine_options().max_pending_requests, 2);
+        let options = cli.server.engine_options();
+        assert_eq!(
+            (options.max_pending_requests, options.max_pending_seqs, options.max_pending_tokens),
+            (2, 8, Some(1000))
+        );
         assert_eq!(cli.server.log_format, LogFormat::Json);
     }
 

@@ -107,7 +107,7 @@ impl ApiError {
         }
     }
 
-    /// 429: the waiting queue is full.
+    /// 429: the pending work is at a limit (sent with `Retry-After`).
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
@@ -167,10 +167,20 @@ impl ApiError {
     }
 }
 
+/// Seconds a client told 429 waits before retrying (`Retry-After`): pending
+/// work ends at the pace of token steps, so a second is enough to find room
+/// without a client hammering the server.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = self.to_json();
-        (self.status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+        let mut response =
+            (self.status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 
@@ -186,7 +196,7 @@ impl From<EngineError> for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::Overloaded(_) => ApiError::overloaded(e.to_string()),
+            SubmitError::Overloaded { .. } => ApiError::overloaded(e.to_string()),
             SubmitError::ShuttingDown => ApiError::shutting_down(),
             SubmitError::Invalid(inner) => inner.into(),
         }
@@ -226,7 +236,22 @@ mod tests {
 
     #[test]
     fn submit_errors_map_to_statuses() {
-        assert_eq!(ApiError::from(SubmitError::Overloaded(3)).status, StatusCode::TOO_MANY_REQUESTS);
+        let busy = SubmitError::Overloaded {
+            what: "requests",
+            flag: "--max-pending-requests",
+            in_use: 3,
+            needed: 1,
+            limit: 3,
+        };
+        let e = ApiError::from(busy);
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            e.message.contains("--max-pending-requests") && e.message.contains("retry later"),
+            "{}",
+            e.message
+        );
+        let response = e.into_response();
+        assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "1");
         assert_eq!(ApiError::from(SubmitError::ShuttingDown).status, StatusCode::SERVICE_UNAVAILABLE);
         let invalid = SubmitError::Invalid(EngineError::invalid(Some("n"), "n must be in 1..=4"));
         let e = ApiError::from(invalid);
