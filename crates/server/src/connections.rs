@@ -188,7 +188,6 @@ fn raise_open_file_limit(wanted: u64) -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return None;
     }
-    let wanted = libc::rlim_t::try_from(wanted).unwrap_or(libc::rlim_t::MAX);
     if limit.rlim_cur < wanted && limit.rlim_cur < limit.rlim_max {
         let raised = libc::rlimit { rlim_cur: wanted.min(limit.rlim_max), rlim_max: limit.rlim_max };
         // SAFETY: setrlimit only reads the struct it is given.
@@ -196,7 +195,8 @@ fn raise_open_file_limit(wanted: u64) -> Option<u64> {
             limit = raised;
         }
     }
-    u64::try_from(limit.rlim_cur).ok()
+    // rlim_t is u64 on Linux and macOS.
+    Some(limit.rlim_cur)
 }
 
 #[cfg(not(unix))]
