@@ -72,8 +72,17 @@ async fn overload_gets_429_and_shutdown_is_graceful() {
     // one is aborted when it ends; both streams close cleanly with [DONE].
     server.signal_shutdown();
     // During the drain the server still accepts connections and answers 503.
-    let health = c.http.get(c.url("/health")).send().await.expect("still accepting during the drain");
-    assert_eq!(health.status().as_u16(), 503);
+    // (The signal reaches the server asynchronously: poll until /health turns.)
+    let mut health_status = 200;
+    for _ in 0..100 {
+        let health = c.http.get(c.url("/health")).send().await.expect("still accepting during the drain");
+        health_status = health.status().as_u16();
+        if health_status != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(health_status, 503);
     let (status, response) = c.post_json("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1})).await;
     assert_eq!(status, 503, "{response}");
     assert_eq!(response["error"]["code"], "service_unavailable");
