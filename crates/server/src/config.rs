@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use pagoda_engine::{AsyncEngineOptions, DEFAULT_MAX_PENDING_SEQS};
 
+use crate::connections::ConnectionLimits;
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -48,6 +50,21 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Most open client connections. At the cap a new connection displaces the one idle
+    /// longest (no request in progress); when every connection is busy it gets 503.
+    /// Lowered, with a warning, to what the open-file limit allows.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Seconds a client has to send a request's headers once the server waits for them.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds an idle connection (no request in progress, nothing received) stays open
+    /// (uvicorn's and vLLM's `--timeout-keep-alive`).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_keep_alive: u64,
+    /// Seconds a client has to send a whole request body once its headers arrived (408 after).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_body_timeout_secs: u64,
 }
 
 impl Default for ServerArgs {
@@ -62,6 +79,10 @@ impl Default for ServerArgs {
             max_pending_tokens: None,
             shutdown_grace_secs: 30,
             log_format: LogFormat::Text,
+            max_connections: 2048,
+            header_read_timeout_secs: 10,
+            timeout_keep_alive: 5,
+            request_body_timeout_secs: 60,
         }
     }
 }
@@ -95,6 +116,17 @@ impl ServerArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             version: version.to_string(),
             git_rev: git_rev.to_string(),
+            connection_limits: self.connection_limits(),
+        }
+    }
+
+    /// The connection layer's limits these arguments set.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs(self.timeout_keep_alive),
+            request_body_timeout: Duration::from_secs(self.request_body_timeout_secs),
         }
     }
 }
@@ -112,6 +144,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub version: String,
     pub git_rev: String,
+    /// Connection cap and timeouts.
+    pub connection_limits: ConnectionLimits,
 }
 
 impl ServerConfig {
@@ -181,6 +215,14 @@ mod tests {
             "5",
             "--log-format",
             "json",
+            "--max-connections",
+            "7",
+            "--header-read-timeout-secs",
+            "3",
+            "--timeout-keep-alive",
+            "4",
+            "--request-body-timeout-secs",
+            "9",
         ])
         .unwrap();
         let config = cli.server.to_config("models/x", "0.1.0", "abc");
@@ -196,6 +238,24 @@ mod tests {
             (2, 8, Some(1000))
         );
         assert_eq!(cli.server.log_format, LogFormat::Json);
+        let limits = config.connection_limits;
+        assert_eq!(limits.max_connections, 7);
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(limits.keep_alive_timeout, Duration::from_secs(4));
+        assert_eq!(limits.request_body_timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        for flag in [
+            "--max-connections",
+            "--header-read-timeout-secs",
+            "--timeout-keep-alive",
+            "--request-body-timeout-secs",
+        ] {
+            let err = Cli::try_parse_from(["pagoda", flag, "0"]).err().expect("0 is refused");
+            assert!(err.to_string().contains(flag), "{err}");
+        }
     }
 
     #[test]

@@ -31,6 +31,10 @@ where
     let request_id = state.next_request_id(id_prefix);
     let span = tracing::info_span!("request", request_id = %request_id, endpoint);
     let result = async {
+        // Draining: refuse before the engine (whose own flag is set a moment later) sees it.
+        if state.is_shutting_down() {
+            return Err(ApiError::shutting_down());
+        }
         let ApiJson(request) = body?;
         handler(state, request, request_id, started).await
     }

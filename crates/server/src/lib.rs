@@ -10,8 +10,12 @@
 //!   engine's [`RequestStream`](pagoda_engine::RequestStream)s, and dropping
 //!   them frees the request's KV blocks.
 //! - [`serve`] stops on its `shutdown` future (the CLI passes
-//!   [`shutdown_signal`]: SIGTERM or Ctrl-C), gives in-flight requests
-//!   [`ServerConfig::shutdown_grace`] to finish, then aborts the rest.
+//!   [`shutdown_signal`]: SIGTERM or Ctrl-C; a second one exits at once),
+//!   gives in-flight requests [`ServerConfig::shutdown_grace`] to finish,
+//!   then aborts the rest (a non-streamed one so cut gets 503). It keeps
+//!   accepting during the drain: new requests and /health get 503.
+//! - Connections are capped and timed out (`connections`): see
+//!   [`ConnectionLimits`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -35,6 +39,7 @@
 mod chat;
 mod completions;
 mod config;
+mod connections;
 mod endpoint;
 mod error;
 mod extract;
@@ -45,7 +50,7 @@ mod routes;
 mod state;
 mod streaming;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +60,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::{init_tracing, LogFormat, ServerArgs, ServerConfig};
+pub use connections::{ConnectionLimits, MAX_HEADER_BYTES, MAX_URI_BYTES};
 pub use error::{ApiError, ServeError};
 pub use routes::router;
 pub use state::AppState;
@@ -70,8 +76,9 @@ pub async fn bind(config: &ServerConfig) -> Result<TcpListener, ServeError> {
 }
 
 /// Binds and serves until `shutdown` resolves, then shuts down gracefully:
-/// stops accepting connections, lets in-flight requests run for up to
-/// `config.shutdown_grace`, aborts the rest, and stops the engine.
+/// lets in-flight requests run for up to `config.shutdown_grace` while
+/// answering new ones with 503, aborts the rest, stops the engine, and
+/// stops accepting connections.
 pub async fn serve(
     config: ServerConfig,
     engine: Arc<AsyncEngine>,
@@ -91,12 +98,15 @@ pub async fn serve_on(
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().map(|a: SocketAddr| a.to_string()).unwrap_or_default();
     let grace = config.shutdown_grace;
+    let limits = config.connection_limits;
     let state = AppState::new(config, engine.clone());
     let app = router(state.clone());
     tracing::info!(addr = %addr, model = state.config().model_name(), "serving the OpenAI-compatible API");
 
-    let (engine_stopped_tx, engine_stopped) = watch::channel(false);
-    let on_signal = async move {
+    let (engine_stopped_tx, mut engine_stopped) = watch::channel(false);
+    // Accepting goes on through the drain, so clients get 503s rather than
+    // refused connections until the engine has stopped.
+    let drained = async move {
         shutdown.await;
         tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: finishing in-flight requests");
         state.begin_shutdown();
@@ -105,28 +115,31 @@ pub async fn serve_on(
             engine.shutdown(grace);
             let _ = engine_stopped_tx.send(true);
         });
+        let _ = engine_stopped.wait_for(|&s| s).await;
     };
-    let serving = axum::serve(listener, app).with_graceful_shutdown(on_signal).into_future();
-    let mut stopped = engine_stopped.clone();
-    let drained_or_overdue = async move {
-        // Once the engine has stopped, every stream has had its last event;
-        // a client still not done after the margin is not waited for.
-        let _ = stopped.wait_for(|&s| s).await;
-        tokio::time::sleep(DRAIN_MARGIN).await;
-    };
-    tokio::select! {
-        result = serving => result?,
-        _ = drained_or_overdue => tracing::warn!("connections still open after shutdown; closing them"),
-    }
-    // The serve loop only returns after the signal, so the engine is stopping.
-    let mut stopped = engine_stopped;
-    let _ = stopped.wait_for(|&s| s).await;
+    // Once the engine has stopped, every stream has had its last event; a
+    // client still not done after the margin is not waited for.
+    connections::serve_until(listener, app, limits, drained, DRAIN_MARGIN).await;
     tracing::info!("server stopped");
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+/// Exit status after a second SIGTERM or Ctrl-C (128 + SIGINT, as shells report an interrupt).
+const FORCED_EXIT_STATUS: i32 = 130;
+
+/// Resolves on the first SIGTERM or Ctrl-C (SIGINT); from then on a second
+/// one exits the process at once, without waiting for the drain.
 pub async fn shutdown_signal() {
+    next_signal().await;
+    tokio::spawn(async {
+        next_signal().await;
+        tracing::warn!("second shutdown signal: exiting without waiting for in-flight requests");
+        std::process::exit(FORCED_EXIT_STATUS);
+    });
+}
+
+/// Resolves on the next SIGTERM or Ctrl-C (SIGINT).
+async fn next_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
-use pagoda_engine::{CompletedRequest, RequestOutput, RequestStream};
+use pagoda_engine::{CompletedRequest, FinishReason, RequestOutput, RequestStream};
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -61,6 +61,14 @@ pub async fn collect(streams: Vec<RequestStream>, n: usize) -> Result<Vec<Comple
             Update::Output(i, out) => done[i].absorb(out),
             Update::Failed(e) => return Err(e),
         }
+    }
+    // Aborted while the client waits means the shutdown grace ran out: the
+    // text is partial, so no 200 (a client that left never sees this).
+    if done.iter().flat_map(|r| &r.seqs).any(|s| s.finish_reason == Some(FinishReason::Abort)) {
+        return Err(ApiError {
+            message: "The server is shutting down and aborted the request before it finished.".into(),
+            ..ApiError::shutting_down()
+        });
     }
     Ok(done)
 }
