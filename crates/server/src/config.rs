@@ -24,8 +24,9 @@ pub struct ServerArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1 endpoints.
-    #[arg(long, env = "PAGODA_API_KEY", hide_env_values = true)]
+    /// Require `Authorization: Bearer <key>` on /v1 endpoints. An empty key
+    /// is refused (leave the option out to serve without one).
+    #[arg(long, env = "PAGODA_API_KEY", hide_env_values = true, value_parser = parse_api_key)]
     pub api_key: Option<String>,
     /// Model name(s) clients use in `model`; the first is reported in responses.
     /// Defaults to the --model argument.
@@ -40,6 +41,20 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// An API key must have a non-blank value: an empty one (`--api-key ""`, or
+/// `PAGODA_API_KEY=` set but empty) would otherwise turn authentication off
+/// unnoticed.
+fn parse_api_key(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        return Err(
+            "the API key is empty; give a real key, or leave out --api-key and unset PAGODA_API_KEY \
+                    to serve without authentication"
+                .into(),
+        );
+    }
+    Ok(value.to_string())
 }
 
 impl Default for ServerArgs {
@@ -75,7 +90,9 @@ impl ServerArgs {
         ServerConfig {
             host: self.host.clone(),
             port: self.port,
-            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            // Kept even if empty (only possible when built in code): an
+            // empty key then authorizes nobody, rather than everybody.
+            api_key: self.api_key.clone(),
             served_model_names,
             model_root: model.to_string(),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
@@ -174,6 +191,14 @@ mod tests {
         assert_eq!(config.shutdown_grace, Duration::from_secs(5));
         assert_eq!(cli.server.engine_options().max_pending_requests, 2);
         assert_eq!(cli.server.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn an_empty_api_key_is_refused() {
+        for empty in ["", "  "] {
+            let e = Cli::try_parse_from(["pagoda", "--api-key", empty]).err().expect("refused");
+            assert!(e.to_string().contains("the API key is empty"), "{e}");
+        }
     }
 
     #[test]
