@@ -102,7 +102,7 @@ impl PromptWorkers {
             return Err(ApiError::bad_request(
                 Some(param),
                 format!(
-                    "The {param} is {} bytes of text, which cannot fit this model's maximum context length \
+                    "`{param}` is {} bytes of text, which cannot fit this model's maximum context length \
                      of {max_model_len} tokens: with at most {per_token} bytes per token, the limit is \
                      {limit} bytes.",
                     text.len()
