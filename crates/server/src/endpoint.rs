@@ -265,3 +265,40 @@ fn mentions_byte_level(component: &Value) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn text_over_the_byte_bound_is_refused_and_text_at_it_is_not() {
+        let workers = PromptWorkers::with_big_jobs(1, Some(10));
+        // 10 bytes per token, 5 tokens of context: 4 tokens of prompt at most.
+        workers.check_text_fits(&"a".repeat(40), 5, "prompt").unwrap();
+        let e = workers.check_text_fits(&"a".repeat(41), 5, "prompt").unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        assert!(e.message.contains("40 bytes"), "{}", e.message);
+        // No provable bound: nothing is refused here.
+        PromptWorkers::with_big_jobs(1, None).check_text_fits(&"a".repeat(1000), 5, "prompt").unwrap();
+    }
+
+    #[test]
+    fn only_normalizers_and_pre_tokenizers_that_keep_text_allow_a_bound() {
+        let llama2 = json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]});
+        assert_eq!(normalizer_shrink_factor(&llama2), Some(1));
+        assert_eq!(normalizer_shrink_factor(&json!({"type": "NFC"})), Some(4));
+        assert_eq!(normalizer_shrink_factor(&json!({"type": "Strip", "strip_left": true})), None);
+        let deletes = json!({"type": "Replace", "pattern": {"String": "x"}, "content": ""});
+        assert_eq!(normalizer_shrink_factor(&deletes), None);
+        let llama3 = json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false}]});
+        assert!(pre_tokenizer_keeps_input(&llama3));
+        assert!(mentions_byte_level(&llama3));
+        assert!(!pre_tokenizer_keeps_input(&json!({"type": "Whitespace"})));
+        assert!(!pre_tokenizer_keeps_input(&json!({"type": "Split", "behavior": "Removed"})));
+    }
+}
