@@ -443,7 +443,7 @@ mod tests {
             ),
         ];
         for (m, param) in cases {
-            let e = check_messages(&[m.clone()]).unwrap_err();
+            let e = check_messages(std::slice::from_ref(&m)).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{m:?}");
         }
         let fine = with_extra(user(), "tool_calls", call(json!({"name": "f", "arguments": "{}"})));
