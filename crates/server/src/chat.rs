@@ -6,71 +6,187 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Json, Response};
+use axum::Extension;
 use pagoda_engine::{AsyncEngine, RequestOutput};
 use serde_json::Value;
 
-use crate::endpoint::{log_finished, run_endpoint};
+use crate::endpoint::{log_finished, run_endpoint, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
 use crate::params::{generation_request, stream_mode, MAX_TOP_LOGPROBS};
 use crate::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, MessageContent, StopReasonOut, Usage, UsageField,
+    ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, MessageContent, StopReasonOut, ToolChoice,
+    ToolDefinition, Usage, UsageField,
 };
 use crate::state::{unix_now, AppState};
 use crate::streaming::{self, to_json, ChunkWriter, StreamUsage};
 
 pub async fn create_chat_completion(
     State(state): State<AppState>,
+    Extension(workers): Extension<Arc<PromptWorkers>>,
     body: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
-    run_endpoint(state, body, "chatcmpl", "chat", chat).await
+    run_endpoint(state, body, "chatcmpl", "chat", move |state, request, id, started| {
+        chat(state, workers, request, id, started)
+    })
+    .await
 }
 
-/// The messages as the template sees them: content parts joined into one
-/// string (text parts only), other fields passed through.
-fn template_messages(messages: &[ChatMessageIn]) -> Result<Value, ApiError> {
+/// Checks the conversation before anything is rendered: at least one
+/// message, each with a role, text-only content, and the fields templates
+/// read (`name`, `tool_call_id`, `tool_calls`) in OpenAI's shapes.
+fn check_messages(messages: &[ChatMessageIn]) -> Result<(), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request(Some("messages"), "messages must not be empty"));
     }
-    let mut out = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
-        let content = match &message.content {
-            None => String::new(),
-            Some(MessageContent::Text(text)) => text.clone(),
-            Some(MessageContent::Parts(parts)) => {
-                let mut texts = Vec::with_capacity(parts.len());
-                for part in parts {
-                    match (part.kind.as_str(), &part.text) {
-                        ("text", Some(text)) => texts.push(text.as_str()),
-                        ("text", None) => {
-                            return Err(ApiError::bad_request(
-                                Some(&format!("messages[{i}].content")),
-                                "a text content part needs a `text` field",
-                            ))
-                        }
-                        (other, _) => {
-                            return Err(ApiError::bad_request(
-                                Some(&format!("messages[{i}].content")),
-                                format!("content parts of type `{other}` are not supported (text only)"),
-                            ))
-                        }
+        let field = |name: &str| format!("messages[{i}].{name}");
+        if message.role.is_empty() {
+            return Err(ApiError::bad_request(Some(&field("role")), "role must not be empty"));
+        }
+        if let Some(MessageContent::Parts(parts)) = &message.content {
+            for part in parts {
+                match (part.kind.as_str(), &part.text) {
+                    ("text", Some(_)) => {}
+                    ("text", None) => {
+                        return Err(ApiError::bad_request(
+                            Some(&field("content")),
+                            "a text content part needs a `text` field",
+                        ))
+                    }
+                    (other, _) => {
+                        return Err(ApiError::bad_request(
+                            Some(&field("content")),
+                            format!("content parts of type `{other}` are not supported (text only)"),
+                        ))
                     }
                 }
-                texts.join("\n")
             }
-        };
-        let mut object = message.extra.clone();
-        object.insert("role".into(), Value::String(message.role.clone()));
-        object.insert("content".into(), Value::String(content));
-        out.push(Value::Object(object));
+        }
+        for name in ["name", "tool_call_id"] {
+            if message.extra.get(name).is_some_and(|v| !v.is_string() && !v.is_null()) {
+                return Err(ApiError::bad_request(Some(&field(name)), format!("{name} must be a string")));
+            }
+        }
+        match message.extra.get("tool_calls") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(calls)) => {
+                for (j, call) in calls.iter().enumerate() {
+                    check_tool_call(call).map_err(|(path, message)| {
+                        ApiError::bad_request(Some(&field(&format!("tool_calls[{j}]{path}"))), message)
+                    })?;
+                }
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    Some(&field("tool_calls")),
+                    "tool_calls must be an array of tool calls",
+                ))
+            }
+        }
     }
-    Ok(Value::Array(out))
+    Ok(())
+}
+
+/// One of an assistant message's `tool_calls`: `{"id", "type": "function",
+/// "function": {"name", "arguments"}}` (id and type optional). The error
+/// names the sub-field at fault.
+fn check_tool_call(call: &Value) -> Result<(), (&'static str, &'static str)> {
+    let object = call.as_object().ok_or(("", "a tool call must be an object"))?;
+    if object.get("id").is_some_and(|v| !v.is_string()) {
+        return Err((".id", "id must be a string"));
+    }
+    if object.get("type").is_some_and(|v| v.as_str() != Some("function")) {
+        return Err((".type", "type must be \"function\""));
+    }
+    let function = object
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or((".function", "function must be an object with a `name` and `arguments`"))?;
+    if !function.get("name").is_some_and(Value::is_string) {
+        return Err((".function.name", "name must be a string"));
+    }
+    if !function.get("arguments").is_some_and(Value::is_string) {
+        return Err((".function.arguments", "arguments must be a string (of JSON)"));
+    }
+    Ok(())
+}
+
+/// `tools` must name each function once; `tool_choice` may only ask for a
+/// tool call when there are tools, and only for a function among them.
+fn check_tools(tools: Option<&[ToolDefinition]>, tool_choice: Option<&ToolChoice>) -> Result<(), ApiError> {
+    let tools = tools.unwrap_or_default();
+    let mut names = std::collections::HashSet::new();
+    for (i, tool) in tools.iter().enumerate() {
+        let name = &tool.function.name;
+        if name.is_empty() {
+            return Err(ApiError::bad_request(
+                Some(&format!("tools[{i}].function.name")),
+                "a function name must not be empty",
+            ));
+        }
+        if !names.insert(name.as_str()) {
+            return Err(ApiError::bad_request(
+                Some(&format!("tools[{i}].function.name")),
+                format!("the function `{name}` is defined twice"),
+            ));
+        }
+    }
+    match tool_choice {
+        Some(ToolChoice::Required) if tools.is_empty() => Err(ApiError::bad_request(
+            Some("tool_choice"),
+            "tool_choice \"required\" needs at least one tool in `tools`",
+        )),
+        Some(ToolChoice::Function(name)) if !names.contains(name.as_str()) => Err(ApiError::bad_request(
+            Some("tool_choice"),
+            format!("tool_choice names the function `{name}`, which is not in `tools`"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The messages as the template sees them: content parts joined into one
+/// string (text parts only), other fields passed through. Expects messages
+/// that passed [`check_messages`].
+fn template_messages(messages: Vec<ChatMessageIn>) -> Value {
+    let out = messages
+        .into_iter()
+        .map(|message| {
+            let content = match message.content {
+                None => String::new(),
+                Some(MessageContent::Text(text)) => text,
+                Some(MessageContent::Parts(parts)) => {
+                    parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("\n")
+                }
+            };
+            let mut object = message.extra;
+            object.insert("role".into(), Value::String(message.role));
+            object.insert("content".into(), Value::String(content));
+            Value::Object(object)
+        })
+        .collect();
+    Value::Array(out)
+}
+
+/// Bytes of text in the conversation (what rendering and tokenizing cost).
+fn message_bytes(messages: &[ChatMessageIn]) -> usize {
+    messages
+        .iter()
+        .map(|m| match &m.content {
+            None => 0,
+            Some(MessageContent::Text(text)) => text.len(),
+            Some(MessageContent::Parts(parts)) => {
+                parts.iter().filter_map(|p| p.text.as_ref()).map(String::len).sum()
+            }
+        })
+        .sum()
 }
 
 async fn chat(
     state: AppState,
+    workers: Arc<PromptWorkers>,
     request: ChatCompletionRequest,
     request_id: String,
     started: Instant,
@@ -97,28 +213,42 @@ async fn chat(
             ));
         }
     }
+    check_messages(&request.messages)?;
+    check_tools(request.tools.as_deref(), request.tool_choice.as_ref())?;
     let engine = state.engine();
     let template = engine
         .chat_template()
+        .cloned()
         .ok_or_else(|| ApiError::bad_request(None, "this model has no chat template; use /v1/completions"))?;
-    let messages = template_messages(&request.messages)?;
-    let mut extra = request.chat_template_kwargs.clone().unwrap_or_default();
-    if let Some(tools) = &request.tools {
-        extra.insert("tools".into(), Value::Array(tools.clone()));
-    }
-    let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
-    let prompt = template
-        .render_json(&messages, add_generation_prompt, &extra)
-        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
-    // The template writes the special tokens itself (BOS included, if the model uses one).
-    let prompt_ids = engine
-        .tokenizer()
-        .encode(&prompt, false)
-        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
-
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let logprobs = want_logprobs.then(|| request.top_logprobs.unwrap_or(0));
+    // Cheap checks first: a refused request costs no rendering or tokenization.
     let mut req = generation_request(&request.sampling, engine.info(), max_tokens, logprobs)?;
+
+    let mut extra = request.chat_template_kwargs.unwrap_or_default();
+    if let Some(tools) = &request.tools {
+        let tools = serde_json::to_value(tools).map_err(|e| ApiError::internal(e.to_string()))?;
+        extra.insert("tools".into(), tools);
+    }
+    let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
+    let input_bytes = message_bytes(&request.messages);
+    let messages = request.messages;
+    let prompt_engine = engine.clone();
+    let prompt_workers = workers.clone();
+    let prompt_ids = workers
+        .run(input_bytes, move |_| {
+            let prompt = template
+                .render_json(&template_messages(messages), add_generation_prompt, &extra)
+                .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+            prompt_workers.check_text_fits(&prompt, prompt_engine.info().max_model_len, "messages")?;
+            // The template writes the special tokens itself (BOS included, if the model uses one).
+            prompt_engine
+                .tokenizer()
+                .encode(&prompt, false)
+                .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))
+        })
+        .await?;
+
     let n = req.n;
     let (stream, include_usage) = stream_mode(&request.sampling);
     let prompt_tokens = prompt_ids.len();
@@ -254,10 +384,16 @@ impl ChunkWriter for ChatChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::ContentPart;
+    use crate::protocol::{ContentPart, FunctionDefinition, ToolKind};
+    use serde_json::json;
 
     fn message(role: &str, content: Option<MessageContent>) -> ChatMessageIn {
         ChatMessageIn { role: role.into(), content, extra: serde_json::Map::new() }
+    }
+
+    fn with_extra(mut m: ChatMessageIn, key: &str, value: Value) -> ChatMessageIn {
+        m.extra.insert(key.into(), value);
+        m
     }
 
     #[test]
@@ -266,12 +402,14 @@ mod tests {
             ContentPart { kind: "text".into(), text: Some("a".into()) },
             ContentPart { kind: "text".into(), text: Some("b".into()) },
         ];
-        let v = template_messages(&[
+        let messages = vec![
             message("system", Some(MessageContent::Text("s".into()))),
             message("user", Some(MessageContent::Parts(parts))),
             message("assistant", None),
-        ])
-        .unwrap();
+        ];
+        check_messages(&messages).unwrap();
+        assert_eq!(message_bytes(&messages), 3);
+        let v = template_messages(messages);
         assert_eq!(v[0]["content"], "s");
         assert_eq!(v[1]["content"], "a\nb");
         assert_eq!(v[2]["content"], "");
@@ -281,8 +419,64 @@ mod tests {
     #[test]
     fn non_text_parts_and_empty_conversations_are_rejected() {
         let image = vec![ContentPart { kind: "image_url".into(), text: None }];
-        let e = template_messages(&[message("user", Some(MessageContent::Parts(image)))]).unwrap_err();
+        let e = check_messages(&[message("user", Some(MessageContent::Parts(image)))]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
-        assert_eq!(template_messages(&[]).unwrap_err().param.as_deref(), Some("messages"));
+        assert_eq!(check_messages(&[]).unwrap_err().param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn malformed_message_fields_name_the_field() {
+        let user = || message("user", Some(MessageContent::Text("hi".into())));
+        let call = |function: Value| json!([{"id": "c1", "type": "function", "function": function}]);
+        let cases = [
+            (message("", None), "messages[0].role"),
+            (with_extra(user(), "name", json!(5)), "messages[0].name"),
+            (with_extra(user(), "tool_call_id", json!([])), "messages[0].tool_call_id"),
+            (with_extra(user(), "tool_calls", json!("x")), "messages[0].tool_calls"),
+            (with_extra(user(), "tool_calls", json!([1])), "messages[0].tool_calls[0]"),
+            (
+                with_extra(user(), "tool_calls", call(json!({"name": 1}))),
+                "messages[0].tool_calls[0].function.name",
+            ),
+            (
+                with_extra(user(), "tool_calls", call(json!({"name": "f", "arguments": {}}))),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+        ];
+        for (m, param) in cases {
+            let e = check_messages(std::slice::from_ref(&m)).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{m:?}");
+        }
+        let fine = with_extra(user(), "tool_calls", call(json!({"name": "f", "arguments": "{}"})));
+        check_messages(&[with_extra(fine, "name", json!("bob"))]).unwrap();
+    }
+
+    #[test]
+    fn tool_choice_must_name_a_defined_tool() {
+        let tool = |name: &str| ToolDefinition {
+            kind: ToolKind::Function,
+            function: FunctionDefinition {
+                name: name.into(),
+                description: None,
+                parameters: None,
+                strict: None,
+            },
+        };
+        let tools = [tool("get_weather")];
+        let named = |n: &str| ToolChoice::Function(n.into());
+        check_tools(Some(&tools), Some(&named("get_weather"))).unwrap();
+        check_tools(Some(&tools), Some(&ToolChoice::Required)).unwrap();
+        check_tools(None, Some(&ToolChoice::Auto)).unwrap();
+        check_tools(None, Some(&ToolChoice::None)).unwrap();
+        for (tools, choice) in
+            [(&tools[..], named("other")), (&[][..], named("get_weather")), (&[][..], ToolChoice::Required)]
+        {
+            let e = check_tools(Some(tools), Some(&choice)).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("tool_choice"));
+        }
+        let e = check_tools(Some(&[tool("f"), tool("f")]), None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools[1].function.name"));
+        let e = check_tools(Some(&[tool("")]), None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools[0].function.name"));
     }
 }

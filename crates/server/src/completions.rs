@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Json, Response};
+use axum::Extension;
 use pagoda_engine::{AsyncEngine, RequestOutput, SeqDelta};
 
-use crate::endpoint::{log_finished, run_endpoint};
+use crate::endpoint::{log_finished, run_endpoint, Cancelled, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
@@ -22,13 +23,52 @@ use crate::streaming::{self, to_json, ChunkWriter, StreamUsage};
 
 pub async fn create_completion(
     State(state): State<AppState>,
+    Extension(workers): Extension<Arc<PromptWorkers>>,
     body: Result<ApiJson<CompletionRequest>, ApiError>,
 ) -> Response {
-    run_endpoint(state, body, "cmpl", "completions", complete).await
+    run_endpoint(state, body, "cmpl", "completions", move |state, request, id, started| {
+        complete(state, workers, request, id, started)
+    })
+    .await
+}
+
+/// Token ids of each text prompt, tokenized in order on a prompt worker.
+/// Stops at the first prompt that cannot fit the context (the rest would be
+/// refused with it), or when the client has gone.
+fn tokenize_prompts(
+    engine: &AsyncEngine,
+    texts: &[String],
+    cancelled: &Cancelled,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let max_model_len = engine.info().max_model_len;
+    let mut prompts = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        if cancelled.is_set() {
+            return Err(Cancelled::error());
+        }
+        let ids = engine
+            .tokenizer()
+            .encode(text, true)
+            .map_err(|e| ApiError::bad_request(Some("prompt"), e.to_string()))?;
+        if ids.len() >= max_model_len {
+            let which = if texts.len() > 1 { format!("prompt {i}") } else { "your prompt".to_string() };
+            return Err(ApiError::bad_request(
+                Some("prompt"),
+                format!(
+                    "This model's maximum context length is {max_model_len} tokens. However, {which} has {} \
+                     tokens, which leaves no room for output.",
+                    ids.len()
+                ),
+            ));
+        }
+        prompts.push(ids);
+    }
+    Ok(prompts)
 }
 
 async fn complete(
     state: AppState,
+    workers: Arc<PromptWorkers>,
     request: CompletionRequest,
     request_id: String,
     started: Instant,
@@ -42,28 +82,39 @@ async fn complete(
         return Err(ApiError::bad_request(Some("echo"), "echo together with logprobs is not supported"));
     }
     let engine = state.engine();
-    let tokenizer = engine.tokenizer();
-    let prompts: Vec<Vec<u32>> = match &request.prompt {
-        PromptInput::Texts(texts) => texts
-            .iter()
-            .map(|t| {
-                tokenizer.encode(t, true).map_err(|e| ApiError::bad_request(Some("prompt"), e.to_string()))
-            })
-            .collect::<Result<_, _>>()?,
-        PromptInput::TokenIds(ids) => ids.clone(),
-    };
-    let echo_texts: Option<Vec<String>> = echo.then(|| match &request.prompt {
-        PromptInput::Texts(texts) => texts.clone(),
-        PromptInput::TokenIds(ids) => {
-            ids.iter().map(|ids| tokenizer.decode(ids, true).unwrap_or_default()).collect()
-        }
-    });
+    // Cheap checks first: a refused request costs no tokenization.
     let template =
         generation_request(&request.sampling, engine.info(), request.max_tokens, request.logprobs)?;
+    let (prompts, prompt_texts): (Vec<Vec<u32>>, Option<Vec<String>>) = match request.prompt {
+        PromptInput::Texts(texts) => {
+            let max_model_len = engine.info().max_model_len;
+            for (i, text) in texts.iter().enumerate() {
+                workers.check_text_fits(text, max_model_len, "prompt").map_err(|mut e| {
+                    if texts.len() > 1 {
+                        e.message = format!("prompt {i}: {}", e.message);
+                    }
+                    e
+                })?;
+            }
+            let input_bytes = texts.iter().map(String::len).sum();
+            let engine = engine.clone();
+            let (prompts, texts) = workers
+                .run(input_bytes, move |cancelled| {
+                    let prompts = tokenize_prompts(&engine, &texts, cancelled)?;
+                    Ok((prompts, texts))
+                })
+                .await?;
+            (prompts, echo.then_some(texts))
+        }
+        PromptInput::TokenIds(ids) => (ids, None),
+    };
     let n = template.n;
     let (stream, include_usage) = stream_mode(&request.sampling);
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let num_prompts = prompts.len();
+    // Token-id prompts are decoded for echo only once the engine has
+    // accepted them (so their length is bounded by the context).
+    let echo_ids = (echo && prompt_texts.is_none()).then(|| prompts.clone());
 
     let requests: Vec<_> = prompts
         .into_iter()
@@ -78,6 +129,22 @@ async fn complete(
         .collect();
     // All prompts are admitted together or not at all (errors name the prompt).
     let streams = engine.submit_all(requests)?;
+    let echo_texts: Option<Vec<String>> = match (prompt_texts, echo_ids) {
+        (Some(texts), _) => Some(texts),
+        (None, Some(ids)) => {
+            let engine = engine.clone();
+            let input_bytes = prompt_tokens * std::mem::size_of::<u32>();
+            Some(
+                workers
+                    .run(input_bytes, move |_| {
+                        let tokenizer = engine.tokenizer();
+                        Ok(ids.iter().map(|ids| tokenizer.decode(ids, true).unwrap_or_default()).collect())
+                    })
+                    .await?,
+            )
+        }
+        (None, None) => None,
+    };
     tracing::info!(
         num_prompts,
         prompt_tokens,

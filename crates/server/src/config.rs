@@ -26,8 +26,9 @@ pub struct ServerArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1 endpoints.
-    #[arg(long, env = "PAGODA_API_KEY", hide_env_values = true)]
+    /// Require `Authorization: Bearer <key>` on /v1 endpoints. An empty key
+    /// is refused (leave the option out to serve without one).
+    #[arg(long, env = "PAGODA_API_KEY", hide_env_values = true, value_parser = parse_api_key)]
     pub api_key: Option<String>,
     /// Model name(s) clients use in `model`; the first is reported in responses.
     /// Defaults to the --model argument.
@@ -65,6 +66,20 @@ pub struct ServerArgs {
     /// Seconds a client has to send a whole request body once its headers arrived (408 after).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_body_timeout_secs: u64,
+}
+
+/// An API key must have a non-blank value: an empty one (`--api-key ""`, or
+/// `PAGODA_API_KEY=` set but empty) would otherwise turn authentication off
+/// unnoticed.
+fn parse_api_key(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        return Err(
+            "the API key is empty; give a real key, or leave out --api-key and unset PAGODA_API_KEY \
+                    to serve without authentication"
+                .into(),
+        );
+    }
+    Ok(value.to_string())
 }
 
 impl Default for ServerArgs {
@@ -110,7 +125,9 @@ impl ServerArgs {
         ServerConfig {
             host: self.host.clone(),
             port: self.port,
-            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            // Kept even if empty (only possible when built in code): an
+            // empty key then authorizes nobody, rather than everybody.
+            api_key: self.api_key.clone(),
             served_model_names,
             model_root: model.to_string(),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
@@ -255,6 +272,14 @@ mod tests {
         ] {
             let err = Cli::try_parse_from(["pagoda", flag, "0"]).err().expect("0 is refused");
             assert!(err.to_string().contains(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_api_key_is_refused() {
+        for empty in ["", "  "] {
+            let e = Cli::try_parse_from(["pagoda", "--api-key", empty]).err().expect("refused");
+            assert!(e.to_string().contains("the API key is empty"), "{e}");
         }
     }
 

@@ -48,6 +48,37 @@ pub fn generation_request(
             format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max})"),
         ));
     }
+    if min_tokens >= info.max_model_len {
+        return Err(ApiError::bad_request(
+            Some("min_tokens"),
+            format!(
+                "min_tokens ({min_tokens}) must be less than this model's maximum context length ({})",
+                info.max_model_len
+            ),
+        ));
+    }
+    let n = fields.n.unwrap_or(1);
+    match fields.best_of {
+        Some(best_of) if best_of < n => {
+            return Err(ApiError::bad_request(
+                Some("best_of"),
+                format!("best_of ({best_of}) must be at least n ({n})"),
+            ))
+        }
+        Some(best_of) if best_of > n => {
+            return Err(ApiError::bad_request(
+                Some("best_of"),
+                format!("best_of > n is not supported (best_of {best_of}, n {n}): every sample is returned"),
+            ))
+        }
+        _ => {}
+    }
+    if fields.stream_options.is_some() && fields.stream != Some(true) {
+        return Err(ApiError::bad_request(
+            Some("stream_options"),
+            "stream_options can only be given when stream is true",
+        ));
+    }
     let defaults = &info.default_sampling;
     let sampling = SamplingParams {
         temperature: fields.temperature.unwrap_or(defaults.temperature),
@@ -65,7 +96,7 @@ pub fn generation_request(
     request.sampling = sampling;
     request.max_tokens = max_tokens;
     request.min_tokens = min_tokens;
-    request.n = fields.n.unwrap_or(1);
+    request.n = n;
     // An empty stop string would match at once; OpenAI clients never mean that.
     request.stop = fields
         .stop
@@ -90,7 +121,7 @@ pub fn stream_mode(fields: &SamplingFields) -> (bool, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::StopStrings;
+    use crate::protocol::{StopStrings, StreamOptions};
 
     fn info() -> ModelInfo {
         ModelInfo {
@@ -123,6 +154,13 @@ mod tests {
             (SamplingFields { top_k: Some(-2), ..Default::default() }, None, "top_k"),
             (SamplingFields::default(), Some(21), "logprobs"),
             (SamplingFields { min_tokens: Some(20), ..Default::default() }, None, "min_tokens"),
+            (SamplingFields { best_of: Some(2), ..Default::default() }, None, "best_of"),
+            (SamplingFields { n: Some(3), best_of: Some(2), ..Default::default() }, None, "best_of"),
+            (
+                SamplingFields { stream_options: Some(StreamOptions::default()), ..Default::default() },
+                None,
+                "stream_options",
+            ),
         ];
         for (fields, logprobs, param) in cases {
             let e = generation_request(&fields, &info(), Some(16), logprobs).unwrap_err();
@@ -135,6 +173,27 @@ mod tests {
             generation_request(&fields, &info(), None, None).unwrap_err().param.as_deref(),
             Some("logit_bias")
         );
+    }
+
+    #[test]
+    fn min_tokens_must_fit_the_context_when_max_tokens_is_open() {
+        let fields = SamplingFields { min_tokens: Some(128), ..Default::default() };
+        let e = generation_request(&fields, &info(), None, None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("min_tokens"));
+        let fields = SamplingFields { min_tokens: Some(127), ..Default::default() };
+        assert!(generation_request(&fields, &info(), None, None).is_ok());
+    }
+
+    #[test]
+    fn best_of_equal_to_n_is_accepted() {
+        let fields = SamplingFields { n: Some(2), best_of: Some(2), ..Default::default() };
+        assert_eq!(generation_request(&fields, &info(), None, None).unwrap().n, 2);
+        let fields = SamplingFields {
+            stream: Some(true),
+            stream_options: Some(StreamOptions::default()),
+            ..Default::default()
+        };
+        assert!(generation_request(&fields, &info(), None, None).is_ok());
     }
 
     #[test]

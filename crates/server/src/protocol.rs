@@ -90,7 +90,8 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// The sampling fields completions and chat share (OpenAI's plus vLLM's).
+/// The fields completions and chat share: sampling (OpenAI's plus vLLM's),
+/// streaming, scheduling and `user`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct SamplingFields {
     pub n: Option<usize>,
@@ -113,6 +114,11 @@ pub struct SamplingFields {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub priority: Option<i32>,
+    /// Candidates per choice to pick the best from. Pagoda returns every
+    /// sample, so only `best_of == n` is accepted (vLLM v1 has no more).
+    pub best_of: Option<usize>,
+    /// OpenAI's end-user id; only logged by OpenAI, unused here.
+    pub user: Option<String>,
 }
 
 /// POST /v1/completions.
@@ -181,6 +187,69 @@ pub struct ResponseFormat {
     pub kind: String,
 }
 
+/// One entry of `tools`: a function the model may call.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ToolDefinition {
+    #[serde(rename = "type")]
+    pub kind: ToolKind,
+    pub function: FunctionDefinition,
+}
+
+/// The kinds of tool OpenAI's chat API defines.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolKind {
+    Function,
+}
+
+/// A function of `tools`; absent optional fields stay absent for the template.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct FunctionDefinition {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or
+/// `{"type": "function", "function": {"name": ...}}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Function(String),
+}
+
+const TOOL_CHOICE_SHAPES: &str =
+    r#"tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": "..."}}"#;
+
+impl<'de> Deserialize<'de> for ToolChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => match s.as_str() {
+                "none" => Ok(ToolChoice::None),
+                "auto" => Ok(ToolChoice::Auto),
+                "required" => Ok(ToolChoice::Required),
+                _ => Err(D::Error::custom(TOOL_CHOICE_SHAPES)),
+            },
+            Value::Object(object) => {
+                let name = (object.get("type").and_then(Value::as_str) == Some("function"))
+                    .then(|| object.get("function")?.get("name")?.as_str())
+                    .flatten()
+                    .filter(|name| !name.is_empty());
+                name.map(|n| ToolChoice::Function(n.to_string()))
+                    .ok_or_else(|| D::Error::custom(TOOL_CHOICE_SHAPES))
+            }
+            _ => Err(D::Error::custom(TOOL_CHOICE_SHAPES)),
+        }
+    }
+}
+
 /// POST /v1/chat/completions.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct ChatCompletionRequest {
@@ -192,7 +261,9 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<u32>,
     pub add_generation_prompt: Option<bool>,
     pub response_format: Option<ResponseFormat>,
-    pub tools: Option<Vec<Value>>,
+    /// Functions the model may call, shown to it through the chat template.
+    pub tools: Option<Vec<ToolDefinition>>,
+    pub tool_choice: Option<ToolChoice>,
     /// Extra variables for the chat template (vLLM's `chat_template_kwargs`).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// Parsed from the same body by [`RequestBody`].

@@ -1,18 +1,21 @@
 //! The router, the small endpoints (/v1/models, /health, /version,
-//! /metrics) and the middleware: API-key check and HTTP metrics.
+//! /metrics) and the middleware: API-key check and HTTP metrics. The
+//! router owns the [`PromptWorkers`] the generation endpoints share.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use prometheus::IntGauge;
 
+use crate::endpoint::PromptWorkers;
 use crate::error::ApiError;
 use crate::protocol::{ModelCard, ModelList};
 use crate::state::{unix_now, AppState};
@@ -24,6 +27,7 @@ const MAX_BODY_BYTES: usize = 32 << 20;
 /// The whole API. /v1 routes require the API key when one is configured;
 /// /health, /version and /metrics never do (probes and scrapers).
 pub fn router(state: AppState) -> Router {
+    let workers = Arc::new(PromptWorkers::new(state.engine().tokenizer()));
     let v1 = Router::new()
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/chat/completions", post(chat::create_chat_completion))
@@ -36,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(Extension(workers))
         .layer(middleware::from_fn_with_state(state.clone(), track_http))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -94,16 +99,23 @@ async fn require_api_key(
     next: Next,
 ) -> Response {
     if let Some(key) = &state.config().api_key {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-            return ApiError::unauthorized().into_response();
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
+        // An empty configured key (refused at startup) authorizes nobody.
+        if key.is_empty() || !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            let mut response = ApiError::unauthorized().into_response();
+            // RFC 6750: a 401 names the scheme the client should use.
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
         }
     }
     next.run(request).await
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme name
+/// is case-insensitive, RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares without an early exit, so response timing does not leak how
@@ -174,7 +186,15 @@ impl http_body::Body for TrackedBody {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, constant_time_eq};
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer k"), Some("k"));
+        assert_eq!(bearer_token("bearer  k "), Some("k"));
+        assert_eq!(bearer_token("Basic k"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
 
     #[test]
     fn key_comparison() {
