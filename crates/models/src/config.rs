@@ -242,12 +242,14 @@ impl ModelConfig {
         // (A head size of 0 is reported below, by `check`.)
         match optional("rope.dimension_count").filter(|_| head_dim > 0) {
             Some(0) => return Err(metadata_error("rope.dimension_count", "must be positive".into())),
-            Some(d) if d != head_dim => return Err(metadata_error(
-                "rope.dimension_count",
-                format!(
+            Some(d) if d != head_dim => {
+                return Err(metadata_error(
+                    "rope.dimension_count",
+                    format!(
                     "{d} differs from the head size {head_dim}; partial rotary embeddings are not supported"
                 ),
-            )),
+                ))
+            }
             _ => {}
         }
         let vocab_size = match header.get(&key("vocab_size")).and_then(|v| v.as_u64()) {
