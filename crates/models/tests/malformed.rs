@@ -263,7 +263,7 @@ fn load_errors_print_their_cause_once() {
 
     // A GGUF error: a truncated file.
     let good = gguf_bytes();
-    let err = open_gguf_bytes(&good[..good.len() / 2]).err().expect("a truncated GGUF fails");
+    let err = open_gguf_bytes(&good[..good.len() / 2]).expect_err("a truncated GGUF fails");
     let text = render_chain(&err);
     let ModelError::Gguf { cause, .. } = &err else { panic!("expected a GGUF error, got {err}") };
     assert_eq!(text.matches(&cause.to_string()).count(), 1, "{text}");
