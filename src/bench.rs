@@ -522,6 +522,22 @@ mod tests {
     }
 
     #[test]
+    fn shared_prompt_prefixes_report_prefix_cache_hits() {
+        let mut engine = tiny_engine(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() });
+        let prefix = workload::random_tokens(32, 320, 7);
+        let request = |i: u64| WorkloadRequest {
+            prompt_token_ids: [prefix.clone(), workload::random_tokens(8, 320, 200 + i)].concat(),
+            max_tokens: 4,
+        };
+        // The first request computes the shared two blocks; the next ones reuse them.
+        measure_throughput(&mut engine, vec![request(0)], 0.0).unwrap();
+        let kv = measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0).unwrap().kv_cache;
+        assert_eq!((kv.prefix_cache_queried_tokens, kv.prefix_cache_hit_tokens), (3 * 40, 3 * 32), "{kv:?}");
+        assert_eq!(kv.prefix_cache_hit_rate, 0.8);
+        assert_eq!(kv.preemptions, 0);
+    }
+
+    #[test]
     fn a_cache_with_room_reports_no_preemption() {
         let kv = run(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() }).kv_cache;
         assert_eq!((kv.preemptions, kv.blocks_swapped_out, kv.blocks_swapped_in), (0, 0, 0), "{kv:?}");
