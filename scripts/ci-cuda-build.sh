@@ -4,9 +4,12 @@
 # binary and the CUDA backend's test and bench executables without running
 # them, and lint the backend, so the CUDA path cannot rot unnoticed.
 set -euo pipefail
+# shellcheck source=scripts/lib/on-error.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/on-error.sh"
 cd "$(dirname "$0")/.."
 
 scripts/setup-cuda.sh
+[ -f .cuda/env.sh ] || die "scripts/setup-cuda.sh succeeded but wrote no .cuda/env.sh"
 # shellcheck disable=SC1091
 source .cuda/env.sh
 

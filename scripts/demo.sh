@@ -5,6 +5,8 @@
 #   scripts/demo.sh "Your question"      # your own
 # Extra arguments after the question go to `pagoda generate` (e.g. --max-tokens 64).
 set -euo pipefail
+# shellcheck source=scripts/lib/on-error.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/on-error.sh"
 cd "$(dirname "$0")/.."
 MODEL="$(scripts/fetch-model.sh)"
 cargo build --release --bin pagoda

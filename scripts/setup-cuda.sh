@@ -6,13 +6,16 @@
 # Everything lands in the git-ignored .cuda/ folder of the checkout:
 #   .cuda/venv/                   PyPI wheels of nvcc, the runtime, CCCL and cuBLAS (pinned to 13.0)
 #   .cuda/venv/.../nvidia/cu13    the toolkit root: bin/ (nvcc, ptxas), include/, lib/
-#   .cuda/lib64/libcuda.so        a stub driver (every cu* symbol cust_raw declares) for linking only
+#   .cuda/lib64/libcuda.so        a stub driver (every cu* symbol cust_raw declares) for linking only,
+#                                 built by scripts/make-cuda-stub.sh
 #   .cuda/env.sh                  the environment to export before building
 # It is idempotent: a second run re-checks and rewrites env.sh but downloads nothing.
 # With a real toolkit (/usr/local/cuda), none of this is needed: build.rs finds it.
 #
 # Usage: scripts/setup-cuda.sh && source .cuda/env.sh
 set -euo pipefail
+# shellcheck source=scripts/lib/on-error.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/on-error.sh"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CUDA_DIR="$ROOT/.cuda"
@@ -28,24 +31,26 @@ WHEELS=(
   nvidia-cuda-cccl==13.0.85
   nvidia-cublas==13.0.2.14
 )
-CUST_RAW_VERSION=0.11.3
 
 log() { echo "setup-cuda: $*" >&2; }
 
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python 3 with venv and pip (or set PYTHON)"
 mkdir -p "$CUDA_DIR"
 
 # 1. libclang for bindgen.
 if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1; then
   log "installing libclang-dev (bindgen needs libclang)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
+  command -v apt-get >/dev/null || die "libclang is missing and this is not a Debian/Ubuntu machine: install libclang (LLVM) yourself"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null; } \
+    || die "could not install libclang-dev with ${SUDO:+sudo }apt-get; install it yourself and rerun"
 fi
 
 # 2. The toolkit wheels, in a venv of their own.
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
-  "$PYTHON" -m venv "$VENV"
+  "$PYTHON" -m venv "$VENV" \
+    || die "$PYTHON -m venv failed (on Debian/Ubuntu: apt-get install python3-venv), then rm -rf $VENV and rerun"
 fi
 if ! "$VENV/bin/python" -m pip show -q "${WHEELS[@]%%==*}" >/dev/null 2>&1 \
   || ! "$VENV/bin/python" - "${WHEELS[@]}" <<'PY'
@@ -58,12 +63,13 @@ for spec in sys.argv[1:]:
 PY
 then
   log "installing ${WHEELS[*]}"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${WHEELS[@]}"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${WHEELS[@]}" \
+    || die "pip could not install the CUDA wheels from PyPI (is it reachable? about 1 GB to download)"
 fi
 CU13="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
 for f in bin/nvcc include/cuda.h include/cuda_bf16.h include/cublas_v2.h include/cccl/cub/cub.cuh \
   lib/libcudart_static.a lib/libcublas.so.13 lib/libcublasLt.so.13; do
-  [ -e "$CU13/$f" ] || { log "missing $CU13/$f after installing the wheels"; exit 1; }
+  [ -e "$CU13/$f" ] || die "missing $CU13/$f after installing the wheels"
 done
 
 # 3. Unversioned cuBLAS names for the linker.
@@ -75,29 +81,7 @@ done
 # It defines every cu* function cust_raw declares; at run time the real driver is used.
 STUB_DIR="$CUDA_DIR/lib64"
 if [ ! -e "$STUB_DIR/libcuda.so" ]; then
-  CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}"
-  find_cust_raw() { ls -d "$CARGO_HOME"/registry/src/*/cust_raw-$CUST_RAW_VERSION 2>/dev/null | head -n1; }
-  SRC="$(find_cust_raw)"
-  if [ -z "$SRC" ]; then
-    log "fetching cust_raw $CUST_RAW_VERSION sources for its symbol list"
-    TMP="$(mktemp -d)"
-    mkdir -p "$TMP/src" && echo 'fn main() {}' >"$TMP/src/main.rs"
-    printf '[package]\nname = "symbols"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\ncust_raw = "=%s"\n' \
-      "$CUST_RAW_VERSION" >"$TMP/Cargo.toml"
-    (cd "$TMP" && cargo fetch -q)
-    rm -rf "$TMP"
-    SRC="$(find_cust_raw)"
-  fi
-  [ -n "$SRC" ] || { log "cannot find cust_raw-$CUST_RAW_VERSION sources"; exit 1; }
-  mkdir -p "$STUB_DIR"
-  {
-    echo "/* Link-time stand-in for the CUDA driver; never loaded at run time. */"
-    grep -oE "pub fn cu[A-Za-z0-9_]+" "$SRC/src/cuda.rs" | sed 's/pub fn //' | sort -u \
-      | sed 's/.*/int &(void) { return 100; \/* CUDA_ERROR_NO_DEVICE *\/ }/'
-  } >"$STUB_DIR/libcuda_stub.c"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB_DIR/libcuda.so.1" "$STUB_DIR/libcuda_stub.c"
-  ln -sfn libcuda.so.1 "$STUB_DIR/libcuda.so"
-  log "stub libcuda with $(grep -c '^int cu' "$STUB_DIR/libcuda_stub.c") symbols"
+  "$ROOT/scripts/make-cuda-stub.sh" "$STUB_DIR"
 fi
 
 # 5. The environment.

@@ -1,6 +1,8 @@
 //! `pagoda bench`: offline throughput (like vLLM's benchmark_throughput),
 //! single-stream latency, and an online load generator against a running
-//! server (like `vllm bench serve`).
+//! server (like `vllm bench serve`). The offline benchmarks also report what
+//! the KV cache went through (preemptions, swapping, peak occupancy, prefix
+//! reuse), so a figure can be told apart from one that preempted.
 
 mod serve_load;
 mod workload;
@@ -17,6 +19,7 @@ use serde::Serialize;
 use crate::backends::{dispatch, loading_bar, BackendJob};
 use crate::engine_args::EngineArgs;
 pub use workload::WorkloadArgs;
+use workload::WorkloadRequest;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -86,6 +89,101 @@ fn bench_request(id: String, prompt: Vec<u32>, max_tokens: usize) -> GenerationR
     req
 }
 
+/// Cumulative KV-cache counters of an engine at one moment; a run's figures
+/// are the difference between two snapshots.
+#[derive(Clone, Copy, Debug)]
+struct KvCounters {
+    scheduler: pagoda_scheduler::SchedulerStats,
+    swap: pagoda_paged_kv::SwapStats,
+    prefix: pagoda_paged_kv::PrefixCacheStats,
+}
+
+impl KvCounters {
+    fn read<B: Backend>(engine: &LlmEngine<B>) -> Self {
+        let scheduler = engine.scheduler();
+        Self {
+            scheduler: scheduler.stats(),
+            swap: scheduler.allocator().swap_stats(),
+            prefix: scheduler.prefix_cache_stats(),
+        }
+    }
+}
+
+/// What the KV cache went through during a benchmark run.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+struct KvCacheReport {
+    /// Sequences preempted, of either kind.
+    preemptions: u64,
+    /// Preemptions that freed the blocks (the sequence recomputes its KV).
+    recompute_preemptions: u64,
+    /// Preemptions that copied the blocks to the CPU swap pool.
+    swap_preemptions: u64,
+    blocks_swapped_out: u64,
+    /// Blocks copied back from the CPU pool (still-cached ones are reused instead).
+    blocks_swapped_in: u64,
+    num_gpu_blocks: usize,
+    /// The most KV blocks in use at once since the engine was built (the
+    /// benchmark's engine is built for the run, so this is the run's peak).
+    peak_kv_blocks: usize,
+    /// `peak_kv_blocks / num_gpu_blocks`.
+    peak_kv_usage: f64,
+    prefix_cache_queried_tokens: u64,
+    prefix_cache_hit_tokens: u64,
+    /// `prefix_cache_hit_tokens / prefix_cache_queried_tokens` (0 when nothing was queried).
+    prefix_cache_hit_rate: f64,
+}
+
+impl KvCacheReport {
+    /// The run's figures: counters since `before`, the peak since the engine was built.
+    fn since<B: Backend>(engine: &LlmEngine<B>, before: &KvCounters) -> Self {
+        let now = KvCounters::read(engine);
+        let scheduler = engine.scheduler();
+        let num_gpu_blocks = scheduler.kv_usage().num_gpu_blocks;
+        let peak_kv_blocks = scheduler.allocator().peak_used_blocks();
+        let queried = now.prefix.queried_tokens - before.prefix.queried_tokens;
+        let hits = now.prefix.hit_tokens - before.prefix.hit_tokens;
+        Self {
+            preemptions: now.scheduler.num_preemptions - before.scheduler.num_preemptions,
+            recompute_preemptions: now.scheduler.num_recompute_preemptions
+                - before.scheduler.num_recompute_preemptions,
+            swap_preemptions: now.scheduler.num_swap_preemptions - before.scheduler.num_swap_preemptions,
+            blocks_swapped_out: now.swap.blocks_swapped_out - before.swap.blocks_swapped_out,
+            blocks_swapped_in: now.swap.blocks_swapped_in - before.swap.blocks_swapped_in,
+            num_gpu_blocks,
+            peak_kv_blocks,
+            peak_kv_usage: peak_kv_blocks as f64 / num_gpu_blocks.max(1) as f64,
+            prefix_cache_queried_tokens: queried,
+            prefix_cache_hit_tokens: hits,
+            prefix_cache_hit_rate: if queried == 0 { 0.0 } else { hits as f64 / queried as f64 },
+        }
+    }
+}
+
+impl std::fmt::Display for KvCacheReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "preemptions:        {} (recompute {}, swap {})",
+            self.preemptions, self.recompute_preemptions, self.swap_preemptions
+        )?;
+        writeln!(f, "swapped blocks:     {} out, {} in", self.blocks_swapped_out, self.blocks_swapped_in)?;
+        writeln!(
+            f,
+            "peak KV cache:      {} of {} blocks ({:.1}%)",
+            self.peak_kv_blocks,
+            self.num_gpu_blocks,
+            self.peak_kv_usage * 100.0
+        )?;
+        writeln!(
+            f,
+            "prefix cache:       {:.1}% hit rate ({} of {} prompt tokens)",
+            self.prefix_cache_hit_rate * 100.0,
+            self.prefix_cache_hit_tokens,
+            self.prefix_cache_queried_tokens
+        )
+    }
+}
+
 #[derive(Serialize, Debug)]
 struct ThroughputResult {
     device: String,
@@ -98,6 +196,7 @@ struct ThroughputResult {
     total_tokens_per_s: f64,
     load_s: f64,
     engine_steps: u64,
+    kv_cache: KvCacheReport,
 }
 
 struct Throughput(ThroughputArgs);
@@ -111,51 +210,70 @@ impl BackendJob for Throughput {
     {
         let args = self.0;
         let (mut engine, load_s) = load(make_backend()?, &args.engine)?;
-        let device = engine.runner().backend().name();
         let requests = args.workload.load(engine.info().vocab_size)?;
-        let prompt_tokens: usize = requests.iter().map(|r| r.prompt_token_ids.len()).sum();
-        let bar = indicatif::ProgressBar::new(requests.iter().map(|r| r.max_tokens as u64).sum());
-        let steps_before = engine.metrics().engine_steps.get();
-        let started = Instant::now();
-        for (i, r) in requests.into_iter().enumerate() {
-            engine.add_request(bench_request(format!("bench-{i}"), r.prompt_token_ids, r.max_tokens))?;
-        }
-        let mut output_tokens = 0usize;
-        let mut finished = 0usize;
-        while engine.has_unfinished_requests() {
-            for out in engine.step()? {
-                let n: usize = out.deltas.iter().map(|d| d.token_ids.len()).sum();
-                output_tokens += n;
-                bar.inc(n as u64);
-                finished += out.finished as usize;
-            }
-        }
-        let elapsed_s = started.elapsed().as_secs_f64();
-        bar.finish_and_clear();
-        let result = ThroughputResult {
-            device,
-            num_requests: finished,
-            prompt_tokens,
-            output_tokens,
-            elapsed_s,
-            requests_per_s: finished as f64 / elapsed_s,
-            output_tokens_per_s: output_tokens as f64 / elapsed_s,
-            total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / elapsed_s,
-            load_s,
-            engine_steps: engine.metrics().engine_steps.get() - steps_before,
-        };
-        println!("device:             {}", result.device);
-        println!("requests:           {}", result.num_requests);
-        println!("prompt tokens:      {}", result.prompt_tokens);
-        println!("output tokens:      {}", result.output_tokens);
-        println!("elapsed:            {:.2} s ({} engine steps)", result.elapsed_s, result.engine_steps);
-        println!(
-            "throughput:         {:.2} req/s, {:.1} output tok/s, {:.1} total tok/s",
-            result.requests_per_s, result.output_tokens_per_s, result.total_tokens_per_s
-        );
-        println!("model load:         {:.2} s", result.load_s);
+        let result = measure_throughput(&mut engine, requests, load_s)?;
+        print!("{result}");
         print_timings(&engine);
         write_json(args.output_json.as_ref(), &result)
+    }
+}
+
+/// Submits every request at once and runs the engine until all are done.
+fn measure_throughput<B: Backend>(
+    engine: &mut LlmEngine<B>,
+    requests: Vec<WorkloadRequest>,
+    load_s: f64,
+) -> anyhow::Result<ThroughputResult> {
+    let device = engine.runner().backend().name();
+    let prompt_tokens: usize = requests.iter().map(|r| r.prompt_token_ids.len()).sum();
+    let bar = indicatif::ProgressBar::new(requests.iter().map(|r| r.max_tokens as u64).sum());
+    let steps_before = engine.metrics().engine_steps.get();
+    let kv_before = KvCounters::read(engine);
+    let started = Instant::now();
+    for (i, r) in requests.into_iter().enumerate() {
+        engine.add_request(bench_request(format!("bench-{i}"), r.prompt_token_ids, r.max_tokens))?;
+    }
+    let mut output_tokens = 0usize;
+    let mut finished = 0usize;
+    while engine.has_unfinished_requests() {
+        for out in engine.step()? {
+            let n: usize = out.deltas.iter().map(|d| d.token_ids.len()).sum();
+            output_tokens += n;
+            bar.inc(n as u64);
+            finished += out.finished as usize;
+        }
+    }
+    let elapsed_s = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok(ThroughputResult {
+        device,
+        num_requests: finished,
+        prompt_tokens,
+        output_tokens,
+        elapsed_s,
+        requests_per_s: finished as f64 / elapsed_s,
+        output_tokens_per_s: output_tokens as f64 / elapsed_s,
+        total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / elapsed_s,
+        load_s,
+        engine_steps: engine.metrics().engine_steps.get() - steps_before,
+        kv_cache: KvCacheReport::since(engine, &kv_before),
+    })
+}
+
+impl std::fmt::Display for ThroughputResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "device:             {}", self.device)?;
+        writeln!(f, "requests:           {}", self.num_requests)?;
+        writeln!(f, "prompt tokens:      {}", self.prompt_tokens)?;
+        writeln!(f, "output tokens:      {}", self.output_tokens)?;
+        writeln!(f, "elapsed:            {:.2} s ({} engine steps)", self.elapsed_s, self.engine_steps)?;
+        writeln!(
+            f,
+            "throughput:         {:.2} req/s, {:.1} output tok/s, {:.1} total tok/s",
+            self.requests_per_s, self.output_tokens_per_s, self.total_tokens_per_s
+        )?;
+        writeln!(f, "model load:         {:.2} s", self.load_s)?;
+        write!(f, "{}", self.kv_cache)
     }
 }
 
@@ -172,6 +290,8 @@ struct LatencyResult {
     load_s: f64,
     /// Process start to the first token of the first (warm-up) request.
     cold_start_s: f64,
+    /// Over all runs, the warm-up included.
+    kv_cache: KvCacheReport,
 }
 
 struct Latency(LatencyArgs);
@@ -192,6 +312,7 @@ impl BackendJob for Latency {
         let mut decode = Vec::new();
         let mut e2e = Vec::new();
         let mut cold_start_s = f64::NAN;
+        let kv_before = KvCounters::read(&engine);
         for iter in 0..=args.num_iters {
             // A fresh random prompt each run, so the prefix cache cannot help.
             let prompt = workload::random_tokens(args.input_len, vocab, 1000 + iter as u64);
@@ -227,6 +348,7 @@ impl BackendJob for Latency {
             e2e_s: e2e,
             load_s,
             cold_start_s,
+            kv_cache: KvCacheReport::since(&engine, &kv_before),
         };
         println!("device:         {}", result.device);
         println!("prompt/output:  {} / {} tokens", result.input_len, result.output_len);
@@ -238,6 +360,7 @@ impl BackendJob for Latency {
         );
         println!("model load:     {:.2} s", result.load_s);
         println!("cold start:     {:.2} s (process start to the first token)", result.cold_start_s);
+        print!("{}", result.kv_cache);
         print_timings(&engine);
         write_json(args.output_json.as_ref(), &result)
     }
@@ -301,4 +424,125 @@ fn write_json(path: Option<&PathBuf>, value: &impl Serialize) -> anyhow::Result<
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagoda_backend_cpu_ref::CpuBackend;
+    use pagoda_engine::{EngineConfig, PreemptionMode};
+
+    /// The tiny random-weight Llama of the model tests (2 layers, vocabulary 320).
+    fn tiny_engine(config: EngineConfig) -> LlmEngine<CpuBackend> {
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
+        load_engine(CpuBackend::new(), model, config, |_, _| {}).expect("tiny-llama loads")
+    }
+
+    /// Six requests of 24 prompt + 24 output tokens: 3 blocks of 16 each, 18 in all.
+    fn six_requests() -> Vec<WorkloadRequest> {
+        (0..6)
+            .map(|i| WorkloadRequest {
+                prompt_token_ids: workload::random_tokens(24, 320, 100 + i),
+                max_tokens: 24,
+            })
+            .collect()
+    }
+
+    /// A KV cache of 8 blocks, which the six requests cannot share without preemption.
+    fn tiny_cache(preemption_mode: PreemptionMode) -> EngineConfig {
+        EngineConfig {
+            block_size: 16,
+            num_gpu_blocks: Some(8),
+            max_model_len: Some(64),
+            preemption_mode,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// Runs the throughput benchmark and checks what holds for any run.
+    fn run(config: EngineConfig) -> ThroughputResult {
+        let mut engine = tiny_engine(config);
+        let result = measure_throughput(&mut engine, six_requests(), 0.0).unwrap();
+        assert_eq!((result.num_requests, result.output_tokens), (6, 6 * 24), "every request completes");
+        let kv = &result.kv_cache;
+        assert_eq!(kv.preemptions, kv.recompute_preemptions + kv.swap_preemptions);
+        assert!(kv.peak_kv_blocks > 0 && kv.peak_kv_blocks <= kv.num_gpu_blocks, "{kv:?}");
+        assert_eq!(kv.peak_kv_usage, kv.peak_kv_blocks as f64 / kv.num_gpu_blocks as f64);
+        assert!(kv.prefix_cache_hit_tokens <= kv.prefix_cache_queried_tokens, "{kv:?}");
+        // The text and the JSON report the same figures.
+        let text = result.to_string();
+        let preemptions = format!(
+            "preemptions:        {} (recompute {}, swap {})",
+            kv.preemptions, kv.recompute_preemptions, kv.swap_preemptions
+        );
+        assert!(text.contains(&preemptions), "{text}");
+        assert!(text.contains(&format!(
+            "swapped blocks:     {} out, {} in",
+            kv.blocks_swapped_out, kv.blocks_swapped_in
+        )));
+        assert!(text
+            .contains(&format!("peak KV cache:      {} of {} blocks", kv.peak_kv_blocks, kv.num_gpu_blocks)));
+        assert!(text.contains("prefix cache:       "), "{text}");
+        let json = serde_json::to_value(&result).unwrap();
+        for (key, value) in [
+            ("preemptions", kv.preemptions),
+            ("recompute_preemptions", kv.recompute_preemptions),
+            ("swap_preemptions", kv.swap_preemptions),
+            ("blocks_swapped_out", kv.blocks_swapped_out),
+            ("blocks_swapped_in", kv.blocks_swapped_in),
+            ("peak_kv_blocks", kv.peak_kv_blocks as u64),
+            ("prefix_cache_hit_tokens", kv.prefix_cache_hit_tokens),
+        ] {
+            assert_eq!(json["kv_cache"][key], value, "{key}");
+        }
+        assert_eq!(json["kv_cache"]["peak_kv_usage"], kv.peak_kv_usage);
+        result
+    }
+
+    #[test]
+    fn a_tiny_cache_reports_recompute_preemptions_and_a_full_peak() {
+        let kv = run(tiny_cache(PreemptionMode::Recompute)).kv_cache;
+        assert!(kv.recompute_preemptions > 0, "{kv:?}");
+        assert_eq!((kv.swap_preemptions, kv.blocks_swapped_out, kv.blocks_swapped_in), (0, 0, 0));
+        // A sequence is preempted only when no block is free: the cache was full.
+        assert_eq!((kv.peak_kv_blocks, kv.num_gpu_blocks), (8, 8));
+        assert_eq!(kv.peak_kv_usage, 1.0);
+    }
+
+    #[test]
+    fn a_tiny_cache_in_swap_mode_reports_swapped_blocks() {
+        let kv = run(tiny_cache(PreemptionMode::Swap)).kv_cache;
+        assert!(kv.swap_preemptions > 0, "{kv:?}");
+        assert_eq!(kv.recompute_preemptions, 0);
+        // Each swap-out copies at least one block; each swapped sequence came
+        // back, copying at least its partly filled last block.
+        assert!(kv.blocks_swapped_out >= kv.swap_preemptions, "{kv:?}");
+        assert!(kv.blocks_swapped_in > 0 && kv.blocks_swapped_in <= kv.blocks_swapped_out, "{kv:?}");
+        assert_eq!(kv.peak_kv_blocks, 8);
+    }
+
+    #[test]
+    fn shared_prompt_prefixes_report_prefix_cache_hits() {
+        let mut engine = tiny_engine(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() });
+        let prefix = workload::random_tokens(32, 320, 7);
+        let request = |i: u64| WorkloadRequest {
+            prompt_token_ids: [prefix.clone(), workload::random_tokens(8, 320, 200 + i)].concat(),
+            max_tokens: 4,
+        };
+        // The first request computes the shared two blocks; the next ones reuse them.
+        measure_throughput(&mut engine, vec![request(0)], 0.0).unwrap();
+        let kv = measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0).unwrap().kv_cache;
+        assert_eq!((kv.prefix_cache_queried_tokens, kv.prefix_cache_hit_tokens), (3 * 40, 3 * 32), "{kv:?}");
+        assert_eq!(kv.prefix_cache_hit_rate, 0.8);
+        assert_eq!(kv.preemptions, 0);
+    }
+
+    #[test]
+    fn a_cache_with_room_reports_no_preemption() {
+        let kv = run(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() }).kv_cache;
+        assert_eq!((kv.preemptions, kv.blocks_swapped_out, kv.blocks_swapped_in), (0, 0, 0), "{kv:?}");
+        // All six run at once: 18 blocks, far from the default cache's size.
+        assert_eq!(kv.peak_kv_blocks, 18, "{kv:?}");
+        assert!(kv.peak_kv_usage < 0.5, "{kv:?}");
+    }
 }

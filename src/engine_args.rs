@@ -90,7 +90,9 @@ pub struct EngineArgs {
     pub preemption_mode: PreemptionArg,
     #[arg(long, value_enum, default_value_t = PolicyArg::Fcfs)]
     pub scheduling_policy: PolicyArg,
-    /// Seed for requests that give none.
+    /// Seed of the engine (vLLM's --seed): every request that gives no seed
+    /// of its own gets one drawn from it, so a run with the same seed, requests
+    /// and options samples the same tokens.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Launch every kernel of every step one by one: no recorded (CUDA) graphs.

@@ -65,3 +65,26 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_command_is_well_formed() {
+        // Clap's own checks: among them, no two arguments of a command share a flag.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn generate_help_lists_one_documented_seed() {
+        let mut cli = Cli::command();
+        let help = cli.find_subcommand_mut("generate").expect("generate").render_long_help().to_string();
+        let seed_lines: Vec<&str> = help.lines().filter(|l| l.trim_start().starts_with("--seed")).collect();
+        assert_eq!(seed_lines.len(), 1, "{help}");
+        let documented = help.split("--seed").nth(1).expect("a --seed entry");
+        assert!(documented.contains("Seed"), "--seed has no description: {help}");
+    }
+}

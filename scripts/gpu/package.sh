@@ -11,8 +11,11 @@
 #                   folder (see session.sh stash and join).
 # Usage: scripts/gpu/package.sh [path/to/hf_peer.py]
 set -euo pipefail
+# shellcheck source=scripts/lib/on-error.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/on-error.sh"
 cd "$(dirname "$0")/../.."
 PEER="${1:-../shared/bench/hf_peer.py}"
+[ -f "$PEER" ] || die "$PEER (the transformers peer for bench8b) is missing: pass its path as the first argument"
 scripts/setup-cuda.sh >/dev/null
 # shellcheck disable=SC1091
 source .cuda/env.sh
@@ -20,22 +23,30 @@ MODEL="$(scripts/fetch-model.sh)"
 mkdir -p .device/bin .device/kbin .device/kbench .device/mtest
 cargo build --release --features cuda --bin pagoda
 cp target/release/pagoda .device/bin/pagoda
+# Prints the path of the executable cargo builds for target $1 from its JSON
+# messages (`cargo ... --no-run --message-format=json` on stdin); compiler
+# errors go to stderr, and no executable is an error naming the target.
+exe_of() {
+  python3 -c 'import json, sys
+found = None
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-message" and m["message"].get("level") == "error":
+        sys.stderr.write(m["message"].get("rendered") or "")
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        found = m["executable"]
+if not found:
+    sys.exit("error: package.sh: cargo built no executable for " + sys.argv[1])
+print(found)' "$1"
+}
 test_exe() { # package, test target, extra cargo arguments
-  cargo test --release -p "$1" --test "$2" "${@:3}" --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$2"
+  cargo test --release -p "$1" --test "$2" "${@:3}" --no-run --message-format=json | exe_of "$2"
 }
 cp "$(test_exe pagoda cuda_model --features cuda)" .device/mtest/cuda_model
 cp "$(test_exe pagoda-backend-cuda conformance)" .device/kbin/conformance
 cp "$(test_exe pagoda-backend-cuda device)" .device/kbin/device
-cargo bench -p pagoda-backend-cuda --bench kernels --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="kernels": print(m["executable"])' \
-  | xargs -I{} cp {} .device/kbench/kernels
+cp "$(cargo bench -p pagoda-backend-cuda --bench kernels --no-run --message-format=json | exe_of kernels)" \
+  .device/kbench/kernels
 strip .device/bin/pagoda .device/kbin/* .device/kbench/* .device/mtest/*
 cp "$PEER" .device/bin/hf_peer.py
 rm -f .device/gguf.*

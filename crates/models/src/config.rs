@@ -131,6 +131,12 @@ impl ModelConfig {
         let num_attention_heads = required("num_attention_heads")?;
         let head_dim = match usize_field("head_dim")? {
             Some(d) => d,
+            None if num_attention_heads > 0 && hidden_size % num_attention_heads != 0 => {
+                return Err(bad(format!(
+                    "`hidden_size` {hidden_size} is not a multiple of `num_attention_heads` \
+                     {num_attention_heads} (and no `head_dim` is given)"
+                )))
+            }
             None => hidden_size.checked_div(num_attention_heads).unwrap_or(0),
         };
 
@@ -182,7 +188,7 @@ impl ModelConfig {
             bos_token_id: json.get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
             eos_token_ids: token_id_list(json.get("eos_token_id")),
         };
-        config.validate().map_err(bad)?;
+        config.check().map_err(|(field, detail)| bad(format!("`{}` {detail}", hf_key(field))))?;
         Ok(config)
     }
 
@@ -209,11 +215,43 @@ impl ModelConfig {
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
             .unwrap_or(num_attention_heads);
-        let head_dim = header
-            .get(&key("attention.key_length"))
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .unwrap_or(hidden_size.checked_div(num_attention_heads).unwrap_or(0));
+        let optional = |name: &str| header.get(&key(name)).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let metadata_error = |name: &str, detail: String| GgufError::Metadata { key: key(name), detail };
+        let head_dim = match optional("attention.key_length") {
+            Some(d) => d,
+            None if num_attention_heads > 0 && hidden_size % num_attention_heads != 0 => {
+                return Err(metadata_error(
+                    "embedding_length",
+                    format!(
+                        "{hidden_size} is not a multiple of {} {num_attention_heads} \
+                         (and no {} is given)",
+                        key("attention.head_count"),
+                        key("attention.key_length")
+                    ),
+                ))
+            }
+            None => hidden_size.checked_div(num_attention_heads).unwrap_or(0),
+        };
+        // K and V share one head size here, and RoPE turns the whole head.
+        if let Some(v) = optional("attention.value_length").filter(|&v| v != head_dim) {
+            return Err(metadata_error(
+                "attention.value_length",
+                format!("{v} differs from the key head size {head_dim}, which is not supported"),
+            ));
+        }
+        // (A head size of 0 is reported below, by `check`.)
+        match optional("rope.dimension_count").filter(|_| head_dim > 0) {
+            Some(0) => return Err(metadata_error("rope.dimension_count", "must be positive".into())),
+            Some(d) if d != head_dim => {
+                return Err(metadata_error(
+                    "rope.dimension_count",
+                    format!(
+                    "{d} differs from the head size {head_dim}; partial rotary embeddings are not supported"
+                ),
+                ))
+            }
+            _ => {}
+        }
         let vocab_size = match header.get(&key("vocab_size")).and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
             None => header.get_str_array("tokenizer.ggml.tokens")?.len(),
@@ -250,12 +288,22 @@ impl ModelConfig {
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
         };
-        config.validate().map_err(|detail| GgufError::Metadata { key: format!("{arch}.*"), detail })?;
+        config
+            .check()
+            .map_err(|(field, detail)| GgufError::Metadata { key: gguf_key(&arch, field), detail })?;
         Ok(config)
     }
 
-    /// Checks the sizes fit together (heads divide, head_dim even...).
+    /// Checks what the engine relies on: sizes positive and fitting together
+    /// (heads divide, head_dim even), finite positive epsilon and rope
+    /// parameters, BOS/EOS ids inside the vocabulary.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.check().map_err(|(field, detail)| format!("{field} {detail}"))
+    }
+
+    /// [`Self::validate`], naming the offending field of [`ModelConfig`] apart,
+    /// so each source can name its own key for it.
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
         let sizes = [
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -266,26 +314,53 @@ impl ModelConfig {
             ("vocab_size", self.vocab_size),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
+        if let Some(&(name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err((name, "must be positive".into()));
         }
         if self.num_attention_heads % self.num_kv_heads != 0 {
-            return Err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads, self.num_kv_heads
+            return Err((
+                "num_kv_heads",
+                format!(
+                    "{} does not divide the {} attention heads",
+                    self.num_kv_heads, self.num_attention_heads
+                ),
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
+            return Err(("head_dim", format!("{} must be even for rotary embeddings", self.head_dim)));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(format!("rms_norm_eps {} is invalid", self.rms_norm_eps));
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(("rms_norm_eps", format!("{} must be a positive finite number", self.rms_norm_eps)));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(format!("rope_theta {} is invalid", self.rope_theta));
+            return Err(("rope_theta", format!("{} must be a positive finite number", self.rope_theta)));
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let scaling_ok = match &self.rope_scaling {
+            RopeScaling::None => true,
+            RopeScaling::Linear { factor } => positive(*factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => [*factor, *low_freq_factor, *high_freq_factor, *original_max_position_embeddings]
+                .into_iter()
+                .all(positive),
+            RopeScaling::PerFrequency(divisors) => divisors.iter().all(|&d| positive(d)),
+        };
+        if !scaling_ok {
+            return Err(("rope_scaling", format!("{:?} needs positive finite factors", self.rope_scaling)));
         }
         if self.sliding_window == Some(0) {
-            return Err("sliding_window must be positive".into());
+            return Err(("sliding_window", "must be positive".into()));
+        }
+        let vocab = self.vocab_size;
+        if let Some(bos) = self.bos_token_id.filter(|&id| id as usize >= vocab) {
+            return Err(("bos_token_id", format!("{bos} is outside the vocabulary of {vocab} tokens")));
+        }
+        if let Some(eos) = self.eos_token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(("eos_token_ids", format!("{eos} is outside the vocabulary of {vocab} tokens")));
         }
         Ok(())
     }
@@ -315,6 +390,37 @@ impl ModelConfig {
     pub fn kv_cache_bytes_per_block(&self, block_size: usize, dtype: DType) -> usize {
         2 * self.num_layers * self.num_kv_heads * block_size * self.head_dim * dtype.size_in_bytes()
     }
+}
+
+/// The `config.json` key of a [`ModelConfig`] field.
+fn hf_key(field: &str) -> &str {
+    match field {
+        "num_layers" => "num_hidden_layers",
+        "num_kv_heads" => "num_key_value_heads",
+        "eos_token_ids" => "eos_token_id",
+        other => other,
+    }
+}
+
+/// The GGUF metadata key of a [`ModelConfig`] field.
+fn gguf_key(arch: &str, field: &str) -> String {
+    let suffix = match field {
+        "bos_token_id" => return "tokenizer.ggml.bos_token_id".into(),
+        "eos_token_ids" => return "tokenizer.ggml.eos_token_id".into(),
+        "hidden_size" => "embedding_length",
+        "intermediate_size" => "feed_forward_length",
+        "num_layers" => "block_count",
+        "num_attention_heads" => "attention.head_count",
+        "num_kv_heads" => "attention.head_count_kv",
+        "head_dim" => "attention.key_length",
+        "vocab_size" => "vocab_size",
+        "max_position_embeddings" => "context_length",
+        "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+        "rope_theta" => "rope.freq_base",
+        "rope_scaling" => "rope.scaling.factor",
+        other => other,
+    };
+    format!("{arch}.{suffix}")
 }
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (5) to a [`RopeScaling`].

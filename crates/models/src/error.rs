@@ -6,15 +6,15 @@ use thiserror::Error;
 use crate::gguf::GgufError;
 
 /// What can go wrong finding, parsing or running a model.
+///
+/// Each message is complete on its own: a variant that wraps another error
+/// prints it in its message and does not also return it as its `source()`,
+/// or a chain printer (anyhow's `{:#}`) would print the cause twice.
 #[derive(Debug, Error)]
 pub enum ModelError {
     /// A file could not be opened or read.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     /// The model path does not hold what a model folder needs.
     #[error("{}: {detail}", path.display())]
     ModelPath { path: PathBuf, detail: String },
@@ -28,12 +28,8 @@ pub enum ModelError {
     #[error("{}: invalid safetensors file: {detail}", path.display())]
     Safetensors { path: PathBuf, detail: String },
     /// A GGUF file is corrupt, truncated or of a kind we cannot read.
-    #[error("{}: {source}", path.display())]
-    Gguf {
-        path: PathBuf,
-        #[source]
-        source: GgufError,
-    },
+    #[error("{}: {cause}", path.display())]
+    Gguf { path: PathBuf, cause: GgufError },
     /// The weights lack a tensor the architecture needs.
     #[error("missing tensor {0:?} in the weights")]
     MissingTensor(String),
@@ -61,7 +57,7 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io { path: path.into(), cause: source }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {

@@ -394,7 +394,7 @@ impl GgufFile {
         // must not be truncated by another process while it is mapped.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
         let header =
-            GgufHeader::parse(&mmap).map_err(|source| ModelError::Gguf { path: path.clone(), source })?;
+            GgufHeader::parse(&mmap).map_err(|cause| ModelError::Gguf { path: path.clone(), cause })?;
         Ok(Self { path, mmap, header })
     }
 
@@ -414,7 +414,7 @@ impl GgufFile {
 
     /// Wraps a header error with this file's path.
     pub fn err(&self, source: GgufError) -> ModelError {
-        ModelError::Gguf { path: self.path.clone(), source }
+        ModelError::Gguf { path: self.path.clone(), cause: source }
     }
 }
 

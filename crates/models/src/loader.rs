@@ -11,7 +11,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::dequant::dequantize;
 use crate::error::{ModelError, Result};
 use crate::generation::GenerationConfig;
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufError, GgufFile};
 use crate::llama::{LlamaModel, LoadOptions};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{GgufWeights, SafetensorsWeights, WeightSource};
@@ -144,7 +144,14 @@ impl ModelFiles {
             ..GenerationConfig::default()
         };
         for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-            generation.add_eos_tokens(header.get(key).and_then(|v| v.as_u64()).map(|v| v as u32));
+            let id = header.get(key).and_then(|v| v.as_u64());
+            if let Some(id) = id.filter(|&id| id >= config.vocab_size as u64) {
+                return Err(file.err(GgufError::Metadata {
+                    key: key.into(),
+                    detail: format!("{id} is outside the vocabulary of {} tokens", config.vocab_size),
+                }));
+            }
+            generation.add_eos_tokens(id.map(|v| v as u32));
         }
         let weights =
             GgufWeights::new(file, config.architecture, config.num_attention_heads, config.num_kv_heads);

@@ -148,7 +148,7 @@ fn open_gguf_bytes(bytes: &[u8]) -> Result<ModelFiles, ModelError> {
 
 fn gguf_error(bytes: &[u8]) -> GgufError {
     match open_gguf_bytes(bytes) {
-        Err(ModelError::Gguf { source, .. }) => source,
+        Err(ModelError::Gguf { cause, .. }) => cause,
         Err(other) => panic!("expected a GGUF error, got {other}"),
         Ok(_) => panic!("expected a GGUF error, the file opened"),
     }
@@ -238,4 +238,109 @@ fn absurd_sizes_fail_before_allocating() {
     edit_json(&dir.join("config.json"), |c| c["max_position_embeddings"] = serde_json::json!(1u64 << 40));
     let err = load(&dir).unwrap_err();
     assert!(matches!(err, ModelError::Config { .. }) && err.to_string().contains("max_positions"), "{err}");
+}
+
+/// An error and its `source()` chain as anyhow's `{:#}` prints it: "a: b: c".
+fn render_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        text = format!("{text}: {cause}");
+        next = cause.source();
+    }
+    text
+}
+
+#[test]
+fn load_errors_print_their_cause_once() {
+    // An I/O error: a missing shard.
+    let (_t, dir) = copy_fixture("tiny-qwen2");
+    fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = ModelFiles::open(&dir).unwrap_err();
+    let text = render_chain(&err);
+    assert_eq!(text.matches("No such file or directory").count(), 1, "{text}");
+    assert!(text.contains("model-00002-of-00002.safetensors"), "{text}");
+
+    // A GGUF error: a truncated file.
+    let good = gguf_bytes();
+    let err = open_gguf_bytes(&good[..good.len() / 2]).expect_err("a truncated GGUF fails");
+    let text = render_chain(&err);
+    let ModelError::Gguf { cause, .. } = &err else { panic!("expected a GGUF error, got {err}") };
+    assert_eq!(text.matches(&cause.to_string()).count(), 1, "{text}");
+    assert!(text.contains("m.gguf"), "{text}");
+}
+
+/// The GGUF fixture with the u32 value of metadata `key` replaced.
+fn gguf_with_u32(key: &str, value: u32) -> Vec<u8> {
+    let mut bytes = gguf_bytes();
+    let pos = bytes.windows(key.len()).position(|w| w == key.as_bytes()).expect("the key is in the fixture")
+        + key.len();
+    assert_eq!(bytes[pos..pos + 4], 4u32.to_le_bytes(), "{key} holds a u32");
+    bytes[pos + 4..pos + 8].copy_from_slice(&value.to_le_bytes());
+    bytes
+}
+
+/// The GGUF error of a fixture whose `key` is `value`, as text.
+fn gguf_metadata_error(key: &str, value: u32) -> String {
+    match gguf_error(&gguf_with_u32(key, value)) {
+        GgufError::Metadata { key: named, detail } => format!("{named}: {detail}"),
+        other => panic!("{key} = {value}: expected a metadata error, got {other}"),
+    }
+}
+
+#[test]
+fn gguf_metadata_the_engine_relies_on_is_validated() {
+    // The fixture: vocabulary 320, 4 heads of 16 (2 KV heads), context 256.
+    let cases = [
+        ("tokenizer.ggml.eos_token_id", 320, "outside the vocabulary"),
+        ("tokenizer.ggml.bos_token_id", 100_000, "outside the vocabulary"),
+        ("llama.rope.dimension_count", 0, "must be positive"),
+        ("llama.rope.dimension_count", 8, "partial rotary"),
+        ("llama.context_length", 0, "must be positive"),
+        ("llama.vocab_size", 0, "must be positive"),
+        ("llama.attention.head_count", 0, "must be positive"),
+        ("llama.attention.head_count", 3, "not a multiple"),
+        ("llama.attention.head_count_kv", 3, "does not divide"),
+        ("llama.attention.head_count_kv", 0, "must be positive"),
+    ];
+    for (key, value, why) in cases {
+        let text = gguf_metadata_error(key, value);
+        assert!(text.contains(key) && text.contains(why), "{key} = {value}: {text}");
+    }
+    // The epsilon is an f32: 0 and NaN are refused.
+    for eps in [0f32, f32::NAN] {
+        let key = "llama.attention.layer_norm_rms_epsilon";
+        let mut bytes = gguf_bytes();
+        let pos = bytes.windows(key.len()).position(|w| w == key.as_bytes()).unwrap() + key.len();
+        bytes[pos + 4..pos + 8].copy_from_slice(&eps.to_le_bytes());
+        let text = gguf_error(&bytes).to_string();
+        assert!(text.contains(key) && text.contains("positive finite"), "{eps}: {text}");
+    }
+    // The unchanged fixture still opens.
+    open_gguf_bytes(&gguf_bytes()).unwrap();
+}
+
+#[test]
+fn config_json_values_the_engine_relies_on_are_validated() {
+    let cases = [
+        ("eos_token_id", serde_json::json!(320), "`eos_token_id` 320 is outside the vocabulary"),
+        ("bos_token_id", serde_json::json!(5000), "`bos_token_id` 5000 is outside the vocabulary"),
+        ("rms_norm_eps", serde_json::json!(0.0), "`rms_norm_eps` 0 must be a positive finite number"),
+        ("num_key_value_heads", serde_json::json!(3), "`num_key_value_heads` 3 does not divide"),
+        ("max_position_embeddings", serde_json::json!(0), "`max_position_embeddings` must be positive"),
+    ];
+    for (key, value, want) in cases {
+        let (_t, dir) = copy_fixture("tiny-llama");
+        edit_json(&dir.join("config.json"), |c| c[key] = value.clone());
+        let err = ModelFiles::open(&dir).unwrap_err();
+        assert!(matches!(err, ModelError::Config { .. }) && err.to_string().contains(want), "{key}: {err}");
+    }
+    // Without head_dim, the head size is hidden_size / heads, which must divide.
+    let (_t, dir) = copy_fixture("tiny-llama");
+    edit_json(&dir.join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("head_dim");
+        c["hidden_size"] = serde_json::json!(66);
+    });
+    let err = ModelFiles::open(&dir).unwrap_err();
+    assert!(err.to_string().contains("not a multiple of `num_attention_heads`"), "{err}");
 }

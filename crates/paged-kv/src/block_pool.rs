@@ -27,6 +27,8 @@ pub(crate) struct BlockPool {
     /// Sum of `filled` over used blocks, kept incrementally for usage stats.
     used_token_slots: usize,
     num_evictions: u64,
+    /// The most blocks used at once so far (a high-water mark for reports).
+    peak_used: usize,
 }
 
 impl BlockPool {
@@ -40,6 +42,7 @@ impl BlockPool {
             cached: FxHashMap::default(),
             used_token_slots: 0,
             num_evictions: 0,
+            peak_used: 0,
         }
     }
 
@@ -61,6 +64,16 @@ impl BlockPool {
 
     pub(crate) fn num_evictions(&self) -> u64 {
         self.num_evictions
+    }
+
+    pub(crate) fn peak_used(&self) -> usize {
+        self.peak_used
+    }
+
+    /// Blocks only become used in `allocate` and `acquire`, so updating the
+    /// high-water mark there sees every peak.
+    fn note_used(&mut self) {
+        self.peak_used = self.peak_used.max(self.num_blocks() - self.num_free());
     }
 
     pub(crate) fn ref_cnt(&self, block: BlockId) -> u32 {
@@ -90,6 +103,7 @@ impl BlockPool {
         }
         self.ref_cnt[b] = 1;
         self.filled[b] = 0;
+        self.note_used();
         Some(block)
     }
 
@@ -102,6 +116,7 @@ impl BlockPool {
             self.used_token_slots += self.filled[b] as usize;
         }
         self.ref_cnt[b] += 1;
+        self.note_used();
     }
 
     /// Drops a holder; the last one returns the block to the free queue.

@@ -68,7 +68,7 @@ mod paged;
 pub use contiguous::{ContiguousAllocator, ContiguousConfig, Reservation};
 pub use error::{AllocError, InvariantViolation, KvConfigError};
 pub use hash::BlockHash;
-pub use paged::{PagedAllocator, PagedConfig};
+pub use paged::{PagedAllocator, PagedConfig, SwapStats};
 
 use std::fmt;
 

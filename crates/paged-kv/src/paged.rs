@@ -20,6 +20,16 @@ pub struct PagedConfig {
     pub enable_prefix_caching: bool,
 }
 
+/// Swap traffic, cumulative since the allocator was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwapStats {
+    /// GPU blocks copied to the CPU pool by swap-outs.
+    pub blocks_swapped_out: u64,
+    /// CPU blocks copied back by swap-ins (blocks still cached on the GPU
+    /// are taken back instead, and not counted).
+    pub blocks_swapped_in: u64,
+}
+
 /// One sequence's view of the cache.
 #[derive(Clone, Debug)]
 struct SeqBlocks {
@@ -54,6 +64,7 @@ pub struct PagedAllocator {
     cpu: CpuBlockPool,
     seqs: FxHashMap<SeqId, SeqBlocks>,
     stats: PrefixCacheStats,
+    swap_stats: SwapStats,
 }
 
 impl PagedAllocator {
@@ -65,6 +76,7 @@ impl PagedAllocator {
             cpu: CpuBlockPool::new(config.num_cpu_blocks),
             seqs: FxHashMap::default(),
             stats: PrefixCacheStats::default(),
+            swap_stats: SwapStats::default(),
         })
     }
 
@@ -84,6 +96,16 @@ impl PagedAllocator {
         } else {
             0
         }
+    }
+
+    /// The most GPU blocks held at once since the allocator was built.
+    pub fn peak_used_blocks(&self) -> usize {
+        self.pool.peak_used()
+    }
+
+    /// Blocks copied out to and back from the CPU pool so far.
+    pub fn swap_stats(&self) -> SwapStats {
+        self.swap_stats
     }
 
     /// Sequences currently known (resident or swapped).
@@ -367,6 +389,7 @@ impl KvAllocator for PagedAllocator {
         crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
         // Resident, so `s.cpu` is empty.
         s.cpu = self.cpu.swap_out(&s.gpu, plan)?;
+        self.swap_stats.blocks_swapped_out += s.cpu.len() as u64;
         for &gpu in s.gpu.iter().rev() {
             self.pool.release(gpu);
         }
@@ -415,6 +438,7 @@ impl KvAllocator for PagedAllocator {
                         self.pool.register(gpu, h);
                     }
                     plan.push((cpu, gpu));
+                    self.swap_stats.blocks_swapped_in += 1;
                     gpu
                 }
             };
@@ -757,6 +781,27 @@ mod tests {
         assert_eq!(kv.num_tokens(SeqId(1)), Some(9));
         assert_eq!(kv.usage().used_cpu_blocks, 0);
         kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn swap_traffic_and_peak_occupancy_are_counted() {
+        let mut kv = alloc(8, 8, 4, true);
+        assert_eq!((kv.peak_used_blocks(), kv.swap_stats()), (0, SwapStats::default()));
+        let prompt: Vec<u32> = (0..10).collect();
+        start(&mut kv, 1, &prompt).unwrap();
+        start(&mut kv, 2, &prompt).unwrap(); // shares the two full blocks: 4 used
+        assert_eq!(kv.peak_used_blocks(), 4);
+        let mut out = vec![];
+        kv.swap_out(SeqId(1), &mut out).unwrap();
+        kv.free(SeqId(2)).unwrap();
+        assert_eq!(kv.usage().used_blocks, 0);
+        assert_eq!(kv.peak_used_blocks(), 4, "the peak outlives the blocks");
+        // Seq 2's full blocks are still cached: only the partial block is copied back.
+        kv.swap_in(SeqId(1), &[10], &mut vec![]).unwrap();
+        assert_eq!(kv.swap_stats(), SwapStats { blocks_swapped_out: 3, blocks_swapped_in: 1 });
+        start(&mut kv, 3, &[7; 20]).unwrap();
+        assert_eq!(kv.peak_used_blocks(), kv.usage().used_blocks);
+        assert_eq!(kv.peak_used_blocks(), 3 + 5);
     }
 
     #[test]
