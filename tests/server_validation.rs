@@ -211,7 +211,8 @@ async fn a_prompt_too_long_by_its_bytes_is_refused_before_tokenizing() {
 async fn health_answers_while_big_prompts_are_tokenized() {
     let c = client();
     // Made-up words (no tokenizer cache helps), ~100 per prompt: a few
-    // hundred tokens each, under the 512-token context; ~3 MB per request.
+    // hundred tokens each, under the 512-token context; ~14 MB per request,
+    // seconds of tokenization even on a quiet machine.
     let word = |i: u64| {
         let mut x = i.wrapping_mul(2_654_435_761) % 308_915_776;
         (0..6)
@@ -223,7 +224,7 @@ async fn health_answers_while_big_prompts_are_tokenized() {
             .collect::<String>()
     };
     let prompts: Vec<String> =
-        (0..5000u64).map(|p| (0..100).map(|w| word(p * 100 + w)).collect::<Vec<_>>().join(" ")).collect();
+        (0..20_000u64).map(|p| (0..100).map(|w| word(p * 100 + w)).collect::<Vec<_>>().join(" ")).collect();
     let body = json!({"prompt": prompts, "max_tokens": 1});
     let hostile: Vec<_> = (0..4)
         .map(|_| {
