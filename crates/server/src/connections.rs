@@ -46,6 +46,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use crate::error::ApiError;
+use crate::routes::GuardedBody;
 
 /// Connection cap and timeouts (`pagoda serve` flags of the same names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -653,7 +654,7 @@ fn closing_connection(mut response: Response<Body>) -> Response<Body> {
 }
 
 fn with_busy(response: Response<Body>, busy: Busy) -> Response<Body> {
-    response.map(|inner| Body::new(BusyBody { inner, _busy: busy }))
+    response.map(|inner| GuardedBody::wrap(inner, busy))
 }
 
 /// Counts a request as in progress on its connection while alive.
@@ -673,32 +674,6 @@ impl Drop for Busy {
             self.0.idle_since.store(now, Ordering::SeqCst);
             self.0.last_activity.store(now, Ordering::Relaxed);
         }
-    }
-}
-
-/// A response body that keeps its request in progress until dropped.
-struct BusyBody {
-    inner: Body,
-    _busy: Busy,
-}
-
-impl http_body::Body for BusyBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

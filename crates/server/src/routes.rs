@@ -140,7 +140,7 @@ async fn track_http(State(state): State<AppState>, request: Request, next: Next)
     let response = next.run(request).await;
     metrics.requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, Body::new(TrackedBody { inner: body, _in_flight: guard }))
+    Response::from_parts(parts, GuardedBody::wrap(body, guard))
 }
 
 struct InFlight(IntGauge);
@@ -158,13 +158,21 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that holds an in-flight guard until it is dropped.
-struct TrackedBody {
+/// A response body that holds `guard` until the body is done or dropped
+/// (for SSE, the whole stream): in-flight gauges and busy markers end with
+/// the response, not when the handler returns.
+pub(crate) struct GuardedBody<G> {
     inner: Body,
-    _in_flight: InFlight,
+    _guard: G,
 }
 
-impl http_body::Body for TrackedBody {
+impl<G: Send + Unpin + 'static> GuardedBody<G> {
+    pub(crate) fn wrap(inner: Body, guard: G) -> Body {
+        Body::new(Self { inner, _guard: guard })
+    }
+}
+
+impl<G: Send + Unpin + 'static> http_body::Body for GuardedBody<G> {
     type Data = Bytes;
     type Error = axum::Error;
 
