@@ -74,7 +74,7 @@ fn load<B: Backend>(backend: B, args: &EngineArgs) -> anyhow::Result<(LlmEngine<
         bar.set_length(total);
         bar.set_position(done);
     })
-    .with_context(|| format!("loading {}", args.model.display()))?;
+    .context("loading the model")?; // its errors name the file
     bar.finish_and_clear();
     Ok((engine, started.elapsed().as_secs_f64()))
 }

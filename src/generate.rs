@@ -76,7 +76,7 @@ impl BackendJob for Generate {
                 bar.set_length(total);
                 bar.set_position(done);
             })
-            .with_context(|| format!("loading {}", args.engine.model.display()))?;
+            .context("loading the model")?; // its errors name the file
         bar.finish_and_clear();
         eprintln!(
             "loaded {} on {device} in {:.1} s",
