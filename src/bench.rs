@@ -2,8 +2,11 @@
 //! single-stream latency, and an online load generator against a running
 //! server (like `vllm bench serve`). The offline benchmarks also report what
 //! the KV cache went through (preemptions, swapping, peak occupancy, prefix
-//! reuse), so a figure can be told apart from one that preempted.
+//! reuse), so a figure can be told apart from one that preempted. Every run
+//! checks itself: under `ignore_eos` each request must finish with exactly its
+//! `max_tokens`, or the command fails after printing and writing its figures.
 
+mod check;
 mod serve_load;
 mod workload;
 
@@ -18,6 +21,7 @@ use serde::Serialize;
 
 use crate::backends::{dispatch, loading_bar, BackendJob};
 use crate::engine_args::EngineArgs;
+use check::{CompletionCheck, RequestCompletion};
 pub use workload::WorkloadArgs;
 use workload::WorkloadRequest;
 
@@ -29,6 +33,21 @@ pub enum BenchCommand {
     Latency(LatencyArgs),
     /// Online: drive a running server (Poisson arrivals or fixed concurrency).
     Serve(serve_load::ServeBenchArgs),
+    /// Write a generated workload as JSONL (no model needed), for every engine
+    /// of a comparison to read with --dataset.
+    Workload(workload::WriteWorkloadArgs),
+}
+
+/// How the benchmark requests sample and whether they make text.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct BenchSamplingArgs {
+    /// Sampling temperature: 0 is greedy; vLLM's throughput benchmark samples at 1.0 (top-p 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Detokenize the outputs incrementally, as a server does (needs the model's
+    /// tokenizer; a token-id model without one makes no text either way).
+    #[arg(long)]
+    pub detokenize: bool,
 }
 
 #[derive(Args, Debug)]
@@ -37,6 +56,8 @@ pub struct ThroughputArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    #[command(flatten)]
+    pub sampling: BenchSamplingArgs,
     /// Write the result as JSON here.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
@@ -53,6 +74,8 @@ pub struct LatencyArgs {
     /// Timed runs (after one warm-up run).
     #[arg(long, default_value_t = 3)]
     pub num_iters: usize,
+    #[command(flatten)]
+    pub sampling: BenchSamplingArgs,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -62,6 +85,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Throughput(args) => dispatch(args.engine.device, Throughput(args)),
         BenchCommand::Latency(args) => dispatch(args.engine.device, Latency(args)),
         BenchCommand::Serve(args) => serve_load::run(args),
+        BenchCommand::Workload(args) => workload::write(args),
     }
 }
 
@@ -79,14 +103,42 @@ fn load<B: Backend>(backend: B, args: &EngineArgs) -> anyhow::Result<(LlmEngine<
     Ok((engine, started.elapsed().as_secs_f64()))
 }
 
-/// A request that generates exactly `max_tokens` token ids and no text.
-fn bench_request(id: String, prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+/// A request that generates exactly `max_tokens` token ids (EOS ignored),
+/// with text only under `--detokenize`.
+fn bench_request(
+    id: String,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: BenchSamplingArgs,
+) -> GenerationRequest {
     let mut req = GenerationRequest::new(id, prompt);
-    req.sampling = SamplingParams::greedy();
+    req.sampling = SamplingParams { temperature: sampling.temperature, ..SamplingParams::greedy() };
     req.max_tokens = Some(max_tokens);
     req.ignore_eos = true;
-    req.detokenize = false;
+    req.detokenize = sampling.detokenize;
     req
+}
+
+/// The sampling settings a result records: `detokenized` is whether text was
+/// made (asked for, and the model has a tokenizer).
+#[derive(Serialize, Debug, Clone, PartialEq)]
+struct SamplingReport {
+    temperature: f32,
+    detokenize: bool,
+    detokenized: bool,
+}
+
+impl SamplingReport {
+    fn of<B: Backend>(engine: &LlmEngine<B>, sampling: BenchSamplingArgs) -> Self {
+        if sampling.detokenize && !engine.tokenizer().is_present() {
+            eprintln!("note: --detokenize: the model has no tokenizer, so no text is made");
+        }
+        Self {
+            temperature: sampling.temperature,
+            detokenize: sampling.detokenize,
+            detokenized: sampling.detokenize && engine.tokenizer().is_present(),
+        }
+    }
 }
 
 /// Cumulative KV-cache counters of an engine at one moment; a run's figures
@@ -197,6 +249,9 @@ struct ThroughputResult {
     load_s: f64,
     engine_steps: u64,
     kv_cache: KvCacheReport,
+    sampling: SamplingReport,
+    /// Every request finished with exactly its max_tokens.
+    check: CompletionCheck,
 }
 
 struct Throughput(ThroughputArgs);
@@ -211,10 +266,11 @@ impl BackendJob for Throughput {
         let args = self.0;
         let (mut engine, load_s) = load(make_backend()?, &args.engine)?;
         let requests = args.workload.load(engine.info().vocab_size)?;
-        let result = measure_throughput(&mut engine, requests, load_s)?;
+        let result = measure_throughput(&mut engine, requests, load_s, args.sampling)?;
         print!("{result}");
         print_timings(&engine);
-        write_json(args.output_json.as_ref(), &result)
+        write_json(args.output_json.as_ref(), &result)?;
+        result.check.ensure()
     }
 }
 
@@ -223,15 +279,34 @@ fn measure_throughput<B: Backend>(
     engine: &mut LlmEngine<B>,
     requests: Vec<WorkloadRequest>,
     load_s: f64,
+    sampling: BenchSamplingArgs,
 ) -> anyhow::Result<ThroughputResult> {
     let device = engine.runner().backend().name();
+    let sampling_report = SamplingReport::of(engine, sampling);
     let prompt_tokens: usize = requests.iter().map(|r| r.prompt_token_ids.len()).sum();
     let bar = indicatif::ProgressBar::new(requests.iter().map(|r| r.max_tokens as u64).sum());
+    let mut completions: Vec<RequestCompletion> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| RequestCompletion {
+            id: format!("bench-{i}"),
+            max_tokens: r.max_tokens,
+            output_tokens: 0,
+            finished: false,
+        })
+        .collect();
+    let index: std::collections::HashMap<String, usize> =
+        completions.iter().enumerate().map(|(i, c)| (c.id.clone(), i)).collect();
     let steps_before = engine.metrics().engine_steps.get();
     let kv_before = KvCounters::read(engine);
     let started = Instant::now();
     for (i, r) in requests.into_iter().enumerate() {
-        engine.add_request(bench_request(format!("bench-{i}"), r.prompt_token_ids, r.max_tokens))?;
+        engine.add_request(bench_request(
+            format!("bench-{i}"),
+            r.prompt_token_ids,
+            r.max_tokens,
+            sampling,
+        ))?;
     }
     let mut output_tokens = 0usize;
     let mut finished = 0usize;
@@ -241,6 +316,10 @@ fn measure_throughput<B: Backend>(
             output_tokens += n;
             bar.inc(n as u64);
             finished += out.finished as usize;
+            if let Some(c) = index.get(&out.request_id).map(|&i| &mut completions[i]) {
+                c.output_tokens += n;
+                c.finished |= out.finished;
+            }
         }
     }
     let elapsed_s = started.elapsed().as_secs_f64();
@@ -257,6 +336,8 @@ fn measure_throughput<B: Backend>(
         load_s,
         engine_steps: engine.metrics().engine_steps.get() - steps_before,
         kv_cache: KvCacheReport::since(engine, &kv_before),
+        sampling: sampling_report,
+        check: CompletionCheck::of(&completions),
     })
 }
 
@@ -273,6 +354,21 @@ impl std::fmt::Display for ThroughputResult {
             self.requests_per_s, self.output_tokens_per_s, self.total_tokens_per_s
         )?;
         writeln!(f, "model load:         {:.2} s", self.load_s)?;
+        writeln!(
+            f,
+            "sampling:           temperature {}, {}",
+            self.sampling.temperature,
+            if self.sampling.detokenized { "detokenized" } else { "token ids only" }
+        )?;
+        writeln!(
+            f,
+            "self-check:         {}",
+            if self.check.passed {
+                "passed (every request produced exactly its max_tokens)"
+            } else {
+                "FAILED"
+            }
+        )?;
         write!(f, "{}", self.kv_cache)
     }
 }
@@ -292,6 +388,9 @@ struct LatencyResult {
     cold_start_s: f64,
     /// Over all runs, the warm-up included.
     kv_cache: KvCacheReport,
+    sampling: SamplingReport,
+    /// Every run, the warm-up included, produced exactly --output-len tokens.
+    check: CompletionCheck,
 }
 
 struct Latency(LatencyArgs);
@@ -312,19 +411,29 @@ impl BackendJob for Latency {
         let mut decode = Vec::new();
         let mut e2e = Vec::new();
         let mut cold_start_s = f64::NAN;
+        let sampling = SamplingReport::of(&engine, args.sampling);
+        let mut completions = Vec::new();
         let kv_before = KvCounters::read(&engine);
         for iter in 0..=args.num_iters {
             // A fresh random prompt each run, so the prefix cache cannot help.
             let prompt = workload::random_tokens(args.input_len, vocab, 1000 + iter as u64);
-            engine.add_request(bench_request(format!("latency-{iter}"), prompt, args.output_len))?;
+            let id = format!("latency-{iter}");
+            engine.add_request(bench_request(id.clone(), prompt, args.output_len, args.sampling))?;
             let started = Instant::now();
             let mut first = None;
+            let mut done =
+                RequestCompletion { id, max_tokens: args.output_len, output_tokens: 0, finished: false };
             while engine.has_unfinished_requests() {
                 let outs = engine.step()?;
                 if first.is_none() && outs.iter().any(|o| !o.deltas.is_empty()) {
                     first = Some(started.elapsed().as_secs_f64());
                 }
+                for out in outs {
+                    done.output_tokens += out.deltas.iter().map(|d| d.token_ids.len()).sum::<usize>();
+                    done.finished |= out.finished;
+                }
             }
+            completions.push(done);
             let total = started.elapsed().as_secs_f64();
             let first = first.unwrap_or(total);
             if iter == 0 {
@@ -349,6 +458,8 @@ impl BackendJob for Latency {
             load_s,
             cold_start_s,
             kv_cache: KvCacheReport::since(&engine, &kv_before),
+            sampling,
+            check: CompletionCheck::of(&completions),
         };
         println!("device:         {}", result.device);
         println!("prompt/output:  {} / {} tokens", result.input_len, result.output_len);
@@ -360,9 +471,18 @@ impl BackendJob for Latency {
         );
         println!("model load:     {:.2} s", result.load_s);
         println!("cold start:     {:.2} s (process start to the first token)", result.cold_start_s);
+        println!(
+            "self-check:     {}",
+            if result.check.passed {
+                "passed (every run produced exactly --output-len tokens)"
+            } else {
+                "FAILED"
+            }
+        );
         print!("{}", result.kv_cache);
         print_timings(&engine);
-        write_json(args.output_json.as_ref(), &result)
+        write_json(args.output_json.as_ref(), &result)?;
+        result.check.ensure()
     }
 }
 
@@ -432,6 +552,8 @@ mod tests {
     use pagoda_backend_cpu_ref::CpuBackend;
     use pagoda_engine::{EngineConfig, PreemptionMode};
 
+    const GREEDY: BenchSamplingArgs = BenchSamplingArgs { temperature: 0.0, detokenize: false };
+
     /// The tiny random-weight Llama of the model tests (2 layers, vocabulary 320).
     fn tiny_engine(config: EngineConfig) -> LlmEngine<CpuBackend> {
         let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
@@ -462,8 +584,10 @@ mod tests {
     /// Runs the throughput benchmark and checks what holds for any run.
     fn run(config: EngineConfig) -> ThroughputResult {
         let mut engine = tiny_engine(config);
-        let result = measure_throughput(&mut engine, six_requests(), 0.0).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY).unwrap();
         assert_eq!((result.num_requests, result.output_tokens), (6, 6 * 24), "every request completes");
+        assert!(result.check.passed, "{:?}", result.check);
+        assert_eq!(result.check.expected_output_tokens, 6 * 24);
         let kv = &result.kv_cache;
         assert_eq!(kv.preemptions, kv.recompute_preemptions + kv.swap_preemptions);
         assert!(kv.peak_kv_blocks > 0 && kv.peak_kv_blocks <= kv.num_gpu_blocks, "{kv:?}");
@@ -530,8 +654,9 @@ mod tests {
             max_tokens: 4,
         };
         // The first request computes the shared two blocks; the next ones reuse them.
-        measure_throughput(&mut engine, vec![request(0)], 0.0).unwrap();
-        let kv = measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0).unwrap().kv_cache;
+        measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY).unwrap();
+        let kv =
+            measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY).unwrap().kv_cache;
         assert_eq!((kv.prefix_cache_queried_tokens, kv.prefix_cache_hit_tokens), (3 * 40, 3 * 32), "{kv:?}");
         assert_eq!(kv.prefix_cache_hit_rate, 0.8);
         assert_eq!(kv.preemptions, 0);
@@ -544,5 +669,20 @@ mod tests {
         // All six run at once: 18 blocks, far from the default cache's size.
         assert_eq!(kv.peak_kv_blocks, 18, "{kv:?}");
         assert!(kv.peak_kv_usage < 0.5, "{kv:?}");
+    }
+
+    #[test]
+    fn sampled_and_detokenized_runs_check_themselves() {
+        let mut engine = tiny_engine(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() });
+        let sampled = BenchSamplingArgs { temperature: 1.0, detokenize: true };
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, sampled).unwrap();
+        assert!(result.check.passed, "{:?}", result.check);
+        let json = serde_json::to_value(&result).unwrap();
+        assert_eq!(json["sampling"]["temperature"], 1.0);
+        assert_eq!(json["sampling"]["detokenize"], true);
+        assert_eq!(json["sampling"]["detokenized"], true, "tiny-llama has a tokenizer");
+        assert_eq!(json["check"]["passed"], true);
+        assert_eq!(json["check"]["expected_output_tokens"], 6 * 24);
+        assert!(result.to_string().contains("self-check:         passed"), "{result}");
     }
 }

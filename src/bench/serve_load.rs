@@ -1,5 +1,9 @@
 //! `pagoda bench serve`: an online load generator against a running
-//! OpenAI-compatible server, reporting what `vllm bench serve` reports.
+//! OpenAI-compatible server (Pagoda's or any other, vLLM's among them),
+//! reporting what `vllm bench serve` reports. It checks itself like the
+//! offline benchmarks: every request must succeed with exactly its
+//! `max_tokens` (by the server's usage count), or the command fails after
+//! printing and writing its figures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::json;
 
+use super::check::{CompletionCheck, RequestCompletion};
 use super::workload::{WorkloadArgs, WorkloadRequest};
 
 #[derive(Args, Debug)]
@@ -34,6 +39,9 @@ pub struct ServeBenchArgs {
     /// Generated prompts draw token ids below this (the model's vocabulary size or less).
     #[arg(long, default_value_t = 32000)]
     pub vocab_size: usize,
+    /// Sampling temperature sent with every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
     #[command(flatten)]
     pub workload: WorkloadArgs,
     /// Also report TTFT separately for requests whose prompt has at most this
@@ -51,6 +59,7 @@ struct RequestTiming {
     ok: bool,
     error: Option<String>,
     prompt_tokens: usize,
+    max_tokens: usize,
     output_tokens: usize,
     ttft: f64,
     itl: Vec<f64>,
@@ -80,6 +89,9 @@ struct ServeResult {
     e2el: Percentiles,
     request_rate: f64,
     max_concurrency: Option<usize>,
+    temperature: f32,
+    /// Every request succeeded with exactly its max_tokens.
+    check: CompletionCheck,
     /// TTFT by prompt length class, when asked for (`--split-ttft-at`).
     #[serde(skip_serializing_if = "Option::is_none")]
     ttft_by_prompt_length: Option<TtftByLength>,
@@ -142,8 +154,9 @@ async fn run_async(args: ServeBenchArgs) -> anyhow::Result<()> {
         let permit = limit.clone().acquire_owned().await?;
         let (client, base, model, key, bar) =
             (client.clone(), base.clone(), model.clone(), args.api_key.clone(), bar.clone());
+        let temperature = args.temperature;
         tasks.push(tokio::spawn(async move {
-            let timing = one_request(&client, &base, &model, key.as_deref(), req).await;
+            let timing = one_request(&client, &base, &model, key.as_deref(), req, temperature).await;
             bar.inc(1);
             drop(permit);
             timing
@@ -181,6 +194,8 @@ async fn run_async(args: ServeBenchArgs) -> anyhow::Result<()> {
         e2el: percentiles(ok.iter().map(|t| t.e2e).collect()),
         request_rate: args.request_rate,
         max_concurrency: args.max_concurrency,
+        temperature: args.temperature,
+        check: CompletionCheck::of(&completions(&timings)),
         ttft_by_prompt_length: split_ttft_at(&args).map(|at| TtftByLength::of(&ok, at)),
     };
     print_result(&result);
@@ -188,7 +203,21 @@ async fn run_async(args: ServeBenchArgs) -> anyhow::Result<()> {
     if result.successful_requests == 0 {
         bail!("no request succeeded");
     }
-    Ok(())
+    result.check.ensure()
+}
+
+/// The requests as the self-check sees them: a failed one did not finish.
+fn completions(timings: &[RequestTiming]) -> Vec<RequestCompletion> {
+    timings
+        .iter()
+        .enumerate()
+        .map(|(i, t)| RequestCompletion {
+            id: format!("request {i}"),
+            max_tokens: t.max_tokens,
+            output_tokens: t.output_tokens,
+            finished: t.ok,
+        })
+        .collect()
 }
 
 /// Where TTFT is split by prompt length: as asked, else at the short prompt
@@ -215,13 +244,18 @@ async fn one_request(
     model: &str,
     key: Option<&str>,
     req: WorkloadRequest,
+    temperature: f32,
 ) -> RequestTiming {
-    let mut timing = RequestTiming { prompt_tokens: req.prompt_token_ids.len(), ..Default::default() };
+    let mut timing = RequestTiming {
+        prompt_tokens: req.prompt_token_ids.len(),
+        max_tokens: req.max_tokens,
+        ..Default::default()
+    };
     let body = json!({
         "model": model,
         "prompt": req.prompt_token_ids,
         "max_tokens": req.max_tokens,
-        "temperature": 0.0,
+        "temperature": temperature,
         "ignore_eos": true,
         "stream": true,
         "stream_options": {"include_usage": true},
@@ -304,6 +338,11 @@ fn print_result(r: &ServeResult) {
     println!("{:<40}{:>10.2}", "Request throughput (req/s):", r.request_throughput);
     println!("{:<40}{:>10.2}", "Output token throughput (tok/s):", r.output_throughput);
     println!("{:<40}{:>10.2}", "Total Token throughput (tok/s):", r.total_token_throughput);
+    println!(
+        "{:<40}{:>10}",
+        "Self-check (max_tokens each):",
+        if r.check.passed { "passed" } else { "FAILED" }
+    );
     for (name, p) in [("TTFT", &r.ttft), ("TPOT", &r.tpot), ("ITL", &r.itl), ("E2EL", &r.e2el)] {
         println!("{:<40}{:>10.2}", format!("Mean {name} (ms):"), p.mean_ms);
         println!("{:<40}{:>10.2}", format!("Median {name} (ms):"), p.median_ms);
@@ -342,5 +381,23 @@ mod tests {
         assert!((split.long.median_ms - 5000.0).abs() < 1e-9);
         let json = serde_json::to_value(&split).unwrap();
         assert_eq!(json["short"]["p99_ms"], 300.0);
+    }
+
+    #[test]
+    fn failed_and_short_requests_fail_the_check() {
+        let done = |max_tokens, output_tokens, ok| RequestTiming {
+            ok,
+            max_tokens,
+            output_tokens,
+            ..Default::default()
+        };
+        assert!(CompletionCheck::of(&completions(&[done(4, 4, true), done(8, 8, true)])).passed);
+        let failed = CompletionCheck::of(&completions(&[done(4, 4, true), done(8, 0, false)]));
+        assert!(
+            !failed.passed && failed.message.contains("unfinished: request 1 (0 of 8 tokens)"),
+            "{failed:?}"
+        );
+        let short = CompletionCheck::of(&completions(&[done(4, 3, true)]));
+        assert!(!short.passed && short.message.contains("request 0 (3 of 4 tokens)"), "{short:?}");
     }
 }

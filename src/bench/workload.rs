@@ -1,7 +1,9 @@
 //! Benchmark workloads: a JSONL file of `{"prompt_token_ids": [...],
-//! "max_tokens": N}` lines (the format ../shared/bench/hf_peer.py reads and
-//! writes, so Pagoda and the peer run the very same requests), or requests
-//! generated with fixed or ShareGPT-like log-normal lengths.
+//! "max_tokens": N}` lines (the format the peers in scripts/peers/ read and
+//! write, so Pagoda, vLLM and transformers run the very same requests), or
+//! requests generated with fixed lengths, log-normal lengths, ShareGPT-like
+//! mixed lengths, or a few long system prompts shared by many requests.
+//! `pagoda bench workload` writes a generated one without loading a model.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -14,9 +16,23 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Lengths {
+    /// Every prompt --input-len tokens, every output --output-len.
     Fixed,
+    /// Log-normal (sigma 0.8) around the medians --input-len and --output-len,
+    /// both clamped to 4..=--max-len.
     Lognormal,
+    /// ShareGPT-like: log-normal (sigma 1.0) around the medians --input-len and
+    /// --output-len, so short and long prompts mix; prompts clamped to
+    /// 4..=--max-len, outputs to 8..=768 tokens.
+    Sharegpt,
+    /// --num-prefixes system prompts of --prefix-len tokens, each request one
+    /// of them (drawn at random) followed by its own --input-len tokens, and
+    /// --output-len output tokens: what prefix caching is for.
+    SharedPrefix,
 }
+
+/// Output lengths of the ShareGPT-like workload: from 8 to 768 tokens.
+pub const SHAREGPT_OUTPUT_LENS: std::ops::RangeInclusive<usize> = 8..=768;
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkloadArgs {
@@ -37,6 +53,12 @@ pub struct WorkloadArgs {
     /// Generated workload: cap on log-normal lengths.
     #[arg(long, default_value_t = 4096)]
     pub max_len: usize,
+    /// Shared-prefix workload: how many distinct system prompts.
+    #[arg(long, default_value_t = 4)]
+    pub num_prefixes: usize,
+    /// Shared-prefix workload: tokens in each system prompt.
+    #[arg(long, default_value_t = 1536)]
+    pub prefix_len: usize,
     /// Generated workload: this fraction of the requests (spread evenly
     /// through the sequence) are short ones of --short-input-len /
     /// --short-output-len tokens, the rest as above: a stream of long prompts
@@ -70,6 +92,9 @@ impl WorkloadArgs {
         if !(0.0..=1.0).contains(&self.short_fraction) {
             bail!("--short-fraction must be between 0 and 1, got {}", self.short_fraction);
         }
+        if self.dataset.is_none() && self.lengths == Lengths::SharedPrefix && self.num_prefixes == 0 {
+            bail!("--num-prefixes must be at least 1 for --lengths shared-prefix");
+        }
         let requests = match &self.dataset {
             Some(path) => read_jsonl(path)?,
             None => self.generate(vocab_size),
@@ -94,8 +119,16 @@ impl WorkloadArgs {
 
     fn generate(&self, vocab_size: usize) -> Vec<WorkloadRequest> {
         let mut rng = StdRng::seed_from_u64(self.workload_seed);
+        // The shared system prompts, drawn before any request.
+        let prefixes: Vec<Vec<u32>> = match self.lengths {
+            Lengths::SharedPrefix => (0..self.num_prefixes)
+                .map(|_| random_tokens(self.prefix_len, vocab_size, rng.random()))
+                .collect(),
+            _ => Vec::new(),
+        };
         (0..self.num_prompts)
             .map(|i| {
+                let mut prefix: &[u32] = &[];
                 let (input, output) = match self.lengths {
                     _ if self.is_short(i) => (self.short_input_len, self.short_output_len),
                     Lengths::Fixed => (self.input_len, self.output_len),
@@ -103,10 +136,19 @@ impl WorkloadArgs {
                         lognormal(&mut rng, self.input_len as f64, 0.8).clamp(4, self.max_len),
                         lognormal(&mut rng, self.output_len as f64, 0.8).clamp(4, self.max_len),
                     ),
+                    Lengths::Sharegpt => (
+                        lognormal(&mut rng, self.input_len as f64, 1.0).clamp(4, self.max_len.max(4)),
+                        lognormal(&mut rng, self.output_len as f64, 1.0)
+                            .clamp(*SHAREGPT_OUTPUT_LENS.start(), *SHAREGPT_OUTPUT_LENS.end()),
+                    ),
+                    Lengths::SharedPrefix => {
+                        prefix = &prefixes[rng.random_range(0..prefixes.len())];
+                        (self.input_len, self.output_len)
+                    }
                 };
                 let seed = rng.random();
                 WorkloadRequest {
-                    prompt_token_ids: random_tokens(input, vocab_size, seed),
+                    prompt_token_ids: [prefix, &random_tokens(input, vocab_size, seed)].concat(),
                     max_tokens: output,
                 }
             })
@@ -120,6 +162,71 @@ impl WorkloadArgs {
     fn is_short(&self, i: usize) -> bool {
         let shorts_before = |n: usize| (n as f64 * self.short_fraction).floor() as usize;
         shorts_before(i + 1) > shorts_before(i)
+    }
+}
+
+/// `pagoda bench workload`: a generated workload written as JSONL, with no
+/// model loaded, for every engine of a comparison to read with `--dataset`.
+#[derive(Args, Debug)]
+pub struct WriteWorkloadArgs {
+    /// Token ids are drawn below this: the model's vocabulary size (Llama 3: 128256).
+    #[arg(long)]
+    pub vocab_size: usize,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+}
+
+/// Writes the workload to `--write-dataset` and prints what it holds.
+pub fn write(args: WriteWorkloadArgs) -> anyhow::Result<()> {
+    let Some(path) = &args.workload.write_dataset else {
+        bail!("--write-dataset FILE is required: where to write the requests");
+    };
+    let requests = args.workload.load(args.vocab_size)?;
+    println!("{}: {}", path.display(), WorkloadSummary::of(&requests));
+    Ok(())
+}
+
+/// Sizes of a workload's requests, for a one-line description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSummary {
+    pub requests: usize,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    /// (min, median, max) of the prompt lengths.
+    pub prompt_lens: (usize, usize, usize),
+    /// (min, median, max) of `max_tokens`.
+    pub output_lens: (usize, usize, usize),
+}
+
+impl WorkloadSummary {
+    pub fn of(requests: &[WorkloadRequest]) -> Self {
+        fn spread(mut v: Vec<usize>) -> (usize, usize, usize) {
+            v.sort_unstable();
+            match v.len() {
+                0 => (0, 0, 0),
+                n => (v[0], v[n / 2], v[n - 1]),
+            }
+        }
+        Self {
+            requests: requests.len(),
+            prompt_tokens: requests.iter().map(|r| r.prompt_token_ids.len()).sum(),
+            output_tokens: requests.iter().map(|r| r.max_tokens).sum(),
+            prompt_lens: spread(requests.iter().map(|r| r.prompt_token_ids.len()).collect()),
+            output_lens: spread(requests.iter().map(|r| r.max_tokens).collect()),
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (pmin, pmed, pmax) = self.prompt_lens;
+        let (omin, omed, omax) = self.output_lens;
+        write!(
+            f,
+            "{} requests; prompts {} tokens (min {pmin}, median {pmed}, max {pmax}); \
+             outputs {} tokens (min {omin}, median {omed}, max {omax})",
+            self.requests, self.prompt_tokens, self.output_tokens
+        )
     }
 }
 
@@ -170,6 +277,8 @@ mod tests {
             output_len: 20,
             lengths: Lengths::Lognormal,
             max_len: 300,
+            num_prefixes: 4,
+            prefix_len: 64,
             short_fraction: 0.0,
             short_input_len: 8,
             short_output_len: 8,
@@ -206,5 +315,53 @@ mod tests {
         assert_eq!(read.load(1000).unwrap(), a);
         assert!(read.load(50).is_err(), "ids beyond a 50-token vocabulary must be refused");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sharegpt_workload_mixes_short_and_long_requests() {
+        let w = WorkloadArgs {
+            lengths: Lengths::Sharegpt,
+            num_prompts: 1000,
+            input_len: 160,
+            output_len: 128,
+            max_len: 2048,
+            ..args()
+        };
+        let a = w.load(128256).unwrap();
+        assert_eq!(a, w.load(128256).unwrap(), "seeded");
+        let s = WorkloadSummary::of(&a);
+        assert!(a.iter().all(|r| SHAREGPT_OUTPUT_LENS.contains(&r.max_tokens)), "{s:?}");
+        assert!(a.iter().all(|r| (4..=2048).contains(&r.prompt_token_ids.len())), "{s:?}");
+        // Medians near the asked ones; both tails present (sigma 1.0: 5% under 0.19x, 5% over 5.2x).
+        assert!((130..=190).contains(&s.prompt_lens.1) && (105..=155).contains(&s.output_lens.1), "{s:?}");
+        assert!(s.prompt_lens.0 < 40 && s.prompt_lens.2 > 1000, "{s:?}");
+        assert!(s.output_lens.0 < 30 && s.output_lens.2 == 768, "{s:?}");
+        assert!(a.iter().flat_map(|r| &r.prompt_token_ids).all(|&t| (10..128246).contains(&t)));
+    }
+
+    #[test]
+    fn a_shared_prefix_workload_reuses_a_few_system_prompts() {
+        let w = WorkloadArgs { lengths: Lengths::SharedPrefix, num_prompts: 64, input_len: 16, ..args() };
+        let a = w.load(1000).unwrap();
+        assert_eq!(a, w.load(1000).unwrap(), "seeded");
+        assert!(a.iter().all(|r| r.prompt_token_ids.len() == 64 + 16 && r.max_tokens == 20));
+        let mut prefixes: Vec<&[u32]> = a.iter().map(|r| &r.prompt_token_ids[..64]).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        assert_eq!(prefixes.len(), 4, "every one of the 4 system prompts is used, and no other");
+        // The requests' own parts differ.
+        let mut own: Vec<&[u32]> = a.iter().map(|r| &r.prompt_token_ids[64..]).collect();
+        own.sort();
+        own.dedup();
+        assert_eq!(own.len(), 64);
+        let none = WorkloadArgs { num_prefixes: 0, ..w };
+        assert!(none.load(1000).is_err());
+    }
+
+    #[test]
+    fn the_summary_names_the_sizes() {
+        let w = WorkloadArgs { lengths: Lengths::Fixed, num_prompts: 3, ..args() };
+        let s = WorkloadSummary::of(&w.load(1000).unwrap());
+        assert_eq!(s.to_string(), "3 requests; prompts 300 tokens (min 100, median 100, max 100); outputs 60 tokens (min 20, median 20, max 20)");
     }
 }
