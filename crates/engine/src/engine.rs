@@ -269,11 +269,6 @@ impl<B: Backend> LlmEngine<B> {
             self.next_seed = self.next_seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
             self.next_seed
         });
-        let (eos_token_id, mut stop_token_ids) = match self.info.eos_token_ids.split_first() {
-            Some((&first, rest)) if !req.ignore_eos => (Some(first), rest.to_vec()),
-            _ => (None, Vec::new()),
-        };
-        stop_token_ids.extend_from_slice(&req.stop_token_ids);
         let new = NewRequest {
             request_id: scheduler_id,
             prompt_token_ids: req.prompt_token_ids.clone(),
@@ -282,8 +277,8 @@ impl<B: Backend> LlmEngine<B> {
             n: req.n,
             priority: req.priority,
             arrival: self.next_request_id as f64,
-            eos_token_id,
-            stop_token_ids,
+            eos_token_ids: self.info.eos_token_ids.clone(),
+            stop_token_ids: req.stop_token_ids.clone(),
             ignore_eos: req.ignore_eos,
             min_tokens: req.min_tokens,
             cache_salt: None,
@@ -489,17 +484,13 @@ impl<B: Backend> LlmEngine<B> {
             seq.num_tokens += 1;
 
             let mut finish = update.finish_reason.map(|r| match r {
-                SchedFinish::Stop(Some(token)) => {
-                    let is_eos = self.info.eos_token_ids.contains(&token)
-                        && !state.request.stop_token_ids.contains(&token);
-                    (FinishReason::Stop, if is_eos { None } else { Some(StopReason::TokenId(token)) })
-                }
-                SchedFinish::Stop(None) => (FinishReason::Stop, None),
+                SchedFinish::Eos(_) => (FinishReason::Stop, None),
+                SchedFinish::StopToken(token) => (FinishReason::Stop, Some(StopReason::TokenId(token))),
                 SchedFinish::Length => (FinishReason::Length, None),
-                SchedFinish::Abort => (FinishReason::Abort, None),
             });
             // The token that stopped the sequence is not part of its text.
-            let stopped_by_token = matches!(update.finish_reason, Some(SchedFinish::Stop(Some(_))));
+            let stopped_by_token =
+                matches!(update.finish_reason, Some(SchedFinish::Eos(_) | SchedFinish::StopToken(_)));
             if state.request.detokenize && !stopped_by_token {
                 let skip = state.request.skip_special_tokens;
                 let tok = &self.tokenizer;
@@ -509,7 +500,7 @@ impl<B: Backend> LlmEngine<B> {
                 if let Some(m) = state.stop.check(&mut seq.stop_scan, &seq.text) {
                     seq.text.truncate(m.truncate_at);
                     finish = Some((FinishReason::Stop, Some(StopReason::String(m.stop))));
-                    self.scheduler.finish_seq(update.seq_id, SchedFinish::Stop(None));
+                    self.scheduler.finish_seq(update.seq_id);
                 } else if finish.is_some() {
                     let rest = seq.detokenizer.flush(&decode);
                     seq.text.push_str(&rest);
