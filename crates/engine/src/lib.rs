@@ -1,11 +1,17 @@
 //! Pagoda's engine: where the scheduler, the paged KV cache, the model and the
 //! sampler meet.
 //!
-//! - [`LlmEngine`] is the synchronous core. [`LlmEngine::step`] runs one
-//!   iteration of continuous batching: the scheduler picks what runs, the
-//!   [`ModelRunner`] moves blocks (swap, copy-on-write) and runs one forward
-//!   pass over every scheduled token, the backend samples, and the engine
-//!   turns tokens into text deltas (incremental detokenization, stop strings).
+//! - [`LlmEngine`] is the synchronous engine, three stages in a row. The
+//!   [`InputProcessor`] checks a request against the model and the engine's
+//!   limits, once, and resolves its defaults into an [`EngineCoreRequest`].
+//!   The engine core runs each iteration of continuous batching
+//!   ([`LlmEngine::step`]) on token ids: the scheduler picks what runs and
+//!   decides every token-level finish, the [`ModelRunner`] moves blocks
+//!   (swap, copy-on-write) and runs one forward pass over every scheduled
+//!   token, the backend samples. The output processor turns the tokens into
+//!   text deltas (incremental detokenization, stop strings, logprobs) and
+//!   per-request metrics; a sample a stop string ends goes back to the core
+//!   the way an abort does.
 //! - [`AsyncEngine`] runs an `LlmEngine` on its own thread, fed through
 //!   channels: the HTTP server submits requests and streams their outputs;
 //!   dropping a stream aborts its request and frees its blocks.
