@@ -16,8 +16,9 @@ use pagoda_models::{ChatTemplate, Tokenizer};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::engine::{validate_request, LlmEngine, ModelInfo};
+use crate::engine::LlmEngine;
 use crate::error::EngineError;
+use crate::input::{EngineCoreRequest, InputProcessor, ModelInfo};
 use crate::metrics::EngineMetrics;
 use crate::request::{GenerationRequest, RequestOutput};
 
@@ -48,9 +49,10 @@ pub struct StreamError(pub String);
 
 type OutputSender = mpsc::UnboundedSender<Result<RequestOutput, StreamError>>;
 
-/// A request on its way to the engine thread, or live there.
+/// A request on its way to the engine thread (processed: the engine thread
+/// checks nothing again).
 struct Admitted {
-    request: GenerationRequest,
+    request: EngineCoreRequest,
     outputs: OutputSender,
     /// What it counts against the pending limits until it ends.
     work: PendingWork,
@@ -109,14 +111,13 @@ struct PendingWork {
 }
 
 impl PendingWork {
-    /// A validated request's work. Saturating: the sums only meet limits.
-    fn of(request: &GenerationRequest, max_model_len: usize) -> Self {
-        let prompt = request.prompt_token_ids.len();
-        let max_tokens = request.max_tokens.unwrap_or(max_model_len.saturating_sub(prompt));
+    /// A processed request's work. Saturating: the sums only meet limits.
+    fn of(request: &EngineCoreRequest) -> Self {
+        let prompt = request.prompt_token_ids().len();
         Self {
             requests: 1,
-            seqs: request.n,
-            tokens: prompt.saturating_add(request.n.saturating_mul(max_tokens)),
+            seqs: request.n(),
+            tokens: prompt.saturating_add(request.n().saturating_mul(request.max_tokens())),
         }
     }
 
@@ -158,8 +159,8 @@ impl Shared {
 /// A handle on the engine thread. Cheap to share behind an `Arc`.
 pub struct AsyncEngine {
     commands: std_mpsc::Sender<Command>,
-    info: ModelInfo,
-    max_num_seqs: usize,
+    /// The engine's own: requests are checked on the caller's thread.
+    input: Arc<InputProcessor>,
     tokenizer: Tokenizer,
     chat_template: Option<Arc<ChatTemplate>>,
     metrics: Arc<EngineMetrics>,
@@ -244,8 +245,7 @@ impl AsyncEngine {
                     }
                 };
                 let handshake = (
-                    engine.info().clone(),
-                    engine.config().max_num_seqs,
+                    engine.input_processor().clone(),
                     engine.tokenizer().clone(),
                     engine.chat_template().cloned(),
                     engine.metrics(),
@@ -256,7 +256,7 @@ impl AsyncEngine {
                 engine_loop(engine, command_rx, &loop_shared);
             })
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
-        let (info, max_num_seqs, tokenizer, chat_template, metrics) = ready_rx
+        let (input, tokenizer, chat_template, metrics) = ready_rx
             .recv()
             .map_err(|_| EngineError::Internal("the engine thread died while starting".into()))??;
         let limits = PendingWork {
@@ -264,12 +264,11 @@ impl AsyncEngine {
             seqs: options.max_pending_seqs,
             tokens: options
                 .max_pending_tokens
-                .unwrap_or(options.max_pending_requests.saturating_mul(info.max_model_len)),
+                .unwrap_or(options.max_pending_requests.saturating_mul(input.info().max_model_len)),
         };
         Ok(Self {
             commands,
-            info,
-            max_num_seqs,
+            input,
             tokenizer,
             chat_template,
             metrics,
@@ -280,7 +279,7 @@ impl AsyncEngine {
     }
 
     pub fn info(&self) -> &ModelInfo {
-        &self.info
+        self.input.info()
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -309,39 +308,43 @@ impl AsyncEngine {
         self.shared.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Validates and queues a request; its outputs arrive on the stream.
+    /// Checks and queues a request; its outputs arrive on the stream.
     pub fn submit(&self, request: GenerationRequest) -> Result<RequestStream, SubmitError> {
         let mut streams = self.submit_all(vec![request])?;
         streams.pop().ok_or_else(|| SubmitError::Invalid(EngineError::Internal("no stream".into())))
     }
 
-    /// Validates and queues the requests of one API call (e.g. a completion
-    /// with several prompts) together: all are admitted, in one engine loop
-    /// turn, or none. Their work is counted against the pending limits as
-    /// one; with several requests, errors name the failing one as
-    /// `prompt {i}`.
+    /// Checks (on this thread: errors are early 400s) and queues the
+    /// requests of one API call (e.g. a completion with several prompts)
+    /// together: all are admitted, in one engine loop turn, or none. Their
+    /// work is counted against the pending limits as one; with several
+    /// requests, errors name the failing one as `prompt {i}`.
     pub fn submit_all(&self, requests: Vec<GenerationRequest>) -> Result<Vec<RequestStream>, SubmitError> {
         if self.is_shutting_down() {
             return Err(SubmitError::ShuttingDown);
         }
         let several = requests.len() > 1;
         let mut needed = PendingWork::default();
-        for (i, request) in requests.iter().enumerate() {
-            self.validate(request)
+        let mut processed = Vec::with_capacity(requests.len());
+        for (i, request) in requests.into_iter().enumerate() {
+            let request = self
+                .input
+                .process(request)
                 .map_err(|e| SubmitError::Invalid(if several { for_prompt(e, i) } else { e }))?;
-            needed = needed.plus(PendingWork::of(request, self.info.max_model_len));
+            needed = needed.plus(PendingWork::of(&request));
+            processed.push(request);
         }
-        if requests.is_empty() {
+        if processed.is_empty() {
             return Ok(Vec::new());
         }
         self.reserve(needed)?;
-        let mut streams = Vec::with_capacity(requests.len());
-        let mut batch = Vec::with_capacity(requests.len());
-        for request in requests {
+        let mut streams = Vec::with_capacity(processed.len());
+        let mut batch = Vec::with_capacity(processed.len());
+        for request in processed {
             let (tx, rx) = mpsc::unbounded_channel();
-            let work = PendingWork::of(&request, self.info.max_model_len);
+            let work = PendingWork::of(&request);
             streams.push(RequestStream {
-                request_id: request.request_id.clone(),
+                request_id: request.request_id().to_string(),
                 outputs: rx,
                 commands: self.commands.clone(),
                 finished: false,
@@ -357,18 +360,6 @@ impl AsyncEngine {
             return Err(SubmitError::ShuttingDown);
         }
         Ok(streams)
-    }
-
-    fn validate(&self, request: &GenerationRequest) -> Result<(), EngineError> {
-        validate_request(&self.info, self.max_num_seqs, request)?;
-        if !self.tokenizer.is_present() && !request.stop.is_empty() {
-            // Checked here too, so that it is a 400 and not a failed stream.
-            return Err(EngineError::invalid(
-                Some("stop"),
-                "stop strings need a tokenizer; this model has none",
-            ));
-        }
-        Ok(())
     }
 
     /// Counts `needed` as pending if every limit allows it. Refuses as
@@ -532,23 +523,29 @@ fn handle_command<B: Backend>(
     shared: &Shared,
 ) {
     match cmd {
-        Command::Add { mut batch, arrived } => {
+        Command::Add { batch, arrived } => {
             // All or none: a refusal (a request id already live, say)
             // takes back the requests of the batch added before it.
             let mut added = Vec::with_capacity(batch.len());
             let mut refused = None;
-            for admitted in &mut batch {
-                match engine.add_request_at(&mut admitted.request, arrived) {
-                    Ok(()) => added.push(admitted.request.request_id.clone()),
+            let mut batch = batch.into_iter();
+            for Admitted { request, outputs, work } in batch.by_ref() {
+                let id = request.request_id().to_string();
+                match engine.add_processed(request, arrived) {
+                    Ok(()) => added.push((id, outputs, work)),
                     Err(e) => {
+                        let _ = outputs.send(Err(StreamError(e.to_string())));
+                        shared.release(work);
                         refused = Some(e);
                         break;
                     }
                 }
             }
             if let Some(e) = refused {
-                for id in &added {
-                    engine.abort_request(id);
+                for (id, outputs, work) in added {
+                    engine.abort_request(&id);
+                    let _ = outputs.send(Err(StreamError(e.to_string())));
+                    shared.release(work);
                 }
                 for admitted in batch {
                     let _ = admitted.outputs.send(Err(StreamError(e.to_string())));
@@ -556,8 +553,8 @@ fn handle_command<B: Backend>(
                 }
                 return;
             }
-            for admitted in batch {
-                senders.insert(admitted.request.request_id, (admitted.outputs, admitted.work));
+            for (id, outputs, work) in added {
+                senders.insert(id, (outputs, work));
             }
         }
         Command::Abort(id) => finish_abort(&id, engine, senders, shared),

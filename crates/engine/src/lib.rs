@@ -1,11 +1,17 @@
 //! Pagoda's engine: where the scheduler, the paged KV cache, the model and the
 //! sampler meet.
 //!
-//! - [`LlmEngine`] is the synchronous core. [`LlmEngine::step`] runs one
-//!   iteration of continuous batching: the scheduler picks what runs, the
-//!   [`ModelRunner`] moves blocks (swap, copy-on-write) and runs one forward
-//!   pass over every scheduled token, the backend samples, and the engine
-//!   turns tokens into text deltas (incremental detokenization, stop strings).
+//! - [`LlmEngine`] is the synchronous engine, three stages in a row. The
+//!   [`InputProcessor`] checks a request against the model and the engine's
+//!   limits, once, and resolves its defaults into an [`EngineCoreRequest`].
+//!   The engine core runs each iteration of continuous batching
+//!   ([`LlmEngine::step`]) on token ids: the scheduler picks what runs and
+//!   decides every token-level finish, the [`ModelRunner`] moves blocks
+//!   (swap, copy-on-write) and runs one forward pass over every scheduled
+//!   token, the backend samples. The output processor turns the tokens into
+//!   text deltas (incremental detokenization, stop strings, logprobs) and
+//!   per-request metrics; a sample a stop string ends goes back to the core
+//!   the way an abort does.
 //! - [`AsyncEngine`] runs an `LlmEngine` on its own thread, fed through
 //!   channels: the HTTP server submits requests and streams their outputs;
 //!   dropping a stream aborts its request and frees its blocks.
@@ -28,10 +34,13 @@ mod async_engine;
 mod config;
 mod detokenizer;
 mod engine;
+mod engine_core;
 mod error;
 mod graphs;
+mod input;
 mod metrics;
 mod output;
+mod output_processor;
 mod request;
 mod runner;
 mod stop;
@@ -43,9 +52,11 @@ pub use async_engine::{
 };
 pub use config::{EngineConfig, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
-pub use engine::{validate_request, LlmEngine, ModelInfo, StepTimings};
+pub use engine::LlmEngine;
+pub use engine_core::StepTimings;
 pub use error::EngineError;
 pub use graphs::{capture_sizes, is_graphable, Bucket, GraphStats, PaddedDecodeInputs};
+pub use input::{EngineCoreRequest, InputProcessor, ModelInfo};
 pub use metrics::EngineMetrics;
 pub use output::{CompletedRequest, CompletedSeq};
 pub use pagoda_sampler::SamplingParams;

@@ -3,7 +3,7 @@
 use pagoda_sampler::{SamplingParams, TokenId};
 
 /// A generation request, already tokenized. The server and CLI build these;
-/// [`GenerationRequest::validate`] runs before the engine accepts one.
+/// the engine's [`InputProcessor`](crate::InputProcessor) checks one before accepting it.
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
     /// Unique among live requests (the server makes `cmpl-...` ids).

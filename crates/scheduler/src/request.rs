@@ -32,9 +32,13 @@ pub struct NewRequest {
     /// Arrival time in seconds (informational; order is the order of arrival
     /// at `add_request`).
     pub arrival: f64,
-    pub eos_token_id: Option<TokenId>,
+    /// The model's end-of-sequence tokens: any of them ends a sample
+    /// ([`FinishReason::Eos`]) unless `ignore_eos`.
+    pub eos_token_ids: Vec<TokenId>,
+    /// The request's own stop tokens ([`FinishReason::StopToken`]; they
+    /// apply despite `ignore_eos`, and win over EOS for a token in both).
     pub stop_token_ids: Vec<TokenId>,
-    /// Keep generating past the EOS token.
+    /// Keep generating past the EOS tokens.
     pub ignore_eos: bool,
     /// EOS and stop tokens do not end a sample before this many tokens.
     pub min_tokens: usize,
@@ -57,7 +61,7 @@ impl NewRequest {
             n: 1,
             priority: 0,
             arrival: 0.0,
-            eos_token_id: None,
+            eos_token_ids: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             min_tokens: 0,
@@ -67,16 +71,20 @@ impl NewRequest {
     }
 }
 
-/// Why a sequence ended.
+/// Why [`crate::Scheduler::update_from_output`] ended a sequence: every
+/// token-level stop is decided there, and reported with its cause, so no
+/// caller has to work out again which condition matched. (Stops found
+/// outside the scheduler, such as stop strings, and aborts end a sequence
+/// through [`crate::Scheduler::finish_seq`] and
+/// [`crate::Scheduler::abort_request`]; their reason is the caller's.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
-    /// A stop condition matched: the EOS or stop token id that ended it, or
-    /// `None` for a stop the engine detected itself (a stop string).
-    Stop(Option<TokenId>),
+    /// One of the model's end-of-sequence tokens ([`NewRequest::eos_token_ids`]).
+    Eos(TokenId),
+    /// One of the request's own [`NewRequest::stop_token_ids`].
+    StopToken(TokenId),
     /// `max_tokens` generated, or the model's maximum length reached.
     Length,
-    /// Aborted (client gone, or the engine gave up on it).
-    Abort,
 }
 
 /// Where a live sequence is.

@@ -31,7 +31,7 @@ pub struct SchedulerStats {
 #[derive(Clone, Debug)]
 struct RequestState {
     max_tokens: usize,
-    eos_token_id: Option<TokenId>,
+    eos_token_ids: Vec<TokenId>,
     stop_token_ids: Vec<TokenId>,
     ignore_eos: bool,
     min_tokens: usize,
@@ -248,7 +248,7 @@ impl<A: KvAllocator> Scheduler<A> {
             req.request_id,
             RequestState {
                 max_tokens: req.max_tokens,
-                eos_token_id: req.eos_token_id,
+                eos_token_ids: req.eos_token_ids,
                 stop_token_ids: req.stop_token_ids,
                 ignore_eos: req.ignore_eos,
                 min_tokens: req.min_tokens,
@@ -284,7 +284,7 @@ impl<A: KvAllocator> Scheduler<A> {
     /// prompt completes also drops the samples it was to fork into. The
     /// reason is the caller's to report; the scheduler only needs to know
     /// the sequence is over.
-    pub fn finish_seq(&mut self, seq_id: SeqId, _reason: FinishReason) -> bool {
+    pub fn finish_seq(&mut self, seq_id: SeqId) -> bool {
         if !self.seqs.contains_key(&seq_id) {
             return false;
         }
@@ -756,9 +756,10 @@ impl<A: KvAllocator> Scheduler<A> {
 
     /// Applies a step's results (steps in the order they were scheduled):
     /// forks requests with `n > 1` whose prompt just completed, appends each
-    /// sampled token, checks stop conditions (EOS unless `ignore_eos`, and
-    /// stop tokens, both only after `min_tokens`; then `max_tokens` and the
-    /// model length), and frees finished sequences at once.
+    /// sampled token, checks stop conditions (the request's stop tokens, then
+    /// EOS unless `ignore_eos`, both only after `min_tokens`; then
+    /// `max_tokens` and the model length), reports which one ended each
+    /// finished sequence ([`FinishReason`]), and frees those at once.
     ///
     /// `sampled` holds one token per sequence in the output's `sample_for`
     /// lists. Sequences aborted or finished since the step was scheduled are
@@ -1096,10 +1097,13 @@ fn stop_reason(
     max_model_len: usize,
 ) -> Option<FinishReason> {
     let num_output = seq.tokens.len() - seq.num_prompt_tokens;
-    if num_output >= req.min_tokens
-        && ((!req.ignore_eos && req.eos_token_id == Some(token)) || req.stop_token_ids.contains(&token))
-    {
-        return Some(FinishReason::Stop(Some(token)));
+    if num_output >= req.min_tokens {
+        if req.stop_token_ids.contains(&token) {
+            return Some(FinishReason::StopToken(token));
+        }
+        if !req.ignore_eos && req.eos_token_ids.contains(&token) {
+            return Some(FinishReason::Eos(token));
+        }
     }
     if num_output >= req.max_tokens || seq.tokens.len() >= max_model_len {
         return Some(FinishReason::Length);

@@ -116,19 +116,19 @@ fn one_request_prefills_then_decodes_until_max_tokens() {
 #[test]
 fn stop_conditions() {
     let mut s = Scheduler::new(config(64, 8), paged(32, 0, 4, false)).unwrap();
-    let base = |id| NewRequest { eos_token_id: Some(2), stop_token_ids: vec![5], ..req(id, 3, 10) };
+    let base = |id| NewRequest { eos_token_ids: vec![2], stop_token_ids: vec![5], ..req(id, 3, 10) };
     s.add_request(base(1)).unwrap();
     s.add_request(NewRequest { ignore_eos: true, ..base(2) }).unwrap();
     s.add_request(NewRequest { min_tokens: 2, ..base(3) }).unwrap();
     let (_, up) = step(&mut s, 2); // everyone samples EOS as the first token
     let reason =
         |up: &[SeqUpdate], r| up.iter().find(|u| u.request_id == RequestId(r)).and_then(|u| u.finish_reason);
-    assert_eq!(reason(&up, 1), Some(FinishReason::Stop(Some(2))));
+    assert_eq!(reason(&up, 1), Some(FinishReason::Eos(2)));
     assert_eq!(reason(&up, 2), None, "ignore_eos");
     assert_eq!(reason(&up, 3), None, "min_tokens not reached");
     let (_, up) = step(&mut s, 5); // a stop token
-    assert_eq!(reason(&up, 2), Some(FinishReason::Stop(Some(5))), "stop tokens apply despite ignore_eos");
-    assert_eq!(reason(&up, 3), Some(FinishReason::Stop(Some(5))));
+    assert_eq!(reason(&up, 2), Some(FinishReason::StopToken(5)), "stop tokens apply despite ignore_eos");
+    assert_eq!(reason(&up, 3), Some(FinishReason::StopToken(5)));
     assert!(!s.has_unfinished());
 
     // The model length ends a sequence whatever max_tokens says.
@@ -138,6 +138,32 @@ fn stop_conditions() {
     step(&mut s, 1);
     let (_, up) = step(&mut s, 1);
     assert_eq!(up[0].finish_reason, Some(FinishReason::Length));
+}
+
+#[test]
+fn the_finish_reason_names_the_stop_that_matched() {
+    let mut s = Scheduler::new(config(64, 8), paged(32, 0, 4, false)).unwrap();
+    // Two EOS ids (a model's generation config may list several); 3 is also a stop token.
+    let base = |id| NewRequest { eos_token_ids: vec![2, 3], stop_token_ids: vec![3, 5], ..req(id, 3, 10) };
+    for id in 1..=3 {
+        s.add_request(base(id)).unwrap();
+    }
+    let out = s.schedule().unwrap();
+    let sampled: Vec<(SeqId, TokenId)> =
+        out.scheduled.iter().zip([2, 3, 5]).map(|(e, t)| (e.sample_for[0], t)).collect();
+    let up = s.update_from_output(&out, &sampled).unwrap();
+    let reason =
+        |r| up.iter().find(|u: &&SeqUpdate| u.request_id == RequestId(r)).and_then(|u| u.finish_reason);
+    assert_eq!(reason(1), Some(FinishReason::Eos(2)));
+    assert_eq!(reason(2), Some(FinishReason::StopToken(3)), "a token in both lists is the request's stop");
+    assert_eq!(reason(3), Some(FinishReason::StopToken(5)));
+    // Any EOS id ends a sample, and none does under ignore_eos.
+    s.add_request(NewRequest { eos_token_ids: vec![2, 3], ..req(4, 3, 10) }).unwrap();
+    s.add_request(NewRequest { eos_token_ids: vec![2, 3], ignore_eos: true, ..req(5, 3, 10) }).unwrap();
+    let (_, up) = step(&mut s, 3);
+    let reason = |r| up.iter().find(|u| u.request_id == RequestId(r)).and_then(|u| u.finish_reason);
+    assert_eq!(reason(4), Some(FinishReason::Eos(3)));
+    assert_eq!(reason(5), None);
 }
 
 #[test]
@@ -405,7 +431,7 @@ fn parallel_samples_fork_after_the_prompt_and_copy_on_write() {
         assert_eq!(s.seq(id).unwrap().output_token_ids(), &[10 + i as u32, 1]);
     }
     // Finishing one sample leaves the request alive.
-    assert!(s.finish_seq(sampled[1].0, FinishReason::Stop(None)));
+    assert!(s.finish_seq(sampled[1].0));
     assert!(s.has_unfinished());
     assert_eq!(s.request_seqs(RequestId(1)).len(), 2);
     run_to_end(&mut s, 10);
@@ -545,14 +571,14 @@ fn async_scheduling_runs_one_step_ahead_of_the_tokens() {
 #[test]
 fn async_scheduling_drops_the_step_after_a_stop_token() {
     let mut s = Scheduler::new(async_config(64, 4), paged(8, 0, 4, false)).unwrap();
-    s.add_request(NewRequest { eos_token_id: Some(2), ..req(1, 3, 10) }).unwrap();
+    s.add_request(NewRequest { eos_token_ids: vec![2], ..req(1, 3, 10) }).unwrap();
     s.add_request(req(2, 3, 10)).unwrap();
     let s1 = s.schedule().unwrap();
     let (a, b) = (s1.scheduled[0].seq_id, s1.scheduled[1].seq_id);
     let s2 = s.schedule().unwrap();
     assert_eq!(s2.scheduled.len(), 2);
     let up = s.update_from_output(&s1, &[(a, 2), (b, 2)]).unwrap();
-    assert_eq!(up[0].finish_reason, Some(FinishReason::Stop(Some(2))), "EOS ends the first");
+    assert_eq!(up[0].finish_reason, Some(FinishReason::Eos(2)), "EOS ends the first");
     assert_eq!(up[1].finish_reason, None);
     let s3 = s.schedule().unwrap();
     assert_eq!(s3.scheduled.len(), 1, "the finished sequence is not scheduled again");

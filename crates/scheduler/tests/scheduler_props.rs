@@ -191,7 +191,7 @@ impl<A: KvAllocator> Harness<A> {
                 let mut r = NewRequest::new(id, base_prompt(*base)[..*prompt_len].to_vec(), *max_tokens);
                 r.n = *n;
                 r.priority = *priority;
-                r.eos_token_id = eos.then_some(EOS);
+                r.eos_token_ids = if *eos { vec![EOS] } else { Vec::new() };
                 r.cache_salt = *salt;
                 if self.s.add_request(r).is_ok() {
                     self.next_request += 1;
@@ -236,7 +236,7 @@ impl<A: KvAllocator> Harness<A> {
                     }
                     let seq = seqs[pick % seqs.len()];
                     let idx = self.s.seq(seq).unwrap().sample_index();
-                    prop_assert!(self.s.finish_seq(seq, FinishReason::Stop(None)));
+                    prop_assert!(self.s.finish_seq(seq));
                     prop_assert!(self.requests.get_mut(&r).unwrap().finished.insert(idx));
                 }
             }
@@ -409,11 +409,10 @@ impl<A: KvAllocator> Harness<A> {
                     prop_assert_eq!(*count, cap, "Length finish at the wrong count");
                     e.finished.insert(u.sample_index);
                 }
-                Some(FinishReason::Stop(t)) => {
-                    prop_assert_eq!(t, Some(u.new_token));
+                Some(FinishReason::Eos(t) | FinishReason::StopToken(t)) => {
+                    prop_assert_eq!(t, u.new_token);
                     e.finished.insert(u.sample_index);
                 }
-                Some(FinishReason::Abort) => prop_assert!(false, "abort reported by update"),
                 None => {}
             }
         }

@@ -1,7 +1,9 @@
 //! From an API request's sampling fields to the engine's
 //! [`GenerationRequest`]: OpenAI's defaults, the model's generation-config
-//! defaults for what the client left out (as vLLM does), and the checks the
-//! engine does not make itself.
+//! defaults for what the client left out (as vLLM does), and the checks of
+//! API-only fields. Everything checked against the model and the engine's
+//! limits (lengths, `min_tokens`, `n`, sampling ranges, `logprobs`, stop
+//! strings and token ids) is the engine's input processor's, on submit.
 
 use pagoda_engine::{GenerationRequest, ModelInfo, SamplingParams};
 
@@ -13,7 +15,7 @@ pub use pagoda_sampler::MAX_TOP_LOGPROBS;
 
 /// A request template: everything but the id and the prompt, which the
 /// handler fills in per prompt. The engine validates ranges on submit
-/// (naming the parameter); this adds what only the API knows.
+/// (naming the parameter); this checks what only the API knows.
 pub fn generation_request(
     fields: &SamplingFields,
     info: &ModelInfo,
@@ -35,28 +37,6 @@ pub fn generation_request(
             ))
         }
     };
-    if let Some(n) = logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
-        return Err(ApiError::bad_request(
-            Some("logprobs"),
-            format!("logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"),
-        ));
-    }
-    let min_tokens = fields.min_tokens.unwrap_or(0);
-    if let Some(max) = max_tokens.filter(|&max| min_tokens > max) {
-        return Err(ApiError::bad_request(
-            Some("min_tokens"),
-            format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max})"),
-        ));
-    }
-    if min_tokens >= info.max_model_len {
-        return Err(ApiError::bad_request(
-            Some("min_tokens"),
-            format!(
-                "min_tokens ({min_tokens}) must be less than this model's maximum context length ({})",
-                info.max_model_len
-            ),
-        ));
-    }
     let n = fields.n.unwrap_or(1);
     match fields.best_of {
         Some(best_of) if best_of < n => {
@@ -95,7 +75,7 @@ pub fn generation_request(
     let mut request = GenerationRequest::new(String::new(), Vec::new());
     request.sampling = sampling;
     request.max_tokens = max_tokens;
-    request.min_tokens = min_tokens;
+    request.min_tokens = fields.min_tokens.unwrap_or(0);
     request.n = n;
     // An empty stop string would match at once; OpenAI clients never mean that.
     request.stop = fields
@@ -152,8 +132,6 @@ mod tests {
     fn api_only_checks_name_the_parameter() {
         let cases = [
             (SamplingFields { top_k: Some(-2), ..Default::default() }, None, "top_k"),
-            (SamplingFields::default(), Some(21), "logprobs"),
-            (SamplingFields { min_tokens: Some(20), ..Default::default() }, None, "min_tokens"),
             (SamplingFields { best_of: Some(2), ..Default::default() }, None, "best_of"),
             (SamplingFields { n: Some(3), best_of: Some(2), ..Default::default() }, None, "best_of"),
             (
@@ -176,12 +154,12 @@ mod tests {
     }
 
     #[test]
-    fn min_tokens_must_fit_the_context_when_max_tokens_is_open() {
-        let fields = SamplingFields { min_tokens: Some(128), ..Default::default() };
-        let e = generation_request(&fields, &info(), None, None).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("min_tokens"));
-        let fields = SamplingFields { min_tokens: Some(127), ..Default::default() };
-        assert!(generation_request(&fields, &info(), None, None).is_ok());
+    fn engine_checks_are_left_to_the_engine() {
+        // logprobs, and min_tokens against max_tokens or the context, are the
+        // input processor's (it knows the prompt's length): passed through.
+        let fields = SamplingFields { min_tokens: Some(200), ..Default::default() };
+        let r = generation_request(&fields, &info(), Some(16), Some(21)).unwrap();
+        assert_eq!((r.min_tokens, r.sampling.logprobs), (200, Some(21)));
     }
 
     #[test]

@@ -1,0 +1,424 @@
+//! The engine core: schedule -> launch -> apply, on token ids only. It owns
+//! the scheduler, the model runner and the step in flight, and knows requests
+//! by the scheduler's [`RequestId`] alone. Every token-level finish (EOS,
+//! stop token ids, `min_tokens`, length) is decided by the scheduler's
+//! update and reported here as it was decided; stops found later, from text,
+//! come back in through [`EngineCore::finish_seqs`], the way an abort does
+//! through [`EngineCore::abort`]. No text is made here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pagoda_backend::{Backend, SampledToken, SamplingParams, SamplingRow};
+use pagoda_paged_kv::PagedAllocator;
+use pagoda_scheduler::{FinishReason, NewRequest, RequestId, Scheduler, SchedulerOutput, SeqId, TokenId};
+
+use crate::error::EngineError;
+use crate::input::EngineCoreRequest;
+use crate::metrics::EngineMetrics;
+use crate::request::TokenLogprob;
+use crate::runner::{ModelRunner, SampleTarget, StepInputs};
+
+/// Host wall-clock time of each phase of `step()`, summed over steps; the
+/// runner's own split is in [`RunnerTimings`](crate::RunnerTimings).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTimings {
+    pub steps: u64,
+    pub schedule: Duration,
+    /// Building the step's inputs and sampling rows.
+    pub prepare: Duration,
+    /// The runner enqueueing the step: block moves, uploads, the forward
+    /// pass, sampling (on a device backend, without waiting for any of it).
+    pub launch: Duration,
+    /// Waiting for the device to return a step's sampled tokens.
+    pub wait: Duration,
+    /// Scheduler update, detokenization, outputs, metrics.
+    pub update: Duration,
+    /// Steps launched while the step before was still in flight
+    /// (asynchronous scheduling at work).
+    pub launched_ahead: u64,
+}
+
+/// One token a step sampled for one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct TokenEvent {
+    pub request_id: RequestId,
+    /// Which of the request's `n` samples.
+    pub sample_index: usize,
+    pub token: TokenId,
+    /// The token's logprob and top alternatives, when the request asked.
+    pub logprob: Option<TokenLogprob>,
+    /// `Some` when this token ended the sequence (its blocks are freed).
+    pub finish: Option<FinishReason>,
+}
+
+/// A request scheduled for the first time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ScheduledEvent {
+    pub request_id: RequestId,
+    pub at: Instant,
+    /// Prompt tokens found in the prefix cache.
+    pub num_cached_tokens: usize,
+}
+
+/// What a step of the core produced: first schedulings, then the tokens of
+/// at most one applied step.
+#[derive(Debug, Default)]
+pub(crate) struct CoreOutput {
+    pub scheduled: Vec<ScheduledEvent>,
+    pub tokens: Vec<TokenEvent>,
+}
+
+/// What the core keeps of a live request: what sampling needs.
+struct RequestState {
+    sampling: SamplingParams,
+    seed: u64,
+    scheduled: bool,
+}
+
+/// A step enqueued on the device whose sampled tokens are not applied yet.
+struct InFlightStep<B: Backend> {
+    out: SchedulerOutput,
+    /// Who samples each row of `sampled`.
+    samplers: Vec<SampleTarget>,
+    /// `None` when no row samples (a prefill chunk that ends no prompt).
+    sampled: Option<B::Sampled>,
+    prompt_tokens: usize,
+    /// Whether the next step may be scheduled before this one is applied.
+    schedule_ahead: bool,
+}
+
+/// Scheduler + model runner + the step in flight.
+pub(crate) struct EngineCore<B: Backend> {
+    scheduler: Scheduler<PagedAllocator>,
+    runner: ModelRunner<B>,
+    requests: HashMap<RequestId, RequestState>,
+    next_request_id: u64,
+    async_scheduling: bool,
+    metrics: Arc<EngineMetrics>,
+    /// Scheduler counters at the last metrics update (metrics take deltas).
+    last_counters: (u64, u64, u64),
+    timings: StepTimings,
+    /// The step the device is running, whose tokens the next step applies
+    /// (asynchronous scheduling; always `None` between steps otherwise).
+    in_flight: Option<InFlightStep<B>>,
+}
+
+impl<B: Backend> EngineCore<B> {
+    pub fn new(
+        scheduler: Scheduler<PagedAllocator>,
+        runner: ModelRunner<B>,
+        async_scheduling: bool,
+        metrics: Arc<EngineMetrics>,
+    ) -> Self {
+        Self {
+            scheduler,
+            runner,
+            requests: HashMap::new(),
+            next_request_id: 0,
+            async_scheduling,
+            metrics,
+            last_counters: (0, 0, 0),
+            timings: StepTimings::default(),
+            in_flight: None,
+        }
+    }
+
+    pub fn scheduler(&self) -> &Scheduler<PagedAllocator> {
+        &self.scheduler
+    }
+
+    pub fn runner(&self) -> &ModelRunner<B> {
+        &self.runner
+    }
+
+    pub fn runner_mut(&mut self) -> &mut ModelRunner<B> {
+        &mut self.runner
+    }
+
+    pub fn timings(&self) -> StepTimings {
+        self.timings
+    }
+
+    /// Whether a step's results are still to be applied.
+    pub fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Queues a request for the next step and returns its id.
+    pub fn add_request(&mut self, req: &EngineCoreRequest) -> Result<RequestId, EngineError> {
+        let id = RequestId(self.next_request_id);
+        self.next_request_id += 1;
+        let new = NewRequest {
+            request_id: id,
+            prompt_token_ids: req.prompt_token_ids().to_vec(),
+            max_tokens: req.max_tokens(),
+            n: req.n(),
+            priority: req.priority(),
+            arrival: self.next_request_id as f64,
+            eos_token_ids: req.eos_token_ids().to_vec(),
+            stop_token_ids: req.stop_token_ids().to_vec(),
+            ignore_eos: req.ignore_eos(),
+            min_tokens: req.min_tokens(),
+            cache_salt: None,
+            fairness_group: req.fairness_group().map(u64::from),
+        };
+        // The input processor refuses everything the scheduler would.
+        self.scheduler
+            .add_request(new)
+            .map_err(|e| EngineError::Internal(format!("the scheduler refused a validated request: {e}")))?;
+        self.requests.insert(
+            id,
+            RequestState { sampling: req.sampling().clone(), seed: req.seed(), scheduled: false },
+        );
+        Ok(id)
+    }
+
+    /// Ends a request's unfinished sequences at once, freeing their blocks.
+    pub fn abort(&mut self, id: RequestId) {
+        self.scheduler.abort_request(id);
+        self.requests.remove(&id);
+        // The engine may go idle now (no further step): show the freed blocks at once.
+        self.update_gauges();
+    }
+
+    /// Ends the given samples `(request, sample index)` at once, freeing
+    /// their blocks, as [`Self::abort`] does for a whole request: for stops
+    /// the core cannot see (stop strings). Samples already ended are skipped.
+    pub fn finish_seqs(&mut self, seqs: &[(RequestId, usize)]) {
+        if seqs.is_empty() {
+            return;
+        }
+        for &(id, index) in seqs {
+            let scheduler = &self.scheduler;
+            let seq = scheduler
+                .request_seqs(id)
+                .iter()
+                .copied()
+                .find(|&s| scheduler.seq(s).is_some_and(|q| q.sample_index() == index));
+            if let Some(seq) = seq {
+                self.scheduler.finish_seq(seq);
+            }
+            self.forget_if_done(id);
+        }
+        self.update_gauges();
+    }
+
+    /// After a failed step: drops the steps not applied; their sequences
+    /// recompute from their known tokens.
+    pub fn discard_unapplied(&mut self) {
+        let dropped = self.in_flight.take().is_some();
+        let requeued = self.scheduler.discard_unapplied();
+        if dropped || !requeued.is_empty() {
+            tracing::warn!(requeued = requeued.len(), "a failed step dropped the steps in flight");
+        }
+    }
+
+    /// Applies the step in flight now if the next one cannot be scheduled
+    /// before its tokens are on the host (penalties need the whole history;
+    /// a fork creates its samples at the update), so that whatever its
+    /// tokens end is ended before the next step is scheduled.
+    pub fn apply_before_scheduling(&mut self) -> Result<Option<CoreOutput>, EngineError> {
+        let must_apply = self.in_flight.as_ref().is_some_and(|f| !f.schedule_ahead);
+        if !must_apply && self.scheduler.can_schedule() {
+            return Ok(None);
+        }
+        let Some(step) = self.in_flight.take() else { return Ok(None) };
+        Ok(Some(CoreOutput { scheduled: Vec::new(), tokens: self.apply(step)? }))
+    }
+
+    /// One step: schedule, launch on the device, then apply the sampled
+    /// tokens of the step before (asynchronous scheduling) or of this one.
+    pub fn step(&mut self) -> Result<CoreOutput, EngineError> {
+        let started = Instant::now();
+        let out = self.scheduler.schedule()?;
+        let now = Instant::now();
+        self.timings.schedule += now - started;
+        let scheduled = self.first_scheduled(&out, now);
+        let launched = self.launch(out, now)?;
+        let mut tokens = Vec::new();
+        if let Some(previous) = self.in_flight.take() {
+            tokens = self.apply(previous)?;
+        }
+        self.in_flight = launched;
+        if !self.async_scheduling {
+            if let Some(step) = self.in_flight.take() {
+                tokens.extend(self.apply(step)?);
+            }
+        }
+        Ok(CoreOutput { scheduled, tokens })
+    }
+
+    fn first_scheduled(&mut self, out: &SchedulerOutput, now: Instant) -> Vec<ScheduledEvent> {
+        let mut events = Vec::new();
+        for entry in &out.scheduled {
+            if let Some(state) = self.requests.get_mut(&entry.request_id) {
+                if !state.scheduled {
+                    state.scheduled = true;
+                    events.push(ScheduledEvent {
+                        request_id: entry.request_id,
+                        at: now,
+                        num_cached_tokens: entry.start_position,
+                    });
+                }
+            }
+        }
+        events
+    }
+
+    /// Builds the step's inputs and sampling rows and enqueues it; `None`
+    /// when nothing was scheduled. `now`: when scheduling ended.
+    fn launch(&mut self, out: SchedulerOutput, now: Instant) -> Result<Option<InFlightStep<B>>, EngineError> {
+        let prompt_tokens =
+            out.scheduled[out.num_decodes.min(out.scheduled.len())..].iter().map(|e| e.token_ids.len()).sum();
+        let previous = self.in_flight.as_ref();
+        let inputs = StepInputs::build(&out, previous.map_or(&[], |p| &p.samplers))?;
+        let rows = sampling_rows(&self.scheduler, &self.requests, &inputs)?;
+        // Penalties need the whole token history, which the host lacks while
+        // this step's tokens are still on the device.
+        let schedule_ahead = !rows.iter().any(|r| r.params.has_penalties());
+        let prepared = Instant::now();
+        self.timings.prepare += prepared - now;
+        self.timings.launched_ahead += u64::from(previous.is_some() && !out.is_empty());
+        let sampled = self.runner.launch(&out, &inputs, &rows, previous.and_then(|p| p.sampled.as_ref()))?;
+        drop(rows);
+        self.timings.launch += prepared.elapsed();
+        Ok((!out.is_empty()).then(|| InFlightStep {
+            out,
+            samplers: inputs.samplers,
+            sampled,
+            prompt_tokens,
+            schedule_ahead,
+        }))
+    }
+
+    /// Waits for a step's sampled tokens and applies them to the scheduler.
+    fn apply(&mut self, step: InFlightStep<B>) -> Result<Vec<TokenEvent>, EngineError> {
+        let decode_only = step.out.num_decodes == step.out.scheduled.len();
+        let waited = Instant::now();
+        let sampled = match step.sampled {
+            Some(sampled) => self.runner.finish(sampled, decode_only)?,
+            None => Vec::new(),
+        };
+        let started = Instant::now();
+        self.timings.wait += started - waited;
+        let sampled_ids: Vec<(SeqId, u32)> =
+            step.samplers.iter().zip(&sampled).map(|(t, s)| (t.seq_id, s.token)).collect();
+        let mut by_seq: HashMap<SeqId, SampledToken> =
+            step.samplers.iter().zip(sampled).map(|(t, s)| (t.seq_id, s)).collect();
+        let updates = self.scheduler.update_from_output(&step.out, &sampled_ids)?;
+
+        self.metrics.engine_steps.inc();
+        self.metrics.prompt_tokens.inc_by(step.prompt_tokens as u64);
+        self.metrics.generation_tokens.inc_by(updates.len() as u64);
+        let mut events = Vec::with_capacity(updates.len());
+        for update in updates {
+            let wants_logprobs =
+                self.requests.get(&update.request_id).is_some_and(|r| r.sampling.logprobs.is_some());
+            let logprob = if wants_logprobs {
+                by_seq.remove(&update.seq_id).map(|s| TokenLogprob {
+                    token: s.token,
+                    logprob: s.logprob,
+                    top: s.top_logprobs,
+                })
+            } else {
+                None
+            };
+            events.push(TokenEvent {
+                request_id: update.request_id,
+                sample_index: update.sample_index,
+                token: update.new_token,
+                logprob,
+                finish: update.finish_reason,
+            });
+        }
+        // After the loop: all of a request's samples may end in one step.
+        for event in events.iter().filter(|e| e.finish.is_some()) {
+            self.forget_if_done(event.request_id);
+        }
+        self.update_gauges();
+        self.timings.update += started.elapsed();
+        self.timings.steps += 1;
+        Ok(events)
+    }
+
+    /// Drops a request's sampling state once the scheduler has none of its
+    /// sequences left.
+    fn forget_if_done(&mut self, id: RequestId) {
+        if self.scheduler.request_seqs(id).is_empty() {
+            self.requests.remove(&id);
+        }
+    }
+
+    fn update_gauges(&mut self) {
+        let m = &self.metrics;
+        m.requests_running.set(self.scheduler.num_running() as i64);
+        m.requests_waiting.set(self.scheduler.num_waiting() as i64);
+        m.requests_swapped.set(self.scheduler.num_swapped() as i64);
+        let usage = self.scheduler.kv_usage();
+        m.kv_blocks_used.set(usage.used_blocks as i64);
+        m.kv_blocks_free.set(usage.free_blocks() as i64);
+        m.kv_blocks_cached.set(usage.cached_blocks as i64);
+        m.kv_cache_usage.set(usage.used_blocks as f64 / usage.num_gpu_blocks.max(1) as f64);
+        let prefix = self.scheduler.prefix_cache_stats();
+        let stats = self.scheduler.stats();
+        let (q, h, p) = self.last_counters;
+        m.prefix_cache_queries.inc_by(prefix.queried_tokens.saturating_sub(q));
+        m.prefix_cache_hits.inc_by(prefix.hit_tokens.saturating_sub(h));
+        m.preemptions.inc_by(stats.num_preemptions.saturating_sub(p));
+        self.last_counters = (prefix.queried_tokens, prefix.hit_tokens, stats.num_preemptions);
+    }
+}
+
+/// Builds each sampler's row: its params, seed, and the token history
+/// penalties need. A child forked this step samples from its parent's
+/// history (it has no tokens of its own yet).
+fn sampling_rows<'a>(
+    scheduler: &'a Scheduler<PagedAllocator>,
+    requests: &'a HashMap<RequestId, RequestState>,
+    inputs: &StepInputs,
+) -> Result<Vec<SamplingRow<'a>>, EngineError> {
+    inputs
+        .samplers
+        .iter()
+        .map(|target| {
+            // A child forked this step has no sequence of its own yet: it
+            // samples from its parent's history.
+            let (seq, own) = match scheduler.seq(target.seq_id) {
+                Some(seq) => (seq, true),
+                None => (
+                    scheduler.seq(target.entry_seq_id).ok_or_else(|| {
+                        EngineError::Internal(format!("no sequence {:?}", target.entry_seq_id))
+                    })?,
+                    false,
+                ),
+            };
+            let state = requests
+                .get(&seq.request_id())
+                .ok_or_else(|| EngineError::Internal(format!("no request for {:?}", seq.request_id())))?;
+            let index = if own { seq.sample_index() } else { target.fork_index };
+            let output = if own { seq.output_token_ids() } else { &[] };
+            // Tokens sampled before this one: the known ones, and those awaited
+            // from steps still running (all but this step's own).
+            let earlier = if own { output.len() + seq.num_awaited_tokens().saturating_sub(1) } else { 0 };
+            Ok(SamplingRow {
+                params: &state.sampling,
+                seed: sample_seed(state.seed, index),
+                step: earlier as u64,
+                prompt_tokens: seq.prompt_token_ids(),
+                output_tokens: output,
+            })
+        })
+        .collect()
+}
+
+/// The seed of sample `index` of a request: the request's seed for the first,
+/// a distinct stream for each sibling.
+fn sample_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        seed
+    } else {
+        seed ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)
+    }
+}
