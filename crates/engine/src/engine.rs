@@ -5,19 +5,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pagoda_backend::{Backend, SamplingParams, SamplingRow};
+use pagoda_backend::{Backend, SamplingParams};
 use pagoda_models::{ChatTemplate, LoadedModel, Tokenizer};
 use pagoda_paged_kv::{PagedAllocator, PagedConfig};
 use pagoda_scheduler::{
     FinishReason as SchedFinish, NewRequest, RequestId, Scheduler, SchedulerOutput, SeqId, SeqUpdate,
 };
 
+use crate::batch::SampleTarget;
 use crate::config::EngineConfig;
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::request::{FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob};
-use crate::runner::{ModelRunner, SampleTarget, StepInputs};
+use crate::runner::ModelRunner;
 use crate::stop::{StopChecker, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 
 /// Facts about the served model that request validation and the API need.
@@ -48,7 +49,6 @@ struct SeqState {
 struct RequestState {
     request: GenerationRequest,
     scheduler_id: RequestId,
-    seed: u64,
     stop: StopChecker,
     seqs: Vec<Option<SeqState>>,
     arrived: Instant,
@@ -290,6 +290,7 @@ impl<B: Backend> LlmEngine<B> {
             fairness_group: req.fairness_group.map(u64::from),
         };
         self.scheduler.add_request(new).map_err(|e| EngineError::invalid(Some("prompt"), e.to_string()))?;
+        self.runner.add_request(scheduler_id, &req.prompt_token_ids, Arc::new(req.sampling.clone()), seed);
         let stop = StopChecker::new(req.stop.clone(), req.include_stop_str_in_output);
         self.by_scheduler_id.insert(scheduler_id, req.request_id.clone());
         self.requests.insert(
@@ -297,7 +298,6 @@ impl<B: Backend> LlmEngine<B> {
             RequestState {
                 request: req.clone(),
                 scheduler_id,
-                seed,
                 stop,
                 seqs: (0..req.n).map(|_| None).collect(),
                 arrived,
@@ -358,6 +358,7 @@ impl<B: Backend> LlmEngine<B> {
         if result.is_err() {
             let dropped = self.in_flight.take().is_some();
             let requeued = self.scheduler.discard_unapplied();
+            self.runner.discard_unapplied();
             if dropped || !requeued.is_empty() {
                 tracing::warn!(requeued = requeued.len(), "a failed step dropped the steps in flight");
             }
@@ -393,23 +394,22 @@ impl<B: Backend> LlmEngine<B> {
         }
 
         let previous = self.in_flight.as_ref();
-        let inputs = StepInputs::build(&out, previous.map_or(&[], |p| &p.samplers))?;
-        let rows = sampling_rows(&self.scheduler, &self.by_scheduler_id, &self.requests, &inputs)?;
-        // Penalties need the whole token history, which the host lacks while
-        // this step's tokens are still on the device.
-        let schedule_ahead = !rows.iter().any(|r| r.params.has_penalties());
+        // The runner applies the step's changes to its persistent batch. Its
+        // `schedule_ahead` is false when penalties need the whole token
+        // history, which the host lacks while this step's tokens are still on
+        // the device.
+        let step = self.runner.prepare(&out, previous.map_or(&[], |p| &p.samplers))?;
         let prepared = Instant::now();
         self.timings.prepare += prepared - now;
         self.timings.launched_ahead += u64::from(previous.is_some() && !out.is_empty());
-        let sampled = self.runner.launch(&out, &inputs, &rows, previous.and_then(|p| p.sampled.as_ref()))?;
-        drop(rows);
+        let sampled = self.runner.launch(&out, previous.and_then(|p| p.sampled.as_ref()))?;
         self.timings.launch += prepared.elapsed();
         let launched = (!out.is_empty()).then(|| InFlightStep {
             out,
-            samplers: inputs.samplers,
+            samplers: step.samplers,
             sampled,
             prompt_tokens,
-            schedule_ahead,
+            schedule_ahead: step.schedule_ahead,
         });
 
         if let Some(previous) = self.in_flight.take() {
@@ -429,7 +429,7 @@ impl<B: Backend> LlmEngine<B> {
         let decode_only = step.out.num_decodes == step.out.scheduled.len();
         let waited = Instant::now();
         let sampled = match step.sampled {
-            Some(sampled) => self.runner.finish(sampled, decode_only)?,
+            Some(sampled) => self.runner.finish(sampled, &step.samplers, decode_only)?,
             None => Vec::new(),
         };
         let started = Instant::now();
@@ -707,60 +707,6 @@ pub fn kv_blocks_needed(prompt_len: usize, seq_len: usize, n: usize, block_size:
     let shared = prompt_len / block_size;
     let own = seq_len.div_ceil(block_size).checked_sub(shared)?;
     own.checked_mul(n)?.checked_add(shared)
-}
-
-/// Builds each sampler's row: its params, seed, and the token history
-/// penalties need. A child forked this step samples from its parent's
-/// history (it has no tokens of its own yet).
-fn sampling_rows<'a>(
-    scheduler: &'a Scheduler<PagedAllocator>,
-    by_scheduler_id: &HashMap<RequestId, String>,
-    requests: &'a HashMap<String, RequestState>,
-    inputs: &StepInputs,
-) -> Result<Vec<SamplingRow<'a>>, EngineError> {
-    inputs
-        .samplers
-        .iter()
-        .map(|target| {
-            // A child forked this step has no sequence of its own yet: it
-            // samples from its parent's history.
-            let (seq, own) = match scheduler.seq(target.seq_id) {
-                Some(seq) => (seq, true),
-                None => (
-                    scheduler.seq(target.entry_seq_id).ok_or_else(|| {
-                        EngineError::Internal(format!("no sequence {:?}", target.entry_seq_id))
-                    })?,
-                    false,
-                ),
-            };
-            let state = by_scheduler_id
-                .get(&seq.request_id())
-                .and_then(|id| requests.get(id))
-                .ok_or_else(|| EngineError::Internal(format!("no request for {:?}", seq.request_id())))?;
-            let index = if own { seq.sample_index() } else { target.fork_index };
-            let output = if own { seq.output_token_ids() } else { &[] };
-            // Tokens sampled before this one: the known ones, and those awaited
-            // from steps still running (all but this step's own).
-            let earlier = if own { output.len() + seq.num_awaited_tokens().saturating_sub(1) } else { 0 };
-            Ok(SamplingRow {
-                params: &state.request.sampling,
-                seed: sample_seed(state.seed, index),
-                step: earlier as u64,
-                prompt_tokens: seq.prompt_token_ids(),
-                output_tokens: output,
-            })
-        })
-        .collect()
-}
-
-/// The seed of sample `index` of a request: the request's seed for the first,
-/// a distinct stream for each sibling.
-fn sample_seed(seed: u64, index: usize) -> u64 {
-    if index == 0 {
-        seed
-    } else {
-        seed ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)
-    }
 }
 
 #[cfg(test)]
