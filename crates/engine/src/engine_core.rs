@@ -10,15 +10,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagoda_backend::{Backend, SampledToken, SamplingParams, SamplingRow};
+use pagoda_backend::{Backend, SampledToken};
 use pagoda_paged_kv::PagedAllocator;
 use pagoda_scheduler::{FinishReason, NewRequest, RequestId, Scheduler, SchedulerOutput, SeqId, TokenId};
 
+use crate::batch::SampleTarget;
 use crate::error::EngineError;
 use crate::input::EngineCoreRequest;
 use crate::metrics::EngineMetrics;
 use crate::request::TokenLogprob;
-use crate::runner::{ModelRunner, SampleTarget, StepInputs};
+use crate::runner::ModelRunner;
 
 /// Host wall-clock time of each phase of `step()`, summed over steps; the
 /// runner's own split is in [`RunnerTimings`](crate::RunnerTimings).
@@ -70,11 +71,12 @@ pub(crate) struct CoreOutput {
     pub tokens: Vec<TokenEvent>,
 }
 
-/// What the core keeps of a live request: what sampling needs.
+/// What the core keeps of a live request (the runner keeps what sampling needs).
 struct RequestState {
-    sampling: SamplingParams,
-    seed: u64,
+    /// Whether a step has scheduled it yet.
     scheduled: bool,
+    /// Whether its tokens carry logprobs.
+    wants_logprobs: bool,
 }
 
 /// A step enqueued on the device whose sampled tokens are not applied yet.
@@ -168,10 +170,9 @@ impl<B: Backend> EngineCore<B> {
         self.scheduler
             .add_request(new)
             .map_err(|e| EngineError::Internal(format!("the scheduler refused a validated request: {e}")))?;
-        self.requests.insert(
-            id,
-            RequestState { sampling: req.sampling().clone(), seed: req.seed(), scheduled: false },
-        );
+        self.runner.add_request(id, req.prompt_token_ids(), Arc::new(req.sampling().clone()), req.seed());
+        self.requests
+            .insert(id, RequestState { scheduled: false, wants_logprobs: req.sampling().logprobs.is_some() });
         Ok(id)
     }
 
@@ -210,6 +211,7 @@ impl<B: Backend> EngineCore<B> {
     pub fn discard_unapplied(&mut self) {
         let dropped = self.in_flight.take().is_some();
         let requeued = self.scheduler.discard_unapplied();
+        self.runner.discard_unapplied();
         if dropped || !requeued.is_empty() {
             tracing::warn!(requeued = requeued.len(), "a failed step dropped the steps in flight");
         }
@@ -273,23 +275,22 @@ impl<B: Backend> EngineCore<B> {
         let prompt_tokens =
             out.scheduled[out.num_decodes.min(out.scheduled.len())..].iter().map(|e| e.token_ids.len()).sum();
         let previous = self.in_flight.as_ref();
-        let inputs = StepInputs::build(&out, previous.map_or(&[], |p| &p.samplers))?;
-        let rows = sampling_rows(&self.scheduler, &self.requests, &inputs)?;
-        // Penalties need the whole token history, which the host lacks while
-        // this step's tokens are still on the device.
-        let schedule_ahead = !rows.iter().any(|r| r.params.has_penalties());
+        // The runner applies the step's changes to its persistent batch. Its
+        // `schedule_ahead` is false when penalties need the whole token
+        // history, which the host lacks while this step's tokens are still on
+        // the device.
+        let step = self.runner.prepare(&out, previous.map_or(&[], |p| &p.samplers))?;
         let prepared = Instant::now();
         self.timings.prepare += prepared - now;
         self.timings.launched_ahead += u64::from(previous.is_some() && !out.is_empty());
-        let sampled = self.runner.launch(&out, &inputs, &rows, previous.and_then(|p| p.sampled.as_ref()))?;
-        drop(rows);
+        let sampled = self.runner.launch(&out, previous.and_then(|p| p.sampled.as_ref()))?;
         self.timings.launch += prepared.elapsed();
         Ok((!out.is_empty()).then(|| InFlightStep {
             out,
-            samplers: inputs.samplers,
+            samplers: step.samplers,
             sampled,
             prompt_tokens,
-            schedule_ahead,
+            schedule_ahead: step.schedule_ahead,
         }))
     }
 
@@ -298,7 +299,7 @@ impl<B: Backend> EngineCore<B> {
         let decode_only = step.out.num_decodes == step.out.scheduled.len();
         let waited = Instant::now();
         let sampled = match step.sampled {
-            Some(sampled) => self.runner.finish(sampled, decode_only)?,
+            Some(sampled) => self.runner.finish(sampled, &step.samplers, decode_only)?,
             None => Vec::new(),
         };
         let started = Instant::now();
@@ -314,8 +315,7 @@ impl<B: Backend> EngineCore<B> {
         self.metrics.generation_tokens.inc_by(updates.len() as u64);
         let mut events = Vec::with_capacity(updates.len());
         for update in updates {
-            let wants_logprobs =
-                self.requests.get(&update.request_id).is_some_and(|r| r.sampling.logprobs.is_some());
+            let wants_logprobs = self.requests.get(&update.request_id).is_some_and(|r| r.wants_logprobs);
             let logprob = if wants_logprobs {
                 by_seq.remove(&update.seq_id).map(|s| TokenLogprob {
                     token: s.token,
@@ -368,57 +368,5 @@ impl<B: Backend> EngineCore<B> {
         m.prefix_cache_hits.inc_by(prefix.hit_tokens.saturating_sub(h));
         m.preemptions.inc_by(stats.num_preemptions.saturating_sub(p));
         self.last_counters = (prefix.queried_tokens, prefix.hit_tokens, stats.num_preemptions);
-    }
-}
-
-/// Builds each sampler's row: its params, seed, and the token history
-/// penalties need. A child forked this step samples from its parent's
-/// history (it has no tokens of its own yet).
-fn sampling_rows<'a>(
-    scheduler: &'a Scheduler<PagedAllocator>,
-    requests: &'a HashMap<RequestId, RequestState>,
-    inputs: &StepInputs,
-) -> Result<Vec<SamplingRow<'a>>, EngineError> {
-    inputs
-        .samplers
-        .iter()
-        .map(|target| {
-            // A child forked this step has no sequence of its own yet: it
-            // samples from its parent's history.
-            let (seq, own) = match scheduler.seq(target.seq_id) {
-                Some(seq) => (seq, true),
-                None => (
-                    scheduler.seq(target.entry_seq_id).ok_or_else(|| {
-                        EngineError::Internal(format!("no sequence {:?}", target.entry_seq_id))
-                    })?,
-                    false,
-                ),
-            };
-            let state = requests
-                .get(&seq.request_id())
-                .ok_or_else(|| EngineError::Internal(format!("no request for {:?}", seq.request_id())))?;
-            let index = if own { seq.sample_index() } else { target.fork_index };
-            let output = if own { seq.output_token_ids() } else { &[] };
-            // Tokens sampled before this one: the known ones, and those awaited
-            // from steps still running (all but this step's own).
-            let earlier = if own { output.len() + seq.num_awaited_tokens().saturating_sub(1) } else { 0 };
-            Ok(SamplingRow {
-                params: &state.sampling,
-                seed: sample_seed(state.seed, index),
-                step: earlier as u64,
-                prompt_tokens: seq.prompt_token_ids(),
-                output_tokens: output,
-            })
-        })
-        .collect()
-}
-
-/// The seed of sample `index` of a request: the request's seed for the first,
-/// a distinct stream for each sibling.
-fn sample_seed(seed: u64, index: usize) -> u64 {
-    if index == 0 {
-        seed
-    } else {
-        seed ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)
     }
 }

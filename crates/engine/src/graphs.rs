@@ -28,8 +28,8 @@ use pagoda_backend::{
 };
 use pagoda_models::{ForwardBatch, KvCache, LlamaModel, ModelError};
 
+use crate::batch::{BlockTableSource, StepInputs};
 use crate::error::EngineError;
-use crate::runner::StepInputs;
 
 /// Smallest context bucket: below it, more buckets would only add captures.
 const MIN_CONTEXT_BUCKET: usize = 256;
@@ -83,55 +83,129 @@ pub fn is_graphable(num_decodes: usize, inputs: &StepInputs) -> bool {
         && inputs.logits_indices.iter().enumerate().all(|(i, &row)| row as usize == i)
 }
 
-/// The host arrays of one decode step padded to a bucket.
-#[derive(Debug, PartialEq)]
+/// The host arrays of one decode step padded to a bucket, laid out as the
+/// fixed device buffers are (so that they go up in one copy each). Reused
+/// from step to step: filling it allocates nothing once it has grown.
+#[derive(Debug)]
 pub struct PaddedDecodeInputs {
-    pub token_ids: Vec<i32>,
-    pub positions: Vec<i32>,
-    pub seq_lens: Vec<i32>,
-    /// Rows of the previous step's samples to feed as input tokens, or -1
-    /// (all -1 when nothing is fed).
-    pub source_rows: Vec<i32>,
-    /// `[batch, table_width]`, row-major.
-    pub block_tables: Vec<i32>,
-    pub slot_mapping: Vec<i64>,
+    layout: StepInputLayout,
+    batch: usize,
+    width: usize,
+    /// Token ids, positions and sequence lengths (`layout.rows` each, the
+    /// first `batch` used), then the block tables, `[batch, width]` row-major.
+    step_i32: Vec<i32>,
+    slot_mapping: Vec<i64>,
+    source_rows: Vec<i32>,
 }
 
 impl PaddedDecodeInputs {
-    /// Pads a graphable step (see [`is_graphable`]) to `bucket`.
-    pub fn new(inputs: &StepInputs, bucket: Bucket, block_size: usize) -> Result<Self, EngineError> {
+    /// Empty buffers for buckets of up to `max_batch` sequences.
+    fn with_rows(max_batch: usize) -> Self {
+        Self {
+            layout: StepInputLayout { rows: max_batch.max(1) },
+            batch: 0,
+            width: 0,
+            step_i32: Vec::new(),
+            slot_mapping: Vec::new(),
+            source_rows: Vec::new(),
+        }
+    }
+
+    /// Pads a graphable step (see [`is_graphable`]) to `bucket`, reading each
+    /// sequence's block table from `tables` (row `s` for the step's `s`-th
+    /// sequence).
+    pub fn new(
+        inputs: &StepInputs,
+        tables: &(impl BlockTableSource + ?Sized),
+        bucket: Bucket,
+        block_size: usize,
+    ) -> Result<Self, EngineError> {
+        let mut padded = Self::with_rows(bucket.batch);
+        padded.fill(inputs, tables, bucket, block_size)?;
+        Ok(padded)
+    }
+
+    /// [`Self::new`] into these buffers (`bucket.batch` at most the rows they
+    /// were made for).
+    fn fill(
+        &mut self,
+        inputs: &StepInputs,
+        tables: &(impl BlockTableSource + ?Sized),
+        bucket: Bucket,
+        block_size: usize,
+    ) -> Result<(), EngineError> {
         let n = inputs.attn.num_seqs();
         let (b, width) = (bucket.batch, bucket.table_width(block_size));
-        if n > b || inputs.attn.max_seq_len() > bucket.context {
+        if n > b || b > self.layout.rows || inputs.attn.max_seq_len() > bucket.context {
             return Err(EngineError::Internal(format!("a step of {n} sequences does not fit {bucket:?}")));
         }
-        let pad = |v: &[i32], with: i32| v.iter().copied().chain(std::iter::repeat(with)).take(b).collect();
-        let ids: Vec<i32> = inputs.token_ids.iter().map(|&t| t as i32).collect();
-        let mut block_tables = vec![0i32; b * width];
-        let src_width = inputs.attn.max_blocks_per_seq;
-        for (s, &len) in inputs.attn.seq_lens.iter().enumerate() {
-            // Only the blocks holding context are read; later entries are
-            // unused (they may exist when the table has room reserved).
-            let used = (len as usize).div_ceil(block_size);
-            let row = &inputs.attn.block_tables[s * src_width..][..used];
-            block_tables[s * width..][..used].copy_from_slice(row);
+        let layout = self.layout;
+        (self.batch, self.width) = (b, width);
+        self.step_i32.resize(layout.block_tables() + b * width, 0);
+        let pad = |dst: &mut [i32], src: &mut dyn Iterator<Item = i32>, with: i32| {
+            for (d, v) in dst.iter_mut().zip(src.chain(std::iter::repeat(with))) {
+                *d = v;
+            }
+        };
+        let ids = &mut self.step_i32[layout.token_ids()..][..b];
+        pad(ids, &mut inputs.token_ids.iter().map(|&t| t as i32), 0);
+        pad(&mut self.step_i32[layout.positions()..][..b], &mut inputs.positions.iter().copied(), 0);
+        pad(&mut self.step_i32[layout.seq_lens()..][..b], &mut inputs.attn.seq_lens.iter().copied(), 1);
+        // The one gather of the step's block tables, straight into the
+        // bucket's width. Only the blocks holding context are read; entries
+        // past them (and whole padding rows) point at block 0.
+        let all_tables = &mut self.step_i32[layout.block_tables()..];
+        for (s, dst) in all_tables.chunks_exact_mut(width).enumerate() {
+            let used = inputs.attn.seq_lens.get(s).map_or(0, |&len| (len as usize).div_ceil(block_size));
+            let row = if used > 0 { tables.row_table(s) } else { &[] };
+            let row = row.get(..used).ok_or_else(|| {
+                EngineError::Internal(format!("sequence {s} of a step has {} blocks for {used}", row.len()))
+            })?;
+            for (d, &block) in dst.iter_mut().zip(row) {
+                *d = block as i32;
+            }
+            dst[used..].fill(0);
         }
-        let mut slot_mapping = inputs.attn.slot_mapping.clone();
-        slot_mapping.resize(b, -1);
-        Ok(Self {
-            token_ids: pad(&ids, 0),
-            positions: pad(&inputs.positions, 0),
-            seq_lens: pad(&inputs.attn.seq_lens, 1),
-            source_rows: pad(&inputs.source_rows, -1),
-            block_tables,
-            slot_mapping,
-        })
+        self.slot_mapping.clear();
+        self.slot_mapping.extend_from_slice(&inputs.attn.slot_mapping);
+        self.slot_mapping.resize(b, -1);
+        self.source_rows.clear();
+        self.source_rows.extend_from_slice(&inputs.source_rows);
+        self.source_rows.resize(b, -1);
+        Ok(())
+    }
+
+    pub fn token_ids(&self) -> &[i32] {
+        &self.step_i32[self.layout.token_ids()..][..self.batch]
+    }
+
+    pub fn positions(&self) -> &[i32] {
+        &self.step_i32[self.layout.positions()..][..self.batch]
+    }
+
+    pub fn seq_lens(&self) -> &[i32] {
+        &self.step_i32[self.layout.seq_lens()..][..self.batch]
+    }
+
+    /// `[batch, table_width]`, row-major.
+    pub fn block_tables(&self) -> &[i32] {
+        &self.step_i32[self.layout.block_tables()..][..self.batch * self.width]
+    }
+
+    pub fn slot_mapping(&self) -> &[i64] {
+        &self.slot_mapping
+    }
+
+    /// Rows of the previous step's samples to feed as input tokens, or -1
+    /// (all -1 when nothing is fed).
+    pub fn source_rows(&self) -> &[i32] {
+        &self.source_rows
     }
 }
 
 /// Where each i32 input of a padded step lives in the one buffer that holds
 /// them all: offsets in elements, for buffers of `rows` sequences.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct StepInputLayout {
     rows: usize,
 }
@@ -192,6 +266,8 @@ pub struct DecodeGraphs<B: Backend> {
     /// F32 `[max_batch, V]`.
     logits: Tensor<B>,
     buckets: HashMap<Bucket, BucketState<B::Graph>>,
+    /// Host staging of the buffers above, reused from step to step.
+    staging: PaddedDecodeInputs,
     stats: GraphStats,
 }
 
@@ -220,6 +296,7 @@ impl<B: Backend> DecodeGraphs<B> {
             logits_indices: backend.upload(HostSlice::I32(&count[..rows]), &[rows], DType::I32)?,
             logits: backend.alloc(&[rows, vocab_size], DType::F32)?,
             buckets: HashMap::new(),
+            staging: PaddedDecodeInputs::with_rows(rows),
             stats: GraphStats::default(),
         })
     }
@@ -238,8 +315,10 @@ impl<B: Backend> DecodeGraphs<B> {
 
     /// Runs the step in `bucket` (eagerly, by recording, or by replay) and
     /// returns its logits, `[num_seqs, V]`, a view of the fixed logits buffer
-    /// that holds until the next step. Input tokens listed in
+    /// that holds until the next step. Each sequence's block table is read
+    /// from `tables` (the persistent batch). Input tokens listed in
     /// `inputs.source_rows` are first fed from `previous` on the device.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
         backend: &B,
@@ -247,18 +326,14 @@ impl<B: Backend> DecodeGraphs<B> {
         kv: &KvCache<B>,
         bucket: Bucket,
         inputs: &StepInputs,
+        tables: &(impl BlockTableSource + ?Sized),
         previous: Option<&B::Sampled>,
     ) -> Result<Tensor<B>, EngineError> {
-        let padded = PaddedDecodeInputs::new(inputs, bucket, self.block_size)?;
+        self.staging.fill(inputs, tables, bucket, self.block_size)?;
         let batch = self.forward_batch(bucket)?;
-        let layout = self.layout();
         let b = bucket.batch;
-        let mut step_i32 = vec![0i32; layout.block_tables() + padded.block_tables.len()];
-        step_i32[layout.token_ids()..][..b].copy_from_slice(&padded.token_ids);
-        step_i32[layout.positions()..][..b].copy_from_slice(&padded.positions);
-        step_i32[layout.seq_lens()..][..b].copy_from_slice(&padded.seq_lens);
-        step_i32[layout.block_tables()..].copy_from_slice(&padded.block_tables);
-        backend.write(&self.step_i32.narrow(0, step_i32.len())?, HostSlice::I32(&step_i32))?;
+        let padded = &self.staging;
+        backend.write(&self.step_i32.narrow(0, padded.step_i32.len())?, HostSlice::I32(&padded.step_i32))?;
         backend.write(&batch.attn.slot_mapping, HostSlice::I64(&padded.slot_mapping))?;
         if let Some(previous) = previous.filter(|_| !inputs.source_rows.is_empty()) {
             // Fed outside the graph, into the buffer the graph reads its tokens from.
@@ -344,6 +419,7 @@ impl<B: Backend> DecodeGraphs<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pagoda_paged_kv::BlockId;
 
     #[test]
     fn capture_sizes_are_1_2_4_then_multiples_of_8() {
@@ -375,12 +451,16 @@ mod tests {
             s.positions.push(len - 1);
             s.attn.seq_lens.push(len);
             s.attn.query_start_loc.push(i as i32 + 1);
-            // Distinct block ids per sequence, one spare entry past the context.
-            s.attn.block_tables.extend((0..width as i32).map(|j| 1000 * (i as i32 + 1) + j));
             s.attn.slot_mapping.push((1000 * (i as i64 + 1)) * block_size as i64 + (len as i64 - 1));
             s.logits_indices.push(i as i32);
         }
         s
+    }
+
+    /// Distinct block ids per sequence, one spare entry past the context.
+    fn tables(seq_lens: &[i32], block_size: usize) -> Vec<Vec<BlockId>> {
+        let width = seq_lens.iter().map(|&l| (l as usize).div_ceil(block_size)).max().unwrap() + 1;
+        (0..seq_lens.len() as u32).map(|i| (0..width as u32).map(|j| 1000 * (i + 1) + j).collect()).collect()
     }
 
     #[test]
@@ -389,29 +469,50 @@ mod tests {
         assert!(is_graphable(3, &inputs));
         let bucket = Bucket::for_step(3, 40, 256, 4096).unwrap();
         assert_eq!(bucket, Bucket { batch: 4, context: 256 });
-        let p = PaddedDecodeInputs::new(&inputs, bucket, 16).unwrap();
-        assert_eq!(p.token_ids, vec![100, 101, 102, 0]);
-        assert_eq!(p.positions, vec![4, 39, 16, 0]);
-        assert_eq!(p.seq_lens, vec![5, 40, 17, 1]);
-        assert_eq!(p.source_rows, vec![-1; 4], "nothing fed");
-        assert_eq!(p.slot_mapping[..3], inputs.attn.slot_mapping[..]);
-        assert_eq!(p.slot_mapping[3], -1, "a padding row writes no cache slot");
+        let p = PaddedDecodeInputs::new(&inputs, &tables(&[5, 40, 17], 16)[..], bucket, 16).unwrap();
+        assert_eq!(p.token_ids(), vec![100, 101, 102, 0]);
+        assert_eq!(p.positions(), vec![4, 39, 16, 0]);
+        assert_eq!(p.seq_lens(), vec![5, 40, 17, 1]);
+        assert_eq!(p.source_rows(), vec![-1; 4], "nothing fed");
+        assert_eq!(p.slot_mapping()[..3], inputs.attn.slot_mapping[..]);
+        assert_eq!(p.slot_mapping()[3], -1, "a padding row writes no cache slot");
         let width = bucket.table_width(16);
-        assert_eq!(p.block_tables.len(), 4 * width);
-        assert_eq!(p.block_tables[..1], [1000]);
-        assert_eq!(p.block_tables[width..width + 3], [2000, 2001, 2002]);
-        assert_eq!(p.block_tables[2 * width..2 * width + 2], [3000, 3001]);
+        let block_tables = p.block_tables();
+        assert_eq!(block_tables.len(), 4 * width);
+        assert_eq!(block_tables[..1], [1000]);
+        assert_eq!(block_tables[width..width + 3], [2000, 2001, 2002]);
+        assert_eq!(block_tables[2 * width..2 * width + 2], [3000, 3001]);
         // Entries past each context (and the whole padding row) point at block 0.
-        assert!(p.block_tables[1..width].iter().all(|&b| b == 0));
-        assert!(p.block_tables[3 * width..].iter().all(|&b| b == 0));
+        assert!(block_tables[1..width].iter().all(|&b| b == 0));
+        assert!(block_tables[3 * width..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn reused_buffers_forget_the_step_before() {
+        let mut p = PaddedDecodeInputs::with_rows(8);
+        let bucket = Bucket { batch: 4, context: 256 };
+        let long = [5, 40, 17];
+        p.fill(&decode_step(&long, 16), &tables(&long, 16)[..], bucket, 16).unwrap();
+        let short = [3];
+        p.fill(&decode_step(&short, 16), &tables(&short, 16)[..], bucket, 16).unwrap();
+        let fresh =
+            PaddedDecodeInputs::new(&decode_step(&short, 16), &tables(&short, 16)[..], bucket, 16).unwrap();
+        assert_eq!(p.token_ids(), fresh.token_ids());
+        assert_eq!(p.seq_lens(), vec![3, 1, 1, 1]);
+        assert_eq!(p.block_tables(), fresh.block_tables());
+        assert_eq!(p.slot_mapping(), fresh.slot_mapping());
+        // A table shorter than its context is refused, not read past.
+        let err = p.fill(&decode_step(&[40], 16), &[vec![7]][..], bucket, 16);
+        assert!(err.is_err());
     }
 
     #[test]
     fn fed_rows_are_padded_with_rows_that_take_nothing() {
         let mut inputs = decode_step(&[5, 40, 17], 16);
         inputs.source_rows = vec![2, -1, 0];
-        let p = PaddedDecodeInputs::new(&inputs, Bucket { batch: 4, context: 256 }, 16).unwrap();
-        assert_eq!(p.source_rows, vec![2, -1, 0, -1]);
+        let bucket = Bucket { batch: 4, context: 256 };
+        let p = PaddedDecodeInputs::new(&inputs, &tables(&[5, 40, 17], 16)[..], bucket, 16).unwrap();
+        assert_eq!(p.source_rows(), vec![2, -1, 0, -1]);
     }
 
     #[test]
@@ -430,9 +531,10 @@ mod tests {
     #[test]
     fn a_step_larger_than_its_bucket_is_refused() {
         let inputs = decode_step(&[5, 300], 16);
-        let err = PaddedDecodeInputs::new(&inputs, Bucket { batch: 2, context: 256 }, 16);
+        let tables = tables(&[5, 300], 16);
+        let err = PaddedDecodeInputs::new(&inputs, &tables[..], Bucket { batch: 2, context: 256 }, 16);
         assert!(err.is_err());
-        let err = PaddedDecodeInputs::new(&inputs, Bucket { batch: 1, context: 512 }, 16);
+        let err = PaddedDecodeInputs::new(&inputs, &tables[..], Bucket { batch: 1, context: 512 }, 16);
         assert!(err.is_err());
     }
 }

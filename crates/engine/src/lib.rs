@@ -31,6 +31,7 @@
 //! ```
 
 mod async_engine;
+mod batch;
 mod config;
 mod detokenizer;
 mod engine;
@@ -50,6 +51,7 @@ use std::path::Path;
 pub use async_engine::{
     AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError, DEFAULT_MAX_PENDING_SEQS,
 };
+pub use batch::{sample_seed, BlockTableSource, PersistentBatch, PreparedStep, SampleTarget, StepInputs};
 pub use config::{EngineConfig, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
 pub use engine::LlmEngine;
@@ -64,7 +66,7 @@ pub use pagoda_scheduler::{Policy, PreemptionMode};
 pub use request::{
     fairness_group, FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob,
 };
-pub use runner::{ModelRunner, PhaseTotal, RunnerTimings, SampleTarget, StepInputs};
+pub use runner::{ModelRunner, PhaseTotal, RunnerTimings};
 pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 
 use pagoda_backend::Backend;

@@ -1,14 +1,25 @@
 //! The model runner: turns one [`SchedulerOutput`] into device work (swaps,
 //! copy-on-write copies, one forward pass over every scheduled token) and
 //! returns the sampled tokens. It makes no policy: the scheduler decided.
+//!
+//! It keeps a [`PersistentBatch`] (`batch.rs`): every sequence's block table
+//! and sampling state live here from step to step, and a step applies only
+//! what the scheduler says changed. The engine drives it in four calls:
+//! [`ModelRunner::add_request`] once per request (sampling parameters, seed,
+//! prompt), then per step [`ModelRunner::prepare`] (apply the output's
+//! changes, stage the host inputs), [`ModelRunner::launch`] (block moves, one
+//! gather of the block tables, upload, forward pass or decode graph replay,
+//! sampling, without waiting for the device) and [`ModelRunner::finish`]
+//! (wait for the tokens and append them to the histories).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
-use pagoda_backend::{AttentionHostMetadata, Backend, DType, HostSlice, SampledToken, SamplingRow};
+use pagoda_backend::{Backend, DType, HostSlice, SampledToken, SamplingParams};
 use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
-use pagoda_scheduler::{SchedulerOutput, SeqId};
+use pagoda_scheduler::{RequestId, SchedulerOutput, TokenId};
 
+use crate::batch::{PersistentBatch, PreparedStep, SampleTarget};
 use crate::error::EngineError;
 use crate::graphs::{DecodeGraphs, GraphStats};
 
@@ -24,6 +35,8 @@ pub struct ModelRunner<B: Backend> {
     host_pools: Vec<Vec<u8>>,
     /// Padded decode steps and their recorded graphs, when enabled.
     graphs: Option<DecodeGraphs<B>>,
+    /// Every sequence's block table and sampling state, and the staged step.
+    batch: PersistentBatch,
 }
 
 /// Where the runner's time went, summed over steps (host wall-clock time).
@@ -63,88 +76,6 @@ impl PhaseTotal {
     }
 }
 
-/// The host inputs of one forward pass, built from a scheduler output.
-#[derive(Debug, Default, PartialEq)]
-pub struct StepInputs {
-    pub token_ids: Vec<u32>,
-    pub positions: Vec<i32>,
-    pub attn: AttentionHostMetadata,
-    /// One row per sampling sequence: the step row whose logits it samples.
-    pub logits_indices: Vec<i32>,
-    /// Who samples each logits row, in the same order.
-    pub samplers: Vec<SampleTarget>,
-    /// Asynchronous scheduling: per token row, the row of the previous step's
-    /// samples whose token is this row's input (fed on the device), or -1.
-    /// Empty when no row takes its token from the previous step.
-    pub source_rows: Vec<i32>,
-}
-
-/// A sequence that samples this step, and the scheduled entry whose last
-/// position it samples from (a forked child samples its parent's row).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SampleTarget {
-    pub seq_id: SeqId,
-    pub entry_seq_id: SeqId,
-    /// Position of `seq_id` among the entry's `sample_for` (its sample index at a fork).
-    pub fork_index: usize,
-}
-
-impl StepInputs {
-    /// Flattens the scheduled entries (decodes first, as the scheduler orders
-    /// them) into the arrays the forward pass takes. `previous` lists who
-    /// sampled each row of the step before, still running when this one was
-    /// scheduled: entries whose input is one of those tokens read it there.
-    pub fn build(out: &SchedulerOutput, previous: &[SampleTarget]) -> Result<Self, EngineError> {
-        let mut s = StepInputs::default();
-        let max_blocks = out.scheduled.iter().map(|e| e.block_table.len()).max().unwrap_or(0).max(1);
-        s.attn.max_blocks_per_seq = max_blocks;
-        s.attn.num_decode_seqs = out.num_decodes;
-        s.attn.query_start_loc.push(0);
-        let fed_from: HashMap<SeqId, usize> = if out.scheduled.iter().any(|e| e.token_from_previous_step) {
-            previous.iter().enumerate().map(|(row, t)| (t.seq_id, row)).collect()
-        } else {
-            HashMap::new()
-        };
-        for entry in &out.scheduled {
-            let n = entry.token_ids.len();
-            if n == 0 || entry.slot_mapping.len() != n {
-                return Err(EngineError::Internal(format!(
-                    "scheduled {:?} with {n} tokens and {} slots",
-                    entry.seq_id,
-                    entry.slot_mapping.len()
-                )));
-            }
-            s.token_ids.extend_from_slice(&entry.token_ids);
-            s.positions.extend(entry.positions().map(|p| p as i32));
-            s.attn.slot_mapping.extend_from_slice(&entry.slot_mapping);
-            s.attn.query_start_loc.push(s.token_ids.len() as i32);
-            s.attn.seq_lens.push(entry.seq_len() as i32);
-            s.attn.block_tables.extend(entry.block_table.iter().map(|&b| b as i32));
-            s.attn.block_tables.extend(std::iter::repeat_n(0, max_blocks - entry.block_table.len()));
-            if entry.token_from_previous_step {
-                let source = *fed_from.get(&entry.seq_id).ok_or_else(|| {
-                    EngineError::Internal(format!(
-                        "{:?} takes a token the previous step does not sample",
-                        entry.seq_id
-                    ))
-                })?;
-                let row = s.token_ids.len() - n;
-                s.source_rows.resize(row, -1);
-                s.source_rows.push(source as i32);
-            }
-            let last_row = (s.token_ids.len() - 1) as i32;
-            for (fork_index, &seq_id) in entry.sample_for.iter().enumerate() {
-                s.logits_indices.push(last_row);
-                s.samplers.push(SampleTarget { seq_id, entry_seq_id: entry.seq_id, fork_index });
-            }
-        }
-        if !s.source_rows.is_empty() {
-            s.source_rows.resize(s.token_ids.len(), -1);
-        }
-        Ok(s)
-    }
-}
-
 impl<B: Backend> ModelRunner<B> {
     /// Allocates the KV cache (`num_gpu_blocks` of `block_size`) and a host
     /// swap pool of `num_cpu_blocks`.
@@ -162,7 +93,15 @@ impl<B: Backend> ModelRunner<B> {
         } else {
             (0..kv.layers.len() * 2).map(|_| vec![0u8; num_cpu_blocks * block_bytes]).collect()
         };
-        Ok(Self { backend, model, kv, timings: RunnerTimings::default(), host_pools, graphs: None })
+        Ok(Self {
+            backend,
+            model,
+            kv,
+            timings: RunnerTimings::default(),
+            host_pools,
+            graphs: None,
+            batch: PersistentBatch::new(block_size),
+        })
     }
 
     /// Runs decode-only steps of up to `max_batch` sequences of up to
@@ -194,20 +133,58 @@ impl<B: Backend> ModelRunner<B> {
         self.timings
     }
 
-    /// Enqueues one step: swap-out, swap-in, copy-on-write copies (in that
-    /// order: a block freed by a swap-out may be a swap-in destination), then
-    /// the forward pass and the sampling, without waiting for the device.
-    /// `rows` gives each sampling target its sampling row; `previous` is the
-    /// previous step's sampling, whose tokens rows of `inputs.source_rows`
-    /// take as input. Returns the sampling to [`Self::finish`], or `None`
-    /// when nothing samples.
+    /// The per-sequence state and the staged step.
+    pub fn batch(&self) -> &PersistentBatch {
+        &self.batch
+    }
+
+    /// Tells the runner of a request the scheduler accepted: its sampling
+    /// parameters, its seed and its prompt. Its sequences' state is created
+    /// when they first run and dropped when a step's output lists them as
+    /// ended.
+    pub fn add_request(
+        &mut self,
+        request_id: RequestId,
+        prompt: &[TokenId],
+        params: Arc<SamplingParams>,
+        seed: u64,
+    ) {
+        self.batch.add_request(request_id, prompt, params, seed);
+    }
+
+    /// Applies a step's changes to the persistent batch and stages its host
+    /// inputs (host work only). `previous` lists who samples each row of the
+    /// step still in flight, if any (asynchronous scheduling). Call
+    /// [`Self::launch`] with the same output next.
+    pub fn prepare(
+        &mut self,
+        out: &SchedulerOutput,
+        previous: &[SampleTarget],
+    ) -> Result<PreparedStep, EngineError> {
+        self.batch.prepare(out, previous)
+    }
+
+    /// Forgets the samples of steps launched and never finished (the engine
+    /// dropped them after a failure).
+    pub fn discard_unapplied(&mut self) {
+        self.batch.discard_unapplied();
+    }
+
+    /// Enqueues the step [`Self::prepare`] staged: swap-out, swap-in,
+    /// copy-on-write copies (in that order: a block freed by a swap-out may be
+    /// a swap-in destination), then the forward pass and the sampling,
+    /// without waiting for the device. `previous` is the previous step's
+    /// sampling, whose tokens rows of the staged `source_rows` take as input.
+    /// Returns the sampling to [`Self::finish`], or `None` when nothing
+    /// samples.
     pub fn launch(
         &mut self,
         out: &SchedulerOutput,
-        inputs: &StepInputs,
-        rows: &[SamplingRow<'_>],
         previous: Option<&B::Sampled>,
     ) -> Result<Option<B::Sampled>, EngineError> {
+        if self.batch.prepared_step() != Some(out.step) {
+            return Err(EngineError::Internal(format!("step {} launched without being prepared", out.step)));
+        }
         let t0 = Instant::now();
         self.move_blocks(out)?;
         let t1 = Instant::now();
@@ -215,6 +192,7 @@ impl<B: Backend> ModelRunner<B> {
         if out.scheduled.is_empty() {
             return Ok(None);
         }
+        let inputs = self.batch.inputs();
         let feed = match (inputs.source_rows.is_empty(), previous) {
             (true, _) => None,
             (false, Some(previous)) => Some(previous),
@@ -227,18 +205,24 @@ impl<B: Backend> ModelRunner<B> {
         let bucket = self.graphs.as_ref().and_then(|g| g.bucket_for(out.num_decodes, inputs));
         let (logits, t3) = match (bucket, self.graphs.as_mut()) {
             (Some(bucket), Some(graphs)) => {
-                let logits = graphs.run(&self.backend, &self.model, &self.kv, bucket, inputs, feed)?;
+                // The padded buffers read the block tables from the batch.
+                let logits =
+                    graphs.run(&self.backend, &self.model, &self.kv, bucket, inputs, &self.batch, feed)?;
                 self.timings.graphs = graphs.stats();
                 let t3 = Instant::now();
                 self.timings.forward += t3 - t1;
                 (logits, t3)
             }
             _ => {
+                self.batch.gather_block_tables();
+                // Moved into the upload and back after the forward pass, not copied.
+                let attn = self.batch.take_attention();
+                let inputs = self.batch.inputs();
                 let batch = ForwardBatch::upload(
                     &self.backend,
                     &inputs.token_ids,
                     &inputs.positions,
-                    inputs.attn.clone(),
+                    attn,
                     &inputs.logits_indices,
                 )?;
                 if let Some(previous) = feed {
@@ -252,30 +236,38 @@ impl<B: Backend> ModelRunner<B> {
                 let logits = self.model.forward(&self.backend, &batch, &self.kv)?;
                 let t3 = Instant::now();
                 self.timings.forward += t3 - t2;
+                self.batch.restore_attention(batch.attn.host);
                 (logits, t3)
             }
         };
-        let sampled = if rows.is_empty() { None } else { Some(self.backend.sample_async(&logits, rows)?) };
+        let rows = self.batch.sampling_rows();
+        let sampled = if rows.is_empty() { None } else { Some(self.backend.sample_async(&logits, &rows)?) };
+        drop(rows);
         let done = Instant::now();
         self.timings.sample += done - t3;
+        let num_tokens = self.batch.inputs().token_ids.len();
         let phase = if out.num_decodes == out.scheduled.len() {
             &mut self.timings.decode_only
         } else {
             &mut self.timings.with_prefill
         };
-        phase.add(inputs.token_ids.len(), done - t0);
+        phase.add(num_tokens, done - t0);
         Ok(sampled)
     }
 
-    /// Waits for a step's sampling and returns one token per sampling target,
-    /// in order. `decode_only` says which phase the wait is counted in.
+    /// Waits for a step's sampling and returns one token per sampling target
+    /// (`samplers`, from the step's [`PreparedStep`]), in order, after
+    /// appending them to the sequences' histories. `decode_only` says which
+    /// phase the wait is counted in.
     pub fn finish(
         &mut self,
         sampled: B::Sampled,
+        samplers: &[SampleTarget],
         decode_only: bool,
     ) -> Result<Vec<SampledToken>, EngineError> {
         let t0 = Instant::now();
         let tokens = self.backend.finish_sample(sampled)?;
+        self.batch.apply_sampled(samplers, &tokens)?;
         let waited = t0.elapsed();
         self.timings.wait += waited;
         if decode_only {

@@ -2,8 +2,10 @@
 //! cache, in the manner of vLLM's v1 core. It decides, step by step, which
 //! sequences run and which tokens of each are computed; it never touches
 //! tensors. What it hands the model runner is a [`SchedulerOutput`]: for each
-//! sequence, the tokens to compute, their positions, the block table and the
-//! slot mapping, and who samples; plus the block copies and swaps to do first.
+//! sequence, the tokens to compute, their positions, what changed in its block
+//! table since the runner last saw it ([`BlockTableUpdate`]), the slot mapping,
+//! and who samples; plus the block copies and swaps to do first, and the
+//! sequences that ended (so the runner can drop its state for them).
 //!
 //! ```
 //! use pagoda_scheduler::paged_kv::{PagedAllocator, PagedConfig};
@@ -105,7 +107,7 @@ pub mod sim;
 
 pub use config::{PreemptionMode, SchedulerConfig};
 pub use error::{AddRequestError, ConfigError, SchedulerError, UpdateError};
-pub use output::{ScheduledSeq, SchedulerOutput};
+pub use output::{BlockTableUpdate, ScheduledSeq, SchedulerOutput};
 pub use pagoda_paged_kv::{self as paged_kv, KvAllocator, SeqId, TokenId};
 pub use policy::{Fcfs, Policy, Priority, RankKey, RequestView, SchedulingPolicy};
 pub use request::{FinishReason, NewRequest, RequestId, SeqStatus, SeqUpdate, Sequence};

@@ -1,10 +1,70 @@
 //! What one scheduling step hands to the model runner.
+//!
+//! The output is incremental, as vLLM v1's `SchedulerOutput` is: the runner
+//! keeps its own copy of every running sequence's block table (its persistent
+//! batch), and each step carries only what changed in it
+//! ([`BlockTableUpdate`]), plus the sequences that ended since the step
+//! before ([`SchedulerOutput::finished_seqs`]) so that the runner drops their
+//! state. Tokens, positions and slots are per step and sent whole.
+//!
+//! # Keeping the runner's block tables in step
+//! The scheduler remembers, per sequence, how many leading entries of its
+//! allocator block table the runner holds (`keep` is that number) and sends
+//! the rest. Every way a table changes is covered:
+//! - a new block appended as the sequence grows: `keep` = the old length,
+//!   `append` = the new blocks;
+//! - copy-on-write (a write into a shared, partly filled last block): the last
+//!   entry is replaced, `keep` = the old length - 1;
+//! - a sequence admitted (its table starting with its prefix-cached blocks),
+//!   admitted again after a recompute preemption, or swapped back in: a new
+//!   table, `keep` = 0, `append` = all of it;
+//! - a forked sample (`n > 1`): at the step whose entry lists it in
+//!   `sample_for`, the runner gives it a copy of the parent's table (after the
+//!   parent's update of that step); its later updates build on that copy, or
+//!   start again from `keep` = 0 if the allocator could not share the blocks;
+//! - a preempted sequence (listed in [`SchedulerOutput::preempted`]) holds
+//!   no table until it is admitted or swapped in again, with `keep` = 0.
+//!
+//! A step therefore costs the scheduler O(changed entries), not O(table).
 
 use std::ops::Range;
 
 use pagoda_paged_kv::{BlockCopy, BlockId, SeqId, SwapIn, SwapOut, TokenId};
 
 use crate::RequestId;
+
+/// How one sequence's block table changed since the runner last saw it: the
+/// runner keeps the first `keep` entries of its copy, drops any after them,
+/// and appends `append`. The result is the allocator's table after this
+/// step's allocation (it covers at least the sequence's `seq_len()` tokens).
+/// See the module docs for the cases.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockTableUpdate {
+    /// Leading entries of the runner's copy that are still valid.
+    pub keep: usize,
+    /// Entries that follow them (empty when nothing changed).
+    pub append: Vec<BlockId>,
+}
+
+impl BlockTableUpdate {
+    /// Applies the update to a runner's copy of the table. Returns false, and
+    /// leaves `table` alone, when it holds fewer than `keep` entries (the
+    /// copy is not the one the scheduler tracked: a bug on one side).
+    #[must_use]
+    pub fn apply_to(&self, table: &mut Vec<BlockId>) -> bool {
+        if table.len() < self.keep {
+            return false;
+        }
+        table.truncate(self.keep);
+        table.extend_from_slice(&self.append);
+        true
+    }
+
+    /// The length of the table once updated.
+    pub fn new_len(&self) -> usize {
+        self.keep + self.append.len()
+    }
+}
 
 /// One sequence's part of a step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,9 +77,11 @@ pub struct ScheduledSeq {
     /// Tokens already computed: the new tokens sit at positions
     /// `start_position..start_position + token_ids.len()`.
     pub start_position: usize,
-    /// The sequence's whole block table after this step's allocation.
-    pub block_table: Vec<BlockId>,
-    /// Cache slot of each new token: `block_table[pos / B] * B + pos % B`.
+    /// What changed in the sequence's block table since the runner last saw
+    /// it (usually nothing, or one new block).
+    pub table_update: BlockTableUpdate,
+    /// Cache slot of each new token: `table[pos / B] * B + pos % B`, through
+    /// the table once `table_update` is applied.
     pub slot_mapping: Vec<i64>,
     /// Sequences that sample a token from this entry's last position: empty
     /// for a prefill chunk that does not finish the prompt, `[seq_id]`
@@ -68,8 +130,18 @@ pub struct SchedulerOutput {
     pub blocks_to_swap_in: Vec<SwapIn>,
     /// `(src, dst)` GPU block copies (copy-on-write).
     pub blocks_to_copy: Vec<BlockCopy>,
-    /// Sequences preempted this step (recomputed later or swapped out).
+    /// Sequences preempted this step (recomputed later or swapped out): they
+    /// hold no block table until they run again (with `keep` = 0). Their
+    /// other state (tokens, sampling) lives on.
     pub preempted: Vec<SeqId>,
+    /// Sequences that ended since the previous step (finished, aborted,
+    /// stopped from outside, or samples that never forked because their
+    /// request ended first): the runner forgets them. None of them is
+    /// scheduled again.
+    pub finished_seqs: Vec<SeqId>,
+    /// Requests whose every sequence has ended since the previous step,
+    /// including requests aborted before they ever ran.
+    pub finished_requests: Vec<RequestId>,
     /// Sum of `token_ids.len()` over `scheduled`.
     pub num_batched_tokens: usize,
 }

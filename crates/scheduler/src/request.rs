@@ -124,6 +124,10 @@ pub struct Sequence {
     pub(crate) max_total_tokens: usize,
     /// The last step this sequence was scheduled in.
     pub(crate) scheduled_step: u64,
+    /// Leading entries of its block table that the runner holds (sent in
+    /// earlier steps and unchanged since): the next entry's
+    /// [`crate::BlockTableUpdate::keep`]. 0 while it holds no blocks.
+    pub(crate) num_blocks_sent: usize,
 }
 
 impl Sequence {

@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 
 use crate::config::{PartialPrefillLimits, PreemptionMode, SchedulerConfig};
 use crate::error::{AddRequestError, ConfigError, SchedulerError, UpdateError};
-use crate::output::{ScheduledSeq, SchedulerOutput};
+use crate::output::{BlockTableUpdate, ScheduledSeq, SchedulerOutput};
 use crate::policy::{RankKey, RequestView, SchedulingPolicy};
 use crate::request::{FinishReason, NewRequest, RequestId, SeqStatus, SeqUpdate, Sequence};
 
@@ -129,6 +129,9 @@ pub struct Scheduler<A: KvAllocator> {
     /// Steps handed out and not applied yet, oldest first (at most one
     /// between calls, two during an asynchronous `schedule`).
     unapplied: VecDeque<UnappliedStep>,
+    /// Sequences and requests ended since the last step, for its output.
+    finished_seqs: Vec<SeqId>,
+    finished_requests: Vec<RequestId>,
     stats: SchedulerStats,
 }
 
@@ -171,6 +174,8 @@ impl<A: KvAllocator> Scheduler<A> {
             next_arrival_index: 0,
             step: 0,
             unapplied: VecDeque::new(),
+            finished_seqs: Vec::new(),
+            finished_requests: Vec::new(),
             stats: SchedulerStats::default(),
         })
     }
@@ -243,6 +248,7 @@ impl<A: KvAllocator> Scheduler<A> {
             pending_fork,
             max_total_tokens,
             scheduled_step: 0,
+            num_blocks_sent: 0,
         };
         self.requests.insert(
             req.request_id,
@@ -306,7 +312,12 @@ impl<A: KvAllocator> Scheduler<A> {
         }
         self.step += 1;
         self.stats.num_steps += 1;
-        let mut out = SchedulerOutput { step: self.step, ..SchedulerOutput::default() };
+        let mut out = SchedulerOutput {
+            step: self.step,
+            finished_seqs: std::mem::take(&mut self.finished_seqs),
+            finished_requests: std::mem::take(&mut self.finished_requests),
+            ..SchedulerOutput::default()
+        };
         let mut budget = self.config.max_num_batched_tokens;
         let mut preempted = false;
 
@@ -439,6 +450,9 @@ impl<A: KvAllocator> Scheduler<A> {
         loop {
             let seq = &self.seqs[&id];
             let start = seq.num_computed_tokens;
+            // Copy-on-write may replace the last entry (never another one).
+            let table = self.kv.block_table(id).unwrap_or(&[]);
+            let last = table.len().checked_sub(1).map(|i| (i, table[i]));
             // A decode whose input is the token the running step samples: its
             // slot is allocated now, its id told to the allocator at the update.
             let allocation = if start == seq.tokens.len() && n == 1 {
@@ -448,6 +462,14 @@ impl<A: KvAllocator> Scheduler<A> {
             };
             match allocation {
                 Ok(()) => {
+                    if let Some((i, block)) = last {
+                        let table = self.kv.block_table(id).unwrap_or(&[]);
+                        if table.get(i) != Some(&block) {
+                            if let Some(seq) = self.seqs.get_mut(&id) {
+                                seq.num_blocks_sent = seq.num_blocks_sent.min(i);
+                            }
+                        }
+                    }
                     self.push_entry(id, n, out)?;
                     return Ok(true);
                 }
@@ -475,6 +497,8 @@ impl<A: KvAllocator> Scheduler<A> {
         let key = (seq.rank, victim);
         self.running.remove(&key);
         self.pending_fork_slots -= seq.pending_fork.len();
+        // Swapped out or freed: it comes back with a new table.
+        seq.num_blocks_sent = 0;
         out.preempted.push(victim);
         self.stats.num_preemptions += 1;
         if self.config.preemption_mode == PreemptionMode::Swap && seq.is_decoding() {
@@ -687,6 +711,7 @@ impl<A: KvAllocator> Scheduler<A> {
         self.waiting.remove(&key);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.num_computed_tokens = cached;
+            seq.num_blocks_sent = 0;
             self.pending_fork_slots += seq.pending_fork.len();
         }
         self.start_running(key, n, out, budget)?;
@@ -727,6 +752,9 @@ impl<A: KvAllocator> Scheduler<A> {
         }
         let slot_mapping =
             (start..end).map(|pos| i64::from(table[pos / b]) * b as i64 + (pos % b) as i64).collect();
+        let keep = seq.num_blocks_sent.min(table.len());
+        let table_update = BlockTableUpdate { keep, append: table[keep..].to_vec() };
+        seq.num_blocks_sent = table.len();
         let sample_for = if end == seq.num_tokens() {
             std::iter::once(id).chain(seq.pending_fork.iter().copied()).collect()
         } else {
@@ -744,7 +772,7 @@ impl<A: KvAllocator> Scheduler<A> {
             request_id: seq.request_id,
             token_ids,
             start_position: start,
-            block_table: table.to_vec(),
+            table_update,
             slot_mapping,
             sample_for,
             token_from_previous_step,
@@ -845,6 +873,7 @@ impl<A: KvAllocator> Scheduler<A> {
             let freed = self.kv.free(id);
             debug_assert!(freed.is_ok(), "freeing {id}: {freed:?}");
             seq.num_computed_tokens = 0;
+            seq.num_blocks_sent = 0;
             seq.status = SeqStatus::Waiting;
             self.waiting.insert(key);
         }
@@ -857,7 +886,10 @@ impl<A: KvAllocator> Scheduler<A> {
 
     /// Creates the other samples of a request whose prompt just completed.
     /// Each shares the parent's blocks; if the allocator cannot share, the
-    /// sample is queued to recompute the prompt on its own.
+    /// sample is queued to recompute the prompt on its own. A sample that
+    /// shares them starts from the table the runner holds for the parent (the
+    /// runner copied it at the step that forks), so it inherits the parent's
+    /// `num_blocks_sent`.
     fn fork_samples(&mut self, parent: SeqId, children: &[SeqId]) {
         let Some(p) = self.seqs.get_mut(&parent) else { return };
         self.pending_fork_slots -= p.pending_fork.len();
@@ -874,6 +906,7 @@ impl<A: KvAllocator> Scheduler<A> {
                 Err(_) => {
                     seq.status = SeqStatus::Waiting;
                     seq.num_computed_tokens = 0;
+                    seq.num_blocks_sent = 0;
                     self.waiting.insert((seq.rank, child));
                 }
             }
@@ -918,9 +951,12 @@ impl<A: KvAllocator> Scheduler<A> {
     }
 
     /// Removes a sequence from its queue, frees its blocks, and retires the
-    /// request once its last sample is gone.
+    /// request once its last sample is gone. The next step's output lists
+    /// them (and the samples it was still to fork into, which never will).
     fn finish(&mut self, id: SeqId) {
         let Some(seq) = self.seqs.remove(&id) else { return };
+        self.finished_seqs.push(id);
+        self.finished_seqs.extend_from_slice(&seq.pending_fork);
         let key = (seq.rank, id);
         match seq.status {
             SeqStatus::Waiting => {
@@ -940,6 +976,7 @@ impl<A: KvAllocator> Scheduler<A> {
             req.live_seqs.retain(|&s| s != id);
             if req.live_seqs.is_empty() {
                 self.requests.remove(&seq.request_id);
+                self.finished_requests.push(seq.request_id);
                 self.stats.num_requests_finished += 1;
             }
         }
@@ -1052,6 +1089,18 @@ impl<A: KvAllocator> Scheduler<A> {
                         .into());
                     }
                 }
+            }
+            let table_len = self.kv.block_table(id).map_or(0, <[_]>::len);
+            let sent_ok = match seq.status {
+                SeqStatus::Running => seq.num_blocks_sent <= table_len,
+                SeqStatus::Waiting | SeqStatus::Swapped => seq.num_blocks_sent == 0,
+            };
+            if !sent_ok {
+                return Err(format!(
+                    "{id} ({:?}): the runner is said to hold {} of its {table_len} blocks",
+                    seq.status, seq.num_blocks_sent
+                )
+                .into());
             }
             if seq.num_computed_tokens >= seq.num_tokens() && seq.status != SeqStatus::Waiting {
                 return Err(format!("{id} has nothing left to compute").into());

@@ -1,6 +1,7 @@
 use pagoda_paged_kv::{ContiguousAllocator, ContiguousConfig, PagedAllocator, PagedConfig, Reservation};
 
 use super::*;
+use crate::output::BlockTableUpdate;
 use crate::policy::Policy;
 
 fn paged(blocks: usize, cpu: usize, b: usize, caching: bool) -> PagedAllocator {
@@ -85,8 +86,9 @@ fn one_request_prefills_then_decodes_until_max_tokens() {
     assert_eq!(out.scheduled.len(), 1);
     let e = &out.scheduled[0];
     assert_eq!((e.start_position, e.token_ids.len(), e.seq_len()), (0, 6, 6));
-    assert_eq!(e.block_table.len(), 2);
-    let b = e.block_table.clone();
+    assert_eq!(e.table_update.keep, 0, "a new sequence's whole table is sent");
+    assert_eq!(e.table_update.append.len(), 2);
+    let b = e.table_update.append.clone();
     assert_eq!(
         e.slot_mapping,
         vec![
@@ -276,6 +278,9 @@ fn recompute_preemption_requeues_the_latest_and_resumes_it_first() {
         if let Some(v) = victim_entry {
             // Its prefill recomputes prompt and kept outputs together.
             assert_eq!(out.scheduled[v].token_ids.len(), 8 + kept);
+            // With a new table, sent whole.
+            let table = s.allocator().block_table(victim).unwrap();
+            assert_eq!(out.scheduled[v].table_update, BlockTableUpdate { keep: 0, append: table.to_vec() });
             resumed = true;
             break;
         }
@@ -309,6 +314,8 @@ fn swap_preemption_moves_blocks_out_and_back() {
         if !out.blocks_to_swap_in.is_empty() {
             let e = out.scheduled.iter().find(|e| e.seq_id == victim).unwrap();
             assert_eq!(e.token_ids.len(), 1, "a swapped sequence resumes decoding");
+            let table = s.allocator().block_table(victim).unwrap();
+            assert_eq!(e.table_update, BlockTableUpdate { keep: 0, append: table.to_vec() });
             swapped_in = true;
             break;
         }
@@ -424,8 +431,15 @@ fn parallel_samples_fork_after_the_prompt_and_copy_on_write() {
     assert_eq!(out.num_decodes, 3);
     // The last block (2 of 4 slots filled) is shared: two of the three get a copy.
     assert_eq!(out.blocks_to_copy.len(), 2);
-    let tables: Vec<_> = out.scheduled.iter().map(|e| e.block_table.clone()).collect();
+    let tables: Vec<_> =
+        out.scheduled.iter().map(|e| s.allocator().block_table(e.seq_id).unwrap().to_vec()).collect();
     assert!(tables.iter().all(|t| t[0] == tables[0][0]), "full blocks stay shared");
+    // Only the change is sent: the two copies replace the last entry of the
+    // table the runner copied from the parent; the third sample's is unchanged.
+    let mut updates: Vec<_> =
+        out.scheduled.iter().map(|e| (e.table_update.keep, e.table_update.append.len())).collect();
+    updates.sort();
+    assert_eq!(updates, vec![(1, 1), (1, 1), (2, 0)]);
     // Each sample keeps its own first token.
     for (i, &id) in sampled.iter().map(|(id, _)| id).enumerate() {
         assert_eq!(s.seq(id).unwrap().output_token_ids(), &[10 + i as u32, 1]);
@@ -709,4 +723,50 @@ fn partial_prefill_limits_are_validated() {
             max_num_partial_prefills: 4
         }
     );
+}
+
+#[test]
+fn block_table_updates_send_only_new_blocks() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, false)).unwrap();
+    s.add_request(req(1, 6, 8)).unwrap();
+    let (out, _) = step(&mut s, 1);
+    let e = &out.scheduled[0];
+    assert_eq!((e.table_update.keep, e.table_update.append.len()), (0, 2));
+    let mut mirror = Vec::new();
+    assert!(e.table_update.apply_to(&mut mirror));
+    // Positions 6 and 7 fit the second block; position 8 needs a third.
+    for expected in [(2, 0), (2, 0), (2, 1), (3, 0)] {
+        let (out, _) = step(&mut s, 1);
+        let u = &out.scheduled[0].table_update;
+        assert_eq!((u.keep, u.append.len()), expected);
+        assert!(u.apply_to(&mut mirror));
+        assert_eq!(mirror, s.allocator().block_table(out.scheduled[0].seq_id).unwrap());
+    }
+    // A copy that claims more than the runner holds is refused.
+    let bad = BlockTableUpdate { keep: 5, append: vec![1] };
+    assert!(!bad.apply_to(&mut mirror));
+    assert_eq!(mirror.len(), 3);
+}
+
+#[test]
+fn ended_sequences_and_requests_are_listed_in_the_next_step() {
+    let mut s = Scheduler::new(config(64, 8), paged(32, 0, 4, false)).unwrap();
+    // Aborted before it ever ran: its samples-to-be are listed too.
+    s.add_request(NewRequest { n: 3, ..req(1, 6, 3) }).unwrap();
+    s.add_request(req(2, 4, 1)).unwrap();
+    let seqs = s.request_seqs(RequestId(1)).to_vec();
+    assert_eq!(s.abort_request(RequestId(1)), seqs);
+    let out = s.schedule().unwrap();
+    assert_eq!(out.finished_seqs.len(), 3, "the sequence and the two samples it would fork into");
+    assert_eq!(out.finished_seqs[0], seqs[0]);
+    assert_eq!(out.finished_requests, vec![RequestId(1)]);
+    // Request 2 finishes by length at this step's update: listed once, in the next step.
+    let sampled: Vec<_> = out.sampling_seqs().map(|id| (id, 1)).collect();
+    let up = s.update_from_output(&out, &sampled).unwrap();
+    assert_eq!(up[0].finish_reason, Some(FinishReason::Length));
+    let out = s.schedule().unwrap();
+    assert_eq!(out.finished_seqs, vec![up[0].seq_id]);
+    assert_eq!(out.finished_requests, vec![RequestId(2)]);
+    let out = s.schedule().unwrap();
+    assert!(out.finished_seqs.is_empty() && out.finished_requests.is_empty());
 }

@@ -5,10 +5,18 @@
 //! scheduled sequence's whole context is read back through its block table
 //! and compared with its tokens, so any wrong table, slot, copy, swap or
 //! prefix-cache hit shows up as corrupted "KV".
+//!
+//! The harness also mirrors a runner's persistent batch: it applies every
+//! step's block-table updates (and drops finished sequences, empties
+//! preempted ones, copies a parent's table to the samples it forks into) to
+//! its own copy of the tables, and checks that copy against the allocator's
+//! real table for every scheduled sequence, every step.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pagoda_paged_kv::{ContiguousAllocator, ContiguousConfig, PagedAllocator, PagedConfig, Reservation};
+use pagoda_paged_kv::{
+    BlockId, ContiguousAllocator, ContiguousConfig, PagedAllocator, PagedConfig, Reservation,
+};
 use pagoda_scheduler::{
     FinishReason, KvAllocator, NewRequest, Policy, PreemptionMode, RequestId, Scheduler, SchedulerConfig,
     SchedulerOutput, SeqId, TokenId,
@@ -147,6 +155,15 @@ struct Harness<A: KvAllocator> {
     /// Under asynchronous scheduling: the step "running on the device", with
     /// the tokens it samples (known to the device, not yet to the scheduler).
     in_flight: Option<(SchedulerOutput, Vec<(SeqId, TokenId)>)>,
+    /// The runner's copy of each sequence's block table, built from the
+    /// steps' updates alone.
+    tables: BTreeMap<SeqId, Vec<BlockId>>,
+    /// Requests the runner was told of and not yet told have ended.
+    runner_requests: BTreeSet<RequestId>,
+    /// Block-table entries sent over the run, and entries a full copy per
+    /// scheduled sequence per step would have sent.
+    entries_sent: usize,
+    entries_scheduled: usize,
 }
 
 impl<A: KvAllocator> Harness<A> {
@@ -154,7 +171,18 @@ impl<A: KvAllocator> Harness<A> {
         let b = s.allocator().block_size();
         let gpu = vec![None; s.allocator().num_gpu_blocks() * b];
         let cpu = vec![None; s.allocator().num_cpu_blocks() * b];
-        Self { s, gpu, cpu, requests: BTreeMap::new(), next_request: 0, in_flight: None }
+        Self {
+            s,
+            gpu,
+            cpu,
+            requests: BTreeMap::new(),
+            next_request: 0,
+            in_flight: None,
+            tables: BTreeMap::new(),
+            runner_requests: BTreeSet::new(),
+            entries_sent: 0,
+            entries_scheduled: 0,
+        }
     }
 
     /// Queues a request built outside the op list.
@@ -170,6 +198,7 @@ impl<A: KvAllocator> Harness<A> {
         };
         self.s.add_request(r).map_err(|e| TestCaseError::fail(e.to_string()))?;
         self.requests.insert(id, e);
+        self.runner_requests.insert(id);
         self.next_request = self.next_request.max(id.0 + 1);
         Ok(id)
     }
@@ -195,6 +224,7 @@ impl<A: KvAllocator> Harness<A> {
                 r.cache_salt = *salt;
                 if self.s.add_request(r).is_ok() {
                     self.next_request += 1;
+                    self.runner_requests.insert(id);
                     let e = Expect {
                         n: *n,
                         max_tokens: *max_tokens,
@@ -299,12 +329,58 @@ impl<A: KvAllocator> Harness<A> {
             } else {
                 prop_assert_eq!(e.seq_len() + 1, seq.num_tokens(), "sample only at the end");
             }
-            prop_assert!(e.block_table.len() * b >= e.seq_len());
+            let table = &self.tables[&e.seq_id];
+            prop_assert!(table.len() * b >= e.seq_len());
             for (i, pos) in e.positions().enumerate() {
-                prop_assert_eq!(
-                    e.slot_mapping[i],
-                    e.block_table[pos / b] as i64 * b as i64 + (pos % b) as i64
-                );
+                prop_assert_eq!(e.slot_mapping[i], table[pos / b] as i64 * b as i64 + (pos % b) as i64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a step's block-table updates as a runner does, and checks the
+    /// result against the allocator's tables.
+    fn mirror_tables(&mut self, out: &SchedulerOutput) -> Result<(), TestCaseError> {
+        for id in &out.finished_seqs {
+            prop_assert!(self.s.seq(*id).is_none(), "{} listed as ended but live", id);
+            self.tables.remove(id);
+        }
+        for id in &out.finished_requests {
+            prop_assert!(self.s.request_seqs(*id).is_empty(), "{} listed as ended but live", id);
+            prop_assert!(self.runner_requests.remove(id), "{} listed as ended twice", id);
+        }
+        for id in &out.preempted {
+            if let Some(table) = self.tables.get_mut(id) {
+                table.clear();
+            }
+        }
+        for e in &out.scheduled {
+            prop_assert!(!out.finished_seqs.contains(&e.seq_id), "{} scheduled and ended", e.seq_id);
+            let update = &e.table_update;
+            let table = self.tables.entry(e.seq_id).or_default();
+            // Only what changed is sent: at most the last entry replaced, or a new table.
+            prop_assert!(
+                update.keep == 0 || update.keep + 1 >= table.len(),
+                "{}: keeps {} of {} entries",
+                e.seq_id,
+                update.keep,
+                table.len()
+            );
+            prop_assert!(
+                update.apply_to(table),
+                "{}: keeps {} of {} entries",
+                e.seq_id,
+                update.keep,
+                table.len()
+            );
+            let real = self.s.allocator().block_table(e.seq_id).unwrap_or(&[]);
+            prop_assert_eq!(&table[..], real, "{}: the runner's table is not the allocator's", e.seq_id);
+            self.entries_sent += update.append.len();
+            self.entries_scheduled += real.len();
+            // A request forking here: its samples start from the parent's table.
+            let table = table.clone();
+            for child in e.sample_for.iter().skip(1) {
+                self.tables.insert(*child, table.clone());
             }
         }
         Ok(())
@@ -347,8 +423,9 @@ impl<A: KvAllocator> Harness<A> {
             let Some(seq) = self.s.seq(e.seq_id) else { continue };
             let all = seq.all_token_ids();
             prop_assert!(all.len() >= e.seq_len(), "{}: inputs still unknown", e.seq_id);
+            let table = &self.tables[&e.seq_id];
             for (pos, &t) in all[..e.seq_len()].iter().enumerate() {
-                let slot = e.block_table[pos / b] as usize * b + pos % b;
+                let slot = table[pos / b] as usize * b + pos % b;
                 prop_assert_eq!(self.gpu[slot], Some(t), "{} reads wrong KV at position {}", e.seq_id, pos);
             }
         }
@@ -362,6 +439,7 @@ impl<A: KvAllocator> Harness<A> {
             self.apply_in_flight()?; // it forks
         }
         let out = self.s.schedule().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.mirror_tables(&out)?;
         self.check_output(&out)?;
         self.execute(&out)?;
         if let Some(r) = abort_mid_step {
@@ -434,6 +512,13 @@ impl<A: KvAllocator> Harness<A> {
         }
         let stats = self.s.stats();
         prop_assert_eq!(stats.num_requests_finished, stats.num_requests_added);
+        // One more step tells the runner of the last ends: it then holds nothing.
+        let out = self.s.schedule().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(out.is_empty());
+        self.mirror_tables(&out)?;
+        prop_assert!(self.tables.is_empty(), "the runner still holds {:?}", self.tables.keys());
+        prop_assert!(self.runner_requests.is_empty(), "the runner still holds {:?}", self.runner_requests);
+        prop_assert!(self.entries_sent <= self.entries_scheduled);
         let u = self.s.kv_usage();
         prop_assert_eq!(u.used_blocks, 0, "blocks leaked");
         prop_assert_eq!(u.used_cpu_blocks, 0, "CPU blocks leaked");
