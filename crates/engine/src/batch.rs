@@ -8,7 +8,7 @@
 //!   the allocator's table (rows are reused: a finished sequence's row serves
 //!   the next one, and a step allocates no table);
 //! - its **sampling state**: the request's parameters (shared, given once by
-//!   [`PersistentBatch::add_request`]), its seed stream ([`sample_seed`] of
+//!   [`PersistentBatch::add_request`]), its seed stream (`sample_seed` of
 //!   the request's seed and its sample index), how many tokens it has sampled
 //!   (the counter of its random stream), and the token history penalties
 //!   need (prompt, then outputs appended as steps are applied).
@@ -113,7 +113,7 @@ impl BlockTableSource for [Vec<BlockId>] {
 
 /// The seed of sample `index` of a request: the request's seed for the first,
 /// a distinct stream for each sibling.
-pub fn sample_seed(seed: u64, index: usize) -> u64 {
+pub(crate) fn sample_seed(seed: u64, index: usize) -> u64 {
     if index == 0 {
         seed
     } else {
@@ -252,7 +252,7 @@ impl PersistentBatch {
         let mut max_blocks = 1;
         for entry in &out.scheduled {
             let slot = self.update_seq(entry)?;
-            let table_len = self.slot_mut(slot).block_table.len();
+            let table_len = self.slot_ref(slot).block_table.len();
             max_blocks = max_blocks.max(table_len);
             let s = &mut self.inputs;
             let n = entry.token_ids.len();

@@ -51,7 +51,7 @@ use std::path::Path;
 pub use async_engine::{
     AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError, DEFAULT_MAX_PENDING_SEQS,
 };
-pub use batch::{sample_seed, BlockTableSource, PersistentBatch, PreparedStep, SampleTarget, StepInputs};
+pub use batch::{BlockTableSource, PersistentBatch, PreparedStep, SampleTarget, StepInputs};
 pub use config::{EngineConfig, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
 pub use engine::LlmEngine;

@@ -267,7 +267,6 @@ impl<B: Backend> ModelRunner<B> {
     ) -> Result<Vec<SampledToken>, EngineError> {
         let t0 = Instant::now();
         let tokens = self.backend.finish_sample(sampled)?;
-        self.batch.apply_sampled(samplers, &tokens)?;
         let waited = t0.elapsed();
         self.timings.wait += waited;
         if decode_only {
@@ -275,6 +274,7 @@ impl<B: Backend> ModelRunner<B> {
         } else {
             self.timings.with_prefill.time += waited;
         }
+        self.batch.apply_sampled(samplers, &tokens)?;
         Ok(tokens)
     }
 

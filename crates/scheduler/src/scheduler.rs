@@ -450,9 +450,7 @@ impl<A: KvAllocator> Scheduler<A> {
         loop {
             let seq = &self.seqs[&id];
             let start = seq.num_computed_tokens;
-            // Copy-on-write may replace the last entry (never another one).
-            let table = self.kv.block_table(id).unwrap_or(&[]);
-            let last = table.len().checked_sub(1).map(|i| (i, table[i]));
+            let copies = out.blocks_to_copy.len();
             // A decode whose input is the token the running step samples: its
             // slot is allocated now, its id told to the allocator at the update.
             let allocation = if start == seq.tokens.len() && n == 1 {
@@ -462,12 +460,12 @@ impl<A: KvAllocator> Scheduler<A> {
             };
             match allocation {
                 Ok(()) => {
-                    if let Some((i, block)) = last {
-                        let table = self.kv.block_table(id).unwrap_or(&[]);
-                        if table.get(i) != Some(&block) {
-                            if let Some(seq) = self.seqs.get_mut(&id) {
-                                seq.num_blocks_sent = seq.num_blocks_sent.min(i);
-                            }
+                    // A copy-on-write replaced the last block of the table
+                    // (the one holding position `start - 1`), and no other.
+                    if out.blocks_to_copy.len() > copies && start > 0 {
+                        let replaced = (start - 1) / self.kv.block_size();
+                        if let Some(seq) = self.seqs.get_mut(&id) {
+                            seq.num_blocks_sent = seq.num_blocks_sent.min(replaced);
                         }
                     }
                     self.push_entry(id, n, out)?;
