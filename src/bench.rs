@@ -300,22 +300,13 @@ fn measure_throughput<B: Backend>(
     let steps_before = engine.metrics().engine_steps.get();
     let kv_before = KvCounters::read(engine);
     let started = Instant::now();
-    for (i, r) in requests.into_iter().enumerate() {
-        engine.add_request(bench_request(
-            format!("bench-{i}"),
-            r.prompt_token_ids,
-            r.max_tokens,
-            sampling,
-        ))?;
+    for (r, c) in requests.into_iter().zip(&completions) {
+        engine.add_request(bench_request(c.id.clone(), r.prompt_token_ids, r.max_tokens, sampling))?;
     }
-    let mut output_tokens = 0usize;
-    let mut finished = 0usize;
     while engine.has_unfinished_requests() {
         for out in engine.step()? {
             let n: usize = out.deltas.iter().map(|d| d.token_ids.len()).sum();
-            output_tokens += n;
             bar.inc(n as u64);
-            finished += out.finished as usize;
             if let Some(c) = index.get(&out.request_id).map(|&i| &mut completions[i]) {
                 c.output_tokens += n;
                 c.finished |= out.finished;
@@ -324,6 +315,9 @@ fn measure_throughput<B: Backend>(
     }
     let elapsed_s = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    // The totals are the per-request tallies the self-check reads.
+    let check = CompletionCheck::of(&completions);
+    let (finished, output_tokens) = (check.finished_requests, check.output_tokens);
     Ok(ThroughputResult {
         device,
         num_requests: finished,
@@ -337,7 +331,7 @@ fn measure_throughput<B: Backend>(
         engine_steps: engine.metrics().engine_steps.get() - steps_before,
         kv_cache: KvCacheReport::since(engine, &kv_before),
         sampling: sampling_report,
-        check: CompletionCheck::of(&completions),
+        check,
     })
 }
 

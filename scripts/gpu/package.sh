@@ -14,7 +14,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib/on-error.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/on-error.sh"
 cd "$(dirname "$0")/../.."
-PEER="${1:-../shared/bench/hf_peer.py}"
+PEER="${1:-scripts/peers/hf_peer.py}"
 [ -f "$PEER" ] || die "$PEER (the transformers peer for bench8b) is missing: pass its path as the first argument"
 scripts/setup-cuda.sh >/dev/null
 # shellcheck disable=SC1091

@@ -7,9 +7,8 @@
 #   vllm-stash       keep the wheel part(s) this call carried (.device/vllm/NN/) in $W/vllm
 #   vllm-install     join the parts, check every hash, pip install --no-index --no-deps into
 #                    $W/vllm-site, then import vllm (and its CUDA kernels) to prove it loads
-#   model8b          the random-weight Llama-3-8B ($L8B) and the 256 x 512/256 workload
-#                    ($WORKLOAD), by scripts/peers/hf_peer.py (as session.sh model8b does)
 #   workloads        the ShareGPT-like and shared-prefix workloads, by pagoda bench workload
+#                    (the model and the fixed workload come from session.sh model8b)
 #   vllm-throughput  offline: vllm_peer.py throughput over $PEER_WORKLOADS (default
 #                    "fixed sharegpt prefix") at each of $PEER_TEMPERATURES (default "0 1"),
 #                    one engine, prefix cache reset before each run
@@ -126,10 +125,6 @@ import vllm.v1.engine.core, vllm.v1.worker.gpu_worker, vllm.model_executor.model
 print("vllm imports: ok")
 EOF
       ;;
-    model8b)
-      python3 $PEERS/hf_peer.py --preset llama3-8b --save-model "$L8B" --write-workload "$WORKLOAD" \
-        --n 256 --input-len 512 --output-len 256 --modes none 2>&1 | grep -v Warning
-      ls "$L8B" ;;
     workloads)
       PAGODA=$(pagoda_bin) || exit 1
       # ShareGPT-like: log-normal lengths around 160 prompt / 128 output tokens, outputs 8..768.
