@@ -128,6 +128,13 @@ pub struct Sequence {
     /// earlier steps and unchanged since): the next entry's
     /// [`crate::BlockTableUpdate::keep`]. 0 while it holds no blocks.
     pub(crate) num_blocks_sent: usize,
+    /// Whether its prefill holds one of the `max_long_partial_prefills`
+    /// slots: set when it starts with more than the long-prompt threshold
+    /// left to prefill, and kept until the prompt is done. (Judged by what
+    /// is left at each step instead, a long prompt's last chunks would free
+    /// the slot early, and a queued long prompt could start beside it and
+    /// take the partial-prefill slot a short prompt was to get.)
+    pub(crate) long_prefill: bool,
 }
 
 impl Sequence {

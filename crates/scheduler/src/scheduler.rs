@@ -108,7 +108,8 @@ struct UnappliedStep {
 ///    one exception under the partial-prefill limits: a prompt its chunk
 ///    would leave unfinished starts only while fewer than
 ///    `max_num_partial_prefills` prompts are unfinished, and a long one only
-///    while fewer than `max_long_partial_prefills` long ones are; a long one
+///    while fewer than `max_long_partial_prefills` long ones are (a prompt
+///    that started long counts as long until its prefill ends); a long one
 ///    held back by that is passed over, so shorter prompts behind it go first.
 pub struct Scheduler<A: KvAllocator> {
     config: SchedulerConfig,
@@ -249,6 +250,7 @@ impl<A: KvAllocator> Scheduler<A> {
             max_total_tokens,
             scheduled_step: 0,
             num_blocks_sent: 0,
+            long_prefill: false,
         };
         self.requests.insert(
             req.request_id,
@@ -528,12 +530,7 @@ impl<A: KvAllocator> Scheduler<A> {
         if !self.swapped.is_empty() {
             return true;
         }
-        let long_running = running_prefills
-            .iter()
-            .filter(|id| {
-                self.seqs[id].num_tokens() - self.seqs[id].num_computed_tokens > limits.long_threshold
-            })
-            .count();
+        let long_running = running_prefills.iter().filter(|id| self.seqs[id].long_prefill).count();
         for &(_, id) in &self.waiting {
             let seq = &self.seqs[&id];
             if seq.num_awaited_tokens > 0 {
@@ -555,7 +552,7 @@ impl<A: KvAllocator> Scheduler<A> {
             let remaining = seq.num_tokens() - seq.num_computed_tokens;
             if seq.status == SeqStatus::Running && remaining > 1 {
                 count.partial += 1;
-                count.long += usize::from(remaining > limits.long_threshold);
+                count.long += usize::from(seq.long_prefill);
             }
         }
         count
@@ -700,16 +697,18 @@ impl<A: KvAllocator> Scheduler<A> {
         if !allocated(self.kv.start_seq(id, start), id)? {
             return Ok(Admission::Stop);
         }
+        let long_prefill = partials.as_deref().is_some_and(|p| remaining > p.limits.long_threshold);
         if let Some(p) = partials {
             if n < remaining {
                 p.partial += 1;
-                p.long += usize::from(remaining > p.limits.long_threshold);
+                p.long += usize::from(long_prefill);
             }
         }
         self.waiting.remove(&key);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.num_computed_tokens = cached;
             seq.num_blocks_sent = 0;
+            seq.long_prefill = long_prefill;
             self.pending_fork_slots += seq.pending_fork.len();
         }
         self.start_running(key, n, out, budget)?;
