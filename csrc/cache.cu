@@ -21,10 +21,12 @@ __global__ void copy_blocks_kernel(const uint64_t *cache_ptrs, size_t block_vecs
 }  // namespace
 
 extern "C" int pagoda_copy_blocks(const uint64_t *cache_ptrs, int num_caches, size_t block_bytes,
-                                  const int64_t *pairs, int num_pairs, void *stream) {
+                                  const int64_t *pairs, int num_pairs, const PagodaKernelPolicy *policy,
+                                  void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (num_caches == 0 || num_pairs == 0 || block_bytes == 0) return 0;
     if (num_caches > 65535) return PAGODA_ERR_ARGUMENT;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     dim3 grid(num_pairs, num_caches);
     // The caller passes 256-byte aligned cache bases, so 16-byte blocks stay aligned.
     if (block_bytes % 16 == 0)

@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include <utility>
 
@@ -125,36 +124,35 @@ __device__ __forceinline__ void pdl_wait() {
 
 __device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
-// Whether kernels are launched with the PDL attribute: on sm_90 and newer,
-// unless PAGODA_DISABLE_PDL=1 (for comparisons). One value per process.
-inline bool pdl_enabled() {
-    static const bool enabled = [] {
-        const char *v = getenv("PAGODA_DISABLE_PDL");
-        if (v != nullptr && v[0] == '1') return false;
-        int dev = 0, major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess) return false;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-        return major >= 9;
-    }();
-    return enabled;
+// Where a launcher's kernels go: the stream, and whether they are launched with
+// the PDL attribute (the policy's use_pdl, which the Rust side turns on only for
+// sm_90 and newer). Internal helpers take one of these where they would take a
+// cudaStream_t; `stream` is the raw stream for cuBLAS and CUB.
+struct LaunchStream {
+    cudaStream_t stream;
+    bool pdl;
+};
+
+// The launch stream of an extern "C" launcher's (policy, stream) arguments.
+inline LaunchStream launch_stream(const PagodaKernelPolicy *policy, void *stream) {
+    return LaunchStream{(cudaStream_t)stream, policy->use_pdl != 0};
 }
 
-// Launches `kernel` like <<<grid, block, smem, s>>>(args...), with programmatic
-// stream serialization when PDL is enabled: the kernel must follow the rules
-// above. A failed launch is also the thread's last error, so PAGODA_LAUNCH_CHECK
-// after it reports it as after <<<>>>.
+// Launches `kernel` like <<<grid, block, smem, s.stream>>>(args...), with
+// programmatic stream serialization when s.pdl is set: the kernel must follow
+// the rules above. A failed launch is also the thread's last error, so
+// PAGODA_LAUNCH_CHECK after it reports it as after <<<>>>.
 template <typename... Params, typename... Args>
-cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
-                   Args &&...args) {
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, LaunchStream s, Args &&...args) {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = smem;
-    config.stream = s;
+    config.stream = s.stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
-    if (pdl_enabled()) {
+    if (s.pdl) {
         config.attrs = attr;
         config.numAttrs = 1;
     }
@@ -209,6 +207,12 @@ inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 
         default:                                                            \
             return PAGODA_ERR_DTYPE;                                        \
     }
+
+// Every extern "C" launcher starts with this: a NULL policy is an argument error.
+#define PAGODA_CHECK_POLICY(policy)                          \
+    do {                                                     \
+        if ((policy) == nullptr) return PAGODA_ERR_ARGUMENT; \
+    } while (0)
 
 // The launch's own error (bad configuration) is returned at once.
 #define PAGODA_LAUNCH_CHECK() \

@@ -73,7 +73,7 @@ template <typename T> __global__ void silu_and_mul_kernel(const T *x, T *out, in
 }
 
 template <typename T>
-void launch_silu_and_mul(const T *x, T *out, int rows, int inter, bool vec, cudaStream_t s) {
+void launch_silu_and_mul(const T *x, T *out, int rows, int inter, bool vec, LaunchStream s) {
     constexpr int threads = 256;
     if constexpr (sizeof(T) == 2) {
         if (vec) {
@@ -106,9 +106,11 @@ extern "C" const char *pagoda_error_string(int code) {
     return cudaGetErrorString((cudaError_t)code);
 }
 
-extern "C" int pagoda_fill(void *dst, int dtype, size_t n, float value, void *stream) {
+extern "C" int pagoda_fill(void *dst, int dtype, size_t n, float value, const PagodaKernelPolicy *policy,
+                           void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (n == 0) return 0;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     const int threads = 256, blocks = grid_for(n, threads);
     switch (dtype) {
         case PAGODA_DTYPE_F32: launch(fill_kernel<float>, blocks, threads, 0, s, (float *)dst, n, value); break;
@@ -132,9 +134,10 @@ extern "C" int pagoda_fill(void *dst, int dtype, size_t n, float value, void *st
 }
 
 extern "C" int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out, int out_dtype, int rows, int cols,
-                                     int accumulate, void *stream) {
+                                     int accumulate, const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (rows == 0 || cols == 0) return 0;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     const size_t n = (size_t)rows * cols;
     const int threads = 256, blocks = grid_for(n, threads);
     PAGODA_DISPATCH_FLOAT(out_dtype, {
@@ -150,7 +153,8 @@ extern "C" int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out
 
 extern "C" int pagoda_gather_rows(const void *x, const int32_t *indices, void *out, int dtype, int num_out_rows,
                                   int row_elems, int num_src_rows, uint32_t *status, uint32_t status_bit,
-                                  void *stream) {
+                                  const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (num_out_rows == 0 || row_elems == 0) return 0;
     int elem;
     switch (dtype) {
@@ -161,7 +165,7 @@ extern "C" int pagoda_gather_rows(const void *x, const int32_t *indices, void *o
         case PAGODA_DTYPE_I64: elem = 8; break;
         default: return PAGODA_ERR_DTYPE;
     }
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     const size_t row_bytes = (size_t)row_elems * elem;
     const int threads = 128;
     if (row_bytes % 16 == 0 && aligned16(x) && aligned16(out)) {
@@ -178,9 +182,11 @@ extern "C" int pagoda_gather_rows(const void *x, const int32_t *indices, void *o
     return 0;
 }
 
-extern "C" int pagoda_silu_and_mul(const void *x, void *out, int dtype, int rows, int inter, void *stream) {
+extern "C" int pagoda_silu_and_mul(const void *x, void *out, int dtype, int rows, int inter,
+                                   const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (rows == 0 || inter == 0) return 0;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     const bool vec = inter % 8 == 0 && aligned16(x) && aligned16(out);
     PAGODA_DISPATCH_FLOAT(dtype, { launch_silu_and_mul<scalar_t>((const scalar_t *)x, (scalar_t *)out, rows, inter, vec, s); });
     PAGODA_LAUNCH_CHECK();

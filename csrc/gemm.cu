@@ -3,7 +3,6 @@
 // a weight-streaming kernel written here; more go to cuBLAS on the caller's
 // stream, where in column-major terms out^T (n x t) = w (k x n)^T . x^T (k x t).
 #include <cublas_v2.h>
-#include <stdlib.h>
 
 #include <type_traits>
 
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 }
 
 template <typename T, typename O, bool NORM, bool SILU>
-int launch_gemv(const PagodaLinearArgs *a, cudaStream_t stream) {
+int launch_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     const int n_out = SILU ? a->n / 2 : a->n;
     const dim3 grid(pagoda::ceil_div(n_out, GEMV_WARPS)), block(GEMV_WARPS * 32);
     const T *x = static_cast<const T *>(a->x);
@@ -177,7 +176,7 @@ int launch_gemv(const PagodaLinearArgs *a, cudaStream_t stream) {
     return 0;
 }
 
-template <typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, cudaStream_t stream) {
+template <typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     const bool norm = a->norm_weight != nullptr;
     if (a->silu_mul) {
         if constexpr (std::is_same<O, T>::value) {
@@ -190,18 +189,14 @@ template <typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, cuda
 
 // Whether the small-batch kernel takes this product: 16-bit inputs, at most
 // GEMV_MAX_TOKENS rows, rows of whole 16-byte chunks, aligned pointers, and
-// not switched off (PAGODA_DISABLE_GEMV=1 forces cuBLAS, for comparisons).
-bool gemv_applies(const PagodaLinearArgs *a) {
-    static const bool disabled = [] {
-        const char *v = getenv("PAGODA_DISABLE_GEMV");
-        return v != nullptr && v[0] == '1';
-    }();
-    return !disabled && a->t >= 1 && a->t <= GEMV_MAX_TOKENS && a->k > 0 && a->k % 8 == 0 &&
+// the policy's use_gemv (off forces cuBLAS, for comparisons).
+bool gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+    return policy->use_gemv != 0 && a->t >= 1 && a->t <= GEMV_MAX_TOKENS && a->k > 0 && a->k % 8 == 0 &&
            (a->in_dtype == PAGODA_DTYPE_BF16 || a->in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(a->x) &&
            pagoda::aligned16(a->weight) && (a->norm_weight == nullptr || pagoda::aligned16(a->norm_weight));
 }
 
-int gemv(const PagodaLinearArgs *a, cudaStream_t stream) {
+int gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     const bool f32_out = a->out_dtype == PAGODA_DTYPE_F32;
     if (a->in_dtype == PAGODA_DTYPE_BF16) {
         return f32_out ? gemv_fused<__nv_bfloat16, float>(a, stream)
@@ -278,20 +273,24 @@ extern "C" int pagoda_blas_destroy(void *handle) {
     return rc != 0 ? rc : (int)e;
 }
 
-extern "C" size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *a) {
-    if (a->t == 0 || a->n == 0 || gemv_applies(a)) return 0;
+extern "C" size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+    if (policy == nullptr) return 0;  // pagoda_linear refuses the launch
+    if (a->t == 0 || a->n == 0 || gemv_applies(a, policy)) return 0;
     return normed_bytes(a) + product_bytes(a);
 }
 
-extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, void *stream) {
+extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, const PagodaKernelPolicy *policy,
+                             void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (a->t < 0 || a->n < 0 || a->k < 0) return PAGODA_ERR_ARGUMENT;
     if (a->t == 0 || a->n == 0) return 0;
     cudaDataType_t unused;
     if (!cuda_type(a->in_dtype, &unused) || !cuda_type(a->out_dtype, &unused)) return PAGODA_ERR_DTYPE;
     if (a->out_dtype != a->in_dtype && a->out_dtype != PAGODA_DTYPE_F32) return PAGODA_ERR_DTYPE;
     if (a->silu_mul && (a->n % 2 != 0 || a->accumulate || a->out_dtype != a->in_dtype)) return PAGODA_ERR_ARGUMENT;
-    cudaStream_t s = (cudaStream_t)stream;
-    if (gemv_applies(a)) return gemv(a, s);
+    const pagoda::LaunchStream ls = pagoda::launch_stream(policy, stream);
+    const cudaStream_t s = ls.stream;
+    if (gemv_applies(a, policy)) return gemv(a, ls);
 
     if (a->scratch_bytes < normed_bytes(a) + product_bytes(a)) return PAGODA_ERR_WORKSPACE;
     char *scratch = (char *)a->scratch;
@@ -299,7 +298,7 @@ extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, void *stre
     int rc;
     if (a->norm_weight != nullptr) {
         rc = pagoda_rms_norm(a->x, nullptr, a->norm_weight, a->in_dtype, scratch, a->in_dtype, a->t, a->k, a->eps,
-                             stream);
+                             policy, stream);
         if (rc != 0) return rc;
         x = scratch;
     }
@@ -307,13 +306,14 @@ extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, void *stre
     const int product_dtype = a->silu_mul ? a->in_dtype : a->out_dtype;
     bool accumulate = a->accumulate != 0;
     if (a->bias != nullptr) {
-        rc = pagoda_broadcast_rows(a->bias, a->in_dtype, product, product_dtype, a->t, a->n, accumulate, stream);
+        rc = pagoda_broadcast_rows(a->bias, a->in_dtype, product, product_dtype, a->t, a->n, accumulate, policy,
+                                   stream);
         if (rc != 0) return rc;
         accumulate = true;
     }
     if (a->k == 0) {
         if (!accumulate) {
-            rc = pagoda_fill(product, product_dtype, (size_t)a->t * a->n, 0.0f, stream);
+            rc = pagoda_fill(product, product_dtype, (size_t)a->t * a->n, 0.0f, policy, stream);
             if (rc != 0) return rc;
         }
     } else {
@@ -327,6 +327,6 @@ extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, void *stre
         rc = blas_gemm(b->handle, x, a->weight, a->in_dtype, product, product_dtype, a->t, a->n, a->k, accumulate);
         if (rc != 0) return rc;
     }
-    if (a->silu_mul) return pagoda_silu_and_mul(product, a->out, a->in_dtype, a->t, a->n / 2, stream);
+    if (a->silu_mul) return pagoda_silu_and_mul(product, a->out, a->in_dtype, a->t, a->n / 2, policy, stream);
     return 0;
 }

@@ -104,7 +104,7 @@ __global__ void rms_norm_kernel(const T *__restrict__ x, T *__restrict__ residua
 
 template <typename T, typename W>
 int launch_rms_norm(const T *x, T *residual, const W *weight, T *out, int rows, int hidden, float eps,
-                    cudaStream_t s) {
+                    LaunchStream s) {
     const bool vec = sizeof(T) == 2 && hidden % 8 == 0 && aligned16(x) && aligned16(out) &&
                      (residual == nullptr || aligned16(residual));
     int threads = 1024;
@@ -130,9 +130,11 @@ int launch_rms_norm(const T *x, T *residual, const W *weight, T *out, int rows, 
 }  // namespace
 
 extern "C" int pagoda_rms_norm(const void *x, void *residual, const void *weight, int weight_dtype, void *out,
-                               int dtype, int rows, int hidden, float eps, void *stream) {
+                               int dtype, int rows, int hidden, float eps, const PagodaKernelPolicy *policy,
+                               void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (rows == 0 || hidden == 0) return 0;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     PAGODA_DISPATCH_FLOAT(dtype, {
         if (weight_dtype == dtype) {
             return launch_rms_norm<scalar_t, scalar_t>((const scalar_t *)x, (scalar_t *)residual,

@@ -11,8 +11,6 @@
 // tiles of 64 tokens are gathered from the paged cache into shared memory with
 // cp.async, scores and the P.V product use bf16/f16 tensor cores
 // (mma.sync m16n8k16, f32 accumulation), and the softmax is online.
-#include <stdlib.h>
-
 #include "common.cuh"
 
 using namespace pagoda;
@@ -316,41 +314,30 @@ int decode_context(const PagodaAttentionArgs *a) {
     return ctx > 0 ? ctx : 1;
 }
 
-int num_sms() {
-    static const int n = [] {
-        int dev = 0, v = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0)
-            return 132;
-        return v;
-    }();
-    return n;
-}
-
 // Small partitions when large ones would leave most SMs idle (fewer blocks than
 // two per SM); the extra merge work is negligible at that size. When the
 // (sequence, KV head) pairs alone fill the GPU twice over and every context fits
 // kDecodePartitionWhole, one partition per pair: no merge pass, and no short
 // trailing partitions (the bench's sweep: larger partitions won at batch 64-256).
-// PAGODA_DECODE_PARTITION=64|128|256|512|1024 forces one (for that sweep).
-int decode_partition(const PagodaAttentionArgs *a) {
-    if (const char *forced = getenv("PAGODA_DECODE_PARTITION")) {
-        const int p = atoi(forced);
-        if (p == 64 || p == 128 || p == 256 || p == 512 || p == 1024) return p;
-    }
+// A policy's decode_partition of 64|128|256|512|1024 forces one (for that sweep).
+int decode_partition(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy) {
+    const int forced = policy->decode_partition;
+    if (forced == 64 || forced == 128 || forced == 256 || forced == 512 || forced == 1024) return forced;
+    const long sms = policy->num_sms > 0 ? policy->num_sms : 1;
     const long pairs = (long)a->num_kv_heads * a->num_decode_seqs;
     const long blocks = pairs * ceil_div(decode_context(a), kDecodePartitionLarge);
-    if (blocks < 2L * num_sms()) return kDecodePartitionSmall;
+    if (blocks < 2L * sms) return kDecodePartitionSmall;
     // (Groups of 8 query heads need 255 registers at 1024: they keep 512.)
     const int group = a->num_q_heads / a->num_kv_heads;
-    if (group <= 4 && decode_context(a) <= kDecodePartitionWhole && pairs >= 2L * num_sms())
-        return kDecodePartitionWhole;
+    if (group <= 4 && decode_context(a) <= kDecodePartitionWhole && pairs >= 2L * sms) return kDecodePartitionWhole;
     return kDecodePartitionLarge;
 }
 
-int decode_max_splits(const PagodaAttentionArgs *a) { return ceil_div(decode_context(a), decode_partition(a)); }
+int decode_max_splits(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy) {
+    return ceil_div(decode_context(a), decode_partition(a, policy));
+}
 
-template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAttentionArgs *a, cudaStream_t s) {
+template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAttentionArgs *a, LaunchStream s) {
     const int max_splits = ceil_div(decode_context(a), P);
     const size_t smem = sizeof(float) * (size_t)max(GMAX * P, kDecodeWarps * GMAX * D);
     if (smem > 48 * 1024) {
@@ -368,8 +355,9 @@ template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAt
     return 0;
 }
 
-template <typename T, int D, int GMAX> int launch_decode_g(const PagodaAttentionArgs *a, cudaStream_t s) {
-    switch (decode_partition(a)) {
+template <typename T, int D, int GMAX>
+int launch_decode_g(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
+    switch (decode_partition(a, policy)) {
         case 64: return launch_decode_p<T, D, GMAX, 64>(a, s);
         case 128: return launch_decode_p<T, D, GMAX, 128>(a, s);
         case 256: return launch_decode_p<T, D, GMAX, 256>(a, s);
@@ -378,12 +366,13 @@ template <typename T, int D, int GMAX> int launch_decode_g(const PagodaAttention
     }
 }
 
-template <typename T, int D> int launch_decode(const PagodaAttentionArgs *a, cudaStream_t s) {
+template <typename T, int D>
+int launch_decode(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     const int G = a->num_q_heads / a->num_kv_heads;
-    if (G <= 1) return launch_decode_g<T, D, 1>(a, s);
-    if (G <= 2) return launch_decode_g<T, D, 2>(a, s);
-    if (G <= 4) return launch_decode_g<T, D, 4>(a, s);
-    return launch_decode_g<T, D, 8>(a, s);
+    if (G <= 1) return launch_decode_g<T, D, 1>(a, policy, s);
+    if (G <= 2) return launch_decode_g<T, D, 2>(a, policy, s);
+    if (G <= 4) return launch_decode_g<T, D, 4>(a, policy, s);
+    return launch_decode_g<T, D, 8>(a, policy, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -693,7 +682,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 3)
 }
 
 template <typename T, int D>
-int launch_prefill(const PagodaAttentionArgs *a, int seq_begin, int max_query_len, cudaStream_t s) {
+int launch_prefill(const PagodaAttentionArgs *a, int seq_begin, int max_query_len, LaunchStream s) {
     const int nseqs = a->num_seqs - seq_begin;
     if (nseqs <= 0 || max_query_len <= 0) return 0;
     const size_t smem = sizeof(T) * (size_t)(kBM + 2 * kBN) * D;
@@ -708,7 +697,8 @@ int launch_prefill(const PagodaAttentionArgs *a, int seq_begin, int max_query_le
     return 0;
 }
 
-template <typename T, int D> int launch_attention(const PagodaAttentionArgs *a, cudaStream_t s) {
+template <typename T, int D>
+int launch_attention(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     const int G = a->num_q_heads / a->num_kv_heads;
     if (G > kMaxDecodeGroup) {
         // Wide groups: the prefill kernel serves decode rows too (one query row each).
@@ -716,7 +706,7 @@ template <typename T, int D> int launch_attention(const PagodaAttentionArgs *a, 
         return launch_prefill<T, D>(a, 0, max_q, s);
     }
     if (a->num_decode_seqs > 0) {
-        const int rc = launch_decode<T, D>(a, s);
+        const int rc = launch_decode<T, D>(a, policy, s);
         if (rc != 0) return rc;
     }
     return launch_prefill<T, D>(a, a->num_decode_seqs, a->max_prefill_query_len, s);
@@ -724,29 +714,31 @@ template <typename T, int D> int launch_attention(const PagodaAttentionArgs *a, 
 
 }  // namespace
 
-extern "C" size_t pagoda_attention_workspace_bytes(const PagodaAttentionArgs *a) {
+extern "C" size_t pagoda_attention_workspace_bytes(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy) {
+    if (policy == nullptr) return 0;  // pagoda_attention refuses the launch
     const int G = a->num_kv_heads > 0 ? a->num_q_heads / a->num_kv_heads : 0;
     if (a->num_decode_seqs == 0 || G > kMaxDecodeGroup) return 0;
-    const int max_splits = decode_max_splits(a);
+    const int max_splits = decode_max_splits(a, policy);
     if (max_splits <= 1) return 0;
     const size_t parts = (size_t)a->num_decode_seqs * a->num_q_heads * max_splits;
     return parts * (size_t)(a->head_dim + 2) * sizeof(float);
 }
 
-extern "C" int pagoda_attention(const PagodaAttentionArgs *a, void *stream) {
+extern "C" int pagoda_attention(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (a->num_seqs == 0) return 0;
     if (a->num_kv_heads <= 0 || a->num_q_heads % a->num_kv_heads != 0 || a->block_size <= 0 ||
         (a->block_size & (a->block_size - 1)) != 0)
         return PAGODA_ERR_ARGUMENT;
-    if (a->num_decode_seqs > 0 && a->workspace_bytes < pagoda_attention_workspace_bytes(a))
+    if (a->num_decode_seqs > 0 && a->workspace_bytes < pagoda_attention_workspace_bytes(a, policy))
         return PAGODA_ERR_WORKSPACE;
     if (!aligned16(a->q) || !aligned16(a->k_cache) || !aligned16(a->v_cache) || !aligned16(a->out))
         return PAGODA_ERR_ALIGNMENT;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     PAGODA_DISPATCH_HALF(a->dtype, {
         switch (a->head_dim) {
-            case 64: return launch_attention<scalar_t, 64>(a, s);
-            case 128: return launch_attention<scalar_t, 128>(a, s);
+            case 64: return launch_attention<scalar_t, 64>(a, policy, s);
+            case 128: return launch_attention<scalar_t, 128>(a, policy, s);
             default: return PAGODA_ERR_HEAD_DIM;
         }
     });

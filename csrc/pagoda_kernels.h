@@ -1,11 +1,14 @@
 /*
  * Pagoda's CUDA kernels as plain C launchers: the one header bindgen reads.
  *
- * Every launcher takes the CUDA stream it runs on (a CUstream / cudaStream_t
- * passed as void*) and returns 0 on success, a cudaError_t value when CUDA
- * refused the launch, or one of the PAGODA_ERR_* codes when an argument is out
- * of what the kernels support. Launches are asynchronous: errors inside a
- * kernel surface at the next synchronisation.
+ * Every launcher takes the kernel policy of the device it runs on (see
+ * PagodaKernelPolicy: never NULL) and the CUDA stream it runs on (a CUstream /
+ * cudaStream_t passed as void*), and returns 0 on success, a cudaError_t value
+ * when CUDA refused the launch, or one of the PAGODA_ERR_* codes when an
+ * argument is out of what the kernels support. Launches are asynchronous:
+ * errors inside a kernel surface at the next synchronisation. Nothing here
+ * reads the environment or asks the driver which device is current: what a
+ * launcher may choose comes in the policy.
  *
  * Device-side index checks (token ids, row indices, cache slots, block-table
  * entries) cannot return an error without a synchronisation, so kernels skip
@@ -51,27 +54,48 @@ extern "C" {
 /* A readable message for any code a launcher returned. */
 const char *pagoda_error_string(int code);
 
+/* How the launchers choose kernels on one device. The Rust side resolves it
+ * once per device, when the backend is created (command-line flags, then the
+ * PAGODA_* environment variables, then the device's own facts), and passes it
+ * to every launcher. */
+typedef struct {
+    /* Streaming multiprocessors of the device the stream belongs to (> 0):
+     * decode attention and greedy sampling size their grids by it. */
+    int32_t num_sms;
+    /* 1: kernels are launched with programmatic stream serialization (PDL;
+     * only on sm_90 and newer); 0: plain launches. */
+    int32_t use_pdl;
+    /* 1: products of at most 8 token rows with 16-bit inputs go to the
+     * weight-streaming GEMV; 0: every product goes to cuBLAS. */
+    int32_t use_gemv;
+    /* Context tokens per decode-attention partition: 0 chooses per launch
+     * from the shape and num_sms; 64, 128, 256, 512 or 1024 forces it. */
+    int32_t decode_partition;
+} PagodaKernelPolicy;
+
 /* ---- elementwise ------------------------------------------------------- */
 
 /* dst[0..n) = value, converted to dtype (integers: truncated toward zero). */
-int pagoda_fill(void *dst, int dtype, size_t n, float value, void *stream);
+int pagoda_fill(void *dst, int dtype, size_t n, float value, const PagodaKernelPolicy *policy, void *stream);
 
 /* out[r, :] = bias[:] (or += with accumulate) for r in 0..rows (bias may be another float dtype). */
 int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out, int out_dtype, int rows, int cols,
-                          int accumulate, void *stream);
+                          int accumulate, const PagodaKernelPolicy *policy, void *stream);
 
 /* out[m, :] = x[indices[m], :]; indices outside 0..num_src_rows set
  * status_bit and leave the row unwritten. Used for embedding and gather_rows. */
 int pagoda_gather_rows(const void *x, const int32_t *indices, void *out, int dtype, int num_out_rows,
-                       int row_elems, int num_src_rows, uint32_t *status, uint32_t status_bit, void *stream);
+                       int row_elems, int num_src_rows, uint32_t *status, uint32_t status_bit,
+                       const PagodaKernelPolicy *policy, void *stream);
 
 /* If residual != NULL: residual += x (rounded to dtype), then out = rms_norm(residual).
  * Otherwise out = rms_norm(x). weight has dtype or F32. */
 int pagoda_rms_norm(const void *x, void *residual, const void *weight, int weight_dtype, void *out, int dtype,
-                    int rows, int hidden, float eps, void *stream);
+                    int rows, int hidden, float eps, const PagodaKernelPolicy *policy, void *stream);
 
 /* out[r, i] = silu(x[r, i]) * x[r, inter + i]. */
-int pagoda_silu_and_mul(const void *x, void *out, int dtype, int rows, int inter, void *stream);
+int pagoda_silu_and_mul(const void *x, void *out, int dtype, int rows, int inter, const PagodaKernelPolicy *policy,
+                        void *stream);
 
 /* ---- rotary embedding fused with the cache write ---------------------- */
 
@@ -96,7 +120,7 @@ typedef struct {
     int block_size;
 } PagodaRotaryArgs;
 
-int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, void *stream);
+int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
 /* ---- attention over the paged cache ----------------------------------- */
 
@@ -126,12 +150,13 @@ typedef struct {
     int max_prefill_query_len; /* over the other sequences */
 } PagodaAttentionArgs;
 
-/* Bytes of workspace pagoda_attention needs for these arguments. */
-size_t pagoda_attention_workspace_bytes(const PagodaAttentionArgs *args);
+/* Bytes of workspace pagoda_attention needs for these arguments under this
+ * policy (the decode partition decides the number of partials). */
+size_t pagoda_attention_workspace_bytes(const PagodaAttentionArgs *args, const PagodaKernelPolicy *policy);
 
 /* Decode sequences through the split-K paged kernel, the rest through the
  * tiled prefill kernel (tensor cores). */
-int pagoda_attention(const PagodaAttentionArgs *args, void *stream);
+int pagoda_attention(const PagodaAttentionArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
 /* ---- dense matrix products (cuBLAS) ------------------------------------ */
 
@@ -145,10 +170,10 @@ int pagoda_blas_destroy(void *handle);
  *   out  = p, or silu(p[:, :n/2]) * p[:, n/2:] with silu_mul (out [t, n/2]),
  *          added to out instead of stored with accumulate (not with silu_mul).
  * x, weight, bias and norm_weight share in_dtype (F32, F16 or BF16); out is
- * in_dtype or F32 (F32 not with silu_mul). With at most 8 token rows the norm,
- * bias, SiLU and accumulation happen inside one weight-streaming kernel;
- * otherwise through cuBLAS and the elementwise kernels, using `scratch`
- * (pagoda_linear_scratch_bytes). */
+ * in_dtype or F32 (F32 not with silu_mul). With at most 8 token rows (and
+ * policy->use_gemv) the norm, bias, SiLU and accumulation happen inside one
+ * weight-streaming kernel; otherwise through cuBLAS and the elementwise
+ * kernels, using `scratch` (pagoda_linear_scratch_bytes). */
 typedef struct {
     const void *x;           /* [t, k] */
     const void *weight;      /* [n, k] */
@@ -165,10 +190,10 @@ typedef struct {
     int accumulate;
 } PagodaLinearArgs;
 
-/* Scratch the unfused (cuBLAS) path of these arguments needs; 0 if none. */
-size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *args);
+/* Scratch the unfused (cuBLAS) path of these arguments needs under this policy; 0 if none. */
+size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *args, const PagodaKernelPolicy *policy);
 
-int pagoda_linear(void *handle, const PagodaLinearArgs *args, void *stream);
+int pagoda_linear(void *handle, const PagodaLinearArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
 /* ---- KV cache blocks ---------------------------------------------------- */
 
@@ -177,7 +202,7 @@ int pagoda_linear(void *handle, const PagodaLinearArgs *args, void *stream);
  * copies block_bytes from block pairs[2p] to block pairs[2p+1] of cache c.
  * cache_ptrs and pairs live on the device. */
 int pagoda_copy_blocks(const uint64_t *cache_ptrs, int num_caches, size_t block_bytes, const int64_t *pairs,
-                       int num_pairs, void *stream);
+                       int num_pairs, const PagodaKernelPolicy *policy, void *stream);
 
 /* ---- sampling ------------------------------------------------------------ */
 
@@ -227,7 +252,7 @@ typedef struct {
 int pagoda_sample_workspace_bytes(int num_rows, int num_draw_rows, int vocab, size_t *bytes);
 
 /* Samples every row exactly as pagoda_sampler::sample_row specifies. */
-int pagoda_sample(const PagodaSampleArgs *args, void *stream);
+int pagoda_sample(const PagodaSampleArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
 /* token_ids[i] = sampled[source_rows[i]].token for every i in 0..n with
  * source_rows[i] >= 0, so a step's input can take the previous step's sampled
@@ -236,7 +261,8 @@ int pagoda_sample(const PagodaSampleArgs *args, void *stream);
  * it alone silently. Device memory only, no synchronisation: it may be
  * recorded in a graph (which then keeps reading this `sampled`). */
 int pagoda_feed_sampled_tokens(const PagodaSampleOut *sampled, int num_sampled, const int32_t *source_rows,
-                               int32_t *token_ids, int n, uint32_t *status, void *stream);
+                               int32_t *token_ids, int n, uint32_t *status, const PagodaKernelPolicy *policy,
+                               void *stream);
 
 #ifdef __cplusplus
 }

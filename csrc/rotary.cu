@@ -140,7 +140,7 @@ template <typename T, bool NEOX> __global__ void rotary_and_cache_vec_kernel(Pag
     }
 }
 
-template <typename T> void launch_rotary(const PagodaRotaryArgs *args, bool vec, cudaStream_t s) {
+template <typename T> void launch_rotary(const PagodaRotaryArgs *args, bool vec, LaunchStream s) {
     const int D = args->head_dim;
     if constexpr (sizeof(T) == 2) {
         if (vec) {
@@ -163,10 +163,12 @@ template <typename T> void launch_rotary(const PagodaRotaryArgs *args, bool vec,
 
 }  // namespace
 
-extern "C" int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, void *stream) {
+extern "C" int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, const PagodaKernelPolicy *policy,
+                                       void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (args->num_tokens == 0) return 0;
     if (args->rotary_dim > args->head_dim || args->rotary_dim % 2 != 0) return PAGODA_ERR_ARGUMENT;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     const bool vec = args->rotary_dim == args->head_dim && args->head_dim % 16 == 0 && aligned16(args->qkv) &&
                      aligned16(args->q_out) && aligned16(args->k_cache) && aligned16(args->v_cache) &&
                      aligned16(args->cos_sin);

@@ -312,12 +312,8 @@ struct GreedyPartial {
 };
 
 // Chunks per row: about eight blocks per SM, chunks of at least kGreedyMinChunk.
-int greedy_chunks(int rows, int vocab) {
-    static const int sms = [] {
-        int dev = 0, n = 132;
-        if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-        return n;
-    }();
+int greedy_chunks(int rows, int vocab, int sms) {
+    sms = sms > 0 ? sms : 1;
     const int by_occupancy = ceil_div(8 * sms, rows);
     const int by_size = max(1, vocab / kGreedyMinChunk);
     return max(1, min(kGreedyMaxChunks, min(by_occupancy, by_size)));
@@ -385,8 +381,8 @@ __global__ void greedy_merge_kernel(const T *__restrict__ logits, const GreedyPa
     }
 }
 
-int sample_greedy_only(const PagodaSampleArgs *a, cudaStream_t s) {
-    const int chunks = greedy_chunks(a->num_rows, a->vocab);
+int sample_greedy_only(const PagodaSampleArgs *a, int num_sms, LaunchStream s) {
+    const int chunks = greedy_chunks(a->num_rows, a->vocab, num_sms);
     if ((size_t)a->num_rows * chunks * sizeof(GreedyPartial) > a->workspace_bytes) return PAGODA_ERR_WORKSPACE;
     GreedyPartial *parts = (GreedyPartial *)a->workspace;
     PAGODA_DISPATCH_FLOAT(a->logits_dtype, {
@@ -473,7 +469,8 @@ extern "C" int pagoda_sample_workspace_bytes(int num_rows, int num_draw_rows, in
     return rc;
 }
 
-extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
+extern "C" int pagoda_sample(const PagodaSampleArgs *a, const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (a->num_rows == 0) return 0;
     if (a->vocab <= 0 || a->num_draw_rows < 0 || a->num_draw_rows > a->num_rows ||
         (size_t)a->num_draw_rows * a->vocab > (size_t)INT_MAX)
@@ -482,10 +479,10 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
     int rc = plan_workspace((char *)a->workspace, a->num_rows, a->num_draw_rows, a->vocab, &w);
     if (rc != 0) return rc;
     if (w.total > a->workspace_bytes) return PAGODA_ERR_WORKSPACE;
-    cudaStream_t s = (cudaStream_t)stream;
+    const LaunchStream s = launch_stream(policy, stream);
     if (a->greedy_only) {
         if (a->num_draw_rows != 0) return PAGODA_ERR_ARGUMENT;
-        return sample_greedy_only(a, s);
+        return sample_greedy_only(a, policy->num_sms, s);
     }
     const int M = a->num_rows, V = a->vocab, Md = a->num_draw_rows;
 
@@ -502,7 +499,7 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
         size_t temp_bytes = w.sort_temp_bytes;
         cudaError_t e = cub::DeviceSegmentedRadixSort::SortPairsDescending(
             w.sort_temp, temp_bytes, w.probs_in, w.probs_out, w.ids_in, w.ids_out, Md * V, Md, w.offsets,
-            w.offsets + 1, 0, (int)(sizeof(float) * 8), s);
+            w.offsets + 1, 0, (int)(sizeof(float) * 8), s.stream);
         if (e != cudaSuccess) return (int)e;
         launch(draw_kernel, Md, kThreads, 0, s, a->rows, w.probs_out, w.ids_out, w.draw_row_of, a->out, V);
         PAGODA_LAUNCH_CHECK();
@@ -516,10 +513,12 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, void *stream) {
 }
 
 extern "C" int pagoda_feed_sampled_tokens(const PagodaSampleOut *sampled, int num_sampled, const int32_t *source_rows,
-                                          int32_t *token_ids, int n, uint32_t *status, void *stream) {
+                                          int32_t *token_ids, int n, uint32_t *status,
+                                          const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
     if (n == 0) return 0;
     if (n < 0 || num_sampled < 0 || (num_sampled > 0 && sampled == nullptr)) return PAGODA_ERR_ARGUMENT;
-    launch(feed_sampled_tokens_kernel, ceil_div(n, kFeedThreads), kFeedThreads, 0, (cudaStream_t)stream, sampled,
+    launch(feed_sampled_tokens_kernel, ceil_div(n, kFeedThreads), kFeedThreads, 0, launch_stream(policy, stream), sampled,
            num_sampled, source_rows, token_ids, n, status);
     PAGODA_LAUNCH_CHECK();
     return 0;

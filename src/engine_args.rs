@@ -18,6 +18,81 @@ pub enum Device {
     Cuda,
 }
 
+/// On or off, for a switch whose default belongs to someone else (the environment, the device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    // Read only by the CUDA backend's options (and the tests).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
+}
+
+/// Context tokens per decode-attention partition (the CUDA kernels are built for these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecodePartitionArg {
+    /// Chosen per launch from the batch, the context and the GPU's SM count.
+    Auto,
+    #[value(name = "64")]
+    T64,
+    #[value(name = "128")]
+    T128,
+    #[value(name = "256")]
+    T256,
+    #[value(name = "512")]
+    T512,
+    #[value(name = "1024")]
+    T1024,
+}
+
+impl DecodePartitionArg {
+    /// The forced partition size; `None` for `auto`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn tokens(self) -> Option<u32> {
+        match self {
+            Self::Auto => None,
+            Self::T64 => Some(64),
+            Self::T128 => Some(128),
+            Self::T256 => Some(256),
+            Self::T512 => Some(512),
+            Self::T1024 => Some(1024),
+        }
+    }
+}
+
+/// The device, and switches of its kernels for experiments. Each `--kernel-*`
+/// flag given wins over its `PAGODA_*` environment variable, which wins over
+/// the GPU's own default; they apply to the CUDA backend only.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct DeviceArgs {
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// CUDA: context tokens per decode-attention partition (default: auto, or
+    /// $PAGODA_DECODE_PARTITION).
+    #[arg(long, value_enum, value_name = "TOKENS")]
+    pub kernel_decode_partition: Option<DecodePartitionArg>,
+    /// CUDA: programmatic dependent launch, on sm_90 and newer (default: on,
+    /// off with PAGODA_DISABLE_PDL=1).
+    #[arg(long, value_enum)]
+    pub kernel_pdl: Option<Switch>,
+    /// CUDA: the weight-streaming GEMV for products of at most 8 token rows;
+    /// off sends every product to cuBLAS (default: on, off with PAGODA_DISABLE_GEMV=1).
+    #[arg(long, value_enum)]
+    pub kernel_gemv: Option<Switch>,
+}
+
+impl DeviceArgs {
+    /// Whether any `--kernel-*` flag was given.
+    pub fn any_kernel_flag(&self) -> bool {
+        self.kernel_decode_partition.is_some() || self.kernel_pdl.is_some() || self.kernel_gemv.is_some()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PreemptionArg {
     Recompute,
@@ -36,8 +111,8 @@ pub struct EngineArgs {
     /// a folder holding one .gguf file, or a .gguf file.
     #[arg(long, env = "PAGODA_MODEL")]
     pub model: PathBuf,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    pub device: Device,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -175,5 +250,47 @@ mod tests {
         assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("GiB").is_err());
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        device: DeviceArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<DeviceArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("pagoda").chain(args.iter().copied())).map(|c| c.device)
+    }
+
+    #[test]
+    fn kernel_flags_parse_and_are_unset_by_default() {
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.device, Device::Auto);
+        assert!(!d.any_kernel_flag());
+        let d =
+            parse(&["--device", "cuda", "--kernel-decode-partition", "256", "--kernel-pdl", "off"]).unwrap();
+        assert_eq!(d.kernel_decode_partition.and_then(DecodePartitionArg::tokens), Some(256));
+        assert_eq!(d.kernel_pdl, Some(Switch::Off));
+        assert_eq!(d.kernel_gemv, None);
+        assert!(d.any_kernel_flag());
+        let d = parse(&["--kernel-gemv", "on", "--kernel-decode-partition", "auto"]).unwrap();
+        assert!(d.kernel_gemv.is_some_and(Switch::is_on));
+        assert_eq!(d.kernel_decode_partition, Some(DecodePartitionArg::Auto));
+        assert!(parse(&["--kernel-decode-partition", "100"]).is_err());
+        assert!(parse(&["--kernel-pdl", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn decode_partition_flags_are_the_kernels_sizes() {
+        // The sizes pagoda-backend-cuda's DECODE_PARTITIONS lists (not a
+        // dependency of a build without CUDA, hence the copy).
+        let sizes: Vec<u32> =
+            DecodePartitionArg::value_variants().iter().filter_map(|v| v.tokens()).collect();
+        assert_eq!(sizes, [64, 128, 256, 512, 1024]);
+        for v in DecodePartitionArg::value_variants() {
+            let name = v.to_possible_value().expect("no hidden values").get_name().to_string();
+            assert_eq!(name, v.tokens().map_or("auto".to_string(), |t| t.to_string()));
+        }
     }
 }

@@ -9,7 +9,6 @@
 
 use pagoda_backend::{AttentionArgs, BackendError, Result};
 
-use crate::ops::{expect_rows_cols, rows_cols};
 use crate::simd::{axpy, dot, Isa};
 use crate::storage::with_operands;
 use crate::CpuBackend;
@@ -170,34 +169,11 @@ impl RowKernel<'_> {
 }
 
 pub(crate) fn attention(args: &AttentionArgs<'_, CpuBackend>) -> Result<()> {
+    let cache = args.check()?;
     let AttentionArgs { q, k_cache, v_cache, out, meta, .. } = *args;
     let (hq, hkv, d) = (args.num_q_heads, args.num_kv_heads, args.head_dim);
-    if hq == 0 || hkv == 0 || d == 0 || hq % hkv != 0 {
-        return Err(BackendError::shape(OP, format!("{hq} q heads over {hkv} kv heads of dim {d}")));
-    }
-    if args.sliding_window == Some(0) {
-        return Err(BackendError::shape(OP, "a sliding window of 0 sees nothing"));
-    }
-    if !args.scale.is_finite() {
-        return Err(BackendError::shape(OP, format!("scale {} is not finite", args.scale)));
-    }
-    let (tokens, _) = rows_cols(OP, "q", q)?;
-    expect_rows_cols(OP, "q", q, tokens, hq * d)?;
-    out.expect_dims(OP, "out", q.dims())?;
-    let [num_blocks, cache_heads, block_size, cache_d] = match *k_cache.dims() {
-        [a, b, c, e] => [a, b, c, e],
-        _ => return Err(BackendError::shape(OP, format!("k_cache {:?} is not rank 4", k_cache.shape()))),
-    };
-    if (cache_heads, cache_d) != (hkv, d) || block_size == 0 {
-        return Err(BackendError::shape(OP, format!("k_cache {:?} vs Hkv {hkv}, D {d}", k_cache.shape())));
-    }
-    v_cache.expect_dims(OP, "v_cache", k_cache.dims())?;
-    let num_seqs = meta.seq_lens.numel();
-    meta.query_start_loc.expect_dims(OP, "query_start_loc", &[num_seqs + 1])?;
-    let (table_rows, max_blocks) = meta.block_tables.dims2(OP)?;
-    if table_rows != num_seqs {
-        return Err(BackendError::shape(OP, format!("{table_rows} block tables for {num_seqs} sequences")));
-    }
+    let (tokens, block_size, num_blocks) = (meta.host.num_tokens(), cache.block_size, cache.num_blocks);
+    let max_blocks = meta.host.max_blocks_per_seq;
     let group = hq / hkv;
 
     let inputs = [q, k_cache, v_cache, &meta.query_start_loc, &meta.seq_lens, &meta.block_tables];

@@ -2,18 +2,9 @@
 //! device blocks, and swaps to and from a host pool (preemption by swapping).
 //! A block is one step of a cache tensor's leading dimension.
 
-use pagoda_backend::{BackendError, Result};
+use pagoda_backend::{check_copy_blocks, check_swap_in, check_swap_out, BackendError, CacheBlocks, Result};
 
-use crate::ops::rows_cols;
 use crate::storage::{range_in, CpuBuffer, CpuTensor};
-
-fn block_index(op: &'static str, what: &str, block: u32, count: usize) -> Result<usize> {
-    if (block as usize) < count {
-        Ok(block as usize)
-    } else {
-        Err(BackendError::Index { op, detail: format!("{what} block {block} of {count}") })
-    }
-}
 
 /// Mutable access to one cache tensor's elements.
 fn with_cache<R>(
@@ -32,17 +23,11 @@ fn with_cache<R>(
 
 pub(crate) fn copy_blocks(caches: &[&CpuTensor], pairs: &[(u32, u32)]) -> Result<()> {
     const OP: &str = "copy_blocks";
-    // Validate everything first so a bad pair leaves every cache untouched.
-    for cache in caches {
-        let (blocks, _) = rows_cols(OP, "cache", cache)?;
-        for &(src, dst) in pairs {
-            block_index(OP, "source", src, blocks)?;
-            block_index(OP, "destination", dst, blocks)?;
-        }
-    }
+    // Every pair is checked against every cache first, so a bad pair leaves every cache untouched.
+    check_copy_blocks(caches, pairs)?;
     // One cache at a time: caches may be views of one allocation.
     for cache in caches {
-        let (_, block) = rows_cols(OP, "cache", cache)?;
+        let block = CacheBlocks::of(OP, "cache", cache)?.block_numel;
         with_cache(OP, cache, |data| {
             for &(src, dst) in pairs {
                 let (src, dst) = (src as usize * block, dst as usize * block);
@@ -54,20 +39,10 @@ pub(crate) fn copy_blocks(caches: &[&CpuTensor], pairs: &[(u32, u32)]) -> Result
     Ok(())
 }
 
-/// Bytes per block in the host pool: the cache's block in its own dtype (f32 here).
-fn host_block_bytes(op: &'static str, cache: &CpuTensor) -> Result<(usize, usize, usize)> {
-    let (blocks, block) = rows_cols(op, "cache", cache)?;
-    Ok((blocks, block, block * cache.dtype().size_in_bytes()))
-}
-
 pub(crate) fn swap_out(cache: &CpuTensor, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()> {
     const OP: &str = "swap_out";
-    let (blocks, block, bytes) = host_block_bytes(OP, cache)?;
-    let host_blocks = host_pool.len().checked_div(bytes).unwrap_or(0);
-    for &(device, host) in pairs {
-        block_index(OP, "device", device, blocks)?;
-        block_index(OP, "host", host, host_blocks)?;
-    }
+    let CacheBlocks { block_numel: block, block_bytes: bytes, .. } =
+        check_swap_out(cache, host_pool.len(), pairs)?;
     let buffer = cache.storage().read();
     let CpuBuffer::F32(data) = &*buffer else {
         return Err(BackendError::DType { op: OP, dtype: cache.dtype() });
@@ -85,12 +60,8 @@ pub(crate) fn swap_out(cache: &CpuTensor, host_pool: &mut [u8], pairs: &[(u32, u
 
 pub(crate) fn swap_in(host_pool: &[u8], cache: &CpuTensor, pairs: &[(u32, u32)]) -> Result<()> {
     const OP: &str = "swap_in";
-    let (blocks, block, bytes) = host_block_bytes(OP, cache)?;
-    let host_blocks = host_pool.len().checked_div(bytes).unwrap_or(0);
-    for &(host, device) in pairs {
-        block_index(OP, "host", host, host_blocks)?;
-        block_index(OP, "device", device, blocks)?;
-    }
+    let CacheBlocks { block_numel: block, block_bytes: bytes, .. } =
+        check_swap_in(host_pool.len(), cache, pairs)?;
     with_cache(OP, cache, |data| {
         for &(host, device) in pairs {
             let src = &host_pool[host as usize * bytes..][..bytes];

@@ -124,10 +124,6 @@ impl Backend for CpuBackend {
         ops::add_rms_norm(x, residual, weight, eps, out)
     }
 
-    fn linear(&self, x: &T, weight: &T, bias: Option<&T>, out: &T) -> Result<()> {
-        linear::linear(x, weight, bias, out)
-    }
-
     fn linear_fused(
         &self,
         x: &T,

@@ -1,4 +1,5 @@
-//! `out = x · weightᵀ + bias`.
+//! Linear layers (`Backend::linear_fused`; `linear` is one with nothing fused):
+//! `p = x' · weightᵀ + bias`, then stored, added or SiLU-and-multiplied.
 //!
 //! Two paths, chosen by the number of tokens, give the same numbers up to f32
 //! summation order:
@@ -11,10 +12,10 @@
 
 use std::borrow::Cow;
 
-use pagoda_backend::{BackendError, LinearFusion, Result};
+use pagoda_backend::{LinearFusion, Result};
 use rayon::prelude::*;
 
-use crate::ops::{expect_rows_cols, for_each_row, rms_norm_row, rows_cols, silu_and_mul_row};
+use crate::ops::{for_each_row, rms_norm_row, silu_and_mul_row};
 use crate::simd::{dot, Isa};
 use crate::storage::{with_operands, CpuTensor};
 use crate::CpuBackend;
@@ -26,36 +27,6 @@ pub(crate) const STREAMING_MAX_TOKENS: usize = 8;
 /// Output features per task on the streaming path: enough work to amortise
 /// a task, small enough to balance the cores.
 const STREAMING_FEATURES_PER_TASK: usize = 64;
-
-pub(crate) fn linear(
-    x: &CpuTensor,
-    weight: &CpuTensor,
-    bias: Option<&CpuTensor>,
-    out: &CpuTensor,
-) -> Result<()> {
-    const OP: &str = "linear";
-    let (tokens, k) = rows_cols(OP, "x", x)?;
-    let (n, wk) = weight.dims2(OP)?;
-    if wk != k {
-        return Err(BackendError::shape(
-            OP,
-            format!("x rows have {k} features, weight {:?}", weight.shape()),
-        ));
-    }
-    if let Some(b) = bias {
-        b.expect_dims(OP, "bias", &[n])?;
-    }
-    expect_rows_cols(OP, "out", out, tokens, n)?;
-    let mut inputs = vec![x, weight];
-    inputs.extend(bias);
-    with_operands(OP, &inputs, &[out], |ins, outs| {
-        let xs = ins.f32(x)?;
-        let w = ins.f32(weight)?;
-        let b = bias.map(|b| ins.f32(b)).transpose()?;
-        matmul_transposed(xs, w, b, outs[0], tokens, k, n);
-        Ok(())
-    })
-}
 
 /// The fused layer, done the plain way: norm rows, product, then store, add
 /// or SiLU-and-mul, each exactly as the separate ops compute it.
@@ -264,7 +235,7 @@ fn sgemm_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], rows:
 
 #[cfg(test)]
 mod tests {
-    use pagoda_backend::{Backend, DType, HostSlice};
+    use pagoda_backend::{Backend, BackendError, DType, HostSlice};
     use proptest::prelude::*;
 
     use super::*;

@@ -11,32 +11,6 @@ use crate::storage::{with_operands, CpuTensor};
 /// than it saves (a decode step's rows are a few hundred floats).
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 14;
 
-/// `(rows, elements per row)` of a tensor of rank >= 1.
-pub(crate) fn rows_cols(op: &'static str, what: &str, t: &CpuTensor) -> Result<(usize, usize)> {
-    match t.dims().first() {
-        Some(&rows) => Ok((rows, t.shape().row_numel())),
-        None => Err(BackendError::shape(op, format!("{what}: expected rank >= 1, got a scalar"))),
-    }
-}
-
-/// Checks `t` is `[rows, cols]` in the row sense of [`rows_cols`].
-pub(crate) fn expect_rows_cols(
-    op: &'static str,
-    what: &str,
-    t: &CpuTensor,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    let (r, c) = rows_cols(op, what, t)?;
-    if (r, c) != (rows, cols) {
-        return Err(BackendError::shape(
-            op,
-            format!("{what}: expected {rows} rows of {cols}, got {:?}", t.shape()),
-        ));
-    }
-    Ok(())
-}
-
 /// Runs `f(row_index, row)` over the rows of `out`, in parallel when large.
 pub(crate) fn for_each_row(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if cols == 0 {
@@ -53,7 +27,7 @@ pub(crate) fn embedding(token_ids: &CpuTensor, table: &CpuTensor, out: &CpuTenso
     const OP: &str = "embedding";
     let (vocab, hidden) = table.dims2(OP)?;
     let tokens = token_ids.numel();
-    expect_rows_cols(OP, "out", out, tokens, hidden)?;
+    out.expect_rows_cols(OP, "out", tokens, hidden)?;
     with_operands(OP, &[token_ids, table], &[out], |ins, outs| {
         let ids = ins.i32(token_ids)?;
         let table = ins.f32(table)?;
@@ -81,7 +55,7 @@ pub(crate) fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32])
 }
 
 fn norm_shapes(op: &'static str, x: &CpuTensor, weight: &CpuTensor, out: &CpuTensor) -> Result<usize> {
-    let (_, hidden) = rows_cols(op, "x", x)?;
+    let (_, hidden) = x.rows_cols(op, "x")?;
     weight.expect_dims(op, "weight", &[hidden])?;
     out.expect_dims(op, "out", x.dims())?;
     Ok(hidden)
@@ -140,12 +114,12 @@ pub(crate) fn silu_and_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 pub(crate) fn silu_and_mul(x: &CpuTensor, out: &CpuTensor) -> Result<()> {
     const OP: &str = "silu_and_mul";
-    let (tokens, width) = rows_cols(OP, "x", x)?;
+    let (tokens, width) = x.rows_cols(OP, "x")?;
     if width % 2 != 0 {
         return Err(BackendError::shape(OP, format!("x: row of {width} is not [gate | up]")));
     }
     let inter = width / 2;
-    expect_rows_cols(OP, "out", out, tokens, inter)?;
+    out.expect_rows_cols(OP, "out", tokens, inter)?;
     with_operands(OP, &[x], &[out], |ins, outs| {
         let xs = ins.f32(x)?;
         for_each_row(outs[0], inter, |t, row| {
@@ -158,8 +132,8 @@ pub(crate) fn silu_and_mul(x: &CpuTensor, out: &CpuTensor) -> Result<()> {
 
 pub(crate) fn gather_rows(x: &CpuTensor, indices: &CpuTensor, out: &CpuTensor) -> Result<()> {
     const OP: &str = "gather_rows";
-    let (rows, width) = rows_cols(OP, "x", x)?;
-    expect_rows_cols(OP, "out", out, indices.numel(), width)?;
+    let (rows, width) = x.rows_cols(OP, "x")?;
+    out.expect_rows_cols(OP, "out", indices.numel(), width)?;
     with_operands(OP, &[x, indices], &[out], |ins, outs| {
         let (xs, idx) = (ins.f32(x)?, ins.i32(indices)?);
         if let Some((m, &i)) = idx.iter().enumerate().find(|&(_, &i)| i < 0 || i as usize >= rows) {

@@ -1,8 +1,8 @@
 //! Rotary position embedding fused with the paged-cache write.
 
-use pagoda_backend::{BackendError, DType, Result, RopeStyle, RotaryCacheArgs};
+use pagoda_backend::{BackendError, Result, RopeStyle, RotaryCacheArgs, RotaryShape};
 
-use crate::ops::{expect_rows_cols, for_each_row, rows_cols};
+use crate::ops::for_each_row;
 use crate::storage::with_operands;
 use crate::CpuBackend;
 
@@ -26,38 +26,12 @@ pub(crate) fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyl
 
 pub(crate) fn rotary_and_cache(args: &RotaryCacheArgs<'_, CpuBackend>) -> Result<()> {
     const OP: &str = "rotary_and_cache";
+    let RotaryShape { max_positions, cache, .. } = args.check()?;
     let RotaryCacheArgs { qkv, positions, cos_sin, q_out, k_cache, v_cache, slot_mapping, .. } = *args;
     let (hq, hkv, d, rd) = (args.num_q_heads, args.num_kv_heads, args.head_dim, args.rotary_dim);
-    if hq == 0 || hkv == 0 || d == 0 {
-        return Err(BackendError::shape(OP, format!("heads {hq}/{hkv} and head_dim {d} must be positive")));
-    }
-    if rd % 2 != 0 || rd > d {
-        return Err(BackendError::shape(
-            OP,
-            format!("rotary_dim {rd} must be even and at most head_dim {d}"),
-        ));
-    }
-    let (tokens, width) = rows_cols(OP, "qkv", qkv)?;
-    if width != (hq + 2 * hkv) * d {
-        return Err(BackendError::shape(OP, format!("qkv rows of {width}, expected (Hq + 2*Hkv) * D")));
-    }
-    positions.expect_dims(OP, "positions", &[tokens])?;
-    slot_mapping.expect_dims(OP, "slot_mapping", &[tokens])?;
-    cos_sin.expect_dtype(OP, DType::F32)?;
-    let (max_positions, table_width) = cos_sin.dims2(OP)?;
-    if table_width != rd {
-        return Err(BackendError::shape(OP, format!("cos_sin rows of {table_width}, rotary_dim {rd}")));
-    }
-    expect_rows_cols(OP, "q_out", q_out, tokens, hq * d)?;
-    let [num_blocks, cache_heads, block_size, cache_d] = match *k_cache.dims() {
-        [a, b, c, e] => [a, b, c, e],
-        _ => return Err(BackendError::shape(OP, format!("k_cache {:?} is not rank 4", k_cache.shape()))),
-    };
-    if (cache_heads, cache_d) != (hkv, d) {
-        return Err(BackendError::shape(OP, format!("k_cache {:?} vs Hkv {hkv}, D {d}", k_cache.shape())));
-    }
-    v_cache.expect_dims(OP, "v_cache", k_cache.dims())?;
-    let num_slots = num_blocks * block_size;
+    let width = (hq + 2 * hkv) * d;
+    let block_size = cache.block_size;
+    let num_slots = cache.num_blocks * block_size;
 
     with_operands(OP, &[qkv, positions, cos_sin, slot_mapping], &[q_out, k_cache, v_cache], |ins, outs| {
         let (xs, pos, table, slots) =
@@ -109,7 +83,7 @@ pub(crate) fn rotary_and_cache(args: &RotaryCacheArgs<'_, CpuBackend>) -> Result
 
 #[cfg(test)]
 mod tests {
-    use pagoda_backend::{Backend, HostSlice, Tensor};
+    use pagoda_backend::{Backend, DType, HostSlice, Tensor};
 
     use super::*;
 

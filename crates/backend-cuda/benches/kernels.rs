@@ -23,7 +23,7 @@ use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, Result, RopeStyle,
     RotaryCacheArgs, Tensor,
 };
-use pagoda_backend_cuda::CudaBackend;
+use pagoda_backend_cuda::{CudaBackend, DecodePartition, KernelOptions};
 
 type T = Tensor<CudaBackend>;
 
@@ -109,7 +109,7 @@ struct Row {
 }
 
 fn main() -> Result<()> {
-    let g = CudaBackend::new(0)?;
+    let mut g = CudaBackend::new(0)?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut rows = Vec::new();
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -163,11 +163,8 @@ fn main() -> Result<()> {
         if !wanted(&label) {
             continue;
         }
-        // The bench is single-threaded; the launcher reads the variable per call.
-        match part {
-            "auto" => std::env::remove_var("PAGODA_DECODE_PARTITION"),
-            p => std::env::set_var("PAGODA_DECODE_PARTITION", p),
-        }
+        let partition: DecodePartition = part.parse().expect("the sweep names valid partitions");
+        g.set_kernel_options(KernelOptions { decode_partition: Some(partition), ..KernelOptions::default() });
         let blocks_per_seq = ctx.div_ceil(bs);
         let num_blocks = batch * blocks_per_seq;
         let k = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
@@ -185,7 +182,7 @@ fn main() -> Result<()> {
             num_decode_seqs: batch,
         };
         let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
-        std::env::remove_var("PAGODA_DECODE_PARTITION");
+        g.set_kernel_options(KernelOptions::default());
         let bytes = (2 * batch * ctx * hkv * d * 2 + 2 * batch * hq * d * 2) as f64;
         let bw = bytes / (ms * 1e-3);
         rows.push(Row {
@@ -298,6 +295,7 @@ fn main() -> Result<()> {
 fn print_table(g: &CudaBackend, rows: &[Row]) {
     let mut table = String::new();
     writeln!(table, "device: {}", g.name()).ok();
+    writeln!(table, "kernel policy (partition rows force their own): {}", g.kernel_policy()).ok();
     writeln!(table, "{:<52} {:>10} {:>16} {:>16}", "kernel", "ms", "achieved", "vs ceiling").ok();
     for r in rows {
         writeln!(table, "{:<52} {:>10.4} {:>16} {:>16}", r.what, r.ms, r.figure, r.vs_ceiling).ok();

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use cust::event::{Event, EventFlags};
 use half::{bf16, f16};
 use pagoda_backend::{
-    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion, MemoryInfo, Result,
-    RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
+    AttentionArgs, Backend, BackendError, CacheBlocks, DType, HostSlice, HostVec, KvCacheShape, LinearFusion,
+    MemoryInfo, Result, RotaryCacheArgs, RotaryShape, SampledToken, SamplingRow, Tensor,
 };
 
 use crate::device::{CudaGraph, CudaStorage, DeviceInner, PinnedHost};
 use crate::error::{CudaError, DriverContext};
 use crate::ffi::{self, check};
+use crate::policy::{DeviceFacts, KernelOptions, KernelPolicy};
 use crate::sampling::{CudaSampled, Readbacks};
 
 /// The CUDA backend: every op is a kernel (or a cuBLAS call) queued on one
@@ -26,10 +27,21 @@ use crate::sampling::{CudaSampled, Readbacks};
 /// slot or block-table entry out of range) skip the offending element and are
 /// reported as [`BackendError::Index`] by the next call that waits; errors
 /// recorded before a `sample_async` are reported by its `finish_sample`.
+///
+/// How the launchers choose kernels (PDL, the small-batch GEMV, decode
+/// partitions, the SM count they size grids by) is this device's
+/// [`KernelPolicy`], resolved once at creation; see [`crate::policy`].
 pub struct CudaBackend {
     device: Arc<DeviceInner>,
     name: String,
     activation: DType,
+    /// This device's facts, and what the caller and the environment asked at
+    /// creation: [`CudaBackend::set_kernel_options`] resolves again from them.
+    facts: DeviceFacts,
+    asked: KernelOptions,
+    policy: KernelPolicy,
+    /// `policy` as every launcher takes it.
+    launch_policy: ffi::PagodaKernelPolicy,
     blas: Mutex<BlasHandle>,
     /// The device status word the kernels set bits in.
     status: CudaStorage,
@@ -54,7 +66,8 @@ impl Drop for BlasHandle {
 }
 
 impl CudaBackend {
-    /// The GPU `ordinal` with bf16 activations.
+    /// The GPU `ordinal` with bf16 activations; kernel switches from the
+    /// `PAGODA_*` environment, else the device's defaults.
     pub fn new(ordinal: u32) -> Result<Self, CudaError> {
         Self::with_activation_dtype(ordinal, DType::BF16)
     }
@@ -62,8 +75,33 @@ impl CudaBackend {
     /// The GPU `ordinal` with `activation` (BF16 or F16; F32 works for every op
     /// but attention) as the activation and KV-cache dtype.
     pub fn with_activation_dtype(ordinal: u32, activation: DType) -> Result<Self, CudaError> {
+        Self::with_kernel_options(ordinal, activation, KernelOptions::default())
+    }
+
+    /// [`CudaBackend::with_activation_dtype`] with kernel switches: each one
+    /// `options` sets wins over the `PAGODA_*` environment (read here, once),
+    /// which wins over the device's default ([`KernelPolicy::resolve`]). A
+    /// `PAGODA_*` variable with a value it does not understand is an error.
+    pub fn with_kernel_options(
+        ordinal: u32,
+        activation: DType,
+        options: KernelOptions,
+    ) -> Result<Self, CudaError> {
+        let env = KernelOptions::from_env()?;
         let device = DeviceInner::new(ordinal)?;
         let name = device.device.name().during("cuDeviceGetName")?;
+        let attribute = |a, call| -> Result<u32, CudaError> {
+            Ok(u32::try_from(device.device.get_attribute(a).during(call)?).unwrap_or(0))
+        };
+        use cust::device::DeviceAttribute as A;
+        let facts = DeviceFacts {
+            num_sms: attribute(A::MultiprocessorCount, "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)")?,
+            compute_capability: (
+                attribute(A::ComputeCapabilityMajor, "cuDeviceGetAttribute(COMPUTE_CAPABILITY_MAJOR)")?,
+                attribute(A::ComputeCapabilityMinor, "cuDeviceGetAttribute(COMPUTE_CAPABILITY_MINOR)")?,
+            ),
+        };
+        let policy = KernelPolicy::resolve(options, env, facts);
         let mut handle = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the context is current.
         check("pagoda_blas_create", unsafe { ffi::pagoda_blas_create(&mut handle) })?;
@@ -72,7 +110,43 @@ impl CudaBackend {
         device.memset_u32(status.ptr(), 0, 1)?;
         let readback = Mutex::new(PinnedHost::new(device.clone()));
         let sample_readbacks = Arc::default();
-        Ok(Self { device, name, activation, blas, status, readback, sample_readbacks })
+        Ok(Self {
+            device,
+            name,
+            activation,
+            facts,
+            asked: options.or(env),
+            policy,
+            launch_policy: policy.to_ffi(),
+            blas,
+            status,
+            readback,
+            sample_readbacks,
+        })
+    }
+
+    /// How this backend's launchers choose kernels.
+    pub fn kernel_policy(&self) -> KernelPolicy {
+        self.policy
+    }
+
+    /// What the kernel policy knows of this device (SM count, compute capability).
+    pub fn device_facts(&self) -> DeviceFacts {
+        self.facts
+    }
+
+    /// Resolves the policy again with `options` first; the switches it leaves
+    /// unset keep what the creation options or the environment set (benches
+    /// and tests sweep a switch this way). Work already queued or captured
+    /// keeps the choices it was launched with.
+    pub fn set_kernel_options(&mut self, options: KernelOptions) {
+        self.policy = KernelPolicy::resolve(options, self.asked, self.facts);
+        self.launch_policy = self.policy.to_ffi();
+    }
+
+    /// The policy as the launchers take it.
+    pub(crate) fn launch_policy(&self) -> &ffi::PagodaKernelPolicy {
+        &self.launch_policy
     }
 
     fn stream(&self) -> *mut c_void {
@@ -334,7 +408,14 @@ impl Backend for CudaBackend {
         self.bind()?;
         // SAFETY: dst is a device range of numel elements of its dtype.
         let rc = unsafe {
-            ffi::pagoda_fill(vptr(dst), dtype_code(dst.dtype()), dst.numel(), value, self.stream())
+            ffi::pagoda_fill(
+                vptr(dst),
+                dtype_code(dst.dtype()),
+                dst.numel(),
+                value,
+                self.launch_policy(),
+                self.stream(),
+            )
         };
         Ok(check("pagoda_fill", rc)?)
     }
@@ -384,16 +465,6 @@ impl Backend for CudaBackend {
         self.norm(OP, x, Some(residual), weight, eps, out, rows, hidden)
     }
 
-    fn linear(
-        &self,
-        x: &Tensor<Self>,
-        weight: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        out: &Tensor<Self>,
-    ) -> Result<()> {
-        self.linear_layer("linear", x, weight, bias, out, &LinearFusion::none())
-    }
-
     fn linear_fused(
         &self,
         x: &Tensor<Self>,
@@ -407,35 +478,8 @@ impl Backend for CudaBackend {
 
     fn rotary_and_cache(&self, a: &RotaryCacheArgs<'_, Self>) -> Result<()> {
         const OP: &str = "rotary_and_cache";
+        let RotaryShape { num_tokens: t, max_positions, cache } = a.check()?;
         let (hq, hkv, d, rd) = (a.num_q_heads, a.num_kv_heads, a.head_dim, a.rotary_dim);
-        let t = a.positions.numel();
-        if a.qkv.numel() != t * (hq + 2 * hkv) * d || a.qkv.dims().first() != Some(&t) {
-            return Err(BackendError::shape(OP, format!("qkv {:?} for {t} tokens", a.qkv.dims())));
-        }
-        if a.q_out.numel() != t * hq * d {
-            return Err(BackendError::shape(OP, format!("q_out {:?}", a.q_out.dims())));
-        }
-        a.positions.expect_dtype(OP, DType::I32)?;
-        a.slot_mapping.expect_dtype(OP, DType::I64)?;
-        a.slot_mapping.expect_dims(OP, "slot_mapping", &[t])?;
-        a.cos_sin.expect_dtype(OP, DType::F32)?;
-        let (max_positions, width) = a.cos_sin.dims2(OP)?;
-        if width != rd || rd > d || rd % 2 != 0 {
-            return Err(BackendError::shape(
-                OP,
-                format!("cos_sin width {width}, rotary_dim {rd}, head_dim {d}"),
-            ));
-        }
-        let (num_blocks, block_size) = self.cache_dims(OP, a.k_cache, hkv, d)?;
-        a.v_cache.expect_dims(OP, "v_cache", a.k_cache.dims())?;
-        expect_float(OP, a.qkv)?;
-        for o in [a.q_out, a.k_cache, a.v_cache] {
-            same_dtype(OP, a.qkv, o)?;
-            no_alias(OP, o, &[a.qkv, a.positions, a.cos_sin, a.slot_mapping])?;
-        }
-        if a.k_cache.shares_storage(a.v_cache) && a.k_cache.offset() == a.v_cache.offset() {
-            return Err(BackendError::Aliasing { op: OP });
-        }
         let args = ffi::PagodaRotaryArgs {
             qkv: vptr(a.qkv),
             positions: dptr(a.positions) as *const i32,
@@ -453,32 +497,21 @@ impl Backend for CudaBackend {
             rotary_dim: to_i32(OP, "rotary_dim", rd)?,
             neox: (a.style == pagoda_backend::RopeStyle::Neox) as i32,
             max_positions: to_i32(OP, "max_positions", max_positions)?,
-            num_blocks: to_i32(OP, "num_blocks", num_blocks)?,
-            block_size: to_i32(OP, "block_size", block_size)?,
+            num_blocks: to_i32(OP, "num_blocks", cache.num_blocks)?,
+            block_size: to_i32(OP, "block_size", cache.block_size)?,
         };
         self.bind()?;
-        // SAFETY: every pointer and size was checked against the tensors above.
-        let rc = unsafe { ffi::pagoda_rotary_and_cache(&args, self.stream()) };
+        // SAFETY: every pointer and size was checked against the tensors (RotaryCacheArgs::check).
+        let rc = unsafe { ffi::pagoda_rotary_and_cache(&args, self.launch_policy(), self.stream()) };
         Ok(check("pagoda_rotary_and_cache", rc)?)
     }
 
     fn attention(&self, a: &AttentionArgs<'_, Self>) -> Result<()> {
         const OP: &str = "attention";
+        let KvCacheShape { num_blocks, block_size, .. } = a.check()?;
         let host = &a.meta.host;
         let (hq, hkv, d) = (a.num_q_heads, a.num_kv_heads, a.head_dim);
-        let t = host.num_tokens();
-        if hkv == 0 || hq % hkv != 0 {
-            return Err(BackendError::shape(OP, format!("{hq} query heads over {hkv} KV heads")));
-        }
-        if a.q.numel() != t * hq * d || a.q.dims().first() != Some(&t) {
-            return Err(BackendError::shape(OP, format!("q {:?} for {t} tokens", a.q.dims())));
-        }
-        a.out.expect_dims(OP, "out", a.q.dims())?;
-        let (num_blocks, block_size) = self.cache_dims(OP, a.k_cache, hkv, d)?;
-        a.v_cache.expect_dims(OP, "v_cache", a.k_cache.dims())?;
-        for x in [a.k_cache, a.v_cache, a.out] {
-            same_dtype(OP, a.q, x)?;
-        }
+        // What the kernels support, beyond the shared checks.
         if !matches!(a.q.dtype(), DType::BF16 | DType::F16) {
             return Err(BackendError::DType { op: OP, dtype: a.q.dtype() });
         }
@@ -490,22 +523,6 @@ impl Backend for CudaBackend {
                 OP,
                 format!("block_size {block_size} (the kernels take powers of two)"),
             ));
-        }
-        if a.sliding_window == Some(0) {
-            return Err(BackendError::shape(OP, "a sliding window of 0 sees nothing"));
-        }
-        if !(a.scale.is_finite() && a.scale > 0.0) {
-            return Err(BackendError::shape(OP, format!("softmax scale {} (must be positive)", a.scale)));
-        }
-        no_alias(OP, a.out, &[a.q, a.k_cache, a.v_cache])?;
-        let capacity = host.max_blocks_per_seq * block_size;
-        for (s, &len) in host.seq_lens.iter().enumerate() {
-            if len < 0 || len as usize > capacity {
-                return Err(BackendError::Index {
-                    op: OP,
-                    detail: format!("sequence {s}: {len} tokens but its block table holds {capacity}"),
-                });
-            }
         }
         let num_decode = host.num_decode_seqs;
         let max_decode_seq_len = host.seq_lens[..num_decode].iter().copied().max().unwrap_or(0);
@@ -538,12 +555,13 @@ impl Backend for CudaBackend {
         };
         self.bind()?;
         // SAFETY: a pure size computation over the arguments.
-        let bytes = unsafe { ffi::pagoda_attention_workspace_bytes(&args) };
+        let bytes = unsafe { ffi::pagoda_attention_workspace_bytes(&args, self.launch_policy()) };
         let workspace = self.optional_scratch(bytes)?;
         let (ptr, len) = scratch_args(&workspace);
         (args.workspace, args.workspace_bytes) = (ptr as *mut f32, len);
-        // SAFETY: tensors checked above; the workspace is freed on the stream after the launch.
-        let rc = unsafe { ffi::pagoda_attention(&args, self.stream()) };
+        // SAFETY: tensors checked (AttentionArgs::check and above); the
+        // workspace is freed on the stream after the launch.
+        let rc = unsafe { ffi::pagoda_attention(&args, self.launch_policy(), self.stream()) };
         Ok(check("pagoda_attention", rc)?)
     }
 
@@ -566,6 +584,7 @@ impl Backend for CudaBackend {
                 dtype_code(x.dtype()),
                 to_i32(OP, "rows", rows)?,
                 to_i32(OP, "width", two_i / 2)?,
+                self.launch_policy(),
                 self.stream(),
             )
         };
@@ -584,23 +603,15 @@ impl Backend for CudaBackend {
 
     fn copy_blocks(&self, caches: &[&Tensor<Self>], pairs: &[(u32, u32)]) -> Result<()> {
         const OP: &str = "copy_blocks";
+        pagoda_backend::check_copy_blocks(caches, pairs)?;
         if caches.is_empty() || pairs.is_empty() {
             return Ok(());
         }
-        let block_bytes = |c: &Tensor<Self>| c.shape().row_numel() * c.dtype().size_in_bytes();
-        let bytes0 = block_bytes(caches[0]);
+        // One launch copies every cache: they must share one block size.
+        let bytes0 = CacheBlocks::of(OP, "cache", caches[0])?.block_bytes;
         for c in caches {
-            let num_blocks = *c.dims().first().ok_or_else(|| BackendError::shape(OP, "rank-0 cache"))?;
-            if block_bytes(c) != bytes0 {
+            if CacheBlocks::of(OP, "cache", c)?.block_bytes != bytes0 {
                 return Err(BackendError::shape(OP, "caches with different block sizes"));
-            }
-            if let Some(&(s, d)) =
-                pairs.iter().find(|&&(s, d)| s as usize >= num_blocks || d as usize >= num_blocks)
-            {
-                return Err(BackendError::Index {
-                    op: OP,
-                    detail: format!("pair ({s}, {d}) in a cache of {num_blocks} blocks"),
-                });
             }
         }
         let ptrs: Vec<u64> = caches.iter().map(|c| dptr(c)).collect();
@@ -617,6 +628,7 @@ impl Backend for CudaBackend {
                     bytes0,
                     pairs_dev.ptr() as *const i64,
                     to_i32(OP, "pairs", run.len())?,
+                    self.launch_policy(),
                     self.stream(),
                 )
             };
@@ -626,11 +638,7 @@ impl Backend for CudaBackend {
     }
 
     fn swap_out(&self, cache: &Tensor<Self>, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()> {
-        const OP: &str = "swap_out";
-        let (num_blocks, block_bytes) = swap_dims(OP, cache)?;
-        for &(dev, host) in pairs {
-            check_swap_pair(OP, dev, host, num_blocks, block_bytes, host_pool.len())?;
-        }
+        let block_bytes = pagoda_backend::check_swap_out(cache, host_pool.len(), pairs)?.block_bytes;
         for &(dev, host) in pairs {
             let dst = &mut host_pool[host as usize * block_bytes..(host as usize + 1) * block_bytes];
             // SAFETY: the pool outlives the synchronisation below.
@@ -642,11 +650,7 @@ impl Backend for CudaBackend {
     }
 
     fn swap_in(&self, host_pool: &[u8], cache: &Tensor<Self>, pairs: &[(u32, u32)]) -> Result<()> {
-        const OP: &str = "swap_in";
-        let (num_blocks, block_bytes) = swap_dims(OP, cache)?;
-        for &(host, dev) in pairs {
-            check_swap_pair(OP, dev, host, num_blocks, block_bytes, host_pool.len())?;
-        }
+        let block_bytes = pagoda_backend::check_swap_in(host_pool.len(), cache, pairs)?.block_bytes;
         for &(host, dev) in pairs {
             let src = &host_pool[host as usize * block_bytes..(host as usize + 1) * block_bytes];
             self.device.copy_to_device(dptr(cache) + (dev as usize * block_bytes) as u64, src)?;
@@ -688,31 +692,6 @@ impl Backend for CudaBackend {
     }
 }
 
-fn swap_dims(op: &'static str, cache: &Tensor<CudaBackend>) -> Result<(usize, usize)> {
-    let num_blocks = *cache.dims().first().ok_or_else(|| BackendError::shape(op, "rank-0 cache"))?;
-    Ok((num_blocks, cache.shape().row_numel() * cache.dtype().size_in_bytes()))
-}
-
-fn check_swap_pair(
-    op: &'static str,
-    dev: u32,
-    host: u32,
-    num_blocks: usize,
-    block_bytes: usize,
-    pool_bytes: usize,
-) -> Result<()> {
-    if dev as usize >= num_blocks || (host as usize + 1) * block_bytes > pool_bytes {
-        return Err(BackendError::Index {
-            op,
-            detail: format!(
-                "device block {dev} of {num_blocks}, host block {host} of {}",
-                pool_bytes / block_bytes.max(1)
-            ),
-        });
-    }
-    Ok(())
-}
-
 // Internal launch helpers shared by several ops.
 impl CudaBackend {
     fn gather(
@@ -737,14 +716,15 @@ impl CudaBackend {
                 to_i32(op, "source rows", rows)?,
                 self.status_ptr(),
                 ffi::PAGODA_STATUS_ROW_INDEX,
+                self.launch_policy(),
                 self.stream(),
             )
         };
         Ok(check("pagoda_gather_rows", rc)?)
     }
 
-    /// Both `linear` and `linear_fused`: checks, then one `pagoda_linear` call
-    /// (the C side picks the fused small-batch kernel or cuBLAS).
+    /// `linear_fused` (and so `linear`): checks, then one `pagoda_linear` call
+    /// (the C side picks the fused small-batch kernel or cuBLAS, as the policy allows).
     fn linear_layer(
         &self,
         op: &'static str,
@@ -788,13 +768,13 @@ impl CudaBackend {
         };
         self.bind()?;
         // SAFETY: a pure size computation over the arguments.
-        let bytes = unsafe { ffi::pagoda_linear_scratch_bytes(&args) };
+        let bytes = unsafe { ffi::pagoda_linear_scratch_bytes(&args, self.launch_policy()) };
         let scratch = self.optional_scratch(bytes)?;
         (args.scratch, args.scratch_bytes) = scratch_args(&scratch);
         let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
         // SAFETY: shapes, dtypes and aliasing checked above; the handle is held
         // under the mutex; the scratch is freed on the stream after the work.
-        let rc = unsafe { ffi::pagoda_linear(blas.0, &args, self.stream()) };
+        let rc = unsafe { ffi::pagoda_linear(blas.0, &args, self.launch_policy(), self.stream()) };
         Ok(check("pagoda_linear", rc)?)
     }
 
@@ -831,27 +811,11 @@ impl CudaBackend {
                 to_i32(op, "rows", rows)?,
                 to_i32(op, "hidden", hidden)?,
                 eps,
+                self.launch_policy(),
                 self.stream(),
             )
         };
         Ok(check("pagoda_rms_norm", rc)?)
-    }
-
-    /// `(num_blocks, block_size)` of a `[num_blocks, Hkv, block_size, D]` cache.
-    fn cache_dims(
-        &self,
-        op: &'static str,
-        cache: &Tensor<Self>,
-        hkv: usize,
-        d: usize,
-    ) -> Result<(usize, usize)> {
-        match *cache.dims() {
-            [nb, h, bs, dd] if h == hkv && dd == d && bs > 0 => Ok((nb, bs)),
-            _ => Err(BackendError::shape(
-                op,
-                format!("cache {:?}: expected [blocks, {hkv}, block_size, {d}]", cache.dims()),
-            )),
-        }
     }
 
     pub(crate) fn raw_stream(&self) -> *mut c_void {

@@ -19,6 +19,9 @@ pub enum CudaError {
     /// A thread panicked while holding this lock; what it guards may be half updated.
     #[error("the {0} lock was poisoned by a panic")]
     Poisoned(&'static str),
+    /// A `PAGODA_*` kernel switch in the environment has a value the backend does not understand.
+    #[error(transparent)]
+    KernelEnv(#[from] crate::policy::KernelEnvError),
 }
 
 impl From<CudaError> for BackendError {

@@ -19,6 +19,11 @@
 //!   device (a small kernel), so the next step can be queued before
 //!   `finish_sample` waits for the tokens (on the handle's event, not the
 //!   whole stream).
+//! - How the launchers choose kernels (programmatic dependent launch, the
+//!   small-batch GEMV, decode partitions, the SM count grids are sized by) is
+//!   data: a [`KernelPolicy`] resolved once per device when the backend is
+//!   created, from the caller's [`KernelOptions`], then the `PAGODA_*`
+//!   environment, then the device ([`policy`]), and passed to every launcher.
 //! - All work runs on one stream; device memory comes from the driver's
 //!   stream-ordered pool, and a dropped tensor is freed on that stream.
 //! - Host-to-device copies up to 4 MiB (the per-step inputs) are staged
@@ -46,9 +51,11 @@ mod backend;
 mod device;
 mod error;
 mod ffi;
+pub mod policy;
 mod sampling;
 
 pub use backend::CudaBackend;
 pub use device::{CudaGraph, CudaStorage};
 pub use error::CudaError;
+pub use policy::{DecodePartition, DeviceFacts, KernelOptions, KernelPolicy};
 pub use sampling::CudaSampled;

@@ -327,7 +327,9 @@ fn launch(
             as i32,
     };
     // SAFETY: every device buffer above is sized for these arguments and lives past the launch.
-    check("pagoda_sample", unsafe { ffi::pagoda_sample(&args, backend.raw_stream()) })?;
+    check("pagoda_sample", unsafe {
+        ffi::pagoda_sample(&args, backend.launch_policy(), backend.raw_stream())
+    })?;
     Ok(())
 }
 
@@ -411,6 +413,7 @@ pub(crate) fn feed_sampled_tokens(
             tensor_ptr(token_ids) as *mut i32,
             n,
             backend.status_ptr(),
+            backend.launch_policy(),
             backend.raw_stream(),
         )
     };

@@ -2,15 +2,17 @@
 //! device, wide GQA groups (served by the prefill kernel), split-K decode over
 //! a long context against the reference, seeded sampling over a large
 //! vocabulary, asynchronous sampling (handles in flight, fed ids, dropped
-//! handles), uploads staged through the page-locked ring, and the timing
-//! helpers. Needs an NVIDIA GPU (CI compiles only).
+//! handles), uploads staged through the page-locked ring, the timing helpers,
+//! and the kernel policy (each forced decode partition, PDL and the GEMV on
+//! and off, against the reference). Needs an NVIDIA GPU (CI compiles only).
 use half::bf16;
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice,
     HostVec, SamplingParams, SamplingRow,
 };
 use pagoda_backend_cpu_ref::CpuBackend;
-use pagoda_backend_cuda::CudaBackend;
+use pagoda_backend_cuda::policy::DECODE_PARTITIONS;
+use pagoda_backend_cuda::{CudaBackend, DecodePartition, KernelOptions, KernelPolicy};
 
 fn gpu() -> CudaBackend {
     match CudaBackend::new(0) {
@@ -59,7 +61,19 @@ fn out_of_range_token_id_is_reported_at_the_next_wait() {
 
 /// Paged attention of one configuration on both backends, with shuffled block tables.
 fn attention_case(hq: usize, hkv: usize, d: usize, bs: usize, seqs: &[(usize, usize)], seed: u64) -> f64 {
-    let g = gpu();
+    attention_case_on(&gpu(), hq, hkv, d, bs, seqs, seed)
+}
+
+/// [`attention_case`] on a given GPU backend (and so under its kernel policy).
+fn attention_case_on(
+    g: &CudaBackend,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    bs: usize,
+    seqs: &[(usize, usize)],
+    seed: u64,
+) -> f64 {
     let cpu = CpuBackend::new();
     let mut rng = Rng(seed);
     let blocks_per_seq: Vec<usize> = seqs.iter().map(|&(len, _)| len.div_ceil(bs)).collect();
@@ -103,7 +117,7 @@ fn attention_case(hq: usize, hkv: usize, d: usize, bs: usize, seqs: &[(usize, us
     );
     let gout = g.alloc(&[t, hq, d], DType::BF16).unwrap();
     g.fill(&gout, f32::NAN).unwrap();
-    let gmeta = AttentionMetadata::upload(&g, host.clone()).unwrap();
+    let gmeta = AttentionMetadata::upload(g, host.clone()).unwrap();
     let scale = 1.0 / (d as f32).sqrt();
     g.attention(&AttentionArgs {
         q: &gq,
@@ -139,6 +153,74 @@ fn attention_case(hq: usize, hkv: usize, d: usize, bs: usize, seqs: &[(usize, us
     })
     .unwrap();
     rel_err(&cpu.download_f32(&cout).unwrap(), &g.download_f32(&gout).unwrap())
+}
+
+/// `x · wᵀ` for a few token rows (the GEMV's shapes) on both backends.
+fn linear_case(g: &CudaBackend, t: usize, n: usize, k: usize, seed: u64) -> f64 {
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(seed);
+    let (x, w) = (rng.bf16_vec(t * k), rng.bf16_vec(n * k));
+    let (gx, gw) = (
+        g.upload(HostSlice::F32(&x), &[t, k], DType::BF16).unwrap(),
+        g.upload(HostSlice::F32(&w), &[n, k], DType::BF16).unwrap(),
+    );
+    let gout = g.alloc(&[t, n], DType::F32).unwrap();
+    g.linear(&gx, &gw, None, &gout).unwrap();
+    let (cx, cw) = (
+        cpu.upload(HostSlice::F32(&x), &[t, k], DType::F32).unwrap(),
+        cpu.upload(HostSlice::F32(&w), &[n, k], DType::F32).unwrap(),
+    );
+    let cout = cpu.alloc(&[t, n], DType::F32).unwrap();
+    cpu.linear(&cx, &cw, None, &cout).unwrap();
+    rel_err(&cpu.download_f32(&cout).unwrap(), &g.download_f32(&gout).unwrap())
+}
+
+#[test]
+fn every_kernel_policy_matches_the_reference() {
+    let facts = gpu().device_facts();
+    // The creation options win; what they leave unset comes from the device.
+    let forced = KernelOptions {
+        decode_partition: Some(DecodePartition::Tokens(128)),
+        pdl: Some(false),
+        gemv: Some(false),
+    };
+    let mut g =
+        CudaBackend::with_kernel_options(0, DType::BF16, forced).expect("these tests need a CUDA GPU");
+    let p = g.kernel_policy();
+    println!("{} ({facts:?}): {p}", g.name());
+    assert!(facts.num_sms > 0);
+    assert_eq!(
+        p,
+        KernelPolicy { num_sms: facts.num_sms, use_pdl: false, use_gemv: false, decode_partition: Some(128) }
+    );
+    // Decode shapes that pick small, large and whole partitions on their own, under each forced one.
+    let seqs = [(2000, 1), (577, 1), (1, 1), (64, 1)];
+    for partition in [DecodePartition::Auto]
+        .into_iter()
+        .chain(DECODE_PARTITIONS.iter().map(|&n| DecodePartition::Tokens(n)))
+    {
+        for pdl in [true, false] {
+            g.set_kernel_options(KernelOptions {
+                decode_partition: Some(partition),
+                pdl: Some(pdl),
+                gemv: None,
+            });
+            assert_eq!(g.kernel_policy().use_pdl, pdl && facts.supports_pdl());
+            let e = attention_case_on(&g, 8, 2, 128, 16, &seqs, 21);
+            println!("decode partition {partition}, PDL {pdl}: rel err {e:.2e}");
+            assert!(e < 1e-2, "partition {partition}, PDL {pdl}: {e}");
+        }
+    }
+    // The GEMV (the default) and cuBLAS for the same few-row products.
+    for gemv in [true, false] {
+        g.set_kernel_options(KernelOptions { gemv: Some(gemv), ..KernelOptions::default() });
+        assert_eq!(g.kernel_policy().use_gemv, gemv);
+        for t in [1, 3, 8] {
+            let e = linear_case(&g, t, 320, 256, 22);
+            println!("linear t={t}, GEMV {gemv}: rel err {e:.2e}");
+            assert!(e < 1e-2, "t={t}, GEMV {gemv}: {e}");
+        }
+    }
 }
 
 #[test]

@@ -1,4 +1,4 @@
-use crate::{Backend, BackendError, DType, HostSlice, Result, Tensor};
+use crate::{Backend, BackendError, DType, HostSlice, KvCacheShape, Result, Tensor};
 
 /// How rotary embeddings pair up the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +135,74 @@ pub struct RotaryCacheArgs<'a, B: Backend> {
     pub style: RopeStyle,
 }
 
+/// What [`RotaryCacheArgs::check`] found: the step's tokens, the rows of the
+/// cos/sin table, and the cache's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RotaryShape {
+    pub num_tokens: usize,
+    pub max_positions: usize,
+    pub cache: KvCacheShape,
+}
+
+impl<B: Backend> RotaryCacheArgs<'_, B> {
+    /// The argument checks every backend makes before it rotates anything:
+    /// positive head counts and head size, an even `rotary_dim` of at most
+    /// `head_dim`, every operand's shape and dtype (q, k, v and the caches one
+    /// float dtype; positions I32, slot mapping I64, cos/sin F32), and outputs
+    /// that share no storage with an input or overlap each other. Values on the
+    /// device (positions, slots) are the backend's to check.
+    pub fn check(&self) -> Result<RotaryShape> {
+        const OP: &str = "rotary_and_cache";
+        let (hq, hkv, d, rd) = (self.num_q_heads, self.num_kv_heads, self.head_dim, self.rotary_dim);
+        if hq == 0 || hkv == 0 || d == 0 {
+            return Err(BackendError::shape(
+                OP,
+                format!("heads {hq}/{hkv} and head_dim {d} must be positive"),
+            ));
+        }
+        if rd % 2 != 0 || rd > d {
+            return Err(BackendError::shape(
+                OP,
+                format!("rotary_dim {rd} must be even and at most head_dim {d}"),
+            ));
+        }
+        let (t, width) = self.qkv.rows_cols(OP, "qkv")?;
+        if width != (hq + 2 * hkv) * d {
+            return Err(BackendError::shape(
+                OP,
+                format!(
+                    "qkv: expected {t} rows of (Hq + 2 Hkv) * D = {}, got {:?}",
+                    (hq + 2 * hkv) * d,
+                    self.qkv.dims()
+                ),
+            ));
+        }
+        self.positions.expect_dims(OP, "positions", &[t])?;
+        self.positions.expect_dtype(OP, DType::I32)?;
+        self.slot_mapping.expect_dims(OP, "slot_mapping", &[t])?;
+        self.slot_mapping.expect_dtype(OP, DType::I64)?;
+        self.cos_sin.expect_dtype(OP, DType::F32)?;
+        let (max_positions, table_width) = self.cos_sin.dims2(OP)?;
+        if table_width != rd {
+            return Err(BackendError::shape(
+                OP,
+                format!("cos_sin: expected rows of rotary_dim = {rd}, got {:?}", self.cos_sin.dims()),
+            ));
+        }
+        self.q_out.expect_rows_cols(OP, "q_out", t, hq * d)?;
+        let cache = kv_cache_shape(OP, self.k_cache, self.v_cache, hkv, d)?;
+        expect_float_operands(OP, self.qkv, &[self.q_out, self.k_cache, self.v_cache])?;
+        let outputs = [self.q_out, self.k_cache, self.v_cache];
+        for (i, o) in outputs.iter().enumerate() {
+            let inputs = [self.qkv, self.positions, self.cos_sin, self.slot_mapping];
+            if inputs.iter().any(|x| x.shares_storage(o)) || outputs[..i].iter().any(|p| p.overlaps(o)) {
+                return Err(BackendError::Aliasing { op: OP });
+            }
+        }
+        Ok(RotaryShape { num_tokens: t, max_positions, cache })
+    }
+}
+
 /// Inputs of [`Backend::attention`].
 ///
 /// Query row `i` of sequence `s` (query length `q`, context `L = seq_lens[s]`)
@@ -152,7 +220,356 @@ pub struct AttentionArgs<'a, B: Backend> {
     pub num_q_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// Usually `1 / sqrt(head_dim)`.
+    /// Usually `1 / sqrt(head_dim)`; positive and finite.
     pub scale: f32,
+    /// At least 1 when set.
     pub sliding_window: Option<usize>,
+}
+
+impl<B: Backend> AttentionArgs<'_, B> {
+    /// The argument checks every backend makes before it attends: head counts
+    /// (query heads a positive multiple of KV heads), the window and scale,
+    /// q with one row of `Hq * D` per token of the step, `out` shaped as `q`,
+    /// both caches `[num_blocks, Hkv, block_size, D]`, the metadata tensors
+    /// shaped as their host copy, one float dtype for q, the caches and `out`,
+    /// an `out` that shares no storage with an input, and every sequence
+    /// length within what its block table holds ([`BackendError::Index`]).
+    /// Block-table entries on the device are the backend's to check.
+    pub fn check(&self) -> Result<KvCacheShape> {
+        const OP: &str = "attention";
+        let (hq, hkv, d) = (self.num_q_heads, self.num_kv_heads, self.head_dim);
+        if hq == 0 || hkv == 0 || d == 0 || hq % hkv != 0 {
+            return Err(BackendError::shape(
+                OP,
+                format!("{hq} query heads over {hkv} KV heads of dim {d}: need a positive multiple"),
+            ));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(BackendError::shape(OP, "a sliding window of 0 sees nothing"));
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(BackendError::shape(OP, format!("softmax scale {} (must be positive)", self.scale)));
+        }
+        let host = &self.meta.host;
+        let (n, t, max_blocks) = (host.num_seqs(), host.num_tokens(), host.max_blocks_per_seq);
+        self.q.expect_rows_cols(OP, "q", t, hq * d)?;
+        self.out.expect_dims(OP, "out", self.q.dims())?;
+        let cache = kv_cache_shape(OP, self.k_cache, self.v_cache, hkv, d)?;
+        if host.query_start_loc.len() != n + 1
+            || host.block_tables.len() != n * max_blocks
+            || host.num_decode_seqs > n
+        {
+            return Err(BackendError::shape(
+                OP,
+                "host metadata: query_start_loc, block_tables or num_decode_seqs disagree with seq_lens",
+            ));
+        }
+        let meta = [
+            (&self.meta.query_start_loc, "query_start_loc", &[n + 1][..]),
+            (&self.meta.seq_lens, "seq_lens", &[n][..]),
+            (&self.meta.block_tables, "block_tables", &[n, max_blocks][..]),
+        ];
+        for (tensor, what, dims) in meta {
+            tensor.expect_dims(OP, what, dims)?;
+            tensor.expect_dtype(OP, DType::I32)?;
+        }
+        expect_float_operands(OP, self.q, &[self.k_cache, self.v_cache, self.out])?;
+        let m = self.meta;
+        let inputs = [self.q, self.k_cache, self.v_cache, &m.query_start_loc, &m.seq_lens, &m.block_tables];
+        if inputs.iter().any(|x| x.shares_storage(self.out)) {
+            return Err(BackendError::Aliasing { op: OP });
+        }
+        let capacity = max_blocks * cache.block_size;
+        if let Some((s, &len)) =
+            host.seq_lens.iter().enumerate().find(|&(_, &l)| l < 0 || l as usize > capacity)
+        {
+            return Err(BackendError::Index {
+                op: OP,
+                detail: format!("sequence {s}: {len} tokens but its block table holds {capacity}"),
+            });
+        }
+        Ok(cache)
+    }
+}
+
+/// The shape of a `[num_blocks, Hkv, block_size, D]` K cache (block_size > 0)
+/// with a V cache of the same dims.
+fn kv_cache_shape<B: Backend>(
+    op: &'static str,
+    k_cache: &Tensor<B>,
+    v_cache: &Tensor<B>,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<KvCacheShape> {
+    let shape = match *k_cache.dims() {
+        [num_blocks, h, block_size, dd] if h == num_kv_heads && dd == head_dim && block_size > 0 => {
+            KvCacheShape { num_blocks, num_kv_heads, block_size, head_dim }
+        }
+        _ => {
+            return Err(BackendError::shape(
+                op,
+                format!(
+                    "k_cache: expected [num_blocks, {num_kv_heads}, block_size > 0, {head_dim}], got {:?}",
+                    k_cache.dims()
+                ),
+            ))
+        }
+    };
+    v_cache.expect_dims(op, "v_cache", k_cache.dims())?;
+    Ok(shape)
+}
+
+/// `first` is a float tensor and every one of `others` has its dtype.
+fn expect_float_operands<B: Backend>(
+    op: &'static str,
+    first: &Tensor<B>,
+    others: &[&Tensor<B>],
+) -> Result<()> {
+    if !first.dtype().is_float() {
+        return Err(BackendError::DType { op, dtype: first.dtype() });
+    }
+    match others.iter().find(|o| o.dtype() != first.dtype()) {
+        Some(o) => Err(BackendError::DType { op, dtype: o.dtype() }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{metadata, tensor, Shapes};
+
+    fn is_shape(r: &Result<impl std::fmt::Debug>, names: &str) -> bool {
+        matches!(r, Err(e @ BackendError::Shape { .. }) if e.to_string().contains(names))
+    }
+
+    /// 3 tokens, 4 q heads and 2 KV heads of 8 dims, 5 blocks of 4 slots, rotary_dim 8.
+    struct Rotary {
+        qkv: Tensor<Shapes>,
+        positions: Tensor<Shapes>,
+        cos_sin: Tensor<Shapes>,
+        q_out: Tensor<Shapes>,
+        k_cache: Tensor<Shapes>,
+        v_cache: Tensor<Shapes>,
+        slot_mapping: Tensor<Shapes>,
+    }
+
+    impl Rotary {
+        fn new() -> Self {
+            Self {
+                qkv: tensor(&[3, 64], DType::BF16),
+                positions: tensor(&[3], DType::I32),
+                cos_sin: tensor(&[100, 8], DType::F32),
+                q_out: tensor(&[3, 4, 8], DType::BF16),
+                k_cache: tensor(&[5, 2, 4, 8], DType::BF16),
+                v_cache: tensor(&[5, 2, 4, 8], DType::BF16),
+                slot_mapping: tensor(&[3], DType::I64),
+            }
+        }
+
+        fn args(&self) -> RotaryCacheArgs<'_, Shapes> {
+            RotaryCacheArgs {
+                qkv: &self.qkv,
+                positions: &self.positions,
+                cos_sin: &self.cos_sin,
+                q_out: &self.q_out,
+                k_cache: &self.k_cache,
+                v_cache: &self.v_cache,
+                slot_mapping: &self.slot_mapping,
+                num_q_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 8,
+                rotary_dim: 8,
+                style: RopeStyle::Neox,
+            }
+        }
+    }
+
+    #[test]
+    fn rotary_check_returns_the_shapes_of_good_arguments() {
+        let r = Rotary::new();
+        let cache = KvCacheShape { num_blocks: 5, num_kv_heads: 2, block_size: 4, head_dim: 8 };
+        assert_eq!(r.args().check().unwrap(), RotaryShape { num_tokens: 3, max_positions: 100, cache });
+        // A partial rotary_dim with its narrower table.
+        let table = tensor(&[100, 4], DType::F32);
+        assert!(RotaryCacheArgs { rotary_dim: 4, cos_sin: &table, ..r.args() }.check().is_ok());
+    }
+
+    #[test]
+    fn rotary_check_names_the_operand_and_its_expected_shape() {
+        let r = Rotary::new();
+        let a = || r.args();
+        assert!(is_shape(&RotaryCacheArgs { num_kv_heads: 0, ..a() }.check(), "must be positive"));
+        assert!(is_shape(&RotaryCacheArgs { rotary_dim: 7, ..a() }.check(), "rotary_dim 7"));
+        assert!(is_shape(&RotaryCacheArgs { rotary_dim: 10, ..a() }.check(), "at most head_dim 8"));
+        assert!(is_shape(&RotaryCacheArgs { num_kv_heads: 1, ..a() }.check(), "qkv: expected 3 rows of"));
+        let short = tensor(&[2], DType::I32);
+        assert!(is_shape(&RotaryCacheArgs { positions: &short, ..a() }.check(), "positions: expected [3]"));
+        let slots = tensor(&[4], DType::I64);
+        assert!(is_shape(
+            &RotaryCacheArgs { slot_mapping: &slots, ..a() }.check(),
+            "slot_mapping: expected [3]"
+        ));
+        let table = tensor(&[100, 6], DType::F32);
+        assert!(is_shape(&RotaryCacheArgs { cos_sin: &table, ..a() }.check(), "cos_sin: expected rows of"));
+        let q_out = tensor(&[3, 8, 8], DType::BF16);
+        assert!(is_shape(&RotaryCacheArgs { q_out: &q_out, ..a() }.check(), "q_out: expected 3 rows of 32"));
+        let cache = tensor(&[5, 4, 2, 8], DType::BF16);
+        let want = "k_cache: expected [num_blocks, 2, block_size > 0, 8], got [5, 4, 2, 8]";
+        assert!(is_shape(&RotaryCacheArgs { k_cache: &cache, ..a() }.check(), want));
+        let empty_blocks = tensor(&[5, 2, 0, 8], DType::BF16);
+        assert!(is_shape(&RotaryCacheArgs { k_cache: &empty_blocks, ..a() }.check(), "k_cache"));
+        let v = tensor(&[6, 2, 4, 8], DType::BF16);
+        assert!(is_shape(&RotaryCacheArgs { v_cache: &v, ..a() }.check(), "v_cache: expected [5, 2, 4, 8]"));
+    }
+
+    #[test]
+    fn rotary_check_refuses_wrong_dtypes_and_aliasing() {
+        let r = Rotary::new();
+        let a = || r.args();
+        let dtype = |res: Result<RotaryShape>, want: DType| matches!(res, Err(BackendError::DType { dtype, .. }) if dtype == want);
+        let i64_positions = tensor(&[3], DType::I64);
+        assert!(dtype(RotaryCacheArgs { positions: &i64_positions, ..a() }.check(), DType::I64));
+        let i32_slots = tensor(&[3], DType::I32);
+        assert!(dtype(RotaryCacheArgs { slot_mapping: &i32_slots, ..a() }.check(), DType::I32));
+        let bf16_table = tensor(&[100, 8], DType::BF16);
+        assert!(dtype(RotaryCacheArgs { cos_sin: &bf16_table, ..a() }.check(), DType::BF16));
+        let f16_out = tensor(&[3, 32], DType::F16);
+        assert!(dtype(RotaryCacheArgs { q_out: &f16_out, ..a() }.check(), DType::F16));
+        let int_qkv = tensor(&[3, 64], DType::I32);
+        assert!(dtype(RotaryCacheArgs { qkv: &int_qkv, ..a() }.check(), DType::I32));
+
+        let aliased = |res: Result<RotaryShape>| matches!(res, Err(BackendError::Aliasing { .. }));
+        // q_out written over the qkv it reads.
+        let q_out = r.qkv.reshape(&[6, 32]).unwrap().narrow(0, 3).unwrap();
+        assert!(aliased(RotaryCacheArgs { q_out: &q_out, ..a() }.check()));
+        // The same cache for K and V; then K and V as the two halves of one allocation.
+        assert!(aliased(RotaryCacheArgs { v_cache: &r.k_cache, ..a() }.check()));
+        let both = tensor(&[10, 2, 4, 8], DType::BF16);
+        let (k, v) = (both.narrow(0, 5).unwrap(), both.narrow(5, 5).unwrap());
+        assert!(RotaryCacheArgs { k_cache: &k, v_cache: &v, ..a() }.check().is_ok());
+        let overlapping = both.narrow(4, 5).unwrap();
+        assert!(aliased(RotaryCacheArgs { k_cache: &k, v_cache: &overlapping, ..a() }.check()));
+    }
+
+    /// A decode of 9 tokens of context and a prefill of 3 new tokens after 2
+    /// cached: 4 q heads over 2 KV heads of 8 dims, 3 blocks of 4 slots each.
+    fn host() -> AttentionHostMetadata {
+        AttentionHostMetadata {
+            query_start_loc: vec![0, 1, 4],
+            seq_lens: vec![9, 5],
+            block_tables: vec![0, 1, 2, 3, 4, 0],
+            max_blocks_per_seq: 3,
+            slot_mapping: vec![8, 15, 16, 17],
+            num_decode_seqs: 1,
+        }
+    }
+
+    struct Attention {
+        q: Tensor<Shapes>,
+        k_cache: Tensor<Shapes>,
+        v_cache: Tensor<Shapes>,
+        out: Tensor<Shapes>,
+        meta: AttentionMetadata<Shapes>,
+    }
+
+    impl Attention {
+        fn new(host: AttentionHostMetadata) -> Self {
+            Self {
+                q: tensor(&[4, 4, 8], DType::F16),
+                k_cache: tensor(&[6, 2, 4, 8], DType::F16),
+                v_cache: tensor(&[6, 2, 4, 8], DType::F16),
+                out: tensor(&[4, 4, 8], DType::F16),
+                meta: metadata(host),
+            }
+        }
+
+        fn args(&self) -> AttentionArgs<'_, Shapes> {
+            AttentionArgs {
+                q: &self.q,
+                k_cache: &self.k_cache,
+                v_cache: &self.v_cache,
+                out: &self.out,
+                meta: &self.meta,
+                num_q_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 8,
+                scale: 0.35,
+                sliding_window: None,
+            }
+        }
+    }
+
+    #[test]
+    fn attention_check_returns_the_cache_shape_of_good_arguments() {
+        let at = Attention::new(host());
+        let want = KvCacheShape { num_blocks: 6, num_kv_heads: 2, block_size: 4, head_dim: 8 };
+        assert_eq!(at.args().check().unwrap(), want);
+        // q and out may be [T, Hq * D] as well as [T, Hq, D].
+        let (q, out) = (tensor(&[4, 32], DType::F16), tensor(&[4, 32], DType::F16));
+        assert!(AttentionArgs { q: &q, out: &out, sliding_window: Some(3), ..at.args() }.check().is_ok());
+    }
+
+    #[test]
+    fn attention_check_names_the_operand_and_its_expected_shape() {
+        let at = Attention::new(host());
+        let a = || at.args();
+        assert!(is_shape(&AttentionArgs { num_kv_heads: 3, ..a() }.check(), "4 query heads over 3 KV heads"));
+        assert!(is_shape(&AttentionArgs { num_q_heads: 0, ..a() }.check(), "need a positive multiple"));
+        assert!(is_shape(&AttentionArgs { sliding_window: Some(0), ..a() }.check(), "window of 0"));
+        for scale in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            assert!(is_shape(&AttentionArgs { scale, ..a() }.check(), "must be positive"), "{scale}");
+        }
+        let q = tensor(&[5, 4, 8], DType::F16);
+        assert!(is_shape(&AttentionArgs { q: &q, ..a() }.check(), "q: expected 4 rows of 32"));
+        let out = tensor(&[4, 32], DType::F16);
+        assert!(is_shape(&AttentionArgs { out: &out, ..a() }.check(), "out: expected [4, 4, 8]"));
+        let k = tensor(&[6, 2, 4, 16], DType::F16);
+        assert!(is_shape(&AttentionArgs { k_cache: &k, ..a() }.check(), "k_cache: expected [num_blocks, 2"));
+        let v = tensor(&[6, 2, 8, 8], DType::F16);
+        assert!(is_shape(&AttentionArgs { v_cache: &v, ..a() }.check(), "v_cache: expected [6, 2, 4, 8]"));
+
+        let mut bad_meta = metadata(host());
+        bad_meta.seq_lens = tensor(&[3], DType::I32);
+        assert!(is_shape(&AttentionArgs { meta: &bad_meta, ..a() }.check(), "seq_lens: expected [2]"));
+        let mut bad_meta = metadata(host());
+        bad_meta.block_tables = tensor(&[2, 2], DType::I32);
+        assert!(is_shape(&AttentionArgs { meta: &bad_meta, ..a() }.check(), "block_tables: expected [2, 3]"));
+        let mut bad_meta = metadata(host());
+        bad_meta.host.query_start_loc.pop();
+        assert!(is_shape(&AttentionArgs { meta: &bad_meta, ..a() }.check(), "host metadata"));
+        let mut bad_meta = metadata(host());
+        bad_meta.query_start_loc = tensor(&[3], DType::I64);
+        assert!(matches!(
+            AttentionArgs { meta: &bad_meta, ..a() }.check(),
+            Err(BackendError::DType { dtype: DType::I64, .. })
+        ));
+    }
+
+    #[test]
+    fn attention_check_refuses_wrong_dtypes_aliasing_and_overlong_sequences() {
+        let at = Attention::new(host());
+        let a = || at.args();
+        let bf16_out = tensor(&[4, 4, 8], DType::BF16);
+        assert!(matches!(
+            AttentionArgs { out: &bf16_out, ..a() }.check(),
+            Err(BackendError::DType { dtype: DType::BF16, .. })
+        ));
+        let int_q = tensor(&[4, 4, 8], DType::I32);
+        assert!(matches!(AttentionArgs { q: &int_q, ..a() }.check(), Err(BackendError::DType { .. })));
+        // out over q; K and V may be one tensor (both are read).
+        assert!(matches!(AttentionArgs { out: &at.q, ..a() }.check(), Err(BackendError::Aliasing { .. })));
+        assert!(AttentionArgs { v_cache: &at.k_cache, ..a() }.check().is_ok());
+
+        let index = |host: AttentionHostMetadata, what: &str| {
+            let at = Attention::new(host);
+            let r = at.args().check();
+            matches!(&r, Err(e @ BackendError::Index { .. }) if e.to_string().contains(what))
+        };
+        // 3 blocks of 4 slots hold 12 tokens.
+        assert!(index(AttentionHostMetadata { seq_lens: vec![13, 5], ..host() }, "sequence 0: 13 tokens"));
+        assert!(index(AttentionHostMetadata { seq_lens: vec![9, -1], ..host() }, "sequence 1: -1 tokens"));
+        let full = AttentionHostMetadata { seq_lens: vec![12, 12], ..host() };
+        assert!(Attention::new(full).args().check().is_ok());
+    }
 }

@@ -20,6 +20,12 @@
 //! - The KV cache of one layer is two tensors, K and V, each
 //!   `[num_blocks, num_kv_heads, block_size, head_dim]`: one block of one head
 //!   is contiguous, which is what a decode kernel wants to stream.
+//! - The argument checks of attention, rotary and the block ops are written
+//!   once here ([`AttentionArgs::check`], [`RotaryCacheArgs::check`],
+//!   [`check_copy_blocks`], [`check_swap_out`], [`check_swap_in`]) and every
+//!   backend calls them first, so both refuse the same calls with the same
+//!   errors; what only a backend can check (values on its device, what its
+//!   kernels support) it checks after.
 //!
 //! ```
 //! use pagoda_backend::{DType, Shape};
@@ -29,12 +35,18 @@
 //! ```
 
 mod attention;
+mod blocks;
 mod error;
 mod host;
 mod linear;
 mod tensor;
+#[cfg(test)]
+mod testing;
 
-pub use attention::{AttentionArgs, AttentionHostMetadata, AttentionMetadata, RopeStyle, RotaryCacheArgs};
+pub use attention::{
+    AttentionArgs, AttentionHostMetadata, AttentionMetadata, RopeStyle, RotaryCacheArgs, RotaryShape,
+};
+pub use blocks::{check_copy_blocks, check_swap_in, check_swap_out, CacheBlocks};
 pub use error::{BackendError, Result};
 pub use host::{HostSlice, HostVec};
 pub use linear::LinearFusion;
@@ -162,13 +174,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// `out = x · weightᵀ + bias`; x `[T, K]`, weight `[N, K]`, bias `[N]`, out `[T, N]`.
     /// `out` may be F32 when x and weight are a lower precision (logits).
+    /// [`Backend::linear_fused`] with nothing fused (backends implement that one).
     fn linear(
         &self,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
         out: &Tensor<Self>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.linear_fused(x, weight, bias, out, &LinearFusion::none())
+    }
 
     /// A linear layer with its neighbours fused in (input norm, SiLU-and-mul,
     /// residual add): `p = x' · weightᵀ + bias`, then `out = p`, `out += p` or
@@ -184,11 +199,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<()>;
 
     /// Rotates q and k by their positions and writes k and v into the paged
-    /// cache through the slot mapping; see [`RotaryCacheArgs`].
+    /// cache through the slot mapping; see [`RotaryCacheArgs`] (and
+    /// [`RotaryCacheArgs::check`] for the arguments refused).
     fn rotary_and_cache(&self, args: &RotaryCacheArgs<'_, Self>) -> Result<()>;
 
     /// Causal attention of this step's queries over each sequence's cached
-    /// keys and values; see [`AttentionArgs`].
+    /// keys and values; see [`AttentionArgs`] (and [`AttentionArgs::check`]).
     fn attention(&self, args: &AttentionArgs<'_, Self>) -> Result<()>;
 
     /// `out = silu(x[:, :I]) * x[:, I:]`; x `[T, 2I]`, out `[T, I]`.
@@ -200,15 +216,17 @@ pub trait Backend: Send + Sync + Sized + 'static {
     // ---- KV cache management -------------------------------------------------
 
     /// For every cache tensor and every `(src, dst)` pair, copies block `src`
-    /// over block `dst` (copy-on-write). Pairs are applied in order.
+    /// over block `dst` (copy-on-write). Pairs are applied in order. A pair
+    /// outside a cache ([`check_copy_blocks`]) fails the call before any copy.
     fn copy_blocks(&self, caches: &[&Tensor<Self>], pairs: &[(u32, u32)]) -> Result<()>;
 
     /// Copies device blocks to a host pool: for each `(device, host)` pair,
     /// block `device` of `cache` goes to block `host` of `host_pool`, whose
     /// blocks have the cache's per-block byte layout. Waits for completion.
+    /// Pairs are checked first ([`check_swap_out`]).
     fn swap_out(&self, cache: &Tensor<Self>, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()>;
 
-    /// The reverse of `swap_out`: for each `(host, device)` pair.
+    /// The reverse of `swap_out`: for each `(host, device)` pair ([`check_swap_in`]).
     fn swap_in(&self, host_pool: &[u8], cache: &Tensor<Self>, pairs: &[(u32, u32)]) -> Result<()>;
 
     // ---- recorded work (CUDA graphs) ----------------------------------------------

@@ -189,4 +189,35 @@ impl<B: Backend> Tensor<B> {
             _ => Err(BackendError::shape(op, format!("expected rank 2, got {:?}", self.shape))),
         }
     }
+
+    /// `(rows, elements per row)`: the leading dimension and the product of
+    /// the others, for a tensor of rank >= 1 (`[T, H, D]` is T rows of H·D).
+    pub fn rows_cols(&self, op: &'static str, what: &str) -> Result<(usize, usize)> {
+        match self.dims().first() {
+            Some(&rows) => Ok((rows, self.shape.row_numel())),
+            None => Err(BackendError::shape(op, format!("{what}: expected rank >= 1, got a scalar"))),
+        }
+    }
+
+    /// Checks `rows` rows of `cols` elements in the sense of [`Tensor::rows_cols`],
+    /// naming the op and operand in the error.
+    pub fn expect_rows_cols(&self, op: &'static str, what: &str, rows: usize, cols: usize) -> Result<()> {
+        if self.rows_cols(op, what)? != (rows, cols) {
+            return Err(BackendError::shape(
+                op,
+                format!("{what}: expected {rows} rows of {cols}, got {:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether both views sit on the same storage with overlapping bytes.
+    pub fn overlaps(&self, other: &Self) -> bool {
+        let bytes = |t: &Self| {
+            let size = t.dtype.size_in_bytes();
+            t.offset * size..(t.offset + t.numel()) * size
+        };
+        let (a, b) = (bytes(self), bytes(other));
+        self.shares_storage(other) && a.start < b.end && b.start < a.end
+    }
 }
