@@ -26,6 +26,11 @@
 #                with the default partial prefills and with --max-num-partial-prefills 1 (the
 #                earlier behaviour), pagoda bench serve with half 4000-token and half 16-token
 #                prompts at $PREFILL_RATES (default "8 12") req/s; then the offline workload both ways
+#   unpack       decompress .device/xz/{bin,kbin}/*.xz (binaries carried xz-compressed, so two
+#                pagoda builds and the device tests fit one call) into .device/bin and .device/kbin
+#   compare8b    before/after A/B of two builds on the 8B shape ($B/pagoda-before, $B/pagoda):
+#                offline throughput (16k budget) and single stream, two alternating rounds
+#   kflags8b     single stream with each --kernel-* override (PDL off, GEMV off, decode partition 256)
 #   variants8b   single-stream A/B: the latency run with no settings, then with each
 #                ';'-separated set of VAR=VALUE settings in $LAT_VARIANTS; two alternating rounds
 # Logs go to $OUT; a short summary prints last.
@@ -52,6 +57,12 @@ for phase in "$@"; do
       mkdir -p "$W/smollm2"
       cat "$W/gguf.00" "$W/gguf.01" "$W/gguf.02" > "$SMOL"
       echo "$(cat $B/gguf.sha256 2>/dev/null || cat $W/gguf.sha256)  $SMOL" | sha256sum -c - ;;
+    unpack)
+      for f in .device/xz/*/*.xz; do
+        d=.device/$(basename "$(dirname "$f")"); mkdir -p "$d"
+        xz -d -T0 -c "$f" > "$d/$(basename "$f" .xz)" && chmod +x "$d/$(basename "$f" .xz)"
+      done
+      ls -la $B $K ;;
     keep-bin)
       # Binaries for later calls that do not carry .device/bin or .device/kbin.
       cp $B/pagoda $B/gguf.sha256 "$W/" 2>/dev/null; cp $K/conformance "$W/" 2>/dev/null; ls "$W" ;;
@@ -103,6 +114,7 @@ for phase in "$@"; do
         echo "conformance quick bf16, decode partition $p: rc=$?"
       done ;;
     model8b)
+      [ -f "$L8B/config.json" ] && [ -f "$WORKLOAD" ] && { echo "model already built"; continue; }
       t0=$SECONDS
       python3 $B/hf_peer.py --preset llama3-8b --save-model "$L8B" --write-workload "$WORKLOAD" \
         --n 256 --input-len 512 --output-len 256 --modes none 2>&1 | grep -v -e Warning -e '"error"'
@@ -131,6 +143,26 @@ for phase in "$@"; do
       $NCU --launch-skip ${NCU_SKIP_BS1:-6000} --launch-count ${NCU_COUNT_BS1:-500} $B/pagoda bench latency \
         --device cuda --model "$L8B" --input-len 512 --output-len 64 --num-iters 1 > "$OUT/ncu_bs1.csv" 2>&1
       python3 scripts/gpu/ncu_summary.py "$OUT/ncu_bs1.csv" "${NCU_STEPS_BS1:-2}" ;;
+    compare8b)
+      for round in 1 2; do
+        for build in before after; do
+          exe=$B/pagoda; [ $build = before ] && exe=$B/pagoda-before
+          echo "--- round $round: $build ($exe)"
+          $exe bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" --max-num-batched-tokens 16384 \
+            --output-json "$OUT/compare_throughput_${build}_$round.json" > "$OUT/compare_throughput_${build}_$round.log" 2>&1
+          grep -E "throughput:|step time|error|Error" "$OUT/compare_throughput_${build}_$round.log"
+          $exe bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
+            --output-json "$OUT/compare_latency_${build}_$round.json" > "$OUT/compare_latency_${build}_$round.log" 2>&1
+          grep -E "decode:|TTFT|error|Error" "$OUT/compare_latency_${build}_$round.log"
+        done
+      done ;;
+    kflags8b)
+      for flags in "" "--kernel-pdl off" "--kernel-gemv off" "--kernel-decode-partition 256"; do
+        echo "--- ${flags:-no kernel flags}"
+        # shellcheck disable=SC2086
+        $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 $flags \
+          2>&1 | tee -a "$OUT/kflags.log" | grep -E "decode:|TTFT|error|Error"
+      done ;;
     variants8b)
       PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
       IFS=';' read -ra VARIANTS <<< "${LAT_VARIANTS:-}"
@@ -177,7 +209,7 @@ for phase in "$@"; do
         kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
       done ;;
     prefill8b)
-      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      PAGODA=${PAGODA:-$B/pagoda}; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
       for rate in ${PREFILL_RATES:-8 12}; do
         for mode in before after; do
           flags=""; [ "$mode" = before ] && flags="--max-num-partial-prefills 1"
