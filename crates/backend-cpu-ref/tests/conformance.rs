@@ -11,6 +11,7 @@
 //! relative; we allow 1e-5 per row, as the suite's own F32 tolerance for elementwise ops.
 //! A real mistake (a wrong position, pairing, head, mask, eps or scale) moves results by 1e-2
 //! to 1. Copies must be exact.
+#![allow(clippy::needless_range_loop)] // index loops, as the formulas read
 
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, LinearFusion,
