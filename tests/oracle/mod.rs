@@ -56,6 +56,8 @@
 //! model itself ([`self_check`]): if transformers bf16 strays from float32 by more than
 //! its own bound, the model of the arithmetic is wrong, and so is any verdict on Pagoda.
 
+#![allow(clippy::needless_range_loop)] // positions index several parallel lists
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -402,10 +404,10 @@ pub fn compare_prompt(
         let diff = (pagoda_lp_of_r - want.logprobs[t]).abs();
         let ratio = diff / bounds[t];
         v.compared = t + 1;
-        if !(ratio <= v.worst.ratio) {
+        if ratio > v.worst.ratio || ratio.is_nan() {
             v.worst = Margin { ratio, position: t, diff, bound: bounds[t] };
         }
-        if !(diff <= bounds[t]) {
+        if diff > bounds[t] || diff.is_nan() {
             let what = if r == p { "the same token" } else { "at the divergence, the reference's token" };
             v.failure = Some(fail(
                 t,
