@@ -39,10 +39,14 @@
 #   oracle8b-ref the same reference for the random-weight Llama-3-8B (after model8b): 6 prompts
 #                of random token ids, 16 to 160 long
 #   oracle8b     Pagoda's side of it (runs oracle8b-ref first if its reference is missing)
-#   oracle-fault the planted fault: oracle's Pagoda side with rope_theta x ${ORACLE_FAULT:-1.01} in
-#                Pagoda only. Expected outcome: FAIL (the phase reports "detected" and succeeds; a
-#                pass means the check is blind, and the phase fails)
-#   oracle8b-fault  the same on the 8B reference
+#   oracle-fault the planted fault: oracle's Pagoda side (bf16 with graphs, f16) with rope_theta
+#                times each factor of ${ORACLE_FAULTS:-1.01 1.1 2 0.1 0.01} in Pagoda only, a table
+#                of which verdicts detect which factor, and the verdict on the last (strongest):
+#                expected outcome FAIL (the phase reports "detected" and succeeds; a pass there
+#                means the check is blind, and the phase fails). The smaller factors measure the
+#                resolution: on the CPU dry run (3 prompts x 16 tokens) the f16 bound caught x2
+#                and x0.5 but not x1.1, the bf16 bound caught x10 and x0.03 but not x0.1
+#   oracle8b-fault  the same on the 8B reference, factors ${ORACLE8B_FAULTS:-0.1 0.01}
 # Logs go to $OUT; a short summary prints last.
 #
 # The oracle in one lease (scripts/gpu/package.sh first; each line one device call, with the
@@ -53,11 +57,12 @@
 #   3. carry [".device/gguf.02"]:   bash scripts/gpu/session.sh stash join oracle oracle-fault
 #   4. no carry:                    bash scripts/gpu/session.sh model8b oracle8b-ref
 #   5. no carry:                    bash scripts/gpu/session.sh oracle8b oracle8b-fault
-# Expected: call 3 prints "oracle: PASS" (bf16 graphs, bf16 eager, f16, self-check) and
-# "oracle-fault: planted fault detected (FAIL as expected)"; calls 4-5 the same for the 8B.
+# Expected: call 3 prints "oracle: PASS" (bf16 graphs, bf16 eager, f16, self-checks), the
+# fault table, and "planted fault (rope_theta x 0.01) detected: every verdict FAILS, as
+# expected"; calls 4-5 the same for the 8B.
 # $OUT gets oracle_<model>.json (transformers' reference), oracle_<model>.log (every verdict
 # with its per-prompt table) and oracle_<model>_summary.json (pass/fail and worst margin of
-# each verdict), the fault runs' log and summary likewise.
+# each verdict), oracle_<model>_fault.log and _fault_summary.json (every factor's verdicts).
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 W=/tmp/pagoda-gpu
@@ -88,27 +93,27 @@ oracle_ref() {
   cp "$W/oracle_$name.json" "$OUT/"
 }
 
-# oracle_pagoda NAME MODEL [fault]: cuda_model's oracle_ tests against $W/oracle_NAME.json
-# (with the planted fault if a third argument is given); every verdict in
-# $OUT/oracle_NAME[_fault].log, their pass/fail and worst margins in ..._summary.json.
-# Returns the tests' status.
+# oracle_pagoda NAME MODEL [FAULT]: cuda_model's oracle_ tests against $W/oracle_NAME.json, or,
+# with a FAULT factor, only Pagoda's checks with rope_theta x FAULT in Pagoda. Every verdict
+# goes to $OUT/oracle_NAME[_fault].log, their pass/fail and worst margins to
+# $W/summary_NAME[_fault_FAULT].json. Returns the tests' status.
 oracle_pagoda() {
-  local name=$1 model=$2 tag="" rc=0
-  [ -n "${3:-}" ] && tag=_fault
-  local reports="$W/reports_$name$tag" log="$OUT/oracle_$name$tag.log"
-  rm -rf "$reports"; mkdir -p "$reports"; : > "$log"
+  local name=$1 model=$2 fault=${3:-} tag="" rc=0
+  [ -n "$fault" ] && tag=_fault
+  local reports="$W/reports_$name$tag$fault" log="$OUT/oracle_$name$tag.log"
+  rm -rf "$reports"; mkdir -p "$reports"
+  [ -z "$fault" ] && : > "$log"
   local env=(PAGODA_ORACLE_JSON="$W/oracle_$name.json" PAGODA_TEST_MODEL="$model" PAGODA_ORACLE_REPORT="$reports")
-  # The fault is Pagoda's: the reference's self-check has nothing to say about it.
   local tests=(oracle_bf16 oracle_f16 oracle_reference)
-  if [ -n "$tag" ]; then
-    env+=(PAGODA_ORACLE_FAULT_ROPE="${ORACLE_FAULT:-1.01}")
-    tests=(oracle_bf16 oracle_f16)
+  if [ -n "$fault" ]; then
+    env+=(PAGODA_ORACLE_FAULT_ROPE="$fault")
+    tests=(oracle_bf16 oracle_f16)  # the fault is Pagoda's: the reference's self-check has nothing to say
   fi
   for t in "${tests[@]}"; do
     env "${env[@]}" "$(cuda_model)" --ignored "$t" --test-threads=1 --nocapture >> "$log" 2>&1 || rc=1
   done
-  grep -E "^oracle |^self-check|^  (PASS|FAIL)|^test |panicked|PLANTED" "$log"
-  python3 - "$reports" "$OUT/oracle_$name${tag}_summary.json" <<'PY'
+  [ -z "$fault" ] && grep -E "^oracle |^self-check|^  (PASS|FAIL)|^test |panicked" "$log"
+  python3 - "$reports" "$W/summary_$name$tag$fault.json" <<'PY'
 import json, os, sys
 folder, out = sys.argv[1], sys.argv[2]
 verdicts = {f[:-5]: json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")}
@@ -119,21 +124,39 @@ for k, v in verdicts.items():
           f"{v['identical_prompts']}/{v['prompts']} prompts identical throughout, worst |dlp|/bound "
           f"{w['ratio']:.3f} (prompt {w['prompt']}, position {w['position']}: {w['abs_diff']:.2e} vs {w['bound']:.2e})")
 PY
+  [ -z "$fault" ] && cp "$W/summary_$name.json" "$OUT/oracle_${name}_summary.json"
   return $rc
 }
 
-# oracle_fault NAME MODEL: the planted fault must make every Pagoda verdict fail.
+# oracle_fault NAME MODEL FACTORS...: the planted fault, rope_theta x FACTOR in Pagoda only, for
+# each factor (the last one the strongest). Every verdict must fail at the last factor; the
+# others show how small a fault each check resolves. Summary: $OUT/oracle_NAME_fault_summary.json.
 oracle_fault() {
-  oracle_pagoda "$1" "$2" fault
-  local passed
-  passed=$(python3 -c 'import json, sys
-v = json.load(open(sys.argv[1]))
-print(" ".join(k for k, x in v.items() if x["passed"]) if v else "no-verdicts")' "$OUT/oracle_$1_fault_summary.json")
-  if [ -n "$passed" ]; then
-    echo "$1 oracle-fault: planted fault NOT detected by: $passed (rope_theta x ${ORACLE_FAULT:-1.01})"
+  local name=$1 model=$2 f missed; shift 2
+  : > "$OUT/oracle_${name}_fault.log"
+  for f in "$@"; do
+    echo "--- rope_theta x $f"
+    oracle_pagoda "$name" "$model" "$f"
+  done
+  python3 - "$OUT/oracle_${name}_fault_summary.json" "$W" "$name" "$@" <<'PY'
+import json, sys
+out, w, name, factors = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+runs = {f: json.load(open(f"{w}/summary_{name}_fault{f}.json")) for f in factors}
+json.dump(runs, open(out, "w"), indent=1)
+print("rope_theta x   " + "   ".join(f"{k:>24}" for k in runs[factors[-1]]))
+for f, v in runs.items():
+    print(f"{f:>12}   " + "   ".join(f"{('detected' if not x['passed'] else 'missed'):>9} ({x['worst_margin']['ratio']:9.2f})"
+                                      for x in v.values()))
+PY
+  missed=$(python3 -c 'import json, sys
+v = json.load(open(sys.argv[1]))[sys.argv[2]]
+print(" ".join(k for k, x in v.items() if x["passed"]) if v else "no-verdicts")' \
+    "$OUT/oracle_${name}_fault_summary.json" "${!#}")
+  if [ -n "$missed" ]; then
+    echo "$name oracle-fault: the planted fault (rope_theta x ${!#}) was NOT detected by: $missed"
     return 1
   fi
-  echo "$1 oracle-fault: planted fault detected (FAIL as expected) by every verdict"
+  echo "$name oracle-fault: planted fault (rope_theta x ${!#}) detected: every verdict FAILS, as expected"
 }
 
 for phase in "$@"; do
@@ -323,9 +346,11 @@ print("gguf", gguf.__file__, "| torch", torch.__version__, "| transformers", tra
       rc=$?
       echo "oracle8b: $([ $rc = 0 ] && echo PASS || echo "FAIL (rc=$rc)") in $((SECONDS - t0)) s" ;;
     oracle-fault)
-      oracle_fault smollm2 "$SMOL" ;;
+      # shellcheck disable=SC2086
+      oracle_fault smollm2 "$SMOL" ${ORACLE_FAULTS:-1.01 1.1 2 0.1 0.01} ;;
     oracle8b-fault)
-      oracle_fault 8b "$L8B" ;;
+      # shellcheck disable=SC2086
+      oracle_fault 8b "$L8B" ${ORACLE8B_FAULTS:-0.1 0.01} ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
         | grep -v Warning | tee "$OUT/peer_cb.log" ;;
