@@ -54,12 +54,14 @@
 #   1. carry [".device/mtest", ".device/whl", ".device/gguf.00"]:
 #        bash scripts/gpu/session.sh stash oracle-setup
 #   2. carry [".device/gguf.01"]:   bash scripts/gpu/session.sh stash
-#   3. carry [".device/gguf.02"]:   bash scripts/gpu/session.sh stash join oracle oracle-fault
-#   4. no carry:                    bash scripts/gpu/session.sh model8b oracle8b-ref
-#   5. no carry:                    bash scripts/gpu/session.sh oracle8b oracle8b-fault
-# Expected: call 3 prints "oracle: PASS" (bf16 graphs, bf16 eager, f16, self-checks), the
-# fault table, and "planted fault (rope_theta x 0.01) detected: every verdict FAILS, as
-# expected"; calls 4-5 the same for the 8B.
+#   3. carry [".device/gguf.02"]:   bash scripts/gpu/session.sh stash join oracle
+#   4. no carry:                    bash scripts/gpu/session.sh oracle-fault
+#   5. carry [".device/bin"] (hf_peer.py):  bash scripts/gpu/session.sh model8b oracle8b-ref
+#   6. no carry:                    bash scripts/gpu/session.sh oracle8b oracle8b-fault
+# (3 and 4 may be one call; each is a few minutes, oracle-fault five factors x two engines.)
+# Expected: call 3 prints "oracle: PASS" (bf16 graphs, bf16 eager, f16, self-checks); call 4
+# the fault table and "planted fault (rope_theta x 0.01) detected: every verdict FAILS, as
+# expected"; calls 5-6 the same for the 8B.
 # $OUT gets oracle_<model>.json (transformers' reference), oracle_<model>.log (every verdict
 # with its per-prompt table) and oracle_<model>_summary.json (pass/fail and worst margin of
 # each verdict), oracle_<model>_fault.log and _fault_summary.json (every factor's verdicts).
