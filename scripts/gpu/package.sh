@@ -4,7 +4,10 @@
 #   .device/kbin/   conformance (every kernel against the CPU reference) and the backend's device
 #                   tests (async sampling, staged uploads, graphs...)
 #   .device/kbench/ the kernel bench (its own folder: kbin + a GGUF third fill a call's 64 MiB)
-#   .device/mtest/  cuda_model (the whole model on the GPU)
+#   .device/mtest/  cuda_model (the whole model on the GPU, and the oracle comparison of issue 15)
+#   .device/whl/    the gguf wheel (pure Python; its needs numpy, pyyaml, requests and tqdm are on
+#                   the GPU machine's image) that transformers needs to read a GGUF, for
+#                   scripts/gpu/oracle.py (session.sh oracle-setup installs it)
 #   .device/gguf.00, .01, .02
 #                   SmolLM2 split in three: the GGUF (98 MB) is larger than one call may
 #                   carry (64 MiB), so three calls each carry a third beside a binary
@@ -20,7 +23,7 @@ scripts/setup-cuda.sh >/dev/null
 # shellcheck disable=SC1091
 source .cuda/env.sh
 MODEL="$(scripts/fetch-model.sh)"
-mkdir -p .device/bin .device/kbin .device/kbench .device/mtest
+mkdir -p .device/bin .device/kbin .device/kbench .device/mtest .device/whl
 cargo build --release --features cuda --bin pagoda
 cp target/release/pagoda .device/bin/pagoda
 # Prints the path of the executable cargo builds for target $1 from its JSON
@@ -52,4 +55,11 @@ cp "$PEER" .device/bin/hf_peer.py
 rm -f .device/gguf.*
 split -n 3 -d "$MODEL" .device/gguf.
 sha256sum "$MODEL" | cut -d' ' -f1 > .device/bin/gguf.sha256
-du -sh .device/bin .device/kbin .device/kbench .device/mtest .device/gguf.*
+# The version transformers' GGUF reader was checked with here (the fixtures too).
+rm -f .device/whl/*.whl
+python3 -m pip download -q --no-deps --only-binary=:all: -d .device/whl gguf==0.19.0
+du -sh .device/bin .device/kbin .device/kbench .device/mtest .device/whl .device/gguf.*
+# A call carries at most 64 MiB: the largest oracle call (session.sh's header) must fit.
+mib() { du -cm "$@" | tail -1 | cut -f1; }
+[ "$(mib .device/mtest .device/whl .device/gguf.00)" -lt 63 ] \
+  || die "mtest + whl + one GGUF third exceed what one call carries (64 MiB)"

@@ -7,7 +7,8 @@
 #   sanitize     compute-sanitizer memcheck and racecheck over the quick conformance grid
 #   kernels      the CUDA backend's device tests, then every kernel against the CPU reference
 #                (conformance, quick and full grids)
-#   model-check  SmolLM2 on the GPU: whole-model tests vs CPU and transformers, a chat demo
+#   model-check  SmolLM2 on the GPU: graph replays against eager steps, a chat demo (the
+#                comparison with transformers is the oracle phase)
 #   bench8b      build the random-weight Llama-3-8B (hf_peer.py), transformers static batching,
 #                then pagoda bench throughput + latency on the same requests (latency also with
 #                --enforce-eager and with PAGODA_DISABLE_PDL=1)
@@ -33,7 +34,42 @@
 #   kflags8b     single stream with each --kernel-* override (PDL off, GEMV off, decode partition 256)
 #   variants8b   single-stream A/B: the latency run with no settings, then with each
 #                ';'-separated set of VAR=VALUE settings in $LAT_VARIANTS; two alternating rounds
+#   oracle-setup install the carried gguf wheel (.device/whl) for transformers' GGUF reader, and
+#                keep it and cuda_model (.device/mtest) for later calls
+#   oracle       SmolLM2 against transformers on this GPU (issue 15): scripts/gpu/oracle.py writes
+#                the reference (bf16, and f32 on the f16-rounded weights) for the 16 prompts of
+#                tests/fixtures/oracle/smollm2_prompts.json, then cuda_model's oracle_ tests
+#                compare Pagoda bf16 (graphs and eager) and f16 with it under bounds derived in
+#                tests/oracle/mod.rs, and check the error model on transformers itself
+#   oracle8b-ref the same reference for the random-weight Llama-3-8B (after model8b): 6 prompts
+#                of random token ids, 16 to 160 long
+#   oracle8b     Pagoda's side of it (runs oracle8b-ref first if its reference is missing)
+#   oracle-fault the planted fault: oracle's Pagoda side (bf16 with graphs, f16) with rope_theta
+#                times each factor of ${ORACLE_FAULTS:-1.01 1.1 2 0.1 0.01} in Pagoda only, a table
+#                of which verdicts detect which factor, and the verdict on the last (strongest):
+#                expected outcome FAIL (the phase reports "detected" and succeeds; a pass there
+#                means the check is blind, and the phase fails). The smaller factors measure the
+#                resolution: on the CPU dry run (3 prompts x 16 tokens) the f16 bound caught x2
+#                and x0.5 but not x1.1, the bf16 bound caught x10 and x0.03 but not x0.1
+#   oracle8b-fault  the same on the 8B reference, factors ${ORACLE8B_FAULTS:-0.1 0.01}
 # Logs go to $OUT; a short summary prints last.
+#
+# The oracle in one lease (scripts/gpu/package.sh first; each line one device call, with the
+# `carry` list; /tmp/pagoda-gpu keeps state between the calls while the machine stays warm):
+#   1. carry [".device/mtest", ".device/whl", ".device/gguf.00"]:
+#        bash scripts/gpu/session.sh stash oracle-setup
+#   2. carry [".device/gguf.01"]:   bash scripts/gpu/session.sh stash
+#   3. carry [".device/gguf.02"]:   bash scripts/gpu/session.sh stash join oracle
+#   4. no carry:                    bash scripts/gpu/session.sh oracle-fault
+#   5. carry [".device/bin"] (hf_peer.py):  bash scripts/gpu/session.sh model8b oracle8b-ref
+#   6. no carry:                    bash scripts/gpu/session.sh oracle8b oracle8b-fault
+# (3 and 4 may be one call; each is a few minutes, oracle-fault five factors x two engines.)
+# Expected: call 3 prints "oracle: PASS" (bf16 graphs, bf16 eager, f16, self-checks); call 4
+# the fault table and "planted fault (rope_theta x 0.01) detected: every verdict FAILS, as
+# expected"; calls 5-6 the same for the 8B.
+# $OUT gets oracle_<model>.json (transformers' reference), oracle_<model>.log (every verdict
+# with its per-prompt table) and oracle_<model>_summary.json (pass/fail and worst margin of
+# each verdict), oracle_<model>_fault.log and _fault_summary.json (every factor's verdicts).
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 W=/tmp/pagoda-gpu
@@ -42,10 +78,93 @@ B=.device/bin    # pagoda, hf_peer.py, gguf.sha256
 K=.device/kbin   # test executables: conformance, device
 KB=.device/kbench  # the kernel bench: kernels
 M=.device/mtest  # the whole-model test executable: cuda_model
+WHL=.device/whl  # the gguf wheel transformers needs to read a GGUF
 mkdir -p "$W" "$OUT"
 SMOL="$W/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 L8B="$W/llama3-8b-random"
 WORKLOAD="$W/llama3-8b-workload.jsonl"
+
+# The cuda_model executable: this call's, or the copy oracle-setup kept.
+cuda_model() { if [ -x $M/cuda_model ]; then echo $M/cuda_model; else echo "$W/cuda_model"; fi; }
+
+# oracle_ref NAME MODEL ARGS...: transformers' reference for MODEL into $W/oracle_NAME.json
+# (and a copy in $OUT).
+oracle_ref() {
+  local name=$1 model=$2; shift 2
+  [ -d "$W/site" ] || { echo "run oracle-setup first (the gguf wheel)"; return 1; }
+  rm -f "$W/oracle_$name.json"
+  PYTHONPATH="$W/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 scripts/gpu/oracle.py \
+    --model "$model" --checks bf16,f16 --out "$W/oracle_$name.json" "$@" 2>&1 \
+    | grep -v -i -e warning -e "de-quantizing" | tee "$OUT/oracle_${name}_ref.log"
+  [ -f "$W/oracle_$name.json" ] || { echo "oracle.py wrote no reference"; return 1; }
+  cp "$W/oracle_$name.json" "$OUT/"
+}
+
+# oracle_pagoda NAME MODEL [FAULT]: cuda_model's oracle_ tests against $W/oracle_NAME.json, or,
+# with a FAULT factor, only Pagoda's checks with rope_theta x FAULT in Pagoda. Every verdict
+# goes to $OUT/oracle_NAME[_fault].log, their pass/fail and worst margins to
+# $W/summary_NAME[_fault_FAULT].json. Returns the tests' status.
+oracle_pagoda() {
+  local name=$1 model=$2 fault=${3:-} tag="" rc=0
+  [ -n "$fault" ] && tag=_fault
+  local reports="$W/reports_$name$tag$fault" log="$OUT/oracle_$name$tag.log"
+  rm -rf "$reports"; mkdir -p "$reports"
+  [ -z "$fault" ] && : > "$log"
+  local env=(PAGODA_ORACLE_JSON="$W/oracle_$name.json" PAGODA_TEST_MODEL="$model" PAGODA_ORACLE_REPORT="$reports")
+  local tests=(oracle_bf16 oracle_f16 oracle_reference)
+  if [ -n "$fault" ]; then
+    env+=(PAGODA_ORACLE_FAULT_ROPE="$fault")
+    tests=(oracle_bf16 oracle_f16)  # the fault is Pagoda's: the reference's self-check has nothing to say
+  fi
+  for t in "${tests[@]}"; do
+    env "${env[@]}" "$(cuda_model)" --ignored "$t" --test-threads=1 --nocapture >> "$log" 2>&1 || rc=1
+  done
+  [ -z "$fault" ] && grep -E "^oracle |^self-check|^  (PASS|FAIL)|^test |panicked" "$log"
+  python3 - "$reports" "$W/summary_$name$tag$fault.json" <<'PY'
+import json, os, sys
+folder, out = sys.argv[1], sys.argv[2]
+verdicts = {f[:-5]: json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")}
+json.dump(verdicts, open(out, "w"), indent=1)
+for k, v in verdicts.items():
+    w = v["worst_margin"]
+    print(f"{k}: {'PASS' if v['passed'] else 'FAIL'}, {v['positions_compared']} positions compared, "
+          f"{v['identical_prompts']}/{v['prompts']} prompts identical throughout, worst |dlp|/bound "
+          f"{w['ratio']:.3f} (prompt {w['prompt']}, position {w['position']}: {w['abs_diff']:.2e} vs {w['bound']:.2e})")
+PY
+  [ -z "$fault" ] && cp "$W/summary_$name.json" "$OUT/oracle_${name}_summary.json"
+  return $rc
+}
+
+# oracle_fault NAME MODEL FACTORS...: the planted fault, rope_theta x FACTOR in Pagoda only, for
+# each factor (the last one the strongest). Every verdict must fail at the last factor; the
+# others show how small a fault each check resolves. Summary: $OUT/oracle_NAME_fault_summary.json.
+oracle_fault() {
+  local name=$1 model=$2 f missed; shift 2
+  : > "$OUT/oracle_${name}_fault.log"
+  for f in "$@"; do
+    echo "--- rope_theta x $f"
+    oracle_pagoda "$name" "$model" "$f"
+  done
+  python3 - "$OUT/oracle_${name}_fault_summary.json" "$W" "$name" "$@" <<'PY'
+import json, sys
+out, w, name, factors = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+runs = {f: json.load(open(f"{w}/summary_{name}_fault{f}.json")) for f in factors}
+json.dump(runs, open(out, "w"), indent=1)
+print("rope_theta x   " + "   ".join(f"{k:>24}" for k in runs[factors[-1]]))
+for f, v in runs.items():
+    print(f"{f:>12}   " + "   ".join(f"{('detected' if not x['passed'] else 'missed'):>9} ({x['worst_margin']['ratio']:9.2f})"
+                                      for x in v.values()))
+PY
+  missed=$(python3 -c 'import json, sys
+v = json.load(open(sys.argv[1]))[sys.argv[2]]
+print(" ".join(k for k, x in v.items() if x["passed"]) if v else "no-verdicts")' \
+    "$OUT/oracle_${name}_fault_summary.json" "${!#}")
+  if [ -n "$missed" ]; then
+    echo "$name oracle-fault: the planted fault (rope_theta x ${!#}) was NOT detected by: $missed"
+    return 1
+  fi
+  echo "$name oracle-fault: planted fault (rope_theta x ${!#}) detected: every verdict FAILS, as expected"
+}
 
 for phase in "$@"; do
   echo "=== $phase"
@@ -86,7 +205,7 @@ for phase in "$@"; do
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       PAGODA_TEST_MODEL="$SMOL" $M/cuda_model --test-threads=1 --nocapture > "$OUT/cuda_model.log" 2>&1
       echo "cuda_model rc=$?"
-      grep -E "^test |test result|teacher-forced|diverges|reproduced|panicked" "$OUT/cuda_model.log"
+      grep -E "^test |test result|max_num_seqs|panicked" "$OUT/cuda_model.log"
       PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
       $PAGODA generate --device cuda --model "$SMOL" --chat \
         "What is the capital of France? Answer in one sentence, then name one famous landmark there." 2>&1 | tee "$OUT/demo.log" ;;
@@ -236,6 +355,36 @@ for phase in "$@"; do
         $PAGODA bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" $flags \
           --output-json "$OUT/prefill_offline_$mode.json" 2>&1 | tee "$OUT/prefill_offline_$mode.txt" | tail -4
       done ;;
+    oracle-setup)
+      [ -d $WHL ] && cp $WHL/*.whl "$W/" 2>/dev/null
+      [ -x $M/cuda_model ] && cp $M/cuda_model "$W/"
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
+        "$W"/gguf-*.whl && PYTHONPATH="$W/site" python3 -c 'import gguf, torch, transformers
+print("gguf", gguf.__file__, "| torch", torch.__version__, "| transformers", transformers.__version__)'
+      ls "$W" ;;
+    oracle)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      t0=$SECONDS
+      oracle_ref smollm2 "$SMOL" --prompts tests/fixtures/oracle/smollm2_prompts.json \
+        && oracle_pagoda smollm2 "$SMOL"
+      rc=$?
+      echo "oracle: $([ $rc = 0 ] && echo PASS || echo "FAIL (rc=$rc)") in $((SECONDS - t0)) s" ;;
+    oracle8b-ref)
+      t0=$SECONDS
+      oracle_ref 8b "$L8B" --random-prompts 16,32,64,96,128,160 --seed 0
+      echo "oracle8b-ref: rc=$? in $((SECONDS - t0)) s" ;;
+    oracle8b)
+      t0=$SECONDS
+      [ -f "$W/oracle_8b.json" ] || oracle_ref 8b "$L8B" --random-prompts 16,32,64,96,128,160 --seed 0
+      oracle_pagoda 8b "$L8B"
+      rc=$?
+      echo "oracle8b: $([ $rc = 0 ] && echo PASS || echo "FAIL (rc=$rc)") in $((SECONDS - t0)) s" ;;
+    oracle-fault)
+      # shellcheck disable=SC2086
+      oracle_fault smollm2 "$SMOL" ${ORACLE_FAULTS:-1.01 1.1 2 0.1 0.01} ;;
+    oracle8b-fault)
+      # shellcheck disable=SC2086
+      oracle_fault 8b "$L8B" ${ORACLE8B_FAULTS:-0.1 0.01} ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
         | grep -v Warning | tee "$OUT/peer_cb.log" ;;
