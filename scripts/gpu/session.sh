@@ -348,6 +348,7 @@ for phase in "$@"; do
           kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
         done
       done
+      [ "${PREFILL_OFFLINE:-1}" = 1 ] || continue  # PREFILL_OFFLINE=0: the online runs only
       for mode in before after; do
         flags=""; [ "$mode" = before ] && flags="--max-num-partial-prefills 1"
         echo "--- offline workload, $mode (${flags:-defaults})"
