@@ -51,6 +51,19 @@ impl GenerationConfig {
         }
     }
 
+    /// Checks the token ids the engine relies on (`eos_token_id`, `bos_token_id`) against the
+    /// model's vocabulary, naming the key of the first one outside it.
+    pub fn validate_token_ids(&self, vocab_size: usize) -> std::result::Result<(), String> {
+        let outside = |id: TokenId| id as usize >= vocab_size;
+        if let Some(id) = self.eos_token_ids.iter().copied().find(|&id| outside(id)) {
+            return Err(format!("`eos_token_id` {id} is outside the vocabulary of {vocab_size} tokens"));
+        }
+        if let Some(id) = self.bos_token_id.filter(|&id| outside(id)) {
+            return Err(format!("`bos_token_id` {id} is outside the vocabulary of {vocab_size} tokens"));
+        }
+        Ok(())
+    }
+
     /// Adds stop tokens (from `config.json` or the tokenizer) not yet listed.
     pub fn add_eos_tokens(&mut self, ids: impl IntoIterator<Item = TokenId>) {
         for id in ids {

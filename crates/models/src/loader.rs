@@ -108,6 +108,9 @@ impl ModelFiles {
         let tokenizer = Tokenizer::from_hf_dir(&dir)?;
         let chat_template = ChatTemplate::from_tokenizer_config(tokenizer.config())?;
         let mut generation = GenerationConfig::from_hf_dir(&dir)?;
+        generation
+            .validate_token_ids(config.vocab_size)
+            .map_err(|detail| ModelError::config(dir.join("generation_config.json"), detail))?;
         generation.add_eos_tokens(config.eos_token_ids.iter().copied());
         generation.add_eos_tokens(tokenizer.eos_token_id());
         if generation.bos_token_id.is_none() {

@@ -321,6 +321,35 @@ fn gguf_metadata_the_engine_relies_on_is_validated() {
 }
 
 #[test]
+fn generation_config_token_ids_outside_the_vocabulary_are_refused() {
+    let cases = [
+        (serde_json::json!({"eos_token_id": [2, 320]}), "`eos_token_id` 320 is outside the vocabulary"),
+        (
+            serde_json::json!({"eos_token_id": 2, "bos_token_id": 5000}),
+            "`bos_token_id` 5000 is outside the vocabulary",
+        ),
+    ];
+    for (json, want) in cases {
+        let (_t, dir) = copy_fixture("tiny-llama");
+        let path = dir.join("generation_config.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let err = ModelFiles::open(&dir).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ModelError::Config { .. })
+                && text.contains("generation_config.json")
+                && text.contains(want),
+            "{json}: {text}"
+        );
+    }
+    // Ids inside the vocabulary open.
+    let (_t, dir) = copy_fixture("tiny-llama");
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [1, 2], "bos_token_id": 1}"#)
+        .unwrap();
+    ModelFiles::open(&dir).unwrap();
+}
+
+#[test]
 fn config_json_values_the_engine_relies_on_are_validated() {
     let cases = [
         ("eos_token_id", serde_json::json!(320), "`eos_token_id` 320 is outside the vocabulary"),
