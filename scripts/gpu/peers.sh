@@ -45,13 +45,9 @@ PREFIX="$W/llama3-8b-prefix.jsonl"
 VOCAB=128256
 SITE="$W/vllm-site"
 PEERS=scripts/peers
+# shellcheck source=scripts/gpu/lib.sh
+source scripts/gpu/lib.sh
 
-pagoda_bin() {
-  if [ -x "$B/pagoda" ]; then echo "$B/pagoda"; elif [ -x "$W/pagoda" ]; then echo "$W/pagoda"; else
-    echo "peers.sh: no pagoda binary (carry .device/bin, or run session.sh keep-bin in an earlier call)" >&2
-    return 1
-  fi
-}
 
 workload_file() {
   case "$1" in
@@ -78,13 +74,6 @@ cache_state() { # whether vLLM's cache (torch.compile artefacts) holds anything 
   if [ -n "$(ls -A "$VLLM_CACHE_ROOT" 2>/dev/null)" ]; then echo warm; else echo empty; fi
 }
 
-wait_http() { # URL, seconds
-  for _ in $(seq 1 $(($2 * 2))); do
-    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null && return 0
-    sleep 0.5
-  done
-  return 1
-}
 
 for phase in "$@"; do
   echo "=== $phase ($(date -u +%H:%M:%S))"

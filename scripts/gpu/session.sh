@@ -80,6 +80,8 @@ KB=.device/kbench  # the kernel bench: kernels
 M=.device/mtest  # the whole-model test executable: cuda_model
 WHL=.device/whl  # the gguf wheel transformers needs to read a GGUF
 mkdir -p "$W" "$OUT"
+# shellcheck source=scripts/gpu/lib.sh
+source scripts/gpu/lib.sh
 SMOL="$W/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 L8B="$W/llama3-8b-random"
 WORKLOAD="$W/llama3-8b-workload.jsonl"
@@ -206,7 +208,7 @@ for phase in "$@"; do
       PAGODA_TEST_MODEL="$SMOL" $M/cuda_model --test-threads=1 --nocapture > "$OUT/cuda_model.log" 2>&1
       echo "cuda_model rc=$?"
       grep -E "^test |test result|max_num_seqs|panicked" "$OUT/cuda_model.log"
-      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      PAGODA=$(pagoda_bin) || exit 1
       $PAGODA generate --device cuda --model "$SMOL" --chat \
         "What is the capital of France? Answer in one sentence, then name one famous landmark there." 2>&1 | tee "$OUT/demo.log" ;;
     bench8b)
@@ -283,7 +285,7 @@ for phase in "$@"; do
           2>&1 | tee -a "$OUT/kflags.log" | grep -E "decode:|TTFT|error|Error"
       done ;;
     variants8b)
-      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      PAGODA=$(pagoda_bin) || exit 1
       IFS=';' read -ra VARIANTS <<< "${LAT_VARIANTS:-}"
       for round in 1 2; do
         for v in "" "${VARIANTS[@]}"; do
@@ -295,7 +297,7 @@ for phase in "$@"; do
     async8b)
       # Asynchronous scheduling against waiting for every step: single stream
       # (two alternating rounds), then the 16k offline run without it.
-      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      PAGODA=$(pagoda_bin) || exit 1
       for round in 1 2; do
         for flag in "" --no-async-scheduling; do
           echo "--- round $round: ${flag:-asynchronous scheduling}"
@@ -309,16 +311,12 @@ for phase in "$@"; do
       # Online: pagoda serve on the 8B model, driven over HTTP by pagoda bench serve with the
       # workload's requests at Poisson rates of ${SERVE_RATES:-8 16 24} req/s, then all at once.
       # A fresh server for each rate, so no run finds the prompts of the one before in the cache.
-      PAGODA=$B/pagoda; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      PAGODA=$(pagoda_bin) || exit 1
       for rate in ${SERVE_RATES:-8 16 24} inf; do
         $PAGODA serve --device cuda --model "$L8B" --port 8011 --max-num-batched-tokens 8192 \
           > "$OUT/serve_$rate.log" 2>&1 &
         SERVER=$!
-        for _ in $(seq 1 240); do
-          python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8011/health")' \
-            2>/dev/null && break
-          sleep 0.5
-        done
+        wait_http http://127.0.0.1:8011/health 120 || echo "the server did not answer in 120 s"
         echo "--- request rate $rate"
         $PAGODA bench serve --base-url http://127.0.0.1:8011 --dataset "$WORKLOAD" --vocab-size 128256 \
           --request-rate $rate --output-json "$OUT/serve_rate_$rate.json" 2>&1 \
@@ -328,18 +326,14 @@ for phase in "$@"; do
         kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
       done ;;
     prefill8b)
-      PAGODA=${PAGODA:-$B/pagoda}; [ -x "$PAGODA" ] || PAGODA=$W/pagoda
+      PAGODA=$(pagoda_bin) || exit 1
       for rate in ${PREFILL_RATES:-8 12}; do
         for mode in before after; do
           flags=""; [ "$mode" = before ] && flags="--max-num-partial-prefills 1"
           # shellcheck disable=SC2086
           $PAGODA serve --device cuda --model "$L8B" --port 8012 $flags > "$OUT/prefill_${mode}_$rate.log" 2>&1 &
           SERVER=$!
-          for _ in $(seq 1 240); do
-            python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8012/health")' \
-              2>/dev/null && break
-            sleep 0.5
-          done
+          wait_http http://127.0.0.1:8012/health 120 || echo "the server did not answer in 120 s"
           echo "--- $mode (${flags:-defaults}), $rate req/s"
           $PAGODA bench serve --base-url http://127.0.0.1:8012 --vocab-size 128256 --num-prompts 96 \
             --input-len 4000 --output-len 64 --short-fraction 0.5 --short-input-len 16 --short-output-len 16 \
