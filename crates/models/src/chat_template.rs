@@ -86,6 +86,14 @@ impl ChatTemplate {
         }
     }
 
+    /// Another template compiled from `source`, with this one's special tokens
+    /// (a request's own `chat_template` renders with the model's BOS and EOS).
+    pub fn with_source(&self, source: &str) -> Result<Self> {
+        let mut other = Self::new(source, None, None)?;
+        other.special_tokens = self.special_tokens.clone();
+        Ok(other)
+    }
+
     /// Renders a conversation of plain `{role, content}` messages.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let messages = serde_json::to_value(messages).map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
@@ -113,6 +121,30 @@ impl ChatTemplate {
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         template.render(Value::from(ctx)).map_err(|e| ModelError::ChatTemplate(describe(&e)))
     }
+}
+
+/// `rendered` cut right after the final message's content, so the model
+/// continues that message instead of closing it (transformers'
+/// `continue_final_message`): the last occurrence of the content, trimmed,
+/// ends the prompt, keeping the content's leading and trailing spaces where
+/// the template kept them.
+pub fn cut_after_final_message(rendered: &str, final_content: &str) -> Result<String> {
+    let trimmed = final_content.trim();
+    if trimmed.is_empty() {
+        return Err(ModelError::ChatTemplate(
+            "continue_final_message needs a final message with content to continue".into(),
+        ));
+    }
+    let at = rendered.rfind(trimmed).ok_or_else(|| {
+        ModelError::ChatTemplate(
+            "continue_final_message is set but the final message does not appear in the rendered chat \
+             (the template may transform it)"
+                .into(),
+        )
+    })?;
+    let kept = final_content.trim_start();
+    let end = if rendered[at..].starts_with(kept) { at + kept.len() } else { at + trimmed.len() };
+    Ok(rendered[..end].to_string())
 }
 
 /// The error with its chain of causes, which carry the template's own message.
@@ -330,6 +362,30 @@ pub(crate) fn format_utc(unix_secs: i64, format: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn continuing_the_final_message_cuts_the_rendered_chat_after_it() {
+        let rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nThe answer is<|im_end|>\n";
+        assert_eq!(
+            cut_after_final_message(rendered, "The answer is").unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nThe answer is"
+        );
+        // A trailing space the template kept stays; one it trimmed is not invented.
+        assert_eq!(cut_after_final_message("A: x y <end>", "x y ").unwrap(), "A: x y ");
+        assert_eq!(cut_after_final_message("A: x y<end>", "x y ").unwrap(), "A: x y");
+        // The last occurrence: an earlier message with the same text is not the one continued.
+        assert_eq!(cut_after_final_message("U: ok\nA: ok<end>", "ok").unwrap(), "U: ok\nA: ok");
+        assert!(cut_after_final_message("A: <end>", "  ").is_err());
+        assert!(cut_after_final_message("A: changed<end>", "original").is_err());
+    }
+
+    #[test]
+    fn a_request_template_keeps_the_models_special_tokens() {
+        let model = ChatTemplate::new("{{ bos_token }}", Some("<s>"), Some("</s>")).unwrap();
+        let request = model.with_source("{{ bos_token }}|{{ eos_token }}|{{ messages[0].content }}").unwrap();
+        assert_eq!(request.render(&[ChatMessage::new("user", "hi")], false).unwrap(), "<s>|</s>|hi");
+        assert!(model.with_source("{% if %}").is_err());
+    }
 
     #[test]
     fn trims_blocks_like_transformers() {

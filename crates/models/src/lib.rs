@@ -48,7 +48,7 @@ mod sequence;
 mod tokenizer;
 pub mod weights;
 
-pub use chat_template::{ChatMessage, ChatTemplate};
+pub use chat_template::{cut_after_final_message, ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generation::GenerationConfig;
