@@ -675,11 +675,22 @@ async fn metrics_expose_engine_and_http_families() {
         "pagoda:num_preemptions_total",
         "pagoda:prompt_tokens_total",
         "pagoda:generation_tokens_total",
-        "pagoda:request_success_total{finished_reason=\"length\"}",
+        "pagoda:request_success_total{finished_reason=\"length\",model_name=\"smollm2-test\"}",
         "pagoda:time_to_first_token_seconds_bucket",
         "pagoda:inter_token_latency_seconds_bucket",
+        "pagoda:time_per_output_token_seconds_bucket",
         "pagoda:e2e_request_latency_seconds_count",
         "pagoda:request_queue_time_seconds_sum",
+        "pagoda:request_prefill_time_seconds_bucket",
+        "pagoda:request_decode_time_seconds_bucket",
+        "pagoda:request_inference_time_seconds_bucket",
+        "pagoda:request_time_per_output_token_seconds_bucket",
+        "pagoda:request_prompt_tokens_bucket",
+        "pagoda:request_generation_tokens_bucket",
+        "pagoda:request_max_num_generation_tokens_bucket",
+        "pagoda:request_params_n_bucket",
+        "pagoda:request_params_max_tokens_bucket",
+        "pagoda:iteration_tokens_total_bucket",
         "pagoda:http_requests_total{route=\"/v1/completions\",status=\"200\"}",
         "pagoda:http_requests_in_flight",
     ] {
@@ -687,4 +698,31 @@ async fn metrics_expose_engine_and_http_families() {
     }
     assert!(metric(&text, "pagoda:generation_tokens_total", "") >= 2.0);
     assert!(metric(&text, "pagoda:e2e_request_latency_seconds_count", "") >= 1.0);
+    // Every engine series names the served model, as vLLM's do.
+    for line in text.lines().filter(|l| l.starts_with("pagoda:") && !l.starts_with("pagoda:http_")) {
+        assert!(line.contains("model_name=\"smollm2-test\""), "no model_name: {line}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_with_n_samples_counts_once_and_its_sizes_are_recorded() {
+    let _exclusive = ENGINE_STATE.write().await;
+    let c = client();
+    let before = c.metrics().await;
+    let count = |m: &str, name: &str| metric(m, name, "");
+    let body =
+        json!({"prompt": "Hi", "max_tokens": 3, "n": 3, "ignore_eos": true, "temperature": 1.0, "seed": 1});
+    let (status, r) = c.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{r}");
+    let after = c.metrics().await;
+    let success = |m: &str| metric(m, "pagoda:request_success_total", "finished_reason=\"length\"");
+    assert_eq!(success(&after) - success(&before), 1.0, "one request, however many samples");
+    let delta = |name: &str| count(&after, name) - count(&before, name);
+    assert_eq!(delta("pagoda:request_params_n_sum"), 3.0);
+    assert_eq!(delta("pagoda:request_params_max_tokens_sum"), 3.0);
+    assert_eq!(delta("pagoda:request_generation_tokens_sum"), 9.0);
+    assert_eq!(delta("pagoda:request_max_num_generation_tokens_sum"), 3.0);
+    let prompt_tokens = r["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert_eq!(delta("pagoda:request_prompt_tokens_sum"), prompt_tokens);
+    assert_eq!(delta("pagoda:request_inference_time_seconds_count"), 1.0);
 }

@@ -243,14 +243,23 @@ impl SseReader {
     }
 }
 
-/// The value of a metric line `name{labels} value` (labels matched as text;
-/// pass "" for none). Missing metrics read as 0.
+/// The value of the series `name` whose labels include every `key="value"`
+/// pair of `labels` (comma-separated, as Prometheus writes them; pass "" for
+/// any). Missing series read as 0.
 pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
-    let key = if labels.is_empty() { name.to_string() } else { format!("{name}{{{labels}}}") };
+    let wanted: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(&key).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let have: Vec<&str> = series_labels.split(',').collect();
+            (series_name == name && wanted.iter().all(|w| have.contains(w)))
+                .then(|| value.trim().parse().ok())?
+        })
         .unwrap_or(0.0)
 }
 

@@ -85,8 +85,11 @@ impl<B: Backend> LlmEngine<B> {
                 "the model has no tokenizer: only token-id requests work, and outputs carry no text"
             );
         }
-        let metrics = Arc::new(EngineMetrics::new());
+        let step_budget = config.scheduler_config(&model_config).max_num_batched_tokens;
+        let metrics = Arc::new(EngineMetrics::new(info.max_model_len, step_budget));
         metrics.kv_blocks_total.set(num_gpu_blocks as i64);
+        // Right from the start, not after the first step: a scraper sees the empty cache.
+        metrics.kv_blocks_free.set(num_gpu_blocks as i64);
         tracing::info!(
             num_gpu_blocks,
             num_cpu_blocks,

@@ -313,6 +313,8 @@ impl<B: Backend> EngineCore<B> {
         self.metrics.engine_steps.inc();
         self.metrics.prompt_tokens.inc_by(step.prompt_tokens as u64);
         self.metrics.generation_tokens.inc_by(updates.len() as u64);
+        let step_tokens: usize = step.out.scheduled.iter().map(|e| e.token_ids.len()).sum();
+        self.metrics.iteration_tokens.observe(step_tokens as f64);
         let mut events = Vec::with_capacity(updates.len());
         for update in updates {
             let wants_logprobs = self.requests.get(&update.request_id).is_some_and(|r| r.wants_logprobs);

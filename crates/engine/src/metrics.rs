@@ -1,11 +1,36 @@
 //! Engine metrics in Prometheus form, named like vLLM's (`pagoda:` instead of
-//! `vllm:`) so existing dashboards translate. The engine thread updates them;
-//! the server renders the registry at `/metrics`.
+//! `vllm:`) so existing dashboards translate: the same families, units and
+//! meanings, every series labelled with the served `model_name` when the
+//! server renders them ([`EngineMetrics::render_labelled`]). The engine
+//! thread updates them; the server renders the registry at `/metrics`.
 
+use prometheus::proto::LabelPair;
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+
+/// 1, 2, 5, 10, 20, 50... up to `max` (vLLM's buckets for token counts).
+fn buckets_1_2_5(max: usize) -> Vec<f64> {
+    let mut buckets = Vec::new();
+    let mut exponent = 1.0;
+    loop {
+        for mantissa in [1.0, 2.0, 5.0] {
+            let value = mantissa * exponent;
+            if value > max as f64 {
+                return buckets;
+            }
+            buckets.push(value);
+        }
+        exponent *= 10.0;
+    }
+}
+
+/// Seconds buckets of the per-request phase times (vLLM's).
+const PHASE_SECONDS: [f64; 21] = [
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    960.0, 1920.0, 7680.0,
+];
 
 /// All engine metrics, registered in one registry.
 pub struct EngineMetrics {
@@ -24,16 +49,39 @@ pub struct EngineMetrics {
     pub preemptions: IntCounter,
     pub prompt_tokens: IntCounter,
     pub generation_tokens: IntCounter,
+    /// One per finished request (all its samples), by the finish reason of
+    /// its first sample (`abort` if it was aborted).
     pub request_success: IntCounterVec,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    /// vLLM's older name of the inter-token latency, kept for dashboards that read it.
+    pub time_per_output_token: Histogram,
     pub e2e_request_latency: Histogram,
     pub request_queue_time: Histogram,
+    /// First scheduled to first token.
+    pub request_prefill_time: Histogram,
+    /// First token to last token.
+    pub request_decode_time: Histogram,
+    /// First scheduled to last token.
+    pub request_inference_time: Histogram,
+    /// Per request: (end-to-end latency - TTFT) / (output tokens of its longest sample - 1).
+    pub request_time_per_output_token: Histogram,
+    pub request_prompt_tokens: Histogram,
+    /// Output tokens of a request, all samples together.
+    pub request_generation_tokens: Histogram,
+    /// Output tokens of a request's longest sample.
+    pub request_max_num_generation_tokens: Histogram,
+    pub request_params_n: Histogram,
+    pub request_params_max_tokens: Histogram,
+    /// Tokens (prompt and output) per engine step.
+    pub iteration_tokens: Histogram,
     pub engine_steps: IntCounter,
 }
 
 impl EngineMetrics {
-    pub fn new() -> Self {
+    /// Metrics for an engine of `max_model_len` tokens of context and a step
+    /// budget of `max_num_batched_tokens` (bucket bounds of the token histograms).
+    pub fn new(max_model_len: usize, max_num_batched_tokens: usize) -> Self {
         let registry = Registry::new();
         fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
             r.register(Box::new(m.clone())).expect("metric names are unique and valid");
@@ -42,11 +90,21 @@ impl EngineMetrics {
         let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
         let counter =
             |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
-        let latency = |name: &str, help: &str| {
-            let opts =
-                HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 18).expect("buckets"));
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets);
             reg(&registry, Histogram::with_opts(opts).expect("valid metric"))
         };
+        let latency = |name: &str, help: &str| {
+            histogram(name, help, exponential_buckets(0.001, 2.0, 18).expect("buckets"))
+        };
+        let phase = |name: &str, help: &str| histogram(name, help, PHASE_SECONDS.to_vec());
+        let tokens = |name: &str, help: &str| histogram(name, help, buckets_1_2_5(max_model_len.max(1)));
+        let mut step_buckets: Vec<f64> = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+            .iter()
+            .map(|&b| b as f64)
+            .collect();
+        step_buckets.retain(|&b| b < max_num_batched_tokens as f64);
+        step_buckets.push(max_num_batched_tokens.max(1) as f64);
         Self {
             requests_running: gauge("pagoda:num_requests_running", "Sequences running on the device."),
             requests_waiting: gauge("pagoda:num_requests_waiting", "Sequences waiting to be scheduled."),
@@ -90,6 +148,52 @@ impl EngineMetrics {
                 "Time from arrival to the first token.",
             ),
             inter_token_latency: latency("pagoda:inter_token_latency_seconds", "Time between output tokens."),
+            time_per_output_token: latency(
+                "pagoda:time_per_output_token_seconds",
+                "Time between output tokens (the older name of the inter-token latency).",
+            ),
+            request_prefill_time: phase(
+                "pagoda:request_prefill_time_seconds",
+                "Time from a request's first scheduling to its first token.",
+            ),
+            request_decode_time: phase(
+                "pagoda:request_decode_time_seconds",
+                "Time from a request's first token to its last.",
+            ),
+            request_inference_time: phase(
+                "pagoda:request_inference_time_seconds",
+                "Time from a request's first scheduling to its last token.",
+            ),
+            request_time_per_output_token: latency(
+                "pagoda:request_time_per_output_token_seconds",
+                "Per request, the mean time between its output tokens after the first.",
+            ),
+            request_prompt_tokens: tokens(
+                "pagoda:request_prompt_tokens",
+                "Prompt tokens of a finished request.",
+            ),
+            request_generation_tokens: tokens(
+                "pagoda:request_generation_tokens",
+                "Output tokens of a finished request (all samples).",
+            ),
+            request_max_num_generation_tokens: tokens(
+                "pagoda:request_max_num_generation_tokens",
+                "Output tokens of a finished request's longest sample.",
+            ),
+            request_params_n: histogram(
+                "pagoda:request_params_n",
+                "The n parameter of finished requests.",
+                vec![1.0, 2.0, 5.0, 10.0, 20.0],
+            ),
+            request_params_max_tokens: tokens(
+                "pagoda:request_params_max_tokens",
+                "The max_tokens parameter of finished requests.",
+            ),
+            iteration_tokens: histogram(
+                "pagoda:iteration_tokens_total",
+                "Tokens (prompt and output) per engine step.",
+                step_buckets,
+            ),
             e2e_request_latency: latency(
                 "pagoda:e2e_request_latency_seconds",
                 "Time from arrival to the last token.",
@@ -105,15 +209,28 @@ impl EngineMetrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
-        String::from_utf8(buf).expect("prometheus text is UTF-8")
+        self.render_labelled(&[])
     }
-}
 
-impl Default for EngineMetrics {
-    fn default() -> Self {
-        Self::new()
+    /// The exposition with `labels` added to every series (the server adds
+    /// `model_name`, as vLLM's series carry it).
+    pub fn render_labelled(&self, labels: &[(&str, &str)]) -> String {
+        let mut families = self.registry.gather();
+        for family in &mut families {
+            for metric in family.mut_metric() {
+                let mut pairs = metric.take_label();
+                for (name, value) in labels {
+                    let mut pair = LabelPair::default();
+                    pair.set_name(name.to_string());
+                    pair.set_value(value.to_string());
+                    pairs.push(pair);
+                }
+                metric.set_label(pairs);
+            }
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&families, &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 }
 
@@ -122,8 +239,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn token_buckets_go_1_2_5_up_to_the_limit() {
+        assert_eq!(buckets_1_2_5(60), vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0]);
+        assert_eq!(buckets_1_2_5(1), vec![1.0]);
+    }
+
+    #[test]
+    fn every_series_can_carry_the_model_name() {
+        let m = EngineMetrics::new(512, 256);
+        m.request_success.with_label_values(&["stop"]).inc();
+        m.iteration_tokens.observe(300.0);
+        let text = m.render_labelled(&[("model_name", "m")]);
+        assert!(text.contains("pagoda:num_requests_running{model_name=\"m\"} 0"), "{text}");
+        assert!(
+            text.contains("pagoda:request_success_total{finished_reason=\"stop\",model_name=\"m\"} 1"),
+            "{text}"
+        );
+        // The step budget is the top bucket below +Inf.
+        assert!(
+            text.contains("pagoda:iteration_tokens_total_bucket{model_name=\"m\",le=\"256\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pagoda:iteration_tokens_total_bucket{model_name=\"m\",le=\"+Inf\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn renders_every_family() {
-        let m = EngineMetrics::new();
+        let m = EngineMetrics::new(512, 256);
         m.prompt_tokens.inc_by(7);
         m.request_success.with_label_values(&["stop"]).inc();
         m.time_to_first_token.observe(0.02);

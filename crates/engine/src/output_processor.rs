@@ -30,6 +30,7 @@ struct SeqState {
     stop_scan: StopScan,
     finished: Option<(FinishReason, Option<StopReason>)>,
     last_token_at: Option<Instant>,
+    num_tokens: usize,
 }
 
 /// The output side of one live request.
@@ -42,9 +43,13 @@ struct RequestState {
     stop: StopChecker,
     seqs: Vec<SeqState>,
     arrived: Instant,
+    first_scheduled: Option<Instant>,
     first_token: Option<Instant>,
     /// Prompt tokens found in the prefix cache (known once first scheduled).
     num_cached_tokens: usize,
+    /// The request's `n` and `max_tokens` (for their histograms).
+    n: usize,
+    max_tokens: usize,
 }
 
 /// What one batch of core events became.
@@ -82,6 +87,7 @@ impl OutputProcessor {
             stop_scan: StopScan::default(),
             finished: None,
             last_token_at: None,
+            num_tokens: 0,
         };
         self.requests.insert(
             id,
@@ -93,8 +99,11 @@ impl OutputProcessor {
                 stop: StopChecker::new(req.stop().to_vec(), req.include_stop_str_in_output()),
                 seqs: (0..req.n()).map(|_| seq()).collect(),
                 arrived,
+                first_scheduled: None,
                 first_token: None,
                 num_cached_tokens: 0,
+                n: req.n(),
+                max_tokens: req.max_tokens(),
             },
         );
     }
@@ -104,6 +113,7 @@ impl OutputProcessor {
     /// back. `None` if it is not live.
     pub fn abort(&mut self, id: RequestId) -> Option<RequestOutput> {
         let state = self.requests.remove(&id)?;
+        // Counted once, like a finished request; its times and sizes are not a finished request's.
         self.metrics.request_success.with_label_values(&["abort"]).inc();
         let deltas = state
             .seqs
@@ -134,6 +144,10 @@ impl OutputProcessor {
         for event in step.scheduled {
             if let Some(state) = self.requests.get_mut(&event.request_id) {
                 state.num_cached_tokens = event.num_cached_tokens;
+                // A preempted request is scheduled again: its phases start at the first time.
+                if state.first_scheduled.is_none() {
+                    state.first_scheduled = Some(event.at);
+                }
                 self.metrics.request_queue_time.observe((event.at - state.arrived).as_secs_f64());
             }
         }
@@ -149,9 +163,12 @@ impl OutputProcessor {
                 self.metrics.time_to_first_token.observe((now - state.arrived).as_secs_f64());
             }
             if let Some(prev) = seq.last_token_at {
-                self.metrics.inter_token_latency.observe((now - prev).as_secs_f64());
+                let gap = (now - prev).as_secs_f64();
+                self.metrics.inter_token_latency.observe(gap);
+                self.metrics.time_per_output_token.observe(gap);
             }
             seq.last_token_at = Some(now);
+            seq.num_tokens += 1;
 
             let mut finish = event.finish.map(|r| match r {
                 CoreFinish::Eos(_) => (FinishReason::Stop, None),
@@ -216,14 +233,38 @@ impl OutputProcessor {
             }
             processed.outputs[slot].finished = true;
             if let Some(state) = self.requests.remove(&id) {
-                self.metrics.e2e_request_latency.observe((now - state.arrived).as_secs_f64());
-                for seq in &state.seqs {
-                    if let Some((reason, _)) = &seq.finished {
-                        self.metrics.request_success.with_label_values(&[reason.as_str()]).inc();
-                    }
-                }
+                let reason = state.seqs[0].finished.as_ref().map_or("abort", |(r, _)| r.as_str());
+                self.record_finished(&state, reason, now);
             }
         }
         processed
+    }
+
+    /// The per-request metrics of a request whose samples all finished by
+    /// `now`: one success count for the whole request, however many samples
+    /// it had, and its phase times and sizes.
+    fn record_finished(&self, state: &RequestState, reason: &str, now: Instant) {
+        let m = &self.metrics;
+        m.request_success.with_label_values(&[reason]).inc();
+        m.e2e_request_latency.observe((now - state.arrived).as_secs_f64());
+        let generated: usize = state.seqs.iter().map(|s| s.num_tokens).sum();
+        let longest = state.seqs.iter().map(|s| s.num_tokens).max().unwrap_or(0);
+        m.request_prompt_tokens.observe(state.num_prompt_tokens as f64);
+        m.request_generation_tokens.observe(generated as f64);
+        m.request_max_num_generation_tokens.observe(longest as f64);
+        m.request_params_n.observe(state.n as f64);
+        m.request_params_max_tokens.observe(state.max_tokens as f64);
+        if let Some(scheduled) = state.first_scheduled {
+            m.request_inference_time.observe((now - scheduled).as_secs_f64());
+            if let Some(first) = state.first_token {
+                m.request_prefill_time.observe((first - scheduled).as_secs_f64());
+            }
+        }
+        if let Some(first) = state.first_token {
+            m.request_decode_time.observe((now - first).as_secs_f64());
+            if longest > 1 {
+                m.request_time_per_output_token.observe((now - first).as_secs_f64() / (longest - 1) as f64);
+            }
+        }
     }
 }
