@@ -94,7 +94,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 fn load<B: Backend>(backend: B, args: &EngineArgs) -> anyhow::Result<(LlmEngine<B>, f64)> {
     let started = Instant::now();
     let bar = loading_bar();
-    let engine = load_engine(backend, &args.model, args.engine_config()?, |done, total| {
+    let engine = load_engine(backend, args.model_path()?, args.engine_config()?, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })

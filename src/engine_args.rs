@@ -109,8 +109,9 @@ pub enum PolicyArg {
 pub struct EngineArgs {
     /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
     /// a folder holding one .gguf file, or a .gguf file.
-    #[arg(long, env = "PAGODA_MODEL")]
-    pub model: PathBuf,
+    /// (`pagoda serve` also takes it as its first argument, as `vllm serve MODEL` does.)
+    #[arg(long, env = "PAGODA_MODEL", required = true)]
+    pub model: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Tokens per KV-cache block.
@@ -186,6 +187,13 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// The model path (clap requires it, except for `pagoda serve MODEL`).
+    pub fn model_path(&self) -> anyhow::Result<&std::path::Path> {
+        self.model
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("no model given: pass --model PATH (or set PAGODA_MODEL)"))
+    }
+
     pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
         if !(self.swap_space >= 0.0 && self.swap_space.is_finite()) {
             bail!("--swap-space must be a non-negative number of GiB");

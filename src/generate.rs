@@ -71,18 +71,14 @@ impl BackendJob for Generate {
         let device = backend.name();
         let bar = loading_bar();
         let started = Instant::now();
-        let mut engine =
-            load_engine(backend, &args.engine.model, args.engine.engine_config()?, |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })
-            .context("loading the model")?; // its errors name the file
+        let model = args.engine.model_path()?;
+        let mut engine = load_engine(backend, model, args.engine.engine_config()?, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .context("loading the model")?; // its errors name the file
         bar.finish_and_clear();
-        eprintln!(
-            "loaded {} on {device} in {:.1} s",
-            args.engine.model.display(),
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("loaded {} on {device} in {:.1} s", model.display(), started.elapsed().as_secs_f64());
 
         let requests = build_requests(&engine, &args)?;
         let num_prompt_tokens: usize = requests.iter().map(|r| r.prompt_token_ids.len()).sum();
@@ -197,7 +193,7 @@ mod tests {
             .args;
         let mut engine = load_engine(
             CpuBackend::new(),
-            &args.engine.model,
+            args.engine.model_path().unwrap(),
             args.engine.engine_config().unwrap(),
             |_, _| {},
         )

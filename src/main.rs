@@ -12,7 +12,7 @@ mod engine_args;
 mod generate;
 mod serve;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -43,12 +43,22 @@ enum Command {
     Sim(pagoda_scheduler::sim::SimArgs),
 }
 
+/// The command line: `Cli`'s, where `pagoda serve` takes the model either
+/// as its first argument or as --model (one of them).
+fn cli_command() -> clap::Command {
+    Cli::command().mut_subcommand("serve", |serve| {
+        serve
+            .mut_arg("model", |a| a.required(false))
+            .mut_arg("model_tag", |a| a.required_unless_present("model"))
+    })
+}
+
 /// When the process started (cold-start figures are measured from here).
 pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 fn main() -> std::process::ExitCode {
     PROCESS_START.get_or_init(std::time::Instant::now);
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
@@ -75,7 +85,25 @@ mod tests {
     #[test]
     fn every_command_is_well_formed() {
         // Clap's own checks: among them, no two arguments of a command share a flag.
-        Cli::command().debug_assert();
+        cli_command().debug_assert();
+    }
+
+    fn parse(argv: &[&str]) -> Result<Cli, clap::Error> {
+        cli_command().try_get_matches_from(argv).and_then(|m| Cli::from_arg_matches(&m))
+    }
+
+    #[test]
+    fn serve_takes_the_model_as_its_argument_or_as_an_option() {
+        for argv in [&["pagoda", "serve", "models/m"][..], &["pagoda", "serve", "--model", "models/m"]] {
+            let Command::Serve(args) = parse(argv).unwrap().command else { panic!("not serve") };
+            let model = args.model_tag.or(args.engine.model).unwrap();
+            assert_eq!(model, std::path::PathBuf::from("models/m"), "{argv:?}");
+        }
+        if std::env::var_os("PAGODA_MODEL").is_none() {
+            assert!(parse(&["pagoda", "serve"]).is_err());
+            assert!(parse(&["pagoda", "generate", "hi"]).is_err(), "generate still requires --model");
+        }
+        assert!(parse(&["pagoda", "serve", "a", "--model", "b"]).is_err());
     }
 
     #[test]

@@ -13,6 +13,9 @@ use crate::engine_args::EngineArgs;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// The model, as `vllm serve MODEL` takes it (or give --model).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_tag: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -35,7 +38,10 @@ impl BackendJob for Serve {
     {
         let args = self.0;
         let config = args.engine.engine_config()?;
-        let model = args.engine.model.clone();
+        let model = match &args.model_tag {
+            Some(model) => model.clone(),
+            None => args.engine.model_path()?.to_path_buf(),
+        };
         let model_name = model.display().to_string();
         tracing::info!(model = %model_name, "loading the model");
         let started = Instant::now();
