@@ -8,13 +8,14 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Json, Response};
 use axum::Extension;
 use pagoda_engine::{AsyncEngine, RequestOutput};
+use pagoda_models::{cut_after_final_message, ChatTemplate};
 use serde_json::Value;
 
 use crate::endpoint::{log_finished, run_endpoint, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
-use crate::params::{generation_request, stream_mode, MAX_TOP_LOGPROBS};
+use crate::params::{generation_request, stream_mode, PromptOptions, MAX_TOP_LOGPROBS};
 use crate::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, MessageContent, StopReasonOut, ToolChoice,
@@ -37,7 +38,7 @@ pub async fn create_chat_completion(
 /// Checks the conversation before anything is rendered: at least one
 /// message, each with a role, text-only content, and the fields templates
 /// read (`name`, `tool_call_id`, `tool_calls`) in OpenAI's shapes.
-fn check_messages(messages: &[ChatMessageIn]) -> Result<(), ApiError> {
+pub fn check_messages(messages: &[ChatMessageIn]) -> Result<(), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request(Some("messages"), "messages must not be empty"));
     }
@@ -184,6 +185,154 @@ fn message_bytes(messages: &[ChatMessageIn]) -> usize {
         .sum()
 }
 
+/// Pagoda parses no tool calls yet, so only `tool_choice: "none"` can be
+/// honoured (the template is shown the tools, the model answers in text).
+/// `tools` without `tool_choice` mean "auto", as in vLLM and OpenAI.
+fn check_tool_choice_supported(
+    tools: Option<&[ToolDefinition]>,
+    tool_choice: Option<&ToolChoice>,
+) -> Result<(), ApiError> {
+    let has_tools = tools.is_some_and(|t| !t.is_empty());
+    let choice = match tool_choice {
+        Some(choice) => choice,
+        None if has_tools => &ToolChoice::Auto,
+        None => return Ok(()),
+    };
+    let name = match choice {
+        ToolChoice::None => return Ok(()),
+        ToolChoice::Auto => "\"auto\"".to_string(),
+        ToolChoice::Required => "\"required\"".to_string(),
+        ToolChoice::Function(f) => format!("the function `{f}`"),
+    };
+    let default_note = if tool_choice.is_none() {
+        " (`tools` without `tool_choice` means \"auto\", as in vLLM)"
+    } else {
+        ""
+    };
+    Err(ApiError::bad_request(
+        Some("tool_choice"),
+        format!(
+            "tool_choice {name}{default_note} is not supported by this server: tool calling is not implemented \
+             yet. With tool_choice \"none\" the template is shown the tools and the model answers in text."
+        ),
+    ))
+}
+
+/// A request's fields that decide how its conversation is rendered.
+pub struct ChatRenderFields {
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub tools: Option<Vec<ToolDefinition>>,
+    pub documents: Option<Vec<serde_json::Map<String, Value>>>,
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+}
+
+/// How a conversation becomes prompt text: the template (the request's own,
+/// when the server trusts request templates, else the server's), its extra
+/// variables, and whether the prompt opens the assistant's turn or
+/// continues the final message.
+pub struct ChatRender {
+    template: Arc<ChatTemplate>,
+    extra: serde_json::Map<String, Value>,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+}
+
+impl ChatRender {
+    pub fn new(state: &AppState, fields: ChatRenderFields) -> Result<Self, ApiError> {
+        let continue_final_message = fields.continue_final_message.unwrap_or(false);
+        // Continuing implies no generation prompt unless the client asked for both.
+        let add_generation_prompt = fields.add_generation_prompt.unwrap_or(!continue_final_message);
+        if continue_final_message && add_generation_prompt {
+            return Err(ApiError::bad_request(
+                Some("continue_final_message"),
+                "continue_final_message and add_generation_prompt cannot both be true",
+            ));
+        }
+        let template = match fields.chat_template {
+            Some(source) => {
+                if !state.config().trust_request_chat_template {
+                    return Err(ApiError::bad_request(
+                        Some("chat_template"),
+                        "this server does not run chat templates sent with requests (start it with \
+                         --trust-request-chat-template to allow them)",
+                    ));
+                }
+                let compiled = match state.chat_template() {
+                    Some(model) => model.with_source(&source),
+                    None => ChatTemplate::new(&source, None, None),
+                };
+                Arc::new(compiled.map_err(|e| ApiError::bad_request(Some("chat_template"), e.to_string()))?)
+            }
+            None => state.chat_template().cloned().ok_or_else(|| {
+                ApiError::bad_request(None, "this model has no chat template; use /v1/completions")
+            })?,
+        };
+        let mut extra = fields.chat_template_kwargs.unwrap_or_default();
+        if let Some(tools) = &fields.tools {
+            let tools = serde_json::to_value(tools).map_err(|e| ApiError::internal(e.to_string()))?;
+            extra.insert("tools".into(), tools);
+        }
+        if let Some(documents) = fields.documents {
+            let documents = documents.into_iter().map(Value::Object).collect();
+            extra.insert("documents".into(), Value::Array(documents));
+        }
+        Ok(Self { template, extra, add_generation_prompt, continue_final_message })
+    }
+
+    /// The prompt text of `messages` (checked by [`check_messages`]).
+    pub fn render(&self, messages: Vec<ChatMessageIn>) -> Result<String, ApiError> {
+        let messages = template_messages(messages);
+        let rendered = self
+            .template
+            .render_json(&messages, self.add_generation_prompt, &self.extra)
+            .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+        if !self.continue_final_message {
+            return Ok(rendered);
+        }
+        let final_content = messages
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        cut_after_final_message(&rendered, final_content)
+            .map_err(|e| ApiError::bad_request(Some("continue_final_message"), e.to_string()))
+    }
+}
+
+/// Renders and tokenizes a conversation on a prompt worker: the prompt's
+/// token ids, truncated as `options` asks, refused when the text alone
+/// proves it cannot fit (unless it is to be truncated).
+pub async fn tokenize_chat(
+    engine: &Arc<AsyncEngine>,
+    workers: &Arc<PromptWorkers>,
+    render: ChatRender,
+    messages: Vec<ChatMessageIn>,
+    options: PromptOptions,
+) -> Result<Vec<u32>, ApiError> {
+    let input_bytes = message_bytes(&messages);
+    let engine = engine.clone();
+    let prompt_workers = workers.clone();
+    workers
+        .run(input_bytes, move |_| {
+            let prompt = render.render(messages)?;
+            if options.truncate_to.is_none() {
+                prompt_workers.check_text_fits(&prompt, engine.info().max_model_len, "messages")?;
+            }
+            // The template writes the special tokens itself (BOS included, if
+            // the model uses one); add_special_tokens adds them again.
+            let mut ids = engine
+                .tokenizer()
+                .encode(&prompt, options.add_special_tokens)
+                .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+            options.truncate(&mut ids);
+            Ok(ids)
+        })
+        .await
+}
+
 async fn chat(
     state: AppState,
     workers: Arc<PromptWorkers>,
@@ -192,12 +341,6 @@ async fn chat(
     started: Instant,
 ) -> Result<Response, ApiError> {
     state.check_model(request.model.as_deref())?;
-    if let Some(format) = request.response_format.as_ref().filter(|f| f.kind != "text") {
-        return Err(ApiError::bad_request(
-            Some("response_format"),
-            format!("response_format `{}` is not supported", format.kind),
-        ));
-    }
     let want_logprobs = request.logprobs.unwrap_or(false);
     if let Some(k) = request.top_logprobs {
         if !want_logprobs {
@@ -215,42 +358,30 @@ async fn chat(
     }
     check_messages(&request.messages)?;
     check_tools(request.tools.as_deref(), request.tool_choice.as_ref())?;
+    check_tool_choice_supported(request.tools.as_deref(), request.tool_choice.as_ref())?;
     let engine = state.engine();
-    let template = engine
-        .chat_template()
-        .cloned()
-        .ok_or_else(|| ApiError::bad_request(None, "this model has no chat template; use /v1/completions"))?;
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let logprobs = want_logprobs.then(|| request.top_logprobs.unwrap_or(0));
     // Cheap checks first: a refused request costs no rendering or tokenization.
     let mut req = generation_request(&request.sampling, engine.info(), max_tokens, logprobs)?;
-
-    let mut extra = request.chat_template_kwargs.unwrap_or_default();
-    if let Some(tools) = &request.tools {
-        let tools = serde_json::to_value(tools).map_err(|e| ApiError::internal(e.to_string()))?;
-        extra.insert("tools".into(), tools);
-    }
-    let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
-    let input_bytes = message_bytes(&request.messages);
-    let messages = request.messages;
-    let prompt_engine = engine.clone();
-    let prompt_workers = workers.clone();
-    let prompt_ids = workers
-        .run(input_bytes, move |_| {
-            let prompt = template
-                .render_json(&template_messages(messages), add_generation_prompt, &extra)
-                .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
-            prompt_workers.check_text_fits(&prompt, prompt_engine.info().max_model_len, "messages")?;
-            // The template writes the special tokens itself (BOS included, if the model uses one).
-            prompt_engine
-                .tokenizer()
-                .encode(&prompt, false)
-                .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))
-        })
-        .await?;
+    let max_model_len = engine.info().max_model_len;
+    let options = PromptOptions::new(&request.sampling, max_model_len, false)?;
+    let render = ChatRender::new(
+        &state,
+        ChatRenderFields {
+            chat_template: request.chat_template,
+            chat_template_kwargs: request.chat_template_kwargs,
+            tools: request.tools,
+            documents: request.documents,
+            add_generation_prompt: request.add_generation_prompt,
+            continue_final_message: request.continue_final_message,
+        },
+    )?;
+    let prompt_ids = tokenize_chat(engine, &workers, render, request.messages, options).await?;
 
     let n = req.n;
-    let (stream, include_usage) = stream_mode(&request.sampling);
+    let mode = stream_mode(&request.sampling);
+    let stream = mode.stream;
     let prompt_tokens = prompt_ids.len();
     req.request_id = request_id.clone();
     req.prompt_token_ids = prompt_ids;
@@ -267,6 +398,7 @@ async fn chat(
 
     let model = state.config().model_name().to_string();
     let created = unix_now();
+    let as_token_ids = request.sampling.return_tokens_as_token_ids.unwrap_or(false);
     if stream {
         let writer = ChatChunks {
             id: request_id,
@@ -274,14 +406,15 @@ async fn chat(
             model,
             n,
             want_logprobs,
+            as_token_ids,
             engine: engine.clone(),
-            usage: StreamUsage::new(include_usage, prompt_tokens),
+            usage: StreamUsage::new(mode, prompt_tokens),
         };
         return Ok(streaming::sse_response(streaming::merge(vec![request_stream]), writer, started));
     }
 
     let done = streaming::collect(vec![request_stream], n).await?;
-    let texts = TokenTexts::new(engine.tokenizer());
+    let texts = TokenTexts::new(engine.tokenizer(), as_token_ids);
     let mut choices = Vec::with_capacity(n);
     let mut completion_tokens = 0;
     for request_done in done {
@@ -316,6 +449,8 @@ struct ChatChunks {
     model: String,
     n: usize,
     want_logprobs: bool,
+    /// Logprobs name tokens by id (`return_tokens_as_token_ids`).
+    as_token_ids: bool,
     engine: Arc<AsyncEngine>,
     usage: StreamUsage,
 }
@@ -354,7 +489,7 @@ impl ChunkWriter for ChatChunks {
         for delta in out.deltas {
             self.usage.completion_tokens += delta.token_ids.len();
             let logprobs = (self.want_logprobs && !delta.logprobs.is_empty()).then(|| ChatLogprobs {
-                content: TokenTexts::new(self.engine.tokenizer()).chat(&delta.logprobs),
+                content: TokenTexts::new(self.engine.tokenizer(), self.as_token_ids).chat(&delta.logprobs),
             });
             if delta.text.is_empty() && logprobs.is_none() && delta.finish_reason.is_none() {
                 continue;

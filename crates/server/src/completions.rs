@@ -13,7 +13,7 @@ use crate::endpoint::{log_finished, run_endpoint, Cancelled, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
-use crate::params::{generation_request, stream_mode};
+use crate::params::{generation_request, stream_mode, PromptOptions};
 use crate::protocol::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput, StopReasonOut,
     Usage, UsageField,
@@ -38,6 +38,7 @@ pub async fn create_completion(
 fn tokenize_prompts(
     engine: &AsyncEngine,
     texts: &[String],
+    options: PromptOptions,
     cancelled: &Cancelled,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let max_model_len = engine.info().max_model_len;
@@ -46,10 +47,11 @@ fn tokenize_prompts(
         if cancelled.is_set() {
             return Err(Cancelled::error());
         }
-        let ids = engine
+        let mut ids = engine
             .tokenizer()
-            .encode(text, true)
+            .encode(text, options.add_special_tokens)
             .map_err(|e| ApiError::bad_request(Some("prompt"), e.to_string()))?;
+        options.truncate(&mut ids);
         if ids.len() >= max_model_len {
             let which = if texts.len() > 1 { format!("prompt {i}") } else { "your prompt".to_string() };
             return Err(ApiError::bad_request(
@@ -85,10 +87,13 @@ async fn complete(
     // Cheap checks first: a refused request costs no tokenization.
     let template =
         generation_request(&request.sampling, engine.info(), request.max_tokens, request.logprobs)?;
+    let max_model_len = engine.info().max_model_len;
+    let options = PromptOptions::new(&request.sampling, max_model_len, true)?;
     let (prompts, prompt_texts): (Vec<Vec<u32>>, Option<Vec<String>>) = match request.prompt {
         PromptInput::Texts(texts) => {
-            let max_model_len = engine.info().max_model_len;
-            for (i, text) in texts.iter().enumerate() {
+            // A prompt to be truncated may be any length: only its kept tokens are checked.
+            let truncating = options.truncate_to.is_some();
+            for (i, text) in texts.iter().enumerate().filter(|_| !truncating) {
                 workers.check_text_fits(text, max_model_len, "prompt").map_err(|mut e| {
                     if texts.len() > 1 {
                         e.message = format!("prompt {i}: {}", e.message);
@@ -100,16 +105,21 @@ async fn complete(
             let engine = engine.clone();
             let (prompts, texts) = workers
                 .run(input_bytes, move |cancelled| {
-                    let prompts = tokenize_prompts(&engine, &texts, cancelled)?;
+                    let prompts = tokenize_prompts(&engine, &texts, options, cancelled)?;
                     Ok((prompts, texts))
                 })
                 .await?;
-            (prompts, echo.then_some(texts))
+            // Echo shows what the model saw: truncated prompts are decoded from their kept tokens.
+            (prompts, (echo && !truncating).then_some(texts))
         }
-        PromptInput::TokenIds(ids) => (ids, None),
+        PromptInput::TokenIds(mut ids) => {
+            ids.iter_mut().for_each(|ids| options.truncate(ids));
+            (ids, None)
+        }
     };
     let n = template.n;
-    let (stream, include_usage) = stream_mode(&request.sampling);
+    let mode = stream_mode(&request.sampling);
+    let stream = mode.stream;
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let num_prompts = prompts.len();
     // Token-id prompts are decoded for echo only once the engine has
@@ -157,6 +167,7 @@ async fn complete(
     let model = state.config().model_name().to_string();
     let created = unix_now();
     let want_logprobs = request.logprobs.is_some();
+    let as_token_ids = request.sampling.return_tokens_as_token_ids.unwrap_or(false);
     if stream {
         let writer = CompletionChunks {
             id: request_id,
@@ -164,17 +175,18 @@ async fn complete(
             model,
             n,
             want_logprobs,
+            as_token_ids,
             engine: engine.clone(),
             echo: echo_texts,
             echoed: vec![false; num_prompts * n],
             offsets: vec![0; num_prompts * n],
-            usage: StreamUsage::new(include_usage, prompt_tokens),
+            usage: StreamUsage::new(mode, prompt_tokens),
         };
         return Ok(streaming::sse_response(streaming::merge(streams), writer, started));
     }
 
     let done = streaming::collect(streams, n).await?;
-    let texts = TokenTexts::new(engine.tokenizer());
+    let texts = TokenTexts::new(engine.tokenizer(), as_token_ids);
     let mut choices = Vec::with_capacity(num_prompts * n);
     let mut completion_tokens = 0;
     for (p, request_done) in done.into_iter().enumerate() {
@@ -211,6 +223,8 @@ struct CompletionChunks {
     model: String,
     n: usize,
     want_logprobs: bool,
+    /// Logprobs name tokens by id (`return_tokens_as_token_ids`).
+    as_token_ids: bool,
     engine: Arc<AsyncEngine>,
     /// Prompt texts to put before each choice's first text, when echoing.
     echo: Option<Vec<String>>,
@@ -245,7 +259,8 @@ impl CompletionChunks {
         text.push_str(&delta.text);
         let logprobs: Option<CompletionLogprobs> =
             (self.want_logprobs && !delta.logprobs.is_empty()).then(|| {
-                TokenTexts::new(self.engine.tokenizer()).completion(&delta.logprobs, &mut self.offsets[index])
+                TokenTexts::new(self.engine.tokenizer(), self.as_token_ids)
+                    .completion(&delta.logprobs, &mut self.offsets[index])
             });
         // A new token with no text yet (text held back for a possible stop
         // string, a partial UTF-8 character, or a model without a tokenizer)
@@ -273,11 +288,10 @@ impl ChunkWriter for CompletionChunks {
     }
 
     fn output(&mut self, prompt: usize, out: RequestOutput) -> Vec<String> {
-        let usage = self.usage.pending();
         let mut chunks = Vec::with_capacity(out.deltas.len());
         for delta in out.deltas {
             if let Some(choice) = self.choice(prompt, delta) {
-                chunks.push(self.chunk(vec![choice], usage));
+                chunks.push(self.chunk(vec![choice], self.usage.pending()));
             }
         }
         chunks

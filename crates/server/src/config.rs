@@ -66,6 +66,52 @@ pub struct ServerArgs {
     /// Seconds a client has to send a whole request body once its headers arrived (408 after).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_body_timeout_secs: u64,
+    /// The chat template to use instead of the model's: a file, or the template itself
+    /// (vLLM's --chat-template).
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Let requests bring their own `chat_template` (vLLM's flag: a template is code
+    /// the server runs, so it is off by default).
+    #[arg(long)]
+    pub trust_request_chat_template: bool,
+    /// Origins a browser may call the API from (CORS), as a JSON list; `["*"]` allows any (vLLM's default).
+    #[arg(long, default_value = r#"["*"]"#, value_parser = parse_json_list)]
+    pub allowed_origins: JsonList,
+    /// Methods allowed in cross-origin requests, as a JSON list.
+    #[arg(long, default_value = r#"["*"]"#, value_parser = parse_json_list)]
+    pub allowed_methods: JsonList,
+    /// Headers allowed in cross-origin requests, as a JSON list.
+    #[arg(long, default_value = r#"["*"]"#, value_parser = parse_json_list)]
+    pub allowed_headers: JsonList,
+    /// Allow credentials (cookies, authorization headers) in cross-origin requests.
+    #[arg(long)]
+    pub allowed_credentials: bool,
+}
+
+/// A list of strings given as JSON on the command line (vLLM's CORS flags take them so).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonList(pub Vec<String>);
+
+impl JsonList {
+    /// `["*"]`.
+    pub fn any() -> Self {
+        Self(vec!["*".into()])
+    }
+}
+
+fn parse_json_list(value: &str) -> Result<JsonList, String> {
+    serde_json::from_str(value)
+        .map(JsonList)
+        .map_err(|e| format!("expected a JSON list of strings, such as '[\"*\"]': {e}"))
+}
+
+/// Who may call the API from a browser (CORS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorsConfig {
+    pub origins: Vec<String>,
+    pub methods: Vec<String>,
+    pub headers: Vec<String>,
+    pub credentials: bool,
 }
 
 /// An API key must have a non-blank value: an empty one (`--api-key ""`, or
@@ -98,6 +144,12 @@ impl Default for ServerArgs {
             header_read_timeout_secs: 10,
             timeout_keep_alive: 5,
             request_body_timeout_secs: 60,
+            chat_template: None,
+            trust_request_chat_template: false,
+            allowed_origins: JsonList::any(),
+            allowed_methods: JsonList::any(),
+            allowed_headers: JsonList::any(),
+            allowed_credentials: false,
         }
     }
 }
@@ -134,6 +186,14 @@ impl ServerArgs {
             version: version.to_string(),
             git_rev: git_rev.to_string(),
             connection_limits: self.connection_limits(),
+            chat_template: self.chat_template.clone(),
+            trust_request_chat_template: self.trust_request_chat_template,
+            cors: CorsConfig {
+                origins: self.allowed_origins.0.clone(),
+                methods: self.allowed_methods.0.clone(),
+                headers: self.allowed_headers.0.clone(),
+                credentials: self.allowed_credentials,
+            },
         }
     }
 
@@ -163,6 +223,12 @@ pub struct ServerConfig {
     pub git_rev: String,
     /// Connection cap and timeouts.
     pub connection_limits: ConnectionLimits,
+    /// --chat-template: a file or the template itself, replacing the model's.
+    pub chat_template: Option<String>,
+    /// Whether a request may bring its own `chat_template`.
+    pub trust_request_chat_template: bool,
+    /// Cross-origin access.
+    pub cors: CorsConfig,
 }
 
 impl ServerConfig {

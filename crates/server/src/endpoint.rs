@@ -23,7 +23,7 @@ use crate::state::AppState;
 /// start time) inside a `request` span carrying the id and `endpoint`. A
 /// body that did not parse, or an error from `handler`, is logged in that
 /// span and becomes the error response.
-pub async fn run_endpoint<T, F, Fut>(
+pub async fn run_endpoint<T: crate::protocol::RequestBody, F, Fut>(
     state: AppState,
     body: Result<ApiJson<T>, ApiError>,
     id_prefix: &str,
@@ -35,7 +35,11 @@ where
     Fut: Future<Output = Result<Response, ApiError>>,
 {
     let started = Instant::now();
-    let request_id = state.next_request_id(id_prefix);
+    let client_id = body.as_ref().ok().and_then(|ApiJson(request)| request.client_request_id());
+    let request_id = match client_id {
+        Some(id) => format!("{id_prefix}-{id}"),
+        None => state.next_request_id(id_prefix),
+    };
     let span = tracing::info_span!("request", request_id = %request_id, endpoint);
     let result = async {
         // Draining: refuse before the engine (whose own flag is set a moment later) sees it.

@@ -188,6 +188,11 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::InvalidRequest { param, message } => ApiError::bad_request(param, message),
+            // Ids are the server's own unless the client chose one (`request_id`).
+            EngineError::DuplicateRequest(id) => ApiError::bad_request(
+                Some("request_id"),
+                format!("the request id {id} is already in use by a live request"),
+            ),
             other => ApiError::internal(other.to_string()),
         }
     }
@@ -216,6 +221,8 @@ pub enum ServeError {
     Bind { addr: String, source: std::io::Error },
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("--chat-template: {0}")]
+    ChatTemplate(String),
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! Pagoda's OpenAI-compatible HTTP server (axum): `/v1/completions` and
 //! `/v1/chat/completions` (streamed as Server-Sent Events or not),
-//! `/v1/models`, `/health`, `/version` and Prometheus `/metrics`, over an
-//! [`AsyncEngine`] running on its own thread.
+//! `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`, `/version`
+//! and Prometheus `/metrics`, over an [`AsyncEngine`] running on its own
+//! thread.
 //!
+//! - Every request field OpenAI or vLLM defines either works or is refused
+//!   with a 400 naming it ([`fields`] holds the table).
 //! - Errors use OpenAI's JSON shape and status codes ([`ApiError`]): 400 for
 //!   bad input (naming the field), 401 for a wrong API key, 404 for an unknown
 //!   model, 429 when the waiting queue is full, 503 while shutting down.
@@ -43,12 +46,14 @@ mod connections;
 mod endpoint;
 mod error;
 mod extract;
+pub mod fields;
 mod logprobs;
 mod params;
 pub mod protocol;
 mod routes;
 mod state;
 mod streaming;
+mod tokenize;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -59,7 +64,7 @@ use pagoda_engine::AsyncEngine;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::{init_tracing, LogFormat, ServerArgs, ServerConfig};
+pub use config::{init_tracing, CorsConfig, JsonList, LogFormat, ServerArgs, ServerConfig};
 pub use connections::{ConnectionLimits, MAX_HEADER_BYTES, MAX_URI_BYTES};
 pub use error::{ApiError, ServeError};
 pub use routes::router;
@@ -99,7 +104,7 @@ pub async fn serve_on(
     let addr = listener.local_addr().map(|a: SocketAddr| a.to_string()).unwrap_or_default();
     let grace = config.shutdown_grace;
     let limits = config.connection_limits;
-    let state = AppState::new(config, engine.clone());
+    let state = AppState::new(config, engine.clone())?;
     let app = router(state.clone());
     tracing::info!(addr = %addr, model = state.config().model_name(), "serving the OpenAI-compatible API");
 

@@ -8,17 +8,23 @@ use pagoda_models::Tokenizer;
 use crate::protocol::{finite_logprob, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, TopLogprobMap};
 
 /// Turns token ids into the text shown for them: each token decoded alone,
-/// special tokens included (so EOS shows as itself rather than nothing).
+/// special tokens included (so EOS shows as itself rather than nothing), or
+/// `token_id:{id}` when the client asked for ids (vLLM's
+/// `return_tokens_as_token_ids`, for tokens whose text is not valid UTF-8).
 pub struct TokenTexts<'a> {
     tokenizer: &'a Tokenizer,
+    as_token_ids: bool,
 }
 
 impl<'a> TokenTexts<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self { tokenizer }
+    pub fn new(tokenizer: &'a Tokenizer, as_token_ids: bool) -> Self {
+        Self { tokenizer, as_token_ids }
     }
 
     pub fn text(&self, token: u32) -> String {
+        if self.as_token_ids {
+            return format!("token_id:{token}");
+        }
         self.tokenizer.decode(&[token], false).unwrap_or_default()
     }
 

@@ -22,9 +22,6 @@ pub fn generation_request(
     max_tokens: Option<usize>,
     logprobs: Option<u32>,
 ) -> Result<GenerationRequest, ApiError> {
-    if fields.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::bad_request(Some("logit_bias"), "logit_bias is not supported"));
-    }
     let top_k = match fields.top_k {
         None => info.default_sampling.top_k,
         Some(k) if k == -1 || k == 0 => 0,
@@ -91,11 +88,92 @@ pub fn generation_request(
     Ok(request)
 }
 
+/// How a response is streamed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamMode {
+    pub stream: bool,
+    /// A last chunk with the token counts (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// The counts so far in every chunk too (`continuous_usage_stats`, with `include_usage`).
+    pub continuous_usage: bool,
+}
+
 /// Whether the client asked for a stream, and for usage in it.
-pub fn stream_mode(fields: &SamplingFields) -> (bool, bool) {
+pub fn stream_mode(fields: &SamplingFields) -> StreamMode {
     let stream = fields.stream.unwrap_or(false);
-    let include_usage = fields.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-    (stream, stream && include_usage)
+    let options = fields.stream_options.as_ref();
+    let include_usage = stream && options.and_then(|o| o.include_usage).unwrap_or(false);
+    let continuous_usage = include_usage && options.and_then(|o| o.continuous_usage_stats).unwrap_or(false);
+    StreamMode { stream, include_usage, continuous_usage }
+}
+
+/// How a prompt becomes token ids, from the request's vLLM fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptOptions {
+    /// Keep only the last this many tokens.
+    pub truncate_to: Option<usize>,
+    pub add_special_tokens: bool,
+}
+
+impl PromptOptions {
+    /// `add_special_tokens_default`: true for completions, false for chat
+    /// (vLLM's defaults: a chat template writes the special tokens itself).
+    pub fn new(
+        fields: &SamplingFields,
+        max_model_len: usize,
+        add_special_tokens_default: bool,
+    ) -> Result<Self, ApiError> {
+        let truncate_to = match fields.truncate_prompt_tokens {
+            None => None,
+            Some(-1) => Some(max_model_len),
+            Some(k) if k < 1 => {
+                return Err(ApiError::bad_request(
+                    Some("truncate_prompt_tokens"),
+                    format!("truncate_prompt_tokens must be at least 1, or -1 for the model's context length; got {k}"),
+                ))
+            }
+            Some(k) => match usize::try_from(k) {
+                Ok(k) if k <= max_model_len => Some(k),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        Some("truncate_prompt_tokens"),
+                        format!(
+                            "truncate_prompt_tokens ({k}) is greater than the model's context length \
+                             ({max_model_len}); choose a smaller value"
+                        ),
+                    ))
+                }
+            },
+        };
+        let add_special_tokens = fields.add_special_tokens.unwrap_or(add_special_tokens_default);
+        Ok(Self { truncate_to, add_special_tokens })
+    }
+
+    /// Drops the oldest tokens of `ids` beyond the truncation length (vLLM keeps the last ones).
+    pub fn truncate(&self, ids: &mut Vec<u32>) {
+        if let Some(keep) = self.truncate_to {
+            if ids.len() > keep {
+                ids.drain(..ids.len() - keep);
+            }
+        }
+    }
+}
+
+/// The longest `request_id` a client may choose (it is logged and echoed in every response).
+pub const MAX_CLIENT_REQUEST_ID_BYTES: usize = 256;
+
+/// Checks a client-chosen `request_id` (responses then carry
+/// `{prefix}-{request_id}`, as vLLM's do).
+pub fn check_client_request_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > MAX_CLIENT_REQUEST_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            Some("request_id"),
+            format!(
+                "request_id must be 1 to {MAX_CLIENT_REQUEST_ID_BYTES} bytes of text without control characters"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -144,12 +222,66 @@ mod tests {
             let e = generation_request(&fields, &info(), Some(16), logprobs).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param));
         }
-        let mut bias = serde_json::Map::new();
-        bias.insert("5".into(), serde_json::json!(10));
-        let fields = SamplingFields { logit_bias: Some(bias), ..Default::default() };
+    }
+
+    #[test]
+    fn truncation_keeps_the_last_tokens_within_the_context() {
+        let with = |k: Option<i64>| SamplingFields { truncate_prompt_tokens: k, ..Default::default() };
+        let options = PromptOptions::new(&with(Some(2)), 128, true).unwrap();
+        let mut ids = vec![1, 2, 3, 4];
+        options.truncate(&mut ids);
+        assert_eq!(ids, vec![3, 4]);
+        let mut short = vec![9];
+        options.truncate(&mut short);
+        assert_eq!(short, vec![9]);
+        assert_eq!(PromptOptions::new(&with(Some(-1)), 128, true).unwrap().truncate_to, Some(128));
+        assert_eq!(PromptOptions::new(&with(None), 128, true).unwrap().truncate_to, None);
+        for bad in [0, -2, 129] {
+            let e = PromptOptions::new(&with(Some(bad)), 128, true).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("truncate_prompt_tokens"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn special_tokens_default_per_endpoint_unless_asked() {
+        let none = SamplingFields::default();
+        assert!(PromptOptions::new(&none, 8, true).unwrap().add_special_tokens);
+        assert!(!PromptOptions::new(&none, 8, false).unwrap().add_special_tokens);
+        let off = SamplingFields { add_special_tokens: Some(false), ..Default::default() };
+        assert!(!PromptOptions::new(&off, 8, true).unwrap().add_special_tokens);
+    }
+
+    #[test]
+    fn a_client_request_id_is_bounded() {
+        assert!(check_client_request_id("abc-1").is_ok());
+        for bad in ["".to_string(), "a\nb".to_string(), "x".repeat(MAX_CLIENT_REQUEST_ID_BYTES + 1)] {
+            assert_eq!(check_client_request_id(&bad).unwrap_err().param.as_deref(), Some("request_id"));
+        }
+    }
+
+    #[test]
+    fn continuous_usage_needs_include_usage_and_a_stream() {
+        let options = |include, continuous| StreamOptions {
+            include_usage: Some(include),
+            continuous_usage_stats: Some(continuous),
+        };
+        let fields = SamplingFields {
+            stream: Some(true),
+            stream_options: Some(options(true, true)),
+            ..Default::default()
+        };
         assert_eq!(
-            generation_request(&fields, &info(), None, None).unwrap_err().param.as_deref(),
-            Some("logit_bias")
+            stream_mode(&fields),
+            StreamMode { stream: true, include_usage: true, continuous_usage: true }
+        );
+        let fields = SamplingFields {
+            stream: Some(true),
+            stream_options: Some(options(false, true)),
+            ..Default::default()
+        };
+        assert_eq!(
+            stream_mode(&fields),
+            StreamMode { stream: true, include_usage: false, continuous_usage: false }
         );
     }
 

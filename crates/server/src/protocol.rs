@@ -88,6 +88,9 @@ impl<'de> Deserialize<'de> for StopStrings {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM: with `include_usage`, every chunk carries the counts so far.
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// The fields completions and chat share: sampling (OpenAI's plus vLLM's),
@@ -119,6 +122,16 @@ pub struct SamplingFields {
     pub best_of: Option<usize>,
     /// OpenAI's end-user id; only logged by OpenAI, unused here.
     pub user: Option<String>,
+    /// vLLM: keep only the last this many prompt tokens (-1: the model's context length).
+    pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM: add the tokenizer's special tokens (BOS) when tokenizing the
+    /// prompt. Default true for completions, false for chat (its template
+    /// writes them).
+    pub add_special_tokens: Option<bool>,
+    /// vLLM: the client's id for the request; responses carry `{prefix}-{request_id}`.
+    pub request_id: Option<String>,
+    /// vLLM: logprobs name tokens `token_id:{id}` instead of their text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 /// POST /v1/completions.
@@ -266,6 +279,14 @@ pub struct ChatCompletionRequest {
     pub tool_choice: Option<ToolChoice>,
     /// Extra variables for the chat template (vLLM's `chat_template_kwargs`).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// vLLM: leave the final message open for the model to continue
+    /// (needs `add_generation_prompt` false, which it implies when absent).
+    pub continue_final_message: Option<bool>,
+    /// vLLM: documents for retrieval-augmented templates (the `documents` variable).
+    pub documents: Option<Vec<serde_json::Map<String, Value>>>,
+    /// vLLM: a template for this request instead of the model's (the
+    /// server must run with --trust-request-chat-template).
+    pub chat_template: Option<String>,
     /// Parsed from the same body by [`RequestBody`].
     #[serde(skip)]
     pub sampling: SamplingFields,
@@ -274,21 +295,45 @@ pub struct ChatCompletionRequest {
 /// A request type parsed from a JSON body (see [`crate::extract::ApiJson`]).
 pub trait RequestBody: Sized {
     fn parse(bytes: &[u8]) -> Result<Self, crate::error::ApiError>;
+
+    /// The id the client chose for the request (vLLM's `request_id`), checked by `parse`.
+    fn client_request_id(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// The second pass of a body: the shared sampling fields, with their own checks.
+fn parse_sampling(bytes: &[u8]) -> Result<SamplingFields, crate::error::ApiError> {
+    let sampling: SamplingFields = crate::extract::parse_json(bytes)?;
+    if let Some(id) = &sampling.request_id {
+        crate::params::check_client_request_id(id)?;
+    }
+    Ok(sampling)
 }
 
 impl RequestBody for CompletionRequest {
     fn parse(bytes: &[u8]) -> Result<Self, crate::error::ApiError> {
+        crate::fields::check_body(crate::fields::Endpoint::Completions, bytes)?;
         let mut request: CompletionRequest = crate::extract::parse_json(bytes)?;
-        request.sampling = crate::extract::parse_json(bytes)?;
+        request.sampling = parse_sampling(bytes)?;
         Ok(request)
+    }
+
+    fn client_request_id(&self) -> Option<&str> {
+        self.sampling.request_id.as_deref()
     }
 }
 
 impl RequestBody for ChatCompletionRequest {
     fn parse(bytes: &[u8]) -> Result<Self, crate::error::ApiError> {
+        crate::fields::check_body(crate::fields::Endpoint::Chat, bytes)?;
         let mut request: ChatCompletionRequest = crate::extract::parse_json(bytes)?;
-        request.sampling = crate::extract::parse_json(bytes)?;
+        request.sampling = parse_sampling(bytes)?;
         Ok(request)
+    }
+
+    fn client_request_id(&self) -> Option<&str> {
+        self.sampling.request_id.as_deref()
     }
 }
 

@@ -8,23 +8,25 @@ use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use prometheus::IntGauge;
+use tower_http::cors::{self, AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
+use crate::config::CorsConfig;
 use crate::endpoint::PromptWorkers;
 use crate::error::ApiError;
 use crate::protocol::{ModelCard, ModelList};
 use crate::state::{unix_now, AppState};
-use crate::{chat, completions};
+use crate::{chat, completions, tokenize};
 
 /// Largest request body (long prompts as token-id lists are big).
 const MAX_BODY_BYTES: usize = 32 << 20;
 
-/// The whole API. /v1 routes require the API key when one is configured;
+/// The whole API. /v1 routes, /tokenize and /detokenize require the API key when one is configured;
 /// /health, /version and /metrics never do (probes and scrapers).
 pub fn router(state: AppState) -> Router {
     let workers = Arc::new(PromptWorkers::new(state.engine().tokenizer()));
@@ -32,6 +34,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/models", get(list_models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .merge(v1)
@@ -43,7 +47,50 @@ pub fn router(state: AppState) -> Router {
         .layer(Extension(workers))
         .layer(middleware::from_fn_with_state(state.clone(), track_http))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Outermost: preflights are answered before the API key is asked
+        // for, and errors carry the CORS headers too (browsers drop them otherwise).
+        .layer(cors_layer(&state.config().cors))
         .with_state(state)
+}
+
+/// The CORS layer of `--allowed-origins`, `--allowed-methods`,
+/// `--allowed-headers` and `--allowed-credentials`. `*` allows any; with
+/// credentials, a browser refuses a literal `*`, so the request's own
+/// origin, method or headers are echoed instead (as Starlette does for vLLM).
+fn cors_layer(cors: &CorsConfig) -> CorsLayer {
+    let any = |list: &[String]| list.iter().any(|s| s == "*");
+    let values = |list: &[String], what: &str| -> Vec<HeaderValue> {
+        list.iter()
+            .filter_map(|s| {
+                HeaderValue::from_str(s)
+                    .map_err(|_| tracing::warn!(value = %s, "ignoring an invalid CORS {what}"))
+                    .ok()
+            })
+            .collect()
+    };
+    let mut layer = CorsLayer::new().allow_credentials(cors.credentials);
+    layer = match (any(&cors.origins), cors.credentials) {
+        (true, false) => layer.allow_origin(cors::Any),
+        (true, true) => layer.allow_origin(AllowOrigin::mirror_request()),
+        (false, _) => layer.allow_origin(values(&cors.origins, "origin")),
+    };
+    layer = match (any(&cors.methods), cors.credentials) {
+        (true, false) => layer.allow_methods(cors::Any),
+        (true, true) => layer.allow_methods(AllowMethods::mirror_request()),
+        (false, _) => layer.allow_methods(
+            cors.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect::<Vec<_>>(),
+        ),
+    };
+    match (any(&cors.headers), cors.credentials) {
+        (true, false) => layer.allow_headers(cors::Any),
+        (true, true) => layer.allow_headers(AllowHeaders::mirror_request()),
+        (false, _) => layer.allow_headers(
+            values(&cors.headers, "header")
+                .into_iter()
+                .filter_map(|v| HeaderName::from_bytes(v.as_bytes()).ok())
+                .collect::<Vec<_>>(),
+        ),
+    }
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
@@ -79,7 +126,9 @@ async fn version(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut text = state.engine().metrics().render();
+    // vLLM's series carry the served model's name; so do ours.
+    let model_name = state.config().model_name();
+    let mut text = state.engine().metrics().render_labelled(&[("model_name", model_name)]);
     text.push_str(&state.http_metrics().render());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -8,10 +8,31 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pagoda_engine::AsyncEngine;
+use pagoda_models::ChatTemplate;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::config::ServerConfig;
-use crate::error::ApiError;
+use crate::error::{ApiError, ServeError};
+
+/// --chat-template's template: the file `arg` names, or `arg` itself when it
+/// reads as a template (vLLM accepts both), compiled with the model's
+/// special tokens.
+fn server_chat_template(arg: &str, model: Option<&Arc<ChatTemplate>>) -> Result<ChatTemplate, ServeError> {
+    let path = std::path::Path::new(arg);
+    let source = if path.is_file() {
+        std::fs::read_to_string(path)
+            .map_err(|e| ServeError::ChatTemplate(format!("cannot read {arg}: {e}")))?
+    } else if arg.contains("{{") || arg.contains("{%") {
+        arg.to_string()
+    } else {
+        return Err(ServeError::ChatTemplate(format!("{arg} is neither a file nor a template")));
+    };
+    let compiled = match model {
+        Some(model) => model.with_source(&source),
+        None => ChatTemplate::new(&source, None, None),
+    };
+    compiled.map_err(|e| ServeError::ChatTemplate(e.to_string()))
+}
 
 /// Handler state; cheap to clone.
 #[derive(Clone)]
@@ -22,6 +43,8 @@ pub struct AppState {
 struct Inner {
     engine: Arc<AsyncEngine>,
     config: ServerConfig,
+    /// --chat-template's, else the model's.
+    chat_template: Option<Arc<ChatTemplate>>,
     http_metrics: HttpMetrics,
     next_id: AtomicU64,
     /// Makes ids differ between server runs (logs from restarts don't collide).
@@ -30,18 +53,29 @@ struct Inner {
 }
 
 impl AppState {
-    pub fn new(config: ServerConfig, engine: Arc<AsyncEngine>) -> Self {
+    /// Fails when --chat-template names neither a readable file nor a template that compiles.
+    pub fn new(config: ServerConfig, engine: Arc<AsyncEngine>) -> Result<Self, ServeError> {
         let id_salt = RandomState::new().hash_one(SystemTime::now());
-        Self {
+        let chat_template = match &config.chat_template {
+            None => engine.chat_template().cloned(),
+            Some(arg) => Some(Arc::new(server_chat_template(arg, engine.chat_template())?)),
+        };
+        Ok(Self {
             inner: Arc::new(Inner {
                 engine,
                 config,
+                chat_template,
                 http_metrics: HttpMetrics::new(),
                 next_id: AtomicU64::new(0),
                 id_salt,
                 shutting_down: AtomicBool::new(false),
             }),
-        }
+        })
+    }
+
+    /// The template chat requests render with, unless they bring their own.
+    pub fn chat_template(&self) -> Option<&Arc<ChatTemplate>> {
+        self.inner.chat_template.as_ref()
     }
 
     pub fn engine(&self) -> &Arc<AsyncEngine> {

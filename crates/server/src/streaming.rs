@@ -17,6 +17,7 @@ use pagoda_engine::{CompletedRequest, FinishReason, RequestOutput, RequestStream
 use tracing::Instrument;
 
 use crate::error::ApiError;
+use crate::params::StreamMode;
 use crate::protocol::{Usage, UsageField};
 
 /// One event of a request's merged streams.
@@ -86,25 +87,31 @@ pub trait ChunkWriter: Send + 'static {
 
 /// The token counts of a streamed response and whether the client asked for
 /// them (`stream_options.include_usage`): then every chunk carries
-/// `usage: null` and a last chunk carries the counts; otherwise no chunk has
-/// `usage`.
+/// `usage: null` (or, with vLLM's `continuous_usage_stats`, the counts so
+/// far) and a last chunk carries the counts; otherwise no chunk has `usage`.
 pub struct StreamUsage {
     pub include_usage: bool,
+    pub continuous: bool,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
 }
 
 impl StreamUsage {
-    pub fn new(include_usage: bool, prompt_tokens: usize) -> Self {
-        Self { include_usage, prompt_tokens, completion_tokens: 0 }
+    pub fn new(mode: StreamMode, prompt_tokens: usize) -> Self {
+        Self {
+            include_usage: mode.include_usage,
+            continuous: mode.continuous_usage,
+            prompt_tokens,
+            completion_tokens: 0,
+        }
     }
 
     /// The `usage` of a chunk before the end.
     pub fn pending(&self) -> UsageField {
-        if self.include_usage {
-            UsageField::Null
-        } else {
-            UsageField::Absent
+        match (self.include_usage, self.continuous) {
+            (true, true) => UsageField::Counts(Usage::new(self.prompt_tokens, self.completion_tokens)),
+            (true, false) => UsageField::Null,
+            (false, _) => UsageField::Absent,
         }
     }
 
