@@ -175,6 +175,11 @@ impl Backend for CpuBackend {
 
     type Sampled = CpuSampled;
 
+    /// `pagoda_sampler::sample_row` applies them.
+    fn supports_logit_constraints(&self) -> bool {
+        true
+    }
+
     /// Each row goes through [`pagoda_sampler::sample_row`] unchanged, rows in
     /// parallel, before this returns.
     fn sample_async(&self, logits: &T, rows: &[SamplingRow<'_>]) -> Result<CpuSampled> {

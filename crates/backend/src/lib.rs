@@ -257,6 +257,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// the device.
     type Sampled: Send + 'static;
 
+    /// Whether [`Backend::sample`] applies the logit constraints of
+    /// [`pagoda_sampler::SamplingParams`] (`logit_bias`, `allowed_token_ids`,
+    /// `bad_words`). The engine refuses requests with constraints a backend
+    /// would ignore.
+    fn supports_logit_constraints(&self) -> bool {
+        false
+    }
+
     /// Samples one token per row of `logits` (`[M, V]`, any float dtype) under
     /// `rows[m]`, exactly as [`pagoda_sampler::sample_row`] specifies (device
     /// backends may differ only where float rounding reorders near-equal

@@ -18,17 +18,20 @@
 //! # The order of operations (the contract every backend follows)
 //! 1. `logprob`/`top_logprobs` are taken from the *raw* logits
 //!    (log-softmax before any penalty or temperature), as vLLM v1 does.
-//! 2. Penalties on the logits: repetition (tokens seen in prompt or output:
+//! 2. Constraints, in vLLM's order: tokens outside `allowed_token_ids` go
+//!    to -inf; so does the last token of each of `bad_words` whose other
+//!    tokens end the output so far; `logit_bias` is added.
+//! 3. Penalties on the logits: repetition (tokens seen in prompt or output:
 //!    positive logits divided by it, negative ones multiplied), then frequency
 //!    (minus `frequency_penalty * count in output`) and presence (minus
 //!    `presence_penalty` if the token occurs in the output).
-//! 3. `temperature == 0`: greedy, the arg-max of the penalised logits, lowest
+//! 4. `temperature == 0`: greedy, the arg-max of the penalised logits, lowest
 //!    token id on ties. Otherwise logits are divided by the temperature.
-//! 4. Softmax; keep the `top_k` most probable (ties by lower token id); keep
+//! 5. Softmax; keep the `top_k` most probable (ties by lower token id); keep
 //!    the smallest prefix, in descending-probability order, whose mass reaches
 //!    `top_p`; drop tokens whose probability is below `min_p` times the
 //!    largest. The first token always survives.
-//! 5. Draw `u = uniform(seed, step)` and walk the survivors in descending
+//! 6. Draw `u = uniform(seed, step)` and walk the survivors in descending
 //!    probability order (ties by lower id), returning the first token whose
 //!    cumulative renormalised probability exceeds `u`.
 
@@ -36,8 +39,8 @@ mod params;
 mod reference;
 mod rng;
 
-pub use params::{SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
-pub use reference::{apply_penalties, log_softmax, sample_row};
+pub use params::{SamplingParams, SamplingParamsError, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
+pub use reference::{apply_logit_constraints, apply_penalties, log_softmax, sample_row};
 pub use rng::uniform;
 
 /// A token id in the model's vocabulary.

@@ -20,7 +20,39 @@ fn by_value_desc_then_id(a: &(TokenId, f32), b: &(TokenId, f32)) -> Ordering {
     b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0))
 }
 
-/// Applies repetition, frequency and presence penalties in place (step 2 of
+/// Applies `allowed_token_ids`, `bad_words` and `logit_bias` in place (step
+/// 2 of the crate docs).
+pub fn apply_logit_constraints(logits: &mut [f32], row: &SamplingRow) {
+    let p = row.params;
+    if let Some(allowed) = &p.allowed_token_ids {
+        let mut keep = vec![false; logits.len()];
+        for &t in allowed {
+            if let Some(k) = keep.get_mut(t as usize) {
+                *k = true;
+            }
+        }
+        for (logit, keep) in logits.iter_mut().zip(keep) {
+            if !keep {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for word in &p.bad_words {
+        let (&last, prefix) = word.split_last().expect("validated: bad words are not empty");
+        if row.output_tokens.ends_with(prefix) {
+            if let Some(logit) = logits.get_mut(last as usize) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for &(t, bias) in &p.logit_bias {
+        if let Some(logit) = logits.get_mut(t as usize) {
+            *logit += bias;
+        }
+    }
+}
+
+/// Applies repetition, frequency and presence penalties in place (step 3 of
 /// the crate docs); public so conformance checks can rebuild the distribution.
 pub fn apply_penalties(logits: &mut [f32], row: &SamplingRow) {
     let p = row.params;
@@ -59,6 +91,7 @@ pub fn sample_row(logits: &[f32], row: &SamplingRow) -> SampledToken {
     let raw_logprobs = log_softmax(logits);
 
     let mut penalised = logits.to_vec();
+    apply_logit_constraints(&mut penalised, row);
     apply_penalties(&mut penalised, row);
 
     let token = if p.is_greedy() { argmax(&penalised) } else { draw(&penalised, row) };
@@ -94,6 +127,10 @@ fn draw(logits: &[f32], row: &SamplingRow) -> TokenId {
     let p = row.params;
     let inv_t = 1.0 / p.temperature as f64;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if max == f64::NEG_INFINITY {
+        // Constraints banned every token: nothing to draw from, so the arg-max rule decides.
+        return argmax(logits);
+    }
     let mut probs: Vec<(TokenId, f32)> = logits
         .iter()
         .enumerate()
@@ -143,6 +180,64 @@ mod tests {
 
     fn row<'a>(params: &'a SamplingParams, output: &'a [TokenId]) -> SamplingRow<'a> {
         SamplingRow { params, seed: 7, step: 0, prompt_tokens: &[], output_tokens: output }
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice_and_logprobs_stay_raw() {
+        let logits = [1.0, 3.0, 2.0];
+        let params =
+            SamplingParams { logit_bias: vec![(0, 5.0)], logprobs: Some(1), ..SamplingParams::greedy() };
+        let out = sample_row(&logits, &row(&params, &[]));
+        assert_eq!(out.token, 0);
+        // Logprobs come from the raw logits, as vLLM v1 reports them.
+        assert_eq!(out.logprob, log_softmax(&logits)[0]);
+        assert_eq!(out.top_logprobs[0].0, 1);
+    }
+
+    #[test]
+    fn only_allowed_tokens_are_drawn() {
+        let logits = [5.0, 1.0, 4.0, 0.5];
+        let greedy = SamplingParams { allowed_token_ids: Some(vec![1, 3]), ..SamplingParams::greedy() };
+        assert_eq!(sample_row(&logits, &row(&greedy, &[])).token, 1);
+        let sampled = SamplingParams { allowed_token_ids: Some(vec![1, 3]), ..SamplingParams::default() };
+        for step in 0..50 {
+            let r = SamplingRow { step, ..row(&sampled, &[]) };
+            assert!([1, 3].contains(&sample_row(&logits, &r).token));
+        }
+    }
+
+    #[test]
+    fn a_bad_word_is_banned_only_where_its_prefix_ends_the_output() {
+        let logits = [0.0, 1.0, 9.0];
+        // One token: always banned.
+        let single = SamplingParams { bad_words: vec![vec![2]], ..SamplingParams::greedy() };
+        assert_eq!(sample_row(&logits, &row(&single, &[])).token, 1);
+        // Two tokens [0, 2]: token 2 is banned right after a 0 only.
+        let pair = SamplingParams { bad_words: vec![vec![0, 2]], ..SamplingParams::greedy() };
+        assert_eq!(sample_row(&logits, &row(&pair, &[1, 0])).token, 1);
+        assert_eq!(sample_row(&logits, &row(&pair, &[0, 1])).token, 2);
+    }
+
+    #[test]
+    fn constraints_come_before_penalties() {
+        // Bias first, then the repetition penalty divides the biased logit (vLLM's order).
+        let params = SamplingParams {
+            logit_bias: vec![(0, 2.0)],
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
+        let mut l = vec![1.0, 1.4];
+        let r = row(&params, &[0]);
+        apply_logit_constraints(&mut l, &r);
+        apply_penalties(&mut l, &r);
+        assert_eq!(l, vec![1.5, 1.4]);
+        assert_eq!(sample_row(&[1.0, 1.4], &r).token, 0);
+    }
+
+    #[test]
+    fn banning_every_token_falls_back_to_the_arg_max_rule() {
+        let params = SamplingParams { bad_words: vec![vec![0], vec![1]], ..SamplingParams::default() };
+        assert_eq!(sample_row(&[1.0, 2.0], &row(&params, &[])).token, 0);
     }
 
     #[test]
