@@ -353,3 +353,33 @@ async fn browsers_may_call_the_api_from_the_allowed_origins() {
     assert_eq!(response.status().as_u16(), 401);
     assert_eq!(response.headers().get("access-control-allow-origin").unwrap(), "http://ui.example");
 }
+
+/// The greedy first token of `prompt` under `extra` fields, by id.
+async fn first_token(c: &Client, extra: Value) -> u32 {
+    let mut body = json!({"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0,
+                          "logprobs": 0, "return_tokens_as_token_ids": true});
+    for (key, value) in extra.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    let (status, r) = c.post_json(CMPL, &body).await;
+    assert_eq!(status, 200, "{r}");
+    let token = r["choices"][0]["logprobs"]["tokens"][0].as_str().unwrap();
+    token.strip_prefix("token_id:").unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn logit_bias_allowed_tokens_and_bad_words_steer_the_choice() {
+    let c = client();
+    let greedy = first_token(&c, json!({})).await;
+    let other = if greedy == 1000 { 1001 } else { 1000 };
+    // A bias of +100 makes any token win; -100 makes the greedy one lose.
+    assert_eq!(first_token(&c, json!({"logit_bias": {other.to_string(): 100}})).await, other);
+    assert_ne!(first_token(&c, json!({"logit_bias": {greedy.to_string(): -100}})).await, greedy);
+    let allowed = first_token(&c, json!({"allowed_token_ids": [other, other + 1]})).await;
+    assert!(allowed == other || allowed == other + 1, "{allowed}");
+    // Banning the greedy token's word (as text) changes the choice.
+    let (_, word) = c.post_json("/detokenize", &json!({"tokens": [greedy]})).await;
+    let word = word["prompt"].as_str().unwrap().trim().to_string();
+    assert!(!word.is_empty());
+    assert_ne!(first_token(&c, json!({"bad_words": [word]})).await, greedy);
+}

@@ -94,7 +94,7 @@ pub struct PreparedStep {
     /// Who samples each row of the step, in order.
     pub samplers: Vec<SampleTarget>,
     /// Whether the next step may be scheduled before this one's tokens are
-    /// back on the host: not when a row's penalties need the whole history.
+    /// back on the host: not when a row's penalties or bad words need the whole history.
     pub schedule_ahead: bool,
 }
 
@@ -284,7 +284,7 @@ impl PersistentBatch {
         self.inputs.attn.max_blocks_per_seq = max_blocks;
         self.step = Some(out.step);
         let schedule_ahead =
-            self.sampler_slots.iter().all(|&slot| !self.slot_ref(slot).request.params.has_penalties());
+            self.sampler_slots.iter().all(|&slot| !self.slot_ref(slot).request.params.needs_history());
         Ok(PreparedStep { samplers: self.inputs.samplers.clone(), schedule_ahead })
     }
 

@@ -100,7 +100,8 @@ impl<B: Backend> LlmEngine<B> {
             "engine ready"
         );
         let input =
-            InputProcessor::new(info, config.max_num_seqs, loaded.tokenizer.is_present(), config.seed);
+            InputProcessor::new(info, config.max_num_seqs, loaded.tokenizer.is_present(), config.seed)
+                .with_logit_constraints(runner.backend().supports_logit_constraints());
         Ok(Self {
             chat_template: loaded.chat_template.map(Arc::new),
             input: Arc::new(input),

@@ -37,7 +37,15 @@ pub struct InputProcessor {
     has_tokenizer: bool,
     /// The last default seed handed out (vLLM's `--seed` draws them in order).
     last_seed: AtomicU64,
+    /// Whether the backend's sampler applies `logit_bias`, `allowed_token_ids`
+    /// and `bad_words` (requests with them are refused otherwise).
+    logit_constraints: bool,
 }
+
+/// Most `bad_words` a request may give, and most tokens in one: each is
+/// checked against the output at every step.
+pub const MAX_BAD_WORDS: usize = 256;
+pub const MAX_BAD_WORD_TOKENS: usize = 32;
 
 /// Step between the default seeds of consecutive requests (the golden ratio in 64 bits).
 const SEED_STEP: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -139,7 +147,13 @@ impl EngineCoreRequest {
 impl InputProcessor {
     /// `seed` is the engine's (`EngineConfig::seed`): default seeds follow from it.
     pub(crate) fn new(info: ModelInfo, max_num_seqs: usize, has_tokenizer: bool, seed: u64) -> Self {
-        Self { info, max_num_seqs, has_tokenizer, last_seed: AtomicU64::new(seed) }
+        Self { info, max_num_seqs, has_tokenizer, last_seed: AtomicU64::new(seed), logit_constraints: false }
+    }
+
+    /// Declares whether the backend applies logit constraints (see [`pagoda_backend::Backend::supports_logit_constraints`]).
+    pub(crate) fn with_logit_constraints(mut self, supported: bool) -> Self {
+        self.logit_constraints = supported;
+        self
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -282,6 +296,7 @@ impl InputProcessor {
             ));
         }
         req.sampling.validate().map_err(|e| EngineError::invalid(Some(e.param), e.to_string()))?;
+        self.check_logit_constraints(&req.sampling)?;
         if let Some(&bad) = req.stop_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
             return Err(EngineError::invalid(
                 Some("stop_token_ids"),
@@ -292,6 +307,48 @@ impl InputProcessor {
             return Err(EngineError::invalid(
                 Some("stop"),
                 "stop strings need a tokenizer; this model has none",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl InputProcessor {
+    /// `logit_bias`, `allowed_token_ids` and `bad_words`: supported by the
+    /// backend, within the vocabulary, and `bad_words` within their bounds.
+    fn check_logit_constraints(&self, sampling: &SamplingParams) -> Result<(), EngineError> {
+        if !sampling.has_logit_constraints() {
+            return Ok(());
+        }
+        if !self.logit_constraints {
+            let param = if !sampling.logit_bias.is_empty() {
+                "logit_bias"
+            } else if sampling.allowed_token_ids.is_some() {
+                "allowed_token_ids"
+            } else {
+                "bad_words"
+            };
+            return Err(EngineError::invalid(
+                Some(param),
+                format!("{param} is not supported on this backend yet (its sampler does not apply logit constraints)"),
+            ));
+        }
+        if let Some((param, token)) = sampling.token_outside(self.info.vocab_size) {
+            return Err(EngineError::invalid(
+                Some(param),
+                format!("token id {token} is out of vocabulary (size {})", self.info.vocab_size),
+            ));
+        }
+        if sampling.bad_words.len() > MAX_BAD_WORDS {
+            return Err(EngineError::invalid(
+                Some("bad_words"),
+                format!("at most {MAX_BAD_WORDS} bad words are allowed, got {}", sampling.bad_words.len()),
+            ));
+        }
+        if sampling.bad_words.iter().any(|w| w.len() > MAX_BAD_WORD_TOKENS) {
+            return Err(EngineError::invalid(
+                Some("bad_words"),
+                format!("a bad word may be at most {MAX_BAD_WORD_TOKENS} tokens long"),
             ));
         }
         Ok(())
@@ -333,6 +390,26 @@ mod tests {
         r.max_tokens = max_tokens;
         r.n = n;
         r
+    }
+
+    #[test]
+    fn logit_constraints_need_a_backend_that_applies_them_and_tokens_in_the_vocabulary() {
+        let mut with_bias = request(4, Some(4), 1);
+        with_bias.sampling.logit_bias = vec![(5, 1.0)];
+        let (param, message) = refusal_by(&processor(), &with_bias);
+        assert_eq!(param, Some("logit_bias"));
+        assert!(message.contains("not supported on this backend"), "{message}");
+        let supported = processor().with_logit_constraints(true);
+        assert!(supported.validate(&with_bias).is_ok());
+        let mut outside = request(4, Some(4), 1);
+        outside.sampling.allowed_token_ids = Some(vec![3, 1000]);
+        assert_eq!(refusal_by(&supported, &outside).0, Some("allowed_token_ids"));
+        let mut too_many = request(4, Some(4), 1);
+        too_many.sampling.bad_words = vec![vec![7]; MAX_BAD_WORDS + 1];
+        assert_eq!(refusal_by(&supported, &too_many).0, Some("bad_words"));
+        let mut too_long = request(4, Some(4), 1);
+        too_long.sampling.bad_words = vec![vec![7; MAX_BAD_WORD_TOKENS + 1]];
+        assert_eq!(refusal_by(&supported, &too_long).0, Some("bad_words"));
     }
 
     fn refusal_by(p: &InputProcessor, req: &GenerationRequest) -> (Option<&'static str>, String) {

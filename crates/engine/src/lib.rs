@@ -58,7 +58,7 @@ pub use engine::LlmEngine;
 pub use engine_core::StepTimings;
 pub use error::EngineError;
 pub use graphs::{capture_sizes, is_graphable, Bucket, GraphStats, PaddedDecodeInputs};
-pub use input::{EngineCoreRequest, InputProcessor, ModelInfo};
+pub use input::{EngineCoreRequest, InputProcessor, ModelInfo, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS};
 pub use metrics::EngineMetrics;
 pub use output::{CompletedRequest, CompletedSeq};
 pub use pagoda_sampler::SamplingParams;

@@ -15,7 +15,7 @@ use crate::endpoint::{log_finished, run_endpoint, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
-use crate::params::{generation_request, stream_mode, PromptOptions, MAX_TOP_LOGPROBS};
+use crate::params::{bad_words, generation_request, stream_mode, PromptOptions, MAX_TOP_LOGPROBS};
 use crate::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, MessageContent, StopReasonOut, ToolChoice,
@@ -364,6 +364,8 @@ async fn chat(
     let logprobs = want_logprobs.then(|| request.top_logprobs.unwrap_or(0));
     // Cheap checks first: a refused request costs no rendering or tokenization.
     let mut req = generation_request(&request.sampling, engine.info(), max_tokens, logprobs)?;
+    req.sampling.bad_words =
+        bad_words(engine.tokenizer(), request.sampling.bad_words.as_deref().unwrap_or_default())?;
     let max_model_len = engine.info().max_model_len;
     let options = PromptOptions::new(&request.sampling, max_model_len, false)?;
     let render = ChatRender::new(

@@ -13,7 +13,7 @@ use crate::endpoint::{log_finished, run_endpoint, Cancelled, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
-use crate::params::{generation_request, stream_mode, PromptOptions};
+use crate::params::{bad_words, generation_request, stream_mode, PromptOptions};
 use crate::protocol::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput, StopReasonOut,
     Usage, UsageField,
@@ -85,8 +85,10 @@ async fn complete(
     }
     let engine = state.engine();
     // Cheap checks first: a refused request costs no tokenization.
-    let template =
+    let mut template =
         generation_request(&request.sampling, engine.info(), request.max_tokens, request.logprobs)?;
+    template.sampling.bad_words =
+        bad_words(engine.tokenizer(), request.sampling.bad_words.as_deref().unwrap_or_default())?;
     let max_model_len = engine.info().max_model_len;
     let options = PromptOptions::new(&request.sampling, max_model_len, true)?;
     let (prompts, prompt_texts): (Vec<Vec<u32>>, Option<Vec<String>>) = match request.prompt {

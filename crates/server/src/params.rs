@@ -69,6 +69,11 @@ pub fn generation_request(
         seed: fields.seed.map(|s| s as u64),
         logprobs,
     };
+    let sampling = SamplingParams {
+        logit_bias: logit_bias(fields.logit_bias.as_ref())?,
+        allowed_token_ids: fields.allowed_token_ids.clone(),
+        ..sampling
+    };
     let mut request = GenerationRequest::new(String::new(), Vec::new());
     request.sampling = sampling;
     request.max_tokens = max_tokens;
@@ -96,6 +101,67 @@ pub struct StreamMode {
     pub include_usage: bool,
     /// The counts so far in every chunk too (`continuous_usage_stats`, with `include_usage`).
     pub continuous_usage: bool,
+}
+
+/// OpenAI's `logit_bias` object as sorted `(token, bias)` pairs; ranges and
+/// the vocabulary are the engine's to check.
+fn logit_bias(
+    bias: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut pairs = Vec::new();
+    for (key, value) in bias.into_iter().flatten() {
+        let token: u32 = key.trim().parse().map_err(|_| {
+            ApiError::bad_request(
+                Some("logit_bias"),
+                format!("logit_bias keys must be token ids, got {key:?}"),
+            )
+        })?;
+        let bias = value.as_f64().filter(|b| b.is_finite()).ok_or_else(|| {
+            ApiError::bad_request(
+                Some("logit_bias"),
+                format!("the bias of token {token} must be a number, got {value}"),
+            )
+        })?;
+        pairs.push((token, bias as f32));
+    }
+    pairs.sort_by_key(|&(t, _)| t);
+    // "5" and "05" name one token: the client meant one bias.
+    if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
+        return Err(ApiError::bad_request(Some("logit_bias"), "logit_bias names a token twice"));
+    }
+    Ok(pairs)
+}
+
+/// Longest bad word, in bytes (each is tokenized twice, on the async thread).
+pub const MAX_BAD_WORD_BYTES: usize = 256;
+
+/// vLLM's `bad_words` as token sequences: each word as written and, when it
+/// tokenizes differently, with a leading space (how it appears mid-sentence).
+pub fn bad_words(tokenizer: &pagoda_models::Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
+    let bad = |message: String| ApiError::bad_request(Some("bad_words"), message);
+    // The engine bounds the count too; this keeps tokenization short.
+    if words.len() > pagoda_engine::MAX_BAD_WORDS {
+        return Err(bad(format!(
+            "at most {} bad words are allowed, got {}",
+            pagoda_engine::MAX_BAD_WORDS,
+            words.len()
+        )));
+    }
+    let mut sequences: Vec<Vec<u32>> = Vec::new();
+    for word in words {
+        let word = word.trim_start();
+        if word.is_empty() || word.len() > MAX_BAD_WORD_BYTES {
+            return Err(bad(format!("a bad word must be 1 to {MAX_BAD_WORD_BYTES} bytes of text")));
+        }
+        let plain = tokenizer.encode(word, false).map_err(|e| bad(e.to_string()))?;
+        let spaced = tokenizer.encode(&format!(" {word}"), false).map_err(|e| bad(e.to_string()))?;
+        let differs = spaced.first() != plain.first() && spaced.len() == plain.len();
+        sequences.push(plain);
+        if differs {
+            sequences.push(spaced);
+        }
+    }
+    Ok(sequences)
 }
 
 /// Whether the client asked for a stream, and for usage in it.
@@ -221,6 +287,23 @@ mod tests {
         for (fields, logprobs, param) in cases {
             let e = generation_request(&fields, &info(), Some(16), logprobs).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param));
+        }
+    }
+
+    #[test]
+    fn logit_bias_becomes_sorted_pairs_with_named_errors() {
+        let with = |bias: serde_json::Value| SamplingFields {
+            logit_bias: Some(bias.as_object().unwrap().clone()),
+            ..Default::default()
+        };
+        let r =
+            generation_request(&with(serde_json::json!({"7": -1.5, "3": 100})), &info(), None, None).unwrap();
+        assert_eq!(r.sampling.logit_bias, vec![(3, 100.0), (7, -1.5)]);
+        for bad in
+            [serde_json::json!({"x": 1}), serde_json::json!({"3": "a"}), serde_json::json!({"5": 1, "05": 2})]
+        {
+            let e = generation_request(&with(bad.clone()), &info(), None, None).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("logit_bias"), "{bad}");
         }
     }
 

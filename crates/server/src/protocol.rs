@@ -113,7 +113,12 @@ pub struct SamplingFields {
     pub min_tokens: Option<usize>,
     pub include_stop_str_in_output: Option<bool>,
     pub skip_special_tokens: Option<bool>,
+    /// OpenAI: `{"token id": bias}`, each bias in [-100, 100].
     pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// vLLM: only these tokens may be generated.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM: words never to be generated (tokenized with and without a leading space).
+    pub bad_words: Option<Vec<String>>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub priority: Option<i32>,
