@@ -383,3 +383,34 @@ async fn logit_bias_allowed_tokens_and_bad_words_steer_the_choice() {
     assert!(!word.is_empty());
     assert_ne!(first_token(&c, json!({"bad_words": [word]})).await, greedy);
 }
+
+#[tokio::test]
+async fn requests_share_cached_prefixes_only_within_a_cache_salt() {
+    // A server of its own: the prefix-cache counters see this test's requests alone.
+    static SALTED: OnceLock<TestServer> = OnceLock::new();
+    let c = SALTED.get_or_init(|| TestServer::start(ServerArgs::default())).client();
+    let prompt = "A long shared system prompt that fills several KV blocks of sixteen tokens each, \
+                  so that a second request can find them in the prefix cache. "
+        .repeat(2);
+    let hits = || async { server_support::metric(&c.metrics().await, "pagoda:prefix_cache_hits_total", "") };
+    let run = |salt: Option<&str>| {
+        let mut body = json!({"prompt": prompt, "max_tokens": 1});
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        let c = c.clone();
+        async move {
+            let (status, r) = c.post_json(CMPL, &body).await;
+            assert_eq!(status, 200, "{r}");
+        }
+    };
+    run(Some("tenant-a")).await;
+    let before = hits().await;
+    run(Some("tenant-b")).await;
+    run(None).await;
+    assert_eq!(hits().await, before, "another salt, or none, found tenant-a's blocks");
+    run(Some("tenant-a")).await;
+    assert!(hits().await > before, "the same salt shares its prefix");
+    let (status, r) = c.post_json(CMPL, &json!({"prompt": "x", "cache_salt": ""})).await;
+    assert_eq!((status, r["error"]["param"].as_str()), (400, Some("cache_salt")), "{r}");
+}

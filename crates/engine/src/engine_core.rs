@@ -163,7 +163,7 @@ impl<B: Backend> EngineCore<B> {
             stop_token_ids: req.stop_token_ids().to_vec(),
             ignore_eos: req.ignore_eos(),
             min_tokens: req.min_tokens(),
-            cache_salt: None,
+            cache_salt: req.cache_salt(),
             fairness_group: req.fairness_group().map(u64::from),
         };
         // The input processor refuses everything the scheduler would.

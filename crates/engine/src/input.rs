@@ -64,6 +64,7 @@ pub struct EngineCoreRequest {
     n: usize,
     priority: i32,
     fairness_group: Option<u32>,
+    cache_salt: Option<u64>,
     eos_token_ids: Vec<TokenId>,
     stop_token_ids: Vec<TokenId>,
     ignore_eos: bool,
@@ -114,6 +115,10 @@ impl EngineCoreRequest {
     }
 
     /// The model's EOS ids; they end a sample unless `ignore_eos`.
+    pub(crate) fn cache_salt(&self) -> Option<u64> {
+        self.cache_salt
+    }
+
     pub(crate) fn eos_token_ids(&self) -> &[TokenId] {
         &self.eos_token_ids
     }
@@ -181,6 +186,7 @@ impl InputProcessor {
             n: req.n,
             priority: req.priority,
             fairness_group: req.fairness_group,
+            cache_salt: req.cache_salt,
             eos_token_ids: self.info.eos_token_ids.clone(),
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,

@@ -31,6 +31,10 @@ pub struct GenerationRequest {
     /// waiting. `None`: its own group. (A hash, not the id, keeps requests
     /// small on the engine's channel.)
     pub fairness_group: Option<u32>,
+    /// Requests share prefix-cached KV blocks only with requests of the same
+    /// salt (vLLM's `cache_salt`, hashed by the server with a key of its own);
+    /// `None`: the unsalted cache.
+    pub cache_salt: Option<u64>,
 }
 
 impl GenerationRequest {
@@ -51,6 +55,7 @@ impl GenerationRequest {
             priority: 0,
             detokenize: true,
             fairness_group: None,
+            cache_salt: None,
         }
     }
 }

@@ -366,6 +366,7 @@ async fn chat(
     let mut req = generation_request(&request.sampling, engine.info(), max_tokens, logprobs)?;
     req.sampling.bad_words =
         bad_words(engine.tokenizer(), request.sampling.bad_words.as_deref().unwrap_or_default())?;
+    req.cache_salt = state.cache_salt(request.sampling.cache_salt.as_deref())?;
     let max_model_len = engine.info().max_model_len;
     let options = PromptOptions::new(&request.sampling, max_model_len, false)?;
     let render = ChatRender::new(

@@ -89,6 +89,7 @@ async fn complete(
         generation_request(&request.sampling, engine.info(), request.max_tokens, request.logprobs)?;
     template.sampling.bad_words =
         bad_words(engine.tokenizer(), request.sampling.bad_words.as_deref().unwrap_or_default())?;
+    template.cache_salt = state.cache_salt(request.sampling.cache_salt.as_deref())?;
     let max_model_len = engine.info().max_model_len;
     let options = PromptOptions::new(&request.sampling, max_model_len, true)?;
     let (prompts, prompt_texts): (Vec<Vec<u32>>, Option<Vec<String>>) = match request.prompt {

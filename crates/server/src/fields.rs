@@ -162,11 +162,7 @@ const SHARED: &[Field] = &[
         "disaggregated prefill (KV transfer between servers) is not implemented",
         r#"{"kv_transfer_params": {"do_remote_decode": true}}"#,
     ),
-    refused(
-        "cache_salt",
-        "the prefix cache is not salted per request yet",
-        r#"{"cache_salt": "a-long-random-salt"}"#,
-    ),
+    works("cache_salt", r#"{"cache_salt": "a-long-random-salt"}"#),
     refused(
         "mm_processor_kwargs",
         "Pagoda serves text-only models",

@@ -68,11 +68,10 @@ pub fn generation_request(
         // Negative seeds are valid in OpenAI's API; any 64 bits seed the generator.
         seed: fields.seed.map(|s| s as u64),
         logprobs,
-    };
-    let sampling = SamplingParams {
         logit_bias: logit_bias(fields.logit_bias.as_ref())?,
         allowed_token_ids: fields.allowed_token_ids.clone(),
-        ..sampling
+        // Tokenized by the handler, which has the tokenizer (see [`bad_words`]).
+        bad_words: Vec::new(),
     };
     let mut request = GenerationRequest::new(String::new(), Vec::new());
     request.sampling = sampling;

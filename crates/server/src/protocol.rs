@@ -137,6 +137,8 @@ pub struct SamplingFields {
     pub request_id: Option<String>,
     /// vLLM: logprobs name tokens `token_id:{id}` instead of their text.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM: only requests with the same salt share prefix-cached blocks.
+    pub cache_salt: Option<String>,
 }
 
 /// POST /v1/completions.

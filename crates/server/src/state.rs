@@ -49,6 +49,9 @@ struct Inner {
     next_id: AtomicU64,
     /// Makes ids differ between server runs (logs from restarts don't collide).
     id_salt: u64,
+    /// Keys the hash of requests' `cache_salt`s: a client cannot make another
+    /// salt's hash without knowing this.
+    cache_salt_key: RandomState,
     shutting_down: AtomicBool,
 }
 
@@ -68,9 +71,21 @@ impl AppState {
                 http_metrics: HttpMetrics::new(),
                 next_id: AtomicU64::new(0),
                 id_salt,
+                cache_salt_key: RandomState::new(),
                 shutting_down: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// The engine's key for a request's `cache_salt` (vLLM's: a non-empty string).
+    pub fn cache_salt(&self, salt: Option<&str>) -> Result<Option<u64>, ApiError> {
+        match salt {
+            None => Ok(None),
+            Some("") => {
+                Err(ApiError::bad_request(Some("cache_salt"), "cache_salt must be a non-empty string"))
+            }
+            Some(salt) => Ok(Some(self.inner.cache_salt_key.hash_one(salt))),
+        }
     }
 
     /// The template chat requests render with, unless they bring their own.
