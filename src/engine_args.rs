@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use pagoda_engine::{EngineConfig, Policy, PreemptionMode};
+use pagoda_engine::{EngineConfig, GenerationConfigSource, Policy, PreemptionMode};
 
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -114,6 +114,11 @@ pub struct EngineArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Where the sampling defaults of requests come from (vLLM's flag): `auto`, the model's
+    /// generation_config.json; `vllm`, none (OpenAI's defaults); or a folder holding a
+    /// generation_config.json.
+    #[arg(long, default_value = "auto")]
+    pub generation_config: String,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -224,6 +229,11 @@ impl EngineArgs {
             enforce_eager: self.enforce_eager,
             max_graph_batch_size: self.max_graph_batch_size,
             async_scheduling: self.async_scheduling && !self.no_async_scheduling,
+            generation_config: match self.generation_config.as_str() {
+                "auto" => GenerationConfigSource::Model,
+                "vllm" => GenerationConfigSource::Builtin,
+                folder => GenerationConfigSource::Folder(PathBuf::from(folder)),
+            },
         };
         config.validate().context("invalid engine options")?;
         Ok(config)

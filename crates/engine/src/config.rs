@@ -58,6 +58,21 @@ pub struct EngineConfig {
     /// Steps whose sampling needs the token history (penalties) or that fork
     /// samples are still waited for.
     pub async_scheduling: bool,
+    /// Where the sampling defaults of requests come from (vLLM `--generation-config`).
+    pub generation_config: GenerationConfigSource,
+}
+
+/// Where the sampling defaults (temperature, top-p...) a request leaves
+/// out come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum GenerationConfigSource {
+    /// The model's generation_config.json (vLLM's `auto`).
+    #[default]
+    Model,
+    /// None: OpenAI's defaults (vLLM's `vllm`).
+    Builtin,
+    /// The generation_config.json of this folder.
+    Folder(std::path::PathBuf),
 }
 
 impl Default for EngineConfig {
@@ -82,6 +97,7 @@ impl Default for EngineConfig {
             enforce_eager: false,
             max_graph_batch_size: 256,
             async_scheduling: true,
+            generation_config: GenerationConfigSource::Model,
         }
     }
 }

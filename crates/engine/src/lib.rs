@@ -52,7 +52,7 @@ pub use async_engine::{
     AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError, DEFAULT_MAX_PENDING_SEQS,
 };
 pub use batch::{BlockTableSource, PersistentBatch, PreparedStep, SampleTarget, StepInputs};
-pub use config::{EngineConfig, DEFAULT_CPU_KV_CACHE_BYTES};
+pub use config::{EngineConfig, GenerationConfigSource, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
 pub use engine::LlmEngine;
 pub use engine_core::StepTimings;
@@ -70,7 +70,7 @@ pub use runner::{ModelRunner, PhaseTotal, RunnerTimings};
 pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 
 use pagoda_backend::Backend;
-use pagoda_models::{LoadOptions, LoadedModel, ModelFiles};
+use pagoda_models::{GenerationConfig, LoadOptions, LoadedModel, ModelFiles};
 
 /// Opens a model folder or GGUF file, uploads its weights to `backend`
 /// (reporting `(done_bytes, total_bytes)`), and builds an engine.
@@ -80,7 +80,22 @@ pub fn load_engine<B: Backend>(
     config: EngineConfig,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<LlmEngine<B>, EngineError> {
-    let files = ModelFiles::open(model_path.as_ref())?;
+    let mut files = ModelFiles::open(model_path.as_ref())?;
+    match &config.generation_config {
+        GenerationConfigSource::Model => {}
+        GenerationConfigSource::Builtin => {
+            files.generation.use_sampling_defaults_of(&GenerationConfig::default())
+        }
+        GenerationConfigSource::Folder(dir) => {
+            if !dir.join("generation_config.json").is_file() {
+                return Err(EngineError::Config(format!(
+                    "--generation-config: {} has no generation_config.json",
+                    dir.display()
+                )));
+            }
+            files.generation.use_sampling_defaults_of(&GenerationConfig::from_hf_dir(dir)?)
+        }
+    }
     // Before the weights load: a wrong --max-model-len fails at once.
     config.check_max_model_len(&files.config)?;
     let max_model_len = config.max_model_len(&files.config);

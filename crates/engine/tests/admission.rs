@@ -158,3 +158,54 @@ fn a_request_the_kv_cache_cannot_hold_is_refused_at_submit() {
     assert!(message.contains("KV cache") && message.contains("8 blocks"), "{message}");
     assert_eq!(engine.num_live_requests(), 0);
 }
+
+/// A copy of the tiny Llama (links to its files) whose generation_config.json
+/// asks for temperature 0.3 and top-p 0.8; and a folder asking for 0.5.
+fn tiny_llama_with_sampling_defaults() -> (PathBuf, PathBuf) {
+    let root = std::env::temp_dir().join(format!("pagoda-generation-config-{}", std::process::id()));
+    let model = root.join("model");
+    let other = root.join("other");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    for entry in std::fs::read_dir(tiny_llama()).unwrap() {
+        let entry = entry.unwrap();
+        let link = model.join(entry.file_name());
+        if entry.file_name() != "generation_config.json" && !link.exists() {
+            std::os::unix::fs::symlink(entry.path().canonicalize().unwrap(), link).unwrap();
+        }
+    }
+    std::fs::write(
+        model.join("generation_config.json"),
+        r#"{"eos_token_id": 2, "temperature": 0.3, "top_p": 0.8}"#,
+    )
+    .unwrap();
+    std::fs::write(other.join("generation_config.json"), r#"{"temperature": 0.5}"#).unwrap();
+    (model, other)
+}
+
+#[test]
+fn generation_config_chooses_where_sampling_defaults_come_from() {
+    use pagoda_engine::GenerationConfigSource;
+    let (model, other) = tiny_llama_with_sampling_defaults();
+    let defaults = |source: GenerationConfigSource| {
+        let config = EngineConfig { generation_config: source, ..EngineConfig::default() };
+        let engine = load_engine(CpuBackend::new(), &model, config, |_, _| {}).expect("loads");
+        let d = engine.info().default_sampling.clone();
+        (d.temperature, d.top_p, engine.info().eos_token_ids.clone())
+    };
+    let (temperature, top_p, eos) = defaults(GenerationConfigSource::Model);
+    assert_eq!((temperature, top_p), (0.3, 0.8));
+    // vLLM's `vllm`: OpenAI's defaults; the model's EOS stays.
+    let openai = SamplingParams::default();
+    assert_eq!(defaults(GenerationConfigSource::Builtin), (openai.temperature, openai.top_p, eos.clone()));
+    assert_eq!(defaults(GenerationConfigSource::Folder(other.clone())), (0.5, openai.top_p, eos));
+    let missing = EngineConfig {
+        generation_config: GenerationConfigSource::Folder(other.join("nowhere")),
+        ..EngineConfig::default()
+    };
+    let message = match load_engine(CpuBackend::new(), &model, missing, |_, _| {}) {
+        Err(EngineError::Config(message)) => message,
+        other => panic!("expected a configuration error, got {:?}", other.err()),
+    };
+    assert!(message.contains("generation_config.json"), "{message}");
+}

@@ -51,6 +51,19 @@ impl GenerationConfig {
         }
     }
 
+    /// Takes the sampling defaults (temperature, top-p, top-k, min-p,
+    /// repetition penalty, max new tokens) of `other` instead of these; the
+    /// token ids stay (EOS and BOS are the model's). `other` empty: OpenAI's
+    /// defaults, as vLLM's `--generation-config vllm` gives.
+    pub fn use_sampling_defaults_of(&mut self, other: &GenerationConfig) {
+        self.temperature = other.temperature;
+        self.top_p = other.top_p;
+        self.top_k = other.top_k;
+        self.min_p = other.min_p;
+        self.repetition_penalty = other.repetition_penalty;
+        self.max_new_tokens = other.max_new_tokens;
+    }
+
     /// Checks the token ids the engine relies on (`eos_token_id`, `bos_token_id`) against the
     /// model's vocabulary, naming the key of the first one outside it.
     pub fn validate_token_ids(&self, vocab_size: usize) -> std::result::Result<(), String> {
