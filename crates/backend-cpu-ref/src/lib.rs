@@ -180,6 +180,11 @@ impl Backend for CpuBackend {
         true
     }
 
+    /// `pagoda_sampler::sample_row` applies the mask.
+    fn supports_token_masks(&self) -> bool {
+        true
+    }
+
     /// Each row goes through [`pagoda_sampler::sample_row`] unchanged, rows in
     /// parallel, before this returns.
     fn sample_async(&self, logits: &T, rows: &[SamplingRow<'_>]) -> Result<CpuSampled> {

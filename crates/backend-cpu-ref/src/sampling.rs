@@ -100,7 +100,14 @@ mod tests {
     fn greedy_sampled(cpu: &CpuBackend, m: usize) -> CpuSampled {
         let t = cpu.upload(HostSlice::F32(&LOGITS[..3 * m]), &[m, 3], DType::F32).unwrap();
         let greedy = SamplingParams::greedy();
-        let row = SamplingRow { params: &greedy, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[] };
+        let row = SamplingRow {
+            params: &greedy,
+            seed: 0,
+            step: 0,
+            prompt_tokens: &[],
+            output_tokens: &[],
+            allowed_tokens: None,
+        };
         cpu.sample_async(&t, &vec![row; m]).unwrap()
     }
 
@@ -111,8 +118,22 @@ mod tests {
         let greedy = SamplingParams::greedy();
         let seeded = SamplingParams { temperature: 0.7, logprobs: Some(2), ..Default::default() };
         let rows = [
-            SamplingRow { params: &greedy, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[] },
-            SamplingRow { params: &seeded, seed: 11, step: 4, prompt_tokens: &[1], output_tokens: &[0] },
+            SamplingRow {
+                params: &greedy,
+                seed: 0,
+                step: 0,
+                prompt_tokens: &[],
+                output_tokens: &[],
+                allowed_tokens: None,
+            },
+            SamplingRow {
+                params: &seeded,
+                seed: 11,
+                step: 4,
+                prompt_tokens: &[1],
+                output_tokens: &[0],
+                allowed_tokens: None,
+            },
         ];
         let got = cpu.sample(&t, &rows).unwrap();
         assert_eq!(got[0], pagoda_sampler::sample_row(&LOGITS[..3], &rows[0]));

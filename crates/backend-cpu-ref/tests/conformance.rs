@@ -389,7 +389,14 @@ fn greedy_sampling_and_logprobs_match_a_naive_log_softmax() {
     let logits = g.vec(rows * vocab, 8.0);
     let params = SamplingParams { logprobs: Some(5), ..SamplingParams::greedy() };
     let sampling: Vec<SamplingRow<'_>> = (0..rows)
-        .map(|_| SamplingRow { params: &params, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[] })
+        .map(|_| SamplingRow {
+            params: &params,
+            seed: 0,
+            step: 0,
+            prompt_tokens: &[],
+            output_tokens: &[],
+            allowed_tokens: None,
+        })
         .collect();
     let got = cpu.sample(&up(&cpu, &logits, &[rows, vocab]), &sampling).unwrap();
     for (r, s) in got.iter().enumerate() {

@@ -190,6 +190,10 @@ pub(crate) fn sample_async(
     if !logits.dtype().is_float() {
         return Err(BackendError::DType { op: OP, dtype: logits.dtype() });
     }
+    if rows.iter().any(|r| r.allowed_tokens.is_some()) {
+        // The kernels have no mask input yet; the engine refuses such requests first.
+        return Err(BackendError::Unsupported { op: "sample with a token mask", backend: "cuda".into() });
+    }
     if m > 0 && (vocab == 0 || vocab > i32::MAX as usize) {
         return Err(BackendError::shape(OP, format!("vocabulary of {vocab}")));
     }
@@ -466,6 +470,7 @@ mod tests {
             step: 0,
             prompt_tokens: &[5, 3, 5],
             output_tokens: &[3, 9, 9],
+            allowed_tokens: None,
         };
         let (mut t, mut c) = (Vec::new(), Vec::new());
         penalty_entries(&row, &mut t, &mut c);

@@ -267,6 +267,7 @@ fn seeded_sampling_over_a_large_vocabulary_matches_the_reference() {
                 step,
                 prompt_tokens: &history[..32],
                 output_tokens: &history[32..],
+                allowed_tokens: None,
             })
             .collect();
         let want = cpu.sample(&cl, &rows).unwrap();
@@ -321,6 +322,7 @@ fn mixed_rows<'a>(
             step,
             prompt_tokens: &history[..history.len() / 2],
             output_tokens: &history[history.len() / 2..],
+            allowed_tokens: None,
         })
         .collect()
 }

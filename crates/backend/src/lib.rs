@@ -265,6 +265,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
         false
     }
 
+    /// Whether [`Backend::sample`] applies a row's structured-output mask
+    /// ([`SamplingRow::allowed_tokens`]). The engine refuses grammar-constrained
+    /// requests on a backend that would ignore it.
+    fn supports_token_masks(&self) -> bool {
+        false
+    }
+
     /// Samples one token per row of `logits` (`[M, V]`, any float dtype) under
     /// `rows[m]`, exactly as [`pagoda_sampler::sample_row`] specifies (device
     /// backends may differ only where float rounding reorders near-equal

@@ -22,6 +22,13 @@
 //! [`BlockTableSource`]. The device copy is the runner's: it uploads the
 //! gathered rows of the step's sequences only.
 //!
+//! A request with a structured-output constraint gives each of its
+//! sequences a [`TokenConstraint`] (forks copy their parent's). Per step,
+//! [`PersistentBatch::fill_token_masks`] writes the allowed-token bitmask of
+//! every constrained row (in parallel; the runner calls it after enqueueing
+//! the forward pass, so it overlaps the device), the sampling rows carry the
+//! masks, and [`PersistentBatch::apply_sampled`] advances the constraints.
+//!
 //! # Asynchronous scheduling
 //! A step may be prepared while the one before still runs. A sample launched
 //! is *pending* until [`PersistentBatch::apply_sampled`] appends its token, so
@@ -31,15 +38,19 @@
 //! step in flight samples reads it from that step's row
 //! ([`StepInputs::source_rows`]). When steps in flight are dropped (a device
 //! failure), [`PersistentBatch::discard_unapplied`] forgets their samples, as
-//! the scheduler forgets its awaited tokens.
+//! the scheduler forgets its awaited tokens. A mask needs the sequence's
+//! previous token applied, so a step with constrained rows is not scheduled
+//! ahead of (`PreparedStep::schedule_ahead` is false for it).
 
 use std::sync::Arc;
 
 use pagoda_backend::{AttentionHostMetadata, SampledToken, SamplingParams, SamplingRow};
 use pagoda_paged_kv::BlockId;
 use pagoda_scheduler::{RequestId, ScheduledSeq, SchedulerOutput, SeqId, TokenId};
+use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
+use crate::constraint::{TokenConstraint, TokenConstraintFactory};
 use crate::error::EngineError;
 
 /// The host inputs of one forward pass, staged by [`PersistentBatch::prepare`]
@@ -96,6 +107,8 @@ pub struct PreparedStep {
     /// Whether the next step may be scheduled before this one's tokens are
     /// back on the host: not when a row's penalties or bad words need the whole history.
     pub schedule_ahead: bool,
+    /// Whether a row samples under a structured-output constraint.
+    pub has_token_masks: bool,
 }
 
 /// Where a padded decode step reads each sequence's block table from.
@@ -127,6 +140,7 @@ struct RequestSampling {
     params: Arc<SamplingParams>,
     seed: u64,
     prompt: Vec<TokenId>,
+    constraint: Option<Arc<dyn TokenConstraintFactory>>,
 }
 
 /// The runner's state of one sequence.
@@ -145,6 +159,8 @@ struct SeqState {
     pending: u64,
     /// Its sampling row in the last step that sampled for it.
     last_sample_row: usize,
+    /// Its structured-output constraint, advanced as tokens are applied.
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 /// The runner's persistent per-sequence state and the staging of the step
@@ -168,6 +184,12 @@ pub struct PersistentBatch {
     /// Per sampling row, its sequence's slot and the counter of its draw.
     sampler_slots: Vec<usize>,
     sampler_steps: Vec<u64>,
+    /// Per sampling row, whether its sequence is constrained; and the rows'
+    /// bitmasks (`mask_words` each), filled by `fill_token_masks`.
+    sampler_masked: Vec<bool>,
+    token_masks: Vec<u32>,
+    mask_words: usize,
+    masks_filled: bool,
 }
 
 impl PersistentBatch {
@@ -184,8 +206,9 @@ impl PersistentBatch {
         prompt: &[TokenId],
         params: Arc<SamplingParams>,
         seed: u64,
+        constraint: Option<Arc<dyn TokenConstraintFactory>>,
     ) {
-        let request = RequestSampling { params, seed, prompt: prompt.to_vec() };
+        let request = RequestSampling { params, seed, prompt: prompt.to_vec(), constraint };
         self.requests.insert(request_id, Arc::new(request));
     }
 
@@ -247,6 +270,8 @@ impl PersistentBatch {
         self.step_slots.clear();
         self.sampler_slots.clear();
         self.sampler_steps.clear();
+        self.sampler_masked.clear();
+        self.masks_filled = false;
         self.inputs.attn.num_decode_seqs = out.num_decodes;
         self.inputs.attn.query_start_loc.push(0);
         let mut max_blocks = 1;
@@ -283,9 +308,57 @@ impl PersistentBatch {
         }
         self.inputs.attn.max_blocks_per_seq = max_blocks;
         self.step = Some(out.step);
-        let schedule_ahead =
-            self.sampler_slots.iter().all(|&slot| !self.slot_ref(slot).request.params.needs_history());
-        Ok(PreparedStep { samplers: self.inputs.samplers.clone(), schedule_ahead })
+        let has_token_masks = self.has_token_masks();
+        let schedule_ahead = !has_token_masks
+            && self.sampler_slots.iter().all(|&slot| !self.slot_ref(slot).request.params.needs_history());
+        Ok(PreparedStep { samplers: self.inputs.samplers.clone(), schedule_ahead, has_token_masks })
+    }
+
+    /// Whether a row of the staged step samples under a constraint.
+    pub fn has_token_masks(&self) -> bool {
+        self.sampler_masked.iter().any(|&m| m)
+    }
+
+    /// Writes the allowed-token bitmask of every constrained row of the
+    /// staged step (`vocab_size` bits each), in parallel. Every earlier
+    /// sample of those sequences must be applied (their steps were not
+    /// scheduled ahead).
+    pub fn fill_token_masks(&mut self, vocab_size: usize) -> Result<(), EngineError> {
+        let words = vocab_size.div_ceil(32);
+        self.mask_words = words;
+        self.token_masks.clear();
+        self.token_masks.resize(self.sampler_slots.len() * words, 0);
+        // Taken out of their states so that rows fill in parallel.
+        let mut taken: Vec<(usize, usize, Box<dyn TokenConstraint>)> = Vec::new();
+        for (row, (&slot, &masked)) in self.sampler_slots.iter().zip(&self.sampler_masked).enumerate() {
+            if !masked {
+                continue;
+            }
+            let state = self.slots[slot].as_mut().expect("a slot listed for a live sequence holds its state");
+            if state.pending > 1 {
+                return Err(EngineError::Internal(format!(
+                    "{:?}: a token mask is needed before its previous token is applied",
+                    state.seq_id
+                )));
+            }
+            if let Some(c) = state.constraint.take() {
+                taken.push((row, slot, c));
+            }
+        }
+        let mut chunks: Vec<Option<&mut [u32]>> =
+            self.token_masks.chunks_mut(words.max(1)).map(Some).collect();
+        let mut work: Vec<(&mut [u32], &mut Box<dyn TokenConstraint>)> = Vec::with_capacity(taken.len());
+        for (row, _, c) in taken.iter_mut() {
+            if let Some(chunk) = chunks.get_mut(*row).and_then(Option::take) {
+                work.push((chunk, c));
+            }
+        }
+        work.into_par_iter().for_each(|(mask, c)| c.fill_mask(mask));
+        for (_, slot, c) in taken {
+            self.slot_mut(slot).constraint = Some(c);
+        }
+        self.masks_filled = true;
+        Ok(())
     }
 
     /// Fills the staged step's `attn.block_tables` (`[num_seqs,
@@ -320,14 +393,17 @@ impl PersistentBatch {
         self.sampler_slots
             .iter()
             .zip(&self.sampler_steps)
-            .map(|(&slot, &step)| {
+            .enumerate()
+            .map(|(row, (&slot, &step))| {
                 let s = self.slot_ref(slot);
+                let masks = (self.masks_filled && self.sampler_masked[row]).then_some(&self.token_masks[..]);
                 SamplingRow {
                     params: &s.request.params,
                     seed: s.seed,
                     step,
                     prompt_tokens: &s.request.prompt,
                     output_tokens: &s.output,
+                    allowed_tokens: masks.map(|m| &m[row * self.mask_words..(row + 1) * self.mask_words]),
                 }
             })
             .collect()
@@ -353,6 +429,12 @@ impl PersistentBatch {
                 let state = self.slot_mut(slot);
                 state.output.push(token.token);
                 state.pending = state.pending.saturating_sub(1);
+                if let Some(c) = state.constraint.as_mut() {
+                    if let Err(e) = c.accept_token(token.token) {
+                        // The mask allowed it, or should have: a bug, reported, not fatal to the batch.
+                        tracing::error!(seq = ?target.seq_id, "structured output: {e}");
+                    }
+                }
             }
         }
         Ok(())
@@ -390,6 +472,7 @@ impl PersistentBatch {
                 })?;
                 let seed = sample_seed(request.seed, 0);
                 let table = self.spare_tables.pop().unwrap_or_default();
+                let constraint = request.constraint.as_ref().map(|f| f.new_constraint());
                 self.insert(SeqState {
                     seq_id: entry.seq_id,
                     request,
@@ -399,6 +482,7 @@ impl PersistentBatch {
                     output: Vec::new(),
                     pending: 0,
                     last_sample_row: usize::MAX,
+                    constraint,
                 })
             }
         };
@@ -453,6 +537,7 @@ impl PersistentBatch {
             state.last_sample_row = row;
             self.inputs.logits_indices.push(last_row);
             self.inputs.samplers.push(SampleTarget { seq_id, entry_seq_id: entry.seq_id, fork_index });
+            self.sampler_masked.push(self.slot_ref(target).constraint.is_some());
             self.sampler_slots.push(target);
             self.sampler_steps.push(step);
         }
@@ -478,6 +563,7 @@ impl PersistentBatch {
             output: p.output.clone(),
             pending: 0,
             last_sample_row: usize::MAX,
+            constraint: p.constraint.as_ref().map(|c| c.boxed_clone()),
         };
         self.insert(state)
     }
@@ -564,7 +650,7 @@ mod tests {
     /// A batch of block size 4 that knows request 1 (prompt [1, 2, 3, 4, 5]).
     fn batch_with_request(params: SamplingParams) -> PersistentBatch {
         let mut b = PersistentBatch::new(4);
-        b.add_request(RequestId(1), &[1, 2, 3, 4, 5], Arc::new(params), 77);
+        b.add_request(RequestId(1), &[1, 2, 3, 4, 5], Arc::new(params), 77, None);
         b
     }
 
@@ -580,7 +666,7 @@ mod tests {
     #[test]
     fn tables_follow_the_updates_and_are_gathered_once_per_step() {
         let mut b = batch_with_request(SamplingParams::default());
-        b.add_request(RequestId(2), &[9], Arc::new(SamplingParams::default()), 5);
+        b.add_request(RequestId(2), &[9], Arc::new(SamplingParams::default()), 5, None);
         let prefill = SchedulerOutput {
             step: 1,
             scheduled: vec![
@@ -881,7 +967,7 @@ mod tests {
                             ..Default::default()
                         };
                         let seed = seed.unwrap_or(1000 + id.0);
-                        self.b.add_request(id, &prompt, Arc::new(params), seed);
+                        self.b.add_request(id, &prompt, Arc::new(params), seed, None);
                         self.seeds.insert(id, seed);
                     }
                 }

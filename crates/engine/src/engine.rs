@@ -101,7 +101,8 @@ impl<B: Backend> LlmEngine<B> {
         );
         let input =
             InputProcessor::new(info, config.max_num_seqs, loaded.tokenizer.is_present(), config.seed)
-                .with_logit_constraints(runner.backend().supports_logit_constraints());
+                .with_logit_constraints(runner.backend().supports_logit_constraints())
+                .with_token_masks(runner.backend().supports_token_masks());
         Ok(Self {
             chat_template: loaded.chat_template.map(Arc::new),
             input: Arc::new(input),

@@ -170,7 +170,13 @@ impl<B: Backend> EngineCore<B> {
         self.scheduler
             .add_request(new)
             .map_err(|e| EngineError::Internal(format!("the scheduler refused a validated request: {e}")))?;
-        self.runner.add_request(id, req.prompt_token_ids(), Arc::new(req.sampling().clone()), req.seed());
+        self.runner.add_request(
+            id,
+            req.prompt_token_ids(),
+            Arc::new(req.sampling().clone()),
+            req.seed(),
+            req.constraint().cloned(),
+        );
         self.requests
             .insert(id, RequestState { scheduled: false, wants_logprobs: req.sampling().logprobs.is_some() });
         Ok(id)

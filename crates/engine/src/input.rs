@@ -6,10 +6,12 @@
 //! again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use pagoda_backend::SamplingParams;
 use pagoda_sampler::TokenId;
 
+use crate::constraint::TokenConstraintFactory;
 use crate::error::EngineError;
 use crate::request::GenerationRequest;
 use crate::stop::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
@@ -40,6 +42,8 @@ pub struct InputProcessor {
     /// Whether the backend's sampler applies `logit_bias`, `allowed_token_ids`
     /// and `bad_words` (requests with them are refused otherwise).
     logit_constraints: bool,
+    /// Whether it applies structured-output token masks.
+    token_masks: bool,
 }
 
 /// Most `bad_words` a request may give, and most tokens in one: each is
@@ -72,6 +76,7 @@ pub struct EngineCoreRequest {
     include_stop_str_in_output: bool,
     skip_special_tokens: bool,
     detokenize: bool,
+    constraint: Option<Arc<dyn TokenConstraintFactory>>,
 }
 
 impl EngineCoreRequest {
@@ -100,6 +105,11 @@ impl EngineCoreRequest {
 
     pub fn sampling(&self) -> &SamplingParams {
         &self.sampling
+    }
+
+    /// The structured-output constraint of every sample, if any.
+    pub fn constraint(&self) -> Option<&Arc<dyn TokenConstraintFactory>> {
+        self.constraint.as_ref()
     }
 
     pub(crate) fn min_tokens(&self) -> usize {
@@ -152,12 +162,25 @@ impl EngineCoreRequest {
 impl InputProcessor {
     /// `seed` is the engine's (`EngineConfig::seed`): default seeds follow from it.
     pub(crate) fn new(info: ModelInfo, max_num_seqs: usize, has_tokenizer: bool, seed: u64) -> Self {
-        Self { info, max_num_seqs, has_tokenizer, last_seed: AtomicU64::new(seed), logit_constraints: false }
+        Self {
+            info,
+            max_num_seqs,
+            has_tokenizer,
+            last_seed: AtomicU64::new(seed),
+            logit_constraints: false,
+            token_masks: false,
+        }
     }
 
     /// Declares whether the backend applies logit constraints (see [`pagoda_backend::Backend::supports_logit_constraints`]).
     pub(crate) fn with_logit_constraints(mut self, supported: bool) -> Self {
         self.logit_constraints = supported;
+        self
+    }
+
+    /// Declares whether the backend applies structured-output token masks (see [`pagoda_backend::Backend::supports_token_masks`]).
+    pub(crate) fn with_token_masks(mut self, supported: bool) -> Self {
+        self.token_masks = supported;
         self
     }
 
@@ -195,6 +218,7 @@ impl InputProcessor {
             skip_special_tokens: req.skip_special_tokens,
             // Like vLLM's --skip-tokenizer-init: token ids in, token ids out.
             detokenize: req.detokenize && self.has_tokenizer,
+            constraint: req.constraint,
         })
     }
 
@@ -303,6 +327,12 @@ impl InputProcessor {
         }
         req.sampling.validate().map_err(|e| EngineError::invalid(Some(e.param), e.to_string()))?;
         self.check_logit_constraints(&req.sampling)?;
+        if req.constraint.is_some() && !self.token_masks {
+            return Err(EngineError::invalid(
+                Some("structured_outputs"),
+                "structured outputs are not supported on this backend yet (its sampler does not apply token masks)",
+            ));
+        }
         if let Some(&bad) = req.stop_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
             return Err(EngineError::invalid(
                 Some("stop_token_ids"),

@@ -33,6 +33,7 @@
 mod async_engine;
 mod batch;
 mod config;
+mod constraint;
 mod detokenizer;
 mod engine;
 mod engine_core;
@@ -53,6 +54,7 @@ pub use async_engine::{
 };
 pub use batch::{BlockTableSource, PersistentBatch, PreparedStep, SampleTarget, StepInputs};
 pub use config::{EngineConfig, GenerationConfigSource, DEFAULT_CPU_KV_CACHE_BYTES};
+pub use constraint::{FixedTokenSet, TokenConstraint, TokenConstraintFactory};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
 pub use engine::LlmEngine;
 pub use engine_core::StepTimings;

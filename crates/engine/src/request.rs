@@ -1,6 +1,10 @@
 //! What a client asks the engine for, and what the engine streams back.
 
+use std::sync::Arc;
+
 use pagoda_sampler::{SamplingParams, TokenId};
+
+use crate::constraint::TokenConstraintFactory;
 
 /// A generation request, already tokenized. The server and CLI build these;
 /// the engine's [`InputProcessor`](crate::InputProcessor) checks one before accepting it.
@@ -35,6 +39,9 @@ pub struct GenerationRequest {
     /// salt (vLLM's `cache_salt`, hashed by the server with a key of its own);
     /// `None`: the unsalted cache.
     pub cache_salt: Option<u64>,
+    /// Structured outputs: every sample's tokens follow this constraint (a
+    /// compiled grammar). Refused on a backend that cannot apply token masks.
+    pub constraint: Option<Arc<dyn TokenConstraintFactory>>,
 }
 
 impl GenerationRequest {
@@ -56,6 +63,7 @@ impl GenerationRequest {
             detokenize: true,
             fairness_group: None,
             cache_salt: None,
+            constraint: None,
         }
     }
 }

@@ -20,6 +20,7 @@ use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
 use pagoda_scheduler::{RequestId, SchedulerOutput, TokenId};
 
 use crate::batch::{PersistentBatch, PreparedStep, SampleTarget};
+use crate::constraint::TokenConstraintFactory;
 use crate::error::EngineError;
 use crate::graphs::{DecodeGraphs, GraphStats};
 
@@ -51,6 +52,8 @@ pub struct RunnerTimings {
     pub forward: std::time::Duration,
     pub sample: std::time::Duration,
     pub wait: std::time::Duration,
+    /// Filling structured-output token masks (host, while the forward pass runs).
+    pub token_masks: std::time::Duration,
     /// Host time of steps that only decode, and of steps with prompt tokens
     /// (the two behave differently on a device: weight- and KV-bound vs
     /// compute-bound): enqueueing them, plus waiting for their tokens.
@@ -148,8 +151,9 @@ impl<B: Backend> ModelRunner<B> {
         prompt: &[TokenId],
         params: Arc<SamplingParams>,
         seed: u64,
+        constraint: Option<Arc<dyn TokenConstraintFactory>>,
     ) {
-        self.batch.add_request(request_id, prompt, params, seed);
+        self.batch.add_request(request_id, prompt, params, seed, constraint);
     }
 
     /// Applies a step's changes to the persistent batch and stages its host
@@ -240,6 +244,13 @@ impl<B: Backend> ModelRunner<B> {
                 (logits, t3)
             }
         };
+        if self.batch.has_token_masks() {
+            // Host work while the device runs the forward pass just enqueued.
+            let vocab = self.model.config().vocab_size;
+            self.batch.fill_token_masks(vocab)?;
+            let t = Instant::now();
+            self.timings.token_masks += t - t3;
+        }
         let rows = self.batch.sampling_rows();
         let sampled = if rows.is_empty() { None } else { Some(self.backend.sample_async(&logits, &rows)?) };
         drop(rows);

@@ -41,12 +41,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ids = files.tokenizer.encode(&text, true)?;
     let mut seq = SingleSequence::new(&cpu, &model, ids.len() + new_tokens + 1, 16)?;
     let params = SamplingParams::greedy();
-    let sample = |logits: &Tensor<CpuBackend>,
-                  out: &[TokenId]|
-     -> Result<TokenId, Box<dyn std::error::Error>> {
-        let row = SamplingRow { params: &params, seed: 0, step: 0, prompt_tokens: &[], output_tokens: out };
-        Ok(cpu.sample(logits, &[row])?[0].token)
-    };
+    let sample =
+        |logits: &Tensor<CpuBackend>, out: &[TokenId]| -> Result<TokenId, Box<dyn std::error::Error>> {
+            let row = SamplingRow {
+                params: &params,
+                seed: 0,
+                step: 0,
+                prompt_tokens: &[],
+                output_tokens: out,
+                allowed_tokens: None,
+            };
+            Ok(cpu.sample(logits, &[row])?[0].token)
+        };
 
     let t_prefill = Instant::now();
     let logits = seq.step(&cpu, &ids, 1)?;

@@ -87,6 +87,7 @@ impl<'m, B: Backend> SingleSequence<'m, B> {
                 step: step as u64,
                 prompt_tokens: prompt,
                 output_tokens: &out,
+                allowed_tokens: None,
             };
             let sampled = backend.sample(&logits, &[row])?;
             let token = sampled

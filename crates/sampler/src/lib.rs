@@ -10,7 +10,9 @@
 //! ```
 //! use pagoda_sampler::{sample_row, SamplingParams, SamplingRow};
 //! let params = SamplingParams::greedy();
-//! let row = SamplingRow { params: &params, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[] };
+//! let row = SamplingRow {
+//!     params: &params, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[], allowed_tokens: None,
+//! };
 //! let out = sample_row(&[0.1, 2.0, -1.0], &row);
 //! assert_eq!(out.token, 1);
 //! ```
@@ -18,8 +20,9 @@
 //! # The order of operations (the contract every backend follows)
 //! 1. `logprob`/`top_logprobs` are taken from the *raw* logits
 //!    (log-softmax before any penalty or temperature), as vLLM v1 does.
-//! 2. Constraints, in vLLM's order: tokens outside `allowed_token_ids` go
-//!    to -inf; so does the last token of each of `bad_words` whose other
+//! 2. Constraints, in vLLM's order: tokens outside a structured-output
+//!    grammar's mask (`allowed_tokens`) go to -inf, then those outside
+//!    `allowed_token_ids`; so does the last token of each of `bad_words` whose other
 //!    tokens end the output so far; `logit_bias` is added.
 //! 3. Penalties on the logits: repetition (tokens seen in prompt or output:
 //!    positive logits divided by it, negative ones multiplied), then frequency
@@ -58,6 +61,15 @@ pub struct SamplingRow<'a> {
     pub step: u64,
     pub prompt_tokens: &'a [TokenId],
     pub output_tokens: &'a [TokenId],
+    /// The tokens a structured-output grammar allows next, as a bitmask (bit
+    /// `t % 32` of word `t / 32`; `vocab.div_ceil(32)` words); `None`: any.
+    /// The engine fills it per step from the sequence's grammar state.
+    pub allowed_tokens: Option<&'a [u32]>,
+}
+
+/// Whether bit `token` of an allowed-token bitmask is set (ids past its end are not allowed).
+pub fn token_allowed(mask: &[u32], token: TokenId) -> bool {
+    mask.get(token as usize / 32).is_some_and(|w| w >> (token % 32) & 1 == 1)
 }
 
 /// The token chosen for one row, with its log-probability under the raw

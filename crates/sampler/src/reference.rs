@@ -20,10 +20,17 @@ fn by_value_desc_then_id(a: &(TokenId, f32), b: &(TokenId, f32)) -> Ordering {
     b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0))
 }
 
-/// Applies `allowed_token_ids`, `bad_words` and `logit_bias` in place (step
+/// Applies the grammar mask, `allowed_token_ids`, `bad_words` and `logit_bias` in place (step
 /// 2 of the crate docs).
 pub fn apply_logit_constraints(logits: &mut [f32], row: &SamplingRow) {
     let p = row.params;
+    if let Some(mask) = row.allowed_tokens {
+        for (t, logit) in logits.iter_mut().enumerate() {
+            if !crate::token_allowed(mask, t as TokenId) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
     if let Some(allowed) = &p.allowed_token_ids {
         let mut keep = vec![false; logits.len()];
         for &t in allowed {
@@ -179,7 +186,14 @@ mod tests {
     use crate::SamplingParams;
 
     fn row<'a>(params: &'a SamplingParams, output: &'a [TokenId]) -> SamplingRow<'a> {
-        SamplingRow { params, seed: 7, step: 0, prompt_tokens: &[], output_tokens: output }
+        SamplingRow {
+            params,
+            seed: 7,
+            step: 0,
+            prompt_tokens: &[],
+            output_tokens: output,
+            allowed_tokens: None,
+        }
     }
 
     #[test]
@@ -204,6 +218,29 @@ mod tests {
             let r = SamplingRow { step, ..row(&sampled, &[]) };
             assert!([1, 3].contains(&sample_row(&logits, &r).token));
         }
+    }
+
+    #[test]
+    fn a_grammar_mask_limits_the_draw_and_combines_with_allowed_token_ids() {
+        // 40 tokens: the mask spans two words; it allows 3 and 33 only.
+        let mut logits = vec![0.0f32; 40];
+        logits[0] = 9.0;
+        logits[33] = 1.0;
+        let mask = [1u32 << 3, 1u32 << 1];
+        let greedy = SamplingParams::greedy();
+        let masked = SamplingRow { allowed_tokens: Some(&mask), ..row(&greedy, &[]) };
+        assert_eq!(sample_row(&logits, &masked).token, 33);
+        let sampled = SamplingParams::default();
+        for step in 0..50 {
+            let r = SamplingRow { step, allowed_tokens: Some(&mask), ..row(&sampled, &[]) };
+            assert!([3, 33].contains(&sample_row(&logits, &r).token));
+        }
+        // Both constraints hold: only their intersection can be drawn.
+        let both = SamplingParams { allowed_token_ids: Some(vec![3, 7]), ..SamplingParams::greedy() };
+        let r = SamplingRow { allowed_tokens: Some(&mask), ..row(&both, &[]) };
+        assert_eq!(sample_row(&logits, &r).token, 3);
+        // A mask shorter than the vocabulary allows nothing past its end.
+        assert!(!crate::token_allowed(&mask, 64));
     }
 
     #[test]

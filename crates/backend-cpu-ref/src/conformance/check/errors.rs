@@ -81,7 +81,14 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
 
         let logits = zeros(&[2, 10], DType::F32)?;
         let params = SamplingParams::greedy();
-        let row = SamplingRow { params: &params, seed: 0, step: 0, prompt_tokens: &[], output_tokens: &[] };
+        let row = SamplingRow {
+            params: &params,
+            seed: 0,
+            step: 0,
+            prompt_tokens: &[],
+            output_tokens: &[],
+            allowed_tokens: None,
+        };
         expect("sample: 1 row for 2 logit rows", d.sample(&logits, &[row]).map(|_| ()), is_shape);
 
         let host = AttentionHostMetadata {

@@ -102,6 +102,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[SampleCase]) {
                     step: *step,
                     prompt_tokens: prompt,
                     output_tokens: output,
+                    allowed_tokens: None,
                 })
                 .collect();
             let want = cpu(h.cpu.sample(&logits_r, &rows))?;
@@ -181,7 +182,7 @@ mod tests {
     use super::*;
 
     fn row(params: &SamplingParams, step: u64) -> SamplingRow<'_> {
-        SamplingRow { params, seed: 3, step, prompt_tokens: &[], output_tokens: &[] }
+        SamplingRow { params, seed: 3, step, prompt_tokens: &[], output_tokens: &[], allowed_tokens: None }
     }
 
     #[test]
