@@ -163,6 +163,9 @@ fn template_messages(messages: Vec<ChatMessageIn>) -> Value {
                 }
             };
             let mut object = message.extra;
+            if let Some(calls) = object.get_mut("tool_calls") {
+                crate::tools::template_tool_calls(calls);
+            }
             object.insert("role".into(), Value::String(message.role));
             object.insert("content".into(), Value::String(content));
             Value::Object(object)
@@ -183,39 +186,6 @@ fn message_bytes(messages: &[ChatMessageIn]) -> usize {
             }
         })
         .sum()
-}
-
-/// Pagoda parses no tool calls yet, so only `tool_choice: "none"` can be
-/// honoured (the template is shown the tools, the model answers in text).
-/// `tools` without `tool_choice` mean "auto", as in vLLM and OpenAI.
-fn check_tool_choice_supported(
-    tools: Option<&[ToolDefinition]>,
-    tool_choice: Option<&ToolChoice>,
-) -> Result<(), ApiError> {
-    let has_tools = tools.is_some_and(|t| !t.is_empty());
-    let choice = match tool_choice {
-        Some(choice) => choice,
-        None if has_tools => &ToolChoice::Auto,
-        None => return Ok(()),
-    };
-    let name = match choice {
-        ToolChoice::None => return Ok(()),
-        ToolChoice::Auto => "\"auto\"".to_string(),
-        ToolChoice::Required => "\"required\"".to_string(),
-        ToolChoice::Function(f) => format!("the function `{f}`"),
-    };
-    let default_note = if tool_choice.is_none() {
-        " (`tools` without `tool_choice` means \"auto\", as in vLLM)"
-    } else {
-        ""
-    };
-    Err(ApiError::bad_request(
-        Some("tool_choice"),
-        format!(
-            "tool_choice {name}{default_note} is not supported by this server: tool calling is not implemented \
-             yet. With tool_choice \"none\" the template is shown the tools and the model answers in text."
-        ),
-    ))
 }
 
 /// A request's fields that decide how its conversation is rendered.
@@ -358,7 +328,25 @@ async fn chat(
     }
     check_messages(&request.messages)?;
     check_tools(request.tools.as_deref(), request.tool_choice.as_ref())?;
-    check_tool_choice_supported(request.tools.as_deref(), request.tool_choice.as_ref())?;
+    let tool_mode = crate::tools::tool_mode(
+        state.config(),
+        request.tools.as_deref(),
+        request.tool_choice.as_ref(),
+        request.parallel_tool_calls,
+    )?;
+    let mut grammar = crate::structured::requested_grammar(&request.sampling)?;
+    if let Some(tool_grammar) = tool_mode.grammar(&crate::tools::functions(request.tools.as_deref())) {
+        if let Some(other) = &grammar {
+            return Err(ApiError::bad_request(
+                Some("tool_choice"),
+                format!(
+                    "a required or named tool_choice constrains the output itself; it cannot be combined with {}",
+                    other.field
+                ),
+            ));
+        }
+        grammar = Some(tool_grammar);
+    }
     let engine = state.engine();
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let logprobs = want_logprobs.then(|| request.top_logprobs.unwrap_or(0));
@@ -380,6 +368,9 @@ async fn chat(
             continue_final_message: request.continue_final_message,
         },
     )?;
+    if let Some(grammar) = grammar {
+        req.constraint = Some(crate::structured::compile_on_worker(&state, &workers, grammar).await?);
+    }
     let prompt_ids = tokenize_chat(engine, &workers, render, request.messages, options).await?;
 
     let n = req.n;
@@ -412,6 +403,7 @@ async fn chat(
             as_token_ids,
             engine: engine.clone(),
             usage: StreamUsage::new(mode, prompt_tokens),
+            tool_streams: (0..n).map(|_| tool_mode.stream()).collect(),
         };
         return Ok(streaming::sse_response(streaming::merge(vec![request_stream]), writer, started));
     }
@@ -423,11 +415,13 @@ async fn chat(
     for request_done in done {
         completion_tokens += request_done.num_generated_tokens();
         for seq in request_done.seqs {
+            let (content, tool_calls, finish_reason) =
+                tool_mode.finish_message(seq.text, seq.finish_reason.map(|r| r.as_str()));
             choices.push(ChatChoice {
                 index: seq.index,
-                message: ChatMessageOut { role: "assistant", content: seq.text },
+                message: ChatMessageOut { role: "assistant", content, tool_calls },
                 logprobs: want_logprobs.then(|| ChatLogprobs { content: texts.chat(&seq.logprobs) }),
-                finish_reason: seq.finish_reason.map(|r| r.as_str()),
+                finish_reason,
                 stop_reason: StopReasonOut::from_engine(&seq.stop_reason),
             });
         }
@@ -456,6 +450,8 @@ struct ChatChunks {
     as_token_ids: bool,
     engine: Arc<AsyncEngine>,
     usage: StreamUsage,
+    /// Per choice, its tool-call parser (`None` when tool calls are off).
+    tool_streams: Vec<Option<crate::tools::ToolStream>>,
 }
 
 impl ChatChunks {
@@ -477,7 +473,11 @@ impl ChunkWriter for ChatChunks {
             .map(|index| {
                 let choice = ChatChunkChoice {
                     index,
-                    delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                    delta: ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                        tool_calls: Vec::new(),
+                    },
                     logprobs: None,
                     finish_reason: None,
                     stop_reason: None,
@@ -494,15 +494,29 @@ impl ChunkWriter for ChatChunks {
             let logprobs = (self.want_logprobs && !delta.logprobs.is_empty()).then(|| ChatLogprobs {
                 content: TokenTexts::new(self.engine.tokenizer(), self.as_token_ids).chat(&delta.logprobs),
             });
-            if delta.text.is_empty() && logprobs.is_none() && delta.finish_reason.is_none() {
+            let mut finish_reason = delta.finish_reason.map(|r| r.as_str());
+            let (text, tool_calls) = match self.tool_streams.get_mut(delta.index).and_then(Option::as_mut) {
+                None => (delta.text, Vec::new()),
+                Some(tools) => {
+                    let mut piece = tools.push(&delta.text);
+                    if finish_reason.is_some() {
+                        let last = tools.finish();
+                        piece.content.push_str(&last.content);
+                        piece.tool_calls.extend(last.tool_calls);
+                        finish_reason = tools.finish_reason(finish_reason);
+                    }
+                    (piece.content, piece.tool_calls)
+                }
+            };
+            if text.is_empty() && tool_calls.is_empty() && logprobs.is_none() && finish_reason.is_none() {
                 continue;
             }
-            let content = (!delta.text.is_empty() || delta.finish_reason.is_none()).then_some(delta.text);
+            let content = (!text.is_empty() || (tool_calls.is_empty() && finish_reason.is_none())).then_some(text);
             let choice = ChatChunkChoice {
                 index: delta.index,
-                delta: ChatDelta { role: None, content },
+                delta: ChatDelta { role: None, content, tool_calls },
                 logprobs,
-                finish_reason: delta.finish_reason.map(|r| r.as_str()),
+                finish_reason,
                 stop_reason: StopReasonOut::from_engine(&delta.stop_reason),
             };
             chunks.push(self.chunk(vec![choice], self.usage.pending()));

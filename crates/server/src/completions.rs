@@ -92,6 +92,9 @@ async fn complete(
     template.cache_salt = state.cache_salt(request.sampling.cache_salt.as_deref())?;
     let max_model_len = engine.info().max_model_len;
     let options = PromptOptions::new(&request.sampling, max_model_len, true)?;
+    if let Some(grammar) = crate::structured::requested_grammar(&request.sampling)? {
+        template.constraint = Some(crate::structured::compile_on_worker(&state, &workers, grammar).await?);
+    }
     let (prompts, prompt_texts): (Vec<Vec<u32>>, Option<Vec<String>>) = match request.prompt {
         PromptInput::Texts(texts) => {
             // A prompt to be truncated may be any length: only its kept tokens are checked.

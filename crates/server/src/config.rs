@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use pagoda_engine::{AsyncEngineOptions, DEFAULT_MAX_PENDING_SEQS};
 
+use pagoda_tool_calls::ToolParserKind;
+
 use crate::connections::ConnectionLimits;
 
 /// How log lines are written.
@@ -74,6 +76,14 @@ pub struct ServerArgs {
     /// the server runs, so it is off by default).
     #[arg(long)]
     pub trust_request_chat_template: bool,
+    /// Let the model decide when to call tools (`tool_choice` "auto", the default when a
+    /// request has `tools`): its output is parsed for calls by --tool-call-parser (vLLM's flag).
+    #[arg(long, requires = "tool_call_parser")]
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are written in the model's output: hermes (`<tool_call>` JSON, also
+    /// SmolLM2's and Qwen's), llama3_json, mistral (vLLM's names).
+    #[arg(long, value_parser = parse_tool_call_parser)]
+    pub tool_call_parser: Option<ToolParserKind>,
     /// Origins a browser may call the API from (CORS), as a JSON list; `["*"]` allows any (vLLM's default).
     #[arg(long, default_value = r#"["*"]"#, value_parser = parse_json_list)]
     pub allowed_origins: JsonList,
@@ -97,6 +107,12 @@ impl JsonList {
     pub fn any() -> Self {
         Self(vec!["*".into()])
     }
+}
+
+fn parse_tool_call_parser(value: &str) -> Result<ToolParserKind, String> {
+    ToolParserKind::from_name(value).ok_or_else(|| {
+        format!("unknown tool-call parser `{value}` (one of: {})", ToolParserKind::names().join(", "))
+    })
 }
 
 fn parse_json_list(value: &str) -> Result<JsonList, String> {
@@ -146,6 +162,8 @@ impl Default for ServerArgs {
             request_body_timeout_secs: 60,
             chat_template: None,
             trust_request_chat_template: false,
+            enable_auto_tool_choice: false,
+            tool_call_parser: None,
             allowed_origins: JsonList::any(),
             allowed_methods: JsonList::any(),
             allowed_headers: JsonList::any(),
@@ -188,6 +206,8 @@ impl ServerArgs {
             connection_limits: self.connection_limits(),
             chat_template: self.chat_template.clone(),
             trust_request_chat_template: self.trust_request_chat_template,
+            enable_auto_tool_choice: self.enable_auto_tool_choice,
+            tool_call_parser: self.tool_call_parser,
             cors: CorsConfig {
                 origins: self.allowed_origins.0.clone(),
                 methods: self.allowed_methods.0.clone(),
@@ -227,6 +247,10 @@ pub struct ServerConfig {
     pub chat_template: Option<String>,
     /// Whether a request may bring its own `chat_template`.
     pub trust_request_chat_template: bool,
+    /// `tool_choice` "auto" is allowed (and parsed with `tool_call_parser`).
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are parsed from output, when auto tool choice is on.
+    pub tool_call_parser: Option<ToolParserKind>,
     /// Cross-origin access.
     pub cors: CorsConfig,
 }

@@ -53,7 +53,9 @@ pub mod protocol;
 mod routes;
 mod state;
 mod streaming;
+mod structured;
 mod tokenize;
+mod tools;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -139,6 +139,15 @@ pub struct SamplingFields {
     pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM: only requests with the same salt share prefix-cached blocks.
     pub cache_salt: Option<String>,
+    /// Structured outputs (see [`crate::structured`]): OpenAI's
+    /// `response_format`, vLLM's `structured_outputs` and its older `guided_*`
+    /// fields, kept as JSON until one constraint is made of them.
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 /// POST /v1/completions.
@@ -199,12 +208,6 @@ pub struct ChatMessageIn {
     pub content: Option<MessageContent>,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct ResponseFormat {
-    #[serde(rename = "type")]
-    pub kind: String,
 }
 
 /// One entry of `tools`: a function the model may call.
@@ -280,10 +283,11 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub add_generation_prompt: Option<bool>,
-    pub response_format: Option<ResponseFormat>,
     /// Functions the model may call, shown to it through the chat template.
     pub tools: Option<Vec<ToolDefinition>>,
     pub tool_choice: Option<ToolChoice>,
+    /// Whether the model may call several functions in one turn (OpenAI's default: true).
+    pub parallel_tool_calls: Option<bool>,
     /// Extra variables for the chat template (vLLM's `chat_template_kwargs`).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// vLLM: leave the final message open for the model to continue
@@ -492,7 +496,46 @@ pub struct ChatLogprobs {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the message is only tool calls, as OpenAI sends it.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A function call the model made (OpenAI's `message.tool_calls[i]`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FunctionCallOut {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: String,
+}
+
+/// One streamed piece of a tool call (OpenAI's `delta.tool_calls[i]`): the
+/// first carries the id, type and name, later ones argument fragments.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -520,6 +563,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -53,6 +53,8 @@ struct Inner {
     /// salt's hash without knowing this.
     cache_salt_key: RandomState,
     shutting_down: AtomicBool,
+    /// The structured-output grammar compiler, built on first use.
+    grammars: crate::structured::Grammars,
 }
 
 impl AppState {
@@ -73,6 +75,7 @@ impl AppState {
                 id_salt,
                 cache_salt_key: RandomState::new(),
                 shutting_down: AtomicBool::new(false),
+                grammars: crate::structured::Grammars::default(),
             }),
         })
     }
@@ -99,6 +102,10 @@ impl AppState {
 
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    pub fn grammars(&self) -> &crate::structured::Grammars {
+        &self.inner.grammars
     }
 
     pub fn http_metrics(&self) -> &HttpMetrics {
