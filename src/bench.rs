@@ -58,6 +58,14 @@ pub struct ThroughputArgs {
     pub workload: WorkloadArgs,
     #[command(flatten)]
     pub sampling: BenchSamplingArgs,
+    /// Constrain every output to this JSON schema (structured outputs), to measure what
+    /// the grammar costs: compare with the same run without it.
+    #[arg(long)]
+    pub json_schema: Option<PathBuf>,
+    /// The tokenizer the grammar is built from, for a model without one (a random-weight
+    /// model): a Hugging Face folder with tokenizer.json, or a model folder or GGUF file.
+    #[arg(long, requires = "json_schema")]
+    pub grammar_tokenizer: Option<PathBuf>,
     /// Write the result as JSON here.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
@@ -250,6 +258,8 @@ struct ThroughputResult {
     engine_steps: u64,
     kv_cache: KvCacheReport,
     sampling: SamplingReport,
+    /// The JSON schema every output was constrained to (`--json-schema`), if any.
+    json_schema: Option<String>,
     /// Every request finished with exactly its max_tokens.
     check: CompletionCheck,
 }
@@ -266,12 +276,48 @@ impl BackendJob for Throughput {
         let args = self.0;
         let (mut engine, load_s) = load(make_backend()?, &args.engine)?;
         let requests = args.workload.load(engine.info().vocab_size)?;
-        let result = measure_throughput(&mut engine, requests, load_s, args.sampling)?;
+        let constraint = match &args.json_schema {
+            Some(path) => Some(json_schema_constraint(&engine, path, args.grammar_tokenizer.as_deref())?),
+            None => None,
+        };
+        let mut result = measure_throughput(&mut engine, requests, load_s, args.sampling, constraint)?;
+        result.json_schema = args.json_schema.as_ref().map(|p| p.display().to_string());
         print!("{result}");
         print_timings(&engine);
         write_json(args.output_json.as_ref(), &result)?;
         result.check.ensure()
     }
+}
+
+/// The constraint of `--json-schema`: the schema compiled with the model's
+/// tokenizer, or `--grammar-tokenizer`'s.
+fn json_schema_constraint<B: Backend>(
+    engine: &LlmEngine<B>,
+    schema: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+) -> anyhow::Result<std::sync::Arc<dyn pagoda_engine::TokenConstraintFactory>> {
+    let text = std::fs::read_to_string(schema).with_context(|| format!("reading {}", schema.display()))?;
+    let schema_json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", schema.display()))?;
+    let own;
+    let tokenizer = match tokenizer {
+        None => engine.tokenizer(),
+        Some(path) if path.join("tokenizer.json").is_file() => {
+            own = pagoda_models::Tokenizer::from_hf_dir(path)?;
+            &own
+        }
+        Some(path) => {
+            own = pagoda_models::ModelFiles::open(path)?.tokenizer;
+            &own
+        }
+    };
+    anyhow::ensure!(tokenizer.is_present(), "--json-schema needs a tokenizer: the model has none (give --grammar-tokenizer)");
+    let info = engine.info();
+    let compiler = pagoda_structured::GrammarCompiler::new(tokenizer, &info.eos_token_ids, info.vocab_size)?;
+    let grammar = compiler
+        .compile(&pagoda_structured::GrammarSpec::JsonSchema(schema_json))
+        .with_context(|| format!("compiling {}", schema.display()))?;
+    Ok(std::sync::Arc::new(grammar))
 }
 
 /// Submits every request at once and runs the engine until all are done.
@@ -280,6 +326,7 @@ fn measure_throughput<B: Backend>(
     requests: Vec<WorkloadRequest>,
     load_s: f64,
     sampling: BenchSamplingArgs,
+    constraint: Option<std::sync::Arc<dyn pagoda_engine::TokenConstraintFactory>>,
 ) -> anyhow::Result<ThroughputResult> {
     let device = engine.runner().backend().name();
     let sampling_report = SamplingReport::of(engine, sampling);
@@ -301,7 +348,9 @@ fn measure_throughput<B: Backend>(
     let kv_before = KvCounters::read(engine);
     let started = Instant::now();
     for (r, c) in requests.into_iter().zip(&completions) {
-        engine.add_request(bench_request(c.id.clone(), r.prompt_token_ids, r.max_tokens, sampling))?;
+        let mut req = bench_request(c.id.clone(), r.prompt_token_ids, r.max_tokens, sampling);
+        req.constraint = constraint.clone();
+        engine.add_request(req)?;
     }
     while engine.has_unfinished_requests() {
         for out in engine.step()? {
@@ -331,6 +380,7 @@ fn measure_throughput<B: Backend>(
         engine_steps: engine.metrics().engine_steps.get() - steps_before,
         kv_cache: KvCacheReport::since(engine, &kv_before),
         sampling: sampling_report,
+        json_schema: None,
         check,
     })
 }
@@ -490,7 +540,7 @@ fn print_timings<B: Backend>(engine: &LlmEngine<B>) {
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     println!(
         "step time (ms):     {} steps: schedule {:.0}, prepare {:.0}, launch {:.0} (blocks {:.0}, upload {:.0}, \
-         forward {:.0}, sample {:.0}), wait for tokens {:.0}, update {:.0}",
+         forward {:.0}, sample {:.0} of which token masks {:.0}), wait for tokens {:.0}, update {:.0}",
         s.steps,
         ms(s.schedule),
         ms(s.prepare),
@@ -499,6 +549,7 @@ fn print_timings<B: Backend>(engine: &LlmEngine<B>) {
         ms(r.upload),
         ms(r.forward),
         ms(r.sample),
+        ms(r.token_masks),
         ms(s.wait),
         ms(s.update)
     );
@@ -578,7 +629,7 @@ mod tests {
     /// Runs the throughput benchmark and checks what holds for any run.
     fn run(config: EngineConfig) -> ThroughputResult {
         let mut engine = tiny_engine(config);
-        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None).unwrap();
         assert_eq!((result.num_requests, result.output_tokens), (6, 6 * 24), "every request completes");
         assert!(result.check.passed, "{:?}", result.check);
         assert_eq!(result.check.expected_output_tokens, 6 * 24);
@@ -648,9 +699,9 @@ mod tests {
             max_tokens: 4,
         };
         // The first request computes the shared two blocks; the next ones reuse them.
-        measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY).unwrap();
+        measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY, None).unwrap();
         let kv =
-            measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY).unwrap().kv_cache;
+            measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY, None).unwrap().kv_cache;
         assert_eq!((kv.prefix_cache_queried_tokens, kv.prefix_cache_hit_tokens), (3 * 40, 3 * 32), "{kv:?}");
         assert_eq!(kv.prefix_cache_hit_rate, 0.8);
         assert_eq!(kv.preemptions, 0);
@@ -669,7 +720,7 @@ mod tests {
     fn sampled_and_detokenized_runs_check_themselves() {
         let mut engine = tiny_engine(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() });
         let sampled = BenchSamplingArgs { temperature: 1.0, detokenize: true };
-        let result = measure_throughput(&mut engine, six_requests(), 0.0, sampled).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, sampled, None).unwrap();
         assert!(result.check.passed, "{:?}", result.check);
         let json = serde_json::to_value(&result).unwrap();
         assert_eq!(json["sampling"]["temperature"], 1.0);

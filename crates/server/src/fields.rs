@@ -84,7 +84,6 @@ const fn inert(name: &'static str, why: &'static str, example: &'static str) -> 
     Field { name, support: Support::Inert(why), neutral: Neutral::Empty, example }
 }
 
-const STRUCTURED: &str = "structured outputs are not implemented yet";
 const PROMPT_LOGPROBS: &str =
     "logprobs of prompt tokens are not computed (the model runs its head only on the \
                                last position of a prompt)";
@@ -141,20 +140,25 @@ const SHARED: &[Field] = &[
         "it applies to beam search, which is not implemented",
         r#"{"length_penalty": 0.5}"#,
     ),
-    refused_unless(
-        "response_format",
-        r#"{"type": "text"}"#,
-        STRUCTURED,
-        r#"{"response_format": {"type": "json_object"}}"#,
+    // Structured outputs (structured.rs): one constraint per request, compiled with llguidance.
+    works("response_format", r#"{"response_format": {"type": "json_object"}}"#),
+    works("structured_outputs", r#"{"structured_outputs": {"choice": ["yes", "no"]}}"#),
+    works("guided_json", r#"{"guided_json": {"type": "object"}}"#),
+    works("guided_regex", r#"{"guided_regex": "[a-z]+"}"#),
+    works("guided_choice", r#"{"guided_choice": ["yes", "no"]}"#),
+    works("guided_grammar", r#"{"guided_grammar": "root ::= \"a\""}"#),
+    inert(
+        "guided_decoding_backend",
+        "it picks the grammar engine; Pagoda has one (llguidance), and the choice does not change which \
+         outputs are valid",
+        r#"{"guided_decoding_backend": "xgrammar"}"#,
     ),
-    refused("structured_outputs", STRUCTURED, r#"{"structured_outputs": {"choice": ["yes", "no"]}}"#),
-    refused("guided_json", STRUCTURED, r#"{"guided_json": {"type": "object"}}"#),
-    refused("guided_regex", STRUCTURED, r#"{"guided_regex": "[a-z]+"}"#),
-    refused("guided_choice", STRUCTURED, r#"{"guided_choice": ["yes", "no"]}"#),
-    refused("guided_grammar", STRUCTURED, r#"{"guided_grammar": "root ::= \"a\""}"#),
-    refused("guided_decoding_backend", STRUCTURED, r#"{"guided_decoding_backend": "xgrammar"}"#),
-    refused("guided_whitespace_pattern", STRUCTURED, r#"{"guided_whitespace_pattern": " "}"#),
-    refused("structural_tag", STRUCTURED, r#"{"structural_tag": "{}"}"#),
+    refused(
+        "guided_whitespace_pattern",
+        "Pagoda's grammars allow no free whitespace in JSON; a custom whitespace pattern is not supported",
+        r#"{"guided_whitespace_pattern": " "}"#,
+    ),
+    refused("structural_tag", "structural tags are not supported", r#"{"structural_tag": "{}"}"#),
     refused("logits_processors", NO_EXTENSIONS, r#"{"logits_processors": ["my.Processor"]}"#),
     refused("vllm_xargs", NO_EXTENSIONS, r#"{"vllm_xargs": {"k": 1}}"#),
     refused(
@@ -191,7 +195,7 @@ const CHAT: &[Field] = &[
     works("tools", r#"{"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}"#),
     works(
         "tool_choice",
-        r#"{"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}"#,
+        r#"{"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "f"}}}"#,
     ),
     works("add_generation_prompt", r#"{"add_generation_prompt": false}"#),
     works(
@@ -201,11 +205,9 @@ const CHAT: &[Field] = &[
     works("documents", r#"{"documents": [{"title": "t", "text": "x"}]}"#),
     works("chat_template", r#"{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#),
     works("chat_template_kwargs", r#"{"chat_template_kwargs": {"enable_thinking": false}}"#),
-    inert(
+    works(
         "parallel_tool_calls",
-        "it governs tool calls, and every tool_choice that could make one is refused until tool calling \
-         exists",
-        r#"{"parallel_tool_calls": false}"#,
+        r#"{"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "parallel_tool_calls": false}"#,
     ),
     inert("metadata", PLATFORM, r#"{"metadata": {"k": "v"}}"#),
     inert("service_tier", PLATFORM, r#"{"service_tier": "auto"}"#),
