@@ -17,6 +17,11 @@
 //! assert_eq!(found.calls, [ToolCall { name: "weather".into(), arguments: r#"{"city":"Oslo"}"#.into() }]);
 //! ```
 //!
+//! The start tags (`[TOOL_CALLS]`, `<|python_tag|>`, for some models
+//! `<tool_call>`) are special tokens: while tools are in use the server must
+//! decode the output with special tokens kept, as vLLM's tool parsers set
+//! `skip_special_tokens = false`.
+//!
 //! Streaming and non-streaming parsing are one state machine fed a character
 //! at a time, so a stream's content and calls are the same however the text
 //! was cut into deltas, and the same as `extract` finds for output that
@@ -89,7 +94,8 @@ pub struct ToolCallError(pub String);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ToolParserKind {
     /// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, possibly
-    /// several, after content (Hermes, Qwen, SmolLM).
+    /// several, after content (Hermes, Qwen, SmolLM). Text after the first
+    /// call is dropped, as vLLM does.
     Hermes,
     /// The output is `{"name": ..., "parameters": {...}}` (or `"arguments"`),
     /// possibly after `<|python_tag|>`, several separated by `;`.

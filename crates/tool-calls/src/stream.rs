@@ -12,9 +12,10 @@ const LLAMA_PYTHON_TAG: &str = "<|python_tag|>";
 const MISTRAL_TOOL_CALLS: &str = "[TOOL_CALLS]";
 const MISTRAL_ARGS: &str = "[ARGS]";
 
-const HERMES_SHAPE: CallShape = CallShape::Envelope { argument_keys: &["arguments"] };
+// Some fine-tunes write "parameters" where their format says "arguments".
+const HERMES_SHAPE: CallShape = CallShape::Envelope { argument_keys: &["arguments", "parameters"] };
 const LLAMA_SHAPE: CallShape = CallShape::Envelope { argument_keys: &["parameters", "arguments"] };
-const MISTRAL_SHAPE: CallShape = CallShape::Envelope { argument_keys: &["arguments"] };
+const MISTRAL_SHAPE: CallShape = CallShape::Envelope { argument_keys: &["arguments", "parameters"] };
 const REQUIRED_SHAPE: CallShape = CallShape::Envelope { argument_keys: &["parameters"] };
 
 #[derive(Clone, Debug, PartialEq, Eq)]

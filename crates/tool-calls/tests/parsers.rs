@@ -330,6 +330,51 @@ fn mistral_every_chunking() {
 }
 
 #[test]
+fn llama_and_mistral_stream_arguments_as_they_arrive() {
+    let mut parser = ToolParserKind::Llama3Json.streaming();
+    assert_eq!(
+        parser.push("{\"name\": \"f\", \"parameters\": {\"a\": [1"),
+        [
+            StreamDelta::ToolCallStart { index: 0, name: "f".into() },
+            StreamDelta::ToolCallArguments { index: 0, fragment: "{\"a\": [1".into() },
+        ]
+    );
+    assert_eq!(
+        parser.push("]}}; {\"name\": \"g\", \"parameters\": {"),
+        [
+            StreamDelta::ToolCallArguments { index: 0, fragment: "]}".into() },
+            StreamDelta::ToolCallStart { index: 1, name: "g".into() },
+            StreamDelta::ToolCallArguments { index: 1, fragment: "{".into() },
+        ]
+    );
+    assert_eq!(parser.push("}}"), [StreamDelta::ToolCallArguments { index: 1, fragment: "}".into() }]);
+    assert_eq!(parser.finish(), []);
+
+    let mut parser = ToolParserKind::Mistral.streaming();
+    assert_eq!(
+        parser.push("Ok[TOOL_CALLS]f{\"x\""),
+        [
+            StreamDelta::Content("Ok".into()),
+            StreamDelta::ToolCallStart { index: 0, name: "f".into() },
+            StreamDelta::ToolCallArguments { index: 0, fragment: "{\"x\"".into() },
+        ]
+    );
+    assert_eq!(parser.push(": 2}"), [StreamDelta::ToolCallArguments { index: 0, fragment: ": 2}".into() }]);
+    assert_eq!(parser.finish(), []);
+}
+
+#[test]
+fn plain_text_streams_straight_through() {
+    for kind in [ToolParserKind::Hermes, ToolParserKind::Llama3Json, ToolParserKind::Mistral] {
+        let mut parser = kind.streaming();
+        assert_eq!(parser.push("Hello"), [StreamDelta::Content("Hello".into())], "{kind:?}");
+        assert_eq!(parser.push(" world"), [StreamDelta::Content(" world".into())], "{kind:?}");
+        assert_eq!(parser.finish(), []);
+        assert!(!parser.saw_tool_call());
+    }
+}
+
+#[test]
 fn parser_names() {
     for name in ToolParserKind::names() {
         assert_eq!(ToolParserKind::from_name(name).unwrap().name(), *name);
@@ -518,6 +563,41 @@ proptest! {
                 prop_assert_eq!(&extracted.calls, &expected, "{:?}", text);
             }
             assert_stream_matches_extract(kind, &text, &split_at_points(&text, &cuts));
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn generated_constrained_outputs_stream_like_they_parse(
+        calls in calls_strategy(),
+        cuts in prop::collection::vec(0usize..400, 0..12),
+        pretty in any::<bool>(),
+    ) {
+        let render = |value: &Value| if pretty { serde_json::to_string_pretty(value).unwrap() } else { value.to_string() };
+        let to_calls = |streamed: Vec<(String, String)>| -> Vec<ToolCall> {
+            streamed
+                .into_iter()
+                .map(|(name, args)| ToolCall { name, arguments: serde_json::from_str::<Value>(&args).unwrap().to_string() })
+                .collect()
+        };
+        let pieces = |text: &str| split_at_points(text, &cuts);
+
+        let array = Value::Array(calls.iter().map(|(name, args)| json!({"name": name, "parameters": args})).collect());
+        let text = render(&array);
+        let (content, streamed) = collect(&constrained(ConstrainedCallStream::required(), &pieces(&text)));
+        prop_assert_eq!(content, "");
+        if calls.is_empty() {
+            prop_assert!(parse_required_calls(&text).is_err());
+        } else {
+            prop_assert_eq!(to_calls(streamed), parse_required_calls(&text).unwrap());
+        }
+
+        if let Some((name, args)) = calls.first() {
+            let text = render(args);
+            let (content, streamed) = collect(&constrained(ConstrainedCallStream::named(name), &pieces(&text)));
+            prop_assert_eq!(content, "");
+            prop_assert_eq!(to_calls(streamed), vec![call(name, args.clone())]);
         }
     }
 }
