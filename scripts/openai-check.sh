@@ -3,7 +3,8 @@
 #   1. a venv with `openai` (pip, from PyPI) in .venv-openai-check/
 #   2. `pagoda serve --model MODEL` in the background on a free loopback port
 #   3. scripts/openai_client_check.py against it (chat streaming, completions, n=2,
-#      stop strings, logprobs, error cases, a wrong API key)
+#      stop strings, logprobs, structured outputs validated with jsonschema, tool calls,
+#      error cases, a wrong API key)
 #   4. SIGTERM to the server (a graceful shutdown), and the check's exit status.
 # Usage: scripts/openai-check.sh [MODEL_PATH]   (default: the model scripts/fetch-model.sh fetches)
 # PAGODA_BIN picks the binary; by default target/release/pagoda, (re)built from this
@@ -29,20 +30,21 @@ if [[ ! -x "$PAGODA_BIN" ]]; then
     die "$PAGODA_BIN is not an executable"
 fi
 
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import openai, jsonschema" 2>/dev/null; then
     echo "==> creating $VENV with the openai package" >&2
     "$PYTHON" -m venv "$VENV" \
         || die "$PYTHON -m venv failed (on Debian/Ubuntu: apt-get install python3-venv), then rm -rf $VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip \
         || die "pip could not upgrade itself in $VENV (is PyPI reachable?)"
-    "$VENV/bin/python" -m pip install --quiet openai || die "pip could not install openai (is PyPI reachable?)"
+    "$VENV/bin/python" -m pip install --quiet openai jsonschema \
+        || die "pip could not install openai and jsonschema (is PyPI reachable?)"
 fi
 
 PORT="${PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 LOG="$(mktemp -t pagoda-openai-check.XXXXXX.log)"
 echo "==> starting $PAGODA_BIN serve on 127.0.0.1:$PORT (log: $LOG)" >&2
 PAGODA_API_KEY="$API_KEY" "$PAGODA_BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" \
-    --served-model-name "$SERVED_NAME" >"$LOG" 2>&1 &
+    --served-model-name "$SERVED_NAME" --enable-auto-tool-choice --tool-call-parser hermes >"$LOG" 2>&1 &
 SERVER_PID=$!
 stop_server() {
     if kill -0 "$SERVER_PID" 2>/dev/null; then

@@ -9,9 +9,12 @@ non-zero if any check fails; the last line reads "N passed, M failed".
 """
 
 import argparse
+import json
+import re
 import sys
 import traceback
 
+import jsonschema
 import openai
 from openai import OpenAI
 
@@ -181,6 +184,131 @@ def errors(client, model):
         raise AssertionError("a prompt longer than the model length was accepted")
     except openai.BadRequestError as e:
         assert e.body["param"] == "prompt", e.body
+
+
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "role": {"enum": ["admin", "user", "guest"]},
+        },
+        "required": ["name", "age", "role"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 24},
+            "address": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 16}, "zip": {"type": "integer"}},
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            },
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3},
+            "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+            "active": {"type": "boolean"},
+        },
+        "required": ["title", "address", "tags", "active"],
+        "additionalProperties": False,
+    },
+    {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 2, "maxItems": 4},
+]
+
+
+@check
+def json_schema_outputs_validate(client, model):
+    for schema in SCHEMAS:
+        for seed in (1, 2, 3):
+            r = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Make up an example record as JSON."}],
+                max_tokens=250,
+                temperature=1.0,
+                seed=seed,
+                response_format={"type": "json_schema", "json_schema": {"name": "record", "schema": schema, "strict": True}},
+            )
+            text = r.choices[0].message.content
+            assert r.choices[0].finish_reason == "stop", (r.choices[0].finish_reason, text)
+            jsonschema.validate(json.loads(text), schema)
+            # The same through completions and vLLM's structured_outputs.
+            r = client.completions.create(
+                model=model,
+                prompt="An example record in JSON: ",
+                max_tokens=250,
+                temperature=1.0,
+                seed=seed,
+                extra_body={"structured_outputs": {"json": schema}},
+            )
+            jsonschema.validate(json.loads(r.choices[0].text), schema)
+
+
+@check
+def choice_and_regex_outputs_match(client, model):
+    for seed in range(4):
+        r = client.completions.create(
+            model=model, prompt="The capital of France is", max_tokens=6, temperature=1.0, seed=seed,
+            extra_body={"guided_choice": ["yes", "no"]},
+        )
+        assert r.choices[0].text in ("yes", "no"), r.choices[0].text
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "A phone number?"}], max_tokens=16,
+            temperature=1.0, seed=seed, extra_body={"structured_outputs": {"regex": r"\d{3}-\d{4}"}},
+        )
+        assert re.fullmatch(r"\d{3}-\d{4}", r.choices[0].message.content), r.choices[0].message.content
+    try:
+        client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"guided_regex": "(oops"})
+        raise AssertionError("an invalid regex was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "guided_regex", e.body
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@check
+def tool_calls_validate_streamed_or_not(client, model):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    params = WEATHER["function"]["parameters"]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(
+            model=model, messages=messages, tools=[WEATHER], tool_choice=choice, max_tokens=100, temperature=0.0
+        )
+        calls = r.choices[0].message.tool_calls
+        assert calls, r
+        for call in calls:
+            assert call.function.name == "get_weather", call
+            jsonschema.validate(json.loads(call.function.arguments), params)
+        stream = client.chat.completions.create(
+            model=model, messages=messages, tools=[WEATHER], tool_choice=choice, max_tokens=100,
+            temperature=0.0, stream=True,
+        )
+        names, arguments = {}, {}
+        for chunk in stream:
+            if not chunk.choices:
+                continue
+            for d in chunk.choices[0].delta.tool_calls or []:
+                if d.function and d.function.name:
+                    names[d.index] = d.function.name
+                if d.function and d.function.arguments:
+                    arguments[d.index] = arguments.get(d.index, "") + d.function.arguments
+        assert names and set(names.values()) == {"get_weather"}, names
+        for text in arguments.values():
+            jsonschema.validate(json.loads(text), params)
 
 
 def main():
