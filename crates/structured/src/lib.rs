@@ -356,6 +356,21 @@ mod tests {
     }
 
     #[test]
+    fn sentencepiece_vocabulary_walk() {
+        let tok = vocab::tests::sentencepiece_tokenizer();
+        let compiler = GrammarCompiler::new(&tok, &[2], 40).unwrap();
+        let mut m = compiler.compile(&GrammarSpec::Regex(" the\na".into())).unwrap().matcher();
+        let mut words = vec![0u32; 2];
+        // " the" or " " may start it (any tokenization of the text is allowed), then "\n", "a", EOS.
+        for (allowed, token) in [((1 << 4) | (1 << 5), 4), (1 << 3, 3), (1 << 6, 6), (1 << 2, 2)] {
+            m.fill_mask(&mut words);
+            assert_eq!(words, [allowed, 0]);
+            m.accept_token(token).unwrap();
+        }
+        assert!(m.is_terminated());
+    }
+
+    #[test]
     fn choice_alternatives_are_quoted() {
         let g = choice_grammar(&["a\"b".into(), "c".into()]).unwrap();
         assert_eq!(g.grammars[0].lark_grammar.as_deref(), Some(r#"start: "a\"b" | "c""#));

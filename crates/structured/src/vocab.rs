@@ -162,8 +162,60 @@ impl TokenizerEnv for ModelTokEnv {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A Llama-2-style (SentencePiece, byte fallback) tokenizer with a tiny vocabulary.
+    pub(crate) fn sentencepiece_tokenizer() -> Tokenizer {
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+            ]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x0A>": 3, "▁the": 4, "▁": 5, "a": 6},
+                "merges": []}
+        });
+        let inner: tokenizers::Tokenizer = json.to_string().parse().expect("tokenizer JSON");
+        let config = pagoda_models::TokenizerConfig {
+            bos_token: Some("<s>".into()),
+            eos_token: Some("</s>".into()),
+            ..Default::default()
+        };
+        Tokenizer::new(inner, config)
+    }
+
+    #[test]
+    fn sentencepiece_vocabulary_bytes() {
+        let tok = sentencepiece_tokenizer();
+        let (words, style) = token_bytes(tok.inner().unwrap(), 9);
+        assert_eq!(style, VocabStyle::SentencePiece);
+        let special = |s: &str| [&[0xFF][..], s.as_bytes()].concat();
+        let want: Vec<Vec<u8>> = vec![
+            special("<unk>"),
+            special("<s>"),
+            special("</s>"),
+            b"\n".to_vec(),
+            b" the".to_vec(),
+            b" ".to_vec(),
+            b"a".to_vec(),
+            vec![],
+            vec![],
+        ];
+        assert_eq!(words, want);
+        let env = ModelTokEnv::new(&tok, &[], 9).unwrap();
+        assert!(!env.tokenize_is_canonical(), "SentencePiece adds a leading space: no forcing from it");
+        assert_eq!(env.tok_trie().eos_tokens(), &[2], "the tokenizer's EOS when none is given");
+    }
 
     #[test]
     fn byte_level_stand_ins_map_back_to_bytes() {
