@@ -73,3 +73,24 @@ impl TokenConstraintFactory for FixedTokenSet {
         Box::new(self.clone())
     }
 }
+
+/// Structured outputs: a compiled grammar makes one matcher per sequence.
+impl TokenConstraintFactory for pagoda_structured::CompiledGrammar {
+    fn new_constraint(&self) -> Box<dyn TokenConstraint> {
+        Box::new(self.matcher())
+    }
+}
+
+impl TokenConstraint for pagoda_structured::GrammarMatcher {
+    fn fill_mask(&mut self, words: &mut [u32]) {
+        pagoda_structured::GrammarMatcher::fill_mask(self, words)
+    }
+
+    fn accept_token(&mut self, token: TokenId) -> Result<(), String> {
+        pagoda_structured::GrammarMatcher::accept_token(self, token).map_err(|e| e.to_string())
+    }
+
+    fn boxed_clone(&self) -> Box<dyn TokenConstraint> {
+        Box::new(self.clone())
+    }
+}

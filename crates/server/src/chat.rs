@@ -368,6 +368,10 @@ async fn chat(
             continue_final_message: request.continue_final_message,
         },
     )?;
+    if matches!(tool_mode, crate::tools::ToolMode::Auto { .. }) && request.sampling.skip_special_tokens.is_none() {
+        // Some formats mark calls with special tokens (`[TOOL_CALLS]`): the parser must see them (vLLM too).
+        req.skip_special_tokens = false;
+    }
     if let Some(grammar) = grammar {
         req.constraint = Some(crate::structured::compile_on_worker(&state, &workers, grammar).await?);
     }
