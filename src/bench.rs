@@ -311,7 +311,10 @@ fn json_schema_constraint<B: Backend>(
             &own
         }
     };
-    anyhow::ensure!(tokenizer.is_present(), "--json-schema needs a tokenizer: the model has none (give --grammar-tokenizer)");
+    anyhow::ensure!(
+        tokenizer.is_present(),
+        "--json-schema needs a tokenizer: the model has none (give --grammar-tokenizer)"
+    );
     let info = engine.info();
     let compiler = pagoda_structured::GrammarCompiler::new(tokenizer, &info.eos_token_ids, info.vocab_size)?;
     let grammar = compiler
@@ -700,8 +703,9 @@ mod tests {
         };
         // The first request computes the shared two blocks; the next ones reuse them.
         measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY, None).unwrap();
-        let kv =
-            measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY, None).unwrap().kv_cache;
+        let kv = measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY, None)
+            .unwrap()
+            .kv_cache;
         assert_eq!((kv.prefix_cache_queried_tokens, kv.prefix_cache_hit_tokens), (3 * 40, 3 * 32), "{kv:?}");
         assert_eq!(kv.prefix_cache_hit_rate, 0.8);
         assert_eq!(kv.preemptions, 0);

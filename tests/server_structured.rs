@@ -140,7 +140,8 @@ fn schemas() -> Vec<Value> {
 async fn json_schema_outputs_parse_and_validate_on_both_endpoints() {
     let c = client();
     for (i, schema) in schemas().into_iter().enumerate() {
-        let format = json!({"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": true}});
+        let format =
+            json!({"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": true}});
         for seed in [1, 2] {
             let chat = json!({
                 "messages": [{"role": "user", "content": "Describe something as JSON."}],
@@ -150,7 +151,8 @@ async fn json_schema_outputs_parse_and_validate_on_both_endpoints() {
             assert_eq!(status, 200, "{r}");
             let text = r["choices"][0]["message"]["content"].as_str().expect("content");
             assert_eq!(r["choices"][0]["finish_reason"], "stop", "schema {i}: cut short: {text}");
-            let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("schema {i}: {e}: {text}"));
+            let value: Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("schema {i}: {e}: {text}"));
             conforms(&value, &schema).unwrap_or_else(|e| panic!("schema {i}: {e}: {text}"));
 
             let cmpl = json!({
@@ -160,7 +162,8 @@ async fn json_schema_outputs_parse_and_validate_on_both_endpoints() {
             let (status, r) = c.post_json(CMPL, &cmpl).await;
             assert_eq!(status, 200, "{r}");
             let text = r["choices"][0]["text"].as_str().expect("text");
-            let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("schema {i}: {e}: {text}"));
+            let value: Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("schema {i}: {e}: {text}"));
             conforms(&value, &schema).unwrap_or_else(|e| panic!("schema {i}: {e}: {text}"));
         }
     }
@@ -195,7 +198,8 @@ async fn choice_regex_grammar_and_json_object_hold() {
 
     // A grammar in vLLM's EBNF (GBNF) form and in Lark form.
     for grammar in [r#"root ::= "answer: " ("yes" | "no")"#, "start: \"answer: \" (\"yes\" | \"no\")"] {
-        let body = json!({"prompt": "Is water wet?", "max_tokens": 8, "temperature": 0, "guided_grammar": grammar});
+        let body =
+            json!({"prompt": "Is water wet?", "max_tokens": 8, "temperature": 0, "guided_grammar": grammar});
         let (status, r) = c.post_json(CMPL, &body).await;
         assert_eq!(status, 200, "{grammar}: {r}");
         let text = r["choices"][0]["text"].as_str().unwrap();
@@ -224,11 +228,8 @@ async fn streamed_structured_output_is_the_same_text() {
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     let events = c.post_stream(CHAT, &streamed).await;
-    let text: String = events
-        .events
-        .iter()
-        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text: String =
+        events.events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
     conforms(&serde_json::from_str(&text).unwrap(), schema).unwrap();
 }
@@ -242,7 +243,10 @@ async fn invalid_constraints_are_refused_naming_the_field() {
         (json!({"guided_grammar": "root ::= ("}), "guided_grammar"),
         (json!({"structured_outputs": {"regex": "a", "choice": ["b"]}}), "structured_outputs"),
         (json!({"guided_regex": "a", "guided_choice": ["b"]}), "guided_choice"),
-        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}), "response_format.json_schema.schema"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format.json_schema.schema",
+        ),
     ];
     for (fields, param) in cases {
         let mut body = json!({"prompt": "x", "max_tokens": 2});
@@ -270,8 +274,8 @@ fn weather_tools() -> Value {
 }
 
 fn parameters_of(tools: &Value, name: &str) -> Value {
-    tools.as_array().unwrap().iter().find(|t| t["function"]["name"] == name).expect("a defined function")["function"]
-        ["parameters"]
+    tools.as_array().unwrap().iter().find(|t| t["function"]["name"] == name).expect("a defined function")
+        ["function"]["parameters"]
         .clone()
 }
 
@@ -395,7 +399,8 @@ async fn auto_tool_choice_needs_the_server_flags() {
     // A server without --enable-auto-tool-choice refuses "auto" by name (vLLM does too).
     let plain = TestServer::start(ServerArgs::default());
     let c = plain.client();
-    let body = json!({"messages": [{"role": "user", "content": "hi"}], "tools": weather_tools(), "max_tokens": 2});
+    let body =
+        json!({"messages": [{"role": "user", "content": "hi"}], "tools": weather_tools(), "max_tokens": 2});
     let (status, r) = c.post_json(CHAT, &body).await;
     assert_eq!(status, 400, "{r}");
     assert_eq!(r["error"]["param"], "tool_choice");

@@ -368,7 +368,9 @@ async fn chat(
             continue_final_message: request.continue_final_message,
         },
     )?;
-    if matches!(tool_mode, crate::tools::ToolMode::Auto { .. }) && request.sampling.skip_special_tokens.is_none() {
+    if matches!(tool_mode, crate::tools::ToolMode::Auto { .. })
+        && request.sampling.skip_special_tokens.is_none()
+    {
         // Some formats mark calls with special tokens (`[TOOL_CALLS]`): the parser must see them (vLLM too).
         req.skip_special_tokens = false;
     }
@@ -515,7 +517,8 @@ impl ChunkWriter for ChatChunks {
             if text.is_empty() && tool_calls.is_empty() && logprobs.is_none() && finish_reason.is_none() {
                 continue;
             }
-            let content = (!text.is_empty() || (tool_calls.is_empty() && finish_reason.is_none())).then_some(text);
+            let content =
+                (!text.is_empty() || (tool_calls.is_empty() && finish_reason.is_none())).then_some(text);
             let choice = ChatChunkChoice {
                 index: delta.index,
                 delta: ChatDelta { role: None, content, tool_calls },

@@ -76,16 +76,15 @@ fn response_format(format: &Value) -> Result<Option<GrammarSpec>, ApiError> {
         "text" => Ok(None),
         "json_object" => Ok(Some(GrammarSpec::JsonObject)),
         "json_schema" => {
-            let schema = format
-                .get("json_schema")
-                .and_then(|j| j.get("schema"))
-                .filter(|s| !s.is_null())
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        Some("response_format.json_schema.schema"),
-                        "response_format of type json_schema needs json_schema.schema (a JSON schema)",
-                    )
-                })?;
+            let schema =
+                format.get("json_schema").and_then(|j| j.get("schema")).filter(|s| !s.is_null()).ok_or_else(
+                    || {
+                        ApiError::bad_request(
+                            Some("response_format.json_schema.schema"),
+                            "response_format of type json_schema needs json_schema.schema (a JSON schema)",
+                        )
+                    },
+                )?;
             json_spec(schema, "response_format.json_schema.schema").map(Some)
         }
         other => Err(ApiError::bad_request(
@@ -112,25 +111,24 @@ fn structured_outputs(so: &Value) -> Result<GrammarSpec, ApiError> {
         let field = |k: &str| format!("{FIELD}.{k}");
         match key.as_str() {
             "json" => specs.push(("json", json_spec(value, "structured_outputs.json")?)),
-            "regex" => specs.push((
-                "regex",
-                GrammarSpec::Regex(string_value(value, &field("regex"))?),
-            )),
+            "regex" => specs.push(("regex", GrammarSpec::Regex(string_value(value, &field("regex"))?))),
             "choice" => {
                 let choices: Vec<String> = serde_json::from_value(value.clone()).map_err(|_| {
                     ApiError::bad_request(Some(&field("choice")), "choice must be an array of strings")
                 })?;
                 specs.push(("choice", choice_spec(&choices, "structured_outputs.choice")?));
             }
-            "grammar" => specs.push((
-                "grammar",
-                GrammarSpec::Grammar(string_value(value, &field("grammar"))?),
-            )),
+            "grammar" => {
+                specs.push(("grammar", GrammarSpec::Grammar(string_value(value, &field("grammar"))?)))
+            }
             "json_object" => match value.as_bool() {
                 Some(true) => specs.push(("json_object", GrammarSpec::JsonObject)),
                 Some(false) => {}
                 None => {
-                    return Err(ApiError::bad_request(Some(&field("json_object")), "json_object must be a boolean"))
+                    return Err(ApiError::bad_request(
+                        Some(&field("json_object")),
+                        "json_object must be a boolean",
+                    ))
                 }
             },
             // Options that leave the grammar as Pagoda compiles it.
@@ -152,12 +150,12 @@ fn structured_outputs(so: &Value) -> Result<GrammarSpec, ApiError> {
                     format!("structured_outputs.{key} is not supported by Pagoda's grammar engine"),
                 ))
             }
-            other => {
-                return Err(ApiError::bad_request(
-                    Some(&field(other)),
-                    format!("structured_outputs has no option `{other}` (json, regex, choice, grammar, json_object)"),
-                ))
-            }
+            other => return Err(ApiError::bad_request(
+                Some(&field(other)),
+                format!(
+                    "structured_outputs has no option `{other}` (json, regex, choice, grammar, json_object)"
+                ),
+            )),
         }
     }
     match specs.len() {
@@ -168,7 +166,10 @@ fn structured_outputs(so: &Value) -> Result<GrammarSpec, ApiError> {
         )),
         _ => Err(ApiError::bad_request(
             Some(FIELD),
-            format!("structured_outputs may give only one of its constraints, not {} and {}", specs[0].0, specs[1].0),
+            format!(
+                "structured_outputs may give only one of its constraints, not {} and {}",
+                specs[0].0, specs[1].0
+            ),
         )),
     }
 }
@@ -176,8 +177,9 @@ fn structured_outputs(so: &Value) -> Result<GrammarSpec, ApiError> {
 /// A JSON schema given as an object, or as a string holding one (vLLM accepts both).
 fn json_spec(value: &Value, field: &str) -> Result<GrammarSpec, ApiError> {
     let schema = match value {
-        Value::String(text) => serde_json::from_str(text)
-            .map_err(|e| ApiError::bad_request(Some(field), format!("the JSON schema does not parse: {e}")))?,
+        Value::String(text) => serde_json::from_str(text).map_err(|e| {
+            ApiError::bad_request(Some(field), format!("the JSON schema does not parse: {e}"))
+        })?,
         Value::Object(_) | Value::Bool(_) => value.clone(),
         _ => return Err(ApiError::bad_request(Some(field), "a JSON schema must be an object")),
     };
@@ -218,7 +220,8 @@ impl Grammars {
                     return Err("structured outputs need the model's tokenizer; this model has none".into());
                 }
                 let info = engine.info();
-                GrammarCompiler::new(tokenizer, &info.eos_token_ids, info.vocab_size).map_err(|e| e.to_string())
+                GrammarCompiler::new(tokenizer, &info.eos_token_ids, info.vocab_size)
+                    .map_err(|e| e.to_string())
             })
             .as_ref()
             .map_err(|e| ApiError::bad_request(Some(requested.field), e.clone()))?;
@@ -273,7 +276,10 @@ mod tests {
         let js = Some(GrammarSpec::JsonSchema(schema.clone()));
         assert_eq!(spec(json!({})).unwrap(), None);
         assert_eq!(spec(json!({"response_format": {"type": "text"}})).unwrap(), None);
-        assert_eq!(spec(json!({"response_format": {"type": "json_object"}})).unwrap(), Some(GrammarSpec::JsonObject));
+        assert_eq!(
+            spec(json!({"response_format": {"type": "json_object"}})).unwrap(),
+            Some(GrammarSpec::JsonObject)
+        );
         let rf = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}});
         assert_eq!(spec(rf).unwrap(), js);
         assert_eq!(spec(json!({"structured_outputs": {"json": schema}})).unwrap(), js);
@@ -284,17 +290,26 @@ mod tests {
         assert_eq!(spec(json!({"structured_outputs": {"choice": ["yes", "no"]}})).unwrap(), choice);
         let regex = Some(GrammarSpec::Regex("[a-z]+".into()));
         assert_eq!(spec(json!({"guided_regex": "[a-z]+"})).unwrap(), regex);
-        assert_eq!(spec(json!({"structured_outputs": {"regex": "[a-z]+", "disable_any_whitespace": true}})).unwrap(), regex);
+        assert_eq!(
+            spec(json!({"structured_outputs": {"regex": "[a-z]+", "disable_any_whitespace": true}})).unwrap(),
+            regex
+        );
         let grammar = Some(GrammarSpec::Grammar("root ::= \"a\"".into()));
         assert_eq!(spec(json!({"guided_grammar": "root ::= \"a\""})).unwrap(), grammar);
         assert_eq!(spec(json!({"structured_outputs": {"grammar": "root ::= \"a\""}})).unwrap(), grammar);
-        assert_eq!(spec(json!({"structured_outputs": {"json_object": true}})).unwrap(), Some(GrammarSpec::JsonObject));
+        assert_eq!(
+            spec(json!({"structured_outputs": {"json_object": true}})).unwrap(),
+            Some(GrammarSpec::JsonObject)
+        );
     }
 
     #[test]
     fn conflicts_and_bad_shapes_name_the_field() {
         assert_eq!(refused_field(json!({"guided_regex": "a", "guided_choice": ["b"]})), "guided_choice");
-        assert_eq!(refused_field(json!({"structured_outputs": {"regex": "a", "choice": ["b"]}})), "structured_outputs");
+        assert_eq!(
+            refused_field(json!({"structured_outputs": {"regex": "a", "choice": ["b"]}})),
+            "structured_outputs"
+        );
         assert_eq!(refused_field(json!({"structured_outputs": {}})), "structured_outputs");
         assert_eq!(refused_field(json!({"structured_outputs": {"bogus": 1}})), "structured_outputs.bogus");
         assert_eq!(

@@ -113,11 +113,6 @@ impl ToolMode {
         Some(RequestedGrammar { spec: GrammarSpec::JsonSchema(schema), field: "tool_choice" })
     }
 
-    /// Whether outputs are parsed for calls.
-    pub fn is_on(&self) -> bool {
-        !matches!(self, ToolMode::Off)
-    }
-
     /// A finished choice's message: its content and tool calls, and the
     /// `finish_reason` (`tool_calls` where the model called tools and stopped
     /// on its own, as vLLM reports it; OpenAI's `stop` for a named function).
@@ -290,7 +285,8 @@ pub fn template_tool_calls(calls: &mut Value) {
     let Some(calls) = calls.as_array_mut() else { return };
     for call in calls {
         let Some(function) = call.get_mut("function").and_then(Value::as_object_mut) else { continue };
-        let parsed = function.get("arguments").and_then(Value::as_str).and_then(|a| serde_json::from_str(a).ok());
+        let parsed =
+            function.get("arguments").and_then(Value::as_str).and_then(|a| serde_json::from_str(a).ok());
         if let Some(arguments @ Value::Object(_)) = parsed {
             function.insert("arguments".into(), arguments);
         }
@@ -330,7 +326,8 @@ mod tests {
     #[test]
     fn modes_follow_tool_choice_and_the_server_flags() {
         let tools = [tool("get_weather")];
-        let mode = |auto, choice: Option<ToolChoice>| tool_mode(&config(auto), Some(&tools), choice.as_ref(), None);
+        let mode =
+            |auto, choice: Option<ToolChoice>| tool_mode(&config(auto), Some(&tools), choice.as_ref(), None);
         assert_eq!(mode(false, Some(ToolChoice::None)).unwrap(), ToolMode::Off);
         assert_eq!(mode(false, Some(ToolChoice::Required)).unwrap(), ToolMode::Required { parallel: true });
         assert_eq!(
@@ -339,9 +336,13 @@ mod tests {
         );
         assert_eq!(mode(false, None).unwrap_err().param.as_deref(), Some("tool_choice"));
         assert_eq!(mode(false, Some(ToolChoice::Auto)).unwrap_err().param.as_deref(), Some("tool_choice"));
-        assert_eq!(mode(true, None).unwrap(), ToolMode::Auto { parser: ToolParserKind::Hermes, parallel: true });
+        assert_eq!(
+            mode(true, None).unwrap(),
+            ToolMode::Auto { parser: ToolParserKind::Hermes, parallel: true }
+        );
         assert_eq!(tool_mode(&config(false), None, None, None).unwrap(), ToolMode::Off);
-        let single = tool_mode(&config(false), Some(&tools), Some(&ToolChoice::Required), Some(false)).unwrap();
+        let single =
+            tool_mode(&config(false), Some(&tools), Some(&ToolChoice::Required), Some(false)).unwrap();
         let grammar = single.grammar(&functions(Some(&tools))).expect("a grammar");
         let GrammarSpec::JsonSchema(schema) = grammar.spec else { panic!("a JSON schema") };
         assert_eq!(schema["maxItems"], 1);
@@ -355,14 +356,19 @@ mod tests {
         assert_eq!(content.as_deref(), Some("Let me check."));
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].function.name, "get_weather");
-        assert_eq!(serde_json::from_str::<Value>(&calls[0].function.arguments).unwrap(), json!({"city": "Paris"}));
+        assert_eq!(
+            serde_json::from_str::<Value>(&calls[0].function.arguments).unwrap(),
+            json!({"city": "Paris"})
+        );
         assert_eq!(reason, Some("tool_calls"));
         let (content, calls, reason) = auto.finish_message("plain".into(), Some("stop"));
         assert_eq!((content.as_deref(), calls.len(), reason), (Some("plain"), 0, Some("stop")));
 
         let required = ToolMode::Required { parallel: true };
-        let (content, calls, reason) = required
-            .finish_message(r#"[{"name": "get_weather", "parameters": {"city": "Oslo"}}]"#.into(), Some("stop"));
+        let (content, calls, reason) = required.finish_message(
+            r#"[{"name": "get_weather", "parameters": {"city": "Oslo"}}]"#.into(),
+            Some("stop"),
+        );
         assert_eq!((content, calls.len(), reason), (None, 1, Some("tool_calls")));
         assert_eq!(calls[0].function.arguments, r#"{"city":"Oslo"}"#);
 
@@ -391,7 +397,8 @@ mod tests {
 
     #[test]
     fn template_arguments_become_objects() {
-        let mut calls = json!([{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]);
+        let mut calls =
+            json!([{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]);
         template_tool_calls(&mut calls);
         assert_eq!(calls[0]["function"]["arguments"], json!({"x": 1}));
     }
