@@ -52,7 +52,10 @@ fn ids(v: &Value) -> Vec<u32> {
 /// The golden case "Once upon a time, in a small village,": its prompt, then
 /// `extra` of transformers' greedy tokens, and transformers' top-10 (id,
 /// logit) at each of those extra positions.
-fn golden_prompt(extra: usize) -> (Vec<u32>, usize, Vec<Vec<(u32, f32)>>) {
+/// Transformers' top-10 `(id, logit)` at one position.
+type TopLogits = Vec<(u32, f32)>;
+
+fn golden_prompt(extra: usize) -> (Vec<u32>, usize, Vec<TopLogits>) {
     let path = workspace_root().join("tests/fixtures/smollm2/golden.json");
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("golden")).expect("json");
     let case = golden["prompts"]

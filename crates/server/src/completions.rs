@@ -272,6 +272,13 @@ async fn complete(
     Ok(Json(response).into_response())
 }
 
+/// One prompt's logprobs as the engine returns them (the first `None`).
+type PromptLogprobs = Vec<Option<PromptLogprob>>;
+
+/// Per prompt its token ids and its prompt logprobs once known, and the top
+/// alternatives the echo shows.
+type EchoLogprobs = (Vec<Vec<u32>>, Vec<Option<PromptLogprobs>>, usize);
+
 /// The SSE chunks of a streamed completion: one chunk per choice update.
 struct CompletionChunks {
     id: String,
@@ -288,7 +295,7 @@ struct CompletionChunks {
     echo_only: bool,
     /// Echo with logprobs: per prompt its token ids and (once its first
     /// output came) its prompt logprobs, and the top alternatives wanted.
-    echo_logprobs: Option<(Vec<Vec<u32>>, Vec<Option<Vec<Option<PromptLogprob>>>>, usize)>,
+    echo_logprobs: Option<EchoLogprobs>,
     echoed: Vec<bool>,
     /// Characters sent so far per choice (for `text_offset`).
     offsets: Vec<usize>,
