@@ -45,7 +45,7 @@ async fn every_malformed_field_is_a_400_naming_it() {
     let cases: Vec<(&str, Value, &str)> = vec![
         (cmpl, prompt(json!({"best_of": "NaN"})), "best_of"),
         (cmpl, prompt(json!({"best_of": 1.5})), "best_of"),
-        (cmpl, prompt(json!({"best_of": 2})), "best_of"),
+        (cmpl, prompt(json!({"best_of": 2, "stream": true})), "best_of"),
         (cmpl, prompt(json!({"n": 2, "best_of": 1})), "best_of"),
         (cmpl, prompt(json!({"best_of": 0})), "best_of"),
         (cmpl, prompt(json!({"user": 5})), "user"),
@@ -125,6 +125,9 @@ async fn every_malformed_field_is_a_400_naming_it() {
         (chat_path, chat(json!({"chat_template_kwargs": []})), "chat_template_kwargs"),
         (chat_path, chat(json!({"max_completion_tokens": -1})), "max_completion_tokens"),
         (chat_path, chat(json!({"best_of": "NaN"})), "best_of"),
+        (chat_path, chat(json!({"best_of": 2})), "best_of"),
+        (cmpl, prompt(json!({"prompt_logprobs": -1})), "prompt_logprobs"),
+        (cmpl, prompt(json!({"prompt_logprobs": 21})), "prompt_logprobs"),
         // This server does not run templates sent with requests.
         (chat_path, chat(json!({"chat_template": "{{ messages[0].content }}"})), "chat_template"),
         (cmpl, prompt(json!({"truncate_prompt_tokens": 0})), "truncate_prompt_tokens"),

@@ -63,7 +63,9 @@ pub struct StepInputs {
     /// by [`PersistentBatch::gather_block_tables`] (`max_blocks_per_seq` is
     /// the widest table of the step from the start).
     pub attn: AttentionHostMetadata,
-    /// One row per sampling sequence: the step row whose logits it samples.
+    /// One row per sampling sequence: the step row whose logits it samples;
+    /// then the rows of prompt positions whose logprobs were asked for
+    /// ([`Self::prompt_logprobs`]), after every sampling row.
     pub logits_indices: Vec<i32>,
     /// Who samples each logits row, in the same order.
     pub samplers: Vec<SampleTarget>,
@@ -71,9 +73,31 @@ pub struct StepInputs {
     /// samples whose token is this row's input (fed on the device), or -1.
     /// Empty when no row takes its token from the previous step.
     pub source_rows: Vec<i32>,
+    /// Prompt chunks of requests that asked for prompt logprobs, in order;
+    /// their rows follow the sampling rows in `logits_indices`.
+    pub prompt_logprobs: Vec<PromptLogprobRows>,
+    /// The prompt token each of those rows predicts (its logprob is wanted).
+    pub prompt_targets: Vec<u32>,
+}
+
+/// Consecutive prompt positions of one request whose next-token logprobs a
+/// step computes: rows `first_position..first_position + num_rows` predict
+/// prompt tokens `first_position + 1..`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptLogprobRows {
+    pub request_id: RequestId,
+    pub first_position: usize,
+    pub num_rows: usize,
+    /// Top alternatives wanted per position.
+    pub top_k: usize,
 }
 
 impl StepInputs {
+    /// Logits rows that sample (the rest are prompt-logprob rows).
+    pub fn num_sampling_rows(&self) -> usize {
+        self.samplers.len()
+    }
+
     fn clear(&mut self) {
         self.token_ids.clear();
         self.positions.clear();
@@ -86,6 +110,8 @@ impl StepInputs {
         self.logits_indices.clear();
         self.samplers.clear();
         self.source_rows.clear();
+        self.prompt_logprobs.clear();
+        self.prompt_targets.clear();
     }
 }
 
@@ -190,6 +216,10 @@ pub struct PersistentBatch {
     token_masks: Vec<u32>,
     mask_words: usize,
     masks_filled: bool,
+    /// Requests that asked for prompt logprobs: top alternatives wanted.
+    prompt_logprobs: FxHashMap<RequestId, usize>,
+    /// The step rows of the staged prompt-logprob positions.
+    prompt_rows: Vec<i32>,
 }
 
 impl PersistentBatch {
@@ -210,6 +240,13 @@ impl PersistentBatch {
     ) {
         let request = RequestSampling { params, seed, prompt: prompt.to_vec(), constraint };
         self.requests.insert(request_id, Arc::new(request));
+    }
+
+    /// Asks for the logprobs of `request_id`'s prompt tokens, with `top_k`
+    /// alternatives each: every prompt chunk of it computed before its first
+    /// sample adds its positions' logits rows (see [`StepInputs::prompt_logprobs`]).
+    pub fn want_prompt_logprobs(&mut self, request_id: RequestId, top_k: usize) {
+        self.prompt_logprobs.insert(request_id, top_k);
     }
 
     /// Sequences the batch holds state for.
@@ -260,6 +297,7 @@ impl PersistentBatch {
         }
         for id in &out.finished_requests {
             self.requests.remove(id);
+            self.prompt_logprobs.remove(id);
         }
         for &seq in &out.preempted {
             if let Some(&slot) = self.slot_of.get(&seq) {
@@ -272,6 +310,7 @@ impl PersistentBatch {
         self.sampler_steps.clear();
         self.sampler_masked.clear();
         self.masks_filled = false;
+        self.prompt_rows.clear();
         self.inputs.attn.num_decode_seqs = out.num_decodes;
         self.inputs.attn.query_start_loc.push(0);
         let mut max_blocks = 1;
@@ -301,8 +340,12 @@ impl PersistentBatch {
                 s.source_rows.resize(first, -1);
                 s.source_rows.push(row as i32);
             }
+            self.stage_prompt_logprobs(entry, slot);
             self.stage_samplers(entry, slot)?;
         }
+        let prompt_rows = std::mem::take(&mut self.prompt_rows);
+        self.inputs.logits_indices.extend_from_slice(&prompt_rows);
+        self.prompt_rows = prompt_rows;
         if !self.inputs.source_rows.is_empty() {
             self.inputs.source_rows.resize(self.inputs.token_ids.len(), -1);
         }
@@ -513,6 +556,37 @@ impl PersistentBatch {
             entry.seq_id
         );
         Ok(slot)
+    }
+
+    /// Stages the prompt positions of an entry whose request asked for prompt
+    /// logprobs, while its prompt is still being computed (not when it is
+    /// recomputed after the first token: the logprobs were computed then).
+    fn stage_prompt_logprobs(&mut self, entry: &ScheduledSeq, slot: usize) {
+        if self.prompt_logprobs.is_empty() {
+            return;
+        }
+        let Some(&top_k) = self.prompt_logprobs.get(&entry.request_id) else { return };
+        let state = self.slot_ref(slot);
+        if state.sample_index != 0 || !state.output.is_empty() || state.pending != 0 {
+            return;
+        }
+        let request = state.request.clone();
+        let prompt = &request.prompt;
+        // Position p's logits predict prompt token p + 1.
+        let first = entry.start_position;
+        let end = (entry.start_position + entry.token_ids.len()).min(prompt.len().saturating_sub(1));
+        if first >= end {
+            return;
+        }
+        let first_row = (self.inputs.token_ids.len() - entry.token_ids.len()) as i32;
+        self.inputs.prompt_targets.extend_from_slice(&prompt[first + 1..end + 1]);
+        self.prompt_rows.extend((0..(end - first) as i32).map(|i| first_row + i));
+        self.inputs.prompt_logprobs.push(PromptLogprobRows {
+            request_id: entry.request_id,
+            first_position: first,
+            num_rows: end - first,
+            top_k,
+        });
     }
 
     /// Stages the sampling rows of an entry (forking the samples it lists

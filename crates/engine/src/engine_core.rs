@@ -18,7 +18,7 @@ use crate::batch::SampleTarget;
 use crate::error::EngineError;
 use crate::input::EngineCoreRequest;
 use crate::metrics::EngineMetrics;
-use crate::request::TokenLogprob;
+use crate::request::{PromptLogprob, TokenLogprob};
 use crate::runner::ModelRunner;
 
 /// Host wall-clock time of each phase of `step()`, summed over steps; the
@@ -64,11 +64,13 @@ pub(crate) struct ScheduledEvent {
 }
 
 /// What a step of the core produced: first schedulings, then the tokens of
-/// at most one applied step.
+/// at most one applied step, and the prompt logprobs of requests whose first
+/// token is among them (one entry per prompt token, the first `None`).
 #[derive(Debug, Default)]
 pub(crate) struct CoreOutput {
     pub scheduled: Vec<ScheduledEvent>,
     pub tokens: Vec<TokenEvent>,
+    pub prompt_logprobs: Vec<(RequestId, Vec<Option<PromptLogprob>>)>,
 }
 
 /// What the core keeps of a live request (the runner keeps what sampling needs).
@@ -77,6 +79,9 @@ struct RequestState {
     scheduled: bool,
     /// Whether its tokens carry logprobs.
     wants_logprobs: bool,
+    /// When it asked for prompt logprobs: one entry per prompt token, filled
+    /// in as its prompt chunks run, handed out with its first token.
+    prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
 }
 
 /// A step enqueued on the device whose sampled tokens are not applied yet.
@@ -105,6 +110,9 @@ pub(crate) struct EngineCore<B: Backend> {
     /// The step the device is running, whose tokens the next step applies
     /// (asynchronous scheduling; always `None` between steps otherwise).
     in_flight: Option<InFlightStep<B>>,
+    /// Prompt logprobs of requests whose first token was applied, for the
+    /// next [`CoreOutput`].
+    ready_prompt_logprobs: Vec<(RequestId, Vec<Option<PromptLogprob>>)>,
 }
 
 impl<B: Backend> EngineCore<B> {
@@ -124,6 +132,7 @@ impl<B: Backend> EngineCore<B> {
             last_counters: (0, 0, 0),
             timings: StepTimings::default(),
             in_flight: None,
+            ready_prompt_logprobs: Vec::new(),
         }
     }
 
@@ -165,6 +174,8 @@ impl<B: Backend> EngineCore<B> {
             min_tokens: req.min_tokens(),
             cache_salt: req.cache_salt(),
             fairness_group: req.fairness_group().map(u64::from),
+            // Cached blocks never had their logits computed.
+            skip_prefix_cache: req.prompt_logprobs().is_some(),
         };
         // The input processor refuses everything the scheduler would.
         self.scheduler
@@ -177,8 +188,18 @@ impl<B: Backend> EngineCore<B> {
             req.seed(),
             req.constraint().cloned(),
         );
-        self.requests
-            .insert(id, RequestState { scheduled: false, wants_logprobs: req.sampling().logprobs.is_some() });
+        if let Some(top_k) = req.prompt_logprobs() {
+            self.runner.want_prompt_logprobs(id, top_k);
+        }
+        let prompt_logprobs = req.prompt_logprobs().map(|_| vec![None; req.prompt_token_ids().len()]);
+        self.requests.insert(
+            id,
+            RequestState {
+                scheduled: false,
+                wants_logprobs: req.sampling().logprobs.is_some(),
+                prompt_logprobs,
+            },
+        );
         Ok(id)
     }
 
@@ -233,7 +254,9 @@ impl<B: Backend> EngineCore<B> {
             return Ok(None);
         }
         let Some(step) = self.in_flight.take() else { return Ok(None) };
-        Ok(Some(CoreOutput { scheduled: Vec::new(), tokens: self.apply(step)? }))
+        let tokens = self.apply(step)?;
+        let prompt_logprobs = std::mem::take(&mut self.ready_prompt_logprobs);
+        Ok(Some(CoreOutput { scheduled: Vec::new(), tokens, prompt_logprobs }))
     }
 
     /// One step: schedule, launch on the device, then apply the sampled
@@ -255,7 +278,37 @@ impl<B: Backend> EngineCore<B> {
                 tokens.extend(self.apply(step)?);
             }
         }
-        Ok(CoreOutput { scheduled, tokens })
+        let prompt_logprobs = std::mem::take(&mut self.ready_prompt_logprobs);
+        Ok(CoreOutput { scheduled, tokens, prompt_logprobs })
+    }
+
+    /// Files the prompt logprobs the runner computed under their requests.
+    fn collect_prompt_logprobs(&mut self) {
+        for (id, first, entries) in self.runner.take_prompt_logprobs() {
+            let Some(slots) = self.requests.get_mut(&id).and_then(|r| r.prompt_logprobs.as_mut()) else {
+                continue;
+            };
+            for (i, entry) in entries.into_iter().enumerate() {
+                if let Some(slot) = slots.get_mut(first + i + 1) {
+                    *slot = Some(entry);
+                }
+            }
+        }
+    }
+
+    /// The prompt logprobs of the requests whose first tokens are among
+    /// `tokens` (each handed out once).
+    fn take_prompt_logprobs(&mut self, tokens: &[TokenEvent]) {
+        for event in tokens {
+            let Some(state) = self.requests.get_mut(&event.request_id) else { continue };
+            if let Some(entries) = state.prompt_logprobs.take() {
+                let missing = entries.iter().skip(1).filter(|e| e.is_none()).count();
+                if missing > 0 {
+                    tracing::warn!(request = %event.request_id, missing, "prompt logprobs incomplete");
+                }
+                self.ready_prompt_logprobs.push((event.request_id, entries));
+            }
+        }
     }
 
     fn first_scheduled(&mut self, out: &SchedulerOutput, now: Instant) -> Vec<ScheduledEvent> {
@@ -290,6 +343,7 @@ impl<B: Backend> EngineCore<B> {
         self.timings.prepare += prepared - now;
         self.timings.launched_ahead += u64::from(previous.is_some() && !out.is_empty());
         let sampled = self.runner.launch(&out, previous.and_then(|p| p.sampled.as_ref()))?;
+        self.collect_prompt_logprobs();
         self.timings.launch += prepared.elapsed();
         Ok((!out.is_empty()).then(|| InFlightStep {
             out,
@@ -341,6 +395,7 @@ impl<B: Backend> EngineCore<B> {
                 finish: update.finish_reason,
             });
         }
+        self.take_prompt_logprobs(&events);
         // After the loop: all of a request's samples may end in one step.
         for event in events.iter().filter(|e| e.finish.is_some()) {
             self.forget_if_done(event.request_id);

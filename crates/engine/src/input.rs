@@ -69,6 +69,7 @@ pub struct EngineCoreRequest {
     priority: i32,
     fairness_group: Option<u32>,
     cache_salt: Option<u64>,
+    prompt_logprobs: Option<usize>,
     eos_token_ids: Vec<TokenId>,
     stop_token_ids: Vec<TokenId>,
     ignore_eos: bool,
@@ -127,6 +128,11 @@ impl EngineCoreRequest {
     /// The model's EOS ids; they end a sample unless `ignore_eos`.
     pub(crate) fn cache_salt(&self) -> Option<u64> {
         self.cache_salt
+    }
+
+    /// Top alternatives per prompt token, when prompt logprobs were asked for.
+    pub fn prompt_logprobs(&self) -> Option<usize> {
+        self.prompt_logprobs
     }
 
     pub(crate) fn eos_token_ids(&self) -> &[TokenId] {
@@ -210,6 +216,7 @@ impl InputProcessor {
             priority: req.priority,
             fairness_group: req.fairness_group,
             cache_salt: req.cache_salt,
+            prompt_logprobs: req.prompt_logprobs,
             eos_token_ids: self.info.eos_token_ids.clone(),
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
@@ -326,6 +333,17 @@ impl InputProcessor {
             ));
         }
         req.sampling.validate().map_err(|e| EngineError::invalid(Some(e.param), e.to_string()))?;
+        if let Some(k) = req.prompt_logprobs {
+            if k > info.vocab_size {
+                return Err(EngineError::invalid(
+                    Some("prompt_logprobs"),
+                    format!(
+                        "prompt_logprobs must be at most the vocabulary size ({}), got {k}",
+                        info.vocab_size
+                    ),
+                ));
+            }
+        }
         self.check_logit_constraints(&req.sampling)?;
         if req.constraint.is_some() && !self.token_masks {
             return Err(EngineError::invalid(

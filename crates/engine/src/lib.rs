@@ -52,7 +52,9 @@ use std::path::Path;
 pub use async_engine::{
     AsyncEngine, AsyncEngineOptions, RequestStream, StreamError, SubmitError, DEFAULT_MAX_PENDING_SEQS,
 };
-pub use batch::{BlockTableSource, PersistentBatch, PreparedStep, SampleTarget, StepInputs};
+pub use batch::{
+    BlockTableSource, PersistentBatch, PreparedStep, PromptLogprobRows, SampleTarget, StepInputs,
+};
 pub use config::{EngineConfig, GenerationConfigSource, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use constraint::{FixedTokenSet, TokenConstraint, TokenConstraintFactory};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
@@ -66,7 +68,8 @@ pub use output::{CompletedRequest, CompletedSeq};
 pub use pagoda_sampler::SamplingParams;
 pub use pagoda_scheduler::{Policy, PreemptionMode};
 pub use request::{
-    fairness_group, FinishReason, GenerationRequest, RequestOutput, SeqDelta, StopReason, TokenLogprob,
+    fairness_group, FinishReason, GenerationRequest, PromptLogprob, RequestOutput, SeqDelta, StopReason,
+    TokenLogprob,
 };
 pub use runner::{ModelRunner, PhaseTotal, RunnerTimings};
 pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};

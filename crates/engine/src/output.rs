@@ -1,7 +1,7 @@
 //! Folding streamed deltas into finished results (offline generation and
 //! non-streaming API responses).
 
-use crate::request::{FinishReason, RequestOutput, StopReason, TokenLogprob};
+use crate::request::{FinishReason, PromptLogprob, RequestOutput, StopReason, TokenLogprob};
 
 /// One finished sample.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -21,6 +21,8 @@ pub struct CompletedRequest {
     pub seqs: Vec<CompletedSeq>,
     pub num_prompt_tokens: usize,
     pub num_cached_tokens: usize,
+    /// When asked for: per prompt token, the first `None`.
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
 }
 
 impl CompletedRequest {
@@ -30,6 +32,7 @@ impl CompletedRequest {
             seqs: (0..n).map(|index| CompletedSeq { index, ..Default::default() }).collect(),
             num_prompt_tokens: 0,
             num_cached_tokens: 0,
+            prompt_logprobs: None,
         }
     }
 
@@ -37,6 +40,9 @@ impl CompletedRequest {
     pub fn absorb(&mut self, out: RequestOutput) {
         self.num_prompt_tokens = out.num_prompt_tokens;
         self.num_cached_tokens = out.num_cached_tokens;
+        if out.prompt_logprobs.is_some() {
+            self.prompt_logprobs = out.prompt_logprobs;
+        }
         for d in out.deltas {
             if d.index >= self.seqs.len() {
                 self.seqs.resize_with(d.index + 1, Default::default);

@@ -16,7 +16,7 @@ use crate::detokenizer::IncrementalDetokenizer;
 use crate::engine_core::CoreOutput;
 use crate::input::EngineCoreRequest;
 use crate::metrics::EngineMetrics;
-use crate::request::{FinishReason, RequestOutput, SeqDelta, StopReason};
+use crate::request::{FinishReason, PromptLogprob, RequestOutput, SeqDelta, StopReason};
 use crate::stop::{StopChecker, StopScan};
 
 /// The text side of one sample.
@@ -50,6 +50,8 @@ struct RequestState {
     /// The request's `n` and `max_tokens` (for their histograms).
     n: usize,
     max_tokens: usize,
+    /// Prompt logprobs not yet sent (they ride on the next output).
+    prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
 }
 
 /// What one batch of core events became.
@@ -104,6 +106,7 @@ impl OutputProcessor {
                 num_cached_tokens: 0,
                 n: req.n(),
                 max_tokens: req.max_tokens(),
+                prompt_logprobs: None,
             },
         );
     }
@@ -135,6 +138,7 @@ impl OutputProcessor {
             finished: true,
             num_prompt_tokens: state.num_prompt_tokens,
             num_cached_tokens: state.num_cached_tokens,
+            prompt_logprobs: state.prompt_logprobs,
         })
     }
 
@@ -149,6 +153,11 @@ impl OutputProcessor {
                     state.first_scheduled = Some(event.at);
                 }
                 self.metrics.request_queue_time.observe((event.at - state.arrived).as_secs_f64());
+            }
+        }
+        for (id, entries) in step.prompt_logprobs {
+            if let Some(state) = self.requests.get_mut(&id) {
+                state.prompt_logprobs = Some(entries);
             }
         }
         let now = Instant::now();
@@ -221,6 +230,7 @@ impl OutputProcessor {
                     finished: false,
                     num_prompt_tokens: state.num_prompt_tokens,
                     num_cached_tokens: state.num_cached_tokens,
+                    prompt_logprobs: state.prompt_logprobs.take(),
                 });
                 outputs.len() - 1
             });

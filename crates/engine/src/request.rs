@@ -42,6 +42,11 @@ pub struct GenerationRequest {
     /// Structured outputs: every sample's tokens follow this constraint (a
     /// compiled grammar). Refused on a backend that cannot apply token masks.
     pub constraint: Option<Arc<dyn TokenConstraintFactory>>,
+    /// vLLM's `prompt_logprobs`: the logprob of every prompt token after the
+    /// first given the tokens before it, with this many top alternatives.
+    /// The prompt is then computed whole (no prefix-cached blocks are reused:
+    /// their logits were never computed).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl GenerationRequest {
@@ -64,6 +69,7 @@ impl GenerationRequest {
             fairness_group: None,
             cache_salt: None,
             constraint: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -113,6 +119,17 @@ pub struct TokenLogprob {
     pub top: Vec<(TokenId, f32)>,
 }
 
+/// The logprob of one prompt token given the tokens before it, its rank in
+/// that distribution (1 is the most likely; tokens of equal logprob count
+/// before it, as vLLM counts), and the top alternatives, most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    pub token: TokenId,
+    pub logprob: f32,
+    pub rank: u32,
+    pub top: Vec<(TokenId, f32)>,
+}
+
 /// New output of one of a request's `n` sequences since the last delta.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeqDelta {
@@ -136,4 +153,7 @@ pub struct RequestOutput {
     pub num_prompt_tokens: usize,
     /// Prompt tokens found in the prefix cache (known once the prompt is scheduled).
     pub num_cached_tokens: usize,
+    /// When the request asked for them, on its first output: one entry per
+    /// prompt token, the first `None` (nothing comes before it).
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
 }

@@ -19,10 +19,11 @@ use pagoda_backend::{Backend, DType, HostSlice, SampledToken, SamplingParams};
 use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
 use pagoda_scheduler::{RequestId, SchedulerOutput, TokenId};
 
-use crate::batch::{PersistentBatch, PreparedStep, SampleTarget};
+use crate::batch::{PersistentBatch, PreparedStep, SampleTarget, StepInputs};
 use crate::constraint::TokenConstraintFactory;
 use crate::error::EngineError;
 use crate::graphs::{DecodeGraphs, GraphStats};
+use crate::request::PromptLogprob;
 
 /// The device side of the engine: the backend, the model's weights and the
 /// paged KV cache, plus the host pool that swapped-out blocks live in.
@@ -38,6 +39,9 @@ pub struct ModelRunner<B: Backend> {
     graphs: Option<DecodeGraphs<B>>,
     /// Every sequence's block table and sampling state, and the staged step.
     batch: PersistentBatch,
+    /// Prompt logprobs computed by launched steps, not yet taken:
+    /// `(request, first position, one per position from there)`.
+    prompt_logprobs: Vec<(RequestId, usize, Vec<PromptLogprob>)>,
 }
 
 /// Where the runner's time went, summed over steps (host wall-clock time).
@@ -104,6 +108,7 @@ impl<B: Backend> ModelRunner<B> {
             host_pools,
             graphs: None,
             batch: PersistentBatch::new(block_size),
+            prompt_logprobs: Vec::new(),
         })
     }
 
@@ -156,6 +161,20 @@ impl<B: Backend> ModelRunner<B> {
         self.batch.add_request(request_id, prompt, params, seed, constraint);
     }
 
+    /// Asks for the logprobs of a request's prompt tokens (call after
+    /// [`Self::add_request`]); launched steps compute them for the prompt
+    /// chunks they run, and [`Self::take_prompt_logprobs`] hands them over.
+    pub fn want_prompt_logprobs(&mut self, request_id: RequestId, top_k: usize) {
+        self.batch.want_prompt_logprobs(request_id, top_k);
+    }
+
+    /// The prompt logprobs computed by the steps launched since the last
+    /// call: `(request, first position, one entry per position from there)`;
+    /// the entry of position `p` is prompt token `p + 1`'s.
+    pub fn take_prompt_logprobs(&mut self) -> Vec<(RequestId, usize, Vec<PromptLogprob>)> {
+        std::mem::take(&mut self.prompt_logprobs)
+    }
+
     /// Applies a step's changes to the persistent batch and stages its host
     /// inputs (host work only). `previous` lists who samples each row of the
     /// step still in flight, if any (asynchronous scheduling). Call
@@ -206,7 +225,11 @@ impl<B: Backend> ModelRunner<B> {
                 ))
             }
         };
-        let bucket = self.graphs.as_ref().and_then(|g| g.bucket_for(out.num_decodes, inputs));
+        let has_prompt_rows = !inputs.prompt_logprobs.is_empty();
+        let bucket = match has_prompt_rows {
+            true => None,
+            false => self.graphs.as_ref().and_then(|g| g.bucket_for(out.num_decodes, inputs)),
+        };
         let (logits, t3) = match (bucket, self.graphs.as_mut()) {
             (Some(bucket), Some(graphs)) => {
                 // The padded buffers read the block tables from the batch.
@@ -251,6 +274,22 @@ impl<B: Backend> ModelRunner<B> {
             let t = Instant::now();
             self.timings.token_masks += t - t3;
         }
+        let logits = if has_prompt_rows {
+            // The prompt rows follow the sampling rows; read them back (this
+            // waits for the device) and keep the sampling rows to sample.
+            let inputs = self.batch.inputs();
+            let sampling = inputs.num_sampling_rows();
+            let prompt = logits.narrow(sampling, inputs.prompt_targets.len())?;
+            let values = self.backend.download_f32(&prompt)?;
+            self.prompt_logprobs.extend(prompt_logprobs(inputs, &values, self.model.config().vocab_size));
+            if sampling > 0 {
+                logits.narrow(0, sampling)?
+            } else {
+                logits
+            }
+        } else {
+            logits
+        };
         let rows = self.batch.sampling_rows();
         let sampled = if rows.is_empty() { None } else { Some(self.backend.sample_async(&logits, &rows)?) };
         drop(rows);
@@ -313,4 +352,46 @@ impl<B: Backend> ModelRunner<B> {
         }
         Ok(())
     }
+}
+
+/// The prompt logprobs of a step from its prompt rows' logits (`values`,
+/// row-major, `vocab` per row): per row, the log-softmax (in f64) at the
+/// prompt token the row predicts, that token's rank, and the top alternatives.
+fn prompt_logprobs(
+    inputs: &StepInputs,
+    values: &[f32],
+    vocab: usize,
+) -> Vec<(RequestId, usize, Vec<PromptLogprob>)> {
+    let mut rows = values.chunks_exact(vocab).zip(&inputs.prompt_targets);
+    let mut out = Vec::with_capacity(inputs.prompt_logprobs.len());
+    for group in &inputs.prompt_logprobs {
+        let entries = rows
+            .by_ref()
+            .take(group.num_rows)
+            .map(|(logits, &target)| row_logprob(logits, target, group.top_k))
+            .collect();
+        out.push((group.request_id, group.first_position, entries));
+    }
+    out
+}
+
+/// One row's [`PromptLogprob`] of `target` with `top_k` alternatives.
+fn row_logprob(logits: &[f32], target: TokenId, top_k: usize) -> PromptLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let logprob = |x: f32| (x as f64 - log_z) as f32;
+    let t = logits[target as usize];
+    // vLLM counts the tokens at least as likely, the target itself included.
+    let rank = logits.iter().filter(|&&x| x >= t).count() as u32;
+    let k = top_k.min(logits.len());
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_logit);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(by_logit);
+    let top = order.into_iter().map(|id| (id, logprob(logits[id as usize]))).collect();
+    PromptLogprob { token: target, logprob: logprob(t), rank, top }
 }

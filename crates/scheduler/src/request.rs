@@ -49,6 +49,11 @@ pub struct NewRequest {
     /// server gives every prompt and sample of one API call the same group);
     /// `None`: a group of its own. See [`crate::Scheduler`]'s rule 3.
     pub fairness_group: Option<u64>,
+    /// Compute the whole prompt even when a prefix of it is cached (its
+    /// blocks still enter the cache): for requests that need something of
+    /// every prompt position, such as prompt logprobs, which cached blocks
+    /// never produced.
+    pub skip_prefix_cache: bool,
 }
 
 impl NewRequest {
@@ -67,6 +72,7 @@ impl NewRequest {
             min_tokens: 0,
             cache_salt: None,
             fairness_group: None,
+            skip_prefix_cache: false,
         }
     }
 }

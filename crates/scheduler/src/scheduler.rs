@@ -3,7 +3,8 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use pagoda_paged_kv::{
-    AllocError, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, SeqId, SeqStart, TokenId,
+    AllocError, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, PrefixHit, SeqId, SeqStart,
+    TokenId,
 };
 use rustc_hash::FxHashMap;
 
@@ -36,6 +37,8 @@ struct RequestState {
     ignore_eos: bool,
     min_tokens: usize,
     cache_salt: Option<u64>,
+    /// [`NewRequest::skip_prefix_cache`].
+    skip_prefix_cache: bool,
     group: FairnessGroup,
     /// Sequences of this request that exist and have not finished.
     live_seqs: Vec<SeqId>,
@@ -261,6 +264,7 @@ impl<A: KvAllocator> Scheduler<A> {
                 ignore_eos: req.ignore_eos,
                 min_tokens: req.min_tokens,
                 cache_salt: req.cache_salt,
+                skip_prefix_cache: req.skip_prefix_cache,
                 group: req.fairness_group.map_or(FairnessGroup::Alone(req.request_id), FairnessGroup::Shared),
                 live_seqs: vec![seq_id],
             },
@@ -671,8 +675,13 @@ impl<A: KvAllocator> Scheduler<A> {
         if seq.num_awaited_tokens > 0 || slots + 1 + seq.pending_fork.len() > self.config.max_num_seqs {
             return Ok(Admission::Stop);
         }
-        let salt = self.requests.get(&seq.request_id).and_then(|r| r.cache_salt);
-        let prefix = self.kv.lookup_prefix(&seq.tokens, salt);
+        let request = self.requests.get(&seq.request_id);
+        let salt = request.and_then(|r| r.cache_salt);
+        let prefix = if request.is_some_and(|r| r.skip_prefix_cache) {
+            PrefixHit::miss(seq.tokens.len())
+        } else {
+            self.kv.lookup_prefix(&seq.tokens, salt)
+        };
         let cached = prefix.num_cached_tokens;
         let remaining = seq.tokens.len() - cached;
         let Some(n) = self.prefill_chunk(remaining, *budget) else { return Ok(Admission::Stop) };

@@ -15,7 +15,9 @@ use crate::endpoint::{log_finished, run_endpoint, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
-use crate::params::{bad_words, generation_request, stream_mode, PromptOptions, MAX_TOP_LOGPROBS};
+use crate::params::{
+    bad_words, check_max_logprobs, generation_request, stream_mode, PromptOptions, MAX_TOP_LOGPROBS,
+};
 use crate::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, MessageContent, StopReasonOut, ToolChoice,
@@ -312,6 +314,17 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     state.check_model(request.model.as_deref())?;
     let want_logprobs = request.logprobs.unwrap_or(false);
+    let max_logprobs = state.config().max_logprobs;
+    check_max_logprobs("top_logprobs", request.top_logprobs.map(|k| k as usize), max_logprobs)?;
+    check_max_logprobs("prompt_logprobs", request.sampling.prompt_logprobs, max_logprobs)?;
+    if let (Some(best_of), n) = (request.sampling.best_of, request.sampling.n.unwrap_or(1)) {
+        if best_of > n {
+            return Err(ApiError::bad_request(
+                Some("best_of"),
+                format!("best_of must equal n in chat completions (best_of {best_of}, n {n}), as in vLLM"),
+            ));
+        }
+    }
     if let Some(k) = request.top_logprobs {
         if !want_logprobs {
             return Err(ApiError::bad_request(
@@ -418,8 +431,10 @@ async fn chat(
     let texts = TokenTexts::new(engine.tokenizer(), as_token_ids);
     let mut choices = Vec::with_capacity(n);
     let mut completion_tokens = 0;
+    let mut prompt_logprobs = None;
     for request_done in done {
         completion_tokens += request_done.num_generated_tokens();
+        prompt_logprobs = request_done.prompt_logprobs.as_deref().map(|lp| texts.prompt_logprobs(lp));
         for seq in request_done.seqs {
             let (content, tool_calls, finish_reason) =
                 tool_mode.finish_message(seq.text, seq.finish_reason.map(|r| r.as_str()));
@@ -440,6 +455,7 @@ async fn chat(
         model,
         choices,
         usage: Usage::new(prompt_tokens, completion_tokens),
+        prompt_logprobs,
     };
     Ok(Json(response).into_response())
 }

@@ -7,13 +7,13 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::response::{IntoResponse, Json, Response};
 use axum::Extension;
-use pagoda_engine::{AsyncEngine, RequestOutput, SeqDelta};
+use pagoda_engine::{AsyncEngine, PromptLogprob, RequestOutput, SeqDelta};
 
 use crate::endpoint::{log_finished, run_endpoint, Cancelled, PromptWorkers};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::logprobs::TokenTexts;
-use crate::params::{bad_words, generation_request, stream_mode, PromptOptions};
+use crate::params::{bad_words, check_max_logprobs, generation_request, stream_mode, PromptOptions};
 use crate::protocol::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput, StopReasonOut,
     Usage, UsageField,
@@ -80,13 +80,35 @@ async fn complete(
         return Err(ApiError::bad_request(Some("suffix"), "suffix is not supported"));
     }
     let echo = request.echo.unwrap_or(false);
-    if echo && request.logprobs.is_some() {
-        return Err(ApiError::bad_request(Some("echo"), "echo together with logprobs is not supported"));
+    let max_logprobs = state.config().max_logprobs;
+    check_max_logprobs("logprobs", request.logprobs.map(|k| k as usize), max_logprobs)?;
+    check_max_logprobs("prompt_logprobs", request.sampling.prompt_logprobs, max_logprobs)?;
+    let n = request.sampling.n.unwrap_or(1);
+    // best_of < n is refused with the other sampling fields.
+    let best_of = request.sampling.best_of.unwrap_or(n).max(n);
+    if best_of > n && request.sampling.stream == Some(true) {
+        return Err(ApiError::bad_request(
+            Some("best_of"),
+            format!("best_of ({best_of}) above n ({n}) cannot be streamed, as in OpenAI's API"),
+        ));
     }
+    // Echo with max_tokens 0 returns the prompt alone (lm-evaluation-harness
+    // asks so for loglikelihoods): one token is generated and dropped, as vLLM does.
+    let echo_only = echo && request.max_tokens == Some(0);
+    let max_tokens = if echo_only { Some(1) } else { request.max_tokens };
     let engine = state.engine();
     // Cheap checks first: a refused request costs no tokenization.
-    let mut template =
-        generation_request(&request.sampling, engine.info(), request.max_tokens, request.logprobs)?;
+    let mut template = generation_request(&request.sampling, engine.info(), max_tokens, request.logprobs)?;
+    // Echoed prompt tokens get logprobs (the engine's prompt logprobs).
+    let echo_logprobs = request.logprobs.filter(|_| echo).map(|k| k as usize);
+    if let Some(k) = echo_logprobs {
+        template.prompt_logprobs = Some(template.prompt_logprobs.map_or(k, |p| p.max(k)));
+    }
+    if best_of > n {
+        // The n of best_of samples with the highest cumulative logprob are returned.
+        template.n = best_of;
+        template.sampling.logprobs.get_or_insert(0);
+    }
     template.sampling.bad_words =
         bad_words(engine.tokenizer(), request.sampling.bad_words.as_deref().unwrap_or_default())?;
     template.cache_salt = state.cache_salt(request.sampling.cache_salt.as_deref())?;
@@ -123,7 +145,6 @@ async fn complete(
             (ids, None)
         }
     };
-    let n = template.n;
     let mode = stream_mode(&request.sampling);
     let stream = mode.stream;
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
@@ -131,6 +152,7 @@ async fn complete(
     // Token-id prompts are decoded for echo only once the engine has
     // accepted them (so their length is bounded by the context).
     let echo_ids = (echo && prompt_texts.is_none()).then(|| prompts.clone());
+    let echo_logprob_ids = echo_logprobs.map(|_| prompts.clone());
 
     let requests: Vec<_> = prompts
         .into_iter()
@@ -174,6 +196,7 @@ async fn complete(
     let created = unix_now();
     let want_logprobs = request.logprobs.is_some();
     let as_token_ids = request.sampling.return_tokens_as_token_ids.unwrap_or(false);
+    let prompt_logprobs_k = request.sampling.prompt_logprobs;
     if stream {
         let writer = CompletionChunks {
             id: request_id,
@@ -184,6 +207,9 @@ async fn complete(
             as_token_ids,
             engine: engine.clone(),
             echo: echo_texts,
+            echo_only,
+            echo_logprobs: echo_logprob_ids
+                .map(|ids| (ids, vec![None; num_prompts], echo_logprobs.unwrap_or(0))),
             echoed: vec![false; num_prompts * n],
             offsets: vec![0; num_prompts * n],
             usage: StreamUsage::new(mode, prompt_tokens),
@@ -191,21 +217,48 @@ async fn complete(
         return Ok(streaming::sse_response(streaming::merge(streams), writer, started));
     }
 
-    let done = streaming::collect(streams, n).await?;
+    let done = streaming::collect(streams, best_of).await?;
     let texts = TokenTexts::new(engine.tokenizer(), as_token_ids);
     let mut choices = Vec::with_capacity(num_prompts * n);
     let mut completion_tokens = 0;
     for (p, request_done) in done.into_iter().enumerate() {
-        completion_tokens += request_done.num_generated_tokens();
-        for seq in request_done.seqs {
+        if !echo_only {
+            completion_tokens += request_done.num_generated_tokens();
+        }
+        let prompt_logprobs = request_done.prompt_logprobs.unwrap_or_default();
+        let mut seqs = request_done.seqs;
+        if best_of > n {
+            let cumulative =
+                |s: &pagoda_engine::CompletedSeq| s.logprobs.iter().map(|l| l.logprob as f64).sum::<f64>();
+            seqs.sort_by(|a, b| cumulative(b).total_cmp(&cumulative(a)).then(a.index.cmp(&b.index)));
+            seqs.truncate(n);
+        }
+        for (i, mut seq) in seqs.into_iter().enumerate() {
+            if echo_only {
+                seq.text.clear();
+                seq.logprobs.clear();
+            }
             let mut text = echo_texts.as_ref().map(|t| t[p].clone()).unwrap_or_default();
             text.push_str(&seq.text);
+            let logprobs = want_logprobs.then(|| {
+                let mut offset = 0;
+                let mut out = match (&echo_logprob_ids, echo_logprobs) {
+                    (Some(ids), Some(k)) => {
+                        texts.echoed_prompt(&ids[p], &top_k(&prompt_logprobs, k), &mut offset)
+                    }
+                    _ => Default::default(),
+                };
+                out.extend(texts.completion(&seq.logprobs, &mut offset));
+                out
+            });
             choices.push(CompletionChoice {
-                index: p * n + seq.index,
+                index: p * n + i,
                 text,
-                logprobs: want_logprobs.then(|| texts.completion(&seq.logprobs, &mut 0)),
+                logprobs,
                 finish_reason: seq.finish_reason.map(|r| r.as_str()),
                 stop_reason: StopReasonOut::from_engine(&seq.stop_reason),
+                prompt_logprobs: prompt_logprobs_k
+                    .map(|k| texts.prompt_logprobs(&top_k(&prompt_logprobs, k))),
             });
         }
     }
@@ -222,6 +275,13 @@ async fn complete(
     Ok(Json(response).into_response())
 }
 
+/// One prompt's logprobs as the engine returns them (the first `None`).
+type PromptLogprobs = Vec<Option<PromptLogprob>>;
+
+/// Per prompt its token ids and its prompt logprobs once known, and the top
+/// alternatives the echo shows.
+type EchoLogprobs = (Vec<Vec<u32>>, Vec<Option<PromptLogprobs>>, usize);
+
 /// The SSE chunks of a streamed completion: one chunk per choice update.
 struct CompletionChunks {
     id: String,
@@ -234,6 +294,11 @@ struct CompletionChunks {
     engine: Arc<AsyncEngine>,
     /// Prompt texts to put before each choice's first text, when echoing.
     echo: Option<Vec<String>>,
+    /// Echo with max_tokens 0: the generated token is dropped.
+    echo_only: bool,
+    /// Echo with logprobs: per prompt its token ids and (once its first
+    /// output came) its prompt logprobs, and the top alternatives wanted.
+    echo_logprobs: Option<EchoLogprobs>,
     echoed: Vec<bool>,
     /// Characters sent so far per choice (for `text_offset`).
     offsets: Vec<usize>,
@@ -252,22 +317,37 @@ impl CompletionChunks {
         })
     }
 
-    fn choice(&mut self, prompt: usize, delta: SeqDelta) -> Option<CompletionChoice> {
+    fn choice(&mut self, prompt: usize, mut delta: SeqDelta) -> Option<CompletionChoice> {
         let index = prompt * self.n + delta.index;
+        if self.echo_only {
+            delta.text.clear();
+            delta.token_ids.clear();
+            delta.logprobs.clear();
+        }
         self.usage.completion_tokens += delta.token_ids.len();
         let mut text = String::new();
+        let mut echoed_logprobs = None;
+        let texts = TokenTexts::new(self.engine.tokenizer(), self.as_token_ids);
         if let Some(echo) = &self.echo {
             if !self.echoed[index] {
                 self.echoed[index] = true;
                 text.push_str(&echo[prompt]);
+                if let Some((ids, logprobs, k)) = &self.echo_logprobs {
+                    let entries = top_k(logprobs[prompt].as_deref().unwrap_or_default(), *k);
+                    echoed_logprobs =
+                        Some(texts.echoed_prompt(&ids[prompt], &entries, &mut self.offsets[index]));
+                }
             }
         }
         text.push_str(&delta.text);
         let logprobs: Option<CompletionLogprobs> =
-            (self.want_logprobs && !delta.logprobs.is_empty()).then(|| {
-                TokenTexts::new(self.engine.tokenizer(), self.as_token_ids)
-                    .completion(&delta.logprobs, &mut self.offsets[index])
-            });
+            if self.want_logprobs && (!delta.logprobs.is_empty() || echoed_logprobs.is_some()) {
+                let mut out = echoed_logprobs.unwrap_or_default();
+                out.extend(texts.completion(&delta.logprobs, &mut self.offsets[index]));
+                Some(out)
+            } else {
+                None
+            };
         // A new token with no text yet (text held back for a possible stop
         // string, a partial UTF-8 character, or a model without a tokenizer)
         // still gets its chunk, as vLLM sends it: clients time tokens by chunks.
@@ -284,8 +364,20 @@ impl CompletionChunks {
             logprobs,
             finish_reason: delta.finish_reason.map(|r| r.as_str()),
             stop_reason: StopReasonOut::from_engine(&delta.stop_reason),
+            prompt_logprobs: None,
         })
     }
+}
+
+/// Prompt logprobs with at most `k` top alternatives each (the engine
+/// computed the most any field of the request asked for).
+fn top_k(logprobs: &[Option<PromptLogprob>], k: usize) -> Vec<Option<PromptLogprob>> {
+    logprobs
+        .iter()
+        .map(|e| {
+            e.as_ref().map(|lp| PromptLogprob { top: lp.top.iter().take(k).copied().collect(), ..lp.clone() })
+        })
+        .collect()
 }
 
 impl ChunkWriter for CompletionChunks {
@@ -294,6 +386,9 @@ impl ChunkWriter for CompletionChunks {
     }
 
     fn output(&mut self, prompt: usize, out: RequestOutput) -> Vec<String> {
+        if let (Some((_, logprobs, _)), Some(entries)) = (self.echo_logprobs.as_mut(), out.prompt_logprobs) {
+            logprobs[prompt] = Some(entries);
+        }
         let mut chunks = Vec::with_capacity(out.deltas.len());
         for delta in out.deltas {
             if let Some(choice) = self.choice(prompt, delta) {

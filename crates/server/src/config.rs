@@ -96,6 +96,15 @@ pub struct ServerArgs {
     /// Allow credentials (cookies, authorization headers) in cross-origin requests.
     #[arg(long)]
     pub allowed_credentials: bool,
+    /// Most top alternatives a request may ask for per token (`logprobs`,
+    /// `top_logprobs`, `prompt_logprobs`; vLLM's flag and default). The top
+    /// alternatives of generated tokens stay capped at 20 by the sampler.
+    #[arg(long, default_value_t = 20)]
+    pub max_logprobs: usize,
+    /// The path prefix a reverse proxy serves the API under (vLLM's, FastAPI's
+    /// `root_path`): every route answers both at `/` and under this prefix.
+    #[arg(long)]
+    pub root_path: Option<String>,
 }
 
 /// A list of strings given as JSON on the command line (vLLM's CORS flags take them so).
@@ -113,6 +122,12 @@ fn parse_tool_call_parser(value: &str) -> Result<ToolParserKind, String> {
     ToolParserKind::from_name(value).ok_or_else(|| {
         format!("unknown tool-call parser `{value}` (one of: {})", ToolParserKind::names().join(", "))
     })
+}
+
+/// `prefix`, `/prefix/` and `/prefix` all mean `/prefix`; empty or `/` mean none.
+fn normalize_root_path(path: Option<&str>) -> Option<String> {
+    let trimmed = path?.trim().trim_matches('/');
+    (!trimmed.is_empty()).then(|| format!("/{trimmed}"))
 }
 
 fn parse_json_list(value: &str) -> Result<JsonList, String> {
@@ -168,6 +183,8 @@ impl Default for ServerArgs {
             allowed_methods: JsonList::any(),
             allowed_headers: JsonList::any(),
             allowed_credentials: false,
+            max_logprobs: 20,
+            root_path: None,
         }
     }
 }
@@ -214,6 +231,8 @@ impl ServerArgs {
                 headers: self.allowed_headers.0.clone(),
                 credentials: self.allowed_credentials,
             },
+            max_logprobs: self.max_logprobs,
+            root_path: normalize_root_path(self.root_path.as_deref()),
         }
     }
 
@@ -253,6 +272,10 @@ pub struct ServerConfig {
     pub tool_call_parser: Option<ToolParserKind>,
     /// Cross-origin access.
     pub cors: CorsConfig,
+    /// --max-logprobs: most top alternatives a request may ask for per token.
+    pub max_logprobs: usize,
+    /// --root-path, as `/prefix` (no trailing slash); `None` when absent or `/`.
+    pub root_path: Option<String>,
 }
 
 impl ServerConfig {
@@ -330,6 +353,10 @@ mod tests {
             "4",
             "--request-body-timeout-secs",
             "9",
+            "--max-logprobs",
+            "5",
+            "--root-path",
+            "/api/v2/",
         ])
         .unwrap();
         let config = cli.server.to_config("models/x", "0.1.0", "abc");
@@ -350,6 +377,7 @@ mod tests {
         assert_eq!(limits.header_read_timeout, Duration::from_secs(3));
         assert_eq!(limits.keep_alive_timeout, Duration::from_secs(4));
         assert_eq!(limits.request_body_timeout, Duration::from_secs(9));
+        assert_eq!((config.max_logprobs, config.root_path.as_deref()), (5, Some("/api/v2")));
     }
 
     #[test]
@@ -378,5 +406,10 @@ mod tests {
         let config = ServerArgs::default().to_config("models/smollm2", "0.1.0", "abc");
         assert_eq!(config.served_model_names, vec!["models/smollm2".to_string()]);
         assert_eq!(config.version, "0.1.0");
+        assert_eq!((config.max_logprobs, config.root_path), (20, None), "vLLM's defaults");
+        for none in ["", "/", " "] {
+            let args = ServerArgs { root_path: Some(none.into()), ..ServerArgs::default() };
+            assert_eq!(args.to_config("m", "0", "r").root_path, None);
+        }
     }
 }

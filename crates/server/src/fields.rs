@@ -84,9 +84,6 @@ const fn inert(name: &'static str, why: &'static str, example: &'static str) -> 
     Field { name, support: Support::Inert(why), neutral: Neutral::Empty, example }
 }
 
-const PROMPT_LOGPROBS: &str =
-    "logprobs of prompt tokens are not computed (the model runs its head only on the \
-                               last position of a prompt)";
 const NO_EXTENSIONS: &str = "Pagoda loads no request-supplied extensions";
 const PLATFORM: &str = "OpenAI's platform uses it (abuse tracking, billing, caching hints); a self-hosted \
                         server has nothing to do with it";
@@ -132,7 +129,8 @@ const SHARED: &[Field] = &[
     works("logit_bias", r#"{"logit_bias": {"5": 10}}"#),
     works("allowed_token_ids", r#"{"allowed_token_ids": [5, 6]}"#),
     works("bad_words", r#"{"bad_words": ["the"]}"#),
-    refused("prompt_logprobs", PROMPT_LOGPROBS, r#"{"prompt_logprobs": 1}"#),
+    // Not with stream (refused by name, as in vLLM); such a prompt is computed whole, never from the prefix cache.
+    works("prompt_logprobs", r#"{"prompt_logprobs": 1}"#),
     refused("use_beam_search", "beam search is not implemented", r#"{"use_beam_search": true}"#),
     refused_unless(
         "length_penalty",
@@ -177,8 +175,10 @@ const SHARED: &[Field] = &[
 /// /v1/completions' own fields.
 const COMPLETIONS: &[Field] = &[
     works("prompt", r#"{"prompt": [1, 2, 3]}"#),
-    works("echo", r#"{"echo": true}"#),
+    works("echo", r#"{"echo": true, "logprobs": 1, "max_tokens": 0}"#),
     works("logprobs", r#"{"logprobs": 2}"#),
+    // best_of above n: the n most likely of best_of samples (not streamed; chat refuses it by name).
+    works("best_of", r#"{"best_of": 2}"#),
     refused("suffix", "insertion (fill in the middle) is not supported", r#"{"suffix": " end"}"#),
     refused("prompt_embeds", "prompts as embeddings are not supported", r#"{"prompt_embeds": "AAAA"}"#),
 ];

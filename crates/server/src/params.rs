@@ -42,12 +42,7 @@ pub fn generation_request(
                 format!("best_of ({best_of}) must be at least n ({n})"),
             ))
         }
-        Some(best_of) if best_of > n => {
-            return Err(ApiError::bad_request(
-                Some("best_of"),
-                format!("best_of > n is not supported (best_of {best_of}, n {n}): every sample is returned"),
-            ))
-        }
+        // best_of > n: the endpoint decides (completions pick the best; chat refuses).
         _ => {}
     }
     if fields.stream_options.is_some() && fields.stream != Some(true) {
@@ -89,7 +84,26 @@ pub fn generation_request(
     request.include_stop_str_in_output = fields.include_stop_str_in_output.unwrap_or(false);
     request.skip_special_tokens = fields.skip_special_tokens.unwrap_or(true);
     request.priority = fields.priority.unwrap_or(0);
+    request.prompt_logprobs = fields.prompt_logprobs;
+    if fields.prompt_logprobs.is_some() && fields.stream == Some(true) {
+        return Err(ApiError::bad_request(
+            Some("prompt_logprobs"),
+            "prompt_logprobs are not available when stream is true (as in vLLM)",
+        ));
+    }
     Ok(request)
+}
+
+/// `--max-logprobs`: a request's `field` (`logprobs`, `top_logprobs`,
+/// `prompt_logprobs`) may ask for at most `max` top alternatives per token.
+pub fn check_max_logprobs(field: &'static str, value: Option<usize>, max: usize) -> Result<(), ApiError> {
+    match value {
+        Some(k) if k > max => Err(ApiError::bad_request(
+            Some(field),
+            format!("{field} ({k}) must be at most the server's --max-logprobs ({max})"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// How a response is streamed.
@@ -275,7 +289,11 @@ mod tests {
     fn api_only_checks_name_the_parameter() {
         let cases = [
             (SamplingFields { top_k: Some(-2), ..Default::default() }, None, "top_k"),
-            (SamplingFields { best_of: Some(2), ..Default::default() }, None, "best_of"),
+            (
+                SamplingFields { prompt_logprobs: Some(1), stream: Some(true), ..Default::default() },
+                None,
+                "prompt_logprobs",
+            ),
             (SamplingFields { n: Some(3), best_of: Some(2), ..Default::default() }, None, "best_of"),
             (
                 SamplingFields { stream_options: Some(StreamOptions::default()), ..Default::default() },

@@ -122,9 +122,11 @@ pub struct SamplingFields {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub priority: Option<i32>,
-    /// Candidates per choice to pick the best from. Pagoda returns every
-    /// sample, so only `best_of == n` is accepted (vLLM v1 has no more).
+    /// Candidates per prompt to pick the `n` best from (highest cumulative
+    /// logprob; completions only, not streamed).
     pub best_of: Option<usize>,
+    /// vLLM: the logprob of every prompt token, with this many top alternatives.
+    pub prompt_logprobs: Option<usize>,
     /// OpenAI's end-user id; only logged by OpenAI, unused here.
     pub user: Option<String>,
     /// vLLM: keep only the last this many prompt tokens (-1: the model's context length).
@@ -393,8 +395,9 @@ pub fn finite_logprob(lp: f32) -> f32 {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<TopLogprobMap>,
+    /// `null` for an echoed prompt's first token (nothing comes before it).
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<TopLogprobMap>>,
     pub text_offset: Vec<usize>,
 }
 
@@ -426,6 +429,34 @@ impl Serialize for TopLogprobMap {
     }
 }
 
+/// vLLM's logprobs of one prompt token: `{"token id": {logprob, rank,
+/// decoded_token}}`, the prompt token first, then its top alternatives.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PromptLogprobMap(pub Vec<(u32, f32, u32, String)>);
+
+impl Serialize for PromptLogprobMap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            logprob: f32,
+            rank: u32,
+            decoded_token: &'a str,
+        }
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (token, logprob, rank, text) in &self.0 {
+            map.serialize_entry(
+                &token.to_string(),
+                &Entry { logprob: *logprob, rank: *rank, decoded_token: text },
+            )?;
+        }
+        map.end()
+    }
+}
+
+/// `prompt_logprobs` of a response: one entry per prompt token, the first `null`.
+pub type PromptLogprobsOut = Vec<Option<PromptLogprobMap>>;
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CompletionChoice {
     pub index: usize,
@@ -433,6 +464,9 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<StopReasonOut>,
+    /// vLLM's, when the request asked for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobsOut>,
 }
 
 /// A completion response, or one chunk of a streamed one.
@@ -555,6 +589,9 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's (on the response, not the choices), when the request asked for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobsOut>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

@@ -37,12 +37,18 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
+    let api = Router::new()
         .merge(v1)
         .route("/health", get(health))
         .route("/version", get(version))
-        .route("/metrics", get(metrics))
-        .fallback(no_route)
+        .route("/metrics", get(metrics));
+    // --root-path: behind a proxy that forwards the prefix, every route
+    // answers under it too (as vLLM's FastAPI `root_path` accepts both).
+    let api = match state.config().root_path.clone() {
+        Some(prefix) => Router::new().merge(api.clone()).nest(&prefix, api),
+        None => api,
+    };
+    api.fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(Extension(workers))
         .layer(middleware::from_fn_with_state(state.clone(), track_http))
