@@ -220,7 +220,14 @@ typedef struct {
     int32_t draw_index;    /* slot among the rows that draw (temperature > 0), or -1 */
     int32_t penalty_start; /* this row's entries in the penalty arrays */
     int32_t penalty_end;
-    int32_t reserved;
+    /* Logit constraints, applied to the working copy before the penalties (logprobs
+     * stay raw): tokens whose bit is clear in the row's mask (ceil(vocab / 32) words
+     * of mask_words from mask_start; bit t % 32 of word t / 32) go to -inf, then
+     * bias_values[e] is added to token bias_tokens[e] for e in bias_start..bias_end
+     * (entries of one token adjacent, added in order). mask_start -1: no mask. */
+    int32_t mask_start;
+    int32_t bias_start;
+    int32_t bias_end;
 } PagodaSampleRow;
 
 /* What one row's sampling returns to the host. */
@@ -237,6 +244,9 @@ typedef struct {
     const int32_t *penalty_tokens;   /* token ids seen in a row's prompt or output */
     const int32_t *penalty_counts;   /* occurrences of that token in the output */
     PagodaSampleOut *out;            /* [num_rows] */
+    const uint32_t *mask_words;      /* the rows' merged allowed-token masks (see PagodaSampleRow) */
+    const int32_t *bias_tokens;      /* the rows' logit-bias entries: token ids in 0..vocab */
+    const float *bias_values;        /* and the bias added to each */
     void *workspace;
     size_t workspace_bytes;
     int logits_dtype;
@@ -246,6 +256,9 @@ typedef struct {
     /* Set when every row is greedy with no penalties and no top logprobs:
      * rows are then split over many blocks (one row alone still fills the GPU). */
     int greedy_only;
+    /* Set when some row has a mask or bias entries; when clear, the rows'
+     * constraint fields are not read (and greedy_only may be set). */
+    int has_constraints;
 } PagodaSampleArgs;
 
 /* Bytes of workspace pagoda_sample needs. */

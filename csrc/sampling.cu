@@ -4,14 +4,15 @@
 // go back to the host.
 //
 // Pipeline per call (rows that draw, temperature > 0, are compacted to "draw slots"):
-//   1. prepare:   raw logits -> f32 working copy; log-sum-exp of the raw row (f64)
+//   1. prepare:   raw logits -> f32 working copy, with the logit constraints (merged
+//                 allowed-token mask -> -inf, then logit bias); log-sum-exp of the raw row (f64)
 //   2. penalties: repetition, then frequency/presence, on the working copy
 //   3. select:    greedy rows: arg-max (lowest id on ties, NaN never wins);
 //                 drawing rows: probabilities exp((x - max) / T) in f64, rounded to f32, normalised
 //   4. sort:      each drawing row's probabilities, descending, ids ascending on ties (stable radix sort)
 //   5. draw:      top-k, top-p, min-p truncation, then the inverse-CDF walk at uniform(seed, step)
 //   6. finalise:  the chosen token's raw logprob and the top-n raw logprobs
-// Greedy-only calls (no penalties, no top logprobs) take a short path instead:
+// Greedy-only calls (no penalties, no top logprobs, no constraints) take a short path instead:
 // each row is split into chunks over many blocks, each finds its chunk's arg-max
 // and (max, sum of exp) partial log-sum-exp, and one warp per row merges them.
 // pagoda_feed_sampled_tokens then copies chosen ids from the output records into
@@ -84,23 +85,48 @@ __device__ void block_argmax(float &v, int &id) {
 // Every kernel here waits on the kernel before (programmatic dependent launch)
 // at its start: all it reads is that kernel's output (logits, the working copy,
 // partials), but the launch itself still overlaps the kernel before.
+// The working copy also takes the row's logit constraints (when the call has any):
+// masked-out tokens become -inf, then the bias entries are added. The log-sum-exp
+// is of the raw row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    prepare_kernel(const T *__restrict__ logits, float *__restrict__ work, double *__restrict__ lse, int vocab) {
+    prepare_kernel(const T *__restrict__ logits, const PagodaSampleRow *__restrict__ rows,
+                   const uint32_t *__restrict__ mask_words, const int32_t *__restrict__ bias_tokens,
+                   const float *__restrict__ bias_values, float *__restrict__ work, double *__restrict__ lse,
+                   int vocab, int has_constraints) {
     pdl_launch_dependents();
     pdl_wait();
     __shared__ float fscratch[32];
     __shared__ double dscratch[32];
     const size_t base = (size_t)blockIdx.x * vocab;
+    const uint32_t *mask = nullptr;
+    int bias_start = 0, bias_end = 0;
+    if (has_constraints) {
+        const PagodaSampleRow &r = rows[blockIdx.x];
+        if (r.mask_start >= 0) mask = mask_words + r.mask_start;
+        bias_start = r.bias_start;
+        bias_end = r.bias_end;
+    }
     float mx = -INFINITY;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         const float x = to_float<T>(logits[base + i]);
-        work[base + i] = x;
+        const bool allowed = mask == nullptr || ((mask[i >> 5] >> (i & 31)) & 1u);
+        work[base + i] = allowed ? x : -INFINITY;
         mx = fmaxf(mx, x);  // fmaxf ignores NaN, as f32::max
     }
-    mx = block_max(mx, fscratch);
+    mx = block_max(mx, fscratch);  // its barrier also orders the writes above before the bias below
+    // One thread per token: the first of its run of entries adds them all, in order.
+    for (int e = bias_start + threadIdx.x; e < bias_end; e += blockDim.x) {
+        const int t = bias_tokens[e];
+        if (e > bias_start && bias_tokens[e - 1] == t) continue;
+        if (t < 0 || t >= vocab) continue;
+        float l = work[base + t];
+        for (int k = e; k < bias_end && bias_tokens[k] == t; ++k) l = __fadd_rn(l, bias_values[k]);
+        work[base + t] = l;
+    }
     double sum = 0.0;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) sum += exp((double)work[base + i] - (double)mx);
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+        sum += exp((double)to_float<T>(logits[base + i]) - (double)mx);
     sum = block_sum(sum, dscratch);
     if (threadIdx.x == 0) lse[blockIdx.x] = log(sum) + (double)mx;
 }
@@ -156,6 +182,29 @@ __global__ void __launch_bounds__(kThreads)
     const double inv_t = 1.0 / (double)r.temperature;
     float *p = probs + (size_t)d * vocab;
     int32_t *pid = ids + (size_t)d * vocab;
+    if (threadIdx.x == 0) {
+        offsets[d] = d * vocab;
+        if (d == num_draw - 1) offsets[num_draw] = num_draw * vocab;
+        draw_row_of[d] = m;
+    }
+    if (mx == -INFINITY) {
+        // Constraints banned every token (or the row is all -inf/NaN): nothing to
+        // draw from, so the arg-max rule decides, as in the reference. The chosen
+        // token gets probability 1, which every truncation keeps and the draw picks.
+        float v = NAN;
+        int id = INT_MIN;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+            if (argmax_before(x[i], i, v, id)) {
+                v = x[i];
+                id = i;
+            }
+        block_argmax(v, id);
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            p[i] = i == id ? 1.0f : 0.0f;
+            pid[i] = i;
+        }
+        return;
+    }
     double total = 0.0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         const float q = (float)exp(((double)x[i] - (double)mx) * inv_t);
@@ -165,11 +214,6 @@ __global__ void __launch_bounds__(kThreads)
     }
     total = block_sum(total, dscratch);
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) p[i] = (float)((double)p[i] / total);
-    if (threadIdx.x == 0) {
-        offsets[d] = d * vocab;
-        if (d == num_draw - 1) offsets[num_draw] = num_draw * vocab;
-        draw_row_of[d] = m;
-    }
 }
 
 // The first index i < n at which the running sum of p[0..=i] (f64) reaches `threshold`
@@ -481,13 +525,14 @@ extern "C" int pagoda_sample(const PagodaSampleArgs *a, const PagodaKernelPolicy
     if (w.total > a->workspace_bytes) return PAGODA_ERR_WORKSPACE;
     const LaunchStream s = launch_stream(policy, stream);
     if (a->greedy_only) {
-        if (a->num_draw_rows != 0) return PAGODA_ERR_ARGUMENT;
+        if (a->num_draw_rows != 0 || a->has_constraints) return PAGODA_ERR_ARGUMENT;
         return sample_greedy_only(a, policy->num_sms, s);
     }
     const int M = a->num_rows, V = a->vocab, Md = a->num_draw_rows;
 
     PAGODA_DISPATCH_FLOAT(a->logits_dtype, {
-        launch(prepare_kernel<scalar_t>, M, kThreads, 0, s, (const scalar_t *)a->logits, w.work, w.lse, V);
+        launch(prepare_kernel<scalar_t>, M, kThreads, 0, s, (const scalar_t *)a->logits, a->rows, a->mask_words,
+               a->bias_tokens, a->bias_values, w.work, w.lse, V, a->has_constraints);
     });
     PAGODA_LAUNCH_CHECK();
     launch(penalties_kernel, M, 256, 0, s, a->rows, a->penalty_tokens, a->penalty_counts, w.work, V);

@@ -674,6 +674,14 @@ impl Backend for CudaBackend {
 
     type Sampled = CudaSampled;
 
+    fn supports_logit_constraints(&self) -> bool {
+        true
+    }
+
+    fn supports_token_masks(&self) -> bool {
+        true
+    }
+
     fn sample_async(&self, logits: &Tensor<Self>, rows: &[SamplingRow<'_>]) -> Result<CudaSampled> {
         crate::sampling::sample_async(self, logits, rows)
     }

@@ -45,6 +45,65 @@ fn penalty_entries(row: &SamplingRow<'_>, tokens: &mut Vec<i32>, counts: &mut Ve
     }
 }
 
+/// Appends one row's merged allowed-token mask to `words` (`vocab.div_ceil(32)`
+/// words, bit `t % 32` of word `t / 32`) and returns where it starts, or
+/// returns `None` (appending nothing) when nothing in the row bans a token.
+///
+/// The mask is the intersection of the grammar mask (`allowed_tokens`; ids
+/// past its end not allowed), `allowed_token_ids`, and the complement of every
+/// bad word's last token whose other tokens end the output so far: each of
+/// those only sends logits to -inf, so in any order they leave the same row
+/// as the reference's steps, one after the other.
+fn merged_mask(row: &SamplingRow<'_>, vocab: usize, words: &mut Vec<u32>) -> Option<usize> {
+    let p = row.params;
+    let banned_words: Vec<usize> = p
+        .bad_words
+        .iter()
+        .filter_map(|word| {
+            let (&last, prefix) = word.split_last()?;
+            (row.output_tokens.ends_with(prefix) && (last as usize) < vocab).then_some(last as usize)
+        })
+        .collect();
+    if row.allowed_tokens.is_none() && p.allowed_token_ids.is_none() && banned_words.is_empty() {
+        return None;
+    }
+    let n = vocab.div_ceil(32);
+    let start = words.len();
+    match row.allowed_tokens {
+        Some(mask) => words.extend((0..n).map(|w| mask.get(w).copied().unwrap_or(0))),
+        None => words.resize(start + n, u32::MAX),
+    }
+    let mask = &mut words[start..];
+    if let Some(allowed) = &p.allowed_token_ids {
+        let mut keep = vec![0u32; n];
+        for &t in allowed {
+            if (t as usize) < vocab {
+                keep[t as usize / 32] |= 1 << (t % 32);
+            }
+        }
+        for (w, k) in mask.iter_mut().zip(keep) {
+            *w &= k;
+        }
+    }
+    for t in banned_words {
+        mask[t / 32] &= !(1u32 << (t % 32));
+    }
+    Some(start)
+}
+
+/// Appends one row's `logit_bias` entries for tokens inside the vocabulary,
+/// ordered by token (stably, so the kernel adds a repeated token's biases in
+/// the request's order, as the reference does).
+fn bias_entries(row: &SamplingRow<'_>, vocab: usize, tokens: &mut Vec<i32>, values: &mut Vec<f32>) {
+    let mut entries: Vec<(TokenId, f32)> =
+        row.params.logit_bias.iter().copied().filter(|&(t, _)| (t as usize) < vocab).collect();
+    entries.sort_by_key(|&(t, _)| t);
+    for (t, b) in entries {
+        tokens.push(t as i32);
+        values.push(b);
+    }
+}
+
 /// Tokens sampled on the device by [`CudaBackend`]'s `sample_async`.
 ///
 /// The kernels' `PagodaSampleOut` records stay on the device for as long as
@@ -190,10 +249,6 @@ pub(crate) fn sample_async(
     if !logits.dtype().is_float() {
         return Err(BackendError::DType { op: OP, dtype: logits.dtype() });
     }
-    if rows.iter().any(|r| r.allowed_tokens.is_some()) {
-        // The kernels have no mask input yet; the engine refuses such requests first.
-        return Err(BackendError::Unsupported { op: "sample with a token mask", backend: "cuda".into() });
-    }
     if m > 0 && (vocab == 0 || vocab > i32::MAX as usize) {
         return Err(BackendError::shape(OP, format!("vocabulary of {vocab}")));
     }
@@ -236,27 +291,44 @@ pub(crate) fn sample_async(
     })
 }
 
-/// Byte offsets of the penalty tokens and counts in the packed upload (the rows start it).
+/// Byte offsets of the arrays in the packed upload (the rows start it).
+#[derive(Debug)]
 struct InputOffsets {
     tokens: u64,
     counts: u64,
+    mask_words: u64,
+    bias_tokens: u64,
+    bias_values: u64,
+    /// Whether any row has a mask or bias entries.
+    has_constraints: bool,
 }
 
-/// Packs every row's parameters (into `packed`) and penalty entries into one
-/// upload: rows, penalty tokens, penalty counts.
+/// Packs every row's parameters (into `packed`), penalty entries, merged
+/// masks and bias entries into one upload: rows, penalty tokens, penalty
+/// counts, mask words, bias tokens, bias values.
 fn pack_rows(
     rows: &[SamplingRow<'_>],
     packed: &mut Vec<ffi::PagodaSampleRow>,
     vocab: usize,
 ) -> Result<(Vec<u8>, InputOffsets)> {
     let (mut tokens, mut counts) = (Vec::new(), Vec::new());
+    let (mut mask_words, mut bias_tokens, mut bias_values) = (Vec::new(), Vec::new(), Vec::new());
     let mut num_draw = 0i32;
+    let too_many = |what: &str| BackendError::shape(OP, format!("the rows' {what} exceed i32 offsets"));
     for row in rows {
         let p = row.params;
         let start = tokens.len() as i32;
         if p.has_penalties() {
             penalty_entries(row, &mut tokens, &mut counts);
         }
+        let mask_start = match merged_mask(row, vocab, &mut mask_words) {
+            Some(at) => i32::try_from(at).map_err(|_| too_many("masks"))?,
+            None => -1,
+        };
+        let bias_start = bias_tokens.len();
+        bias_entries(row, vocab, &mut bias_tokens, &mut bias_values);
+        let bias_start = i32::try_from(bias_start).map_err(|_| too_many("bias entries"))?;
+        let bias_end = i32::try_from(bias_tokens.len()).map_err(|_| too_many("bias entries"))?;
         let draw_index = if p.is_greedy() {
             -1
         } else {
@@ -277,20 +349,39 @@ fn pack_rows(
             draw_index,
             penalty_start: start,
             penalty_end: tokens.len() as i32,
-            reserved: 0,
+            mask_start,
+            bias_start,
+            bias_end,
         });
     }
     if (num_draw as usize) * vocab > i32::MAX as usize {
         return Err(BackendError::shape(OP, format!("{num_draw} drawing rows of {vocab} exceed the sorter")));
     }
+    let has_constraints = !mask_words.is_empty() || !bias_tokens.is_empty();
     // Keep the device arrays non-empty so their pointers are valid.
     tokens.push(-1);
     counts.push(0);
+    mask_words.push(0);
+    bias_tokens.push(-1);
+    bias_values.push(0.0);
     let mut inputs = Vec::new();
     push_aligned(&mut inputs, bytemuck::cast_slice::<ffi::PagodaSampleRow, u8>(packed));
     let tokens_at = push_aligned(&mut inputs, bytemuck::cast_slice(&tokens));
     let counts_at = push_aligned(&mut inputs, bytemuck::cast_slice(&counts));
-    Ok((inputs, InputOffsets { tokens: tokens_at, counts: counts_at }))
+    let mask_at = push_aligned(&mut inputs, bytemuck::cast_slice(&mask_words));
+    let bias_tokens_at = push_aligned(&mut inputs, bytemuck::cast_slice(&bias_tokens));
+    let bias_values_at = push_aligned(&mut inputs, bytemuck::cast_slice(&bias_values));
+    Ok((
+        inputs,
+        InputOffsets {
+            tokens: tokens_at,
+            counts: counts_at,
+            mask_words: mask_at,
+            bias_tokens: bias_tokens_at,
+            bias_values: bias_values_at,
+            has_constraints,
+        },
+    ))
 }
 
 /// Runs the sampling kernels over the uploaded inputs; the records go to
@@ -319,16 +410,21 @@ fn launch(
         penalty_tokens: (inputs_dev.ptr() + offsets.tokens) as *const i32,
         penalty_counts: (inputs_dev.ptr() + offsets.counts) as *const i32,
         out: (inputs_dev.ptr() + records_at) as *mut ffi::PagodaSampleOut,
+        mask_words: (inputs_dev.ptr() + offsets.mask_words) as *const u32,
+        bias_tokens: (inputs_dev.ptr() + offsets.bias_tokens) as *const i32,
+        bias_values: (inputs_dev.ptr() + offsets.bias_values) as *const f32,
         workspace: workspace.ptr() as *mut c_void,
         workspace_bytes,
         logits_dtype: dtype_to_code(logits.dtype()),
         num_rows: m as i32,
         num_draw_rows: num_draw,
         vocab: vocab as i32,
-        greedy_only: packed
-            .iter()
-            .all(|r| r.draw_index < 0 && r.penalty_start == r.penalty_end && r.num_logprobs == 0)
+        greedy_only: (!offsets.has_constraints
+            && packed
+                .iter()
+                .all(|r| r.draw_index < 0 && r.penalty_start == r.penalty_end && r.num_logprobs == 0))
             as i32,
+        has_constraints: offsets.has_constraints as i32,
     };
     // SAFETY: every device buffer above is sized for these arguments and lives past the launch.
     check("pagoda_sample", unsafe {
@@ -476,5 +572,92 @@ mod tests {
         penalty_entries(&row, &mut t, &mut c);
         assert_eq!(t, vec![5, 3, 9]);
         assert_eq!(c, vec![0, 1, 2]);
+    }
+
+    fn row<'a>(
+        params: &'a SamplingParams,
+        output: &'a [TokenId],
+        mask: Option<&'a [u32]>,
+    ) -> SamplingRow<'a> {
+        SamplingRow {
+            params,
+            seed: 0,
+            step: 0,
+            prompt_tokens: &[],
+            output_tokens: output,
+            allowed_tokens: mask,
+        }
+    }
+
+    /// The tokens of a packed mask of `vocab` bits that are allowed.
+    fn allowed(words: &[u32], vocab: usize) -> Vec<u32> {
+        (0..vocab as u32).filter(|&t| pagoda_sampler::token_allowed(words, t)).collect()
+    }
+
+    #[test]
+    fn masks_merge_the_grammar_allowed_ids_and_bad_words() {
+        let vocab = 70; // three words, the last one partly used
+                        // Grammar: tokens 0..40 and 65 (a mask one word short: 64.. are not allowed, so 65 is out).
+        let grammar = [u32::MAX, 0xff];
+        let params = SamplingParams {
+            allowed_token_ids: Some(vec![1, 5, 9, 39, 40, 65, 69, 100]),
+            bad_words: vec![vec![5], vec![9, 39], vec![7, 1], vec![3, 9, 9]],
+            ..SamplingParams::greedy()
+        };
+        let mut words = vec![7u32]; // earlier rows' words stay
+        let at = merged_mask(&row(&params, &[2, 3, 9], Some(&grammar)), vocab, &mut words).unwrap();
+        assert_eq!(at, 1);
+        assert_eq!(words.len(), 1 + 3);
+        // Grammar and ids leave 1, 5, 9, 39 (40 is outside the grammar, 65 past its words). Then the
+        // bad words: 5 alone; 39 (the output ends with 9); 9 (it ends with 3, 9); 1 stays (no 7).
+        assert_eq!(allowed(&words[1..], vocab), vec![1]);
+
+        // No grammar: allowed_token_ids alone, ids past the vocabulary ignored.
+        let only_ids =
+            SamplingParams { allowed_token_ids: Some(vec![69, 0, 200]), ..SamplingParams::greedy() };
+        let mut words = Vec::new();
+        assert_eq!(merged_mask(&row(&only_ids, &[], None), vocab, &mut words), Some(0));
+        assert_eq!(allowed(&words, vocab), vec![0, 69]);
+
+        // A bad word whose prefix does not end the output bans nothing: no mask at all.
+        let unmatched = SamplingParams { bad_words: vec![vec![4, 2]], ..SamplingParams::greedy() };
+        let mut words = Vec::new();
+        assert_eq!(merged_mask(&row(&unmatched, &[2, 4, 1], None), vocab, &mut words), None);
+        assert!(words.is_empty());
+        // Once it does, only its last token goes.
+        assert_eq!(merged_mask(&row(&unmatched, &[1, 4], None), vocab, &mut words), Some(0));
+        assert_eq!(allowed(&words, vocab), (0..70).filter(|&t| t != 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn packed_rows_point_at_their_masks_and_bias_entries() {
+        let vocab = 40; // two words
+        let plain = SamplingParams { temperature: 0.7, ..SamplingParams::default() };
+        let biased = SamplingParams {
+            logit_bias: vec![(3, 1.5), (50, 2.0), (1, -1.0), (3, 0.25)],
+            allowed_token_ids: Some(vec![1, 3, 33]),
+            ..SamplingParams::greedy()
+        };
+        let grammar = [0b1010u32, 1 << 1];
+        let rows = [row(&plain, &[], None), row(&biased, &[], None), row(&plain, &[], Some(&grammar))];
+        let mut packed = Vec::new();
+        let (inputs, at) = pack_rows(&rows, &mut packed, vocab).unwrap();
+        assert!(at.has_constraints);
+        let ranges: Vec<_> = packed.iter().map(|r| (r.mask_start, r.bias_start, r.bias_end)).collect();
+        assert_eq!(ranges, vec![(-1, 0, 0), (0, 0, 3), (2, 3, 3)]);
+        let words: &[u32] = bytemuck::cast_slice(&inputs[at.mask_words as usize..][..4 * 4]);
+        assert_eq!(allowed(&words[0..2], vocab), vec![1, 3, 33]);
+        assert_eq!(allowed(&words[2..4], vocab), vec![1, 3, 33]);
+        // Bias entries by token, a repeated token's in the request's order, ids past the vocabulary dropped.
+        let tokens: &[i32] = bytemuck::cast_slice(&inputs[at.bias_tokens as usize..][..3 * 4]);
+        let values: &[f32] = bytemuck::cast_slice(&inputs[at.bias_values as usize..][..3 * 4]);
+        assert_eq!(tokens, &[1, 3, 3]);
+        assert_eq!(values, &[-1.0, 1.5, 0.25]);
+
+        // Without constraints the call says so (the kernels then read no constraint field).
+        let mut packed = Vec::new();
+        let (_, at) = pack_rows(&[row(&plain, &[], None)], &mut packed, vocab).unwrap();
+        assert!(!at.has_constraints);
+        assert_eq!(packed[0].mask_start, -1);
     }
 }

@@ -1,8 +1,8 @@
 //! GPU behaviour the conformance grid does not reach: index errors found on the
 //! device, wide GQA groups (served by the prefill kernel), split-K decode over
 //! a long context against the reference, seeded sampling over a large
-//! vocabulary, asynchronous sampling (handles in flight, fed ids, dropped
-//! handles), uploads staged through the page-locked ring, the timing helpers,
+//! vocabulary, logit constraints and structured-output masks, asynchronous
+//! sampling (handles in flight, fed ids, dropped handles), uploads staged through the page-locked ring, the timing helpers,
 //! and the kernel policy (each forced decode partition, PDL and the GEMV on
 //! and off, against the reference). Needs an NVIDIA GPU (CI compiles only).
 use half::bf16;
@@ -516,4 +516,192 @@ fn many_small_staged_writes_land_in_order_across_ring_laps() {
         assert_eq!(g.download_f32(t).unwrap(), vec![i as f32; 33]);
     }
     assert_eq!(g.download_f32(&big_dev).unwrap(), big);
+}
+
+// ---- logit constraints and structured-output masks ---------------------------------
+
+/// A random word with about a quarter of its bits set.
+fn sparse_bits(rng: &mut Rng) -> u32 {
+    rng.next();
+    let a = (rng.0 >> 32) as u32;
+    rng.next();
+    a & (rng.0 >> 32) as u32
+}
+
+/// The `k` largest logits' token ids of one row (ties to the lower id).
+fn top_ids(row: &[f32], k: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+    ids.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+    ids.truncate(k);
+    ids
+}
+
+#[test]
+fn token_masks_and_logit_constraints_match_the_reference() {
+    let g = gpu();
+    let cpu = CpuBackend::new();
+    assert!(g.supports_token_masks() && g.supports_logit_constraints());
+    // A vocabulary of whole mask words in f32, and one ending mid-word in bf16.
+    for (m, v, dtype, seed) in [(64, 49_152, DType::F32, 21u64), (40, 50_001, DType::BF16, 22)] {
+        let mut rng = Rng(seed);
+        // Peaked logits (as the large-vocabulary test); for bf16, rounded so both backends see the same values.
+        let logits: Vec<f32> = (0..m * v)
+            .map(|_| rng.next() * 6.0)
+            .map(|x| if dtype == DType::BF16 { bf16::from_f32(x).to_f32() } else { x })
+            .collect();
+        let gl = g.upload(HostSlice::F32(&logits), &[m, v], dtype).unwrap();
+        // The reference in f32: the values are the same (bf16-exact where the device's are bf16).
+        let cl = cpu.upload(HostSlice::F32(&logits), &[m, v], DType::F32).unwrap();
+        let words = v.div_ceil(32);
+        let prompt: Vec<u32> = (0..32).map(|i| (i * 7919) % v as u32).collect();
+        let mut params = Vec::new();
+        let mut masks: Vec<Option<Vec<u32>>> = Vec::new();
+        let mut outputs: Vec<Vec<u32>> = Vec::new();
+        for i in 0..m {
+            let row = &logits[i * v..(i + 1) * v];
+            let best = top_ids(row, 8);
+            let random_ids = |rng: &mut Rng, n: usize| -> Vec<u32> {
+                (0..n).map(|_| ((rng.next() + 1.0) * 0.5 * v as f32) as u32 % v as u32).collect()
+            };
+            let mut output: Vec<u32> = (0..16).map(|j| (i as u32 * 131 + j * 17) % v as u32).collect();
+            let mut mask = None;
+            let p = match i % 10 {
+                // Greedy under a grammar mask, with top logprobs (raw).
+                0 => {
+                    mask = Some((0..words).map(|_| sparse_bits(&mut rng)).collect());
+                    SamplingParams { logprobs: Some(3), ..SamplingParams::greedy() }
+                }
+                // Top-p under a grammar mask and allowed_token_ids (their intersection),
+                // the mask one word short of the vocabulary (the last word's tokens banned).
+                1 => {
+                    mask = Some((0..words - 1).map(|_| sparse_bits(&mut rng)).collect());
+                    let mut ids = random_ids(&mut rng, 3000);
+                    ids.extend(&best[..4]);
+                    SamplingParams {
+                        temperature: 0.8,
+                        top_p: 0.9,
+                        allowed_token_ids: Some(ids),
+                        ..Default::default()
+                    }
+                }
+                // Top-k with bad words: the best token alone, the second best after the output's
+                // last token (it is: banned), the third after a token the output does not end
+                // with (kept), and a three-token word whose two-token prefix ends the output.
+                2 => {
+                    let last = *output.last().unwrap();
+                    let before = output[output.len() - 2];
+                    SamplingParams {
+                        temperature: 1.0,
+                        top_k: 20,
+                        repetition_penalty: 1.3,
+                        bad_words: vec![
+                            vec![best[0]],
+                            vec![last, best[1]],
+                            vec![last.wrapping_add(1) % v as u32, best[2]],
+                            vec![before, last, best[3]],
+                        ],
+                        ..Default::default()
+                    }
+                }
+                // Greedy with the same bad words: the choice moves to the third best.
+                3 => {
+                    let last = *output.last().unwrap();
+                    SamplingParams {
+                        bad_words: vec![vec![best[0]], vec![last, best[1]], vec![last ^ 1, best[2]]],
+                        frequency_penalty: 0.5,
+                        presence_penalty: 0.3,
+                        ..SamplingParams::greedy()
+                    }
+                }
+                // Greedy with logit bias: a weak token pushed to the top, the best pushed down,
+                // then the penalties on the biased logits (the weak token is in the output).
+                4 => {
+                    let weak = top_ids(&row.iter().map(|x| -x).collect::<Vec<_>>(), 1)[0];
+                    output.push(weak);
+                    let mut bias = vec![(weak, 20.0), (best[0], -100.0), (best[1], 0.5)];
+                    bias.sort_by_key(|&(t, _)| t);
+                    SamplingParams { logit_bias: bias, repetition_penalty: 1.5, ..SamplingParams::greedy() }
+                }
+                // Min-p over a few allowed ids with biases, one of them on a banned id (stays -inf).
+                5 => {
+                    let ids = vec![best[5], best[6], best[7], random_ids(&mut rng, 1)[0]];
+                    let outside = (0..v as u32).find(|t| !ids.contains(t)).unwrap();
+                    let mut bias = vec![(ids[0], -1.0), (ids[3], 3.0), (outside, 100.0)];
+                    bias.sort_by_key(|&(t, _)| t);
+                    bias.dedup_by_key(|e| e.0);
+                    SamplingParams {
+                        temperature: 1.2,
+                        min_p: 0.05,
+                        allowed_token_ids: Some(ids),
+                        logit_bias: bias,
+                        logprobs: Some(5),
+                        ..Default::default()
+                    }
+                }
+                // A grammar that allows one token only, drawing.
+                6 => {
+                    let t = best[7] as usize;
+                    let mut w = vec![0u32; words];
+                    w[t / 32] = 1 << (t % 32);
+                    mask = Some(w);
+                    SamplingParams { temperature: 0.9, top_k: 5, ..Default::default() }
+                }
+                // Every token banned (a mask of zeros): the arg-max rule decides, greedy or drawing.
+                7 => {
+                    mask = Some(vec![0u32; words]);
+                    if i % 20 == 7 {
+                        SamplingParams::greedy()
+                    } else {
+                        SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() }
+                    }
+                }
+                // Unconstrained rows between them: seeded, and greedy with penalties.
+                8 => {
+                    SamplingParams { temperature: 0.7, top_p: 0.95, logprobs: Some(2), ..Default::default() }
+                }
+                _ => SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy() },
+            };
+            params.push(p);
+            masks.push(mask);
+            outputs.push(output);
+        }
+        let mut mismatches = 0;
+        for step in 0..3u64 {
+            let rows: Vec<SamplingRow> = (0..m)
+                .map(|i| SamplingRow {
+                    params: &params[i],
+                    seed: 4321 + i as u64,
+                    step,
+                    prompt_tokens: &prompt,
+                    output_tokens: &outputs[i],
+                    allowed_tokens: masks[i].as_deref(),
+                })
+                .collect();
+            let want = cpu.sample(&cl, &rows).unwrap();
+            let got = g.sample(&gl, &rows).unwrap();
+            for (i, (w, o)) in want.iter().zip(&got).enumerate() {
+                if w.token != o.token {
+                    mismatches += 1;
+                    println!("vocab {v} step {step} row {i}: reference {} cuda {}", w.token, o.token);
+                }
+                assert!((w.logprob - o.logprob).abs() < 1e-3, "row {i}: {w:?} vs {o:?}");
+                assert_eq!(w.top_logprobs.len(), o.top_logprobs.len());
+                for (a, b) in w.top_logprobs.iter().zip(&o.top_logprobs) {
+                    assert_eq!(a.0, b.0);
+                    assert!((a.1 - b.1).abs() < 1e-3);
+                }
+            }
+            // The constraints took effect where the test aims them.
+            for i in 0..m {
+                let t = want[i].token;
+                match i % 10 {
+                    0 | 1 | 6 => assert!(pagoda_sampler::token_allowed(masks[i].as_ref().unwrap(), t)),
+                    3 => assert!(!top_ids(&logits[i * v..(i + 1) * v], 2).contains(&t)),
+                    7 => assert_eq!(t, 0, "row {i}: all banned, the arg-max rule picks the lowest id"),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(mismatches, 0, "tokens differ from the reference (vocab {v})");
+    }
 }
