@@ -341,6 +341,9 @@ async fn chat(
     }
     check_messages(&request.messages)?;
     check_tools(request.tools.as_deref(), request.tool_choice.as_ref())?;
+    let functions = crate::tools::functions(request.tools.as_deref());
+    pagoda_tool_calls::validate_functions(&functions)
+        .map_err(|e| ApiError::bad_request(Some("tools"), e.to_string()))?;
     let tool_mode = crate::tools::tool_mode(
         state.config(),
         request.tools.as_deref(),
@@ -348,7 +351,7 @@ async fn chat(
         request.parallel_tool_calls,
     )?;
     let mut grammar = crate::structured::requested_grammar(&request.sampling)?;
-    if let Some(tool_grammar) = tool_mode.grammar(&crate::tools::functions(request.tools.as_deref())) {
+    if let Some(tool_grammar) = tool_mode.grammar(&functions) {
         if let Some(other) = &grammar {
             return Err(ApiError::bad_request(
                 Some("tool_choice"),

@@ -150,12 +150,14 @@ fn structured_outputs(so: &Value) -> Result<GrammarSpec, ApiError> {
                     format!("structured_outputs.{key} is not supported by Pagoda's grammar engine"),
                 ))
             }
-            other => return Err(ApiError::bad_request(
-                Some(&field(other)),
-                format!(
+            other => {
+                return Err(ApiError::bad_request(
+                    Some(&field(other)),
+                    format!(
                     "structured_outputs has no option `{other}` (json, regex, choice, grammar, json_object)"
                 ),
-            )),
+                ))
+            }
         }
     }
     match specs.len() {
