@@ -117,7 +117,7 @@ async fn every_malformed_field_is_a_400_naming_it() {
                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}]}),
             "messages[0].tool_calls[0].function.arguments",
         ),
-        (chat_path, chat(json!({"response_format": {"type": "json_object"}})), "response_format"),
+        (chat_path, chat(json!({"response_format": {"type": "xml"}})), "response_format.type"),
         (chat_path, chat(json!({"response_format": "text"})), "response_format"),
         (chat_path, chat(json!({"top_logprobs": 5})), "top_logprobs"),
         (chat_path, chat(json!({"logprobs": "yes"})), "logprobs"),
