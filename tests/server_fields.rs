@@ -415,3 +415,34 @@ async fn requests_share_cached_prefixes_only_within_a_cache_salt() {
     let (status, r) = c.post_json(CMPL, &json!({"prompt": "x", "cache_salt": ""})).await;
     assert_eq!((status, r["error"]["param"].as_str()), (400, Some("cache_salt")), "{r}");
 }
+
+#[tokio::test]
+async fn chat_echo_starts_the_reply_with_the_last_message_of_its_role() {
+    let c = client();
+    let continued = json!({
+        "messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}],
+        "continue_final_message": true, "echo": true, "max_tokens": 4, "temperature": 0
+    });
+    let (status, r) = c.post_json(CHAT, &continued).await;
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    let mut plain = continued.clone();
+    plain["echo"] = json!(false);
+    let (_, p) = c.post_json(CHAT, &plain).await;
+    let generated = p["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(text, format!("My favourite colour is{generated}"), "{r}");
+    // Streamed: the first chunk carries the echoed text.
+    let mut streamed = continued.clone();
+    streamed["stream"] = json!(true);
+    let events = c.post_stream(CHAT, &streamed).await;
+    let joined: String =
+        events.events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(joined, text);
+    // A reply to a user message (generation prompt added) echoes nothing: the roles differ.
+    let asked = json!({"messages": [{"role": "user", "content": "hi"}], "echo": true, "max_tokens": 3, "temperature": 0});
+    let (_, r) = c.post_json(CHAT, &asked).await;
+    let mut no_echo = asked.clone();
+    no_echo["echo"] = json!(false);
+    let (_, p) = c.post_json(CHAT, &no_echo).await;
+    assert_eq!(r["choices"][0]["message"]["content"], p["choices"][0]["message"]["content"]);
+}

@@ -190,6 +190,29 @@ fn message_bytes(messages: &[ChatMessageIn]) -> usize {
         .sum()
 }
 
+/// vLLM's chat `echo`: the content of the last message when it has the
+/// role of the reply (the assistant's when a generation prompt is added,
+/// else the last message's own, as vLLM decides the role), for the reply to
+/// start with.
+fn echoed_message(request: &ChatCompletionRequest) -> Option<String> {
+    if request.echo != Some(true) {
+        return None;
+    }
+    let last = request.messages.last()?;
+    let continue_final_message = request.continue_final_message.unwrap_or(false);
+    let add_generation_prompt = request.add_generation_prompt.unwrap_or(!continue_final_message);
+    if add_generation_prompt && last.role != "assistant" {
+        return None;
+    }
+    Some(match &last.content {
+        None => String::new(),
+        Some(MessageContent::Text(text)) => text.clone(),
+        Some(MessageContent::Parts(parts)) => {
+            parts.iter().filter_map(|p| p.text.as_deref()).collect::<Vec<_>>().join("\n")
+        }
+    })
+}
+
 /// A request's fields that decide how its conversation is rendered.
 pub struct ChatRenderFields {
     pub chat_template: Option<String>,
@@ -340,6 +363,7 @@ async fn chat(
         }
     }
     check_messages(&request.messages)?;
+    let echo_prefix = echoed_message(&request);
     check_tools(request.tools.as_deref(), request.tool_choice.as_ref())?;
     let functions = crate::tools::functions(request.tools.as_deref());
     pagoda_tool_calls::validate_functions(&functions)
@@ -426,6 +450,7 @@ async fn chat(
             engine: engine.clone(),
             usage: StreamUsage::new(mode, prompt_tokens),
             tool_streams: (0..n).map(|_| tool_mode.stream()).collect(),
+            echo_prefix: echo_prefix.clone(),
         };
         return Ok(streaming::sse_response(streaming::merge(vec![request_stream]), writer, started));
     }
@@ -439,8 +464,11 @@ async fn chat(
         completion_tokens += request_done.num_generated_tokens();
         prompt_logprobs = request_done.prompt_logprobs.as_deref().map(|lp| texts.prompt_logprobs(lp));
         for seq in request_done.seqs {
-            let (content, tool_calls, finish_reason) =
+            let (mut content, tool_calls, finish_reason) =
                 tool_mode.finish_message(seq.text, seq.finish_reason.map(|r| r.as_str()));
+            if let Some(prefix) = &echo_prefix {
+                content = Some(format!("{prefix}{}", content.unwrap_or_default()));
+            }
             choices.push(ChatChoice {
                 index: seq.index,
                 message: ChatMessageOut { role: "assistant", content, tool_calls },
@@ -477,6 +505,8 @@ struct ChatChunks {
     usage: StreamUsage,
     /// Per choice, its tool-call parser (`None` when tool calls are off).
     tool_streams: Vec<Option<crate::tools::ToolStream>>,
+    /// `echo`: the text the first chunk of each choice carries.
+    echo_prefix: Option<String>,
 }
 
 impl ChatChunks {
@@ -500,7 +530,7 @@ impl ChunkWriter for ChatChunks {
                     index,
                     delta: ChatDelta {
                         role: Some("assistant"),
-                        content: Some(String::new()),
+                        content: Some(self.echo_prefix.clone().unwrap_or_default()),
                         tool_calls: Vec::new(),
                     },
                     logprobs: None,

@@ -198,6 +198,11 @@ const CHAT: &[Field] = &[
         r#"{"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "f"}}}"#,
     ),
     works("add_generation_prompt", r#"{"add_generation_prompt": false}"#),
+    // vLLM's: the reply starts with the last message when it has the reply's role.
+    works(
+        "echo",
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}], "echo": true, "continue_final_message": true}"#,
+    ),
     works(
         "continue_final_message",
         r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}], "continue_final_message": true, "add_generation_prompt": false}"#,
@@ -219,11 +224,6 @@ const CHAT: &[Field] = &[
         r#"{"include_reasoning": false}"#,
     ),
     refused("store", "stored completions (OpenAI's platform) are not kept", r#"{"store": true}"#),
-    refused(
-        "echo",
-        "chat's echo (prepending the last message of the same role) is not implemented",
-        r#"{"echo": true}"#,
-    ),
     refused("reasoning_effort", "no reasoning model is served", r#"{"reasoning_effort": "low"}"#),
     refused("verbosity", "no reasoning model is served", r#"{"verbosity": "low"}"#),
     refused_unless(

@@ -285,6 +285,9 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub add_generation_prompt: Option<bool>,
+    /// vLLM: the reply starts with the last message's content when that
+    /// message has the reply's role (so a continued message comes back whole).
+    pub echo: Option<bool>,
     /// Functions the model may call, shown to it through the chat template.
     pub tools: Option<Vec<ToolDefinition>>,
     pub tool_choice: Option<ToolChoice>,
