@@ -210,9 +210,8 @@ pub struct PersistentBatch {
     /// Per sampling row, its sequence's slot and the counter of its draw.
     sampler_slots: Vec<usize>,
     sampler_steps: Vec<u64>,
-    /// Per sampling row, whether its sequence is constrained; and the rows'
-    /// bitmasks (`mask_words` each), filled by `fill_token_masks`.
-    sampler_masked: Vec<bool>,
+    /// The sampling rows' allowed-token bitmasks (`mask_words` each; a row
+    /// without a constraint keeps zeros), filled by `fill_token_masks`.
     token_masks: Vec<u32>,
     mask_words: usize,
     masks_filled: bool,
@@ -308,7 +307,6 @@ impl PersistentBatch {
         self.step_slots.clear();
         self.sampler_slots.clear();
         self.sampler_steps.clear();
-        self.sampler_masked.clear();
         self.masks_filled = false;
         self.prompt_rows.clear();
         self.inputs.attn.num_decode_seqs = out.num_decodes;
@@ -343,9 +341,7 @@ impl PersistentBatch {
             self.stage_prompt_logprobs(entry, slot);
             self.stage_samplers(entry, slot)?;
         }
-        let prompt_rows = std::mem::take(&mut self.prompt_rows);
-        self.inputs.logits_indices.extend_from_slice(&prompt_rows);
-        self.prompt_rows = prompt_rows;
+        self.inputs.logits_indices.extend_from_slice(&self.prompt_rows);
         if !self.inputs.source_rows.is_empty() {
             self.inputs.source_rows.resize(self.inputs.token_ids.len(), -1);
         }
@@ -359,7 +355,7 @@ impl PersistentBatch {
 
     /// Whether a row of the staged step samples under a constraint.
     pub fn has_token_masks(&self) -> bool {
-        self.sampler_masked.iter().any(|&m| m)
+        self.sampler_slots.iter().any(|&slot| self.slot_ref(slot).constraint.is_some())
     }
 
     /// Writes the allowed-token bitmask of every constrained row of the
@@ -371,34 +367,34 @@ impl PersistentBatch {
         self.mask_words = words;
         self.token_masks.clear();
         self.token_masks.resize(self.sampler_slots.len() * words, 0);
-        // Taken out of their states so that rows fill in parallel.
-        let mut taken: Vec<(usize, usize, Box<dyn TokenConstraint>)> = Vec::new();
-        for (row, (&slot, &masked)) in self.sampler_slots.iter().zip(&self.sampler_masked).enumerate() {
-            if !masked {
-                continue;
-            }
-            let state = self.slots[slot].as_mut().expect("a slot listed for a live sequence holds its state");
-            if state.pending > 1 {
+        for &slot in &self.sampler_slots {
+            let state = self.slot_ref(slot);
+            if state.constraint.is_some() && state.pending > 1 {
                 return Err(EngineError::Internal(format!(
                     "{:?}: a token mask is needed before its previous token is applied",
                     state.seq_id
                 )));
             }
-            if let Some(c) = state.constraint.take() {
-                taken.push((row, slot, c));
-            }
         }
-        let mut chunks: Vec<Option<&mut [u32]>> =
-            self.token_masks.chunks_mut(words.max(1)).map(Some).collect();
-        let mut work: Vec<(&mut [u32], &mut Box<dyn TokenConstraint>)> = Vec::with_capacity(taken.len());
-        for (row, _, c) in taken.iter_mut() {
-            if let Some(chunk) = chunks.get_mut(*row).and_then(Option::take) {
-                work.push((chunk, c));
+        // Taken out of their states (one per row at most: a sequence samples
+        // once a step) so that the rows fill in parallel, then put back.
+        let slots = &mut self.slots;
+        let mut constraints: Vec<Option<Box<dyn TokenConstraint>>> = self
+            .sampler_slots
+            .iter()
+            .map(|&slot| slots[slot].as_mut().and_then(|state| state.constraint.take()))
+            .collect();
+        self.token_masks.par_chunks_mut(words.max(1)).zip(constraints.par_iter_mut()).for_each(
+            |(mask, c)| {
+                if let Some(c) = c {
+                    c.fill_mask(mask);
+                }
+            },
+        );
+        for (&slot, c) in self.sampler_slots.iter().zip(constraints) {
+            if let Some(state) = self.slots[slot].as_mut() {
+                state.constraint = c;
             }
-        }
-        work.into_par_iter().for_each(|(mask, c)| c.fill_mask(mask));
-        for (_, slot, c) in taken {
-            self.slot_mut(slot).constraint = Some(c);
         }
         self.masks_filled = true;
         Ok(())
@@ -439,7 +435,7 @@ impl PersistentBatch {
             .enumerate()
             .map(|(row, (&slot, &step))| {
                 let s = self.slot_ref(slot);
-                let masks = (self.masks_filled && self.sampler_masked[row]).then_some(&self.token_masks[..]);
+                let masks = (self.masks_filled && s.constraint.is_some()).then_some(&self.token_masks[..]);
                 SamplingRow {
                     params: &s.request.params,
                     seed: s.seed,
@@ -611,7 +607,6 @@ impl PersistentBatch {
             state.last_sample_row = row;
             self.inputs.logits_indices.push(last_row);
             self.inputs.samplers.push(SampleTarget { seq_id, entry_seq_id: entry.seq_id, fork_index });
-            self.sampler_masked.push(self.slot_ref(target).constraint.is_some());
             self.sampler_slots.push(target);
             self.sampler_steps.push(step);
         }
