@@ -157,13 +157,7 @@ fn template_messages(messages: Vec<ChatMessageIn>) -> Value {
     let out = messages
         .into_iter()
         .map(|message| {
-            let content = match message.content {
-                None => String::new(),
-                Some(MessageContent::Text(text)) => text,
-                Some(MessageContent::Parts(parts)) => {
-                    parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("\n")
-                }
-            };
+            let content = message.content.map(MessageContent::into_text).unwrap_or_default();
             let mut object = message.extra;
             if let Some(calls) = object.get_mut("tool_calls") {
                 crate::tools::template_tool_calls(calls);
@@ -204,13 +198,7 @@ fn echoed_message(request: &ChatCompletionRequest) -> Option<String> {
     if add_generation_prompt && last.role != "assistant" {
         return None;
     }
-    Some(match &last.content {
-        None => String::new(),
-        Some(MessageContent::Text(text)) => text.clone(),
-        Some(MessageContent::Parts(parts)) => {
-            parts.iter().filter_map(|p| p.text.as_deref()).collect::<Vec<_>>().join("\n")
-        }
-    })
+    Some(last.content.clone().map(MessageContent::into_text).unwrap_or_default())
 }
 
 /// A request's fields that decide how its conversation is rendered.

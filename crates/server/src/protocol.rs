@@ -189,6 +189,19 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
+impl MessageContent {
+    /// The text a template sees: the text parts joined with newlines
+    /// (the chat endpoint accepts text parts only).
+    pub fn into_text(self) -> String {
+        match self {
+            MessageContent::Text(text) => text,
+            MessageContent::Parts(parts) => {
+                parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("\n")
+            }
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for MessageContent {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Value::deserialize(d)? {

@@ -154,15 +154,13 @@ impl ToolMode {
 
     /// The incremental parser of one streamed choice (`None` when off).
     pub fn stream(&self) -> Option<ToolStream> {
-        let inner = match self {
+        let (inner, parallel, named) = match self {
             ToolMode::Off => return None,
-            ToolMode::Auto { parser, .. } => Inner::Parsed(parser.streaming()),
-            ToolMode::Required { .. } => Inner::Constrained(ConstrainedCallStream::required()),
-            ToolMode::Named(name) => Inner::Constrained(ConstrainedCallStream::named(name)),
-        };
-        let (parallel, named) = match self {
-            ToolMode::Auto { parallel, .. } | ToolMode::Required { parallel } => (*parallel, false),
-            _ => (true, true),
+            ToolMode::Auto { parser, parallel } => (Inner::Parsed(parser.streaming()), *parallel, false),
+            ToolMode::Required { parallel } => {
+                (Inner::Constrained(ConstrainedCallStream::required()), *parallel, false)
+            }
+            ToolMode::Named(name) => (Inner::Constrained(ConstrainedCallStream::named(name)), true, true),
         };
         Some(ToolStream { inner, ids: Vec::new(), parallel, named })
     }
