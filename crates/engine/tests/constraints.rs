@@ -3,24 +3,14 @@
 //! its constraint allowed, forks (`n > 1`) keep their own constraint state,
 //! and unconstrained requests in the same batch are untouched.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use pagoda_backend::SamplingParams;
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_engine::{load_engine, EngineConfig, FixedTokenSet, GenerationRequest, LlmEngine};
 
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("PAGODA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let default = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct");
-    assert!(
-        default.is_dir(),
-        "the real-model tests need SmolLM2-135M-Instruct: run `scripts/fetch-model.sh` (or set PAGODA_TEST_MODEL)"
-    );
-    default
-}
+mod common;
+use common::model_path;
 
 fn engine(async_scheduling: bool) -> LlmEngine<CpuBackend> {
     let config =

@@ -15,38 +15,19 @@
 //! in f32 on the CPU, where the logits (of size ~20) differ by summation order
 //! only, orders of magnitude below it.
 
-use std::path::PathBuf;
-
 use pagoda_backend::SamplingParams;
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_engine::{load_engine, EngineConfig, GenerationRequest, LlmEngine, PromptLogprob};
 use serde_json::Value;
 
+mod common;
+use common::{ids, model_path, workspace_root};
+
 const BOUND: f32 = 2e-3;
-
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("PAGODA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let default = workspace_root().join("models/smollm2-135m-instruct");
-    assert!(
-        default.is_dir(),
-        "needs SmolLM2-135M-Instruct: run `scripts/fetch-model.sh` (or set PAGODA_TEST_MODEL)"
-    );
-    default
-}
 
 fn engine(config: EngineConfig) -> LlmEngine<CpuBackend> {
     let config = EngineConfig { kv_cache_memory_bytes: Some(64 << 20), ..config };
     load_engine(CpuBackend::new(), model_path(), config, |_, _| {}).expect("load SmolLM2")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 /// The golden case "Once upon a time, in a small village,": its prompt, then

@@ -5,7 +5,6 @@
 //! and must not depend on what else is in the batch, on prefix caching, on
 //! the block size, or on preemption (recompute or swap).
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use pagoda_backend::{Backend, SamplingParams};
@@ -16,23 +15,8 @@ use pagoda_engine::{
 };
 use serde_json::Value;
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `$PAGODA_TEST_MODEL`, else models/smollm2-135m-instruct/; absent, the
-/// test fails (CI fetches the model first).
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("PAGODA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let default = workspace_root().join("models/smollm2-135m-instruct");
-    assert!(
-        default.is_dir(),
-        "the real-model tests need SmolLM2-135M-Instruct: run `scripts/fetch-model.sh` (or set PAGODA_TEST_MODEL)"
-    );
-    default
-}
+mod common;
+use common::{ids, model_path, workspace_root};
 
 fn golden() -> &'static Value {
     static GOLDEN: OnceLock<Value> = OnceLock::new();
@@ -40,10 +24,6 @@ fn golden() -> &'static Value {
         let path = workspace_root().join("tests/fixtures/smollm2/golden.json");
         serde_json::from_str(&std::fs::read_to_string(&path).expect("golden fixture")).expect("golden JSON")
     })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 /// (prompt ids, transformers' greedy tokens) of every golden prompt.

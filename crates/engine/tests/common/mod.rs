@@ -1,0 +1,30 @@
+//! Shared helpers of the engine's real-model tests: where the workspace, the
+//! model and the fixtures are.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `$PAGODA_TEST_MODEL`, else models/smollm2-135m-instruct/; absent, the
+/// test fails (CI fetches the model first).
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("PAGODA_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let default = workspace_root().join("models/smollm2-135m-instruct");
+    assert!(
+        default.is_dir(),
+        "the real-model tests need SmolLM2-135M-Instruct: run `scripts/fetch-model.sh` (or set PAGODA_TEST_MODEL)"
+    );
+    default
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
