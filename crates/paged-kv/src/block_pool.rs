@@ -143,6 +143,16 @@ impl BlockPool {
         self.used_token_slots += n;
     }
 
+    /// Records `n` tokens removed from the end of a used block (rejected
+    /// speculative tokens). Only unhashed blocks lose tokens.
+    pub(crate) fn remove_filled(&mut self, block: BlockId, n: usize) {
+        let b = block as usize;
+        debug_assert!(self.ref_cnt[b] > 0 && self.hash[b].is_none());
+        debug_assert!(self.filled[b] as usize >= n);
+        self.filled[b] -= n as u32;
+        self.used_token_slots -= n;
+    }
+
     /// Makes a full block findable under `hash`, unless the block already has
     /// a hash or another block already holds these contents (then the first
     /// one stays the cached copy and this one is freed as plain memory).

@@ -47,6 +47,8 @@ struct Reserved {
     swapped: bool,
     /// The newest slot waits for its token id (`append_pending_slot`).
     pending_token: bool,
+    /// Trailing slots of speculative tokens not verified yet.
+    draft_slots: usize,
 }
 
 /// Contiguous max-length reservation: what engines without paging do.
@@ -208,6 +210,7 @@ impl KvAllocator for ContiguousAllocator {
                 cpu: Vec::new(),
                 swapped: false,
                 pending_token: false,
+                draft_slots: 0,
             },
         );
         self.stats.num_queries += 1;
@@ -223,7 +226,7 @@ impl KvAllocator for ContiguousAllocator {
     ) -> Result<(), AllocError> {
         let b = self.config.block_size;
         let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token, s.draft_slots)?;
         let total = s.num_tokens + new_tokens.len();
         if total > s.reserved_blocks * b {
             return Err(AllocError::ReservationExceeded {
@@ -257,6 +260,37 @@ impl KvAllocator for ContiguousAllocator {
         Ok(())
     }
 
+    fn append_draft_slots(
+        &mut self,
+        seq: SeqId,
+        n: usize,
+        copies: &mut Vec<BlockCopy>,
+    ) -> Result<(), AllocError> {
+        // The ids are placeholders: this allocator hashes nothing.
+        self.append_slots(seq, &vec![0; n], copies)?;
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.draft_slots = n;
+        }
+        Ok(())
+    }
+
+    fn accept_draft_tokens(&mut self, seq: SeqId, accepted: &[TokenId]) -> Result<(), AllocError> {
+        let b = self.config.block_size;
+        let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
+        if accepted.len() > s.draft_slots {
+            return Err(AllocError::TooManyAccepted { seq, accepted: accepted.len(), slots: s.draft_slots });
+        }
+        // The run stays reserved; only the table shrinks to the kept tokens.
+        s.num_tokens -= s.draft_slots - accepted.len();
+        s.draft_slots = 0;
+        s.table.truncate(s.num_tokens.div_ceil(b));
+        Ok(())
+    }
+
+    fn num_draft_slots(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.draft_slots)
+    }
+
     fn fork(&mut self, _parent: SeqId, _child: SeqId) -> Result<(), AllocError> {
         Err(AllocError::ForkUnsupported)
     }
@@ -275,7 +309,7 @@ impl KvAllocator for ContiguousAllocator {
 
     fn swap_out(&mut self, seq: SeqId, plan: &mut Vec<SwapOut>) -> Result<(), AllocError> {
         let s = self.seqs.get(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token, s.draft_slots)?;
         let (first, len) = (s.start, s.reserved_blocks);
         let cpu = self.cpu.swap_out(&s.table, plan)?;
         self.give_run(first, len);

@@ -38,6 +38,12 @@ pub enum AllocError {
     PendingToken(SeqId),
     #[error("{0} has no slot waiting for its token")]
     NoPendingToken(SeqId),
+    /// The sequence holds draft slots not yet resolved
+    /// ([`crate::KvAllocator::accept_draft_tokens`]).
+    #[error("{0} holds unverified draft slots")]
+    DraftSlots(SeqId),
+    #[error("{seq}: {accepted} draft tokens accepted but it holds {slots} draft slots")]
+    TooManyAccepted { seq: SeqId, accepted: usize, slots: usize },
     /// This allocator cannot share blocks between sequences.
     #[error("this allocator does not support forking sequences")]
     ForkUnsupported,

@@ -281,6 +281,29 @@ pub trait KvAllocator {
     /// Tells the id of the token whose slot [`Self::append_pending_slot`] made.
     fn set_pending_token(&mut self, seq: SeqId, token: TokenId) -> Result<(), AllocError>;
 
+    /// Allocates `n` slots for speculative (draft) tokens after the
+    /// sequence's current tokens: a verification step computes their KV, and
+    /// only the ones the target model accepts are kept
+    /// ([`Self::accept_draft_tokens`]). Copy-on-write works as in
+    /// [`Self::append_slots`]. Draft slots are never hashed for the prefix
+    /// cache, and until they are resolved the sequence cannot grow, fork or
+    /// swap. `n == 0` does nothing.
+    fn append_draft_slots(
+        &mut self,
+        seq: SeqId,
+        n: usize,
+        copies: &mut Vec<BlockCopy>,
+    ) -> Result<(), AllocError>;
+
+    /// Resolves the draft slots of [`Self::append_draft_slots`]: the first
+    /// `accepted.len()` of them hold these tokens (a caching allocator hashes
+    /// the blocks they complete), the rest are released (blocks left empty
+    /// go back to the pool), so the sequence holds exactly its verified tokens.
+    fn accept_draft_tokens(&mut self, seq: SeqId, accepted: &[TokenId]) -> Result<(), AllocError>;
+
+    /// Draft slots the sequence holds, not yet resolved (0 for an unknown one).
+    fn num_draft_slots(&self, seq: SeqId) -> usize;
+
     /// Makes `child` a sequence sharing all of `parent`'s blocks (copy on write).
     fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), AllocError>;
 
@@ -360,6 +383,20 @@ impl<T: KvAllocator + ?Sized> KvAllocator for Box<T> {
     fn set_pending_token(&mut self, seq: SeqId, token: TokenId) -> Result<(), AllocError> {
         (**self).set_pending_token(seq, token)
     }
+    fn append_draft_slots(
+        &mut self,
+        seq: SeqId,
+        n: usize,
+        copies: &mut Vec<BlockCopy>,
+    ) -> Result<(), AllocError> {
+        (**self).append_draft_slots(seq, n, copies)
+    }
+    fn accept_draft_tokens(&mut self, seq: SeqId, accepted: &[TokenId]) -> Result<(), AllocError> {
+        (**self).accept_draft_tokens(seq, accepted)
+    }
+    fn num_draft_slots(&self, seq: SeqId) -> usize {
+        (**self).num_draft_slots(seq)
+    }
     fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), AllocError> {
         (**self).fork(parent, child)
     }
@@ -401,17 +438,22 @@ impl<T: KvAllocator + ?Sized> KvAllocator for Box<T> {
 }
 
 /// Whether a sequence may get more slots (or fork, or swap out): not while
-/// swapped out, nor while its newest slot waits for its token id.
+/// swapped out, nor while its newest slot waits for its token id, nor while
+/// it holds unresolved draft slots.
 pub(crate) fn check_resident_and_known(
     seq: SeqId,
     swapped: bool,
     pending_token: bool,
+    draft_slots: usize,
 ) -> Result<(), AllocError> {
     if swapped {
         return Err(AllocError::Swapped(seq));
     }
     if pending_token {
         return Err(AllocError::PendingToken(seq));
+    }
+    if draft_slots > 0 {
+        return Err(AllocError::DraftSlots(seq));
     }
     Ok(())
 }

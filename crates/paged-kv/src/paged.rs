@@ -47,6 +47,10 @@ struct SeqBlocks {
     /// The newest slot's token id is not known yet (`append_pending_slot`):
     /// `hashes` and `partial` cover every token but that one.
     pending_token: bool,
+    /// Trailing slots holding speculative tokens not verified yet
+    /// (`append_draft_slots`): counted in `num_tokens` and filled in their
+    /// blocks, never hashed.
+    draft_slots: usize,
 }
 
 /// Paged KV allocation over a fixed pool of GPU blocks and a CPU swap pool.
@@ -123,7 +127,7 @@ impl PagedAllocator {
     fn grow(&mut self, seq: SeqId, n: usize, copies: &mut Vec<BlockCopy>) -> Result<usize, AllocError> {
         let b = self.config.block_size;
         let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token, s.draft_slots)?;
         let cur = s.num_tokens;
         if n == 0 {
             return Ok(cur);
@@ -302,6 +306,7 @@ impl KvAllocator for PagedAllocator {
             partial: Vec::new(),
             extra_key: start.extra_key,
             pending_token: false,
+            draft_slots: 0,
         };
         let cached = hit.num_cached_tokens;
         write_tokens(
@@ -357,12 +362,62 @@ impl KvAllocator for PagedAllocator {
         Ok(())
     }
 
+    fn append_draft_slots(
+        &mut self,
+        seq: SeqId,
+        n: usize,
+        copies: &mut Vec<BlockCopy>,
+    ) -> Result<(), AllocError> {
+        let b = self.config.block_size;
+        let cur = self.grow(seq, n, copies)?;
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            fill_slots(&mut self.pool, s, cur, n, b);
+            s.draft_slots = n;
+        }
+        Ok(())
+    }
+
+    fn accept_draft_tokens(&mut self, seq: SeqId, accepted: &[TokenId]) -> Result<(), AllocError> {
+        let b = self.config.block_size;
+        let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
+        if accepted.len() > s.draft_slots {
+            return Err(AllocError::TooManyAccepted { seq, accepted: accepted.len(), slots: s.draft_slots });
+        }
+        let verified = s.num_tokens - s.draft_slots;
+        let keep = verified + accepted.len();
+        // Unfill the rejected slots block by block, then drop the blocks
+        // that hold none of the kept tokens (private and unhashed: a draft
+        // block was allocated, or copied on write, by `append_draft_slots`).
+        let mut pos = keep;
+        while pos < s.num_tokens {
+            let block_end = ((pos / b) + 1) * b;
+            let stop = block_end.min(s.num_tokens);
+            self.pool.remove_filled(s.gpu[pos / b], stop - pos);
+            pos = stop;
+        }
+        while s.gpu.len() > keep.div_ceil(b) {
+            if let Some(block) = s.gpu.pop() {
+                self.pool.release(block);
+            }
+        }
+        s.num_tokens = keep;
+        s.draft_slots = 0;
+        if self.config.enable_prefix_caching {
+            hash_tokens(&mut self.pool, s, verified, accepted, b);
+        }
+        Ok(())
+    }
+
+    fn num_draft_slots(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.draft_slots)
+    }
+
     fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), AllocError> {
         if self.seqs.contains_key(&child) {
             return Err(AllocError::SeqExists(child));
         }
         let p = self.seqs.get(&parent).ok_or(AllocError::UnknownSeq(parent))?;
-        crate::check_resident_and_known(parent, p.swapped, p.pending_token)?;
+        crate::check_resident_and_known(parent, p.swapped, p.pending_token, p.draft_slots)?;
         let state = p.clone();
         for &block in &state.gpu {
             self.pool.acquire(block);
@@ -386,7 +441,7 @@ impl KvAllocator for PagedAllocator {
 
     fn swap_out(&mut self, seq: SeqId, plan: &mut Vec<SwapOut>) -> Result<(), AllocError> {
         let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        crate::check_resident_and_known(seq, s.swapped, s.pending_token)?;
+        crate::check_resident_and_known(seq, s.swapped, s.pending_token, s.draft_slots)?;
         // Resident, so `s.cpu` is empty.
         s.cpu = self.cpu.swap_out(&s.gpu, plan)?;
         self.swap_stats.blocks_swapped_out += s.cpu.len() as u64;
@@ -532,7 +587,7 @@ impl KvAllocator for PagedAllocator {
                 }
             }
             CpuBlockPool::count_holders(id, &s.cpu, &mut cpu_holders)?;
-            let known = s.num_tokens - usize::from(s.pending_token);
+            let known = s.num_tokens - usize::from(s.pending_token) - s.draft_slots;
             if self.config.enable_prefix_caching
                 && (s.hashes.len() != known / b || s.partial.len() != known % b)
             {
@@ -545,6 +600,11 @@ impl KvAllocator for PagedAllocator {
             }
             if s.pending_token && (s.swapped || s.num_tokens == 0) {
                 return Err(format!("{id}: a pending slot while swapped or empty").into());
+            }
+            if s.draft_slots > 0 && (s.swapped || s.pending_token || s.draft_slots > s.num_tokens) {
+                return Err(
+                    format!("{id}: {} draft slots while swapped, pending or short", s.draft_slots).into()
+                );
             }
         }
         self.pool.check(&gpu_holders)?;

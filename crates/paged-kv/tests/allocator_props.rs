@@ -54,6 +54,16 @@ enum Op {
     SetPending {
         seq: usize,
     },
+    /// A verification step's draft slots: the "device" writes the draft
+    /// tokens now; `AcceptDrafts` keeps a prefix of them.
+    AppendDrafts {
+        seq: usize,
+        tokens: Vec<TokenId>,
+    },
+    AcceptDrafts {
+        seq: usize,
+        accepted: usize,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -68,6 +78,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), prop::collection::vec(0u32..3, 0..3)).prop_map(|(seq, tokens)| Op::SwapIn { seq, tokens }),
         3 => (any::<usize>(), 0u32..3).prop_map(|(seq, token)| Op::AppendPending { seq, token }),
         3 => any::<usize>().prop_map(|seq| Op::SetPending { seq }),
+        3 => (any::<usize>(), prop::collection::vec(0u32..3, 0..6)).prop_map(|(seq, tokens)| Op::AppendDrafts { seq, tokens }),
+        3 => (any::<usize>(), 0usize..7).prop_map(|(seq, accepted)| Op::AcceptDrafts { seq, accepted }),
     ]
 }
 
@@ -86,6 +98,8 @@ struct Model<A: KvAllocator> {
     keys: BTreeMap<SeqId, Option<u64>>,
     /// Sequences whose newest slot's token the allocator has not been told.
     pending: BTreeMap<SeqId, TokenId>,
+    /// Sequences holding unverified draft slots, and their draft tokens.
+    drafts: BTreeMap<SeqId, Vec<TokenId>>,
     next_id: u64,
 }
 
@@ -103,6 +117,7 @@ impl<A: KvAllocator> Model<A> {
             seqs: BTreeMap::new(),
             keys: BTreeMap::new(),
             pending: BTreeMap::new(),
+            drafts: BTreeMap::new(),
             next_id: 0,
         }
     }
@@ -219,6 +234,7 @@ impl<A: KvAllocator> Model<A> {
                 self.seqs.remove(&seq);
                 self.keys.remove(&seq);
                 self.pending.remove(&seq);
+                self.drafts.remove(&seq);
                 self.kv.free(seq)
             }
             Op::SwapOut { seq } => {
@@ -273,6 +289,50 @@ impl<A: KvAllocator> Model<A> {
                 self.pending.remove(&seq);
                 r
             }
+            Op::AppendDrafts { seq, tokens } => {
+                let Some(seq) = self.pick(*seq) else { return Ok(()) };
+                let mut copies = Vec::new();
+                let r = self.kv.append_draft_slots(seq, tokens.len(), &mut copies);
+                if r.is_ok() {
+                    for &(src, dst) in &copies {
+                        let gpu = self.gpu.clone();
+                        Self::copy_blocks(&gpu, &mut self.gpu, src, dst, b);
+                    }
+                    let key = self.keys[&seq];
+                    let cells: Vec<_> = tokens.iter().map(|&t| (t, key)).collect();
+                    let start = self.seqs[&seq].len();
+                    self.write(seq, start, &cells);
+                    self.seqs.get_mut(&seq).unwrap().extend(cells);
+                    prop_assert_eq!(self.kv.num_draft_slots(seq), tokens.len());
+                    if !tokens.is_empty() {
+                        prop_assert!(self.drafts.insert(seq, tokens.clone()).is_none(), "two sets of drafts");
+                    }
+                } else {
+                    prop_assert!(copies.is_empty());
+                }
+                r
+            }
+            Op::AcceptDrafts { seq, accepted } => {
+                let Some(seq) = self.pick(*seq) else { return Ok(()) };
+                let drafts = self.drafts.get(&seq).cloned().unwrap_or_default();
+                let keep = (*accepted).min(drafts.len());
+                let r = self.kv.accept_draft_tokens(seq, &drafts[..keep]);
+                if drafts.is_empty() {
+                    // Accepting nothing of nothing is allowed; anything more is not.
+                    prop_assert_eq!(&r, &Ok(()));
+                } else {
+                    prop_assert_eq!(&r, &Ok(()), "accepting {} of {:?} for {}", keep, drafts, seq);
+                    let cells = self.seqs.get_mut(&seq).unwrap();
+                    let rejected = drafts.len() - keep;
+                    cells.truncate(cells.len() - rejected);
+                    self.drafts.remove(&seq);
+                    prop_assert_eq!(self.kv.num_draft_slots(seq), 0);
+                }
+                // More than the slots held is refused.
+                let too_many = vec![0; self.kv.num_draft_slots(seq) + 1];
+                prop_assert!(self.kv.accept_draft_tokens(seq, &too_many).is_err());
+                r
+            }
         };
         if let Err(e) = &result {
             // Refusals change nothing.
@@ -302,6 +362,7 @@ impl<A: KvAllocator> Model<A> {
 
     fn free_all(&mut self) -> Result<(), TestCaseError> {
         self.pending.clear();
+        self.drafts.clear();
         let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
         for s in ids {
             prop_assert_eq!(self.kv.free(s), Ok(()));
