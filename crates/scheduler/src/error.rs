@@ -76,6 +76,10 @@ pub enum UpdateError {
     DuplicateSample(SeqId),
     #[error("no token was sampled for {0}")]
     MissingSample(SeqId),
+    /// Accepted draft counts must be given exactly for the entries that
+    /// verify drafts, each at most its number of drafts.
+    #[error("{seq}: {accepted} draft tokens accepted of {drafts} verified")]
+    BadAcceptance { seq: SeqId, accepted: usize, drafts: usize },
     /// The allocator refused to learn an awaited token: a bug (the step's
     /// other results may be applied already).
     #[error("KV allocator error for {seq}: {source}")]

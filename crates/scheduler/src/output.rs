@@ -93,9 +93,21 @@ pub struct ScheduledSeq {
     /// the sequence. `token_ids[0]` is then a placeholder (0): the runner
     /// takes the id from that step's sampled tokens on the device.
     pub token_from_previous_step: bool,
+    /// Speculative decoding: the last `num_draft_tokens` of `token_ids` are
+    /// draft tokens to verify (a decode's one real token comes first). Every
+    /// one of the entry's positions then samples: position `i` gives the
+    /// token that follows `token_ids[..=i]`, and the sequence keeps the
+    /// drafts up to the first one that differs from its sample, then that
+    /// sample ([`crate::Scheduler::update_from_verified_output`]).
+    pub num_draft_tokens: usize,
 }
 
 impl ScheduledSeq {
+    /// The draft tokens this entry verifies (empty for an ordinary entry).
+    pub fn draft_token_ids(&self) -> &[TokenId] {
+        &self.token_ids[self.token_ids.len() - self.num_draft_tokens..]
+    }
+
     /// Positions of the new tokens.
     pub fn positions(&self) -> Range<usize> {
         self.start_position..self.start_position + self.token_ids.len()

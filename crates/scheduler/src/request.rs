@@ -141,6 +141,9 @@ pub struct Sequence {
     /// the slot early, and a queued long prompt could start beside it and
     /// take the partial-prefill slot a short prompt was to get.)
     pub(crate) long_prefill: bool,
+    /// Speculative tokens proposed to follow its tokens
+    /// ([`crate::Scheduler::set_draft_tokens`]), verified by its next decode.
+    pub(crate) draft_tokens: Vec<TokenId>,
 }
 
 impl Sequence {

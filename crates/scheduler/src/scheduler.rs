@@ -79,6 +79,10 @@ struct UnappliedStep {
     /// A request forks at this step: nothing can be scheduled before it is
     /// applied (the samples do not exist until then).
     forks: bool,
+    /// An entry verifies draft tokens: how many of them its sequence keeps
+    /// is known only once the step is applied, so nothing can be scheduled
+    /// before that.
+    verifies_drafts: bool,
 }
 
 /// Iteration-level scheduler: each [`Scheduler::schedule`] call picks the
@@ -254,6 +258,7 @@ impl<A: KvAllocator> Scheduler<A> {
             scheduled_step: 0,
             num_blocks_sent: 0,
             long_prefill: false,
+            draft_tokens: Vec::new(),
         };
         self.requests.insert(
             req.request_id,
@@ -331,6 +336,10 @@ impl<A: KvAllocator> Scheduler<A> {
         // get what is left. Sequences preempted along the way (always ranked
         // after the one being scheduled) are skipped by the status check.
         let running: Vec<SeqId> = self.running.iter().map(|&(_, id)| id).collect();
+        // Draft tokens take only what every later decode leaves: speculation
+        // never keeps a plain decode out of the step.
+        let mut decodes_after = running.iter().filter(|id| self.is_plain_decode(id)).count();
+        let mut drafted: Vec<(usize, Vec<TokenId>)> = Vec::new();
         let mut prefills = Vec::new();
         for id in running {
             if self.batch_is_full(budget, &out) {
@@ -344,8 +353,15 @@ impl<A: KvAllocator> Scheduler<A> {
                 prefills.push(id);
                 continue;
             }
+            decodes_after = decodes_after.saturating_sub(1);
+            let drafts = self.take_draft_tokens(id, budget.saturating_sub(1 + decodes_after));
             if self.schedule_running(id, 1, &mut out, &mut preempted)? {
                 budget -= 1;
+                if !drafts.is_empty() {
+                    // Their budget is reserved now, their blocks taken last.
+                    budget -= drafts.len();
+                    drafted.push((out.scheduled.len() - 1, drafts));
+                }
             }
         }
         // With concurrent partial prefills, the prompts that compete for this
@@ -390,6 +406,14 @@ impl<A: KvAllocator> Scheduler<A> {
             let mut partials = limits.map(|l| self.count_partial_prefills(l, &prefills));
             self.schedule_queued(&mut out, &mut budget, partials.as_mut())?;
         }
+        // Draft slots come from blocks nothing else in the step needed, so
+        // speculation never preempts, nor keeps a prompt from starting;
+        // drafts that do not fit are dropped and give their budget back.
+        for (index, drafts) in drafted {
+            if !self.attach_drafts(index, &drafts, &mut out)? {
+                budget += drafts.len();
+            }
+        }
 
         if !out.scheduled.is_sorted_by_key(|s| s.token_ids.len() != 1) {
             out.scheduled.sort_by_key(|s| s.token_ids.len() != 1);
@@ -398,9 +422,18 @@ impl<A: KvAllocator> Scheduler<A> {
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget;
         // A step that computes nothing samples nothing: there is nothing to apply.
         if !out.scheduled.is_empty() {
-            self.unapplied.push_back(UnappliedStep { step: self.step, forks: out.forks() });
+            let verifies_drafts = out.scheduled.iter().any(|e| e.num_draft_tokens > 0);
+            self.unapplied.push_back(UnappliedStep { step: self.step, forks: out.forks(), verifies_drafts });
         }
         Ok(out)
+    }
+
+    /// Whether a running sequence computes one token in its next step.
+    fn is_plain_decode(&self, id: &SeqId) -> bool {
+        let seq = &self.seqs[id];
+        seq.status == SeqStatus::Running
+            && !self.ends_with_awaited(seq)
+            && seq.num_tokens() - seq.num_computed_tokens <= 1
     }
 
     /// Whether [`Self::schedule`] may be called now: every step is applied,
@@ -408,7 +441,9 @@ impl<A: KvAllocator> Scheduler<A> {
     pub fn can_schedule(&self) -> bool {
         match self.unapplied.front() {
             None => true,
-            Some(u) => self.config.async_scheduling && self.unapplied.len() == 1 && !u.forks,
+            Some(u) => {
+                self.config.async_scheduling && self.unapplied.len() == 1 && !u.forks && !u.verifies_drafts
+            }
         }
     }
 
@@ -441,6 +476,25 @@ impl<A: KvAllocator> Scheduler<A> {
         } else {
             (remaining <= budget).then_some(remaining)
         }
+    }
+
+    /// The draft tokens proposed for a decoding sequence, taken (each
+    /// proposal is used once), cut to what this step can verify: at most
+    /// `budget` tokens, and never more than the request may still generate
+    /// or the model length allows (one token always follows the accepted
+    /// drafts). Empty while the sequence awaits a token.
+    fn take_draft_tokens(&mut self, id: SeqId, budget: usize) -> Vec<TokenId> {
+        let Some(seq) = self.seqs.get_mut(&id) else { return Vec::new() };
+        let mut drafts = std::mem::take(&mut seq.draft_tokens);
+        if seq.num_awaited_tokens > 0 || !seq.pending_fork.is_empty() {
+            return Vec::new();
+        }
+        let max_tokens = self.requests.get(&seq.request_id).map_or(0, |r| r.max_tokens);
+        let generated = seq.tokens.len() - seq.num_prompt_tokens;
+        let by_length = max_tokens.saturating_sub(generated + 1);
+        let by_context = self.config.max_model_len.saturating_sub(seq.tokens.len() + 1);
+        drafts.truncate(budget.min(by_length).min(by_context));
+        drafts
     }
 
     /// Allocates `n` slots for a running sequence, preempting worse-ranked
@@ -744,6 +798,42 @@ impl<A: KvAllocator> Scheduler<A> {
         Ok(true)
     }
 
+    /// Gives the decode of entry `index` slots for `drafts` (speculative
+    /// tokens to verify, computed after its token but counted only once
+    /// accepted) if free blocks allow, and appends them to the entry.
+    /// Returns whether they fit.
+    fn attach_drafts(
+        &mut self,
+        index: usize,
+        drafts: &[TokenId],
+        out: &mut SchedulerOutput,
+    ) -> Result<bool, SchedulerError> {
+        let b = self.kv.block_size();
+        let Some(entry) = out.scheduled.get_mut(index) else { return Ok(false) };
+        let id = entry.seq_id;
+        // The decode's own slot made its last block private: no copy here.
+        match self.kv.append_draft_slots(id, drafts.len(), &mut out.blocks_to_copy) {
+            Ok(()) => {}
+            Err(e) if e.is_out_of_memory() => return Ok(false),
+            Err(source) => return Err(SchedulerError::Allocator { seq: id, source }),
+        }
+        let Some(seq) = self.seqs.get_mut(&id) else { return Ok(false) };
+        let table = self.kv.block_table(id).unwrap_or(&[]);
+        let start = entry.seq_len();
+        let end = start + drafts.len();
+        if table.len() * b < end {
+            return Err(SchedulerError::ShortBlockTable { seq: id, blocks: table.len(), tokens: end });
+        }
+        entry
+            .slot_mapping
+            .extend((start..end).map(|pos| i64::from(table[pos / b]) * b as i64 + (pos % b) as i64));
+        entry.token_ids.extend_from_slice(drafts);
+        entry.num_draft_tokens = drafts.len();
+        entry.table_update.append.extend_from_slice(&table[seq.num_blocks_sent..]);
+        seq.num_blocks_sent = table.len();
+        Ok(true)
+    }
+
     /// Describes `n` new tokens of a sequence whose slots are allocated, and
     /// counts them as computed (and the token sampled after them as awaited).
     fn push_entry(&mut self, id: SeqId, n: usize, out: &mut SchedulerOutput) -> Result<(), SchedulerError> {
@@ -782,6 +872,7 @@ impl<A: KvAllocator> Scheduler<A> {
             slot_mapping,
             sample_for,
             token_from_previous_step,
+            num_draft_tokens: 0,
         });
         Ok(())
     }
@@ -803,6 +894,22 @@ impl<A: KvAllocator> Scheduler<A> {
         &mut self,
         output: &SchedulerOutput,
         sampled: &[(SeqId, TokenId)],
+    ) -> Result<Vec<SeqUpdate>, UpdateError> {
+        self.update_from_verified_output(output, sampled, &[])
+    }
+
+    /// [`Self::update_from_output`] for a step whose entries verify draft
+    /// tokens (speculative decoding): `accepted` says, for every sequence
+    /// whose entry has `num_draft_tokens > 0`, how many of its drafts the
+    /// target model accepted (a leading run). Those drafts are appended as
+    /// tokens, each checked for stops as a sampled token is (tokens after a
+    /// stop are dropped), then the sequence's sampled token; the slots of the
+    /// rejected drafts go back to the allocator.
+    pub fn update_from_verified_output(
+        &mut self,
+        output: &SchedulerOutput,
+        sampled: &[(SeqId, TokenId)],
+        accepted: &[(SeqId, usize)],
     ) -> Result<Vec<SeqUpdate>, UpdateError> {
         if output.is_empty() && sampled.is_empty() && output.step <= self.step {
             return Ok(Vec::new()); // nothing ran: nothing to apply
@@ -833,12 +940,34 @@ impl<A: KvAllocator> Scheduler<A> {
                 return Err(UpdateError::MissingSample(s));
             }
         }
+        let mut accepted_of: FxHashMap<SeqId, usize> = FxHashMap::default();
+        for &(s, n) in accepted {
+            let drafts = output.scheduled.iter().find(|e| e.seq_id == s).map_or(0, |e| e.num_draft_tokens);
+            if n > drafts || accepted_of.insert(s, n).is_some() {
+                return Err(UpdateError::BadAcceptance { seq: s, accepted: n, drafts });
+            }
+        }
+        for (entry, _) in output.scheduled.iter().zip(&live).filter(|(_, &l)| l) {
+            if entry.num_draft_tokens > 0 && !accepted_of.contains_key(&entry.seq_id) {
+                return Err(UpdateError::BadAcceptance {
+                    seq: entry.seq_id,
+                    accepted: 0,
+                    drafts: entry.num_draft_tokens,
+                });
+            }
+        }
         self.unapplied.pop_front();
 
         let mut updates = Vec::with_capacity(sampled.len());
         for (entry, _) in output.scheduled.iter().zip(&live).filter(|(_, &l)| l) {
             if entry.sample_for.len() > 1 {
                 self.fork_samples(entry.seq_id, &entry.sample_for[1..]);
+            }
+            if entry.num_draft_tokens > 0 {
+                let n = accepted_of.get(&entry.seq_id).copied().unwrap_or(0);
+                if !self.accept_drafts(entry, n, &mut updates)? {
+                    continue; // a stop among the accepted drafts ended it
+                }
             }
             for s in &entry.sample_for {
                 if let Some(&Some(token)) = tokens.get(s) {
@@ -921,6 +1050,67 @@ impl<A: KvAllocator> Scheduler<A> {
                 req.live_seqs.push(child);
             }
         }
+    }
+
+    /// Keeps the first `n` draft tokens an entry verified: the allocator
+    /// keeps (and hashes) their slots and releases the rest, then they are
+    /// appended as tokens. Returns whether the sequence is still live.
+    fn accept_drafts(
+        &mut self,
+        entry: &ScheduledSeq,
+        n: usize,
+        updates: &mut Vec<SeqUpdate>,
+    ) -> Result<bool, UpdateError> {
+        let id = entry.seq_id;
+        let accepted = &entry.draft_token_ids()[..n];
+        // A sequence preempted since holds no draft slots (they were freed).
+        if self.kv.num_draft_slots(id) == entry.num_draft_tokens {
+            self.kv
+                .accept_draft_tokens(id, accepted)
+                .map_err(|source| UpdateError::Allocator { seq: id, source })?;
+            // Blocks released from the end of the table: the runner's copy
+            // keeps only the entries still there (later ones are sent anew).
+            let table_len = self.kv.block_table(id).map_or(0, <[_]>::len);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.num_blocks_sent = seq.num_blocks_sent.min(table_len);
+            }
+        }
+        let resident = self.seqs.get(&id).is_some_and(|s| s.status == SeqStatus::Running);
+        for &token in accepted {
+            // `num_computed_tokens` stays below the tokens until all are in,
+            // so `append_token` sees no pending slot.
+            self.append_token(id, token, updates)?;
+            if !self.seqs.contains_key(&id) {
+                return Ok(false);
+            }
+        }
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            if resident {
+                seq.num_computed_tokens += n;
+            }
+        }
+        Ok(self.seqs.contains_key(&id))
+    }
+
+    /// Sets the draft tokens proposed to follow a running sequence's tokens,
+    /// replacing any earlier proposal; its next decode verifies them (as many
+    /// as the step's budget and the request's limits allow). Ignored for a
+    /// sequence that is unknown or not decoding.
+    pub fn set_draft_tokens(&mut self, seq_id: SeqId, drafts: Vec<TokenId>) {
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            if seq.status == SeqStatus::Running && seq.is_decoding() {
+                seq.draft_tokens = drafts;
+            }
+        }
+    }
+
+    /// Running sequences that are decoding with every token known: those a
+    /// proposer can draft for.
+    pub fn decoding_seqs(&self) -> impl Iterator<Item = &Sequence> + '_ {
+        self.running
+            .iter()
+            .filter_map(|(_, id)| self.seqs.get(id))
+            .filter(|s| s.status == SeqStatus::Running && s.is_decoding() && s.num_awaited_tokens == 0)
     }
 
     fn append_token(
@@ -1082,7 +1272,8 @@ impl<A: KvAllocator> Scheduler<A> {
                     }
                 }
                 Some(gpu) => {
-                    if self.kv.num_tokens(id) != Some(seq.num_computed_tokens)
+                    let drafts = self.kv.num_draft_slots(id);
+                    if self.kv.num_tokens(id) != Some(seq.num_computed_tokens + drafts)
                         || self.kv.is_swapped(id) == gpu
                     {
                         return Err(format!(

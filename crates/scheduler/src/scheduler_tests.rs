@@ -770,3 +770,165 @@ fn ended_sequences_and_requests_are_listed_in_the_next_step() {
     let out = s.schedule().unwrap();
     assert!(out.finished_seqs.is_empty() && out.finished_requests.is_empty());
 }
+
+// ---- speculative decoding: draft tokens verified by a decode ----------------
+
+/// Runs a request's prompt, so that it decodes from the next step on.
+fn decoding(s: &mut Scheduler<PagedAllocator>, id: u64, prompt_len: usize, max_tokens: usize) -> SeqId {
+    s.add_request(req(id, prompt_len, max_tokens)).unwrap();
+    let (out, _) = step(s, 7);
+    out.scheduled.iter().find(|e| e.request_id == RequestId(id)).unwrap().seq_id
+}
+
+/// Schedules one step and applies it with `accepted` drafts kept and
+/// `token` sampled after them.
+fn verify(
+    s: &mut Scheduler<PagedAllocator>,
+    seq: SeqId,
+    accepted: usize,
+    token: TokenId,
+) -> (SchedulerOutput, Vec<SeqUpdate>) {
+    let out = s.schedule().unwrap();
+    let sampled: Vec<(SeqId, TokenId)> = out.sampling_seqs().map(|id| (id, token)).collect();
+    let verified: Vec<(SeqId, usize)> =
+        out.scheduled.iter().filter(|e| e.num_draft_tokens > 0).map(|e| (e.seq_id, accepted)).collect();
+    let updates = s.update_from_verified_output(&out, &sampled, &verified).unwrap();
+    s.check_invariants().unwrap();
+    assert_eq!(verified.iter().any(|v| v.0 == seq), out.scheduled.iter().any(|e| e.num_draft_tokens > 0));
+    (out, updates)
+}
+
+#[test]
+fn drafts_are_verified_in_one_entry_and_rejected_slots_are_released() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, true)).unwrap();
+    let seq = decoding(&mut s, 1, 6, 20);
+    assert_eq!(s.seq(seq).unwrap().all_token_ids().len(), 7);
+    s.set_draft_tokens(seq, vec![11, 12, 13, 14]);
+    let out = s.schedule().unwrap();
+    let e = &out.scheduled[0];
+    // The last sampled token, then the four drafts, at positions 6..11.
+    assert_eq!(e.token_ids, vec![7, 11, 12, 13, 14]);
+    assert_eq!(e.num_draft_tokens, 4);
+    assert_eq!(e.draft_token_ids(), &[11, 12, 13, 14]);
+    assert_eq!(e.start_position, 6);
+    assert_eq!(e.slot_mapping.len(), 5);
+    assert_eq!(out.num_decodes, 0, "a verification entry is not a one-token decode");
+    assert_eq!(out.num_batched_tokens, 5);
+    assert_eq!(s.allocator().num_tokens(seq), Some(11));
+    s.check_invariants().unwrap();
+    // Nothing may be scheduled before the verification is applied.
+    assert!(!s.can_schedule());
+    // Two drafts accepted, then 99 sampled where the third draft was.
+    let updates = s.update_from_verified_output(&out, &[(seq, 99)], &[(seq, 2)]).unwrap();
+    let tokens: Vec<TokenId> = updates.iter().map(|u| u.new_token).collect();
+    assert_eq!(tokens, vec![11, 12, 99]);
+    assert_eq!(s.seq(seq).unwrap().output_token_ids(), &[7, 11, 12, 99]);
+    assert_eq!(s.seq(seq).unwrap().num_computed_tokens(), 9);
+    assert_eq!(s.allocator().num_tokens(seq), Some(9));
+    assert_eq!(s.allocator().num_draft_slots(seq), 0);
+    s.check_invariants().unwrap();
+    // The next decode computes the sampled token at position 9.
+    let (out, _) = step(&mut s, 5);
+    assert_eq!(out.scheduled[0].token_ids, vec![99]);
+    assert_eq!(out.scheduled[0].start_position, 9);
+}
+
+#[test]
+fn drafts_are_cut_to_the_budget_and_the_request_limits() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, false)).unwrap();
+    // 3 tokens left to generate after the first: at most 2 drafts.
+    let seq = decoding(&mut s, 1, 4, 4);
+    s.set_draft_tokens(seq, vec![1, 2, 3, 4, 5]);
+    let (out, updates) = verify(&mut s, seq, 2, 9);
+    assert_eq!(out.scheduled[0].num_draft_tokens, 2);
+    assert_eq!(updates.len(), 3);
+    assert_eq!(updates.last().unwrap().finish_reason, Some(FinishReason::Length));
+    assert!(!s.has_unfinished());
+
+    // A token budget of 3 with one other decode: one draft fits.
+    let mut s = Scheduler::new(config(3, 4), paged(16, 0, 4, false)).unwrap();
+    let a = decoding(&mut s, 1, 2, 30);
+    let b = decoding(&mut s, 2, 2, 30);
+    step(&mut s, 7); // both decode once, without drafts
+    s.set_draft_tokens(a, vec![1, 2, 3]);
+    s.set_draft_tokens(b, vec![1, 2, 3]);
+    let out = s.schedule().unwrap();
+    assert_eq!(out.num_batched_tokens, 3);
+    let drafts: usize = out.scheduled.iter().map(|e| e.num_draft_tokens).sum();
+    assert_eq!(drafts, 1);
+    let verified: Vec<_> =
+        out.scheduled.iter().filter(|e| e.num_draft_tokens > 0).map(|e| (e.seq_id, 1)).collect();
+    let sampled: Vec<_> = out.sampling_seqs().map(|id| (id, 4)).collect();
+    s.update_from_verified_output(&out, &sampled, &verified).unwrap();
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_stop_among_accepted_drafts_ends_the_sequence_there() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, true)).unwrap();
+    s.add_request(NewRequest { eos_token_ids: vec![2], ..req(1, 4, 30) }).unwrap();
+    let (out, _) = step(&mut s, 7);
+    let seq = out.scheduled[0].seq_id;
+    s.set_draft_tokens(seq, vec![1, 2, 3]);
+    let (_, updates) = verify(&mut s, seq, 3, 9);
+    let tokens: Vec<TokenId> = updates.iter().map(|u| u.new_token).collect();
+    assert_eq!(tokens, vec![1, 2], "tokens after EOS are dropped");
+    assert_eq!(updates[1].finish_reason, Some(FinishReason::Eos(2)));
+    assert!(!s.has_unfinished());
+    assert_eq!(s.kv_usage().used_blocks, 0);
+}
+
+#[test]
+fn bad_acceptance_counts_are_refused_before_anything_changes() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, false)).unwrap();
+    let seq = decoding(&mut s, 1, 4, 30);
+    s.set_draft_tokens(seq, vec![1, 2]);
+    let out = s.schedule().unwrap();
+    assert!(matches!(
+        s.update_from_verified_output(&out, &[(seq, 5)], &[(seq, 3)]),
+        Err(UpdateError::BadAcceptance { accepted: 3, drafts: 2, .. })
+    ));
+    assert!(matches!(s.update_from_output(&out, &[(seq, 5)]), Err(UpdateError::BadAcceptance { .. })));
+    s.check_invariants().unwrap();
+    s.update_from_verified_output(&out, &[(seq, 5)], &[(seq, 0)]).unwrap();
+    assert_eq!(s.seq(seq).unwrap().output_token_ids(), &[7, 5]);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn drafts_that_do_not_fit_are_dropped_without_preempting() {
+    // 4 blocks of 4: after a few decodes two sequences hold 3 of them.
+    let mut s = Scheduler::new(config(64, 4), paged(4, 0, 4, false)).unwrap();
+    let a = decoding(&mut s, 1, 4, 8);
+    let b = decoding(&mut s, 2, 3, 8);
+    step(&mut s, 7);
+    s.set_draft_tokens(a, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    s.set_draft_tokens(b, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    let out = s.schedule().unwrap();
+    assert!(out.preempted.is_empty(), "drafts never preempt");
+    assert_eq!(out.scheduled.len(), 2, "both still decode");
+    let sampled: Vec<_> = out.sampling_seqs().map(|id| (id, 4)).collect();
+    let verified: Vec<_> = out
+        .scheduled
+        .iter()
+        .filter(|e| e.num_draft_tokens > 0)
+        .map(|e| (e.seq_id, e.num_draft_tokens))
+        .collect();
+    s.update_from_verified_output(&out, &sampled, &verified).unwrap();
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_block_released_by_rejected_drafts_is_sent_again_when_regrown() {
+    let mut s = Scheduler::new(config(64, 4), paged(16, 0, 4, false)).unwrap();
+    let seq = decoding(&mut s, 1, 3, 30); // 4 tokens: block 0 full after the next decode
+    s.set_draft_tokens(seq, vec![1, 2, 3, 4, 5]); // positions 4..9: two more blocks
+    let (out, _) = verify(&mut s, seq, 0, 9);
+    assert_eq!(out.scheduled[0].table_update.new_len(), 3);
+    // Rejected: the table is back to one block; the next decode (position 4)
+    // takes a new second block, which the runner must be sent.
+    let (out, _) = step(&mut s, 5);
+    let update = &out.scheduled[0].table_update;
+    assert_eq!(update.keep, 1);
+    assert_eq!(update.append, s.allocator().block_table(seq).unwrap()[1..].to_vec());
+}

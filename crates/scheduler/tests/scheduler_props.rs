@@ -6,6 +6,10 @@
 //! and compared with its tokens, so any wrong table, slot, copy, swap or
 //! prefix-cache hit shows up as corrupted "KV".
 //!
+//! Some steps carry speculative draft tokens on their decodes (random
+//! drafts, a random number of them accepted), so rejected drafts' slots are
+//! released and their blocks reused under the same checks.
+//!
 //! The harness also mirrors a runner's persistent batch: it applies every
 //! step's block-table updates (and drops finished sequences, empties
 //! preempted ones, copies a parent's table to the samples it forks into) to
@@ -146,6 +150,10 @@ struct Expect {
     aborted: bool,
 }
 
+/// A step "running on the device": its output, the tokens it samples, and
+/// how many drafts each of its verifications accepts.
+type InFlight = (SchedulerOutput, Vec<(SeqId, TokenId)>, Vec<(SeqId, usize)>);
+
 struct Harness<A: KvAllocator> {
     s: Scheduler<A>,
     gpu: Vec<Option<TokenId>>,
@@ -154,7 +162,7 @@ struct Harness<A: KvAllocator> {
     next_request: u64,
     /// Under asynchronous scheduling: the step "running on the device", with
     /// the tokens it samples (known to the device, not yet to the scheduler).
-    in_flight: Option<(SchedulerOutput, Vec<(SeqId, TokenId)>)>,
+    in_flight: Option<InFlight>,
     /// The runner's copy of each sequence's block table, built from the
     /// steps' updates alone.
     tables: BTreeMap<SeqId, Vec<BlockId>>,
@@ -164,6 +172,9 @@ struct Harness<A: KvAllocator> {
     /// scheduled sequence per step would have sent.
     entries_sent: usize,
     entries_scheduled: usize,
+    /// Sequences whose rejected drafts released blocks, and the length of
+    /// their allocator table right after.
+    rolled_back: BTreeMap<SeqId, usize>,
 }
 
 impl<A: KvAllocator> Harness<A> {
@@ -178,6 +189,7 @@ impl<A: KvAllocator> Harness<A> {
             requests: BTreeMap::new(),
             next_request: 0,
             in_flight: None,
+            rolled_back: BTreeMap::new(),
             tables: BTreeMap::new(),
             runner_requests: BTreeSet::new(),
             entries_sent: 0,
@@ -299,6 +311,7 @@ impl<A: KvAllocator> Harness<A> {
         let ids: BTreeSet<SeqId> = out.scheduled.iter().map(|e| e.seq_id).collect();
         prop_assert_eq!(ids.len(), out.scheduled.len(), "a sequence scheduled twice");
         prop_assert!(out.scheduled[..out.num_decodes].iter().all(|e| e.token_ids.len() == 1));
+        prop_assert!(out.scheduled.iter().all(|e| e.num_draft_tokens < e.token_ids.len()));
         prop_assert!(out.scheduled[out.num_decodes..].iter().all(|e| e.token_ids.len() > 1), "decodes first");
         for p in &out.preempted {
             prop_assert!(!ids.contains(p), "preempted and scheduled in one step");
@@ -321,13 +334,21 @@ impl<A: KvAllocator> Harness<A> {
                     e.seq_id
                 );
             } else {
-                prop_assert_eq!(&e.token_ids[..], &all[e.positions()], "tokens of {}", e.seq_id);
+                let verified = e.start_position..e.seq_len() - e.num_draft_tokens;
+                let real = &e.token_ids[..e.token_ids.len() - e.num_draft_tokens];
+                prop_assert_eq!(real, &all[verified], "tokens of {}", e.seq_id);
             }
-            prop_assert_eq!(seq.num_computed_tokens(), e.seq_len());
+            // Drafts are counted as computed only once accepted.
+            let computed = e.seq_len() - e.num_draft_tokens;
+            prop_assert_eq!(seq.num_computed_tokens(), computed);
+            if e.num_draft_tokens > 0 {
+                prop_assert_eq!(e.token_ids.len(), e.num_draft_tokens + 1, "drafts follow one decode token");
+                prop_assert_eq!(&e.sample_for, &vec![e.seq_id]);
+            }
             if e.sample_for.is_empty() {
-                prop_assert!(e.seq_len() < seq.num_tokens(), "a prefill chunk that reaches the end");
+                prop_assert!(computed < seq.num_tokens(), "a prefill chunk that reaches the end");
             } else {
-                prop_assert_eq!(e.seq_len() + 1, seq.num_tokens(), "sample only at the end");
+                prop_assert_eq!(computed + 1, seq.num_tokens(), "sample only at the end");
             }
             let table = &self.tables[&e.seq_id];
             prop_assert!(table.len() * b >= e.seq_len());
@@ -358,9 +379,11 @@ impl<A: KvAllocator> Harness<A> {
             prop_assert!(!out.finished_seqs.contains(&e.seq_id), "{} scheduled and ended", e.seq_id);
             let update = &e.table_update;
             let table = self.tables.entry(e.seq_id).or_default();
-            // Only what changed is sent: at most the last entry replaced, or a new table.
+            // Only what changed is sent: at most the last entry replaced, or a new
+            // table; after rejected drafts released blocks, what is left of it.
+            let held = self.rolled_back.remove(&e.seq_id).map_or(table.len(), |n| n.min(table.len()));
             prop_assert!(
-                update.keep == 0 || update.keep + 1 >= table.len(),
+                update.keep == 0 || update.keep + 1 >= held,
                 "{}: keeps {} of {} entries",
                 e.seq_id,
                 update.keep,
@@ -410,7 +433,7 @@ impl<A: KvAllocator> Harness<A> {
 
     /// The token the step in flight samples for `seq`, as the device has it.
     fn previous_sample(&self, seq: SeqId) -> Option<TokenId> {
-        let (_, sampled) = self.in_flight.as_ref()?;
+        let (_, sampled, _) = self.in_flight.as_ref()?;
         sampled.iter().find(|&&(s, _)| s == seq).map(|&(_, t)| t)
     }
 
@@ -422,9 +445,12 @@ impl<A: KvAllocator> Harness<A> {
             // Finished or aborted since (its KV no longer matters).
             let Some(seq) = self.s.seq(e.seq_id) else { continue };
             let all = seq.all_token_ids();
-            prop_assert!(all.len() >= e.seq_len(), "{}: inputs still unknown", e.seq_id);
+            // Draft positions (not tokens until accepted) hold the drafts.
+            let known = e.seq_len() - e.num_draft_tokens;
+            prop_assert!(all.len() >= known, "{}: inputs still unknown", e.seq_id);
             let table = &self.tables[&e.seq_id];
-            for (pos, &t) in all[..e.seq_len()].iter().enumerate() {
+            let expected = all[..known].iter().chain(e.draft_token_ids().iter().take(e.seq_len() - known));
+            for (pos, &t) in expected.enumerate() {
                 let slot = table[pos / b] as usize * b + pos % b;
                 prop_assert_eq!(self.gpu[slot], Some(t), "{} reads wrong KV at position {}", e.seq_id, pos);
             }
@@ -436,7 +462,20 @@ impl<A: KvAllocator> Harness<A> {
     /// step before it (asynchronous) or this one (synchronous).
     fn step(&mut self, seed: u64, abort_mid_step: Option<RequestId>) -> Result<(), TestCaseError> {
         if self.in_flight.is_some() && !self.s.can_schedule() {
-            self.apply_in_flight()?; // it forks
+            self.apply_in_flight()?; // it forks, or verifies drafts
+        }
+        let mut rng = seed | 1;
+        let mut next = move || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng >> 33
+        };
+        if seed % 3 == 0 {
+            // A proposer drafts 1-4 tokens for every decode that can take them.
+            let decoding: Vec<SeqId> = self.s.decoding_seqs().map(|q| q.seq_id()).collect();
+            for id in decoding {
+                let drafts = (0..1 + next() % 4).map(|_| (next() % 6) as TokenId).collect();
+                self.s.set_draft_tokens(id, drafts);
+            }
         }
         let out = self.s.schedule().map_err(|e| TestCaseError::fail(e.to_string()))?;
         self.mirror_tables(&out)?;
@@ -445,18 +484,18 @@ impl<A: KvAllocator> Harness<A> {
         if let Some(r) = abort_mid_step {
             self.abort(r);
         }
-        let mut rng = seed | 1;
-        let sampled: Vec<(SeqId, TokenId)> = out
-            .sampling_seqs()
-            .map(|id| {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (id, ((rng >> 33) % 6) as TokenId)
-            })
+        let sampled: Vec<(SeqId, TokenId)> =
+            out.sampling_seqs().map(|id| (id, (next() % 6) as TokenId)).collect();
+        let accepted: Vec<(SeqId, usize)> = out
+            .scheduled
+            .iter()
+            .filter(|e| e.num_draft_tokens > 0)
+            .map(|e| (e.seq_id, next() as usize % (e.num_draft_tokens + 1)))
             .collect();
         self.apply_in_flight()?;
         self.read_back(&out)?;
         if !out.is_empty() {
-            self.in_flight = Some((out, sampled));
+            self.in_flight = Some((out, sampled, accepted));
         }
         if !self.s.config().async_scheduling {
             self.apply_in_flight()?;
@@ -466,9 +505,17 @@ impl<A: KvAllocator> Harness<A> {
 
     /// Gives the step in flight's tokens to the scheduler and checks the updates.
     fn apply_in_flight(&mut self) -> Result<(), TestCaseError> {
-        let Some((out, sampled)) = self.in_flight.take() else { return Ok(()) };
-        let updates =
-            self.s.update_from_output(&out, &sampled).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let Some((out, sampled, accepted)) = self.in_flight.take() else { return Ok(()) };
+        let updates = self
+            .s
+            .update_from_verified_output(&out, &sampled, &accepted)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for &(seq, _) in &accepted {
+            if let Some(table) = self.s.allocator().block_table(seq) {
+                self.rolled_back.insert(seq, table.len());
+            }
+        }
+        let mut last_count: BTreeMap<SeqId, usize> = BTreeMap::new();
         for u in updates {
             let e = self.requests.get_mut(&u.request_id).unwrap();
             prop_assert!(!e.aborted, "update for an aborted request");
@@ -477,8 +524,11 @@ impl<A: KvAllocator> Harness<A> {
             *count += 1;
             prop_assert!(*count <= e.max_tokens, "max_tokens exceeded");
             if let Some(seq) = self.s.seq(u.seq_id) {
-                prop_assert_eq!(seq.output_token_ids().len(), *count, "outputs lost or duplicated");
-                prop_assert_eq!(*seq.output_token_ids().last().unwrap(), u.new_token);
+                // A verification appends several tokens, one update each.
+                let outputs = seq.output_token_ids();
+                prop_assert!(outputs.len() >= *count, "outputs lost");
+                prop_assert_eq!(outputs[*count - 1], u.new_token);
+                last_count.insert(u.seq_id, *count);
             }
             match u.finish_reason {
                 Some(FinishReason::Length) => {
@@ -492,6 +542,11 @@ impl<A: KvAllocator> Harness<A> {
                     e.finished.insert(u.sample_index);
                 }
                 None => {}
+            }
+        }
+        for (id, count) in last_count {
+            if let Some(seq) = self.s.seq(id) {
+                prop_assert_eq!(seq.output_token_ids().len(), count, "outputs lost or duplicated");
             }
         }
         Ok(())
