@@ -123,6 +123,21 @@ pub struct SampleTarget {
     pub entry_seq_id: SeqId,
     /// Position of `seq_id` among the entry's `sample_for` (its sample index at a fork).
     pub fork_index: usize,
+    /// For an entry that verifies draft tokens, which of its rows this is.
+    pub verify: Option<VerifyRow>,
+}
+
+/// Per verification of a step: the sequence and how many of its drafts it
+/// accepted.
+pub type Verifications = Vec<(SeqId, usize)>;
+
+/// One of the `num_drafts + 1` sampling rows of an entry that verifies draft
+/// tokens: row `index` samples the token after the sequence and drafts
+/// `..index` (the rows are consecutive, in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyRow {
+    pub index: usize,
+    pub num_drafts: usize,
 }
 
 /// What the engine needs to know about a prepared step.
@@ -210,6 +225,11 @@ pub struct PersistentBatch {
     /// Per sampling row, its sequence's slot and the counter of its draw.
     sampler_slots: Vec<usize>,
     sampler_steps: Vec<u64>,
+    /// Per sampling row, the token history it reads when it is not its
+    /// sequence's own (a verification row after drafts, whose penalties
+    /// count them): an index into `draft_histories`.
+    sampler_histories: Vec<Option<usize>>,
+    draft_histories: Vec<Vec<TokenId>>,
     /// The sampling rows' allowed-token bitmasks (`mask_words` each; a row
     /// without a constraint keeps zeros), filled by `fill_token_masks`.
     token_masks: Vec<u32>,
@@ -307,6 +327,8 @@ impl PersistentBatch {
         self.step_slots.clear();
         self.sampler_slots.clear();
         self.sampler_steps.clear();
+        self.sampler_histories.clear();
+        self.draft_histories.clear();
         self.masks_filled = false;
         self.prompt_rows.clear();
         self.inputs.attn.num_decode_seqs = out.num_decodes;
@@ -436,12 +458,16 @@ impl PersistentBatch {
             .map(|(row, (&slot, &step))| {
                 let s = self.slot_ref(slot);
                 let masks = (self.masks_filled && s.constraint.is_some()).then_some(&self.token_masks[..]);
+                let output_tokens = match self.sampler_histories.get(row).copied().flatten() {
+                    Some(history) => &self.draft_histories[history],
+                    None => &s.output,
+                };
                 SamplingRow {
                     params: &s.request.params,
                     seed: s.seed,
                     step,
                     prompt_tokens: &s.request.prompt,
-                    output_tokens: &s.output,
+                    output_tokens,
                     allowed_tokens: masks.map(|m| &m[row * self.mask_words..(row + 1) * self.mask_words]),
                 }
             })
@@ -450,12 +476,17 @@ impl PersistentBatch {
 
     /// Appends a step's sampled tokens to the histories of its samplers
     /// (`samplers` from its [`PreparedStep`], one token each, in order).
-    /// Sequences that ended since are skipped.
+    /// A verification's rows append the tokens it keeps: its samples up to
+    /// the first that differs from its draft (`drafts`, per verifying
+    /// sequence: the drafts of its entry), that one included. Returns, per
+    /// verification, the sequence and how many drafts it accepted. Sequences
+    /// that ended since are skipped.
     pub fn apply_sampled(
         &mut self,
         samplers: &[SampleTarget],
         tokens: &[SampledToken],
-    ) -> Result<(), EngineError> {
+        drafts: &FxHashMap<SeqId, &[TokenId]>,
+    ) -> Result<Verifications, EngineError> {
         if samplers.len() != tokens.len() {
             return Err(EngineError::Internal(format!(
                 "{} tokens sampled for {} rows",
@@ -463,20 +494,52 @@ impl PersistentBatch {
                 samplers.len()
             )));
         }
-        for (target, token) in samplers.iter().zip(tokens) {
+        let mut verified = Vec::new();
+        let mut kept = Vec::new();
+        let mut row = 0;
+        while row < samplers.len() {
+            let target = samplers[row];
+            // The tokens this target keeps, and the rows it spans.
+            kept.clear();
+            let span = match target.verify {
+                None => {
+                    kept.push(tokens[row].token);
+                    1
+                }
+                Some(v) => {
+                    let rows = v.num_drafts + 1;
+                    let entry_drafts = drafts.get(&target.seq_id).copied().unwrap_or(&[]);
+                    if v.index != 0 || row + rows > samplers.len() || entry_drafts.len() != v.num_drafts {
+                        return Err(EngineError::Internal(format!(
+                            "{:?}: verification rows out of order, or {} drafts for {} rows",
+                            target.seq_id,
+                            entry_drafts.len(),
+                            rows
+                        )));
+                    }
+                    let samples: Vec<TokenId> = tokens[row..row + rows].iter().map(|t| t.token).collect();
+                    let accepted = crate::speculative::accepted_prefix(entry_drafts, &samples);
+                    kept.extend_from_slice(&samples[..=accepted]);
+                    verified.push((target.seq_id, accepted));
+                    rows
+                }
+            };
+            row += span;
             if let Some(&slot) = self.slot_of.get(&target.seq_id) {
                 let state = self.slot_mut(slot);
-                state.output.push(token.token);
+                state.output.extend_from_slice(&kept);
                 state.pending = state.pending.saturating_sub(1);
                 if let Some(c) = state.constraint.as_mut() {
-                    if let Err(e) = c.accept_token(token.token) {
-                        // The mask allowed it, or should have: a bug, reported, not fatal to the batch.
-                        tracing::error!(seq = ?target.seq_id, "structured output: {e}");
+                    for &token in &kept {
+                        if let Err(e) = c.accept_token(token) {
+                            // The mask allowed it, or should have: a bug, reported, not fatal to the batch.
+                            tracing::error!(seq = ?target.seq_id, "structured output: {e}");
+                        }
                     }
                 }
             }
         }
-        Ok(())
+        Ok(verified)
     }
 
     /// Forgets every sample launched and not applied (the steps in flight
@@ -585,9 +648,62 @@ impl PersistentBatch {
         });
     }
 
+    /// Stages the `k + 1` sampling rows of an entry that verifies `k` draft
+    /// tokens: row `i` samples after the sequence and drafts `..i`, with the
+    /// counter its token has without speculation, and (when its parameters
+    /// read the history) a history that ends with those drafts.
+    fn stage_verification(&mut self, entry: &ScheduledSeq, slot: usize) -> Result<(), EngineError> {
+        let k = entry.num_draft_tokens;
+        if entry.sample_for.as_slice() != [entry.seq_id] || k + 1 > entry.token_ids.len() {
+            return Err(EngineError::Internal(format!(
+                "{:?} verifies {k} drafts but samples for {:?}",
+                entry.seq_id, entry.sample_for
+            )));
+        }
+        let first_row = self.inputs.token_ids.len() - (k + 1);
+        let state = self.slot_mut(slot);
+        let first_step = state.output.len() as u64 + state.pending;
+        state.pending += 1;
+        let needs_history = state.request.params.needs_history();
+        let output = needs_history.then(|| state.output.clone());
+        for i in 0..=k {
+            let row = self.inputs.samplers.len();
+            self.slot_mut(slot).last_sample_row = row;
+            self.inputs.logits_indices.push((first_row + i) as i32);
+            self.inputs.samplers.push(SampleTarget {
+                seq_id: entry.seq_id,
+                entry_seq_id: entry.seq_id,
+                fork_index: 0,
+                verify: Some(VerifyRow { index: i, num_drafts: k }),
+            });
+            self.sampler_slots.push(slot);
+            self.sampler_steps.push(first_step + i as u64);
+            let history = output.as_ref().map(|output| {
+                let mut history = output.clone();
+                history.extend_from_slice(&entry.draft_token_ids()[..i]);
+                self.draft_histories.push(history);
+                self.draft_histories.len() - 1
+            });
+            self.pad_histories(row);
+            self.sampler_histories.push(history);
+        }
+        Ok(())
+    }
+
+    /// Keeps `sampler_histories` one entry per row up to `row` (rows staged
+    /// without a history of their own have none).
+    fn pad_histories(&mut self, row: usize) {
+        if self.sampler_histories.len() < row {
+            self.sampler_histories.resize(row, None);
+        }
+    }
+
     /// Stages the sampling rows of an entry (forking the samples it lists
     /// after its own sequence).
     fn stage_samplers(&mut self, entry: &ScheduledSeq, slot: usize) -> Result<(), EngineError> {
+        if entry.num_draft_tokens > 0 {
+            return self.stage_verification(entry, slot);
+        }
         let last_row = (self.inputs.token_ids.len() - 1) as i32;
         for (fork_index, &seq_id) in entry.sample_for.iter().enumerate() {
             let target = match fork_index {
@@ -606,7 +722,12 @@ impl PersistentBatch {
             state.pending += 1;
             state.last_sample_row = row;
             self.inputs.logits_indices.push(last_row);
-            self.inputs.samplers.push(SampleTarget { seq_id, entry_seq_id: entry.seq_id, fork_index });
+            self.inputs.samplers.push(SampleTarget {
+                seq_id,
+                entry_seq_id: entry.seq_id,
+                fork_index,
+                verify: None,
+            });
             self.sampler_slots.push(target);
             self.sampler_steps.push(step);
         }
@@ -709,6 +830,7 @@ mod tests {
             slot_mapping: vec![0; n],
             sample_for: vec![SeqId(seq)],
             token_from_previous_step: false,
+            num_draft_tokens: 0,
         }
     }
 
@@ -829,7 +951,7 @@ mod tests {
         }
         let tokens: Vec<SampledToken> =
             [20, 21, 22].map(|token| SampledToken { token, logprob: 0.0, top_logprobs: vec![] }).into();
-        b.apply_sampled(&step.samplers, &tokens).unwrap();
+        b.apply_sampled(&step.samplers, &tokens, &FxHashMap::default()).unwrap();
         assert_eq!(b.output_tokens(SeqId(2)), Some(&[22][..]));
 
         // The next decode of sample 1: its copy replaced, its counter at 1.
@@ -875,9 +997,9 @@ mod tests {
         assert_eq!(b.inputs().source_rows, vec![0]);
         assert_eq!(b.sampling_rows()[0].step, 1, "one token sampled before, not yet applied");
         let token = |token| SampledToken { token, logprob: 0.0, top_logprobs: vec![] };
-        b.apply_sampled(&running.samplers, &[token(40)]).unwrap();
+        b.apply_sampled(&running.samplers, &[token(40)], &FxHashMap::default()).unwrap();
         assert_eq!(b.output_tokens(SeqId(0)), Some(&[40][..]));
-        assert!(b.apply_sampled(&running.samplers, &[]).is_err(), "one token per row");
+        assert!(b.apply_sampled(&running.samplers, &[], &FxHashMap::default()).is_err(), "one token per row");
         // A dropped step: its sample is forgotten.
         b.discard_unapplied();
         assert_eq!(b.slot_ref(0).pending, 0);
@@ -968,7 +1090,7 @@ mod tests {
         fn apply_in_flight(&mut self) -> Result<(), TestCaseError> {
             let Some(f) = self.in_flight.take() else { return Ok(()) };
             self.b
-                .apply_sampled(&f.step.samplers, &f.tokens)
+                .apply_sampled(&f.step.samplers, &f.tokens, &FxHashMap::default())
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             let pairs: Vec<(SeqId, TokenId)> =
                 f.step.samplers.iter().zip(&f.tokens).map(|(t, s)| (t.seq_id, s.token)).collect();

@@ -60,6 +60,8 @@ pub struct EngineConfig {
     pub async_scheduling: bool,
     /// Where the sampling defaults of requests come from (vLLM `--generation-config`).
     pub generation_config: GenerationConfigSource,
+    /// Speculative decoding (vLLM `--speculative-config`); `None`: off.
+    pub speculative: Option<crate::speculative::SpeculativeConfig>,
 }
 
 /// Where the sampling defaults (temperature, top-p...) a request leaves
@@ -98,6 +100,7 @@ impl Default for EngineConfig {
             max_graph_batch_size: 256,
             async_scheduling: true,
             generation_config: GenerationConfigSource::Model,
+            speculative: None,
         }
     }
 }

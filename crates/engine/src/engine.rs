@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagoda_backend::Backend;
-use pagoda_models::{ChatTemplate, LoadedModel, Tokenizer};
+use pagoda_models::{ChatTemplate, LlamaModel, LoadedModel, Tokenizer};
 use pagoda_paged_kv::{PagedAllocator, PagedConfig};
 use pagoda_scheduler::{RequestId, Scheduler};
 
 use crate::config::EngineConfig;
+use crate::draft_model::DraftModel;
 use crate::engine_core::{CoreOutput, EngineCore, StepTimings};
 use crate::error::EngineError;
 use crate::input::{EngineCoreRequest, InputProcessor, ModelInfo};
@@ -24,6 +25,7 @@ use crate::metrics::EngineMetrics;
 use crate::output_processor::OutputProcessor;
 use crate::request::{GenerationRequest, RequestOutput};
 use crate::runner::ModelRunner;
+use crate::speculative::{NgramProposer, Proposer, SpeculativeMethod, Speculator};
 
 /// The engine: input processor -> engine core (scheduler, model runner,
 /// sampler) -> output processor.
@@ -43,12 +45,35 @@ pub struct LlmEngine<B: Backend> {
 impl<B: Backend> LlmEngine<B> {
     /// Sizes the KV pool from the config and the memory left after the
     /// weights, and assembles the engine.
-    pub fn new(backend: B, loaded: LoadedModel<B>, mut config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn new(backend: B, loaded: LoadedModel<B>, config: EngineConfig) -> Result<Self, EngineError> {
+        Self::with_draft_model(backend, loaded, None, config)
+    }
+
+    /// [`Self::new`] with the draft model of a `--speculative-config` that
+    /// names one, loaded on the same backend (before the KV cache is sized:
+    /// its weights count, and its own cache takes a share of the budget).
+    pub fn with_draft_model(
+        backend: B,
+        loaded: LoadedModel<B>,
+        draft: Option<LlamaModel<B>>,
+        mut config: EngineConfig,
+    ) -> Result<Self, EngineError> {
         config.validate()?;
         let model_config = loaded.model.config().clone();
         config.check_max_model_len(&model_config)?;
         let memory = backend.memory_info().ok();
-        let num_gpu_blocks = config.num_gpu_blocks(&backend, &model_config, memory)?;
+        let mut num_gpu_blocks = config.num_gpu_blocks(&backend, &model_config, memory)?;
+        // A draft model's cache holds as many tokens as the target's: the
+        // budget is shared in proportion to their bytes per block (a fixed
+        // --num-gpu-blocks-override is given to both).
+        if let Some(draft) = &draft {
+            let dtype = backend.activation_dtype();
+            let target_bytes = model_config.kv_cache_bytes_per_block(config.block_size, dtype);
+            let draft_bytes = draft.config().kv_cache_bytes_per_block(config.block_size, dtype);
+            if config.num_gpu_blocks.is_none() {
+                num_gpu_blocks = (num_gpu_blocks * target_bytes / (target_bytes + draft_bytes)).max(1);
+            }
+        }
         config.fit_max_model_len_to_kv_cache(&model_config, num_gpu_blocks)?;
         let num_cpu_blocks = config.num_cpu_blocks(&backend, &model_config);
         let kv = PagedAllocator::new(PagedConfig {
@@ -63,6 +88,11 @@ impl<B: Backend> LlmEngine<B> {
                 .map_err(|e| EngineError::Config(e.to_string()))?;
         let mut runner =
             ModelRunner::new(backend, loaded.model, num_gpu_blocks, num_cpu_blocks, config.block_size)?;
+        let has_draft = draft.is_some();
+        if let Some(draft) = draft {
+            let draft = DraftModel::new(runner.backend(), draft, num_gpu_blocks, config.block_size)?;
+            runner.set_draft_model(draft);
+        }
         let graphs = !config.enforce_eager && runner.backend().supports_graphs();
         if graphs {
             let max_batch = config.max_graph_batch_size.min(config.max_num_seqs);
@@ -103,10 +133,29 @@ impl<B: Backend> LlmEngine<B> {
             InputProcessor::new(info, config.max_num_seqs, loaded.tokenizer.is_present(), config.seed)
                 .with_logit_constraints(runner.backend().supports_logit_constraints())
                 .with_token_masks(runner.backend().supports_token_masks());
+        let mut core = EngineCore::new(scheduler, runner, config.async_scheduling, metrics.clone());
+        if let Some(spec) = &config.speculative {
+            let proposer: Option<Box<dyn Proposer>> = match &spec.method {
+                SpeculativeMethod::Ngram { prompt_lookup_min, prompt_lookup_max } => {
+                    Some(Box::new(NgramProposer::new(*prompt_lookup_min, *prompt_lookup_max)))
+                }
+                SpeculativeMethod::DraftModel { model } => {
+                    if !has_draft {
+                        return Err(EngineError::Config(format!(
+                            "--speculative-config: the draft model {model} was not loaded (load_engine loads it)"
+                        )));
+                    }
+                    None
+                }
+            };
+            let method = proposer.as_ref().map_or("draft_model", |p| p.name());
+            tracing::info!(method, k = spec.num_speculative_tokens, "speculative decoding on");
+            core.set_speculator(Speculator::new(spec.clone(), proposer));
+        }
         Ok(Self {
             chat_template: loaded.chat_template.map(Arc::new),
             input: Arc::new(input),
-            core: EngineCore::new(scheduler, runner, config.async_scheduling, metrics.clone()),
+            core,
             output: OutputProcessor::new(loaded.tokenizer, metrics.clone()),
             config,
             ids: HashMap::new(),
@@ -161,6 +210,33 @@ impl<B: Backend> LlmEngine<B> {
     }
 
     /// Where `step()` spent its time so far.
+    /// Turns speculative decoding on with a proposer of the caller's (the
+    /// configured ones are built by [`Self::new`] from
+    /// `EngineConfig::speculative`): for research, and for tests.
+    pub fn set_proposer(
+        &mut self,
+        config: crate::speculative::SpeculativeConfig,
+        proposer: Box<dyn Proposer>,
+    ) {
+        self.core.set_speculator(Speculator::new(config, Some(proposer)));
+    }
+
+    /// Forgets every cached prefix block no sequence holds (vLLM's
+    /// `reset_prefix_cache`); returns how many.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.core.reset_prefix_cache()
+    }
+
+    /// Speculative decoding's settings and its proposer's name (`None` when it is off).
+    pub fn speculation(&self) -> Option<(&crate::speculative::SpeculativeConfig, &str)> {
+        self.core.speculator().map(|s| (s.config(), s.proposer_name()))
+    }
+
+    /// Speculative decoding's counters (`None` when it is off).
+    pub fn spec_decode_stats(&self) -> Option<crate::speculative::SpecDecodeStats> {
+        self.core.speculator().map(|s| s.stats().clone())
+    }
+
     pub fn step_timings(&self) -> StepTimings {
         let mut timings = self.core.timings();
         timings.update += self.output_time;

@@ -20,6 +20,7 @@ use crate::input::EngineCoreRequest;
 use crate::metrics::EngineMetrics;
 use crate::request::{PromptLogprob, TokenLogprob};
 use crate::runner::ModelRunner;
+use crate::speculative::{DraftRequest, Speculator};
 
 /// Host wall-clock time of each phase of `step()`, summed over steps; the
 /// runner's own split is in [`RunnerTimings`](crate::RunnerTimings).
@@ -82,6 +83,9 @@ struct RequestState {
     /// When it asked for prompt logprobs: one entry per prompt token, filled
     /// in as its prompt chunks run, handed out with its first token.
     prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
+    /// Whether its decodes may carry draft tokens: not under a
+    /// structured-output constraint (its masks follow one token at a time).
+    speculate: bool,
 }
 
 /// A step enqueued on the device whose sampled tokens are not applied yet.
@@ -113,6 +117,11 @@ pub(crate) struct EngineCore<B: Backend> {
     /// Prompt logprobs of requests whose first token was applied, for the
     /// next [`CoreOutput`].
     ready_prompt_logprobs: Vec<(RequestId, Vec<Option<PromptLogprob>>)>,
+    /// Speculative decoding, when configured.
+    speculator: Option<Speculator>,
+    /// Whether the next step speculates, decided before the step in flight
+    /// is applied (a step that proposes needs every token on the host).
+    speculate_next: Option<bool>,
 }
 
 impl<B: Backend> EngineCore<B> {
@@ -133,7 +142,18 @@ impl<B: Backend> EngineCore<B> {
             timings: StepTimings::default(),
             in_flight: None,
             ready_prompt_logprobs: Vec::new(),
+            speculator: None,
+            speculate_next: None,
         }
+    }
+
+    /// Turns on speculative decoding with this proposer.
+    pub fn set_speculator(&mut self, speculator: Speculator) {
+        self.speculator = Some(speculator);
+    }
+
+    pub fn speculator(&self) -> Option<&Speculator> {
+        self.speculator.as_ref()
     }
 
     pub fn scheduler(&self) -> &Scheduler<PagedAllocator> {
@@ -150,6 +170,11 @@ impl<B: Backend> EngineCore<B> {
 
     pub fn timings(&self) -> StepTimings {
         self.timings
+    }
+
+    /// Forgets every cached prefix block no sequence holds.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.scheduler.reset_prefix_cache()
     }
 
     /// Whether a step's results are still to be applied.
@@ -198,6 +223,7 @@ impl<B: Backend> EngineCore<B> {
                 scheduled: false,
                 wants_logprobs: req.sampling().logprobs.is_some(),
                 prompt_logprobs,
+                speculate: req.constraint().is_none(),
             },
         );
         Ok(id)
@@ -236,6 +262,7 @@ impl<B: Backend> EngineCore<B> {
     /// After a failed step: drops the steps not applied; their sequences
     /// recompute from their known tokens.
     pub fn discard_unapplied(&mut self) {
+        self.speculate_next = None;
         let dropped = self.in_flight.take().is_some();
         let requeued = self.scheduler.discard_unapplied();
         self.runner.discard_unapplied();
@@ -249,7 +276,9 @@ impl<B: Backend> EngineCore<B> {
     /// a fork creates its samples at the update), so that whatever its
     /// tokens end is ended before the next step is scheduled.
     pub fn apply_before_scheduling(&mut self) -> Result<Option<CoreOutput>, EngineError> {
-        let must_apply = self.in_flight.as_ref().is_some_and(|f| !f.schedule_ahead);
+        // Proposals extend every token a sequence has: none may be in flight.
+        let speculate = self.decide_speculation();
+        let must_apply = self.in_flight.as_ref().is_some_and(|f| !f.schedule_ahead || speculate);
         if !must_apply && self.scheduler.can_schedule() {
             return Ok(None);
         }
@@ -263,14 +292,27 @@ impl<B: Backend> EngineCore<B> {
     /// tokens of the step before (asynchronous scheduling) or of this one.
     pub fn step(&mut self) -> Result<CoreOutput, EngineError> {
         let started = Instant::now();
+        let mut tokens = Vec::new();
+        if self.decide_speculation() {
+            if let Some(previous) = self.in_flight.take() {
+                tokens = self.apply(previous)?;
+            }
+            self.propose_drafts()?;
+        }
+        self.speculate_next = None;
         let out = self.scheduler.schedule()?;
+        if let Some(spec) = self.speculator.as_mut() {
+            for &seq in &out.finished_seqs {
+                spec.forget(seq);
+                self.runner.forget_draft(seq);
+            }
+        }
         let now = Instant::now();
         self.timings.schedule += now - started;
         let scheduled = self.first_scheduled(&out, now);
         let launched = self.launch(out, now)?;
-        let mut tokens = Vec::new();
         if let Some(previous) = self.in_flight.take() {
-            tokens = self.apply(previous)?;
+            tokens.extend(self.apply(previous)?);
         }
         self.in_flight = launched;
         if !self.async_scheduling {
@@ -280,6 +322,47 @@ impl<B: Backend> EngineCore<B> {
         }
         let prompt_logprobs = std::mem::take(&mut self.ready_prompt_logprobs);
         Ok(CoreOutput { scheduled, tokens, prompt_logprobs })
+    }
+
+    /// Whether the next step speculates (decided once per step).
+    fn decide_speculation(&mut self) -> bool {
+        let running = self.scheduler.num_running();
+        match (&mut self.speculator, self.speculate_next) {
+            (None, _) => false,
+            (Some(_), Some(decided)) => decided,
+            (Some(spec), None) => {
+                let decided = spec.active(running);
+                self.speculate_next = Some(decided);
+                decided
+            }
+        }
+    }
+
+    /// Asks the proposer for drafts for every decoding sequence that may
+    /// speculate, and hands them to the scheduler (which cuts them to the
+    /// step's budget and the requests' limits).
+    fn propose_drafts(&mut self) -> Result<(), EngineError> {
+        let Some(spec) = self.speculator.as_mut() else { return Ok(()) };
+        let k = spec.config().num_speculative_tokens;
+        let requests = &self.requests;
+        let wanted: Vec<DraftRequest<'_>> = self
+            .scheduler
+            .decoding_seqs()
+            .filter(|s| requests.get(&s.request_id()).is_some_and(|r| r.speculate))
+            .map(|s| DraftRequest { seq_id: s.seq_id(), tokens: s.all_token_ids(), max_drafts: k })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let runner = &mut self.runner;
+        let drafts = spec.propose(&wanted, |seqs| runner.propose_with_draft(seqs))?;
+        let ids: Vec<SeqId> = wanted.iter().map(|w| w.seq_id).collect();
+        for (seq, drafts) in ids.into_iter().zip(drafts) {
+            if !drafts.is_empty() {
+                self.scheduler.set_draft_tokens(seq, drafts);
+            }
+        }
+        Ok(())
     }
 
     /// Files the prompt logprobs the runner computed under their requests.
@@ -358,17 +441,45 @@ impl<B: Backend> EngineCore<B> {
     fn apply(&mut self, step: InFlightStep<B>) -> Result<Vec<TokenEvent>, EngineError> {
         let decode_only = step.out.num_decodes == step.out.scheduled.len();
         let waited = Instant::now();
-        let sampled = match step.sampled {
-            Some(sampled) => self.runner.finish(sampled, &step.samplers, decode_only)?,
-            None => Vec::new(),
+        let drafts: rustc_hash::FxHashMap<SeqId, &[TokenId]> = step
+            .out
+            .scheduled
+            .iter()
+            .filter(|e| e.num_draft_tokens > 0)
+            .map(|e| (e.seq_id, e.draft_token_ids()))
+            .collect();
+        let (sampled, verified) = match step.sampled {
+            Some(sampled) => self.runner.finish(sampled, &step.samplers, decode_only, &drafts)?,
+            None => (Vec::new(), Vec::new()),
         };
         let started = Instant::now();
         self.timings.wait += started - waited;
-        let sampled_ids: Vec<(SeqId, u32)> =
-            step.samplers.iter().zip(&sampled).map(|(t, s)| (t.seq_id, s.token)).collect();
-        let mut by_seq: HashMap<SeqId, SampledToken> =
-            step.samplers.iter().zip(sampled).map(|(t, s)| (t.seq_id, s)).collect();
-        let updates = self.scheduler.update_from_output(&step.out, &sampled_ids)?;
+        // Per sequence, the tokens it keeps in order (a verification keeps
+        // its rows up to the first rejected draft's), and the last of them,
+        // the one it sampled after any accepted drafts.
+        let accepted: HashMap<SeqId, usize> = verified.iter().copied().collect();
+        let mut sampled_ids: Vec<(SeqId, u32)> = Vec::with_capacity(step.samplers.len());
+        let mut by_seq: HashMap<SeqId, std::collections::VecDeque<SampledToken>> = HashMap::new();
+        for (target, token) in step.samplers.iter().zip(sampled) {
+            let keep = match target.verify {
+                None => Some(true),
+                Some(v) => {
+                    let a = accepted.get(&target.seq_id).copied().unwrap_or(0);
+                    (v.index <= a).then_some(v.index == a)
+                }
+            };
+            if let Some(last) = keep {
+                if last {
+                    sampled_ids.push((target.seq_id, token.token));
+                }
+                by_seq.entry(target.seq_id).or_default().push_back(token);
+            }
+        }
+        if let Some(spec) = self.speculator.as_mut() {
+            spec.record_step(verified.iter().map(|&(seq, a)| (drafts.get(&seq).map_or(0, |d| d.len()), a)));
+            self.metrics.record_speculation(&verified, &drafts);
+        }
+        let updates = self.scheduler.update_from_verified_output(&step.out, &sampled_ids, &verified)?;
 
         self.metrics.engine_steps.inc();
         self.metrics.prompt_tokens.inc_by(step.prompt_tokens as u64);
@@ -378,12 +489,9 @@ impl<B: Backend> EngineCore<B> {
         let mut events = Vec::with_capacity(updates.len());
         for update in updates {
             let wants_logprobs = self.requests.get(&update.request_id).is_some_and(|r| r.wants_logprobs);
+            let kept = by_seq.get_mut(&update.seq_id).and_then(|q| q.pop_front());
             let logprob = if wants_logprobs {
-                by_seq.remove(&update.seq_id).map(|s| TokenLogprob {
-                    token: s.token,
-                    logprob: s.logprob,
-                    top: s.top_logprobs,
-                })
+                kept.map(|s| TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs })
             } else {
                 None
             };

@@ -35,6 +35,7 @@ mod batch;
 mod config;
 mod constraint;
 mod detokenizer;
+mod draft_model;
 mod engine;
 mod engine_core;
 mod error;
@@ -45,6 +46,7 @@ mod output;
 mod output_processor;
 mod request;
 mod runner;
+mod speculative;
 mod stop;
 
 use std::path::Path;
@@ -54,10 +56,12 @@ pub use async_engine::{
 };
 pub use batch::{
     BlockTableSource, PersistentBatch, PreparedStep, PromptLogprobRows, SampleTarget, StepInputs,
+    Verifications, VerifyRow,
 };
 pub use config::{EngineConfig, GenerationConfigSource, DEFAULT_CPU_KV_CACHE_BYTES};
 pub use constraint::{FixedTokenSet, TokenConstraint, TokenConstraintFactory};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
+pub use draft_model::DraftModel;
 pub use engine::LlmEngine;
 pub use engine_core::StepTimings;
 pub use error::EngineError;
@@ -72,6 +76,10 @@ pub use request::{
     TokenLogprob,
 };
 pub use runner::{ModelRunner, PhaseTotal, RunnerTimings};
+pub use speculative::{
+    accepted_prefix, DraftRequest, NgramProposer, Proposer, SpecDecodeStats, SpeculativeConfig,
+    SpeculativeMethod, DEFAULT_MIN_ACCEPTANCE_RATE, MAX_SPECULATIVE_TOKENS, PROBE_INTERVAL,
+};
 pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 
 use pagoda_backend::Backend;
@@ -106,6 +114,22 @@ pub fn load_engine<B: Backend>(
     let max_model_len = config.max_model_len(&files.config);
     let options = LoadOptions { max_positions: Some(max_model_len) };
     let model = files.load_model(&backend, &options, &mut progress)?;
+    let draft = match config.speculative.as_ref().map(|s| &s.method) {
+        Some(SpeculativeMethod::DraftModel { model: path }) => {
+            let draft_files = ModelFiles::open(path.as_ref() as &Path).map_err(|e| {
+                EngineError::Config(format!("--speculative-config: the draft model {path}: {e}"))
+            })?;
+            let draft = draft_files.load_model(&backend, &options, &mut |_, _| {})?;
+            let (target_vocab, draft_vocab) = (model.config().vocab_size, draft.config().vocab_size);
+            if draft_vocab != target_vocab {
+                return Err(EngineError::Config(format!(
+                    "--speculative-config: the draft model's vocabulary ({draft_vocab}) is not the target's ({target_vocab})"
+                )));
+            }
+            Some(draft)
+        }
+        _ => None,
+    };
     let loaded = LoadedModel {
         source: files.source,
         model,
@@ -113,7 +137,7 @@ pub fn load_engine<B: Backend>(
         chat_template: files.chat_template,
         generation: files.generation,
     };
-    LlmEngine::new(backend, loaded, config)
+    LlmEngine::with_draft_model(backend, loaded, draft, config)
 }
 
 impl<B: Backend> LlmEngine<B> {

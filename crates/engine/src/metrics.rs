@@ -76,6 +76,13 @@ pub struct EngineMetrics {
     /// Tokens (prompt and output) per engine step.
     pub iteration_tokens: Histogram,
     pub engine_steps: IntCounter,
+    /// Speculative decoding (vLLM's `spec_decode_*`): verifications (decodes
+    /// that carried drafts), draft tokens verified, drafts accepted, and
+    /// accepted drafts by their position in the proposal.
+    pub spec_decode_num_drafts: IntCounter,
+    pub spec_decode_num_draft_tokens: IntCounter,
+    pub spec_decode_num_accepted_tokens: IntCounter,
+    pub spec_decode_num_accepted_tokens_per_pos: IntCounterVec,
 }
 
 impl EngineMetrics {
@@ -203,11 +210,54 @@ impl EngineMetrics {
                 "Time from arrival to the first scheduling.",
             ),
             engine_steps: counter("pagoda:engine_steps_total", "Engine steps run."),
+            spec_decode_num_drafts: counter(
+                "pagoda:spec_decode_num_drafts_total",
+                "Speculative decoding: decodes that verified draft tokens.",
+            ),
+            spec_decode_num_draft_tokens: counter(
+                "pagoda:spec_decode_num_draft_tokens_total",
+                "Speculative decoding: draft tokens verified.",
+            ),
+            spec_decode_num_accepted_tokens: counter(
+                "pagoda:spec_decode_num_accepted_tokens_total",
+                "Speculative decoding: draft tokens accepted.",
+            ),
+            spec_decode_num_accepted_tokens_per_pos: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pagoda:spec_decode_num_accepted_tokens_per_pos_total",
+                        "Speculative decoding: draft tokens accepted, by position in the proposal (0-based).",
+                    ),
+                    &["position"],
+                )
+                .expect("valid metric"),
+            ),
             registry,
         }
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Counts a step's verifications: per sequence, the drafts accepted of
+    /// its entry's `drafts`.
+    pub(crate) fn record_speculation(
+        &self,
+        verified: &[(pagoda_scheduler::SeqId, usize)],
+        drafts: &rustc_hash::FxHashMap<pagoda_scheduler::SeqId, &[pagoda_scheduler::TokenId]>,
+    ) {
+        for &(seq, accepted) in verified {
+            let drafted = drafts.get(&seq).map_or(0, |d| d.len());
+            self.spec_decode_num_drafts.inc();
+            self.spec_decode_num_draft_tokens.inc_by(drafted as u64);
+            self.spec_decode_num_accepted_tokens.inc_by(accepted as u64);
+            for position in 0..accepted {
+                self.spec_decode_num_accepted_tokens_per_pos
+                    .with_label_values(&[&position.to_string()])
+                    .inc();
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         self.render_labelled(&[])
     }

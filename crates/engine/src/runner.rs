@@ -17,13 +17,16 @@ use std::time::Instant;
 
 use pagoda_backend::{Backend, DType, HostSlice, SampledToken, SamplingParams};
 use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
-use pagoda_scheduler::{RequestId, SchedulerOutput, TokenId};
+use pagoda_scheduler::{RequestId, SchedulerOutput, SeqId, TokenId};
+use rustc_hash::FxHashMap;
 
-use crate::batch::{PersistentBatch, PreparedStep, SampleTarget, StepInputs};
+use crate::batch::{PersistentBatch, PreparedStep, SampleTarget, StepInputs, Verifications};
 use crate::constraint::TokenConstraintFactory;
+use crate::draft_model::DraftModel;
 use crate::error::EngineError;
 use crate::graphs::{DecodeGraphs, GraphStats};
 use crate::request::PromptLogprob;
+use crate::speculative::DraftRequest;
 
 /// The device side of the engine: the backend, the model's weights and the
 /// paged KV cache, plus the host pool that swapped-out blocks live in.
@@ -42,6 +45,8 @@ pub struct ModelRunner<B: Backend> {
     /// Prompt logprobs computed by launched steps, not yet taken:
     /// `(request, first position, one per position from there)`.
     prompt_logprobs: Vec<(RequestId, usize, Vec<PromptLogprob>)>,
+    /// Speculative decoding's draft model, when it proposes with one.
+    draft: Option<DraftModel<B>>,
 }
 
 /// Where the runner's time went, summed over steps (host wall-clock time).
@@ -109,7 +114,35 @@ impl<B: Backend> ModelRunner<B> {
             graphs: None,
             batch: PersistentBatch::new(block_size),
             prompt_logprobs: Vec::new(),
+            draft: None,
         })
+    }
+
+    /// Gives the runner a draft model for speculative decoding.
+    pub fn set_draft_model(&mut self, draft: DraftModel<B>) {
+        self.draft = Some(draft);
+    }
+
+    pub fn draft_model(&self) -> Option<&DraftModel<B>> {
+        self.draft.as_ref()
+    }
+
+    /// Drafts from the draft model (none without one).
+    pub fn propose_with_draft(
+        &mut self,
+        requests: &[DraftRequest<'_>],
+    ) -> Result<Vec<Vec<TokenId>>, EngineError> {
+        match self.draft.as_mut() {
+            Some(draft) => draft.propose(&self.backend, requests),
+            None => Ok(vec![Vec::new(); requests.len()]),
+        }
+    }
+
+    /// The draft model forgets an ended sequence.
+    pub fn forget_draft(&mut self, seq: SeqId) {
+        if let Some(draft) = self.draft.as_mut() {
+            draft.forget(seq);
+        }
     }
 
     /// Runs decode-only steps of up to `max_batch` sequences of up to
@@ -305,16 +338,18 @@ impl<B: Backend> ModelRunner<B> {
         Ok(sampled)
     }
 
-    /// Waits for a step's sampling and returns one token per sampling target
+    /// Waits for a step's sampling and returns one token per sampling row
     /// (`samplers`, from the step's [`PreparedStep`]), in order, after
-    /// appending them to the sequences' histories. `decode_only` says which
-    /// phase the wait is counted in.
+    /// appending the tokens each sequence keeps to its history; and per
+    /// sequence that verified drafts (`drafts`: its entry's), how many it
+    /// accepted. `decode_only` says which phase the wait is counted in.
     pub fn finish(
         &mut self,
         sampled: B::Sampled,
         samplers: &[SampleTarget],
         decode_only: bool,
-    ) -> Result<Vec<SampledToken>, EngineError> {
+        drafts: &FxHashMap<SeqId, &[TokenId]>,
+    ) -> Result<(Vec<SampledToken>, Verifications), EngineError> {
         let t0 = Instant::now();
         let tokens = self.backend.finish_sample(sampled)?;
         let waited = t0.elapsed();
@@ -324,8 +359,8 @@ impl<B: Backend> ModelRunner<B> {
         } else {
             self.timings.with_prefill.time += waited;
         }
-        self.batch.apply_sampled(samplers, &tokens)?;
-        Ok(tokens)
+        let verified = self.batch.apply_sampled(samplers, &tokens, drafts)?;
+        Ok((tokens, verified))
     }
 
     fn move_blocks(&mut self, out: &SchedulerOutput) -> Result<(), EngineError> {
