@@ -66,6 +66,12 @@ pub struct ThroughputArgs {
     /// model): a Hugging Face folder with tokenizer.json, or a model folder or GGUF file.
     #[arg(long, requires = "json_schema")]
     pub grammar_tokenizer: Option<PathBuf>,
+    /// Measures what verifying K draft tokens costs: every decode carries K
+    /// drafts (copies of its last token; accepted only where the model
+    /// repeats it), so each step is a verification of K + 1 rows. Compare
+    /// the time per step with the same run without it.
+    #[arg(long, conflicts_with = "json_schema")]
+    pub verify_drafts: Option<usize>,
     /// Write the result as JSON here.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
@@ -82,6 +88,16 @@ pub struct LatencyArgs {
     /// Timed runs (after one warm-up run).
     #[arg(long, default_value_t = 3)]
     pub num_iters: usize,
+    /// The prompt of every run: this file's text, tokenized (instead of
+    /// --input-len random tokens; the prefix cache is reset between runs).
+    /// For workloads whose text matters, such as speculative decoding's
+    /// prompt lookup on a text to copy or edit.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// With --prompt-file: send the text as a chat user message through the
+    /// model's chat template.
+    #[arg(long, requires = "prompt_file")]
+    pub chat: bool,
     #[command(flatten)]
     pub sampling: BenchSamplingArgs,
     #[arg(long)]
@@ -260,6 +276,8 @@ struct ThroughputResult {
     sampling: SamplingReport,
     /// The JSON schema every output was constrained to (`--json-schema`), if any.
     json_schema: Option<String>,
+    /// Speculative decoding's counters, when it was on.
+    speculative: Option<SpecReport>,
     /// Every request finished with exactly its max_tokens.
     check: CompletionCheck,
 }
@@ -280,12 +298,47 @@ impl BackendJob for Throughput {
             Some(path) => Some(json_schema_constraint(&engine, path, args.grammar_tokenizer.as_deref())?),
             None => None,
         };
+        if let Some(k) = args.verify_drafts {
+            anyhow::ensure!(
+                (1..=pagoda_engine::MAX_SPECULATIVE_TOKENS).contains(&k),
+                "--verify-drafts must be between 1 and {}",
+                pagoda_engine::MAX_SPECULATIVE_TOKENS
+            );
+            anyhow::ensure!(
+                engine.config().speculative.is_none(),
+                "--verify-drafts replaces --speculative-config"
+            );
+            let config = pagoda_engine::SpeculativeConfig::from_json(&format!(
+                r#"{{"method": "ngram", "num_speculative_tokens": {k}, "min_acceptance_rate": 0}}"#
+            ))
+            .map_err(|e| anyhow::anyhow!(e))?;
+            engine.set_proposer(config, Box::new(RepeatLastToken));
+        }
         let mut result = measure_throughput(&mut engine, requests, load_s, args.sampling, constraint)?;
         result.json_schema = args.json_schema.as_ref().map(|p| p.display().to_string());
         print!("{result}");
+        if let Some(spec) = &result.speculative {
+            spec.print();
+        }
         print_timings(&engine);
         write_json(args.output_json.as_ref(), &result)?;
         result.check.ensure()
+    }
+}
+
+/// `--verify-drafts`: drafts copies of the sequence's last token.
+struct RepeatLastToken;
+
+impl pagoda_engine::Proposer for RepeatLastToken {
+    fn name(&self) -> &str {
+        "repeat-last-token"
+    }
+
+    fn propose(
+        &mut self,
+        seqs: &[pagoda_engine::DraftRequest<'_>],
+    ) -> Result<Vec<Vec<u32>>, pagoda_engine::EngineError> {
+        Ok(seqs.iter().map(|s| s.tokens.last().map_or(Vec::new(), |&t| vec![t; s.max_drafts])).collect())
     }
 }
 
@@ -384,6 +437,7 @@ fn measure_throughput<B: Backend>(
         kv_cache: KvCacheReport::since(engine, &kv_before),
         sampling: sampling_report,
         json_schema: None,
+        speculative: SpecReport::of(engine),
         check,
     })
 }
@@ -438,6 +492,88 @@ struct LatencyResult {
     sampling: SamplingReport,
     /// Every run, the warm-up included, produced exactly --output-len tokens.
     check: CompletionCheck,
+    /// `--prompt-file`, when the prompt was text.
+    prompt_file: Option<String>,
+    /// Speculative decoding's counters over all runs, when it was on.
+    speculative: Option<SpecReport>,
+}
+
+/// What speculative decoding did in a benchmark (vLLM's spec-decode metrics).
+#[derive(Serialize, Debug)]
+struct SpecReport {
+    config: String,
+    num_drafts: u64,
+    num_draft_tokens: u64,
+    num_accepted_tokens: u64,
+    /// Accepted drafts over drafted ones.
+    acceptance_rate: f64,
+    /// Tokens a verification gave on average (accepted drafts + 1).
+    mean_accepted_length: f64,
+    /// Per draft position: accepted / drafted there.
+    acceptance_rate_per_position: Vec<f64>,
+    steps_disabled_by_batch: u64,
+    steps_paused_by_acceptance: u64,
+    propose_s: f64,
+}
+
+impl SpecReport {
+    fn of<B: Backend>(engine: &LlmEngine<B>) -> Option<Self> {
+        let stats = engine.spec_decode_stats()?;
+        let config = engine
+            .speculation()
+            .map(|(c, proposer)| format!("{proposer}, k = {}: {c:?}", c.num_speculative_tokens))
+            .unwrap_or_default();
+        Some(Self {
+            config,
+            num_drafts: stats.num_drafts,
+            num_draft_tokens: stats.num_draft_tokens,
+            num_accepted_tokens: stats.num_accepted_tokens,
+            acceptance_rate: stats.acceptance_rate(),
+            mean_accepted_length: stats.mean_accepted_length(),
+            acceptance_rate_per_position: stats
+                .accepted_per_position
+                .iter()
+                .zip(&stats.drafted_per_position)
+                .map(|(&a, &d)| if d == 0 { 0.0 } else { a as f64 / d as f64 })
+                .collect(),
+            steps_disabled_by_batch: stats.steps_disabled_by_batch,
+            steps_paused_by_acceptance: stats.steps_paused_by_acceptance,
+            propose_s: stats.propose_time.as_secs_f64(),
+        })
+    }
+
+    fn print(&self) {
+        let per_position: Vec<String> =
+            self.acceptance_rate_per_position.iter().map(|r| format!("{:.2}", r)).collect();
+        println!(
+            "speculative:    {} verifications, {} drafts, {} accepted ({:.1}%), mean accepted length {:.2}, per position [{}]",
+            self.num_drafts,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
+            self.acceptance_rate * 100.0,
+            self.mean_accepted_length,
+            per_position.join(", ")
+        );
+    }
+}
+
+/// The prompt of `--prompt-file` (with `--chat`, as a chat user message).
+fn text_prompt<B: Backend>(
+    engine: &LlmEngine<B>,
+    path: &std::path::Path,
+    chat: bool,
+) -> anyhow::Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = if chat {
+        let Some(template) = engine.chat_template() else {
+            anyhow::bail!("--chat: the model has no chat template");
+        };
+        template.render(&[pagoda_models::ChatMessage::new("user", text.as_str())], true)?
+    } else {
+        text
+    };
+    anyhow::ensure!(engine.tokenizer().is_present(), "--prompt-file needs the model's tokenizer");
+    Ok(engine.tokenizer().encode(&text, !chat)?)
 }
 
 struct Latency(LatencyArgs);
@@ -461,9 +597,20 @@ impl BackendJob for Latency {
         let sampling = SamplingReport::of(&engine, args.sampling);
         let mut completions = Vec::new();
         let kv_before = KvCounters::read(&engine);
+        let text = match &args.prompt_file {
+            Some(path) => Some(text_prompt(&engine, path, args.chat)?),
+            None => None,
+        };
         for iter in 0..=args.num_iters {
-            // A fresh random prompt each run, so the prefix cache cannot help.
-            let prompt = workload::random_tokens(args.input_len, vocab, 1000 + iter as u64);
+            // A fresh random prompt each run, so the prefix cache cannot help;
+            // a text prompt is the same each run, so the cache is emptied.
+            let prompt = match &text {
+                Some(tokens) => {
+                    engine.reset_prefix_cache();
+                    tokens.clone()
+                }
+                None => workload::random_tokens(args.input_len, vocab, 1000 + iter as u64),
+            };
             let id = format!("latency-{iter}");
             engine.add_request(bench_request(id.clone(), prompt, args.output_len, args.sampling))?;
             let started = Instant::now();
@@ -495,7 +642,7 @@ impl BackendJob for Latency {
         }
         let result = LatencyResult {
             device,
-            input_len: args.input_len,
+            input_len: text.as_ref().map_or(args.input_len, Vec::len),
             output_len: args.output_len,
             median_ttft_s: median(&ttft),
             median_decode_tokens_per_s: median(&decode),
@@ -507,6 +654,8 @@ impl BackendJob for Latency {
             kv_cache: KvCacheReport::since(&engine, &kv_before),
             sampling,
             check: CompletionCheck::of(&completions),
+            prompt_file: args.prompt_file.as_ref().map(|p| p.display().to_string()),
+            speculative: SpecReport::of(&engine),
         };
         println!("device:         {}", result.device);
         println!("prompt/output:  {} / {} tokens", result.input_len, result.output_len);
@@ -527,6 +676,9 @@ impl BackendJob for Latency {
             }
         );
         print!("{}", result.kv_cache);
+        if let Some(spec) = &result.speculative {
+            spec.print();
+        }
         print_timings(&engine);
         write_json(args.output_json.as_ref(), &result)?;
         result.check.ensure()

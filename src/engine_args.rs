@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use pagoda_engine::{EngineConfig, GenerationConfigSource, Policy, PreemptionMode};
+use pagoda_engine::{EngineConfig, GenerationConfigSource, Policy, PreemptionMode, SpeculativeConfig};
 
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -189,6 +189,12 @@ pub struct EngineArgs {
     /// Turn asynchronous scheduling off: each step waits for the one before.
     #[arg(long, conflicts_with = "async_scheduling")]
     pub no_async_scheduling: bool,
+    /// Speculative decoding, as vLLM's flag spells it (JSON):
+    /// '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+    /// or '{"model": DRAFT_MODEL, "num_speculative_tokens": 4}'; optional
+    /// "disable_by_batch_size" and "min_acceptance_rate" (default 0.1).
+    #[arg(long)]
+    pub speculative_config: Option<String>,
 }
 
 impl EngineArgs {
@@ -234,6 +240,12 @@ impl EngineArgs {
                 "vllm" => GenerationConfigSource::Builtin,
                 folder => GenerationConfigSource::Folder(PathBuf::from(folder)),
             },
+            speculative: self
+                .speculative_config
+                .as_deref()
+                .map(SpeculativeConfig::from_json)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?,
         };
         config.validate().context("invalid engine options")?;
         Ok(config)
