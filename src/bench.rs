@@ -513,6 +513,7 @@ struct SpecReport {
     acceptance_rate_per_position: Vec<f64>,
     steps_disabled_by_batch: u64,
     steps_paused_by_acceptance: u64,
+    steps_paused_without_drafts: u64,
     propose_s: f64,
 }
 
@@ -538,6 +539,7 @@ impl SpecReport {
                 .collect(),
             steps_disabled_by_batch: stats.steps_disabled_by_batch,
             steps_paused_by_acceptance: stats.steps_paused_by_acceptance,
+            steps_paused_without_drafts: stats.steps_paused_without_drafts,
             propose_s: stats.propose_time.as_secs_f64(),
         })
     }

@@ -356,6 +356,7 @@ impl<B: Backend> EngineCore<B> {
         }
         let runner = &mut self.runner;
         let drafts = spec.propose(&wanted, |seqs| runner.propose_with_draft(seqs))?;
+        spec.note_proposals(drafts.iter().any(|d| !d.is_empty()));
         let ids: Vec<SeqId> = wanted.iter().map(|w| w.seq_id).collect();
         for (seq, drafts) in ids.into_iter().zip(drafts) {
             if !drafts.is_empty() {

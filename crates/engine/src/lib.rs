@@ -78,7 +78,8 @@ pub use request::{
 pub use runner::{ModelRunner, PhaseTotal, RunnerTimings};
 pub use speculative::{
     accepted_prefix, DraftRequest, NgramProposer, Proposer, SpecDecodeStats, SpeculativeConfig,
-    SpeculativeMethod, DEFAULT_MIN_ACCEPTANCE_RATE, MAX_SPECULATIVE_TOKENS, PROBE_INTERVAL,
+    SpeculativeMethod, DEFAULT_MIN_ACCEPTANCE_RATE, MAX_SPECULATIVE_TOKENS, MAX_STEPS_WITHOUT_DRAFTS,
+    PROBE_INTERVAL,
 };
 pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 

@@ -51,8 +51,9 @@ pub struct SpeculativeConfig {
     /// compute).
     pub disable_by_batch_size: Option<usize>,
     /// Speculation pauses while the recent mean of accepted tokens per
-    /// verified draft (the acceptance rate) is below this, probing again
-    /// every `probe_interval` steps; 0 never pauses.
+    /// verified draft (the acceptance rate) is below this, or after a few
+    /// steps in which the proposer drafted nothing, probing again every
+    /// [`PROBE_INTERVAL`] steps; 0 never pauses.
     pub min_acceptance_rate: f64,
 }
 
@@ -143,6 +144,10 @@ pub const DEFAULT_MIN_ACCEPTANCE_RATE: f64 = 0.1;
 /// While paused, one step in this many speculates again to re-measure.
 pub const PROBE_INTERVAL: u64 = 128;
 
+/// Speculating steps in a row without a single draft before speculation
+/// pauses (until a probe step drafts again).
+pub const MAX_STEPS_WITHOUT_DRAFTS: u32 = 4;
+
 /// What a proposer sees of one decoding sequence.
 #[derive(Clone, Copy, Debug)]
 pub struct DraftRequest<'a> {
@@ -226,6 +231,9 @@ pub struct SpecDecodeStats {
     /// acceptance too low.
     pub steps_disabled_by_batch: u64,
     pub steps_paused_by_acceptance: u64,
+    /// Steps without speculation because the proposer had drafted nothing
+    /// for a while (no prompt-lookup match).
+    pub steps_paused_without_drafts: u64,
     /// Host time spent proposing.
     pub propose_time: std::time::Duration,
 }
@@ -277,6 +285,11 @@ pub(crate) struct Speculator {
     /// Recent acceptance rate (exponential moving average over verifications).
     recent_acceptance: f64,
     steps: u64,
+    /// Consecutive speculating steps whose proposer drafted nothing (prompt
+    /// lookup without a match): a step that speculates waits for the one
+    /// before, so after a few such steps speculation pauses as it does for
+    /// low acceptance.
+    steps_without_drafts: u32,
 }
 
 /// Weight of one step in the moving average of the acceptance rate: from
@@ -286,7 +299,14 @@ const ACCEPTANCE_EMA_WEIGHT: f64 = 0.25;
 
 impl Speculator {
     pub fn new(config: SpeculativeConfig, proposer: Option<Box<dyn Proposer>>) -> Self {
-        Self { config, proposer, stats: SpecDecodeStats::default(), recent_acceptance: 1.0, steps: 0 }
+        Self {
+            config,
+            proposer,
+            stats: SpecDecodeStats::default(),
+            recent_acceptance: 1.0,
+            steps: 0,
+            steps_without_drafts: 0,
+        }
     }
 
     pub fn config(&self) -> &SpeculativeConfig {
@@ -313,11 +333,22 @@ impl Speculator {
             self.stats.steps_disabled_by_batch += 1;
             return false;
         }
-        if self.recent_acceptance < self.config.min_acceptance_rate && self.steps % PROBE_INTERVAL != 0 {
+        let probe = self.steps % PROBE_INTERVAL == 0;
+        if self.recent_acceptance < self.config.min_acceptance_rate && !probe {
             self.stats.steps_paused_by_acceptance += 1;
             return false;
         }
+        let pauses = self.config.min_acceptance_rate > 0.0;
+        if pauses && self.steps_without_drafts >= MAX_STEPS_WITHOUT_DRAFTS && !probe {
+            self.stats.steps_paused_without_drafts += 1;
+            return false;
+        }
         true
+    }
+
+    /// Records whether a speculating step's proposer drafted anything.
+    pub fn note_proposals(&mut self, any: bool) {
+        self.steps_without_drafts = if any { 0 } else { self.steps_without_drafts.saturating_add(1) };
     }
 
     /// Drafts for the given sequences, timed: from the host proposer, or
@@ -454,6 +485,15 @@ mod tests {
         for _ in 0..200 {
             s.record_step([(4, 4)]);
         }
+        assert!(s.active(1));
+        // A proposer that drafts nothing pauses too, until a probe drafts.
+        for _ in 0..MAX_STEPS_WITHOUT_DRAFTS {
+            assert!(s.active(1));
+            s.note_proposals(false);
+        }
+        let active = (0..PROBE_INTERVAL).filter(|_| s.active(1)).count();
+        assert_eq!(active, 1, "one probe per interval");
+        s.note_proposals(true);
         assert!(s.active(1));
         let stats = s.stats();
         assert_eq!(stats.num_drafts, 218);
