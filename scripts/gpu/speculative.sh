@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Speculative decoding on the GPU (issue 18), phases in one lease:
+#   stash    copy this call's .device/gguf.0N (SmolLM2 travels in thirds: a call carries 64 MiB)
+#   models   random-weight Llama-3-8B (target) and Llama-3.2-1B (draft) shapes (hf_peer.py), and the
+#            workloads: 1 and 32 requests of 512 random prompt tokens, 256 output tokens
+#   verify   the cost of a verification step (k + 1 = 5 rows: --verify-drafts 4, every decode carries
+#            4 drafts) against plain decoding, batch 1 and 32, two rounds alternating
+#   draft    the 8B target with the random 1B draft (acceptance near 0): the automatic off switch
+#            against plain decoding, batch 1 and 32
+#   smollm2  SmolLM2-135M single stream on prompts that copy (benchmarks/prompts/*.txt, chat
+#            template), n-gram k = 4 against no speculation, two rounds
+# Carry: .device/bin (pagoda, hf_peer.py) and, per call, .device/gguf.0N.
+# Results: $OUT/spec_*.json and logs.
+set -uo pipefail
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+B=.device/bin
+W=/tmp/pagoda-gpu; mkdir -p "$W"
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+L8B="$W/llama3-8b-random"; L1B="$W/llama3-1b-random"
+
+bench() { # name, pagoda bench args...
+  local name=$1; shift
+  $B/pagoda bench "$@" --device cuda --output-json "$OUT/spec_$name.json" 2>&1 | grep -v "^\s*$" \
+    > "$OUT/spec_$name.log"
+  grep -E "output tok/s|decode:|speculative:|self-check" "$OUT/spec_$name.log" | sed "s/^/$name: /"
+}
+
+for phase in "$@"; do
+  case $phase in
+    stash) cp .device/gguf.0* "$W/" && ls -la "$W" | grep gguf ;;
+    models)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+      cat $B/build_commit.txt 2>/dev/null | tee "$OUT/build_commit.txt"
+      t0=$SECONDS
+      [ -f "$L8B/config.json" ] || python3 $B/hf_peer.py --preset llama3-8b --save-model "$L8B" \
+        --n 1 --input-len 8 --output-len 2 --modes none 2>&1 | tail -2
+      [ -f "$L1B/config.json" ] || python3 $B/hf_peer.py --preset llama3-1b --save-model "$L1B" \
+        --n 1 --input-len 8 --output-len 2 --modes none 2>&1 | tail -2
+      echo "models built in $((SECONDS - t0)) s"
+      python3 - "$W" <<'PY'
+import json, random, sys
+w = sys.argv[1]
+for n in (1, 32):
+    rng = random.Random(7 + n)
+    with open(f"{w}/spec-{n}.jsonl", "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt_token_ids": [rng.randrange(128000) for _ in range(512)],
+                                "max_tokens": 256}) + "\n")
+PY
+      ;;
+    verify)
+      for round in 1 2; do
+        for n in 1 32; do
+          bench "plain_b${n}_r$round" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl"
+          bench "verify4_b${n}_r$round" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl" --verify-drafts 4
+        done
+      done ;;
+    draft)
+      for n in 1 32; do
+        bench "draft1b_b$n" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl" \
+          --speculative-config "{\"model\": \"$L1B\", \"num_speculative_tokens\": 4}"
+        bench "draft1b_never_pause_b$n" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl" \
+          --speculative-config "{\"model\": \"$L1B\", \"num_speculative_tokens\": 4, \"min_acceptance_rate\": 0}"
+      done ;;
+    smollm2)
+      GGUF="$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+      [ -f "$GGUF" ] || cat "$W"/gguf.00 "$W"/gguf.01 "$W"/gguf.02 > "$GGUF"
+      NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+      for round in 1 2; do
+        for prompt in copy-passage edit-code; do
+          args=(latency --model "$GGUF" --prompt-file "benchmarks/prompts/$prompt.txt" --chat
+                --output-len 256 --num-iters 3)
+          bench "smollm2_${prompt}_plain_r$round" "${args[@]}"
+          bench "smollm2_${prompt}_ngram4_r$round" "${args[@]}" --speculative-config "$NGRAM"
+        done
+      done ;;
+    summary)
+      python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    p = os.path.join(out, f"spec_{name}.json")
+    return json.load(open(p)) if os.path.exists(p) else None
+for r in (1, 2):
+    for n in (1, 32):
+        p, v = load(f"plain_b{n}_r{r}"), load(f"verify4_b{n}_r{r}")
+        if p and v:
+            step = lambda x: x["elapsed_s"] / x["engine_steps"]
+            print(f"round {r} batch {n}: step {step(p)*1e3:.2f} ms plain, {step(v)*1e3:.2f} ms verify(5 rows): "
+                  f"ratio {step(v)/step(p):.3f}; tok/s {p['output_tokens_per_s']:.0f} vs {v['output_tokens_per_s']:.0f}")
+for n in (1, 32):
+    d, dn, p = load(f"draft1b_b{n}"), load(f"draft1b_never_pause_b{n}"), load(f"plain_b{n}_r2")
+    if d and p:
+        print(f"draft 1B batch {n}: {d['output_tokens_per_s']:.0f} tok/s with the off switch, "
+              f"{dn['output_tokens_per_s'] if dn else float('nan'):.0f} never pausing, {p['output_tokens_per_s']:.0f} plain: "
+              f"ratio {d['output_tokens_per_s']/p['output_tokens_per_s']:.3f}")
+for prompt in ("copy-passage", "edit-code"):
+    for r in (1, 2):
+        p, s = load(f"smollm2_{prompt}_plain_r{r}"), load(f"smollm2_{prompt}_ngram4_r{r}")
+        if p and s:
+            spec = s.get("speculative") or {}
+            print(f"smollm2 {prompt} round {r}: {p['median_decode_tokens_per_s']:.0f} -> "
+                  f"{s['median_decode_tokens_per_s']:.0f} tok/s ({s['median_decode_tokens_per_s']/p['median_decode_tokens_per_s']:.2f}x), "
+                  f"acceptance {spec.get('acceptance_rate', 0):.2f}, mean accepted length {spec.get('mean_accepted_length', 0):.2f}")
+PY
+      ;;
+  esac
+done
