@@ -52,13 +52,18 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub fn start(mut args: ServerArgs) -> Self {
+    pub fn start(args: ServerArgs) -> Self {
+        Self::start_with(args, engine_config())
+    }
+
+    /// A server over an engine of the given configuration.
+    pub fn start_with(mut args: ServerArgs, engine_config: EngineConfig) -> Self {
         let model = model_path();
         if args.served_model_name.is_empty() {
             args.served_model_name = vec![MODEL_NAME.to_string()];
         }
         let engine = AsyncEngine::start(
-            move || load_engine(CpuBackend::new(), &model, engine_config(), |_, _| {}),
+            move || load_engine(CpuBackend::new(), &model, engine_config, |_, _| {}),
             args.engine_options(),
         )
         .expect("the test model loads");
