@@ -4,7 +4,7 @@
 //! metrics once the engine is idle.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_engine::{
@@ -43,17 +43,19 @@ fn views_follow_the_engine_and_agree_with_its_metrics() {
             "a view younger than the interval is handed out again"
         );
 
+        // Let the idle view age out, so that the next ask builds a fresh one.
+        tokio::time::sleep(KvViewSource::MIN_INTERVAL).await;
         let mut streams: Vec<_> =
-            (0..4).map(|i| engine.submit(request(&format!("r{i}"), 48)).expect("admitted")).collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let busy = loop {
-            let view = engine.kv_view().await.unwrap();
-            if view.seqs.iter().any(|s| s.status == SeqStatus::Running && !s.gpu_blocks.is_empty()) {
-                break view;
-            }
-            assert!(Instant::now() < deadline, "no view ever showed a running sequence");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+            (0..4).map(|i| engine.submit(request(&format!("r{i}"), 160)).expect("admitted")).collect();
+        // A first token means a step has run: the request holds blocks, and has
+        // more than a hundred tokens to go when the engine answers, at its next
+        // step boundary.
+        streams[0].next().await.expect("an output").expect("no engine error");
+        let busy = engine.kv_view().await.unwrap();
+        assert!(
+            busy.seqs.iter().any(|s| s.status == SeqStatus::Running && !s.gpu_blocks.is_empty()),
+            "a running sequence with blocks: {busy:?}"
+        );
         assert!(busy.counts.used() > 0);
         assert!(busy.seqs.iter().all(|s| s.request_id.starts_with('r')));
         for stream in &mut streams {
