@@ -67,7 +67,7 @@ pub use input::{EngineCoreRequest, InputProcessor, ModelInfo, MAX_BAD_WORDS, MAX
 pub use kv_view::{KvView, KvViewSource, SeqView};
 pub use metrics::EngineMetrics;
 pub use output::{CompletedRequest, CompletedSeq};
-/// The block states and queue names a [`KvView`] reports.
+/// The block states and counts a [`KvView`] reports.
 pub use pagoda_paged_kv::{BlockCounts, BlockState};
 pub use pagoda_sampler::SamplingParams;
 pub use pagoda_scheduler::{Policy, PreemptionMode, SeqStatus};

@@ -28,7 +28,7 @@ const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// The whole API. /v1 routes, /tokenize and /detokenize require the API key when one is configured;
 /// /health, /version and /metrics never do (probes and scrapers), nor do /dashboard and
-/// /v1/debug/kv (unless `--disable-dashboard` leaves them out).
+/// /v1/debug/kv (served unless `--disable-dashboard`).
 pub fn router(state: AppState) -> Router {
     let workers = Arc::new(PromptWorkers::new(state.engine().tokenizer()));
     let v1 = Router::new()
