@@ -5,11 +5,13 @@
 2. Loads /dashboard in headless Chromium (driven over the DevTools protocol on a
    pipe: no websocket library, no browser download), waits for the KV map to be
    drawn with blocks in use, and saves a screenshot.
-3. Checks the screenshot (decoded here with zlib, no imaging library) region by
+3. Points the mouse at a block a running sequence holds: the tooltip names the block, its ref
+   count, the request and the logical block index.
+4. Checks the screenshot (decoded here with zlib, no imaging library) region by
    region: the header's dark bar, owned (blue) and free (grey) cells inside the
    map's box, and chart lines in the step-time chart's box. Regions come from the
    page's own layout (getBoundingClientRect), so this is no pixel-exact golden.
-4. Once the load has finished and the engine is idle, checks that every count the
+5. Once the load has finished and the engine is idle, checks that every count the
    page shows equals the one /metrics reports.
 
 Only the Python standard library. Usage:
@@ -171,7 +173,7 @@ class Browser:
         self.send("Page.navigate", {"url": url})
 
     def eval(self, expression):
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in result:
             fail(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -270,6 +272,24 @@ BOXES = """JSON.stringify(Object.fromEntries(["gpu-map", "chart-step", "chart-to
 }).concat([["header", (() => { const r = document.querySelector("header").getBoundingClientRect();
   return [r.x, r.y, r.width, r.height]; })()]])))"""
 
+# Points the mouse at the first block of the first running sequence of a fresh view and returns the
+# tooltip's text if it names that sequence's request, its logical block 0 and a ref count (else null: the
+# page may not have drawn that view yet).
+HOVER = """(async () => {
+  const view = await (await fetch("v1/debug/kv")).json();
+  const seq = (view.seqs || []).find((s) => s.status === "running" && s.gpu_blocks.length);
+  if (!seq) return null;
+  const block = seq.gpu_blocks[0][0];
+  const canvas = document.getElementById("gpu-map");
+  const cell = Number(canvas.dataset.cell), cols = Number(canvas.dataset.cols);
+  const rect = canvas.getBoundingClientRect();
+  canvas.dispatchEvent(new MouseEvent("mousemove", { bubbles: true,
+    clientX: rect.left + (block % cols) * cell + cell / 2, clientY: rect.top + Math.floor(block / cols) * cell + cell / 2 }));
+  const text = document.getElementById("tooltip").textContent;
+  return text.includes(`block ${block}:`) && text.includes(seq.request_id) && text.includes("logical block 0")
+    && text.includes("ref count") ? text : null;
+})()"""
+
 # The page's counts and the /metrics series each must equal.
 EQUAL_TO_METRICS = {
     "count-total": "pagoda:kv_cache_blocks_total",
@@ -330,6 +350,9 @@ def main():
         wait_for("the step charts to have points", 120, lambda: browser.eval(
             "Number(document.getElementById('chart-step').dataset.points || 0) >= 3"
             " && Number(document.getElementById('chart-tokens').dataset.points || 0) >= 3"))
+        # Hover: pointing at a block a running sequence holds names its holder and logical block.
+        tooltip = wait_for("a hover tooltip naming a holder", 60, lambda: browser.eval(HOVER))
+        print(f"hovering a held block shows: {tooltip!r}")
         png = browser.screenshot()
         with open(os.path.join(args.out, "dashboard.png"), "wb") as f:
             f.write(png)

@@ -93,6 +93,9 @@ const KvMap = (() => {
         ctx.fillRect(x, y, geometry.cell - gap, geometry.cell - gap);
       });
       canvas.dataset.drawn = String(states.length);
+      // The geometry, for tests that point at a block.
+      canvas.dataset.cell = String(geometry.cell);
+      canvas.dataset.cols = String(geometry.cols);
     }
 
     function hit(x, y) {
