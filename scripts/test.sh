@@ -4,7 +4,8 @@
 #   2. formatting, the setup scripts from empty caches (scripts/check-fresh-setup.sh: seconds,
 #      no toolkit download), and lints (warnings are errors)
 #   3. the whole test suite (unit, property, golden real-model, server integration tests),
-#      then the official openai-python client against a running `pagoda serve`
+#      then the official openai-python client against a running `pagoda serve`, then the
+#      dashboard in headless Chromium (Debian's chromium package, apt-get installed when missing)
 #   4. the CUDA toolchain from PyPI, then compile and link the `cuda` feature and its test
 #      executables (no GPU here: this keeps the CUDA path from rotting)
 # Set PAGODA_SKIP_CUDA_BUILD=1 to skip step 4 on a machine where it was already checked.
@@ -37,6 +38,9 @@ cargo test
 
 step "the official openai-python client against pagoda serve (release build)"
 scripts/openai-check.sh
+
+step "the dashboard in headless Chromium against pagoda serve under load (release build)"
+scripts/dashboard-check.sh
 
 if [ "${PAGODA_SKIP_CUDA_BUILD:-0}" != 1 ]; then
     step "CUDA toolchain + build of the cuda feature (compile and link only)"

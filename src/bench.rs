@@ -7,6 +7,7 @@
 //! `max_tokens`, or the command fails after printing and writing its figures.
 
 mod check;
+mod kv_view_cost;
 mod serve_load;
 mod workload;
 
@@ -75,6 +76,10 @@ pub struct ThroughputArgs {
     /// Write the result as JSON here.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
+    /// Build the dashboard's KV view this many times a second during the run (as the
+    /// engine thread does while a /dashboard polls), and report its cost against the step time.
+    #[arg(long)]
+    pub kv_view_hz: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -280,6 +285,9 @@ struct ThroughputResult {
     speculative: Option<SpecReport>,
     /// Every request finished with exactly its max_tokens.
     check: CompletionCheck,
+    /// `--kv-view-hz`: what building the dashboard's views cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_view: Option<kv_view_cost::KvViewCost>,
 }
 
 struct Throughput(ThroughputArgs);
@@ -314,7 +322,8 @@ impl BackendJob for Throughput {
             .map_err(|e| anyhow::anyhow!(e))?;
             engine.set_proposer(config, Box::new(RepeatLastToken));
         }
-        let mut result = measure_throughput(&mut engine, requests, load_s, args.sampling, constraint)?;
+        let probe = args.kv_view_hz.map(kv_view_cost::KvViewProbe::new).transpose()?;
+        let mut result = measure_throughput(&mut engine, requests, load_s, args.sampling, constraint, probe)?;
         result.json_schema = args.json_schema.as_ref().map(|p| p.display().to_string());
         print!("{result}");
         if let Some(spec) = &result.speculative {
@@ -383,6 +392,7 @@ fn measure_throughput<B: Backend>(
     load_s: f64,
     sampling: BenchSamplingArgs,
     constraint: Option<std::sync::Arc<dyn pagoda_engine::TokenConstraintFactory>>,
+    mut kv_view_probe: Option<kv_view_cost::KvViewProbe>,
 ) -> anyhow::Result<ThroughputResult> {
     let device = engine.runner().backend().name();
     let sampling_report = SamplingReport::of(engine, sampling);
@@ -409,7 +419,13 @@ fn measure_throughput<B: Backend>(
         engine.add_request(req)?;
     }
     while engine.has_unfinished_requests() {
-        for out in engine.step()? {
+        let step_started = Instant::now();
+        let outputs = engine.step()?;
+        if let Some(probe) = &mut kv_view_probe {
+            probe.stepped(step_started.elapsed());
+            probe.at_step_boundary(engine);
+        }
+        for out in outputs {
             let n: usize = out.deltas.iter().map(|d| d.token_ids.len()).sum();
             bar.inc(n as u64);
             if let Some(c) = index.get(&out.request_id).map(|&i| &mut completions[i]) {
@@ -423,6 +439,7 @@ fn measure_throughput<B: Backend>(
     // The totals are the per-request tallies the self-check reads.
     let check = CompletionCheck::of(&completions);
     let (finished, output_tokens) = (check.finished_requests, check.output_tokens);
+    let engine_steps = engine.metrics().engine_steps.get() - steps_before;
     Ok(ThroughputResult {
         device,
         num_requests: finished,
@@ -433,12 +450,13 @@ fn measure_throughput<B: Backend>(
         output_tokens_per_s: output_tokens as f64 / elapsed_s,
         total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / elapsed_s,
         load_s,
-        engine_steps: engine.metrics().engine_steps.get() - steps_before,
+        engine_steps,
         kv_cache: KvCacheReport::since(engine, &kv_before),
         sampling: sampling_report,
         json_schema: None,
         speculative: SpecReport::of(engine),
         check,
+        kv_view: kv_view_probe.map(|probe| probe.report(engine_steps)),
     })
 }
 
@@ -470,7 +488,11 @@ impl std::fmt::Display for ThroughputResult {
                 "FAILED"
             }
         )?;
-        write!(f, "{}", self.kv_cache)
+        write!(f, "{}", self.kv_cache)?;
+        match &self.kv_view {
+            Some(cost) => write!(f, "{cost}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -783,10 +805,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn kv_view_probe_builds_views_between_steps_and_reports_them() {
+        let mut engine = tiny_engine(tiny_cache(PreemptionMode::Recompute));
+        // A rate far above the step rate: a view at (almost) every step boundary.
+        let probe = kv_view_cost::KvViewProbe::new(1e6).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None, Some(probe)).unwrap();
+        let cost = result.kv_view.as_ref().expect("a --kv-view-hz run reports the views' cost");
+        assert!(cost.views_served > 1, "{cost:?}");
+        assert!(cost.largest_view_used_blocks > 0 && cost.largest_view_seqs > 0, "{cost:?}");
+        assert!(cost.step_time_s > 0.0 && cost.share_of_step_time >= 0.0, "{cost:?}");
+        assert!(result.to_string().contains("dashboard KV view:"));
+        assert!(serde_json::to_value(&result).unwrap()["kv_view"]["commit"].is_string());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(kv_view_cost::KvViewProbe::new(bad).is_err(), "{bad}");
+        }
+        let plain = measure_throughput(
+            &mut tiny_engine(tiny_cache(PreemptionMode::Recompute)),
+            six_requests(),
+            0.0,
+            GREEDY,
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(serde_json::to_value(&plain).unwrap().get("kv_view").is_none(), "absent unless asked for");
+    }
+
     /// Runs the throughput benchmark and checks what holds for any run.
     fn run(config: EngineConfig) -> ThroughputResult {
         let mut engine = tiny_engine(config);
-        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None, None).unwrap();
         assert_eq!((result.num_requests, result.output_tokens), (6, 6 * 24), "every request completes");
         assert!(result.check.passed, "{:?}", result.check);
         assert_eq!(result.check.expected_output_tokens, 6 * 24);
@@ -856,8 +905,8 @@ mod tests {
             max_tokens: 4,
         };
         // The first request computes the shared two blocks; the next ones reuse them.
-        measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY, None).unwrap();
-        let kv = measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY, None)
+        measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY, None, None).unwrap();
+        let kv = measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY, None, None)
             .unwrap()
             .kv_cache;
         assert_eq!((kv.prefix_cache_queried_tokens, kv.prefix_cache_hit_tokens), (3 * 40, 3 * 32), "{kv:?}");
@@ -878,7 +927,7 @@ mod tests {
     fn sampled_and_detokenized_runs_check_themselves() {
         let mut engine = tiny_engine(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() });
         let sampled = BenchSamplingArgs { temperature: 1.0, detokenize: true };
-        let result = measure_throughput(&mut engine, six_requests(), 0.0, sampled, None).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, sampled, None, None).unwrap();
         assert!(result.check.passed, "{:?}", result.check);
         let json = serde_json::to_value(&result).unwrap();
         assert_eq!(json["sampling"]["temperature"], 1.0);

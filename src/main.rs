@@ -4,13 +4,15 @@
 //!   as one continuous batch and prints the completions.
 //! - `pagoda serve --model PATH` serves the OpenAI-compatible HTTP API.
 //! - `pagoda bench {throughput,latency,serve}` measures the engine.
-//! - `pagoda sim` compares KV allocators on a request trace.
+//! - `pagoda sim` compares KV allocators on a request trace (`--html FILE`
+//!   also writes their KV page maps as an animation).
 
 mod backends;
 mod bench;
 mod engine_args;
 mod generate;
 mod serve;
+mod sim_html;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -40,7 +42,7 @@ enum Command {
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Compare KV-cache allocators (paged vs max-length reservation) on a request trace.
-    Sim(pagoda_scheduler::sim::SimArgs),
+    Sim(sim_html::SimCommandArgs),
 }
 
 /// The command line: `Cli`'s, where `pagoda serve` takes the model either
@@ -63,9 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Sim(args) => {
-            pagoda_scheduler::sim::run_cli(&args).map(|table| print!("{table}")).map_err(Into::into)
-        }
+        Command::Sim(args) => sim_html::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use pagoda_backend::Backend;
 use pagoda_models::{ChatTemplate, Tokenizer};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::LlmEngine;
 use crate::error::EngineError;
 use crate::input::{EngineCoreRequest, InputProcessor, ModelInfo};
+use crate::kv_view::{KvView, KvViewSource};
 use crate::metrics::EngineMetrics;
 use crate::request::{GenerationRequest, RequestOutput};
 
@@ -65,6 +66,9 @@ enum Command {
         arrived: Instant,
     },
     Abort(String),
+    /// A view of the KV cache and the queues for the dashboard, answered at
+    /// the next step boundary.
+    KvView(oneshot::Sender<Arc<KvView>>),
     Shutdown {
         grace: Duration,
     },
@@ -420,6 +424,15 @@ impl AsyncEngine {
         Ok(())
     }
 
+    /// A view of the KV cache and the queues, built by the engine thread at
+    /// its next step boundary (or its last one, when younger than
+    /// [`KvViewSource::MIN_INTERVAL`]); `None` once the engine has stopped.
+    pub async fn kv_view(&self) -> Option<Arc<KvView>> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::KvView(tx)).ok()?;
+        rx.await.ok()
+    }
+
     /// Aborts a request by id (no-op if it already finished).
     pub fn abort(&self, request_id: &str) {
         let _ = self.commands.send(Command::Abort(request_id.to_string()));
@@ -449,6 +462,7 @@ type Senders = HashMap<String, (OutputSender, PendingWork)>;
 fn engine_loop<B: Backend>(mut engine: LlmEngine<B>, commands: std_mpsc::Receiver<Command>, shared: &Shared) {
     let mut senders: Senders = Senders::new();
     let mut deadline: Option<Instant> = None;
+    let mut views = KvViewSource::default();
     loop {
         // Idle: sleep until a command arrives. Busy: take what is there.
         if !engine.has_unfinished_requests() {
@@ -456,12 +470,12 @@ fn engine_loop<B: Backend>(mut engine: LlmEngine<B>, commands: std_mpsc::Receive
                 break;
             }
             match commands.recv() {
-                Ok(cmd) => handle_command(cmd, &mut engine, &mut senders, &mut deadline, shared),
+                Ok(cmd) => handle_command(cmd, &mut engine, &mut senders, &mut deadline, &mut views, shared),
                 Err(_) => break,
             }
         }
         while let Ok(cmd) = commands.try_recv() {
-            handle_command(cmd, &mut engine, &mut senders, &mut deadline, shared);
+            handle_command(cmd, &mut engine, &mut senders, &mut deadline, &mut views, shared);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let ids: Vec<String> = senders.keys().cloned().collect();
@@ -520,6 +534,7 @@ fn handle_command<B: Backend>(
     engine: &mut LlmEngine<B>,
     senders: &mut Senders,
     deadline: &mut Option<Instant>,
+    views: &mut KvViewSource,
     shared: &Shared,
 ) {
     match cmd {
@@ -558,6 +573,9 @@ fn handle_command<B: Backend>(
             }
         }
         Command::Abort(id) => finish_abort(&id, engine, senders, shared),
+        Command::KvView(reply) => {
+            let _ = reply.send(views.view(engine));
+        }
         Command::Shutdown { grace } => {
             let d = Instant::now() + grace;
             *deadline = Some(deadline.map_or(d, |old| old.min(d)));

@@ -249,6 +249,11 @@ impl<B: Backend> LlmEngine<B> {
         !self.ids.is_empty() || self.core.has_in_flight()
     }
 
+    /// The live requests: the client's id and the core's.
+    pub fn live_requests(&self) -> impl Iterator<Item = (&str, RequestId)> + '_ {
+        self.ids.iter().map(|(client, &id)| (client.as_str(), id))
+    }
+
     pub fn num_unfinished_requests(&self) -> usize {
         self.ids.len()
     }

@@ -41,6 +41,7 @@ mod engine_core;
 mod error;
 mod graphs;
 mod input;
+mod kv_view;
 mod metrics;
 mod output;
 mod output_processor;
@@ -67,10 +68,13 @@ pub use engine_core::StepTimings;
 pub use error::EngineError;
 pub use graphs::{capture_sizes, is_graphable, Bucket, GraphStats, PaddedDecodeInputs};
 pub use input::{EngineCoreRequest, InputProcessor, ModelInfo, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS};
+pub use kv_view::{KvView, KvViewSource, SeqView};
 pub use metrics::EngineMetrics;
 pub use output::{CompletedRequest, CompletedSeq};
+/// The block states and counts a [`KvView`] reports.
+pub use pagoda_paged_kv::{BlockCounts, BlockState};
 pub use pagoda_sampler::SamplingParams;
-pub use pagoda_scheduler::{Policy, PreemptionMode};
+pub use pagoda_scheduler::{Policy, PreemptionMode, SeqStatus};
 pub use request::{
     fairness_group, FinishReason, GenerationRequest, PromptLogprob, RequestOutput, SeqDelta, StopReason,
     TokenLogprob,

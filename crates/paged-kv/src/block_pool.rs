@@ -165,6 +165,12 @@ impl BlockPool {
         self.cached.insert(hash, block);
     }
 
+    /// Free blocks, the next one to be handed out first (uncached ones, then
+    /// cached ones least recently used first).
+    pub(crate) fn free_in_eviction_order(&self) -> impl Iterator<Item = BlockId> + '_ {
+        self.free.iter()
+    }
+
     /// Forgets every cached hash of a free block (used blocks keep theirs,
     /// since their holders may still register children of them).
     pub(crate) fn evict_all_free(&mut self) -> usize {

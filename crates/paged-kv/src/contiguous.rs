@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 
+mod block_map;
+
 use crate::block_pool::CpuBlockPool;
 use crate::{
     check_sizes, AllocError, BlockCopy, BlockId, CpuBlockId, InvariantViolation, KvAllocator, KvConfigError,

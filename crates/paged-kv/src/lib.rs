@@ -58,6 +58,7 @@
 //! that a swap-out of that step reads from, and a newly cached full block may
 //! be hit by another sequence scheduled in the same step.
 
+mod block_map;
 mod block_pool;
 mod contiguous;
 mod error;
@@ -65,6 +66,10 @@ mod free_queue;
 mod hash;
 mod paged;
 
+pub use block_map::{
+    count_runs, decode_id_runs, decode_runs, encode_id_runs, encode_runs, BlockCounts, BlockMap, BlockState,
+    SeqBlockMap,
+};
 pub use contiguous::{ContiguousAllocator, ContiguousConfig, Reservation};
 pub use error::{AllocError, InvariantViolation, KvConfigError};
 pub use hash::BlockHash;

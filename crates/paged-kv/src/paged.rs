@@ -3,6 +3,8 @@
 
 use rustc_hash::FxHashMap;
 
+mod block_map;
+
 use crate::block_pool::{BlockPool, CpuBlockPool};
 use crate::{
     check_sizes, AllocError, BlockCopy, BlockHash, BlockId, CpuBlockId, InvariantViolation, KvAllocator,

@@ -105,6 +105,10 @@ pub struct ServerArgs {
     /// `root_path`): every route answers both at `/` and under this prefix.
     #[arg(long)]
     pub root_path: Option<String>,
+    /// Leave out the live dashboard (`/dashboard`) and the KV view it polls
+    /// (`/v1/debug/kv`); both are served by default, without an API key, as /metrics is.
+    #[arg(long)]
+    pub disable_dashboard: bool,
 }
 
 /// A list of strings given as JSON on the command line (vLLM's CORS flags take them so).
@@ -185,6 +189,7 @@ impl Default for ServerArgs {
             allowed_credentials: false,
             max_logprobs: 20,
             root_path: None,
+            disable_dashboard: false,
         }
     }
 }
@@ -233,6 +238,7 @@ impl ServerArgs {
             },
             max_logprobs: self.max_logprobs,
             root_path: normalize_root_path(self.root_path.as_deref()),
+            dashboard: !self.disable_dashboard,
         }
     }
 
@@ -276,6 +282,8 @@ pub struct ServerConfig {
     pub max_logprobs: usize,
     /// --root-path, as `/prefix` (no trailing slash); `None` when absent or `/`.
     pub root_path: Option<String>,
+    /// Serve `/dashboard` and `/v1/debug/kv` (off with `--disable-dashboard`).
+    pub dashboard: bool,
 }
 
 impl ServerConfig {

@@ -19,6 +19,8 @@
 //!   accepting during the drain: new requests and /health get 503.
 //! - Connections are capped and timed out (`connections`): see
 //!   [`ConnectionLimits`].
+//! - `/dashboard` draws the KV page map, the queues and the step timeline
+//!   live from `/v1/debug/kv` and `/metrics` ([`dashboard`]).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -43,6 +45,7 @@ mod chat;
 mod completions;
 mod config;
 mod connections;
+pub mod dashboard;
 mod endpoint;
 mod error;
 mod extract;

@@ -27,7 +27,8 @@ use crate::{chat, completions, tokenize};
 const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// The whole API. /v1 routes, /tokenize and /detokenize require the API key when one is configured;
-/// /health, /version and /metrics never do (probes and scrapers).
+/// /health, /version and /metrics never do (probes and scrapers), nor do /dashboard and
+/// /v1/debug/kv (served unless `--disable-dashboard`).
 pub fn router(state: AppState) -> Router {
     let workers = Arc::new(PromptWorkers::new(state.engine().tokenizer()));
     let v1 = Router::new()
@@ -42,6 +43,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/version", get(version))
         .route("/metrics", get(metrics));
+    // The dashboard follows /metrics' rules: no API key.
+    let api = if state.config().dashboard { api.merge(crate::dashboard::routes()) } else { api };
     // --root-path: behind a proxy that forwards the prefix, every route
     // answers under it too (as vLLM's FastAPI `root_path` accepts both).
     let api = match state.config().root_path.clone() {

@@ -25,6 +25,7 @@
 //! share of *free* blocks outside the largest free run; paging has none.
 //! `util` is the time-averaged share of the whole pool holding tokens.
 
+pub mod animation;
 #[cfg(feature = "cli")]
 mod args;
 mod trace;
@@ -53,6 +54,8 @@ pub enum SimError {
     InvalidTrace(String),
     #[error("trace line {line}: {message}")]
     TraceLine { line: usize, message: String },
+    #[error("{0}")]
+    InvalidOption(String),
     #[error("I/O: {0}")]
     Io(String),
     #[error(transparent)]
@@ -206,25 +209,40 @@ pub struct SimReport {
 
 /// Builds the allocator `kind` for `config`.
 pub fn build_allocator(kind: AllocatorKind, config: &SimConfig) -> Result<Box<dyn KvAllocator>, SimError> {
-    let contiguous = |reservation| {
-        ContiguousAllocator::new(ContiguousConfig {
-            num_gpu_blocks: config.num_gpu_blocks,
-            num_cpu_blocks: config.num_cpu_blocks,
-            block_size: config.block_size,
-            reservation,
-        })
-    };
     Ok(match kind {
-        AllocatorKind::Paged => Box::new(PagedAllocator::new(PagedConfig {
-            num_gpu_blocks: config.num_gpu_blocks,
-            num_cpu_blocks: config.num_cpu_blocks,
-            block_size: config.block_size,
-            enable_prefix_caching: config.enable_prefix_caching,
-        })?),
-        AllocatorKind::MaxLen => Box::new(contiguous(Reservation::Fixed(config.scheduler.max_model_len))?),
-        AllocatorKind::Pow2 => Box::new(contiguous(Reservation::NextPowerOfTwo)?),
-        AllocatorKind::Exact => Box::new(contiguous(Reservation::Exact)?),
+        AllocatorKind::Paged => Box::new(paged_allocator(config)?),
+        contiguous => Box::new(contiguous_allocator(contiguous, config)?),
     })
+}
+
+/// The paged allocator of `config`.
+pub fn paged_allocator(config: &SimConfig) -> Result<PagedAllocator, SimError> {
+    Ok(PagedAllocator::new(PagedConfig {
+        num_gpu_blocks: config.num_gpu_blocks,
+        num_cpu_blocks: config.num_cpu_blocks,
+        block_size: config.block_size,
+        enable_prefix_caching: config.enable_prefix_caching,
+    })?)
+}
+
+/// The contiguous allocator `kind` of `config` (`kind` must not be
+/// [`AllocatorKind::Paged`], which is refused as unknown here).
+pub fn contiguous_allocator(
+    kind: AllocatorKind,
+    config: &SimConfig,
+) -> Result<ContiguousAllocator, SimError> {
+    let reservation = match kind {
+        AllocatorKind::Paged => return Err(SimError::UnknownAllocator("paged is not contiguous".into())),
+        AllocatorKind::MaxLen => Reservation::Fixed(config.scheduler.max_model_len),
+        AllocatorKind::Pow2 => Reservation::NextPowerOfTwo,
+        AllocatorKind::Exact => Reservation::Exact,
+    };
+    Ok(ContiguousAllocator::new(ContiguousConfig {
+        num_gpu_blocks: config.num_gpu_blocks,
+        num_cpu_blocks: config.num_cpu_blocks,
+        block_size: config.block_size,
+        reservation,
+    })?)
 }
 
 /// Prompt token ids for request `i`: distinct across requests, so that
@@ -236,14 +254,23 @@ fn prompt_tokens(i: usize, len: usize) -> Vec<TokenId> {
 
 /// Replays `trace` through a scheduler over `kind`.
 pub fn simulate(trace: &Trace, config: &SimConfig, kind: AllocatorKind) -> Result<SimReport, SimError> {
-    let kv = build_allocator(kind, config)?;
+    simulate_with(trace, config, build_allocator(kind, config)?, kind.name(), |_, _| {})
+}
+
+/// Replays `trace` through a scheduler over `kv` (reported as `name`),
+/// calling `observe(scheduler, simulated time)` after every step, e.g. to
+/// record the allocator's block map ([`animation`]).
+pub fn simulate_with<A: KvAllocator>(
+    trace: &Trace,
+    config: &SimConfig,
+    kv: A,
+    name: &str,
+    mut observe: impl FnMut(&Scheduler<A>, f64),
+) -> Result<SimReport, SimError> {
     let mut sched = Scheduler::new(config.scheduler.clone(), kv)?;
     let pool_slots = (config.num_gpu_blocks * config.block_size) as f64;
-    let mut report = SimReport {
-        allocator: kind.name().to_string(),
-        num_requests: trace.requests.len(),
-        ..Default::default()
-    };
+    let mut report =
+        SimReport { allocator: name.to_string(), num_requests: trace.requests.len(), ..Default::default() };
 
     let mut now = 0.0f64;
     let mut next = 0;
@@ -322,6 +349,7 @@ pub fn simulate(trace: &Trace, config: &SimConfig, kind: AllocatorKind) -> Resul
                 report.num_finished += 1;
             }
         }
+        observe(&sched, now);
     }
 
     let per_time = |x: f64| if time > 0.0 { x / time } else { 0.0 };
