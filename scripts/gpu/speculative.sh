@@ -57,6 +57,7 @@ PY
       done ;;
     draft)
       for n in 1 32; do
+        bench "plain_draftref_b$n" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl"
         bench "draft1b_b$n" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl" \
           --speculative-config "{\"model\": \"$L1B\", \"num_speculative_tokens\": 4}"
         bench "draft1b_never_pause_b$n" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl" \
@@ -89,7 +90,7 @@ for r in (1, 2):
             print(f"round {r} batch {n}: step {step(p)*1e3:.2f} ms plain, {step(v)*1e3:.2f} ms verify(5 rows): "
                   f"ratio {step(v)/step(p):.3f}; tok/s {p['output_tokens_per_s']:.0f} vs {v['output_tokens_per_s']:.0f}")
 for n in (1, 32):
-    d, dn, p = load(f"draft1b_b{n}"), load(f"draft1b_never_pause_b{n}"), load(f"plain_b{n}_r2")
+    d, dn, p = load(f"draft1b_b{n}"), load(f"draft1b_never_pause_b{n}"), load(f"plain_draftref_b{n}") or load(f"plain_b{n}_r2")
     if d and p:
         print(f"draft 1B batch {n}: {d['output_tokens_per_s']:.0f} tok/s with the off switch, "
               f"{dn['output_tokens_per_s'] if dn else float('nan'):.0f} never pausing, {p['output_tokens_per_s']:.0f} plain: "
