@@ -16,6 +16,8 @@
 set -euo pipefail
 # shellcheck source=scripts/lib/on-error.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/on-error.sh"
+# shellcheck source=scripts/lib/serve.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/serve.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
@@ -44,34 +46,9 @@ if [[ -z "$CHROMIUM" ]]; then
     fi
 fi
 
-PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 API_KEY="dashboard-check-key"
-LOG="$(mktemp -t pagoda-dashboard-check.XXXXXX.log)"
-echo "==> starting $PAGODA_BIN serve on 127.0.0.1:$PORT (log: $LOG)" >&2
-PAGODA_API_KEY="$API_KEY" "$PAGODA_BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 &
-SERVER_PID=$!
-stop_server() {
-    if kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-}
-trap stop_server EXIT
-
-echo "==> waiting for /health" >&2
-healthy=0
-for _ in $(seq 1 300); do
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        cat "$LOG" >&2
-        die "the server exited while starting (its log is above)"
-    fi
-    if "$PYTHON" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; then
-        healthy=1
-        break
-    fi
-    sleep 1
-done
-[[ $healthy == 1 ]] || { tail -n 40 "$LOG" >&2; die "the server did not answer /health within 300 s (log: $LOG)"; }
+export PAGODA_API_KEY="$API_KEY"
+start_server "$PYTHON" dashboard-check --model "$MODEL"
 
 status=0
 "$PYTHON" scripts/dashboard_check.py --base-url "http://127.0.0.1:$PORT" --api-key "$API_KEY" \

@@ -12,6 +12,8 @@
 set -euo pipefail
 # shellcheck source=scripts/lib/on-error.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/on-error.sh"
+# shellcheck source=scripts/lib/serve.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/serve.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
@@ -40,37 +42,9 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import openai, json
         || die "pip could not install openai and jsonschema (is PyPI reachable?)"
 fi
 
-PORT="${PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
-LOG="$(mktemp -t pagoda-openai-check.XXXXXX.log)"
-echo "==> starting $PAGODA_BIN serve on 127.0.0.1:$PORT (log: $LOG)" >&2
-PAGODA_API_KEY="$API_KEY" "$PAGODA_BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" \
-    --served-model-name "$SERVED_NAME" --enable-auto-tool-choice --tool-call-parser hermes >"$LOG" 2>&1 &
-SERVER_PID=$!
-stop_server() {
-    if kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-}
-trap stop_server EXIT
-
-echo "==> waiting for /health" >&2
-healthy=0
-for _ in $(seq 1 300); do
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        cat "$LOG" >&2
-        die "the server exited while starting (its log is above)"
-    fi
-    if "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; then
-        healthy=1
-        break
-    fi
-    sleep 1
-done
-if [[ $healthy != 1 ]]; then
-    tail -n 40 "$LOG" >&2
-    die "the server did not answer /health on 127.0.0.1:$PORT within 300 s (log: $LOG)"
-fi
+export PAGODA_API_KEY="$API_KEY"
+start_server "$VENV/bin/python" openai-check --model "$MODEL" --served-model-name "$SERVED_NAME" \
+    --enable-auto-tool-choice --tool-call-parser hermes
 
 status=0
 "$VENV/bin/python" scripts/openai_client_check.py --base-url "http://127.0.0.1:$PORT/v1" \
