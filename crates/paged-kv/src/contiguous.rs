@@ -279,9 +279,7 @@ impl KvAllocator for ContiguousAllocator {
     fn accept_draft_tokens(&mut self, seq: SeqId, accepted: &[TokenId]) -> Result<(), AllocError> {
         let b = self.config.block_size;
         let s = self.seqs.get_mut(&seq).ok_or(AllocError::UnknownSeq(seq))?;
-        if accepted.len() > s.draft_slots {
-            return Err(AllocError::TooManyAccepted { seq, accepted: accepted.len(), slots: s.draft_slots });
-        }
+        crate::check_accepted(seq, accepted.len(), s.draft_slots)?;
         // The run stays reserved; only the table shrinks to the kept tokens.
         s.num_tokens -= s.draft_slots - accepted.len();
         s.draft_slots = 0;

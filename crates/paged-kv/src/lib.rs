@@ -463,6 +463,14 @@ pub(crate) fn check_resident_and_known(
     Ok(())
 }
 
+/// Whether `accepted` draft tokens can be kept of the `slots` a sequence holds.
+pub(crate) fn check_accepted(seq: SeqId, accepted: usize, slots: usize) -> Result<(), AllocError> {
+    if accepted > slots {
+        return Err(AllocError::TooManyAccepted { seq, accepted, slots });
+    }
+    Ok(())
+}
+
 /// Checks the block size and pool sizes shared by both allocators.
 pub(crate) fn check_sizes(
     block_size: usize,

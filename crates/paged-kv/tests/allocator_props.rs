@@ -154,6 +154,24 @@ impl<A: KvAllocator> Model<A> {
         }
     }
 
+    /// Runs a plan's copy-on-write copies on the shadow memory.
+    fn apply_copies(&mut self, copies: &[(u32, u32)]) {
+        let b = self.kv.block_size();
+        for &(src, dst) in copies {
+            let gpu = self.gpu.clone();
+            Self::copy_blocks(&gpu, &mut self.gpu, src, dst, b);
+        }
+    }
+
+    /// Writes `tokens` after a sequence's cells, through its table.
+    fn append_cells(&mut self, seq: SeqId, tokens: &[TokenId]) {
+        let key = self.keys[&seq];
+        let cells: Vec<_> = tokens.iter().map(|&t| (t, key)).collect();
+        let start = self.seqs[&seq].len();
+        self.write(seq, start, &cells);
+        self.seqs.get_mut(&seq).unwrap().extend(cells);
+    }
+
     fn copy_blocks(from: &[Cell], to: &mut [Cell], src: u32, dst: u32, b: usize) {
         let (s, d) = (src as usize * b, dst as usize * b);
         let block: Vec<Cell> = from[s..s + b].to_vec();
@@ -203,15 +221,8 @@ impl<A: KvAllocator> Model<A> {
                 let mut copies = Vec::new();
                 let r = self.kv.append_slots(seq, tokens, &mut copies);
                 if r.is_ok() {
-                    for &(src, dst) in &copies {
-                        let gpu = self.gpu.clone();
-                        Self::copy_blocks(&gpu, &mut self.gpu, src, dst, b);
-                    }
-                    let key = self.keys[&seq];
-                    let cells: Vec<_> = tokens.iter().map(|&t| (t, key)).collect();
-                    let start = self.seqs[&seq].len();
-                    self.write(seq, start, &cells);
-                    self.seqs.get_mut(&seq).unwrap().extend(cells);
+                    self.apply_copies(&copies);
+                    self.append_cells(seq, tokens);
                 } else {
                     prop_assert!(copies.is_empty());
                 }
@@ -254,11 +265,7 @@ impl<A: KvAllocator> Model<A> {
                     Self::copy_blocks(&self.cpu, &mut self.gpu, cpu, gpu, b);
                 }
                 if r.is_ok() {
-                    let key = self.keys[&seq];
-                    let cells: Vec<_> = tokens.iter().map(|&t| (t, key)).collect();
-                    let start = self.seqs[&seq].len();
-                    self.write(seq, start, &cells);
-                    self.seqs.get_mut(&seq).unwrap().extend(cells);
+                    self.append_cells(seq, tokens);
                 }
                 r
             }
@@ -267,10 +274,7 @@ impl<A: KvAllocator> Model<A> {
                 let mut copies = Vec::new();
                 let r = self.kv.append_pending_slot(seq, &mut copies);
                 if r.is_ok() {
-                    for &(src, dst) in &copies {
-                        let gpu = self.gpu.clone();
-                        Self::copy_blocks(&gpu, &mut self.gpu, src, dst, b);
-                    }
+                    self.apply_copies(&copies);
                     let cell = (*token, self.keys[&seq]);
                     let start = self.seqs[&seq].len();
                     self.write(seq, start, &[cell]);
@@ -294,15 +298,8 @@ impl<A: KvAllocator> Model<A> {
                 let mut copies = Vec::new();
                 let r = self.kv.append_draft_slots(seq, tokens.len(), &mut copies);
                 if r.is_ok() {
-                    for &(src, dst) in &copies {
-                        let gpu = self.gpu.clone();
-                        Self::copy_blocks(&gpu, &mut self.gpu, src, dst, b);
-                    }
-                    let key = self.keys[&seq];
-                    let cells: Vec<_> = tokens.iter().map(|&t| (t, key)).collect();
-                    let start = self.seqs[&seq].len();
-                    self.write(seq, start, &cells);
-                    self.seqs.get_mut(&seq).unwrap().extend(cells);
+                    self.apply_copies(&copies);
+                    self.append_cells(seq, tokens);
                     prop_assert_eq!(self.kv.num_draft_slots(seq), tokens.len());
                     if !tokens.is_empty() {
                         prop_assert!(self.drafts.insert(seq, tokens.clone()).is_none(), "two sets of drafts");
