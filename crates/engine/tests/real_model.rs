@@ -10,13 +10,12 @@ use std::sync::OnceLock;
 use pagoda_backend::{Backend, SamplingParams};
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_engine::{
-    load_engine, CompletedRequest, EngineConfig, FinishReason, GenerationRequest, LlmEngine, PreemptionMode,
-    StopReason,
+    CompletedRequest, EngineConfig, FinishReason, GenerationRequest, LlmEngine, PreemptionMode, StopReason,
 };
 use serde_json::Value;
 
 mod common;
-use common::{ids, model_path, workspace_root};
+use common::{engine, ids, serial, workspace_root};
 
 fn golden() -> &'static Value {
     static GOLDEN: OnceLock<Value> = OnceLock::new();
@@ -34,21 +33,6 @@ fn golden_cases() -> Vec<(Vec<u32>, Vec<u32>)> {
         .iter()
         .map(|p| (ids(&p["prompt_ids"]), ids(&p["greedy_tokens"])))
         .collect()
-}
-
-/// Engines are built one test at a time: each holds the f32 weights (0.5 GB)
-/// and its KV pool, and the CI machine has two cores.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A test engine: `config` with a KV pool of 128 MiB unless it says otherwise.
-fn engine(config: EngineConfig) -> LlmEngine<CpuBackend> {
-    let config =
-        EngineConfig { kv_cache_memory_bytes: config.kv_cache_memory_bytes.or(Some(128 << 20)), ..config };
-    load_engine(CpuBackend::new(), model_path(), config, |_, _| {}).expect("load SmolLM2")
 }
 
 fn greedy(id: impl Into<String>, prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {

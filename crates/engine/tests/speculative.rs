@@ -7,7 +7,6 @@
 //! n > 1 in play; and the sampled tokens follow the target's distribution.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use pagoda_backend::SamplingParams;
 use pagoda_backend_cpu_ref::CpuBackend;
@@ -19,20 +18,7 @@ use pagoda_scheduler::{SeqId, TokenId};
 use serde_json::Value;
 
 mod common;
-use common::{ids, model_path, workspace_root};
-
-/// One engine at a time: each holds the f32 weights, and CI has two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn engine(config: EngineConfig) -> LlmEngine<CpuBackend> {
-    let config =
-        EngineConfig { kv_cache_memory_bytes: config.kv_cache_memory_bytes.or(Some(128 << 20)), ..config };
-    load_engine(CpuBackend::new(), model_path(), config, |_, _| {}).expect("load SmolLM2")
-}
+use common::{engine, ids, model_path, serial, workspace_root};
 
 fn ngram(k: usize) -> SpeculativeConfig {
     SpeculativeConfig::from_json(&format!(

@@ -3,7 +3,10 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 
+use pagoda_backend_cpu_ref::CpuBackend;
+use pagoda_engine::{load_engine, EngineConfig, LlmEngine};
 use serde_json::Value;
 
 pub fn workspace_root() -> PathBuf {
@@ -27,4 +30,20 @@ pub fn model_path() -> PathBuf {
 /// A JSON array of token ids.
 pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// Engines are built one test at a time: each holds the f32 weights (0.5 GB)
+/// and its KV pool, and the CI machine has two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A test engine on the default model: `config` with a KV pool of 128 MiB
+/// unless it says otherwise.
+pub fn engine(config: EngineConfig) -> LlmEngine<CpuBackend> {
+    let config =
+        EngineConfig { kv_cache_memory_bytes: config.kv_cache_memory_bytes.or(Some(128 << 20)), ..config };
+    load_engine(CpuBackend::new(), model_path(), config, |_, _| {}).expect("load SmolLM2")
 }
