@@ -183,14 +183,24 @@ fn write_tokens(
 
 /// Counts `count` slots from position `start` as filled in their blocks.
 fn fill_slots(pool: &mut BlockPool, seq: &SeqBlocks, start: usize, count: usize, block_size: usize) {
-    let end = start + count;
-    let mut pos = start;
-    while pos < end {
-        let block_end = ((pos / block_size) + 1) * block_size;
-        let stop = block_end.min(end);
-        pool.add_filled(seq.gpu[pos / block_size], stop - pos);
-        pos = stop;
+    for (index, n) in block_runs(start..start + count, block_size) {
+        pool.add_filled(seq.gpu[index], n);
     }
+}
+
+/// The positions `range` split by block: `(block index in the table, how
+/// many of the positions it holds)`, in order.
+fn block_runs(range: std::ops::Range<usize>, block_size: usize) -> impl Iterator<Item = (usize, usize)> {
+    let end = range.end;
+    let mut pos = range.start;
+    std::iter::from_fn(move || {
+        (pos < end).then(|| {
+            let stop = ((pos / block_size + 1) * block_size).min(end);
+            let run = (pos / block_size, stop - pos);
+            pos = stop;
+            run
+        })
+    })
 }
 
 /// Extends the sequence's hash chain with `tokens` (at positions `start..`),
@@ -388,12 +398,8 @@ impl KvAllocator for PagedAllocator {
         // Unfill the rejected slots block by block, then drop the blocks
         // that hold none of the kept tokens (private and unhashed: a draft
         // block was allocated, or copied on write, by `append_draft_slots`).
-        let mut pos = keep;
-        while pos < s.num_tokens {
-            let block_end = ((pos / b) + 1) * b;
-            let stop = block_end.min(s.num_tokens);
-            self.pool.remove_filled(s.gpu[pos / b], stop - pos);
-            pos = stop;
+        for (index, n) in block_runs(keep..s.num_tokens, b) {
+            self.pool.remove_filled(s.gpu[index], n);
         }
         while s.gpu.len() > keep.div_ceil(b) {
             if let Some(block) = s.gpu.pop() {
