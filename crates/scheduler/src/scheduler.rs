@@ -3,8 +3,8 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use pagoda_paged_kv::{
-    AllocError, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, PrefixHit, SeqId, SeqStart,
-    TokenId,
+    slot_of, AllocError, BlockId, InvariantViolation, KvAllocator, KvUsage, PrefixCacheStats, PrefixHit,
+    SeqId, SeqStart, TokenId,
 };
 use rustc_hash::FxHashMap;
 
@@ -141,6 +141,21 @@ pub struct Scheduler<A: KvAllocator> {
     finished_seqs: Vec<SeqId>,
     finished_requests: Vec<RequestId>,
     stats: SchedulerStats,
+}
+
+/// The cache slots of `positions` through a sequence's block table; an error
+/// when the table is too short for them (a bug in the allocator or here).
+fn slots_of(
+    seq: SeqId,
+    table: &[BlockId],
+    block_size: usize,
+    positions: std::ops::Range<usize>,
+) -> Result<Vec<i64>, SchedulerError> {
+    let end = positions.end;
+    positions
+        .map(|pos| slot_of(table, block_size, pos))
+        .collect::<Option<Vec<i64>>>()
+        .ok_or(SchedulerError::ShortBlockTable { seq, blocks: table.len(), tokens: end })
 }
 
 /// Whether an allocation for `seq` succeeded. Running out of memory is a
@@ -820,13 +835,7 @@ impl<A: KvAllocator> Scheduler<A> {
         let Some(seq) = self.seqs.get_mut(&id) else { return Ok(false) };
         let table = self.kv.block_table(id).unwrap_or(&[]);
         let start = entry.seq_len();
-        let end = start + drafts.len();
-        if table.len() * b < end {
-            return Err(SchedulerError::ShortBlockTable { seq: id, blocks: table.len(), tokens: end });
-        }
-        entry
-            .slot_mapping
-            .extend((start..end).map(|pos| i64::from(table[pos / b]) * b as i64 + (pos % b) as i64));
+        entry.slot_mapping.extend(slots_of(id, table, b, start..start + drafts.len())?);
         entry.token_ids.extend_from_slice(drafts);
         entry.num_draft_tokens = drafts.len();
         entry.table_update.append.extend_from_slice(&table[seq.num_blocks_sent..]);
@@ -843,11 +852,7 @@ impl<A: KvAllocator> Scheduler<A> {
         let start = seq.num_computed_tokens;
         let end = start + n;
         let table = self.kv.block_table(id).unwrap_or(&[]);
-        if table.len() * b < end {
-            return Err(SchedulerError::ShortBlockTable { seq: id, blocks: table.len(), tokens: end });
-        }
-        let slot_mapping =
-            (start..end).map(|pos| i64::from(table[pos / b]) * b as i64 + (pos % b) as i64).collect();
+        let slot_mapping = slots_of(id, table, b, start..end)?;
         let keep = seq.num_blocks_sent.min(table.len());
         let table_update = BlockTableUpdate { keep, append: table[keep..].to_vec() };
         seq.num_blocks_sent = table.len();
@@ -941,8 +946,12 @@ impl<A: KvAllocator> Scheduler<A> {
             }
         }
         let mut accepted_of: FxHashMap<SeqId, usize> = FxHashMap::default();
+        let drafts_of: FxHashMap<SeqId, usize> = match accepted.is_empty() {
+            true => FxHashMap::default(),
+            false => output.scheduled.iter().map(|e| (e.seq_id, e.num_draft_tokens)).collect(),
+        };
         for &(s, n) in accepted {
-            let drafts = output.scheduled.iter().find(|e| e.seq_id == s).map_or(0, |e| e.num_draft_tokens);
+            let drafts = drafts_of.get(&s).copied().unwrap_or(0);
             if n > drafts || accepted_of.insert(s, n).is_some() {
                 return Err(UpdateError::BadAcceptance { seq: s, accepted: n, drafts });
             }
@@ -1063,19 +1072,17 @@ impl<A: KvAllocator> Scheduler<A> {
     ) -> Result<bool, UpdateError> {
         let id = entry.seq_id;
         let accepted = &entry.draft_token_ids()[..n];
-        // A sequence preempted since holds no draft slots (they were freed).
-        if self.kv.num_draft_slots(id) == entry.num_draft_tokens {
-            self.kv
-                .accept_draft_tokens(id, accepted)
-                .map_err(|source| UpdateError::Allocator { seq: id, source })?;
-            // Blocks released from the end of the table: the runner's copy
-            // keeps only the entries still there (later ones are sent anew).
-            let table_len = self.kv.block_table(id).map_or(0, <[_]>::len);
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.num_blocks_sent = seq.num_blocks_sent.min(table_len);
-            }
+        // Still running with its draft slots: nothing is scheduled (so
+        // nothing preempted) before a verification is applied.
+        self.kv
+            .accept_draft_tokens(id, accepted)
+            .map_err(|source| UpdateError::Allocator { seq: id, source })?;
+        // Blocks released from the end of the table: the runner's copy
+        // keeps only the entries still there (later ones are sent anew).
+        let table_len = self.kv.block_table(id).map_or(0, <[_]>::len);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_blocks_sent = seq.num_blocks_sent.min(table_len);
         }
-        let resident = self.seqs.get(&id).is_some_and(|s| s.status == SeqStatus::Running);
         for &token in accepted {
             // `num_computed_tokens` stays below the tokens until all are in,
             // so `append_token` sees no pending slot.
@@ -1085,9 +1092,7 @@ impl<A: KvAllocator> Scheduler<A> {
             }
         }
         if let Some(seq) = self.seqs.get_mut(&id) {
-            if resident {
-                seq.num_computed_tokens += n;
-            }
+            seq.num_computed_tokens += n;
         }
         Ok(self.seqs.contains_key(&id))
     }
