@@ -227,8 +227,9 @@ pub struct PersistentBatch {
     sampler_steps: Vec<u64>,
     /// Per sampling row, the token history it reads when it is not its
     /// sequence's own (a verification row after drafts, whose penalties
-    /// count them): an index into `draft_histories`.
-    sampler_histories: Vec<Option<usize>>,
+    /// count them): `(h, len)`, the first `len` tokens of `draft_histories[h]`,
+    /// one history (outputs, then every draft) per verification.
+    sampler_histories: Vec<Option<(usize, usize)>>,
     draft_histories: Vec<Vec<TokenId>>,
     /// The sampling rows' allowed-token bitmasks (`mask_words` each; a row
     /// without a constraint keeps zeros), filled by `fill_token_masks`.
@@ -458,8 +459,8 @@ impl PersistentBatch {
             .map(|(row, (&slot, &step))| {
                 let s = self.slot_ref(slot);
                 let masks = (self.masks_filled && s.constraint.is_some()).then_some(&self.token_masks[..]);
-                let output_tokens = match self.sampler_histories.get(row).copied().flatten() {
-                    Some(history) => &self.draft_histories[history],
+                let output_tokens = match self.sampler_histories[row] {
+                    Some((history, len)) => &self.draft_histories[history][..len],
                     None => &s.output,
                 };
                 SamplingRow {
@@ -664,8 +665,16 @@ impl PersistentBatch {
         let state = self.slot_mut(slot);
         let first_step = state.output.len() as u64 + state.pending;
         state.pending += 1;
-        let needs_history = state.request.params.needs_history();
-        let output = needs_history.then(|| state.output.clone());
+        // Row `i` reads the outputs and drafts `..i`: prefixes of one history.
+        let history = state.request.params.needs_history().then(|| {
+            let mut history = state.output.clone();
+            history.extend_from_slice(entry.draft_token_ids());
+            (history, state.output.len())
+        });
+        let history_index = history.map(|(history, outputs)| {
+            self.draft_histories.push(history);
+            (self.draft_histories.len() - 1, outputs)
+        });
         for i in 0..=k {
             let row = self.inputs.samplers.len();
             self.slot_mut(slot).last_sample_row = row;
@@ -678,24 +687,9 @@ impl PersistentBatch {
             });
             self.sampler_slots.push(slot);
             self.sampler_steps.push(first_step + i as u64);
-            let history = output.as_ref().map(|output| {
-                let mut history = output.clone();
-                history.extend_from_slice(&entry.draft_token_ids()[..i]);
-                self.draft_histories.push(history);
-                self.draft_histories.len() - 1
-            });
-            self.pad_histories(row);
-            self.sampler_histories.push(history);
+            self.sampler_histories.push(history_index.map(|(h, outputs)| (h, outputs + i)));
         }
         Ok(())
-    }
-
-    /// Keeps `sampler_histories` one entry per row up to `row` (rows staged
-    /// without a history of their own have none).
-    fn pad_histories(&mut self, row: usize) {
-        if self.sampler_histories.len() < row {
-            self.sampler_histories.resize(row, None);
-        }
     }
 
     /// Stages the sampling rows of an entry (forking the samples it lists
@@ -730,6 +724,7 @@ impl PersistentBatch {
             });
             self.sampler_slots.push(target);
             self.sampler_steps.push(step);
+            self.sampler_histories.push(None);
         }
         Ok(())
     }
