@@ -73,10 +73,6 @@ impl<B: Backend> DraftModel<B> {
         })
     }
 
-    pub fn model(&self) -> &LlamaModel<B> {
-        &self.model
-    }
-
     /// Drops a sequence's draft cache.
     pub fn forget(&mut self, seq: SeqId) {
         if self.seqs.remove(&seq).is_some() {
@@ -114,7 +110,7 @@ impl<B: Backend> DraftModel<B> {
             state.cached.extend_from_slice(&row.tokens);
         }
         // Slots for drafts 1..k-1 (fed back in the rounds that follow).
-        let mut live: Vec<usize> = Vec::new();
+        let mut live: Vec<(usize, SeqId)> = Vec::new();
         for &(i, ref row) in &rows {
             let k = requests[i].max_drafts;
             if k < 2 {
@@ -122,21 +118,19 @@ impl<B: Backend> DraftModel<B> {
             }
             let mut copies = Vec::new();
             match self.alloc.append_draft_slots(row.seq, k - 1, &mut copies) {
-                Ok(()) => live.push(i),
+                Ok(()) => live.push((i, row.seq)),
                 Err(e) if e.is_out_of_memory() => {}
                 Err(e) => return Err(EngineError::Internal(format!("draft model cache: {e}"))),
             }
         }
-        let seq_of: FxHashMap<usize, SeqId> = rows.iter().map(|(i, r)| (*i, r.seq)).collect();
         for round in 1.. {
-            live.retain(|&i| requests[i].max_drafts > round);
+            live.retain(|&(i, _)| requests[i].max_drafts > round);
             if live.is_empty() {
                 break;
             }
             let step: Vec<(usize, Row)> = live
                 .iter()
-                .map(|&i| {
-                    let seq = seq_of[&i];
+                .map(|&(i, seq)| {
                     let start = self.seqs[&seq].cached.len() + round - 1;
                     (i, Row { seq, tokens: vec![drafts[i][round - 1]], start })
                 })

@@ -460,7 +460,10 @@ impl<B: Backend> EngineCore<B> {
         // the one it sampled after any accepted drafts.
         let accepted: HashMap<SeqId, usize> = verified.iter().copied().collect();
         let mut sampled_ids: Vec<(SeqId, u32)> = Vec::with_capacity(step.samplers.len());
-        let mut by_seq: HashMap<SeqId, std::collections::VecDeque<SampledToken>> = HashMap::new();
+        // The kept tokens in row order (a sequence's are consecutive), and
+        // per sequence where its next one is.
+        let mut kept: Vec<Option<SampledToken>> = Vec::with_capacity(step.samplers.len());
+        let mut next_kept: HashMap<SeqId, usize> = HashMap::with_capacity(step.samplers.len());
         for (target, token) in step.samplers.iter().zip(sampled) {
             let keep = match target.verify {
                 None => Some(true),
@@ -473,12 +476,15 @@ impl<B: Backend> EngineCore<B> {
                 if last {
                     sampled_ids.push((target.seq_id, token.token));
                 }
-                by_seq.entry(target.seq_id).or_default().push_back(token);
+                next_kept.entry(target.seq_id).or_insert(kept.len());
+                kept.push(Some(token));
             }
         }
         if let Some(spec) = self.speculator.as_mut() {
-            spec.record_step(verified.iter().map(|&(seq, a)| (drafts.get(&seq).map_or(0, |d| d.len()), a)));
-            self.metrics.record_speculation(&verified, &drafts);
+            let counts: Vec<(usize, usize)> =
+                verified.iter().map(|&(seq, a)| (drafts.get(&seq).map_or(0, |d| d.len()), a)).collect();
+            spec.record_step(counts.iter().copied());
+            self.metrics.record_speculation(&counts);
         }
         let updates = self.scheduler.update_from_verified_output(&step.out, &sampled_ids, &verified)?;
 
@@ -490,9 +496,12 @@ impl<B: Backend> EngineCore<B> {
         let mut events = Vec::with_capacity(updates.len());
         for update in updates {
             let wants_logprobs = self.requests.get(&update.request_id).is_some_and(|r| r.wants_logprobs);
-            let kept = by_seq.get_mut(&update.seq_id).and_then(|q| q.pop_front());
+            let token = next_kept.get_mut(&update.seq_id).and_then(|next| {
+                *next += 1;
+                kept.get_mut(*next - 1).and_then(Option::take)
+            });
             let logprob = if wants_logprobs {
-                kept.map(|s| TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs })
+                token.map(|s| TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs })
             } else {
                 None
             };

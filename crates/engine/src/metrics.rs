@@ -238,15 +238,9 @@ impl EngineMetrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    /// Counts a step's verifications: per sequence, the drafts accepted of
-    /// its entry's `drafts`.
-    pub(crate) fn record_speculation(
-        &self,
-        verified: &[(pagoda_scheduler::SeqId, usize)],
-        drafts: &rustc_hash::FxHashMap<pagoda_scheduler::SeqId, &[pagoda_scheduler::TokenId]>,
-    ) {
-        for &(seq, accepted) in verified {
-            let drafted = drafts.get(&seq).map_or(0, |d| d.len());
+    /// Counts a step's verifications: `(drafted, accepted)` each.
+    pub(crate) fn record_speculation(&self, verifications: &[(usize, usize)]) {
+        for &(drafted, accepted) in verifications {
             self.spec_decode_num_drafts.inc();
             self.spec_decode_num_draft_tokens.inc_by(drafted as u64);
             self.spec_decode_num_accepted_tokens.inc_by(accepted as u64);

@@ -123,10 +123,6 @@ impl<B: Backend> ModelRunner<B> {
         self.draft = Some(draft);
     }
 
-    pub fn draft_model(&self) -> Option<&DraftModel<B>> {
-        self.draft.as_ref()
-    }
-
     /// Drafts from the draft model (none without one).
     pub fn propose_with_draft(
         &mut self,
