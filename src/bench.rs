@@ -588,16 +588,8 @@ fn text_prompt<B: Backend>(
     chat: bool,
 ) -> anyhow::Result<Vec<u32>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = if chat {
-        let Some(template) = engine.chat_template() else {
-            anyhow::bail!("--chat: the model has no chat template");
-        };
-        template.render(&[pagoda_models::ChatMessage::new("user", text.as_str())], true)?
-    } else {
-        text
-    };
     anyhow::ensure!(engine.tokenizer().is_present(), "--prompt-file needs the model's tokenizer");
-    Ok(engine.tokenizer().encode(&text, !chat)?)
+    crate::generate::prompt_tokens(engine, &text, chat, None)
 }
 
 struct Latency(LatencyArgs);

@@ -126,21 +126,7 @@ fn build_requests<B: Backend>(
         .iter()
         .enumerate()
         .map(|(i, prompt)| {
-            let text = if args.chat {
-                let Some(template) = engine.chat_template() else {
-                    bail!("--chat: the model has no chat template");
-                };
-                let mut messages = Vec::new();
-                if let Some(system) = &args.system {
-                    messages.push(ChatMessage::new("system", system.as_str()));
-                }
-                messages.push(ChatMessage::new("user", prompt.as_str()));
-                template.render(&messages, true)?
-            } else {
-                prompt.clone()
-            };
-            // A chat template already holds its special tokens.
-            let prompt_token_ids = engine.tokenizer().encode(&text, !args.chat)?;
+            let prompt_token_ids = prompt_tokens(engine, prompt, args.chat, args.system.as_deref())?;
             let mut req = GenerationRequest::new(format!("generate-{i}"), prompt_token_ids);
             req.sampling = sampling.clone();
             req.max_tokens = Some(args.max_tokens);
@@ -150,6 +136,33 @@ fn build_requests<B: Backend>(
             Ok(req)
         })
         .collect()
+}
+
+/// The tokens of a text prompt: the text itself, or with `chat` a user
+/// message (after an optional system one) through the model's chat template.
+pub(crate) fn prompt_tokens<B: Backend>(
+    engine: &LlmEngine<B>,
+    text: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> anyhow::Result<Vec<u32>> {
+    let rendered;
+    let text = if chat {
+        let Some(template) = engine.chat_template() else {
+            bail!("--chat: the model has no chat template");
+        };
+        let mut messages = Vec::new();
+        if let Some(system) = system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", text));
+        rendered = template.render(&messages, true)?;
+        rendered.as_str()
+    } else {
+        text
+    };
+    // A chat template already holds its special tokens.
+    Ok(engine.tokenizer().encode(text, !chat)?)
 }
 
 /// Runs one request, printing text as it is produced. Returns the tokens generated.
