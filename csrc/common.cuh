@@ -45,6 +45,42 @@ template <typename T> __device__ __forceinline__ uint4 pack8(const float (&in)[8
     return v;
 }
 
+// ---- tensor cores ---------------------------------------------------------------
+// One mma.sync m16n8k16 (row-major A, column-major B, f32 accumulation) on
+// 16-bit operands, and the packing of two floats into one operand register
+// (the lower k in the low half). Fragment layouts: PTX ISA, "Matrix Fragments
+// for mma.m16n8k16": lane = 4 * group + q holds A rows group and group + 8 at
+// k = 2q, 2q+1 (registers 0, 1) and 2q+8, 2q+9 (registers 2, 3); B column group
+// at the same k; C rows group, group + 8 at columns 2q, 2q+1.
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&v);
+    }
+};
+template <> struct Mma<__half> {
+    __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&v);
+    }
+};
+
+
 // ---- reductions -----------------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float v) {

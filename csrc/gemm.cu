@@ -187,16 +187,235 @@ template <typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, pago
     return norm ? launch_gemv<T, O, true, false>(a, stream) : launch_gemv<T, O, false, false>(a, stream);
 }
 
+// ---- small-batch products on tensor cores ----------------------------------------
+// The kernel above does 8 FMAs per weight element and token row on the CUDA
+// cores, and converts every element to f32: at 5 or more rows that arithmetic,
+// not the weight stream, sets its speed (an 8B verification step of 5 rows ran
+// at twice the time of a 1-row decode). Here the same product runs on the
+// tensor cores with the roles swapped: 16 weight rows are the MMA's M, up to
+// 8 token rows its N (two N tiles for 9-16 rows), so arithmetic is free and
+// the kernel streams the weights once for all rows.
+//
+// Loads stay 16 bytes wide: a lane reads 8 consecutive k of its weight rows
+// and 8 of its token row, and those 8 k feed two m16n8k16 products (k of an
+// MMA is a permutation of the real k, the same for A and B, which a dot
+// product does not see): lane (group g, q) loads k 8q..8q+7 of a 32-wide chunk
+// for weight rows g and g + 8 and token row g; registers .x/.y go to the
+// first product (its k 2q, 2q+1, 2q+8, 2q+9), .z/.w to the second.
+//
+// A block takes 16 output rows (SILU: 8 gate rows and the 8 up rows that pair
+// with them, so one lane holds both halves of an output) and splits k over its
+// 8 warps; the warps' partial sums meet in shared memory. The input norm
+// scales x by gamma before the product (rounded to 16 bits, as the unfused path
+// rounds the normalised rows) and by 1/rms(x) after it.
+
+constexpr int MMA_GEMV_WARPS = 8;
+constexpr int MMA_GEMV_MAX_TOKENS = 16;
+constexpr int MMA_GEMV_UNROLL = 4;
+// Chunks of each warp's k range prefetched into L2 before waiting on the kernel before (1 KB a row).
+constexpr int MMA_GEMV_PREFETCH_CHUNKS = 16;
+
+// One 32-wide k chunk `c` of the warp's two weight rows (`alo`, `ahi`) against its token rows.
+template <typename T, int NT, bool NORM>
+__device__ __forceinline__ void mma_gemv_chunk(const uint4 &alo, const uint4 &ahi, const uint4 *const (&xrow)[NT],
+                                               const bool (&xvalid)[NT], const uint4 *grow, int c,
+                                               float (&acc)[NT][4], float (&ss)[NT]) {
+    uint4 gv;
+    if (NORM) gv = __ldg(grow + c * 4);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        uint4 xv = xvalid[nt] ? __ldg(xrow[nt] + c * 4) : make_uint4(0, 0, 0, 0);
+        if (NORM) {
+            float xf[8], gf[8];
+            pagoda::unpack8<T>(xv, xf);
+            pagoda::unpack8<T>(gv, gf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                ss[nt] = fmaf(xf[e], xf[e], ss[nt]);
+                xf[e] *= gf[e];
+            }
+            xv.x = pagoda::Mma<T>::pack(xf[0], xf[1]);
+            xv.y = pagoda::Mma<T>::pack(xf[2], xf[3]);
+            xv.z = pagoda::Mma<T>::pack(xf[4], xf[5]);
+            xv.w = pagoda::Mma<T>::pack(xf[6], xf[7]);
+        }
+        const uint32_t a0[4] = {alo.x, ahi.x, alo.y, ahi.y};
+        pagoda::Mma<T>::run(acc[nt], a0, xv.x, xv.y);
+        const uint32_t a1[4] = {alo.z, ahi.z, alo.w, ahi.w};
+        pagoda::Mma<T>::run(acc[nt], a1, xv.z, xv.w);
+    }
+}
+
+template <typename T, typename O, int NT, bool NORM, bool SILU>
+__global__ void __launch_bounds__(MMA_GEMV_WARPS * 32)
+    mma_gemv_kernel(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ bias,
+                    const T *__restrict__ gamma, float eps, O *__restrict__ out, int n_out, int k, int t,
+                    int accumulate) {
+    constexpr int TOK = NT * 8;
+    constexpr int OUT_ROWS = SILU ? 8 : 16;  // outputs of this block per token
+    __shared__ float s_part[MMA_GEMV_WARPS][16][TOK];
+    __shared__ float s_ss[MMA_GEMV_WARPS][TOK];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int r0 = blockIdx.x * OUT_ROWS;
+    // Weight rows of MMA rows g and g + 8 (clamped: rows past the end are read, never stored).
+    const int lo_row = min(r0 + g, n_out - 1);
+    const int hi_row = SILU ? lo_row + n_out : min(r0 + g + 8, n_out - 1);
+    const int chunks = k / 32;
+    const int c_begin = (int)((long)chunks * warp / MMA_GEMV_WARPS);
+    const int c_end = (int)((long)chunks * (warp + 1) / MMA_GEMV_WARPS);
+    const uint4 *wlo = reinterpret_cast<const uint4 *>(w + (size_t)lo_row * k) + q;
+    const uint4 *whi = reinterpret_cast<const uint4 *>(w + (size_t)hi_row * k) + q;
+    // As in the kernel above: the weights never depend on the kernel before.
+    if ((q & 1) == 0) {  // one prefetch per 32-byte sector
+        for (int c = c_begin; c < min(c_end, c_begin + MMA_GEMV_PREFETCH_CHUNKS); ++c) {
+            pagoda::prefetch_l2(wlo + c * 4);
+            pagoda::prefetch_l2(whi + c * 4);
+        }
+    }
+    pagoda::pdl_wait();
+
+    const uint4 *xrow[NT];
+    bool xvalid[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int tok = g + 8 * nt;
+        xvalid[nt] = tok < t;
+        xrow[nt] = reinterpret_cast<const uint4 *>(x + (size_t)min(tok, t - 1) * k) + q;
+    }
+    const uint4 *grow = NORM ? reinterpret_cast<const uint4 *>(gamma) + q : nullptr;
+    float acc[NT][4], ss[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        ss[nt] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+    }
+    int c = c_begin;
+    for (; c + MMA_GEMV_UNROLL <= c_end; c += MMA_GEMV_UNROLL) {
+        uint4 alo[MMA_GEMV_UNROLL], ahi[MMA_GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < MMA_GEMV_UNROLL; ++u) {
+            alo[u] = __ldg(wlo + (c + u) * 4);
+            ahi[u] = __ldg(whi + (c + u) * 4);
+        }
+#pragma unroll
+        for (int u = 0; u < MMA_GEMV_UNROLL; ++u)
+            mma_gemv_chunk<T, NT, NORM>(alo[u], ahi[u], xrow, xvalid, grow, c + u, acc, ss);
+    }
+    for (; c < c_end; ++c) mma_gemv_chunk<T, NT, NORM>(__ldg(wlo + c * 4), __ldg(whi + c * 4), xrow, xvalid, grow, c, acc, ss);
+    pagoda::pdl_launch_dependents();
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int col = 8 * nt + 2 * q;
+        s_part[warp][g][col] = acc[nt][0];
+        s_part[warp][g][col + 1] = acc[nt][1];
+        s_part[warp][g + 8][col] = acc[nt][2];
+        s_part[warp][g + 8][col + 1] = acc[nt][3];
+        if (NORM) {
+            float v = ss[nt];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (q == 0) s_ss[warp][g + 8 * nt] = v;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < OUT_ROWS * t; i += blockDim.x) {
+        const int tok = i / OUT_ROWS, r = i % OUT_ROWS;
+        const int row = r0 + r;
+        if (row >= n_out) continue;
+        float scale = 1.f;
+        if (NORM) {
+            float sum = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < MMA_GEMV_WARPS; ++wi) sum += s_ss[wi][tok];
+            scale = rsqrtf(sum / (float)k + eps);
+        }
+        float v = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < MMA_GEMV_WARPS; ++wi) v += s_part[wi][r][tok];
+        v *= scale;
+        if (bias != nullptr) v += pagoda::to_float<T>(bias[row]);
+        float y = v;
+        if (SILU) {
+            float up = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < MMA_GEMV_WARPS; ++wi) up += s_part[wi][r + 8][tok];
+            up *= scale;
+            if (bias != nullptr) up += pagoda::to_float<T>(bias[row + n_out]);
+            y = pagoda::silu(v) * up;
+        }
+        O *dst = out + (size_t)tok * n_out + row;
+        *dst = pagoda::from_float<O>(accumulate ? pagoda::to_float<O>(*dst) + y : y);
+    }
+}
+
+template <typename T, typename O, bool NORM, bool SILU>
+int launch_mma_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+    const int n_out = SILU ? a->n / 2 : a->n;
+    const dim3 grid(pagoda::ceil_div(n_out, SILU ? 8 : 16)), block(MMA_GEMV_WARPS * 32);
+    const T *x = static_cast<const T *>(a->x);
+    const T *w = static_cast<const T *>(a->weight);
+    const T *bias = static_cast<const T *>(a->bias);
+    const T *gamma = static_cast<const T *>(a->norm_weight);
+    O *out = static_cast<O *>(a->out);
+    const cudaError_t e =
+        a->t <= 8 ? pagoda::launch(mma_gemv_kernel<T, O, 1, NORM, SILU>, grid, block, 0, stream, x, w, bias, gamma,
+                                   a->eps, out, n_out, a->k, a->t, a->accumulate)
+                  : pagoda::launch(mma_gemv_kernel<T, O, 2, NORM, SILU>, grid, block, 0, stream, x, w, bias, gamma,
+                                   a->eps, out, n_out, a->k, a->t, a->accumulate);
+    if (e != cudaSuccess) return (int)e;
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+template <typename T, typename O> int mma_gemv_fused(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+    const bool norm = a->norm_weight != nullptr;
+    if (a->silu_mul) {
+        if constexpr (std::is_same<O, T>::value) {
+            return norm ? launch_mma_gemv<T, O, true, true>(a, stream)
+                        : launch_mma_gemv<T, O, false, true>(a, stream);
+        }
+        return PAGODA_ERR_DTYPE;
+    }
+    return norm ? launch_mma_gemv<T, O, true, false>(a, stream) : launch_mma_gemv<T, O, false, false>(a, stream);
+}
+
+// Whether the tensor-core kernel takes this product: 16-bit inputs, between
+// the policy's gemv_mma_min_tokens and MMA_GEMV_MAX_TOKENS rows, k a multiple
+// of 32, aligned pointers.
+bool mma_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+    return policy->use_gemv != 0 && a->t >= 1 && a->t >= policy->gemv_mma_min_tokens &&
+           a->t <= MMA_GEMV_MAX_TOKENS && a->k > 0 && a->k % 32 == 0 &&
+           (a->in_dtype == PAGODA_DTYPE_BF16 || a->in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(a->x) &&
+           pagoda::aligned16(a->weight) && (a->norm_weight == nullptr || pagoda::aligned16(a->norm_weight));
+}
+
+int mma_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+    const bool f32_out = a->out_dtype == PAGODA_DTYPE_F32;
+    if (a->in_dtype == PAGODA_DTYPE_BF16) {
+        return f32_out ? mma_gemv_fused<__nv_bfloat16, float>(a, stream)
+                       : mma_gemv_fused<__nv_bfloat16, __nv_bfloat16>(a, stream);
+    }
+    return f32_out ? mma_gemv_fused<__half, float>(a, stream) : mma_gemv_fused<__half, __half>(a, stream);
+}
+
 // Whether the small-batch kernel takes this product: 16-bit inputs, at most
 // GEMV_MAX_TOKENS rows, rows of whole 16-byte chunks, aligned pointers, and
 // the policy's use_gemv (off forces cuBLAS, for comparisons).
-bool gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+bool simt_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
     return policy->use_gemv != 0 && a->t >= 1 && a->t <= GEMV_MAX_TOKENS && a->k > 0 && a->k % 8 == 0 &&
            (a->in_dtype == PAGODA_DTYPE_BF16 || a->in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(a->x) &&
            pagoda::aligned16(a->weight) && (a->norm_weight == nullptr || pagoda::aligned16(a->norm_weight));
 }
 
-int gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+// Whether either weight-streaming kernel takes this product.
+bool gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+    return mma_gemv_applies(a, policy) || simt_gemv_applies(a, policy);
+}
+
+int simt_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     const bool f32_out = a->out_dtype == PAGODA_DTYPE_F32;
     if (a->in_dtype == PAGODA_DTYPE_BF16) {
         return f32_out ? gemv_fused<__nv_bfloat16, float>(a, stream)
@@ -290,7 +509,8 @@ extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, const Pago
     if (a->silu_mul && (a->n % 2 != 0 || a->accumulate || a->out_dtype != a->in_dtype)) return PAGODA_ERR_ARGUMENT;
     const pagoda::LaunchStream ls = pagoda::launch_stream(policy, stream);
     const cudaStream_t s = ls.stream;
-    if (gemv_applies(a, policy)) return gemv(a, ls);
+    if (mma_gemv_applies(a, policy)) return mma_gemv(a, ls);
+    if (simt_gemv_applies(a, policy)) return simt_gemv(a, ls);
 
     if (a->scratch_bytes < normed_bytes(a) + product_bytes(a)) return PAGODA_ERR_WORKSPACE;
     char *scratch = (char *)a->scratch;

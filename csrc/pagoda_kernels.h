@@ -65,9 +65,14 @@ typedef struct {
     /* 1: kernels are launched with programmatic stream serialization (PDL;
      * only on sm_90 and newer); 0: plain launches. */
     int32_t use_pdl;
-    /* 1: products of at most 8 token rows with 16-bit inputs go to the
-     * weight-streaming GEMV; 0: every product goes to cuBLAS. */
+    /* 1: products of few token rows with 16-bit inputs go to a
+     * weight-streaming kernel (gemv_mma_min_tokens picks which); 0: every
+     * product goes to cuBLAS. */
     int32_t use_gemv;
+    /* With use_gemv: products of this many token rows up to 16 (k a multiple
+     * of 32) take the tensor-core GEMV; fewer rows (at most 8) the CUDA-core
+     * one. 17 or more: the tensor-core GEMV is never taken. */
+    int32_t gemv_mma_min_tokens;
     /* Context tokens per decode-attention partition: 0 chooses per launch
      * from the shape and num_sms; 64, 128, 256, 512 or 1024 forces it. */
     int32_t decode_partition;

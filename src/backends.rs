@@ -57,6 +57,7 @@ mod cuda {
                 .map(|p| p.tokens().map_or(DecodePartition::Auto, DecodePartition::Tokens)),
             pdl: args.kernel_pdl.map(Switch::is_on),
             gemv: args.kernel_gemv.map(Switch::is_on),
+            gemv_mma_min_tokens: args.kernel_gemv_mma_min_tokens,
         }
     }
 

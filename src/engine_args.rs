@@ -80,16 +80,25 @@ pub struct DeviceArgs {
     /// off with PAGODA_DISABLE_PDL=1).
     #[arg(long, value_enum)]
     pub kernel_pdl: Option<Switch>,
-    /// CUDA: the weight-streaming GEMV for products of at most 8 token rows;
-    /// off sends every product to cuBLAS (default: on, off with PAGODA_DISABLE_GEMV=1).
+    /// CUDA: the weight-streaming GEMVs for products of few token rows (up to
+    /// 16); off sends every product to cuBLAS (default: on, off with
+    /// PAGODA_DISABLE_GEMV=1).
     #[arg(long, value_enum)]
     pub kernel_gemv: Option<Switch>,
+    /// CUDA: the fewest token rows a product needs to take the tensor-core
+    /// GEMV rather than the CUDA-core one; 17 never takes it (default: 2, or
+    /// $PAGODA_GEMV_MMA_MIN_TOKENS).
+    #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u32).range(1..=17))]
+    pub kernel_gemv_mma_min_tokens: Option<u32>,
 }
 
 impl DeviceArgs {
     /// Whether any `--kernel-*` flag was given.
     pub fn any_kernel_flag(&self) -> bool {
-        self.kernel_decode_partition.is_some() || self.kernel_pdl.is_some() || self.kernel_gemv.is_some()
+        self.kernel_decode_partition.is_some()
+            || self.kernel_pdl.is_some()
+            || self.kernel_gemv.is_some()
+            || self.kernel_gemv_mma_min_tokens.is_some()
     }
 }
 

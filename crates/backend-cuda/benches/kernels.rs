@@ -8,6 +8,10 @@
 //!   against the copy bandwidth.
 //! - Prefill attention (causal, with and without a cached prefix): TFLOP/s
 //!   against the GEMM.
+//! - Speculative verification: attention of 5 query rows a sequence (k + 1
+//!   for k = 4 drafts) against one, batch 1 and 32, bytes against the copy.
+//! - Linear products of 1-160 token rows on the 8B layer shapes (and the LM
+//!   head), both GEMVs and cuBLAS: weight bytes over time against the copy.
 //! - rms_norm, add_rms_norm, silu_and_mul, rotary_and_cache on 8B shapes
 //!   against the copy bandwidth.
 //!
@@ -20,8 +24,8 @@ use std::fmt::Write as _;
 
 use half::bf16;
 use pagoda_backend::{
-    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, Result, RopeStyle,
-    RotaryCacheArgs, Tensor,
+    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, LinearFusion, Result,
+    RopeStyle, RotaryCacheArgs, Tensor,
 };
 use pagoda_backend_cuda::{CudaBackend, DecodePartition, KernelOptions};
 
@@ -224,6 +228,91 @@ fn main() -> Result<()> {
             figure: format!("{tflops:.0} TFLOP/s"),
             vs_ceiling: format!("{:.2}x GEMM", tflops / gemm_tflops),
         });
+    }
+
+    // ---- speculative verification: k + 1 = 5 query rows a sequence against one ----
+    // Decode rows go to the decode kernel; a verification's 5 rows over the same
+    // context take the prefill path today. Bytes: K and V of the context once.
+    for &(batch, ctx, qlen) in &[(1usize, 580usize, 1usize), (1, 580, 5), (32, 580, 1), (32, 580, 5)] {
+        let label = format!("verify attention b{batch} ctx{ctx} q{qlen} 32q/8kv D128 bs16");
+        if !wanted(&label) {
+            continue;
+        }
+        let blocks_per_seq = ctx.div_ceil(bs);
+        let num_blocks = batch * blocks_per_seq;
+        let k = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
+        let v = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
+        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let host = AttentionHostMetadata {
+            query_start_loc: (0..=batch as i32).map(|s| s * qlen as i32).collect(),
+            seq_lens: vec![ctx as i32; batch],
+            block_tables: perm,
+            max_blocks_per_seq: blocks_per_seq,
+            slot_mapping: vec![-1; batch * qlen],
+            num_decode_seqs: if qlen == 1 { batch } else { 0 },
+        };
+        let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
+        let bytes = (2 * batch * ctx * hkv * d * 2) as f64;
+        let bw = bytes / (ms * 1e-3);
+        rows.push(Row {
+            what: label,
+            ms,
+            figure: format!("{:.0} GB/s", bw / 1e9),
+            vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
+        });
+    }
+
+    // ---- linear products on Llama-3-8B shapes, few token rows (decode and verification) ----
+    // Weight bytes over time against the copy bandwidth: with few rows every
+    // product is a stream of its weights. The CUDA-core GEMV ("simt") takes up
+    // to 8 rows, the tensor-core one ("mma") up to 16, cuBLAS any.
+    let products: [(&str, usize, usize, bool, bool, bool); 5] = [
+        // (name, in, out rows of the weight, input norm, silu-and-mul, accumulate)
+        ("qkv", 4096, 6144, true, false, false),
+        ("o_proj", 4096, 4096, false, false, true),
+        ("gate_up", 4096, 2 * 14336, true, true, false),
+        ("down", 14336, 4096, false, false, true),
+        ("lm_head", 4096, 128256, true, false, false),
+    ];
+    for &(name, kdim, ndim, norm, silu, accumulate) in &products {
+        let any = [1usize, 2, 5, 8, 16, 32, 160]
+            .iter()
+            .any(|t| ["simt", "mma", "cublas"].iter().any(|p| wanted(&format!("linear {name} t{t} {p}"))));
+        if !any {
+            continue;
+        }
+        let w = random_tensor(&g, &mut rng, &[ndim, kdim])?;
+        let gamma = random_tensor(&g, &mut rng, &[kdim])?;
+        for &t in &[1usize, 2, 5, 8, 16, 32, 160] {
+            let x = random_tensor(&g, &mut rng, &[t, kdim])?;
+            let out = g.alloc(&[t, if silu { ndim / 2 } else { ndim }], DType::BF16)?;
+            let fusion =
+                LinearFusion { input_norm: norm.then_some((&gamma, 1e-5)), silu_mul: silu, accumulate };
+            for (path, mma_from) in [("simt", 17), ("mma", 1), ("cublas", 17)] {
+                let label = format!("linear {name} t{t} {path}");
+                if (path == "simt" && t > 8) || (path == "mma" && t > 16) || !wanted(&label) {
+                    continue;
+                }
+                g.set_kernel_options(KernelOptions {
+                    gemv: Some(path != "cublas"),
+                    gemv_mma_min_tokens: Some(mma_from),
+                    ..KernelOptions::default()
+                });
+                let ms = median_ms(&g, 5, 30, || g.linear_fused(&x, &w, None, &out, &fusion))?;
+                g.set_kernel_options(KernelOptions::default());
+                let bytes = (ndim * kdim * 2) as f64;
+                let bw = bytes / (ms * 1e-3);
+                rows.push(Row {
+                    what: label,
+                    ms,
+                    figure: format!("{:.0} GB/s", bw / 1e9),
+                    vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
+                });
+            }
+        }
     }
 
     // ---- row ops on 8B shapes (T = 4096 tokens) ----

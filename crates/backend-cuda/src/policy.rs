@@ -16,10 +16,15 @@
 //! use pagoda_backend_cuda::{DecodePartition, DeviceFacts, KernelOptions, KernelPolicy};
 //!
 //! let flags = KernelOptions { pdl: Some(false), ..KernelOptions::default() };
-//! let env = KernelOptions { decode_partition: Some(DecodePartition::Tokens(64)), pdl: Some(true), gemv: None };
+//! let env = KernelOptions {
+//!     decode_partition: Some(DecodePartition::Tokens(64)),
+//!     pdl: Some(true),
+//!     ..KernelOptions::default()
+//! };
 //! let h100 = DeviceFacts { num_sms: 132, compute_capability: (9, 0) };
 //! let policy = KernelPolicy::resolve(flags, env, h100);
-//! assert_eq!(policy, KernelPolicy { num_sms: 132, use_pdl: false, use_gemv: true, decode_partition: Some(64) });
+//! assert_eq!(policy.use_pdl, false);
+//! assert_eq!(policy.decode_partition, Some(64));
 //! ```
 //!
 //! [`CudaBackend`]: crate::CudaBackend
@@ -41,6 +46,16 @@ pub const ENV_DECODE_PARTITION: &str = "PAGODA_DECODE_PARTITION";
 pub const ENV_DISABLE_PDL: &str = "PAGODA_DISABLE_PDL";
 /// `PAGODA_DISABLE_GEMV=1`: cuBLAS for every product, the small-batch GEMV off.
 pub const ENV_DISABLE_GEMV: &str = "PAGODA_DISABLE_GEMV";
+/// `PAGODA_GEMV_MMA_MIN_TOKENS=N` (1..=17): the fewest token rows a product
+/// needs to take the tensor-core GEMV (17: never).
+pub const ENV_GEMV_MMA_MIN_TOKENS: &str = "PAGODA_GEMV_MMA_MIN_TOKENS";
+
+/// The most token rows the tensor-core GEMV takes (`MMA_GEMV_MAX_TOKENS` in `csrc/gemm.cu`).
+pub const GEMV_MMA_MAX_TOKENS: u32 = 16;
+/// The device default of [`KernelPolicy::gemv_mma_min_tokens`]: products of
+/// this many rows or more run on the tensor cores, fewer on the CUDA-core
+/// GEMV (the kernel bench's `linear` rows compare them; PERF.md, v12).
+pub const DEFAULT_GEMV_MMA_MIN_TOKENS: u32 = 2;
 
 /// How decode attention splits each sequence's context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,8 +99,10 @@ pub struct KernelOptions {
     pub decode_partition: Option<DecodePartition>,
     /// Programmatic dependent launch (taken only on sm_90 and newer).
     pub pdl: Option<bool>,
-    /// The weight-streaming GEMV for products of at most 8 token rows (off: cuBLAS).
+    /// The weight-streaming GEMVs for products of few token rows (off: cuBLAS).
     pub gemv: Option<bool>,
+    /// The fewest token rows that take the tensor-core GEMV (1..=17; 17: never).
+    pub gemv_mma_min_tokens: Option<u32>,
 }
 
 /// An environment variable with a value the backend does not understand.
@@ -100,7 +117,8 @@ pub struct KernelEnvError {
 impl KernelOptions {
     /// The switches the `PAGODA_*` variables set: [`ENV_DECODE_PARTITION`]
     /// (`auto`, `64`, ... `1024`), [`ENV_DISABLE_PDL`] and [`ENV_DISABLE_GEMV`]
-    /// (`1` turns the feature off; `0` or empty leaves it to the device).
+    /// (`1` turns the feature off; `0` or empty leaves it to the device),
+    /// [`ENV_GEMV_MMA_MIN_TOKENS`] (`1` to `17`).
     /// Unset or empty variables set nothing; any other value is an error.
     pub fn from_env() -> Result<Self, KernelEnvError> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -129,7 +147,22 @@ impl KernelOptions {
                 }),
             }
         };
-        Ok(Self { decode_partition, pdl: disable(ENV_DISABLE_PDL)?, gemv: disable(ENV_DISABLE_GEMV)? })
+        let gemv_mma_min_tokens = set(ENV_GEMV_MMA_MIN_TOKENS)
+            .map(|v| match v.trim().parse::<u32>() {
+                Ok(n) if (1..=GEMV_MMA_MAX_TOKENS + 1).contains(&n) => Ok(n),
+                _ => Err(KernelEnvError {
+                    variable: ENV_GEMV_MMA_MIN_TOKENS,
+                    value: v.clone(),
+                    expected: format!("expected a row count from 1 to {} (never)", GEMV_MMA_MAX_TOKENS + 1),
+                }),
+            })
+            .transpose()?;
+        Ok(Self {
+            decode_partition,
+            pdl: disable(ENV_DISABLE_PDL)?,
+            gemv: disable(ENV_DISABLE_GEMV)?,
+            gemv_mma_min_tokens,
+        })
     }
 
     /// Each switch from `self` where set, else from `fallback`.
@@ -138,6 +171,7 @@ impl KernelOptions {
             decode_partition: self.decode_partition.or(fallback.decode_partition),
             pdl: self.pdl.or(fallback.pdl),
             gemv: self.gemv.or(fallback.gemv),
+            gemv_mma_min_tokens: self.gemv_mma_min_tokens.or(fallback.gemv_mma_min_tokens),
         }
     }
 }
@@ -165,8 +199,12 @@ pub struct KernelPolicy {
     pub num_sms: u32,
     /// Kernels launched with programmatic dependent launch (never before sm_90).
     pub use_pdl: bool,
-    /// Products of at most 8 token rows go to the weight-streaming GEMV.
+    /// Products of few token rows go to a weight-streaming GEMV.
     pub use_gemv: bool,
+    /// With `use_gemv`: products of this many token rows up to
+    /// [`GEMV_MMA_MAX_TOKENS`] take the tensor-core GEMV, fewer (up to 8)
+    /// the CUDA-core one.
+    pub gemv_mma_min_tokens: u32,
     /// Tokens per decode partition, forced; `None` chooses per launch.
     pub decode_partition: Option<u32>,
 }
@@ -181,6 +219,10 @@ impl KernelPolicy {
             num_sms: device.num_sms.max(1),
             use_pdl: asked.pdl.unwrap_or(true) && device.supports_pdl(),
             use_gemv: asked.gemv.unwrap_or(true),
+            gemv_mma_min_tokens: asked
+                .gemv_mma_min_tokens
+                .unwrap_or(DEFAULT_GEMV_MMA_MIN_TOKENS)
+                .clamp(1, GEMV_MMA_MAX_TOKENS + 1),
             decode_partition: match asked.decode_partition {
                 Some(DecodePartition::Tokens(n)) => Some(n),
                 Some(DecodePartition::Auto) | None => None,
@@ -194,6 +236,7 @@ impl KernelPolicy {
             num_sms: i32::try_from(self.num_sms).unwrap_or(i32::MAX),
             use_pdl: self.use_pdl as i32,
             use_gemv: self.use_gemv as i32,
+            gemv_mma_min_tokens: self.gemv_mma_min_tokens as i32,
             decode_partition: self.decode_partition.map_or(0, |p| p as i32),
         }
     }
@@ -204,10 +247,11 @@ impl fmt::Display for KernelPolicy {
         let on = |b: bool| if b { "on" } else { "off" };
         write!(
             f,
-            "{} SMs, PDL {}, GEMV {}, decode partition {}",
+            "{} SMs, PDL {}, GEMV {} (tensor cores from {} rows), decode partition {}",
             self.num_sms,
             on(self.use_pdl),
             on(self.use_gemv),
+            self.gemv_mma_min_tokens,
             self.decode_partition.map_or(DecodePartition::Auto, DecodePartition::Tokens)
         )
     }
@@ -232,9 +276,27 @@ mod tests {
     fn the_device_decides_when_nothing_is_asked() {
         let none = KernelOptions::default();
         let p = KernelPolicy::resolve(none, none, H100);
-        assert_eq!(p, KernelPolicy { num_sms: 132, use_pdl: true, use_gemv: true, decode_partition: None });
+        assert_eq!(
+            p,
+            KernelPolicy {
+                num_sms: 132,
+                use_pdl: true,
+                use_gemv: true,
+                gemv_mma_min_tokens: 2,
+                decode_partition: None
+            }
+        );
         let p = KernelPolicy::resolve(none, none, A100);
-        assert_eq!(p, KernelPolicy { num_sms: 108, use_pdl: false, use_gemv: true, decode_partition: None });
+        assert_eq!(
+            p,
+            KernelPolicy {
+                num_sms: 108,
+                use_pdl: false,
+                use_gemv: true,
+                gemv_mma_min_tokens: 2,
+                decode_partition: None
+            }
+        );
         assert_eq!(p.to_ffi().num_sms, 108);
         assert_eq!(p.to_ffi().decode_partition, 0);
     }
@@ -246,7 +308,13 @@ mod tests {
         let p = KernelPolicy::resolve(KernelOptions::default(), vars, H100);
         assert_eq!(
             p,
-            KernelPolicy { num_sms: 132, use_pdl: false, use_gemv: false, decode_partition: Some(256) }
+            KernelPolicy {
+                num_sms: 132,
+                use_pdl: false,
+                use_gemv: false,
+                gemv_mma_min_tokens: 2,
+                decode_partition: Some(256)
+            }
         );
         let ffi = p.to_ffi();
         assert_eq!((ffi.use_pdl, ffi.use_gemv, ffi.decode_partition), (0, 0, 256));
@@ -260,16 +328,32 @@ mod tests {
             decode_partition: Some(DecodePartition::Auto),
             pdl: Some(true),
             gemv: Some(true),
+            gemv_mma_min_tokens: None,
         };
         let p = KernelPolicy::resolve(flags, vars, H100);
-        assert_eq!(p, KernelPolicy { num_sms: 132, use_pdl: true, use_gemv: true, decode_partition: None });
+        assert_eq!(
+            p,
+            KernelPolicy {
+                num_sms: 132,
+                use_pdl: true,
+                use_gemv: true,
+                gemv_mma_min_tokens: 2,
+                decode_partition: None
+            }
+        );
         // A flag set on one switch leaves the others to the environment.
         let flags =
             KernelOptions { decode_partition: Some(DecodePartition::Tokens(1024)), ..Default::default() };
         let p = KernelPolicy::resolve(flags, vars, H100);
         assert_eq!(
             p,
-            KernelPolicy { num_sms: 132, use_pdl: false, use_gemv: false, decode_partition: Some(1024) }
+            KernelPolicy {
+                num_sms: 132,
+                use_pdl: false,
+                use_gemv: false,
+                gemv_mma_min_tokens: 2,
+                decode_partition: Some(1024)
+            }
         );
     }
 
@@ -297,6 +381,11 @@ mod tests {
         assert!(e.to_string().contains("PAGODA_DECODE_PARTITION=\"100\""), "{e}");
         assert_eq!(env(&[(ENV_DISABLE_PDL, "yes")]).unwrap_err().variable, ENV_DISABLE_PDL);
         assert_eq!(env(&[(ENV_DISABLE_GEMV, "true")]).unwrap_err().variable, ENV_DISABLE_GEMV);
+        assert_eq!(env(&[(ENV_GEMV_MMA_MIN_TOKENS, "17")]).unwrap().gemv_mma_min_tokens, Some(17));
+        for bad in ["0", "18", "two"] {
+            let e = env(&[(ENV_GEMV_MMA_MIN_TOKENS, bad)]).unwrap_err();
+            assert_eq!(e.variable, ENV_GEMV_MMA_MIN_TOKENS, "{bad}");
+        }
     }
 
     #[test]
@@ -309,7 +398,16 @@ mod tests {
         assert_eq!("AUTO".parse::<DecodePartition>(), Ok(DecodePartition::Auto));
         assert!("32".parse::<DecodePartition>().is_err());
         assert!("".parse::<DecodePartition>().is_err());
-        let p = KernelPolicy { num_sms: 132, use_pdl: true, use_gemv: false, decode_partition: None };
-        assert_eq!(p.to_string(), "132 SMs, PDL on, GEMV off, decode partition auto");
+        let p = KernelPolicy {
+            num_sms: 132,
+            use_pdl: true,
+            use_gemv: false,
+            gemv_mma_min_tokens: 2,
+            decode_partition: None,
+        };
+        assert_eq!(
+            p.to_string(),
+            "132 SMs, PDL on, GEMV off (tensor cores from 2 rows), decode partition auto"
+        );
     }
 }

@@ -183,6 +183,7 @@ fn every_kernel_policy_matches_the_reference() {
         decode_partition: Some(DecodePartition::Tokens(128)),
         pdl: Some(false),
         gemv: Some(false),
+        gemv_mma_min_tokens: Some(17),
     };
     let mut g =
         CudaBackend::with_kernel_options(0, DType::BF16, forced).expect("these tests need a CUDA GPU");
@@ -191,7 +192,13 @@ fn every_kernel_policy_matches_the_reference() {
     assert!(facts.num_sms > 0);
     assert_eq!(
         p,
-        KernelPolicy { num_sms: facts.num_sms, use_pdl: false, use_gemv: false, decode_partition: Some(128) }
+        KernelPolicy {
+            num_sms: facts.num_sms,
+            use_pdl: false,
+            use_gemv: false,
+            gemv_mma_min_tokens: 17,
+            decode_partition: Some(128)
+        }
     );
     // Decode shapes that pick small, large and whole partitions on their own, under each forced one.
     let seqs = [(2000, 1), (577, 1), (1, 1), (64, 1)];
@@ -203,7 +210,7 @@ fn every_kernel_policy_matches_the_reference() {
             g.set_kernel_options(KernelOptions {
                 decode_partition: Some(partition),
                 pdl: Some(pdl),
-                gemv: None,
+                ..KernelOptions::default()
             });
             assert_eq!(g.kernel_policy().use_pdl, pdl && facts.supports_pdl());
             let e = attention_case_on(&g, 8, 2, 128, 16, &seqs, 21);
@@ -211,14 +218,20 @@ fn every_kernel_policy_matches_the_reference() {
             assert!(e < 1e-2, "partition {partition}, PDL {pdl}: {e}");
         }
     }
-    // The GEMV (the default) and cuBLAS for the same few-row products.
-    for gemv in [true, false] {
-        g.set_kernel_options(KernelOptions { gemv: Some(gemv), ..KernelOptions::default() });
+    // The tensor-core GEMV for every row count it takes, the CUDA-core GEMV,
+    // and cuBLAS, for the same few-row products.
+    for (gemv, mma_from) in [(true, 1), (true, 17), (false, 17)] {
+        g.set_kernel_options(KernelOptions {
+            gemv: Some(gemv),
+            gemv_mma_min_tokens: Some(mma_from),
+            ..KernelOptions::default()
+        });
         assert_eq!(g.kernel_policy().use_gemv, gemv);
-        for t in [1, 3, 8] {
+        assert_eq!(g.kernel_policy().gemv_mma_min_tokens, mma_from);
+        for t in [1, 3, 5, 8, 9, 16] {
             let e = linear_case(&g, t, 320, 256, 22);
-            println!("linear t={t}, GEMV {gemv}: rel err {e:.2e}");
-            assert!(e < 1e-2, "t={t}, GEMV {gemv}: {e}");
+            println!("linear t={t}, GEMV {gemv}, tensor cores from {mma_from} rows: rel err {e:.2e}");
+            assert!(e < 1e-2, "t={t}, GEMV {gemv}, tensor cores from {mma_from}: {e}");
         }
     }
 }

@@ -355,6 +355,33 @@ impl Grid {
                     f32_out: true,
                     margin: 0,
                 },
+                // The tensor-core GEMV's shapes (k a multiple of 32, 2-16 rows):
+                // one and two N tiles, output rows not a multiple of 16, and a
+                // k range that does not split evenly over its 8 warps.
+                LinearCase {
+                    tokens: 5,
+                    in_features: 320,
+                    out_features: 200,
+                    bias: true,
+                    f32_out: false,
+                    margin: 1,
+                },
+                LinearCase {
+                    tokens: 12,
+                    in_features: 96,
+                    out_features: 67,
+                    bias: true,
+                    f32_out: false,
+                    margin: 0,
+                },
+                LinearCase {
+                    tokens: 16,
+                    in_features: 576,
+                    out_features: 136,
+                    bias: false,
+                    f32_out: true,
+                    margin: 0,
+                },
             ],
             rotary: vec![
                 RotaryCase {
@@ -507,7 +534,7 @@ impl Grid {
         }
 
         let mut linear = Vec::new();
-        for tokens in [1usize, 7, 64, 256] {
+        for tokens in [1usize, 5, 7, 16, 64, 256] {
             // SmolLM2 qkv with a Qwen2-style bias, o_proj, gate_up, down.
             linear.push(LinearCase {
                 tokens,
