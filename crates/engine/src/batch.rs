@@ -332,9 +332,11 @@ impl PersistentBatch {
         self.draft_histories.clear();
         self.masks_filled = false;
         self.prompt_rows.clear();
-        self.inputs.attn.num_decode_seqs = out.num_decodes;
         self.inputs.attn.query_start_loc.push(0);
         let mut max_blocks = 1;
+        // Whether every entry so far attends as one-token rows (the scheduler
+        // puts decodes first, then verifications, then prompt chunks).
+        let mut decode_prefix = true;
         for entry in &out.scheduled {
             let slot = self.update_seq(entry)?;
             let table_len = self.slot_ref(slot).block_table.len();
@@ -344,9 +346,27 @@ impl PersistentBatch {
             s.token_ids.extend_from_slice(&entry.token_ids);
             s.positions.extend(entry.positions().map(|p| p as i32));
             s.attn.slot_mapping.extend_from_slice(&entry.slot_mapping);
-            s.attn.query_start_loc.push(s.token_ids.len() as i32);
-            s.attn.seq_lens.push(entry.seq_len() as i32);
-            self.step_slots.push(slot);
+            decode_prefix &= n == entry.num_draft_tokens + 1;
+            if decode_prefix {
+                // A decode, or a verification's k + 1 rows as k + 1 decode
+                // rows over the same block table, row i seeing the context up
+                // to its own position: the decode attention kernel serves
+                // them (reading the context once, where a prompt-chunk kernel
+                // tiles 64 query rows for 5), and a step of decodes and
+                // verifications replays a decode graph.
+                let first = s.token_ids.len() - n;
+                let last_len = entry.seq_len();
+                for i in 0..n {
+                    s.attn.query_start_loc.push((first + i + 1) as i32);
+                    s.attn.seq_lens.push((last_len + i + 1 - n) as i32);
+                    self.step_slots.push(slot);
+                }
+                s.attn.num_decode_seqs += n;
+            } else {
+                s.attn.query_start_loc.push(s.token_ids.len() as i32);
+                s.attn.seq_lens.push(entry.seq_len() as i32);
+                self.step_slots.push(slot);
+            }
             if entry.token_from_previous_step {
                 let state = self.slot_mut(slot);
                 let row = state.last_sample_row;
@@ -910,6 +930,57 @@ mod tests {
         assert_eq!(b.block_table(SeqId(1)), None);
         // Its row is reused by the next sequence.
         assert_eq!(b.spare_tables.len(), 1);
+    }
+
+    /// A verification of k drafts attends as k + 1 one-token rows over the
+    /// sequence's table, each seeing the context up to its own position, so
+    /// that a step of decodes and verifications is a decode step (graphable).
+    #[test]
+    fn a_verification_attends_as_one_row_per_position() {
+        let mut b = batch_with_request(SamplingParams::default());
+        b.add_request(RequestId(2), &[9], Arc::new(SamplingParams::default()), 5, None);
+        let prefill = SchedulerOutput {
+            step: 1,
+            scheduled: vec![
+                entry(1, 2, vec![9], 0, update(0, &[4])),
+                entry(0, 1, vec![1, 2, 3, 4, 5], 0, update(0, &[7, 3])),
+            ],
+            num_decodes: 1,
+            ..Default::default()
+        };
+        let prefill = with_slots(prefill, &[(0, &[7, 3]), (1, &[4])]);
+        b.prepare(&prefill, &[]).unwrap();
+        assert_eq!(b.inputs().attn.num_decode_seqs, 1, "a prompt chunk is one sequence of 5 rows");
+        b.apply_sampled(&b.inputs().samplers.clone(), &sampled(&[10, 6]), &FxHashMap::default()).unwrap();
+
+        // Sequence 1 decodes; sequence 0 verifies drafts [11, 12] after its token 6.
+        let mut verify = entry(0, 1, vec![6, 11, 12], 5, update(2, &[]));
+        verify.num_draft_tokens = 2;
+        let step = SchedulerOutput {
+            step: 2,
+            scheduled: vec![entry(1, 2, vec![10], 1, update(1, &[])), verify],
+            num_decodes: 1,
+            ..Default::default()
+        };
+        let step = with_slots(step, &[(0, &[7, 3]), (1, &[4])]);
+        b.prepare(&step, &[]).unwrap();
+        let inputs = b.inputs();
+        assert_eq!(inputs.positions, vec![1, 5, 6, 7]);
+        assert_eq!(inputs.attn.query_start_loc, vec![0, 1, 2, 3, 4]);
+        assert_eq!(inputs.attn.seq_lens, vec![2, 6, 7, 8]);
+        assert_eq!(inputs.attn.num_decode_seqs, 4);
+        assert_eq!(inputs.logits_indices, vec![0, 1, 2, 3]);
+        inputs.attn.validate().unwrap();
+        assert!(crate::graphs::is_graphable(inputs.attn.num_decode_seqs, inputs));
+        for row in 1..4 {
+            assert_eq!(b.row_table(row), &[7, 3]);
+        }
+        b.gather_block_tables();
+        assert_eq!(b.inputs().attn.block_tables, vec![4, 0, 7, 3, 7, 3, 7, 3]);
+    }
+
+    fn sampled(tokens: &[u32]) -> Vec<SampledToken> {
+        tokens.iter().map(|&token| SampledToken { token, logprob: 0.0, top_logprobs: Vec::new() }).collect()
     }
 
     #[test]

@@ -415,8 +415,12 @@ impl<B: Backend> EngineCore<B> {
     /// Builds the step's inputs and sampling rows and enqueues it; `None`
     /// when nothing was scheduled. `now`: when scheduling ended.
     fn launch(&mut self, out: SchedulerOutput, now: Instant) -> Result<Option<InFlightStep<B>>, EngineError> {
-        let prompt_tokens =
-            out.scheduled[out.num_decodes.min(out.scheduled.len())..].iter().map(|e| e.token_ids.len()).sum();
+        // Verified drafts are not prompt tokens.
+        let prompt_tokens = out.scheduled[out.num_decodes.min(out.scheduled.len())..]
+            .iter()
+            .filter(|e| e.num_draft_tokens == 0)
+            .map(|e| e.token_ids.len())
+            .sum();
         let previous = self.in_flight.as_ref();
         // The runner applies the step's changes to its persistent batch. Its
         // `schedule_ahead` is false when penalties need the whole token
@@ -440,7 +444,7 @@ impl<B: Backend> EngineCore<B> {
 
     /// Waits for a step's sampled tokens and applies them to the scheduler.
     fn apply(&mut self, step: InFlightStep<B>) -> Result<Vec<TokenEvent>, EngineError> {
-        let decode_only = step.out.num_decodes == step.out.scheduled.len();
+        let decode_only = step.out.is_decode_only();
         let waited = Instant::now();
         let drafts: rustc_hash::FxHashMap<SeqId, &[TokenId]> = step
             .out

@@ -72,8 +72,9 @@ pub fn capture_sizes(max_batch: usize) -> impl Iterator<Item = usize> {
     [1, 2, 4].into_iter().chain((8..).step_by(8)).take_while(move |&b| b <= max_batch)
 }
 
-/// Whether a step can run from a graph: decodes only, each sampling exactly
-/// once from its own row (no fork at this step).
+/// Whether a step can run from a graph: one-token attention rows only
+/// (decodes, and verifications laid out as one row per position), each
+/// sampling exactly once from its own row (no fork at this step).
 pub fn is_graphable(num_decodes: usize, inputs: &StepInputs) -> bool {
     let n = inputs.attn.num_seqs();
     n > 0
@@ -228,6 +229,9 @@ impl StepInputLayout {
 /// Counts of how decode steps ran on the graph path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GraphStats {
+    /// Steps run on the padded buffers, whichever way (decodes, and
+    /// verifications of drafts as one-token rows).
+    pub steps: u64,
     /// First step of a bucket, run eagerly on the padded buffers.
     pub warmups: u64,
     pub captures: u64,
@@ -330,6 +334,7 @@ impl<B: Backend> DecodeGraphs<B> {
         previous: Option<&B::Sampled>,
     ) -> Result<Tensor<B>, EngineError> {
         self.staging.fill(inputs, tables, bucket, self.block_size)?;
+        self.stats.steps += 1;
         let batch = self.forward_batch(bucket)?;
         let b = bucket.batch;
         let padded = &self.staging;

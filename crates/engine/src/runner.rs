@@ -257,7 +257,7 @@ impl<B: Backend> ModelRunner<B> {
         let has_prompt_rows = !inputs.prompt_logprobs.is_empty();
         let bucket = match has_prompt_rows {
             true => None,
-            false => self.graphs.as_ref().and_then(|g| g.bucket_for(out.num_decodes, inputs)),
+            false => self.graphs.as_ref().and_then(|g| g.bucket_for(inputs.attn.num_decode_seqs, inputs)),
         };
         let (logits, t3) = match (bucket, self.graphs.as_mut()) {
             (Some(bucket), Some(graphs)) => {
@@ -325,11 +325,8 @@ impl<B: Backend> ModelRunner<B> {
         let done = Instant::now();
         self.timings.sample += done - t3;
         let num_tokens = self.batch.inputs().token_ids.len();
-        let phase = if out.num_decodes == out.scheduled.len() {
-            &mut self.timings.decode_only
-        } else {
-            &mut self.timings.with_prefill
-        };
+        let phase =
+            if out.is_decode_only() { &mut self.timings.decode_only } else { &mut self.timings.with_prefill };
         phase.add(num_tokens, done - t0);
         Ok(sampled)
     }

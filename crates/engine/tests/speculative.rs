@@ -210,6 +210,21 @@ fn an_always_right_and_an_always_wrong_proposer_change_no_token() {
     assert!(stats.num_draft_tokens > 0);
     assert!(stats.acceptance_rate() < 0.1, "a wrong proposer is rejected: {stats:?}");
 
+    // Verification steps run as steps of one-token rows on the padded
+    // buffers decode graphs replay from: one request, so that each of its
+    // verifications is a step of its own; then the batch, right and wrong.
+    for wrong in [false, true] {
+        let mut e = engine(config());
+        e.force_decode_graphs().expect("padded decode buffers");
+        e.set_proposer(k4.clone(), Box::new(Replay { continuations: continuations(&greedy), wrong }));
+        let first: Vec<GenerationRequest> = greedy_requests(16).into_iter().take(1).collect();
+        assert_eq!(run(&mut e, first), greedy[..1], "padded, wrong = {wrong}");
+        let (stats, graphs) = (e.spec_decode_stats().expect("on"), e.runner().timings().graphs);
+        assert!(stats.num_drafts > 0, "{stats:?}");
+        assert!(graphs.steps >= stats.num_drafts, "every verification ran padded: {graphs:?} {stats:?}");
+        assert_eq!(run(&mut e, greedy_requests(16)), greedy, "padded batch, wrong = {wrong}");
+    }
+
     // Sampled requests with the sampled continuation as drafts: same tokens.
     let mut e = engine(config());
     e.set_proposer(k4, Box::new(Replay { continuations: continuations(&sampled), wrong: false }));

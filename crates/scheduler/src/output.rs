@@ -131,8 +131,9 @@ impl ScheduledSeq {
 pub struct SchedulerOutput {
     /// Increases by one per call to `schedule`; `update_from_output` checks it.
     pub step: u64,
-    /// Entries with exactly one new token (decodes) first, then prefills and
-    /// prefill chunks. No sequence appears twice.
+    /// Entries with exactly one new token (decodes) first, then
+    /// verifications of drafts and prefills and prefill chunks. No sequence
+    /// appears twice.
     pub scheduled: Vec<ScheduledSeq>,
     /// How many leading entries of `scheduled` have exactly one new token.
     pub num_decodes: usize,
@@ -162,6 +163,12 @@ impl SchedulerOutput {
     /// Nothing to run (there may still be plans, e.g. after preemptions).
     pub fn is_empty(&self) -> bool {
         self.scheduled.is_empty()
+    }
+
+    /// Whether every entry is a one-token decode or a verification of its
+    /// drafts (the decode token and the drafts): no prompt tokens.
+    pub fn is_decode_only(&self) -> bool {
+        self.scheduled.iter().all(|s| s.token_ids.len() == s.num_draft_tokens + 1)
     }
 
     /// Whether a request forks into its `n` samples at this step (the next
