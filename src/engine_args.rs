@@ -204,6 +204,11 @@ pub struct EngineArgs {
     /// "disable_by_batch_size" and "min_acceptance_rate" (default 0.1).
     #[arg(long)]
     pub speculative_config: Option<String>,
+    /// Structured outputs: propose up to this many tokens a grammar forces as
+    /// drafts each step, verified as speculative drafts are (the output is
+    /// unchanged; 0 turns it off).
+    #[arg(long, default_value_t = 16)]
+    pub max_fast_forward_tokens: usize,
 }
 
 impl EngineArgs {
@@ -255,6 +260,7 @@ impl EngineArgs {
                 .map(SpeculativeConfig::from_json)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!(e))?,
+            max_fast_forward_tokens: self.max_fast_forward_tokens,
         };
         config.validate().context("invalid engine options")?;
         Ok(config)

@@ -231,6 +231,10 @@ pub struct PersistentBatch {
     /// one history (outputs, then every draft) per verification.
     sampler_histories: Vec<Option<(usize, usize)>>,
     draft_histories: Vec<Vec<TokenId>>,
+    /// Per sampling row, the draft that follows its position (a
+    /// verification's rows but the last): a constrained row's mask is the
+    /// state after the drafts before it.
+    sampler_drafts: Vec<Option<TokenId>>,
     /// The sampling rows' allowed-token bitmasks (`mask_words` each; a row
     /// without a constraint keeps zeros), filled by `fill_token_masks`.
     token_masks: Vec<u32>,
@@ -330,6 +334,7 @@ impl PersistentBatch {
         self.sampler_steps.clear();
         self.sampler_histories.clear();
         self.draft_histories.clear();
+        self.sampler_drafts.clear();
         self.masks_filled = false;
         self.prompt_rows.clear();
         self.inputs.attn.query_start_loc.push(0);
@@ -402,9 +407,11 @@ impl PersistentBatch {
     }
 
     /// Writes the allowed-token bitmask of every constrained row of the
-    /// staged step (`vocab_size` bits each), in parallel. Every earlier
-    /// sample of those sequences must be applied (their steps were not
-    /// scheduled ahead).
+    /// staged step (`vocab_size` bits each), in parallel over sequences.
+    /// Every earlier sample of those sequences must be applied (their steps
+    /// were not scheduled ahead). A verification's rows are filled in order
+    /// along its drafts (each accepted after its row's mask, all undone at
+    /// the end), so row `i` gets the mask of the state after drafts `..i`.
     pub fn fill_token_masks(&mut self, vocab_size: usize) -> Result<(), EngineError> {
         let words = vocab_size.div_ceil(32);
         self.mask_words = words;
@@ -419,28 +426,54 @@ impl PersistentBatch {
                 )));
             }
         }
-        // Taken out of their states (one per row at most: a sequence samples
-        // once a step) so that the rows fill in parallel, then put back.
+        // A sequence's rows are consecutive (one row, or a verification's).
+        // Their constraint is taken out of its state so that sequences fill
+        // in parallel, then put back.
+        let mut groups: Vec<(usize, usize)> = Vec::new(); // (slot, rows)
+        for &slot in &self.sampler_slots {
+            match groups.last_mut() {
+                Some((last, rows)) if *last == slot => *rows += 1,
+                _ => groups.push((slot, 1)),
+            }
+        }
         let slots = &mut self.slots;
-        let mut constraints: Vec<Option<Box<dyn TokenConstraint>>> = self
-            .sampler_slots
-            .iter()
-            .map(|&slot| slots[slot].as_mut().and_then(|state| state.constraint.take()))
-            .collect();
-        self.token_masks.par_chunks_mut(words.max(1)).zip(constraints.par_iter_mut()).for_each(
-            |(mask, c)| {
-                if let Some(c) = c {
-                    c.fill_mask(mask);
-                }
-            },
-        );
-        for (&slot, c) in self.sampler_slots.iter().zip(constraints) {
+        let mut work: Vec<(Option<Box<dyn TokenConstraint>>, &mut [u32], &[Option<TokenId>])> =
+            Vec::with_capacity(groups.len());
+        let (mut masks, mut drafts) = (&mut self.token_masks[..], &self.sampler_drafts[..]);
+        for &(slot, rows) in &groups {
+            let (group_masks, rest) = std::mem::take(&mut masks).split_at_mut(rows * words);
+            let (group_drafts, rest_drafts) = drafts.split_at(rows);
+            (masks, drafts) = (rest, rest_drafts);
+            let constraint = slots[slot].as_mut().and_then(|state| state.constraint.take());
+            work.push((constraint, group_masks, group_drafts));
+        }
+        work.par_iter_mut().for_each(|(c, masks, drafts)| {
+            if let Some(c) = c {
+                fill_rows_along_drafts(c.as_mut(), masks, drafts, words);
+            }
+        });
+        for (&(slot, _), (c, _, _)) in groups.iter().zip(work) {
             if let Some(state) = self.slots[slot].as_mut() {
                 state.constraint = c;
             }
         }
         self.masks_filled = true;
         Ok(())
+    }
+
+    /// The tokens a decoding sequence's constraint forces next (at most
+    /// `max`), when it has one and every token it sampled is applied.
+    pub fn forced_tokens(&mut self, seq: SeqId, max: usize) -> Vec<TokenId> {
+        let Some(&slot) = self.slot_of.get(&seq) else { return Vec::new() };
+        let state = self.slot_mut(slot);
+        match state.constraint.as_mut() {
+            Some(c) if state.pending == 0 && max > 0 => {
+                let mut forced = c.forced_tokens();
+                forced.truncate(max);
+                forced
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Fills the staged step's `attn.block_tables` (`[num_seqs,
@@ -708,6 +741,7 @@ impl PersistentBatch {
             self.sampler_slots.push(slot);
             self.sampler_steps.push(first_step + i as u64);
             self.sampler_histories.push(history_index.map(|(h, outputs)| (h, outputs + i)));
+            self.sampler_drafts.push(entry.draft_token_ids().get(i).copied());
         }
         Ok(())
     }
@@ -745,6 +779,7 @@ impl PersistentBatch {
             self.sampler_slots.push(target);
             self.sampler_steps.push(step);
             self.sampler_histories.push(None);
+            self.sampler_drafts.push(None);
         }
         Ok(())
     }
@@ -815,6 +850,41 @@ impl BlockTableSource for PersistentBatch {
     /// The table of the staged step's `row`-th sequence.
     fn row_table(&self, row: usize) -> &[BlockId] {
         &self.slot_ref(self.step_slots[row]).block_table
+    }
+}
+
+/// One sequence's rows of masks (`words` each): row `i` after accepting
+/// `drafts[..i]`, which are undone at the end. A draft the constraint refuses
+/// (a proposer's bug) ends the walk: the rows after it copy its row's mask,
+/// and their samples are discarded anyway (the draft cannot be accepted).
+fn fill_rows_along_drafts(
+    c: &mut dyn TokenConstraint,
+    masks: &mut [u32],
+    drafts: &[Option<TokenId>],
+    words: usize,
+) {
+    let rows = drafts.len();
+    let mut accepted = 0;
+    let mut row = 0;
+    while row < rows {
+        c.fill_mask(&mut masks[row * words..(row + 1) * words]);
+        row += 1;
+        let Some(draft) = drafts[row - 1] else { continue };
+        if row == rows {
+            break;
+        }
+        if let Err(e) = c.accept_token(draft) {
+            tracing::error!("a draft the constraint refuses: {e}");
+            let (done, rest) = masks.split_at_mut(row * words);
+            for next in rest.chunks_exact_mut(words) {
+                next.copy_from_slice(&done[(row - 1) * words..]);
+            }
+            break;
+        }
+        accepted += 1;
+    }
+    if let Err(e) = c.rollback(accepted) {
+        tracing::error!("undoing a verification's drafts in its constraint: {e}");
     }
 }
 

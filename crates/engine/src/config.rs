@@ -62,6 +62,10 @@ pub struct EngineConfig {
     pub generation_config: GenerationConfigSource,
     /// Speculative decoding (vLLM `--speculative-config`); `None`: off.
     pub speculative: Option<crate::speculative::SpeculativeConfig>,
+    /// Structured outputs: propose the tokens a grammar forces as drafts
+    /// (verified, so the output is unchanged; fewer steps where the model
+    /// would have written them anyway). At most this many a step; 0: off.
+    pub max_fast_forward_tokens: usize,
 }
 
 /// Where the sampling defaults (temperature, top-p...) a request leaves
@@ -101,6 +105,7 @@ impl Default for EngineConfig {
             async_scheduling: true,
             generation_config: GenerationConfigSource::Model,
             speculative: None,
+            max_fast_forward_tokens: 16,
         }
     }
 }

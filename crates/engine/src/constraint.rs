@@ -5,7 +5,10 @@
 //! persistent batch. Per step the runner asks every constrained row for its
 //! allowed-token bitmask while the device runs the forward pass, the backend
 //! applies the masks before sampling, and the sampled tokens advance the
-//! matchers when the step is applied.
+//! matchers when the step is applied. Where the grammar forces the next
+//! tokens, the engine proposes them as drafts (fast-forward): one step
+//! verifies them, each row under the mask of the state after the drafts
+//! before it, so the tokens are exactly those of one-at-a-time decoding.
 //!
 //! The engine knows only these traits; `pagoda-structured` implements them
 //! with llguidance, and a test or a researcher can plug in another.
@@ -25,6 +28,22 @@ pub trait TokenConstraint: Send + Debug {
     fn accept_token(&mut self, token: TokenId) -> Result<(), String>;
     /// A copy for a forked sample (`n > 1`): the fork continues independently.
     fn boxed_clone(&self) -> Box<dyn TokenConstraint>;
+    /// Tokens the constraint forces next, if it knows (not accepted). The
+    /// engine proposes them as drafts: verified like speculative drafts, so
+    /// the output is the one without them, in fewer steps wherever the model
+    /// would have picked them anyway (its own tokenization of the forced text).
+    fn forced_tokens(&mut self) -> Vec<TokenId> {
+        Vec::new()
+    }
+    /// Undoes the last `n` accepted tokens (after the masks of a
+    /// verification's rows were filled along its drafts). Needed only by a
+    /// constraint that forces tokens.
+    fn rollback(&mut self, n: usize) -> Result<(), String> {
+        match n {
+            0 => Ok(()),
+            _ => Err(format!("this constraint cannot undo {n} tokens")),
+        }
+    }
 }
 
 /// Makes the constraint of each sequence of a request.
@@ -92,5 +111,13 @@ impl TokenConstraint for pagoda_structured::GrammarMatcher {
 
     fn boxed_clone(&self) -> Box<dyn TokenConstraint> {
         Box::new(self.clone())
+    }
+
+    fn forced_tokens(&mut self) -> Vec<TokenId> {
+        pagoda_structured::GrammarMatcher::forced_tokens(self)
+    }
+
+    fn rollback(&mut self, n: usize) -> Result<(), String> {
+        pagoda_structured::GrammarMatcher::rollback(self, n).map_err(|e| e.to_string())
     }
 }

@@ -134,6 +134,7 @@ impl<B: Backend> LlmEngine<B> {
                 .with_logit_constraints(runner.backend().supports_logit_constraints())
                 .with_token_masks(runner.backend().supports_token_masks());
         let mut core = EngineCore::new(scheduler, runner, config.async_scheduling, metrics.clone());
+        core.set_max_fast_forward_tokens(config.max_fast_forward_tokens);
         if let Some(spec) = &config.speculative {
             let proposer: Option<Box<dyn Proposer>> = match &spec.method {
                 SpeculativeMethod::Ngram { prompt_lookup_min, prompt_lookup_max } => {
@@ -235,6 +236,11 @@ impl<B: Backend> LlmEngine<B> {
     /// Speculative decoding's counters (`None` when it is off).
     pub fn spec_decode_stats(&self) -> Option<crate::speculative::SpecDecodeStats> {
         self.core.speculator().map(|s| s.stats().clone())
+    }
+
+    /// What structured outputs' fast-forward (forced tokens as drafts) did.
+    pub fn fast_forward_stats(&self) -> crate::engine_core::FastForwardStats {
+        self.core.fast_forward_stats()
     }
 
     pub fn step_timings(&self) -> StepTimings {

@@ -122,6 +122,18 @@ pub(crate) struct EngineCore<B: Backend> {
     /// Whether the next step speculates, decided before the step in flight
     /// is applied (a step that proposes needs every token on the host).
     speculate_next: Option<bool>,
+    /// Most tokens a grammar's forced run may propose a step (0: off).
+    max_fast_forward_tokens: usize,
+    fast_forward: FastForwardStats,
+}
+
+/// What structured outputs' fast-forward did: verifications of forced
+/// tokens, the tokens proposed, and those accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastForwardStats {
+    pub num_drafts: u64,
+    pub num_draft_tokens: u64,
+    pub num_accepted_tokens: u64,
 }
 
 impl<B: Backend> EngineCore<B> {
@@ -144,7 +156,18 @@ impl<B: Backend> EngineCore<B> {
             ready_prompt_logprobs: Vec::new(),
             speculator: None,
             speculate_next: None,
+            max_fast_forward_tokens: 0,
+            fast_forward: FastForwardStats::default(),
         }
+    }
+
+    /// Proposes up to `max` grammar-forced tokens a step (0: off).
+    pub fn set_max_fast_forward_tokens(&mut self, max: usize) {
+        self.max_fast_forward_tokens = max;
+    }
+
+    pub fn fast_forward_stats(&self) -> FastForwardStats {
+        self.fast_forward
     }
 
     /// Turns on speculative decoding with this proposer.
@@ -300,6 +323,7 @@ impl<B: Backend> EngineCore<B> {
             self.propose_drafts()?;
         }
         self.speculate_next = None;
+        self.propose_forced_tokens();
         let out = self.scheduler.schedule()?;
         if let Some(spec) = self.speculator.as_mut() {
             for &seq in &out.finished_seqs {
@@ -364,6 +388,29 @@ impl<B: Backend> EngineCore<B> {
             }
         }
         Ok(())
+    }
+
+    /// Proposes, for every decoding sequence under a constraint, the tokens
+    /// its grammar forces next (their steps are never scheduled ahead, so
+    /// every token they sampled is applied here).
+    fn propose_forced_tokens(&mut self) {
+        let max = self.max_fast_forward_tokens;
+        if max == 0 {
+            return;
+        }
+        let requests = &self.requests;
+        let constrained: Vec<SeqId> = self
+            .scheduler
+            .decoding_seqs()
+            .filter(|s| requests.get(&s.request_id()).is_some_and(|r| !r.speculate))
+            .map(|s| s.seq_id())
+            .collect();
+        for seq in constrained {
+            let forced = self.runner.forced_tokens(seq, max);
+            if !forced.is_empty() {
+                self.scheduler.set_draft_tokens(seq, forced);
+            }
+        }
     }
 
     /// Files the prompt logprobs the runner computed under their requests.
@@ -484,11 +531,33 @@ impl<B: Backend> EngineCore<B> {
                 kept.push(Some(token));
             }
         }
+        // Forced tokens of constrained sequences are counted apart from the
+        // speculator's drafts (they do not steer its off switch).
+        let forced_seqs: std::collections::HashSet<SeqId> = step
+            .out
+            .scheduled
+            .iter()
+            .filter(|e| {
+                e.num_draft_tokens > 0 && self.requests.get(&e.request_id).is_some_and(|r| !r.speculate)
+            })
+            .map(|e| e.seq_id)
+            .collect();
+        let mut speculated = Vec::with_capacity(verified.len());
+        for &(seq, a) in &verified {
+            let drafted = drafts.get(&seq).map_or(0, |d| d.len());
+            if forced_seqs.contains(&seq) {
+                self.fast_forward.num_drafts += 1;
+                self.fast_forward.num_draft_tokens += drafted as u64;
+                self.fast_forward.num_accepted_tokens += a as u64;
+                self.metrics.fast_forward_draft_tokens.inc_by(drafted as u64);
+                self.metrics.fast_forward_accepted_tokens.inc_by(a as u64);
+            } else {
+                speculated.push((drafted, a));
+            }
+        }
         if let Some(spec) = self.speculator.as_mut() {
-            let counts: Vec<(usize, usize)> =
-                verified.iter().map(|&(seq, a)| (drafts.get(&seq).map_or(0, |d| d.len()), a)).collect();
-            spec.record_step(counts.iter().copied());
-            self.metrics.record_speculation(&counts);
+            spec.record_step(speculated.iter().copied());
+            self.metrics.record_speculation(&speculated);
         }
         let updates = self.scheduler.update_from_verified_output(&step.out, &sampled_ids, &verified)?;
 

@@ -64,7 +64,7 @@ pub use constraint::{FixedTokenSet, TokenConstraint, TokenConstraintFactory};
 pub use detokenizer::{IncrementalDetokenizer, TokenDecoder};
 pub use draft_model::DraftModel;
 pub use engine::LlmEngine;
-pub use engine_core::StepTimings;
+pub use engine_core::{FastForwardStats, StepTimings};
 pub use error::EngineError;
 pub use graphs::{capture_sizes, is_graphable, Bucket, GraphStats, PaddedDecodeInputs};
 pub use input::{EngineCoreRequest, InputProcessor, ModelInfo, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS};

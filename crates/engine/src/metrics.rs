@@ -83,6 +83,10 @@ pub struct EngineMetrics {
     pub spec_decode_num_draft_tokens: IntCounter,
     pub spec_decode_num_accepted_tokens: IntCounter,
     pub spec_decode_num_accepted_tokens_per_pos: IntCounterVec,
+    /// Structured outputs' fast-forward: tokens a grammar forced, proposed
+    /// as drafts, and those the model's own samples confirmed.
+    pub fast_forward_draft_tokens: IntCounter,
+    pub fast_forward_accepted_tokens: IntCounter,
 }
 
 impl EngineMetrics {
@@ -221,6 +225,14 @@ impl EngineMetrics {
             spec_decode_num_accepted_tokens: counter(
                 "pagoda:spec_decode_num_accepted_tokens_total",
                 "Speculative decoding: draft tokens accepted.",
+            ),
+            fast_forward_draft_tokens: counter(
+                "pagoda:structured_output_fast_forward_draft_tokens_total",
+                "Structured outputs: tokens a grammar forced, proposed as drafts.",
+            ),
+            fast_forward_accepted_tokens: counter(
+                "pagoda:structured_output_fast_forward_accepted_tokens_total",
+                "Structured outputs: forced tokens accepted (the model sampled them too).",
             ),
             spec_decode_num_accepted_tokens_per_pos: reg(
                 &registry,

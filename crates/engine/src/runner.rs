@@ -134,6 +134,12 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
+    /// The tokens a sequence's constraint forces next (at most `max`; none
+    /// without a constraint or with a sample not yet applied).
+    pub fn forced_tokens(&mut self, seq: SeqId, max: usize) -> Vec<TokenId> {
+        self.batch.forced_tokens(seq, max)
+    }
+
     /// The draft model forgets an ended sequence.
     pub fn forget_draft(&mut self, seq: SeqId) {
         if let Some(draft) = self.draft.as_mut() {
