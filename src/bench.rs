@@ -516,6 +516,10 @@ struct LatencyResult {
     check: CompletionCheck,
     /// `--prompt-file`, when the prompt was text.
     prompt_file: Option<String>,
+    /// The token ids that prompt became (chat template and all), so that a
+    /// peer engine can be given the very same prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_token_ids: Option<Vec<u32>>,
     /// Speculative decoding's counters over all runs, when it was on.
     speculative: Option<SpecReport>,
 }
@@ -671,6 +675,7 @@ impl BackendJob for Latency {
             sampling,
             check: CompletionCheck::of(&completions),
             prompt_file: args.prompt_file.as_ref().map(|p| p.display().to_string()),
+            prompt_token_ids: text,
             speculative: SpecReport::of(&engine),
         };
         println!("device:         {}", result.device);

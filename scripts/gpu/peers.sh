@@ -19,6 +19,11 @@
 #   vllm-serve       vllm serve (its defaults) driven by pagoda bench serve with $SERVE_WORKLOAD
 #                    (default the fixed workload) at Poisson rates ${SERVE_RATES:-8 16 24} req/s
 #                    and all at once; the prefix cache is reset between rates
+#   vllm-spec        speculative decoding (issue 18): SmolLM2 (the GGUF that speculative.sh's
+#                    smollm2 phase ran, as an HF folder written by transformers, which needs the
+#                    gguf wheel of .device/whl carried or installed) single stream on the prompts
+#                    that phase ran, token for token (their spec_smollm2_*_plain_r1.json in
+#                    $W/spec-results), plain and with n-gram k = 4, two rounds
 #   pagoda-peers     Pagoda on the same workloads and temperatures (bench throughput), and
 #                    latency greedy and sampled, for the same tables
 #   hf-peers         transformers: static batching at ${HF_BATCH_SIZES:-64,256} and single
@@ -199,6 +204,39 @@ print("reset_prefix_cache", u.urlopen(u.Request(sys.argv[1], method="POST"), tim
       kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
       python3 $PEERS/vllm_peer.py describe --log "$OUT/vllm_serve.log" --server-command "${cmd[*]}" \
         --label "serve $(basename "$SW")" --output-json "$OUT/vllm_serve_meta.json" | cut -c1-300 ;;
+    vllm-spec)
+      vllm_env || exit 1
+      HF="$W/smollm2-hf"
+      if [ ! -f "$HF/config.json" ]; then
+        ls .device/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-cache-dir \
+          --target "$W/gguf-site" .device/whl/*.whl
+        PYTHONPATH="$W/gguf-site:$PYTHONPATH" python3 - "$W/SmolLM2-135M-Instruct.Q4_1.gguf" "$HF" <<'PY' || exit 1
+import os, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, out = sys.argv[1], sys.argv[2]
+folder, name = os.path.dirname(gguf), os.path.basename(gguf)
+# bf16, as Pagoda runs it (its loader dequantizes the GGUF's blocks to bf16 too).
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.bfloat16)
+model.save_pretrained(out)
+AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+print("wrote", out, sorted(os.listdir(out)))
+PY
+      fi
+      NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+      for round in 1 2; do
+        for prompt in copy-passage edit-code; do
+          ids="$W/spec-results/spec_smollm2_${prompt}_plain_r1.json"
+          [ -f "$ids" ] || { echo "vllm-spec: $ids is missing (speculative.sh smollm2 first)"; exit 1; }
+          for mode in plain ngram4; do
+            extra=(); [ "$mode" = ngram4 ] && extra=(--engine-arg "speculative_config=$NGRAM")
+            name="vllm_spec_smollm2_${prompt}_${mode}_r$round"
+            python3 $PEERS/vllm_peer.py latency --model "$HF" --prompt-ids-from "$ids" --output-len 256 \
+              --num-iters 3 "${extra[@]}" --label "$prompt $mode" --output-json "$OUT/$name.json" \
+              > "$OUT/$name.log" 2>&1
+            echo "$name rc=$? $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r.get("median_decode_tokens_per_s"), "tok/s decode")' "$OUT/$name.json" 2>/dev/null)"
+          done
+        done
+      done ;;
     pagoda-peers)
       PAGODA=$(pagoda_bin) || exit 1
       for t in ${PEER_TEMPERATURES:-0 1}; do

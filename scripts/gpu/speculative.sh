@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Speculative decoding on the GPU (issue 18), phases in one lease:
 #   stash    copy this call's .device/gguf.0N (SmolLM2 travels in thirds: a call carries 64 MiB)
+#   keep-bin copy .device/bin to the machine, for later calls that carry no binaries
 #   models   random-weight Llama-3-8B (target) and Llama-3.2-1B (draft) shapes (hf_peer.py), and the
 #            workloads: 1 and 32 requests of 512 random prompt tokens, 256 output tokens
 #   verify   the cost of a verification step (k + 1 = 5 rows: --verify-drafts 4, every decode carries
-#            4 drafts) against plain decoding, batch 1 and 32, two rounds alternating
+#            4 drafts) against plain decoding, batch 1 and 32, two rounds alternating; then batch 1
+#            with the 5-row products on the CUDA-core GEMV (the tensor-core GEMV's ablation)
 #   draft    the 8B target with the random 1B draft (acceptance near 0): the automatic off switch
 #            against plain decoding, batch 1 and 32
 #   smollm2  SmolLM2-135M single stream on prompts that copy (benchmarks/prompts/*.txt, chat
 #            template), n-gram k = 4 against no speculation, two rounds
-# Carry: .device/bin (pagoda, hf_peer.py) and, per call, .device/gguf.0N.
+# Carry: .device/bin (pagoda, hf_peer.py; or keep-bin once) and, per call, .device/gguf.0N.
 # Results: $OUT/spec_*.json and logs.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-B=.device/bin
 W=/tmp/pagoda-gpu; mkdir -p "$W"
+# The binaries: carried in .device/bin, or kept on the machine by an earlier call's keep-bin.
+B=.device/bin; [ -x "$B/pagoda" ] || B="$W/bin"
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 L8B="$W/llama3-8b-random"; L1B="$W/llama3-1b-random"
 
@@ -23,11 +26,14 @@ bench() { # name, pagoda bench args...
   $B/pagoda bench "$@" --device cuda --output-json "$OUT/spec_$name.json" 2>&1 | grep -v "^\s*$" \
     > "$OUT/spec_$name.log"
   grep -E "output tok/s|decode:|speculative:|self-check" "$OUT/spec_$name.log" | sed "s/^/$name: /"
+  # Kept for later calls (peers.sh vllm-spec gives vLLM the prompts these ran).
+  mkdir -p "$W/spec-results" && cp "$OUT/spec_$name.json" "$W/spec-results/" 2>/dev/null
 }
 
 for phase in "$@"; do
   case $phase in
     stash) cp .device/gguf.0* "$W/" && ls -la "$W" | grep gguf ;;
+    keep-bin) mkdir -p "$W/bin" && cp .device/bin/* "$W/bin/" && B="$W/bin" ;;
     models)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
       cat $B/build_commit.txt 2>/dev/null | tee "$OUT/build_commit.txt"
@@ -54,7 +60,10 @@ PY
           bench "plain_b${n}_r$round" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl"
           bench "verify4_b${n}_r$round" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl" --verify-drafts 4
         done
-      done ;;
+      done
+      # Ablation: the verification's 5-row products on the CUDA-core GEMV instead of the tensor cores.
+      bench "verify4_b1_simt" throughput --model "$L8B" --dataset "$W/spec-1.jsonl" --verify-drafts 4 \
+        --kernel-gemv-mma-min-tokens 17 ;;
     draft)
       for n in 1 32; do
         bench "plain_draftref_b$n" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl"
@@ -89,6 +98,10 @@ for r in (1, 2):
             step = lambda x: x["elapsed_s"] / x["engine_steps"]
             print(f"round {r} batch {n}: step {step(p)*1e3:.2f} ms plain, {step(v)*1e3:.2f} ms verify(5 rows): "
                   f"ratio {step(v)/step(p):.3f}; tok/s {p['output_tokens_per_s']:.0f} vs {v['output_tokens_per_s']:.0f}")
+s, p = load("verify4_b1_simt"), load("plain_b1_r2")
+if s and p:
+    step = lambda x: x["elapsed_s"] / x["engine_steps"]
+    print(f"ablation batch 1: verify(5 rows) on the CUDA-core GEMV {step(s)*1e3:.2f} ms, ratio {step(s)/step(p):.3f}")
 for n in (1, 32):
     d, dn, p = load(f"draft1b_b{n}"), load(f"draft1b_never_pause_b{n}"), load(f"plain_draftref_b{n}") or load(f"plain_b{n}_r2")
     if d and p:

@@ -286,13 +286,22 @@ def run_latency(args, timed_iters):
     engine = llm.llm_engine
     vocab = engine.model_config.get_vocab_size()
     params = sampling_params(args, args.output_len, has_tok)
+    fixed_prompt = None
+    if args.prompt_ids_from:
+        with open(args.prompt_ids_from) as f:
+            fixed_prompt = json.load(f)["prompt_token_ids"]
     ttft, decode, e2e, expected, produced, finished = [], [], [], [], [], []
     cold_start_s = None
     for it in range(timed_iters + 1):
-        # A fresh random prompt each run (away from the vocabulary's ends, where special
-        # tokens live), so the prefix cache cannot help.
-        rng = random.Random(1000 + it)
-        prompt = [rng.randrange(10, vocab - 10) for _ in range(args.input_len)]
+        if fixed_prompt is not None:
+            # The same prompt each run (pagoda's, token for token): the prefix cache is emptied.
+            llm.reset_prefix_cache()
+            prompt = list(fixed_prompt)
+        else:
+            # A fresh random prompt each run (away from the vocabulary's ends, where special
+            # tokens live), so the prefix cache cannot help.
+            rng = random.Random(1000 + it)
+            prompt = [rng.randrange(10, vocab - 10) for _ in range(args.input_len)]
         started, first, first_wall, final = time.perf_counter(), None, None, None
         engine.add_request(f"latency-{it}", TokensPrompt(prompt_token_ids=prompt), params)
         while engine.has_unfinished_requests():
@@ -317,7 +326,9 @@ def run_latency(args, timed_iters):
     result = base_result(args, "latency" if timed_iters else "coldstart")
     result.update(
         llm_kwargs={k: _plain(v) for k, v in kwargs.items()},
-        input_len=args.input_len, output_len=args.output_len, num_iters=timed_iters,
+        input_len=len(fixed_prompt) if fixed_prompt is not None else args.input_len,
+        output_len=args.output_len, num_iters=timed_iters,
+        prompt_ids_from=args.prompt_ids_from,
         load_s=round(load_s, 2), cold_start_s=round(cold_start_s, 3),
         process_start_from=("--process-start" if args.process_start else "process creation time"),
         compile_cache=os.environ.get("PEER_COMPILE_CACHE"),
@@ -356,6 +367,9 @@ def main():
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--num-iters", type=int, default=3, help="latency: timed runs after one warm-up")
+    ap.add_argument("--prompt-ids-from", metavar="JSON",
+                    help="latency: the prompt_token_ids of a `pagoda bench latency --prompt-file` result, "
+                         "as the prompt of every run")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy; vllm bench throughput samples at 1.0 (top_p 1)")
     ap.add_argument("--detokenize", action="store_true", help="make text (needs a tokenizer)")
