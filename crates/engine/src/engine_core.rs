@@ -20,7 +20,7 @@ use crate::input::EngineCoreRequest;
 use crate::metrics::EngineMetrics;
 use crate::request::{PromptLogprob, TokenLogprob};
 use crate::runner::ModelRunner;
-use crate::speculative::{DraftRequest, Speculator};
+use crate::speculative::{DraftRequest, Speculation, Speculator, PROBE_SEQS};
 
 /// Host wall-clock time of each phase of `step()`, summed over steps; the
 /// runner's own split is in [`RunnerTimings`](crate::RunnerTimings).
@@ -121,7 +121,7 @@ pub(crate) struct EngineCore<B: Backend> {
     speculator: Option<Speculator>,
     /// Whether the next step speculates, decided before the step in flight
     /// is applied (a step that proposes needs every token on the host).
-    speculate_next: Option<bool>,
+    speculate_next: Option<Speculation>,
     /// Most tokens a grammar's forced run may propose a step (0: off).
     max_fast_forward_tokens: usize,
     fast_forward: FastForwardStats,
@@ -350,9 +350,14 @@ impl<B: Backend> EngineCore<B> {
 
     /// Whether the next step speculates (decided once per step).
     fn decide_speculation(&mut self) -> bool {
+        self.speculation() != Speculation::Off
+    }
+
+    /// What the next step does with speculation (decided once per step).
+    fn speculation(&mut self) -> Speculation {
         let running = self.scheduler.num_running();
         match (&mut self.speculator, self.speculate_next) {
-            (None, _) => false,
+            (None, _) => Speculation::Off,
             (Some(_), Some(decided)) => decided,
             (Some(spec), None) => {
                 let decided = spec.active(running);
@@ -366,6 +371,7 @@ impl<B: Backend> EngineCore<B> {
     /// speculate, and hands them to the scheduler (which cuts them to the
     /// step's budget and the requests' limits).
     fn propose_drafts(&mut self) -> Result<(), EngineError> {
+        let probe = self.speculation() == Speculation::Probe;
         let Some(spec) = self.speculator.as_mut() else { return Ok(()) };
         let k = spec.config().num_speculative_tokens;
         let requests = &self.requests;
@@ -373,6 +379,7 @@ impl<B: Backend> EngineCore<B> {
             .scheduler
             .decoding_seqs()
             .filter(|s| requests.get(&s.request_id()).is_some_and(|r| r.speculate))
+            .take(if probe { PROBE_SEQS } else { usize::MAX })
             .map(|s| DraftRequest { seq_id: s.seq_id(), tokens: s.all_token_ids(), max_drafts: k })
             .collect();
         if wanted.is_empty() {

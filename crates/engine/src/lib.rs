@@ -81,9 +81,9 @@ pub use request::{
 };
 pub use runner::{ModelRunner, PhaseTotal, RunnerTimings};
 pub use speculative::{
-    accepted_prefix, DraftRequest, NgramProposer, Proposer, SpecDecodeStats, SpeculativeConfig,
+    accepted_prefix, DraftRequest, NgramProposer, Proposer, SpecDecodeStats, Speculation, SpeculativeConfig,
     SpeculativeMethod, DEFAULT_MIN_ACCEPTANCE_RATE, MAX_SPECULATIVE_TOKENS, MAX_STEPS_WITHOUT_DRAFTS,
-    PROBE_INTERVAL,
+    MIN_PROBE_INTERVAL, PROBE_INTERVAL, PROBE_SEQS,
 };
 pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 

@@ -52,8 +52,8 @@ pub struct SpeculativeConfig {
     pub disable_by_batch_size: Option<usize>,
     /// Speculation pauses while the recent mean of accepted tokens per
     /// verified draft (the acceptance rate) is below this, or after a few
-    /// steps in which the proposer drafted nothing, probing again every
-    /// [`PROBE_INTERVAL`] steps; 0 never pauses.
+    /// steps in which the proposer drafted nothing, probing again now and
+    /// then (see [`Speculation`]); 0 never pauses.
     pub min_acceptance_rate: f64,
 }
 
@@ -141,8 +141,22 @@ impl SpeculativeConfig {
 /// more than a decode) rarely gives back what it costs.
 pub const DEFAULT_MIN_ACCEPTANCE_RATE: f64 = 0.1;
 
-/// While paused, one step in this many speculates again to re-measure.
+/// While paused, a probe step speculates again to re-measure: a draft model
+/// after this many steps. Its probe costs its catch-up over every token since
+/// the last and `k` forward passes (several decode steps of the target).
 pub const PROBE_INTERVAL: u64 = 256;
+
+/// A host proposer's (prompt lookup's) first probe comes after this many
+/// paused steps, each probe that does not resume speculation doubling the
+/// wait up to [`PROBE_INTERVAL`]: its probe costs nothing but the step's
+/// overlap with the one before, and whether the text repeats itself changes
+/// within a few tokens.
+pub const MIN_PROBE_INTERVAL: u64 = 16;
+
+/// At most this many sequences draft in a probe step, and in the steps before
+/// any acceptance was measured: a probe at a large batch does not make a draft
+/// model catch up on every prompt, nor verify drafts for every sequence.
+pub const PROBE_SEQS: usize = 4;
 
 /// Speculating steps in a row without a single draft before speculation
 /// pauses (until a probe step drafts again).
@@ -282,9 +296,13 @@ pub(crate) struct Speculator {
     /// `None`: the runner's draft model proposes.
     proposer: Option<Box<dyn Proposer>>,
     stats: SpecDecodeStats,
-    /// Recent acceptance rate (exponential moving average over verifications).
+    /// Recent acceptance rate: a moving average over verified drafts.
     recent_acceptance: f64,
     steps: u64,
+    /// While paused: the step of the next probe, and the wait after it.
+    paused: bool,
+    next_probe: u64,
+    probe_interval: u64,
     /// Consecutive speculating steps whose proposer drafted nothing (prompt
     /// lookup without a match): a step that speculates waits for the one
     /// before, so after a few such steps speculation pauses as it does for
@@ -292,13 +310,28 @@ pub(crate) struct Speculator {
     steps_without_drafts: u32,
 }
 
-/// Weight of one step in the moving average of the acceptance rate, and
-/// where the average starts: three steps that accept nothing pause
-/// speculation (0.5^4 < 0.1). A useless draft model costs a few steps: on an
-/// H200 with the Llama-3-8B shape, a step that verifies 4 drafts of a 1B
-/// draft costs about 4.5 plain decode steps.
-const ACCEPTANCE_EMA_WEIGHT: f64 = 0.5;
-const ACCEPTANCE_EMA_START: f64 = 0.5;
+/// The moving average of the acceptance rate weighs a step by its drafts: a
+/// step of `d` verified drafts moves it by `1 - (1 - w)^d` of the way to the
+/// step's rate, so 4 drafts weigh 0.34 and 16 weigh 0.81. It starts at 0.25:
+/// three verifications of 4 drafts that accept nothing pause speculation, as
+/// does one probe of 4 sequences (16 drafts), while a proposer right three
+/// times in four keeps it near 0.75 through a run of rejections. A useless
+/// draft model costs a few steps: on an H100 with the Llama-3-8B shape, a
+/// step that verifies 4 drafts of a 1B draft costs about 3.5 decode steps.
+const ACCEPTANCE_WEIGHT_PER_DRAFT: f64 = 0.1;
+const ACCEPTANCE_START: f64 = 0.25;
+
+/// What the next step does with speculation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Speculation {
+    /// No drafts (paused, above `disable_by_batch_size`, or nothing decoding).
+    Off,
+    /// Drafts for at most [`PROBE_SEQS`] sequences: a probe while paused, or
+    /// a first measurement.
+    Probe,
+    /// Drafts for every decoding sequence that may speculate.
+    Full,
+}
 
 impl Speculator {
     pub fn new(config: SpeculativeConfig, proposer: Option<Box<dyn Proposer>>) -> Self {
@@ -306,8 +339,11 @@ impl Speculator {
             config,
             proposer,
             stats: SpecDecodeStats::default(),
-            recent_acceptance: ACCEPTANCE_EMA_START,
+            recent_acceptance: ACCEPTANCE_START,
             steps: 0,
+            paused: false,
+            next_probe: 0,
+            probe_interval: 0,
             steps_without_drafts: 0,
         }
     }
@@ -325,28 +361,45 @@ impl Speculator {
         &self.stats
     }
 
-    /// Whether this step speculates, for `num_decoding` decoding sequences.
-    /// Counts the step.
-    pub fn active(&mut self, num_decoding: usize) -> bool {
+    /// What this step does, for `num_decoding` decoding sequences. Counts
+    /// the step.
+    pub fn active(&mut self, num_decoding: usize) -> Speculation {
         self.steps += 1;
         if num_decoding == 0 {
-            return false;
+            return Speculation::Off;
         }
         if self.config.disable_by_batch_size.is_some_and(|max| num_decoding > max) {
             self.stats.steps_disabled_by_batch += 1;
-            return false;
+            return Speculation::Off;
         }
-        let probe = self.steps % PROBE_INTERVAL == 0;
-        if self.recent_acceptance < self.config.min_acceptance_rate && !probe {
-            self.stats.steps_paused_by_acceptance += 1;
-            return false;
-        }
+        let low = self.recent_acceptance < self.config.min_acceptance_rate;
         let pauses = self.config.min_acceptance_rate > 0.0;
-        if pauses && self.steps_without_drafts >= MAX_STEPS_WITHOUT_DRAFTS && !probe {
-            self.stats.steps_paused_without_drafts += 1;
-            return false;
+        let idle = pauses && self.steps_without_drafts >= MAX_STEPS_WITHOUT_DRAFTS;
+        let min_interval = if self.proposer.is_some() { MIN_PROBE_INTERVAL } else { PROBE_INTERVAL };
+        if !(low || idle) {
+            self.paused = false;
+            self.probe_interval = min_interval;
+            return match self.stats.num_drafts {
+                0 => Speculation::Probe,
+                _ => Speculation::Full,
+            };
         }
-        true
+        if !self.paused {
+            self.paused = true;
+            self.probe_interval = self.probe_interval.max(min_interval);
+            self.next_probe = self.steps + self.probe_interval;
+        }
+        if self.steps >= self.next_probe {
+            self.probe_interval = (self.probe_interval * 2).min(PROBE_INTERVAL);
+            self.next_probe = self.steps + self.probe_interval;
+            return Speculation::Probe;
+        }
+        if low {
+            self.stats.steps_paused_by_acceptance += 1;
+        } else {
+            self.stats.steps_paused_without_drafts += 1;
+        }
+        Speculation::Off
     }
 
     /// Records whether a speculating step's proposer drafted anything.
@@ -392,7 +445,8 @@ impl Speculator {
         }
         if drafted_total > 0 {
             let rate = accepted_total as f64 / drafted_total as f64;
-            self.recent_acceptance += ACCEPTANCE_EMA_WEIGHT * (rate - self.recent_acceptance);
+            let weight = 1.0 - (1.0 - ACCEPTANCE_WEIGHT_PER_DRAFT).powi(drafted_total.min(1 << 16) as i32);
+            self.recent_acceptance += weight * (rate - self.recent_acceptance);
         }
     }
 
@@ -475,34 +529,41 @@ mod tests {
             r#"{"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": 4}"#,
         )
         .unwrap();
-        let mut s = Speculator::new(config, Some(Box::new(NgramProposer::new(2, 4))));
-        assert!(s.active(1));
-        assert!(!s.active(5), "above disable_by_batch_size");
-        assert!(!s.active(0));
-        for _ in 0..3 {
-            assert!(s.active(1), "not paused yet");
-            s.record_step([(4, 0), (2, 0)]);
+        let mut s = Speculator::new(config.clone(), Some(Box::new(NgramProposer::new(2, 4))));
+        assert_eq!(s.active(1), Speculation::Probe, "nothing measured yet: a few sequences draft");
+        assert_eq!(s.active(5), Speculation::Off, "above disable_by_batch_size");
+        assert_eq!(s.active(0), Speculation::Off);
+        for i in 0..3 {
+            assert_ne!(s.active(1), Speculation::Off, "not paused yet ({i})");
+            s.record_step([(4, 0)]);
         }
-        let active = (0..(2 * PROBE_INTERVAL)).filter(|_| s.active(1)).count();
-        assert_eq!(active, 2, "one probe per interval while paused");
-        for _ in 0..200 {
-            s.record_step([(4, 4)]);
-        }
-        assert!(s.active(1));
+        // Paused: a host proposer probes after 16 steps, then waits twice as
+        // long after each probe that does not resume, up to PROBE_INTERVAL.
+        let probes: Vec<u64> = (1..=1000).filter(|_| s.active(1) == Speculation::Probe).collect();
+        assert_eq!(probes, vec![17, 49, 113, 241, 497, 753]);
+        assert_eq!(s.stats().steps_paused_by_acceptance, 1000 - 6);
+        // A probe that accepts resumes at once, and the wait starts over.
+        s.record_step([(4, 4)]);
+        assert_eq!(s.active(1), Speculation::Full);
         // A proposer that drafts nothing pauses too, until a probe drafts.
         for _ in 0..MAX_STEPS_WITHOUT_DRAFTS {
-            assert!(s.active(1));
+            assert_eq!(s.active(1), Speculation::Full);
             s.note_proposals(false);
         }
-        let active = (0..PROBE_INTERVAL).filter(|_| s.active(1)).count();
-        assert_eq!(active, 1, "one probe per interval");
+        let first = (1..=100).find(|_| s.active(1) == Speculation::Probe);
+        assert_eq!(first, Some(MIN_PROBE_INTERVAL + 1));
         s.note_proposals(true);
-        assert!(s.active(1));
+        assert_eq!(s.active(1), Speculation::Full);
         let stats = s.stats();
-        assert_eq!(stats.num_drafts, 206);
-        assert_eq!(stats.num_draft_tokens, 3 * 6 + 800);
-        assert_eq!(stats.num_accepted_tokens, 800);
-        assert_eq!(stats.accepted_per_position, vec![200; 4]);
-        assert_eq!(stats.drafted_per_position, vec![206, 206, 203, 203]);
+        assert_eq!((stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens), (4, 16, 4));
+        assert_eq!(stats.steps_paused_without_drafts, MIN_PROBE_INTERVAL);
+
+        // A draft model probes every PROBE_INTERVAL steps; one probe of 4
+        // sequences (16 drafts) that accepts nothing pauses it.
+        let mut s = Speculator::new(config, None);
+        assert_eq!(s.active(3), Speculation::Probe);
+        s.record_step([(4, 0), (4, 0), (4, 0), (4, 0)]);
+        let probes: Vec<u64> = (1..=600).filter(|_| s.active(3) == Speculation::Probe).collect();
+        assert_eq!(probes, vec![PROBE_INTERVAL + 1, 2 * PROBE_INTERVAL + 1]);
     }
 }
