@@ -209,40 +209,61 @@ template <typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, pago
 // scales x by gamma before the product (rounded to 16 bits, as the unfused path
 // rounds the normalised rows) and by 1/rms(x) after it.
 
-constexpr int MMA_GEMV_WARPS = 8;
+// Compile-time knobs (PAGODA_NVCC_FLAGS=-DPAGODA_MMA_GEMV_...=N), for the kernel bench's sweeps.
+#ifndef PAGODA_MMA_GEMV_WARPS
+#define PAGODA_MMA_GEMV_WARPS 8
+#endif
+#ifndef PAGODA_MMA_GEMV_VEC
+#define PAGODA_MMA_GEMV_VEC 1
+#endif
+#ifndef PAGODA_MMA_GEMV_UNROLL
+#define PAGODA_MMA_GEMV_UNROLL 4
+#endif
+#ifndef PAGODA_MMA_GEMV_PREFETCH_CHUNKS
+#define PAGODA_MMA_GEMV_PREFETCH_CHUNKS 16
+#endif
+// Warps of a block, each taking a share of k.
+constexpr int MMA_GEMV_WARPS = PAGODA_MMA_GEMV_WARPS;
 constexpr int MMA_GEMV_MAX_TOKENS = 16;
-constexpr int MMA_GEMV_UNROLL = 4;
-// Chunks of each warp's k range prefetched into L2 before waiting on the kernel before (1 KB a row).
-constexpr int MMA_GEMV_PREFETCH_CHUNKS = 16;
+// 16-byte loads per lane, row and chunk: a chunk is 32 * VEC wide in k.
+constexpr int MMA_GEMV_VEC = PAGODA_MMA_GEMV_VEC;
+constexpr int MMA_GEMV_CHUNK = 32 * MMA_GEMV_VEC;
+constexpr int MMA_GEMV_UNROLL = PAGODA_MMA_GEMV_UNROLL;
+// Chunks of each warp's k range prefetched into L2 before waiting on the kernel before.
+constexpr int MMA_GEMV_PREFETCH_CHUNKS = PAGODA_MMA_GEMV_PREFETCH_CHUNKS;
 
-// One 32-wide k chunk `c` of the warp's two weight rows (`alo`, `ahi`) against its token rows.
+// One chunk `c` of the warp's two weight rows (`alo`, `ahi`: VEC loads each) against its token rows.
 template <typename T, int NT, bool NORM>
-__device__ __forceinline__ void mma_gemv_chunk(const uint4 &alo, const uint4 &ahi, const uint4 *const (&xrow)[NT],
-                                               const bool (&xvalid)[NT], const uint4 *grow, int c,
-                                               float (&acc)[NT][4], float (&ss)[NT]) {
-    uint4 gv;
-    if (NORM) gv = __ldg(grow + c * 4);
+__device__ __forceinline__ void mma_gemv_chunk(const uint4 (&alo)[MMA_GEMV_VEC], const uint4 (&ahi)[MMA_GEMV_VEC],
+                                               const uint4 *const (&xrow)[NT], const bool (&xvalid)[NT],
+                                               const uint4 *grow, int c, float (&acc)[NT][4], float (&ss)[NT]) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        uint4 xv = xvalid[nt] ? __ldg(xrow[nt] + c * 4) : make_uint4(0, 0, 0, 0);
-        if (NORM) {
-            float xf[8], gf[8];
-            pagoda::unpack8<T>(xv, xf);
-            pagoda::unpack8<T>(gv, gf);
+    for (int v = 0; v < MMA_GEMV_VEC; ++v) {
+        const int idx = c * 4 * MMA_GEMV_VEC + v;
+        uint4 gv;
+        if (NORM) gv = __ldg(grow + idx);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                ss[nt] = fmaf(xf[e], xf[e], ss[nt]);
-                xf[e] *= gf[e];
+        for (int nt = 0; nt < NT; ++nt) {
+            uint4 xv = xvalid[nt] ? __ldg(xrow[nt] + idx) : make_uint4(0, 0, 0, 0);
+            if (NORM) {
+                float xf[8], gf[8];
+                pagoda::unpack8<T>(xv, xf);
+                pagoda::unpack8<T>(gv, gf);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    ss[nt] = fmaf(xf[e], xf[e], ss[nt]);
+                    xf[e] *= gf[e];
+                }
+                xv.x = pagoda::Mma<T>::pack(xf[0], xf[1]);
+                xv.y = pagoda::Mma<T>::pack(xf[2], xf[3]);
+                xv.z = pagoda::Mma<T>::pack(xf[4], xf[5]);
+                xv.w = pagoda::Mma<T>::pack(xf[6], xf[7]);
             }
-            xv.x = pagoda::Mma<T>::pack(xf[0], xf[1]);
-            xv.y = pagoda::Mma<T>::pack(xf[2], xf[3]);
-            xv.z = pagoda::Mma<T>::pack(xf[4], xf[5]);
-            xv.w = pagoda::Mma<T>::pack(xf[6], xf[7]);
+            const uint32_t a0[4] = {alo[v].x, ahi[v].x, alo[v].y, ahi[v].y};
+            pagoda::Mma<T>::run(acc[nt], a0, xv.x, xv.y);
+            const uint32_t a1[4] = {alo[v].z, ahi[v].z, alo[v].w, ahi[v].w};
+            pagoda::Mma<T>::run(acc[nt], a1, xv.z, xv.w);
         }
-        const uint32_t a0[4] = {alo.x, ahi.x, alo.y, ahi.y};
-        pagoda::Mma<T>::run(acc[nt], a0, xv.x, xv.y);
-        const uint32_t a1[4] = {alo.z, ahi.z, alo.w, ahi.w};
-        pagoda::Mma<T>::run(acc[nt], a1, xv.z, xv.w);
     }
 }
 
@@ -261,16 +282,16 @@ __global__ void __launch_bounds__(MMA_GEMV_WARPS * 32)
     // Weight rows of MMA rows g and g + 8 (clamped: rows past the end are read, never stored).
     const int lo_row = min(r0 + g, n_out - 1);
     const int hi_row = SILU ? lo_row + n_out : min(r0 + g + 8, n_out - 1);
-    const int chunks = k / 32;
+    const int chunks = k / MMA_GEMV_CHUNK;
     const int c_begin = (int)((long)chunks * warp / MMA_GEMV_WARPS);
     const int c_end = (int)((long)chunks * (warp + 1) / MMA_GEMV_WARPS);
-    const uint4 *wlo = reinterpret_cast<const uint4 *>(w + (size_t)lo_row * k) + q;
-    const uint4 *whi = reinterpret_cast<const uint4 *>(w + (size_t)hi_row * k) + q;
+    const uint4 *wlo = reinterpret_cast<const uint4 *>(w + (size_t)lo_row * k) + q * MMA_GEMV_VEC;
+    const uint4 *whi = reinterpret_cast<const uint4 *>(w + (size_t)hi_row * k) + q * MMA_GEMV_VEC;
     // As in the kernel above: the weights never depend on the kernel before.
-    if ((q & 1) == 0) {  // one prefetch per 32-byte sector
+    if (MMA_GEMV_VEC > 1 || (q & 1) == 0) {  // one prefetch per 32-byte sector
         for (int c = c_begin; c < min(c_end, c_begin + MMA_GEMV_PREFETCH_CHUNKS); ++c) {
-            pagoda::prefetch_l2(wlo + c * 4);
-            pagoda::prefetch_l2(whi + c * 4);
+            pagoda::prefetch_l2(wlo + c * 4 * MMA_GEMV_VEC);
+            pagoda::prefetch_l2(whi + c * 4 * MMA_GEMV_VEC);
         }
     }
     pagoda::pdl_wait();
@@ -281,9 +302,9 @@ __global__ void __launch_bounds__(MMA_GEMV_WARPS * 32)
     for (int nt = 0; nt < NT; ++nt) {
         const int tok = g + 8 * nt;
         xvalid[nt] = tok < t;
-        xrow[nt] = reinterpret_cast<const uint4 *>(x + (size_t)min(tok, t - 1) * k) + q;
+        xrow[nt] = reinterpret_cast<const uint4 *>(x + (size_t)min(tok, t - 1) * k) + q * MMA_GEMV_VEC;
     }
-    const uint4 *grow = NORM ? reinterpret_cast<const uint4 *>(gamma) + q : nullptr;
+    const uint4 *grow = NORM ? reinterpret_cast<const uint4 *>(gamma) + q * MMA_GEMV_VEC : nullptr;
     float acc[NT][4], ss[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -293,17 +314,27 @@ __global__ void __launch_bounds__(MMA_GEMV_WARPS * 32)
     }
     int c = c_begin;
     for (; c + MMA_GEMV_UNROLL <= c_end; c += MMA_GEMV_UNROLL) {
-        uint4 alo[MMA_GEMV_UNROLL], ahi[MMA_GEMV_UNROLL];
+        uint4 alo[MMA_GEMV_UNROLL][MMA_GEMV_VEC], ahi[MMA_GEMV_UNROLL][MMA_GEMV_VEC];
 #pragma unroll
-        for (int u = 0; u < MMA_GEMV_UNROLL; ++u) {
-            alo[u] = __ldg(wlo + (c + u) * 4);
-            ahi[u] = __ldg(whi + (c + u) * 4);
-        }
+        for (int u = 0; u < MMA_GEMV_UNROLL; ++u)
+#pragma unroll
+            for (int v = 0; v < MMA_GEMV_VEC; ++v) {
+                alo[u][v] = __ldg(wlo + (c + u) * 4 * MMA_GEMV_VEC + v);
+                ahi[u][v] = __ldg(whi + (c + u) * 4 * MMA_GEMV_VEC + v);
+            }
 #pragma unroll
         for (int u = 0; u < MMA_GEMV_UNROLL; ++u)
             mma_gemv_chunk<T, NT, NORM>(alo[u], ahi[u], xrow, xvalid, grow, c + u, acc, ss);
     }
-    for (; c < c_end; ++c) mma_gemv_chunk<T, NT, NORM>(__ldg(wlo + c * 4), __ldg(whi + c * 4), xrow, xvalid, grow, c, acc, ss);
+    for (; c < c_end; ++c) {
+        uint4 alo[MMA_GEMV_VEC], ahi[MMA_GEMV_VEC];
+#pragma unroll
+        for (int v = 0; v < MMA_GEMV_VEC; ++v) {
+            alo[v] = __ldg(wlo + c * 4 * MMA_GEMV_VEC + v);
+            ahi[v] = __ldg(whi + c * 4 * MMA_GEMV_VEC + v);
+        }
+        mma_gemv_chunk<T, NT, NORM>(alo, ahi, xrow, xvalid, grow, c, acc, ss);
+    }
     pagoda::pdl_launch_dependents();
 
 #pragma unroll
@@ -384,10 +415,10 @@ template <typename T, typename O> int mma_gemv_fused(const PagodaLinearArgs *a, 
 
 // Whether the tensor-core kernel takes this product: 16-bit inputs, between
 // the policy's gemv_mma_min_tokens and MMA_GEMV_MAX_TOKENS rows, k a multiple
-// of 32, aligned pointers.
+// of the chunk, aligned pointers.
 bool mma_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
     return policy->use_gemv != 0 && a->t >= 1 && a->t >= policy->gemv_mma_min_tokens &&
-           a->t <= MMA_GEMV_MAX_TOKENS && a->k > 0 && a->k % 32 == 0 &&
+           a->t <= MMA_GEMV_MAX_TOKENS && a->k > 0 && a->k % MMA_GEMV_CHUNK == 0 &&
            (a->in_dtype == PAGODA_DTYPE_BF16 || a->in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(a->x) &&
            pagoda::aligned16(a->weight) && (a->norm_weight == nullptr || pagoda::aligned16(a->norm_weight));
 }

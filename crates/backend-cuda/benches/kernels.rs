@@ -9,7 +9,8 @@
 //! - Prefill attention (causal, with and without a cached prefix): TFLOP/s
 //!   against the GEMM.
 //! - Speculative verification: attention of 5 query rows a sequence (k + 1
-//!   for k = 4 drafts) against one, batch 1 and 32, bytes against the copy.
+//!   for k = 4 drafts), as one prompt chunk and as 5 decode rows (the
+//!   engine's layout), against one, batch 1 and 32, bytes against the copy.
 //! - Linear products of 1-160 token rows on the 8B layer shapes (and the LM
 //!   head), both GEMVs and cuBLAS: weight bytes over time against the copy.
 //! - rms_norm, add_rms_norm, silu_and_mul, rotary_and_cache on 8B shapes
@@ -233,8 +234,14 @@ fn main() -> Result<()> {
     // ---- speculative verification: k + 1 = 5 query rows a sequence against one ----
     // Decode rows go to the decode kernel; a verification's 5 rows over the same
     // context take the prefill path today. Bytes: K and V of the context once.
-    for &(batch, ctx, qlen) in &[(1usize, 580usize, 1usize), (1, 580, 5), (32, 580, 1), (32, 580, 5)] {
-        let label = format!("verify attention b{batch} ctx{ctx} q{qlen} 32q/8kv D128 bs16");
+    // "rows": the engine's layout, a verification's 5 rows as 5 one-token
+    // decode rows over the same block table, row i seeing ctx - 4 + i tokens.
+    let verify_cases = [(1usize, 580usize, 1usize, false), (1, 580, 5, false), (1, 580, 5, true)]
+        .into_iter()
+        .chain([(32, 580, 1, false), (32, 580, 5, false), (32, 580, 5, true)]);
+    for (batch, ctx, qlen, as_rows) in verify_cases {
+        let layout = if as_rows { " as decode rows" } else { "" };
+        let label = format!("verify attention b{batch} ctx{ctx} q{qlen}{layout} 32q/8kv D128 bs16");
         if !wanted(&label) {
             continue;
         }
@@ -246,13 +253,28 @@ fn main() -> Result<()> {
         for i in (1..perm.len()).rev() {
             perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
-        let host = AttentionHostMetadata {
-            query_start_loc: (0..=batch as i32).map(|s| s * qlen as i32).collect(),
-            seq_lens: vec![ctx as i32; batch],
-            block_tables: perm,
-            max_blocks_per_seq: blocks_per_seq,
-            slot_mapping: vec![-1; batch * qlen],
-            num_decode_seqs: if qlen == 1 { batch } else { 0 },
+        let host = if as_rows {
+            let rows = batch * qlen;
+            AttentionHostMetadata {
+                query_start_loc: (0..=rows as i32).collect(),
+                seq_lens: (0..rows).map(|r| (ctx - qlen + 1 + r % qlen) as i32).collect(),
+                block_tables: perm
+                    .chunks(blocks_per_seq)
+                    .flat_map(|table| std::iter::repeat_n(table, qlen).flatten().copied())
+                    .collect(),
+                max_blocks_per_seq: blocks_per_seq,
+                slot_mapping: vec![-1; rows],
+                num_decode_seqs: rows,
+            }
+        } else {
+            AttentionHostMetadata {
+                query_start_loc: (0..=batch as i32).map(|s| s * qlen as i32).collect(),
+                seq_lens: vec![ctx as i32; batch],
+                block_tables: perm,
+                max_blocks_per_seq: blocks_per_seq,
+                slot_mapping: vec![-1; batch * qlen],
+                num_decode_seqs: if qlen == 1 { batch } else { 0 },
+            }
         };
         let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
         let bytes = (2 * batch * ctx * hkv * d * 2) as f64;
