@@ -86,21 +86,27 @@ PY
       done ;;
     summary)
       python3 - "$OUT" <<'PY'
-import json, os, sys
+import json, os, re, sys
 out = sys.argv[1]
 def load(name):
     p = os.path.join(out, f"spec_{name}.json")
-    return json.load(open(p)) if os.path.exists(p) else None
+    r = json.load(open(p)) if os.path.exists(p) else None
+    # The step time of decode-only steps (prefill steps excluded), from the log's runner split.
+    log = os.path.join(out, f"spec_{name}.log")
+    if r is not None and os.path.exists(log):
+        m = re.search(r"decode-only steps .*\(([0-9.]+) ms per step\)", open(log).read())
+        r["decode_step_s"] = float(m.group(1)) / 1e3 if m else None
+    return r
 for r in (1, 2):
     for n in (1, 32):
         p, v = load(f"plain_b{n}_r{r}"), load(f"verify4_b{n}_r{r}")
         if p and v:
-            step = lambda x: x["elapsed_s"] / x["engine_steps"]
-            print(f"round {r} batch {n}: step {step(p)*1e3:.2f} ms plain, {step(v)*1e3:.2f} ms verify(5 rows): "
+            step = lambda x: x["decode_step_s"] or x["elapsed_s"] / x["engine_steps"]
+            print(f"round {r} batch {n}: decode-only step {step(p)*1e3:.2f} ms plain, {step(v)*1e3:.2f} ms verify(5 rows): "
                   f"ratio {step(v)/step(p):.3f}; tok/s {p['output_tokens_per_s']:.0f} vs {v['output_tokens_per_s']:.0f}")
 s, p = load("verify4_b1_simt"), load("plain_b1_r2")
 if s and p:
-    step = lambda x: x["elapsed_s"] / x["engine_steps"]
+    step = lambda x: x["decode_step_s"] or x["elapsed_s"] / x["engine_steps"]
     print(f"ablation batch 1: verify(5 rows) on the CUDA-core GEMV {step(s)*1e3:.2f} ms, ratio {step(s)/step(p):.3f}")
 for n in (1, 32):
     d, dn, p = load(f"draft1b_b{n}"), load(f"draft1b_never_pause_b{n}"), load(f"plain_draftref_b{n}") or load(f"plain_b{n}_r2")
