@@ -437,24 +437,23 @@ impl PersistentBatch {
             }
         }
         let slots = &mut self.slots;
-        let mut work: Vec<(Option<Box<dyn TokenConstraint>>, &mut [u32], &[Option<TokenId>])> =
-            Vec::with_capacity(groups.len());
+        let mut work: Vec<MaskGroup<'_>> = Vec::with_capacity(groups.len());
         let (mut masks, mut drafts) = (&mut self.token_masks[..], &self.sampler_drafts[..]);
         for &(slot, rows) in &groups {
             let (group_masks, rest) = std::mem::take(&mut masks).split_at_mut(rows * words);
             let (group_drafts, rest_drafts) = drafts.split_at(rows);
             (masks, drafts) = (rest, rest_drafts);
             let constraint = slots[slot].as_mut().and_then(|state| state.constraint.take());
-            work.push((constraint, group_masks, group_drafts));
+            work.push(MaskGroup { constraint, masks: group_masks, drafts: group_drafts });
         }
-        work.par_iter_mut().for_each(|(c, masks, drafts)| {
-            if let Some(c) = c {
-                fill_rows_along_drafts(c.as_mut(), masks, drafts, words);
+        work.par_iter_mut().for_each(|g| {
+            if let Some(c) = g.constraint.as_mut() {
+                fill_rows_along_drafts(c.as_mut(), g.masks, g.drafts, words);
             }
         });
-        for (&(slot, _), (c, _, _)) in groups.iter().zip(work) {
+        for (&(slot, _), g) in groups.iter().zip(work) {
             if let Some(state) = self.slots[slot].as_mut() {
-                state.constraint = c;
+                state.constraint = g.constraint;
             }
         }
         self.masks_filled = true;
@@ -851,6 +850,14 @@ impl BlockTableSource for PersistentBatch {
     fn row_table(&self, row: usize) -> &[BlockId] {
         &self.slot_ref(self.step_slots[row]).block_table
     }
+}
+
+/// One sequence's sampling rows while their masks are filled: its
+/// constraint (taken out of its state), their masks, and the draft after each.
+struct MaskGroup<'a> {
+    constraint: Option<Box<dyn TokenConstraint>>,
+    masks: &'a mut [u32],
+    drafts: &'a [Option<TokenId>],
 }
 
 /// One sequence's rows of masks (`words` each): row `i` after accepting
