@@ -86,7 +86,7 @@ pub struct DeviceArgs {
     #[arg(long, value_enum)]
     pub kernel_gemv: Option<Switch>,
     /// CUDA: the fewest token rows a product needs to take the tensor-core
-    /// GEMV rather than the CUDA-core one; 17 never takes it (default: 2, or
+    /// GEMV rather than the CUDA-core one; 17 never takes it (default: 3, or
     /// $PAGODA_GEMV_MMA_MIN_TOKENS).
     #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u32).range(1..=17))]
     pub kernel_gemv_mma_min_tokens: Option<u32>,

@@ -74,6 +74,27 @@ fn median_ms(g: &CudaBackend, warmup: usize, reps: usize, mut f: impl FnMut() ->
     Ok(times[reps / 2])
 }
 
+/// Random K and V caches of `batch` sequences of `ctx` tokens (`(kv heads,
+/// block size, head dim)`), and their block tables: every block used once,
+/// shuffled. Returns the caches, the tables (row-major) and their width.
+fn random_paged_kv(
+    g: &CudaBackend,
+    rng: &mut Rng,
+    batch: usize,
+    ctx: usize,
+    (hkv, bs, d): (usize, usize, usize),
+) -> Result<(T, T, Vec<i32>, usize)> {
+    let blocks_per_seq = ctx.div_ceil(bs);
+    let num_blocks = batch * blocks_per_seq;
+    let k = random_tensor(g, rng, &[num_blocks, hkv, bs, d])?;
+    let v = random_tensor(g, rng, &[num_blocks, hkv, bs, d])?;
+    let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    Ok((k, v, perm, blocks_per_seq))
+}
+
 /// Median milliseconds (as [`median_ms`]) of paged attention for the batch
 /// that `host` describes: a random query of `num_q_heads` heads over the
 /// caches `kv` (`[num_blocks, Hkv, block_size, D]` each), scale `1/sqrt(D)`.
@@ -170,14 +191,7 @@ fn main() -> Result<()> {
         }
         let partition: DecodePartition = part.parse().expect("the sweep names valid partitions");
         g.set_kernel_options(KernelOptions { decode_partition: Some(partition), ..KernelOptions::default() });
-        let blocks_per_seq = ctx.div_ceil(bs);
-        let num_blocks = batch * blocks_per_seq;
-        let k = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
-        let v = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
-        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
-        for i in (1..perm.len()).rev() {
-            perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
+        let (k, v, perm, blocks_per_seq) = random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d))?;
         let host = AttentionHostMetadata {
             query_start_loc: (0..=batch as i32).collect(),
             seq_lens: vec![ctx as i32; batch],
@@ -245,14 +259,7 @@ fn main() -> Result<()> {
         if !wanted(&label) {
             continue;
         }
-        let blocks_per_seq = ctx.div_ceil(bs);
-        let num_blocks = batch * blocks_per_seq;
-        let k = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
-        let v = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
-        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
-        for i in (1..perm.len()).rev() {
-            perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
+        let (k, v, perm, blocks_per_seq) = random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d))?;
         let host = if as_rows {
             let rows = batch * qlen;
             AttentionHostMetadata {

@@ -54,8 +54,10 @@ pub const ENV_GEMV_MMA_MIN_TOKENS: &str = "PAGODA_GEMV_MMA_MIN_TOKENS";
 pub const GEMV_MMA_MAX_TOKENS: u32 = 16;
 /// The device default of [`KernelPolicy::gemv_mma_min_tokens`]: products of
 /// this many rows or more run on the tensor cores, fewer on the CUDA-core
-/// GEMV (the kernel bench's `linear` rows compare them; PERF.md, v12).
-pub const DEFAULT_GEMV_MMA_MIN_TOKENS: u32 = 2;
+/// GEMV. The kernel bench's `linear` rows compare them (PERF.md, v12): at 2
+/// rows the CUDA-core GEMV is faster for every product of the 8B layer, at 5
+/// the tensor-core one for all but the widest.
+pub const DEFAULT_GEMV_MMA_MIN_TOKENS: u32 = 3;
 
 /// How decode attention splits each sequence's context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,6 +268,17 @@ mod tests {
     const H100: DeviceFacts = DeviceFacts { num_sms: 132, compute_capability: (9, 0) };
     const A100: DeviceFacts = DeviceFacts { num_sms: 108, compute_capability: (8, 0) };
 
+    /// The device default: every kernel on, partitions chosen per launch.
+    fn all_on(num_sms: u32) -> KernelPolicy {
+        KernelPolicy {
+            num_sms,
+            use_pdl: true,
+            use_gemv: true,
+            gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
+            decode_partition: None,
+        }
+    }
+
     fn env(vars: &[(&str, &str)]) -> Result<KernelOptions, KernelEnvError> {
         let vars: HashMap<String, String> =
             vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -276,16 +289,7 @@ mod tests {
     fn the_device_decides_when_nothing_is_asked() {
         let none = KernelOptions::default();
         let p = KernelPolicy::resolve(none, none, H100);
-        assert_eq!(
-            p,
-            KernelPolicy {
-                num_sms: 132,
-                use_pdl: true,
-                use_gemv: true,
-                gemv_mma_min_tokens: 2,
-                decode_partition: None
-            }
-        );
+        assert_eq!(p, all_on(132));
         let p = KernelPolicy::resolve(none, none, A100);
         assert_eq!(
             p,
@@ -293,7 +297,7 @@ mod tests {
                 num_sms: 108,
                 use_pdl: false,
                 use_gemv: true,
-                gemv_mma_min_tokens: 2,
+                gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
                 decode_partition: None
             }
         );
@@ -312,7 +316,7 @@ mod tests {
                 num_sms: 132,
                 use_pdl: false,
                 use_gemv: false,
-                gemv_mma_min_tokens: 2,
+                gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
                 decode_partition: Some(256)
             }
         );
@@ -331,16 +335,7 @@ mod tests {
             gemv_mma_min_tokens: None,
         };
         let p = KernelPolicy::resolve(flags, vars, H100);
-        assert_eq!(
-            p,
-            KernelPolicy {
-                num_sms: 132,
-                use_pdl: true,
-                use_gemv: true,
-                gemv_mma_min_tokens: 2,
-                decode_partition: None
-            }
-        );
+        assert_eq!(p, all_on(132));
         // A flag set on one switch leaves the others to the environment.
         let flags =
             KernelOptions { decode_partition: Some(DecodePartition::Tokens(1024)), ..Default::default() };
@@ -351,7 +346,7 @@ mod tests {
                 num_sms: 132,
                 use_pdl: false,
                 use_gemv: false,
-                gemv_mma_min_tokens: 2,
+                gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
                 decode_partition: Some(1024)
             }
         );
@@ -402,12 +397,12 @@ mod tests {
             num_sms: 132,
             use_pdl: true,
             use_gemv: false,
-            gemv_mma_min_tokens: 2,
+            gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
             decode_partition: None,
         };
         assert_eq!(
             p.to_string(),
-            "132 SMs, PDL on, GEMV off (tensor cores from 2 rows), decode partition auto"
+            "132 SMs, PDL on, GEMV off (tensor cores from 3 rows), decode partition auto"
         );
     }
 }
