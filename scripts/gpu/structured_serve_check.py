@@ -77,8 +77,11 @@ for choice in ["required", {"type": "function", "function": {"name": "get_weathe
                                           "tool_choice": choice, "max_tokens": 120, "temperature": 0.7, "seed": 1, "n": 3})
     for c in r.get("choices", []):
         calls = c["message"].get("tool_calls") or []
+        # Cut off by max_tokens, the last call's arguments may be cut short (as OpenAI's are); every
+        # call before it must be whole.
+        whole = calls[:-1] if c["finish_reason"] == "length" else calls
         ok = len(calls) >= 1
-        for call in calls:
+        for call in whole:
             try:
                 a = json.loads(call["function"]["arguments"])
                 ok = ok and call["function"]["name"] == "get_weather" and sorted(a) == ["city", "unit"] and a["unit"] in ("c", "f")

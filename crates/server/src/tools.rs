@@ -141,8 +141,13 @@ impl ToolMode {
                     let reason = if stopped { Some("tool_calls") } else { finish_reason };
                     (None, calls.into_iter().map(call_out).collect(), reason)
                 }
-                // Cut off by max_tokens: the text is all there is.
-                _ => (Some(text), Vec::new(), finish_reason),
+                // Cut off by max_tokens: the calls as far as they were
+                // written, as a streaming client assembles them (the last
+                // one's arguments may be cut short, as a named call's are).
+                _ => match calls_as_streamed(ConstrainedCallStream::required(), &text) {
+                    calls if calls.is_empty() => (Some(text), Vec::new(), finish_reason),
+                    calls => (None, calls.into_iter().map(call_out).collect(), finish_reason),
+                },
             },
             ToolMode::Named(name) => {
                 // Compact, as the other modes write arguments; raw if cut short.
@@ -173,6 +178,27 @@ pub fn tool_call_id() -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let hash = SALT.get_or_init(RandomState::new).hash_one(n);
     format!("chatcmpl-tool-{hash:016x}{:08x}", n as u32)
+}
+
+/// The calls a stream of `text` gives, each delta applied in order.
+fn calls_as_streamed(mut stream: ConstrainedCallStream, text: &str) -> Vec<ToolCall> {
+    let mut calls: Vec<ToolCall> = Vec::new();
+    let mut deltas = stream.push(text);
+    deltas.extend(stream.finish());
+    for delta in deltas {
+        match delta {
+            StreamDelta::ToolCallStart { index, name } if index == calls.len() => {
+                calls.push(ToolCall { name, arguments: String::new() });
+            }
+            StreamDelta::ToolCallArguments { index, fragment } => {
+                if let Some(call) = calls.get_mut(index) {
+                    call.arguments.push_str(&fragment);
+                }
+            }
+            _ => {}
+        }
+    }
+    calls
 }
 
 fn call_out(call: ToolCall) -> ToolCallOut {
@@ -369,6 +395,16 @@ mod tests {
         );
         assert_eq!((content, calls.len(), reason), (None, 1, Some("tool_calls")));
         assert_eq!(calls[0].function.arguments, r#"{"city":"Oslo"}"#);
+        // Cut off by max_tokens inside the second call: both calls, as the
+        // stream gave them, the second's arguments cut short.
+        let cut = r#"[{"name":"get_weather","parameters":{"city":"Oslo"}},{"name":"get_weather","parameters":{"city":"Ro"#;
+        let (content, calls, reason) = required.finish_message(cut.into(), Some("length"));
+        assert_eq!((content, calls.len(), reason), (None, 2, Some("length")));
+        assert_eq!(calls[0].function.arguments, r#"{"city":"Oslo"}"#);
+        assert!(calls[1].function.arguments.starts_with(r#"{"city":"Ro"#), "{:?}", calls[1].function.arguments);
+        // Cut off before any call began: the text.
+        let (content, calls, _) = required.finish_message("[".into(), Some("length"));
+        assert_eq!((content.as_deref(), calls.len()), (Some("["), 0));
 
         let named = ToolMode::Named("get_weather".into());
         let (content, calls, reason) = named.finish_message(r#"{ "city": "Rome" }"#.into(), Some("stop"));
