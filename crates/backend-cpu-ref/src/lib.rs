@@ -39,6 +39,7 @@
 
 mod attention;
 pub mod conformance;
+pub mod fp8;
 mod kv_blocks;
 mod linear;
 mod memory;
