@@ -401,7 +401,11 @@ mod tests {
         let (content, calls, reason) = required.finish_message(cut.into(), Some("length"));
         assert_eq!((content, calls.len(), reason), (None, 2, Some("length")));
         assert_eq!(calls[0].function.arguments, r#"{"city":"Oslo"}"#);
-        assert!(calls[1].function.arguments.starts_with(r#"{"city":"Ro"#), "{:?}", calls[1].function.arguments);
+        assert!(
+            calls[1].function.arguments.starts_with(r#"{"city":"Ro"#),
+            "{:?}",
+            calls[1].function.arguments
+        );
         // Cut off before any call began: the text.
         let (content, calls, _) = required.finish_message("[".into(), Some("length"));
         assert_eq!((content.as_deref(), calls.len()), (Some("["), 0));
