@@ -134,6 +134,19 @@ struct Row {
     vs_ceiling: String,
 }
 
+impl Row {
+    /// A row of `bytes` moved in `ms`, against the copy's `peak_bw` (bytes/s).
+    fn bandwidth(what: impl Into<String>, ms: f64, bytes: f64, peak_bw: f64) -> Self {
+        let bw = bytes / (ms * 1e-3);
+        Row {
+            what: what.into(),
+            ms,
+            figure: format!("{:.0} GB/s", bw / 1e9),
+            vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let mut g = CudaBackend::new(0)?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -203,13 +216,7 @@ fn main() -> Result<()> {
         let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
         g.set_kernel_options(KernelOptions::default());
         let bytes = (2 * batch * ctx * hkv * d * 2 + 2 * batch * hq * d * 2) as f64;
-        let bw = bytes / (ms * 1e-3);
-        rows.push(Row {
-            what: label,
-            ms,
-            figure: format!("{:.0} GB/s", bw / 1e9),
-            vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
-        });
+        rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
     }
 
     // ---- prefill attention ----
@@ -285,13 +292,7 @@ fn main() -> Result<()> {
         };
         let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
         let bytes = (2 * batch * ctx * hkv * d * 2) as f64;
-        let bw = bytes / (ms * 1e-3);
-        rows.push(Row {
-            what: label,
-            ms,
-            figure: format!("{:.0} GB/s", bw / 1e9),
-            vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
-        });
+        rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
     }
 
     // ---- linear products on Llama-3-8B shapes, few token rows (decode and verification) ----
@@ -333,13 +334,7 @@ fn main() -> Result<()> {
                 let ms = median_ms(&g, 5, 30, || g.linear_fused(&x, &w, None, &out, &fusion))?;
                 g.set_kernel_options(KernelOptions::default());
                 let bytes = (ndim * kdim * 2) as f64;
-                let bw = bytes / (ms * 1e-3);
-                rows.push(Row {
-                    what: label,
-                    ms,
-                    figure: format!("{:.0} GB/s", bw / 1e9),
-                    vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
-                });
+                rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
             }
         }
     }
@@ -354,12 +349,7 @@ fn main() -> Result<()> {
     let res = random_tensor(&g, &mut rng, &[tok, hidden])?;
     let w = random_tensor(&g, &mut rng, &[hidden])?;
     let out = g.alloc(&[tok, hidden], DType::BF16)?;
-    let bw_row = |what: &str, ms: f64, bytes: usize| Row {
-        what: what.into(),
-        ms,
-        figure: format!("{:.0} GB/s", bytes as f64 / (ms * 1e-3) / 1e9),
-        vs_ceiling: format!("{:.1}% of copy", 100.0 * bytes as f64 / (ms * 1e-3) / peak_bw),
-    };
+    let bw_row = |what: &str, ms: f64, bytes: usize| Row::bandwidth(what, ms, bytes as f64, peak_bw);
     let ms = median_ms(&g, 5, 30, || g.rms_norm(&x, &w, 1e-5, &out))?;
     rows.push(bw_row("rms_norm [4096, 4096]", ms, 2 * tok * hidden * 2));
     let ms = median_ms(&g, 5, 30, || g.add_rms_norm(&x, &res, &w, 1e-5, &out))?;
