@@ -80,7 +80,6 @@ template <> struct Mma<__half> {
     }
 };
 
-
 // ---- reductions -----------------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -176,17 +176,6 @@ int launch_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     return 0;
 }
 
-template <typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
-    const bool norm = a->norm_weight != nullptr;
-    if (a->silu_mul) {
-        if constexpr (std::is_same<O, T>::value) {
-            return norm ? launch_gemv<T, O, true, true>(a, stream) : launch_gemv<T, O, false, true>(a, stream);
-        }
-        return PAGODA_ERR_DTYPE;
-    }
-    return norm ? launch_gemv<T, O, true, false>(a, stream) : launch_gemv<T, O, false, false>(a, stream);
-}
-
 // ---- small-batch products on tensor cores ----------------------------------------
 // The kernel above does 8 FMAs per weight element and token row on the CUDA
 // cores, and converts every element to f32: at 5 or more rows that arithmetic,
@@ -401,58 +390,68 @@ int launch_mma_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     return 0;
 }
 
-template <typename T, typename O> int mma_gemv_fused(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+// The two weight-streaming kernels, each launched for one fusion of a product.
+struct SimtGemv {
+    template <typename T, typename O, bool NORM, bool SILU>
+    static int launch(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+        return launch_gemv<T, O, NORM, SILU>(a, stream);
+    }
+};
+struct MmaGemv {
+    template <typename T, typename O, bool NORM, bool SILU>
+    static int launch(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+        return launch_mma_gemv<T, O, NORM, SILU>(a, stream);
+    }
+};
+
+// Kernel family `K` for the product's fusion: input norm or not, SiLU-and-mul
+// (its output in the input's type) or not.
+template <typename K, typename T, typename O> int gemv_fused(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     const bool norm = a->norm_weight != nullptr;
     if (a->silu_mul) {
         if constexpr (std::is_same<O, T>::value) {
-            return norm ? launch_mma_gemv<T, O, true, true>(a, stream)
-                        : launch_mma_gemv<T, O, false, true>(a, stream);
+            return norm ? K::template launch<T, O, true, true>(a, stream)
+                        : K::template launch<T, O, false, true>(a, stream);
         }
         return PAGODA_ERR_DTYPE;
     }
-    return norm ? launch_mma_gemv<T, O, true, false>(a, stream) : launch_mma_gemv<T, O, false, false>(a, stream);
+    return norm ? K::template launch<T, O, true, false>(a, stream) : K::template launch<T, O, false, false>(a, stream);
 }
 
-// Whether the tensor-core kernel takes this product: 16-bit inputs, between
-// the policy's gemv_mma_min_tokens and MMA_GEMV_MAX_TOKENS rows, k a multiple
-// of the chunk, aligned pointers.
-bool mma_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
-    return policy->use_gemv != 0 && a->t >= 1 && a->t >= policy->gemv_mma_min_tokens &&
-           a->t <= MMA_GEMV_MAX_TOKENS && a->k > 0 && a->k % MMA_GEMV_CHUNK == 0 &&
-           (a->in_dtype == PAGODA_DTYPE_BF16 || a->in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(a->x) &&
-           pagoda::aligned16(a->weight) && (a->norm_weight == nullptr || pagoda::aligned16(a->norm_weight));
-}
-
-int mma_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
+// Kernel family `K` for the product's input (bf16 or f16) and output (the same, or f32) types.
+template <typename K> int gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     const bool f32_out = a->out_dtype == PAGODA_DTYPE_F32;
     if (a->in_dtype == PAGODA_DTYPE_BF16) {
-        return f32_out ? mma_gemv_fused<__nv_bfloat16, float>(a, stream)
-                       : mma_gemv_fused<__nv_bfloat16, __nv_bfloat16>(a, stream);
+        return f32_out ? gemv_fused<K, __nv_bfloat16, float>(a, stream)
+                       : gemv_fused<K, __nv_bfloat16, __nv_bfloat16>(a, stream);
     }
-    return f32_out ? mma_gemv_fused<__half, float>(a, stream) : mma_gemv_fused<__half, __half>(a, stream);
+    return f32_out ? gemv_fused<K, __half, float>(a, stream) : gemv_fused<K, __half, __half>(a, stream);
 }
 
-// Whether the small-batch kernel takes this product: 16-bit inputs, at most
-// GEMV_MAX_TOKENS rows, rows of whole 16-byte chunks, aligned pointers, and
-// the policy's use_gemv (off forces cuBLAS, for comparisons).
-bool simt_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
-    return policy->use_gemv != 0 && a->t >= 1 && a->t <= GEMV_MAX_TOKENS && a->k > 0 && a->k % 8 == 0 &&
+// What either weight-streaming kernel needs: the policy's use_gemv (off
+// forces cuBLAS, for comparisons), at least one row, 16-bit inputs, aligned pointers.
+bool streams_weights(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+    return policy->use_gemv != 0 && a->t >= 1 && a->k > 0 &&
            (a->in_dtype == PAGODA_DTYPE_BF16 || a->in_dtype == PAGODA_DTYPE_F16) && pagoda::aligned16(a->x) &&
            pagoda::aligned16(a->weight) && (a->norm_weight == nullptr || pagoda::aligned16(a->norm_weight));
+}
+
+// Whether the tensor-core kernel takes this product: between the policy's
+// gemv_mma_min_tokens and MMA_GEMV_MAX_TOKENS rows, k a multiple of the chunk.
+bool mma_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+    return streams_weights(a, policy) && a->t >= policy->gemv_mma_min_tokens && a->t <= MMA_GEMV_MAX_TOKENS &&
+           a->k % MMA_GEMV_CHUNK == 0;
+}
+
+// Whether the CUDA-core kernel takes this product: at most GEMV_MAX_TOKENS
+// rows, rows of whole 16-byte chunks.
+bool simt_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
+    return streams_weights(a, policy) && a->t <= GEMV_MAX_TOKENS && a->k % 8 == 0;
 }
 
 // Whether either weight-streaming kernel takes this product.
 bool gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
     return mma_gemv_applies(a, policy) || simt_gemv_applies(a, policy);
-}
-
-int simt_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
-    const bool f32_out = a->out_dtype == PAGODA_DTYPE_F32;
-    if (a->in_dtype == PAGODA_DTYPE_BF16) {
-        return f32_out ? gemv_fused<__nv_bfloat16, float>(a, stream)
-                       : gemv_fused<__nv_bfloat16, __nv_bfloat16>(a, stream);
-    }
-    return f32_out ? gemv_fused<__half, float>(a, stream) : gemv_fused<__half, __half>(a, stream);
 }
 
 size_t dtype_bytes(int dtype) { return dtype == PAGODA_DTYPE_F32 ? 4 : 2; }
@@ -540,8 +539,8 @@ extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, const Pago
     if (a->silu_mul && (a->n % 2 != 0 || a->accumulate || a->out_dtype != a->in_dtype)) return PAGODA_ERR_ARGUMENT;
     const pagoda::LaunchStream ls = pagoda::launch_stream(policy, stream);
     const cudaStream_t s = ls.stream;
-    if (mma_gemv_applies(a, policy)) return mma_gemv(a, ls);
-    if (simt_gemv_applies(a, policy)) return simt_gemv(a, ls);
+    if (mma_gemv_applies(a, policy)) return gemv<MmaGemv>(a, ls);
+    if (simt_gemv_applies(a, policy)) return gemv<SimtGemv>(a, ls);
 
     if (a->scratch_bytes < normed_bytes(a) + product_bytes(a)) return PAGODA_ERR_WORKSPACE;
     char *scratch = (char *)a->scratch;
