@@ -1047,7 +1047,7 @@ mod tests {
         assert_eq!(inputs.attn.seq_lens, vec![2, 6, 7, 8]);
         assert_eq!(inputs.attn.num_decode_seqs, 4);
         assert_eq!(inputs.logits_indices, vec![0, 1, 2, 3]);
-        assert!(crate::graphs::is_graphable(inputs.attn.num_decode_seqs, inputs));
+        assert!(crate::graphs::is_graphable(inputs));
         for row in 1..4 {
             assert_eq!(b.row_table(row), &[7, 3]);
         }

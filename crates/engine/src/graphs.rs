@@ -75,10 +75,10 @@ pub fn capture_sizes(max_batch: usize) -> impl Iterator<Item = usize> {
 /// Whether a step can run from a graph: one-token attention rows only
 /// (decodes, and verifications laid out as one row per position), each
 /// sampling exactly once from its own row (no fork at this step).
-pub fn is_graphable(num_decodes: usize, inputs: &StepInputs) -> bool {
+pub fn is_graphable(inputs: &StepInputs) -> bool {
     let n = inputs.attn.num_seqs();
     n > 0
-        && num_decodes == n
+        && inputs.attn.num_decode_seqs == n
         && inputs.token_ids.len() == n
         && inputs.logits_indices.len() == n
         && inputs.logits_indices.iter().enumerate().all(|(i, &row)| row as usize == i)
@@ -310,8 +310,8 @@ impl<B: Backend> DecodeGraphs<B> {
     }
 
     /// The bucket this step runs in, or `None` if it must run unpadded.
-    pub fn bucket_for(&self, num_decodes: usize, inputs: &StepInputs) -> Option<Bucket> {
-        if !is_graphable(num_decodes, inputs) {
+    pub fn bucket_for(&self, inputs: &StepInputs) -> Option<Bucket> {
+        if !is_graphable(inputs) {
             return None;
         }
         Bucket::for_step(inputs.attn.num_seqs(), inputs.attn.max_seq_len(), self.max_batch, self.max_context)
@@ -471,7 +471,7 @@ mod tests {
     #[test]
     fn padding_keeps_real_rows_and_makes_harmless_ones() {
         let inputs = decode_step(&[5, 40, 17], 16);
-        assert!(is_graphable(3, &inputs));
+        assert!(is_graphable(&inputs));
         let bucket = Bucket::for_step(3, 40, 256, 4096).unwrap();
         assert_eq!(bucket, Bucket { batch: 4, context: 256 });
         let p = PaddedDecodeInputs::new(&inputs, &tables(&[5, 40, 17], 16)[..], bucket, 16).unwrap();
@@ -524,13 +524,14 @@ mod tests {
     fn only_plain_decode_steps_are_graphable() {
         let mut fork = decode_step(&[5, 6], 16);
         fork.logits_indices = vec![0, 0, 1];
-        assert!(!is_graphable(2, &fork), "a fork samples one row twice");
-        let inputs = decode_step(&[5, 6], 16);
-        assert!(!is_graphable(1, &inputs), "a step with a prefill");
+        assert!(!is_graphable(&fork), "a fork samples one row twice");
+        let mut inputs = decode_step(&[5, 6], 16);
+        inputs.attn.num_decode_seqs = 1;
+        assert!(!is_graphable(&inputs), "a step with a prefill");
         let mut prefill = decode_step(&[5], 16);
         prefill.token_ids.push(7);
-        assert!(!is_graphable(1, &prefill));
-        assert!(!is_graphable(0, &StepInputs::default()));
+        assert!(!is_graphable(&prefill));
+        assert!(!is_graphable(&StepInputs::default()));
     }
 
     #[test]

@@ -263,7 +263,7 @@ impl<B: Backend> ModelRunner<B> {
         let has_prompt_rows = !inputs.prompt_logprobs.is_empty();
         let bucket = match has_prompt_rows {
             true => None,
-            false => self.graphs.as_ref().and_then(|g| g.bucket_for(inputs.attn.num_decode_seqs, inputs)),
+            false => self.graphs.as_ref().and_then(|g| g.bucket_for(inputs)),
         };
         let (logits, t3) = match (bucket, self.graphs.as_mut()) {
             (Some(bucket), Some(graphs)) => {
