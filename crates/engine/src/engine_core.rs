@@ -83,9 +83,9 @@ struct RequestState {
     /// When it asked for prompt logprobs: one entry per prompt token, filled
     /// in as its prompt chunks run, handed out with its first token.
     prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
-    /// Whether its decodes may carry draft tokens: not under a
-    /// structured-output constraint (its masks follow one token at a time).
-    speculate: bool,
+    /// Under a structured-output constraint: its decodes carry the tokens
+    /// the grammar forces as drafts (fast-forward), never a proposer's.
+    constrained: bool,
 }
 
 /// A step enqueued on the device whose sampled tokens are not applied yet.
@@ -125,6 +125,8 @@ pub(crate) struct EngineCore<B: Backend> {
     /// Most tokens a grammar's forced run may propose a step (0: off).
     max_fast_forward_tokens: usize,
     fast_forward: FastForwardStats,
+    /// Live requests under a constraint (none: no forced tokens to look for).
+    num_constrained: usize,
 }
 
 /// What structured outputs' fast-forward did: verifications of forced
@@ -158,6 +160,7 @@ impl<B: Backend> EngineCore<B> {
             speculate_next: None,
             max_fast_forward_tokens: 0,
             fast_forward: FastForwardStats::default(),
+            num_constrained: 0,
         }
     }
 
@@ -246,16 +249,17 @@ impl<B: Backend> EngineCore<B> {
                 scheduled: false,
                 wants_logprobs: req.sampling().logprobs.is_some(),
                 prompt_logprobs,
-                speculate: req.constraint().is_none(),
+                constrained: req.constraint().is_some(),
             },
         );
+        self.num_constrained += usize::from(req.constraint().is_some());
         Ok(id)
     }
 
     /// Ends a request's unfinished sequences at once, freeing their blocks.
     pub fn abort(&mut self, id: RequestId) {
         self.scheduler.abort_request(id);
-        self.requests.remove(&id);
+        self.remove_request(id);
         // The engine may go idle now (no further step): show the freed blocks at once.
         self.update_gauges();
     }
@@ -378,7 +382,7 @@ impl<B: Backend> EngineCore<B> {
         let wanted: Vec<DraftRequest<'_>> = self
             .scheduler
             .decoding_seqs()
-            .filter(|s| requests.get(&s.request_id()).is_some_and(|r| r.speculate))
+            .filter(|s| requests.get(&s.request_id()).is_some_and(|r| !r.constrained))
             .take(if probe { PROBE_SEQS } else { usize::MAX })
             .map(|s| DraftRequest { seq_id: s.seq_id(), tokens: s.all_token_ids(), max_drafts: k })
             .collect();
@@ -402,14 +406,14 @@ impl<B: Backend> EngineCore<B> {
     /// every token they sampled is applied here).
     fn propose_forced_tokens(&mut self) {
         let max = self.max_fast_forward_tokens;
-        if max == 0 {
+        if max == 0 || self.num_constrained == 0 {
             return;
         }
         let requests = &self.requests;
         let constrained: Vec<SeqId> = self
             .scheduler
             .decoding_seqs()
-            .filter(|s| requests.get(&s.request_id()).is_some_and(|r| !r.speculate))
+            .filter(|s| requests.get(&s.request_id()).is_some_and(|r| r.constrained))
             .map(|s| s.seq_id())
             .collect();
         for seq in constrained {
@@ -500,13 +504,17 @@ impl<B: Backend> EngineCore<B> {
     fn apply(&mut self, step: InFlightStep<B>) -> Result<Vec<TokenEvent>, EngineError> {
         let decode_only = step.out.is_decode_only();
         let waited = Instant::now();
-        let drafts: rustc_hash::FxHashMap<SeqId, &[TokenId]> = step
-            .out
-            .scheduled
-            .iter()
-            .filter(|e| e.num_draft_tokens > 0)
-            .map(|e| (e.seq_id, e.draft_token_ids()))
-            .collect();
+        // Per verification, its drafts; and the sequences whose drafts were
+        // forced tokens of a grammar, counted apart from the speculator's
+        // (they do not steer its off switch).
+        let mut drafts: rustc_hash::FxHashMap<SeqId, &[TokenId]> = rustc_hash::FxHashMap::default();
+        let mut forced_seqs = std::collections::HashSet::new();
+        for e in step.out.scheduled.iter().filter(|e| e.num_draft_tokens > 0) {
+            drafts.insert(e.seq_id, e.draft_token_ids());
+            if self.requests.get(&e.request_id).is_some_and(|r| r.constrained) {
+                forced_seqs.insert(e.seq_id);
+            }
+        }
         let (sampled, verified) = match step.sampled {
             Some(sampled) => self.runner.finish(sampled, &step.samplers, decode_only, &drafts)?,
             None => (Vec::new(), Vec::new()),
@@ -538,17 +546,6 @@ impl<B: Backend> EngineCore<B> {
                 kept.push(Some(token));
             }
         }
-        // Forced tokens of constrained sequences are counted apart from the
-        // speculator's drafts (they do not steer its off switch).
-        let forced_seqs: std::collections::HashSet<SeqId> = step
-            .out
-            .scheduled
-            .iter()
-            .filter(|e| {
-                e.num_draft_tokens > 0 && self.requests.get(&e.request_id).is_some_and(|r| !r.speculate)
-            })
-            .map(|e| e.seq_id)
-            .collect();
         let mut speculated = Vec::with_capacity(verified.len());
         for &(seq, a) in &verified {
             let drafted = drafts.get(&seq).map_or(0, |d| d.len());
@@ -608,7 +605,13 @@ impl<B: Backend> EngineCore<B> {
     /// sequences left.
     fn forget_if_done(&mut self, id: RequestId) {
         if self.scheduler.request_seqs(id).is_empty() {
-            self.requests.remove(&id);
+            self.remove_request(id);
+        }
+    }
+
+    fn remove_request(&mut self, id: RequestId) {
+        if self.requests.remove(&id).is_some_and(|r| r.constrained) {
+            self.num_constrained -= 1;
         }
     }
 

@@ -299,9 +299,9 @@ pub(crate) struct Speculator {
     /// Recent acceptance rate: a moving average over verified drafts.
     recent_acceptance: f64,
     steps: u64,
-    /// While paused: the step of the next probe, and the wait after it.
-    paused: bool,
-    next_probe: u64,
+    /// While paused, the step of the next probe (`None`: not paused); and
+    /// the wait before the probe after it.
+    next_probe: Option<u64>,
     probe_interval: u64,
     /// Consecutive speculating steps whose proposer drafted nothing (prompt
     /// lookup without a match): a step that speculates waits for the one
@@ -341,8 +341,7 @@ impl Speculator {
             stats: SpecDecodeStats::default(),
             recent_acceptance: ACCEPTANCE_START,
             steps: 0,
-            paused: false,
-            next_probe: 0,
+            next_probe: None,
             probe_interval: 0,
             steps_without_drafts: 0,
         }
@@ -377,21 +376,20 @@ impl Speculator {
         let idle = pauses && self.steps_without_drafts >= MAX_STEPS_WITHOUT_DRAFTS;
         let min_interval = if self.proposer.is_some() { MIN_PROBE_INTERVAL } else { PROBE_INTERVAL };
         if !(low || idle) {
-            self.paused = false;
+            self.next_probe = None;
             self.probe_interval = min_interval;
             return match self.stats.num_drafts {
                 0 => Speculation::Probe,
                 _ => Speculation::Full,
             };
         }
-        if !self.paused {
-            self.paused = true;
+        let next_probe = *self.next_probe.get_or_insert_with(|| {
             self.probe_interval = self.probe_interval.max(min_interval);
-            self.next_probe = self.steps + self.probe_interval;
-        }
-        if self.steps >= self.next_probe {
+            self.steps + self.probe_interval
+        });
+        if self.steps >= next_probe {
             self.probe_interval = (self.probe_interval * 2).min(PROBE_INTERVAL);
-            self.next_probe = self.steps + self.probe_interval;
+            self.next_probe = Some(self.steps + self.probe_interval);
             return Speculation::Probe;
         }
         if low {
