@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pagoda_structured::GrammarSpec;
 use pagoda_tool_calls::{
-    named_call_schema, parse_required_calls, required_calls_schema, ConstrainedCallStream, FunctionDef,
-    StreamDelta, StreamingToolParser, ToolCall, ToolParserKind,
+    named_call_schema, parse_required_calls, required_calls_schema, required_calls_so_far,
+    ConstrainedCallStream, FunctionDef, StreamDelta, StreamingToolParser, ToolCall, ToolParserKind,
 };
 use serde_json::Value;
 
@@ -144,7 +144,7 @@ impl ToolMode {
                 // Cut off by max_tokens: the calls as far as they were
                 // written, as a streaming client assembles them (the last
                 // one's arguments may be cut short, as a named call's are).
-                _ => match calls_as_streamed(ConstrainedCallStream::required(), &text) {
+                _ => match required_calls_so_far(&text) {
                     calls if calls.is_empty() => (Some(text), Vec::new(), finish_reason),
                     calls => (None, calls.into_iter().map(call_out).collect(), finish_reason),
                 },
@@ -178,27 +178,6 @@ pub fn tool_call_id() -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let hash = SALT.get_or_init(RandomState::new).hash_one(n);
     format!("chatcmpl-tool-{hash:016x}{:08x}", n as u32)
-}
-
-/// The calls a stream of `text` gives, each delta applied in order.
-fn calls_as_streamed(mut stream: ConstrainedCallStream, text: &str) -> Vec<ToolCall> {
-    let mut calls: Vec<ToolCall> = Vec::new();
-    let mut deltas = stream.push(text);
-    deltas.extend(stream.finish());
-    for delta in deltas {
-        match delta {
-            StreamDelta::ToolCallStart { index, name } if index == calls.len() => {
-                calls.push(ToolCall { name, arguments: String::new() });
-            }
-            StreamDelta::ToolCallArguments { index, fragment } => {
-                if let Some(call) = calls.get_mut(index) {
-                    call.arguments.push_str(&fragment);
-                }
-            }
-            _ => {}
-        }
-    }
-    calls
 }
 
 fn call_out(call: ToolCall) -> ToolCallOut {

@@ -249,6 +249,31 @@ pub fn parse_required_calls(text: &str) -> Result<Vec<ToolCall>, ToolCallError> 
         .collect()
 }
 
+/// Reads back output constrained by [`required_calls_schema`] that was cut
+/// short (by max_tokens): the calls as far as they were written, as
+/// [`ConstrainedCallStream`] gives them to a streaming client, the last one's
+/// arguments possibly cut short. Empty if no call had begun.
+pub fn required_calls_so_far(text: &str) -> Vec<ToolCall> {
+    let mut stream = ConstrainedCallStream::required();
+    let mut deltas = stream.push(text);
+    deltas.extend(stream.finish());
+    let mut calls: Vec<ToolCall> = Vec::new();
+    for delta in deltas {
+        match delta {
+            StreamDelta::ToolCallStart { index, name } if index == calls.len() => {
+                calls.push(ToolCall { name, arguments: String::new() });
+            }
+            StreamDelta::ToolCallArguments { index, fragment } => {
+                if let Some(call) = calls.get_mut(index) {
+                    call.arguments.push_str(&fragment);
+                }
+            }
+            _ => {}
+        }
+    }
+    calls
+}
+
 /// For a named tool_choice: the function's parameter schema
 /// (`{"type": "object"}` when it has none); the constrained output is the
 /// arguments themselves.
