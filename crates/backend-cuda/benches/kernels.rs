@@ -253,10 +253,9 @@ fn main() -> Result<()> {
     }
 
     // ---- speculative verification: k + 1 = 5 query rows a sequence against one ----
-    // Decode rows go to the decode kernel; a verification's 5 rows over the same
-    // context take the prefill path today. Bytes: K and V of the context once.
-    // "rows": the engine's layout, a verification's 5 rows as 5 one-token
-    // decode rows over the same block table, row i seeing ctx - 4 + i tokens.
+    // As one 5-row prompt chunk (the prefill kernel), and "as decode rows": the
+    // engine's layout, 5 one-token decode rows over the same block table, row i
+    // seeing ctx - 4 + i tokens (the decode kernel). Bytes: K and V of the context once.
     let verify_cases = [(1usize, 580usize, 1usize, false), (1, 580, 5, false), (1, 580, 5, true)]
         .into_iter()
         .chain([(32, 580, 1, false), (32, 580, 5, false), (32, 580, 5, true)]);
@@ -299,6 +298,7 @@ fn main() -> Result<()> {
     // Weight bytes over time against the copy bandwidth: with few rows every
     // product is a stream of its weights. The CUDA-core GEMV ("simt") takes up
     // to 8 rows, the tensor-core one ("mma") up to 16, cuBLAS any.
+    const ROWS: [usize; 7] = [1, 2, 5, 8, 16, 32, 160];
     let products: [(&str, usize, usize, bool, bool, bool); 5] = [
         // (name, in, out rows of the weight, input norm, silu-and-mul, accumulate)
         ("qkv", 4096, 6144, true, false, false),
@@ -308,7 +308,7 @@ fn main() -> Result<()> {
         ("lm_head", 4096, 128256, true, false, false),
     ];
     for &(name, kdim, ndim, norm, silu, accumulate) in &products {
-        let any = [1usize, 2, 5, 8, 16, 32, 160]
+        let any = ROWS
             .iter()
             .any(|t| ["simt", "mma", "cublas"].iter().any(|p| wanted(&format!("linear {name} t{t} {p}"))));
         if !any {
@@ -316,7 +316,7 @@ fn main() -> Result<()> {
         }
         let w = random_tensor(&g, &mut rng, &[ndim, kdim])?;
         let gamma = random_tensor(&g, &mut rng, &[kdim])?;
-        for &t in &[1usize, 2, 5, 8, 16, 32, 160] {
+        for &t in &ROWS {
             let x = random_tensor(&g, &mut rng, &[t, kdim])?;
             let out = g.alloc(&[t, if silu { ndim / 2 } else { ndim }], DType::BF16)?;
             let fusion =
