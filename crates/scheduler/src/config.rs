@@ -53,6 +53,12 @@ pub struct SchedulerConfig {
     /// their input token from the device (see
     /// [`crate::ScheduledSeq::token_from_previous_step`]).
     pub async_scheduling: bool,
+    /// Most distinct LoRA adapters among the running sequences (vLLM
+    /// `--max-loras`: the adapter slots on the device); `None`: no limit.
+    /// A waiting request whose adapter would exceed it waits, and from then
+    /// on no request behind it starts with an adapter (base-model requests
+    /// still do), so the running adapters drain and it cannot starve.
+    pub max_loras: Option<usize>,
 }
 
 impl Default for SchedulerConfig {
@@ -68,6 +74,7 @@ impl Default for SchedulerConfig {
             max_num_partial_prefills: 4,
             max_long_partial_prefills: 1,
             async_scheduling: false,
+            max_loras: None,
         }
     }
 }
@@ -76,6 +83,9 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_num_batched_tokens == 0 {
             return Err(ConfigError::Zero("max_num_batched_tokens"));
+        }
+        if self.max_loras == Some(0) {
+            return Err(ConfigError::Zero("max_loras"));
         }
         if self.max_num_seqs == 0 {
             return Err(ConfigError::Zero("max_num_seqs"));

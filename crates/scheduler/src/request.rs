@@ -54,6 +54,12 @@ pub struct NewRequest {
     /// every prompt position, such as prompt logprobs, which cached blocks
     /// never produced.
     pub skip_prefix_cache: bool,
+    /// The LoRA adapter the request runs with (an id the engine gives each
+    /// adapter; `None`: the base model). A step holds sequences of at most
+    /// [`crate::SchedulerConfig::max_loras`] distinct adapters, and adapters
+    /// never share prefix-cached blocks (the id is folded into the block hash
+    /// with the salt).
+    pub lora: Option<u32>,
 }
 
 impl NewRequest {
@@ -73,6 +79,7 @@ impl NewRequest {
             cache_salt: None,
             fairness_group: None,
             skip_prefix_cache: false,
+            lora: None,
         }
     }
 }

@@ -36,7 +36,10 @@ struct RequestState {
     stop_token_ids: Vec<TokenId>,
     ignore_eos: bool,
     min_tokens: usize,
-    cache_salt: Option<u64>,
+    /// Folded into its blocks' prefix-cache hashes: the salt and the LoRA adapter.
+    extra_key: Option<u64>,
+    /// [`NewRequest::lora`].
+    lora: Option<u32>,
     /// [`NewRequest::skip_prefix_cache`].
     skip_prefix_cache: bool,
     group: FairnessGroup,
@@ -70,6 +73,27 @@ struct PartialPrefills {
     limits: PartialPrefillLimits,
     partial: usize,
     long: usize,
+}
+
+/// The LoRA adapters of the running sequences while a step admits queued
+/// ones, against `max_loras`.
+struct LoraAdmission {
+    max: usize,
+    active: rustc_hash::FxHashSet<u32>,
+    /// A queued sequence found its adapter over the limit: no sequence after
+    /// it starts with an adapter this step (so the active ones drain).
+    blocked: bool,
+}
+
+impl LoraAdmission {
+    /// Whether a sequence of adapter `lora` may start (after a refusal, no
+    /// sequence with an adapter may).
+    fn allows(&mut self, lora: Option<u32>) -> bool {
+        let Some(lora) = lora else { return true };
+        let fits = !self.blocked && (self.active.contains(&lora) || self.active.len() < self.max);
+        self.blocked |= !fits;
+        fits
+    }
 }
 
 /// A scheduled step whose results are not applied yet.
@@ -283,7 +307,8 @@ impl<A: KvAllocator> Scheduler<A> {
                 stop_token_ids: req.stop_token_ids,
                 ignore_eos: req.ignore_eos,
                 min_tokens: req.min_tokens,
-                cache_salt: req.cache_salt,
+                extra_key: prefix_cache_extra_key(req.cache_salt, req.lora),
+                lora: req.lora,
                 skip_prefix_cache: req.skip_prefix_cache,
                 group: req.fairness_group.map_or(FairnessGroup::Alone(req.request_id), FairnessGroup::Shared),
                 live_seqs: vec![seq_id],
@@ -643,6 +668,11 @@ impl<A: KvAllocator> Scheduler<A> {
     ) -> Result<(), SchedulerError> {
         let order = self.admission_order();
         let mut waiting = order.iter().copied().peekable();
+        let mut loras = self.config.max_loras.map(|max| LoraAdmission {
+            max,
+            active: self.running.iter().filter_map(|(_, id)| self.lora_of(*id)).collect(),
+            blocked: false,
+        });
         while !self.batch_is_full(*budget, out) {
             let next = match (self.swapped.first().copied(), waiting.peek().copied()) {
                 (Some(s), Some(w)) if s < w => (s, true),
@@ -650,6 +680,17 @@ impl<A: KvAllocator> Scheduler<A> {
                 (Some(s), None) => (s, true),
                 (None, None) => break,
             };
+            let lora = self.lora_of(next.0 .1);
+            if let Some(loras) = &mut loras {
+                // Swapped sequences go in rank order: one that must wait stops them all.
+                if !loras.allows(lora) {
+                    if next.1 {
+                        break;
+                    }
+                    waiting.next();
+                    continue;
+                }
+            }
             let admission = match next {
                 (key, true) => {
                     if self.try_swap_in(key, out, budget)? {
@@ -664,11 +705,21 @@ impl<A: KvAllocator> Scheduler<A> {
                 }
             };
             match admission {
-                Admission::Admitted | Admission::PassOver => {}
+                Admission::Admitted => {
+                    if let (Some(loras), Some(lora)) = (&mut loras, lora) {
+                        loras.active.insert(lora);
+                    }
+                }
+                Admission::PassOver => {}
                 Admission::Stop => break,
             }
         }
         Ok(())
+    }
+
+    /// The LoRA adapter of a sequence's request.
+    fn lora_of(&self, id: SeqId) -> Option<u32> {
+        self.requests.get(&self.seqs.get(&id)?.request_id)?.lora
     }
 
     /// The waiting sequences in the order they are offered a place: by the
@@ -745,7 +796,7 @@ impl<A: KvAllocator> Scheduler<A> {
             return Ok(Admission::Stop);
         }
         let request = self.requests.get(&seq.request_id);
-        let salt = request.and_then(|r| r.cache_salt);
+        let salt = request.and_then(|r| r.extra_key);
         let prefix = if request.is_some_and(|r| r.skip_prefix_cache) {
             PrefixHit::miss(seq.tokens.len())
         } else {
@@ -1320,6 +1371,13 @@ impl<A: KvAllocator> Scheduler<A> {
                 return Err(format!("{id} is not listed by {}", seq.request_id).into());
             }
         }
+        if let Some(max) = self.config.max_loras {
+            let active: rustc_hash::FxHashSet<u32> =
+                self.running.iter().filter_map(|(_, id)| self.lora_of(*id)).collect();
+            if active.len() > max {
+                return Err(format!("{} LoRA adapters running, max_loras {max}", active.len()).into());
+            }
+        }
         let pending: usize = self.running.iter().map(|(_, s)| self.seqs[s].pending_fork.len()).sum();
         if pending != self.pending_fork_slots {
             return Err(
@@ -1338,6 +1396,18 @@ impl<A: KvAllocator> Scheduler<A> {
         }
         Ok(())
     }
+}
+
+/// The extra key of a request's prefix-cache hashes: its salt, with its LoRA
+/// adapter mixed in (the same salt under two adapters, or under an adapter
+/// and none, never shares blocks).
+fn prefix_cache_extra_key(salt: Option<u64>, lora: Option<u32>) -> Option<u64> {
+    let Some(lora) = lora else { return salt };
+    // splitmix64's finalizer over the adapter id and the salt.
+    let mut z = salt.unwrap_or(0x5bd1_e995_1234_5678) ^ (u64::from(lora) << 32 | 0x4c6f_5241);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    Some(z ^ (z >> 31))
 }
 
 /// Why the token just appended ends the sequence, if it does.

@@ -932,3 +932,79 @@ fn a_block_released_by_rejected_drafts_is_sent_again_when_regrown() {
     assert_eq!(update.keep, 1);
     assert_eq!(update.append, s.allocator().block_table(seq).unwrap()[1..].to_vec());
 }
+
+fn lora_req(id: u64, lora: Option<u32>, max_tokens: usize) -> NewRequest {
+    NewRequest { lora, ..req(id, 4, max_tokens) }
+}
+
+/// One step ([`step`]), returning the adapters and requests it scheduled
+/// (read before the step is applied: sequences it finishes are gone after).
+fn lora_step<A: KvAllocator>(s: &mut Scheduler<A>) -> (BTreeSet<u32>, BTreeSet<RequestId>) {
+    let out = s.schedule().unwrap();
+    let loras = out.scheduled.iter().filter_map(|e| s.lora_of(e.seq_id)).collect();
+    let requests = out.scheduled.iter().map(|e| s.seqs[&e.seq_id].request_id).collect();
+    let sampled: Vec<(SeqId, TokenId)> = out.sampling_seqs().map(|id| (id, 1)).collect();
+    if !out.is_empty() {
+        s.update_from_output(&out, &sampled).unwrap();
+    }
+    s.check_invariants().unwrap();
+    (loras, requests)
+}
+
+#[test]
+fn a_step_holds_at_most_max_loras_adapters_and_base_requests_pass() {
+    let cfg = SchedulerConfig { max_loras: Some(2), ..config(256, 8) };
+    let mut s = Scheduler::new(cfg, paged(64, 0, 4, false)).unwrap();
+    s.add_request(lora_req(0, Some(1), 4)).unwrap();
+    s.add_request(lora_req(1, Some(2), 4)).unwrap();
+    s.add_request(lora_req(2, Some(3), 4)).unwrap();
+    s.add_request(lora_req(3, None, 4)).unwrap();
+    s.add_request(lora_req(4, Some(1), 4)).unwrap();
+    let (loras, started) = lora_step(&mut s);
+    assert_eq!(loras, BTreeSet::from([1, 2]));
+    // Adapter 3 waits; the base request behind it starts; adapter 1's second
+    // request, behind the one that waits, does not (the running adapters drain).
+    assert_eq!(started, BTreeSet::from([RequestId(0), RequestId(1), RequestId(3)]));
+    run_to_end(&mut s, 32);
+}
+
+#[test]
+fn an_adapter_over_the_limit_starts_while_others_keep_arriving() {
+    // One slot, adapter 1 busy with a stream of requests: adapter 2's request
+    // must start once the adapter-1 requests admitted before it finish.
+    let cfg = SchedulerConfig { max_loras: Some(1), ..config(256, 8) };
+    let mut s = Scheduler::new(cfg, paged(256, 0, 4, false)).unwrap();
+    s.add_request(lora_req(0, Some(1), 3)).unwrap();
+    lora_step(&mut s);
+    s.add_request(lora_req(1, Some(2), 3)).unwrap();
+    let mut started_at = None;
+    for i in 0..10u64 {
+        s.add_request(lora_req(2 + i, Some(1), 3)).unwrap();
+        let (loras, started) = lora_step(&mut s);
+        assert!(loras.len() <= 1);
+        if started.contains(&RequestId(1)) {
+            started_at = Some(i);
+            break;
+        }
+    }
+    // Request 0 samples its last 2 tokens in the next two steps; adapter 2 goes in the third.
+    assert_eq!(started_at, Some(2), "adapter 2 never started");
+    run_to_end(&mut s, 64);
+}
+
+#[test]
+fn adapters_never_share_prefix_cached_blocks() {
+    let cfg = SchedulerConfig { max_loras: Some(4), ..config(256, 8) };
+    let mut s = Scheduler::new(cfg, paged(64, 0, 4, true)).unwrap();
+    let prompt: Vec<TokenId> = (0..16).collect();
+    let with = |id, lora| NewRequest { lora, ..NewRequest::new(RequestId(id), prompt.clone(), 1) };
+    s.add_request(with(0, Some(1))).unwrap();
+    run_to_end(&mut s, 8);
+    for (id, lora, hit) in [(1, Some(2), false), (2, None, false), (3, Some(1), true)] {
+        s.add_request(with(id, lora)).unwrap();
+        let before = s.prefix_cache_stats();
+        run_to_end(&mut s, 8);
+        let after = s.prefix_cache_stats();
+        assert_eq!(after.hit_tokens > before.hit_tokens, hit, "request {id} with adapter {lora:?}");
+    }
+}

@@ -37,6 +37,7 @@ enum Op {
         priority: i32,
         eos: bool,
         salt: Option<u64>,
+        lora: Option<u32>,
     },
     Step {
         seed: u64,
@@ -54,8 +55,8 @@ enum Op {
 
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0usize..3, 1usize..24, 1usize..12, prop::sample::select(vec![1usize, 1, 1, 2, 3]), -2i32..3, any::<bool>(), prop::option::weighted(0.2, 0u64..2))
-            .prop_map(|(base, prompt_len, max_tokens, n, priority, eos, salt)| Op::Add { base, prompt_len, max_tokens, n, priority, eos, salt }),
+        3 => (0usize..3, 1usize..24, 1usize..12, prop::sample::select(vec![1usize, 1, 1, 2, 3]), -2i32..3, any::<bool>(), prop::option::weighted(0.2, 0u64..2), prop::option::weighted(0.4, 1u32..5))
+            .prop_map(|(base, prompt_len, max_tokens, n, priority, eos, salt, lora)| Op::Add { base, prompt_len, max_tokens, n, priority, eos, salt, lora }),
         8 => any::<u64>().prop_map(|seed| Op::Step { seed }),
         1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, mid_step)| Op::Abort { pick, mid_step }),
         1 => any::<usize>().prop_map(|pick| Op::FinishSeq { pick }),
@@ -98,6 +99,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
         ),
         any::<bool>(),
         (1usize..5).prop_flat_map(|partial| (Just(partial), 1..=partial)),
+        prop::option::weighted(0.5, 1usize..4),
     )
         .prop_map(
             |(
@@ -109,6 +111,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
                 (batched, seqs, model_len, chunked, swap, priority, threshold),
                 async_scheduling,
                 (max_num_partial_prefills, max_long_partial_prefills),
+                max_loras,
             )| {
                 let max_model_len = model_len.min(blocks * block_size);
                 let max_model_len = match contiguous {
@@ -126,6 +129,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
                     max_num_partial_prefills,
                     max_long_partial_prefills,
                     async_scheduling,
+                    max_loras,
                 };
                 Setup { block_size, num_gpu_blocks: blocks, num_cpu_blocks: cpu, caching, contiguous, config }
             },
@@ -154,10 +158,17 @@ struct Expect {
 /// how many drafts each of its verifications accepts.
 type InFlight = (SchedulerOutput, Vec<(SeqId, TokenId)>, Vec<(SeqId, usize)>);
 
+/// What the shadow cache holds in a slot: the token, and what else its KV
+/// depends on (the request's salt and LoRA adapter: a prefix-cache hit across
+/// either reads the wrong entries).
+type ShadowKv = (TokenId, Option<u64>, Option<u32>);
+
 struct Harness<A: KvAllocator> {
     s: Scheduler<A>,
-    gpu: Vec<Option<TokenId>>,
-    cpu: Vec<Option<TokenId>>,
+    gpu: Vec<Option<ShadowKv>>,
+    cpu: Vec<Option<ShadowKv>>,
+    /// Each request's salt and adapter.
+    contexts: BTreeMap<RequestId, (Option<u64>, Option<u32>)>,
     requests: BTreeMap<RequestId, Expect>,
     next_request: u64,
     /// Under asynchronous scheduling: the step "running on the device", with
@@ -186,6 +197,7 @@ impl<A: KvAllocator> Harness<A> {
             s,
             gpu,
             cpu,
+            contexts: BTreeMap::new(),
             requests: BTreeMap::new(),
             next_request: 0,
             in_flight: None,
@@ -208,7 +220,9 @@ impl<A: KvAllocator> Harness<A> {
             finished: BTreeSet::new(),
             aborted: false,
         };
+        let context = (r.cache_salt, r.lora);
         self.s.add_request(r).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.contexts.insert(id, context);
         self.requests.insert(id, e);
         self.runner_requests.insert(id);
         self.next_request = self.next_request.max(id.0 + 1);
@@ -227,14 +241,16 @@ impl<A: KvAllocator> Harness<A> {
 
     fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
         match op {
-            Op::Add { base, prompt_len, max_tokens, n, priority, eos, salt } => {
+            Op::Add { base, prompt_len, max_tokens, n, priority, eos, salt, lora } => {
                 let id = RequestId(self.next_request);
                 let mut r = NewRequest::new(id, base_prompt(*base)[..*prompt_len].to_vec(), *max_tokens);
                 r.n = *n;
                 r.priority = *priority;
                 r.eos_token_ids = if *eos { vec![EOS] } else { Vec::new() };
                 r.cache_salt = *salt;
+                r.lora = *lora;
                 if self.s.add_request(r).is_ok() {
+                    self.contexts.insert(id, (*salt, *lora));
                     self.next_request += 1;
                     self.runner_requests.insert(id);
                     let e = Expect {
@@ -294,7 +310,7 @@ impl<A: KvAllocator> Harness<A> {
         self.requests.get_mut(&r).unwrap().aborted = true;
     }
 
-    fn copy(from: &[Option<TokenId>], to: &mut [Option<TokenId>], src: u32, dst: u32, b: usize) {
+    fn copy(from: &[Option<ShadowKv>], to: &mut [Option<ShadowKv>], src: u32, dst: u32, b: usize) {
         let block: Vec<_> = from[src as usize * b..(src as usize + 1) * b].to_vec();
         to[dst as usize * b..(dst as usize + 1) * b].copy_from_slice(&block);
     }
@@ -308,6 +324,19 @@ impl<A: KvAllocator> Harness<A> {
             out.scheduled.iter().map(|e| e.token_ids.len()).sum::<usize>()
         );
         prop_assert!(out.scheduled.len() <= cfg.max_num_seqs, "sequence budget");
+        if let Some(max_loras) = cfg.max_loras {
+            let loras: BTreeSet<u32> = out
+                .scheduled
+                .iter()
+                .filter_map(|e| self.contexts[&self.s.seq(e.seq_id).unwrap().request_id()].1)
+                .collect();
+            prop_assert!(
+                loras.len() <= max_loras,
+                "{} adapters in a step, max_loras {}",
+                loras.len(),
+                max_loras
+            );
+        }
         let ids: BTreeSet<SeqId> = out.scheduled.iter().map(|e| e.seq_id).collect();
         prop_assert_eq!(ids.len(), out.scheduled.len(), "a sequence scheduled twice");
         prop_assert!(out.scheduled[..out.num_decodes].iter().all(|e| e.token_ids.len() == 1));
@@ -424,8 +453,9 @@ impl<A: KvAllocator> Harness<A> {
         }
         for e in &out.scheduled {
             let fed = if e.token_from_previous_step { self.previous_sample(e.seq_id) } else { None };
+            let (salt, lora) = self.contexts[&self.s.seq(e.seq_id).unwrap().request_id()];
             for (&slot, &t) in e.slot_mapping.iter().zip(&e.token_ids) {
-                self.gpu[slot as usize] = Some(fed.unwrap_or(t));
+                self.gpu[slot as usize] = Some((fed.unwrap_or(t), salt, lora));
             }
         }
         Ok(())
@@ -449,10 +479,17 @@ impl<A: KvAllocator> Harness<A> {
             let known = e.seq_len() - e.num_draft_tokens;
             prop_assert!(all.len() >= known, "{}: inputs still unknown", e.seq_id);
             let table = &self.tables[&e.seq_id];
+            let (salt, lora) = self.contexts[&seq.request_id()];
             let expected = all[..known].iter().chain(e.draft_token_ids().iter().take(e.seq_len() - known));
             for (pos, &t) in expected.enumerate() {
                 let slot = table[pos / b] as usize * b + pos % b;
-                prop_assert_eq!(self.gpu[slot], Some(t), "{} reads wrong KV at position {}", e.seq_id, pos);
+                prop_assert_eq!(
+                    self.gpu[slot],
+                    Some((t, salt, lora)),
+                    "{} reads wrong KV at position {}",
+                    e.seq_id,
+                    pos
+                );
             }
         }
         Ok(())
