@@ -47,6 +47,7 @@ extern "C" {
 #define PAGODA_STATUS_SLOT 2u
 #define PAGODA_STATUS_BLOCK_TABLE 4u
 #define PAGODA_STATUS_POSITION 8u
+#define PAGODA_STATUS_LORA_SLOT 16u
 
 /* The most top logprobs a sampled row returns. */
 #define PAGODA_MAX_TOP_LOGPROBS 20
@@ -199,6 +200,49 @@ typedef struct {
 size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *args, const PagodaKernelPolicy *policy);
 
 int pagoda_linear(void *handle, const PagodaLinearArgs *args, const PagodaKernelPolicy *policy, void *stream);
+
+/* ---- LoRA: many adapters in one batch, each token by its slot ------------- */
+
+/* out[t, j] = a[token_slots[t], j, :] . x[t, :] in f32, for j < u; zeros for a
+ * token whose slot is negative (no adapter). A slot >= num_slots sets
+ * PAGODA_STATUS_LORA_SLOT and is treated as none. x and a have dtype. */
+typedef struct {
+    const void *x;              /* [num_tokens, k] */
+    const void *a;              /* [num_slots, u, k] */
+    const int32_t *token_slots; /* [num_tokens] */
+    float *out;                 /* [num_tokens, u] */
+    uint32_t *status;
+    int dtype;
+    int num_tokens;
+    int k;
+    int u;
+    int num_slots;
+} PagodaLoraShrinkArgs;
+
+int pagoda_lora_shrink(const PagodaLoraShrinkArgs *args, const PagodaKernelPolicy *policy, void *stream);
+
+/* out[t, out_offset + n] += sum_r u[t, u_offset + r] * b[token_slots[t], n, r]
+ * for n < n, r < rank: the sum in f32, added to out (dtype) once. Rows of
+ * tokens with a negative slot are left alone; a slot >= num_slots sets
+ * PAGODA_STATUS_LORA_SLOT and is treated as none. */
+typedef struct {
+    const float *u;             /* [num_tokens, u_stride] */
+    const void *b;              /* [num_slots, n, rank] */
+    const int32_t *token_slots; /* [num_tokens] */
+    void *out;                  /* [num_tokens, out_stride] */
+    uint32_t *status;
+    int dtype;
+    int num_tokens;
+    int n;
+    int rank;
+    int num_slots;
+    int u_stride;   /* u_offset + rank <= u_stride */
+    int u_offset;
+    int out_stride; /* out_offset + n <= out_stride */
+    int out_offset;
+} PagodaLoraExpandArgs;
+
+int pagoda_lora_expand(const PagodaLoraExpandArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
 /* ---- KV cache blocks ---------------------------------------------------- */
 

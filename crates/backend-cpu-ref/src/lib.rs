@@ -42,6 +42,7 @@ pub mod conformance;
 pub mod fp8;
 mod kv_blocks;
 mod linear;
+mod lora;
 mod memory;
 mod ops;
 mod rotary;
@@ -50,8 +51,8 @@ mod simd;
 mod storage;
 
 use pagoda_backend::{
-    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion, MemoryInfo, Result,
-    RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
+    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion, LoraExpandArgs,
+    LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 
 pub use sampling::CpuSampled;
@@ -150,6 +151,17 @@ impl Backend for CpuBackend {
 
     fn gather_rows(&self, x: &T, indices: &T, out: &T) -> Result<()> {
         ops::gather_rows(x, indices, out)
+    }
+
+    /// Slots are checked before anything is written (an index error leaves
+    /// `out` as it was).
+    fn lora_shrink(&self, args: &LoraShrinkArgs<'_, Self>) -> Result<()> {
+        lora::lora_shrink(args)
+    }
+
+    /// As [`Backend::lora_shrink`] for the slots.
+    fn lora_expand(&self, args: &LoraExpandArgs<'_, Self>) -> Result<()> {
+        lora::lora_expand(args)
     }
 
     fn copy_blocks(&self, caches: &[&T], pairs: &[(u32, u32)]) -> Result<()> {

@@ -9,7 +9,8 @@
 use half::{bf16, f16};
 use pagoda_backend::{
     AttentionArgs, AttentionMetadata, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion,
-    MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
+    LoraExpandArgs, LoraShrinkArgs, MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken,
+    SamplingRow, Tensor,
 };
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
 use pagoda_backend_cpu_ref::{CpuBackend, CpuSampled, CpuStorage};
@@ -36,6 +37,8 @@ enum Fault {
     SampleWrongStep,
     /// Swaps out the block after the one asked for.
     SwapOutNextBlock,
+    /// Gives tokens without an adapter (slot -1) the adapter in slot 0.
+    LoraNoAdapterUsesSlotZero,
 }
 
 struct Device {
@@ -77,6 +80,15 @@ impl Device {
             self.cpu.write(&c(t), HostSlice::F32(&v))?;
         }
         Ok(())
+    }
+
+    /// The CPU view of LoRA token slots, with the fault applied.
+    fn lora_slots(&self, slots: &D) -> Result<C> {
+        if self.fault != Fault::LoraNoAdapterUsesSlotZero {
+            return Ok(c(slots));
+        }
+        let v: Vec<i32> = self.cpu.download(&c(slots))?.to_f32().iter().map(|&s| s.max(0.0) as i32).collect();
+        self.cpu.upload(HostSlice::I32(&v), &[v.len()], DType::I32)
     }
 
     fn cpu_meta(&self, m: &AttentionMetadata<Device>) -> AttentionMetadata<CpuBackend> {
@@ -263,6 +275,25 @@ impl Backend for Device {
         self.store(out)
     }
 
+    fn lora_shrink(&self, a: &LoraShrinkArgs<'_, Self>) -> Result<()> {
+        let (x, w, slots, out) = (c(a.x), c(a.a), self.lora_slots(a.token_slots)?, c(a.out));
+        self.cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &w, token_slots: &slots, out: &out })?;
+        self.store(a.out)
+    }
+
+    fn lora_expand(&self, a: &LoraExpandArgs<'_, Self>) -> Result<()> {
+        let (u, b, slots, out) = (c(a.u), c(a.b), self.lora_slots(a.token_slots)?, c(a.out));
+        self.cpu.lora_expand(&LoraExpandArgs {
+            u: &u,
+            u_offset: a.u_offset,
+            b: &b,
+            token_slots: &slots,
+            out: &out,
+            out_offset: a.out_offset,
+        })?;
+        self.store(a.out)
+    }
+
     fn copy_blocks(&self, caches: &[&D], pairs: &[(u32, u32)]) -> Result<()> {
         let mut cpu_caches: Vec<C> = caches.iter().map(|t| c(t)).collect();
         if self.fault == Fault::CopyBlocksFirstCacheOnly {
@@ -379,6 +410,7 @@ fn every_injected_fault_is_caught_where_it_lives() {
         (Fault::CopyBlocksFirstCacheOnly, vec!["copy_blocks/v"]),
         (Fault::SampleWrongStep, vec!["sample/tokens"]),
         (Fault::SwapOutNextBlock, vec!["swap_out", "swap_in"]),
+        (Fault::LoraNoAdapterUsesSlotZero, vec!["lora_shrink", "lora_expand"]),
     ];
     for (fault, ops) in cases {
         let report = conformance::run(&Device::new(DType::F32, fault), &Grid::quick());

@@ -13,6 +13,9 @@
 //!   engine's layout), against one, batch 1 and 32, bytes against the copy.
 //! - Linear products of 1-160 token rows on the 8B layer shapes (and the LM
 //!   head), both GEMVs and cuBLAS: weight bytes over time against the copy.
+//! - LoRA shrink and expand on the 8B layer shapes (rank 16, 16 resident
+//!   slots, 1-256 token rows, each token its own slot or a run of one):
+//!   bytes they must move over time against the copy.
 //! - rms_norm, add_rms_norm, silu_and_mul, rotary_and_cache on 8B shapes
 //!   against the copy bandwidth.
 //!
@@ -25,8 +28,8 @@ use std::fmt::Write as _;
 
 use half::bf16;
 use pagoda_backend::{
-    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, LinearFusion, Result,
-    RopeStyle, RotaryCacheArgs, Tensor,
+    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, LinearFusion,
+    LoraExpandArgs, LoraShrinkArgs, Result, RopeStyle, RotaryCacheArgs, Tensor,
 };
 use pagoda_backend_cuda::{CudaBackend, DecodePartition, KernelOptions};
 
@@ -335,6 +338,73 @@ fn main() -> Result<()> {
                 g.set_kernel_options(KernelOptions::default());
                 let bytes = (ndim * kdim * 2) as f64;
                 rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
+            }
+        }
+    }
+
+    // ---- LoRA on Llama-3-8B layers: rank 16, 16 resident slots ----
+    // The bytes each must move: the shrink reads x and the A of the slots the
+    // batch uses (each once) and writes u (F32); the expand reads u and the B
+    // of the slots used, and reads and writes its columns of out. Decode-like
+    // rows give token i slot i % 16 (every token its own adapter up to 16);
+    // "1 slot" rows are a prefill chunk of one adapter (the per-token kernels
+    // re-read its matrices from L2, so these show what an SGMV path would win).
+    let (rank, num_slots) = (16usize, 16usize);
+    // (name, K, parts stacked in one shrink)
+    let shrinks = [("qkv", 4096usize, 3usize), ("o", 4096, 1), ("gate_up", 4096, 2), ("down", 14336, 1)];
+    // (name, N)
+    let expands = [
+        ("q", 4096usize),
+        ("k", 1024),
+        ("v", 1024),
+        ("o", 4096),
+        ("gate", 14336),
+        ("up", 14336),
+        ("down", 4096),
+    ];
+    for t in [1usize, 8, 64, 256] {
+        for one_slot in [false, true] {
+            if one_slot && t < 64 {
+                continue;
+            }
+            let mix = if one_slot { "1 slot" } else { "16 slots" };
+            let slots: Vec<i32> = (0..t).map(|i| if one_slot { 3 } else { (i % num_slots) as i32 }).collect();
+            let used = if one_slot { 1 } else { t.min(num_slots) };
+            let token_slots = g.upload(HostSlice::I32(&slots), &[t], DType::I32)?;
+            for &(name, k, parts) in &shrinks {
+                let label = format!("lora shrink {name} t{t} r{rank} {mix}");
+                if !wanted(&label) {
+                    continue;
+                }
+                let u_cols = parts * rank;
+                let x = random_tensor(&g, &mut rng, &[t, k])?;
+                let a = random_tensor(&g, &mut rng, &[num_slots, u_cols, k])?;
+                let out = g.alloc(&[t, u_cols], DType::F32)?;
+                let args = LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out };
+                let ms = median_ms(&g, 5, 30, || g.lora_shrink(&args))?;
+                let bytes = t * k * 2 + used * u_cols * k * 2 + t * u_cols * 4;
+                rows.push(Row::bandwidth(label, ms, bytes as f64, peak_bw));
+            }
+            for &(name, n) in &expands {
+                let label = format!("lora expand {name} t{t} r{rank} {mix}");
+                if !wanted(&label) {
+                    continue;
+                }
+                let shrunk: Vec<f32> = (0..t * rank).map(|_| rng.uniform()).collect();
+                let u = g.upload(HostSlice::F32(&shrunk), &[t, rank], DType::F32)?;
+                let b = random_tensor(&g, &mut rng, &[num_slots, n, rank])?;
+                let out = random_tensor(&g, &mut rng, &[t, n])?;
+                let args = LoraExpandArgs {
+                    u: &u,
+                    u_offset: 0,
+                    b: &b,
+                    token_slots: &token_slots,
+                    out: &out,
+                    out_offset: 0,
+                };
+                let ms = median_ms(&g, 5, 30, || g.lora_expand(&args))?;
+                let bytes = t * rank * 4 + used * n * rank * 2 + 2 * t * n * 2;
+                rows.push(Row::bandwidth(label, ms, bytes as f64, peak_bw));
             }
         }
     }

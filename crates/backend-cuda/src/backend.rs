@@ -9,7 +9,8 @@ use cust::event::{Event, EventFlags};
 use half::{bf16, f16};
 use pagoda_backend::{
     AttentionArgs, Backend, BackendError, CacheBlocks, DType, HostSlice, HostVec, KvCacheShape, LinearFusion,
-    MemoryInfo, Result, RotaryCacheArgs, RotaryShape, SampledToken, SamplingRow, Tensor,
+    LoraExpandArgs, LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, RotaryShape, SampledToken,
+    SamplingRow, Tensor,
 };
 
 use crate::device::{CudaGraph, CudaStorage, DeviceInner, PinnedHost};
@@ -184,6 +185,7 @@ impl CudaBackend {
             (ffi::PAGODA_STATUS_SLOT, "a cache slot out of range"),
             (ffi::PAGODA_STATUS_BLOCK_TABLE, "a block-table entry out of range"),
             (ffi::PAGODA_STATUS_POSITION, "a position outside the cos/sin table"),
+            (ffi::PAGODA_STATUS_LORA_SLOT, "a LoRA slot past the slot count"),
         ] {
             if word & bit != 0 {
                 what.push(name);
@@ -599,6 +601,60 @@ impl Backend for CudaBackend {
         same_dtype(OP, x, out)?;
         no_alias(OP, out, &[x, indices])?;
         self.gather(OP, x, rows, width, indices, out)
+    }
+
+    /// One launch for every token (`csrc/lora.cu`); a slot past the slot
+    /// count is skipped on the device (zeros written) and reported as
+    /// [`BackendError::Index`] by the next call that waits.
+    fn lora_shrink(&self, args: &LoraShrinkArgs<'_, Self>) -> Result<()> {
+        const OP: &str = "lora_shrink";
+        let (t, k, s, u) = args.check(self.activation)?;
+        no_alias(OP, args.out, &[args.x, args.a, args.token_slots])?;
+        let launch = ffi::PagodaLoraShrinkArgs {
+            x: vptr(args.x),
+            a: vptr(args.a),
+            token_slots: dptr(args.token_slots) as *const i32,
+            out: dptr(args.out) as *mut f32,
+            status: self.status_ptr(),
+            dtype: dtype_code(self.activation),
+            num_tokens: to_i32(OP, "tokens", t)?,
+            k: to_i32(OP, "K", k)?,
+            u: to_i32(OP, "U", u)?,
+            num_slots: to_i32(OP, "slots", s)?,
+        };
+        self.bind()?;
+        // SAFETY: shapes, dtypes and aliasing checked above; slots are checked on the device.
+        let rc = unsafe { ffi::pagoda_lora_shrink(&launch, self.launch_policy(), self.stream()) };
+        Ok(check("pagoda_lora_shrink", rc)?)
+    }
+
+    /// One launch for every token of this part; slots as for the shrink
+    /// (a slot past the count leaves its row alone).
+    fn lora_expand(&self, args: &LoraExpandArgs<'_, Self>) -> Result<()> {
+        const OP: &str = "lora_expand";
+        let (t, s, n, r) = args.check(self.activation)?;
+        no_alias(OP, args.out, &[args.u, args.b, args.token_slots])?;
+        let launch = ffi::PagodaLoraExpandArgs {
+            u: dptr(args.u) as *const f32,
+            b: vptr(args.b),
+            token_slots: dptr(args.token_slots) as *const i32,
+            out: vptr(args.out),
+            status: self.status_ptr(),
+            dtype: dtype_code(self.activation),
+            num_tokens: to_i32(OP, "tokens", t)?,
+            n: to_i32(OP, "N", n)?,
+            rank: to_i32(OP, "rank", r)?,
+            num_slots: to_i32(OP, "slots", s)?,
+            u_stride: to_i32(OP, "U", args.u.dim(1))?,
+            u_offset: to_i32(OP, "u_offset", args.u_offset)?,
+            out_stride: to_i32(OP, "out columns", args.out.dim(1))?,
+            out_offset: to_i32(OP, "out_offset", args.out_offset)?,
+        };
+        self.bind()?;
+        // SAFETY: shapes (offsets included), dtypes and aliasing checked above;
+        // slots are checked on the device.
+        let rc = unsafe { ffi::pagoda_lora_expand(&launch, self.launch_policy(), self.stream()) };
+        Ok(check("pagoda_lora_expand", rc)?)
     }
 
     fn copy_blocks(&self, caches: &[&Tensor<Self>], pairs: &[(u32, u32)]) -> Result<()> {

@@ -1,14 +1,15 @@
 //! GPU behaviour the conformance grid does not reach: index errors found on the
 //! device, wide GQA groups (served by the prefill kernel), split-K decode over
 //! a long context against the reference, seeded sampling over a large
-//! vocabulary, logit constraints and structured-output masks, asynchronous
+//! vocabulary, logit constraints and structured-output masks, LoRA slots out of
+//! range and LoRA products replayed from a graph, asynchronous
 //! sampling (handles in flight, fed ids, dropped handles), uploads staged through the page-locked ring, the timing helpers,
 //! and the kernel policy (each forced decode partition, PDL and the GEMV on
 //! and off, against the reference). Needs an NVIDIA GPU (CI compiles only).
 use half::bf16;
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice,
-    HostVec, SamplingParams, SamplingRow,
+    HostVec, LoraExpandArgs, LoraShrinkArgs, SamplingParams, SamplingRow, Tensor,
 };
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_backend_cuda::policy::DECODE_PARTITIONS;
@@ -716,5 +717,107 @@ fn token_masks_and_logit_constraints_match_the_reference() {
             }
         }
         assert_eq!(mismatches, 0, "tokens differ from the reference (vocab {v})");
+    }
+}
+
+/// A LoRA slot past the slot count is skipped on the device (the shrink
+/// writes zeros, the expand leaves the row) and reported by the next wait.
+#[test]
+fn lora_slot_past_the_count_is_reported_at_the_next_wait() {
+    let g = gpu();
+    let (t, k, r, n, s) = (2, 64, 8, 4, 2);
+    let filled = |dims: &[usize], dtype, v| {
+        let x = g.alloc(dims, dtype).unwrap();
+        g.fill(&x, v).unwrap();
+        x
+    };
+    let x = filled(&[t, k], DType::BF16, 1.0);
+    let a = filled(&[s, r, k], DType::BF16, 0.125);
+    let slots = g.upload(HostSlice::I32(&[1, 2]), &[t], DType::I32).unwrap();
+    let u = filled(&[t, r], DType::F32, f32::NAN);
+    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u }).unwrap();
+    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
+    assert_eq!(g.download_f32(&u).unwrap(), [[8.0; 8], [0.0; 8]].concat());
+
+    let b = filled(&[s, n, r], DType::BF16, 0.125);
+    let out = filled(&[t, n], DType::BF16, 1.0);
+    let args = LoraExpandArgs { u: &u, u_offset: 0, b: &b, token_slots: &slots, out: &out, out_offset: 0 };
+    g.lora_expand(&args).unwrap();
+    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
+    assert_eq!(g.download_f32(&out).unwrap(), [[9.0; 4], [1.0; 4]].concat());
+    g.synchronize().unwrap();
+}
+
+/// LoRA's shrink and expand recorded in a graph and replayed over new inputs
+/// and slots give what the same calls give eagerly (the same kernels: bit for
+/// bit), and that matches the CPU reference.
+#[test]
+fn lora_products_replay_in_a_graph() {
+    let g = gpu();
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(0x10_7a);
+    let (t, k, n, r, s) = (5, 576, 200, 16, 3);
+    let x_host = rng.bf16_vec(t * k);
+    let a_host = rng.bf16_vec(s * 2 * r * k);
+    let b_host = rng.bf16_vec(s * n * r);
+    let base = rng.bf16_vec(t * 2 * n);
+    let on = |v: &[f32], dims: &[usize], dtype| g.upload(HostSlice::F32(v), dims, dtype).unwrap();
+    let (x, a, b) = (
+        on(&x_host, &[t, k], DType::BF16),
+        on(&a_host, &[s, 2 * r, k], DType::BF16),
+        on(&b_host, &[s, n, r], DType::BF16),
+    );
+    let slots = g.upload(HostSlice::I32(&[0; 5]), &[t], DType::I32).unwrap();
+    let u = g.alloc(&[t, 2 * r], DType::F32).unwrap();
+    let out = g.alloc(&[t, 2 * n], DType::BF16).unwrap();
+    // Both parts expand through the same B here: only the offsets differ.
+    let step = |g: &CudaBackend, x: &Tensor<CudaBackend>| -> pagoda_backend::Result<()> {
+        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u })?;
+        for p in 0..2 {
+            g.lora_expand(&LoraExpandArgs {
+                u: &u,
+                u_offset: p * r,
+                b: &b,
+                token_slots: &slots,
+                out: &out,
+                out_offset: p * n,
+            })?;
+        }
+        Ok(())
+    };
+    let graph = g.capture(&mut || step(&g, &x)).unwrap();
+    for (round, token_slots) in [[2, -1, 0, 2, 1], [1, 1, 1, 1, 1], [-1, -1, 2, -1, -1]].iter().enumerate() {
+        let x_host: Vec<f32> = if round == 0 { x_host.clone() } else { rng.bf16_vec(t * k) };
+        g.write(&x, HostSlice::F32(&x_host)).unwrap();
+        g.write(&slots, HostSlice::I32(token_slots)).unwrap();
+        g.write(&out, HostSlice::F32(&base)).unwrap();
+        g.replay(&graph).unwrap();
+        let replayed = (g.download_f32(&u).unwrap(), g.download_f32(&out).unwrap());
+        g.write(&out, HostSlice::F32(&base)).unwrap();
+        step(&g, &x).unwrap();
+        let eager = (g.download_f32(&u).unwrap(), g.download_f32(&out).unwrap());
+        assert!(replayed == eager, "round {round}: replay differs from the eager calls");
+
+        let c = |v: &[f32], dims: &[usize]| cpu.upload(HostSlice::F32(v), dims, DType::F32).unwrap();
+        let (cx, ca, cb, cout) =
+            (c(&x_host, &[t, k]), c(&a_host, &[s, 2 * r, k]), c(&b_host, &[s, n, r]), c(&base, &[t, 2 * n]));
+        let cslots = cpu.upload(HostSlice::I32(token_slots), &[t], DType::I32).unwrap();
+        let cu = cpu.alloc(&[t, 2 * r], DType::F32).unwrap();
+        cpu.lora_shrink(&LoraShrinkArgs { x: &cx, a: &ca, token_slots: &cslots, out: &cu }).unwrap();
+        for p in 0..2 {
+            let args = LoraExpandArgs {
+                u: &cu,
+                u_offset: p * r,
+                b: &cb,
+                token_slots: &cslots,
+                out: &cout,
+                out_offset: p * n,
+            };
+            cpu.lora_expand(&args).unwrap();
+        }
+        let e_u = rel_err(&cpu.download_f32(&cu).unwrap(), &eager.0);
+        let e_out = rel_err(&cpu.download_f32(&cout).unwrap(), &eager.1);
+        println!("round {round}: shrink rel err {e_u:.2e}, expand rel err {e_out:.2e}");
+        assert!(e_u < 1e-4 && e_out < 1e-2, "round {round}: shrink {e_u}, expand {e_out}");
     }
 }

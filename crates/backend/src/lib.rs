@@ -39,6 +39,7 @@ mod blocks;
 mod error;
 mod host;
 mod linear;
+mod lora;
 mod tensor;
 #[cfg(test)]
 mod testing;
@@ -50,6 +51,7 @@ pub use blocks::{check_copy_blocks, check_swap_in, check_swap_out, CacheBlocks};
 pub use error::{BackendError, Result};
 pub use host::{HostSlice, HostVec};
 pub use linear::LinearFusion;
+pub use lora::{LoraExpandArgs, LoraShrinkArgs};
 pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
 pub use tensor::{DType, Shape, Tensor};
 
@@ -212,6 +214,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// `out[m, :] = x[indices[m], :]`; x `[T, H]`, indices `I32 [M]`, out `[M, H]`.
     fn gather_rows(&self, x: &Tensor<Self>, indices: &Tensor<Self>, out: &Tensor<Self>) -> Result<()>;
+
+    /// LoRA's shrink: each token's input times its adapter's stacked `A`
+    /// matrices, to F32; see [`LoraShrinkArgs`] (and its `check`). A slot
+    /// index at or past the slot count is an error where the backend can see
+    /// it (the CPU reference) and must never be given.
+    fn lora_shrink(&self, args: &LoraShrinkArgs<'_, Self>) -> Result<()> {
+        let _ = args;
+        Err(BackendError::Unsupported { op: "lora_shrink", backend: self.name() })
+    }
+
+    /// LoRA's expand: each token's shrunk vector times its adapter's `B`,
+    /// added into columns of the base product's output; see [`LoraExpandArgs`].
+    fn lora_expand(&self, args: &LoraExpandArgs<'_, Self>) -> Result<()> {
+        let _ = args;
+        Err(BackendError::Unsupported { op: "lora_expand", backend: self.name() })
+    }
 
     // ---- KV cache management -------------------------------------------------
 

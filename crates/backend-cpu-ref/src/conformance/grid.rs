@@ -21,6 +21,8 @@ pub struct Grid {
     /// copy_blocks and the swap_out / swap_in round trip.
     pub blocks: Vec<BlocksCase>,
     pub sample: Vec<SampleCase>,
+    /// lora_shrink and lora_expand.
+    pub lora: Vec<LoraCase>,
     /// Bad shapes and out-of-range host indices must come back as errors.
     pub errors: bool,
 }
@@ -118,6 +120,89 @@ pub struct SampleCase {
     pub history: usize,
     /// Standard deviation of the random logits.
     pub logit_scale: f32,
+}
+
+/// One layer's LoRA products: a shrink over `parts` stacked `A` matrices
+/// (`U = parts · rank`), then one expand per part into its columns of the
+/// base output.
+#[derive(Clone, Debug)]
+pub struct LoraCase {
+    pub tokens: usize,
+    /// K, the layer's input width.
+    pub in_features: usize,
+    /// N of each part.
+    pub out_features: usize,
+    pub rank: usize,
+    /// Parts stacked in one shrink (1 for o/down, 2 for gate/up, 3 for q/k/v).
+    pub parts: usize,
+    /// Adapter slots resident (S).
+    pub slots: usize,
+    pub layout: SlotLayout,
+    /// Columns of the expand's output on each side of the parts, which it must
+    /// leave alone (part `p` starts at column `column_margin + p · N`).
+    pub column_margin: usize,
+}
+
+/// How the tokens of a [`LoraCase`] are given slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotLayout {
+    /// Each token its own random slot or none (-1), as a decode batch of
+    /// requests on different adapters; with as many tokens as slots + 1,
+    /// every slot and -1 appear.
+    Mixed,
+    /// Runs of one slot, as prefill chunks: half the tokens on one slot, a
+    /// quarter without an adapter, the rest on another slot.
+    Runs,
+}
+
+impl SlotLayout {
+    /// The slot of each of `tokens` tokens, in `-1..slots`.
+    pub(crate) fn assign(
+        self,
+        tokens: usize,
+        slots: usize,
+        mut draw: impl FnMut(usize) -> usize,
+    ) -> Vec<i32> {
+        let slots = slots.max(1);
+        match self {
+            SlotLayout::Mixed if tokens == 1 => vec![draw(slots) as i32],
+            SlotLayout::Mixed => {
+                let mut v: Vec<i32> = (0..tokens)
+                    .map(|t| if t <= slots { t as i32 - 1 } else { draw(slots + 1) as i32 - 1 })
+                    .collect();
+                for i in (1..tokens).rev() {
+                    v.swap(i, draw(i + 1));
+                }
+                v
+            }
+            SlotLayout::Runs => {
+                let (first, second) = (draw(slots) as i32, draw(slots) as i32);
+                (0..tokens)
+                    .map(|t| match 4 * t / tokens.max(1) {
+                        0 | 1 => first,
+                        2 => -1,
+                        _ => second,
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl LoraCase {
+    pub fn label(&self) -> String {
+        format!(
+            "T{} K{} {}x N{} r{} S{} {:?}{}",
+            self.tokens,
+            self.in_features,
+            self.parts,
+            self.out_features,
+            self.rank,
+            self.slots,
+            self.layout,
+            if self.column_margin > 0 { format!(" margin{}", self.column_margin) } else { String::new() },
+        )
+    }
 }
 
 impl AttentionCase {
@@ -452,6 +537,7 @@ impl Grid {
                     }
                 }))
                 .collect(),
+            lora: quick_lora(),
             errors: true,
         }
     }
@@ -653,9 +739,81 @@ impl Grid {
                 BlocksCase { num_blocks: 100, num_kv_heads: 3, block_size: 32, head_dim: 64, pairs: 17 },
             ],
             sample,
+            lora: full_lora(),
             errors: true,
         }
     }
+}
+
+/// Decode (1-16 tokens, mixed slots) and prefill (300 tokens, runs or mixed)
+/// on SmolLM2 and 8B widths, ranks 8 to 64, one to three parts; then odd
+/// shapes (K not a multiple of 8, a rank not a multiple of 8, odd N) that
+/// devices serve off their vectorised paths.
+fn quick_lora() -> Vec<LoraCase> {
+    use SlotLayout::{Mixed, Runs};
+    [
+        (1usize, 576usize, 192usize, 8usize, 3usize, 4usize, Mixed, 0usize),
+        (3, 4096, 4096, 16, 1, 16, Mixed, 3),
+        (16, 576, 576, 64, 2, 8, Mixed, 1),
+        (16, 4096, 192, 16, 3, 4, Runs, 0),
+        (300, 576, 4096, 16, 1, 3, Runs, 2),
+        (300, 4096, 576, 8, 2, 16, Mixed, 0),
+        (300, 576, 192, 64, 3, 2, Runs, 1),
+        (3, 100, 67, 24, 2, 3, Mixed, 1),
+        (5, 64, 33, 5, 1, 2, Mixed, 2),
+    ]
+    .into_iter()
+    .map(|(tokens, in_features, out_features, rank, parts, slots, layout, column_margin)| LoraCase {
+        tokens,
+        in_features,
+        out_features,
+        rank,
+        parts,
+        slots,
+        layout,
+        column_margin,
+    })
+    .collect()
+}
+
+/// Every token count {1, 3, 16, 300} against K {576, 4096} and N {192, 576,
+/// 4096, 14336}, the rank cycling over {8, 16, 64} and the parts over 1..3;
+/// slots mixed for decode sizes, runs and mixed alternating for 300 tokens;
+/// and the down projection's K = 14336.
+fn full_lora() -> Vec<LoraCase> {
+    let mut cases = Vec::new();
+    let mut i = 0usize;
+    for tokens in [1usize, 3, 16, 300] {
+        for in_features in [576usize, 4096] {
+            for out_features in [192usize, 576, 4096, 14336] {
+                let layout = if tokens >= 16 && i % 2 == 1 { SlotLayout::Runs } else { SlotLayout::Mixed };
+                cases.push(LoraCase {
+                    tokens,
+                    in_features,
+                    out_features,
+                    rank: [8, 16, 64][i % 3],
+                    parts: 1 + (i / 3) % 3,
+                    slots: [16, 4, 1][(i / 9) % 3],
+                    layout,
+                    column_margin: i % 4,
+                });
+                i += 1;
+            }
+        }
+    }
+    for (tokens, layout) in [(1, SlotLayout::Mixed), (300, SlotLayout::Runs)] {
+        cases.push(LoraCase {
+            tokens,
+            in_features: 14336,
+            out_features: 4096,
+            rank: 16,
+            parts: 1,
+            slots: 16,
+            layout,
+            column_margin: 0,
+        });
+    }
+    cases
 }
 
 /// A tiny generator for choosing the full grid's lengths reproducibly.

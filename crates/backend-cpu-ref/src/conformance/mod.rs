@@ -43,6 +43,11 @@
 //!   wrong position, head, block, mask or eps) give errors of 1e-1 to 1.
 //! - **F16**: 2e-3: the same argument with 11 significant bits (2^-11 =
 //!   4.9e-4 max, ~2e-4 RMS measured).
+//! - LoRA's expand (`out += B·u` in the activation dtype) is judged element by
+//!   element against the bound its arithmetic gives: one rounding of the f32
+//!   result, `u·|ref|` with `u` the dtype's unit roundoff, plus the f32
+//!   summation-order term; its shrink (an F32 output) by the F32 tolerance.
+//!   `check/lora.rs` derives both.
 //! - Exact ops (copies: embedding, gather, copy_blocks, swap, memory round
 //!   trips, untouched cache slots) must match bit for bit: tolerance 0.
 //! - Logprobs: 1e-3 absolute whatever the dtype: both sides compute the
@@ -61,7 +66,10 @@ mod report;
 
 use pagoda_backend::{Backend, BackendError, DType, HostSlice, Tensor};
 
-pub use grid::{AttentionCase, BlocksCase, Grid, LinearCase, RotaryCase, RowsCase, SampleCase, SeqShape};
+pub use grid::{
+    AttentionCase, BlocksCase, Grid, LinearCase, LoraCase, RotaryCase, RowsCase, SampleCase, SeqShape,
+    SlotLayout,
+};
 pub use report::{CheckResult, ConformanceReport};
 
 use crate::CpuBackend;
@@ -115,6 +123,7 @@ pub fn run_with<B: Backend>(device: &B, grid: &Grid, tolerances: Tolerances) -> 
     check::attention::run(&mut h, &grid.attention);
     check::blocks::run(&mut h, &grid.blocks);
     check::sample::run(&mut h, &grid.sample);
+    check::lora::run(&mut h, &grid.lora);
     if grid.errors {
         check::errors::run(&mut h);
     }

@@ -5,7 +5,7 @@
 
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice,
-    SamplingParams, SamplingRow,
+    LoraExpandArgs, LoraShrinkArgs, SamplingParams, SamplingRow,
 };
 
 use crate::conformance::{dev, CheckResult, Harness};
@@ -116,6 +116,26 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
             })
         };
         expect("attention: out shape != q shape", attention(&zeros(&[1, 8], act)?), is_shape);
+
+        let slots = zeros(&[4], DType::I32)?;
+        let shrunk = zeros(&[4, 6], DType::F32)?;
+        let (a_k9, a_u5) = (zeros(&[2, 6, 9], act)?, zeros(&[2, 5, 8], act)?);
+        let shrink = |a| d.lora_shrink(&LoraShrinkArgs { x: &x, a, token_slots: &slots, out: &shrunk });
+        expect("lora_shrink: a's K != x's K", shrink(&a_k9), is_shape);
+        expect("lora_shrink: out's U != a's U", shrink(&a_u5), is_shape);
+        let b = zeros(&[2, 5, 4], act)?;
+        let expand = |u_offset, out_offset| {
+            d.lora_expand(&LoraExpandArgs {
+                u: &shrunk,
+                u_offset,
+                b: &b,
+                token_slots: &slots,
+                out: &out,
+                out_offset,
+            })
+        };
+        expect("lora_expand: u_offset + R past U", expand(3, 0), is_shape);
+        expect("lora_expand: out_offset + N past O", expand(0, 2), is_shape);
         Ok(rows)
     });
 }

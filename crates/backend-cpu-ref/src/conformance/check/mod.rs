@@ -4,6 +4,7 @@ pub(super) mod attention;
 pub(super) mod blocks;
 pub(super) mod errors;
 pub(super) mod linear;
+pub(super) mod lora;
 pub(super) mod memory;
 pub(super) mod rotary;
 pub(super) mod rows;
