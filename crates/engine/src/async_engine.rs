@@ -290,6 +290,13 @@ impl AsyncEngine {
         &self.tokenizer
     }
 
+    /// The host cache of LoRA adapters, when the engine serves them
+    /// ([`crate::EngineConfig::lora`]): loading an adapter into it checks it
+    /// against the model.
+    pub fn lora_cache(&self) -> Option<&Arc<crate::LoraCache>> {
+        self.input.lora_cache()
+    }
+
     pub fn chat_template(&self) -> Option<&Arc<ChatTemplate>> {
         self.chat_template.as_ref()
     }

@@ -45,6 +45,7 @@
 use std::sync::Arc;
 
 use pagoda_backend::{AttentionHostMetadata, SampledToken, SamplingParams, SamplingRow};
+use pagoda_models::LoraAdapter;
 use pagoda_paged_kv::BlockId;
 use pagoda_scheduler::{RequestId, ScheduledSeq, SchedulerOutput, SeqId, TokenId};
 use rayon::prelude::*;
@@ -78,6 +79,9 @@ pub struct StepInputs {
     pub prompt_logprobs: Vec<PromptLogprobRows>,
     /// The prompt token each of those rows predicts (its logprob is wanted).
     pub prompt_targets: Vec<u32>,
+    /// Per token row, its request's LoRA adapter id (0: none); empty when no
+    /// sequence of the step has an adapter.
+    pub lora_ids: Vec<u32>,
 }
 
 /// Consecutive prompt positions of one request whose next-token logprobs a
@@ -112,6 +116,7 @@ impl StepInputs {
         self.source_rows.clear();
         self.prompt_logprobs.clear();
         self.prompt_targets.clear();
+        self.lora_ids.clear();
     }
 }
 
@@ -182,6 +187,8 @@ struct RequestSampling {
     seed: u64,
     prompt: Vec<TokenId>,
     constraint: Option<Arc<dyn TokenConstraintFactory>>,
+    /// Its LoRA adapter's id and matrices.
+    lora: Option<(u32, Arc<LoraAdapter>)>,
 }
 
 /// The runner's state of one sequence.
@@ -261,8 +268,9 @@ impl PersistentBatch {
         params: Arc<SamplingParams>,
         seed: u64,
         constraint: Option<Arc<dyn TokenConstraintFactory>>,
+        lora: Option<(u32, Arc<LoraAdapter>)>,
     ) {
-        let request = RequestSampling { params, seed, prompt: prompt.to_vec(), constraint };
+        let request = RequestSampling { params, seed, prompt: prompt.to_vec(), constraint, lora };
         self.requests.insert(request_id, Arc::new(request));
     }
 
@@ -345,9 +353,14 @@ impl PersistentBatch {
         for entry in &out.scheduled {
             let slot = self.update_seq(entry)?;
             let table_len = self.slot_ref(slot).block_table.len();
+            let lora_id = self.slot_ref(slot).request.lora.as_ref().map(|(id, _)| *id);
             max_blocks = max_blocks.max(table_len);
             let s = &mut self.inputs;
             let n = entry.token_ids.len();
+            if let Some(id) = lora_id {
+                s.lora_ids.resize(s.token_ids.len(), 0);
+                s.lora_ids.resize(s.token_ids.len() + n, id);
+            }
             s.token_ids.extend_from_slice(&entry.token_ids);
             s.positions.extend(entry.positions().map(|p| p as i32));
             s.attn.slot_mapping.extend_from_slice(&entry.slot_mapping);
@@ -389,6 +402,9 @@ impl PersistentBatch {
             self.stage_prompt_logprobs(entry, slot);
             self.stage_samplers(entry, slot)?;
         }
+        if !self.inputs.lora_ids.is_empty() {
+            self.inputs.lora_ids.resize(self.inputs.token_ids.len(), 0);
+        }
         self.inputs.logits_indices.extend_from_slice(&self.prompt_rows);
         if !self.inputs.source_rows.is_empty() {
             self.inputs.source_rows.resize(self.inputs.token_ids.len(), -1);
@@ -399,6 +415,11 @@ impl PersistentBatch {
         let schedule_ahead = !has_token_masks
             && self.sampler_slots.iter().all(|&slot| !self.slot_ref(slot).request.params.needs_history());
         Ok(PreparedStep { samplers: self.inputs.samplers.clone(), schedule_ahead, has_token_masks })
+    }
+
+    /// A live request's LoRA adapter of this id.
+    pub fn lora_adapter(&self, id: u32) -> Option<&Arc<LoraAdapter>> {
+        self.requests.values().find_map(|r| r.lora.as_ref().filter(|(held, _)| *held == id).map(|(_, a)| a))
     }
 
     /// Whether a row of the staged step samples under a constraint.
@@ -933,7 +954,7 @@ mod tests {
     /// A batch of block size 4 that knows request 1 (prompt [1, 2, 3, 4, 5]).
     fn batch_with_request(params: SamplingParams) -> PersistentBatch {
         let mut b = PersistentBatch::new(4);
-        b.add_request(RequestId(1), &[1, 2, 3, 4, 5], Arc::new(params), 77, None);
+        b.add_request(RequestId(1), &[1, 2, 3, 4, 5], Arc::new(params), 77, None, None);
         b
     }
 
@@ -949,7 +970,7 @@ mod tests {
     #[test]
     fn tables_follow_the_updates_and_are_gathered_once_per_step() {
         let mut b = batch_with_request(SamplingParams::default());
-        b.add_request(RequestId(2), &[9], Arc::new(SamplingParams::default()), 5, None);
+        b.add_request(RequestId(2), &[9], Arc::new(SamplingParams::default()), 5, None, None);
         let prefill = SchedulerOutput {
             step: 1,
             scheduled: vec![
@@ -1015,7 +1036,7 @@ mod tests {
     #[test]
     fn a_verification_attends_as_one_row_per_position() {
         let mut b = batch_with_request(SamplingParams::default());
-        b.add_request(RequestId(2), &[9], Arc::new(SamplingParams::default()), 5, None);
+        b.add_request(RequestId(2), &[9], Arc::new(SamplingParams::default()), 5, None, None);
         let prefill = SchedulerOutput {
             step: 1,
             scheduled: vec![
@@ -1301,7 +1322,7 @@ mod tests {
                             ..Default::default()
                         };
                         let seed = seed.unwrap_or(1000 + id.0);
-                        self.b.add_request(id, &prompt, Arc::new(params), seed, None);
+                        self.b.add_request(id, &prompt, Arc::new(params), seed, None, None);
                         self.seeds.insert(id, seed);
                     }
                 }

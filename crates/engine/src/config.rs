@@ -66,6 +66,8 @@ pub struct EngineConfig {
     /// (verified, so the output is unchanged; fewer steps where the model
     /// would have written them anyway). At most this many a step; 0: off.
     pub max_fast_forward_tokens: usize,
+    /// Multi-LoRA serving (vLLM `--enable-lora` and its limits); `None`: off.
+    pub lora: Option<crate::lora::LoraConfig>,
 }
 
 /// Where the sampling defaults (temperature, top-p...) a request leaves
@@ -106,6 +108,7 @@ impl Default for EngineConfig {
             generation_config: GenerationConfigSource::Model,
             speculative: None,
             max_fast_forward_tokens: 16,
+            lora: None,
         }
     }
 }
@@ -192,11 +195,15 @@ impl EngineConfig {
                 1
             },
             async_scheduling: self.async_scheduling,
+            max_loras: self.lora.as_ref().map(|l| l.max_loras),
         }
     }
 
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::Config(m));
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         if !matches!(self.block_size, 8 | 16 | 32 | 64 | 128) {
             return bad(format!("block size must be one of 8, 16, 32, 64, 128, got {}", self.block_size));
         }

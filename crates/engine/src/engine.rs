@@ -21,6 +21,7 @@ use crate::draft_model::DraftModel;
 use crate::engine_core::{CoreOutput, EngineCore, StepTimings};
 use crate::error::EngineError;
 use crate::input::{EngineCoreRequest, InputProcessor, ModelInfo};
+use crate::lora::LoraCache;
 use crate::metrics::EngineMetrics;
 use crate::output_processor::OutputProcessor;
 use crate::request::{GenerationRequest, RequestOutput};
@@ -54,12 +55,16 @@ impl<B: Backend> LlmEngine<B> {
     /// its weights count, and its own cache takes a share of the budget).
     pub fn with_draft_model(
         backend: B,
-        loaded: LoadedModel<B>,
+        mut loaded: LoadedModel<B>,
         draft: Option<LlamaModel<B>>,
         mut config: EngineConfig,
     ) -> Result<Self, EngineError> {
         config.validate()?;
         let model_config = loaded.model.config().clone();
+        // The adapter slots are allocated before the KV cache is sized from what is left.
+        if let Some(lora) = &config.lora {
+            loaded.model.enable_lora(&backend, lora.max_loras, lora.max_lora_rank)?;
+        }
         config.check_max_model_len(&model_config)?;
         let memory = backend.memory_info().ok();
         let mut num_gpu_blocks = config.num_gpu_blocks(&backend, &model_config, memory)?;
@@ -88,6 +93,9 @@ impl<B: Backend> LlmEngine<B> {
                 .map_err(|e| EngineError::Config(e.to_string()))?;
         let mut runner =
             ModelRunner::new(backend, loaded.model, num_gpu_blocks, num_cpu_blocks, config.block_size)?;
+        if config.lora.is_some() {
+            runner.enable_lora()?;
+        }
         let has_draft = draft.is_some();
         if let Some(draft) = draft {
             let draft = DraftModel::new(runner.backend(), draft, num_gpu_blocks, config.block_size)?;
@@ -132,7 +140,8 @@ impl<B: Backend> LlmEngine<B> {
         let input =
             InputProcessor::new(info, config.max_num_seqs, loaded.tokenizer.is_present(), config.seed)
                 .with_logit_constraints(runner.backend().supports_logit_constraints())
-                .with_token_masks(runner.backend().supports_token_masks());
+                .with_token_masks(runner.backend().supports_token_masks())
+                .with_lora(config.lora.clone().map(|l| Arc::new(LoraCache::new(l, model_config.clone()))));
         let mut core = EngineCore::new(scheduler, runner, config.async_scheduling, metrics.clone());
         core.set_max_fast_forward_tokens(config.max_fast_forward_tokens);
         if let Some(spec) = &config.speculative {

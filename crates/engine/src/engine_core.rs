@@ -227,6 +227,7 @@ impl<B: Backend> EngineCore<B> {
             fairness_group: req.fairness_group().map(u64::from),
             // Cached blocks never had their logits computed.
             skip_prefix_cache: req.prompt_logprobs().is_some(),
+            lora: req.lora().map(|(id, _)| *id),
         };
         // The input processor refuses everything the scheduler would.
         self.scheduler
@@ -238,6 +239,7 @@ impl<B: Backend> EngineCore<B> {
             Arc::new(req.sampling().clone()),
             req.seed(),
             req.constraint().cloned(),
+            req.lora().cloned(),
         );
         if let Some(top_k) = req.prompt_logprobs() {
             self.runner.want_prompt_logprobs(id, top_k);

@@ -24,6 +24,10 @@ pub enum EngineError {
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]
     Update(#[from] UpdateError),
+    /// A LoRA adapter could not be read or does not fit the model (the
+    /// message names the adapter and why).
+    #[error("LoRA: {0}")]
+    Lora(String),
     /// A broken invariant between engine parts (a bug).
     #[error("internal engine error: {0}")]
     Internal(String),

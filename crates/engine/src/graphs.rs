@@ -417,6 +417,7 @@ impl<B: Backend> DecodeGraphs<B> {
                 slot_mapping: self.slot_mapping.narrow(0, b)?,
             },
             logits_indices: self.logits_indices.narrow(0, b)?,
+            lora_slots: None,
         })
     }
 }

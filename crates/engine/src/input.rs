@@ -11,8 +11,11 @@ use std::sync::Arc;
 use pagoda_backend::SamplingParams;
 use pagoda_sampler::TokenId;
 
+use pagoda_models::LoraAdapter;
+
 use crate::constraint::TokenConstraintFactory;
 use crate::error::EngineError;
+use crate::lora::LoraCache;
 use crate::request::GenerationRequest;
 use crate::stop::{MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 
@@ -44,6 +47,8 @@ pub struct InputProcessor {
     logit_constraints: bool,
     /// Whether it applies structured-output token masks.
     token_masks: bool,
+    /// Loaded LoRA adapters, when the engine serves them.
+    lora: Option<Arc<LoraCache>>,
 }
 
 /// Most `bad_words` a request may give, and most tokens in one: each is
@@ -78,6 +83,8 @@ pub struct EngineCoreRequest {
     skip_special_tokens: bool,
     detokenize: bool,
     constraint: Option<Arc<dyn TokenConstraintFactory>>,
+    /// The request's adapter, read (or found in the host cache) when accepted.
+    lora: Option<(u32, Arc<LoraAdapter>)>,
 }
 
 impl EngineCoreRequest {
@@ -111,6 +118,11 @@ impl EngineCoreRequest {
     /// The structured-output constraint of every sample, if any.
     pub fn constraint(&self) -> Option<&Arc<dyn TokenConstraintFactory>> {
         self.constraint.as_ref()
+    }
+
+    /// The LoRA adapter's id and matrices, if the request runs with one.
+    pub fn lora(&self) -> Option<&(u32, Arc<LoraAdapter>)> {
+        self.lora.as_ref()
     }
 
     pub(crate) fn min_tokens(&self) -> usize {
@@ -175,7 +187,19 @@ impl InputProcessor {
             last_seed: AtomicU64::new(seed),
             logit_constraints: false,
             token_masks: false,
+            lora: None,
         }
+    }
+
+    /// Serves LoRA adapters from this cache.
+    pub(crate) fn with_lora(mut self, cache: Option<Arc<LoraCache>>) -> Self {
+        self.lora = cache;
+        self
+    }
+
+    /// The host cache of LoRA adapters, when the engine serves them.
+    pub fn lora_cache(&self) -> Option<&Arc<LoraCache>> {
+        self.lora.as_ref()
     }
 
     /// Declares whether the backend applies logit constraints (see [`pagoda_backend::Backend::supports_logit_constraints`]).
@@ -200,6 +224,24 @@ impl InputProcessor {
     /// tokenizer. Errors name the request parameter at fault.
     pub fn process(&self, req: GenerationRequest) -> Result<EngineCoreRequest, EngineError> {
         self.validate(&req)?;
+        let lora = match (&req.lora, &self.lora) {
+            (None, _) => None,
+            (Some(lora), None) => {
+                return Err(EngineError::invalid(
+                    Some("model"),
+                    format!(
+                        "LoRA adapter {:?} asked for, but LoRA is not enabled (--enable-lora)",
+                        lora.name
+                    ),
+                ))
+            }
+            (Some(lora), Some(cache)) => {
+                if lora.id == 0 {
+                    return Err(EngineError::Internal(format!("adapter {:?} has id 0", lora.name)));
+                }
+                Some((lora.id, cache.get(lora)?))
+            }
+        };
         let seed = req.sampling.seed.unwrap_or_else(|| {
             // fetch_add wraps, as the sequence of seeds does.
             self.last_seed.fetch_add(SEED_STEP, Ordering::Relaxed).wrapping_add(SEED_STEP)
@@ -226,6 +268,7 @@ impl InputProcessor {
             // Like vLLM's --skip-tokenizer-init: token ids in, token ids out.
             detokenize: req.detokenize && self.has_tokenizer,
             constraint: req.constraint,
+            lora,
         })
     }
 

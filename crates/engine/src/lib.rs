@@ -42,6 +42,7 @@ mod error;
 mod graphs;
 mod input;
 mod kv_view;
+mod lora;
 mod metrics;
 mod output;
 mod output_processor;
@@ -69,6 +70,7 @@ pub use error::EngineError;
 pub use graphs::{capture_sizes, is_graphable, Bucket, GraphStats, PaddedDecodeInputs};
 pub use input::{EngineCoreRequest, InputProcessor, ModelInfo, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS};
 pub use kv_view::{KvView, KvViewSource, SeqView};
+pub use lora::{LoraCache, LoraConfig, LoraRequest, LoraSlotTable, SUPPORTED_LORA_RANKS};
 pub use metrics::EngineMetrics;
 pub use output::{CompletedRequest, CompletedSeq};
 /// The block states and counts a [`KvView`] reports.

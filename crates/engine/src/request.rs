@@ -47,6 +47,9 @@ pub struct GenerationRequest {
     /// The prompt is then computed whole (no prefix-cached blocks are reused:
     /// their logits were never computed).
     pub prompt_logprobs: Option<usize>,
+    /// The LoRA adapter to run with (the server resolves the request's
+    /// `model` to one); refused unless the engine was built with LoRA.
+    pub lora: Option<crate::lora::LoraRequest>,
 }
 
 impl GenerationRequest {
@@ -70,6 +73,7 @@ impl GenerationRequest {
             cache_salt: None,
             constraint: None,
             prompt_logprobs: None,
+            lora: None,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pagoda_backend::{Backend, DType, HostSlice, SampledToken, SamplingParams};
-use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
+use pagoda_models::{ForwardBatch, KvCache, LlamaModel, LoraAdapter};
 use pagoda_scheduler::{RequestId, SchedulerOutput, SeqId, TokenId};
 use rustc_hash::FxHashMap;
 
@@ -25,6 +25,7 @@ use crate::constraint::TokenConstraintFactory;
 use crate::draft_model::DraftModel;
 use crate::error::EngineError;
 use crate::graphs::{DecodeGraphs, GraphStats};
+use crate::lora::LoraSlotTable;
 use crate::request::PromptLogprob;
 use crate::speculative::DraftRequest;
 
@@ -47,6 +48,10 @@ pub struct ModelRunner<B: Backend> {
     prompt_logprobs: Vec<(RequestId, usize, Vec<PromptLogprob>)>,
     /// Speculative decoding's draft model, when it proposes with one.
     draft: Option<DraftModel<B>>,
+    /// Which LoRA adapter each of the model's slots holds, when LoRA is on.
+    lora_slots: Option<LoraSlotTable>,
+    /// Per token row of the step being launched, its LoRA slot (-1: none).
+    token_lora_slots: Vec<i32>,
 }
 
 /// Where the runner's time went, summed over steps (host wall-clock time).
@@ -115,7 +120,23 @@ impl<B: Backend> ModelRunner<B> {
             batch: PersistentBatch::new(block_size),
             prompt_logprobs: Vec::new(),
             draft: None,
+            lora_slots: None,
+            token_lora_slots: Vec::new(),
         })
+    }
+
+    /// Serves LoRA adapters from the model's slots ([`LlamaModel::enable_lora`]).
+    pub fn enable_lora(&mut self) -> Result<(), EngineError> {
+        let slots = self.model.lora_slots().ok_or_else(|| {
+            EngineError::Internal("LoRA enabled in the runner for a model without LoRA slots".into())
+        })?;
+        self.lora_slots = Some(LoraSlotTable::new(slots.max_loras()));
+        Ok(())
+    }
+
+    /// The LoRA slots' state, when LoRA is on.
+    pub fn lora_slot_table(&self) -> Option<&LoraSlotTable> {
+        self.lora_slots.as_ref()
     }
 
     /// Gives the runner a draft model for speculative decoding.
@@ -192,8 +213,9 @@ impl<B: Backend> ModelRunner<B> {
         params: Arc<SamplingParams>,
         seed: u64,
         constraint: Option<Arc<dyn TokenConstraintFactory>>,
+        lora: Option<(u32, Arc<LoraAdapter>)>,
     ) {
-        self.batch.add_request(request_id, prompt, params, seed, constraint);
+        self.batch.add_request(request_id, prompt, params, seed, constraint, lora);
     }
 
     /// Asks for the logprobs of a request's prompt tokens (call after
@@ -250,6 +272,10 @@ impl<B: Backend> ModelRunner<B> {
         if out.scheduled.is_empty() {
             return Ok(None);
         }
+        let has_lora = !self.batch.inputs().lora_ids.is_empty();
+        if has_lora {
+            self.stage_lora_slots()?;
+        }
         let inputs = self.batch.inputs();
         let feed = match (inputs.source_rows.is_empty(), previous) {
             (true, _) => None,
@@ -261,7 +287,7 @@ impl<B: Backend> ModelRunner<B> {
             }
         };
         let has_prompt_rows = !inputs.prompt_logprobs.is_empty();
-        let bucket = match has_prompt_rows {
+        let bucket = match has_prompt_rows || has_lora {
             true => None,
             false => self.graphs.as_ref().and_then(|g| g.bucket_for(inputs)),
         };
@@ -280,13 +306,16 @@ impl<B: Backend> ModelRunner<B> {
                 // Moved into the upload and back after the forward pass, not copied.
                 let attn = self.batch.take_attention();
                 let inputs = self.batch.inputs();
-                let batch = ForwardBatch::upload(
+                let mut batch = ForwardBatch::upload(
                     &self.backend,
                     &inputs.token_ids,
                     &inputs.positions,
                     attn,
                     &inputs.logits_indices,
                 )?;
+                if has_lora {
+                    batch = batch.with_lora_slots(&self.backend, &self.token_lora_slots)?;
+                }
                 if let Some(previous) = feed {
                     let n = inputs.source_rows.len();
                     let source_rows =
@@ -335,6 +364,27 @@ impl<B: Backend> ModelRunner<B> {
             if out.is_decode_only() { &mut self.timings.decode_only } else { &mut self.timings.with_prefill };
         phase.add(num_tokens, done - t0);
         Ok(sampled)
+    }
+
+    /// Puts the staged step's LoRA adapters into device slots and stages each
+    /// token's slot in `token_lora_slots`.
+    fn stage_lora_slots(&mut self) -> Result<(), EngineError> {
+        let table = self
+            .lora_slots
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("a step with LoRA adapters, but LoRA is off".into()))?;
+        let lora_ids = &self.batch.inputs().lora_ids;
+        let mut ids: Vec<u32> = lora_ids.iter().copied().filter(|&id| id != 0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let batch = &self.batch;
+        let assigned = table.assign(&self.backend, &self.model, &ids, |id| batch.lora_adapter(id))?;
+        self.token_lora_slots.clear();
+        self.token_lora_slots.extend(lora_ids.iter().map(|&id| match id {
+            0 => -1,
+            id => assigned.iter().find(|&&(held, _)| held == id).map_or(-1, |&(_, slot)| slot as i32),
+        }));
+        Ok(())
     }
 
     /// Waits for a step's sampling and returns one token per sampling row

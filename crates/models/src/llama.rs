@@ -9,11 +9,12 @@
 
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, KvCacheShape,
-    LinearFusion, RopeStyle, RotaryCacheArgs, Tensor, TokenId,
+    LinearFusion, LoraExpandArgs, LoraShrinkArgs, RopeStyle, RotaryCacheArgs, Tensor, TokenId,
 };
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::lora::{LayerLoraSlots, LoraSlots};
 use crate::rope::cos_sin_table;
 use crate::weights::{WeightData, WeightSource, WeightTensor};
 
@@ -40,6 +41,9 @@ pub struct ForwardBatch<B: Backend> {
     pub attn: AttentionMetadata<B>,
     /// I32 `[M]`: the rows of the step whose logits are wanted.
     pub logits_indices: Tensor<B>,
+    /// I32 `[T]`: each token's LoRA slot, -1 for none; `None` when no token
+    /// of the step has an adapter (the LoRA products are then skipped).
+    pub lora_slots: Option<Tensor<B>>,
 }
 
 impl<B: Backend> ForwardBatch<B> {
@@ -77,7 +81,18 @@ impl<B: Backend> ForwardBatch<B> {
                 &[logits_indices.len()],
                 DType::I32,
             )?,
+            lora_slots: None,
         })
+    }
+
+    /// Adds each token's LoRA slot (-1: none), for a model with [`LoraSlots`].
+    pub fn with_lora_slots(mut self, backend: &B, slots: &[i32]) -> Result<Self> {
+        let t = self.num_tokens();
+        if slots.len() != t {
+            return Err(ModelError::Forward(format!("{} LoRA slots for {t} tokens", slots.len())));
+        }
+        self.lora_slots = Some(backend.upload(HostSlice::I32(slots), &[t], DType::I32)?);
+        Ok(self)
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -122,6 +137,8 @@ pub struct LlamaModel<B: Backend> {
     /// F32 `[max_positions, head_dim]`.
     cos_sin: Tensor<B>,
     max_positions: usize,
+    /// Room for LoRA adapters, once [`LlamaModel::enable_lora`] made it.
+    lora: Option<LoraSlots<B>>,
 }
 
 /// Uploads tensors one at a time, checking shapes and reporting progress.
@@ -298,7 +315,7 @@ impl<B: Backend> LlamaModel<B> {
 
         let table = cos_sin_table(c, max_positions);
         let cos_sin = backend.upload(HostSlice::F32(&table), &[max_positions, c.head_dim], DType::F32)?;
-        Ok(Self { config, dtype, embed_tokens, layers, norm, lm_head, cos_sin, max_positions })
+        Ok(Self { config, dtype, embed_tokens, layers, norm, lm_head, cos_sin, max_positions, lora: None })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -308,6 +325,17 @@ impl<B: Backend> LlamaModel<B> {
     /// The dtype of weights, activations and the KV cache.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Allocates zeroed slots for `max_loras` adapters of rank up to `max_rank`.
+    pub fn enable_lora(&mut self, backend: &B, max_loras: usize, max_rank: usize) -> Result<()> {
+        self.lora = Some(LoraSlots::new(backend, &self.config, max_loras, max_rank)?);
+        Ok(())
+    }
+
+    /// The LoRA slots, if [`LlamaModel::enable_lora`] made them.
+    pub fn lora_slots(&self) -> Option<&LoraSlots<B>> {
+        self.lora.as_ref()
     }
 
     /// Positions the rotary table covers: the longest sequence this model can run.
@@ -379,8 +407,19 @@ impl<B: Backend> LlamaModel<B> {
             |weight| LinearFusion { input_norm: Some((weight, eps)), silu_mul: false, accumulate: false };
         let add_to_residual = LinearFusion { input_norm: None, silu_mul: false, accumulate: true };
 
+        // With adapters in the step, each adapted product gets its LoRA delta:
+        // the norms it fused are computed on their own for the shrinks, and
+        // gate/up is activated only after its delta is added.
+        let lora = match (&batch.lora_slots, &self.lora) {
+            (Some(token_slots), Some(slots)) => Some(LoraStep::new(backend, c, slots, token_slots, t)?),
+            (Some(_), None) => {
+                return Err(ModelError::Forward("a step with LoRA slots for a model without LoRA".into()))
+            }
+            _ => None,
+        };
+
         backend.embedding(&batch.token_ids, &self.embed_tokens, &residual)?;
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&kv.layers) {
+        for (l, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
             backend.linear_fused(
                 &residual,
                 &layer.qkv,
@@ -388,6 +427,9 @@ impl<B: Backend> LlamaModel<B> {
                 &qkv,
                 &normed_by(&layer.input_norm),
             )?;
+            if let Some(lora) = &lora {
+                lora.qkv(backend, l, &residual, &layer.input_norm, eps, &qkv)?;
+            }
             backend.rotary_and_cache(&RotaryCacheArgs {
                 qkv: &qkv,
                 positions: &batch.positions,
@@ -421,9 +463,20 @@ impl<B: Backend> LlamaModel<B> {
                 &residual,
                 &add_to_residual,
             )?;
-            let mlp_in = LinearFusion { silu_mul: true, ..normed_by(&layer.post_attention_norm) };
-            backend.linear_fused(&residual, &layer.gate_up, None, &mlp_act, &mlp_in)?;
+            match &lora {
+                None => {
+                    let mlp_in = LinearFusion { silu_mul: true, ..normed_by(&layer.post_attention_norm) };
+                    backend.linear_fused(&residual, &layer.gate_up, None, &mlp_act, &mlp_in)?;
+                }
+                Some(lora) => {
+                    lora.o(backend, l, &attn_out, &residual)?;
+                    lora.gate_up(backend, l, layer, &residual, eps, &mlp_act)?;
+                }
+            }
             backend.linear_fused(&mlp_act, &layer.down, None, &residual, &add_to_residual)?;
+            if let Some(lora) = &lora {
+                lora.down(backend, l, &mlp_act, &residual)?;
+            }
         }
 
         // Only the rows that sample need the final norm and the vocabulary product.
@@ -471,5 +524,123 @@ impl<B: Backend> LlamaModel<B> {
             ));
         }
         Ok(t)
+    }
+}
+
+/// A step's LoRA work: the token slots and the scratch tensors its shrinks
+/// and the unfused gate/up product write.
+struct LoraStep<'a, B: Backend> {
+    slots: &'a [LayerLoraSlots<B>],
+    token_slots: &'a Tensor<B>,
+    rank: usize,
+    /// `[T, H]`: a norm's output, for the shrinks of q/k/v and gate/up.
+    normed: Tensor<B>,
+    /// F32 `[T, 3R]`, `[T, R]`, `[T, 2R]`: the shrinks' outputs.
+    u_qkv: Tensor<B>,
+    u_one: Tensor<B>,
+    u_gate_up: Tensor<B>,
+    /// `[T, 2I]`: gate/up before SiLU-and-mul.
+    gate_up: Tensor<B>,
+    q_size: usize,
+    kv_size: usize,
+    intermediate: usize,
+}
+
+impl<'a, B: Backend> LoraStep<'a, B> {
+    fn new(
+        backend: &B,
+        c: &ModelConfig,
+        slots: &'a LoraSlots<B>,
+        token_slots: &'a Tensor<B>,
+        t: usize,
+    ) -> Result<Self> {
+        let (r, d) = (slots.max_rank(), backend.activation_dtype());
+        Ok(Self {
+            slots: &slots.layers,
+            token_slots,
+            rank: r,
+            normed: backend.alloc(&[t, c.hidden_size], d)?,
+            u_qkv: backend.alloc(&[t, 3 * r], DType::F32)?,
+            u_one: backend.alloc(&[t, r], DType::F32)?,
+            u_gate_up: backend.alloc(&[t, 2 * r], DType::F32)?,
+            gate_up: backend.alloc(&[t, 2 * c.intermediate_size], d)?,
+            q_size: c.q_size(),
+            kv_size: c.kv_size(),
+            intermediate: c.intermediate_size,
+        })
+    }
+
+    fn shrink(&self, backend: &B, x: &Tensor<B>, a: &Tensor<B>, out: &Tensor<B>) -> Result<()> {
+        Ok(backend.lora_shrink(&LoraShrinkArgs { x, a, token_slots: self.token_slots, out })?)
+    }
+
+    fn expand(
+        &self,
+        backend: &B,
+        u: &Tensor<B>,
+        part: usize,
+        b: &Tensor<B>,
+        out: &Tensor<B>,
+        at: usize,
+    ) -> Result<()> {
+        Ok(backend.lora_expand(&LoraExpandArgs {
+            u,
+            u_offset: part * self.rank,
+            b,
+            token_slots: self.token_slots,
+            out,
+            out_offset: at,
+        })?)
+    }
+
+    /// `qkv += [B_q; B_k; B_v] · (A_qkv · rms_norm(residual))`.
+    fn qkv(
+        &self,
+        backend: &B,
+        l: usize,
+        residual: &Tensor<B>,
+        norm: &Tensor<B>,
+        eps: f32,
+        qkv: &Tensor<B>,
+    ) -> Result<()> {
+        let s = &self.slots[l];
+        backend.rms_norm(residual, norm, eps, &self.normed)?;
+        self.shrink(backend, &self.normed, &s.qkv_a, &self.u_qkv)?;
+        self.expand(backend, &self.u_qkv, 0, &s.q_b, qkv, 0)?;
+        self.expand(backend, &self.u_qkv, 1, &s.k_b, qkv, self.q_size)?;
+        self.expand(backend, &self.u_qkv, 2, &s.v_b, qkv, self.q_size + self.kv_size)
+    }
+
+    /// `residual += B_o · (A_o · attn_out)` (the base o product was added already).
+    fn o(&self, backend: &B, l: usize, attn_out: &Tensor<B>, residual: &Tensor<B>) -> Result<()> {
+        let s = &self.slots[l];
+        self.shrink(backend, attn_out, &s.o_a, &self.u_one)?;
+        self.expand(backend, &self.u_one, 0, &s.o_b, residual, 0)
+    }
+
+    /// `mlp_act = silu_and_mul(gate_up · x + LoRA deltas)`, x the normed residual.
+    fn gate_up(
+        &self,
+        backend: &B,
+        l: usize,
+        layer: &LlamaLayer<B>,
+        residual: &Tensor<B>,
+        eps: f32,
+        mlp_act: &Tensor<B>,
+    ) -> Result<()> {
+        let s = &self.slots[l];
+        backend.rms_norm(residual, &layer.post_attention_norm, eps, &self.normed)?;
+        backend.linear(&self.normed, &layer.gate_up, None, &self.gate_up)?;
+        self.shrink(backend, &self.normed, &s.gate_up_a, &self.u_gate_up)?;
+        self.expand(backend, &self.u_gate_up, 0, &s.gate_b, &self.gate_up, 0)?;
+        self.expand(backend, &self.u_gate_up, 1, &s.up_b, &self.gate_up, self.intermediate)?;
+        Ok(backend.silu_and_mul(&self.gate_up, mlp_act)?)
+    }
+
+    /// `residual += B_down · (A_down · mlp_act)`.
+    fn down(&self, backend: &B, l: usize, mlp_act: &Tensor<B>, residual: &Tensor<B>) -> Result<()> {
+        let s = &self.slots[l];
+        self.shrink(backend, mlp_act, &s.down_a, &self.u_one)?;
+        self.expand(backend, &self.u_one, 0, &s.down_b, residual, 0)
     }
 }

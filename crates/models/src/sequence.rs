@@ -16,6 +16,8 @@ pub struct SingleSequence<'m, B: Backend> {
     capacity: usize,
     /// Tokens whose keys and values are in the cache.
     tokens: Vec<TokenId>,
+    /// The LoRA slot its tokens run with ([`LlamaModel::enable_lora`]).
+    lora_slot: Option<usize>,
 }
 
 impl<'m, B: Backend> SingleSequence<'m, B> {
@@ -26,7 +28,19 @@ impl<'m, B: Backend> SingleSequence<'m, B> {
         }
         let num_blocks = capacity.div_ceil(block_size);
         let kv = model.alloc_kv_cache(backend, num_blocks, block_size)?;
-        Ok(Self { model, kv, block_size, capacity: num_blocks * block_size, tokens: Vec::new() })
+        Ok(Self {
+            model,
+            kv,
+            block_size,
+            capacity: num_blocks * block_size,
+            tokens: Vec::new(),
+            lora_slot: None,
+        })
+    }
+
+    /// Runs the next steps with the adapter in this LoRA slot (`None`: the base model).
+    pub fn set_lora_slot(&mut self, slot: Option<usize>) {
+        self.lora_slot = slot;
     }
 
     /// Tokens processed so far.
@@ -61,7 +75,10 @@ impl<'m, B: Backend> SingleSequence<'m, B> {
         debug_assert_eq!(self.block_size, self.kv.shape.block_size);
         let positions: Vec<i32> = (start..start + n).map(|p| p as i32).collect();
         let logits_indices: Vec<i32> = (n - n_logits..n).map(|i| i as i32).collect();
-        let batch = ForwardBatch::upload(backend, new_tokens, &positions, attn, &logits_indices)?;
+        let mut batch = ForwardBatch::upload(backend, new_tokens, &positions, attn, &logits_indices)?;
+        if let Some(slot) = self.lora_slot {
+            batch = batch.with_lora_slots(backend, &vec![slot as i32; n])?;
+        }
         let logits = self.model.forward(backend, &batch, &self.kv)?;
         self.tokens.extend_from_slice(new_tokens);
         Ok(logits)
