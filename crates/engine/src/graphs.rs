@@ -41,6 +41,9 @@ pub struct Bucket {
     pub batch: usize,
     /// Longest context any sequence of the step may have.
     pub context: usize,
+    /// Whether tokens of the step run LoRA adapters (the forward pass then
+    /// has the adapters' products, reading each token's slot from a buffer).
+    pub lora: bool,
 }
 
 impl Bucket {
@@ -57,7 +60,7 @@ impl Bucket {
         }
         let batch = capture_sizes(max_batch).find(|&b| b >= num_seqs)?;
         let context = max_seq_len.next_power_of_two().max(MIN_CONTEXT_BUCKET).min(max_context);
-        Some(Self { batch, context })
+        Some(Self { batch, context, lora: false })
     }
 
     /// Block-table entries per sequence: enough blocks for `context` tokens.
@@ -97,6 +100,8 @@ pub struct PaddedDecodeInputs {
     step_i32: Vec<i32>,
     slot_mapping: Vec<i64>,
     source_rows: Vec<i32>,
+    /// Each row's LoRA slot (-1: none, and for padding rows).
+    lora_slots: Vec<i32>,
 }
 
 impl PaddedDecodeInputs {
@@ -109,6 +114,7 @@ impl PaddedDecodeInputs {
             step_i32: Vec::new(),
             slot_mapping: Vec::new(),
             source_rows: Vec::new(),
+            lora_slots: Vec::new(),
         }
     }
 
@@ -122,7 +128,7 @@ impl PaddedDecodeInputs {
         block_size: usize,
     ) -> Result<Self, EngineError> {
         let mut padded = Self::with_rows(bucket.batch);
-        padded.fill(inputs, tables, bucket, block_size)?;
+        padded.fill(inputs, tables, bucket, block_size, &[])?;
         Ok(padded)
     }
 
@@ -134,6 +140,7 @@ impl PaddedDecodeInputs {
         tables: &(impl BlockTableSource + ?Sized),
         bucket: Bucket,
         block_size: usize,
+        lora_slots: &[i32],
     ) -> Result<(), EngineError> {
         let n = inputs.attn.num_seqs();
         let (b, width) = (bucket.batch, bucket.table_width(block_size));
@@ -173,6 +180,9 @@ impl PaddedDecodeInputs {
         self.source_rows.clear();
         self.source_rows.extend_from_slice(&inputs.source_rows);
         self.source_rows.resize(b, -1);
+        self.lora_slots.clear();
+        self.lora_slots.extend_from_slice(lora_slots);
+        self.lora_slots.resize(b, -1);
         Ok(())
     }
 
@@ -267,6 +277,8 @@ pub struct DecodeGraphs<B: Backend> {
     source_rows: Tensor<B>,
     /// 0, 1, …: every row samples.
     logits_indices: Tensor<B>,
+    /// Each row's LoRA slot, when the model has LoRA slots.
+    lora_slots: Option<Tensor<B>>,
     /// F32 `[max_batch, V]`.
     logits: Tensor<B>,
     buckets: HashMap<Bucket, BucketState<B::Graph>>,
@@ -283,6 +295,7 @@ impl<B: Backend> DecodeGraphs<B> {
         max_context: usize,
         block_size: usize,
         vocab_size: usize,
+        lora: bool,
     ) -> Result<Self, EngineError> {
         let max_batch = capture_sizes(max_batch).last().unwrap_or(0);
         let rows = max_batch.max(1);
@@ -298,6 +311,7 @@ impl<B: Backend> DecodeGraphs<B> {
             slot_mapping: backend.alloc(&[rows], DType::I64)?,
             source_rows: backend.alloc(&[rows], DType::I32)?,
             logits_indices: backend.upload(HostSlice::I32(&count[..rows]), &[rows], DType::I32)?,
+            lora_slots: if lora { Some(backend.alloc(&[rows], DType::I32)?) } else { None },
             logits: backend.alloc(&[rows, vocab_size], DType::F32)?,
             buckets: HashMap::new(),
             staging: PaddedDecodeInputs::with_rows(rows),
@@ -314,7 +328,17 @@ impl<B: Backend> DecodeGraphs<B> {
         if !is_graphable(inputs) {
             return None;
         }
-        Bucket::for_step(inputs.attn.num_seqs(), inputs.attn.max_seq_len(), self.max_batch, self.max_context)
+        let bucket = Bucket::for_step(
+            inputs.attn.num_seqs(),
+            inputs.attn.max_seq_len(),
+            self.max_batch,
+            self.max_context,
+        )?;
+        let lora = !inputs.lora_ids.is_empty();
+        if lora && self.lora_slots.is_none() {
+            return None;
+        }
+        Some(Bucket { lora, ..bucket })
     }
 
     /// Runs the step in `bucket` (eagerly, by recording, or by replay) and
@@ -322,6 +346,7 @@ impl<B: Backend> DecodeGraphs<B> {
     /// that holds until the next step. Each sequence's block table is read
     /// from `tables` (the persistent batch). Input tokens listed in
     /// `inputs.source_rows` are first fed from `previous` on the device.
+    /// `lora_slots`: each token's LoRA slot, for a LoRA bucket.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
@@ -332,14 +357,18 @@ impl<B: Backend> DecodeGraphs<B> {
         inputs: &StepInputs,
         tables: &(impl BlockTableSource + ?Sized),
         previous: Option<&B::Sampled>,
+        lora_slots: &[i32],
     ) -> Result<Tensor<B>, EngineError> {
-        self.staging.fill(inputs, tables, bucket, self.block_size)?;
+        self.staging.fill(inputs, tables, bucket, self.block_size, lora_slots)?;
         self.stats.steps += 1;
         let batch = self.forward_batch(bucket)?;
         let b = bucket.batch;
         let padded = &self.staging;
         backend.write(&self.step_i32.narrow(0, padded.step_i32.len())?, HostSlice::I32(&padded.step_i32))?;
         backend.write(&batch.attn.slot_mapping, HostSlice::I64(&padded.slot_mapping))?;
+        if let Some(slots) = &batch.lora_slots {
+            backend.write(slots, HostSlice::I32(&padded.lora_slots))?;
+        }
         if let Some(previous) = previous.filter(|_| !inputs.source_rows.is_empty()) {
             // Fed outside the graph, into the buffer the graph reads its tokens from.
             let source_rows = self.source_rows.narrow(0, b)?;
@@ -417,7 +446,10 @@ impl<B: Backend> DecodeGraphs<B> {
                 slot_mapping: self.slot_mapping.narrow(0, b)?,
             },
             logits_indices: self.logits_indices.narrow(0, b)?,
-            lora_slots: None,
+            lora_slots: match (&self.lora_slots, bucket.lora) {
+                (Some(slots), true) => Some(slots.narrow(0, b)?),
+                _ => None,
+            },
         })
     }
 }
@@ -436,14 +468,23 @@ mod tests {
 
     #[test]
     fn buckets_round_batch_and_context_up() {
-        assert_eq!(Bucket::for_step(1, 577, 256, 8192), Some(Bucket { batch: 1, context: 1024 }));
-        assert_eq!(Bucket::for_step(3, 10, 256, 8192), Some(Bucket { batch: 4, context: 256 }));
-        assert_eq!(Bucket::for_step(9, 4097, 256, 8192), Some(Bucket { batch: 16, context: 8192 }));
+        assert_eq!(
+            Bucket::for_step(1, 577, 256, 8192),
+            Some(Bucket { batch: 1, context: 1024, lora: false })
+        );
+        assert_eq!(Bucket::for_step(3, 10, 256, 8192), Some(Bucket { batch: 4, context: 256, lora: false }));
+        assert_eq!(
+            Bucket::for_step(9, 4097, 256, 8192),
+            Some(Bucket { batch: 16, context: 8192, lora: false })
+        );
         // The context bucket never exceeds the longest sequence the engine runs.
-        assert_eq!(Bucket::for_step(1, 1500, 256, 2000), Some(Bucket { batch: 1, context: 2000 }));
+        assert_eq!(
+            Bucket::for_step(1, 1500, 256, 2000),
+            Some(Bucket { batch: 1, context: 2000, lora: false })
+        );
         assert_eq!(Bucket::for_step(257, 10, 256, 8192), None);
         assert_eq!(Bucket::for_step(2, 2001, 256, 2000), None);
-        assert_eq!(Bucket { batch: 1, context: 2000 }.table_width(16), 125);
+        assert_eq!(Bucket { batch: 1, context: 2000, lora: false }.table_width(16), 125);
     }
 
     fn decode_step(seq_lens: &[i32], block_size: usize) -> StepInputs {
@@ -474,7 +515,7 @@ mod tests {
         let inputs = decode_step(&[5, 40, 17], 16);
         assert!(is_graphable(&inputs));
         let bucket = Bucket::for_step(3, 40, 256, 4096).unwrap();
-        assert_eq!(bucket, Bucket { batch: 4, context: 256 });
+        assert_eq!(bucket, Bucket { batch: 4, context: 256, lora: false });
         let p = PaddedDecodeInputs::new(&inputs, &tables(&[5, 40, 17], 16)[..], bucket, 16).unwrap();
         assert_eq!(p.token_ids(), vec![100, 101, 102, 0]);
         assert_eq!(p.positions(), vec![4, 39, 16, 0]);
@@ -496,11 +537,11 @@ mod tests {
     #[test]
     fn reused_buffers_forget_the_step_before() {
         let mut p = PaddedDecodeInputs::with_rows(8);
-        let bucket = Bucket { batch: 4, context: 256 };
+        let bucket = Bucket { batch: 4, context: 256, lora: false };
         let long = [5, 40, 17];
-        p.fill(&decode_step(&long, 16), &tables(&long, 16)[..], bucket, 16).unwrap();
+        p.fill(&decode_step(&long, 16), &tables(&long, 16)[..], bucket, 16, &[]).unwrap();
         let short = [3];
-        p.fill(&decode_step(&short, 16), &tables(&short, 16)[..], bucket, 16).unwrap();
+        p.fill(&decode_step(&short, 16), &tables(&short, 16)[..], bucket, 16, &[]).unwrap();
         let fresh =
             PaddedDecodeInputs::new(&decode_step(&short, 16), &tables(&short, 16)[..], bucket, 16).unwrap();
         assert_eq!(p.token_ids(), fresh.token_ids());
@@ -508,7 +549,7 @@ mod tests {
         assert_eq!(p.block_tables(), fresh.block_tables());
         assert_eq!(p.slot_mapping(), fresh.slot_mapping());
         // A table shorter than its context is refused, not read past.
-        let err = p.fill(&decode_step(&[40], 16), &[vec![7]][..], bucket, 16);
+        let err = p.fill(&decode_step(&[40], 16), &[vec![7]][..], bucket, 16, &[]);
         assert!(err.is_err());
     }
 
@@ -516,7 +557,7 @@ mod tests {
     fn fed_rows_are_padded_with_rows_that_take_nothing() {
         let mut inputs = decode_step(&[5, 40, 17], 16);
         inputs.source_rows = vec![2, -1, 0];
-        let bucket = Bucket { batch: 4, context: 256 };
+        let bucket = Bucket { batch: 4, context: 256, lora: false };
         let p = PaddedDecodeInputs::new(&inputs, &tables(&[5, 40, 17], 16)[..], bucket, 16).unwrap();
         assert_eq!(p.source_rows(), vec![2, -1, 0, -1]);
     }
@@ -539,9 +580,11 @@ mod tests {
     fn a_step_larger_than_its_bucket_is_refused() {
         let inputs = decode_step(&[5, 300], 16);
         let tables = tables(&[5, 300], 16);
-        let err = PaddedDecodeInputs::new(&inputs, &tables[..], Bucket { batch: 2, context: 256 }, 16);
+        let err =
+            PaddedDecodeInputs::new(&inputs, &tables[..], Bucket { batch: 2, context: 256, lora: false }, 16);
         assert!(err.is_err());
-        let err = PaddedDecodeInputs::new(&inputs, &tables[..], Bucket { batch: 1, context: 512 }, 16);
+        let err =
+            PaddedDecodeInputs::new(&inputs, &tables[..], Bucket { batch: 1, context: 512, lora: false }, 16);
         assert!(err.is_err());
     }
 }

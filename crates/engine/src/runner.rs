@@ -176,7 +176,9 @@ impl<B: Backend> ModelRunner<B> {
     pub fn enable_decode_graphs(&mut self, max_batch: usize, max_context: usize) -> Result<(), EngineError> {
         let block_size = self.kv.shape.block_size;
         let vocab = self.model.config().vocab_size;
-        self.graphs = Some(DecodeGraphs::new(&self.backend, max_batch, max_context, block_size, vocab)?);
+        let lora = self.model.lora_slots().is_some();
+        self.graphs =
+            Some(DecodeGraphs::new(&self.backend, max_batch, max_context, block_size, vocab, lora)?);
         Ok(())
     }
 
@@ -287,15 +289,23 @@ impl<B: Backend> ModelRunner<B> {
             }
         };
         let has_prompt_rows = !inputs.prompt_logprobs.is_empty();
-        let bucket = match has_prompt_rows || has_lora {
+        let bucket = match has_prompt_rows {
             true => None,
             false => self.graphs.as_ref().and_then(|g| g.bucket_for(inputs)),
         };
         let (logits, t3) = match (bucket, self.graphs.as_mut()) {
             (Some(bucket), Some(graphs)) => {
                 // The padded buffers read the block tables from the batch.
-                let logits =
-                    graphs.run(&self.backend, &self.model, &self.kv, bucket, inputs, &self.batch, feed)?;
+                let logits = graphs.run(
+                    &self.backend,
+                    &self.model,
+                    &self.kv,
+                    bucket,
+                    inputs,
+                    &self.batch,
+                    feed,
+                    if has_lora { &self.token_lora_slots } else { &[] },
+                )?;
                 self.timings.graphs = graphs.stats();
                 let t3 = Instant::now();
                 self.timings.forward += t3 - t1;

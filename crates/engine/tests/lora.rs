@@ -88,10 +88,11 @@ fn mixed_adapters_in_one_batch_give_each_request_what_it_gets_alone() {
             }
         }
     }
-    let batch: Vec<GenerationRequest> =
-        cases.iter().enumerate().map(|(i, (p, l, s))| request(i, p, *l, s.clone())).collect();
+    let batch = || -> Vec<GenerationRequest> {
+        cases.iter().enumerate().map(|(i, (p, l, s))| request(i, p, *l, s.clone())).collect()
+    };
     let together: Vec<Vec<u32>> =
-        engine.generate(batch).expect("batch").into_iter().map(|r| r.seqs[0].token_ids.clone()).collect();
+        engine.generate(batch()).expect("batch").into_iter().map(|r| r.seqs[0].token_ids.clone()).collect();
     let slots = engine.runner().lora_slot_table().expect("LoRA on");
     assert!(slots.loads > 2, "3 adapters over 2 slots must reload a slot ({} loads)", slots.loads);
     for (i, (prompt, lora, sampling)) in cases.iter().enumerate() {
@@ -108,6 +109,16 @@ fn mixed_adapters_in_one_batch_give_each_request_what_it_gets_alone() {
         }
     }
     assert_eq!(engine.scheduler().kv_usage().used_blocks, 0);
+
+    // The same batch with decodes padded into the graph buffers (each token's
+    // slot read from the fixed slot buffer, padding rows without an adapter).
+    drop(engine);
+    let mut padded = common::engine(lora_config());
+    padded.force_decode_graphs().expect("padded decode buffers");
+    let again: Vec<Vec<u32>> =
+        padded.generate(batch()).expect("batch").into_iter().map(|r| r.seqs[0].token_ids.clone()).collect();
+    assert_eq!(again, together, "padded decode steps with adapters");
+    assert!(padded.runner().timings().graphs.steps > 0, "no step ran padded");
 }
 
 #[test]
