@@ -8,6 +8,7 @@
 
 mod check;
 mod kv_view_cost;
+mod lora;
 mod serve_load;
 mod workload;
 
@@ -73,6 +74,8 @@ pub struct ThroughputArgs {
     /// the time per step with the same run without it.
     #[arg(long, conflicts_with = "json_schema")]
     pub verify_drafts: Option<usize>,
+    #[command(flatten)]
+    pub lora: lora::LoraBenchArgs,
     /// Write the result as JSON here.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
@@ -105,6 +108,9 @@ pub struct LatencyArgs {
     pub chat: bool,
     #[command(flatten)]
     pub sampling: BenchSamplingArgs,
+    /// Every run with the first synthetic adapter (see `bench throughput`).
+    #[command(flatten)]
+    pub lora: lora::LoraBenchArgs,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -288,6 +294,9 @@ struct ThroughputResult {
     /// `--kv-view-hz`: what building the dashboard's views cost.
     #[serde(skip_serializing_if = "Option::is_none")]
     kv_view: Option<kv_view_cost::KvViewCost>,
+    /// `--synthetic-loras`: the adapters the requests ran with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora: Option<lora::LoraReport>,
 }
 
 struct Throughput(ThroughputArgs);
@@ -300,7 +309,12 @@ impl BackendJob for Throughput {
         F: FnOnce() -> anyhow::Result<B> + Send + 'static,
     {
         let args = self.0;
+        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?)?;
         let (mut engine, load_s) = load(make_backend()?, &args.engine)?;
+        anyhow::ensure!(
+            loras.is_none() || engine.config().lora.is_some(),
+            "--synthetic-loras needs --enable-lora (and --max-loras for the slots)"
+        );
         let requests = args.workload.load(engine.info().vocab_size)?;
         let constraint = match &args.json_schema {
             Some(path) => Some(json_schema_constraint(&engine, path, args.grammar_tokenizer.as_deref())?),
@@ -323,9 +337,20 @@ impl BackendJob for Throughput {
             engine.set_proposer(config, Box::new(RepeatLastToken));
         }
         let probe = args.kv_view_hz.map(kv_view_cost::KvViewProbe::new).transpose()?;
-        let mut result = measure_throughput(&mut engine, requests, load_s, args.sampling, constraint, probe)?;
+        let mut result = measure_throughput(
+            &mut engine,
+            requests,
+            load_s,
+            args.sampling,
+            constraint,
+            probe,
+            loras.as_ref(),
+        )?;
         result.json_schema = args.json_schema.as_ref().map(|p| p.display().to_string());
         print!("{result}");
+        if let Some(lora) = &result.lora {
+            print!("{lora}");
+        }
         if let Some(spec) = &result.speculative {
             spec.print();
         }
@@ -393,6 +418,7 @@ fn measure_throughput<B: Backend>(
     sampling: BenchSamplingArgs,
     constraint: Option<std::sync::Arc<dyn pagoda_engine::TokenConstraintFactory>>,
     mut kv_view_probe: Option<kv_view_cost::KvViewProbe>,
+    loras: Option<&lora::BenchLoras>,
 ) -> anyhow::Result<ThroughputResult> {
     let device = engine.runner().backend().name();
     let sampling_report = SamplingReport::of(engine, sampling);
@@ -413,9 +439,10 @@ fn measure_throughput<B: Backend>(
     let steps_before = engine.metrics().engine_steps.get();
     let kv_before = KvCounters::read(engine);
     let started = Instant::now();
-    for (r, c) in requests.into_iter().zip(&completions) {
+    for (i, (r, c)) in requests.into_iter().zip(&completions).enumerate() {
         let mut req = bench_request(c.id.clone(), r.prompt_token_ids, r.max_tokens, sampling);
         req.constraint = constraint.clone();
+        req.lora = loras.map(|l| l.for_request(i));
         engine.add_request(req)?;
     }
     while engine.has_unfinished_requests() {
@@ -457,6 +484,7 @@ fn measure_throughput<B: Backend>(
         speculative: SpecReport::of(engine),
         check,
         kv_view: kv_view_probe.map(|probe| probe.report(engine_steps)),
+        lora: loras.map(|l| l.report(engine)),
     })
 }
 
@@ -522,6 +550,9 @@ struct LatencyResult {
     prompt_token_ids: Option<Vec<u32>>,
     /// Speculative decoding's counters over all runs, when it was on.
     speculative: Option<SpecReport>,
+    /// `--synthetic-loras`: the adapter the runs used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora: Option<lora::LoraReport>,
 }
 
 /// What speculative decoding did in a benchmark (vLLM's spec-decode metrics).
@@ -607,7 +638,12 @@ impl BackendJob for Latency {
     {
         let args = self.0;
         anyhow::ensure!(args.output_len >= 2, "--output-len must be at least 2 to time decoding");
+        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?)?;
         let (mut engine, load_s) = load(make_backend()?, &args.engine)?;
+        anyhow::ensure!(
+            loras.is_none() || engine.config().lora.is_some(),
+            "--synthetic-loras needs --enable-lora"
+        );
         let device = engine.runner().backend().name();
         let vocab = engine.info().vocab_size;
         let mut ttft = Vec::new();
@@ -632,7 +668,9 @@ impl BackendJob for Latency {
                 None => workload::random_tokens(args.input_len, vocab, 1000 + iter as u64),
             };
             let id = format!("latency-{iter}");
-            engine.add_request(bench_request(id.clone(), prompt, args.output_len, args.sampling))?;
+            let mut req = bench_request(id.clone(), prompt, args.output_len, args.sampling);
+            req.lora = loras.as_ref().map(|l| l.for_request(0));
+            engine.add_request(req)?;
             let started = Instant::now();
             let mut first = None;
             let mut done =
@@ -677,6 +715,7 @@ impl BackendJob for Latency {
             prompt_file: args.prompt_file.as_ref().map(|p| p.display().to_string()),
             prompt_token_ids: text,
             speculative: SpecReport::of(&engine),
+            lora: loras.as_ref().map(|l| l.report(&engine)),
         };
         println!("device:         {}", result.device);
         println!("prompt/output:  {} / {} tokens", result.input_len, result.output_len);
@@ -697,6 +736,9 @@ impl BackendJob for Latency {
             }
         );
         print!("{}", result.kv_cache);
+        if let Some(lora) = &result.lora {
+            print!("{lora}");
+        }
         if let Some(spec) = &result.speculative {
             spec.print();
         }
@@ -807,7 +849,8 @@ mod tests {
         let mut engine = tiny_engine(tiny_cache(PreemptionMode::Recompute));
         // A rate far above the step rate: a view at (almost) every step boundary.
         let probe = kv_view_cost::KvViewProbe::new(1e6).unwrap();
-        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None, Some(probe)).unwrap();
+        let result =
+            measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None, Some(probe), None).unwrap();
         let cost = result.kv_view.as_ref().expect("a --kv-view-hz run reports the views' cost");
         assert!(cost.views_served > 1, "{cost:?}");
         assert!(cost.largest_view_used_blocks > 0 && cost.largest_view_seqs > 0, "{cost:?}");
@@ -824,6 +867,7 @@ mod tests {
             GREEDY,
             None,
             None,
+            None,
         )
         .unwrap();
         assert!(serde_json::to_value(&plain).unwrap().get("kv_view").is_none(), "absent unless asked for");
@@ -832,7 +876,7 @@ mod tests {
     /// Runs the throughput benchmark and checks what holds for any run.
     fn run(config: EngineConfig) -> ThroughputResult {
         let mut engine = tiny_engine(config);
-        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None, None).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, GREEDY, None, None, None).unwrap();
         assert_eq!((result.num_requests, result.output_tokens), (6, 6 * 24), "every request completes");
         assert!(result.check.passed, "{:?}", result.check);
         assert_eq!(result.check.expected_output_tokens, 6 * 24);
@@ -902,10 +946,11 @@ mod tests {
             max_tokens: 4,
         };
         // The first request computes the shared two blocks; the next ones reuse them.
-        measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY, None, None).unwrap();
-        let kv = measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY, None, None)
-            .unwrap()
-            .kv_cache;
+        measure_throughput(&mut engine, vec![request(0)], 0.0, GREEDY, None, None, None).unwrap();
+        let kv =
+            measure_throughput(&mut engine, (1..4).map(request).collect(), 0.0, GREEDY, None, None, None)
+                .unwrap()
+                .kv_cache;
         assert_eq!((kv.prefix_cache_queried_tokens, kv.prefix_cache_hit_tokens), (3 * 40, 3 * 32), "{kv:?}");
         assert_eq!(kv.prefix_cache_hit_rate, 0.8);
         assert_eq!(kv.preemptions, 0);
@@ -924,7 +969,7 @@ mod tests {
     fn sampled_and_detokenized_runs_check_themselves() {
         let mut engine = tiny_engine(EngineConfig { max_model_len: Some(64), ..EngineConfig::default() });
         let sampled = BenchSamplingArgs { temperature: 1.0, detokenize: true };
-        let result = measure_throughput(&mut engine, six_requests(), 0.0, sampled, None, None).unwrap();
+        let result = measure_throughput(&mut engine, six_requests(), 0.0, sampled, None, None, None).unwrap();
         assert!(result.check.passed, "{:?}", result.check);
         let json = serde_json::to_value(&result).unwrap();
         assert_eq!(json["sampling"]["temperature"], 1.0);

@@ -16,6 +16,8 @@
 #   kbench       kernel bench (decode partition sweep) + conformance per forced partition
 #   model8b      only build the random-weight Llama-3-8B and its request file
 #   pagoda8b     pagoda bench throughput + latency on them
+#   lora8b       multi-LoRA on the 8B (after model8b): offline throughput with 0, 16, 1, 4, 64
+#                synthetic rank-16 adapters (16 slots), single stream without and with one
 #   throughput16k  the throughput run with --max-num-batched-tokens 16384
 #   eager16k     the same with --enforce-eager (no CUDA graphs), for comparison
 #   ncu8b        kernel times (ncu) of decode steps at batch 256 and at batch 1
@@ -245,6 +247,26 @@ for phase in "$@"; do
         --max-num-batched-tokens 8192 --output-json "$OUT/pagoda_throughput.json" 2>&1 | tee "$OUT/pagoda_throughput.log"
       $B/pagoda bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
         --output-json "$OUT/pagoda_latency.json" 2>&1 | tee "$OUT/pagoda_latency.log" ;;
+    lora8b)
+      # Multi-LoRA (issue 20) on the random-weight Llama-3-8B (after model8b): the offline
+      # workload (16k step budget) with no adapter, then spread evenly over $LORA_COUNTS
+      # synthetic rank-16 adapters on all seven projections with 16 slots (--max-loras 16;
+      # the host cache holds them all, so a count above 16 measures slot swapping); then
+      # single stream without and with an adapter. Results: $OUT/lora8b_*.json.
+      T="$B/pagoda bench throughput --device cuda --model $L8B --dataset $WORKLOAD --max-num-batched-tokens 16384"
+      $T --output-json "$OUT/lora8b_base.json" 2>&1 | tee "$OUT/lora8b_base.log" | grep -E "throughput|self-check"
+      for n in ${LORA_COUNTS:-16 1 4 64}; do
+        echo "--- $n adapters"
+        $T --enable-lora --max-loras 16 --max-lora-rank 16 --max-cpu-loras 64 --synthetic-loras "$n" \
+          --output-json "$OUT/lora8b_adapters$n.json" 2>&1 | tee "$OUT/lora8b_adapters$n.log" \
+          | grep -E "throughput|self-check|LoRA:|elapsed"
+      done
+      L="$B/pagoda bench latency --device cuda --model $L8B --input-len 512 --output-len 128 --num-iters 3"
+      for round in 1 2; do
+        $L --output-json "$OUT/lora8b_latency_base_$round.json" 2>&1 | grep -E "decode:"
+        $L --enable-lora --max-loras 16 --synthetic-loras 1 --output-json "$OUT/lora8b_latency_lora_$round.json" \
+          2>&1 | grep -E "decode:|LoRA:"
+      done ;;
     throughput16k)
       # The same offline run with a 16k-token step budget (fewer, larger prefill steps).
       $B/pagoda bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" \
