@@ -144,6 +144,9 @@ impl<B: Backend> LlmEngine<B> {
                 .with_lora(config.lora.clone().map(|l| Arc::new(LoraCache::new(l, model_config.clone()))));
         let mut core = EngineCore::new(scheduler, runner, config.async_scheduling, metrics.clone());
         core.set_max_fast_forward_tokens(config.max_fast_forward_tokens);
+        if let Some(lora) = &config.lora {
+            core.enable_lora_metrics(lora.max_loras);
+        }
         if let Some(spec) = &config.speculative {
             let proposer: Option<Box<dyn Proposer>> = match &spec.method {
                 SpeculativeMethod::Ngram { prompt_lookup_min, prompt_lookup_max } => {

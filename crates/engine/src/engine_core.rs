@@ -110,6 +110,9 @@ pub(crate) struct EngineCore<B: Backend> {
     metrics: Arc<EngineMetrics>,
     /// Scheduler counters at the last metrics update (metrics take deltas).
     last_counters: (u64, u64, u64),
+    /// With LoRA on: the slots (`max_lora` in the metrics), and the names of
+    /// the adapters requests have run with, by id.
+    lora_names: Option<(usize, HashMap<u32, String>)>,
     timings: StepTimings,
     /// The step the device is running, whose tokens the next step applies
     /// (asynchronous scheduling; always `None` between steps otherwise).
@@ -153,6 +156,7 @@ impl<B: Backend> EngineCore<B> {
             async_scheduling,
             metrics,
             last_counters: (0, 0, 0),
+            lora_names: None,
             timings: StepTimings::default(),
             in_flight: None,
             ready_prompt_logprobs: Vec::new(),
@@ -162,6 +166,13 @@ impl<B: Backend> EngineCore<B> {
             fast_forward: FastForwardStats::default(),
             num_constrained: 0,
         }
+    }
+
+    /// Reports `lora_requests_info` for an engine with `max_loras` slots.
+    pub fn enable_lora_metrics(&mut self, max_loras: usize) {
+        self.metrics.enable_lora_info();
+        self.metrics.set_lora_info(max_loras, &[], &[]);
+        self.lora_names = Some((max_loras, HashMap::new()));
     }
 
     /// Proposes up to `max` grammar-forced tokens a step (0: off).
@@ -229,6 +240,11 @@ impl<B: Backend> EngineCore<B> {
             skip_prefix_cache: req.prompt_logprobs().is_some(),
             lora: req.lora().map(|(id, _)| *id),
         };
+        if let (Some((_, names)), Some((id, _)), Some(name)) =
+            (&mut self.lora_names, req.lora(), req.lora_name())
+        {
+            names.entry(*id).or_insert_with(|| name.to_string());
+        }
         // The input processor refuses everything the scheduler would.
         self.scheduler
             .add_request(new)
@@ -634,5 +650,12 @@ impl<B: Backend> EngineCore<B> {
         m.prefix_cache_hits.inc_by(prefix.hit_tokens.saturating_sub(h));
         m.preemptions.inc_by(stats.num_preemptions.saturating_sub(p));
         self.last_counters = (prefix.queried_tokens, prefix.hit_tokens, stats.num_preemptions);
+        if let Some((max_loras, names)) = &self.lora_names {
+            let (running, waiting) = self.scheduler.lora_adapters();
+            let named = |ids: &[u32]| -> Vec<&str> {
+                ids.iter().map(|id| names.get(id).map_or("?", String::as_str)).collect()
+            };
+            self.metrics.set_lora_info(*max_loras, &named(&running), &named(&waiting));
+        }
     }
 }

@@ -85,6 +85,8 @@ pub struct EngineCoreRequest {
     constraint: Option<Arc<dyn TokenConstraintFactory>>,
     /// The request's adapter, read (or found in the host cache) when accepted.
     lora: Option<(u32, Arc<LoraAdapter>)>,
+    /// Its adapter's name (for metrics).
+    lora_name: Option<String>,
 }
 
 impl EngineCoreRequest {
@@ -123,6 +125,11 @@ impl EngineCoreRequest {
     /// The LoRA adapter's id and matrices, if the request runs with one.
     pub fn lora(&self) -> Option<&(u32, Arc<LoraAdapter>)> {
         self.lora.as_ref()
+    }
+
+    /// The LoRA adapter's name, if the request runs with one.
+    pub fn lora_name(&self) -> Option<&str> {
+        self.lora_name.as_deref()
     }
 
     pub(crate) fn min_tokens(&self) -> usize {
@@ -269,6 +276,7 @@ impl InputProcessor {
             detokenize: req.detokenize && self.has_tokenizer,
             constraint: req.constraint,
             lora,
+            lora_name: req.lora.map(|l| l.name),
         })
     }
 

@@ -6,8 +6,8 @@
 
 use prometheus::proto::LabelPair;
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// 1, 2, 5, 10, 20, 50... up to `max` (vLLM's buckets for token counts).
@@ -38,6 +38,12 @@ pub struct EngineMetrics {
     pub requests_running: IntGauge,
     pub requests_waiting: IntGauge,
     pub requests_swapped: IntGauge,
+    /// vLLM's `lora_requests_info`: one series, its value the time of the
+    /// update, its labels the adapters of running and of waiting requests
+    /// (comma-separated names) and `max_lora`. Only with LoRA on.
+    pub lora_requests_info: GaugeVec,
+    /// The label values of the series `lora_requests_info` holds now.
+    lora_info_labels: std::sync::Mutex<Option<[String; 3]>>,
     pub kv_blocks_total: IntGauge,
     pub kv_blocks_used: IntGauge,
     pub kv_blocks_free: IntGauge,
@@ -234,6 +240,12 @@ impl EngineMetrics {
                 "pagoda:structured_output_fast_forward_accepted_tokens_total",
                 "Structured outputs: forced tokens accepted (the model sampled them too).",
             ),
+            lora_requests_info: GaugeVec::new(
+                Opts::new("pagoda:lora_requests_info", "Running stats on LoRA requests."),
+                &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            .expect("valid metric"),
+            lora_info_labels: std::sync::Mutex::new(None),
             spec_decode_num_accepted_tokens_per_pos: reg(
                 &registry,
                 IntCounterVec::new(
@@ -250,6 +262,26 @@ impl EngineMetrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Registers `lora_requests_info` (an engine that serves LoRA adapters).
+    pub(crate) fn enable_lora_info(&self) {
+        self.registry.register(Box::new(self.lora_requests_info.clone())).expect("registered once");
+    }
+
+    /// Sets `lora_requests_info` to the adapters of running and waiting
+    /// requests (its one series replaced when they change).
+    pub(crate) fn set_lora_info(&self, max_lora: usize, running: &[&str], waiting: &[&str]) {
+        let labels = [max_lora.to_string(), running.join(","), waiting.join(",")];
+        let mut held = self.lora_info_labels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = held.as_ref().filter(|old| **old != labels) {
+            let _ = self.lora_requests_info.remove_label_values(&[&old[0], &old[1], &old[2]]);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.lora_requests_info.with_label_values(&[&labels[0], &labels[1], &labels[2]]).set(now);
+        *held = Some(labels);
+    }
+
     /// Counts a step's verifications: `(drafted, accepted)` each.
     pub(crate) fn record_speculation(&self, verifications: &[(usize, usize)]) {
         for &(drafted, accepted) in verifications {

@@ -134,6 +134,25 @@ fn an_adapter_that_cannot_be_read_fails_its_request_alone() {
     let prompt = &prompts()[0];
     let err = engine.add_request(request(0, prompt, Some(&missing), SamplingParams::greedy())).unwrap_err();
     assert!(matches!(&err, EngineError::Lora(m) if m.contains("gone")), "{err}");
+    // vLLM's lora_requests_info: two adapters run (two slots), the third waits.
+    for (i, lora) in adapters.iter().enumerate() {
+        engine.add_request(request(10 + i, prompt, Some(lora), SamplingParams::greedy())).expect("add");
+    }
+    // Two steps: under asynchronous scheduling the first is applied (and the gauges set) by the second.
+    engine.step().expect("step");
+    engine.step().expect("step");
+    let metrics = engine.metrics().render();
+    let info =
+        metrics.lines().find(|l| l.starts_with("pagoda:lora_requests_info{")).expect("lora_requests_info");
+    assert!(
+        info.contains(r#"max_lora="2""#)
+            && info.contains(r#"running_lora_adapters="adapter0,adapter1""#)
+            && info.contains(r#"waiting_lora_adapters="adapter2""#),
+        "{info}"
+    );
+    while engine.has_unfinished_requests() {
+        engine.step().expect("step");
+    }
     // Without LoRA enabled, asking for an adapter is the client's error.
     drop(engine);
     let mut plain = common::engine(EngineConfig::default());

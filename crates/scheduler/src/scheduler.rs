@@ -1260,6 +1260,20 @@ impl<A: KvAllocator> Scheduler<A> {
         self.requests.get(&request_id).map(|r| r.live_seqs.as_slice()).unwrap_or(&[])
     }
 
+    /// The LoRA adapters of the running sequences, and of the waiting and
+    /// swapped ones, each sorted and without repeats.
+    pub fn lora_adapters(&self) -> (Vec<u32>, Vec<u32>) {
+        let collect = |queue: &BTreeSet<QueueKey>| {
+            let set: BTreeSet<u32> = queue.iter().filter_map(|(_, id)| self.lora_of(*id)).collect();
+            set.into_iter().collect::<Vec<u32>>()
+        };
+        let mut waiting = collect(&self.waiting);
+        waiting.extend(collect(&self.swapped));
+        waiting.sort_unstable();
+        waiting.dedup();
+        (collect(&self.running), waiting)
+    }
+
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
