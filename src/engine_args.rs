@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use pagoda_engine::{EngineConfig, GenerationConfigSource, Policy, PreemptionMode, SpeculativeConfig};
+use pagoda_engine::{
+    EngineConfig, GenerationConfigSource, LoraConfig, Policy, PreemptionMode, SpeculativeConfig,
+};
 
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -209,6 +211,19 @@ pub struct EngineArgs {
     /// unchanged; 0 turns it off).
     #[arg(long, default_value_t = 16)]
     pub max_fast_forward_tokens: usize,
+    /// Serve LoRA adapters (vLLM's flag): `pagoda serve` takes them from --lora-modules
+    /// and, with --allow-runtime-lora-updating, from /v1/load_lora_adapter.
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// LoRA: adapters on the device at once, and most distinct adapters in one step.
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
+    /// LoRA: the largest adapter rank served (one of 1, 8, 16, 32, 64, 128, 256, 320, 512).
+    #[arg(long, default_value_t = 16)]
+    pub max_lora_rank: usize,
+    /// LoRA: adapters kept in host memory when no request uses them (default: --max-loras).
+    #[arg(long)]
+    pub max_cpu_loras: Option<usize>,
 }
 
 impl EngineArgs {
@@ -261,6 +276,11 @@ impl EngineArgs {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!(e))?,
             max_fast_forward_tokens: self.max_fast_forward_tokens,
+            lora: self.enable_lora.then(|| LoraConfig {
+                max_loras: self.max_loras,
+                max_lora_rank: self.max_lora_rank,
+                max_cpu_loras: self.max_cpu_loras.unwrap_or(self.max_loras),
+            }),
         };
         config.validate().context("invalid engine options")?;
         Ok(config)
@@ -324,6 +344,39 @@ mod tests {
         assert_eq!(d.kernel_decode_partition, Some(DecodePartitionArg::Auto));
         assert!(parse(&["--kernel-decode-partition", "100"]).is_err());
         assert!(parse(&["--kernel-pdl", "maybe"]).is_err());
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct EngineCli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn engine_config(args: &[&str]) -> anyhow::Result<EngineConfig> {
+        use clap::Parser;
+        let argv = ["pagoda", "--model", "m"].into_iter().chain(args.iter().copied());
+        EngineCli::try_parse_from(argv)?.engine.engine_config()
+    }
+
+    #[test]
+    fn lora_flags_build_the_engines_lora_config() {
+        assert_eq!(engine_config(&[]).unwrap().lora, None, "off without --enable-lora");
+        let lora = engine_config(&["--enable-lora"]).unwrap().lora.unwrap();
+        assert_eq!(lora, LoraConfig { max_loras: 1, max_lora_rank: 16, max_cpu_loras: 1 }, "vLLM's defaults");
+        let lora =
+            engine_config(&["--enable-lora", "--max-loras", "4", "--max-lora-rank", "64"]).unwrap().lora;
+        assert_eq!(lora, Some(LoraConfig { max_loras: 4, max_lora_rank: 64, max_cpu_loras: 4 }));
+        let lora =
+            engine_config(&["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "8"]).unwrap().lora;
+        assert_eq!(lora.map(|l| l.max_cpu_loras), Some(8));
+        for bad in [
+            &["--enable-lora", "--max-lora-rank", "12"][..],
+            &["--enable-lora", "--max-loras", "0"],
+            &["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"],
+        ] {
+            let e = engine_config(bad).expect_err("refused");
+            assert!(format!("{e:#}").contains("--max-"), "{bad:?}: {e:#}");
+        }
     }
 
     #[test]

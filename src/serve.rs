@@ -24,7 +24,19 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.server.log_format);
+    check_lora_flags(&args)?;
     dispatch(args.engine.device, Serve(args))
+}
+
+/// The LoRA flags that only make sense together, checked before the model loads.
+fn check_lora_flags(args: &ServeArgs) -> anyhow::Result<()> {
+    if !args.server.lora_modules.is_empty() && !args.engine.enable_lora {
+        anyhow::bail!("--lora-modules needs --enable-lora (the engine serves adapters only with it)");
+    }
+    if args.server.allow_runtime_lora_updating && !args.engine.enable_lora {
+        tracing::warn!("runtime LoRA updating is allowed, but without --enable-lora every load is refused");
+    }
+    Ok(())
 }
 
 struct Serve(ServeArgs);
@@ -59,5 +71,32 @@ impl BackendJob for Serve {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         runtime.block_on(serve(server_config, Arc::new(engine), shutdown_signal()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn check(args: &[&str]) -> anyhow::Result<()> {
+        let argv = ["pagoda", "--model", "m"].into_iter().chain(args.iter().copied());
+        check_lora_flags(&Cli::try_parse_from(argv)?.serve)
+    }
+
+    #[test]
+    fn lora_modules_need_enable_lora() {
+        let e = check(&["--lora-modules", "sql=/adapters/sql"]).expect_err("refused");
+        assert!(e.to_string().contains("--lora-modules needs --enable-lora"), "{e}");
+        check(&["--enable-lora", "--lora-modules", "sql=/adapters/sql"]).unwrap();
+        check(&["--enable-lora"]).unwrap();
+        check(&[]).unwrap();
     }
 }

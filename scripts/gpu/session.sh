@@ -254,7 +254,9 @@ for phase in "$@"; do
       # the host cache holds them all, so a count above 16 measures slot swapping); then
       # single stream without and with an adapter. Results: $OUT/lora8b_*.json.
       T="$B/pagoda bench throughput --device cuda --model $L8B --dataset $WORKLOAD --max-num-batched-tokens 16384"
-      $T --output-json "$OUT/lora8b_base.json" 2>&1 | tee "$OUT/lora8b_base.log" | grep -E "throughput|self-check"
+      # LORA_BASE=0 skips the run without adapters, LORA_LATENCY=0 the single-stream runs.
+      [ "${LORA_BASE:-1}" = 1 ] && $T --output-json "$OUT/lora8b_base.json" 2>&1 | tee "$OUT/lora8b_base.log" \
+        | grep -E "throughput|self-check"
       for n in ${LORA_COUNTS:-16 1 4 64}; do
         echo "--- $n adapters"
         $T --enable-lora --max-loras 16 --max-lora-rank 16 --max-cpu-loras 64 --synthetic-loras "$n" \
@@ -262,7 +264,7 @@ for phase in "$@"; do
           | grep -E "throughput|self-check|LoRA:|elapsed"
       done
       L="$B/pagoda bench latency --device cuda --model $L8B --input-len 512 --output-len 128 --num-iters 3"
-      for round in 1 2; do
+      [ "${LORA_LATENCY:-1}" = 1 ] && for round in 1 2; do
         $L --output-json "$OUT/lora8b_latency_base_$round.json" 2>&1 | grep -E "decode:"
         $L --enable-lora --max-loras 16 --synthetic-loras 1 --output-json "$OUT/lora8b_latency_lora_$round.json" \
           2>&1 | grep -E "decode:|LoRA:"

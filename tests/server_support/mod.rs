@@ -31,6 +31,42 @@ pub fn model_path() -> PathBuf {
     dir
 }
 
+/// The test model's configuration (what LoRA adapters are written for).
+pub fn model_config() -> pagoda_models::ModelConfig {
+    static CONFIG: std::sync::OnceLock<pagoda_models::ModelConfig> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| pagoda_models::ModelFiles::open(model_path()).expect("the test model opens").config)
+        .clone()
+}
+
+/// Writes a synthetic PEFT adapter for the test model (rank 8, alpha 16,
+/// every projection, `B` entries up to 0.05: enough to change greedy output)
+/// into a fresh folder of this test binary's scratch space, and returns it.
+pub fn write_lora(name: &str, seed: u64) -> PathBuf {
+    let dir = scratch_dir(name);
+    pagoda_models::SyntheticLora {
+        seed,
+        rank: 8,
+        alpha: 16.0,
+        use_rslora: false,
+        modules: pagoda_models::LoraModule::ALL.to_vec(),
+        b_amp: 0.05,
+    }
+    .write(&dir, &model_config(), &model_path().display().to_string())
+    .expect("the adapter is written");
+    dir
+}
+
+/// An empty folder `name` in this test binary's scratch space (under Cargo's
+/// temporary directory for tests), emptied first if it exists: each run
+/// reuses the last one's folders rather than piling up adapters.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(env!("CARGO_CRATE_NAME")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    dir
+}
+
 /// A small engine: 128 MiB of KV cache (~180 blocks of 16 tokens) and a
 /// 512-token context, so "prompt too long" is cheap to provoke.
 pub fn engine_config() -> EngineConfig {
@@ -204,6 +240,14 @@ impl Client {
             }
         }
         SseEvents { events, done }
+    }
+
+    /// POSTs `body` to an endpoint that answers success in plain text
+    /// (vLLM's LoRA load and unload); returns the status and the body as it came.
+    pub async fn post_text(&self, path: &str, body: &Value) -> (u16, String) {
+        let response = self.post(path).json(body).send().await.expect("request sent");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("response body"))
     }
 
     pub async fn metrics(&self) -> String {

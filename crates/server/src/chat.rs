@@ -323,7 +323,7 @@ async fn chat(
     request_id: String,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    state.check_model(request.model.as_deref())?;
+    let lora = state.resolve_model(request.model.as_deref())?;
     let want_logprobs = request.logprobs.unwrap_or(false);
     let max_logprobs = state.config().max_logprobs;
     check_max_logprobs("top_logprobs", request.top_logprobs.map(|k| k as usize), max_logprobs)?;
@@ -414,6 +414,8 @@ async fn chat(
     req.request_id = request_id.clone();
     req.prompt_token_ids = prompt_ids;
     req.fairness_group = Some(pagoda_engine::fairness_group(&request_id));
+    req.lora = lora.clone();
+    let _adapter = crate::lora::hold_adapter(&state, lora.as_ref()).await?;
     let request_stream = engine.submit(req).map_err(|e| {
         let mut e = ApiError::from(e);
         // The engine names the prompt; here the prompt is the conversation.
@@ -422,9 +424,16 @@ async fn chat(
         }
         e
     })?;
-    tracing::info!(prompt_tokens, n, max_tokens, stream, "request accepted");
+    tracing::info!(
+        prompt_tokens,
+        n,
+        max_tokens,
+        stream,
+        lora = lora.as_ref().map(|l| l.name.as_str()),
+        "request accepted"
+    );
 
-    let model = state.config().model_name().to_string();
+    let model = state.response_model(lora.as_ref());
     let created = unix_now();
     let as_token_ids = request.sampling.return_tokens_as_token_ids.unwrap_or(false);
     if stream {

@@ -75,7 +75,7 @@ async fn complete(
     request_id: String,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    state.check_model(request.model.as_deref())?;
+    let lora = state.resolve_model(request.model.as_deref())?;
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request(Some("suffix"), "suffix is not supported"));
     }
@@ -112,6 +112,7 @@ async fn complete(
     template.sampling.bad_words =
         bad_words(engine.tokenizer(), request.sampling.bad_words.as_deref().unwrap_or_default())?;
     template.cache_salt = state.cache_salt(request.sampling.cache_salt.as_deref())?;
+    template.lora = lora.clone();
     let max_model_len = engine.info().max_model_len;
     let options = PromptOptions::new(&request.sampling, max_model_len, true)?;
     if let Some(grammar) = crate::structured::requested_grammar(&request.sampling)? {
@@ -165,6 +166,7 @@ async fn complete(
             req
         })
         .collect();
+    let _adapter = crate::lora::hold_adapter(&state, lora.as_ref()).await?;
     // All prompts are admitted together or not at all (errors name the prompt).
     let streams = engine.submit_all(requests)?;
     let echo_texts: Option<Vec<String>> = match (prompt_texts, echo_ids) {
@@ -189,10 +191,11 @@ async fn complete(
         n,
         max_tokens = template.max_tokens,
         stream,
+        lora = lora.as_ref().map(|l| l.name.as_str()),
         "request accepted"
     );
 
-    let model = state.config().model_name().to_string();
+    let model = state.response_model(lora.as_ref());
     let created = unix_now();
     let want_logprobs = request.logprobs.is_some();
     let as_token_ids = request.sampling.return_tokens_as_token_ids.unwrap_or(false);

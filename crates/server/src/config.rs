@@ -8,6 +8,7 @@ use pagoda_engine::{AsyncEngineOptions, DEFAULT_MAX_PENDING_SEQS};
 use pagoda_tool_calls::ToolParserKind;
 
 use crate::connections::ConnectionLimits;
+use crate::lora::{parse_lora_module, LoraModulePath};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -109,6 +110,30 @@ pub struct ServerArgs {
     /// (`/v1/debug/kv`); both are served by default, without an API key, as /metrics is.
     #[arg(long)]
     pub disable_dashboard: bool,
+    /// LoRA adapters to serve, each as NAME=PATH (a PEFT folder) or vLLM's JSON form
+    /// '{"name": NAME, "path": PATH, "base_model_name": SERVED_NAME}'; a request runs with
+    /// one by naming it in `model`. Needs --enable-lora. Each is read at startup: one that
+    /// does not fit the model stops the server.
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH", value_parser = parse_lora_module)]
+    pub lora_modules: Vec<LoraModulePath>,
+    /// Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which add and remove
+    /// adapters while the server runs (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=True turns it on too).
+    #[arg(
+        long,
+        env = "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+        num_args = 0,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_env_flag,
+        action = clap::ArgAction::Set
+    )]
+    pub allow_runtime_lora_updating: bool,
+}
+
+/// A switch set from the environment the way vLLM reads its variables:
+/// `1` or `true` (any case, spaces around ignored) is on, anything else off.
+fn parse_env_flag(value: &str) -> Result<bool, String> {
+    Ok(matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true"))
 }
 
 /// A list of strings given as JSON on the command line (vLLM's CORS flags take them so).
@@ -190,6 +215,8 @@ impl Default for ServerArgs {
             max_logprobs: 20,
             root_path: None,
             disable_dashboard: false,
+            lora_modules: Vec::new(),
+            allow_runtime_lora_updating: false,
         }
     }
 }
@@ -239,6 +266,8 @@ impl ServerArgs {
             max_logprobs: self.max_logprobs,
             root_path: normalize_root_path(self.root_path.as_deref()),
             dashboard: !self.disable_dashboard,
+            lora_modules: self.lora_modules.clone(),
+            allow_runtime_lora_updating: self.allow_runtime_lora_updating,
         }
     }
 
@@ -284,6 +313,10 @@ pub struct ServerConfig {
     pub root_path: Option<String>,
     /// Serve `/dashboard` and `/v1/debug/kv` (off with `--disable-dashboard`).
     pub dashboard: bool,
+    /// --lora-modules: adapters registered at startup (the engine must serve LoRA).
+    pub lora_modules: Vec<LoraModulePath>,
+    /// Route /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    pub allow_runtime_lora_updating: bool,
 }
 
 impl ServerConfig {
@@ -325,8 +358,12 @@ mod tests {
     #[test]
     fn defaults_match_clap_defaults() {
         let cli = Cli::try_parse_from(["pagoda"]).unwrap();
-        // The environment may carry PAGODA_API_KEY.
-        let expected = ServerArgs { api_key: cli.server.api_key.clone(), ..ServerArgs::default() };
+        // The environment may carry PAGODA_API_KEY and VLLM_ALLOW_RUNTIME_LORA_UPDATING.
+        let expected = ServerArgs {
+            api_key: cli.server.api_key.clone(),
+            allow_runtime_lora_updating: cli.server.allow_runtime_lora_updating,
+            ..ServerArgs::default()
+        };
         assert_eq!(cli.server, expected);
     }
 
@@ -407,6 +444,59 @@ mod tests {
             let e = Cli::try_parse_from(["pagoda", "--api-key", empty]).err().expect("refused");
             assert!(e.to_string().contains("the API key is empty"), "{e}");
         }
+    }
+
+    #[test]
+    fn lora_flags_parse_in_both_forms() {
+        let cli = Cli::try_parse_from([
+            "pagoda",
+            "--lora-modules",
+            "sql=/adapters/sql",
+            r#"{"name": "chat", "path": "/adapters/chat", "base_model_name": "base"}"#,
+            "--allow-runtime-lora-updating",
+        ])
+        .unwrap();
+        let config = cli.server.to_config("m", "0", "r");
+        let names: Vec<&str> = config.lora_modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["sql", "chat"]);
+        assert_eq!(config.lora_modules[0].path, std::path::PathBuf::from("/adapters/sql"));
+        assert_eq!(config.lora_modules[1].base_model_name.as_deref(), Some("base"));
+        assert!(config.allow_runtime_lora_updating);
+        // Repeating the flag adds to the list, as vLLM's does.
+        let cli =
+            Cli::try_parse_from(["pagoda", "--lora-modules", "a=/a", "--lora-modules", "b=/b"]).unwrap();
+        assert_eq!(cli.server.lora_modules.len(), 2);
+        for bad in
+            [&["--lora-modules"][..], &["--lora-modules", "sql"], &["--lora-modules", r#"{"name": "x"}"#]]
+        {
+            let e = Cli::try_parse_from(std::iter::once("pagoda").chain(bad.iter().copied())).err();
+            assert!(e.is_some(), "{bad:?} is refused");
+        }
+    }
+
+    #[test]
+    fn runtime_lora_updating_reads_like_vllms_variable() {
+        for (value, on) in
+            [("True", true), ("1", true), (" true ", true), ("0", false), ("False", false), ("", false)]
+        {
+            assert_eq!(parse_env_flag(value), Ok(on), "{value:?}");
+        }
+        // Run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or 0) to check the variable is read.
+        let from_env =
+            std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING").is_ok_and(|v| parse_env_flag(&v) == Ok(true));
+        let cli = Cli::try_parse_from(["pagoda"]).unwrap();
+        assert_eq!(
+            cli.server.allow_runtime_lora_updating, from_env,
+            "off by default, else as the variable says"
+        );
+        assert!(
+            Cli::try_parse_from(["pagoda", "--allow-runtime-lora-updating"])
+                .unwrap()
+                .server
+                .allow_runtime_lora_updating
+        );
+        let e = Cli::try_parse_from(["pagoda", "--allow-runtime-lora-updating", "yes"]).err();
+        assert!(e.is_some(), "the flag takes no value");
     }
 
     #[test]

@@ -74,6 +74,18 @@ impl ApiError {
         }
     }
 
+    /// 404 for something a request names that the server does not have
+    /// (a LoRA adapter to unload, an adapter folder to load).
+    pub fn not_found(param: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: Some("not_found"),
+        }
+    }
+
     /// 404 for a path the server has no route for.
     pub fn no_route(method: &str, path: &str) -> Self {
         Self {
@@ -188,6 +200,8 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::InvalidRequest { param, message } => ApiError::bad_request(param, message),
+            // The request's adapter (named by its `model`) does not load or fit.
+            EngineError::Lora(message) => ApiError::bad_request(Some("model"), format!("LoRA: {message}")),
             // Ids are the server's own unless the client chose one (`request_id`).
             EngineError::DuplicateRequest(id) => ApiError::bad_request(
                 Some("request_id"),
@@ -223,6 +237,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("--chat-template: {0}")]
     ChatTemplate(String),
+    /// A `--lora-modules` adapter could not be served (the message names it and why).
+    #[error("--lora-modules: {0}")]
+    Lora(String),
 }
 
 #[cfg(test)]
@@ -264,6 +281,10 @@ mod tests {
         let e = ApiError::from(invalid);
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert_eq!(e.param.as_deref(), Some("n"));
+        let lora =
+            ApiError::from(SubmitError::Invalid(EngineError::Lora("adapter \"sql\": no such file".into())));
+        assert_eq!((lora.status, lora.param.as_deref()), (StatusCode::BAD_REQUEST, Some("model")));
+        assert!(lora.message.contains("\"sql\": no such file"), "{}", lora.message);
         let internal = ApiError::from(SubmitError::Invalid(EngineError::Internal("bug".into())));
         assert_eq!(internal.status, StatusCode::INTERNAL_SERVER_ERROR);
     }

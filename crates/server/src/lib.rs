@@ -19,6 +19,9 @@
 //!   accepting during the drain: new requests and /health get 503.
 //! - Connections are capped and timed out (`connections`): see
 //!   [`ConnectionLimits`].
+//! - LoRA adapters (`--lora-modules`, and at runtime vLLM's
+//!   `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`) are served under
+//!   their own names: a request's `model` picks one ([`LoraModulePath`]).
 //! - `/dashboard` draws the KV page map, the queues and the step timeline
 //!   live from `/v1/debug/kv` and `/metrics` ([`dashboard`]).
 //!
@@ -51,6 +54,7 @@ mod error;
 mod extract;
 pub mod fields;
 mod logprobs;
+mod lora;
 mod params;
 pub mod protocol;
 mod routes;
@@ -72,6 +76,7 @@ use tokio::sync::watch;
 pub use config::{init_tracing, CorsConfig, JsonList, LogFormat, ServerArgs, ServerConfig};
 pub use connections::{ConnectionLimits, MAX_HEADER_BYTES, MAX_URI_BYTES};
 pub use error::{ApiError, ServeError};
+pub use lora::{parse_lora_module, LoraModulePath};
 pub use routes::router;
 pub use state::AppState;
 
@@ -109,7 +114,11 @@ pub async fn serve_on(
     let addr = listener.local_addr().map(|a: SocketAddr| a.to_string()).unwrap_or_default();
     let grace = config.shutdown_grace;
     let limits = config.connection_limits;
-    let state = AppState::new(config, engine.clone())?;
+    // Reads the --lora-modules adapters: file I/O, off the async threads.
+    let state_engine = engine.clone();
+    let state = tokio::task::spawn_blocking(move || AppState::new(config, state_engine))
+        .await
+        .map_err(|e| ServeError::Io(std::io::Error::other(e)))??;
     let app = router(state.clone());
     tracing::info!(addr = %addr, model = state.config().model_name(), "serving the OpenAI-compatible API");
 

@@ -653,7 +653,10 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// The base model's path, or a LoRA adapter's folder.
     pub root: String,
+    /// A LoRA adapter's base model (its served name); `null` for the base model (vLLM's field).
+    pub parent: Option<String>,
     pub max_model_len: usize,
 }
 

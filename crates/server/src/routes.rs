@@ -21,12 +21,13 @@ use crate::endpoint::PromptWorkers;
 use crate::error::ApiError;
 use crate::protocol::{ModelCard, ModelList};
 use crate::state::{unix_now, AppState};
-use crate::{chat, completions, tokenize};
+use crate::{chat, completions, lora, tokenize};
 
 /// Largest request body (long prompts as token-id lists are big).
 const MAX_BODY_BYTES: usize = 32 << 20;
 
-/// The whole API. /v1 routes, /tokenize and /detokenize require the API key when one is configured;
+/// The whole API. /v1 routes (the LoRA load and unload routes only with
+/// `--allow-runtime-lora-updating`), /tokenize and /detokenize require the API key when one is configured;
 /// /health, /version and /metrics never do (probes and scrapers), nor do /dashboard and
 /// /v1/debug/kv (served unless `--disable-dashboard`).
 pub fn router(state: AppState) -> Router {
@@ -36,8 +37,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/models", get(list_models))
         .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route("/detokenize", post(tokenize::detokenize));
+    // vLLM routes these only when runtime updating is allowed; elsewhere they are unknown URLs.
+    let v1 = if state.config().allow_runtime_lora_updating {
+        v1.route("/v1/load_lora_adapter", post(lora::load_lora_adapter))
+            .route("/v1/unload_lora_adapter", post(lora::unload_lora_adapter))
+    } else {
+        v1
+    };
+    let v1 = v1.route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     let api = Router::new()
         .merge(v1)
         .route("/health", get(health))
@@ -102,22 +110,33 @@ fn cors_layer(cors: &CorsConfig) -> CorsLayer {
     }
 }
 
+/// The base model under each served name, then the LoRA adapters in the
+/// order they were registered, each naming its base model as `parent`.
 async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     let config = state.config();
     let created = unix_now();
     let max_model_len = state.engine().info().max_model_len;
-    let data = config
+    let card = |id: String, root: String, parent: Option<String>| ModelCard {
+        id,
+        object: "model",
+        created,
+        owned_by: "pagoda",
+        root,
+        parent,
+        max_model_len,
+    };
+    let mut data: Vec<ModelCard> = config
         .served_model_names
         .iter()
-        .map(|id| ModelCard {
-            id: id.clone(),
-            object: "model",
-            created,
-            owned_by: "pagoda",
-            root: config.model_root.clone(),
-            max_model_len,
-        })
+        .map(|id| card(id.clone(), config.model_root.clone(), None))
         .collect();
+    data.extend(
+        state
+            .loras()
+            .list()
+            .into_iter()
+            .map(|(lora, parent)| card(lora.name, lora.path.display().to_string(), Some(parent))),
+    );
     Json(ModelList { object: "list", data })
 }
 

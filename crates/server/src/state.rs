@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pagoda_engine::AsyncEngine;
+use pagoda_engine::{AsyncEngine, LoraRequest};
 use pagoda_models::ChatTemplate;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::config::ServerConfig;
 use crate::error::{ApiError, ServeError};
+use crate::lora::LoraRegistry;
 
 /// --chat-template's template: the file `arg` names, or `arg` itself when it
 /// reads as a template (vLLM accepts both), compiled with the model's
@@ -55,16 +56,53 @@ struct Inner {
     shutting_down: AtomicBool,
     /// The structured-output grammar compiler, built on first use.
     grammars: crate::structured::Grammars,
+    /// The LoRA adapters requests may name.
+    loras: LoraRegistry,
 }
 
 impl AppState {
-    /// Fails when --chat-template names neither a readable file nor a template that compiles.
+    /// Fails when --chat-template names neither a readable file nor a
+    /// template that compiles, or when a --lora-modules adapter cannot be
+    /// served (LoRA is off in the engine, or the adapter does not load or
+    /// fit the model). Reads those adapters: blocks while it does.
     pub fn new(config: ServerConfig, engine: Arc<AsyncEngine>) -> Result<Self, ServeError> {
         let id_salt = RandomState::new().hash_one(SystemTime::now());
         let chat_template = match &config.chat_template {
             None => engine.chat_template().cloned(),
             Some(arg) => Some(Arc::new(server_chat_template(arg, engine.chat_template())?)),
         };
+        let loras = LoraRegistry::new(&config.served_model_names);
+        if !config.lora_modules.is_empty() {
+            let cache = engine.lora_cache().ok_or_else(|| {
+                ServeError::Lora("LoRA is not enabled in the engine: add --enable-lora".into())
+            })?;
+            for module in &config.lora_modules {
+                let parent = module.base_model_name.as_deref();
+                if parent.is_some_and(|p| !config.serves(p)) {
+                    tracing::warn!(
+                        adapter = %module.name,
+                        base_model_name = parent,
+                        "base_model_name is not a served model name: ignored"
+                    );
+                }
+                let lora = loras
+                    .register(cache, &module.name, &module.path, parent)
+                    // The message names the adapter.
+                    .map_err(|e| ServeError::Lora(e.message))?;
+                tracing::info!(
+                    name = %lora.name,
+                    path = %lora.path.display(),
+                    id = lora.id,
+                    "serving a LoRA adapter"
+                );
+            }
+        }
+        if config.allow_runtime_lora_updating {
+            tracing::warn!(
+                "runtime LoRA updating is on: any client with access to the API may load adapters from this \
+                 machine's files (/v1/load_lora_adapter)"
+            );
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
@@ -76,6 +114,7 @@ impl AppState {
                 cache_salt_key: RandomState::new(),
                 shutting_down: AtomicBool::new(false),
                 grammars: crate::structured::Grammars::default(),
+                loras,
             }),
         })
     }
@@ -127,12 +166,30 @@ impl AppState {
         self.inner.shutting_down.load(Ordering::SeqCst) || self.inner.engine.is_shutting_down()
     }
 
-    /// Checks a request's `model` field (absent means the served model).
-    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+    /// The LoRA adapters requests may name.
+    pub fn loras(&self) -> &LoraRegistry {
+        &self.inner.loras
+    }
+
+    /// The adapter a request's `model` names: `None` for the base model
+    /// (also when `model` is absent), 404 for a name the server does not serve.
+    pub fn resolve_model(&self, model: Option<&str>) -> Result<Option<LoraRequest>, ApiError> {
         match model {
-            Some(name) if !self.config().serves(name) => Err(ApiError::model_not_found(name)),
-            _ => Ok(()),
+            None => Ok(None),
+            Some(name) if self.config().serves(name) => Ok(None),
+            Some(name) => self.loras().get(name).map(Some).ok_or_else(|| ApiError::model_not_found(name)),
         }
+    }
+
+    /// Checks a request's `model` field: the base model or an adapter (whose
+    /// tokenizer is the base model's).
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        self.resolve_model(model).map(|_| ())
+    }
+
+    /// The name a response reports: the adapter's, else the first served name.
+    pub fn response_model(&self, lora: Option<&LoraRequest>) -> String {
+        lora.map_or_else(|| self.config().model_name().to_string(), |l| l.name.clone())
     }
 }
 
