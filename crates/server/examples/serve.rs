@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use pagoda_backend_cpu_ref::CpuBackend;
-use pagoda_engine::{load_engine, AsyncEngine, EngineConfig};
+use pagoda_engine::{load_engine, AsyncEngine, EngineConfig, LoraConfig};
 use pagoda_server::{init_tracing, serve, shutdown_signal, ServerArgs};
 
 #[derive(Parser)]
@@ -19,6 +19,9 @@ struct Cli {
     kv_cache_mib: u64,
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// Serve LoRA adapters (--lora-modules), this many at once.
+    #[arg(long)]
+    max_loras: Option<usize>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -30,6 +33,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine_config = EngineConfig {
         kv_cache_memory_bytes: Some(cli.kv_cache_mib << 20),
         max_model_len: cli.max_model_len,
+        lora: cli.max_loras.map(|max_loras| LoraConfig {
+            max_loras,
+            max_cpu_loras: max_loras,
+            ..LoraConfig::default()
+        }),
         ..EngineConfig::default()
     };
     let model = cli.model.clone();
