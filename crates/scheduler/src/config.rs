@@ -55,9 +55,10 @@ pub struct SchedulerConfig {
     pub async_scheduling: bool,
     /// Most distinct LoRA adapters among the running sequences (vLLM
     /// `--max-loras`: the adapter slots on the device); `None`: no limit.
-    /// A waiting request whose adapter would exceed it waits, and from then
-    /// on no request behind it starts with an adapter (base-model requests
-    /// still do), so the running adapters drain and it cannot starve.
+    /// A waiting request whose adapter would exceed it waits while requests
+    /// behind it may still join the running adapters; after
+    /// [`crate::LORA_FAIRNESS_STEPS`] steps none may (base-model requests
+    /// still start), so the running adapters drain and it cannot starve.
     pub max_loras: Option<usize>,
 }
 

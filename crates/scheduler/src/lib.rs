@@ -111,4 +111,4 @@ pub use output::{BlockTableUpdate, ScheduledSeq, SchedulerOutput};
 pub use pagoda_paged_kv::{self as paged_kv, KvAllocator, SeqId, TokenId};
 pub use policy::{Fcfs, Policy, Priority, RankKey, RequestView, SchedulingPolicy};
 pub use request::{FinishReason, NewRequest, RequestId, SeqStatus, SeqUpdate, Sequence};
-pub use scheduler::{Scheduler, SchedulerStats};
+pub use scheduler::{Scheduler, SchedulerStats, LORA_FAIRNESS_STEPS};

@@ -75,24 +75,27 @@ struct PartialPrefills {
     long: usize,
 }
 
+/// Steps a queued sequence may wait for its LoRA adapter to get a slot
+/// while sequences behind it keep joining the adapters already running; after
+/// that none may, so the running adapters drain and it starts.
+pub const LORA_FAIRNESS_STEPS: u64 = 32;
+
 /// The LoRA adapters of the running sequences while a step admits queued
 /// ones, against `max_loras`.
 struct LoraAdmission {
     max: usize,
     active: rustc_hash::FxHashSet<u32>,
-    /// A queued sequence found its adapter over the limit: no sequence after
-    /// it starts with an adapter this step (so the active ones drain).
-    blocked: bool,
+    /// A queued sequence has waited more than [`LORA_FAIRNESS_STEPS`] for a
+    /// slot: no sequence after it starts with an adapter.
+    drain: bool,
 }
 
 impl LoraAdmission {
-    /// Whether a sequence of adapter `lora` may start (after a refusal, no
-    /// sequence with an adapter may).
-    fn allows(&mut self, lora: Option<u32>) -> bool {
+    /// Whether a sequence of adapter `lora` may start: its adapter is running
+    /// (unless the adapters must drain) or there is a slot for it.
+    fn allows(&self, lora: Option<u32>) -> bool {
         let Some(lora) = lora else { return true };
-        let fits = !self.blocked && (self.active.contains(&lora) || self.active.len() < self.max);
-        self.blocked |= !fits;
-        fits
+        !self.drain && (self.active.contains(&lora) || self.active.len() < self.max)
     }
 }
 
@@ -154,6 +157,9 @@ pub struct Scheduler<A: KvAllocator> {
     /// Samples that running sequences will fork into when their prompts
     /// complete: they count against `max_num_seqs` already.
     pending_fork_slots: usize,
+    /// The queued sequence waiting longest for a LoRA slot, and the step it
+    /// was first refused one ([`LORA_FAIRNESS_STEPS`]).
+    lora_waiter: Option<(SeqId, u64)>,
     next_seq_id: u64,
     next_arrival_index: u64,
     /// The last step handed out.
@@ -217,6 +223,7 @@ impl<A: KvAllocator> Scheduler<A> {
             running: BTreeSet::new(),
             swapped: BTreeSet::new(),
             pending_fork_slots: 0,
+            lora_waiter: None,
             next_seq_id: 0,
             next_arrival_index: 0,
             step: 0,
@@ -671,8 +678,15 @@ impl<A: KvAllocator> Scheduler<A> {
         let mut loras = self.config.max_loras.map(|max| LoraAdmission {
             max,
             active: self.running.iter().filter_map(|(_, id)| self.lora_of(*id)).collect(),
-            blocked: false,
+            drain: false,
         });
+        // The sequence that has waited longest for a slot, while it waits.
+        if self
+            .lora_waiter
+            .is_some_and(|(id, _)| self.seqs.get(&id).is_none_or(|s| s.status == SeqStatus::Running))
+        {
+            self.lora_waiter = None;
+        }
         while !self.batch_is_full(*budget, out) {
             let next = match (self.swapped.first().copied(), waiting.peek().copied()) {
                 (Some(s), Some(w)) if s < w => (s, true),
@@ -682,8 +696,14 @@ impl<A: KvAllocator> Scheduler<A> {
             };
             let lora = self.lora_of(next.0 .1);
             if let Some(loras) = &mut loras {
-                // Swapped sequences go in rank order: one that must wait stops them all.
                 if !loras.allows(lora) {
+                    if !loras.drain {
+                        let (id, since) = *self.lora_waiter.get_or_insert((next.0 .1, self.step));
+                        if id == next.0 .1 && self.step - since > LORA_FAIRNESS_STEPS {
+                            loras.drain = true;
+                        }
+                    }
+                    // Swapped sequences go in rank order: one that must wait stops them all.
                     if next.1 {
                         break;
                     }
@@ -718,7 +738,7 @@ impl<A: KvAllocator> Scheduler<A> {
     }
 
     /// The LoRA adapter of a sequence's request.
-    fn lora_of(&self, id: SeqId) -> Option<u32> {
+    pub(crate) fn lora_of(&self, id: SeqId) -> Option<u32> {
         self.requests.get(&self.seqs.get(&id)?.request_id)?.lora
     }
 
