@@ -15,9 +15,17 @@
 //   and reloads B only when the slot changes, so a prefill run of one adapter
 //   reads each B row once per 8 tokens instead of once per token.
 //
-// Prefill with long runs of one slot (SGMV) would be better served by a
-// tensor-core GEMM per run; this first version is per token for the shrink
-// (A rows come from L2 after the first token of a slot).
+// Grouped by slot (SGMV, when the launch gets token_order and groups and
+// has enough tokens to pay): a block takes one group (up to 32 tokens of one
+// slot, gathered through token_order, so decode rows of one adapter group as
+// well as a prefill run) and
+// - shrink: ROWS rows of A, read once per 8 tokens (from L1/L2 after the
+//   first 8) instead of once per token; each thread holds its 16-byte chunk
+//   of the ROWS rows in f32 and dots it with 8 tokens' chunks (8 x ROWS
+//   sums), the sums meeting in shared memory as above;
+// - expand: 128 output columns, each thread's B row unpacked to f32 once for
+//   the whole group, the group's u in shared memory.
+// A tensor-core GEMM per group would go further for long prefill runs.
 //
 // Slots < 0 (no adapter): the shrink writes zeros, the expand leaves the row.
 // Slots >= num_slots set PAGODA_STATUS_LORA_SLOT and are treated as no
@@ -233,8 +241,205 @@ cudaError_t dispatch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block,
     return launch_expand<T, 0>(p, tokens_per_block, s);
 }
 
+
+// ---- Grouped by slot (SGMV) ----------------------------------------------
+
+constexpr int GROUP_TOKENS = PAGODA_LORA_GROUP_TOKENS;
+constexpr int GSHRINK_THREADS = 128;
+constexpr int GSHRINK_WARPS = GSHRINK_THREADS / 32;
+constexpr int GSHRINK_TOKENS = 8;  // tokens dotted per pass over K
+// A launch takes the grouped path from this many tokens (fewer: the per-token
+// kernels spread a token's rows over more blocks).
+constexpr int GROUPED_MIN_TOKENS = 16;
+
+// Reads group g's (slot, first, count) and its tokens into tok; returns the
+// count, or 0 for padding and for a count past the limit (reported).
+__device__ __forceinline__ int load_group(const int32_t *__restrict__ groups, const int32_t *__restrict__ order,
+                                          int g, int *tok, int &slot, uint32_t *status) {
+    slot = groups[3 * g];
+    const int first = groups[3 * g + 1], count = groups[3 * g + 2];
+    if (count <= 0) return 0;
+    if (count > GROUP_TOKENS) {
+        if (threadIdx.x == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
+        return 0;
+    }
+    if ((int)threadIdx.x < count) tok[threadIdx.x] = order[first + threadIdx.x];
+    __syncthreads();
+    return count;
+}
+
+// out[tok, j] = A[slot, j, :] . x[tok, :] for the group blockIdx.x's tokens
+// and j in blockIdx.y * ROWS + 0..ROWS. 16-bit T, K % 8 == 0, x and a aligned.
+template <typename T, int ROWS>
+__global__ void __launch_bounds__(GSHRINK_THREADS)
+    lora_shrink_grouped_kernel(const T *__restrict__ x, const T *__restrict__ a, const int32_t *__restrict__ order,
+                               const int32_t *__restrict__ groups, float *__restrict__ out, int k, int u,
+                               int num_slots, uint32_t *status) {
+    pdl_launch_dependents();
+    pdl_wait();
+    __shared__ int tok[GROUP_TOKENS];
+    __shared__ float partial[GSHRINK_TOKENS][ROWS][GSHRINK_WARPS];
+    int slot;
+    const int count = load_group(groups, order, blockIdx.x, tok, slot, status);
+    if (count == 0) return;
+    const int j0 = blockIdx.y * ROWS;
+    if (slot < 0 || slot >= num_slots) {
+        if (slot >= num_slots && threadIdx.x == 0 && blockIdx.y == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
+        for (int i = threadIdx.x; i < count * ROWS; i += blockDim.x) {
+            const int j = j0 + i % ROWS;
+            if (j < u) out[(size_t)tok[i / ROWS] * u + j] = 0.f;
+        }
+        return;
+    }
+    // Rows past U (the last block's tail) read row U - 1 and are not stored.
+    const uint4 *av[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        av[r] = reinterpret_cast<const uint4 *>(a + ((size_t)slot * u + min(j0 + r, u - 1)) * k);
+    const int chunks = k / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int p = 0; p < count; p += GSHRINK_TOKENS) {
+        const int n = min(GSHRINK_TOKENS, count - p);
+        // Tokens past the group's end repeat its last token and are not stored.
+        const uint4 *xv[GSHRINK_TOKENS];
+#pragma unroll
+        for (int i = 0; i < GSHRINK_TOKENS; ++i)
+            xv[i] = reinterpret_cast<const uint4 *>(x + (size_t)tok[p + min(i, n - 1)] * k);
+        float acc[GSHRINK_TOKENS][ROWS];
+#pragma unroll
+        for (int i = 0; i < GSHRINK_TOKENS; ++i)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) acc[i][r] = 0.f;
+        for (int c = threadIdx.x; c < chunks; c += GSHRINK_THREADS) {
+            float af[ROWS][8];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) unpack8<T>(__ldg(av[r] + c), af[r]);
+#pragma unroll
+            for (int i = 0; i < GSHRINK_TOKENS; ++i) {
+                float xf[8];
+                unpack8<T>(__ldg(xv[i] + c), xf);
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[i][r] = fmaf(af[r][e], xf[e], acc[i][r]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < GSHRINK_TOKENS; ++i)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const float v = warp_sum(acc[i][r]);
+                if (lane == 0) partial[i][r][warp] = v;
+            }
+        __syncthreads();
+        for (int o = threadIdx.x; o < n * ROWS; o += GSHRINK_THREADS) {
+            const int i = o / ROWS, r = o % ROWS;
+            if (j0 + r < u) {
+                float sum = 0.f;
+#pragma unroll
+                for (int w = 0; w < GSHRINK_WARPS; ++w) sum += partial[i][r][w];
+                out[(size_t)tok[p + i] * u + j0 + r] = sum;
+            }
+        }
+        __syncthreads();  // partial is rewritten by the next pass
+    }
+}
+
+template <typename T>
+cudaError_t launch_shrink_grouped(const PagodaLoraShrinkArgs *p, int rows, LaunchStream s) {
+    const T *x = static_cast<const T *>(p->x);
+    const T *a = static_cast<const T *>(p->a);
+    switch (rows) {
+#define PAGODA_GSHRINK_CASE(R)                                                                                 \
+    case R:                                                                                                    \
+        return launch(lora_shrink_grouped_kernel<T, R>, dim3(p->num_groups, ceil_div(p->u, R)),                \
+                      dim3(GSHRINK_THREADS), 0, s, x, a, p->token_order, p->groups, p->out, p->k, p->u,       \
+                      p->num_slots, p->status);
+        PAGODA_GSHRINK_CASE(1)
+        PAGODA_GSHRINK_CASE(2)
+        PAGODA_GSHRINK_CASE(4)
+        PAGODA_GSHRINK_CASE(8)
+#undef PAGODA_GSHRINK_CASE
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+constexpr int GEXPAND_THREADS = 128;
+constexpr int GEXPAND_MAX_RANK = 64;
+
+// out[tok, out_offset + n] += sum_r u[tok, u_offset + r] * B[slot, n, r] for
+// the group blockIdx.x's tokens and this thread's column n. 16-bit T,
+// R % 8 == 0, R <= 8 * CHUNKS, b aligned.
+template <typename T, int CHUNKS>
+__global__ void __launch_bounds__(GEXPAND_THREADS)
+    lora_expand_grouped_kernel(const float *__restrict__ u, int u_stride, int u_offset, const T *__restrict__ b,
+                               const int32_t *__restrict__ order, const int32_t *__restrict__ groups,
+                               T *__restrict__ out, int out_stride, int out_offset, int n, int rank, int num_slots,
+                               uint32_t *status) {
+    pdl_launch_dependents();
+    pdl_wait();
+    __shared__ int tok[GROUP_TOKENS];
+    __shared__ float us[GROUP_TOKENS * GEXPAND_MAX_RANK];  // [count][rank]
+    int slot;
+    const int count = load_group(groups, order, blockIdx.x, tok, slot, status);
+    if (count == 0 || slot < 0) return;
+    if (slot >= num_slots) {
+        if (threadIdx.x == 0 && blockIdx.y == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
+        return;
+    }
+    for (int i = threadIdx.x; i < count * rank; i += blockDim.x) {
+        const int j = i / rank;
+        us[i] = u[(size_t)tok[j] * u_stride + u_offset + (i - j * rank)];
+    }
+    __syncthreads();
+    const int col = blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= n) return;
+    float bf[CHUNKS][8];
+    const uint4 *brow = reinterpret_cast<const uint4 *>(b + ((size_t)slot * n + col) * rank);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        if (c * 8 < rank) {
+            unpack8<T>(__ldg(brow + c), bf[c]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) bf[c][e] = 0.f;
+        }
+    }
+    for (int j = 0; j < count; ++j) {
+        const float *ut = us + j * rank;
+        float acc = 0.f;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            if (c * 8 < rank) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc = fmaf(ut[c * 8 + e], bf[c][e], acc);
+            }
+        }
+        T *o = out + (size_t)tok[j] * out_stride + out_offset + col;
+        *o = from_float<T>(to_float<T>(*o) + acc);
+    }
+}
+
+template <typename T, int CHUNKS>
+cudaError_t launch_expand_grouped(const PagodaLoraExpandArgs *p, LaunchStream s) {
+    const dim3 grid(p->num_groups, ceil_div(p->n, GEXPAND_THREADS));
+    return launch(lora_expand_grouped_kernel<T, CHUNKS>, grid, dim3(GEXPAND_THREADS), 0, s, p->u, p->u_stride,
+                  p->u_offset, static_cast<const T *>(p->b), p->token_order, p->groups, static_cast<T *>(p->out),
+                  p->out_stride, p->out_offset, p->n, p->rank, p->num_slots, p->status);
+}
+
+template <typename T>
+cudaError_t dispatch_expand_grouped(const PagodaLoraExpandArgs *p, LaunchStream s) {
+    if (p->rank <= 8) return launch_expand_grouped<T, 1>(p, s);
+    if (p->rank <= 16) return launch_expand_grouped<T, 2>(p, s);
+    if (p->rank <= 32) return launch_expand_grouped<T, 4>(p, s);
+    return launch_expand_grouped<T, 8>(p, s);
+}
+
 // Dynamic shared memory a block may take without opting in.
 constexpr size_t SMEM_DEFAULT_LIMIT = 48 * 1024;
+
+bool is_half(int dtype) { return dtype == PAGODA_DTYPE_BF16 || dtype == PAGODA_DTYPE_F16; }
 
 }  // namespace
 
@@ -243,13 +448,24 @@ extern "C" int pagoda_lora_shrink(const PagodaLoraShrinkArgs *p, const PagodaKer
     if (p == nullptr || p->num_tokens < 0 || p->k < 0 || p->u < 0 || p->num_slots < 0) return PAGODA_ERR_ARGUMENT;
     if (p->num_tokens == 0 || p->u == 0) return 0;
     const LaunchStream s = launch_stream(policy, stream);
-    // Rows of A per block: as many as keep about two blocks per SM busy.
     const int sms = policy->num_sms > 0 ? policy->num_sms : 1;
+    const bool vec = p->k % 8 == 0 && aligned16(p->x) && aligned16(p->a);
+    if (p->num_groups > 0 && p->num_tokens >= GROUPED_MIN_TOKENS && vec && is_half(p->dtype)) {
+        if (p->token_order == nullptr || p->groups == nullptr) return PAGODA_ERR_ARGUMENT;
+        // Rows of A per block: the most that still give every SM two blocks.
+        int rows = 8;
+        while (rows > 1 && ceil_div(p->u, rows) * p->num_groups < 2 * sms) rows /= 2;
+        cudaError_t e = cudaSuccess;
+        PAGODA_DISPATCH_HALF(p->dtype, { e = launch_shrink_grouped<scalar_t>(p, rows, s); });
+        if (e != cudaSuccess) return (int)e;
+        PAGODA_LAUNCH_CHECK();
+        return 0;
+    }
+    // Rows of A per block: as many as keep about two blocks per SM busy.
     const int rows = ceil_div(p->u, 4) * p->num_tokens >= 2 * sms ? 4
                      : ceil_div(p->u, 2) * p->num_tokens >= sms  ? 2
                                                                   : 1;
     cudaError_t e = cudaSuccess;
-    const bool vec = p->k % 8 == 0 && aligned16(p->x) && aligned16(p->a);
     PAGODA_DISPATCH_FLOAT(p->dtype, { e = dispatch_shrink<scalar_t>(p, rows, vec, s); });
     if (e != cudaSuccess) return (int)e;
     PAGODA_LAUNCH_CHECK();
@@ -263,6 +479,15 @@ extern "C" int pagoda_lora_expand(const PagodaLoraExpandArgs *p, const PagodaKer
         return PAGODA_ERR_ARGUMENT;
     if (p->num_tokens == 0 || p->n == 0 || p->rank == 0) return 0;
     const LaunchStream s = launch_stream(policy, stream);
+    if (p->num_groups > 0 && p->num_tokens >= GROUPED_MIN_TOKENS && is_half(p->dtype) && p->rank % 8 == 0 &&
+        p->rank <= GEXPAND_MAX_RANK && aligned16(p->b)) {
+        if (p->token_order == nullptr || p->groups == nullptr) return PAGODA_ERR_ARGUMENT;
+        cudaError_t e = cudaSuccess;
+        PAGODA_DISPATCH_HALF(p->dtype, { e = dispatch_expand_grouped<scalar_t>(p, s); });
+        if (e != cudaSuccess) return (int)e;
+        PAGODA_LAUNCH_CHECK();
+        return 0;
+    }
     // Many tokens: blocks walk 8 tokens (B rows reused across a slot's run),
     // as long as that still gives every SM a block; few tokens: one each.
     const int sms = policy->num_sms > 0 ? policy->num_sms : 1;

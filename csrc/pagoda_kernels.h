@@ -203,6 +203,18 @@ int pagoda_linear(void *handle, const PagodaLinearArgs *args, const PagodaKernel
 
 /* ---- LoRA: many adapters in one batch, each token by its slot ------------- */
 
+/* The most tokens in one group of token_order (LORA_GROUP_TOKENS in Rust). */
+#define PAGODA_LORA_GROUP_TOKENS 32
+
+/* Both products may also get the tokens grouped by slot (SGMV): token_order
+ * [num_tokens] (the tokens ordered by slot) and groups [num_groups, 3] of
+ * (slot, first, count): tokens token_order[first .. first + count), all of
+ * that slot (-1: none), count <= PAGODA_LORA_GROUP_TOKENS; groups of count 0
+ * are padding. With num_groups > 0 a launch may read the groups instead of
+ * token_slots (it chooses by shape, so a recorded graph keeps its choice);
+ * they must agree. A group's count past the limit sets
+ * PAGODA_STATUS_LORA_SLOT and the group is skipped. */
+
 /* out[t, j] = a[token_slots[t], j, :] . x[t, :] in f32, for j < u; zeros for a
  * token whose slot is negative (no adapter). A slot >= num_slots sets
  * PAGODA_STATUS_LORA_SLOT and is treated as none. x and a have dtype. */
@@ -217,6 +229,9 @@ typedef struct {
     int k;
     int u;
     int num_slots;
+    const int32_t *token_order; /* [num_tokens], with groups */
+    const int32_t *groups;      /* [num_groups, 3] */
+    int num_groups;             /* 0: no groups */
 } PagodaLoraShrinkArgs;
 
 int pagoda_lora_shrink(const PagodaLoraShrinkArgs *args, const PagodaKernelPolicy *policy, void *stream);
@@ -240,6 +255,9 @@ typedef struct {
     int u_offset;
     int out_stride; /* out_offset + n <= out_stride */
     int out_offset;
+    const int32_t *token_order; /* [num_tokens], with groups */
+    const int32_t *groups;      /* [num_groups, 3] */
+    int num_groups;             /* 0: no groups */
 } PagodaLoraExpandArgs;
 
 int pagoda_lora_expand(const PagodaLoraExpandArgs *args, const PagodaKernelPolicy *policy, void *stream);

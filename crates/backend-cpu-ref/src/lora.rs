@@ -6,9 +6,13 @@
 //!   formed in f32 and added to `out` once; rows without an adapter stay.
 //!
 //! Slots are checked before anything is written: one at or past the slot
-//! count is a [`BackendError::Index`] and leaves the output as it was.
+//! count is a [`BackendError::Index`] and leaves the output as it was. So are
+//! [`LoraGroups`] when given: the reference computes token by token, and
+//! checks that the groups a faster backend would read agree with the slots.
 
-use pagoda_backend::{BackendError, DType, LoraExpandArgs, LoraShrinkArgs, Result};
+use pagoda_backend::{
+    check_lora_token_groups, BackendError, DType, LoraExpandArgs, LoraGroups, LoraShrinkArgs, Result, Tensor,
+};
 
 use crate::ops::for_each_row;
 use crate::storage::with_operands;
@@ -28,25 +32,46 @@ fn slot_indices(op: &'static str, token_slots: &[i32], slots: usize) -> Result<V
         .collect()
 }
 
+/// The operands to read: `fixed`, then the groups' order and triples if given.
+fn operands<'a>(
+    fixed: &[&'a Tensor<CpuBackend>],
+    groups: &Option<LoraGroups<'a, CpuBackend>>,
+) -> Vec<&'a Tensor<CpuBackend>> {
+    let mut all = fixed.to_vec();
+    if let Some(g) = groups {
+        all.extend([g.order, g.groups]);
+    }
+    all
+}
+
 pub(crate) fn lora_shrink(args: &LoraShrinkArgs<'_, CpuBackend>) -> Result<()> {
     const OP: &str = "lora_shrink";
     let (_, k, slots, u) = args.check(DType::F32)?;
-    with_operands(OP, &[args.x, args.a, args.token_slots], &[args.out], |ins, outs| {
-        let (x, a) = (ins.f32(args.x)?, ins.f32(args.a)?);
-        let slot = slot_indices(OP, ins.i32(args.token_slots)?, slots)?;
-        for_each_row(outs[0], u, |t, row| {
-            let Some(s) = slot[t] else {
-                row.fill(0.0);
-                return;
-            };
-            let xt = &x[t * k..(t + 1) * k];
-            for (j, o) in row.iter_mut().enumerate() {
-                let aj = &a[(s * u + j) * k..(s * u + j + 1) * k];
-                *o = aj.iter().zip(xt).map(|(&w, &v)| w * v).sum();
+    with_operands(
+        OP,
+        &operands(&[args.x, args.a, args.token_slots], &args.groups),
+        &[args.out],
+        |ins, outs| {
+            let (x, a) = (ins.f32(args.x)?, ins.f32(args.a)?);
+            let token_slots = ins.i32(args.token_slots)?;
+            let slot = slot_indices(OP, token_slots, slots)?;
+            if let Some(g) = &args.groups {
+                check_lora_token_groups(OP, token_slots, ins.i32(g.order)?, ins.i32(g.groups)?)?;
             }
-        });
-        Ok(())
-    })
+            for_each_row(outs[0], u, |t, row| {
+                let Some(s) = slot[t] else {
+                    row.fill(0.0);
+                    return;
+                };
+                let xt = &x[t * k..(t + 1) * k];
+                for (j, o) in row.iter_mut().enumerate() {
+                    let aj = &a[(s * u + j) * k..(s * u + j + 1) * k];
+                    *o = aj.iter().zip(xt).map(|(&w, &v)| w * v).sum();
+                }
+            });
+            Ok(())
+        },
+    )
 }
 
 pub(crate) fn lora_expand(args: &LoraExpandArgs<'_, CpuBackend>) -> Result<()> {
@@ -54,26 +79,38 @@ pub(crate) fn lora_expand(args: &LoraExpandArgs<'_, CpuBackend>) -> Result<()> {
     let (_, slots, n, r) = args.check(DType::F32)?;
     let (u_cols, o_cols) = (args.u.dim(1), args.out.dim(1));
     let (u_offset, out_offset) = (args.u_offset, args.out_offset);
-    with_operands(OP, &[args.u, args.b, args.token_slots], &[args.out], |ins, outs| {
-        let (u, b) = (ins.f32(args.u)?, ins.f32(args.b)?);
-        let slot = slot_indices(OP, ins.i32(args.token_slots)?, slots)?;
-        for_each_row(outs[0], o_cols, |t, row| {
-            let Some(s) = slot[t] else { return };
-            let ut = &u[t * u_cols + u_offset..][..r];
-            for (j, o) in row[out_offset..out_offset + n].iter_mut().enumerate() {
-                let bj = &b[(s * n + j) * r..(s * n + j + 1) * r];
-                let sum: f32 = ut.iter().zip(bj).map(|(&v, &w)| v * w).sum();
-                *o += sum;
+    with_operands(
+        OP,
+        &operands(&[args.u, args.b, args.token_slots], &args.groups),
+        &[args.out],
+        |ins, outs| {
+            let (u, b) = (ins.f32(args.u)?, ins.f32(args.b)?);
+            let token_slots = ins.i32(args.token_slots)?;
+            let slot = slot_indices(OP, token_slots, slots)?;
+            if let Some(g) = &args.groups {
+                check_lora_token_groups(OP, token_slots, ins.i32(g.order)?, ins.i32(g.groups)?)?;
             }
-        });
-        Ok(())
-    })
+            for_each_row(outs[0], o_cols, |t, row| {
+                let Some(s) = slot[t] else { return };
+                let ut = &u[t * u_cols + u_offset..][..r];
+                for (j, o) in row[out_offset..out_offset + n].iter_mut().enumerate() {
+                    let bj = &b[(s * n + j) * r..(s * n + j + 1) * r];
+                    let sum: f32 = ut.iter().zip(bj).map(|(&v, &w)| v * w).sum();
+                    *o += sum;
+                }
+            });
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)] // index loops, as the formulas read
 mod tests {
-    use pagoda_backend::{Backend, BackendError, DType, HostSlice, LoraExpandArgs, LoraShrinkArgs, Tensor};
+    use pagoda_backend::{
+        lora_group_capacity, lora_token_groups, Backend, BackendError, DType, HostSlice, LoraExpandArgs,
+        LoraGroups, LoraShrinkArgs, Tensor,
+    };
 
     use crate::CpuBackend;
 
@@ -151,6 +188,7 @@ mod tests {
                 a: &up(&cpu, &a, &[s, u_cols, k]),
                 token_slots: &slots_t,
                 out: &shrunk,
+                groups: None,
             };
             cpu.lora_shrink(&args).unwrap();
             let got_u = cpu.download_f32(&shrunk).unwrap();
@@ -182,6 +220,7 @@ mod tests {
                     token_slots: &slots_t,
                     out: &out,
                     out_offset: lead + p * n,
+                    groups: None,
                 };
                 cpu.lora_expand(&args).unwrap();
                 for tok in 0..t {
@@ -212,6 +251,37 @@ mod tests {
         }
     }
 
+    /// Groups change nothing in the reference's products, and groups that
+    /// disagree with the slots are refused before anything is written.
+    #[test]
+    fn groups_are_checked_against_the_slots() {
+        let cpu = CpuBackend::new();
+        let mut g = Rng(11);
+        let (t, k, u, s) = (40, 16, 8, 3);
+        let x = up(&cpu, &g.values(t * k, 1.0), &[t, k]);
+        let a = up(&cpu, &g.values(s * u * k, 0.3), &[s, u, k]);
+        let slots = g.slots(t, s);
+        let slots_t = ints(&cpu, &slots);
+        let plain = cpu.alloc(&[t, u], DType::F32).unwrap();
+        cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots_t, out: &plain, groups: None })
+            .unwrap();
+        let (order, groups) = lora_token_groups(&slots, Some(lora_group_capacity(t, s)));
+        let order_t = ints(&cpu, &order);
+        let grouped_out = cpu.alloc(&[t, u], DType::F32).unwrap();
+        let shrink = |groups: &[i32], out: &T| {
+            let groups_t = cpu.upload(HostSlice::I32(groups), &[groups.len() / 3, 3], DType::I32).unwrap();
+            let groups = Some(LoraGroups { order: &order_t, groups: &groups_t });
+            cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots_t, out, groups })
+        };
+        shrink(&groups, &grouped_out).unwrap();
+        assert_eq!(cpu.download_f32(&plain).unwrap(), cpu.download_f32(&grouped_out).unwrap());
+        let mut wrong = groups.clone();
+        wrong[0] = wrong[0].max(0) + 1; // the first group's slot
+        let untouched = up(&cpu, &vec![5.0; t * u], &[t, u]);
+        assert!(matches!(shrink(&wrong, &untouched), Err(BackendError::Index { .. })));
+        assert_eq!(cpu.download_f32(&untouched).unwrap(), vec![5.0; t * u]);
+    }
+
     /// The expand forms the sum over r, then adds it to out once: with out at
     /// 1 and the terms 2^-24 each, adding term by term would round every
     /// addition back to 1.
@@ -223,8 +293,15 @@ mod tests {
         let b = up(&cpu, &[2f32.powi(-24); 4], &[1, 1, r]);
         let out = up(&cpu, &[1.0], &[1, 1]);
         let slots = ints(&cpu, &[0]);
-        let args =
-            LoraExpandArgs { u: &u, u_offset: 0, b: &b, token_slots: &slots, out: &out, out_offset: 0 };
+        let args = LoraExpandArgs {
+            u: &u,
+            u_offset: 0,
+            b: &b,
+            token_slots: &slots,
+            out: &out,
+            out_offset: 0,
+            groups: None,
+        };
         cpu.lora_expand(&args).unwrap();
         assert_eq!(cpu.download_f32(&out).unwrap(), vec![1.0 + 2f32.powi(-22)]);
     }
@@ -237,19 +314,26 @@ mod tests {
         let a = up(&cpu, &[1.0; 64], &[s, u, k]);
         let out = up(&cpu, &[5.0; 12], &[t, u]);
         let slots = ints(&cpu, &[0, -1, 2]);
-        let args = LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &out };
+        let args = LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &out, groups: None };
         assert!(matches!(cpu.lora_shrink(&args), Err(BackendError::Index { .. })));
         assert_eq!(cpu.download_f32(&out).unwrap(), vec![5.0; 12]);
 
         let b = up(&cpu, &[1.0; 16], &[s, 2, u]);
         let dst = up(&cpu, &[5.0; 6], &[t, 2]);
-        let args =
-            LoraExpandArgs { u: &out, u_offset: 0, b: &b, token_slots: &slots, out: &dst, out_offset: 0 };
+        let args = LoraExpandArgs {
+            u: &out,
+            u_offset: 0,
+            b: &b,
+            token_slots: &slots,
+            out: &dst,
+            out_offset: 0,
+            groups: None,
+        };
         assert!(matches!(cpu.lora_expand(&args), Err(BackendError::Index { .. })));
         assert_eq!(cpu.download_f32(&dst).unwrap(), vec![5.0; 6]);
         // The same calls with valid slots go through.
         let ok = ints(&cpu, &[1, -1, 0]);
-        cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &ok, out: &out }).unwrap();
+        cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &ok, out: &out, groups: None }).unwrap();
         assert_eq!(cpu.download_f32(&out).unwrap(), [[8.0; 4], [0.0; 4], [8.0; 4]].concat());
         cpu.lora_expand(&LoraExpandArgs {
             u: &out,
@@ -258,6 +342,7 @@ mod tests {
             token_slots: &ok,
             out: &dst,
             out_offset: 0,
+            groups: None,
         })
         .unwrap();
         assert_eq!(cpu.download_f32(&dst).unwrap(), vec![37.0, 37.0, 5.0, 5.0, 37.0, 37.0]);
@@ -274,7 +359,7 @@ mod tests {
         let slots = ints(&cpu, &[0, 0]);
         let (x, a, out) = (z(&[2, 8]), z(&[3, 4, 8]), z(&[2, 4]));
         let shrink = |x: &T, a: &T, slots: &T, out: &T| {
-            cpu.lora_shrink(&LoraShrinkArgs { x, a, token_slots: slots, out })
+            cpu.lora_shrink(&LoraShrinkArgs { x, a, token_slots: slots, out, groups: None })
         };
         let is_shape = |r: pagoda_backend::Result<()>| matches!(r, Err(BackendError::Shape { .. }));
         shrink(&x, &a, &slots, &out).unwrap();
@@ -292,7 +377,15 @@ mod tests {
 
         let (u, b, dst) = (z(&[2, 8]), z(&[3, 5, 4]), z(&[2, 12]));
         let expand = |u: &T, u_offset, b: &T, out: &T, out_offset| {
-            cpu.lora_expand(&LoraExpandArgs { u, u_offset, b, token_slots: &slots, out, out_offset })
+            cpu.lora_expand(&LoraExpandArgs {
+                u,
+                u_offset,
+                b,
+                token_slots: &slots,
+                out,
+                out_offset,
+                groups: None,
+            })
         };
         expand(&u, 4, &b, &dst, 7).unwrap();
         assert!(is_shape(expand(&u, 5, &b, &dst, 0)), "u_offset + R past U");

@@ -277,7 +277,13 @@ impl Backend for Device {
 
     fn lora_shrink(&self, a: &LoraShrinkArgs<'_, Self>) -> Result<()> {
         let (x, w, slots, out) = (c(a.x), c(a.a), self.lora_slots(a.token_slots)?, c(a.out));
-        self.cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &w, token_slots: &slots, out: &out })?;
+        self.cpu.lora_shrink(&LoraShrinkArgs {
+            x: &x,
+            a: &w,
+            token_slots: &slots,
+            out: &out,
+            groups: None,
+        })?;
         self.store(a.out)
     }
 
@@ -290,6 +296,7 @@ impl Backend for Device {
             token_slots: &slots,
             out: &out,
             out_offset: a.out_offset,
+            groups: None,
         })?;
         self.store(a.out)
     }

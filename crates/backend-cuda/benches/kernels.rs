@@ -380,7 +380,8 @@ fn main() -> Result<()> {
                 let x = random_tensor(&g, &mut rng, &[t, k])?;
                 let a = random_tensor(&g, &mut rng, &[num_slots, u_cols, k])?;
                 let out = g.alloc(&[t, u_cols], DType::F32)?;
-                let args = LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out };
+                let args =
+                    LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out, groups: None };
                 let ms = median_ms(&g, 5, 30, || g.lora_shrink(&args))?;
                 let bytes = t * k * 2 + used * u_cols * k * 2 + t * u_cols * 4;
                 rows.push(Row::bandwidth(label, ms, bytes as f64, peak_bw));
@@ -401,6 +402,7 @@ fn main() -> Result<()> {
                     token_slots: &token_slots,
                     out: &out,
                     out_offset: 0,
+                    groups: None,
                 };
                 let ms = median_ms(&g, 5, 30, || g.lora_expand(&args))?;
                 let bytes = t * rank * 4 + used * n * rank * 2 + 2 * t * n * 2;

@@ -9,8 +9,8 @@ use cust::event::{Event, EventFlags};
 use half::{bf16, f16};
 use pagoda_backend::{
     AttentionArgs, Backend, BackendError, CacheBlocks, DType, HostSlice, HostVec, KvCacheShape, LinearFusion,
-    LoraExpandArgs, LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, RotaryShape, SampledToken,
-    SamplingRow, Tensor,
+    LoraExpandArgs, LoraGroups, LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, RotaryShape,
+    SampledToken, SamplingRow, Tensor,
 };
 
 use crate::device::{CudaGraph, CudaStorage, DeviceInner, PinnedHost};
@@ -266,6 +266,24 @@ fn dtype_code(d: DType) -> i32 {
 /// Device address of a tensor's first element.
 fn dptr(t: &Tensor<CudaBackend>) -> u64 {
     t.storage().ptr() + (t.offset() * t.dtype().size_in_bytes()) as u64
+}
+
+// The kernels' group size is the one the host groups with.
+const _: () = assert!(ffi::PAGODA_LORA_GROUP_TOKENS as usize == pagoda_backend::LORA_GROUP_TOKENS);
+
+/// The grouped tokens' device pointers and group count, or nulls and 0.
+fn lora_groups(
+    op: &'static str,
+    groups: &Option<LoraGroups<'_, CudaBackend>>,
+    tokens: usize,
+) -> Result<(*const i32, *const i32, i32)> {
+    Ok(match groups {
+        Some(g) => {
+            let count = g.check(op, tokens)?;
+            (dptr(g.order) as *const i32, dptr(g.groups) as *const i32, to_i32(op, "groups", count)?)
+        }
+        None => (std::ptr::null(), std::ptr::null(), 0),
+    })
 }
 
 fn vptr(t: &Tensor<CudaBackend>) -> *mut c_void {
@@ -610,6 +628,7 @@ impl Backend for CudaBackend {
         const OP: &str = "lora_shrink";
         let (t, k, s, u) = args.check(self.activation)?;
         no_alias(OP, args.out, &[args.x, args.a, args.token_slots])?;
+        let (token_order, groups, num_groups) = lora_groups(OP, &args.groups, t)?;
         let launch = ffi::PagodaLoraShrinkArgs {
             x: vptr(args.x),
             a: vptr(args.a),
@@ -621,6 +640,9 @@ impl Backend for CudaBackend {
             k: to_i32(OP, "K", k)?,
             u: to_i32(OP, "U", u)?,
             num_slots: to_i32(OP, "slots", s)?,
+            token_order,
+            groups,
+            num_groups,
         };
         self.bind()?;
         // SAFETY: shapes, dtypes and aliasing checked above; slots are checked on the device.
@@ -634,6 +656,7 @@ impl Backend for CudaBackend {
         const OP: &str = "lora_expand";
         let (t, s, n, r) = args.check(self.activation)?;
         no_alias(OP, args.out, &[args.u, args.b, args.token_slots])?;
+        let (token_order, groups, num_groups) = lora_groups(OP, &args.groups, t)?;
         let launch = ffi::PagodaLoraExpandArgs {
             u: dptr(args.u) as *const f32,
             b: vptr(args.b),
@@ -649,6 +672,9 @@ impl Backend for CudaBackend {
             u_offset: to_i32(OP, "u_offset", args.u_offset)?,
             out_stride: to_i32(OP, "out columns", args.out.dim(1))?,
             out_offset: to_i32(OP, "out_offset", args.out_offset)?,
+            token_order,
+            groups,
+            num_groups,
         };
         self.bind()?;
         // SAFETY: shapes (offsets included), dtypes and aliasing checked above;

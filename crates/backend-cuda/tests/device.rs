@@ -735,13 +735,21 @@ fn lora_slot_past_the_count_is_reported_at_the_next_wait() {
     let a = filled(&[s, r, k], DType::BF16, 0.125);
     let slots = g.upload(HostSlice::I32(&[1, 2]), &[t], DType::I32).unwrap();
     let u = filled(&[t, r], DType::F32, f32::NAN);
-    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u }).unwrap();
+    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u, groups: None }).unwrap();
     assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
     assert_eq!(g.download_f32(&u).unwrap(), [[8.0; 8], [0.0; 8]].concat());
 
     let b = filled(&[s, n, r], DType::BF16, 0.125);
     let out = filled(&[t, n], DType::BF16, 1.0);
-    let args = LoraExpandArgs { u: &u, u_offset: 0, b: &b, token_slots: &slots, out: &out, out_offset: 0 };
+    let args = LoraExpandArgs {
+        u: &u,
+        u_offset: 0,
+        b: &b,
+        token_slots: &slots,
+        out: &out,
+        out_offset: 0,
+        groups: None,
+    };
     g.lora_expand(&args).unwrap();
     assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
     assert_eq!(g.download_f32(&out).unwrap(), [[9.0; 4], [1.0; 4]].concat());
@@ -772,7 +780,7 @@ fn lora_products_replay_in_a_graph() {
     let out = g.alloc(&[t, 2 * n], DType::BF16).unwrap();
     // Both parts expand through the same B here: only the offsets differ.
     let step = |g: &CudaBackend, x: &Tensor<CudaBackend>| -> pagoda_backend::Result<()> {
-        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u })?;
+        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u, groups: None })?;
         for p in 0..2 {
             g.lora_expand(&LoraExpandArgs {
                 u: &u,
@@ -781,6 +789,7 @@ fn lora_products_replay_in_a_graph() {
                 token_slots: &slots,
                 out: &out,
                 out_offset: p * n,
+                groups: None,
             })?;
         }
         Ok(())
@@ -803,7 +812,8 @@ fn lora_products_replay_in_a_graph() {
             (c(&x_host, &[t, k]), c(&a_host, &[s, 2 * r, k]), c(&b_host, &[s, n, r]), c(&base, &[t, 2 * n]));
         let cslots = cpu.upload(HostSlice::I32(token_slots), &[t], DType::I32).unwrap();
         let cu = cpu.alloc(&[t, 2 * r], DType::F32).unwrap();
-        cpu.lora_shrink(&LoraShrinkArgs { x: &cx, a: &ca, token_slots: &cslots, out: &cu }).unwrap();
+        cpu.lora_shrink(&LoraShrinkArgs { x: &cx, a: &ca, token_slots: &cslots, out: &cu, groups: None })
+            .unwrap();
         for p in 0..2 {
             let args = LoraExpandArgs {
                 u: &cu,
@@ -812,6 +822,7 @@ fn lora_products_replay_in_a_graph() {
                 token_slots: &cslots,
                 out: &cout,
                 out_offset: p * n,
+                groups: None,
             };
             cpu.lora_expand(&args).unwrap();
         }

@@ -51,7 +51,10 @@ pub use blocks::{check_copy_blocks, check_swap_in, check_swap_out, CacheBlocks};
 pub use error::{BackendError, Result};
 pub use host::{HostSlice, HostVec};
 pub use linear::LinearFusion;
-pub use lora::{LoraExpandArgs, LoraShrinkArgs};
+pub use lora::{
+    check_lora_token_groups, lora_group_capacity, lora_token_groups, LoraExpandArgs, LoraGroups,
+    LoraShrinkArgs, LORA_GROUP_TOKENS,
+};
 pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
 pub use tensor::{DType, Shape, Tensor};
 

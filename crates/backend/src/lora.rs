@@ -16,8 +16,65 @@
 //! into its columns (`u_offset`, `out_offset`). The scale (`alpha / r`, or
 //! `alpha / sqrt(r)` for rsLoRA) is folded into `B` when an adapter is loaded,
 //! and a rank below the slots' rank is padded with zero rows of `A`.
+//!
+//! Grouped by slot (SGMV): a step's tokens may also come with [`LoraGroups`],
+//! the tokens ordered by slot and cut into groups of at most
+//! [`LORA_GROUP_TOKENS`] tokens of one slot ([`lora_token_groups`] makes them
+//! on the host). A backend that reads them loads each adapter's matrices once
+//! per group instead of once per token; the products are the same.
 
 use crate::{Backend, BackendError, DType, Result, Tensor};
+
+/// The most tokens in one [`LoraGroups`] group.
+pub const LORA_GROUP_TOKENS: usize = 32;
+
+/// A step's tokens grouped by adapter slot, for the grouped (SGMV) kernels.
+#[derive(Clone, Copy)]
+pub struct LoraGroups<'a, B: Backend> {
+    /// I32 `[T]`: the token indices, ordered by slot (a permutation of `0..T`).
+    pub order: &'a Tensor<B>,
+    /// I32 `[G, 3]`: `(slot, first, count)` per group: the tokens
+    /// `order[first..first + count]`, all of `slot` (-1: no adapter), with
+    /// `count <= LORA_GROUP_TOKENS`. Trailing groups of count 0 pad a
+    /// fixed-size buffer (a recorded graph's) and are skipped.
+    pub groups: &'a Tensor<B>,
+}
+
+/// The most groups [`lora_token_groups`] makes for `tokens` tokens over
+/// `num_slots` slots: every slot (and "none") adds at most one partial group.
+pub fn lora_group_capacity(tokens: usize, num_slots: usize) -> usize {
+    tokens.div_ceil(LORA_GROUP_TOKENS) + num_slots + 1
+}
+
+/// Groups `token_slots` for [`LoraGroups`]: the token order (stable: a slot's
+/// tokens keep their order) and the `(slot, first, count)` triples, row-major,
+/// padded with `(-1, T, 0)` to `capacity` groups when given. Slots outside
+/// `-1..` (any negative) group as -1; slots past the slot count group as they are
+/// (the products report them).
+pub fn lora_token_groups(token_slots: &[i32], capacity: Option<usize>) -> (Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..token_slots.len() as i32).collect();
+    order.sort_by_key(|&t| token_slots[t as usize].max(-1));
+    let mut groups = Vec::new();
+    let mut first = 0;
+    while first < order.len() {
+        let slot = token_slots[order[first] as usize].max(-1);
+        let mut count = 1;
+        while count < LORA_GROUP_TOKENS
+            && first + count < order.len()
+            && token_slots[order[first + count] as usize].max(-1) == slot
+        {
+            count += 1;
+        }
+        groups.extend_from_slice(&[slot, first as i32, count as i32]);
+        first += count;
+    }
+    if let Some(capacity) = capacity {
+        while groups.len() < 3 * capacity {
+            groups.extend_from_slice(&[-1, order.len() as i32, 0]);
+        }
+    }
+    (order, groups)
+}
 
 /// `out[t, :] = a[token_slots[t]] · x[t, :]`, or zeros where `token_slots[t] < 0`.
 pub struct LoraShrinkArgs<'a, B: Backend> {
@@ -29,6 +86,9 @@ pub struct LoraShrinkArgs<'a, B: Backend> {
     pub token_slots: &'a Tensor<B>,
     /// F32 `[T, U]`.
     pub out: &'a Tensor<B>,
+    /// The same tokens grouped by slot, for backends that use them; they
+    /// must agree with `token_slots`.
+    pub groups: Option<LoraGroups<'a, B>>,
 }
 
 /// `out[t, out_offset + n] += Σ_r u[t, u_offset + r] · b[token_slots[t], n, r]`
@@ -45,6 +105,8 @@ pub struct LoraExpandArgs<'a, B: Backend> {
     /// `[T, O]`, the activation dtype: the base product's output (`out_offset + N <= O`).
     pub out: &'a Tensor<B>,
     pub out_offset: usize,
+    /// As for the shrink.
+    pub groups: Option<LoraGroups<'a, B>>,
 }
 
 fn check_slots<B: Backend>(op: &'static str, token_slots: &Tensor<B>, tokens: usize) -> Result<()> {
@@ -52,6 +114,67 @@ fn check_slots<B: Backend>(op: &'static str, token_slots: &Tensor<B>, tokens: us
         return Err(BackendError::DType { op, dtype: token_slots.dtype() });
     }
     token_slots.expect_dims(op, "token_slots", &[tokens])
+}
+
+impl<B: Backend> LoraGroups<'_, B> {
+    /// Checks dtypes and shapes for `tokens` tokens; returns the group count.
+    /// (What the groups hold is checked where it is read.)
+    pub fn check(&self, op: &'static str, tokens: usize) -> Result<usize> {
+        for tensor in [self.order, self.groups] {
+            if tensor.dtype() != DType::I32 {
+                return Err(BackendError::DType { op, dtype: tensor.dtype() });
+            }
+        }
+        self.order.expect_dims(op, "order", &[tokens])?;
+        let (g, width) = self.groups.dims2(op)?;
+        if width != 3 {
+            return Err(BackendError::shape(op, format!("groups {:?} is not [G, 3]", self.groups.dims())));
+        }
+        Ok(g)
+    }
+}
+
+/// Checks host copies of the groups against the token slots: every token
+/// once, each group of one slot and at most [`LORA_GROUP_TOKENS`] tokens.
+pub fn check_lora_token_groups(
+    op: &'static str,
+    token_slots: &[i32],
+    order: &[i32],
+    groups: &[i32],
+) -> Result<()> {
+    let bad = |detail: String| Err(BackendError::Index { op, detail });
+    let t = token_slots.len();
+    if order.len() != t {
+        return bad(format!("an order of {} tokens for {t}", order.len()));
+    }
+    let mut seen = vec![false; t];
+    for (g, group) in groups.chunks_exact(3).enumerate() {
+        let (slot, first, count) = (group[0], group[1], group[2]);
+        let (Ok(first), Ok(count)) = (usize::try_from(first), usize::try_from(count)) else {
+            return bad(format!("group {g}: first {first}, count {count}"));
+        };
+        if count > LORA_GROUP_TOKENS || first + count > t {
+            return bad(format!("group {g}: tokens {first}..{} of {t}", first + count));
+        }
+        for &token in &order[first..first + count] {
+            let Some(done) = usize::try_from(token).ok().and_then(|i| seen.get_mut(i)) else {
+                return bad(format!("group {g}: token {token} of {t}"));
+            };
+            if std::mem::replace(done, true) {
+                return bad(format!("token {token} in two groups"));
+            }
+            if token_slots[token as usize].max(-1) != slot {
+                return bad(format!(
+                    "group {g} of slot {slot} holds token {token} of slot {}",
+                    token_slots[token as usize]
+                ));
+            }
+        }
+    }
+    match seen.iter().position(|&s| !s) {
+        Some(missing) => bad(format!("token {missing} in no group")),
+        None => Ok(()),
+    }
 }
 
 impl<B: Backend> LoraShrinkArgs<'_, B> {
@@ -79,6 +202,9 @@ impl<B: Backend> LoraShrinkArgs<'_, B> {
         }
         self.out.expect_dims(OP, "out", &[t, u])?;
         check_slots(OP, self.token_slots, t)?;
+        if let Some(groups) = &self.groups {
+            groups.check(OP, t)?;
+        }
         Ok((t, k, s, u))
     }
 }
@@ -118,6 +244,47 @@ impl<B: Backend> LoraExpandArgs<'_, B> {
             ));
         }
         check_slots(OP, self.token_slots, t)?;
+        if let Some(groups) = &self.groups {
+            groups.check(OP, t)?;
+        }
         Ok((t, s, n, r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_order_tokens_by_slot_in_runs_of_at_most_the_group_size() {
+        let mut slots = vec![2, -1, 0, 2, 0, -1, 1];
+        slots.extend(std::iter::repeat_n(3, LORA_GROUP_TOKENS + 3));
+        let (order, groups) = lora_token_groups(&slots, None);
+        assert_eq!(&order[..7], &[1, 5, 2, 4, 6, 0, 3]);
+        assert_eq!(
+            groups,
+            vec![-1, 0, 2, 0, 2, 2, 1, 4, 1, 2, 5, 2, 3, 7, LORA_GROUP_TOKENS as i32, 3, 39, 3]
+        );
+        check_lora_token_groups("test", &slots, &order, &groups).unwrap();
+        assert!(groups.len() / 3 <= lora_group_capacity(slots.len(), 4));
+        let (_, padded) = lora_token_groups(&slots, Some(lora_group_capacity(slots.len(), 4)));
+        assert_eq!(padded.len(), 3 * lora_group_capacity(slots.len(), 4));
+        assert_eq!(&padded[groups.len()..groups.len() + 3], &[-1, slots.len() as i32, 0]);
+        check_lora_token_groups("test", &slots, &order, &padded).unwrap();
+    }
+
+    #[test]
+    fn host_check_finds_groups_that_disagree_with_the_slots() {
+        let slots = [0, 1, 0];
+        let (order, groups) = lora_token_groups(&slots, None);
+        let mut wrong_slot = groups.clone();
+        wrong_slot[0] = 1;
+        let mut missing = groups.clone();
+        missing[2] = 1;
+        let mut twice = order.clone();
+        twice[1] = twice[0];
+        for (order, groups) in [(&order, &wrong_slot), (&order, &missing), (&twice, &groups)] {
+            assert!(check_lora_token_groups("test", &slots, order, groups).is_err());
+        }
     }
 }

@@ -24,9 +24,10 @@
 use std::collections::HashMap;
 
 use pagoda_backend::{
-    AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice, Tensor,
+    lora_group_capacity, AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice,
+    Tensor,
 };
-use pagoda_models::{ForwardBatch, KvCache, LlamaModel, ModelError};
+use pagoda_models::{ForwardBatch, KvCache, LlamaModel, LoraTokens, ModelError};
 
 use crate::batch::{BlockTableSource, StepInputs};
 use crate::error::EngineError;
@@ -102,6 +103,8 @@ pub struct PaddedDecodeInputs {
     source_rows: Vec<i32>,
     /// Each row's LoRA slot (-1: none, and for padding rows).
     lora_slots: Vec<i32>,
+    /// The slots, then the rows grouped by slot ([`LoraTokens`]'s layout).
+    lora_tokens: Vec<i32>,
 }
 
 impl PaddedDecodeInputs {
@@ -115,6 +118,7 @@ impl PaddedDecodeInputs {
             slot_mapping: Vec::new(),
             source_rows: Vec::new(),
             lora_slots: Vec::new(),
+            lora_tokens: Vec::new(),
         }
     }
 
@@ -277,8 +281,11 @@ pub struct DecodeGraphs<B: Backend> {
     source_rows: Tensor<B>,
     /// 0, 1, …: every row samples.
     logits_indices: Tensor<B>,
-    /// Each row's LoRA slot, when the model has LoRA slots.
-    lora_slots: Option<Tensor<B>>,
+    /// Each row's LoRA slot and the rows grouped by slot ([`LoraTokens`]),
+    /// when the model has LoRA slots.
+    lora_tokens: Option<Tensor<B>>,
+    /// The model's LoRA slots (how many groups a bucket's rows can make).
+    max_loras: usize,
     /// F32 `[max_batch, V]`.
     logits: Tensor<B>,
     buckets: HashMap<Bucket, BucketState<B::Graph>>,
@@ -295,7 +302,7 @@ impl<B: Backend> DecodeGraphs<B> {
         max_context: usize,
         block_size: usize,
         vocab_size: usize,
-        lora: bool,
+        max_loras: Option<usize>,
     ) -> Result<Self, EngineError> {
         let max_batch = capture_sizes(max_batch).last().unwrap_or(0);
         let rows = max_batch.max(1);
@@ -311,7 +318,14 @@ impl<B: Backend> DecodeGraphs<B> {
             slot_mapping: backend.alloc(&[rows], DType::I64)?,
             source_rows: backend.alloc(&[rows], DType::I32)?,
             logits_indices: backend.upload(HostSlice::I32(&count[..rows]), &[rows], DType::I32)?,
-            lora_slots: if lora { Some(backend.alloc(&[rows], DType::I32)?) } else { None },
+            lora_tokens: match max_loras {
+                Some(slots) => {
+                    let len = LoraTokens::<B>::buffer_len(rows, lora_group_capacity(rows, slots));
+                    Some(backend.alloc(&[len], DType::I32)?)
+                }
+                None => None,
+            },
+            max_loras: max_loras.unwrap_or(0),
             logits: backend.alloc(&[rows, vocab_size], DType::F32)?,
             buckets: HashMap::new(),
             staging: PaddedDecodeInputs::with_rows(rows),
@@ -335,7 +349,7 @@ impl<B: Backend> DecodeGraphs<B> {
             self.max_context,
         )?;
         let lora = !inputs.lora_ids.is_empty();
-        if lora && self.lora_slots.is_none() {
+        if lora && self.lora_tokens.is_none() {
             return None;
         }
         Some(Bucket { lora, ..bucket })
@@ -363,12 +377,15 @@ impl<B: Backend> DecodeGraphs<B> {
         self.stats.steps += 1;
         let batch = self.forward_batch(bucket)?;
         let b = bucket.batch;
+        if let Some(buffer) = self.lora_tokens.as_ref().filter(|_| bucket.lora) {
+            let capacity = lora_group_capacity(b, self.max_loras);
+            let host = &mut self.staging.lora_tokens;
+            LoraTokens::<B>::host_layout(&self.staging.lora_slots, Some(capacity), host);
+            backend.write(&buffer.narrow(0, host.len())?, HostSlice::I32(host))?;
+        }
         let padded = &self.staging;
         backend.write(&self.step_i32.narrow(0, padded.step_i32.len())?, HostSlice::I32(&padded.step_i32))?;
         backend.write(&batch.attn.slot_mapping, HostSlice::I64(&padded.slot_mapping))?;
-        if let Some(slots) = &batch.lora_slots {
-            backend.write(slots, HostSlice::I32(&padded.lora_slots))?;
-        }
         if let Some(previous) = previous.filter(|_| !inputs.source_rows.is_empty()) {
             // Fed outside the graph, into the buffer the graph reads its tokens from.
             let source_rows = self.source_rows.narrow(0, b)?;
@@ -446,8 +463,10 @@ impl<B: Backend> DecodeGraphs<B> {
                 slot_mapping: self.slot_mapping.narrow(0, b)?,
             },
             logits_indices: self.logits_indices.narrow(0, b)?,
-            lora_slots: match (&self.lora_slots, bucket.lora) {
-                (Some(slots), true) => Some(slots.narrow(0, b)?),
+            lora: match (&self.lora_tokens, bucket.lora) {
+                (Some(buffer), true) => {
+                    Some(LoraTokens::views(buffer, b, lora_group_capacity(b, self.max_loras))?)
+                }
                 _ => None,
             },
         })

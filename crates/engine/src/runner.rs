@@ -176,7 +176,7 @@ impl<B: Backend> ModelRunner<B> {
     pub fn enable_decode_graphs(&mut self, max_batch: usize, max_context: usize) -> Result<(), EngineError> {
         let block_size = self.kv.shape.block_size;
         let vocab = self.model.config().vocab_size;
-        let lora = self.model.lora_slots().is_some();
+        let lora = self.model.lora_slots().map(|slots| slots.max_loras());
         self.graphs =
             Some(DecodeGraphs::new(&self.backend, max_batch, max_context, block_size, vocab, lora)?);
         Ok(())

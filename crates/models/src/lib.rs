@@ -54,7 +54,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generation::GenerationConfig;
 pub use gguf::{GgmlType, GgufError, GgufFile, GgufHeader, GgufValue};
-pub use llama::{ForwardBatch, KvCache, LlamaModel, LoadOptions};
+pub use llama::{ForwardBatch, KvCache, LlamaModel, LoadOptions, LoraTokens};
 pub use loader::{load_model, LoadedModel, ModelFiles, ModelSource};
 pub use lora::{splitmix64, LoraAdapter, LoraModule, LoraPair, LoraSlots, SyntheticLora};
 pub use sequence::SingleSequence;

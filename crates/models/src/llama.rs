@@ -8,8 +8,9 @@
 //! gate/up weights are concatenated at load so each is one matmul.
 
 use pagoda_backend::{
-    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, KvCacheShape,
-    LinearFusion, LoraExpandArgs, LoraShrinkArgs, RopeStyle, RotaryCacheArgs, Tensor, TokenId,
+    lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice,
+    KvCacheShape, LinearFusion, LoraExpandArgs, LoraGroups, LoraShrinkArgs, RopeStyle, RotaryCacheArgs,
+    Tensor, TokenId,
 };
 
 use crate::config::ModelConfig;
@@ -41,9 +42,50 @@ pub struct ForwardBatch<B: Backend> {
     pub attn: AttentionMetadata<B>,
     /// I32 `[M]`: the rows of the step whose logits are wanted.
     pub logits_indices: Tensor<B>,
-    /// I32 `[T]`: each token's LoRA slot, -1 for none; `None` when no token
-    /// of the step has an adapter (the LoRA products are then skipped).
-    pub lora_slots: Option<Tensor<B>>,
+    /// Each token's LoRA slot and the tokens grouped by slot; `None` when no
+    /// token of the step has an adapter (the LoRA products are then skipped).
+    pub lora: Option<LoraTokens<B>>,
+}
+
+/// A step's LoRA inputs on the device: views of one I32 buffer, so a step
+/// writes them with one copy.
+pub struct LoraTokens<B: Backend> {
+    /// I32 `[T]`: each token's slot, -1 for none.
+    pub slots: Tensor<B>,
+    /// I32 `[T]` and `[G, 3]`: the tokens grouped by slot ([`LoraGroups`]).
+    pub order: Tensor<B>,
+    pub groups: Tensor<B>,
+}
+
+impl<B: Backend> LoraTokens<B> {
+    /// I32 elements of the buffer for `tokens` tokens in `groups` groups.
+    pub fn buffer_len(tokens: usize, groups: usize) -> usize {
+        2 * tokens + 3 * groups
+    }
+
+    /// The host layout of the buffer: slots, order, groups (padded to
+    /// `capacity` groups when given, for a fixed-size buffer).
+    pub fn host_layout(slots: &[i32], capacity: Option<usize>, into: &mut Vec<i32>) {
+        let (order, groups) = lora_token_groups(slots, capacity);
+        into.clear();
+        into.extend_from_slice(slots);
+        into.extend_from_slice(&order);
+        into.extend_from_slice(&groups);
+    }
+
+    /// Views of `buffer` (at least [`LoraTokens::buffer_len`]) for `tokens`
+    /// tokens in `groups` groups.
+    pub fn views(buffer: &Tensor<B>, tokens: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            slots: buffer.narrow(0, tokens)?,
+            order: buffer.narrow(tokens, tokens)?,
+            groups: buffer.narrow(2 * tokens, 3 * groups)?.reshape(&[groups, 3])?,
+        })
+    }
+
+    fn groups(&self) -> LoraGroups<'_, B> {
+        LoraGroups { order: &self.order, groups: &self.groups }
+    }
 }
 
 impl<B: Backend> ForwardBatch<B> {
@@ -81,7 +123,7 @@ impl<B: Backend> ForwardBatch<B> {
                 &[logits_indices.len()],
                 DType::I32,
             )?,
-            lora_slots: None,
+            lora: None,
         })
     }
 
@@ -91,7 +133,11 @@ impl<B: Backend> ForwardBatch<B> {
         if slots.len() != t {
             return Err(ModelError::Forward(format!("{} LoRA slots for {t} tokens", slots.len())));
         }
-        self.lora_slots = Some(backend.upload(HostSlice::I32(slots), &[t], DType::I32)?);
+        let mut host = Vec::new();
+        LoraTokens::<B>::host_layout(slots, None, &mut host);
+        let groups = (host.len() - 2 * t) / 3;
+        let buffer = backend.upload(HostSlice::I32(&host), &[host.len()], DType::I32)?;
+        self.lora = Some(LoraTokens::views(&buffer, t, groups)?);
         Ok(self)
     }
 
@@ -410,8 +456,8 @@ impl<B: Backend> LlamaModel<B> {
         // With adapters in the step, each adapted product gets its LoRA delta:
         // the norms it fused are computed on their own for the shrinks, and
         // gate/up is activated only after its delta is added.
-        let lora = match (&batch.lora_slots, &self.lora) {
-            (Some(token_slots), Some(slots)) => Some(LoraStep::new(backend, c, slots, token_slots, t)?),
+        let lora = match (&batch.lora, &self.lora) {
+            (Some(tokens), Some(slots)) => Some(LoraStep::new(backend, c, slots, tokens, t)?),
             (Some(_), None) => {
                 return Err(ModelError::Forward("a step with LoRA slots for a model without LoRA".into()))
             }
@@ -531,7 +577,7 @@ impl<B: Backend> LlamaModel<B> {
 /// and the unfused gate/up product write.
 struct LoraStep<'a, B: Backend> {
     slots: &'a [LayerLoraSlots<B>],
-    token_slots: &'a Tensor<B>,
+    tokens: &'a LoraTokens<B>,
     rank: usize,
     /// `[T, H]`: a norm's output, for the shrinks of q/k/v and gate/up.
     normed: Tensor<B>,
@@ -551,13 +597,13 @@ impl<'a, B: Backend> LoraStep<'a, B> {
         backend: &B,
         c: &ModelConfig,
         slots: &'a LoraSlots<B>,
-        token_slots: &'a Tensor<B>,
+        tokens: &'a LoraTokens<B>,
         t: usize,
     ) -> Result<Self> {
         let (r, d) = (slots.max_rank(), backend.activation_dtype());
         Ok(Self {
             slots: &slots.layers,
-            token_slots,
+            tokens,
             rank: r,
             normed: backend.alloc(&[t, c.hidden_size], d)?,
             u_qkv: backend.alloc(&[t, 3 * r], DType::F32)?,
@@ -571,7 +617,13 @@ impl<'a, B: Backend> LoraStep<'a, B> {
     }
 
     fn shrink(&self, backend: &B, x: &Tensor<B>, a: &Tensor<B>, out: &Tensor<B>) -> Result<()> {
-        Ok(backend.lora_shrink(&LoraShrinkArgs { x, a, token_slots: self.token_slots, out })?)
+        Ok(backend.lora_shrink(&LoraShrinkArgs {
+            x,
+            a,
+            token_slots: &self.tokens.slots,
+            out,
+            groups: Some(self.tokens.groups()),
+        })?)
     }
 
     fn expand(
@@ -587,9 +639,10 @@ impl<'a, B: Backend> LoraStep<'a, B> {
             u,
             u_offset: part * self.rank,
             b,
-            token_slots: self.token_slots,
+            token_slots: &self.tokens.slots,
             out,
             out_offset: at,
+            groups: Some(self.tokens.groups()),
         })?)
     }
 

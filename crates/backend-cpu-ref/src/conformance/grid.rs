@@ -759,6 +759,9 @@ fn quick_lora() -> Vec<LoraCase> {
         (300, 576, 4096, 16, 1, 3, Runs, 2),
         (300, 4096, 576, 8, 2, 16, Mixed, 0),
         (300, 576, 192, 64, 3, 2, Runs, 1),
+        // A decode batch over 16 adapters (an 8B model's k/v part), and the down projection's K.
+        (256, 4096, 1024, 16, 3, 16, Mixed, 0),
+        (64, 14336, 576, 16, 1, 16, Mixed, 1),
         (3, 100, 67, 24, 2, 3, Mixed, 1),
         (5, 64, 33, 5, 1, 2, Mixed, 2),
     ]

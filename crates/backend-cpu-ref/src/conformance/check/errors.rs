@@ -120,7 +120,8 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
         let slots = zeros(&[4], DType::I32)?;
         let shrunk = zeros(&[4, 6], DType::F32)?;
         let (a_k9, a_u5) = (zeros(&[2, 6, 9], act)?, zeros(&[2, 5, 8], act)?);
-        let shrink = |a| d.lora_shrink(&LoraShrinkArgs { x: &x, a, token_slots: &slots, out: &shrunk });
+        let shrink =
+            |a| d.lora_shrink(&LoraShrinkArgs { x: &x, a, token_slots: &slots, out: &shrunk, groups: None });
         expect("lora_shrink: a's K != x's K", shrink(&a_k9), is_shape);
         expect("lora_shrink: out's U != a's U", shrink(&a_u5), is_shape);
         let b = zeros(&[2, 5, 4], act)?;
@@ -132,6 +133,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
                 token_slots: &slots,
                 out: &out,
                 out_offset,
+                groups: None,
             })
         };
         expect("lora_expand: u_offset + R past U", expand(3, 0), is_shape);

@@ -1,5 +1,8 @@
 //! lora_shrink and lora_expand: slots mixed per token (with -1) or in runs,
-//! one to three parts at their offsets.
+//! one to three parts at their offsets; each case token by token and again
+//! with the tokens grouped by slot ([`LoraGroups`], padded to their capacity
+//! as a recorded graph's buffers are), which the reference checks against
+//! the slots.
 //!
 //! Tolerances, from the arithmetic (both backends get identical inputs):
 //! - shrink: an F32 output, a sum over K in f32 on both sides in different
@@ -19,7 +22,10 @@
 //!   outside. Rows without an adapter and columns outside the parts must be
 //!   untouched bit for bit.
 
-use pagoda_backend::{Backend, DType, HostSlice, LoraExpandArgs, LoraShrinkArgs};
+use pagoda_backend::{
+    lora_group_capacity, lora_token_groups, Backend, DType, HostSlice, LoraExpandArgs, LoraGroups,
+    LoraShrinkArgs, Tensor,
+};
 
 use crate::conformance::grid::LoraCase;
 use crate::conformance::{cpu, dev, Harness, Tolerances};
@@ -37,27 +43,57 @@ fn norm(v: &[f32]) -> f64 {
     v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()
 }
 
+/// The groups of `slots` on both sides (reference, device), padded to capacity.
+type GroupTensors<B> = ((Tensor<crate::CpuBackend>, Tensor<crate::CpuBackend>), (Tensor<B>, Tensor<B>));
+
+fn upload_groups<B: Backend>(
+    h: &Harness<'_, B>,
+    slots: &[i32],
+    num_slots: usize,
+) -> Result<GroupTensors<B>, String> {
+    let capacity = lora_group_capacity(slots.len(), num_slots);
+    let (order, groups) = lora_token_groups(slots, Some(capacity));
+    let (order_r, order_d) = h.ints(&order, &[slots.len()])?;
+    let (groups_r, groups_d) = h.ints(&groups, &[capacity, 3])?;
+    Ok(((order_r, groups_r), (order_d, groups_d)))
+}
+
+fn as_groups<B: Backend>(pair: &Option<(Tensor<B>, Tensor<B>)>) -> Option<LoraGroups<'_, B>> {
+    pair.as_ref().map(|(order, groups)| LoraGroups { order, groups })
+}
+
 pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[LoraCase]) {
-    for c in cases {
-        let label = c.label();
+    for (c, grouped) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
+        let label = if grouped { format!("{} grouped", c.label()) } else { c.label() };
         let (t, k, n, r, parts, s) = (c.tokens, c.in_features, c.out_features, c.rank, c.parts, c.slots);
         let u_cols = parts * r;
 
         h.case("lora_shrink", &label, |h, rng| {
             let slots = c.layout.assign(t, s, |m| rng.below(m));
             let (slots_r, slots_d) = h.ints(&slots, &[t])?;
+            let (groups_r, groups_d) = match grouped.then(|| upload_groups(h, &slots, s)).transpose()? {
+                Some((r, d)) => (Some(r), Some(d)),
+                None => (None, None),
+            };
             let margin = c.column_margin;
             let (_, x_r, x_d) = h.random_rows(rng, t, k, 1.0, margin)?;
             // Scaled so each product is of order 1 whatever K is.
             let a = rng.normals(s * u_cols * k, 1.0 / (k.max(1) as f32).sqrt(), h.dtype);
             let (a_r, a_d) = h.floats(&a, &[s, u_cols, k])?;
             let (out_r, out_d) = h.outputs(t, u_cols, DType::F32, margin)?;
-            cpu(h.cpu.lora_shrink(&LoraShrinkArgs { x: &x_r, a: &a_r, token_slots: &slots_r, out: &out_r }))?;
+            cpu(h.cpu.lora_shrink(&LoraShrinkArgs {
+                x: &x_r,
+                a: &a_r,
+                token_slots: &slots_r,
+                out: &out_r,
+                groups: as_groups(&groups_r),
+            }))?;
             dev(h.device.lora_shrink(&LoraShrinkArgs {
                 x: &x_d,
                 a: &a_d,
                 token_slots: &slots_d,
                 out: &out_d.view,
+                groups: as_groups(&groups_d),
             }))?;
             let tol = Tolerances::for_dtype(DType::F32).accumulated;
             h.compare_out("lora_shrink", &label, &out_r, &out_d, tol)
@@ -66,6 +102,10 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[LoraCase]) {
         h.case("lora_expand", &label, |h, rng| {
             let slots = c.layout.assign(t, s, |m| rng.below(m));
             let (slots_r, slots_d) = h.ints(&slots, &[t])?;
+            let (groups_r, groups_d) = match grouped.then(|| upload_groups(h, &slots, s)).transpose()? {
+                Some((r, d)) => (Some(r), Some(d)),
+                None => (None, None),
+            };
             let margin = c.column_margin;
             let width = parts * n + 2 * margin;
             // A shrink's output, the same F32 values on both sides.
@@ -89,6 +129,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[LoraCase]) {
                     token_slots: &slots_r,
                     out: &out_r,
                     out_offset,
+                    groups: as_groups(&groups_r),
                 }))?;
                 dev(h.device.lora_expand(&LoraExpandArgs {
                     u: &u_d,
@@ -97,6 +138,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[LoraCase]) {
                     token_slots: &slots_d,
                     out: &out_d,
                     out_offset,
+                    groups: as_groups(&groups_d),
                 }))?;
                 b_norms.push(b.chunks(r.max(1)).map(norm).collect::<Vec<_>>());
             }
