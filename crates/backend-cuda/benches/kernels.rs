@@ -28,8 +28,8 @@ use std::fmt::Write as _;
 
 use half::bf16;
 use pagoda_backend::{
-    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, LinearFusion,
-    LoraExpandArgs, LoraShrinkArgs, Result, RopeStyle, RotaryCacheArgs, Tensor,
+    lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice,
+    LinearFusion, LoraExpandArgs, LoraGroups, LoraShrinkArgs, Result, RopeStyle, RotaryCacheArgs, Tensor,
 };
 use pagoda_backend_cuda::{CudaBackend, DecodePartition, KernelOptions};
 
@@ -348,7 +348,7 @@ fn main() -> Result<()> {
     // of the slots used, and reads and writes its columns of out. Decode-like
     // rows give token i slot i % 16 (every token its own adapter up to 16);
     // "1 slot" rows are a prefill chunk of one adapter (the per-token kernels
-    // re-read its matrices from L2, so these show what an SGMV path would win).
+    // re-read its matrices from L2, which the grouped path does not).
     let (rank, num_slots) = (16usize, 16usize);
     // (name, K, parts stacked in one shrink)
     let shrinks = [("qkv", 4096usize, 3usize), ("o", 4096, 1), ("gate_up", 4096, 2), ("down", 14336, 1)];
@@ -362,15 +362,29 @@ fn main() -> Result<()> {
         ("up", 14336),
         ("down", 4096),
     ];
-    for t in [1usize, 8, 64, 256] {
-        for one_slot in [false, true] {
-            if one_slot && t < 64 {
+    // "16 runs": a prefill step over 16 adapters (runs of t / 16 tokens).
+    // "grouped": the same with the tokens grouped by slot (the SGMV path).
+    let mixes =
+        [("16 slots", [1usize, 8, 64, 256].as_slice()), ("1 slot", &[64, 256, 4096]), ("16 runs", &[4096])];
+    for (mix, counts) in mixes {
+        for (&t, grouped) in counts.iter().flat_map(|t| [(t, false), (t, true)]) {
+            if grouped && t < 16 {
                 continue;
             }
-            let mix = if one_slot { "1 slot" } else { "16 slots" };
-            let slots: Vec<i32> = (0..t).map(|i| if one_slot { 3 } else { (i % num_slots) as i32 }).collect();
-            let used = if one_slot { 1 } else { t.min(num_slots) };
+            let slots: Vec<i32> = (0..t)
+                .map(|i| match mix {
+                    "1 slot" => 3,
+                    "16 runs" => (i * num_slots / t) as i32,
+                    _ => (i % num_slots) as i32,
+                })
+                .collect();
+            let used = if mix == "1 slot" { 1 } else { t.min(num_slots) };
+            let mix = if grouped { format!("{mix} grouped") } else { mix.to_string() };
             let token_slots = g.upload(HostSlice::I32(&slots), &[t], DType::I32)?;
+            let (order, groups) = lora_token_groups(&slots, None);
+            let order = g.upload(HostSlice::I32(&order), &[t], DType::I32)?;
+            let groups = g.upload(HostSlice::I32(&groups), &[groups.len() / 3, 3], DType::I32)?;
+            let groups = grouped.then_some(LoraGroups { order: &order, groups: &groups });
             for &(name, k, parts) in &shrinks {
                 let label = format!("lora shrink {name} t{t} r{rank} {mix}");
                 if !wanted(&label) {
@@ -380,8 +394,7 @@ fn main() -> Result<()> {
                 let x = random_tensor(&g, &mut rng, &[t, k])?;
                 let a = random_tensor(&g, &mut rng, &[num_slots, u_cols, k])?;
                 let out = g.alloc(&[t, u_cols], DType::F32)?;
-                let args =
-                    LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out, groups: None };
+                let args = LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out, groups };
                 let ms = median_ms(&g, 5, 30, || g.lora_shrink(&args))?;
                 let bytes = t * k * 2 + used * u_cols * k * 2 + t * u_cols * 4;
                 rows.push(Row::bandwidth(label, ms, bytes as f64, peak_bw));
@@ -402,7 +415,7 @@ fn main() -> Result<()> {
                     token_slots: &token_slots,
                     out: &out,
                     out_offset: 0,
-                    groups: None,
+                    groups,
                 };
                 let ms = median_ms(&g, 5, 30, || g.lora_expand(&args))?;
                 let bytes = t * rank * 4 + used * n * rank * 2 + 2 * t * n * 2;

@@ -8,8 +8,9 @@
 //! and off, against the reference). Needs an NVIDIA GPU (CI compiles only).
 use half::bf16;
 use pagoda_backend::{
-    AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice,
-    HostVec, LoraExpandArgs, LoraShrinkArgs, SamplingParams, SamplingRow, Tensor,
+    lora_group_capacity, lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend,
+    BackendError, DType, HostSlice, HostVec, LoraExpandArgs, LoraGroups, LoraShrinkArgs, SamplingParams,
+    SamplingRow, Tensor,
 };
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_backend_cuda::policy::DECODE_PARTITIONS;
@@ -754,17 +755,46 @@ fn lora_slot_past_the_count_is_reported_at_the_next_wait() {
     assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
     assert_eq!(g.download_f32(&out).unwrap(), [[9.0; 4], [1.0; 4]].concat());
     g.synchronize().unwrap();
+
+    // The grouped kernels (16 tokens: 8 of slot 1, 8 of slot 2) do the same.
+    let t = 16;
+    let token_slots: Vec<i32> = (0..t).map(|i| 1 + (i >= 8) as i32).collect();
+    let (order, groups) = lora_token_groups(&token_slots, None);
+    let slots = g.upload(HostSlice::I32(&token_slots), &[t], DType::I32).unwrap();
+    let order = g.upload(HostSlice::I32(&order), &[t], DType::I32).unwrap();
+    let groups = g.upload(HostSlice::I32(&groups), &[groups.len() / 3, 3], DType::I32).unwrap();
+    let groups = Some(LoraGroups { order: &order, groups: &groups });
+    let x = filled(&[t, k], DType::BF16, 1.0);
+    let u = filled(&[t, r], DType::F32, f32::NAN);
+    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u, groups }).unwrap();
+    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
+    assert_eq!(g.download_f32(&u).unwrap(), [vec![8.0; 8 * r], vec![0.0; 8 * r]].concat());
+    let out = filled(&[t, n], DType::BF16, 1.0);
+    let args =
+        LoraExpandArgs { u: &u, u_offset: 0, b: &b, token_slots: &slots, out: &out, out_offset: 0, groups };
+    g.lora_expand(&args).unwrap();
+    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
+    assert_eq!(g.download_f32(&out).unwrap(), [vec![9.0; 8 * n], vec![1.0; 8 * n]].concat());
+    g.synchronize().unwrap();
 }
 
 /// LoRA's shrink and expand recorded in a graph and replayed over new inputs
 /// and slots give what the same calls give eagerly (the same kernels: bit for
-/// bit), and that matches the CPU reference.
+/// bit), and that matches the CPU reference: token by token (5 tokens), and
+/// grouped by slot (40 tokens, the groups padded to their capacity as the
+/// decode graphs' are, so the recorded grid stays right when the groups change).
 #[test]
 fn lora_products_replay_in_a_graph() {
+    for (t, grouped) in [(5, false), (40, true)] {
+        lora_products_replay(t, grouped);
+    }
+}
+
+fn lora_products_replay(t: usize, grouped: bool) {
     let g = gpu();
     let cpu = CpuBackend::new();
-    let mut rng = Rng(0x10_7a);
-    let (t, k, n, r, s) = (5, 576, 200, 16, 3);
+    let mut rng = Rng(0x10_7a + t as u64);
+    let (k, n, r, s) = (576, 200, 16, 3);
     let x_host = rng.bf16_vec(t * k);
     let a_host = rng.bf16_vec(s * 2 * r * k);
     let b_host = rng.bf16_vec(s * n * r);
@@ -775,12 +805,23 @@ fn lora_products_replay_in_a_graph() {
         on(&a_host, &[s, 2 * r, k], DType::BF16),
         on(&b_host, &[s, n, r], DType::BF16),
     );
-    let slots = g.upload(HostSlice::I32(&[0; 5]), &[t], DType::I32).unwrap();
+    let capacity = lora_group_capacity(t, s);
+    let slots = g.upload(HostSlice::I32(&vec![0; t]), &[t], DType::I32).unwrap();
+    let order = g.alloc(&[t], DType::I32).unwrap();
+    let groups = g.alloc(&[capacity, 3], DType::I32).unwrap();
+    let write_slots = |token_slots: &[i32]| {
+        g.write(&slots, HostSlice::I32(token_slots)).unwrap();
+        let (o, gr) = lora_token_groups(token_slots, Some(capacity));
+        g.write(&order, HostSlice::I32(&o)).unwrap();
+        g.write(&groups, HostSlice::I32(&gr)).unwrap();
+    };
+    write_slots(&vec![0; t]);
+    let lora_groups = grouped.then_some(LoraGroups { order: &order, groups: &groups });
     let u = g.alloc(&[t, 2 * r], DType::F32).unwrap();
     let out = g.alloc(&[t, 2 * n], DType::BF16).unwrap();
     // Both parts expand through the same B here: only the offsets differ.
     let step = |g: &CudaBackend, x: &Tensor<CudaBackend>| -> pagoda_backend::Result<()> {
-        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u, groups: None })?;
+        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u, groups: lora_groups })?;
         for p in 0..2 {
             g.lora_expand(&LoraExpandArgs {
                 u: &u,
@@ -789,23 +830,29 @@ fn lora_products_replay_in_a_graph() {
                 token_slots: &slots,
                 out: &out,
                 out_offset: p * n,
-                groups: None,
+                groups: lora_groups,
             })?;
         }
         Ok(())
     };
     let graph = g.capture(&mut || step(&g, &x)).unwrap();
-    for (round, token_slots) in [[2, -1, 0, 2, 1], [1, 1, 1, 1, 1], [-1, -1, 2, -1, -1]].iter().enumerate() {
+    // Mixed slots with -1; one slot for all; mostly none.
+    let rounds: [Vec<i32>; 3] = [
+        (0..t).map(|i| [2, -1, 0, 2, 1][i % 5]).collect(),
+        vec![1; t],
+        (0..t).map(|i| if i % 5 == 2 { 2 } else { -1 }).collect(),
+    ];
+    for (round, token_slots) in rounds.iter().enumerate() {
         let x_host: Vec<f32> = if round == 0 { x_host.clone() } else { rng.bf16_vec(t * k) };
         g.write(&x, HostSlice::F32(&x_host)).unwrap();
-        g.write(&slots, HostSlice::I32(token_slots)).unwrap();
+        write_slots(token_slots);
         g.write(&out, HostSlice::F32(&base)).unwrap();
         g.replay(&graph).unwrap();
         let replayed = (g.download_f32(&u).unwrap(), g.download_f32(&out).unwrap());
         g.write(&out, HostSlice::F32(&base)).unwrap();
         step(&g, &x).unwrap();
         let eager = (g.download_f32(&u).unwrap(), g.download_f32(&out).unwrap());
-        assert!(replayed == eager, "round {round}: replay differs from the eager calls");
+        assert!(replayed == eager, "T{t} round {round}: replay differs from the eager calls");
 
         let c = |v: &[f32], dims: &[usize]| cpu.upload(HostSlice::F32(v), dims, DType::F32).unwrap();
         let (cx, ca, cb, cout) =
@@ -828,7 +875,9 @@ fn lora_products_replay_in_a_graph() {
         }
         let e_u = rel_err(&cpu.download_f32(&cu).unwrap(), &eager.0);
         let e_out = rel_err(&cpu.download_f32(&cout).unwrap(), &eager.1);
-        println!("round {round}: shrink rel err {e_u:.2e}, expand rel err {e_out:.2e}");
-        assert!(e_u < 1e-4 && e_out < 1e-2, "round {round}: shrink {e_u}, expand {e_out}");
+        println!(
+            "T{t} grouped {grouped} round {round}: shrink rel err {e_u:.2e}, expand rel err {e_out:.2e}"
+        );
+        assert!(e_u < 1e-4 && e_out < 1e-2, "T{t} round {round}: shrink {e_u}, expand {e_out}");
     }
 }
