@@ -40,6 +40,7 @@
 mod attention;
 pub mod conformance;
 pub mod fp8;
+mod in_process;
 mod kv_blocks;
 mod linear;
 mod lora;
@@ -55,6 +56,7 @@ use pagoda_backend::{
     LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 
+pub use in_process::{InProcessComm, InProcessGroup};
 pub use sampling::CpuSampled;
 pub use storage::CpuStorage;
 

@@ -36,6 +36,7 @@
 
 mod attention;
 mod blocks;
+mod comm;
 mod error;
 mod host;
 mod linear;
@@ -48,6 +49,7 @@ pub use attention::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, RopeStyle, RotaryCacheArgs, RotaryShape,
 };
 pub use blocks::{check_copy_blocks, check_swap_in, check_swap_out, CacheBlocks};
+pub use comm::{Communicator, SingleRank};
 pub use error::{BackendError, Result};
 pub use host::{HostSlice, HostVec};
 pub use linear::LinearFusion;

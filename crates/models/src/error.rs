@@ -45,6 +45,10 @@ pub enum ModelError {
     /// A chat template failed to compile or render.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// The model cannot be split over the tensor-parallel ranks asked for
+    /// (a size that does not divide), or a feature does not run sharded.
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
     /// A forward-pass input is inconsistent (the message says how).
     #[error("forward: {0}")]
     Forward(String),

@@ -11,6 +11,9 @@
 //!   GGUF blocks are dequantised to f32 one tensor at a time).
 //! - [`LlamaModel::forward`] runs one step of a batch over a paged KV cache
 //!   and returns the logits of the rows asked for.
+//! - [`LlamaModel::load_sharded`] loads one rank's tensor-parallel shard
+//!   ([`TpShard`]); its forward pass meets the other ranks' through a
+//!   [`Communicator`](pagoda_backend::Communicator).
 //!
 //! RoPE: the whole crate uses Hugging Face's `rotate_half` layout
 //! ([`RopeStyle::Neox`](pagoda_backend::RopeStyle::Neox)); the row
@@ -46,6 +49,7 @@ mod loader;
 mod lora;
 pub mod rope;
 mod sequence;
+mod tensor_parallel;
 mod tokenizer;
 pub mod weights;
 
@@ -58,4 +62,5 @@ pub use llama::{ForwardBatch, KvCache, LlamaModel, LoadOptions, LoraTokens};
 pub use loader::{load_model, LoadedModel, ModelFiles, ModelSource};
 pub use lora::{splitmix64, LoraAdapter, LoraModule, LoraPair, LoraSlots, SyntheticLora};
 pub use sequence::SingleSequence;
+pub use tensor_parallel::TpShard;
 pub use tokenizer::{Tokenizer, TokenizerConfig};

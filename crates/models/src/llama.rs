@@ -6,17 +6,25 @@
 //! paged attention → output projection → residual add and RMS norm → fused
 //! gate/up projection → SiLU(gate) · up → down projection. The q/k/v and
 //! gate/up weights are concatenated at load so each is one matmul.
+//!
+//! Sharded over tensor-parallel ranks ([`LlamaModel::load_sharded`]), each
+//! rank runs the same layer on its heads and FFN columns ([`TpShard`]) and
+//! completes the o and down products with one all-reduce each.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use pagoda_backend::{
-    lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice,
-    KvCacheShape, LinearFusion, LoraExpandArgs, LoraGroups, LoraShrinkArgs, RopeStyle, RotaryCacheArgs,
-    Tensor, TokenId,
+    lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, Communicator, DType,
+    HostSlice, KvCacheShape, LinearFusion, LoraExpandArgs, LoraGroups, LoraShrinkArgs, RopeStyle,
+    RotaryCacheArgs, Tensor, TokenId,
 };
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::lora::{LayerLoraSlots, LoraSlots};
 use crate::rope::cos_sin_table;
+use crate::tensor_parallel::{weight_columns, weight_rows, TpShard};
 use crate::weights::{WeightData, WeightSource, WeightTensor};
 
 /// The paged KV cache of every layer: `layers[l] = (K, V)`, each
@@ -185,6 +193,11 @@ pub struct LlamaModel<B: Backend> {
     max_positions: usize,
     /// Room for LoRA adapters, once [`LlamaModel::enable_lora`] made it.
     lora: Option<LoraSlots<B>>,
+    /// This rank's heads and FFN columns (all of them when unsharded).
+    shard: TpShard,
+    /// The group the row-parallel products are summed over; `None` when
+    /// unsharded, so a single rank runs no collective at all.
+    comm: Option<Arc<dyn Communicator<B>>>,
 }
 
 /// Uploads tensors one at a time, checking shapes and reporting progress.
@@ -225,23 +238,41 @@ impl<B: Backend> Uploader<'_, B> {
         Ok(t)
     }
 
-    /// A new device tensor of stacked rows: the named weights, in order, along
-    /// the leading dimension. Each part is written straight into its rows.
-    fn stacked(&mut self, parts: &[(String, Vec<usize>)]) -> Result<Tensor<B>> {
-        let rows: usize = parts.iter().map(|(_, s)| s[0]).sum();
+    /// A new device tensor of stacked rows: of each named weight (of its full
+    /// shape), in order, the rows of its range (this rank's share; all of
+    /// them unsharded), along the leading dimension. Each part is written
+    /// straight into its rows.
+    fn stacked(&mut self, parts: &[(String, Vec<usize>, Range<usize>)]) -> Result<Tensor<B>> {
+        let rows: usize = parts.iter().map(|(_, _, r)| r.len()).sum();
         let mut dims = parts[0].1.clone();
         dims[0] = rows;
         let out = self.backend.alloc(&dims, self.dtype)?;
         let mut start = 0;
-        for (name, shape) in parts {
+        for (name, shape, range) in parts {
             {
                 let w = self.fetch(name, shape)?;
-                self.backend.write(&out.narrow(start, shape[0])?, host_slice(&w.data))?;
+                let part = weight_rows(&w.data, shape, range.clone());
+                self.backend.write(&out.narrow(start, range.len())?, part.host_slice())?;
             }
-            start += shape[0];
+            start += range.len();
             self.advance(name);
         }
         Ok(out)
+    }
+
+    /// A new device tensor of the columns `cols` of a 2-D named weight (a
+    /// row-parallel rank's share of the input features).
+    fn columns(&mut self, name: &str, shape: &[usize], cols: Range<usize>) -> Result<Tensor<B>> {
+        if cols.len() == shape[1] {
+            return self.tensor(name, shape);
+        }
+        let t = {
+            let w = self.fetch(name, shape)?;
+            let part = weight_columns(&w.data, shape, cols.clone());
+            self.backend.upload(part.host_slice(), &[shape[0], cols.len()], self.dtype)?
+        };
+        self.advance(name);
+        Ok(t)
     }
 }
 
@@ -263,7 +294,40 @@ impl<B: Backend> LlamaModel<B> {
         options: &LoadOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Self> {
+        Self::load_with(backend, config, weights, options, None, progress)
+    }
+
+    /// [`LlamaModel::load`] of rank `comm.rank()`'s shard of a model split
+    /// over `comm.world_size()` ranks ([`TpShard`]; a size that does not divide
+    /// the model is [`ModelError::TensorParallel`]). Every rank loads its own
+    /// shard, on its own backend, and then runs every forward pass with the
+    /// same batches as the others, in step: each layer meets the other ranks
+    /// in two all-reduces. A group of one loads the whole model.
+    pub fn load_sharded(
+        backend: &B,
+        config: ModelConfig,
+        weights: &dyn WeightSource,
+        options: &LoadOptions,
+        comm: Arc<dyn Communicator<B>>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self> {
+        Self::load_with(backend, config, weights, options, Some(comm), progress)
+    }
+
+    fn load_with(
+        backend: &B,
+        config: ModelConfig,
+        weights: &dyn WeightSource,
+        options: &LoadOptions,
+        comm: Option<Arc<dyn Communicator<B>>>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self> {
         config.validate().map_err(|d| ModelError::config("config", d))?;
+        let shard = match &comm {
+            Some(comm) => TpShard::new(&config, comm.rank(), comm.world_size())?,
+            None => TpShard::whole(&config),
+        };
+        let comm = comm.filter(|comm| comm.world_size() > 1);
         let c = &config;
         let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
         let (q, kv) = (c.q_size(), c.kv_size());
@@ -330,28 +394,37 @@ impl<B: Backend> LlamaModel<B> {
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
-            let qkv_parts = |kind: &str, cols: &[usize]| -> Vec<(String, Vec<usize>)> {
-                [("q", q), ("k", kv), ("v", kv)]
+            // Column parallel: this rank's rows of q/k/v (its heads) and of gate/up;
+            // row parallel: its input columns of o and down.
+            let qkv_parts = |kind: &str, cols: &[usize]| -> Vec<(String, Vec<usize>, Range<usize>)> {
+                [("q", q, shard.q_rows()), ("k", kv, shard.kv_rows()), ("v", kv, shard.kv_rows())]
                     .into_iter()
-                    .map(|(m, rows)| (format!("{p}.self_attn.{m}_proj.{kind}"), [&[rows][..], cols].concat()))
+                    .map(|(m, rows, range)| {
+                        (format!("{p}.self_attn.{m}_proj.{kind}"), [&[rows][..], cols].concat(), range)
+                    })
                     .collect()
             };
+            let ffn_columns = shard.intermediate_columns();
             layers.push(LlamaLayer {
                 input_norm: up.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv: up.stacked(&qkv_parts("weight", &[h]))?,
                 qkv_bias: if c.qkv_bias { Some(up.stacked(&qkv_parts("bias", &[]))?) } else { None },
-                o_proj: up.tensor(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?,
-                o_bias: if c.o_bias {
-                    Some(up.tensor(&format!("{p}.self_attn.o_proj.bias"), &[h])?)
-                } else {
-                    None
+                o_proj: up.columns(&format!("{p}.self_attn.o_proj.weight"), &[h, q], shard.q_rows())?,
+                o_bias: match (c.o_bias, shard.rank()) {
+                    (false, _) => None,
+                    (true, 0) => Some(up.tensor(&format!("{p}.self_attn.o_proj.bias"), &[h])?),
+                    // Added once, by rank 0, into the sum of the partial products.
+                    (true, _) => {
+                        up.advance(&format!("{p}.self_attn.o_proj.bias"));
+                        None
+                    }
                 },
                 post_attention_norm: up.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up: up.stacked(&[
-                    (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
-                    (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+                    (format!("{p}.mlp.gate_proj.weight"), vec![i, h], ffn_columns.clone()),
+                    (format!("{p}.mlp.up_proj.weight"), vec![i, h], ffn_columns.clone()),
                 ])?,
-                down: up.tensor(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                down: up.columns(&format!("{p}.mlp.down_proj.weight"), &[h, i], ffn_columns)?,
                 sliding_window: c.layer_sliding_window(l),
             });
         }
@@ -361,7 +434,19 @@ impl<B: Backend> LlamaModel<B> {
 
         let table = cos_sin_table(c, max_positions);
         let cos_sin = backend.upload(HostSlice::F32(&table), &[max_positions, c.head_dim], DType::F32)?;
-        Ok(Self { config, dtype, embed_tokens, layers, norm, lm_head, cos_sin, max_positions, lora: None })
+        Ok(Self {
+            config,
+            dtype,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos_sin,
+            max_positions,
+            lora: None,
+            shard,
+            comm,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -374,7 +459,15 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// Allocates zeroed slots for `max_loras` adapters of rank up to `max_rank`.
+    /// Not on a sharded model ([`ModelError::TensorParallel`]): the adapters'
+    /// matrices are not split across ranks.
     pub fn enable_lora(&mut self, backend: &B, max_loras: usize, max_rank: usize) -> Result<()> {
+        if self.comm.is_some() {
+            return Err(ModelError::TensorParallel(format!(
+                "LoRA adapters on a model sharded over {} ranks are not supported",
+                self.shard.world_size()
+            )));
+        }
         self.lora = Some(LoraSlots::new(backend, &self.config, max_loras, max_rank)?);
         Ok(())
     }
@@ -384,16 +477,23 @@ impl<B: Backend> LlamaModel<B> {
         self.lora.as_ref()
     }
 
+    /// This rank's share of the model (the whole model when unsharded).
+    pub fn tp_shard(&self) -> &TpShard {
+        &self.shard
+    }
+
     /// Positions the rotary table covers: the longest sequence this model can run.
     pub fn max_positions(&self) -> usize {
         self.max_positions
     }
 
-    /// A zeroed paged KV cache of `num_blocks` blocks of `block_size` tokens per layer.
+    /// A zeroed paged KV cache of `num_blocks` blocks of `block_size` tokens per
+    /// layer, for this rank's KV heads (every rank's cache has the same block
+    /// ids; each holds its own heads of them).
     pub fn alloc_kv_cache(&self, backend: &B, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
         let shape = KvCacheShape {
             num_blocks,
-            num_kv_heads: self.config.num_kv_heads,
+            num_kv_heads: self.shard.num_kv_heads(),
             block_size,
             head_dim: self.config.head_dim,
         };
@@ -421,6 +521,12 @@ impl<B: Backend> LlamaModel<B> {
     /// [`LlamaModel::forward`] into a caller's F32 `[M, V]` logits tensor. It
     /// allocates nothing that outlives the call, so it can be captured as a
     /// graph (the logits then stay where the graph writes them).
+    ///
+    /// Sharded, every rank computes the same (replicated) logits. A batch
+    /// refused by the checks is refused by every rank before any collective;
+    /// a failure after them aborts the rank's group (see
+    /// [`Communicator::abort`]), since the other ranks may be waiting in an
+    /// all-reduce this rank will never join.
     pub fn forward_into(
         &self,
         backend: &B,
@@ -439,19 +545,51 @@ impl<B: Backend> LlamaModel<B> {
                 c.vocab_size
             )));
         }
+        let result = self.forward_checked(backend, batch, kv, logits, t, m);
+        if let (Err(_), Some(comm)) = (&result, &self.comm) {
+            comm.abort();
+        }
+        result
+    }
+
+    /// Sums the row-parallel partial products in the residual over the ranks
+    /// (nothing at all when unsharded).
+    fn reduce_residual(&self, backend: &B, residual: &Tensor<B>) -> Result<()> {
+        match &self.comm {
+            Some(comm) => Ok(comm.all_reduce_sum(backend, residual)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The forward pass of [`LlamaModel::forward_into`], on a checked batch of `t`
+    /// tokens with `m` logits rows.
+    fn forward_checked(
+        &self,
+        backend: &B,
+        batch: &ForwardBatch<B>,
+        kv: &KvCache<B>,
+        logits: &Tensor<B>,
+        t: usize,
+        m: usize,
+    ) -> Result<()> {
+        let (c, s) = (&self.config, &self.shard);
         let (h, d) = (c.hidden_size, self.dtype);
 
         // The residual stream is updated in place by the o and down products
         // (accumulate); each norm rides in the product that consumes it.
         let residual = backend.alloc(&[t, h], d)?;
-        let qkv = backend.alloc(&[t, c.qkv_size()], d)?;
-        let q = backend.alloc(&[t, c.q_size()], d)?;
-        let attn_out = backend.alloc(&[t, c.q_size()], d)?;
-        let mlp_act = backend.alloc(&[t, c.intermediate_size], d)?;
+        let qkv = backend.alloc(&[t, s.qkv_size()], d)?;
+        let q = backend.alloc(&[t, s.q_size()], d)?;
+        let attn_out = backend.alloc(&[t, s.q_size()], d)?;
+        let mlp_act = backend.alloc(&[t, s.intermediate_size()], d)?;
         let eps = c.rms_norm_eps;
         let normed_by =
             |weight| LinearFusion { input_norm: Some((weight, eps)), silu_mul: false, accumulate: false };
-        let add_to_residual = LinearFusion { input_norm: None, silu_mul: false, accumulate: true };
+        // Sharded, o and down are row parallel: rank 0 adds its partial product
+        // into the residual and the other ranks write theirs over it, so the
+        // all-reduce that follows adds the residual (and o's bias, which only
+        // rank 0 holds) once and every partial product once.
+        let add_to_residual = LinearFusion { input_norm: None, silu_mul: false, accumulate: s.rank() == 0 };
 
         // With adapters in the step, each adapted product gets its LoRA delta:
         // the norms it fused are computed on their own for the shrinks, and
@@ -484,8 +622,8 @@ impl<B: Backend> LlamaModel<B> {
                 k_cache,
                 v_cache,
                 slot_mapping: &batch.attn.slot_mapping,
-                num_q_heads: c.num_attention_heads,
-                num_kv_heads: c.num_kv_heads,
+                num_q_heads: s.num_q_heads(),
+                num_kv_heads: s.num_kv_heads(),
                 head_dim: c.head_dim,
                 rotary_dim: c.head_dim,
                 style: RopeStyle::Neox,
@@ -496,8 +634,8 @@ impl<B: Backend> LlamaModel<B> {
                 v_cache,
                 out: &attn_out,
                 meta: &batch.attn,
-                num_q_heads: c.num_attention_heads,
-                num_kv_heads: c.num_kv_heads,
+                num_q_heads: s.num_q_heads(),
+                num_kv_heads: s.num_kv_heads(),
                 head_dim: c.head_dim,
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 sliding_window: layer.sliding_window,
@@ -509,6 +647,7 @@ impl<B: Backend> LlamaModel<B> {
                 &residual,
                 &add_to_residual,
             )?;
+            self.reduce_residual(backend, &residual)?;
             match &lora {
                 None => {
                     let mlp_in = LinearFusion { silu_mul: true, ..normed_by(&layer.post_attention_norm) };
@@ -520,6 +659,7 @@ impl<B: Backend> LlamaModel<B> {
                 }
             }
             backend.linear_fused(&mlp_act, &layer.down, None, &residual, &add_to_residual)?;
+            self.reduce_residual(backend, &residual)?;
             if let Some(lora) = &lora {
                 lora.down(backend, l, &mlp_act, &residual)?;
             }
@@ -560,7 +700,7 @@ impl<B: Backend> LlamaModel<B> {
             ));
         }
         if kv.layers.len() != c.num_layers
-            || kv.shape.num_kv_heads != c.num_kv_heads
+            || kv.shape.num_kv_heads != self.shard.num_kv_heads()
             || kv.shape.head_dim != c.head_dim
         {
             return err(format!(

@@ -3,8 +3,9 @@
 //! weights.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use pagoda_backend::Backend;
+use pagoda_backend::{Backend, Communicator};
 
 use crate::chat_template::ChatTemplate;
 use crate::config::{ModelConfig, RopeScaling};
@@ -182,6 +183,19 @@ impl ModelFiles {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<LlamaModel<B>> {
         LlamaModel::load(backend, self.config.clone(), self.weights.as_ref(), options, progress)
+    }
+
+    /// Uploads rank `comm.rank()`'s tensor-parallel shard of the weights
+    /// ([`LlamaModel::load_sharded`]). The files are shared: every rank may
+    /// load from one `ModelFiles` at once.
+    pub fn load_model_sharded<B: Backend>(
+        &self,
+        backend: &B,
+        options: &LoadOptions,
+        comm: Arc<dyn Communicator<B>>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<LlamaModel<B>> {
+        LlamaModel::load_sharded(backend, self.config.clone(), self.weights.as_ref(), options, comm, progress)
     }
 }
 
