@@ -384,7 +384,7 @@ fn main() -> Result<()> {
             let (order, groups) = lora_token_groups(&slots, None);
             let order = g.upload(HostSlice::I32(&order), &[t], DType::I32)?;
             let groups = g.upload(HostSlice::I32(&groups), &[groups.len() / 3, 3], DType::I32)?;
-            let groups = grouped.then_some(LoraGroups { order: &order, groups: &groups });
+            let groups = || grouped.then_some(LoraGroups { order: &order, groups: &groups });
             for &(name, k, parts) in &shrinks {
                 let label = format!("lora shrink {name} t{t} r{rank} {mix}");
                 if !wanted(&label) {
@@ -394,7 +394,8 @@ fn main() -> Result<()> {
                 let x = random_tensor(&g, &mut rng, &[t, k])?;
                 let a = random_tensor(&g, &mut rng, &[num_slots, u_cols, k])?;
                 let out = g.alloc(&[t, u_cols], DType::F32)?;
-                let args = LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out, groups };
+                let args =
+                    LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out, groups: groups() };
                 let ms = median_ms(&g, 5, 30, || g.lora_shrink(&args))?;
                 let bytes = t * k * 2 + used * u_cols * k * 2 + t * u_cols * 4;
                 rows.push(Row::bandwidth(label, ms, bytes as f64, peak_bw));
@@ -415,7 +416,7 @@ fn main() -> Result<()> {
                     token_slots: &token_slots,
                     out: &out,
                     out_offset: 0,
-                    groups,
+                    groups: groups(),
                 };
                 let ms = median_ms(&g, 5, 30, || g.lora_expand(&args))?;
                 let bytes = t * rank * 4 + used * n * rank * 2 + 2 * t * n * 2;

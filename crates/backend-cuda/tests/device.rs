@@ -763,15 +763,22 @@ fn lora_slot_past_the_count_is_reported_at_the_next_wait() {
     let slots = g.upload(HostSlice::I32(&token_slots), &[t], DType::I32).unwrap();
     let order = g.upload(HostSlice::I32(&order), &[t], DType::I32).unwrap();
     let groups = g.upload(HostSlice::I32(&groups), &[groups.len() / 3, 3], DType::I32).unwrap();
-    let groups = Some(LoraGroups { order: &order, groups: &groups });
+    let grouped = || Some(LoraGroups { order: &order, groups: &groups });
     let x = filled(&[t, k], DType::BF16, 1.0);
     let u = filled(&[t, r], DType::F32, f32::NAN);
-    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u, groups }).unwrap();
+    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u, groups: grouped() }).unwrap();
     assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
     assert_eq!(g.download_f32(&u).unwrap(), [vec![8.0; 8 * r], vec![0.0; 8 * r]].concat());
     let out = filled(&[t, n], DType::BF16, 1.0);
-    let args =
-        LoraExpandArgs { u: &u, u_offset: 0, b: &b, token_slots: &slots, out: &out, out_offset: 0, groups };
+    let args = LoraExpandArgs {
+        u: &u,
+        u_offset: 0,
+        b: &b,
+        token_slots: &slots,
+        out: &out,
+        out_offset: 0,
+        groups: grouped(),
+    };
     g.lora_expand(&args).unwrap();
     assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
     assert_eq!(g.download_f32(&out).unwrap(), [vec![9.0; 8 * n], vec![1.0; 8 * n]].concat());
@@ -816,12 +823,12 @@ fn lora_products_replay(t: usize, grouped: bool) {
         g.write(&groups, HostSlice::I32(&gr)).unwrap();
     };
     write_slots(&vec![0; t]);
-    let lora_groups = grouped.then_some(LoraGroups { order: &order, groups: &groups });
+    let lora_groups = || grouped.then_some(LoraGroups { order: &order, groups: &groups });
     let u = g.alloc(&[t, 2 * r], DType::F32).unwrap();
     let out = g.alloc(&[t, 2 * n], DType::BF16).unwrap();
     // Both parts expand through the same B here: only the offsets differ.
     let step = |g: &CudaBackend, x: &Tensor<CudaBackend>| -> pagoda_backend::Result<()> {
-        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u, groups: lora_groups })?;
+        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u, groups: lora_groups() })?;
         for p in 0..2 {
             g.lora_expand(&LoraExpandArgs {
                 u: &u,
@@ -830,7 +837,7 @@ fn lora_products_replay(t: usize, grouped: bool) {
                 token_slots: &slots,
                 out: &out,
                 out_offset: p * n,
-                groups: lora_groups,
+                groups: lora_groups(),
             })?;
         }
         Ok(())
