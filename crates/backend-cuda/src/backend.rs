@@ -271,6 +271,14 @@ fn dptr(t: &Tensor<CudaBackend>) -> u64 {
 // The kernels' group size is the one the host groups with.
 const _: () = assert!(ffi::PAGODA_LORA_GROUP_TOKENS as usize == pagoda_backend::LORA_GROUP_TOKENS);
 
+/// Whether the LoRA products may take the grouped (SGMV) kernels: only with
+/// `PAGODA_LORA_GROUPED=1` until they have run on a GPU (they were written in
+/// a session that got no GPU); the per-token kernels are the default.
+fn lora_grouped_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PAGODA_LORA_GROUPED").is_ok_and(|v| v == "1"))
+}
+
 /// The grouped tokens' device pointers and group count, or nulls and 0.
 fn lora_groups(
     op: &'static str,
@@ -278,9 +286,13 @@ fn lora_groups(
     tokens: usize,
 ) -> Result<(*const i32, *const i32, i32)> {
     Ok(match groups {
-        Some(g) => {
+        Some(g) if lora_grouped_kernels() => {
             let count = g.check(op, tokens)?;
             (dptr(g.order) as *const i32, dptr(g.groups) as *const i32, to_i32(op, "groups", count)?)
+        }
+        Some(g) => {
+            g.check(op, tokens)?;
+            (std::ptr::null(), std::ptr::null(), 0)
         }
         None => (std::ptr::null(), std::ptr::null(), 0),
     })
