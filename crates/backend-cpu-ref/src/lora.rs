@@ -15,7 +15,7 @@ use pagoda_backend::{
 };
 
 use crate::ops::for_each_row;
-use crate::storage::with_operands;
+use crate::storage::{with_operands, Inputs};
 use crate::CpuBackend;
 
 /// Each token's slot as an index, `None` for no adapter; an error names the
@@ -44,6 +44,23 @@ fn operands<'a>(
     all
 }
 
+/// Each token's slot index (see [`slot_indices`]), after checking the
+/// groups, if given, against the slots.
+fn checked_slots(
+    op: &'static str,
+    ins: &Inputs<'_>,
+    token_slots: &Tensor<CpuBackend>,
+    groups: &Option<LoraGroups<'_, CpuBackend>>,
+    slots: usize,
+) -> Result<Vec<Option<usize>>> {
+    let token_slots = ins.i32(token_slots)?;
+    let slot = slot_indices(op, token_slots, slots)?;
+    if let Some(g) = groups {
+        check_lora_token_groups(op, token_slots, ins.i32(g.order)?, ins.i32(g.groups)?)?;
+    }
+    Ok(slot)
+}
+
 pub(crate) fn lora_shrink(args: &LoraShrinkArgs<'_, CpuBackend>) -> Result<()> {
     const OP: &str = "lora_shrink";
     let (_, k, slots, u) = args.check(DType::F32)?;
@@ -53,11 +70,7 @@ pub(crate) fn lora_shrink(args: &LoraShrinkArgs<'_, CpuBackend>) -> Result<()> {
         &[args.out],
         |ins, outs| {
             let (x, a) = (ins.f32(args.x)?, ins.f32(args.a)?);
-            let token_slots = ins.i32(args.token_slots)?;
-            let slot = slot_indices(OP, token_slots, slots)?;
-            if let Some(g) = &args.groups {
-                check_lora_token_groups(OP, token_slots, ins.i32(g.order)?, ins.i32(g.groups)?)?;
-            }
+            let slot = checked_slots(OP, ins, args.token_slots, &args.groups, slots)?;
             for_each_row(outs[0], u, |t, row| {
                 let Some(s) = slot[t] else {
                     row.fill(0.0);
@@ -85,11 +98,7 @@ pub(crate) fn lora_expand(args: &LoraExpandArgs<'_, CpuBackend>) -> Result<()> {
         &[args.out],
         |ins, outs| {
             let (u, b) = (ins.f32(args.u)?, ins.f32(args.b)?);
-            let token_slots = ins.i32(args.token_slots)?;
-            let slot = slot_indices(OP, token_slots, slots)?;
-            if let Some(g) = &args.groups {
-                check_lora_token_groups(OP, token_slots, ins.i32(g.order)?, ins.i32(g.groups)?)?;
-            }
+            let slot = checked_slots(OP, ins, args.token_slots, &args.groups, slots)?;
             for_each_row(outs[0], o_cols, |t, row| {
                 let Some(s) = slot[t] else { return };
                 let ut = &u[t * u_cols + u_offset..][..r];

@@ -279,22 +279,19 @@ fn lora_grouped_kernels() -> bool {
     *ON.get_or_init(|| std::env::var("PAGODA_LORA_GROUPED").is_ok_and(|v| v == "1"))
 }
 
-/// The grouped tokens' device pointers and group count, or nulls and 0.
+/// The grouped tokens' device pointers and group count, or nulls and 0
+/// (the args' `check` has checked the groups' shapes).
 fn lora_groups(
     op: &'static str,
     groups: &Option<LoraGroups<'_, CudaBackend>>,
-    tokens: usize,
 ) -> Result<(*const i32, *const i32, i32)> {
     Ok(match groups {
-        Some(g) if lora_grouped_kernels() => {
-            let count = g.check(op, tokens)?;
-            (dptr(g.order) as *const i32, dptr(g.groups) as *const i32, to_i32(op, "groups", count)?)
-        }
-        Some(g) => {
-            g.check(op, tokens)?;
-            (std::ptr::null(), std::ptr::null(), 0)
-        }
-        None => (std::ptr::null(), std::ptr::null(), 0),
+        Some(g) if lora_grouped_kernels() => (
+            dptr(g.order) as *const i32,
+            dptr(g.groups) as *const i32,
+            to_i32(op, "groups", g.groups.dim(0))?,
+        ),
+        _ => (std::ptr::null(), std::ptr::null(), 0),
     })
 }
 
@@ -640,7 +637,7 @@ impl Backend for CudaBackend {
         const OP: &str = "lora_shrink";
         let (t, k, s, u) = args.check(self.activation)?;
         no_alias(OP, args.out, &[args.x, args.a, args.token_slots])?;
-        let (token_order, groups, num_groups) = lora_groups(OP, &args.groups, t)?;
+        let (token_order, groups, num_groups) = lora_groups(OP, &args.groups)?;
         let launch = ffi::PagodaLoraShrinkArgs {
             x: vptr(args.x),
             a: vptr(args.a),
@@ -668,7 +665,7 @@ impl Backend for CudaBackend {
         const OP: &str = "lora_expand";
         let (t, s, n, r) = args.check(self.activation)?;
         no_alias(OP, args.out, &[args.u, args.b, args.token_slots])?;
-        let (token_order, groups, num_groups) = lora_groups(OP, &args.groups, t)?;
+        let (token_order, groups, num_groups) = lora_groups(OP, &args.groups)?;
         let launch = ffi::PagodaLoraExpandArgs {
             u: dptr(args.u) as *const f32,
             b: vptr(args.b),
