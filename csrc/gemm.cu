@@ -6,20 +6,15 @@
 
 #include <type_traits>
 
+#include "blas.cuh"
 #include "common.cuh"
 
+using pagoda::BlasHandle;
+using pagoda::blas_status;
+using pagoda::cuda_type;
+using pagoda::kBlasWorkspaceBytes;
+
 namespace {
-
-bool cuda_type(int dtype, cudaDataType_t *out) {
-    switch (dtype) {
-        case PAGODA_DTYPE_F32: *out = CUDA_R_32F; return true;
-        case PAGODA_DTYPE_F16: *out = CUDA_R_16F; return true;
-        case PAGODA_DTYPE_BF16: *out = CUDA_R_16BF; return true;
-        default: return false;
-    }
-}
-
-int blas_status(cublasStatus_t st) { return st == CUBLAS_STATUS_SUCCESS ? 0 : PAGODA_ERR_CUBLAS + (int)st; }
 
 // ---- small-batch products (decode) ---------------------------------------------
 // With a handful of token rows the product is a matrix-vector product bound by
@@ -476,19 +471,6 @@ int blas_gemm(cublasHandle_t h, const void *x, const void *w, int in_dtype, void
                                     out, out_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// What the opaque handle points at: cuBLAS's handle and a workspace allocated
-// once here, so that cuBLAS never allocates during CUDA-graph stream capture.
-// cublasSetStream resets the workspace to cuBLAS's own pool, so the workspace is
-// set again whenever pagoda_linear moves the handle to another stream.
-struct BlasHandle {
-    cublasHandle_t handle;
-    void *workspace;
-    cudaStream_t stream;  // the stream `workspace` was last set for
-};
-
-// cuBLAS's recommended user workspace on Hopper (4 MiB suffices before it).
-constexpr size_t kBlasWorkspaceBytes = (size_t)32 << 20;
-
 }  // namespace
 
 extern "C" int pagoda_blas_create(void **handle) {
@@ -568,12 +550,8 @@ extern "C" int pagoda_linear(void *handle, const PagodaLinearArgs *a, const Pago
         }
     } else {
         BlasHandle *b = static_cast<BlasHandle *>(handle);
-        if (b->stream != s) {
-            cublasStatus_t st = cublasSetStream(b->handle, s);
-            if (st == CUBLAS_STATUS_SUCCESS) st = cublasSetWorkspace(b->handle, b->workspace, kBlasWorkspaceBytes);
-            if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
-            b->stream = s;
-        }
+        rc = pagoda::blas_bind(b, s);
+        if (rc != 0) return rc;
         rc = blas_gemm(b->handle, x, a->weight, a->in_dtype, product, product_dtype, a->t, a->n, a->k, accumulate);
         if (rc != 0) return rc;
     }

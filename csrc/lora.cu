@@ -1,37 +1,44 @@
 // LoRA's two products over a batch that mixes adapters, each token by its
-// slot (Punica's BGMV): pagoda_lora_shrink (u = A[slot] . x, to f32) and
-// pagoda_lora_expand (out += B[slot] . u, in the activation dtype).
+// slot: pagoda_lora_shrink (u = A[slot] . x, to f32) and pagoda_lora_expand
+// (out += B[slot] . u, in the activation dtype). Slots hold A as [U, K] and B
+// transposed, Bt [R, N], so both stacks are plain matrices over every slot.
 //
-// Both are gathers of small per-slot matrices, bound by reading them:
-// - shrink: a block takes one token and ROWS output columns (rows of A) and
-//   splits K over its threads with 16-byte loads of x and A; the threads'
-//   sums meet in shared memory. ROWS is chosen per launch so that decode (one
-//   token, U = 16..192 rows) still spreads over many SMs, and prefill reads
-//   x once per ROWS rows.
-// - expand: a thread takes one output column n: it holds B[slot, n, 0..R) in
-//   registers (R / 8 16-byte loads), dots it with the token's u (in shared
-//   memory, the same for the whole block) in f32, and adds the sum into out
-//   once. With many tokens a block walks TOKENS_PER_BLOCK consecutive tokens
-//   and reloads B only when the slot changes, so a prefill run of one adapter
-//   reads each B row once per 8 tokens instead of once per token.
+// Three ways, chosen per launch by shape (so a recorded graph keeps its
+// choice):
+// - Dense (from dense_min_tokens tokens, while the slot stacks are narrow:
+//   S * U <= 4096, S * R <= 1024): cuBLAS GEMMs over every slot at once. The
+//   shrink computes x . [A_0; A_1; ...]^T (T x S*U, f32) into scratch and
+//   gathers each token's U columns; the expand scatters each token's u
+//   (rounded to the activation dtype, as vLLM's kernels do) into its slot's
+//   R columns of a zeroed T x S*R scratch and adds scratch . [Bt_0; Bt_1; ...]
+//   into out with beta = 1. S times the adapter work, but at tensor-core
+//   speed and with out read and written once per product: decode batches and
+//   prefill chunks, whatever their mix of adapters (BENCHMARKS.md, Multi-LoRA).
+// - Per token (Punica's BGMV; few tokens, e.g. single-stream decode, where
+//   reading every slot would cost more than the gathers):
+//   - shrink: a block takes one token and ROWS output columns (rows of A) and
+//     splits K over its threads with 16-byte loads of x and A; the threads'
+//     sums meet in shared memory. ROWS is chosen per launch so that decode
+//     (one token, U = 16..192 rows) still spreads over many SMs;
+//   - expand: a thread takes one output column n: it holds column n of
+//     Bt[slot] in registers (a warp's loads of one Bt row are contiguous),
+//     dots it with the token's u (in shared memory) in f32, and adds the sum
+//     into out once; with many tokens a block walks TOKENS_PER_BLOCK tokens
+//     and reloads the column only when the slot changes.
+// - Grouped by slot (SGMV, only with PAGODA_LORA_GROUPED=1 and when the
+//   launch is not dense): a block takes one group (up to 32 tokens of one
+//   slot, through token_order) and reads its A rows once per 8 tokens, its Bt
+//   column once per group. Measured slower than the dense path in the engine
+//   (BENCHMARKS.md), kept for comparison.
 //
-// Grouped by slot (SGMV, when the launch gets token_order and groups and
-// has enough tokens to pay): a block takes one group (up to 32 tokens of one
-// slot, gathered through token_order, so decode rows of one adapter group as
-// well as a prefill run) and
-// - shrink: ROWS rows of A, read once per 8 tokens (from L1/L2 after the
-//   first 8) instead of once per token; each thread holds its 16-byte chunk
-//   of the ROWS rows in f32 and dots it with 8 tokens' chunks (8 x ROWS
-//   sums), the sums meeting in shared memory as above;
-// - expand: 128 output columns, each thread's B row unpacked to f32 once for
-//   the whole group, the group's u in shared memory.
-// A tensor-core GEMM per group would go further for long prefill runs.
-//
-// Slots < 0 (no adapter): the shrink writes zeros, the expand leaves the row.
-// Slots >= num_slots set PAGODA_STATUS_LORA_SLOT and are treated as no
-// adapter. No allocation, no host synchronisation: both may be captured in a
-// graph. Every kernel waits on the one before (PDL) before its first read:
-// the slots may be any kernel's output.
+// Slots < 0 (no adapter): the shrink writes zeros, the expand leaves the row
+// (the dense expand adds an exact 0). Slots >= num_slots set
+// PAGODA_STATUS_LORA_SLOT and are treated as no adapter. No host
+// synchronisation; the dense path's scratch comes from the caller (a
+// stream-ordered allocation): all may be captured in a graph. Every kernel
+// waits on the one before (PDL) before its first read: the slots may be any
+// kernel's output.
+#include "blas.cuh"
 #include "common.cuh"
 
 using namespace pagoda;
@@ -157,14 +164,14 @@ constexpr int EXPAND_THREADS = 128;
 // Tokens a block walks on the many-token path (one when few tokens: more blocks).
 constexpr int EXPAND_TOKENS_PER_BLOCK = 8;
 // The vectorised path keeps up to 8 16-byte chunks (R <= 64) in registers.
-constexpr int EXPAND_MAX_CHUNKS = 8;
+constexpr int EXPAND_MAX_CACHED_RANK = 64;
 
-// out[t, out_offset + n] += sum_r u[t, u_offset + r] * B[slot_t, n, r] for the
+// out[t, out_offset + n] += sum_r u[t, u_offset + r] * Bt[slot_t, r, n] for the
 // tokens_per_block tokens from blockIdx.x * tokens_per_block and the column n
-// of this thread. CHUNKS > 0: 16-bit T, R % 8 == 0, R <= 8 * CHUNKS, b
-// aligned: the thread's B row stays in registers while the slot stays the
-// same. CHUNKS == 0: one element at a time, any R.
-template <typename T, int CHUNKS>
+// of this thread (a warp's loads of one Bt row are contiguous). RMAX > 0:
+// rank <= RMAX, the thread's column of Bt stays in registers while the slot
+// stays the same. RMAX == 0: read from Bt for every token, any rank.
+template <typename T, int RMAX>
 __global__ void __launch_bounds__(EXPAND_THREADS)
     lora_expand_kernel(const float *__restrict__ u, int u_stride, int u_offset, const T *__restrict__ b,
                        const int32_t *__restrict__ slots, T *__restrict__ out, int out_stride, int out_offset,
@@ -181,7 +188,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS)
     __syncthreads();
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= n) return;
-    uint4 bv[CHUNKS > 0 ? CHUNKS : 1];
+    float bf[RMAX > 0 ? RMAX : 1];
     int32_t loaded = -1;
     for (int j = 0; j < tokens; ++j) {
         const int32_t s = slots[t0 + j];
@@ -191,56 +198,43 @@ __global__ void __launch_bounds__(EXPAND_THREADS)
             continue;
         }
         const float *ut = us + j * rank;
+        const T *bcol = b + (size_t)s * rank * n + col;
         float acc = 0.f;
-        if constexpr (CHUNKS > 0) {
+        if constexpr (RMAX > 0) {
             if (s != loaded) {
-                const uint4 *brow = reinterpret_cast<const uint4 *>(b + ((size_t)s * n + col) * rank);
 #pragma unroll
-                for (int c = 0; c < CHUNKS; ++c)
-                    if (c * 8 < rank) bv[c] = __ldg(brow + c);
+                for (int r = 0; r < RMAX; ++r) bf[r] = r < rank ? to_float<T>(__ldg(bcol + (size_t)r * n)) : 0.f;
                 loaded = s;
             }
 #pragma unroll
-            for (int c = 0; c < CHUNKS; ++c) {
-                if (c * 8 < rank) {
-                    float bf[8];
-                    unpack8<T>(bv[c], bf);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc = fmaf(ut[c * 8 + e], bf[e], acc);
-                }
-            }
+            for (int r = 0; r < RMAX; ++r)
+                if (r < rank) acc = fmaf(ut[r], bf[r], acc);
         } else {
-            const T *brow = b + ((size_t)s * n + col) * rank;
-            for (int r = 0; r < rank; ++r) acc = fmaf(ut[r], to_float<T>(brow[r]), acc);
+            for (int r = 0; r < rank; ++r) acc = fmaf(ut[r], to_float<T>(bcol[(size_t)r * n]), acc);
         }
         T *o = out + (size_t)(t0 + j) * out_stride + out_offset + col;
         *o = from_float<T>(to_float<T>(*o) + acc);
     }
 }
 
-template <typename T, int CHUNKS>
+template <typename T, int RMAX>
 cudaError_t launch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, LaunchStream s) {
     const dim3 grid(ceil_div(p->num_tokens, tokens_per_block), ceil_div(p->n, EXPAND_THREADS));
     const size_t smem = (size_t)tokens_per_block * p->rank * sizeof(float);
-    return launch(lora_expand_kernel<T, CHUNKS>, grid, dim3(EXPAND_THREADS), smem, s, p->u, p->u_stride,
+    return launch(lora_expand_kernel<T, RMAX>, grid, dim3(EXPAND_THREADS), smem, s, p->u, p->u_stride,
                   p->u_offset, static_cast<const T *>(p->b), p->token_slots, static_cast<T *>(p->out),
                   p->out_stride, p->out_offset, p->num_tokens, p->n, p->rank, p->num_slots, tokens_per_block,
                   p->status);
 }
 
 template <typename T>
-cudaError_t dispatch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, bool vec, LaunchStream s) {
-    if constexpr (sizeof(T) == 2) {
-        if (vec) {
-            if (p->rank <= 8) return launch_expand<T, 1>(p, tokens_per_block, s);
-            if (p->rank <= 16) return launch_expand<T, 2>(p, tokens_per_block, s);
-            if (p->rank <= 32) return launch_expand<T, 4>(p, tokens_per_block, s);
-            return launch_expand<T, EXPAND_MAX_CHUNKS>(p, tokens_per_block, s);
-        }
-    }
+cudaError_t dispatch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, LaunchStream s) {
+    if (p->rank <= 8) return launch_expand<T, 8>(p, tokens_per_block, s);
+    if (p->rank <= 16) return launch_expand<T, 16>(p, tokens_per_block, s);
+    if (p->rank <= 32) return launch_expand<T, 32>(p, tokens_per_block, s);
+    if (p->rank <= EXPAND_MAX_CACHED_RANK) return launch_expand<T, EXPAND_MAX_CACHED_RANK>(p, tokens_per_block, s);
     return launch_expand<T, 0>(p, tokens_per_block, s);
 }
-
 
 // ---- Grouped by slot (SGMV) ----------------------------------------------
 
@@ -367,9 +361,9 @@ cudaError_t launch_shrink_grouped(const PagodaLoraShrinkArgs *p, int rows, Launc
 constexpr int GEXPAND_THREADS = 128;
 constexpr int GEXPAND_MAX_RANK = 64;
 
-// out[tok, out_offset + n] += sum_r u[tok, u_offset + r] * B[slot, n, r] for
+// out[tok, out_offset + n] += sum_r u[tok, u_offset + r] * Bt[slot, r, n] for
 // the group blockIdx.x's tokens and this thread's column n. 16-bit T,
-// R % 8 == 0, R <= 8 * CHUNKS, b aligned.
+// R % 8 == 0, R <= 8 * CHUNKS.
 template <typename T, int CHUNKS>
 __global__ void __launch_bounds__(GEXPAND_THREADS)
     lora_expand_grouped_kernel(const float *__restrict__ u, int u_stride, int u_offset, const T *__restrict__ b,
@@ -395,16 +389,11 @@ __global__ void __launch_bounds__(GEXPAND_THREADS)
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= n) return;
     float bf[CHUNKS][8];
-    const uint4 *brow = reinterpret_cast<const uint4 *>(b + ((size_t)slot * n + col) * rank);
+    const T *bcol = b + (size_t)slot * rank * n + col;
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-        if (c * 8 < rank) {
-            unpack8<T>(__ldg(brow + c), bf[c]);
-        } else {
+    for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) bf[c][e] = 0.f;
-        }
-    }
+        for (int e = 0; e < 8; ++e) bf[c][e] = c * 8 + e < rank ? to_float<T>(__ldg(bcol + (size_t)(c * 8 + e) * n)) : 0.f;
     for (int j = 0; j < count; ++j) {
         const float *ut = us + j * rank;
         float acc = 0.f;
@@ -436,6 +425,102 @@ cudaError_t dispatch_expand_grouped(const PagodaLoraExpandArgs *p, LaunchStream 
     return launch_expand_grouped<T, 8>(p, s);
 }
 
+// ---- Dense: cuBLAS over every slot ------------------------------------------
+// Each token's slot columns out of x . [a_0; a_1; ...]^T (shrink), and out +=
+// [0 .. u_t .. 0] . [bt_0; bt_1; ...] (expand): the slot stacks are plain
+// matrices, so a step's product is one GEMM at tensor-core speed instead of
+// per-token gathers, for num_slots times the (small) adapter work.
+
+constexpr int DENSE_THREADS = 128;
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+bool is_half_dtype(int dtype) { return dtype == PAGODA_DTYPE_BF16 || dtype == PAGODA_DTYPE_F16; }
+
+bool shrink_dense_applies(const PagodaLoraShrinkArgs *p) {
+    return p->dense_min_tokens > 0 && p->num_tokens >= p->dense_min_tokens && is_half_dtype(p->dtype) &&
+           p->k > 0 && (long)p->num_slots * p->u <= PAGODA_LORA_DENSE_MAX_SHRINK_COLS;
+}
+
+bool expand_dense_applies(const PagodaLoraExpandArgs *p) {
+    return p->dense_min_tokens > 0 && p->num_tokens >= p->dense_min_tokens && is_half_dtype(p->dtype) &&
+           (long)p->num_slots * p->rank <= PAGODA_LORA_DENSE_MAX_EXPAND_COLS;
+}
+
+// out[t, j] = all[t, slot_t * u + j], or 0 without a (valid) slot. Grid: tokens.
+__global__ void __launch_bounds__(DENSE_THREADS)
+    lora_gather_kernel(const float *__restrict__ all, const int32_t *__restrict__ slots, float *__restrict__ out,
+                       int u, int num_slots, uint32_t *status) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const int t = blockIdx.x;
+    const int32_t s = slots[t];
+    if (s >= num_slots && threadIdx.x == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
+    const bool valid = s >= 0 && s < num_slots;
+    const float *row = all + ((size_t)t * num_slots + (valid ? s : 0)) * u;
+    for (int j = threadIdx.x; j < u; j += blockDim.x) out[(size_t)t * u + j] = valid ? row[j] : 0.f;
+}
+
+// um[t, s * rank + r] = u[t, u_offset + r] (as T) where s is t's slot, 0 in
+// every other slot's columns. Grid: tokens.
+template <typename T>
+__global__ void __launch_bounds__(DENSE_THREADS)
+    lora_scatter_kernel(const float *__restrict__ u, int u_stride, int u_offset, const int32_t *__restrict__ slots,
+                        T *__restrict__ um, int rank, int num_slots, uint32_t *status) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const int t = blockIdx.x;
+    const int32_t s = slots[t];
+    if (s >= num_slots && threadIdx.x == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
+    const int first = s >= 0 && s < num_slots ? s * rank : -1;
+    const float *ut = u + (size_t)t * u_stride + u_offset;
+    const int cols = num_slots * rank;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const int r = c - first;
+        um[(size_t)t * cols + c] = from_float<T>(first >= 0 && r >= 0 && r < rank ? ut[r] : 0.f);
+    }
+}
+
+int shrink_dense(BlasHandle *blas, const PagodaLoraShrinkArgs *p, LaunchStream ls) {
+    const int cols = p->num_slots * p->u;
+    if (p->scratch == nullptr || p->scratch_bytes < (size_t)p->num_tokens * cols * sizeof(float))
+        return PAGODA_ERR_WORKSPACE;
+    cudaDataType_t type;
+    if (!cuda_type(p->dtype, &type)) return PAGODA_ERR_DTYPE;
+    int rc = blas_bind(blas, ls.stream);
+    if (rc != 0) return rc;
+    // Column-major: all^T (cols x t) = a (k x cols)^T . x^T (k x t).
+    float *all = static_cast<float *>(p->scratch);
+    const float alpha = 1.f, beta = 0.f;
+    rc = blas_status(cublasGemmEx(blas->handle, CUBLAS_OP_T, CUBLAS_OP_N, cols, p->num_tokens, p->k, &alpha, p->a,
+                                  type, p->k, p->x, type, p->k, &beta, all, CUDA_R_32F, cols, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+    if (rc != 0) return rc;
+    const cudaError_t e = launch(lora_gather_kernel, dim3(p->num_tokens), dim3(DENSE_THREADS), 0, ls, all,
+                                 p->token_slots, p->out, p->u, p->num_slots, p->status);
+    return (int)e;
+}
+
+template <typename T> int expand_dense(BlasHandle *blas, const PagodaLoraExpandArgs *p, LaunchStream ls) {
+    const int cols = p->num_slots * p->rank;
+    if (p->scratch == nullptr || p->scratch_bytes < (size_t)p->num_tokens * cols * sizeof(T))
+        return PAGODA_ERR_WORKSPACE;
+    cudaDataType_t type;
+    if (!cuda_type(p->dtype, &type)) return PAGODA_ERR_DTYPE;
+    T *um = static_cast<T *>(p->scratch);
+    cudaError_t e = launch(lora_scatter_kernel<T>, dim3(p->num_tokens), dim3(DENSE_THREADS), 0, ls, p->u,
+                           p->u_stride, p->u_offset, p->token_slots, um, p->rank, p->num_slots, p->status);
+    if (e != cudaSuccess) return (int)e;
+    int rc = blas_bind(blas, ls.stream);
+    if (rc != 0) return rc;
+    // Column-major: out^T (n x t, leading dimension out_stride) += bt (n x cols) . um^T (cols x t).
+    const float alpha = 1.f, beta = 1.f;
+    T *out = static_cast<T *>(p->out) + p->out_offset;
+    return blas_status(cublasGemmEx(blas->handle, CUBLAS_OP_N, CUBLAS_OP_N, p->n, p->num_tokens, cols, &alpha, p->b,
+                                    type, p->n, um, type, cols, &beta, out, type, p->out_stride, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+}
+
 // Dynamic shared memory a block may take without opting in.
 constexpr size_t SMEM_DEFAULT_LIMIT = 48 * 1024;
 
@@ -443,11 +528,29 @@ bool is_half(int dtype) { return dtype == PAGODA_DTYPE_BF16 || dtype == PAGODA_D
 
 }  // namespace
 
-extern "C" int pagoda_lora_shrink(const PagodaLoraShrinkArgs *p, const PagodaKernelPolicy *policy, void *stream) {
+extern "C" size_t pagoda_lora_shrink_scratch_bytes(const PagodaLoraShrinkArgs *p) {
+    if (p == nullptr || p->num_tokens <= 0 || p->u <= 0 || !shrink_dense_applies(p)) return 0;
+    return align256((size_t)p->num_tokens * p->num_slots * p->u * sizeof(float));
+}
+
+extern "C" size_t pagoda_lora_expand_scratch_bytes(const PagodaLoraExpandArgs *p) {
+    if (p == nullptr || p->num_tokens <= 0 || p->n <= 0 || p->rank <= 0 || !expand_dense_applies(p)) return 0;
+    return align256((size_t)p->num_tokens * p->num_slots * p->rank * 2);
+}
+
+extern "C" int pagoda_lora_shrink(void *blas, const PagodaLoraShrinkArgs *p, const PagodaKernelPolicy *policy,
+                                  void *stream) {
     PAGODA_CHECK_POLICY(policy);
     if (p == nullptr || p->num_tokens < 0 || p->k < 0 || p->u < 0 || p->num_slots < 0) return PAGODA_ERR_ARGUMENT;
     if (p->num_tokens == 0 || p->u == 0) return 0;
     const LaunchStream s = launch_stream(policy, stream);
+    if (shrink_dense_applies(p) && p->num_slots > 0) {
+        if (blas == nullptr) return PAGODA_ERR_ARGUMENT;
+        const int rc = shrink_dense(static_cast<BlasHandle *>(blas), p, s);
+        if (rc != 0) return rc;
+        PAGODA_LAUNCH_CHECK();
+        return 0;
+    }
     const int sms = policy->num_sms > 0 ? policy->num_sms : 1;
     const bool vec = p->k % 8 == 0 && aligned16(p->x) && aligned16(p->a);
     if (p->num_groups > 0 && p->num_tokens >= GROUPED_MIN_TOKENS && vec && is_half(p->dtype)) {
@@ -472,15 +575,24 @@ extern "C" int pagoda_lora_shrink(const PagodaLoraShrinkArgs *p, const PagodaKer
     return 0;
 }
 
-extern "C" int pagoda_lora_expand(const PagodaLoraExpandArgs *p, const PagodaKernelPolicy *policy, void *stream) {
+extern "C" int pagoda_lora_expand(void *blas, const PagodaLoraExpandArgs *p, const PagodaKernelPolicy *policy,
+                                  void *stream) {
     PAGODA_CHECK_POLICY(policy);
     if (p == nullptr || p->num_tokens < 0 || p->n < 0 || p->rank < 0 || p->num_slots < 0 || p->u_offset < 0 ||
         p->out_offset < 0 || p->u_offset + p->rank > p->u_stride || p->out_offset + p->n > p->out_stride)
         return PAGODA_ERR_ARGUMENT;
     if (p->num_tokens == 0 || p->n == 0 || p->rank == 0) return 0;
     const LaunchStream s = launch_stream(policy, stream);
+    if (expand_dense_applies(p) && p->num_slots > 0) {
+        if (blas == nullptr) return PAGODA_ERR_ARGUMENT;
+        int rc = 0;
+        PAGODA_DISPATCH_HALF(p->dtype, { rc = expand_dense<scalar_t>(static_cast<BlasHandle *>(blas), p, s); });
+        if (rc != 0) return rc;
+        PAGODA_LAUNCH_CHECK();
+        return 0;
+    }
     if (p->num_groups > 0 && p->num_tokens >= GROUPED_MIN_TOKENS && is_half(p->dtype) && p->rank % 8 == 0 &&
-        p->rank <= GEXPAND_MAX_RANK && aligned16(p->b)) {
+        p->rank <= GEXPAND_MAX_RANK) {
         if (p->token_order == nullptr || p->groups == nullptr) return PAGODA_ERR_ARGUMENT;
         cudaError_t e = cudaSuccess;
         PAGODA_DISPATCH_HALF(p->dtype, { e = dispatch_expand_grouped<scalar_t>(p, s); });
@@ -497,11 +609,8 @@ extern "C" int pagoda_lora_expand(const PagodaLoraExpandArgs *p, const PagodaKer
                                : 1;
     if ((size_t)tokens_per_block * p->rank * sizeof(float) > SMEM_DEFAULT_LIMIT) tokens_per_block = 1;
     if ((size_t)p->rank * sizeof(float) > SMEM_DEFAULT_LIMIT) return PAGODA_ERR_ARGUMENT;
-    const bool vec = p->rank % 8 == 0 && p->rank <= 8 * EXPAND_MAX_CHUNKS && aligned16(p->b);
     cudaError_t e = cudaSuccess;
-    PAGODA_DISPATCH_FLOAT(p->dtype, {
-        e = dispatch_expand<scalar_t>(p, tokens_per_block, vec, s);
-    });
+    PAGODA_DISPATCH_FLOAT(p->dtype, { e = dispatch_expand<scalar_t>(p, tokens_per_block, s); });
     if (e != cudaSuccess) return (int)e;
     PAGODA_LAUNCH_CHECK();
     return 0;

@@ -215,6 +215,19 @@ int pagoda_linear(void *handle, const PagodaLinearArgs *args, const PagodaKernel
  * they must agree. A group's count past the limit sets
  * PAGODA_STATUS_LORA_SLOT and the group is skipped. */
 
+/* Dense path: with dense_min_tokens > 0, a launch of at least that many
+ * tokens (16-bit dtype, and at most PAGODA_LORA_DENSE_MAX_SHRINK_COLS /
+ * PAGODA_LORA_DENSE_MAX_EXPAND_COLS slot columns) runs as cuBLAS GEMMs over
+ * every slot at once: the shrink computes x . a^T for all num_slots * u rows
+ * of a into scratch and gathers each token's slot; the expand scatters each
+ * token's u (rounded to dtype) into its slot's columns of a zeroed
+ * [num_tokens, num_slots * rank] scratch and adds scratch . b (b's slots are
+ * Bt, [rank, n], so b is one [num_slots * rank, n] matrix) into out. The
+ * launch needs pagoda_lora_*_scratch_bytes of scratch (0: not dense) and the
+ * cuBLAS handle of pagoda_blas_create. */
+#define PAGODA_LORA_DENSE_MAX_SHRINK_COLS 4096
+#define PAGODA_LORA_DENSE_MAX_EXPAND_COLS 1024
+
 /* out[t, j] = a[token_slots[t], j, :] . x[t, :] in f32, for j < u; zeros for a
  * token whose slot is negative (no adapter). A slot >= num_slots sets
  * PAGODA_STATUS_LORA_SLOT and is treated as none. x and a have dtype. */
@@ -232,17 +245,23 @@ typedef struct {
     const int32_t *token_order; /* [num_tokens], with groups */
     const int32_t *groups;      /* [num_groups, 3] */
     int num_groups;             /* 0: no groups */
+    int dense_min_tokens;       /* 0: never dense */
+    void *scratch;              /* pagoda_lora_shrink_scratch_bytes of it */
+    size_t scratch_bytes;
 } PagodaLoraShrinkArgs;
 
-int pagoda_lora_shrink(const PagodaLoraShrinkArgs *args, const PagodaKernelPolicy *policy, void *stream);
+size_t pagoda_lora_shrink_scratch_bytes(const PagodaLoraShrinkArgs *args);
 
-/* out[t, out_offset + n] += sum_r u[t, u_offset + r] * b[token_slots[t], n, r]
- * for n < n, r < rank: the sum in f32, added to out (dtype) once. Rows of
- * tokens with a negative slot are left alone; a slot >= num_slots sets
+int pagoda_lora_shrink(void *blas, const PagodaLoraShrinkArgs *args, const PagodaKernelPolicy *policy, void *stream);
+
+/* out[t, out_offset + n] += sum_r u[t, u_offset + r] * b[token_slots[t], r, n]
+ * for n < n, r < rank: the sum in f32, added to out (dtype) once (the dense
+ * path rounds u to dtype first). Rows of tokens with a negative slot are left
+ * alone (the dense path adds 0 to them); a slot >= num_slots sets
  * PAGODA_STATUS_LORA_SLOT and is treated as none. */
 typedef struct {
     const float *u;             /* [num_tokens, u_stride] */
-    const void *b;              /* [num_slots, n, rank] */
+    const void *b;              /* [num_slots, rank, n] */
     const int32_t *token_slots; /* [num_tokens] */
     void *out;                  /* [num_tokens, out_stride] */
     uint32_t *status;
@@ -258,9 +277,14 @@ typedef struct {
     const int32_t *token_order; /* [num_tokens], with groups */
     const int32_t *groups;      /* [num_groups, 3] */
     int num_groups;             /* 0: no groups */
+    int dense_min_tokens;       /* 0: never dense */
+    void *scratch;              /* pagoda_lora_expand_scratch_bytes of it */
+    size_t scratch_bytes;
 } PagodaLoraExpandArgs;
 
-int pagoda_lora_expand(const PagodaLoraExpandArgs *args, const PagodaKernelPolicy *policy, void *stream);
+size_t pagoda_lora_expand_scratch_bytes(const PagodaLoraExpandArgs *args);
+
+int pagoda_lora_expand(void *blas, const PagodaLoraExpandArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
 /* ---- KV cache blocks ---------------------------------------------------- */
 

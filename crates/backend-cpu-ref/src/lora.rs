@@ -102,9 +102,10 @@ pub(crate) fn lora_expand(args: &LoraExpandArgs<'_, CpuBackend>) -> Result<()> {
             for_each_row(outs[0], o_cols, |t, row| {
                 let Some(s) = slot[t] else { return };
                 let ut = &u[t * u_cols + u_offset..][..r];
+                // b[s] is Bᵀ: R rows of N; column j of the output reads column j.
+                let bs = &b[s * r * n..(s + 1) * r * n];
                 for (j, o) in row[out_offset..out_offset + n].iter_mut().enumerate() {
-                    let bj = &b[(s * n + j) * r..(s * n + j + 1) * r];
-                    let sum: f32 = ut.iter().zip(bj).map(|(&v, &w)| v * w).sum();
+                    let sum: f32 = ut.iter().enumerate().map(|(i, &v)| v * bs[i * n + j]).sum();
                     *o += sum;
                 }
             });
@@ -225,7 +226,7 @@ mod tests {
                 let args = LoraExpandArgs {
                     u: &shrunk,
                     u_offset: p * r,
-                    b: &up(&cpu, &b, &[s, n, r]),
+                    b: &up(&cpu, &b, &[s, r, n]),
                     token_slots: &slots_t,
                     out: &out,
                     out_offset: lead + p * n,
@@ -240,7 +241,7 @@ mod tests {
                     for col in 0..n {
                         let mut sum = 0.0f64;
                         for i in 0..r {
-                            sum += got_u[tok * u_cols + p * r + i] as f64 * b[(sl * n + col) * r + i] as f64;
+                            sum += got_u[tok * u_cols + p * r + i] as f64 * b[(sl * r + i) * n + col] as f64;
                         }
                         want[tok * o_cols + lead + p * n + col] += sum;
                     }
@@ -299,7 +300,7 @@ mod tests {
         let cpu = CpuBackend::new();
         let r = 4;
         let u = up(&cpu, &[1.0; 4], &[1, r]);
-        let b = up(&cpu, &[2f32.powi(-24); 4], &[1, 1, r]);
+        let b = up(&cpu, &[2f32.powi(-24); 4], &[1, r, 1]);
         let out = up(&cpu, &[1.0], &[1, 1]);
         let slots = ints(&cpu, &[0]);
         let args = LoraExpandArgs {
@@ -327,7 +328,7 @@ mod tests {
         assert!(matches!(cpu.lora_shrink(&args), Err(BackendError::Index { .. })));
         assert_eq!(cpu.download_f32(&out).unwrap(), vec![5.0; 12]);
 
-        let b = up(&cpu, &[1.0; 16], &[s, 2, u]);
+        let b = up(&cpu, &[1.0; 16], &[s, u, 2]);
         let dst = up(&cpu, &[5.0; 6], &[t, 2]);
         let args = LoraExpandArgs {
             u: &out,
@@ -384,7 +385,7 @@ mod tests {
         let out_view = wide.reshape(&[6, 4]).unwrap().narrow(4, 2).unwrap();
         assert!(matches!(shrink(&x_view, &a, &slots, &out_view), Err(BackendError::Aliasing { .. })));
 
-        let (u, b, dst) = (z(&[2, 8]), z(&[3, 5, 4]), z(&[2, 12]));
+        let (u, b, dst) = (z(&[2, 8]), z(&[3, 4, 5]), z(&[2, 12]));
         let expand = |u: &T, u_offset, b: &T, out: &T, out_offset| {
             cpu.lora_expand(&LoraExpandArgs {
                 u,

@@ -407,7 +407,7 @@ fn main() -> Result<()> {
                 }
                 let shrunk: Vec<f32> = (0..t * rank).map(|_| rng.uniform()).collect();
                 let u = g.upload(HostSlice::F32(&shrunk), &[t, rank], DType::F32)?;
-                let b = random_tensor(&g, &mut rng, &[num_slots, n, rank])?;
+                let b = random_tensor(&g, &mut rng, &[num_slots, rank, n])?;
                 let out = random_tensor(&g, &mut rng, &[t, n])?;
                 let args = LoraExpandArgs {
                     u: &u,

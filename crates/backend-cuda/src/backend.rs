@@ -6,6 +6,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use cust::event::{Event, EventFlags};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use pagoda_backend::{
     AttentionArgs, Backend, BackendError, CacheBlocks, DType, HostSlice, HostVec, KvCacheShape, LinearFusion,
@@ -279,6 +280,27 @@ fn lora_grouped_kernels() -> bool {
     *ON.get_or_init(|| std::env::var("PAGODA_LORA_GROUPED").is_ok_and(|v| v == "1"))
 }
 
+/// The default of [`lora_dense_min_tokens`]: LoRA products of at least this
+/// many tokens run as dense GEMMs over every slot.
+pub const DEFAULT_LORA_DENSE_MIN_TOKENS: i32 = 32;
+
+/// `PAGODA_LORA_DENSE_MIN_TOKENS=N`: the fewest tokens a LoRA product needs to
+/// run as dense cuBLAS GEMMs over every slot (`csrc/lora.cu`); 0 never.
+pub const ENV_LORA_DENSE_MIN_TOKENS: &str = "PAGODA_LORA_DENSE_MIN_TOKENS";
+
+/// The fewest tokens for the dense LoRA path: [`ENV_LORA_DENSE_MIN_TOKENS`] if
+/// set to a number, else [`DEFAULT_LORA_DENSE_MIN_TOKENS`]. Read once.
+fn lora_dense_min_tokens() -> i32 {
+    static MIN: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var(ENV_LORA_DENSE_MIN_TOKENS)
+            .ok()
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .filter(|&v| v >= 0)
+            .unwrap_or(DEFAULT_LORA_DENSE_MIN_TOKENS)
+    })
+}
+
 /// The grouped tokens' device pointers and group count, or nulls and 0
 /// (the args' `check` has checked the groups' shapes).
 fn lora_groups(
@@ -340,6 +362,23 @@ fn encode<'a>(op: &'static str, data: HostSlice<'a>, dtype: DType) -> Result<Cow
     }
     if !(from.is_float() && dtype.is_float()) {
         return Err(BackendError::DType { op, dtype: from });
+    }
+    // f32 to 16 bits, the common case (weights, LoRA slots): `half`'s slice
+    // conversion, many times faster than element by element.
+    if let HostSlice::F32(src) = data {
+        match dtype {
+            DType::BF16 => {
+                let mut v = vec![bf16::ZERO; src.len()];
+                v.convert_from_f32_slice(src);
+                return Ok(Cow::Owned(bytemuck::cast_slice(&v).to_vec()));
+            }
+            DType::F16 => {
+                let mut v = vec![f16::ZERO; src.len()];
+                v.convert_from_f32_slice(src);
+                return Ok(Cow::Owned(bytemuck::cast_slice(&v).to_vec()));
+            }
+            _ => {}
+        }
     }
     let n = data.len();
     let mut out = Vec::with_capacity(n * dtype.size_in_bytes());
@@ -638,7 +677,7 @@ impl Backend for CudaBackend {
         let (t, k, s, u) = args.check(self.activation)?;
         no_alias(OP, args.out, &[args.x, args.a, args.token_slots])?;
         let (token_order, groups, num_groups) = lora_groups(OP, &args.groups)?;
-        let launch = ffi::PagodaLoraShrinkArgs {
+        let mut launch = ffi::PagodaLoraShrinkArgs {
             x: vptr(args.x),
             a: vptr(args.a),
             token_slots: dptr(args.token_slots) as *const i32,
@@ -652,10 +691,19 @@ impl Backend for CudaBackend {
             token_order,
             groups,
             num_groups,
+            dense_min_tokens: lora_dense_min_tokens(),
+            scratch: std::ptr::null_mut(),
+            scratch_bytes: 0,
         };
         self.bind()?;
-        // SAFETY: shapes, dtypes and aliasing checked above; slots are checked on the device.
-        let rc = unsafe { ffi::pagoda_lora_shrink(&launch, self.launch_policy(), self.stream()) };
+        // SAFETY: a pure size computation over the arguments.
+        let bytes = unsafe { ffi::pagoda_lora_shrink_scratch_bytes(&launch) };
+        let scratch = self.optional_scratch(bytes)?;
+        (launch.scratch, launch.scratch_bytes) = scratch_args(&scratch);
+        let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
+        // SAFETY: shapes, dtypes and aliasing checked above; slots are checked on
+        // the device; the scratch is freed on the stream after the work.
+        let rc = unsafe { ffi::pagoda_lora_shrink(blas.0, &launch, self.launch_policy(), self.stream()) };
         Ok(check("pagoda_lora_shrink", rc)?)
     }
 
@@ -666,7 +714,7 @@ impl Backend for CudaBackend {
         let (t, s, n, r) = args.check(self.activation)?;
         no_alias(OP, args.out, &[args.u, args.b, args.token_slots])?;
         let (token_order, groups, num_groups) = lora_groups(OP, &args.groups)?;
-        let launch = ffi::PagodaLoraExpandArgs {
+        let mut launch = ffi::PagodaLoraExpandArgs {
             u: dptr(args.u) as *const f32,
             b: vptr(args.b),
             token_slots: dptr(args.token_slots) as *const i32,
@@ -684,11 +732,20 @@ impl Backend for CudaBackend {
             token_order,
             groups,
             num_groups,
+            dense_min_tokens: lora_dense_min_tokens(),
+            scratch: std::ptr::null_mut(),
+            scratch_bytes: 0,
         };
         self.bind()?;
+        // SAFETY: a pure size computation over the arguments.
+        let bytes = unsafe { ffi::pagoda_lora_expand_scratch_bytes(&launch) };
+        let scratch = self.optional_scratch(bytes)?;
+        (launch.scratch, launch.scratch_bytes) = scratch_args(&scratch);
+        let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
         // SAFETY: shapes (offsets included), dtypes and aliasing checked above;
-        // slots are checked on the device.
-        let rc = unsafe { ffi::pagoda_lora_expand(&launch, self.launch_policy(), self.stream()) };
+        // slots are checked on the device; the scratch is freed on the stream
+        // after the work.
+        let rc = unsafe { ffi::pagoda_lora_expand(blas.0, &launch, self.launch_policy(), self.stream()) };
         Ok(check("pagoda_lora_expand", rc)?)
     }
 

@@ -740,7 +740,7 @@ fn lora_slot_past_the_count_is_reported_at_the_next_wait() {
     assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
     assert_eq!(g.download_f32(&u).unwrap(), [[8.0; 8], [0.0; 8]].concat());
 
-    let b = filled(&[s, n, r], DType::BF16, 0.125);
+    let b = filled(&[s, r, n], DType::BF16, 0.125);
     let out = filled(&[t, n], DType::BF16, 1.0);
     let args = LoraExpandArgs {
         u: &u,
@@ -810,7 +810,7 @@ fn lora_products_replay(t: usize, grouped: bool) {
     let (x, a, b) = (
         on(&x_host, &[t, k], DType::BF16),
         on(&a_host, &[s, 2 * r, k], DType::BF16),
-        on(&b_host, &[s, n, r], DType::BF16),
+        on(&b_host, &[s, r, n], DType::BF16),
     );
     let capacity = lora_group_capacity(t, s);
     let slots = g.upload(HostSlice::I32(&vec![0; t]), &[t], DType::I32).unwrap();
@@ -863,7 +863,7 @@ fn lora_products_replay(t: usize, grouped: bool) {
 
         let c = |v: &[f32], dims: &[usize]| cpu.upload(HostSlice::F32(v), dims, DType::F32).unwrap();
         let (cx, ca, cb, cout) =
-            (c(&x_host, &[t, k]), c(&a_host, &[s, 2 * r, k]), c(&b_host, &[s, n, r]), c(&base, &[t, 2 * n]));
+            (c(&x_host, &[t, k]), c(&a_host, &[s, 2 * r, k]), c(&b_host, &[s, r, n]), c(&base, &[t, 2 * n]));
         let cslots = cpu.upload(HostSlice::I32(token_slots), &[t], DType::I32).unwrap();
         let cu = cpu.alloc(&[t, 2 * r], DType::F32).unwrap();
         cpu.lora_shrink(&LoraShrinkArgs { x: &cx, a: &ca, token_slots: &cslots, out: &cu, groups: None })

@@ -17,6 +17,12 @@
 //! `alpha / sqrt(r)` for rsLoRA) is folded into `B` when an adapter is loaded,
 //! and a rank below the slots' rank is padded with zero rows of `A`.
 //!
+//! Slot layouts: `A` is `[S, U, K]` and `B` is held transposed, `[S, R, N]`, so
+//! that both stacks are plain matrices over all slots (`[S·U, K]` and
+//! `[S·R, N]`): a backend may run a step's products as two dense GEMMs over
+//! every slot, with each token's `u` scattered into its slot's columns and
+//! zeros elsewhere, instead of per-token gathers.
+//!
 //! Grouped by slot (SGMV): a step's tokens may also come with [`LoraGroups`],
 //! the tokens ordered by slot and cut into groups of at most
 //! [`LORA_GROUP_TOKENS`] tokens of one slot ([`lora_token_groups`] makes them
@@ -91,14 +97,17 @@ pub struct LoraShrinkArgs<'a, B: Backend> {
     pub groups: Option<LoraGroups<'a, B>>,
 }
 
-/// `out[t, out_offset + n] += Σ_r u[t, u_offset + r] · b[token_slots[t], n, r]`
+/// `out[t, out_offset + n] += Σ_r u[t, u_offset + r] · b[token_slots[t], r, n]`
 /// for `n < N`, `r < R`; rows with `token_slots[t] < 0` are left as they are.
+/// A backend may round `u` to the activation dtype before the product (as
+/// vLLM's kernels do): the sum stays in f32 and is added to `out` once.
 pub struct LoraExpandArgs<'a, B: Backend> {
     /// F32 `[T, U]`: a shrink's output.
     pub u: &'a Tensor<B>,
     /// The first column of `u` this part reads (`u_offset + R <= U`).
     pub u_offset: usize,
-    /// `[S, N, R]`, the activation dtype: each slot's `B` of this part, scale folded in.
+    /// `[S, R, N]`, the activation dtype: each slot's `B` of this part,
+    /// transposed (`Bᵀ`, `R` rows of `N`), scale folded in.
     pub b: &'a Tensor<B>,
     /// I32 `[T]`, as for the shrink.
     pub token_slots: &'a Tensor<B>,
@@ -214,10 +223,10 @@ impl<B: Backend> LoraExpandArgs<'_, B> {
     pub fn check(&self, activation: DType) -> Result<(usize, usize, usize, usize)> {
         const OP: &str = "lora_expand";
         let (t, u) = self.u.dims2(OP)?;
-        let [s, n, r] = self.b.dims() else {
-            return Err(BackendError::shape(OP, format!("b {:?} is not [slots, N, R]", self.b.dims())));
+        let [s, r, n] = self.b.dims() else {
+            return Err(BackendError::shape(OP, format!("b {:?} is not [slots, R, N]", self.b.dims())));
         };
-        let (s, n, r) = (*s, *n, *r);
+        let (s, r, n) = (*s, *r, *n);
         let (ot, o) = self.out.dims2(OP)?;
         if self.u.dtype() != DType::F32 {
             return Err(BackendError::DType { op: OP, dtype: self.u.dtype() });

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use half::{bf16, f16};
 use pagoda_backend::{Backend, DType, HostSlice, Tensor};
@@ -100,6 +101,18 @@ pub struct LoraAdapter {
     layers: Vec<[Option<LoraPair>; 7]>,
     /// `base_model_name_or_path` from its config, if any.
     base_model: Option<String>,
+    /// Its slot contents, packed at its first slot load: later loads (an
+    /// adapter swapped out and back in) copy bytes and convert nothing.
+    packed: OnceLock<PackedSlot>,
+}
+
+/// An adapter's slot contents in the slots' layout and dtype: per layer, the
+/// bytes of each of the [`LayerLoraSlots`] tensors' slot, in field order.
+#[derive(Clone, Debug)]
+struct PackedSlot {
+    max_rank: usize,
+    dtype: DType,
+    layers: Vec<[Vec<u8>; 11]>,
 }
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -216,7 +229,7 @@ fn to_f32(data: &WeightData<'_>) -> Vec<f32> {
             DType::BF16 => {
                 bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
             }
-            // SafetensorsWeights hands out only the three float types.
+            // SafetensorsWeights hands out only float types.
             DType::I32 | DType::I64 => unreachable!("safetensors weights are float"),
         },
     }
@@ -315,7 +328,13 @@ impl LoraAdapter {
             }
             layers.push(out);
         }
-        Ok(Self { path: dir.to_path_buf(), rank, layers, base_model: config.base_model })
+        Ok(Self {
+            path: dir.to_path_buf(),
+            rank,
+            layers,
+            base_model: config.base_model,
+            packed: OnceLock::new(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -343,26 +362,64 @@ impl LoraAdapter {
     }
 }
 
+/// `values` as little-endian bytes of `dtype` (a float dtype; anything else
+/// keeps f32, which no backend's activation dtype is).
+fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        DType::BF16 => {
+            let mut v = vec![bf16::ZERO; values.len()];
+            v.convert_from_f32_slice(values);
+            bytemuck::cast_slice(&v).to_vec()
+        }
+        DType::F16 => {
+            let mut v = vec![f16::ZERO; values.len()];
+            v.convert_from_f32_slice(values);
+            bytemuck::cast_slice(&v).to_vec()
+        }
+        _ => bytemuck::cast_slice(values).to_vec(),
+    }
+}
+
 /// The stacked adapter tensors of one layer (see [`pagoda_backend::LoraShrinkArgs`]):
 /// `S` slots, each of rank `R` (adapters of a lower rank are zero-padded).
 pub(crate) struct LayerLoraSlots<B: Backend> {
     /// `[S, 3R, H]`: the A of q, k and v stacked.
     pub qkv_a: Tensor<B>,
-    /// `[S, q, R]`, `[S, kv, R]`, `[S, kv, R]`.
+    /// `[S, R, q]`, `[S, R, kv]`, `[S, R, kv]`: each B transposed.
     pub q_b: Tensor<B>,
     pub k_b: Tensor<B>,
     pub v_b: Tensor<B>,
-    /// `[S, R, q]` and `[S, H, R]`.
+    /// `[S, R, q]` and `[S, R, H]`.
     pub o_a: Tensor<B>,
     pub o_b: Tensor<B>,
     /// `[S, 2R, H]`: the A of gate and up stacked.
     pub gate_up_a: Tensor<B>,
-    /// `[S, I, R]` each.
+    /// `[S, R, I]` each.
     pub gate_b: Tensor<B>,
     pub up_b: Tensor<B>,
-    /// `[S, R, I]` and `[S, H, R]`.
+    /// `[S, R, I]` and `[S, R, H]`.
     pub down_a: Tensor<B>,
     pub down_b: Tensor<B>,
+}
+
+impl<B: Backend> LayerLoraSlots<B> {
+    /// The tensors in field order (the order of [`PackedSlot`]'s buffers).
+    fn tensors(&self) -> [&Tensor<B>; 11] {
+        [
+            &self.qkv_a,
+            &self.q_b,
+            &self.k_b,
+            &self.v_b,
+            &self.o_a,
+            &self.o_b,
+            &self.gate_up_a,
+            &self.gate_b,
+            &self.up_b,
+            &self.down_a,
+            &self.down_b,
+        ]
+    }
 }
 
 /// Room for `max_loras` adapters of rank up to `max_rank` on the backend.
@@ -393,16 +450,16 @@ impl<B: Backend> LoraSlots<B> {
             .map(|_| {
                 Ok(LayerLoraSlots {
                     qkv_a: zeros(&[s, 3 * r, h])?,
-                    q_b: zeros(&[s, q, r])?,
-                    k_b: zeros(&[s, kv, r])?,
-                    v_b: zeros(&[s, kv, r])?,
+                    q_b: zeros(&[s, r, q])?,
+                    k_b: zeros(&[s, r, kv])?,
+                    v_b: zeros(&[s, r, kv])?,
                     o_a: zeros(&[s, r, q])?,
-                    o_b: zeros(&[s, h, r])?,
+                    o_b: zeros(&[s, r, h])?,
                     gate_up_a: zeros(&[s, 2 * r, h])?,
-                    gate_b: zeros(&[s, i, r])?,
-                    up_b: zeros(&[s, i, r])?,
+                    gate_b: zeros(&[s, r, i])?,
+                    up_b: zeros(&[s, r, i])?,
                     down_a: zeros(&[s, r, i])?,
-                    down_b: zeros(&[s, h, r])?,
+                    down_b: zeros(&[s, r, h])?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -424,8 +481,78 @@ impl<B: Backend> LoraSlots<B> {
         (c.num_layers * max_loras * max_rank * per_slot_layer * dtype.size_in_bytes()) as u64
     }
 
+    /// `adapter`'s slot contents in `dtype`, layers packed on several threads
+    /// (an 8B adapter of rank 16 is 42M values).
+    fn pack(&self, adapter: &LoraAdapter, dtype: DType) -> PackedSlot {
+        let r = self.max_rank;
+        let dims: Vec<[[usize; 2]; 11]> =
+            self.layers.iter().map(|slots| slots.tensors().map(|t| [t.dims()[1], t.dims()[2]])).collect();
+        let pack_layer = |l: usize| -> [Vec<u8>; 11] {
+            let d = &dims[l];
+            // A: the stacked parts' rows, each part `r` rows of `in_features`.
+            let a = |i: usize, modules: &[LoraModule]| {
+                let k = d[i][1];
+                let mut host = vec![0f32; modules.len() * r * k];
+                for (p, &m) in modules.iter().enumerate() {
+                    if let Some(pair) = adapter.pair(l, m) {
+                        host[p * r * k..][..pair.rank * k].copy_from_slice(&pair.a);
+                    }
+                }
+                encode(&host, dtype)
+            };
+            // B transposed: `[r, out]`, the adapter's rank rows first.
+            let b = |i: usize, module: LoraModule| {
+                let n = d[i][1];
+                let mut host = vec![0f32; r * n];
+                if let Some(pair) = adapter.pair(l, module) {
+                    for (j, src) in pair.b.chunks_exact(pair.rank).enumerate() {
+                        for (i, &v) in src.iter().enumerate() {
+                            host[i * n + j] = v;
+                        }
+                    }
+                }
+                encode(&host, dtype)
+            };
+            use LoraModule::*;
+            [
+                a(0, &[Q, K, V]),
+                b(1, Q),
+                b(2, K),
+                b(3, V),
+                a(4, &[O]),
+                b(5, O),
+                a(6, &[Gate, Up]),
+                b(7, Gate),
+                b(8, Up),
+                a(9, &[Down]),
+                b(10, Down),
+            ]
+        };
+        let num_layers = self.layers.len();
+        let threads =
+            std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(num_layers.max(1));
+        let per_thread = num_layers.div_ceil(threads.max(1)).max(1);
+        let layers: Vec<[Vec<u8>; 11]> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..num_layers)
+                .step_by(per_thread)
+                .map(|first| {
+                    let pack_layer = &pack_layer;
+                    scope.spawn(move || {
+                        (first..(first + per_thread).min(num_layers)).map(pack_layer).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        PackedSlot { max_rank: r, dtype, layers }
+    }
+
     /// Writes `adapter` into `slot` (every projection it does not adapt, and
-    /// every rank row past its own, becomes zero).
+    /// every rank row past its own, becomes zero). The first load packs the
+    /// adapter for the slots' layout and dtype and keeps the bytes with it.
     pub fn load(&self, backend: &B, slot: usize, adapter: &LoraAdapter) -> Result<()> {
         if slot >= self.max_loras {
             return Err(ModelError::Forward(format!("LoRA slot {slot} of {}", self.max_loras)));
@@ -443,43 +570,26 @@ impl<B: Backend> LoraSlots<B> {
                 self.layers.len()
             )));
         }
-        let r = self.max_rank;
-        for (l, slots) in self.layers.iter().enumerate() {
-            // A: the stacked parts' rows, each part `r` rows of `in_features`.
-            let write_a = |tensor: &Tensor<B>, modules: &[LoraModule]| -> Result<()> {
-                let k = tensor.dims()[2];
-                let mut host = vec![0f32; modules.len() * r * k];
-                for (p, &m) in modules.iter().enumerate() {
-                    if let Some(pair) = adapter.pair(l, m) {
-                        host[p * r * k..][..pair.rank * k].copy_from_slice(&pair.a);
+        let dtype = backend.activation_dtype();
+        let fresh;
+        let packed = match adapter.packed.get() {
+            Some(p) if p.max_rank == self.max_rank && p.dtype == dtype => p,
+            _ => {
+                let p = self.pack(adapter, dtype);
+                // The first engine's layout is kept (one engine per adapter cache).
+                match adapter.packed.get() {
+                    None => adapter.packed.get_or_init(|| p),
+                    Some(_) => {
+                        fresh = p;
+                        &fresh
                     }
                 }
-                backend.write(&tensor.narrow(slot, 1)?, HostSlice::F32(&host))?;
-                Ok(())
-            };
-            // B: `[out, r]` with the adapter's rank columns first.
-            let write_b = |tensor: &Tensor<B>, module: LoraModule| -> Result<()> {
-                let n = tensor.dims()[1];
-                let mut host = vec![0f32; n * r];
-                if let Some(pair) = adapter.pair(l, module) {
-                    for (row, src) in host.chunks_exact_mut(r).zip(pair.b.chunks_exact(pair.rank)) {
-                        row[..pair.rank].copy_from_slice(src);
-                    }
-                }
-                backend.write(&tensor.narrow(slot, 1)?, HostSlice::F32(&host))?;
-                Ok(())
-            };
-            write_a(&slots.qkv_a, &[LoraModule::Q, LoraModule::K, LoraModule::V])?;
-            write_b(&slots.q_b, LoraModule::Q)?;
-            write_b(&slots.k_b, LoraModule::K)?;
-            write_b(&slots.v_b, LoraModule::V)?;
-            write_a(&slots.o_a, &[LoraModule::O])?;
-            write_b(&slots.o_b, LoraModule::O)?;
-            write_a(&slots.gate_up_a, &[LoraModule::Gate, LoraModule::Up])?;
-            write_b(&slots.gate_b, LoraModule::Gate)?;
-            write_b(&slots.up_b, LoraModule::Up)?;
-            write_a(&slots.down_a, &[LoraModule::Down])?;
-            write_b(&slots.down_b, LoraModule::Down)?;
+            }
+        };
+        for (slots, bytes) in self.layers.iter().zip(&packed.layers) {
+            for (tensor, data) in slots.tensors().into_iter().zip(bytes) {
+                backend.write(&tensor.narrow(slot, 1)?, HostSlice::Bytes(data, dtype))?;
+            }
         }
         Ok(())
     }

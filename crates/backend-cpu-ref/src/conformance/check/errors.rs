@@ -124,7 +124,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
             |a| d.lora_shrink(&LoraShrinkArgs { x: &x, a, token_slots: &slots, out: &shrunk, groups: None });
         expect("lora_shrink: a's K != x's K", shrink(&a_k9), is_shape);
         expect("lora_shrink: out's U != a's U", shrink(&a_u5), is_shape);
-        let b = zeros(&[2, 5, 4], act)?;
+        let b = zeros(&[2, 4, 5], act)?;
         let expand = |u_offset, out_offset| {
             d.lora_expand(&LoraExpandArgs {
                 u: &shrunk,
