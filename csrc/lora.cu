@@ -24,7 +24,10 @@
 //     Bt[slot] in registers (a warp's loads of one Bt row are contiguous),
 //     dots it with the token's u (in shared memory) in f32, and adds the sum
 //     into out once; with many tokens a block walks TOKENS_PER_BLOCK tokens
-//     and reloads the column only when the slot changes.
+//     and reloads the column only when the slot changes. With expand_vec8
+//     (PAGODA_LORA_EXPAND_VEC8=1; written for single-stream decode, not yet
+//     run on a GPU) a thread takes 8 adjacent columns instead, with 16-byte
+//     loads of each Bt row and one 16-byte read-modify-write of out.
 // - Grouped by slot (SGMV, only with PAGODA_LORA_GROUPED=1 and when the
 //   launch is not dense): a block takes one group (up to 32 tokens of one
 //   slot, through token_order) and reads its A rows once per 8 tokens, its Bt
@@ -217,6 +220,57 @@ __global__ void __launch_bounds__(EXPAND_THREADS)
     }
 }
 
+// The 16-byte form for 16-bit T: a thread takes 8 adjacent output columns,
+// reads each row r of Bt[slot] for them with one 16-byte load (a warp reads
+// 512 contiguous bytes per r) and adds its 8 sums into out with one 16-byte
+// read-modify-write. Needs n % 8 == 0 and 16-byte aligned b, out + out_offset
+// and out rows.
+template <typename T>
+__global__ void __launch_bounds__(EXPAND_THREADS)
+    lora_expand_vec8_kernel(const float *__restrict__ u, int u_stride, int u_offset, const T *__restrict__ b,
+                            const int32_t *__restrict__ slots, T *__restrict__ out, int out_stride, int out_offset,
+                            int num_tokens, int n, int rank, int num_slots, int tokens_per_block, uint32_t *status) {
+    extern __shared__ float us[];  // [tokens_per_block][rank]: the tokens' u
+    pdl_launch_dependents();
+    pdl_wait();
+    const int t0 = blockIdx.x * tokens_per_block;
+    const int tokens = min(tokens_per_block, num_tokens - t0);
+    for (int i = threadIdx.x; i < tokens * rank; i += blockDim.x) {
+        const int j = i / rank;
+        us[i] = u[(size_t)(t0 + j) * u_stride + u_offset + (i - j * rank)];
+    }
+    __syncthreads();
+    const int col = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
+    if (col >= n) return;
+    for (int j = 0; j < tokens; ++j) {
+        const int32_t s = slots[t0 + j];
+        if (s < 0) continue;
+        if (s >= num_slots) {
+            if (col == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
+            continue;
+        }
+        const float *ut = us + j * rank;
+        const T *bcol = b + (size_t)s * rank * n + col;
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll 4
+        for (int r = 0; r < rank; ++r) {
+            float bf[8];
+            unpack8<T>(__ldg(reinterpret_cast<const uint4 *>(bcol + (size_t)r * n)), bf);
+            const float ur = ut[r];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] = fmaf(ur, bf[e], acc[e]);
+        }
+        uint4 *o = reinterpret_cast<uint4 *>(out + (size_t)(t0 + j) * out_stride + out_offset + col);
+        float cur[8];
+        unpack8<T>(*o, cur);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) cur[e] += acc[e];
+        *o = pack8<T>(cur);
+    }
+}
+
 template <typename T, int RMAX>
 cudaError_t launch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, LaunchStream s) {
     const dim3 grid(ceil_div(p->num_tokens, tokens_per_block), ceil_div(p->n, EXPAND_THREADS));
@@ -229,6 +283,17 @@ cudaError_t launch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, L
 
 template <typename T>
 cudaError_t dispatch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, LaunchStream s) {
+    if constexpr (sizeof(T) == 2) {
+        const T *out0 = static_cast<const T *>(p->out) + p->out_offset;
+        if (p->expand_vec8 && p->n % 8 == 0 && p->out_stride % 8 == 0 && aligned16(p->b) && aligned16(out0)) {
+            const dim3 grid(ceil_div(p->num_tokens, tokens_per_block), ceil_div(p->n / 8, EXPAND_THREADS));
+            const size_t smem = (size_t)tokens_per_block * p->rank * sizeof(float);
+            return launch(lora_expand_vec8_kernel<T>, grid, dim3(EXPAND_THREADS), smem, s, p->u, p->u_stride,
+                          p->u_offset, static_cast<const T *>(p->b), p->token_slots, static_cast<T *>(p->out),
+                          p->out_stride, p->out_offset, p->num_tokens, p->n, p->rank, p->num_slots,
+                          tokens_per_block, p->status);
+        }
+    }
     if (p->rank <= 8) return launch_expand<T, 8>(p, tokens_per_block, s);
     if (p->rank <= 16) return launch_expand<T, 16>(p, tokens_per_block, s);
     if (p->rank <= 32) return launch_expand<T, 32>(p, tokens_per_block, s);
@@ -516,9 +581,17 @@ template <typename T> int expand_dense(BlasHandle *blas, const PagodaLoraExpandA
     // Column-major: out^T (n x t, leading dimension out_stride) += bt (n x cols) . um^T (cols x t).
     const float alpha = 1.f, beta = 1.f;
     T *out = static_cast<T *>(p->out) + p->out_offset;
-    return blas_status(cublasGemmEx(blas->handle, CUBLAS_OP_N, CUBLAS_OP_N, p->n, p->num_tokens, cols, &alpha, p->b,
-                                    type, p->n, um, type, cols, &beta, out, type, p->out_stride, CUBLAS_COMPUTE_32F,
-                                    CUBLAS_GEMM_DEFAULT));
+    // Reductions in f32, never in out's dtype: a split-K algorithm would
+    // otherwise round the partial sums (and out) once per split (measured:
+    // errors growing with num_slots * rank in the conformance grid).
+    cublasStatus_t st =
+        cublasSetMathMode(blas->handle, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
+    if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
+    st = cublasGemmEx(blas->handle, CUBLAS_OP_N, CUBLAS_OP_N, p->n, p->num_tokens, cols, &alpha, p->b, type, p->n, um,
+                      type, cols, &beta, out, type, p->out_stride, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    const cublasStatus_t restored = cublasSetMathMode(blas->handle, CUBLAS_DEFAULT_MATH);
+    if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
+    return blas_status(restored);
 }
 
 // Dynamic shared memory a block may take without opting in.

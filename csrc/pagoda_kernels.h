@@ -278,6 +278,7 @@ typedef struct {
     const int32_t *groups;      /* [num_groups, 3] */
     int num_groups;             /* 0: no groups */
     int dense_min_tokens;       /* 0: never dense */
+    int expand_vec8;            /* 1: the per-token path may take 8 columns per thread */
     void *scratch;              /* pagoda_lora_expand_scratch_bytes of it */
     size_t scratch_bytes;
 } PagodaLoraExpandArgs;

@@ -198,8 +198,8 @@ for phase in "$@"; do
         --test-threads=1 >> "$OUT/sanitizer.log" 2>&1; echo "racecheck rc=$?"
       grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/sanitizer.log" | sort | uniq -c ;;
     kernels)
-      # The grouped LoRA kernels are opt-in until validated: test them here.
-      export PAGODA_LORA_GROUPED=1
+      # The opt-in LoRA kernels (grouped; 8 columns per thread) are tested here.
+      export PAGODA_LORA_GROUPED=1 PAGODA_LORA_EXPAND_VEC8=1
       $K/device --test-threads=1 > "$OUT/device.log" 2>&1
       echo "device tests rc=$?"; grep -E "test result|FAILED|panicked" "$OUT/device.log" | head -20
       $K/conformance --test-threads=1 --nocapture > "$OUT/conformance.log" 2>&1

@@ -301,6 +301,14 @@ fn lora_dense_min_tokens() -> i32 {
     })
 }
 
+/// Whether the per-token LoRA expand may take 8 columns per thread: only with
+/// `PAGODA_LORA_EXPAND_VEC8=1` until that kernel has run on a GPU (it was
+/// written after the session's last GPU call).
+fn lora_expand_vec8() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PAGODA_LORA_EXPAND_VEC8").is_ok_and(|v| v == "1"))
+}
+
 /// The grouped tokens' device pointers and group count, or nulls and 0
 /// (the args' `check` has checked the groups' shapes).
 fn lora_groups(
@@ -733,6 +741,7 @@ impl Backend for CudaBackend {
             groups,
             num_groups,
             dense_min_tokens: lora_dense_min_tokens(),
+            expand_vec8: lora_expand_vec8() as i32,
             scratch: std::ptr::null_mut(),
             scratch_bytes: 0,
         };
