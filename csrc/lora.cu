@@ -167,6 +167,19 @@ constexpr int EXPAND_THREADS = 128;
 // Tokens a block walks on the many-token path (one when few tokens: more blocks).
 constexpr int EXPAND_TOKENS_PER_BLOCK = 8;
 // The vectorised path keeps up to 8 16-byte chunks (R <= 64) in registers.
+// The u of this block's tokens (tokens_per_block from t0) into shared memory,
+// [tokens][rank]; returns how many tokens the block has. Ends with a barrier.
+__device__ __forceinline__ int stage_block_u(const float *__restrict__ u, int u_stride, int u_offset, int t0,
+                                             int num_tokens, int rank, int tokens_per_block, float *us) {
+    const int tokens = min(tokens_per_block, num_tokens - t0);
+    for (int i = threadIdx.x; i < tokens * rank; i += blockDim.x) {
+        const int j = i / rank;
+        us[i] = u[(size_t)(t0 + j) * u_stride + u_offset + (i - j * rank)];
+    }
+    __syncthreads();
+    return tokens;
+}
+
 constexpr int EXPAND_MAX_CACHED_RANK = 64;
 
 // out[t, out_offset + n] += sum_r u[t, u_offset + r] * Bt[slot_t, r, n] for the
@@ -183,12 +196,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS)
     pdl_launch_dependents();
     pdl_wait();
     const int t0 = blockIdx.x * tokens_per_block;
-    const int tokens = min(tokens_per_block, num_tokens - t0);
-    for (int i = threadIdx.x; i < tokens * rank; i += blockDim.x) {
-        const int j = i / rank;
-        us[i] = u[(size_t)(t0 + j) * u_stride + u_offset + (i - j * rank)];
-    }
-    __syncthreads();
+    const int tokens = stage_block_u(u, u_stride, u_offset, t0, num_tokens, rank, tokens_per_block, us);
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= n) return;
     float bf[RMAX > 0 ? RMAX : 1];
@@ -234,12 +242,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS)
     pdl_launch_dependents();
     pdl_wait();
     const int t0 = blockIdx.x * tokens_per_block;
-    const int tokens = min(tokens_per_block, num_tokens - t0);
-    for (int i = threadIdx.x; i < tokens * rank; i += blockDim.x) {
-        const int j = i / rank;
-        us[i] = u[(size_t)(t0 + j) * u_stride + u_offset + (i - j * rank)];
-    }
-    __syncthreads();
+    const int tokens = stage_block_u(u, u_stride, u_offset, t0, num_tokens, rank, tokens_per_block, us);
     const int col = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
     if (col >= n) return;
     for (int j = 0; j < tokens; ++j) {
