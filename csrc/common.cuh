@@ -5,9 +5,11 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
 #include <utility>
 
 #include "pagoda_kernels.h"
@@ -43,6 +45,70 @@ template <typename T> __device__ __forceinline__ uint4 pack8(const float (&in)[8
 #pragma unroll
     for (int i = 0; i < 8; ++i) e[i] = from_float<T>(in[i]);
     return v;
+}
+
+// ---- FP8 (E4M3) KV cache ---------------------------------------------------------
+// An F8E4M3 cache holds e4m3(x / scale) for the value x a cache of the
+// activation dtype would hold (pagoda_backend::RotaryCacheArgs); it is read as
+// code * scale. Kernels take the cache's element type as a template parameter
+// C: the activation type T, or __nv_fp8_e4m3.
+
+template <typename C> constexpr bool kIsFp8 = std::is_same<C, __nv_fp8_e4m3>::value;
+
+// The E4M3 code of x / scale: the division rounded to nearest (__fdiv_rn, an
+// IEEE division whatever the fast-math flags, as the CPU reference's), then
+// to the nearest code (ties to even), saturating at +-448.
+__device__ __forceinline__ __nv_fp8_storage_t e4m3_of(float x, float scale) {
+    return __nv_cvt_float_to_fp8(__fdiv_rn(x, scale), __NV_SATFINITE, __NV_E4M3);
+}
+
+// Eight floats rounded to T (what a cache of T would hold), divided by scale
+// and stored as eight E4M3 codes: one 8-byte access.
+template <typename T> __device__ __forceinline__ uint2 pack8_e4m3(const float (&in)[8], float scale) {
+    float r[8];
+    unpack8<T>(pack8<T>(in), r);
+    uint2 v;
+    __nv_fp8x2_storage_t *e = reinterpret_cast<__nv_fp8x2_storage_t *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        e[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(r[2 * i], scale), __fdiv_rn(r[2 * i + 1], scale)),
+                                        __NV_SATFINITE, __NV_E4M3);
+    return v;
+}
+
+// Eight E4M3 codes (8 bytes) as floats: their exact values, unscaled (the
+// conversion goes through f16, which holds every E4M3 value exactly).
+__device__ __forceinline__ void unpack8_e4m3(const uint2 &v, float (&out)[8]) {
+    const __nv_fp8x2_storage_t *e = reinterpret_cast<const __nv_fp8x2_storage_t *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(e[i], __NV_E4M3);
+        const float2 f = __half22float2(__half2(h));
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+// Eight cache elements from one access: 16 bytes of a 16-bit cache, 8 of an E4M3 one.
+template <typename C> struct KvChunk {
+    using type = uint4;
+    __device__ __forceinline__ static type ldg(const C *p) { return __ldg(reinterpret_cast<const uint4 *>(p)); }
+    __device__ __forceinline__ static type zero() { return make_uint4(0, 0, 0, 0); }
+    __device__ __forceinline__ static void unpack(const type &v, float (&out)[8]) { unpack8<C>(v, out); }
+};
+template <> struct KvChunk<__nv_fp8_e4m3> {
+    using type = uint2;
+    __device__ __forceinline__ static type ldg(const __nv_fp8_e4m3 *p) {
+        return __ldg(reinterpret_cast<const uint2 *>(p));
+    }
+    __device__ __forceinline__ static type zero() { return make_uint2(0, 0); }
+    __device__ __forceinline__ static void unpack(const type &v, float (&out)[8]) { unpack8_e4m3(v, out); }
+};
+
+// The K and V scales of an E4M3 cache (kv_scales may be null: both 1.0).
+// Read only after pdl_wait.
+__device__ __forceinline__ float2 load_kv_scales(const float *kv_scales) {
+    return kv_scales != nullptr ? make_float2(kv_scales[0], kv_scales[1]) : make_float2(1.f, 1.f);
 }
 
 // ---- tensor cores ---------------------------------------------------------------

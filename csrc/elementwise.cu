@@ -1,4 +1,4 @@
-// Elementwise and row-copy kernels: fill, bias broadcast, row gather
+// Elementwise and row-copy kernels: fill, seeded uniform fill, bias broadcast, row gather
 // (embedding, gather_rows), SiLU-and-mul, and the error-string table.
 #include <cuda_runtime.h>
 
@@ -16,6 +16,31 @@ template <typename T> __global__ void fill_kernel(T *dst, size_t n, T value) {
     pdl_wait();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = value;
+}
+
+// SplitMix64's draw `counter` (from 0) of the generator seeded with `key`:
+// pagoda_backend::splitmix64_draw.
+__device__ __forceinline__ uint64_t splitmix64_draw(uint64_t key, uint64_t counter) {
+    uint64_t z = key + (counter + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Element e of a rows x cols destination is (e / cols, e % cols); a
+// contiguous fill (row_stride == cols) comes as one row, with no division.
+// The value is low + width * u with each step rounded on its own (__fmul_rn
+// and __fadd_rn are never fused into an FMA), as the host computes it.
+template <typename T>
+__global__ void fill_uniform_kernel(T *dst, size_t n, size_t cols, uint64_t key, float low, float width,
+                                    uint64_t first, uint64_t row_stride) {
+    pdl_launch_dependents();
+    pdl_wait();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint64_t counter = cols == n ? first + i : first + (i / cols) * row_stride + i % cols;
+        const float u = (float)(uint32_t)(splitmix64_draw(key, counter) >> 40) * (1.0f / 16777216.0f);
+        dst[i] = from_float<T>(__fadd_rn(low, __fmul_rn(width, u)));
+    }
 }
 
 template <typename B, typename T>
@@ -126,6 +151,40 @@ extern "C" int pagoda_fill(void *dst, int dtype, size_t n, float value, const Pa
             break;
         case PAGODA_DTYPE_I64:
             launch(fill_kernel<int64_t>, blocks, threads, 0, s, (int64_t *)dst, n, (int64_t)value);
+            break;
+        case PAGODA_DTYPE_F8E4M3:  // the nearest code, saturating (the host's conversion)
+            launch(fill_kernel<uint8_t>, blocks, threads, 0, s, (uint8_t *)dst, n,
+                   (uint8_t)__nv_cvt_float_to_fp8(value, __NV_SATFINITE, __NV_E4M3));
+            break;
+        default: return PAGODA_ERR_DTYPE;
+    }
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+extern "C" int pagoda_fill_uniform(void *dst, int dtype, size_t rows, size_t cols, uint64_t key, float low,
+                                   float width, uint64_t first, uint64_t row_stride,
+                                   const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
+    if (row_stride < cols) return PAGODA_ERR_ARGUMENT;
+    const size_t n = rows * cols;
+    if (n == 0) return 0;
+    // Contiguous counters: one row of n, so the kernel divides nothing.
+    if (row_stride == cols || rows == 1) cols = n;
+    const LaunchStream s = launch_stream(policy, stream);
+    const int threads = 256, blocks = grid_for(n, threads);
+    switch (dtype) {
+        case PAGODA_DTYPE_F32:
+            launch(fill_uniform_kernel<float>, blocks, threads, 0, s, (float *)dst, n, cols, key, low, width, first,
+                   row_stride);
+            break;
+        case PAGODA_DTYPE_F16:
+            launch(fill_uniform_kernel<__half>, blocks, threads, 0, s, (__half *)dst, n, cols, key, low, width, first,
+                   row_stride);
+            break;
+        case PAGODA_DTYPE_BF16:
+            launch(fill_uniform_kernel<__nv_bfloat16>, blocks, threads, 0, s, (__nv_bfloat16 *)dst, n, cols, key, low,
+                   width, first, row_stride);
             break;
         default: return PAGODA_ERR_DTYPE;
     }

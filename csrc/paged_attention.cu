@@ -11,6 +11,13 @@
 // tiles of 64 tokens are gathered from the paged cache into shared memory with
 // cp.async, scores and the P.V product use bf16/f16 tensor cores
 // (mma.sync m16n8k16, f32 accumulation), and the softmax is online.
+//
+// FP8 (E4M3) caches: both kernels take the cache element type C (T, or
+// __nv_fp8_e4m3) and read 8 codes (8 bytes) where a 16-bit cache gives 8
+// elements (16 bytes). Codes are converted exactly (to f32 in decode, to T in
+// the prefill's shared-memory tiles: every E4M3 value is a bf16 and an f16
+// value); the K scale is folded into the query's scale (q.(s k) = (s q).k) and
+// the V scale into the output's normalisation.
 #include "common.cuh"
 
 using namespace pagoda;
@@ -57,17 +64,22 @@ struct BlockDiv {
 
 // Grid (kv head, decode sequence, partition). Dynamic shared memory: the partition's
 // scores for every query head of the group, later reused to merge the warps' outputs.
-template <typename T, int D, int GMAX, int P>
+// C: the cache element type (T, or __nv_fp8_e4m3 for an E4M3 cache).
+template <typename T, typename C, int D, int GMAX, int P>
 __global__ void __launch_bounds__(kDecodeThreads)
     paged_decode_kernel(const PagodaAttentionArgs a, int max_splits) {
+    using Chunk = KvChunk<C>;  // 8 cache elements: one 16-byte load, or 8 bytes of E4M3 codes
     constexpr int TPT = 8;                    // lanes per token for q.k
     constexpr int EPL = D / TPT;              // elements per lane for q.k
-    constexpr int VPL = EPL / 8;              // 16-byte loads per lane for q.k
+    constexpr int VPL = EPL / 8;              // 8-element loads per lane for q.k
     constexpr int QK_TOK = kDecodeWarps * (32 / TPT);  // tokens per block step for q.k
     constexpr int LPV = D / 8;                // lanes per token for p.v
     constexpr int PV_TOK = kDecodeWarps * (32 / LPV);
-    constexpr int U = 4;                      // K loads in flight per lane (x VPL)
-    constexpr int UV = 8;                     // V loads in flight per lane
+    // K loads in flight per lane (x VPL), V loads in flight per lane: twice
+    // as many of an E4M3 cache's 8-byte loads, so as many bytes are in flight
+    // (in as many registers) as with a 16-bit cache.
+    constexpr int U = kIsFp8<C> ? 8 : 4;
+    constexpr int UV = kIsFp8<C> ? 16 : 8;
 
     pdl_launch_dependents();  // the output product may start fetching its weights
     extern __shared__ float smem[];
@@ -96,8 +108,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const T *qbase = (const T *)a.q + ((size_t)qrow * a.num_q_heads + (size_t)kvh * G) * D;
     const int32_t *table = a.block_tables + (size_t)s * a.max_blocks_per_seq;
     const size_t block_stride = (size_t)a.num_kv_heads * a.block_size * D;
-    const T *kbase = (const T *)a.k_cache + (size_t)kvh * a.block_size * D;
-    const T *vbase = (const T *)a.v_cache + (size_t)kvh * a.block_size * D;
+    const C *kbase = (const C *)a.k_cache + (size_t)kvh * a.block_size * D;
+    const C *vbase = (const C *)a.v_cache + (size_t)kvh * a.block_size * D;
     const float qscale = a.scale * kLog2e;
 
     // The partition's block-table entries, once, in shared memory: the K and V
@@ -117,9 +129,17 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
     pdl_wait();  // q and the newest K/V come from the kernel before
     if (bad_entry) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
+    // An E4M3 cache's K scale goes into the query's, its V scale into the output.
+    float k_scale = 1.f, v_scale = 1.f;
+    if constexpr (kIsFp8<C>) {
+        const float2 kv = load_kv_scales(a.kv_scales);
+        k_scale = kv.x;
+        v_scale = kv.y;
+    }
 
     // ---- scores: q.k for every token of the partition and every head of the group ----
     {
+        const float qk_scale = kIsFp8<C> ? qscale * k_scale : qscale;
         const int c = lane % TPT, sub = lane / TPT;
         float qr[GMAX][EPL];
 #pragma unroll
@@ -134,11 +154,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
                     for (int e = 0; e < 8; ++e) tmp[e] = 0.f;
                 }
 #pragma unroll
-                for (int e = 0; e < 8; ++e) qr[g][v * 8 + e] = tmp[e] * qscale;
+                for (int e = 0; e < 8; ++e) qr[g][v * 8 + e] = tmp[e] * qk_scale;
             }
         }
         for (int base = 0; base < ntok; base += QK_TOK * U) {
-            uint4 kv[U][VPL];
+            typename Chunk::type kv[U][VPL];
             int tl[U];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
@@ -148,11 +168,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
                 for (int v = 0; v < VPL; ++v) {
                     if (b >= 0) {
-                        const T *p = kbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D +
+                        const C *p = kbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D +
                                      (c + v * TPT) * 8;
-                        kv[u][v] = __ldg(reinterpret_cast<const uint4 *>(p));
+                        kv[u][v] = Chunk::ldg(p);
                     } else {
-                        kv[u][v] = make_uint4(0, 0, 0, 0);
+                        kv[u][v] = Chunk::zero();
                     }
                 }
             }
@@ -164,7 +184,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
                 for (int v = 0; v < VPL; ++v) {
                     float k[8];
-                    unpack8<T>(kv[u][v], k);
+                    Chunk::unpack(kv[u][v], k);
 #pragma unroll
                     for (int g = 0; g < GMAX; ++g)
 #pragma unroll
@@ -211,7 +231,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
     for (int base = 0; base < ntok; base += PV_TOK * UV) {
-        uint4 vv[UV];
+        typename Chunk::type vv[UV];
         int tl[UV];
 #pragma unroll
         for (int u = 0; u < UV; ++u) {
@@ -219,17 +239,17 @@ __global__ void __launch_bounds__(kDecodeThreads)
             const int tok = tok0 + tl[u];
             const int b = tl[u] < ntok ? s_blocks[bdiv.div(tok) - first_block] : -1;
             if (b >= 0) {
-                const T *p = vbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D + vc * 8;
-                vv[u] = __ldg(reinterpret_cast<const uint4 *>(p));
+                const C *p = vbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D + vc * 8;
+                vv[u] = Chunk::ldg(p);
             } else {
-                vv[u] = make_uint4(0, 0, 0, 0);
+                vv[u] = Chunk::zero();
             }
         }
 #pragma unroll
         for (int u = 0; u < UV; ++u) {
             if (tl[u] < ntok) {
                 float v[8];
-                unpack8<T>(vv[u], v);
+                Chunk::unpack(vv[u], v);
 #pragma unroll
                 for (int g = 0; g < GMAX; ++g) {
                     if (g < G) {
@@ -264,6 +284,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
         float o = 0.f;
 #pragma unroll
         for (int w = 0; w < kDecodeWarps; ++w) o += s_part[(w * GMAX + g) * D + d];
+        if constexpr (kIsFp8<C>) o *= v_scale;  // the partials too: the merge then needs no scale
         const int h = kvh * G + g;
         if (num_splits == 1) {
             T *out = (T *)a.out + ((size_t)qrow * Hq + h) * D;
@@ -337,16 +358,17 @@ int decode_max_splits(const PagodaAttentionArgs *a, const PagodaKernelPolicy *po
     return ceil_div(decode_context(a), decode_partition(a, policy));
 }
 
-template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAttentionArgs *a, LaunchStream s) {
+template <typename T, typename C, int D, int GMAX, int P>
+int launch_decode_p(const PagodaAttentionArgs *a, LaunchStream s) {
     const int max_splits = ceil_div(decode_context(a), P);
     const size_t smem = sizeof(float) * (size_t)max(GMAX * P, kDecodeWarps * GMAX * D);
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<T, D, GMAX, P>,
+        cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<T, C, D, GMAX, P>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid(a->num_kv_heads, a->num_decode_seqs, max_splits);
-    launch(paged_decode_kernel<T, D, GMAX, P>, grid, kDecodeThreads, smem, s, *a, max_splits);
+    launch(paged_decode_kernel<T, C, D, GMAX, P>, grid, kDecodeThreads, smem, s, *a, max_splits);
     PAGODA_LAUNCH_CHECK();
     if (max_splits > 1) {
         launch(paged_decode_merge_kernel<T, D>, dim3(a->num_q_heads, a->num_decode_seqs), D, 0, s, *a, max_splits, P);
@@ -355,24 +377,24 @@ template <typename T, int D, int GMAX, int P> int launch_decode_p(const PagodaAt
     return 0;
 }
 
-template <typename T, int D, int GMAX>
+template <typename T, typename C, int D, int GMAX>
 int launch_decode_g(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     switch (decode_partition(a, policy)) {
-        case 64: return launch_decode_p<T, D, GMAX, 64>(a, s);
-        case 128: return launch_decode_p<T, D, GMAX, 128>(a, s);
-        case 256: return launch_decode_p<T, D, GMAX, 256>(a, s);
-        case 1024: return launch_decode_p<T, D, GMAX, 1024>(a, s);
-        default: return launch_decode_p<T, D, GMAX, 512>(a, s);
+        case 64: return launch_decode_p<T, C, D, GMAX, 64>(a, s);
+        case 128: return launch_decode_p<T, C, D, GMAX, 128>(a, s);
+        case 256: return launch_decode_p<T, C, D, GMAX, 256>(a, s);
+        case 1024: return launch_decode_p<T, C, D, GMAX, 1024>(a, s);
+        default: return launch_decode_p<T, C, D, GMAX, 512>(a, s);
     }
 }
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 int launch_decode(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     const int G = a->num_q_heads / a->num_kv_heads;
-    if (G <= 1) return launch_decode_g<T, D, 1>(a, policy, s);
-    if (G <= 2) return launch_decode_g<T, D, 2>(a, policy, s);
-    if (G <= 4) return launch_decode_g<T, D, 4>(a, policy, s);
-    return launch_decode_g<T, D, 8>(a, policy, s);
+    if (G <= 1) return launch_decode_g<T, C, D, 1>(a, policy, s);
+    if (G <= 2) return launch_decode_g<T, C, D, 2>(a, policy, s);
+    if (G <= 4) return launch_decode_g<T, C, D, 4>(a, policy, s);
+    return launch_decode_g<T, C, D, 8>(a, policy, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,22 +456,47 @@ template <int D> struct TileRows {
 
     // Queues the copies of the fetched tile's tokens into a swizzled tile; rows past the end
     // (or with an out-of-range entry, reported in the status word) become zeros.
-    template <typename T>
-    __device__ __forceinline__ void issue(T *tile, const T *cache, int kvh, const PagodaAttentionArgs &a,
+    // An E4M3 cache (C = __nv_fp8_e4m3) is not copied asynchronously: each row's 8 codes
+    // are loaded (every row's load in flight at once), converted exactly to T and stored
+    // as the 16 bytes a cache of T would have given.
+    template <typename T, typename C>
+    __device__ __forceinline__ void issue(T *tile, const C *cache, int kvh, const PagodaAttentionArgs &a,
                                           const BlockDiv &bdiv) const {
         const int r0 = threadIdx.x / CH, c = threadIdx.x % CH;
         const size_t block_stride = (size_t)a.num_kv_heads * a.block_size * D;
+        if constexpr (kIsFp8<C>) {
+            uint2 raw[RPT];
 #pragma unroll
-        for (int j = 0; j < RPT; ++j) {
-            const int r = r0 + j * RSTEP;
-            T *dst = tile + swz<D>(r, c);
-            const int b = entry[j];
-            if (b >= 0 && b < a.num_blocks) {
-                cp_async16(dst, cache + (size_t)b * block_stride +
-                                    ((size_t)kvh * a.block_size + bdiv.mod(n0 + r)) * D + c * 8);
-            } else {
-                if (b != kPastEnd) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
-                *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+            for (int j = 0; j < RPT; ++j) {
+                const int r = r0 + j * RSTEP;
+                const int b = entry[j];
+                if (b >= 0 && b < a.num_blocks) {
+                    raw[j] = __ldg(reinterpret_cast<const uint2 *>(
+                        cache + (size_t)b * block_stride + ((size_t)kvh * a.block_size + bdiv.mod(n0 + r)) * D + c * 8));
+                } else {
+                    if (b != kPastEnd) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
+                    raw[j] = make_uint2(0, 0);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < RPT; ++j) {
+                float x[8];
+                unpack8_e4m3(raw[j], x);
+                *reinterpret_cast<uint4 *>(tile + swz<D>(r0 + j * RSTEP, c)) = pack8<T>(x);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < RPT; ++j) {
+                const int r = r0 + j * RSTEP;
+                T *dst = tile + swz<D>(r, c);
+                const int b = entry[j];
+                if (b >= 0 && b < a.num_blocks) {
+                    cp_async16(dst, cache + (size_t)b * block_stride +
+                                        ((size_t)kvh * a.block_size + bdiv.mod(n0 + r)) * D + c * 8);
+                } else {
+                    if (b != kPastEnd) set_status(a.status, PAGODA_STATUS_BLOCK_TABLE);
+                    *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+                }
             }
         }
     }
@@ -458,7 +505,7 @@ template <int D> struct TileRows {
 // Grid (query tile, query head, sequence - seq_begin). Registers are capped for three
 // resident blocks per SM (168; a few bytes spill): measured as fast as two blocks
 // without the cap (PERF.md), with more warps to hide latency.
-template <typename T, int D>
+template <typename T, typename C, int D>
 __global__ void __launch_bounds__(kPrefillThreads, 3)
     prefill_attention_kernel(const PagodaAttentionArgs a, int seq_begin) {
     constexpr int CH = D / 8;
@@ -488,8 +535,8 @@ __global__ void __launch_bounds__(kPrefillThreads, 3)
     const int G = a.num_q_heads / a.num_kv_heads;
     const int kvh = h / G;
     const int32_t *table = a.block_tables + (size_t)s * a.max_blocks_per_seq;
-    const T *kc = (const T *)a.k_cache;
-    const T *vc = (const T *)a.v_cache;
+    const C *kc = (const C *)a.k_cache;
+    const C *vc = (const C *)a.v_cache;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t q_stride = (size_t)a.num_q_heads * D;
 
@@ -510,7 +557,10 @@ __global__ void __launch_bounds__(kPrefillThreads, 3)
     const T *q_frag = q_tile + (warp * 16 + (lane % 16)) * D;
     const int q_row_swz = (lane % 16) & 7;
 
-    const float sl = a.scale * kLog2e;
+    // An E4M3 cache's K scale goes into the scores' scale, its V scale into 1/l below.
+    float2 kv_scale = make_float2(1.f, 1.f);
+    if constexpr (kIsFp8<C>) kv_scale = load_kv_scales(a.kv_scales);  // after the wait above
+    const float sl = kIsFp8<C> ? a.scale * kLog2e * kv_scale.x : a.scale * kLog2e;
     const int r0 = warp * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
     const int pos0 = pos_first + r0, pos1 = pos0 + 8;
     const int lo0 = window_start(pos0, a.sliding_window), lo1 = window_start(pos1, a.sliding_window);
@@ -636,7 +686,11 @@ __global__ void __launch_bounds__(kPrefillThreads, 3)
         l_0 += __shfl_xor_sync(0xffffffffu, l_0, o2);
         l_1 += __shfl_xor_sync(0xffffffffu, l_1, o2);
     }
-    const float inv0 = l_0 > 0.f ? 1.f / l_0 : 0.f, inv1 = l_1 > 0.f ? 1.f / l_1 : 0.f;
+    float inv0 = l_0 > 0.f ? 1.f / l_0 : 0.f, inv1 = l_1 > 0.f ? 1.f / l_1 : 0.f;
+    if constexpr (kIsFp8<C>) {
+        inv0 *= kv_scale.y;
+        inv1 *= kv_scale.y;
+    }
     T *out = (T *)a.out;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -653,35 +707,42 @@ __global__ void __launch_bounds__(kPrefillThreads, 3)
     }
 }
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 int launch_prefill(const PagodaAttentionArgs *a, int seq_begin, int max_query_len, LaunchStream s) {
     const int nseqs = a->num_seqs - seq_begin;
     if (nseqs <= 0 || max_query_len <= 0) return 0;
     const size_t smem = sizeof(T) * (size_t)(kBM + 2 * kBN) * D;
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(prefill_attention_kernel<T, D>,
+        cudaError_t e = cudaFuncSetAttribute(prefill_attention_kernel<T, C, D>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid(ceil_div(max_query_len, kBM), a->num_q_heads, nseqs);
-    launch(prefill_attention_kernel<T, D>, grid, kPrefillThreads, smem, s, *a, seq_begin);
+    launch(prefill_attention_kernel<T, C, D>, grid, kPrefillThreads, smem, s, *a, seq_begin);
     PAGODA_LAUNCH_CHECK();
     return 0;
 }
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 int launch_attention(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     const int G = a->num_q_heads / a->num_kv_heads;
     if (G > kMaxDecodeGroup) {
         // Wide groups: the prefill kernel serves decode rows too (one query row each).
         const int max_q = a->max_prefill_query_len > 1 ? a->max_prefill_query_len : 1;
-        return launch_prefill<T, D>(a, 0, max_q, s);
+        return launch_prefill<T, C, D>(a, 0, max_q, s);
     }
     if (a->num_decode_seqs > 0) {
-        const int rc = launch_decode<T, D>(a, policy, s);
+        const int rc = launch_decode<T, C, D>(a, policy, s);
         if (rc != 0) return rc;
     }
-    return launch_prefill<T, D>(a, a->num_decode_seqs, a->max_prefill_query_len, s);
+    return launch_prefill<T, C, D>(a, a->num_decode_seqs, a->max_prefill_query_len, s);
+}
+
+// The cache's element type: the activation type T, or E4M3 codes.
+template <typename T, int D>
+int launch_attention_cache(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
+    if (a->cache_dtype == PAGODA_DTYPE_F8E4M3) return launch_attention<T, __nv_fp8_e4m3, D>(a, policy, s);
+    return launch_attention<T, T, D>(a, policy, s);
 }
 
 }  // namespace
@@ -706,11 +767,12 @@ extern "C" int pagoda_attention(const PagodaAttentionArgs *a, const PagodaKernel
         return PAGODA_ERR_WORKSPACE;
     if (!aligned16(a->q) || !aligned16(a->k_cache) || !aligned16(a->v_cache) || !aligned16(a->out))
         return PAGODA_ERR_ALIGNMENT;
+    if (a->cache_dtype != a->dtype && a->cache_dtype != PAGODA_DTYPE_F8E4M3) return PAGODA_ERR_DTYPE;
     const LaunchStream s = launch_stream(policy, stream);
     PAGODA_DISPATCH_HALF(a->dtype, {
         switch (a->head_dim) {
-            case 64: return launch_attention<scalar_t, 64>(a, policy, s);
-            case 128: return launch_attention<scalar_t, 128>(a, policy, s);
+            case 64: return launch_attention_cache<scalar_t, 64>(a, policy, s);
+            case 128: return launch_attention_cache<scalar_t, 128>(a, policy, s);
             default: return PAGODA_ERR_HEAD_DIM;
         }
     });

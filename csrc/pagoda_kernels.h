@@ -31,6 +31,7 @@ extern "C" {
 #define PAGODA_DTYPE_BF16 2
 #define PAGODA_DTYPE_I32 3
 #define PAGODA_DTYPE_I64 4
+#define PAGODA_DTYPE_F8E4M3 5 /* FP8 E4M3 codes: KV caches only */
 
 /* Argument errors (beyond the cudaError_t range). */
 #define PAGODA_ERR_DTYPE 10001
@@ -81,8 +82,17 @@ typedef struct {
 
 /* ---- elementwise ------------------------------------------------------- */
 
-/* dst[0..n) = value, converted to dtype (integers: truncated toward zero). */
+/* dst[0..n) = value, converted to dtype (integers: truncated toward zero;
+ * F8E4M3: the nearest code, saturating). */
 int pagoda_fill(void *dst, int dtype, size_t n, float value, const PagodaKernelPolicy *policy, void *stream);
+
+/* Seeded uniform values (pagoda_backend::UniformFill): element (r, c) of dst
+ * (rows x cols, a float dtype) gets the f32 value low + width * u, each step
+ * rounded once (no FMA), rounded to dtype (nearest even), where
+ * u = (splitmix64 draw number first + r * row_stride + c of the generator
+ * seeded with key >> 40) / 2^24. Bit for bit the CPU reference's values. */
+int pagoda_fill_uniform(void *dst, int dtype, size_t rows, size_t cols, uint64_t key, float low, float width,
+                        uint64_t first, uint64_t row_stride, const PagodaKernelPolicy *policy, void *stream);
 
 /* out[r, :] = bias[:] (or += with accumulate) for r in 0..rows (bias may be another float dtype). */
 int pagoda_broadcast_rows(const void *bias, int bias_dtype, void *out, int out_dtype, int rows, int cols,
@@ -110,7 +120,7 @@ typedef struct {
     const int32_t *positions;  /* [T] */
     const float *cos_sin;      /* [max_positions, rotary_dim] */
     void *q_out;               /* [T, Hq * D] */
-    void *k_cache;             /* [num_blocks, Hkv, block_size, D] */
+    void *k_cache;             /* [num_blocks, Hkv, block_size, D] of cache_dtype */
     void *v_cache;
     const int64_t *slot_mapping; /* [T]; negative skips the token */
     uint32_t *status;
@@ -124,6 +134,14 @@ typedef struct {
     int max_positions;
     int num_blocks;
     int block_size;
+    /* Device [2]: the K scale and the V scale of an F8E4M3 cache (read after
+     * the kernel before has completed); NULL: both 1.0. */
+    const float *kv_scales;
+    /* dtype, or PAGODA_DTYPE_F8E4M3: the caches then get e4m3(x / scale) of
+     * the value x a cache of dtype would get (k rotated and rounded to
+     * dtype, v as it is), the division an IEEE one, the rounding to nearest
+     * even and saturating at +-448. */
+    int cache_dtype;
 } PagodaRotaryArgs;
 
 int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, const PagodaKernelPolicy *policy, void *stream);
@@ -132,7 +150,7 @@ int pagoda_rotary_and_cache(const PagodaRotaryArgs *args, const PagodaKernelPoli
 
 typedef struct {
     const void *q;          /* [T, Hq, D] */
-    const void *k_cache;    /* [num_blocks, Hkv, block_size, D] */
+    const void *k_cache;    /* [num_blocks, Hkv, block_size, D] of cache_dtype */
     const void *v_cache;
     void *out;              /* [T, Hq, D] */
     const int32_t *query_start_loc; /* [num_seqs + 1] */
@@ -154,6 +172,11 @@ typedef struct {
     int sliding_window;      /* 0: none */
     int max_decode_seq_len;  /* over the decode sequences */
     int max_prefill_query_len; /* over the other sequences */
+    /* dtype, or PAGODA_DTYPE_F8E4M3: codes read as value * scale (K's scale
+     * kv_scales[0], V's kv_scales[1]; NULL: 1.0; read after the kernel
+     * before has completed). */
+    const float *kv_scales;
+    int cache_dtype;
 } PagodaAttentionArgs;
 
 /* Bytes of workspace pagoda_attention needs for these arguments under this

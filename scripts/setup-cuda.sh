@@ -4,8 +4,11 @@
 # on a GPU machine against its real driver.
 #
 # Everything lands in the git-ignored .cuda/ folder of the checkout:
-#   .cuda/venv/                   PyPI wheels of nvcc, the runtime, CCCL and cuBLAS (pinned to 13.0)
+#   .cuda/venv/                   PyPI wheels of nvcc, the runtime, CCCL and cuBLAS (pinned to 13.0),
+#                                 and NCCL (nvidia-nccl-cu13) for tensor parallelism
 #   .cuda/venv/.../nvidia/cu13    the toolkit root: bin/ (nvcc, ptxas), include/, lib/
+#   .cuda/venv/.../nvidia/nccl    NCCL: include/nccl.h (bindgen reads it) and lib/libnccl.so.2 (loaded
+#                                 at run time, only by tensor-parallel runs: see crates/backend-cuda/src/nccl.rs)
 #   .cuda/lib64/libcuda.so        a stub driver (every cu* symbol cust_raw declares) for linking only,
 #                                 built by scripts/make-cuda-stub.sh
 #   .cuda/env.sh                  the environment to export before building
@@ -30,6 +33,9 @@ WHEELS=(
   nvidia-nvvm==13.0.88
   nvidia-cuda-cccl==13.0.85
   nvidia-cublas==13.0.2.14
+  # NCCL for CUDA 13: its header for the bindings, its libnccl.so.2 for runs on this machine's GPUs (if
+  # any). Any NCCL 2.x from 2.14 on works at run time (the library is loaded by name, not linked).
+  nvidia-nccl-cu13==2.28.9
 )
 
 log() { echo "setup-cuda: $*" >&2; }
@@ -55,21 +61,28 @@ fi
 if ! "$VENV/bin/python" -m pip show -q "${WHEELS[@]%%==*}" >/dev/null 2>&1 \
   || ! "$VENV/bin/python" - "${WHEELS[@]}" <<'PY'
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 for spec in sys.argv[1:]:
     name, want = spec.split("==")
-    if version(name) != want:
+    try:
+        if version(name) != want:
+            sys.exit(1)
+    except PackageNotFoundError:  # a wheel added to the list since the last run
         sys.exit(1)
 PY
 then
   log "installing ${WHEELS[*]}"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${WHEELS[@]}" \
-    || die "pip could not install the CUDA wheels from PyPI (is it reachable? about 1 GB to download)"
+    || die "pip could not install the CUDA wheels from PyPI (is it reachable? about 1.2 GB to download)"
 fi
 CU13="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
 for f in bin/nvcc include/cuda.h include/cuda_bf16.h include/cublas_v2.h include/cccl/cub/cub.cuh \
   lib/libcudart_static.a lib/libcublas.so.13 lib/libcublasLt.so.13; do
   [ -e "$CU13/$f" ] || die "missing $CU13/$f after installing the wheels"
+done
+NCCL="$(dirname "$CU13")/nccl"
+for f in include/nccl.h lib/libnccl.so.2; do
+  [ -e "$NCCL/$f" ] || die "missing $NCCL/$f after installing the wheels"
 done
 
 # 3. Unversioned cuBLAS names for the linker.
@@ -89,6 +102,7 @@ cat >"$CUDA_DIR/env.sh" <<EOF
 # Written by scripts/setup-cuda.sh: source it before building with --features cuda.
 export CUDA_PATH="$CU13"
 export CUDA_LIBRARY_PATH="$CUDA_DIR"
+export PAGODA_NCCL_ROOT="$NCCL"
 export PATH="$CU13/bin:\$PATH"
 EOF
 log "done; now run: source $CUDA_DIR/env.sh"

@@ -18,10 +18,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use pagoda_backend::Backend;
-use pagoda_engine::{load_engine, GenerationRequest, LlmEngine, SamplingParams};
+use pagoda_engine::{GenerationRequest, LlmEngine, SamplingParams};
 use serde::Serialize;
 
-use crate::backends::{dispatch, loading_bar, BackendJob};
+use crate::backends::{device_label, dispatch, loading_bar, BackendJob, EngineDevices};
 use crate::engine_args::EngineArgs;
 use check::{CompletionCheck, RequestCompletion};
 pub use workload::WorkloadArgs;
@@ -126,14 +126,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 /// Loads the engine, reporting the cold-start time (process start is not
 /// ours to see; this is load start to ready).
-fn load<B: Backend>(backend: B, args: &EngineArgs) -> anyhow::Result<(LlmEngine<B>, f64)> {
+fn load<B: Backend>(devices: EngineDevices<B>, args: &EngineArgs) -> anyhow::Result<(LlmEngine<B>, f64)> {
     let started = Instant::now();
     let bar = loading_bar();
-    let engine = load_engine(backend, args.model_path()?, args.engine_config()?, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })
-    .context("loading the model")?; // its errors name the file
+    let engine = devices
+        .load_engine(args.model_path()?, args.engine_config()?, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .context("loading the model")?; // its errors name the file
     bar.finish_and_clear();
     Ok((engine, started.elapsed().as_secs_f64()))
 }
@@ -304,13 +305,10 @@ struct Throughput(ThroughputArgs);
 impl BackendJob for Throughput {
     type Output = ();
 
-    fn run<B: Backend, F>(self, make_backend: F) -> anyhow::Result<()>
-    where
-        F: FnOnce() -> anyhow::Result<B> + Send + 'static,
-    {
+    fn run<B: Backend>(self, devices: EngineDevices<B>) -> anyhow::Result<()> {
         let args = self.0;
-        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?)?;
-        let (mut engine, load_s) = load(make_backend()?, &args.engine)?;
+        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?, args.engine.load_format)?;
+        let (mut engine, load_s) = load(devices, &args.engine)?;
         anyhow::ensure!(
             loras.is_none() || engine.config().lora.is_some(),
             "--synthetic-loras needs --enable-lora (and --max-loras for the slots)"
@@ -420,7 +418,7 @@ fn measure_throughput<B: Backend>(
     mut kv_view_probe: Option<kv_view_cost::KvViewProbe>,
     loras: Option<&lora::BenchLoras>,
 ) -> anyhow::Result<ThroughputResult> {
-    let device = engine.runner().backend().name();
+    let device = device_label(engine);
     let sampling_report = SamplingReport::of(engine, sampling);
     let prompt_tokens: usize = requests.iter().map(|r| r.prompt_token_ids.len()).sum();
     let bar = indicatif::ProgressBar::new(requests.iter().map(|r| r.max_tokens as u64).sum());
@@ -632,19 +630,16 @@ struct Latency(LatencyArgs);
 impl BackendJob for Latency {
     type Output = ();
 
-    fn run<B: Backend, F>(self, make_backend: F) -> anyhow::Result<()>
-    where
-        F: FnOnce() -> anyhow::Result<B> + Send + 'static,
-    {
+    fn run<B: Backend>(self, devices: EngineDevices<B>) -> anyhow::Result<()> {
         let args = self.0;
         anyhow::ensure!(args.output_len >= 2, "--output-len must be at least 2 to time decoding");
-        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?)?;
-        let (mut engine, load_s) = load(make_backend()?, &args.engine)?;
+        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?, args.engine.load_format)?;
+        let (mut engine, load_s) = load(devices, &args.engine)?;
         anyhow::ensure!(
             loras.is_none() || engine.config().lora.is_some(),
             "--synthetic-loras needs --enable-lora"
         );
-        let device = engine.runner().backend().name();
+        let device = device_label(&engine);
         let vocab = engine.info().vocab_size;
         let mut ttft = Vec::new();
         let mut decode = Vec::new();
@@ -813,6 +808,7 @@ fn write_json(path: Option<&PathBuf>, value: &impl Serialize) -> anyhow::Result<
 mod tests {
     use super::*;
     use pagoda_backend_cpu_ref::CpuBackend;
+    use pagoda_engine::load_engine;
     use pagoda_engine::{EngineConfig, PreemptionMode};
 
     const GREEDY: BenchSamplingArgs = BenchSamplingArgs { temperature: 0.0, detokenize: false };

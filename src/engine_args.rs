@@ -1,12 +1,14 @@
 //! Engine options shared by `generate`, `serve` and `bench`, named as vLLM
 //! names them where the meaning is the same.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use pagoda_engine::{
-    EngineConfig, GenerationConfigSource, LoraConfig, Policy, PreemptionMode, SpeculativeConfig,
+    EngineConfig, GenerationConfigSource, KvCacheDtype, LoadFormat, LoraConfig, Policy, PreemptionMode,
+    SpeculativeConfig,
 };
 
 /// Which backend runs the model.
@@ -67,13 +69,21 @@ impl DecodePartitionArg {
     }
 }
 
-/// The device, and switches of its kernels for experiments. Each `--kernel-*`
-/// flag given wins over its `PAGODA_*` environment variable, which wins over
-/// the GPU's own default; they apply to the CUDA backend only.
+/// The device, how many of them one model is split over, and switches of
+/// the kernels for experiments. Each `--kernel-*` flag given wins over its
+/// `PAGODA_*` environment variable, which wins over the GPU's own default;
+/// they apply to the CUDA backend only.
 #[derive(Args, Clone, Copy, Debug)]
 pub struct DeviceArgs {
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Split the model over this many ranks, one device each (vLLM's flag,
+    /// also `-tp N`): attention heads and FFN columns are divided, and each
+    /// rank's KV cache holds its KV heads. The CPU backend runs one thread
+    /// per rank; CUDA one GPU per rank (GPU r for rank r), joined by NCCL,
+    /// with --enforce-eager for now.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub tensor_parallel_size: usize,
     /// CUDA: context tokens per decode-attention partition (default: auto, or
     /// $PAGODA_DECODE_PARTITION).
     #[arg(long, value_enum, value_name = "TOKENS")]
@@ -123,6 +133,12 @@ pub struct EngineArgs {
     /// (`pagoda serve` also takes it as its first argument, as `vllm serve MODEL` does.)
     #[arg(long, env = "PAGODA_MODEL", required = true)]
     pub model: Option<PathBuf>,
+    /// How the weights are read (vLLM's flag): auto (the folder's safetensors
+    /// or the GGUF file), safetensors, gguf, or dummy: random weights of the
+    /// shape of the folder's config.json, made on the device (no weight files
+    /// needed; a model without tokenizer.json takes token ids only).
+    #[arg(long, default_value = "auto", value_parser = parse_load_format, value_name = "auto|safetensors|gguf|dummy")]
+    pub load_format: LoadFormat,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Where the sampling defaults of requests come from (vLLM's flag): `auto`, the model's
@@ -145,6 +161,11 @@ pub struct EngineArgs {
     /// CPU swap space for preempted sequences, in GiB (used with --preemption-mode swap).
     #[arg(long, default_value_t = 4.0)]
     pub swap_space: f64,
+    /// What the KV cache stores: auto (the activation dtype) or fp8 / fp8_e4m3
+    /// (E4M3 codes over the checkpoint's per-layer k_scale/v_scale, else 1.0:
+    /// twice the blocks of a bf16 cache). fp8_e5m2 is not supported.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype, value_name = "auto|fp8|fp8_e4m3")]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Most sequences running at once.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -244,6 +265,7 @@ impl EngineArgs {
             gpu_memory_utilization: self.gpu_memory_utilization,
             kv_cache_memory_bytes: self.kv_cache_memory,
             swap_space_bytes: (self.swap_space * (1u64 << 30) as f64) as u64,
+            kv_cache_dtype: self.kv_cache_dtype,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,
@@ -281,10 +303,48 @@ impl EngineArgs {
                 max_lora_rank: self.max_lora_rank,
                 max_cpu_loras: self.max_cpu_loras.unwrap_or(self.max_loras),
             }),
+            tensor_parallel_size: self.device.tensor_parallel_size,
+            load_format: self.load_format,
         };
         config.validate().context("invalid engine options")?;
         Ok(config)
     }
+}
+
+/// The command line with vLLM's one-dash `-tp N` (and `-tp=N`) spelled
+/// `--tensor-parallel-size`: clap's short flags are one character, and
+/// scripts written for vLLM use `-tp`. Arguments after `--` are left alone.
+pub fn expand_vllm_short_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut literal = false;
+    args.into_iter()
+        .map(|arg| {
+            if literal {
+                return arg;
+            }
+            match arg.to_str() {
+                Some("--") => {
+                    literal = true;
+                    arg
+                }
+                Some("-tp") => OsString::from("--tensor-parallel-size"),
+                Some(s) if s.starts_with("-tp=") => {
+                    OsString::from(format!("--tensor-parallel-size={}", &s[4..]))
+                }
+                _ => arg,
+            }
+        })
+        .collect()
+}
+
+/// `--kv-cache-dtype`, by vLLM's names ([`KvCacheDtype`]'s `FromStr`).
+fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtype, String> {
+    s.parse()
+}
+
+/// `--load-format`, by vLLM's names ([`LoadFormat`]'s `FromStr`: its other
+/// formats are refused by name).
+fn parse_load_format(s: &str) -> Result<LoadFormat, String> {
+    s.parse()
 }
 
 /// Parses `1024`, `512KiB`, `512MiB`, `2GiB` (also KB/MB/GB, K/M/G, powers of 1024).
@@ -315,6 +375,15 @@ mod tests {
         assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("GiB").is_err());
+    }
+
+    #[test]
+    fn kv_cache_dtypes_parse_by_vllms_names() {
+        assert_eq!(parse_kv_cache_dtype("auto"), Ok(KvCacheDtype::Auto));
+        assert_eq!(parse_kv_cache_dtype("fp8"), Ok(KvCacheDtype::Fp8E4M3));
+        assert_eq!(parse_kv_cache_dtype("fp8_e4m3"), Ok(KvCacheDtype::Fp8E4M3));
+        assert!(parse_kv_cache_dtype("fp8_e5m2").is_err_and(|e| e.contains("fp8_e5m2 is not supported")));
+        assert!(parse_kv_cache_dtype("int8").is_err_and(|e| e.contains("auto, fp8 or fp8_e4m3")));
     }
 
     #[derive(clap::Parser, Debug)]
@@ -376,6 +445,41 @@ mod tests {
         ] {
             let e = engine_config(bad).expect_err("refused");
             assert!(format!("{e:#}").contains("--max-"), "{bad:?}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn tensor_parallel_size_is_vllms_flag_with_its_short_spelling() {
+        assert_eq!(engine_config(&[]).unwrap().tensor_parallel_size, 1);
+        let argv = |args: &[&str]| -> Vec<OsString> {
+            let all = ["pagoda", "--model", "m"].iter().chain(args).map(OsString::from);
+            expand_vllm_short_flags(all)
+        };
+        for args in [&["--tensor-parallel-size", "3"][..], &["-tp", "3"], &["-tp=3"]] {
+            use clap::Parser;
+            let engine = EngineCli::try_parse_from(argv(args)).expect("parses").engine;
+            assert_eq!(engine.engine_config().unwrap().tensor_parallel_size, 3, "{args:?}");
+        }
+        let after_dashes = expand_vllm_short_flags(["--", "-tp"].map(OsString::from));
+        assert_eq!(after_dashes, ["--", "-tp"], "a literal argument is left alone");
+        let e = engine_config(&["--tensor-parallel-size", "0"]).expect_err("refused");
+        assert!(format!("{e:#}").contains("--tensor-parallel-size must be at least 1"), "{e:#}");
+        let e = engine_config(&["--tensor-parallel-size", "2", "--enable-lora"]).expect_err("refused");
+        assert!(format!("{e:#}").contains("--enable-lora is not supported with --tensor-parallel-size 2"));
+    }
+
+    #[test]
+    fn load_formats_are_vllms_names_and_the_others_are_refused_by_name() {
+        assert_eq!(engine_config(&[]).unwrap().load_format, LoadFormat::Auto);
+        let dummy = engine_config(&["--load-format", "dummy"]).unwrap();
+        assert_eq!(dummy.load_format, LoadFormat::Dummy);
+        for (bad, says) in [
+            ("pt", "--load-format pt is not supported"),
+            ("bitsandbytes", "--load-format bitsandbytes is not supported"),
+            ("random", "expected auto, safetensors, gguf or dummy"),
+        ] {
+            let e = engine_config(&["--load-format", bad]).expect_err("refused");
+            assert!(e.to_string().contains(says), "{bad}: {e}");
         }
     }
 

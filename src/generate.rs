@@ -10,10 +10,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use pagoda_backend::Backend;
-use pagoda_engine::{load_engine, GenerationRequest, LlmEngine, SamplingParams};
+use pagoda_engine::{GenerationRequest, LlmEngine, SamplingParams};
 use pagoda_models::ChatMessage;
 
-use crate::backends::{dispatch, loading_bar, BackendJob};
+use crate::backends::{device_label, dispatch, loading_bar, BackendJob, EngineDevices};
 use crate::engine_args::EngineArgs;
 
 #[derive(Args, Debug)]
@@ -62,22 +62,19 @@ struct Generate(GenerateArgs);
 impl BackendJob for Generate {
     type Output = ();
 
-    fn run<B: Backend, F>(self, make_backend: F) -> anyhow::Result<()>
-    where
-        F: FnOnce() -> anyhow::Result<B> + Send + 'static,
-    {
+    fn run<B: Backend>(self, devices: EngineDevices<B>) -> anyhow::Result<()> {
         let args = self.0;
-        let backend = make_backend()?;
-        let device = backend.name();
         let bar = loading_bar();
         let started = Instant::now();
         let model = args.engine.model_path()?;
-        let mut engine = load_engine(backend, model, args.engine.engine_config()?, |done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        })
-        .context("loading the model")?; // its errors name the file
+        let mut engine = devices
+            .load_engine(model, args.engine.engine_config()?, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .context("loading the model")?; // its errors name the file
         bar.finish_and_clear();
+        let device = device_label(&engine);
         eprintln!("loaded {} on {device} in {:.1} s", model.display(), started.elapsed().as_secs_f64());
 
         let requests = build_requests(&engine, &args)?;
@@ -187,6 +184,7 @@ fn stream_one<B: Backend>(engine: &mut LlmEngine<B>, request: GenerationRequest)
 mod tests {
     use clap::Parser;
     use pagoda_backend_cpu_ref::CpuBackend;
+    use pagoda_engine::load_engine;
 
     use super::*;
 

@@ -60,7 +60,8 @@ pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::O
 
 fn main() -> std::process::ExitCode {
     PROCESS_START.get_or_init(std::time::Instant::now);
-    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
+    let argv = engine_args::expand_vllm_short_flags(std::env::args_os());
+    let cli = Cli::from_arg_matches(&cli_command().get_matches_from(argv)).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),

@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use clap::Args;
 use pagoda_backend::Backend;
-use pagoda_engine::{load_engine, AsyncEngine, EngineError};
+use pagoda_engine::AsyncEngine;
 use pagoda_server::{init_tracing, serve, shutdown_signal, ServerArgs};
 
-use crate::backends::{dispatch, BackendJob};
+use crate::backends::{dispatch, BackendJob, EngineDevices};
 use crate::engine_args::EngineArgs;
 
 #[derive(Args, Debug)]
@@ -44,10 +44,7 @@ struct Serve(ServeArgs);
 impl BackendJob for Serve {
     type Output = ();
 
-    fn run<B: Backend, F>(self, make_backend: F) -> anyhow::Result<()>
-    where
-        F: FnOnce() -> anyhow::Result<B> + Send + 'static,
-    {
+    fn run<B: Backend>(self, devices: EngineDevices<B>) -> anyhow::Result<()> {
         let args = self.0;
         let config = args.engine.engine_config()?;
         let model = match &args.model_tag {
@@ -59,10 +56,7 @@ impl BackendJob for Serve {
         let started = Instant::now();
         // The engine (and its device context) lives on the engine thread.
         let engine = AsyncEngine::start(
-            move || {
-                let backend = make_backend().map_err(|e| EngineError::Config(format!("{e:#}")))?;
-                load_engine(backend, &model, config, |_, _| {})
-            },
+            move || devices.load_engine(&model, config, |_, _| {}),
             args.server.engine_options(),
         )?;
         tracing::info!(secs = started.elapsed().as_secs_f64(), "model loaded");

@@ -4,7 +4,9 @@
 //! CUDA is found through `CUDA_PATH` (a toolkit root holding `bin/nvcc` and
 //! `include/cuda.h`), else `/usr/local/cuda`. On a machine without a GPU,
 //! `scripts/setup-cuda.sh` installs a toolkit and prints the variables to export.
-//! Cargo re-runs this only when a file in `csrc/` changes.
+//! Cargo re-runs this only when a file in `csrc/` changes (or NCCL's header, or its shim).
+//!
+//! NCCL (tensor parallelism) is bound too, for loading at run time: see `build_nccl`.
 use std::env;
 use std::path::{Path, PathBuf};
 
@@ -94,6 +96,82 @@ fn main() {
     bindings
         .write_to_file(out.join("pagoda_kernels.rs"))
         .unwrap_or_else(|e| panic!("pagoda-backend-cuda: cannot write bindings: {e}"));
+
+    build_nccl(&manifest, &cuda_root, &out);
+}
+
+/// NCCL (tensor parallelism): bindings for the few functions `src/nccl.rs` calls, generated for
+/// loading libnccl.so.2 at run time (bindgen's libloading mode) instead of linking it, so that a
+/// run without tensor parallelism never needs NCCL; and a C shim that expands
+/// `NCCL_CONFIG_INITIALIZER`, whose fields change between NCCL versions.
+///
+/// The headers are found through `PAGODA_NCCL_ROOT` (a folder with include/nccl.h, as
+/// `scripts/setup-cuda.sh` exports for pip's nvidia-nccl-cu13 wheel), else beside the CUDA root as
+/// the wheels lay them out, else in the CUDA root, else in /usr (Debian's libnccl-dev). The
+/// library next to the header, if there is one, is where the backend looks last at run time.
+fn build_nccl(manifest: &Path, cuda_root: &Path, out: &Path) {
+    println!("cargo:rerun-if-env-changed=PAGODA_NCCL_ROOT");
+    let root = find_nccl_root(cuda_root);
+    let include = root.join("include");
+    let header = include.join("nccl.h");
+    println!("cargo:rerun-if-changed={}", header.display());
+    let shim = manifest.join("src").join("nccl").join("config.c");
+    println!("cargo:rerun-if-changed={}", shim.display());
+    cc::Build::new()
+        .file(&shim)
+        .include(&include)
+        .include(cuda_root.join("include"))
+        .warnings(true)
+        .compile("pagoda_nccl_config");
+
+    let bindings = bindgen::Builder::default()
+        .header(header.to_string_lossy())
+        .clang_arg(format!("-I{}", include.display()))
+        .clang_arg(format!("-I{}", cuda_root.join("include").display()))
+        .allowlist_function(
+            "nccl(GetVersion|GetUniqueId|CommInitRankConfig|CommFinalize|CommDestroy|CommAbort|\
+             GetErrorString|GetLastError|CommGetAsyncError|AllReduce|CommCount|CommUserRank|CommCuDevice)",
+        )
+        .allowlist_type("nccl(UniqueId|Result_t|DataType_t|RedOp_t|Config_t|Comm_t)")
+        .allowlist_var("NCCL_(MAJOR|MINOR|PATCH|VERSION_CODE|UNIQUE_ID_BYTES)")
+        .prepend_enum_name(false)
+        .dynamic_library_name("NcclLibrary")
+        .dynamic_link_require_all(true)
+        .layout_tests(false)
+        .generate()
+        .unwrap_or_else(|e| panic!("pagoda-backend-cuda: bindgen failed on {}: {e}", header.display()));
+    bindings
+        .write_to_file(out.join("nccl.rs"))
+        .unwrap_or_else(|e| panic!("pagoda-backend-cuda: cannot write the NCCL bindings: {e}"));
+
+    let library = ["lib", "lib64", "lib/x86_64-linux-gnu"]
+        .iter()
+        .map(|dir| root.join(dir).join("libnccl.so.2"))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!("cargo:rustc-env=PAGODA_NCCL_BUILD_LIBRARY={library}");
+}
+
+fn find_nccl_root(cuda_root: &Path) -> PathBuf {
+    let has_header = |p: &Path| p.join("include").join("nccl.h").is_file();
+    if let Some(p) = env::var_os("PAGODA_NCCL_ROOT").map(PathBuf::from) {
+        if has_header(&p) {
+            return p;
+        }
+        fail(&format!("PAGODA_NCCL_ROOT={} has no include/nccl.h", p.display()));
+    }
+    let beside = cuda_root.parent().map(|p| p.join("nccl"));
+    beside
+        .into_iter()
+        .chain([cuda_root.to_path_buf(), PathBuf::from("/usr")])
+        .find(|p| has_header(p))
+        .unwrap_or_else(|| {
+            fail(&format!(
+                "no NCCL headers (include/nccl.h) in PAGODA_NCCL_ROOT, beside or in {}, or in /usr",
+                cuda_root.display()
+            ))
+        })
 }
 
 fn is_cuda_root(p: &Path) -> bool {
@@ -117,7 +195,7 @@ fn find_cuda_root() -> PathBuf {
 fn fail(why: &str) -> ! {
     panic!(
         "\n\npagoda-backend-cuda: {why}.\n\
-         The `cuda` feature needs the CUDA 13 toolkit (nvcc, headers, cuBLAS).\n\
+         The `cuda` feature needs the CUDA 13 toolkit (nvcc, headers, cuBLAS) and NCCL's headers.\n\
          Without a GPU driver, run `scripts/setup-cuda.sh && source .cuda/env.sh` first.\n"
     )
 }

@@ -5,6 +5,9 @@
 #                   tests (async sampling, staged uploads, graphs...)
 #   .device/kbench/ the kernel bench (its own folder: kbin + a GGUF third fill a call's 64 MiB)
 #   .device/mtest/  cuda_model (the whole model on the GPU, and the oracle comparison of issue 15)
+#   .device/tp/     tensor parallelism: nccl (the NCCL communicator's tests) and cuda_tensor_parallel
+#                   (TP N greedy tokens against one GPU's); with .device/bin it is over one call's
+#                   64 MiB, so a TP session carries bin first and keeps it (session.sh keep-bin)
 #   .device/whl/    the gguf wheel (pure Python; its needs numpy, pyyaml, requests and tqdm are on
 #                   the GPU machine's image) that transformers needs to read a GGUF, for
 #                   scripts/gpu/oracle.py (session.sh oracle-setup installs it)
@@ -23,7 +26,7 @@ scripts/setup-cuda.sh >/dev/null
 # shellcheck disable=SC1091
 source .cuda/env.sh
 MODEL="$(scripts/fetch-model.sh)"
-mkdir -p .device/bin .device/kbin .device/kbench .device/mtest .device/whl
+mkdir -p .device/bin .device/kbin .device/kbench .device/mtest .device/tp .device/whl
 cargo build --release --features cuda --bin pagoda
 cp target/release/pagoda .device/bin/pagoda
 # Prints the path of the executable cargo builds for target $1 from its JSON
@@ -48,9 +51,11 @@ test_exe() { # package, test target, extra cargo arguments
 cp "$(test_exe pagoda cuda_model --features cuda)" .device/mtest/cuda_model
 cp "$(test_exe pagoda-backend-cuda conformance)" .device/kbin/conformance
 cp "$(test_exe pagoda-backend-cuda device)" .device/kbin/device
+cp "$(test_exe pagoda-backend-cuda nccl)" .device/tp/nccl
+cp "$(test_exe pagoda cuda_tensor_parallel --features cuda)" .device/tp/cuda_tensor_parallel
 cp "$(cargo bench -p pagoda-backend-cuda --bench kernels --no-run --message-format=json | exe_of kernels)" \
   .device/kbench/kernels
-strip .device/bin/pagoda .device/kbin/* .device/kbench/* .device/mtest/*
+strip .device/bin/pagoda .device/kbin/* .device/kbench/* .device/mtest/* .device/tp/*
 cp "$PEER" .device/bin/hf_peer.py
 rm -f .device/gguf.*
 split -n 3 -d "$MODEL" .device/gguf.
@@ -58,7 +63,7 @@ sha256sum "$MODEL" | cut -d' ' -f1 > .device/bin/gguf.sha256
 # The version transformers' GGUF reader was checked with here (the fixtures too).
 rm -f .device/whl/*.whl
 python3 -m pip download -q --no-deps --only-binary=:all: -d .device/whl gguf==0.19.0
-du -sh .device/bin .device/kbin .device/kbench .device/mtest .device/whl .device/gguf.*
+du -sh .device/bin .device/kbin .device/kbench .device/mtest .device/tp .device/whl .device/gguf.*
 # A call carries at most 64 MiB: the largest oracle call (session.sh's header) must fit.
 mib() { du -cm "$@" | tail -1 | cut -f1; }
 [ "$(mib .device/mtest .device/whl .device/gguf.00)" -lt 63 ] \

@@ -16,6 +16,11 @@
 #   kbench       kernel bench (decode partition sweep) + conformance per forced partition
 #   model8b      only build the random-weight Llama-3-8B and its request file
 #   pagoda8b     pagoda bench throughput + latency on them
+#   dummy8b      --load-format dummy: only a Llama-3-8B config.json (scripts/peers/hf_peer.py
+#                --save-config; no weight file), random weights made on the GPU; pagoda bench latency
+#                (512/128) and throughput (model8b's workload if there, else 256 x 512/256 random
+#                prompts), each with its model load time; the flags of $DUMMY_FLAGS too (e.g. "-tp 2
+#                --enforce-eager"; $DUMMY_PRESET=llama3-70b for the 70B shape)
 #   lora8b       multi-LoRA on the 8B (after model8b): offline throughput with 0, 16, 1, 4, 64
 #                synthetic rank-16 adapters (16 slots), single stream without and with one
 #   throughput16k  the throughput run with --max-num-batched-tokens 16384
@@ -54,6 +59,14 @@
 #                resolution: on the CPU dry run (3 prompts x 16 tokens) the f16 bound caught x2
 #                and x0.5 but not x1.1, the bf16 bound caught x10 and x0.03 but not x0.1
 #   oracle8b-fault  the same on the 8B reference, factors ${ORACLE8B_FAULTS:-0.1 0.01}
+#   nccl         the NCCL communicator's tests (.device/tp/nccl): a group of one on any GPU machine
+#                (eager and inside a CUDA graph, refusals, a rank that never joins times out), and on
+#                a machine of 2+ GPUs every rank's exact sums, graph replays, the TCP bootstrap and an
+#                abort releasing a waiting rank, then the all-reduce bus bandwidth (1 MiB..1 GiB).
+#                libnccl.so.2 is PyTorch's (pip's nvidia-nccl-cu13 on the image): nccl_env finds it
+#   tp8b         2+ GPUs, after model8b: TP ${TP:-2} greedy tokens against one GPU's on the random
+#                8B (.device/tp/cuda_tensor_parallel: first divergence and its logit margin), then
+#                pagoda bench latency and throughput at TP 1 and TP ${TP:-2} (--enforce-eager both)
 # Logs go to $OUT; a short summary prints last.
 #
 # The oracle in one lease (scripts/gpu/package.sh first; each line one device call, with the
@@ -80,6 +93,7 @@ B=.device/bin    # pagoda, hf_peer.py, gguf.sha256
 K=.device/kbin   # test executables: conformance, device
 KB=.device/kbench  # the kernel bench: kernels
 M=.device/mtest  # the whole-model test executable: cuda_model
+T=.device/tp     # tensor parallelism: nccl, cuda_tensor_parallel
 WHL=.device/whl  # the gguf wheel transformers needs to read a GGUF
 mkdir -p "$W" "$OUT"
 # shellcheck source=scripts/gpu/lib.sh
@@ -87,6 +101,25 @@ source scripts/gpu/lib.sh
 SMOL="$W/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 L8B="$W/llama3-8b-random"
 WORKLOAD="$W/llama3-8b-workload.jsonl"
+
+# NCCL for the tensor-parallel phases: NVLink multicast off (the shared machines' rule), and
+# libnccl.so.2 on the loader path (PAGODA_NCCL_LIBRARY if set, else PyTorch's pip wheel, else the
+# loader cache). The binaries load it at run time; nothing else needs it.
+nccl_env() {
+  export NCCL_NVLS_ENABLE=0
+  [ -n "${PAGODA_NCCL_LIBRARY:-}" ] && { echo "NCCL: $PAGODA_NCCL_LIBRARY"; return 0; }
+  local dir
+  dir="$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)"
+  if [ -n "$dir" ] && [ -f "$dir/libnccl.so.2" ]; then
+    export LD_LIBRARY_PATH="$dir:$LD_LIBRARY_PATH"
+    echo "NCCL: $dir/libnccl.so.2"
+    return 0
+  fi
+  ldconfig -p | grep -q 'libnccl\.so\.2' && { echo "NCCL: from the loader cache"; return 0; }
+  echo "no libnccl.so.2 here: set PAGODA_NCCL_LIBRARY (pip's nvidia-nccl-cu13 was expected beside PyTorch)"
+  return 1
+}
+gpu_count() { nvidia-smi --query-gpu=name --format=csv,noheader | wc -l; }
 
 # The cuda_model executable: this call's, or the copy oracle-setup kept.
 cuda_model() { if [ -x $M/cuda_model ]; then echo $M/cuda_model; else echo "$W/cuda_model"; fi; }
@@ -244,6 +277,24 @@ for phase in "$@"; do
       python3 $B/hf_peer.py --preset llama3-8b --save-model "$L8B" --write-workload "$WORKLOAD" \
         --n 256 --input-len 512 --output-len 256 --modes none 2>&1 | grep -v -e Warning -e '"error"'
       echo "model build $((SECONDS - t0)) s"; ls "$L8B" ;;
+    dummy8b)
+      # No weights anywhere: the config alone, and the GPU makes the values.
+      preset=${DUMMY_PRESET:-llama3-8b}
+      D="$W/$preset-dummy"
+      [ -f "$D/config.json" ] || python3 scripts/peers/hf_peer.py --preset "$preset" --save-config "$D" 2>&1 \
+        | grep -v Warning
+      ls "$D"
+      PAGODA=$(pagoda_bin) || exit 1
+      data=(--num-prompts 256 --input-len 512 --output-len 256)
+      [ "$preset" = llama3-8b ] && [ -f "$WORKLOAD" ] && data=(--dataset "$WORKLOAD")
+      # shellcheck disable=SC2086
+      $PAGODA bench latency --device cuda --model "$D" --load-format dummy --input-len 512 --output-len 128 \
+        --num-iters 3 ${DUMMY_FLAGS:-} --output-json "$OUT/dummy_${preset}_latency.json" 2>&1 \
+        | tee "$OUT/dummy_${preset}_latency.log" | grep -E "model load|cold start|TTFT|decode:|self-check|rror"
+      # shellcheck disable=SC2086
+      $PAGODA bench throughput --device cuda --model "$D" --load-format dummy "${data[@]}" \
+        --max-num-batched-tokens 8192 ${DUMMY_FLAGS:-} --output-json "$OUT/dummy_${preset}_throughput.json" 2>&1 \
+        | tee "$OUT/dummy_${preset}_throughput.log" | grep -E "model load|throughput|self-check|rror" ;;
     pagoda8b)
       $B/pagoda bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" \
         --max-num-batched-tokens 8192 --output-json "$OUT/pagoda_throughput.json" 2>&1 | tee "$OUT/pagoda_throughput.log"
@@ -406,6 +457,33 @@ print("gguf", gguf.__file__, "| torch", torch.__version__, "| transformers", tra
     oracle8b-fault)
       # shellcheck disable=SC2086
       oracle_fault 8b "$L8B" ${ORACLE8B_FAULTS:-0.1 0.01} ;;
+    nccl)
+      nccl_env || continue
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      $T/nccl --test-threads=1 --nocapture > "$OUT/nccl.log" 2>&1
+      echo "nccl tests rc=$?"
+      grep -E "^test |test result|skipped|panicked|^NCCL |released" "$OUT/nccl.log"
+      if [ "$(gpu_count)" -ge 2 ]; then
+        $T/nccl --ignored all_reduce_bus_bandwidth --test-threads=1 --nocapture 2>&1 | tee "$OUT/nccl_busbw.log" \
+          | grep -E "all-reduce|MiB|test result"
+      fi ;;
+    tp8b)
+      nccl_env || continue
+      tp=${TP:-2}
+      [ "$(gpu_count)" -ge "$tp" ] || { echo "tp8b: TP $tp needs $tp GPUs, $(gpu_count) here"; continue; }
+      PAGODA=$(pagoda_bin) || continue
+      PAGODA_TEST_MODEL="$L8B" PAGODA_TEST_TP=$tp $T/cuda_tensor_parallel --test-threads=1 --nocapture > "$OUT/tp8b_tokens.log" 2>&1
+      echo "TP $tp tokens against TP 1: rc=$?"; grep -E "^prompt|test result|panicked|skipped" "$OUT/tp8b_tokens.log"
+      for n in 1 "$tp"; do
+        echo "--- TP $n, single stream"
+        $PAGODA bench latency --device cuda --model "$L8B" --input-len 512 --output-len 128 --num-iters 3 \
+          --enforce-eager -tp "$n" --output-json "$OUT/tp8b_latency_tp$n.json" 2>&1 \
+          | tee "$OUT/tp8b_latency_tp$n.log" | grep -E "decode:|TTFT|error|Error"
+        echo "--- TP $n, offline 256 x 512/256"
+        $PAGODA bench throughput --device cuda --model "$L8B" --dataset "$WORKLOAD" --max-num-batched-tokens 16384 \
+          --enforce-eager -tp "$n" --output-json "$OUT/tp8b_throughput_tp$n.json" 2>&1 \
+          | tee "$OUT/tp8b_throughput_tp$n.log" | grep -E "throughput|elapsed|error|Error"
+      done ;;
     peer-cb)
       python3 $B/hf_peer.py --model "$L8B" --workload "$WORKLOAD" --n 256 --modes cb,bs1 2>&1 \
         | grep -v Warning | tee "$OUT/peer_cb.log" ;;

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use pagoda_backend::Backend;
 use pagoda_engine::{LlmEngine, LoraRequest};
-use pagoda_models::{LoraModule, ModelFiles, SyntheticLora};
+use pagoda_models::{LoadFormat, LoraModule, ModelFiles, SyntheticLora};
 use serde::Serialize;
 
 #[derive(Args, Debug, Clone, Copy)]
@@ -38,13 +38,13 @@ impl Drop for BenchLoras {
 }
 
 impl BenchLoras {
-    /// Writes the adapters for the model at `model` (before the engine loads,
-    /// so that nothing else holds memory while they are made).
-    pub fn write(args: LoraBenchArgs, model: &Path) -> anyhow::Result<Option<Self>> {
+    /// Writes the adapters for the model at `model`, read in `format` (before
+    /// the engine loads, so that nothing else holds memory while they are made).
+    pub fn write(args: LoraBenchArgs, model: &Path, format: LoadFormat) -> anyhow::Result<Option<Self>> {
         if args.synthetic_loras == 0 {
             return Ok(None);
         }
-        let config = ModelFiles::open(model).context("reading the model's config")?.config;
+        let config = ModelFiles::open_with(model, format).context("reading the model's config")?.config;
         let dir = std::env::temp_dir().join(format!("pagoda-bench-loras-{}", std::process::id()));
         let mut adapters = Vec::with_capacity(args.synthetic_loras);
         for i in 0..args.synthetic_loras {

@@ -6,9 +6,14 @@
 //! The metadata is read from its device tensors (as a device kernel would),
 //! not from the host copy, so a step whose uploaded tensors disagree with the
 //! host description fails here as it would on a GPU.
+//!
+//! F8E4M3 caches hold E4M3 values; a key is read as `code value * k_scale`
+//! and a value as `code value * v_scale` (one f32 product each), before the
+//! same arithmetic as an F32 cache.
 
-use pagoda_backend::{AttentionArgs, BackendError, Result};
+use pagoda_backend::{AttentionArgs, BackendError, DType, Result};
 
+use crate::rotary::kv_scales;
 use crate::simd::{axpy, dot, Isa};
 use crate::storage::with_operands;
 use crate::CpuBackend;
@@ -127,6 +132,9 @@ struct RowKernel<'a> {
     /// Query heads per KV head.
     group: usize,
     scale: f32,
+    /// The caches' dequantisation scales: both 1.0 for an F32 cache, whose
+    /// rows are used as they are.
+    kv_scales: Option<(f32, f32)>,
 }
 
 impl RowKernel<'_> {
@@ -141,9 +149,18 @@ impl RowKernel<'_> {
         let q_row = &self.qs[row_index * d..(row_index + 1) * d];
         let kv_head = h / self.group;
         scores.clear();
-        self.layout.for_each_key(table, kv_head, row, |at| {
-            scores.push(dot::<FMA>(q_row, &self.ks[at..at + d]) * self.scale)
-        });
+        match self.kv_scales {
+            None => self.layout.for_each_key(table, kv_head, row, |at| {
+                scores.push(dot::<FMA>(q_row, &self.ks[at..at + d]) * self.scale)
+            }),
+            Some((k_scale, _)) => {
+                let mut key = vec![0.0f32; d];
+                self.layout.for_each_key(table, kv_head, row, |at| {
+                    dequantize(&self.ks[at..at + d], k_scale, &mut key);
+                    scores.push(dot::<FMA>(q_row, &key) * self.scale)
+                })
+            }
+        }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f64;
         for s in scores.iter_mut() {
@@ -152,9 +169,18 @@ impl RowKernel<'_> {
         }
         out_row.fill(0.0);
         let mut weights = scores.iter();
-        self.layout.for_each_key(table, kv_head, row, |at| {
-            axpy::<FMA>(out_row, weights.next().copied().unwrap_or(0.0), &self.vs[at..at + d]);
-        });
+        match self.kv_scales {
+            None => self.layout.for_each_key(table, kv_head, row, |at| {
+                axpy::<FMA>(out_row, weights.next().copied().unwrap_or(0.0), &self.vs[at..at + d]);
+            }),
+            Some((_, v_scale)) => {
+                let mut value = vec![0.0f32; d];
+                self.layout.for_each_key(table, kv_head, row, |at| {
+                    dequantize(&self.vs[at..at + d], v_scale, &mut value);
+                    axpy::<FMA>(out_row, weights.next().copied().unwrap_or(0.0), &value);
+                })
+            }
+        }
         let inv_sum = (1.0 / sum) as f32;
         out_row.iter_mut().for_each(|o| *o *= inv_sum);
     }
@@ -168,17 +194,25 @@ impl RowKernel<'_> {
     }
 }
 
+/// `out = codes * scale`: one cache row of E4M3 values, dequantised.
+fn dequantize(codes: &[f32], scale: f32, out: &mut [f32]) {
+    out.iter_mut().zip(codes).for_each(|(o, &c)| *o = c * scale);
+}
+
 pub(crate) fn attention(args: &AttentionArgs<'_, CpuBackend>) -> Result<()> {
     let cache = args.check()?;
-    let AttentionArgs { q, k_cache, v_cache, out, meta, .. } = *args;
+    let AttentionArgs { q, k_cache, v_cache, out, meta, kv_scales: scales, .. } = *args;
+    let fp8 = k_cache.dtype() == DType::F8E4M3;
     let (hq, hkv, d) = (args.num_q_heads, args.num_kv_heads, args.head_dim);
     let (tokens, block_size, num_blocks) = (meta.host.num_tokens(), cache.block_size, cache.num_blocks);
     let max_blocks = meta.host.max_blocks_per_seq;
     let group = hq / hkv;
 
-    let inputs = [q, k_cache, v_cache, &meta.query_start_loc, &meta.seq_lens, &meta.block_tables];
+    let mut inputs = vec![q, k_cache, v_cache, &meta.query_start_loc, &meta.seq_lens, &meta.block_tables];
+    inputs.extend(scales);
     with_operands(OP, &inputs, &[out], |ins, outs| {
-        let (qs, ks, vs) = (ins.f32(q)?, ins.f32(k_cache)?, ins.f32(v_cache)?);
+        let (qs, ks, vs) = (ins.f32(q)?, ins.cache_values(k_cache)?, ins.cache_values(v_cache)?);
+        let kv_scales = if fp8 { Some(kv_scales(OP, ins, scales)?) } else { None };
         let tables = ins.i32(&meta.block_tables)?;
         let rows = plan_rows(
             ins.i32(&meta.query_start_loc)?,
@@ -199,6 +233,7 @@ pub(crate) fn attention(args: &AttentionArgs<'_, CpuBackend>) -> Result<()> {
             num_q_heads: hq,
             group,
             scale: args.scale,
+            kv_scales,
         };
         let isa = Isa::detect();
         outs[0].par_chunks_mut(d).enumerate().for_each_init(
@@ -216,7 +251,8 @@ pub(crate) fn attention(args: &AttentionArgs<'_, CpuBackend>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use pagoda_backend::{AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice, Tensor};
+    use pagoda_backend::fp8::{e4m3_from_f32, e4m3_to_f32};
+    use pagoda_backend::{AttentionHostMetadata, AttentionMetadata, Backend, HostSlice, Tensor};
     use proptest::prelude::*;
 
     use super::*;
@@ -361,6 +397,7 @@ mod tests {
             q: &p.q,
             k_cache: &p.k_cache,
             v_cache: &p.v_cache,
+            kv_scales: None,
             out: &p.out,
             meta: &p.meta,
             num_q_heads: hq,
@@ -382,6 +419,7 @@ mod tests {
             q: &p.q,
             k_cache: &p.k_cache,
             v_cache: &p.v_cache,
+            kv_scales: None,
             out: &p.out,
             meta: &p.meta,
             num_q_heads: 1,
@@ -440,6 +478,62 @@ mod tests {
         check_against_dense(&lens, 8, 1, 8, 32, Some(5), 5);
     }
 
+    #[test]
+    fn fp8_caches_attend_like_their_dequantized_values() {
+        let (hq, hkv, d, bs) = (4, 2, 8, 4);
+        let (k_scale, v_scale) = (0.02f32, 0.37f32);
+        let mut rng = Lcg(11);
+        let lens = [(13usize, 1usize), (9, 4)];
+        // Codes first; the dense reference sees their values times the scales.
+        let mut seqs = Vec::new();
+        let mut codes = Vec::new();
+        for &(seq_len, q_len) in &lens {
+            let n = seq_len * hkv * d;
+            let k8: Vec<u8> = (0..n).map(|_| e4m3_from_f32(rng.next() * 3.0 / k_scale)).collect();
+            let v8: Vec<u8> = (0..n).map(|_| e4m3_from_f32(rng.next() / v_scale)).collect();
+            let k = k8.iter().map(|&c| e4m3_to_f32(c) * k_scale).collect();
+            let v = v8.iter().map(|&c| e4m3_to_f32(c) * v_scale).collect();
+            seqs.push(DenseSeq { k, v, seq_len, q_len });
+            codes.push((k8, v8));
+        }
+        let q: Vec<f32> = (0..5 * hq * d).map(|_| rng.next()).collect();
+        let paged = scatter(&seqs, &q, hq, hkv, d, bs, &mut rng);
+        // The F32 caches hold the dequantized values (NaN where unused):
+        // quantize them back, exactly, into F8E4M3 caches.
+        let to_fp8 = |t: &Tensor<CpuBackend>, scale: f32| {
+            let codes: Vec<u8> =
+                paged.cpu.download_f32(t).unwrap().iter().map(|&x| e4m3_from_f32(x / scale)).collect();
+            paged.cpu.upload(HostSlice::Bytes(&codes, DType::F8E4M3), t.dims(), DType::F8E4M3).unwrap()
+        };
+        let (k8, v8) = (to_fp8(&paged.k_cache, k_scale), to_fp8(&paged.v_cache, v_scale));
+        let scales = paged.cpu.upload(HostSlice::F32(&[k_scale, v_scale]), &[2], DType::F32).unwrap();
+        let args = AttentionArgs {
+            q: &paged.q,
+            k_cache: &k8,
+            v_cache: &v8,
+            kv_scales: Some(&scales),
+            out: &paged.out,
+            meta: &paged.meta,
+            num_q_heads: hq,
+            num_kv_heads: hkv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            sliding_window: None,
+        };
+        paged.cpu.attention(&args).unwrap();
+        let got = paged.cpu.download_f32(&paged.out).unwrap();
+        let want = dense_attention(&q, &seqs, hq, hkv, d, 1.0 / (d as f32).sqrt(), None);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((*g as f64 - w).abs() < 1e-5, "element {i}: {g} vs {w}");
+        }
+        // Without scales the codes are read at 1.0: a different result.
+        paged.cpu.attention(&AttentionArgs { kv_scales: None, ..args }).unwrap();
+        assert_ne!(paged.cpu.download_f32(&paged.out).unwrap(), got);
+        // An F32 q over F8E4M3 caches is the CPU's FP8 path; F32 K with F8E4M3 V is refused.
+        let mixed = paged.cpu.attention(&AttentionArgs { k_cache: &paged.k_cache, ..args });
+        assert!(matches!(mixed, Err(BackendError::DType { .. })));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
@@ -481,6 +575,7 @@ mod tests {
                 q: &p.q,
                 k_cache: &p.k_cache,
                 v_cache: &p.v_cache,
+                kv_scales: None,
                 out: &p.out,
                 meta: m,
                 num_q_heads: 1,
@@ -502,6 +597,7 @@ mod tests {
             q: &p.q,
             k_cache: &p.k_cache,
             v_cache: &p.v_cache,
+            kv_scales: None,
             out: &p.q,
             meta: &p.meta,
             num_q_heads: 1,

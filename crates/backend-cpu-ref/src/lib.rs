@@ -13,13 +13,19 @@
 //!   `upload`/`write` with an F16/BF16 target) is refused with
 //!   [`BackendError::DType`](pagoda_backend::BackendError::DType).
 //! - Integer tensors are I32 or I64, exactly as uploaded.
+//! - F8E4M3 tensors (FP8 KV caches) hold the f32 values of their E4M3 codes,
+//!   every element exactly a code's value ([`fp8`]): E4M3 bytes decode at
+//!   upload, float data rounds to the nearest code, a download encodes the
+//!   same bytes back, and `rotary_and_cache` rounds what it writes. So an FP8
+//!   cache here holds what a device's holds, byte for byte.
 //! - Fresh allocations are poisoned (NaN, or the integer minimum) so reading
 //!   memory nothing wrote shows up in the reference.
 //! - Each storage sits behind an `RwLock`: an op read-locks its inputs and
 //!   write-locks its outputs, refusing an output that shares storage with an
 //!   input ([`BackendError::Aliasing`](pagoda_backend::BackendError::Aliasing)).
 //!   `add_rms_norm`'s residual is the one operand read and written in place.
-//! - The swap host pool holds blocks in the cache's layout as little-endian f32.
+//! - The swap host pool holds blocks in the cache's layout and dtype: little-
+//!   endian f32, or one E4M3 code a byte for an F8E4M3 cache.
 //! - `sample_async` samples at once; its handle ([`CpuSampled`]) only holds the
 //!   tokens, and index errors (a bad source row for `feed_sampled_tokens`) are
 //!   returned by the call that finds them.

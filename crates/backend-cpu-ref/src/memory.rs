@@ -1,7 +1,11 @@
 //! Allocation and host <-> "device" copies. The CPU keeps every float as f32:
 //! F16/BF16 host data is widened at upload, and F16/BF16 tensors are refused.
+//! F8E4M3 tensors hold their codes' values as f32: E4M3 bytes are decoded at
+//! upload, float data is rounded to the nearest code, and a download encodes
+//! the values back into the same bytes.
 
 use half::{bf16, f16};
+use pagoda_backend::fp8::{e4m3_from_f32, e4m3_round, e4m3_to_f32};
 use pagoda_backend::{BackendError, DType, HostSlice, HostVec, Result, Shape};
 use rayon::prelude::*;
 
@@ -27,6 +31,8 @@ pub(crate) fn poisoned_buffer(op: &'static str, dtype: DType, len: usize) -> Res
         DType::F32 => Ok(CpuBuffer::F32(filled(f32::NAN, len)?)),
         DType::I32 => Ok(CpuBuffer::I32(filled(i32::MIN, len)?)),
         DType::I64 => Ok(CpuBuffer::I64(filled(i64::MIN, len)?)),
+        // NaN is an E4M3 value too (code 0x7F).
+        DType::F8E4M3 => Ok(CpuBuffer::F8E4M3(filled(f32::NAN, len)?)),
         DType::F16 | DType::BF16 => Err(BackendError::DType { op, dtype }),
     }
 }
@@ -68,6 +74,7 @@ pub(crate) fn download(src: &CpuTensor) -> Result<HostVec> {
         CpuBuffer::F32(v) => HostVec::F32(v[range].to_vec()),
         CpuBuffer::I32(v) => HostVec::I32(v[range].to_vec()),
         CpuBuffer::I64(v) => HostVec::I64(v[range].to_vec()),
+        CpuBuffer::F8E4M3(v) => HostVec::F8E4M3(v[range].iter().map(|&x| e4m3_from_f32(x)).collect()),
     })
 }
 
@@ -82,6 +89,7 @@ pub(crate) fn fill(dst: &CpuTensor, value: f32) -> Result<()> {
     let range = range_in(OP, dst, buffer_len(&buffer))?;
     match &mut *buffer {
         CpuBuffer::F32(v) => v[range].fill(value),
+        CpuBuffer::F8E4M3(v) => v[range].fill(e4m3_round(value)),
         CpuBuffer::I32(v) => v[range].fill(value as i32),
         CpuBuffer::I64(v) => v[range].fill(value as i64),
     }
@@ -89,11 +97,7 @@ pub(crate) fn fill(dst: &CpuTensor, value: f32) -> Result<()> {
 }
 
 fn buffer_len(b: &CpuBuffer) -> usize {
-    match b {
-        CpuBuffer::F32(v) => v.len(),
-        CpuBuffer::I32(v) => v.len(),
-        CpuBuffer::I64(v) => v.len(),
-    }
+    b.len()
 }
 
 /// The host data must hold exactly `numel` elements (for raw bytes: exactly
@@ -113,8 +117,10 @@ fn check_len(op: &'static str, data: &HostSlice<'_>, numel: usize) -> Result<()>
     Ok(())
 }
 
-/// Copies `data` into `buffer[range]`, converting floats to f32. Integer data
-/// must match the buffer's dtype exactly; floats never go into integer buffers.
+/// Copies `data` into `buffer[range]`, converting floats to f32 (and E4M3
+/// codes to their values, floats to the nearest code's value for an F8E4M3
+/// buffer). Integer data must match the buffer's dtype exactly; floats never
+/// go into integer buffers.
 fn copy_into(
     op: &'static str,
     data: &HostSlice<'_>,
@@ -124,10 +130,21 @@ fn copy_into(
     let src_dtype = data.dtype();
     match buffer {
         CpuBuffer::F32(v) => {
-            if !src_dtype.is_float() {
+            if !src_dtype.holds_reals() {
                 return Err(BackendError::DType { op, dtype: src_dtype });
             }
             widen_to_f32(data, &mut v[range]);
+        }
+        CpuBuffer::F8E4M3(v) => {
+            if !src_dtype.holds_reals() {
+                return Err(BackendError::DType { op, dtype: src_dtype });
+            }
+            let v = &mut v[range];
+            widen_to_f32(data, v);
+            // E4M3 data decoded exactly; floats rounded to their nearest code.
+            if src_dtype != DType::F8E4M3 {
+                v.iter_mut().for_each(|x| *x = e4m3_round(*x));
+            }
         }
         CpuBuffer::I32(v) => match data {
             HostSlice::I32(s) => v[range].copy_from_slice(s),
@@ -182,6 +199,7 @@ fn widen_to_f32(data: &HostSlice<'_>, dst: &mut [f32]) {
         HostSlice::Bytes(b, DType::F32) => convert_bytes::<4>(b, dst, f32::from_le_bytes),
         HostSlice::Bytes(b, DType::F16) => convert_bytes::<2>(b, dst, |le| f16::from_le_bytes(le).to_f32()),
         HostSlice::Bytes(b, DType::BF16) => convert_bytes::<2>(b, dst, |le| bf16::from_le_bytes(le).to_f32()),
+        HostSlice::Bytes(b, DType::F8E4M3) => convert_bytes::<1>(b, dst, |[code]| e4m3_to_f32(code)),
         // Integer sources were refused by the caller.
         HostSlice::I32(_) | HostSlice::I64(_) | HostSlice::Bytes(_, DType::I32 | DType::I64) => {}
     }
@@ -213,6 +231,32 @@ mod tests {
             assert!(matches!(alloc(&[2], dtype), Err(BackendError::DType { .. })));
             assert!(matches!(upload(HostSlice::BF16(&b), &[4], dtype), Err(BackendError::DType { .. })));
         }
+    }
+
+    #[test]
+    fn e4m3_tensors_decode_at_upload_round_floats_and_download_their_bytes() {
+        // Every byte, NaNs and both zeros included, round-trips exactly.
+        let codes: Vec<u8> = (0..=255).collect();
+        let t = upload(HostSlice::Bytes(&codes, DType::F8E4M3), &[16, 16], DType::F8E4M3).unwrap();
+        assert_eq!(download(&t).unwrap(), HostVec::F8E4M3(codes.clone()));
+        let values = download(&t).unwrap().to_f32();
+        assert_eq!(values[0x38], 1.0);
+        // Floats round to the nearest code (saturating); write and fill too.
+        let t = upload(HostSlice::F32(&[0.3, -1000.0, 1.0]), &[3], DType::F8E4M3).unwrap();
+        assert_eq!(download(&t).unwrap(), HostVec::F8E4M3(vec![0x2A, 0xFE, 0x38]));
+        write(&t.narrow(1, 1).unwrap(), HostSlice::Bytes(&[0x01], DType::F8E4M3)).unwrap();
+        fill(&t.narrow(2, 1).unwrap(), 2.2).unwrap();
+        assert_eq!(download(&t).unwrap().to_f32(), vec![0.3125, 2f32.powi(-9), 2.25]);
+        // E4M3 data into an F32 tensor decodes; integers are refused either way.
+        let f = upload(HostSlice::Bytes(&[0xC0], DType::F8E4M3), &[1], DType::F32).unwrap();
+        assert_eq!(download(&f).unwrap(), HostVec::F32(vec![-2.0]));
+        assert!(matches!(upload(HostSlice::I32(&[1]), &[1], DType::F8E4M3), Err(BackendError::DType { .. })));
+        let fresh = alloc(&[2], DType::F8E4M3).unwrap();
+        assert!(download(&fresh).unwrap().to_f32().iter().all(|x| x.is_nan()), "poisoned with NaN codes");
+        assert!(matches!(
+            upload(HostSlice::Bytes(&[0; 3], DType::F8E4M3), &[2], DType::F8E4M3),
+            Err(BackendError::Shape { .. })
+        ));
     }
 
     #[test]

@@ -1,10 +1,40 @@
-//! Rotary position embedding fused with the paged-cache write.
+//! Rotary position embedding fused with the paged-cache write. An F8E4M3
+//! cache gets `e4m3(x / scale)` of the f32 value an F32 cache would get.
 
-use pagoda_backend::{BackendError, Result, RopeStyle, RotaryCacheArgs, RotaryShape};
+use pagoda_backend::fp8::e4m3_round;
+use pagoda_backend::{BackendError, DType, Result, RopeStyle, RotaryCacheArgs, RotaryShape, Tensor};
 
 use crate::ops::for_each_row;
-use crate::storage::with_operands;
+use crate::storage::{with_cache_operands, Inputs};
 use crate::CpuBackend;
+
+/// The K and V scales of an op's F8E4M3 caches (1.0 without a tensor),
+/// checked: an E4M3 cache is only meaningful with positive, finite scales.
+pub(crate) fn kv_scales(
+    op: &'static str,
+    ins: &Inputs<'_>,
+    scales: Option<&Tensor<CpuBackend>>,
+) -> Result<(f32, f32)> {
+    let Some(t) = scales else { return Ok((1.0, 1.0)) };
+    let s = ins.f32(t)?;
+    let (k, v) = (s[0], s[1]);
+    if !(k.is_finite() && k > 0.0 && v.is_finite() && v > 0.0) {
+        return Err(BackendError::shape(
+            op,
+            format!("kv_scales [{k}, {v}]: both must be positive and finite"),
+        ));
+    }
+    Ok((k, v))
+}
+
+/// What a cache of `dtype` stores for the value `x`: `x` itself in an F32
+/// cache, the E4M3 value nearest `x / scale` (an f32 division) in an F8E4M3 one.
+fn cache_value(dtype: DType, x: f32, scale: f32) -> f32 {
+    match dtype {
+        DType::F8E4M3 => e4m3_round(x / scale),
+        _ => x,
+    }
+}
 
 /// Rotates the first `rotary_dim` elements of one head in place.
 ///
@@ -27,15 +57,29 @@ pub(crate) fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyl
 pub(crate) fn rotary_and_cache(args: &RotaryCacheArgs<'_, CpuBackend>) -> Result<()> {
     const OP: &str = "rotary_and_cache";
     let RotaryShape { max_positions, cache, .. } = args.check()?;
-    let RotaryCacheArgs { qkv, positions, cos_sin, q_out, k_cache, v_cache, slot_mapping, .. } = *args;
+    let RotaryCacheArgs {
+        qkv,
+        positions,
+        cos_sin,
+        q_out,
+        k_cache,
+        v_cache,
+        kv_scales: scales,
+        slot_mapping,
+        ..
+    } = *args;
+    let cache_dtype = k_cache.dtype();
     let (hq, hkv, d, rd) = (args.num_q_heads, args.num_kv_heads, args.head_dim, args.rotary_dim);
     let width = (hq + 2 * hkv) * d;
     let block_size = cache.block_size;
     let num_slots = cache.num_blocks * block_size;
 
-    with_operands(OP, &[qkv, positions, cos_sin, slot_mapping], &[q_out, k_cache, v_cache], |ins, outs| {
+    let mut inputs = vec![qkv, positions, cos_sin, slot_mapping];
+    inputs.extend(scales);
+    with_cache_operands(OP, &inputs, &[q_out, k_cache, v_cache], |ins, outs| {
         let (xs, pos, table, slots) =
             (ins.f32(qkv)?, ins.i32(positions)?, ins.f32(cos_sin)?, ins.i64(slot_mapping)?);
+        let (k_scale, v_scale) = kv_scales(OP, ins, scales)?;
         if let Some((t, &p)) = pos.iter().enumerate().find(|&(_, &p)| p < 0 || p as usize >= max_positions) {
             return Err(BackendError::Index {
                 op: OP,
@@ -74,7 +118,11 @@ pub(crate) fn rotary_and_cache(args: &RotaryCacheArgs<'_, CpuBackend>) -> Result
                 let k_dst = &mut k_cache[at..at + d];
                 k_dst.copy_from_slice(&k_all[h * d..(h + 1) * d]);
                 rotate(&mut k_dst[..rd], cos, sin, args.style);
-                v_cache[at..at + d].copy_from_slice(&v_all[h * d..(h + 1) * d]);
+                k_dst.iter_mut().for_each(|x| *x = cache_value(cache_dtype, *x, k_scale));
+                let v_dst = &mut v_cache[at..at + d];
+                for (dst, &x) in v_dst.iter_mut().zip(&v_all[h * d..(h + 1) * d]) {
+                    *dst = cache_value(cache_dtype, x, v_scale);
+                }
             }
         }
         Ok(())
@@ -83,7 +131,7 @@ pub(crate) fn rotary_and_cache(args: &RotaryCacheArgs<'_, CpuBackend>) -> Result
 
 #[cfg(test)]
 mod tests {
-    use pagoda_backend::{Backend, DType, HostSlice, Tensor};
+    use pagoda_backend::{Backend, HostSlice};
 
     use super::*;
 
@@ -130,6 +178,7 @@ mod tests {
             q_out: &s.q_out,
             k_cache: &s.k_cache,
             v_cache: &s.v_cache,
+            kv_scales: None,
             slot_mapping: slots,
             num_q_heads: 1,
             num_kv_heads: 1,
@@ -219,5 +268,41 @@ mod tests {
         assert!(matches!(s.cpu.rotary_and_cache(&a), Err(BackendError::Shape { .. })));
         let same = RotaryCacheArgs { v_cache: &s.k_cache, ..args(&s, &slots, RopeStyle::Neox) };
         assert!(matches!(s.cpu.rotary_and_cache(&same), Err(BackendError::Aliasing { .. })));
+    }
+
+    #[test]
+    fn fp8_caches_store_the_nearest_code_of_the_scaled_values() {
+        let s = setup(&[0, 3]);
+        let k8 = s.cpu.alloc(&[2, 1, 2, 4], DType::F8E4M3).unwrap();
+        let v8 = s.cpu.alloc(&[2, 1, 2, 4], DType::F8E4M3).unwrap();
+        let slots = s.cpu.upload(HostSlice::I64(&[1, 2]), &[2], DType::I64).unwrap();
+        let scales = s.cpu.upload(HostSlice::F32(&[0.5, 3.0]), &[2], DType::F32).unwrap();
+        let fp8 = RotaryCacheArgs {
+            k_cache: &k8,
+            v_cache: &v8,
+            kv_scales: Some(&scales),
+            ..args(&s, &slots, RopeStyle::Neox)
+        };
+        s.cpu.rotary_and_cache(&fp8).unwrap();
+        // The same step into F32 caches gives the values that were quantized.
+        s.cpu.rotary_and_cache(&args(&s, &slots, RopeStyle::Neox)).unwrap();
+        let (k, v) = (s.cpu.download_f32(&s.k_cache).unwrap(), s.cpu.download_f32(&s.v_cache).unwrap());
+        let (k8s, v8s) = (s.cpu.download_f32(&k8).unwrap(), s.cpu.download_f32(&v8).unwrap());
+        for at in 4..12 {
+            assert_eq!(k8s[at], e4m3_round(k[at] / 0.5), "k {at}");
+            assert_eq!(v8s[at], e4m3_round(v[at] / 3.0), "v {at}");
+        }
+        // Token 0 (position 0): k = [4, 5, 6, 7] / 0.5 = [8, 10, 12, 14], all E4M3 values;
+        // v = [8, 9, 10, 11] / 3 rounds to [2.75, 3, 3.25, 3.75].
+        assert_eq!(&k8s[4..8], &[8.0, 10.0, 12.0, 14.0]);
+        assert_eq!(&v8s[4..8], &[2.75, 3.0, 3.25, 3.75]);
+        assert!(k8s[..4].iter().chain(&k8s[12..]).all(|x| x.is_nan()), "unwritten slots stay as they were");
+
+        // Scales must be positive and finite; FP8 without scales means 1.0.
+        let bad = s.cpu.upload(HostSlice::F32(&[0.0, 1.0]), &[2], DType::F32).unwrap();
+        let r = s.cpu.rotary_and_cache(&RotaryCacheArgs { kv_scales: Some(&bad), ..fp8 });
+        assert!(matches!(r, Err(BackendError::Shape { .. })));
+        s.cpu.rotary_and_cache(&RotaryCacheArgs { kv_scales: None, ..fp8 }).unwrap();
+        assert_eq!(&s.cpu.download_f32(&v8).unwrap()[4..8], &[8.0, 9.0, 10.0, 11.0]);
     }
 }

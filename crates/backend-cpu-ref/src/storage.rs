@@ -22,6 +22,11 @@ pub(crate) enum CpuBuffer {
     F32(Vec<f32>),
     I32(Vec<i32>),
     I64(Vec<i64>),
+    /// An F8E4M3 tensor, held as the f32 values of its codes: every element
+    /// is exactly an E4M3 value (NaN included), so reading it needs no
+    /// decoding and downloading it encodes back exactly. Only uploads, `fill`
+    /// and the cache writes of `rotary_and_cache` (which round) write it.
+    F8E4M3(Vec<f32>),
 }
 
 impl CpuBuffer {
@@ -30,12 +35,13 @@ impl CpuBuffer {
             CpuBuffer::F32(_) => DType::F32,
             CpuBuffer::I32(_) => DType::I32,
             CpuBuffer::I64(_) => DType::I64,
+            CpuBuffer::F8E4M3(_) => DType::F8E4M3,
         }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
-            CpuBuffer::F32(v) => v.len(),
+            CpuBuffer::F32(v) | CpuBuffer::F8E4M3(v) => v.len(),
             CpuBuffer::I32(v) => v.len(),
             CpuBuffer::I64(v) => v.len(),
         }
@@ -125,6 +131,16 @@ impl Inputs<'_> {
         }
     }
 
+    /// The values of a KV cache: F32, or F8E4M3 (its codes' values, which
+    /// the caller scales).
+    pub(crate) fn cache_values(&self, t: &CpuTensor) -> Result<&[f32]> {
+        dtype_matches(self.op, t, self.buffer(t)?)?;
+        match self.buffer(t)? {
+            CpuBuffer::F32(v) | CpuBuffer::F8E4M3(v) => Ok(&v[range_in(self.op, t, v.len())?]),
+            other => Err(BackendError::DType { op: self.op, dtype: other.dtype() }),
+        }
+    }
+
     pub(crate) fn i32(&self, t: &CpuTensor) -> Result<&[i32]> {
         t.expect_dtype(self.op, DType::I32)?;
         match self.buffer(t)? {
@@ -148,6 +164,27 @@ pub(crate) fn with_operands<R>(
     op: &'static str,
     inputs: &[&CpuTensor],
     outputs: &[&CpuTensor],
+    body: impl FnOnce(&Inputs<'_>, &mut [&mut [f32]]) -> Result<R>,
+) -> Result<R> {
+    with_operands_of(op, inputs, outputs, false, body)
+}
+
+/// [`with_operands`] whose outputs may also be F8E4M3 (KV caches): `body`
+/// then gets their values and must write only E4M3 values into them.
+pub(crate) fn with_cache_operands<R>(
+    op: &'static str,
+    inputs: &[&CpuTensor],
+    outputs: &[&CpuTensor],
+    body: impl FnOnce(&Inputs<'_>, &mut [&mut [f32]]) -> Result<R>,
+) -> Result<R> {
+    with_operands_of(op, inputs, outputs, true, body)
+}
+
+fn with_operands_of<R>(
+    op: &'static str,
+    inputs: &[&CpuTensor],
+    outputs: &[&CpuTensor],
+    fp8_outputs: bool,
     body: impl FnOnce(&Inputs<'_>, &mut [&mut [f32]]) -> Result<R>,
 ) -> Result<R> {
     let mut storages: Vec<(&Arc<CpuStorage>, bool)> = Vec::new(); // (storage, written)
@@ -186,9 +223,11 @@ pub(crate) fn with_operands<R>(
             (0..outputs.len()).filter(|&i| Arc::as_ptr(outputs[i].storage()) as usize == *key).collect();
         for &i in &mine {
             dtype_matches(op, outputs[i], buffer)?;
-            outputs[i].expect_dtype(op, DType::F32)?;
+            if !(fp8_outputs && outputs[i].dtype() == DType::F8E4M3) {
+                outputs[i].expect_dtype(op, DType::F32)?;
+            }
         }
-        let CpuBuffer::F32(data) = buffer else {
+        let (CpuBuffer::F32(data) | CpuBuffer::F8E4M3(data)) = buffer else {
             return Err(BackendError::DType { op, dtype: buffer.dtype() });
         };
         let len = data.len();

@@ -7,10 +7,11 @@
 //! bug, which the quick grid must catch in exactly the ops it affects.
 
 use half::{bf16, f16};
+use pagoda_backend::fp8::{e4m3_from_f32, e4m3_round, e4m3_to_f32};
 use pagoda_backend::{
     AttentionArgs, AttentionMetadata, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion,
     LoraExpandArgs, LoraShrinkArgs, MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken,
-    SamplingRow, Tensor,
+    SamplingRow, Tensor, UniformFill,
 };
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
 use pagoda_backend_cpu_ref::{CpuBackend, CpuSampled, CpuStorage};
@@ -39,6 +40,12 @@ enum Fault {
     SwapOutNextBlock,
     /// Gives tokens without an adapter (slot -1) the adapter in slot 0.
     LoraNoAdapterUsesSlotZero,
+    /// Writes FP8 key codes rounded toward zero instead of to the nearest.
+    Fp8KeyCodesTruncated,
+    /// Reads FP8 caches without their scales (as 1.0).
+    Fp8AttentionIgnoresScales,
+    /// Fills a part of a tensor as if it were a whole one (ignores the row stride).
+    FillUniformIgnoresRowStride,
 }
 
 struct Device {
@@ -91,6 +98,69 @@ impl Device {
         self.cpu.upload(HostSlice::I32(&v), &[v.len()], DType::I32)
     }
 
+    /// rotary_and_cache into F8E4M3 caches as a 16-bit device does it: the
+    /// rotated key rounded to the activation dtype first, then divided by its
+    /// scale and rounded to the nearest code (toward zero with
+    /// [`Fault::Fp8KeyCodesTruncated`]).
+    fn rotary_fp8(&self, a: &RotaryCacheArgs<'_, Self>, slots: &C, style: RopeStyle) -> Result<()> {
+        let cpu = &self.cpu;
+        let dims = a.k_cache.dims();
+        let (k32, v32) = (cpu.alloc(dims, DType::F32)?, cpu.alloc(dims, DType::F32)?);
+        let (qkv, pos, cs, q) = (c(a.qkv), c(a.positions), c(a.cos_sin), c(a.q_out));
+        cpu.rotary_and_cache(&RotaryCacheArgs {
+            qkv: &qkv,
+            positions: &pos,
+            cos_sin: &cs,
+            q_out: &q,
+            k_cache: &k32,
+            v_cache: &v32,
+            kv_scales: None,
+            slot_mapping: slots,
+            num_q_heads: a.num_q_heads,
+            num_kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            rotary_dim: a.rotary_dim,
+            style,
+        })?;
+        self.store(a.q_out)?;
+        let (ks, vs) = match a.kv_scales {
+            Some(t) => {
+                let s = cpu.download_f32(&c(t))?;
+                (s[0], s[1])
+            }
+            None => (1.0, 1.0),
+        };
+        let nearest = |x: f32| e4m3_round(x);
+        let toward_zero = |x: f32| {
+            let code = e4m3_from_f32(x);
+            let magnitude = code & 0x7F;
+            if e4m3_to_f32(code).abs() > x.abs() && magnitude > 0 && magnitude < 0x7F {
+                e4m3_to_f32(code - 1)
+            } else {
+                e4m3_to_f32(code)
+            }
+        };
+        let truncate = self.fault == Fault::Fp8KeyCodesTruncated;
+        let (kf, vf) = (cpu.download_f32(&k32)?, cpu.download_f32(&v32)?);
+        let (k8, v8) = (c(a.k_cache), c(a.v_cache));
+        let (mut kc, mut vc) = (cpu.download_f32(&k8)?, cpu.download_f32(&v8)?);
+        let (bs, d, hkv) = (dims[2], a.head_dim, a.num_kv_heads);
+        let HostVec::I64(slot_values) = cpu.download(slots)? else { unreachable!("I64 slots") };
+        for slot in slot_values.into_iter().filter(|&s| s >= 0) {
+            let (block, off) = (slot as usize / bs, slot as usize % bs);
+            for h in 0..hkv {
+                let at = ((block * hkv + h) * bs + off) * d;
+                for i in at..at + d {
+                    let k = round(self.dtype, kf[i]) / ks;
+                    kc[i] = if truncate { toward_zero(k) } else { nearest(k) };
+                    vc[i] = nearest(vf[i] / vs);
+                }
+            }
+        }
+        cpu.write(&k8, HostSlice::F32(&kc))?;
+        cpu.write(&v8, HostSlice::F32(&vc))
+    }
+
     fn cpu_meta(&self, m: &AttentionMetadata<Device>) -> AttentionMetadata<CpuBackend> {
         AttentionMetadata {
             host: m.host.clone(),
@@ -140,6 +210,12 @@ impl Backend for Device {
 
     fn fill(&self, dst: &D, value: f32) -> Result<()> {
         self.cpu.fill(&c(dst), round(dst.dtype(), value))
+    }
+
+    fn fill_uniform(&self, dst: &D, fill: &UniformFill) -> Result<()> {
+        let (rows, cols, row_stride) = fill.check(dst)?;
+        let stride = if self.fault == Fault::FillUniformIgnoresRowStride { cols as u64 } else { row_stride };
+        self.write(dst, HostSlice::F32(&fill.host_values(0..rows, cols, stride)))
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -210,6 +286,9 @@ impl Backend for Device {
             (Fault::WrongRopeStyle, RopeStyle::Interleaved) => RopeStyle::Neox,
             (_, s) => s,
         };
+        if a.k_cache.dtype() == DType::F8E4M3 {
+            return self.rotary_fp8(a, &slots, style);
+        }
         let (qkv, pos, cs, q, k, v) =
             (c(a.qkv), c(a.positions), c(a.cos_sin), c(a.q_out), c(a.k_cache), c(a.v_cache));
         self.cpu.rotary_and_cache(&RotaryCacheArgs {
@@ -219,6 +298,7 @@ impl Backend for Device {
             q_out: &q,
             k_cache: &k,
             v_cache: &v,
+            kv_scales: None,
             slot_mapping: &slots,
             num_q_heads: a.num_q_heads,
             num_kv_heads: a.num_kv_heads,
@@ -243,10 +323,12 @@ impl Backend for Device {
             meta = AttentionMetadata::upload(&self.cpu, host)?;
         }
         let (q, k, v, out) = (c(a.q), c(a.k_cache), c(a.v_cache), c(a.out));
+        let scales = a.kv_scales.filter(|_| self.fault != Fault::Fp8AttentionIgnoresScales).map(c);
         self.cpu.attention(&AttentionArgs {
             q: &q,
             k_cache: &k,
             v_cache: &v,
+            kv_scales: scales.as_ref(),
             out: &out,
             meta: &meta,
             num_q_heads: a.num_q_heads,
@@ -311,15 +393,19 @@ impl Backend for Device {
     }
 
     fn swap_out(&self, cache: &D, host_pool: &mut [u8], pairs: &[(u32, u32)]) -> Result<()> {
-        let size = cache.dtype().size_in_bytes();
-        let block = cache.shape().row_numel();
-        let mut wide = vec![0u8; host_pool.len() / size * 4];
         let blocks = cache.dim(0) as u32;
         let pairs: Vec<(u32, u32)> = if self.fault == Fault::SwapOutNextBlock {
             pairs.iter().map(|&(d, h)| ((d + 1) % blocks, h)).collect()
         } else {
             pairs.to_vec()
         };
+        if cache.dtype() == DType::F8E4M3 {
+            // The reference's pool already holds one code a byte, as a device's does.
+            return self.cpu.swap_out(&c(cache), host_pool, &pairs);
+        }
+        let size = cache.dtype().size_in_bytes();
+        let block = cache.shape().row_numel();
+        let mut wide = vec![0u8; host_pool.len() / size * 4];
         self.cpu.swap_out(&c(cache), &mut wide, &pairs)?;
         for &(_, h) in &pairs {
             let h = h as usize;
@@ -337,6 +423,9 @@ impl Backend for Device {
     }
 
     fn swap_in(&self, host_pool: &[u8], cache: &D, pairs: &[(u32, u32)]) -> Result<()> {
+        if cache.dtype() == DType::F8E4M3 {
+            return self.cpu.swap_in(host_pool, &c(cache), pairs);
+        }
         let size = cache.dtype().size_in_bytes();
         let wide: Vec<u8> = host_pool
             .chunks_exact(size)
@@ -398,6 +487,11 @@ fn emulated_half_precision_devices_pass_within_tolerance() {
         // Unit roundoff: 8 significant bits for bf16, 11 for f16.
         let unit = if dtype == DType::BF16 { 2f64.powi(-8) } else { 2f64.powi(-11) };
         assert!(attention > 0.05 * unit && attention < unit, "{dtype:?} attention error {attention}");
+        // FP8 key codes written from rounded keys: some one step from the
+        // reference's, far fewer than the bound allows (see check/rotary.rs).
+        let adjacent = report.max_rel_err("rotary_and_cache/k_cache fp8").unwrap_or(0.0);
+        assert!(adjacent > 0.0 && adjacent < 1.0 / 16.0, "{dtype:?} adjacent FP8 key codes {adjacent}");
+        assert_eq!(report.max_rel_err("rotary_and_cache/v_cache fp8"), Some(0.0));
         // Copies stay exact in any dtype.
         assert_eq!(report.max_rel_err("copy_blocks"), Some(0.0));
         assert_eq!(report.max_rel_err("embedding"), Some(0.0));
@@ -418,6 +512,10 @@ fn every_injected_fault_is_caught_where_it_lives() {
         (Fault::SampleWrongStep, vec!["sample/tokens"]),
         (Fault::SwapOutNextBlock, vec!["swap_out", "swap_in"]),
         (Fault::LoraNoAdapterUsesSlotZero, vec!["lora_shrink", "lora_expand"]),
+        (Fault::Fp8KeyCodesTruncated, vec!["rotary_and_cache/k_cache fp8"]),
+        // It also accepts a scale tensor of the wrong shape.
+        (Fault::Fp8AttentionIgnoresScales, vec!["attention", "errors"]),
+        (Fault::FillUniformIgnoresRowStride, vec!["memory/fill_uniform columns view"]),
     ];
     for (fault, ops) in cases {
         let report = conformance::run(&Device::new(DType::F32, fault), &Grid::quick());

@@ -6,6 +6,9 @@
 //! - Paged decode attention, Llama-3-8B heads (32 q / 8 kv, D = 128, bf16,
 //!   block 16), batch 64 at context 2k and 8k: bytes of K and V read over time,
 //!   against the copy bandwidth.
+//! - The same over an FP8 (E4M3) cache, counting its bytes (one a code), and
+//!   single-stream decode at 32k context over both caches; FP8 prefill
+//!   attention (TFLOP/s) and rotary_and_cache writing FP8.
 //! - Prefill attention (causal, with and without a cached prefix): TFLOP/s
 //!   against the GEMM.
 //! - Speculative verification: attention of 5 query rows a sequence (k + 1
@@ -77,20 +80,51 @@ fn median_ms(g: &CudaBackend, warmup: usize, reps: usize, mut f: impl FnMut() ->
     Ok(times[reps / 2])
 }
 
+/// An F8E4M3 tensor of random E4M3 codes (never NaN), tiled as in [`random_tensor`].
+fn random_codes(g: &CudaBackend, rng: &mut Rng, dims: &[usize]) -> Result<T> {
+    let t = g.alloc(dims, DType::F8E4M3)?;
+    let numel = t.numel();
+    let chunk = numel.min(32 << 20);
+    let pattern: Vec<u8> = (0..chunk)
+        .map(|_| {
+            let code = (rng.next_u64() >> 56) as u8;
+            if code & 0x7F == 0x7F {
+                code ^ 0x08 // NaN: another exponent
+            } else {
+                code
+            }
+        })
+        .collect();
+    let flat = t.reshape(&[numel])?;
+    let mut start = 0;
+    while start < numel {
+        let len = chunk.min(numel - start);
+        g.write(&flat.narrow(start, len)?, HostSlice::Bytes(&pattern[..len], DType::F8E4M3))?;
+        start += len;
+    }
+    Ok(t)
+}
+
 /// Random K and V caches of `batch` sequences of `ctx` tokens (`(kv heads,
-/// block size, head dim)`), and their block tables: every block used once,
-/// shuffled. Returns the caches, the tables (row-major) and their width.
+/// block size, head dim)`, bf16 or F8E4M3), and their block tables: every
+/// block used once, shuffled. Returns the caches, the tables (row-major) and
+/// their width.
 fn random_paged_kv(
     g: &CudaBackend,
     rng: &mut Rng,
     batch: usize,
     ctx: usize,
     (hkv, bs, d): (usize, usize, usize),
+    dtype: DType,
 ) -> Result<(T, T, Vec<i32>, usize)> {
     let blocks_per_seq = ctx.div_ceil(bs);
     let num_blocks = batch * blocks_per_seq;
-    let k = random_tensor(g, rng, &[num_blocks, hkv, bs, d])?;
-    let v = random_tensor(g, rng, &[num_blocks, hkv, bs, d])?;
+    let dims = [num_blocks, hkv, bs, d];
+    let (k, v) = if dtype == DType::F8E4M3 {
+        (random_codes(g, rng, &dims)?, random_codes(g, rng, &dims)?)
+    } else {
+        (random_tensor(g, rng, &dims)?, random_tensor(g, rng, &dims)?)
+    };
     let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
     for i in (1..perm.len()).rev() {
         perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
@@ -100,11 +134,12 @@ fn random_paged_kv(
 
 /// Median milliseconds (as [`median_ms`]) of paged attention for the batch
 /// that `host` describes: a random query of `num_q_heads` heads over the
-/// caches `kv` (`[num_blocks, Hkv, block_size, D]` each), scale `1/sqrt(D)`.
+/// caches `kv` (`[num_blocks, Hkv, block_size, D]` each, with their scales
+/// when F8E4M3), scale `1/sqrt(D)`.
 fn time_attention(
     g: &CudaBackend,
     rng: &mut Rng,
-    (k, v): (&T, &T),
+    (k, v, kv_scales): (&T, &T, Option<&T>),
     host: AttentionHostMetadata,
     num_q_heads: usize,
     warmup: usize,
@@ -119,6 +154,7 @@ fn time_attention(
         q: &q,
         k_cache: k,
         v_cache: v,
+        kv_scales,
         out: &out,
         meta: &meta,
         num_q_heads,
@@ -207,7 +243,8 @@ fn main() -> Result<()> {
         }
         let partition: DecodePartition = part.parse().expect("the sweep names valid partitions");
         g.set_kernel_options(KernelOptions { decode_partition: Some(partition), ..KernelOptions::default() });
-        let (k, v, perm, blocks_per_seq) = random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d))?;
+        let (k, v, perm, blocks_per_seq) =
+            random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d), DType::BF16)?;
         let host = AttentionHostMetadata {
             query_start_loc: (0..=batch as i32).collect(),
             seq_lens: vec![ctx as i32; batch],
@@ -216,23 +253,60 @@ fn main() -> Result<()> {
             slot_mapping: vec![-1; batch],
             num_decode_seqs: batch,
         };
-        let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
+        let ms = time_attention(&g, &mut rng, (&k, &v, None), host, hq, 5, 30)?;
         g.set_kernel_options(KernelOptions::default());
         let bytes = (2 * batch * ctx * hkv * d * 2 + 2 * batch * hq * d * 2) as f64;
         rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
     }
 
-    // ---- prefill attention ----
-    for &(seqs, cached, qlen) in &[(4usize, 0usize, 4096usize), (1, 0, 8192), (2, 4096, 2048)] {
-        let label = format!("prefill attention {seqs}x(cached {cached} + {qlen}) causal");
+    // ---- decode attention over an FP8 (E4M3) cache: bytes are one a code ----
+    // The launcher's own partitions; single stream at 32k context over both caches.
+    let kv_scales = g.upload(HostSlice::F32(&[0.021, 0.017]), &[2], DType::F32)?;
+    let fp8_decode = [(64usize, 2048usize), (64, 8192), (1, 576), (256, 640), (1, 32768)]
+        .map(|(b, c)| (b, c, DType::F8E4M3))
+        .into_iter()
+        .chain([(1, 32768, DType::BF16)]);
+    for (batch, ctx, dtype) in fp8_decode {
+        let cache = if dtype == DType::F8E4M3 { "fp8" } else { "bf16" };
+        let label = format!("decode attention {cache} cache b{batch} ctx{ctx} 32q/8kv D128 bs16");
+        if !wanted(&label) {
+            continue;
+        }
+        let (k, v, perm, blocks_per_seq) = random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d), dtype)?;
+        let host = AttentionHostMetadata {
+            query_start_loc: (0..=batch as i32).collect(),
+            seq_lens: vec![ctx as i32; batch],
+            block_tables: perm,
+            max_blocks_per_seq: blocks_per_seq,
+            slot_mapping: vec![-1; batch],
+            num_decode_seqs: batch,
+        };
+        let scales = (dtype == DType::F8E4M3).then_some(&kv_scales);
+        let ms = time_attention(&g, &mut rng, (&k, &v, scales), host, hq, 5, 30)?;
+        let bytes = (2 * batch * ctx * hkv * d * dtype.size_in_bytes() + 2 * batch * hq * d * 2) as f64;
+        rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
+    }
+
+    // ---- prefill attention (and over an FP8 cache) ----
+    let prefill_cases = [(4usize, 0usize, 4096usize, false), (1, 0, 8192, false), (2, 4096, 2048, false)]
+        .into_iter()
+        .chain([(4, 0, 4096, true), (2, 4096, 2048, true)]);
+    for (seqs, cached, qlen, fp8) in prefill_cases {
+        let cache = if fp8 { " fp8 cache" } else { "" };
+        let label = format!("prefill attention{cache} {seqs}x(cached {cached} + {qlen}) causal");
         if !wanted(&label) {
             continue;
         }
         let ctx = cached + qlen;
         let blocks_per_seq = ctx.div_ceil(bs);
         let num_blocks = seqs * blocks_per_seq;
-        let k = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
-        let v = random_tensor(&g, &mut rng, &[num_blocks, hkv, bs, d])?;
+        let dims = [num_blocks, hkv, bs, d];
+        let (k, v) = if fp8 {
+            (random_codes(&g, &mut rng, &dims)?, random_codes(&g, &mut rng, &dims)?)
+        } else {
+            (random_tensor(&g, &mut rng, &dims)?, random_tensor(&g, &mut rng, &dims)?)
+        };
+        let scales = fp8.then_some(&kv_scales);
         let t = seqs * qlen;
         let host = AttentionHostMetadata {
             query_start_loc: (0..=seqs as i32).map(|s| s * qlen as i32).collect(),
@@ -242,7 +316,7 @@ fn main() -> Result<()> {
             slot_mapping: vec![-1; t],
             num_decode_seqs: 0,
         };
-        let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 3, 10)?;
+        let ms = time_attention(&g, &mut rng, (&k, &v, scales), host, hq, 3, 10)?;
         // Query i (0-based within the chunk) sees cached + i + 1 keys: q.k and p.v are 2 * D flops each.
         let pairs = (qlen * cached + qlen * (qlen + 1) / 2) as f64;
         let flops = seqs as f64 * hq as f64 * pairs * 4.0 * d as f64;
@@ -268,7 +342,8 @@ fn main() -> Result<()> {
         if !wanted(&label) {
             continue;
         }
-        let (k, v, perm, blocks_per_seq) = random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d))?;
+        let (k, v, perm, blocks_per_seq) =
+            random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d), DType::BF16)?;
         let host = if as_rows {
             let rows = batch * qlen;
             AttentionHostMetadata {
@@ -292,7 +367,7 @@ fn main() -> Result<()> {
                 num_decode_seqs: if qlen == 1 { batch } else { 0 },
             }
         };
-        let ms = time_attention(&g, &mut rng, (&k, &v), host, hq, 5, 30)?;
+        let ms = time_attention(&g, &mut rng, (&k, &v, None), host, hq, 5, 30)?;
         let bytes = (2 * batch * ctx * hkv * d * 2) as f64;
         rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
     }
@@ -426,7 +501,7 @@ fn main() -> Result<()> {
     }
 
     // ---- row ops on 8B shapes (T = 4096 tokens) ----
-    if !wanted("row ops rms_norm silu rotary") {
+    if !wanted("row ops rms_norm silu rotary fp8") {
         print_table(&g, &rows);
         return Ok(());
     }
@@ -470,6 +545,7 @@ fn main() -> Result<()> {
         q_out: &q_out,
         k_cache: &kc,
         v_cache: &vc,
+        kv_scales: None,
         slot_mapping: &slots,
         num_q_heads: hq,
         num_kv_heads: hkv,
@@ -481,6 +557,15 @@ fn main() -> Result<()> {
     // qkv read once, q and k, v written once, the cos/sin rows read once per token.
     let bytes = 2 * tok * (hq + 2 * hkv) * d * 2 + tok * d * 4;
     rows.push(bw_row("rotary_and_cache [4096, 6144]", ms, bytes));
+    let (kc8, vc8) = (
+        g.alloc(&[num_blocks, hkv, bs, d], DType::F8E4M3)?,
+        g.alloc(&[num_blocks, hkv, bs, d], DType::F8E4M3)?,
+    );
+    let fp8_args = RotaryCacheArgs { k_cache: &kc8, v_cache: &vc8, kv_scales: Some(&kv_scales), ..args };
+    let ms = median_ms(&g, 5, 30, || g.rotary_and_cache(&fp8_args))?;
+    // As above, with k and v written as one byte a code.
+    let bytes = tok * (hq + 2 * hkv) * d * 2 + tok * hq * d * 2 + tok * 2 * hkv * d + tok * d * 4;
+    rows.push(bw_row("rotary_and_cache fp8 cache [4096, 6144]", ms, bytes));
     g.synchronize()?;
     print_table(&g, &rows);
     Ok(())

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use cust::event::{Event, EventFlags};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use pagoda_backend::fp8::e4m3_from_f32;
 use pagoda_backend::{
     AttentionArgs, Backend, BackendError, CacheBlocks, DType, HostSlice, HostVec, KvCacheShape, LinearFusion,
     LoraExpandArgs, LoraGroups, LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, RotaryShape,
-    SampledToken, SamplingRow, Tensor,
+    SampledToken, SamplingRow, Tensor, UniformFill,
 };
 
 use crate::device::{CudaGraph, CudaStorage, DeviceInner, PinnedHost};
@@ -261,6 +262,7 @@ fn dtype_code(d: DType) -> i32 {
         DType::BF16 => ffi::PAGODA_DTYPE_BF16,
         DType::I32 => ffi::PAGODA_DTYPE_I32,
         DType::I64 => ffi::PAGODA_DTYPE_I64,
+        DType::F8E4M3 => ffi::PAGODA_DTYPE_F8E4M3,
     }) as i32
 }
 
@@ -354,7 +356,8 @@ fn same_dtype(op: &'static str, a: &Tensor<CudaBackend>, b: &Tensor<CudaBackend>
     Ok(())
 }
 
-/// The bytes of `data` in `dtype` (floats converted; integers must match).
+/// The bytes of `data` in `dtype` (floats and E4M3 codes converted, a float
+/// to its nearest code, saturating; integers must match).
 fn encode<'a>(op: &'static str, data: HostSlice<'a>, dtype: DType) -> Result<Cow<'a, [u8]>> {
     let from = data.dtype();
     if from == dtype {
@@ -368,7 +371,7 @@ fn encode<'a>(op: &'static str, data: HostSlice<'a>, dtype: DType) -> Result<Cow
         };
         return Ok(Cow::Borrowed(&bytes[..data.len() * dtype.size_in_bytes()]));
     }
-    if !(from.is_float() && dtype.is_float()) {
+    if !(from.holds_reals() && dtype.holds_reals()) {
         return Err(BackendError::DType { op, dtype: from });
     }
     // f32 to 16 bits, the common case (weights, LoRA slots): `half`'s slice
@@ -398,6 +401,7 @@ fn encode<'a>(op: &'static str, data: HostSlice<'a>, dtype: DType) -> Result<Cow
         DType::BF16 => {
             (0..n).for_each(|i| out.extend_from_slice(&bf16::from_f32(data.get_f32(i)).to_le_bytes()))
         }
+        DType::F8E4M3 => (0..n).for_each(|i| out.push(e4m3_from_f32(data.get_f32(i)))),
         DType::I32 | DType::I64 => return Err(BackendError::DType { op, dtype }),
     }
     Ok(Cow::Owned(out))
@@ -410,6 +414,7 @@ fn host_vec_from_bytes(dtype: DType, bytes: &[u8]) -> HostVec {
         DType::BF16 => HostVec::BF16(bytemuck::pod_collect_to_vec(bytes)),
         DType::I32 => HostVec::I32(bytemuck::pod_collect_to_vec(bytes)),
         DType::I64 => HostVec::I64(bytemuck::pod_collect_to_vec(bytes)),
+        DType::F8E4M3 => HostVec::F8E4M3(bytes.to_vec()),
     }
 }
 
@@ -496,6 +501,28 @@ impl Backend for CudaBackend {
         Ok(check("pagoda_fill", rc)?)
     }
 
+    fn fill_uniform(&self, dst: &Tensor<Self>, fill: &UniformFill) -> Result<()> {
+        let (rows, cols, row_stride) = fill.check(dst)?;
+        self.bind()?;
+        // SAFETY: dst is a device range of rows * cols elements of its (float) dtype.
+        let rc = unsafe {
+            ffi::pagoda_fill_uniform(
+                vptr(dst),
+                dtype_code(dst.dtype()),
+                rows,
+                cols,
+                fill.key,
+                fill.low,
+                fill.width(),
+                fill.first,
+                row_stride,
+                self.launch_policy(),
+                self.stream(),
+            )
+        };
+        Ok(check("pagoda_fill_uniform", rc)?)
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.sync_checked()
     }
@@ -566,6 +593,8 @@ impl Backend for CudaBackend {
             slot_mapping: dptr(a.slot_mapping) as *const i64,
             status: self.status_ptr(),
             dtype: dtype_code(a.qkv.dtype()),
+            cache_dtype: dtype_code(a.k_cache.dtype()),
+            kv_scales: a.kv_scales.map_or(std::ptr::null(), |s| dptr(s) as *const f32),
             num_tokens: to_i32(OP, "tokens", t)?,
             num_q_heads: to_i32(OP, "q heads", hq)?,
             num_kv_heads: to_i32(OP, "kv heads", hkv)?,
@@ -609,6 +638,8 @@ impl Backend for CudaBackend {
             k_cache: vptr(a.k_cache),
             v_cache: vptr(a.v_cache),
             out: vptr(a.out),
+            cache_dtype: dtype_code(a.k_cache.dtype()),
+            kv_scales: a.kv_scales.map_or(std::ptr::null(), |s| dptr(s) as *const f32),
             query_start_loc: dptr(&a.meta.query_start_loc) as *const i32,
             seq_lens: dptr(&a.meta.seq_lens) as *const i32,
             block_tables: dptr(&a.meta.block_tables) as *const i32,
@@ -1046,5 +1077,18 @@ mod tests {
         assert!(matches!(encode("t", HostSlice::F32(&v), DType::F32).unwrap(), Cow::Borrowed(_)));
         assert!(encode("t", HostSlice::I32(&[1]), DType::I64).is_err());
         assert!(encode("t", HostSlice::I32(&[1]), DType::F32).is_err());
+    }
+
+    #[test]
+    fn e4m3_codes_upload_as_they_are_floats_round_to_them() {
+        let codes = [0x38u8, 0xC0, 0x7F];
+        let raw = encode("t", HostSlice::Bytes(&codes, DType::F8E4M3), DType::F8E4M3).unwrap();
+        assert!(matches!(raw, Cow::Borrowed(b) if b == codes));
+        let rounded = encode("t", HostSlice::F32(&[0.3, -1000.0]), DType::F8E4M3).unwrap();
+        assert_eq!(&rounded[..], &[0x2A, 0xFE]);
+        let decoded = encode("t", HostSlice::Bytes(&codes[..2], DType::F8E4M3), DType::F32).unwrap();
+        assert_eq!(&decoded[..], bytemuck::cast_slice::<f32, u8>(&[1.0, -2.0]));
+        assert!(encode("t", HostSlice::I32(&[1]), DType::F8E4M3).is_err());
+        assert_eq!(host_vec_from_bytes(DType::F8E4M3, &codes), HostVec::F8E4M3(codes.to_vec()));
     }
 }

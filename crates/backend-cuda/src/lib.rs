@@ -24,6 +24,10 @@
 //!   data: a [`KernelPolicy`] resolved once per device when the backend is
 //!   created, from the caller's [`KernelOptions`], then the `PAGODA_*`
 //!   environment, then the device ([`policy`]), and passed to every launcher.
+//! - Tensor parallelism: [`NcclComm`] is the [`pagoda_backend::Communicator`]
+//!   of one rank per GPU, an in-place NCCL all-reduce on the backend's stream
+//!   (libnccl.so.2 is loaded at the first communicator, not linked); see
+//!   [`nccl`] for forming a group (threads of a process, or over TCP).
 //! - All work runs on one stream; device memory comes from the driver's
 //!   stream-ordered pool, and a dropped tensor is freed on that stream.
 //! - Host-to-device copies up to 4 MiB (the per-step inputs) are staged
@@ -51,11 +55,13 @@ mod backend;
 mod device;
 mod error;
 mod ffi;
+pub mod nccl;
 pub mod policy;
 mod sampling;
 
 pub use backend::CudaBackend;
 pub use device::{CudaGraph, CudaStorage};
 pub use error::CudaError;
+pub use nccl::{device_count, NcclComm};
 pub use policy::{DecodePartition, DeviceFacts, KernelOptions, KernelPolicy};
 pub use sampling::CudaSampled;

@@ -113,6 +113,12 @@ impl<B: Backend> AttentionMetadata<B> {
 /// `p * inv_freq[i]` (cos/sin read from `cos_sin[p]`), q is written to `q_out`,
 /// and k and v (the last `Hkv*D` columns) go to cache slot
 /// `slot_mapping[t]` of `k_cache`/`v_cache` unless it is negative.
+///
+/// FP8 caches (`F8E4M3`) store `e4m3(x / scale)` (round to nearest even,
+/// saturating at ±448; the division an IEEE f32 division), with `x` the value
+/// a cache of the activation dtype would store: the rotated k rounded to the
+/// activation dtype (no rounding for F32), and v as it is; `scale` is
+/// `kv_scales[0]` for K and `kv_scales[1]` for V.
 pub struct RotaryCacheArgs<'a, B: Backend> {
     /// `[T, (Hq + 2*Hkv) * D]`.
     pub qkv: &'a Tensor<B>,
@@ -122,9 +128,13 @@ pub struct RotaryCacheArgs<'a, B: Backend> {
     pub cos_sin: &'a Tensor<B>,
     /// `[T, Hq * D]`.
     pub q_out: &'a Tensor<B>,
-    /// `[num_blocks, Hkv, block_size, D]` each.
+    /// `[num_blocks, Hkv, block_size, D]` each, of qkv's dtype or both F8E4M3.
     pub k_cache: &'a Tensor<B>,
     pub v_cache: &'a Tensor<B>,
+    /// F32 `[2]`: the K scale and the V scale of F8E4M3 caches (on the
+    /// device, so a recorded graph reads whatever they hold); only with
+    /// F8E4M3 caches, where `None` means both are 1.0 (vLLM's default).
+    pub kv_scales: Option<&'a Tensor<B>>,
     /// I64 `[T]`.
     pub slot_mapping: &'a Tensor<B>,
     pub num_q_heads: usize,
@@ -147,10 +157,12 @@ pub struct RotaryShape {
 impl<B: Backend> RotaryCacheArgs<'_, B> {
     /// The argument checks every backend makes before it rotates anything:
     /// positive head counts and head size, an even `rotary_dim` of at most
-    /// `head_dim`, every operand's shape and dtype (q, k, v and the caches one
-    /// float dtype; positions I32, slot mapping I64, cos/sin F32), and outputs
-    /// that share no storage with an input or overlap each other. Values on the
-    /// device (positions, slots) are the backend's to check.
+    /// `head_dim`, every operand's shape and dtype (qkv and q_out one float
+    /// dtype, the caches that dtype or both F8E4M3, scales only with F8E4M3
+    /// caches and F32 `[2]`; positions I32, slot mapping I64, cos/sin F32),
+    /// and outputs that share no storage with an input or overlap each other.
+    /// Values on the device (positions, slots, scales) are the backend's to
+    /// check.
     pub fn check(&self) -> Result<RotaryShape> {
         const OP: &str = "rotary_and_cache";
         let (hq, hkv, d, rd) = (self.num_q_heads, self.num_kv_heads, self.head_dim, self.rotary_dim);
@@ -191,11 +203,16 @@ impl<B: Backend> RotaryCacheArgs<'_, B> {
         }
         self.q_out.expect_rows_cols(OP, "q_out", t, hq * d)?;
         let cache = kv_cache_shape(OP, self.k_cache, self.v_cache, hkv, d)?;
-        expect_float_operands(OP, self.qkv, &[self.q_out, self.k_cache, self.v_cache])?;
+        expect_float_operands(OP, self.qkv, &[self.q_out])?;
+        check_kv_cache_dtype(OP, self.qkv.dtype(), self.k_cache, self.v_cache, self.kv_scales)?;
         let outputs = [self.q_out, self.k_cache, self.v_cache];
         for (i, o) in outputs.iter().enumerate() {
             let inputs = [self.qkv, self.positions, self.cos_sin, self.slot_mapping];
-            if inputs.iter().any(|x| x.shares_storage(o)) || outputs[..i].iter().any(|p| p.overlaps(o)) {
+            let scales = self.kv_scales.is_some_and(|x| x.shares_storage(o));
+            if scales
+                || inputs.iter().any(|x| x.shares_storage(o))
+                || outputs[..i].iter().any(|p| p.overlaps(o))
+            {
                 return Err(BackendError::Aliasing { op: OP });
             }
         }
@@ -209,11 +226,19 @@ impl<B: Backend> RotaryCacheArgs<'_, B> {
 /// sits at position `L - q + i` and attends to cached positions `0..=L - q + i`
 /// (or the last `sliding_window` of them) of its KV head `h / (Hq / Hkv)`, read
 /// through `block_tables[s]`. The new keys and values are already in the cache.
+///
+/// F8E4M3 caches are read as `e4m3_to_f32(code) * scale` (K's scale
+/// `kv_scales[0]`, V's `kv_scales[1]`): the inverse of what
+/// [`Backend::rotary_and_cache`] stores, up to the E4M3 rounding.
 pub struct AttentionArgs<'a, B: Backend> {
     /// `[T, Hq, D]` (or `[T, Hq * D]`).
     pub q: &'a Tensor<B>,
+    /// `[num_blocks, Hkv, block_size, D]` each, of q's dtype or both F8E4M3.
     pub k_cache: &'a Tensor<B>,
     pub v_cache: &'a Tensor<B>,
+    /// F32 `[2]`, K's scale then V's, only with F8E4M3 caches; `None`: 1.0
+    /// (see [`RotaryCacheArgs::kv_scales`]).
+    pub kv_scales: Option<&'a Tensor<B>>,
     /// Same shape as `q`.
     pub out: &'a Tensor<B>,
     pub meta: &'a AttentionMetadata<B>,
@@ -231,8 +256,9 @@ impl<B: Backend> AttentionArgs<'_, B> {
     /// (query heads a positive multiple of KV heads), the window and scale,
     /// q with one row of `Hq * D` per token of the step, `out` shaped as `q`,
     /// both caches `[num_blocks, Hkv, block_size, D]`, the metadata tensors
-    /// shaped as their host copy, one float dtype for q, the caches and `out`,
-    /// an `out` that shares no storage with an input, and every sequence
+    /// shaped as their host copy, one float dtype for q and `out`, caches of
+    /// that dtype or both F8E4M3 (scales only then, F32 `[2]`), an `out` that
+    /// shares no storage with an input, and every sequence
     /// length within what its block table holds ([`BackendError::Index`]).
     /// Block-table entries on the device are the backend's to check.
     pub fn check(&self) -> Result<KvCacheShape> {
@@ -273,10 +299,11 @@ impl<B: Backend> AttentionArgs<'_, B> {
             tensor.expect_dims(OP, what, dims)?;
             tensor.expect_dtype(OP, DType::I32)?;
         }
-        expect_float_operands(OP, self.q, &[self.k_cache, self.v_cache, self.out])?;
+        expect_float_operands(OP, self.q, &[self.out])?;
+        check_kv_cache_dtype(OP, self.q.dtype(), self.k_cache, self.v_cache, self.kv_scales)?;
         let m = self.meta;
         let inputs = [self.q, self.k_cache, self.v_cache, &m.query_start_loc, &m.seq_lens, &m.block_tables];
-        if inputs.iter().any(|x| x.shares_storage(self.out)) {
+        if inputs.iter().chain(&self.kv_scales).any(|x| x.shares_storage(self.out)) {
             return Err(BackendError::Aliasing { op: OP });
         }
         let capacity = max_blocks * cache.block_size;
@@ -317,6 +344,33 @@ fn kv_cache_shape<B: Backend>(
     };
     v_cache.expect_dims(op, "v_cache", k_cache.dims())?;
     Ok(shape)
+}
+
+/// Caches of the activation dtype `act`, or both F8E4M3; scales only with
+/// F8E4M3 caches, F32 `[2]`.
+fn check_kv_cache_dtype<B: Backend>(
+    op: &'static str,
+    act: DType,
+    k_cache: &Tensor<B>,
+    v_cache: &Tensor<B>,
+    kv_scales: Option<&Tensor<B>>,
+) -> Result<()> {
+    let cache = k_cache.dtype();
+    if cache != act && cache != DType::F8E4M3 {
+        return Err(BackendError::DType { op, dtype: cache });
+    }
+    v_cache.expect_dtype(op, cache)?;
+    if let Some(scales) = kv_scales {
+        if cache != DType::F8E4M3 {
+            return Err(BackendError::shape(
+                op,
+                format!("kv_scales given for {cache:?} caches (only F8E4M3 caches are scaled)"),
+            ));
+        }
+        scales.expect_dtype(op, DType::F32)?;
+        scales.expect_dims(op, "kv_scales", &[2])?;
+    }
+    Ok(())
 }
 
 /// `first` is a float tensor and every one of `others` has its dtype.
@@ -375,6 +429,7 @@ mod tests {
                 q_out: &self.q_out,
                 k_cache: &self.k_cache,
                 v_cache: &self.v_cache,
+                kv_scales: None,
                 slot_mapping: &self.slot_mapping,
                 num_q_heads: 4,
                 num_kv_heads: 2,
@@ -489,6 +544,7 @@ mod tests {
                 q: &self.q,
                 k_cache: &self.k_cache,
                 v_cache: &self.v_cache,
+                kv_scales: None,
                 out: &self.out,
                 meta: &self.meta,
                 num_q_heads: 4,
@@ -571,5 +627,52 @@ mod tests {
         assert!(index(AttentionHostMetadata { seq_lens: vec![9, -1], ..host() }, "sequence 1: -1 tokens"));
         let full = AttentionHostMetadata { seq_lens: vec![12, 12], ..host() };
         assert!(Attention::new(full).args().check().is_ok());
+    }
+
+    #[test]
+    fn fp8_caches_take_scales_and_mixed_or_unscaled_misuse_is_refused() {
+        let dtype = |res: Result<RotaryShape>, want: DType| matches!(res, Err(BackendError::DType { dtype, .. }) if dtype == want);
+        let r = Rotary::new();
+        let (k8, v8) = (tensor(&[5, 2, 4, 8], DType::F8E4M3), tensor(&[5, 2, 4, 8], DType::F8E4M3));
+        let scales = tensor(&[2], DType::F32);
+        let fp8 = || RotaryCacheArgs { k_cache: &k8, v_cache: &v8, ..r.args() };
+        assert!(fp8().check().is_ok(), "unscaled FP8 caches are 1.0");
+        assert!(RotaryCacheArgs { kv_scales: Some(&scales), ..fp8() }.check().is_ok());
+        // K and V of different dtypes, caches of a third float dtype, integer caches.
+        assert!(dtype(RotaryCacheArgs { v_cache: &v8, ..r.args() }.check(), DType::F8E4M3));
+        assert!(dtype(RotaryCacheArgs { k_cache: &k8, ..r.args() }.check(), DType::BF16));
+        let f16 = tensor(&[5, 2, 4, 8], DType::F16);
+        assert!(dtype(RotaryCacheArgs { k_cache: &f16, v_cache: &f16, ..r.args() }.check(), DType::F16));
+        // Scales: only for FP8 caches, F32 [2], never written over.
+        let on_bf16 = RotaryCacheArgs { kv_scales: Some(&scales), ..r.args() }.check();
+        assert!(is_shape(&on_bf16, "kv_scales given for BF16 caches"));
+        let three = tensor(&[3], DType::F32);
+        assert!(is_shape(
+            &RotaryCacheArgs { kv_scales: Some(&three), ..fp8() }.check(),
+            "kv_scales: expected [2]"
+        ));
+        let bf16_scales = tensor(&[2], DType::BF16);
+        assert!(dtype(RotaryCacheArgs { kv_scales: Some(&bf16_scales), ..fp8() }.check(), DType::BF16));
+        let in_cache = k8.reshape(&[320]).unwrap().narrow(0, 2).unwrap();
+        let in_cache = Tensor::from_parts(in_cache.storage().clone(), 0, [2].into(), DType::F32);
+        let aliased = RotaryCacheArgs { kv_scales: Some(&in_cache), ..fp8() }.check();
+        assert!(matches!(aliased, Err(BackendError::Aliasing { .. })));
+
+        let at = Attention::new(host());
+        let (k8, v8) = (tensor(&[6, 2, 4, 8], DType::F8E4M3), tensor(&[6, 2, 4, 8], DType::F8E4M3));
+        let fp8 = || AttentionArgs { k_cache: &k8, v_cache: &v8, ..at.args() };
+        assert!(fp8().check().is_ok());
+        assert!(AttentionArgs { kv_scales: Some(&scales), ..fp8() }.check().is_ok());
+        let mixed = AttentionArgs { v_cache: &v8, ..at.args() }.check();
+        assert!(matches!(mixed, Err(BackendError::DType { dtype: DType::F8E4M3, .. })));
+        let unscaled = AttentionArgs { kv_scales: Some(&scales), ..at.args() }.check();
+        assert!(is_shape(&unscaled, "kv_scales given for F16 caches"));
+        // The output may not be an FP8 tensor (q and out share one float dtype).
+        let out8 = tensor(&[4, 4, 8], DType::F8E4M3);
+        let r = AttentionArgs { out: &out8, ..fp8() }.check();
+        assert!(matches!(r, Err(BackendError::DType { dtype: DType::F8E4M3, .. })));
+        let in_out = Tensor::from_parts(at.out.storage().clone(), 0, [2].into(), DType::F32);
+        let aliased = AttentionArgs { kv_scales: Some(&in_out), ..fp8() }.check();
+        assert!(matches!(aliased, Err(BackendError::Aliasing { .. })));
     }
 }

@@ -1,10 +1,12 @@
 use half::{bf16, f16};
 
+use crate::fp8::e4m3_to_f32;
 use crate::DType;
 
 /// Borrowed host data to upload. `Bytes` is little-endian raw elements of the
 /// given dtype (e.g. straight from a memory-mapped safetensors file, which need
-/// not be aligned for a typed slice).
+/// not be aligned for a typed slice); F8E4M3 data is always `Bytes` (one code
+/// a byte).
 #[derive(Clone, Copy, Debug)]
 pub enum HostSlice<'a> {
     F32(&'a [f32]),
@@ -56,7 +58,7 @@ impl HostSlice<'_> {
         }
     }
 
-    /// Element `i` as f32 (integers converted).
+    /// Element `i` as f32 (integers converted, E4M3 codes decoded).
     pub fn get_f32(&self, i: usize) -> f32 {
         fn le<const N: usize>(b: &[u8], i: usize) -> [u8; N] {
             b[i * N..i * N + N].try_into().expect("slice of N bytes")
@@ -73,6 +75,7 @@ impl HostSlice<'_> {
                 DType::BF16 => bf16::from_le_bytes(le(b, i)).to_f32(),
                 DType::I32 => i32::from_le_bytes(le(b, i)) as f32,
                 DType::I64 => i64::from_le_bytes(le(b, i)) as f32,
+                DType::F8E4M3 => e4m3_to_f32(b[i]),
             },
         }
     }
@@ -94,6 +97,8 @@ pub enum HostVec {
     BF16(Vec<bf16>),
     I32(Vec<i32>),
     I64(Vec<i64>),
+    /// E4M3 codes, one a byte ([`crate::fp8`]); [`HostVec::to_f32`] decodes them.
+    F8E4M3(Vec<u8>),
 }
 
 impl HostVec {
@@ -104,6 +109,7 @@ impl HostVec {
             HostVec::BF16(v) => HostSlice::BF16(v),
             HostVec::I32(v) => HostSlice::I32(v),
             HostVec::I64(v) => HostSlice::I64(v),
+            HostVec::F8E4M3(v) => HostSlice::Bytes(v, DType::F8E4M3),
         }
     }
 
@@ -124,6 +130,7 @@ impl HostVec {
             DType::BF16 => HostVec::BF16(vec![bf16::ZERO; len]),
             DType::I32 => HostVec::I32(vec![0; len]),
             DType::I64 => HostVec::I64(vec![0; len]),
+            DType::F8E4M3 => HostVec::F8E4M3(vec![0; len]),
         }
     }
 }
@@ -142,5 +149,14 @@ mod tests {
         let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
         let raw = HostSlice::Bytes(bytemuck::cast_slice(&b), DType::BF16);
         assert_eq!(raw.to_f32_vec(), v.to_vec());
+    }
+
+    #[test]
+    fn e4m3_bytes_are_one_element_each_and_decode() {
+        let codes = HostVec::F8E4M3(vec![0x38, 0xC0, 0x7E, 0x01]);
+        assert_eq!(codes.dtype(), DType::F8E4M3);
+        assert_eq!(codes.as_slice().len(), 4);
+        assert_eq!(codes.to_f32(), vec![1.0, -2.0, 448.0, 2f32.powi(-9)]);
+        assert_eq!(HostVec::zeros(DType::F8E4M3, 3), HostVec::F8E4M3(vec![0; 3]));
     }
 }

@@ -19,7 +19,9 @@
 //!   `I64` (slot mappings).
 //! - The KV cache of one layer is two tensors, K and V, each
 //!   `[num_blocks, num_kv_heads, block_size, head_dim]`: one block of one head
-//!   is contiguous, which is what a decode kernel wants to stream.
+//!   is contiguous, which is what a decode kernel wants to stream. Both are
+//!   the activation dtype, or both `F8E4M3` ([`fp8`]) with a scale for K and
+//!   one for V (see [`RotaryCacheArgs::kv_scales`]): half the bytes of bf16.
 //! - The argument checks of attention, rotary and the block ops are written
 //!   once here ([`AttentionArgs::check`], [`RotaryCacheArgs::check`],
 //!   [`check_copy_blocks`], [`check_swap_out`], [`check_swap_in`]) and every
@@ -38,12 +40,14 @@ mod attention;
 mod blocks;
 mod comm;
 mod error;
+pub mod fp8;
 mod host;
 mod linear;
 mod lora;
 mod tensor;
 #[cfg(test)]
 mod testing;
+mod uniform;
 
 pub use attention::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, RopeStyle, RotaryCacheArgs, RotaryShape,
@@ -59,6 +63,7 @@ pub use lora::{
 };
 pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
 pub use tensor::{DType, Shape, Tensor};
+pub use uniform::{splitmix64_draw, UniformFill};
 
 /// Checks the operands of [`Backend::feed_sampled_tokens`] (I32 vectors of one
 /// length in separate buffers) and returns their length.
@@ -142,6 +147,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Sets every element of a float or integer tensor to `value`.
     fn fill(&self, dst: &Tensor<Self>, value: f32) -> Result<()>;
+
+    /// Fills a float tensor with seeded uniform values ([`UniformFill`]: the
+    /// same bits on every backend, a part of a tensor as the whole would hold
+    /// it), made where the tensor lives: random weights of any size without
+    /// host data. The default computes them on the host and writes them in
+    /// chunks; a device backend computes them in a kernel.
+    fn fill_uniform(&self, dst: &Tensor<Self>, fill: &UniformFill) -> Result<()> {
+        uniform::fill_uniform_on_host(self, dst, fill)
+    }
 
     /// Waits until all queued work has finished.
     fn synchronize(&self) -> Result<()>;

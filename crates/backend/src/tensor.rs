@@ -11,19 +11,32 @@ pub enum DType {
     BF16,
     I32,
     I64,
+    /// FP8 E4M3 codes ([`crate::fp8`]), one byte each: a storage format (the
+    /// KV cache's, with a scale), not a compute float. No op computes in it;
+    /// [`Backend::rotary_and_cache`] writes it and [`Backend::attention`] reads it.
+    F8E4M3,
 }
 
 impl DType {
     pub fn size_in_bytes(self) -> usize {
         match self {
+            DType::F8E4M3 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 => 4,
             DType::I64 => 8,
         }
     }
 
+    /// The compute floats (F32, F16, BF16): activations, weights, logits.
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// Whether elements are numbers that convert to and from f32: the
+    /// compute floats and F8E4M3 (which decodes exactly and encodes by
+    /// rounding to the nearest code, saturating at ±448).
+    pub fn holds_reals(self) -> bool {
+        self.is_float() || self == DType::F8E4M3
     }
 }
 

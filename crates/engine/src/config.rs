@@ -1,8 +1,8 @@
 //! Engine configuration, with vLLM's option names and defaults where the
 //! meaning is the same, and how the KV pool is sized from a memory budget.
 
-use pagoda_backend::{Backend, MemoryInfo};
-use pagoda_models::ModelConfig;
+use pagoda_backend::{Backend, DType, MemoryInfo};
+use pagoda_models::{LoadFormat, ModelConfig};
 use pagoda_scheduler::{Policy, PreemptionMode, SchedulerConfig};
 
 use crate::error::EngineError;
@@ -24,6 +24,10 @@ pub struct EngineConfig {
     pub kv_cache_memory_bytes: Option<u64>,
     /// Host memory for swapped-out KV blocks, in bytes (vLLM `--swap-space`, in GiB there).
     pub swap_space_bytes: u64,
+    /// What the KV cache stores (vLLM `--kv-cache-dtype`): the activation
+    /// dtype, or FP8 E4M3 codes with per-layer scales (half the bytes of
+    /// bf16, so twice the blocks in the same memory).
+    pub kv_cache_dtype: KvCacheDtype,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     /// Longest prompt + output; `None` means the model's own limit.
@@ -68,6 +72,59 @@ pub struct EngineConfig {
     pub max_fast_forward_tokens: usize,
     /// Multi-LoRA serving (vLLM `--enable-lora` and its limits); `None`: off.
     pub lora: Option<crate::lora::LoraConfig>,
+    /// Ranks one model is split over (vLLM `--tensor-parallel-size`); 1: not
+    /// split. Above 1 the engine needs one device per rank
+    /// ([`crate::load_engine_tensor_parallel`]), and the memory settings
+    /// (`gpu_memory_utilization`, `kv_cache_memory_bytes`, `swap_space_bytes`)
+    /// are per rank, as vLLM's are per GPU.
+    pub tensor_parallel_size: usize,
+    /// How the model's weights are read (vLLM `--load-format`): from its
+    /// files, or made at random for its config.json's shape (`Dummy`); a
+    /// draft model in `speculative` is read the same way.
+    pub load_format: LoadFormat,
+}
+
+/// The element type of the KV cache, by vLLM's `--kv-cache-dtype` names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    /// The activation dtype (vLLM's `auto`).
+    #[default]
+    Auto,
+    /// FP8 E4M3 codes (`fp8`, `fp8_e4m3`), each layer's K and V stored over
+    /// the checkpoint's `k_scale`/`v_scale` (1.0 without them).
+    Fp8E4M3,
+}
+
+impl KvCacheDtype {
+    /// The cache's dtype on a backend of `activation` dtype.
+    pub fn resolve(self, activation: DType) -> DType {
+        match self {
+            KvCacheDtype::Auto => activation,
+            KvCacheDtype::Fp8E4M3 => DType::F8E4M3,
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KvCacheDtype::Auto),
+            "fp8" | "fp8_e4m3" => Ok(KvCacheDtype::Fp8E4M3),
+            "fp8_e5m2" => Err("--kv-cache-dtype fp8_e5m2 is not supported: use fp8 (fp8_e4m3)".into()),
+            other => Err(format!("--kv-cache-dtype {other:?}: expected auto, fp8 or fp8_e4m3")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::Fp8E4M3 => "fp8_e4m3",
+        })
+    }
 }
 
 /// Where the sampling defaults (temperature, top-p...) a request leaves
@@ -91,6 +148,7 @@ impl Default for EngineConfig {
             gpu_memory_utilization: 0.9,
             kv_cache_memory_bytes: None,
             swap_space_bytes: 1 << 30,
+            kv_cache_dtype: KvCacheDtype::Auto,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             max_model_len: None,
@@ -109,6 +167,8 @@ impl Default for EngineConfig {
             speculative: None,
             max_fast_forward_tokens: 16,
             lora: None,
+            tensor_parallel_size: 1,
+            load_format: LoadFormat::Auto,
         }
     }
 }
@@ -225,6 +285,7 @@ impl EngineConfig {
         if self.max_num_partial_prefills == 0 || self.max_long_partial_prefills == 0 {
             return bad("max-num-partial-prefills and max-long-partial-prefills must be positive".into());
         }
+        self.validate_tensor_parallel()?;
         if self.max_long_partial_prefills > self.max_num_partial_prefills {
             return bad(format!(
                 "max-long-partial-prefills ({}) must not exceed max-num-partial-prefills ({})",
@@ -234,12 +295,54 @@ impl EngineConfig {
         Ok(())
     }
 
+    /// Refuses, by flag, what does not run split over ranks yet.
+    fn validate_tensor_parallel(&self) -> Result<(), EngineError> {
+        let tp = self.tensor_parallel_size;
+        if tp == 0 {
+            return Err(EngineError::Config("--tensor-parallel-size must be at least 1".into()));
+        }
+        if tp > 1 && self.lora.is_some() {
+            return Err(EngineError::Config(format!(
+                "--enable-lora is not supported with --tensor-parallel-size {tp}: LoRA adapters are not \
+                 split across ranks yet"
+            )));
+        }
+        let draft_model = matches!(
+            self.speculative.as_ref().map(|s| &s.method),
+            Some(crate::speculative::SpeculativeMethod::DraftModel { .. })
+        );
+        if tp > 1 && draft_model {
+            return Err(EngineError::Config(format!(
+                "--speculative-config with a draft model is not supported with --tensor-parallel-size \
+                 {tp}: the draft model is not split across ranks yet (n-gram prompt lookup, \
+                 \"method\": \"ngram\", is)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of one KV block on one rank: K and V of every layer for the KV
+    /// heads the rank holds. Every rank of a tensor-parallel group holds the
+    /// same block ids, each for its own share of the heads (`num_kv_heads /
+    /// tensor_parallel_size`, or one replicated head when the ranks outnumber
+    /// them), so a rank's memory budget divided by this is the number of
+    /// blocks of the whole engine. Unsplit, it is the whole model's.
+    pub fn kv_cache_bytes_per_block_per_rank(&self, model: &ModelConfig, dtype: DType) -> u64 {
+        let whole = model.kv_cache_bytes_per_block(self.block_size, dtype) as u64;
+        let heads = model.num_kv_heads as u64;
+        let tp = self.tensor_parallel_size.max(1) as u64;
+        let rank_heads = if heads >= tp { heads / tp } else { 1 };
+        whole / heads.max(1) * rank_heads
+    }
+
     /// Device KV blocks: the override, else what the memory budget allows.
     ///
     /// On a device that reports memory, the budget is
     /// `total * gpu_memory_utilization - (memory already in use, i.e. the
     /// weights) - an activation reserve for the largest step`; elsewhere it is
-    /// `kv_cache_memory_bytes`.
+    /// `kv_cache_memory_bytes`. Budgets and blocks are one rank's
+    /// ([`Self::kv_cache_bytes_per_block_per_rank`]); a tensor-parallel
+    /// engine takes the smallest count any rank allows.
     pub fn num_gpu_blocks<B: Backend>(
         &self,
         backend: &B,
@@ -249,7 +352,7 @@ impl EngineConfig {
         if let Some(n) = self.num_gpu_blocks {
             return Ok(n);
         }
-        let block_bytes = model.kv_cache_bytes_per_block(self.block_size, backend.activation_dtype()) as u64;
+        let block_bytes = self.kv_cache_bytes_per_block_per_rank(model, self.kv_cache_dtype_on(backend));
         let budget = match memory_after_weights {
             Some(mem) if mem.total_bytes > 0 && !backend.is_host_memory() => {
                 let allowed = (mem.total_bytes as f64 * self.gpu_memory_utilization) as u64;
@@ -268,9 +371,15 @@ impl EngineConfig {
         Ok(blocks)
     }
 
-    /// Host swap blocks the swap space holds.
+    /// The KV cache's dtype on `backend` ([`KvCacheDtype::resolve`]).
+    pub fn kv_cache_dtype_on<B: Backend>(&self, backend: &B) -> DType {
+        self.kv_cache_dtype.resolve(backend.activation_dtype())
+    }
+
+    /// Host swap blocks the swap space holds (each rank has a swap space of
+    /// its own, for its KV heads), in the cache's bytes per block.
     pub fn num_cpu_blocks<B: Backend>(&self, backend: &B, model: &ModelConfig) -> usize {
-        let block_bytes = model.kv_cache_bytes_per_block(self.block_size, backend.activation_dtype()) as u64;
+        let block_bytes = self.kv_cache_bytes_per_block_per_rank(model, self.kv_cache_dtype_on(backend));
         if self.preemption_mode == PreemptionMode::Swap {
             (self.swap_space_bytes / block_bytes) as usize
         } else {

@@ -12,7 +12,7 @@
 //! `1..k-1` in draft slots of its allocator; the next round keeps those the
 //! target accepted and releases the rest, as the target's cache does.
 
-use pagoda_backend::{AttentionHostMetadata, Backend, SamplingParams, SamplingRow};
+use pagoda_backend::{AttentionHostMetadata, Backend, DType, SamplingParams, SamplingRow};
 use pagoda_models::{ForwardBatch, KvCache, LlamaModel};
 use pagoda_paged_kv::{KvAllocator, PagedAllocator, PagedConfig, PrefixHit, SeqStart};
 use pagoda_scheduler::{SeqId, TokenId};
@@ -48,14 +48,16 @@ struct Row {
 }
 
 impl<B: Backend> DraftModel<B> {
-    /// A draft of `num_blocks` KV blocks of `block_size` tokens.
+    /// A draft of `num_blocks` KV blocks of `block_size` tokens, of
+    /// `kv_cache_dtype` (the target's: the model's dtype or F8E4M3).
     pub fn new(
         backend: &B,
         model: LlamaModel<B>,
         num_blocks: usize,
         block_size: usize,
+        kv_cache_dtype: DType,
     ) -> Result<Self, EngineError> {
-        let kv = model.alloc_kv_cache(backend, num_blocks, block_size)?;
+        let kv = model.alloc_kv_cache(backend, num_blocks, block_size, kv_cache_dtype)?;
         let alloc = PagedAllocator::new(PagedConfig {
             num_gpu_blocks: num_blocks,
             num_cpu_blocks: 0,

@@ -27,6 +27,7 @@ use crate::output_processor::OutputProcessor;
 use crate::request::{GenerationRequest, RequestOutput};
 use crate::runner::ModelRunner;
 use crate::speculative::{NgramProposer, Proposer, SpeculativeMethod, Speculator};
+use crate::tensor_parallel::RankGroup;
 
 /// The engine: input processor -> engine core (scheduler, model runner,
 /// sampler) -> output processor.
@@ -55,11 +56,40 @@ impl<B: Backend> LlmEngine<B> {
     /// its weights count, and its own cache takes a share of the budget).
     pub fn with_draft_model(
         backend: B,
+        loaded: LoadedModel<B>,
+        draft: Option<LlamaModel<B>>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        Self::build(backend, loaded, draft, None, config)
+    }
+
+    /// [`Self::new`] for rank 0 of a tensor-parallel group (`loaded` holds its
+    /// shard), leading `ranks`, the others, which have loaded theirs.
+    pub(crate) fn with_ranks(
+        backend: B,
+        loaded: LoadedModel<B>,
+        ranks: RankGroup<B>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        Self::build(backend, loaded, None, Some(ranks), config)
+    }
+
+    fn build(
+        backend: B,
         mut loaded: LoadedModel<B>,
         draft: Option<LlamaModel<B>>,
+        ranks: Option<RankGroup<B>>,
         mut config: EngineConfig,
     ) -> Result<Self, EngineError> {
         config.validate()?;
+        let world = ranks.as_ref().map_or(1, |r| r.world_size());
+        if world != config.tensor_parallel_size {
+            return Err(EngineError::Config(format!(
+                "--tensor-parallel-size {} needs one device per rank: load the engine with \
+                 load_engine_tensor_parallel ({world} given)",
+                config.tensor_parallel_size
+            )));
+        }
         let model_config = loaded.model.config().clone();
         // The adapter slots are allocated before the KV cache is sized from what is left.
         if let Some(lora) = &config.lora {
@@ -68,11 +98,17 @@ impl<B: Backend> LlmEngine<B> {
         config.check_max_model_len(&model_config)?;
         let memory = backend.memory_info().ok();
         let mut num_gpu_blocks = config.num_gpu_blocks(&backend, &model_config, memory)?;
+        // Every rank holds every block (for its own KV heads): the rank with
+        // the least memory decides.
+        if let Some(ranks) = &ranks {
+            num_gpu_blocks = num_gpu_blocks.min(ranks.num_gpu_blocks());
+        }
         // A draft model's cache holds as many tokens as the target's: the
         // budget is shared in proportion to their bytes per block (a fixed
         // --num-gpu-blocks-override is given to both).
+        let kv_cache_dtype = config.kv_cache_dtype_on(&backend);
         if let Some(draft) = &draft {
-            let dtype = backend.activation_dtype();
+            let dtype = kv_cache_dtype;
             let target_bytes = model_config.kv_cache_bytes_per_block(config.block_size, dtype);
             let draft_bytes = draft.config().kv_cache_bytes_per_block(config.block_size, dtype);
             if config.num_gpu_blocks.is_none() {
@@ -91,17 +127,33 @@ impl<B: Backend> LlmEngine<B> {
         let scheduler =
             Scheduler::with_policy(config.scheduler_config(&model_config), kv, config.policy.build())
                 .map_err(|e| EngineError::Config(e.to_string()))?;
-        let mut runner =
-            ModelRunner::new(backend, loaded.model, num_gpu_blocks, num_cpu_blocks, config.block_size)?;
+        let mut runner = ModelRunner::new(
+            backend,
+            loaded.model,
+            num_gpu_blocks,
+            num_cpu_blocks,
+            config.block_size,
+            kv_cache_dtype,
+        )?;
         if config.lora.is_some() {
             runner.enable_lora()?;
         }
+        if let Some(ranks) = ranks {
+            runner.lead_ranks(ranks, num_gpu_blocks, num_cpu_blocks)?;
+        }
         let has_draft = draft.is_some();
         if let Some(draft) = draft {
-            let draft = DraftModel::new(runner.backend(), draft, num_gpu_blocks, config.block_size)?;
+            let draft =
+                DraftModel::new(runner.backend(), draft, num_gpu_blocks, config.block_size, kv_cache_dtype)?;
             runner.set_draft_model(draft);
         }
         let graphs = !config.enforce_eager && runner.backend().supports_graphs();
+        if graphs && world > 1 {
+            return Err(EngineError::Config(format!(
+                "--tensor-parallel-size {world} does not record decode graphs yet (their all-reduces \
+                 are not captured): pass --enforce-eager"
+            )));
+        }
         if graphs {
             let max_batch = config.max_graph_batch_size.min(config.max_num_seqs);
             runner.enable_decode_graphs(max_batch, config.max_model_len(&model_config))?;
@@ -132,8 +184,10 @@ impl<B: Backend> LlmEngine<B> {
             num_gpu_blocks,
             num_cpu_blocks,
             block_size = config.block_size,
+            kv_cache_dtype = ?kv_cache_dtype,
             max_model_len = info.max_model_len,
             device = %runner.backend().name(),
+            tensor_parallel_size = world,
             graphs,
             "engine ready"
         );

@@ -11,6 +11,10 @@
 //! gather of the block tables, upload, forward pass or decode graph replay,
 //! sampling, without waiting for the device) and [`ModelRunner::finish`]
 //! (wait for the tokens and append them to the histories).
+//!
+//! Split over tensor-parallel ranks, this runner is rank 0's and forwards
+//! each of those calls to the other ranks' runners (`tensor_parallel.rs`),
+//! which run the same steps on their shards.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +32,7 @@ use crate::graphs::{DecodeGraphs, GraphStats};
 use crate::lora::LoraSlotTable;
 use crate::request::PromptLogprob;
 use crate::speculative::DraftRequest;
+use crate::tensor_parallel::{RankGroup, RankRequest};
 
 /// The device side of the engine: the backend, the model's weights and the
 /// paged KV cache, plus the host pool that swapped-out blocks live in.
@@ -52,6 +57,8 @@ pub struct ModelRunner<B: Backend> {
     lora_slots: Option<LoraSlotTable>,
     /// Per token row of the step being launched, its LoRA slot (-1: none).
     token_lora_slots: Vec<i32>,
+    /// The other ranks of a tensor-parallel group this runner is rank 0 of.
+    ranks: Option<RankGroup<B>>,
 }
 
 /// Where the runner's time went, summed over steps (host wall-clock time).
@@ -94,17 +101,19 @@ impl PhaseTotal {
 }
 
 impl<B: Backend> ModelRunner<B> {
-    /// Allocates the KV cache (`num_gpu_blocks` of `block_size`) and a host
-    /// swap pool of `num_cpu_blocks`.
+    /// Allocates the KV cache (`num_gpu_blocks` of `block_size`, of
+    /// `kv_cache_dtype`: the model's dtype or F8E4M3) and a host swap pool of
+    /// `num_cpu_blocks` (in the cache's bytes per block).
     pub fn new(
         backend: B,
         model: LlamaModel<B>,
         num_gpu_blocks: usize,
         num_cpu_blocks: usize,
         block_size: usize,
+        kv_cache_dtype: DType,
     ) -> Result<Self, EngineError> {
-        let kv = model.alloc_kv_cache(&backend, num_gpu_blocks, block_size)?;
-        let block_bytes = kv.shape.block_numel() * model.dtype().size_in_bytes();
+        let kv = model.alloc_kv_cache(&backend, num_gpu_blocks, block_size, kv_cache_dtype)?;
+        let block_bytes = kv.block_bytes();
         let host_pools = if num_cpu_blocks == 0 {
             Vec::new()
         } else {
@@ -122,7 +131,27 @@ impl<B: Backend> ModelRunner<B> {
             draft: None,
             lora_slots: None,
             token_lora_slots: Vec::new(),
+            ranks: None,
         })
+    }
+
+    /// Makes this runner rank 0 of a tensor-parallel group: the other ranks
+    /// allocate pools of the same block counts for their KV heads, and from
+    /// now on run every step this runner runs.
+    pub(crate) fn lead_ranks(
+        &mut self,
+        mut ranks: RankGroup<B>,
+        num_gpu_blocks: usize,
+        num_cpu_blocks: usize,
+    ) -> Result<(), EngineError> {
+        ranks.build(num_gpu_blocks, num_cpu_blocks)?;
+        self.ranks = Some(ranks);
+        Ok(())
+    }
+
+    /// Ranks the model is split over (1: not split).
+    pub fn tensor_parallel_size(&self) -> usize {
+        self.ranks.as_ref().map_or(1, |r| r.world_size())
     }
 
     /// Serves LoRA adapters from the model's slots ([`LlamaModel::enable_lora`]).
@@ -179,6 +208,9 @@ impl<B: Backend> ModelRunner<B> {
         let lora = self.model.lora_slots().map(|slots| slots.max_loras());
         self.graphs =
             Some(DecodeGraphs::new(&self.backend, max_batch, max_context, block_size, vocab, lora)?);
+        if let Some(ranks) = self.ranks.as_mut() {
+            ranks.enable_decode_graphs(max_batch, max_context)?;
+        }
         Ok(())
     }
 
@@ -217,6 +249,17 @@ impl<B: Backend> ModelRunner<B> {
         constraint: Option<Arc<dyn TokenConstraintFactory>>,
         lora: Option<(u32, Arc<LoraAdapter>)>,
     ) {
+        if let Some(ranks) = self.ranks.as_mut() {
+            let (params, constraint, lora) = (params.clone(), constraint.clone(), lora.clone());
+            ranks.add_request(RankRequest {
+                request_id,
+                prompt: prompt.to_vec(),
+                params,
+                seed,
+                constraint,
+                lora,
+            });
+        }
         self.batch.add_request(request_id, prompt, params, seed, constraint, lora);
     }
 
@@ -224,6 +267,9 @@ impl<B: Backend> ModelRunner<B> {
     /// [`Self::add_request`]); launched steps compute them for the prompt
     /// chunks they run, and [`Self::take_prompt_logprobs`] hands them over.
     pub fn want_prompt_logprobs(&mut self, request_id: RequestId, top_k: usize) {
+        if let Some(ranks) = self.ranks.as_mut() {
+            ranks.want_prompt_logprobs(request_id, top_k);
+        }
         self.batch.want_prompt_logprobs(request_id, top_k);
     }
 
@@ -243,12 +289,22 @@ impl<B: Backend> ModelRunner<B> {
         out: &SchedulerOutput,
         previous: &[SampleTarget],
     ) -> Result<PreparedStep, EngineError> {
-        self.batch.prepare(out, previous)
+        if let Some(ranks) = self.ranks.as_mut() {
+            ranks.prepare(out, previous)?;
+        }
+        let prepared = self.batch.prepare(out, previous);
+        if let (Err(e), Some(ranks)) = (&prepared, self.ranks.as_mut()) {
+            ranks.break_group(e);
+        }
+        prepared
     }
 
     /// Forgets the samples of steps launched and never finished (the engine
     /// dropped them after a failure).
     pub fn discard_unapplied(&mut self) {
+        if let Some(ranks) = self.ranks.as_mut() {
+            ranks.discard_unapplied();
+        }
         self.batch.discard_unapplied();
     }
 
@@ -260,6 +316,23 @@ impl<B: Backend> ModelRunner<B> {
     /// Returns the sampling to [`Self::finish`], or `None` when nothing
     /// samples.
     pub fn launch(
+        &mut self,
+        out: &SchedulerOutput,
+        previous: Option<&B::Sampled>,
+    ) -> Result<Option<B::Sampled>, EngineError> {
+        // The other ranks start first: this rank's all-reduces wait for theirs.
+        if let Some(ranks) = self.ranks.as_mut() {
+            ranks.launch(previous.is_some())?;
+        }
+        let launched = self.launch_rank(out, previous);
+        match self.ranks.as_mut() {
+            Some(ranks) => ranks.collect_launch(launched),
+            None => launched,
+        }
+    }
+
+    /// [`Self::launch`] on this rank alone.
+    fn launch_rank(
         &mut self,
         out: &SchedulerOutput,
         previous: Option<&B::Sampled>,
@@ -403,6 +476,24 @@ impl<B: Backend> ModelRunner<B> {
     /// sequence that verified drafts (`drafts`: its entry's), how many it
     /// accepted. `decode_only` says which phase the wait is counted in.
     pub fn finish(
+        &mut self,
+        sampled: B::Sampled,
+        samplers: &[SampleTarget],
+        decode_only: bool,
+        drafts: &FxHashMap<SeqId, &[TokenId]>,
+    ) -> Result<(Vec<SampledToken>, Verifications), EngineError> {
+        if let Some(ranks) = self.ranks.as_mut() {
+            ranks.finish()?;
+        }
+        let finished = self.finish_rank(sampled, samplers, decode_only, drafts);
+        match self.ranks.as_mut() {
+            Some(ranks) => ranks.collect_finish(finished),
+            None => finished,
+        }
+    }
+
+    /// [`Self::finish`] on this rank alone.
+    fn finish_rank(
         &mut self,
         sampled: B::Sampled,
         samplers: &[SampleTarget],

@@ -39,6 +39,13 @@ pub enum ModelError {
     /// A tensor's element type cannot be loaded.
     #[error("tensor {name:?}: unsupported dtype {dtype}")]
     UnsupportedDType { name: String, dtype: String },
+    /// A tensor's values are out of what they may be (a KV-cache scale that
+    /// is not positive and finite).
+    #[error("tensor {name:?}: {detail}")]
+    InvalidTensor { name: String, detail: String },
+    /// A KV cache the model cannot run with (its dtype).
+    #[error("KV cache: {0}")]
+    KvCache(String),
     /// The tokenizer could not be built or failed on an input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

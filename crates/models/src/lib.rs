@@ -9,6 +9,9 @@
 //! - [`ModelFiles::load_model`] uploads the weights tensor by tensor in the
 //!   backend's activation dtype (safetensors bytes go straight from the map;
 //!   GGUF blocks are dequantised to f32 one tensor at a time).
+//! - [`ModelFiles::open_with`] [`LoadFormat::Dummy`] needs only `config.json`:
+//!   the weights are seeded random values ([`DummyWeights`]) that the backend
+//!   makes in place, so shapes larger than any disk load in seconds.
 //! - [`LlamaModel::forward`] runs one step of a batch over a paged KV cache
 //!   and returns the logits of the rows asked for.
 //! - [`LlamaModel::load_sharded`] loads one rank's tensor-parallel shard
@@ -41,6 +44,7 @@
 mod chat_template;
 mod config;
 pub mod dequant;
+mod dummy;
 mod error;
 mod generation;
 pub mod gguf;
@@ -55,11 +59,12 @@ pub mod weights;
 
 pub use chat_template::{cut_after_final_message, ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use dummy::{DummyWeights, DEFAULT_DUMMY_SEED};
 pub use error::{ModelError, Result};
 pub use generation::GenerationConfig;
 pub use gguf::{GgmlType, GgufError, GgufFile, GgufHeader, GgufValue};
 pub use llama::{ForwardBatch, KvCache, LlamaModel, LoadOptions, LoraTokens};
-pub use loader::{load_model, LoadedModel, ModelFiles, ModelSource};
+pub use loader::{load_model, LoadFormat, LoadedModel, ModelFiles, ModelSource};
 pub use lora::{splitmix64, LoraAdapter, LoraModule, LoraPair, LoraSlots, SyntheticLora};
 pub use sequence::SingleSequence;
 pub use tensor_parallel::TpShard;

@@ -28,16 +28,32 @@ use crate::tensor_parallel::{weight_columns, weight_rows, TpShard};
 use crate::weights::{WeightData, WeightSource, WeightTensor};
 
 /// The paged KV cache of every layer: `layers[l] = (K, V)`, each
-/// `[num_blocks, num_kv_heads, block_size, head_dim]`.
+/// `[num_blocks, num_kv_heads, block_size, head_dim]` of `dtype` (the model's
+/// dtype, or F8E4M3 with a K and a V scale per layer).
 pub struct KvCache<B: Backend> {
     pub shape: KvCacheShape,
     pub layers: Vec<(Tensor<B>, Tensor<B>)>,
+    pub dtype: DType,
+    /// Per layer, F32 `[2]` (K's scale, V's): views of one `[layers, 2]`
+    /// tensor, for an F8E4M3 cache; empty otherwise.
+    pub kv_scales: Vec<Tensor<B>>,
 }
 
 impl<B: Backend> KvCache<B> {
     /// Every K and V tensor, in layer order (for `copy_blocks` and swapping).
     pub fn tensors(&self) -> Vec<&Tensor<B>> {
         self.layers.iter().flat_map(|(k, v)| [k, v]).collect()
+    }
+
+    /// The scales layer `l`'s K and V are stored with (F8E4M3 caches only).
+    pub fn layer_scales(&self, l: usize) -> Option<&Tensor<B>> {
+        self.kv_scales.get(l)
+    }
+
+    /// Bytes of one block of one K (or V) tensor: what a host swap pool
+    /// holds per block and cache tensor.
+    pub fn block_bytes(&self) -> usize {
+        self.shape.block_numel() * self.dtype.size_in_bytes()
     }
 }
 
@@ -191,6 +207,9 @@ pub struct LlamaModel<B: Backend> {
     /// F32 `[max_positions, head_dim]`.
     cos_sin: Tensor<B>,
     max_positions: usize,
+    /// Per layer, the checkpoint's KV-cache scales `(k, v)` (1.0 where it
+    /// has none): what an F8E4M3 cache stores its keys and values with.
+    kv_scales: Vec<(f32, f32)>,
     /// Room for LoRA adapters, once [`LlamaModel::enable_lora`] made it.
     lora: Option<LoraSlots<B>>,
     /// This rank's heads and FFN columns (all of them when unsharded).
@@ -198,6 +217,76 @@ pub struct LlamaModel<B: Backend> {
     /// The group the row-parallel products are summed over; `None` when
     /// unsharded, so a single rank runs no collective at all.
     comm: Option<Arc<dyn Communicator<B>>>,
+}
+
+/// Layer `l`'s KV-cache scales in the checkpoint: `self_attn.k_scale` and
+/// `self_attn.v_scale` (each 1.0 when absent), else `self_attn.kv_scale` for
+/// both, as vLLM reads FP8 checkpoints. Each is one value, positive and finite.
+fn checkpoint_kv_scales(weights: &dyn WeightSource, l: usize) -> Result<(f32, f32)> {
+    let name = |s: &str| format!("model.layers.{l}.self_attn.{s}");
+    let read = |name: String| -> Result<Option<f32>> {
+        if !weights.contains(&name) {
+            return Ok(None);
+        }
+        let t = weights.tensor(&name)?;
+        let data = host_slice(&t.data);
+        if t.shape.iter().product::<usize>() != 1 || data.len() != 1 {
+            return Err(ModelError::ShapeMismatch { name, expected: vec![], found: t.shape });
+        }
+        let x = data.get_f32(0);
+        if !(x.is_finite() && x > 0.0) {
+            return Err(ModelError::InvalidTensor {
+                name,
+                detail: format!("a KV-cache scale of {x} (must be positive and finite)"),
+            });
+        }
+        Ok(Some(x))
+    };
+    let (k, v) = (read(name("k_scale"))?, read(name("v_scale"))?);
+    if k.is_none() && v.is_none() {
+        if let Some(both) = read(name("kv_scale"))? {
+            return Ok((both, both));
+        }
+    }
+    Ok((k.unwrap_or(1.0), v.unwrap_or(1.0)))
+}
+
+/// Every tensor a Hugging Face checkpoint of `c` holds (those the model
+/// loads), with its full shape, in load order.
+pub(crate) fn checkpoint_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
+    let (q, kv) = (c.q_size(), c.kv_size());
+    let mut expected: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h]), ("model.norm.weight".into(), vec![h])];
+    if !c.tie_word_embeddings {
+        expected.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        let mut layer = vec![
+            ("input_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+        ];
+        if c.qkv_bias {
+            layer.extend([
+                ("self_attn.q_proj.bias", vec![q]),
+                ("self_attn.k_proj.bias", vec![kv]),
+                ("self_attn.v_proj.bias", vec![kv]),
+            ]);
+        }
+        if c.o_bias {
+            layer.push(("self_attn.o_proj.bias", vec![h]));
+        }
+        expected.extend(layer.into_iter().map(|(n, s)| (format!("{p}.{n}"), s)));
+    }
+    expected
 }
 
 /// Uploads tensors one at a time, checking shapes and reporting progress.
@@ -230,9 +319,16 @@ impl<B: Backend> Uploader<'_, B> {
 
     /// A new device tensor holding one named weight.
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor<B>> {
-        let t = {
-            let w = self.fetch(name, shape)?;
-            self.backend.upload(host_slice(&w.data), shape, self.dtype)?
+        let t = match self.weights.on_device() {
+            Some(dummy) => {
+                let t = self.backend.alloc(shape, self.dtype)?;
+                dummy.fill(self.backend, name, &t, 0, 0)?;
+                t
+            }
+            None => {
+                let w = self.fetch(name, shape)?;
+                self.backend.upload(host_slice(&w.data), shape, self.dtype)?
+            }
         };
         self.advance(name);
         Ok(t)
@@ -249,10 +345,14 @@ impl<B: Backend> Uploader<'_, B> {
         let out = self.backend.alloc(&dims, self.dtype)?;
         let mut start = 0;
         for (name, shape, range) in parts {
-            {
-                let w = self.fetch(name, shape)?;
-                let part = weight_rows(&w.data, shape, range.clone());
-                self.backend.write(&out.narrow(start, range.len())?, part.host_slice())?;
+            let rows = out.narrow(start, range.len())?;
+            match self.weights.on_device() {
+                Some(dummy) => dummy.fill(self.backend, name, &rows, range.start, 0)?,
+                None => {
+                    let w = self.fetch(name, shape)?;
+                    let part = weight_rows(&w.data, shape, range.clone());
+                    self.backend.write(&rows, part.host_slice())?;
+                }
             }
             start += range.len();
             self.advance(name);
@@ -266,10 +366,17 @@ impl<B: Backend> Uploader<'_, B> {
         if cols.len() == shape[1] {
             return self.tensor(name, shape);
         }
-        let t = {
-            let w = self.fetch(name, shape)?;
-            let part = weight_columns(&w.data, shape, cols.clone());
-            self.backend.upload(part.host_slice(), &[shape[0], cols.len()], self.dtype)?
+        let t = match self.weights.on_device() {
+            Some(dummy) => {
+                let t = self.backend.alloc(&[shape[0], cols.len()], self.dtype)?;
+                dummy.fill(self.backend, name, &t, 0, cols.start)?;
+                t
+            }
+            None => {
+                let w = self.fetch(name, shape)?;
+                let part = weight_columns(&w.data, shape, cols.clone());
+                self.backend.upload(part.host_slice(), &[shape[0], cols.len()], self.dtype)?
+            }
         };
         self.advance(name);
         Ok(t)
@@ -334,36 +441,7 @@ impl<B: Backend> LlamaModel<B> {
 
         // Every tensor the config implies, with its shape: checked before any
         // upload, so a wrong file fails in milliseconds, not after minutes.
-        let mut expected: Vec<(String, Vec<usize>)> =
-            vec![("model.embed_tokens.weight".into(), vec![v, h]), ("model.norm.weight".into(), vec![h])];
-        if !c.tie_word_embeddings {
-            expected.push(("lm_head.weight".into(), vec![v, h]));
-        }
-        for l in 0..c.num_layers {
-            let p = format!("model.layers.{l}");
-            let mut layer = vec![
-                ("input_layernorm.weight", vec![h]),
-                ("self_attn.q_proj.weight", vec![q, h]),
-                ("self_attn.k_proj.weight", vec![kv, h]),
-                ("self_attn.v_proj.weight", vec![kv, h]),
-                ("self_attn.o_proj.weight", vec![h, q]),
-                ("post_attention_layernorm.weight", vec![h]),
-                ("mlp.gate_proj.weight", vec![i, h]),
-                ("mlp.up_proj.weight", vec![i, h]),
-                ("mlp.down_proj.weight", vec![h, i]),
-            ];
-            if c.qkv_bias {
-                layer.extend([
-                    ("self_attn.q_proj.bias", vec![q]),
-                    ("self_attn.k_proj.bias", vec![kv]),
-                    ("self_attn.v_proj.bias", vec![kv]),
-                ]);
-            }
-            if c.o_bias {
-                layer.push(("self_attn.o_proj.bias", vec![h]));
-            }
-            expected.extend(layer.into_iter().map(|(n, s)| (format!("{p}.{n}"), s)));
-        }
+        let expected = checkpoint_tensors(c);
         for (name, shape) in &expected {
             match weights.shape(name) {
                 None => return Err(ModelError::MissingTensor(name.clone())),
@@ -434,6 +512,7 @@ impl<B: Backend> LlamaModel<B> {
 
         let table = cos_sin_table(c, max_positions);
         let cos_sin = backend.upload(HostSlice::F32(&table), &[max_positions, c.head_dim], DType::F32)?;
+        let kv_scales = (0..c.num_layers).map(|l| checkpoint_kv_scales(weights, l)).collect::<Result<_>>()?;
         Ok(Self {
             config,
             dtype,
@@ -443,6 +522,7 @@ impl<B: Backend> LlamaModel<B> {
             lm_head,
             cos_sin,
             max_positions,
+            kv_scales,
             lora: None,
             shard,
             comm,
@@ -487,10 +567,31 @@ impl<B: Backend> LlamaModel<B> {
         self.max_positions
     }
 
+    /// Per layer, the KV-cache scales `(k, v)` the checkpoint gives
+    /// (`model.layers.N.self_attn.k_scale` / `v_scale`, or one `kv_scale`
+    /// for both); 1.0 where it gives none (GGUF files never do).
+    pub fn kv_scales(&self) -> &[(f32, f32)] {
+        &self.kv_scales
+    }
+
     /// A zeroed paged KV cache of `num_blocks` blocks of `block_size` tokens per
     /// layer, for this rank's KV heads (every rank's cache has the same block
-    /// ids; each holds its own heads of them).
-    pub fn alloc_kv_cache(&self, backend: &B, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+    /// ids; each holds its own heads of them). `dtype` is the model's dtype or
+    /// F8E4M3, which stores each layer's keys and values over its
+    /// [`LlamaModel::kv_scales`] (E4M3 codes, half the bytes of bf16).
+    pub fn alloc_kv_cache(
+        &self,
+        backend: &B,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Result<KvCache<B>> {
+        if dtype != self.dtype && dtype != DType::F8E4M3 {
+            return Err(ModelError::KvCache(format!(
+                "a {dtype:?} cache for a model of {:?} (the model's dtype or F8E4M3)",
+                self.dtype
+            )));
+        }
         let shape = KvCacheShape {
             num_blocks,
             num_kv_heads: self.shard.num_kv_heads(),
@@ -499,14 +600,21 @@ impl<B: Backend> LlamaModel<B> {
         };
         let mut layers = Vec::with_capacity(self.config.num_layers);
         for _ in 0..self.config.num_layers {
-            let k = backend.alloc(&shape.dims(), self.dtype)?;
-            let v = backend.alloc(&shape.dims(), self.dtype)?;
+            let k = backend.alloc(&shape.dims(), dtype)?;
+            let v = backend.alloc(&shape.dims(), dtype)?;
             // Unwritten slots are never read, but zeros keep a stray read finite.
             backend.fill(&k, 0.0)?;
             backend.fill(&v, 0.0)?;
             layers.push((k, v));
         }
-        Ok(KvCache { shape, layers })
+        let kv_scales = if dtype == DType::F8E4M3 {
+            let flat: Vec<f32> = self.kv_scales.iter().flat_map(|&(k, v)| [k, v]).collect();
+            let all = backend.upload(HostSlice::F32(&flat), &[self.kv_scales.len(), 2], DType::F32)?;
+            (0..self.kv_scales.len()).map(|l| Ok(all.narrow(l, 1)?.reshape(&[2])?)).collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(KvCache { shape, layers, dtype, kv_scales })
     }
 
     /// Runs the step's tokens through the model, writing their keys and values
@@ -621,6 +729,7 @@ impl<B: Backend> LlamaModel<B> {
                 q_out: &q,
                 k_cache,
                 v_cache,
+                kv_scales: kv.layer_scales(l),
                 slot_mapping: &batch.attn.slot_mapping,
                 num_q_heads: s.num_q_heads(),
                 num_kv_heads: s.num_kv_heads(),
@@ -632,6 +741,7 @@ impl<B: Backend> LlamaModel<B> {
                 q: &q,
                 k_cache,
                 v_cache,
+                kv_scales: kv.layer_scales(l),
                 out: &attn_out,
                 meta: &batch.attn,
                 num_q_heads: s.num_q_heads(),
@@ -699,9 +809,11 @@ impl<B: Backend> LlamaModel<B> {
                 self.max_positions
             ));
         }
+        let scaled = kv.dtype != DType::F8E4M3 || kv.kv_scales.len() == c.num_layers;
         if kv.layers.len() != c.num_layers
             || kv.shape.num_kv_heads != self.shard.num_kv_heads()
             || kv.shape.head_dim != c.head_dim
+            || !scaled
         {
             return err(format!(
                 "KV cache {:?} with {} layers does not fit this model",

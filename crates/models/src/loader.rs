@@ -10,6 +10,7 @@ use pagoda_backend::{Backend, Communicator};
 use crate::chat_template::ChatTemplate;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dequant::dequantize;
+use crate::dummy::{DummyWeights, DEFAULT_DUMMY_SEED};
 use crate::error::{ModelError, Result};
 use crate::generation::GenerationConfig;
 use crate::gguf::{GgufError, GgufFile};
@@ -74,6 +75,67 @@ impl ModelSource {
     }
 }
 
+/// How the weights of `--model PATH` are read (vLLM's `--load-format`, the
+/// formats this engine has). vLLM's other formats (`pt`, `npcache`,
+/// `bitsandbytes`, ...) are refused by name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// What the path holds: a Hugging Face folder's safetensors, or a GGUF file.
+    #[default]
+    Auto,
+    /// A Hugging Face folder's safetensors (a GGUF path is refused).
+    Safetensors,
+    /// A GGUF file, or a folder holding one (a Hugging Face folder is refused).
+    Gguf,
+    /// Seeded random weights ([`DummyWeights`]) for the shape of the folder's
+    /// `config.json`, made on the device: no weight file is read, or needed.
+    Dummy,
+}
+
+impl LoadFormat {
+    /// vLLM's `--load-format` values that Pagoda does not load.
+    const UNSUPPORTED: [&'static str; 10] = [
+        "pt",
+        "npcache",
+        "tensorizer",
+        "sharded_state",
+        "bitsandbytes",
+        "mistral",
+        "runai_streamer",
+        "runai_streamer_sharded",
+        "fastsafetensors",
+        "extensible",
+    ];
+}
+
+impl std::str::FromStr for LoadFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "safetensors" => Ok(Self::Safetensors),
+            "gguf" => Ok(Self::Gguf),
+            "dummy" => Ok(Self::Dummy),
+            other if Self::UNSUPPORTED.contains(&other) => Err(format!(
+                "--load-format {other} is not supported: Pagoda loads auto, safetensors, gguf or dummy"
+            )),
+            other => Err(format!("--load-format {other:?}: expected auto, safetensors, gguf or dummy")),
+        }
+    }
+}
+
+impl std::fmt::Display for LoadFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Safetensors => "safetensors",
+            Self::Gguf => "gguf",
+            Self::Dummy => "dummy",
+        })
+    }
+}
+
 /// A model's files, opened and parsed, with the weights memory-mapped but
 /// not yet on any device.
 pub struct ModelFiles {
@@ -82,7 +144,9 @@ pub struct ModelFiles {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub generation: GenerationConfig,
-    weights: Box<dyn WeightSource + Send + Sync>,
+    /// Shared so that the ranks of a tensor-parallel group can each load
+    /// their shard from one mapping, on threads of their own.
+    weights: Arc<dyn WeightSource + Send + Sync>,
 }
 
 impl std::fmt::Debug for ModelFiles {
@@ -98,13 +162,56 @@ impl std::fmt::Debug for ModelFiles {
 impl ModelFiles {
     /// Resolves `path` (see [`ModelSource::resolve`]) and opens what it holds.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        match ModelSource::resolve(path.as_ref())? {
-            ModelSource::HuggingFace(dir) => Self::open_hf(dir),
-            ModelSource::Gguf(file) => Self::open_gguf(file),
+        Self::open_with(path, LoadFormat::Auto)
+    }
+
+    /// [`ModelFiles::open`] in a given [`LoadFormat`]: a path that does not
+    /// hold what the format reads is refused, naming the flag.
+    /// [`LoadFormat::Dummy`] seeds its weights with [`DEFAULT_DUMMY_SEED`].
+    pub fn open_with(path: impl AsRef<Path>, format: LoadFormat) -> Result<Self> {
+        let path = path.as_ref();
+        let refuse = |detail: &str| {
+            Err(ModelError::ModelPath {
+                path: path.to_path_buf(),
+                detail: format!("--load-format {format}: {detail}"),
+            })
+        };
+        match (format, ModelSource::resolve(path)?) {
+            (LoadFormat::Auto | LoadFormat::Safetensors, ModelSource::HuggingFace(dir)) => {
+                Self::open_hf(dir, None)
+            }
+            (LoadFormat::Auto | LoadFormat::Gguf, ModelSource::Gguf(file)) => Self::open_gguf(file),
+            (LoadFormat::Dummy, ModelSource::HuggingFace(dir)) => {
+                Self::open_hf(dir, Some(DEFAULT_DUMMY_SEED))
+            }
+            (LoadFormat::Safetensors, ModelSource::Gguf(_)) => {
+                refuse("this is a GGUF model, not a folder of safetensors (use gguf or auto)")
+            }
+            (LoadFormat::Gguf, ModelSource::HuggingFace(_)) => refuse(
+                "this is a Hugging Face folder (config.json), not a GGUF file (use safetensors or auto)",
+            ),
+            (LoadFormat::Dummy, ModelSource::Gguf(_)) => {
+                refuse("dummy weights take their shape from a folder's config.json; this is a GGUF file")
+            }
         }
     }
 
-    fn open_hf(dir: PathBuf) -> Result<Self> {
+    /// A Hugging Face folder with random weights for its `config.json`
+    /// ([`DummyWeights`], seeded by `seed`): no weight file is opened.
+    pub fn open_dummy(dir: impl AsRef<Path>, seed: u64) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.join("config.json").is_file() {
+            return Err(ModelError::ModelPath {
+                path: dir.to_path_buf(),
+                detail: "--load-format dummy needs a folder holding config.json".into(),
+            });
+        }
+        Self::open_hf(dir.to_path_buf(), Some(seed))
+    }
+
+    /// A Hugging Face folder; `dummy_seed` makes random weights instead of
+    /// opening the safetensors.
+    fn open_hf(dir: PathBuf, dummy_seed: Option<u64>) -> Result<Self> {
         let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
         let tokenizer = Tokenizer::from_hf_dir(&dir)?;
         let chat_template = ChatTemplate::from_tokenizer_config(tokenizer.config())?;
@@ -117,14 +224,20 @@ impl ModelFiles {
         if generation.bos_token_id.is_none() {
             generation.bos_token_id = config.bos_token_id;
         }
-        let weights = SafetensorsWeights::open_dir(&dir)?;
+        let weights: Arc<dyn WeightSource + Send + Sync> = match dummy_seed {
+            Some(seed) => Arc::new(
+                DummyWeights::new(&config, seed)
+                    .map_err(|detail| ModelError::config(dir.join("config.json"), detail))?,
+            ),
+            None => Arc::new(SafetensorsWeights::open_dir(&dir)?),
+        };
         Ok(Self {
             source: ModelSource::HuggingFace(dir),
             config,
             tokenizer,
             chat_template,
             generation,
-            weights: Box::new(weights),
+            weights,
         })
     }
 
@@ -165,13 +278,20 @@ impl ModelFiles {
             tokenizer,
             chat_template,
             generation,
-            weights: Box::new(weights),
+            weights: Arc::new(weights),
         })
     }
 
     /// The weights, by Hugging Face tensor name.
     pub fn weights(&self) -> &dyn WeightSource {
         self.weights.as_ref()
+    }
+
+    /// The weights, shared: what a tensor-parallel rank on another thread
+    /// loads its shard from ([`LlamaModel::load_sharded`]) while the text
+    /// side (tokenizer, templates) stays with these files.
+    pub fn shared_weights(&self) -> Arc<dyn WeightSource + Send + Sync> {
+        self.weights.clone()
     }
 
     /// Uploads the weights to `backend`; `progress(done_bytes, total_bytes)`

@@ -229,6 +229,7 @@ fn to_f32(data: &WeightData<'_>) -> Vec<f32> {
             DType::BF16 => {
                 bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
             }
+            DType::F8E4M3 => bytes.iter().map(|&b| pagoda_backend::fp8::e4m3_to_f32(b)).collect(),
             // SafetensorsWeights hands out only float types.
             DType::I32 | DType::I64 => unreachable!("safetensors weights are float"),
         },

@@ -3,7 +3,7 @@
 //! for model-level tests, examples and benchmarks; the engine's scheduler
 //! runs many sequences over a shared, paged cache.
 
-use pagoda_backend::{AttentionHostMetadata, Backend, SamplingParams, SamplingRow, Tensor, TokenId};
+use pagoda_backend::{AttentionHostMetadata, Backend, DType, SamplingParams, SamplingRow, Tensor, TokenId};
 
 use crate::error::{ModelError, Result};
 use crate::llama::{ForwardBatch, KvCache, LlamaModel};
@@ -21,13 +21,25 @@ pub struct SingleSequence<'m, B: Backend> {
 }
 
 impl<'m, B: Backend> SingleSequence<'m, B> {
-    /// A sequence that can hold up to `capacity` tokens.
+    /// A sequence that can hold up to `capacity` tokens, its cache of the model's dtype.
     pub fn new(backend: &B, model: &'m LlamaModel<B>, capacity: usize, block_size: usize) -> Result<Self> {
+        Self::with_kv_cache_dtype(backend, model, capacity, block_size, model.dtype())
+    }
+
+    /// [`SingleSequence::new`] with a cache of `dtype` (the model's, or F8E4M3:
+    /// see [`LlamaModel::alloc_kv_cache`]).
+    pub fn with_kv_cache_dtype(
+        backend: &B,
+        model: &'m LlamaModel<B>,
+        capacity: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         if block_size == 0 || capacity == 0 {
             return Err(ModelError::Forward("capacity and block_size must be positive".into()));
         }
         let num_blocks = capacity.div_ceil(block_size);
-        let kv = model.alloc_kv_cache(backend, num_blocks, block_size)?;
+        let kv = model.alloc_kv_cache(backend, num_blocks, block_size, dtype)?;
         Ok(Self {
             model,
             kv,

@@ -1,5 +1,6 @@
 //! Where the weights come from: memory-mapped safetensors (one file or
-//! shards) or a GGUF file, both addressed by Hugging Face tensor names.
+//! shards) or a GGUF file, both addressed by Hugging Face tensor names, or
+//! random values made on the device ([`DummyWeights`]).
 //!
 //! Safetensors data is handed out as borrowed bytes straight from the map,
 //! so a tensor is never copied on the host before the backend uploads it.
@@ -17,6 +18,7 @@ use serde_json::Value;
 
 use crate::config::Architecture;
 use crate::dequant::dequantize;
+use crate::dummy::DummyWeights;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufError, GgufFile};
 
@@ -46,6 +48,12 @@ pub trait WeightSource {
     fn file_bytes(&self, name: &str) -> u64;
     /// The tensor, or [`ModelError::MissingTensor`].
     fn tensor(&self, name: &str) -> Result<WeightTensor<'_>>;
+    /// Weights a backend makes itself, on its device, instead of uploading
+    /// [`WeightSource::tensor`]'s data: `Some` for random weights
+    /// (`--load-format dummy`), which the loader then fills in place.
+    fn on_device(&self) -> Option<&DummyWeights> {
+        None
+    }
 }
 
 struct Shard {
@@ -103,7 +111,9 @@ impl SafetensorsWeights {
         } else {
             Err(ModelError::ModelPath {
                 path: dir.to_path_buf(),
-                detail: "no model.safetensors or model.safetensors.index.json".into(),
+                detail: "no model.safetensors or model.safetensors.index.json \
+                         (--load-format dummy makes random weights from config.json alone)"
+                    .into(),
             })
         }
     }

@@ -64,6 +64,36 @@ pub struct RotaryCase {
     pub max_positions: usize,
     /// Every `skip_every`-th token gets slot -1 (0: none skipped).
     pub skip_every: usize,
+    /// F8E4M3 caches with these scales (K's, V's; see [`Fp8Scales`]);
+    /// `None`: caches of the activation dtype.
+    pub fp8: Option<Fp8Scales>,
+}
+
+/// The K and V scales of an F8E4M3 KV cache case.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fp8Scales {
+    /// No scale tensor: both 1.0.
+    Unit,
+    /// A scale tensor holding `[k, v]`.
+    Given(f32, f32),
+}
+
+impl Fp8Scales {
+    /// `(k, v)`: the values the ops use.
+    pub fn values(self) -> (f32, f32) {
+        match self {
+            Fp8Scales::Unit => (1.0, 1.0),
+            Fp8Scales::Given(k, v) => (k, v),
+        }
+    }
+
+    fn label(fp8: Option<Self>) -> String {
+        match fp8 {
+            None => String::new(),
+            Some(Fp8Scales::Unit) => " fp8".into(),
+            Some(Fp8Scales::Given(k, v)) => format!(" fp8 k{k}/v{v}"),
+        }
+    }
 }
 
 /// One sequence of an attention batch.
@@ -95,6 +125,8 @@ pub struct AttentionCase {
     /// Decodes first, as the scheduler orders them.
     pub seqs: Vec<SeqShape>,
     pub sliding_window: Option<usize>,
+    /// F8E4M3 caches with these scales; `None`: the activation dtype.
+    pub fp8: Option<Fp8Scales>,
 }
 
 #[derive(Clone, Debug)]
@@ -105,6 +137,8 @@ pub struct BlocksCase {
     pub head_dim: usize,
     /// Copy pairs and swapped blocks.
     pub pairs: usize,
+    /// F8E4M3 caches (random codes) rather than the activation dtype.
+    pub fp8: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -213,7 +247,7 @@ impl AttentionCase {
         let tokens: usize = self.seqs.iter().map(|s| s.query_len).sum();
         let window = self.sliding_window.map(|w| format!(" win{w}")).unwrap_or_default();
         format!(
-            "D{} {}q/{}kv bs{} {}dec+{}pre T{} ctx<={}{}",
+            "D{} {}q/{}kv bs{} {}dec+{}pre T{} ctx<={}{}{}",
             self.head_dim,
             self.num_kv_heads * self.group,
             self.num_kv_heads,
@@ -222,7 +256,8 @@ impl AttentionCase {
             prefills,
             tokens,
             max_len,
-            window
+            window,
+            Fp8Scales::label(self.fp8),
         )
     }
 }
@@ -251,14 +286,15 @@ impl LinearCase {
 impl RotaryCase {
     pub fn label(&self) -> String {
         format!(
-            "T{} {}q/{}kv D{} rot{} {:?} bs{}",
+            "T{} {}q/{}kv D{} rot{} {:?} bs{}{}",
             self.tokens,
             self.num_q_heads,
             self.num_kv_heads,
             self.head_dim,
             self.rotary_dim,
             self.style,
-            self.block_size
+            self.block_size,
+            Fp8Scales::label(self.fp8),
         )
     }
 }
@@ -266,8 +302,13 @@ impl RotaryCase {
 impl BlocksCase {
     pub fn label(&self) -> String {
         format!(
-            "{} blocks {}kv bs{} D{} {} pairs",
-            self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim, self.pairs
+            "{} blocks {}kv bs{} D{} {} pairs{}",
+            self.num_blocks,
+            self.num_kv_heads,
+            self.block_size,
+            self.head_dim,
+            self.pairs,
+            if self.fp8 { " fp8" } else { "" }
         )
     }
 }
@@ -342,7 +383,7 @@ impl Grid {
     /// styles, unaligned lengths, cached prefixes, mixed batches, windows,
     /// views); runs in seconds on the CPU.
     pub fn quick() -> Self {
-        let attention = vec![
+        let attention = [
             AttentionCase {
                 num_kv_heads: 3,
                 group: 3,
@@ -350,6 +391,7 @@ impl Grid {
                 block_size: 16,
                 seqs: vec![SeqShape::decode(1), SeqShape::decode(17), SeqShape::decode(100)],
                 sliding_window: None,
+                fp8: None,
             },
             AttentionCase {
                 num_kv_heads: 2,
@@ -358,6 +400,7 @@ impl Grid {
                 block_size: 32,
                 seqs: vec![SeqShape::prefill(0, 40), SeqShape::prefill(45, 30)],
                 sliding_window: None,
+                fp8: None,
             },
             AttentionCase {
                 num_kv_heads: 1,
@@ -371,6 +414,7 @@ impl Grid {
                     SeqShape::prefill(0, 9),
                 ],
                 sliding_window: None,
+                fp8: None,
             },
             AttentionCase {
                 num_kv_heads: 4,
@@ -379,6 +423,7 @@ impl Grid {
                 block_size: 16,
                 seqs: vec![SeqShape::decode(70), SeqShape::prefill(20, 19)],
                 sliding_window: Some(24),
+                fp8: None,
             },
             AttentionCase {
                 num_kv_heads: 2,
@@ -387,8 +432,34 @@ impl Grid {
                 block_size: 16,
                 seqs: vec![SeqShape::decode(1500)],
                 sliding_window: None,
+                fp8: None,
             },
         ];
+        // The FP8 cache: the decode, prefill, mixed (group 8) and long split-K
+        // cases again over F8E4M3 caches, with scales and without.
+        let fp8 = [
+            (0, Fp8Scales::Given(0.05, 0.021)),
+            (1, Fp8Scales::Given(0.1, 0.03)),
+            (2, Fp8Scales::Unit),
+            (3, Fp8Scales::Given(0.013, 0.2)),
+            (4, Fp8Scales::Given(0.02, 0.011)),
+        ];
+        // And a group of 16 query heads per KV head (its decodes take the prefill kernel).
+        let wide = AttentionCase {
+            num_kv_heads: 2,
+            group: 16,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![SeqShape::decode(300), SeqShape::decode(77), SeqShape::prefill(50, 40)],
+            sliding_window: None,
+            fp8: Some(Fp8Scales::Given(0.04, 0.03)),
+        };
+        let attention = attention
+            .iter()
+            .cloned()
+            .chain(fp8.map(|(i, scales)| AttentionCase { fp8: Some(scales), ..attention[i].clone() }))
+            .chain([wide])
+            .collect();
         let mixes = sampling_mixes();
         Grid {
             name: "quick".into(),
@@ -468,7 +539,7 @@ impl Grid {
                     margin: 0,
                 },
             ],
-            rotary: vec![
+            rotary: with_fp8_rotary(vec![
                 RotaryCase {
                     tokens: 5,
                     num_q_heads: 4,
@@ -480,6 +551,7 @@ impl Grid {
                     num_blocks: 8,
                     max_positions: 256,
                     skip_every: 3,
+                    fp8: None,
                 },
                 RotaryCase {
                     tokens: 9,
@@ -492,6 +564,7 @@ impl Grid {
                     num_blocks: 4,
                     max_positions: 64,
                     skip_every: 0,
+                    fp8: None,
                 },
                 RotaryCase {
                     tokens: 1,
@@ -504,16 +577,41 @@ impl Grid {
                     num_blocks: 3,
                     max_positions: 8192,
                     skip_every: 0,
+                    fp8: None,
+                },
+                RotaryCase {
+                    tokens: 17,
+                    num_q_heads: 8,
+                    num_kv_heads: 2,
+                    head_dim: 128,
+                    rotary_dim: 128,
+                    style: RopeStyle::Interleaved,
+                    block_size: 16,
+                    num_blocks: 4,
+                    max_positions: 512,
+                    skip_every: 5,
+                    fp8: None,
+                },
+            ]),
+            attention,
+            blocks: vec![
+                BlocksCase {
+                    num_blocks: 8,
+                    num_kv_heads: 2,
+                    block_size: 16,
+                    head_dim: 64,
+                    pairs: 3,
+                    fp8: false,
+                },
+                BlocksCase {
+                    num_blocks: 8,
+                    num_kv_heads: 2,
+                    block_size: 16,
+                    head_dim: 64,
+                    pairs: 3,
+                    fp8: true,
                 },
             ],
-            attention,
-            blocks: vec![BlocksCase {
-                num_blocks: 8,
-                num_kv_heads: 2,
-                block_size: 16,
-                head_dim: 64,
-                pairs: 3,
-            }],
             sample: mixes
                 .into_iter()
                 .enumerate()
@@ -562,6 +660,7 @@ impl Grid {
                         block_size,
                         seqs,
                         sliding_window: None,
+                        fp8: None,
                     };
                     // Decode-only: the batch size cycles over 1..256, with
                     // contexts bounded so the cache stays near 64k tokens.
@@ -595,6 +694,7 @@ impl Grid {
             block_size: 16,
             seqs: vec![SeqShape::prefill(8192 - 512, 512)],
             sliding_window: None,
+            fp8: None,
         });
         attention.push(AttentionCase {
             num_kv_heads: 8,
@@ -603,6 +703,7 @@ impl Grid {
             block_size: 16,
             seqs: vec![SeqShape::decode(8000), SeqShape::decode(3000), SeqShape::prefill(5000, 300)],
             sliding_window: Some(4096),
+            fp8: None,
         });
         attention.push(AttentionCase {
             num_kv_heads: 3,
@@ -611,7 +712,21 @@ impl Grid {
             block_size: 32,
             seqs: vec![SeqShape::decode(700), SeqShape::prefill(50, 200)],
             sliding_window: Some(100),
+            fp8: None,
         });
+
+        // The FP8 cache over every fourth case (each head layout, block size
+        // and batch kind appears), scales varying.
+        let fp8: Vec<AttentionCase> = attention
+            .iter()
+            .step_by(4)
+            .enumerate()
+            .map(|(i, c)| {
+                let scales = [Fp8Scales::Given(0.05, 0.02), Fp8Scales::Unit, Fp8Scales::Given(0.0071, 0.3)];
+                AttentionCase { fp8: Some(scales[i % 3]), ..c.clone() }
+            })
+            .collect();
+        attention.extend(fp8);
 
         let mut rows = Vec::new();
         for (i, &tokens) in [1usize, 7, 64, 256, 1000].iter().enumerate() {
@@ -697,6 +812,7 @@ impl Grid {
                 num_blocks: tokens.div_ceil(16) + 64,
                 max_positions: 8192,
                 skip_every: 7,
+                fp8: None,
             });
             rotary.push(RotaryCase {
                 tokens,
@@ -709,8 +825,11 @@ impl Grid {
                 num_blocks: tokens.div_ceil(32) + 16,
                 max_positions: 8192,
                 skip_every: 0,
+                fp8: None,
             });
         }
+
+        let rotary = with_fp8_rotary(rotary);
 
         let mut sample = Vec::new();
         for (i, params) in sampling_mixes().into_iter().enumerate() {
@@ -735,14 +854,49 @@ impl Grid {
             rotary,
             attention,
             blocks: vec![
-                BlocksCase { num_blocks: 256, num_kv_heads: 8, block_size: 16, head_dim: 128, pairs: 32 },
-                BlocksCase { num_blocks: 100, num_kv_heads: 3, block_size: 32, head_dim: 64, pairs: 17 },
+                BlocksCase {
+                    num_blocks: 256,
+                    num_kv_heads: 8,
+                    block_size: 16,
+                    head_dim: 128,
+                    pairs: 32,
+                    fp8: false,
+                },
+                BlocksCase {
+                    num_blocks: 100,
+                    num_kv_heads: 3,
+                    block_size: 32,
+                    head_dim: 64,
+                    pairs: 17,
+                    fp8: false,
+                },
+                BlocksCase {
+                    num_blocks: 256,
+                    num_kv_heads: 8,
+                    block_size: 16,
+                    head_dim: 128,
+                    pairs: 32,
+                    fp8: true,
+                },
             ],
             sample,
             lora: full_lora(),
             errors: true,
         }
     }
+}
+
+/// `cases`, then each again writing F8E4M3 caches, the scales cycling over a
+/// K scale small enough that rotated keys saturate at ±448 (1/250 of keys of
+/// unit size: about 7% of them), no scale tensor (1.0), and moderate ones.
+fn with_fp8_rotary(cases: Vec<RotaryCase>) -> Vec<RotaryCase> {
+    let scales = [Fp8Scales::Given(0.004, 0.37), Fp8Scales::Unit, Fp8Scales::Given(0.03, 0.021)];
+    let fp8: Vec<RotaryCase> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| RotaryCase { fp8: Some(scales[i % scales.len()]), ..c.clone() })
+        .collect();
+    cases.into_iter().chain(fp8).collect()
 }
 
 /// Decode (1-16 tokens, mixed slots) and prefill (300 tokens, runs or mixed)

@@ -50,6 +50,12 @@
 //!   `check/lora.rs` derives both.
 //! - Exact ops (copies: embedding, gather, copy_blocks, swap, memory round
 //!   trips, untouched cache slots) must match bit for bit: tolerance 0.
+//! - FP8 (E4M3) KV caches: attention reads the same codes on both sides, and
+//!   every code's value is exact in bf16 and f16, so it is judged as the
+//!   activation dtype's attention. The cache write compares codes: values'
+//!   equal, keys' equal or one representable step apart, for at most an
+//!   eighth of them (the device rounds the rotated key to its dtype before
+//!   quantising; `check/rotary.rs` derives the bound).
 //! - Logprobs: 1e-3 absolute whatever the dtype: both sides compute the
 //!   log-softmax of identical logits in f32 or better; summing 128k terms in
 //!   f32 in another order moves the result by ~1e-5.
@@ -64,11 +70,11 @@ mod grid;
 mod random;
 mod report;
 
-use pagoda_backend::{Backend, BackendError, DType, HostSlice, Tensor};
+use pagoda_backend::{Backend, BackendError, DType, HostSlice, HostVec, Tensor};
 
 pub use grid::{
-    AttentionCase, BlocksCase, Grid, LinearCase, LoraCase, RotaryCase, RowsCase, SampleCase, SeqShape,
-    SlotLayout,
+    AttentionCase, BlocksCase, Fp8Scales, Grid, LinearCase, LoraCase, RotaryCase, RowsCase, SampleCase,
+    SeqShape, SlotLayout,
 };
 pub use report::{CheckResult, ConformanceReport};
 
@@ -147,6 +153,14 @@ fn dev<T>(r: Result<T, BackendError>) -> Outcome<T> {
 /// Labels a reference error (a harness bug or an invalid grid case).
 fn cpu<T>(r: Result<T, BackendError>) -> Outcome<T> {
     r.map_err(|e| format!("reference: {e}"))
+}
+
+/// The E4M3 codes of an F8E4M3 tensor on any backend.
+fn fp8_codes_of<X: Backend>(backend: &X, t: &Tensor<X>) -> Result<Vec<u8>, BackendError> {
+    match backend.download(t)? {
+        HostVec::F8E4M3(codes) => Ok(codes),
+        other => Err(BackendError::DType { op: "download", dtype: other.dtype() }),
+    }
 }
 
 type CpuTensor = Tensor<CpuBackend>;
@@ -239,6 +253,14 @@ impl<B: Backend> Harness<'_, B> {
         ))
     }
 
+    /// F32 data on both backends as F32 tensors (scales, whatever the device's dtype).
+    fn f32s(&self, data: &[f32], dims: &[usize]) -> Outcome<(CpuTensor, Tensor<B>)> {
+        Ok((
+            cpu(self.cpu.upload(HostSlice::F32(data), dims, DType::F32))?,
+            dev(self.device.upload(HostSlice::F32(data), dims, DType::F32))?,
+        ))
+    }
+
     /// Random activations `[rows, cols]` on both backends; with a margin, as a
     /// view `margin` rows into a larger tensor (with random rows around it).
     fn random_rows(
@@ -253,6 +275,23 @@ impl<B: Backend> Harness<'_, B> {
         let (r, d) = self.floats(&all, &[rows + 2 * margin, cols])?;
         let data = all[margin * cols..(margin + rows) * cols].to_vec();
         Ok((data, cpu(r.narrow(margin, rows))?, dev(d.narrow(margin, rows))?))
+    }
+
+    /// The same E4M3 codes on both backends, as F8E4M3 tensors.
+    fn fp8_codes(&self, codes: &[u8], dims: &[usize]) -> Outcome<(CpuTensor, Tensor<B>)> {
+        let data = HostSlice::Bytes(codes, DType::F8E4M3);
+        Ok((
+            cpu(self.cpu.upload(data, dims, DType::F8E4M3))?,
+            dev(self.device.upload(data, dims, DType::F8E4M3))?,
+        ))
+    }
+
+    /// The F32 `[k, v]` scale tensor of an FP8 case on both backends (none for unit scales).
+    fn fp8_scales(&self, scales: Fp8Scales) -> Outcome<Option<(CpuTensor, Tensor<B>)>> {
+        match scales {
+            Fp8Scales::Unit => Ok(None),
+            Fp8Scales::Given(k, v) => self.f32s(&[k, v], &[2]).map(Some),
+        }
     }
 
     fn ints(&self, data: &[i32], dims: &[usize]) -> Outcome<(CpuTensor, Tensor<B>)> {

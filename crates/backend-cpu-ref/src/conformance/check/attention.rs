@@ -1,7 +1,14 @@
 //! attention over a paged cache: shuffled block tables, NaN in every slot no
 //! query may read, decode-only / prefill-only / mixed batches, cached
 //! prefixes, GQA, sliding windows and long contexts.
+//!
+//! FP8 cases give both backends the same E4M3 codes (random keys and values
+//! of unit size, divided by the scales and rounded; the NaN code 0x7F in the
+//! slots no query may read) and the same scales. Every code's value is exact
+//! in bf16 and f16, so what is left is the arithmetic of the activation-dtype
+//! case, judged by the same tolerance.
 
+use pagoda_backend::fp8::e4m3_from_f32;
 use pagoda_backend::{AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend};
 
 use crate::conformance::grid::AttentionCase;
@@ -57,7 +64,8 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[AttentionCase]) {
             // Random K/V in the slots the sequences own, NaN everywhere else.
             let cache_dims = [num_blocks, hkv, bs, d];
             let mut caches = Vec::new();
-            for _ in 0..2 {
+            let fp8_scales = c.fp8.map(|s| s.values());
+            for cache in 0..2 {
                 let mut data = rng.normals(num_blocks * hkv * bs * d, 1.0, h.dtype);
                 for (row, chunk) in data.chunks_mut(d).enumerate() {
                     let (block, off) = (row / (hkv * bs), row % bs);
@@ -65,9 +73,17 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[AttentionCase]) {
                         chunk.fill(f32::NAN);
                     }
                 }
-                caches.push(h.floats(&data, &cache_dims)?);
+                match fp8_scales {
+                    None => caches.push(h.floats(&data, &cache_dims)?),
+                    Some((ks, vs)) => {
+                        let s = if cache == 0 { ks } else { vs };
+                        let codes: Vec<u8> = data.iter().map(|&x| e4m3_from_f32(x / s)).collect();
+                        caches.push(h.fp8_codes(&codes, &cache_dims)?);
+                    }
+                }
             }
             let [(k_r, k_d), (v_r, v_d)] = <[_; 2]>::try_from(caches).map_err(|_| "two caches")?;
+            let scales = c.fp8.map(|s| h.fp8_scales(s)).transpose()?.flatten();
 
             let (_, q_r, q_d) = h.random_rows(rng, tokens, hq * d, 1.0, 0)?;
             let (out_r, out_d) = h.outputs(tokens, hq * d, h.dtype, 0)?;
@@ -88,6 +104,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[AttentionCase]) {
                 q: &q_r,
                 k_cache: &k_r,
                 v_cache: &v_r,
+                kv_scales: scales.as_ref().map(|s| &s.0),
                 out: &out_r3,
                 meta: &meta_r,
                 num_q_heads: hq,
@@ -100,6 +117,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[AttentionCase]) {
                 q: &q_d,
                 k_cache: &k_d,
                 v_cache: &v_d,
+                kv_scales: scales.as_ref().map(|s| &s.1),
                 out: &out_d3,
                 meta: &meta_d,
                 num_q_heads: hq,

@@ -101,11 +101,12 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
         };
         let meta = dev(AttentionMetadata::upload(d, host))?;
         let q = zeros(&[1, 16], act)?;
-        let attention = |out| {
+        let attention_over = |out, k_cache, v_cache, kv_scales| {
             d.attention(&AttentionArgs {
                 q: &q,
-                k_cache: &cache,
-                v_cache: &cache,
+                k_cache,
+                v_cache,
+                kv_scales,
                 out,
                 meta: &meta,
                 num_q_heads: 2,
@@ -115,7 +116,28 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
                 sliding_window: None,
             })
         };
-        expect("attention: out shape != q shape", attention(&zeros(&[1, 8], act)?), is_shape);
+        let short = zeros(&[1, 8], act)?;
+        expect("attention: out shape != q shape", attention_over(&short, &cache, &cache, None), is_shape);
+        // FP8 caches: both or neither, scales only with them (F32 [2]).
+        let fp8_cache = zeros(&[4, 1, 2, 8], DType::F8E4M3)?;
+        let (out, scales, scales3) =
+            (zeros(&[1, 16], act)?, zeros(&[2], DType::F32)?, zeros(&[3], DType::F32)?);
+        let is_dtype = |e: &BackendError| matches!(e, BackendError::DType { .. });
+        expect(
+            "attention: FP8 K with a V of the activation dtype",
+            attention_over(&out, &fp8_cache, &cache, None),
+            is_dtype,
+        );
+        expect(
+            "attention: kv_scales without FP8 caches",
+            attention_over(&out, &cache, &cache, Some(&scales)),
+            is_shape,
+        );
+        expect(
+            "attention: kv_scales of 3",
+            attention_over(&out, &fp8_cache, &fp8_cache, Some(&scales3)),
+            is_shape,
+        );
 
         let slots = zeros(&[4], DType::I32)?;
         let shrunk = zeros(&[4, 6], DType::F32)?;

@@ -1,11 +1,13 @@
-//! upload / download / write / fill round trips, which must be exact.
+//! upload / download / write / fill round trips, and the seeded uniform fill
+//! (`fill_uniform`: the reference's values rounded to the dtype, bit for bit),
+//! all of which must be exact.
 
 use half::{bf16, f16};
-use pagoda_backend::{Backend, DType, HostSlice, HostVec};
+use pagoda_backend::{Backend, DType, HostSlice, HostVec, UniformFill};
 
 use super::mismatches;
 use crate::conformance::random::round_to;
-use crate::conformance::{dev, CheckResult, Harness, GUARD};
+use crate::conformance::{cpu, dev, CheckResult, Harness, GUARD};
 
 pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, sizes: &[usize]) {
     for &n in sizes {
@@ -63,6 +65,34 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, sizes: &[usize]) {
             let slots = dev(d.alloc(&[n], DType::I64))?;
             dev(d.fill(&slots, 3.0))?;
             exact("memory/fill i64", usize::from(dev(d.download(&slots))? != HostVec::I64(vec![3; n])));
+
+            // Seeded uniform values: the whole tensor in the activation dtype and in F32.
+            let fill = UniformFill::new(rng.next_u64(), -0.75, 1.25);
+            let reference = cpu(h.cpu.alloc(&[n], DType::F32))?;
+            cpu(h.cpu.fill_uniform(&reference, &fill))?;
+            let values = cpu(h.cpu.download_f32(&reference))?;
+            for dtype in [act, DType::F32] {
+                let t = dev(d.alloc(&[n], dtype))?;
+                dev(d.fill_uniform(&t, &fill))?;
+                let want: Vec<f32> = values.iter().map(|&x| round_to(dtype, x)).collect();
+                exact(
+                    &format!("memory/fill_uniform {dtype:?}"),
+                    mismatches(&want, &dev(d.download_f32(&t))?),
+                );
+            }
+            // Columns 3..3+n of rows 5 and 6 of a [_, n + 11] tensor, into the
+            // middle rows of four (a tensor-parallel shard of a row-parallel weight).
+            let part = UniformFill::new(rng.next_u64(), -1e-3, 1e-3).at(5, 3, n + 11);
+            let reference = cpu(h.cpu.alloc(&[2, n], DType::F32))?;
+            cpu(h.cpu.fill_uniform(&reference, &part))?;
+            let mut want = vec![GUARD; n];
+            want.extend(cpu(h.cpu.download_f32(&reference))?.iter().map(|&x| round_to(act, x)));
+            want.extend(vec![GUARD; n]);
+            let whole = dev(d.alloc(&[4, n], act))?;
+            dev(d.fill(&whole, GUARD))?;
+            dev(d.fill_uniform(&dev(whole.narrow(1, 2))?, &part))?;
+            let got = dev(d.download_f32(&whole))?;
+            exact("memory/fill_uniform columns view", mismatches(&want, &got));
             Ok(rows)
         });
     }

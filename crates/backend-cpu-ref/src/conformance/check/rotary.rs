@@ -1,11 +1,36 @@
 //! rotary_and_cache: the rotated queries, the cache slots written, and every
 //! other slot left exactly as it was.
+//!
+//! # FP8 caches: how far apart the two backends' codes may be
+//! Both caches start from the same codes and the op stores `e4m3(x / s)`.
+//! - **v** is copied from the input, which both sides hold exactly (rounded to
+//!   the activation dtype by the harness), and `v / s` is one IEEE f32
+//!   division on both: the codes must be **equal**.
+//! - **k**: the reference's `x` is the rotated key in f32; a 16-bit device's is
+//!   its own f32 rotation (a few f32 ulps away: another order, FMA) rounded to
+//!   bf16/f16. So the two quotients differ by at most half a bf16 ulp, a
+//!   relative 2^-8, plus those ulps. E4M3 values are 2^-3 to 2^-4 apart
+//!   relative to their size (2^-9 apart absolutely below 2^-6, where the
+//!   difference is smaller still), so at most one rounding boundary lies
+//!   between the two quotients: codes are **equal or adjacent** (one
+//!   representable step, [`e4m3_ordinal`]; both saturate together above 448).
+//!   Adjacent codes need a boundary inside that gap: per code a chance of at
+//!   most 2^-8 / 2^-4 = 1/16, about 1/64 on average (the mean bf16 rounding
+//!   error is a quarter ulp, against spacings of 2^-3 relative at worst). The
+//!   check allows an eighth of the written key codes to be adjacent, twice
+//!   the worst case: a wrong rounding mode (truncation makes about half of
+//!   them adjacent) fails it; so does any code two or more steps away (a
+//!   wrong scale, position, head or slot).
 
-use pagoda_backend::{Backend, DType, HostSlice, RotaryCacheArgs};
+use pagoda_backend::fp8::{e4m3_from_f32, e4m3_ordinal};
+use pagoda_backend::{Backend, DType, HostSlice, RotaryCacheArgs, Tensor};
 
 use super::mismatches;
 use crate::conformance::grid::RotaryCase;
-use crate::conformance::{cpu, dev, Harness};
+use crate::conformance::{cpu, dev, fp8_codes_of, CheckResult, CpuTensor, Harness};
+
+/// The share of written key codes that may be one step apart (see the module docs).
+const MAX_ADJACENT_KEY_CODES: f64 = 1.0 / 8.0;
 
 /// Llama's `inv_freq[i] = theta^(-2i / rotary_dim)`, as the `[positions, rotary_dim]` cos|sin table.
 pub(crate) fn cos_sin_table(max_positions: usize, rotary_dim: usize, theta: f64) -> Vec<f32> {
@@ -55,8 +80,16 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[RotaryCase]) {
             let cache_len = num_slots * hkv * d;
             let k0 = rng.normals(cache_len, 1.0, h.dtype);
             let v0 = rng.normals(cache_len, 1.0, h.dtype);
-            let (k_r, k_d) = h.floats(&k0, &cache_dims)?;
-            let (v_r, v_d) = h.floats(&v0, &cache_dims)?;
+            let ((k_r, k_d), (v_r, v_d)) = match c.fp8 {
+                None => (h.floats(&k0, &cache_dims)?, h.floats(&v0, &cache_dims)?),
+                Some(scales) => {
+                    let (ks, vs) = scales.values();
+                    let codes =
+                        |x: &[f32], s: f32| x.iter().map(|&x| e4m3_from_f32(x / s)).collect::<Vec<u8>>();
+                    (h.fp8_codes(&codes(&k0, ks), &cache_dims)?, h.fp8_codes(&codes(&v0, vs), &cache_dims)?)
+                }
+            };
+            let scales = c.fp8.map(|s| h.fp8_scales(s)).transpose()?.flatten();
             let (q_r, q_d) = h.outputs(t, hq * d, h.dtype, 0)?;
 
             let args_r = RotaryCacheArgs {
@@ -66,6 +99,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[RotaryCase]) {
                 q_out: &q_r,
                 k_cache: &k_r,
                 v_cache: &v_r,
+                kv_scales: scales.as_ref().map(|s| &s.0),
                 slot_mapping: &slot_r,
                 num_q_heads: hq,
                 num_kv_heads: hkv,
@@ -81,6 +115,7 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[RotaryCase]) {
                 q_out: &q_d.view,
                 k_cache: &k_d,
                 v_cache: &v_d,
+                kv_scales: scales.as_ref().map(|s| &s.1),
                 slot_mapping: &slot_d,
                 num_q_heads: hq,
                 num_kv_heads: hkv,
@@ -94,6 +129,11 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[RotaryCase]) {
             let mut written = vec![false; num_slots];
             for &s in slots.iter().filter(|&&s| s >= 0) {
                 written[s as usize] = true;
+            }
+            if c.fp8.is_some() {
+                let caches = [("k_cache", &k_r, &k_d), ("v_cache", &v_r, &v_d)];
+                rows.extend(compare_fp8_caches(h, c, &label, &written, caches)?);
+                return Ok(rows);
             }
             for (name, initial, r, dt) in [("k_cache", &k0, &k_r, &k_d), ("v_cache", &v0, &v_r, &v_d)] {
                 let want = cpu(h.cpu.download_f32(r))?;
@@ -140,6 +180,82 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[RotaryCase]) {
             Ok(rows)
         });
     }
+}
+
+/// The F8E4M3 caches after the op: written key codes equal or adjacent (at
+/// most [`MAX_ADJACENT_KEY_CODES`] of them adjacent), written value codes
+/// equal, every other code as it was (the module docs derive the bounds).
+#[allow(clippy::type_complexity)]
+fn compare_fp8_caches<B: Backend>(
+    h: &Harness<'_, B>,
+    c: &RotaryCase,
+    label: &str,
+    written: &[bool],
+    caches: [(&str, &CpuTensor, &Tensor<B>); 2],
+) -> Result<Vec<CheckResult>, String> {
+    let d = c.head_dim;
+    let mut rows = Vec::new();
+    for (name, r, dt) in caches {
+        let want = cpu(fp8_codes_of(&h.cpu, r))?;
+        let got = dev(fp8_codes_of(h.device, dt))?;
+        if want.len() != got.len() {
+            return Err(format!("{name}: device has {} codes, reference {}", got.len(), want.len()));
+        }
+        let (mut compared, mut adjacent, mut far, mut untouched_changed) = (0usize, 0usize, 0usize, 0usize);
+        let mut worst = 0i32;
+        for (block, head, off) in cache_rows(c.num_blocks, c.num_kv_heads, c.block_size) {
+            let at = ((block * c.num_kv_heads + head) * c.block_size + off) * d;
+            let (w, g) = (&want[at..at + d], &got[at..at + d]);
+            if !written[block * c.block_size + off] {
+                untouched_changed += w.iter().zip(g).filter(|(a, b)| a != b).count();
+                continue;
+            }
+            for (&a, &b) in w.iter().zip(g) {
+                compared += 1;
+                // NaN codes (never written from finite inputs) count as far.
+                let nan = |x: u8| x & 0x7F == 0x7F;
+                let steps =
+                    if nan(a) || nan(b) { i32::MAX } else { (e4m3_ordinal(a) - e4m3_ordinal(b)).abs() };
+                worst = worst.max(steps);
+                match steps {
+                    0 => {}
+                    1 => adjacent += 1,
+                    _ => far += 1,
+                }
+            }
+        }
+        let is_k = name == "k_cache";
+        let adjacent_share = adjacent as f64 / compared.max(1) as f64;
+        let (passed, tolerance) = if is_k {
+            (far == 0 && adjacent_share <= MAX_ADJACENT_KEY_CODES, MAX_ADJACENT_KEY_CODES)
+        } else {
+            (far == 0 && adjacent == 0, 0.0)
+        };
+        let note = if passed && adjacent == 0 {
+            String::new()
+        } else {
+            format!(
+                "{adjacent} of {compared} codes one step apart, {far} further (worst {})",
+                if worst == i32::MAX { "NaN".to_string() } else { worst.to_string() }
+            )
+        };
+        rows.push(CheckResult {
+            op: format!("rotary_and_cache/{name} fp8"),
+            case: label.to_string(),
+            rel_err: if far > 0 { f64::INFINITY } else { adjacent_share },
+            max_row_err: worst as f64,
+            tolerance,
+            passed,
+            note,
+        });
+        rows.push(h.exact_count(
+            &format!("rotary_and_cache/{name} untouched"),
+            label,
+            untouched_changed,
+            "codes changed",
+        ));
+    }
+    Ok(rows)
 }
 
 /// `(block, head, offset)` of every cache row, in memory order.
