@@ -1,33 +1,36 @@
-// LoRA's two products over a batch that mixes adapters, each token by its
-// slot: pagoda_lora_shrink (u = A[slot] . x, to f32) and pagoda_lora_expand
-// (out += B[slot] . u, in the activation dtype). Slots hold A as [U, K] and B
-// transposed, Bt [R, N], so both stacks are plain matrices over every slot.
+// LoRA over a batch that mixes adapters, each token by its slot
+// (pagoda_lora): for each part p of a product, u = A_p[slot] . x (f32), then
+// out[:, part's columns] += Bt_p[slot]^T . u (in the activation dtype). Slots
+// hold A part-major, [P, S, R, K], and each part's B transposed, Bt [S, R, N],
+// so both stacks are plain matrices over every slot.
 //
 // Three ways, chosen per launch by shape (so a recorded graph keeps its
 // choice):
 // - Dense (from dense_min_tokens tokens, while the slot stacks are narrow:
-//   S * U <= 4096, S * R <= 1024): cuBLAS GEMMs over every slot at once. The
-//   shrink computes x . [A_0; A_1; ...]^T (T x S*U, f32) into scratch and
-//   gathers each token's U columns; the expand scatters each token's u
-//   (rounded to the activation dtype, as vLLM's kernels do) into its slot's
-//   R columns of a zeroed T x S*R scratch and adds scratch . [Bt_0; Bt_1; ...]
-//   into out with beta = 1. S times the adapter work, but at tensor-core
-//   speed and with out read and written once per product: decode batches and
-//   prefill chunks, whatever their mix of adapters (BENCHMARKS.md, Multi-LoRA).
+//   P * S * R <= 4096, S * R <= 1024): cuBLAS GEMMs over every slot at once.
+//   x . A_all^T (T x P*S*R, f32, columns (p, s, r)) into scratch; one mask
+//   kernel keeps each token's slot columns, rounded to the activation dtype
+//   (as vLLM's kernels round u), and zeroes every other slot's, into a second
+//   scratch; then each part's out columns += its S*R columns of that (read in
+//   place, leading dimension P*S*R) . Bt_p (S*R x N) with beta = 1 and f32
+//   reductions. Parts whose Bt follow each other in one allocation with equal
+//   N and equally spaced output columns (k and v, gate and up) take one
+//   strided batched GEMM. S times the adapter work, at tensor-core speed,
+//   out read and written once per GEMM; no per-token gathers or scatters.
 // - Per token (Punica's BGMV; few tokens, e.g. single-stream decode, where
-//   reading every slot would cost more than the gathers):
-//   - shrink: a block takes one token and ROWS output columns (rows of A) and
-//     splits K over its threads with 16-byte loads of x and A; the threads'
-//     sums meet in shared memory. ROWS is chosen per launch so that decode
-//     (one token, U = 16..192 rows) still spreads over many SMs;
-//   - expand: a thread takes one output column n: it holds column n of
-//     Bt[slot] in registers (a warp's loads of one Bt row are contiguous),
-//     dots it with the token's u (in shared memory) in f32, and adds the sum
-//     into out once; with many tokens a block walks TOKENS_PER_BLOCK tokens
-//     and reloads the column only when the slot changes. With expand_vec8
-//     (PAGODA_LORA_EXPAND_VEC8=1; written for single-stream decode, not yet
-//     run on a GPU) a thread takes 8 adjacent columns instead, with 16-byte
-//     loads of each Bt row and one 16-byte read-modify-write of out.
+//   reading every slot would cost more than the gathers), u in f32 scratch:
+//   - shrink: a block takes one token and ROWS output columns (rows (p, r) of
+//     A[slot]) and splits K over its threads with 16-byte loads of x and A;
+//     the threads' sums meet in shared memory. ROWS is chosen per launch so
+//     that decode (one token, P*R = 16..192 rows) still spreads over many SMs;
+//   - expand, per part: a thread takes one output column n: it holds column
+//     n of Bt[slot] in registers (a warp's loads of one Bt row are
+//     contiguous), dots it with the token's u (in shared memory) in f32, and
+//     adds the sum into out once; with many tokens a block walks
+//     TOKENS_PER_BLOCK tokens and reloads the column only when the slot
+//     changes. (A form taking 8 adjacent columns per thread with 16-byte
+//     loads was measured on an H100 and was no faster in single-stream
+//     decode: BENCHMARKS.md, "FP8 KV cache, FP8 weights, multi-LoRA"; removed.)
 // - Grouped by slot (SGMV, only with PAGODA_LORA_GROUPED=1 and when the
 //   launch is not dense): a block takes one group (up to 32 tokens of one
 //   slot, through token_order) and reads its A rows once per 8 tokens, its Bt
@@ -37,16 +40,62 @@
 // Slots < 0 (no adapter): the shrink writes zeros, the expand leaves the row
 // (the dense expand adds an exact 0). Slots >= num_slots set
 // PAGODA_STATUS_LORA_SLOT and are treated as no adapter. No host
-// synchronisation; the dense path's scratch comes from the caller (a
-// stream-ordered allocation): all may be captured in a graph. Every kernel
-// waits on the one before (PDL) before its first read: the slots may be any
-// kernel's output.
+// synchronisation; the scratch comes from the caller (a stream-ordered
+// allocation): all may be captured in a graph. Every kernel waits on the one
+// before (PDL) before its first read: the slots may be any kernel's output.
 #include "blas.cuh"
 #include "common.cuh"
 
 using namespace pagoda;
 
 namespace {
+
+// One launch's shrink: out [num_tokens, u] (f32) with u = parts * rank
+// columns (p, r); a is [parts, num_slots, rank, k].
+struct ShrinkLaunch {
+    const void *x;
+    const void *a;
+    const int32_t *token_slots;
+    float *out;
+    uint32_t *status;
+    int dtype;
+    int num_tokens;
+    int k;
+    int u;
+    int rank;
+    int num_slots;
+    const int32_t *token_order;
+    const int32_t *groups;
+    int num_groups;
+};
+
+// One part's expand: out[t, out_offset + n] += sum_r u[t, u_offset + r] * b[slot_t, r, n].
+struct ExpandLaunch {
+    const float *u;
+    const void *b;
+    const int32_t *token_slots;
+    void *out;
+    uint32_t *status;
+    int dtype;
+    int num_tokens;
+    int n;
+    int rank;
+    int num_slots;
+    int u_stride;
+    int u_offset;
+    int out_stride;
+    int out_offset;
+    const int32_t *token_order;
+    const int32_t *groups;
+    int num_groups;
+};
+
+// Row j = (p, r) of slot s in a part-major A stack [parts, num_slots, rank, k].
+template <typename T>
+__device__ __forceinline__ const T *slot_row(const T *a, int s, int j, int rank, int num_slots, int k) {
+    const int p = j / rank;
+    return a + (((size_t)p * num_slots + s) * rank + (j - p * rank)) * k;
+}
 
 constexpr int SHRINK_MAX_THREADS = 256;
 constexpr int SHRINK_MAX_WARPS = SHRINK_MAX_THREADS / 32;
@@ -67,7 +116,7 @@ template <typename T> __device__ __forceinline__ float dot8(const uint4 &xv, con
 template <typename T, int ROWS, bool VEC>
 __global__ void __launch_bounds__(SHRINK_MAX_THREADS)
     lora_shrink_kernel(const T *__restrict__ x, const T *__restrict__ a, const int32_t *__restrict__ slots,
-                       float *__restrict__ out, int k, int u, int num_slots, uint32_t *status) {
+                       float *__restrict__ out, int k, int u, int rank, int num_slots, uint32_t *status) {
     pdl_launch_dependents();
     pdl_wait();
     const int t = blockIdx.x;
@@ -83,7 +132,7 @@ __global__ void __launch_bounds__(SHRINK_MAX_THREADS)
     // Rows past U (the last block's tail) read row U - 1 and are not stored.
     const T *arow[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) arow[r] = a + ((size_t)s * u + min(j0 + r, u - 1)) * k;
+    for (int r = 0; r < ROWS; ++r) arow[r] = slot_row(a, s, min(j0 + r, u - 1), rank, num_slots, k);
     float acc[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
@@ -134,7 +183,7 @@ __global__ void __launch_bounds__(SHRINK_MAX_THREADS)
 }
 
 template <typename T, bool VEC>
-cudaError_t launch_shrink(const PagodaLoraShrinkArgs *p, int rows, int threads, LaunchStream s) {
+cudaError_t launch_shrink(const ShrinkLaunch *p, int rows, int threads, LaunchStream s) {
     const T *x = static_cast<const T *>(p->x);
     const T *a = static_cast<const T *>(p->a);
     const dim3 block(threads);
@@ -142,7 +191,7 @@ cudaError_t launch_shrink(const PagodaLoraShrinkArgs *p, int rows, int threads, 
 #define PAGODA_SHRINK_CASE(R)                                                                                  \
     case R:                                                                                                    \
         return launch(lora_shrink_kernel<T, R, VEC>, dim3(p->num_tokens, ceil_div(p->u, R)), block, 0, s, x, a, \
-                      p->token_slots, p->out, p->k, p->u, p->num_slots, p->status);
+                      p->token_slots, p->out, p->k, p->u, p->rank, p->num_slots, p->status);
         PAGODA_SHRINK_CASE(1)
         PAGODA_SHRINK_CASE(2)
         PAGODA_SHRINK_CASE(4)
@@ -153,7 +202,7 @@ cudaError_t launch_shrink(const PagodaLoraShrinkArgs *p, int rows, int threads, 
 
 // Threads: enough for one load each of a row's (16-byte or single) units, up to the maximum.
 template <typename T>
-cudaError_t dispatch_shrink(const PagodaLoraShrinkArgs *p, int rows, bool vec, LaunchStream s) {
+cudaError_t dispatch_shrink(const ShrinkLaunch *p, int rows, bool vec, LaunchStream s) {
     auto threads_for = [](int units) {
         return units >= SHRINK_MAX_THREADS ? SHRINK_MAX_THREADS : 32 * ceil_div(units > 0 ? units : 1, 32);
     };
@@ -228,54 +277,8 @@ __global__ void __launch_bounds__(EXPAND_THREADS)
     }
 }
 
-// The 16-byte form for 16-bit T: a thread takes 8 adjacent output columns,
-// reads each row r of Bt[slot] for them with one 16-byte load (a warp reads
-// 512 contiguous bytes per r) and adds its 8 sums into out with one 16-byte
-// read-modify-write. Needs n % 8 == 0 and 16-byte aligned b, out + out_offset
-// and out rows.
-template <typename T>
-__global__ void __launch_bounds__(EXPAND_THREADS)
-    lora_expand_vec8_kernel(const float *__restrict__ u, int u_stride, int u_offset, const T *__restrict__ b,
-                            const int32_t *__restrict__ slots, T *__restrict__ out, int out_stride, int out_offset,
-                            int num_tokens, int n, int rank, int num_slots, int tokens_per_block, uint32_t *status) {
-    extern __shared__ float us[];  // [tokens_per_block][rank]: the tokens' u
-    pdl_launch_dependents();
-    pdl_wait();
-    const int t0 = blockIdx.x * tokens_per_block;
-    const int tokens = stage_block_u(u, u_stride, u_offset, t0, num_tokens, rank, tokens_per_block, us);
-    const int col = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
-    if (col >= n) return;
-    for (int j = 0; j < tokens; ++j) {
-        const int32_t s = slots[t0 + j];
-        if (s < 0) continue;
-        if (s >= num_slots) {
-            if (col == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
-            continue;
-        }
-        const float *ut = us + j * rank;
-        const T *bcol = b + (size_t)s * rank * n + col;
-        float acc[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-#pragma unroll 4
-        for (int r = 0; r < rank; ++r) {
-            float bf[8];
-            unpack8<T>(__ldg(reinterpret_cast<const uint4 *>(bcol + (size_t)r * n)), bf);
-            const float ur = ut[r];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] = fmaf(ur, bf[e], acc[e]);
-        }
-        uint4 *o = reinterpret_cast<uint4 *>(out + (size_t)(t0 + j) * out_stride + out_offset + col);
-        float cur[8];
-        unpack8<T>(*o, cur);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) cur[e] += acc[e];
-        *o = pack8<T>(cur);
-    }
-}
-
 template <typename T, int RMAX>
-cudaError_t launch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, LaunchStream s) {
+cudaError_t launch_expand(const ExpandLaunch *p, int tokens_per_block, LaunchStream s) {
     const dim3 grid(ceil_div(p->num_tokens, tokens_per_block), ceil_div(p->n, EXPAND_THREADS));
     const size_t smem = (size_t)tokens_per_block * p->rank * sizeof(float);
     return launch(lora_expand_kernel<T, RMAX>, grid, dim3(EXPAND_THREADS), smem, s, p->u, p->u_stride,
@@ -285,18 +288,7 @@ cudaError_t launch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, L
 }
 
 template <typename T>
-cudaError_t dispatch_expand(const PagodaLoraExpandArgs *p, int tokens_per_block, LaunchStream s) {
-    if constexpr (sizeof(T) == 2) {
-        const T *out0 = static_cast<const T *>(p->out) + p->out_offset;
-        if (p->expand_vec8 && p->n % 8 == 0 && p->out_stride % 8 == 0 && aligned16(p->b) && aligned16(out0)) {
-            const dim3 grid(ceil_div(p->num_tokens, tokens_per_block), ceil_div(p->n / 8, EXPAND_THREADS));
-            const size_t smem = (size_t)tokens_per_block * p->rank * sizeof(float);
-            return launch(lora_expand_vec8_kernel<T>, grid, dim3(EXPAND_THREADS), smem, s, p->u, p->u_stride,
-                          p->u_offset, static_cast<const T *>(p->b), p->token_slots, static_cast<T *>(p->out),
-                          p->out_stride, p->out_offset, p->num_tokens, p->n, p->rank, p->num_slots,
-                          tokens_per_block, p->status);
-        }
-    }
+cudaError_t dispatch_expand(const ExpandLaunch *p, int tokens_per_block, LaunchStream s) {
     if (p->rank <= 8) return launch_expand<T, 8>(p, tokens_per_block, s);
     if (p->rank <= 16) return launch_expand<T, 16>(p, tokens_per_block, s);
     if (p->rank <= 32) return launch_expand<T, 32>(p, tokens_per_block, s);
@@ -336,7 +328,7 @@ template <typename T, int ROWS>
 __global__ void __launch_bounds__(GSHRINK_THREADS)
     lora_shrink_grouped_kernel(const T *__restrict__ x, const T *__restrict__ a, const int32_t *__restrict__ order,
                                const int32_t *__restrict__ groups, float *__restrict__ out, int k, int u,
-                               int num_slots, uint32_t *status) {
+                               int rank, int num_slots, uint32_t *status) {
     pdl_launch_dependents();
     pdl_wait();
     __shared__ int tok[GROUP_TOKENS];
@@ -357,7 +349,7 @@ __global__ void __launch_bounds__(GSHRINK_THREADS)
     const uint4 *av[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
-        av[r] = reinterpret_cast<const uint4 *>(a + ((size_t)slot * u + min(j0 + r, u - 1)) * k);
+        av[r] = reinterpret_cast<const uint4 *>(slot_row(a, slot, min(j0 + r, u - 1), rank, num_slots, k));
     const int chunks = k / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int p = 0; p < count; p += GSHRINK_TOKENS) {
@@ -408,7 +400,7 @@ __global__ void __launch_bounds__(GSHRINK_THREADS)
 }
 
 template <typename T>
-cudaError_t launch_shrink_grouped(const PagodaLoraShrinkArgs *p, int rows, LaunchStream s) {
+cudaError_t launch_shrink_grouped(const ShrinkLaunch *p, int rows, LaunchStream s) {
     const T *x = static_cast<const T *>(p->x);
     const T *a = static_cast<const T *>(p->a);
     switch (rows) {
@@ -416,7 +408,7 @@ cudaError_t launch_shrink_grouped(const PagodaLoraShrinkArgs *p, int rows, Launc
     case R:                                                                                                    \
         return launch(lora_shrink_grouped_kernel<T, R>, dim3(p->num_groups, ceil_div(p->u, R)),                \
                       dim3(GSHRINK_THREADS), 0, s, x, a, p->token_order, p->groups, p->out, p->k, p->u,       \
-                      p->num_slots, p->status);
+                      p->rank, p->num_slots, p->status);
         PAGODA_GSHRINK_CASE(1)
         PAGODA_GSHRINK_CASE(2)
         PAGODA_GSHRINK_CASE(4)
@@ -478,7 +470,7 @@ __global__ void __launch_bounds__(GEXPAND_THREADS)
 }
 
 template <typename T, int CHUNKS>
-cudaError_t launch_expand_grouped(const PagodaLoraExpandArgs *p, LaunchStream s) {
+cudaError_t launch_expand_grouped(const ExpandLaunch *p, LaunchStream s) {
     const dim3 grid(p->num_groups, ceil_div(p->n, GEXPAND_THREADS));
     return launch(lora_expand_grouped_kernel<T, CHUNKS>, grid, dim3(GEXPAND_THREADS), 0, s, p->u, p->u_stride,
                   p->u_offset, static_cast<const T *>(p->b), p->token_order, p->groups, static_cast<T *>(p->out),
@@ -486,7 +478,7 @@ cudaError_t launch_expand_grouped(const PagodaLoraExpandArgs *p, LaunchStream s)
 }
 
 template <typename T>
-cudaError_t dispatch_expand_grouped(const PagodaLoraExpandArgs *p, LaunchStream s) {
+cudaError_t dispatch_expand_grouped(const ExpandLaunch *p, LaunchStream s) {
     if (p->rank <= 8) return launch_expand_grouped<T, 1>(p, s);
     if (p->rank <= 16) return launch_expand_grouped<T, 2>(p, s);
     if (p->rank <= 32) return launch_expand_grouped<T, 4>(p, s);
@@ -494,104 +486,132 @@ cudaError_t dispatch_expand_grouped(const PagodaLoraExpandArgs *p, LaunchStream 
 }
 
 // ---- Dense: cuBLAS over every slot ------------------------------------------
-// Each token's slot columns out of x . [a_0; a_1; ...]^T (shrink), and out +=
-// [0 .. u_t .. 0] . [bt_0; bt_1; ...] (expand): the slot stacks are plain
-// matrices, so a step's product is one GEMM at tensor-core speed instead of
-// per-token gathers, for num_slots times the (small) adapter work.
+// all = x . [A_(0,0); A_(0,1); ...; A_(P-1,S-1)]^T (f32, columns (p, s, r));
+// um = all with every slot's columns but the token's zeroed (as T); then per
+// part out += um[:, p*S*R ..][:, S*R] . [Bt_0; Bt_1; ...]: the slot stacks
+// are plain matrices, so a product is a few GEMMs at tensor-core speed
+// instead of per-token gathers, for num_slots times the (small) adapter work.
 
 constexpr int DENSE_THREADS = 128;
 
 size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
-bool is_half_dtype(int dtype) { return dtype == PAGODA_DTYPE_BF16 || dtype == PAGODA_DTYPE_F16; }
+bool is_half(int dtype) { return dtype == PAGODA_DTYPE_BF16 || dtype == PAGODA_DTYPE_F16; }
 
-bool shrink_dense_applies(const PagodaLoraShrinkArgs *p) {
-    return p->dense_min_tokens > 0 && p->num_tokens >= p->dense_min_tokens && is_half_dtype(p->dtype) &&
-           p->k > 0 && (long)p->num_slots * p->u <= PAGODA_LORA_DENSE_MAX_SHRINK_COLS;
-}
+long dense_cols(const PagodaLoraArgs *p) { return (long)p->num_parts * p->num_slots * p->rank; }
 
-bool expand_dense_applies(const PagodaLoraExpandArgs *p) {
-    return p->dense_min_tokens > 0 && p->num_tokens >= p->dense_min_tokens && is_half_dtype(p->dtype) &&
+bool dense_applies(const PagodaLoraArgs *p) {
+    return p->dense_min_tokens > 0 && p->num_tokens >= p->dense_min_tokens && is_half(p->dtype) && p->k > 0 &&
+           p->num_slots > 0 && dense_cols(p) <= PAGODA_LORA_DENSE_MAX_SHRINK_COLS &&
            (long)p->num_slots * p->rank <= PAGODA_LORA_DENSE_MAX_EXPAND_COLS;
 }
 
-// out[t, j] = all[t, slot_t * u + j], or 0 without a (valid) slot. Grid: tokens.
+// The dense path's scratch: all (f32), then um (16-bit), each [T, P*S*R].
+size_t dense_all_bytes(const PagodaLoraArgs *p) { return align256((size_t)p->num_tokens * dense_cols(p) * 4); }
+size_t dense_um_bytes(const PagodaLoraArgs *p) { return align256((size_t)p->num_tokens * dense_cols(p) * 2); }
+// The per-token path's: u (f32) [T, P*R].
+size_t per_token_u_bytes(const PagodaLoraArgs *p) {
+    return align256((size_t)p->num_tokens * p->num_parts * p->rank * sizeof(float));
+}
+
+// um[t, c] = all[t, c] (as T) where column c = (p, s, r) belongs to t's slot
+// s, 0 elsewhere (everywhere without a valid slot). Grid: tokens. VEC8: 8
+// columns at a time (rank % 8 == 0, so 8 columns share a slot; cols % 8 == 0
+// and all, um 16-byte aligned).
+template <typename T, bool VEC8>
 __global__ void __launch_bounds__(DENSE_THREADS)
-    lora_gather_kernel(const float *__restrict__ all, const int32_t *__restrict__ slots, float *__restrict__ out,
-                       int u, int num_slots, uint32_t *status) {
+    lora_mask_kernel(const float *__restrict__ all, const int32_t *__restrict__ slots, T *__restrict__ um, int cols,
+                     int rank, int num_slots, uint32_t *status) {
     pdl_launch_dependents();
     pdl_wait();
     const int t = blockIdx.x;
     const int32_t s = slots[t];
     if (s >= num_slots && threadIdx.x == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
     const bool valid = s >= 0 && s < num_slots;
-    const float *row = all + ((size_t)t * num_slots + (valid ? s : 0)) * u;
-    for (int j = threadIdx.x; j < u; j += blockDim.x) out[(size_t)t * u + j] = valid ? row[j] : 0.f;
-}
-
-// um[t, s * rank + r] = u[t, u_offset + r] (as T) where s is t's slot, 0 in
-// every other slot's columns. Grid: tokens.
-template <typename T>
-__global__ void __launch_bounds__(DENSE_THREADS)
-    lora_scatter_kernel(const float *__restrict__ u, int u_stride, int u_offset, const int32_t *__restrict__ slots,
-                        T *__restrict__ um, int rank, int num_slots, uint32_t *status) {
-    pdl_launch_dependents();
-    pdl_wait();
-    const int t = blockIdx.x;
-    const int32_t s = slots[t];
-    if (s >= num_slots && threadIdx.x == 0) set_status(status, PAGODA_STATUS_LORA_SLOT);
-    const int first = s >= 0 && s < num_slots ? s * rank : -1;
-    const float *ut = u + (size_t)t * u_stride + u_offset;
-    const int cols = num_slots * rank;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const int r = c - first;
-        um[(size_t)t * cols + c] = from_float<T>(first >= 0 && r >= 0 && r < rank ? ut[r] : 0.f);
+    const float *row = all + (size_t)t * cols;
+    T *o = um + (size_t)t * cols;
+    if constexpr (VEC8) {
+        for (int c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
+            float v[8];
+            if (valid && (c / rank) % num_slots == s) {
+                const float4 lo = *reinterpret_cast<const float4 *>(row + c);
+                const float4 hi = *reinterpret_cast<const float4 *>(row + c + 4);
+                v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+                v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[e] = 0.f;
+            }
+            *reinterpret_cast<uint4 *>(o + c) = pack8<T>(v);
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+            o[c] = from_float<T>(valid && (c / rank) % num_slots == s ? row[c] : 0.f);
     }
 }
 
-int shrink_dense(BlasHandle *blas, const PagodaLoraShrinkArgs *p, LaunchStream ls) {
-    const int cols = p->num_slots * p->u;
-    if (p->scratch == nullptr || p->scratch_bytes < (size_t)p->num_tokens * cols * sizeof(float))
-        return PAGODA_ERR_WORKSPACE;
-    cudaDataType_t type;
-    if (!cuda_type(p->dtype, &type)) return PAGODA_ERR_DTYPE;
-    int rc = blas_bind(blas, ls.stream);
-    if (rc != 0) return rc;
-    // Column-major: all^T (cols x t) = a (k x cols)^T . x^T (k x t).
-    float *all = static_cast<float *>(p->scratch);
-    const float alpha = 1.f, beta = 0.f;
-    rc = blas_status(cublasGemmEx(blas->handle, CUBLAS_OP_T, CUBLAS_OP_N, cols, p->num_tokens, p->k, &alpha, p->a,
-                                  type, p->k, p->x, type, p->k, &beta, all, CUDA_R_32F, cols, CUBLAS_COMPUTE_32F,
-                                  CUBLAS_GEMM_DEFAULT));
-    if (rc != 0) return rc;
-    const cudaError_t e = launch(lora_gather_kernel, dim3(p->num_tokens), dim3(DENSE_THREADS), 0, ls, all,
-                                 p->token_slots, p->out, p->u, p->num_slots, p->status);
-    return (int)e;
+// Whether part j can join the strided batch of parts first .. j - 1: the same
+// n, its Bt right after the previous part's (one allocation), its columns
+// the same distance (at least n) further on.
+bool batches_with(const PagodaLoraArgs *p, int first, int j, size_t elem) {
+    const PagodaLoraPart &a = p->parts[first], &b = p->parts[j];
+    const long step = (long)p->parts[first + 1].out_offset - a.out_offset;
+    const size_t slot_stack = (size_t)p->num_slots * p->rank * a.n * elem;
+    return b.n == a.n && step >= a.n &&
+           static_cast<const char *>(b.b) == static_cast<const char *>(a.b) + (size_t)(j - first) * slot_stack &&
+           (long)b.out_offset - a.out_offset == (long)(j - first) * step;
 }
 
-template <typename T> int expand_dense(BlasHandle *blas, const PagodaLoraExpandArgs *p, LaunchStream ls) {
-    const int cols = p->num_slots * p->rank;
-    if (p->scratch == nullptr || p->scratch_bytes < (size_t)p->num_tokens * cols * sizeof(T))
-        return PAGODA_ERR_WORKSPACE;
+template <typename T> int lora_dense(BlasHandle *blas, const PagodaLoraArgs *p, LaunchStream ls) {
+    const int cols = (int)dense_cols(p);
+    const int sr = p->num_slots * p->rank;
+    if (p->scratch == nullptr || p->scratch_bytes < dense_all_bytes(p) + dense_um_bytes(p)) return PAGODA_ERR_WORKSPACE;
     cudaDataType_t type;
     if (!cuda_type(p->dtype, &type)) return PAGODA_ERR_DTYPE;
-    T *um = static_cast<T *>(p->scratch);
-    cudaError_t e = launch(lora_scatter_kernel<T>, dim3(p->num_tokens), dim3(DENSE_THREADS), 0, ls, p->u,
-                           p->u_stride, p->u_offset, p->token_slots, um, p->rank, p->num_slots, p->status);
-    if (e != cudaSuccess) return (int)e;
     int rc = blas_bind(blas, ls.stream);
     if (rc != 0) return rc;
-    // Column-major: out^T (n x t, leading dimension out_stride) += bt (n x cols) . um^T (cols x t).
-    const float alpha = 1.f, beta = 1.f;
-    T *out = static_cast<T *>(p->out) + p->out_offset;
+    float *all = static_cast<float *>(p->scratch);
+    T *um = reinterpret_cast<T *>(static_cast<char *>(p->scratch) + dense_all_bytes(p));
+    // Column-major: all^T (cols x t) = a (k x cols)^T . x^T (k x t).
+    const float one = 1.f, zero = 0.f;
+    rc = blas_status(cublasGemmEx(blas->handle, CUBLAS_OP_T, CUBLAS_OP_N, cols, p->num_tokens, p->k, &one, p->a, type,
+                                  p->k, p->x, type, p->k, &zero, all, CUDA_R_32F, cols, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+    if (rc != 0) return rc;
+    const bool vec8 = p->rank % 8 == 0 && aligned16(all) && aligned16(um);
+    const cudaError_t e =
+        vec8 ? launch(lora_mask_kernel<T, true>, dim3(p->num_tokens), dim3(DENSE_THREADS), 0, ls, all, p->token_slots,
+                      um, cols, p->rank, p->num_slots, p->status)
+             : launch(lora_mask_kernel<T, false>, dim3(p->num_tokens), dim3(DENSE_THREADS), 0, ls, all,
+                      p->token_slots, um, cols, p->rank, p->num_slots, p->status);
+    if (e != cudaSuccess) return (int)e;
     // Reductions in f32, never in out's dtype: a split-K algorithm would
     // otherwise round the partial sums (and out) once per split (measured:
     // errors growing with num_slots * rank in the conformance grid).
-    cublasStatus_t st =
-        cublasSetMathMode(blas->handle, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
+    cublasStatus_t st = cublasSetMathMode(
+        blas->handle, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
     if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
-    st = cublasGemmEx(blas->handle, CUBLAS_OP_N, CUBLAS_OP_N, p->n, p->num_tokens, cols, &alpha, p->b, type, p->n, um,
-                      type, cols, &beta, out, type, p->out_stride, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    for (int first = 0; first < p->num_parts && st == CUBLAS_STATUS_SUCCESS;) {
+        int count = 1;
+        while (first + count < p->num_parts && batches_with(p, first, first + count, sizeof(T))) ++count;
+        const PagodaLoraPart &part = p->parts[first];
+        const T *u = um + (size_t)first * sr;
+        T *out = static_cast<T *>(p->out) + part.out_offset;
+        // Column-major: out^T (n x t, leading dimension out_stride) += bt (n x sr) . u^T (sr x t, leading
+        // dimension cols).
+        if (count == 1) {
+            st = cublasGemmEx(blas->handle, CUBLAS_OP_N, CUBLAS_OP_N, part.n, p->num_tokens, sr, &one, part.b, type,
+                              part.n, u, type, cols, &one, out, type, p->out_stride, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT);
+        } else {
+            const long long step = (long long)p->parts[first + 1].out_offset - part.out_offset;
+            st = cublasGemmStridedBatchedEx(blas->handle, CUBLAS_OP_N, CUBLAS_OP_N, part.n, p->num_tokens, sr, &one,
+                                            part.b, type, part.n, (long long)sr * part.n, u, type, cols,
+                                            (long long)sr, &one, out, type, p->out_stride, step, count,
+                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        }
+        first += count;
+    }
     const cublasStatus_t restored = cublasSetMathMode(blas->handle, CUBLAS_DEFAULT_MATH);
     if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
     return blas_status(restored);
@@ -600,94 +620,115 @@ template <typename T> int expand_dense(BlasHandle *blas, const PagodaLoraExpandA
 // Dynamic shared memory a block may take without opting in.
 constexpr size_t SMEM_DEFAULT_LIMIT = 48 * 1024;
 
-bool is_half(int dtype) { return dtype == PAGODA_DTYPE_BF16 || dtype == PAGODA_DTYPE_F16; }
-
-}  // namespace
-
-extern "C" size_t pagoda_lora_shrink_scratch_bytes(const PagodaLoraShrinkArgs *p) {
-    if (p == nullptr || p->num_tokens <= 0 || p->u <= 0 || !shrink_dense_applies(p)) return 0;
-    return align256((size_t)p->num_tokens * p->num_slots * p->u * sizeof(float));
-}
-
-extern "C" size_t pagoda_lora_expand_scratch_bytes(const PagodaLoraExpandArgs *p) {
-    if (p == nullptr || p->num_tokens <= 0 || p->n <= 0 || p->rank <= 0 || !expand_dense_applies(p)) return 0;
-    return align256((size_t)p->num_tokens * p->num_slots * p->rank * 2);
-}
-
-extern "C" int pagoda_lora_shrink(void *blas, const PagodaLoraShrinkArgs *p, const PagodaKernelPolicy *policy,
-                                  void *stream) {
-    PAGODA_CHECK_POLICY(policy);
-    if (p == nullptr || p->num_tokens < 0 || p->k < 0 || p->u < 0 || p->num_slots < 0) return PAGODA_ERR_ARGUMENT;
-    if (p->num_tokens == 0 || p->u == 0) return 0;
-    const LaunchStream s = launch_stream(policy, stream);
-    if (shrink_dense_applies(p) && p->num_slots > 0) {
-        if (blas == nullptr) return PAGODA_ERR_ARGUMENT;
-        const int rc = shrink_dense(static_cast<BlasHandle *>(blas), p, s);
-        if (rc != 0) return rc;
-        PAGODA_LAUNCH_CHECK();
-        return 0;
-    }
-    const int sms = policy->num_sms > 0 ? policy->num_sms : 1;
+// The per-token (or grouped) shrink of every part into u.
+int shrink_per_token(const ShrinkLaunch *p, int sms, LaunchStream s) {
     const bool vec = p->k % 8 == 0 && aligned16(p->x) && aligned16(p->a);
+    cudaError_t e = cudaSuccess;
     if (p->num_groups > 0 && p->num_tokens >= GROUPED_MIN_TOKENS && vec && is_half(p->dtype)) {
         if (p->token_order == nullptr || p->groups == nullptr) return PAGODA_ERR_ARGUMENT;
         // Rows of A per block: the most that still give every SM two blocks.
         int rows = 8;
         while (rows > 1 && ceil_div(p->u, rows) * p->num_groups < 2 * sms) rows /= 2;
-        cudaError_t e = cudaSuccess;
         PAGODA_DISPATCH_HALF(p->dtype, { e = launch_shrink_grouped<scalar_t>(p, rows, s); });
-        if (e != cudaSuccess) return (int)e;
-        PAGODA_LAUNCH_CHECK();
-        return 0;
+        return (int)e;
     }
     // Rows of A per block: as many as keep about two blocks per SM busy.
     const int rows = ceil_div(p->u, 4) * p->num_tokens >= 2 * sms ? 4
                      : ceil_div(p->u, 2) * p->num_tokens >= sms  ? 2
                                                                   : 1;
-    cudaError_t e = cudaSuccess;
     PAGODA_DISPATCH_FLOAT(p->dtype, { e = dispatch_shrink<scalar_t>(p, rows, vec, s); });
-    if (e != cudaSuccess) return (int)e;
-    PAGODA_LAUNCH_CHECK();
-    return 0;
+    return (int)e;
 }
 
-extern "C" int pagoda_lora_expand(void *blas, const PagodaLoraExpandArgs *p, const PagodaKernelPolicy *policy,
-                                  void *stream) {
-    PAGODA_CHECK_POLICY(policy);
-    if (p == nullptr || p->num_tokens < 0 || p->n < 0 || p->rank < 0 || p->num_slots < 0 || p->u_offset < 0 ||
-        p->out_offset < 0 || p->u_offset + p->rank > p->u_stride || p->out_offset + p->n > p->out_stride)
-        return PAGODA_ERR_ARGUMENT;
-    if (p->num_tokens == 0 || p->n == 0 || p->rank == 0) return 0;
-    const LaunchStream s = launch_stream(policy, stream);
-    if (expand_dense_applies(p) && p->num_slots > 0) {
-        if (blas == nullptr) return PAGODA_ERR_ARGUMENT;
-        int rc = 0;
-        PAGODA_DISPATCH_HALF(p->dtype, { rc = expand_dense<scalar_t>(static_cast<BlasHandle *>(blas), p, s); });
-        if (rc != 0) return rc;
-        PAGODA_LAUNCH_CHECK();
-        return 0;
-    }
+// One part's per-token (or grouped) expand.
+int expand_per_token(const ExpandLaunch *p, int sms, LaunchStream s) {
+    cudaError_t e = cudaSuccess;
     if (p->num_groups > 0 && p->num_tokens >= GROUPED_MIN_TOKENS && is_half(p->dtype) && p->rank % 8 == 0 &&
         p->rank <= GEXPAND_MAX_RANK) {
         if (p->token_order == nullptr || p->groups == nullptr) return PAGODA_ERR_ARGUMENT;
-        cudaError_t e = cudaSuccess;
         PAGODA_DISPATCH_HALF(p->dtype, { e = dispatch_expand_grouped<scalar_t>(p, s); });
-        if (e != cudaSuccess) return (int)e;
-        PAGODA_LAUNCH_CHECK();
-        return 0;
+        return (int)e;
     }
     // Many tokens: blocks walk 8 tokens (B rows reused across a slot's run),
     // as long as that still gives every SM a block; few tokens: one each.
-    const int sms = policy->num_sms > 0 ? policy->num_sms : 1;
     const int col_blocks = ceil_div(p->n, EXPAND_THREADS);
     int tokens_per_block = p->num_tokens >= 64 && col_blocks * ceil_div(p->num_tokens, EXPAND_TOKENS_PER_BLOCK) >= sms
                                ? EXPAND_TOKENS_PER_BLOCK
                                : 1;
     if ((size_t)tokens_per_block * p->rank * sizeof(float) > SMEM_DEFAULT_LIMIT) tokens_per_block = 1;
     if ((size_t)p->rank * sizeof(float) > SMEM_DEFAULT_LIMIT) return PAGODA_ERR_ARGUMENT;
-    cudaError_t e = cudaSuccess;
     PAGODA_DISPATCH_FLOAT(p->dtype, { e = dispatch_expand<scalar_t>(p, tokens_per_block, s); });
-    if (e != cudaSuccess) return (int)e;
+    return (int)e;
+}
+
+int lora_per_token(const PagodaLoraArgs *p, int sms, LaunchStream s) {
+    if (p->scratch == nullptr || p->scratch_bytes < per_token_u_bytes(p)) return PAGODA_ERR_WORKSPACE;
+    float *u = static_cast<float *>(p->scratch);
+    const int u_cols = p->num_parts * p->rank;
+    const ShrinkLaunch shrink{p->x,     p->a,         p->token_slots, u,      p->status,
+                              p->dtype, p->num_tokens, p->k,         u_cols, p->rank,
+                              p->num_slots, p->token_order, p->groups, p->num_groups};
+    int rc = shrink_per_token(&shrink, sms, s);
+    if (rc != 0) return rc;
+    for (int i = 0; i < p->num_parts; ++i) {
+        const PagodaLoraPart &part = p->parts[i];
+        if (part.n == 0) continue;
+        const ExpandLaunch expand{u,
+                                  part.b,
+                                  p->token_slots,
+                                  p->out,
+                                  p->status,
+                                  p->dtype,
+                                  p->num_tokens,
+                                  part.n,
+                                  p->rank,
+                                  p->num_slots,
+                                  u_cols,
+                                  i * p->rank,
+                                  p->out_stride,
+                                  part.out_offset,
+                                  p->token_order,
+                                  p->groups,
+                                  p->num_groups};
+        rc = expand_per_token(&expand, sms, s);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+bool args_valid(const PagodaLoraArgs *p) {
+    if (p == nullptr || p->num_tokens < 0 || p->k < 0 || p->rank < 0 || p->num_slots < 0 || p->num_parts < 1 ||
+        p->num_parts > PAGODA_LORA_MAX_PARTS || p->out_stride < 0)
+        return false;
+    for (int i = 0; i < p->num_parts; ++i) {
+        const PagodaLoraPart &part = p->parts[i];
+        if (part.n < 0 || part.out_offset < 0 || (long)part.out_offset + part.n > p->out_stride) return false;
+    }
+    return true;
+}
+
+bool nothing_to_do(const PagodaLoraArgs *p) { return p->num_tokens == 0 || p->rank == 0 || p->num_slots == 0; }
+
+}  // namespace
+
+extern "C" size_t pagoda_lora_scratch_bytes(const PagodaLoraArgs *p) {
+    if (!args_valid(p) || nothing_to_do(p)) return 0;
+    return dense_applies(p) ? dense_all_bytes(p) + dense_um_bytes(p) : per_token_u_bytes(p);
+}
+
+extern "C" int pagoda_lora(void *blas, const PagodaLoraArgs *p, const PagodaKernelPolicy *policy, void *stream) {
+    PAGODA_CHECK_POLICY(policy);
+    if (!args_valid(p)) return PAGODA_ERR_ARGUMENT;
+    if (nothing_to_do(p)) return 0;
+    const LaunchStream s = launch_stream(policy, stream);
+    int rc = 0;
+    if (dense_applies(p)) {
+        if (blas == nullptr) return PAGODA_ERR_ARGUMENT;
+        PAGODA_DISPATCH_HALF(p->dtype, { rc = lora_dense<scalar_t>(static_cast<BlasHandle *>(blas), p, s); });
+    } else {
+        rc = lora_per_token(p, policy->num_sms > 0 ? policy->num_sms : 1, s);
+    }
+    if (rc != 0) return rc;
     PAGODA_LAUNCH_CHECK();
     return 0;
 }

@@ -224,91 +224,122 @@ size_t pagoda_linear_scratch_bytes(const PagodaLinearArgs *args, const PagodaKer
 
 int pagoda_linear(void *handle, const PagodaLinearArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
+/* ---- FP8 (E4M3) weights ------------------------------------------------------ */
+
+/* A linear layer with an E4M3 weight [n, k] and f32 scales weight_scale[n],
+ * one per output row (pagoda_backend::Fp8LinearArgs states the formulas):
+ *   x'  = rms_norm(x) * norm_weight when norm_weight != NULL (eps), else x
+ *   PAGODA_FP8_WEIGHT_ONLY: p[t, j] = weight_scale[j] * sum_k x'[t, k] * dec(w[j, k])
+ *       (the FP8 GEMV: codes streamed with 16-byte loads, 16 token rows a launch)
+ *   PAGODA_FP8_QUANTIZED: x' rounded to dtype, s[t] = input_scale when > 0,
+ *       else max_k |x'[t, k]| / 448 (1 for a zero row); q = e4m3(x' / s[t])
+ *       (round to nearest even, saturating); p[t, j] = s[t] * weight_scale[j] *
+ *       sum_k dec(q[t, k]) * dec(w[j, k]) on FP8 tensor cores (cuBLASLt, outer-
+ *       vector scales: needs cuBLAS 12.9+ and sm_90)
+ *   then p += bias[j]; out = p, out += p (accumulate) or silu(p[:, :n/2]) * p[:, n/2:].
+ * x, bias, norm_weight and out are dtype (F16 or BF16); k must be a multiple
+ * of 16 and every pointer 16-byte aligned (PAGODA_ERR_ALIGNMENT otherwise);
+ * the quantized mode also needs n a multiple of 8. `handle` is
+ * pagoda_blas_create's; scratch of pagoda_fp8_linear_scratch_bytes. */
+#define PAGODA_FP8_WEIGHT_ONLY 0
+#define PAGODA_FP8_QUANTIZED 1
+typedef struct {
+    const void *x;              /* [t, k] */
+    const uint8_t *weight;      /* [n, k] E4M3 codes */
+    const float *weight_scale;  /* [n] */
+    const void *bias;           /* [n] or NULL */
+    const void *norm_weight;    /* [k] or NULL */
+    float eps;
+    void *out;
+    void *scratch;
+    size_t scratch_bytes;
+    int dtype;
+    int t, n, k;
+    int silu_mul;
+    int accumulate;
+    int mode;
+    float input_scale; /* > 0: static activation scale; 0: dynamic per row */
+} PagodaFp8LinearArgs;
+
+/* Scratch a launch of these arguments needs; 0 if none. */
+size_t pagoda_fp8_linear_scratch_bytes(const PagodaFp8LinearArgs *args);
+
+int pagoda_fp8_linear(void *handle, const PagodaFp8LinearArgs *args, const PagodaKernelPolicy *policy,
+                      void *stream);
+
 /* ---- LoRA: many adapters in one batch, each token by its slot ------------- */
 
 /* The most tokens in one group of token_order (LORA_GROUP_TOKENS in Rust). */
 #define PAGODA_LORA_GROUP_TOKENS 32
 
-/* Both products may also get the tokens grouped by slot (SGMV): token_order
+/* A LoRA launch may also get the tokens grouped by slot (SGMV): token_order
  * [num_tokens] (the tokens ordered by slot) and groups [num_groups, 3] of
  * (slot, first, count): tokens token_order[first .. first + count), all of
  * that slot (-1: none), count <= PAGODA_LORA_GROUP_TOKENS; groups of count 0
- * are padding. With num_groups > 0 a launch may read the groups instead of
+ * are padding. With num_groups > 0 its per-token path may read the groups instead of
  * token_slots (it chooses by shape, so a recorded graph keeps its choice);
  * they must agree. A group's count past the limit sets
  * PAGODA_STATUS_LORA_SLOT and the group is skipped. */
 
-/* Dense path: with dense_min_tokens > 0, a launch of at least that many
- * tokens (16-bit dtype, and at most PAGODA_LORA_DENSE_MAX_SHRINK_COLS /
- * PAGODA_LORA_DENSE_MAX_EXPAND_COLS slot columns) runs as cuBLAS GEMMs over
- * every slot at once: the shrink computes x . a^T for all num_slots * u rows
- * of a into scratch and gathers each token's slot; the expand scatters each
- * token's u (rounded to dtype) into its slot's columns of a zeroed
- * [num_tokens, num_slots * rank] scratch and adds scratch . b (b's slots are
- * Bt, [rank, n], so b is one [num_slots * rank, n] matrix) into out. The
- * launch needs pagoda_lora_*_scratch_bytes of scratch (0: not dense) and the
- * cuBLAS handle of pagoda_blas_create. */
+/* The most parts one LoRA product stacks (q, k, v; LORA_MAX_PARTS in Rust). */
+#define PAGODA_LORA_MAX_PARTS 3
+
+/* One part of a LoRA product: b [num_slots, rank, n] (each slot's B
+ * transposed) adds into columns out_offset .. out_offset + n of out. */
+typedef struct {
+    const void *b;
+    int n;
+    int out_offset;
+} PagodaLoraPart;
+
+/* For each part p and each token t of slot s = token_slots[t] >= 0:
+ *   u[r] = sum_k a[p, s, r, k] * x[t, k]                 (f32)
+ *   out[t, parts[p].out_offset + j] += sum_r u[r] * parts[p].b[s, r, j]
+ * the sum in f32, added to out (dtype) once; x, a, b and out have dtype. Rows
+ * of tokens with a negative slot are left alone (the dense path adds 0 to
+ * them); a slot >= num_slots sets PAGODA_STATUS_LORA_SLOT and is treated as
+ * none. a is part-major: [num_parts * num_slots * rank, k] as a matrix.
+ *
+ * Dense path: with dense_min_tokens > 0, a launch of at least that many
+ * tokens (16-bit dtype, num_parts * num_slots * rank <=
+ * PAGODA_LORA_DENSE_MAX_SHRINK_COLS, num_slots * rank <=
+ * PAGODA_LORA_DENSE_MAX_EXPAND_COLS) runs as cuBLAS GEMMs over every slot:
+ * x . a^T (f32) into scratch, one kernel keeping each token's slot columns
+ * (rounded to dtype) and zeroing the others, then per part out += those
+ * columns . b (b is one [num_slots * rank, n] matrix); parts whose b follow
+ * each other in memory with equal n and equally spaced out_offset take one
+ * strided batched GEMM. Otherwise per-token kernels (u in f32 scratch). The
+ * launch needs pagoda_lora_scratch_bytes of scratch and, for the dense path,
+ * the cuBLAS handle of pagoda_blas_create. */
 #define PAGODA_LORA_DENSE_MAX_SHRINK_COLS 4096
 #define PAGODA_LORA_DENSE_MAX_EXPAND_COLS 1024
 
-/* out[t, j] = a[token_slots[t], j, :] . x[t, :] in f32, for j < u; zeros for a
- * token whose slot is negative (no adapter). A slot >= num_slots sets
- * PAGODA_STATUS_LORA_SLOT and is treated as none. x and a have dtype. */
 typedef struct {
     const void *x;              /* [num_tokens, k] */
-    const void *a;              /* [num_slots, u, k] */
-    const int32_t *token_slots; /* [num_tokens] */
-    float *out;                 /* [num_tokens, u] */
-    uint32_t *status;
-    int dtype;
-    int num_tokens;
-    int k;
-    int u;
-    int num_slots;
-    const int32_t *token_order; /* [num_tokens], with groups */
-    const int32_t *groups;      /* [num_groups, 3] */
-    int num_groups;             /* 0: no groups */
-    int dense_min_tokens;       /* 0: never dense */
-    void *scratch;              /* pagoda_lora_shrink_scratch_bytes of it */
-    size_t scratch_bytes;
-} PagodaLoraShrinkArgs;
-
-size_t pagoda_lora_shrink_scratch_bytes(const PagodaLoraShrinkArgs *args);
-
-int pagoda_lora_shrink(void *blas, const PagodaLoraShrinkArgs *args, const PagodaKernelPolicy *policy, void *stream);
-
-/* out[t, out_offset + n] += sum_r u[t, u_offset + r] * b[token_slots[t], r, n]
- * for n < n, r < rank: the sum in f32, added to out (dtype) once (the dense
- * path rounds u to dtype first). Rows of tokens with a negative slot are left
- * alone (the dense path adds 0 to them); a slot >= num_slots sets
- * PAGODA_STATUS_LORA_SLOT and is treated as none. */
-typedef struct {
-    const float *u;             /* [num_tokens, u_stride] */
-    const void *b;              /* [num_slots, rank, n] */
+    const void *a;              /* [num_parts, num_slots, rank, k] */
     const int32_t *token_slots; /* [num_tokens] */
     void *out;                  /* [num_tokens, out_stride] */
     uint32_t *status;
     int dtype;
     int num_tokens;
-    int n;
+    int k;
     int rank;
     int num_slots;
-    int u_stride;   /* u_offset + rank <= u_stride */
-    int u_offset;
-    int out_stride; /* out_offset + n <= out_stride */
-    int out_offset;
+    int num_parts; /* 1 .. PAGODA_LORA_MAX_PARTS */
+    int out_stride;
+    PagodaLoraPart parts[PAGODA_LORA_MAX_PARTS];
     const int32_t *token_order; /* [num_tokens], with groups */
     const int32_t *groups;      /* [num_groups, 3] */
     int num_groups;             /* 0: no groups */
     int dense_min_tokens;       /* 0: never dense */
-    int expand_vec8;            /* 1: the per-token path may take 8 columns per thread */
-    void *scratch;              /* pagoda_lora_expand_scratch_bytes of it */
+    void *scratch;              /* pagoda_lora_scratch_bytes of it */
     size_t scratch_bytes;
-} PagodaLoraExpandArgs;
+} PagodaLoraArgs;
 
-size_t pagoda_lora_expand_scratch_bytes(const PagodaLoraExpandArgs *args);
+/* Scratch a launch of these arguments needs (0 if none). */
+size_t pagoda_lora_scratch_bytes(const PagodaLoraArgs *args);
 
-int pagoda_lora_expand(void *blas, const PagodaLoraExpandArgs *args, const PagodaKernelPolicy *policy, void *stream);
+int pagoda_lora(void *blas, const PagodaLoraArgs *args, const PagodaKernelPolicy *policy, void *stream);
 
 /* ---- KV cache blocks ---------------------------------------------------- */
 

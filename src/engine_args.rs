@@ -166,6 +166,12 @@ pub struct EngineArgs {
     /// twice the blocks of a bf16 cache). fp8_e5m2 is not supported.
     #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype, value_name = "auto|fp8|fp8_e4m3")]
     pub kv_cache_dtype: KvCacheDtype,
+    /// Quantize weights at load (vLLM's flag): fp8 stores q/k/v, o, gate/up and
+    /// down as E4M3 with a scale per output channel (half the bytes of bf16);
+    /// embeddings, the LM head and norms stay. FP8 checkpoints (config.json's
+    /// quantization_config: fp8, compressed-tensors float) load as FP8 without it.
+    #[arg(long, value_name = "fp8")]
+    pub quantization: Option<pagoda_models::Quantization>,
     /// Most sequences running at once.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -266,6 +272,7 @@ impl EngineArgs {
             kv_cache_memory_bytes: self.kv_cache_memory,
             swap_space_bytes: (self.swap_space * (1u64 << 30) as f64) as u64,
             kv_cache_dtype: self.kv_cache_dtype,
+            quantization: self.quantization,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,
@@ -375,6 +382,22 @@ mod tests {
         assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("GiB").is_err());
+    }
+
+    #[test]
+    fn quantization_takes_vllms_fp8_and_refuses_others_by_name() {
+        use pagoda_models::Quantization;
+        assert_eq!(engine_config(&[]).unwrap().quantization, None);
+        assert_eq!(engine_config(&["--quantization", "fp8"]).unwrap().quantization, Some(Quantization::Fp8));
+        let err = engine_config(&["--quantization", "awq"]).unwrap_err().to_string();
+        assert!(err.contains("awq is not supported"), "{err}");
+        let with = |extra: &[&str]| {
+            format!("{:#}", engine_config(&[&["--quantization", "fp8"], extra].concat()).unwrap_err())
+        };
+        let err = with(&["--enable-lora"]);
+        assert!(err.contains("--quantization fp8 with --enable-lora"), "{err}");
+        let err = with(&["--tensor-parallel-size", "2"]);
+        assert!(err.contains("--tensor-parallel-size 2"), "{err}");
     }
 
     #[test]

@@ -203,6 +203,56 @@ fn graph_replays_match_eager_steps() {
     }
 }
 
+/// Teacher-forced logits of `ids` over a cache of `kv_dtype`: a prefill of `ids[..split]`, then
+/// the rest one token at a time, so both the prefill and the decode kernels are exercised.
+fn teacher_forced_logits(
+    g: &CudaBackend,
+    model: &pagoda_models::LlamaModel<CudaBackend>,
+    ids: &[u32],
+    split: usize,
+    kv_dtype: DType,
+) -> Vec<f32> {
+    let mut seq = SingleSequence::with_kv_cache_dtype(g, model, ids.len(), 16, kv_dtype).expect("cache");
+    let mut rows = g.download_f32(&seq.step(g, &ids[..split], split).expect("prefill")).expect("logits");
+    for &id in &ids[split..] {
+        rows.extend(g.download_f32(&seq.step(g, &[id], 1).expect("decode")).expect("logits"));
+    }
+    rows
+}
+
+/// Top-1 agreement and mean KL(want || got) of next-token distributions, row by row.
+#[derive(Default)]
+struct Agreement {
+    positions: usize,
+    agree: usize,
+    kl_sum: f64,
+}
+
+impl Agreement {
+    fn add(&mut self, want: &[f32], got: &[f32], vocab: usize) {
+        let argmax = |r: &[f32]| {
+            r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
+        };
+        let log_softmax = |r: &[f32]| -> Vec<f64> {
+            let max = r.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
+            let log_sum = r.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+            r.iter().map(|&x| x as f64 - log_sum).collect()
+        };
+        for (w, o) in want.chunks(vocab).zip(got.chunks(vocab)) {
+            self.positions += 1;
+            self.agree += usize::from(argmax(w) == argmax(o));
+            let (lw, lo) = (log_softmax(w), log_softmax(o));
+            self.kl_sum += lw.iter().zip(&lo).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+        }
+    }
+
+    /// (positions, top-1 agreement, mean KL).
+    fn result(&self) -> (usize, f64, f64) {
+        let n = self.positions.max(1) as f64;
+        (self.positions, self.agree as f64 / n, self.kl_sum / n)
+    }
+}
+
 /// SmolLM2 on the GPU with an FP8 (E4M3) KV cache against the same model with its bf16
 /// cache, teacher-forced over three passages of prose (tests/fixtures/prose): top-token
 /// agreement and mean KL(bf16 || fp8) of the next-token distributions, with the bounds of
@@ -216,43 +266,62 @@ fn fp8_kv_cache_predicts_the_next_token_as_the_bf16_cache_does() {
     const MAX_MEAN_KL: f64 = 0.05;
     let files = ModelFiles::open(model_path()).expect("open the model");
     let g = cuda(DType::BF16);
-    let model =
-        files.load_model(&g, &LoadOptions { max_positions: Some(512) }, &mut |_, _| {}).expect("load");
+    let model = files
+        .load_model(&g, &LoadOptions { max_positions: Some(512), ..Default::default() }, &mut |_, _| {})
+        .expect("load");
     let vocab = model.config().vocab_size;
     let text = std::fs::read_to_string(root().join("tests/fixtures/prose/passages.txt")).expect("prose");
-    let (mut positions, mut agree, mut kl_sum) = (0usize, 0usize, 0f64);
+    let mut tally = Agreement::default();
     for passage in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
         let ids = files.tokenizer.encode(passage, true).expect("tokenize");
         let split = ids.len().saturating_sub(32);
-        let logits = |dtype| -> Vec<f32> {
-            let mut seq =
-                SingleSequence::with_kv_cache_dtype(&g, &model, ids.len(), 16, dtype).expect("cache");
-            let mut rows =
-                g.download_f32(&seq.step(&g, &ids[..split], split).expect("prefill")).expect("logits");
-            for &id in &ids[split..] {
-                rows.extend(g.download_f32(&seq.step(&g, &[id], 1).expect("decode")).expect("logits"));
-            }
-            rows
-        };
-        let (want, got) = (logits(DType::BF16), logits(DType::F8E4M3));
-        for (w, o) in want.chunks(vocab).zip(got.chunks(vocab)) {
-            positions += 1;
-            let argmax = |r: &[f32]| {
-                r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
-            };
-            agree += usize::from(argmax(w) == argmax(o));
-            let log_softmax = |r: &[f32]| -> Vec<f64> {
-                let max = r.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
-                let log_sum = r.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-                r.iter().map(|&x| x as f64 - log_sum).collect()
-            };
-            let (lw, lo) = (log_softmax(w), log_softmax(o));
-            kl_sum += lw.iter().zip(&lo).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
-        }
+        let want = teacher_forced_logits(&g, &model, &ids, split, DType::BF16);
+        let got = teacher_forced_logits(&g, &model, &ids, split, DType::F8E4M3);
+        tally.add(&want, &got, vocab);
     }
-    let (agreement, mean_kl) = (agree as f64 / positions as f64, kl_sum / positions as f64);
+    let (positions, agreement, mean_kl) = tally.result();
     println!("{}: FP8 vs bf16 KV cache over {positions} positions: top-1 agreement {agreement:.4}, mean KL {mean_kl:.3e}", g.name());
     assert!(positions >= 250, "only {positions} positions");
     assert!(agreement >= MIN_TOP1_AGREEMENT, "top-1 agreement {agreement:.4} < {MIN_TOP1_AGREEMENT}");
     assert!(mean_kl <= MAX_MEAN_KL, "mean KL {mean_kl:.3e} > {MAX_MEAN_KL}");
+}
+
+/// SmolLM2 on the GPU with FP8 (E4M3) weights (`--quantization fp8`: per-channel scales)
+/// against its bf16 weights, teacher-forced over the prose passages as above: each
+/// passage's prefill runs the quantized-activation path (cuBLASLt FP8 GEMM), its last 32
+/// tokens one at a time the weight-only FP8 GEMV. Bounds of the CPU test
+/// (crates/models/tests/fp8_weights.rs, which derives them): most positions here go through
+/// the quantized-activation path, two E4M3 noises (weights and activations), so 85% top-1
+/// agreement and 0.1 nats, with or without the FP8 KV cache.
+#[test]
+fn fp8_weights_predict_the_next_token_as_bf16_weights_do() {
+    let files = ModelFiles::open(model_path()).expect("open the model");
+    let g = cuda(DType::BF16);
+    let load = |quantization| {
+        let options = LoadOptions { max_positions: Some(512), quantization };
+        files.load_model(&g, &options, &mut |_, _| {}).expect("load")
+    };
+    let (dense, fp8) = (load(None), load(Some(pagoda_models::Quantization::Fp8)));
+    assert!(fp8.is_fp8());
+    let vocab = dense.config().vocab_size;
+    let text = std::fs::read_to_string(root().join("tests/fixtures/prose/passages.txt")).expect("prose");
+    for (kv, min_agreement, max_mean_kl) in [(DType::BF16, 0.85, 0.10), (DType::F8E4M3, 0.85, 0.10)] {
+        let mut tally = Agreement::default();
+        for passage in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
+            let ids = files.tokenizer.encode(passage, true).expect("tokenize");
+            let split = ids.len().saturating_sub(32);
+            let want = teacher_forced_logits(&g, &dense, &ids, split, DType::BF16);
+            let got = teacher_forced_logits(&g, &fp8, &ids, split, kv);
+            tally.add(&want, &got, vocab);
+        }
+        let (positions, agreement, mean_kl) = tally.result();
+        println!(
+            "{}: FP8 weights ({kv:?} KV cache) vs bf16 over {positions} positions: top-1 agreement \
+             {agreement:.4}, mean KL {mean_kl:.3e}",
+            g.name()
+        );
+        assert!(positions >= 250, "only {positions} positions");
+        assert!(agreement >= min_agreement, "{kv:?}: top-1 agreement {agreement:.4} < {min_agreement}");
+        assert!(mean_kl <= max_mean_kl, "{kv:?}: mean KL {mean_kl:.3e} > {max_mean_kl}");
+    }
 }

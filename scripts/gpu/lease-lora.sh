@@ -6,16 +6,15 @@
 #                         token by token, the LoRA kernel bench both ways, then the 8B engine runs
 #                         (session.sh model8b, lora8b with 16, 1, 4 and 64 adapters): BENCHMARKS.md,
 #                         "Multi-LoRA, dense GEMMs over the slots"
-#   lease-lora.sh fixes   the same checks with the opt-in 8-columns-per-thread expand
-#                         (PAGODA_LORA_EXPAND_VEC8=1), the expand bench, then base and 16 adapters
-#                         only (throughput and single stream)
+#   lease-lora.sh quick   the same checks, then base and 16 adapters only (throughput and single
+#                         stream)
 # Output: $OUT/lease-<mode>.tgz.
 set -u
 MODE="${1:-engine}"
 case "$MODE" in
   engine) COUNTS="16 1 4 64"; BENCH="lora" ;;
-  fixes) COUNTS="16"; BENCH="lora expand"; export PAGODA_LORA_EXPAND_VEC8=1 ;;
-  *) echo "lease-lora.sh: unknown mode $MODE (engine or fixes)" >&2; exit 2 ;;
+  quick) COUNTS="16"; BENCH="lora" ;;
+  *) echo "lease-lora.sh: unknown mode $MODE (engine or quick)" >&2; exit 2 ;;
 esac
 bash scripts/gpu/session.sh unpack keep-bin >/dev/null 2>&1
 K=.device/kbin; A=$OUT/$MODE; mkdir -p "$A"
@@ -28,7 +27,7 @@ PAGODA_LORA_DENSE_MIN_TOKENS=0 $K/conformance --test-threads=1 --nocapture > "$A
 echo "conformance per-token rc=$?"; grep -E "FAIL|test result" "$A/conformance_pertoken.log" | head -5
 .device/kbench/kernels "$BENCH" > "$A/kernels_lora_dense.log" 2>&1
 PAGODA_LORA_DENSE_MIN_TOKENS=0 .device/kbench/kernels "$BENCH" > "$A/kernels_lora_pertoken.log" 2>&1
-grep -E "t(1|256) r16 16 slots +[0-9]" "$A/kernels_lora_dense.log" | head -8
+grep -E "lora layer (graph )?t(1|256) r16 16 slots +[0-9]" "$A/kernels_lora_dense.log" | head -8
 OUT=$A/engine; mkdir -p "$OUT"; export OUT
 bash scripts/gpu/session.sh model8b 2>&1 | tail -1
 LORA_COUNTS="$COUNTS" bash scripts/gpu/session.sh lora8b 2>&1 | tee "$OUT/lora8b.txt" | grep -E "^---|throughput:|decode:|LoRA:"

@@ -232,7 +232,7 @@ for phase in "$@"; do
       grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/sanitizer.log" | sort | uniq -c ;;
     kernels)
       # The opt-in LoRA kernels (grouped; 8 columns per thread) are tested here.
-      export PAGODA_LORA_GROUPED=1 PAGODA_LORA_EXPAND_VEC8=1
+      export PAGODA_LORA_GROUPED=1
       $K/device --test-threads=1 > "$OUT/device.log" 2>&1
       echo "device tests rc=$?"; grep -E "test result|FAILED|panicked" "$OUT/device.log" | head -20
       $K/conformance --test-threads=1 --nocapture > "$OUT/conformance.log" 2>&1

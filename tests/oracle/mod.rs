@@ -598,7 +598,8 @@ pub fn pagoda_greedy<B: Backend>(
     }
     let shape = Shape::of(&files.config);
     config.check_max_model_len(&files.config).expect("max model len");
-    let options = LoadOptions { max_positions: Some(config.max_model_len(&files.config)) };
+    let options =
+        LoadOptions { max_positions: Some(config.max_model_len(&files.config)), ..Default::default() };
     let weights = files.load_model(&backend, &options, &mut |_, _| {}).expect("load the model");
     let loaded = LoadedModel {
         source: files.source,

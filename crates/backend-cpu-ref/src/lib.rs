@@ -46,6 +46,7 @@
 mod attention;
 pub mod conformance;
 pub mod fp8;
+mod fp8_linear;
 mod in_process;
 mod kv_blocks;
 mod linear;
@@ -58,13 +59,18 @@ mod simd;
 mod storage;
 
 use pagoda_backend::{
-    AttentionArgs, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion, LoraExpandArgs,
-    LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
+    AttentionArgs, Backend, BackendError, DType, Fp8LinearArgs, Fp8LinearMode, HostSlice, HostVec,
+    LinearFusion, LoraArgs, MemoryInfo, Result, RotaryCacheArgs, SampledToken, SamplingRow, Tensor,
 };
 
 pub use in_process::{InProcessComm, InProcessGroup};
 pub use sampling::CpuSampled;
 pub use storage::CpuStorage;
+
+/// Up to this many rows the CUDA backend runs FP8 linear layers weight-only
+/// (its FP8 GEMV streams the codes), above it with quantized activations on
+/// FP8 tensor cores; the reference prefers the same.
+pub const CUDA_FP8_GEMV_MAX_TOKENS: usize = 16;
 
 /// The CPU reference backend. Cheap to create; all instances share rayon's
 /// global thread pool.
@@ -163,13 +169,23 @@ impl Backend for CpuBackend {
 
     /// Slots are checked before anything is written (an index error leaves
     /// `out` as it was).
-    fn lora_shrink(&self, args: &LoraShrinkArgs<'_, Self>) -> Result<()> {
-        lora::lora_shrink(args)
+    fn lora_apply(&self, args: &LoraArgs<'_, Self>) -> Result<()> {
+        lora::lora_apply(args)
     }
 
-    /// As [`Backend::lora_shrink`] for the slots.
-    fn lora_expand(&self, args: &LoraExpandArgs<'_, Self>) -> Result<()> {
-        lora::lora_expand(args)
+    /// Both modes, as `pagoda_backend::Fp8LinearArgs` states them.
+    fn fp8_linear(&self, args: &Fp8LinearArgs<'_, Self>) -> Result<()> {
+        fp8_linear::fp8_linear(args)
+    }
+
+    /// The CUDA backend's choice ([`CUDA_FP8_GEMV_MAX_TOKENS`]), so a model
+    /// on the reference computes what it computes on a GPU.
+    fn fp8_linear_mode(&self, tokens: usize) -> Fp8LinearMode {
+        if tokens <= CUDA_FP8_GEMV_MAX_TOKENS {
+            Fp8LinearMode::WeightOnly
+        } else {
+            Fp8LinearMode::QuantizedActivations
+        }
     }
 
     fn copy_blocks(&self, caches: &[&T], pairs: &[(u32, u32)]) -> Result<()> {

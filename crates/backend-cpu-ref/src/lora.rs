@@ -1,9 +1,8 @@
-//! LoRA's two products, each token by its own adapter slot (see
-//! [`LoraShrinkArgs`] and [`LoraExpandArgs`] for the formulas):
-//! - shrink: `out[t, j] = Σ_k a[slot_t, j, k] · x[t, k]`, zeros for a token
-//!   without an adapter;
-//! - expand: `out[t, o + n] += Σ_r u[t, i + r] · b[slot_t, n, r]`, the sum
-//!   formed in f32 and added to `out` once; rows without an adapter stay.
+//! LoRA's products, each token by its own adapter slot (see [`LoraArgs`] for
+//! the formula): per part `p`, `u = a[p, slot_t] · x[t]` in f32, then
+//! `out[t, o_p + n] += Σ_r u[r] · b_p[slot_t, r, n]`, the sum formed in f32 and
+//! added to `out` once; rows without an adapter stay, and so do the columns
+//! outside the parts. The reference keeps `u` in f32 (a backend may round it).
 //!
 //! Slots are checked before anything is written: one at or past the slot
 //! count is a [`BackendError::Index`] and leaves the output as it was. So are
@@ -11,7 +10,7 @@
 //! checks that the groups a faster backend would read agree with the slots.
 
 use pagoda_backend::{
-    check_lora_token_groups, BackendError, DType, LoraExpandArgs, LoraGroups, LoraShrinkArgs, Result, Tensor,
+    check_lora_token_groups, BackendError, DType, LoraArgs, LoraGroups, LoraShape, Result, Tensor,
 };
 
 use crate::ops::for_each_row;
@@ -61,65 +60,45 @@ fn checked_slots(
     Ok(slot)
 }
 
-pub(crate) fn lora_shrink(args: &LoraShrinkArgs<'_, CpuBackend>) -> Result<()> {
-    const OP: &str = "lora_shrink";
-    let (_, k, slots, u) = args.check(DType::F32)?;
-    with_operands(
-        OP,
-        &operands(&[args.x, args.a, args.token_slots], &args.groups),
-        &[args.out],
-        |ins, outs| {
-            let (x, a) = (ins.f32(args.x)?, ins.f32(args.a)?);
-            let slot = checked_slots(OP, ins, args.token_slots, &args.groups, slots)?;
-            for_each_row(outs[0], u, |t, row| {
-                let Some(s) = slot[t] else {
-                    row.fill(0.0);
-                    return;
-                };
-                let xt = &x[t * k..(t + 1) * k];
-                for (j, o) in row.iter_mut().enumerate() {
-                    let aj = &a[(s * u + j) * k..(s * u + j + 1) * k];
-                    *o = aj.iter().zip(xt).map(|(&w, &v)| w * v).sum();
-                }
-            });
-            Ok(())
-        },
-    )
-}
-
-pub(crate) fn lora_expand(args: &LoraExpandArgs<'_, CpuBackend>) -> Result<()> {
-    const OP: &str = "lora_expand";
-    let (_, slots, n, r) = args.check(DType::F32)?;
-    let (u_cols, o_cols) = (args.u.dim(1), args.out.dim(1));
-    let (u_offset, out_offset) = (args.u_offset, args.out_offset);
-    with_operands(
-        OP,
-        &operands(&[args.u, args.b, args.token_slots], &args.groups),
-        &[args.out],
-        |ins, outs| {
-            let (u, b) = (ins.f32(args.u)?, ins.f32(args.b)?);
-            let slot = checked_slots(OP, ins, args.token_slots, &args.groups, slots)?;
-            for_each_row(outs[0], o_cols, |t, row| {
-                let Some(s) = slot[t] else { return };
-                let ut = &u[t * u_cols + u_offset..][..r];
+pub(crate) fn lora_apply(args: &LoraArgs<'_, CpuBackend>) -> Result<()> {
+    const OP: &str = "lora_apply";
+    let LoraShape { k, slots, rank: r, out_cols, .. } = args.check(DType::F32)?;
+    let mut fixed = vec![args.x, args.a, args.token_slots];
+    fixed.extend(args.parts.iter().map(|part| part.b));
+    with_operands(OP, &operands(&fixed, &args.groups), &[args.out], |ins, outs| {
+        let (x, a) = (ins.f32(args.x)?, ins.f32(args.a)?);
+        let b: Vec<&[f32]> = args.parts.iter().map(|part| ins.f32(part.b)).collect::<Result<_>>()?;
+        let slot = checked_slots(OP, ins, args.token_slots, &args.groups, slots)?;
+        for_each_row(outs[0], out_cols, |t, row| {
+            let Some(s) = slot[t] else { return };
+            let xt = &x[t * k..(t + 1) * k];
+            for (p, part) in args.parts.iter().enumerate() {
+                let n = part.b.dim(2);
+                // The shrink: a's rows (p, s, 0..R).
+                let u: Vec<f32> = (0..r)
+                    .map(|i| {
+                        let row = &a[((p * slots + s) * r + i) * k..][..k];
+                        row.iter().zip(xt).map(|(&w, &v)| w * v).sum()
+                    })
+                    .collect();
                 // b[s] is Bᵀ: R rows of N; column j of the output reads column j.
-                let bs = &b[s * r * n..(s + 1) * r * n];
-                for (j, o) in row[out_offset..out_offset + n].iter_mut().enumerate() {
-                    let sum: f32 = ut.iter().enumerate().map(|(i, &v)| v * bs[i * n + j]).sum();
+                let bs = &b[p][s * r * n..(s + 1) * r * n];
+                for (j, o) in row[part.out_offset..part.out_offset + n].iter_mut().enumerate() {
+                    let sum: f32 = u.iter().enumerate().map(|(i, &v)| v * bs[i * n + j]).sum();
                     *o += sum;
                 }
-            });
-            Ok(())
-        },
-    )
+            }
+        });
+        Ok(())
+    })
 }
 
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)] // index loops, as the formulas read
 mod tests {
     use pagoda_backend::{
-        lora_group_capacity, lora_token_groups, Backend, BackendError, DType, HostSlice, LoraExpandArgs,
-        LoraGroups, LoraShrinkArgs, Tensor,
+        lora_group_capacity, lora_token_groups, Backend, BackendError, DType, HostSlice, LoraArgs,
+        LoraGroups, LoraPart, Tensor,
     };
 
     use crate::CpuBackend;
@@ -171,10 +150,10 @@ mod tests {
         }
     }
 
-    /// The shrink of every part at once, then each part's expand into its
-    /// columns, against naive f64 loops; slots mixed with -1.
+    /// Every part's shrink and expand, against naive f64 loops; slots mixed
+    /// with -1, the parts' B given as views of one tensor.
     #[test]
-    fn shrink_and_expand_match_naive_loops() {
+    fn apply_matches_naive_loops() {
         let cpu = CpuBackend::new();
         let mut g = Rng(7);
         // (tokens, K, N per part, rank, parts, slots, columns of out before the first part)
@@ -185,70 +164,53 @@ mod tests {
             (20, 256, 64, 32, 3, 6, 0),
             (3, 33, 9, 24, 1, 2, 2),
         ] {
-            let u_cols = parts * r;
             let o_cols = lead + parts * n + 3;
             let x = g.values(t * k, 1.0);
-            let a = g.values(s * u_cols * k, 0.2);
+            let a = g.values(parts * s * r * k, 0.2);
+            let b = g.values(parts * s * r * n, 0.3);
             let slots = g.slots(t, s);
             let slots_t = ints(&cpu, &slots);
-            let shrunk = cpu.alloc(&[t, u_cols], DType::F32).unwrap();
-            cpu.fill(&shrunk, f32::NAN).unwrap();
-            let args = LoraShrinkArgs {
+            let b_t = up(&cpu, &b, &[parts * s, r, n]);
+            let b_parts: Vec<T> =
+                (0..parts).map(|p| b_t.narrow(p * s, s).unwrap().reshape(&[s, r, n]).unwrap()).collect();
+            let part_args: Vec<LoraPart<'_, CpuBackend>> =
+                b_parts.iter().enumerate().map(|(p, b)| LoraPart { b, out_offset: lead + p * n }).collect();
+            let base = g.values(t * o_cols, 1.0);
+            let out = up(&cpu, &base, &[t, o_cols]);
+            let args = LoraArgs {
                 x: &up(&cpu, &x, &[t, k]),
-                a: &up(&cpu, &a, &[s, u_cols, k]),
+                a: &up(&cpu, &a, &[parts, s, r, k]),
+                parts: &part_args,
                 token_slots: &slots_t,
-                out: &shrunk,
+                out: &out,
                 groups: None,
             };
-            cpu.lora_shrink(&args).unwrap();
-            let got_u = cpu.download_f32(&shrunk).unwrap();
-            let mut want_u = vec![0.0f64; t * u_cols];
+            cpu.lora_apply(&args).unwrap();
+            let mut want: Vec<f64> = base.iter().map(|&v| v as f64).collect();
             for tok in 0..t {
                 if slots[tok] < 0 {
                     continue;
                 }
                 let sl = slots[tok] as usize;
-                for j in 0..u_cols {
-                    for i in 0..k {
-                        want_u[tok * u_cols + j] +=
-                            a[(sl * u_cols + j) * k + i] as f64 * x[tok * k + i] as f64;
+                for p in 0..parts {
+                    let mut u = vec![0.0f64; r];
+                    for (i, ui) in u.iter_mut().enumerate() {
+                        for kk in 0..k {
+                            *ui += a[((p * s + sl) * r + i) * k + kk] as f64 * x[tok * k + kk] as f64;
+                        }
                     }
-                }
-            }
-            let what = format!("T{t} K{k} N{n} r{r} parts{parts}");
-            assert_close(&format!("{what}: shrink"), &want_u, &got_u);
-
-            let base = g.values(t * o_cols, 1.0);
-            let out = up(&cpu, &base, &[t, o_cols]);
-            let mut want: Vec<f64> = base.iter().map(|&v| v as f64).collect();
-            for p in 0..parts {
-                let b = g.values(s * n * r, 0.3);
-                let args = LoraExpandArgs {
-                    u: &shrunk,
-                    u_offset: p * r,
-                    b: &up(&cpu, &b, &[s, r, n]),
-                    token_slots: &slots_t,
-                    out: &out,
-                    out_offset: lead + p * n,
-                    groups: None,
-                };
-                cpu.lora_expand(&args).unwrap();
-                for tok in 0..t {
-                    if slots[tok] < 0 {
-                        continue;
-                    }
-                    let sl = slots[tok] as usize;
                     for col in 0..n {
                         let mut sum = 0.0f64;
                         for i in 0..r {
-                            sum += got_u[tok * u_cols + p * r + i] as f64 * b[(sl * r + i) * n + col] as f64;
+                            sum += u[i] * b[((p * s + sl) * r + i) * n + col] as f64;
                         }
                         want[tok * o_cols + lead + p * n + col] += sum;
                     }
                 }
             }
+            let what = format!("T{t} K{k} N{n} r{r} parts{parts}");
             let got = cpu.download_f32(&out).unwrap();
-            assert_close(&format!("{what}: expand"), &want, &got);
+            assert_close(&what, &want, &got);
             // Rows without an adapter, and the columns around the parts, are untouched bit for bit.
             for tok in 0..t {
                 for col in 0..o_cols {
@@ -267,29 +229,31 @@ mod tests {
     fn groups_are_checked_against_the_slots() {
         let cpu = CpuBackend::new();
         let mut g = Rng(11);
-        let (t, k, u, s) = (40, 16, 8, 3);
+        let (t, k, r, n, s) = (40, 16, 8, 6, 3);
         let x = up(&cpu, &g.values(t * k, 1.0), &[t, k]);
-        let a = up(&cpu, &g.values(s * u * k, 0.3), &[s, u, k]);
+        let a = up(&cpu, &g.values(s * r * k, 0.3), &[1, s, r, k]);
+        let b = up(&cpu, &g.values(s * r * n, 0.3), &[s, r, n]);
+        let parts = [LoraPart { b: &b, out_offset: 0 }];
         let slots = g.slots(t, s);
         let slots_t = ints(&cpu, &slots);
-        let plain = cpu.alloc(&[t, u], DType::F32).unwrap();
-        cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots_t, out: &plain, groups: None })
-            .unwrap();
+        let plain = up(&cpu, &vec![1.0; t * n], &[t, n]);
+        let args = LoraArgs { x: &x, a: &a, parts: &parts, token_slots: &slots_t, out: &plain, groups: None };
+        cpu.lora_apply(&args).unwrap();
         let (order, groups) = lora_token_groups(&slots, Some(lora_group_capacity(t, s)));
         let order_t = ints(&cpu, &order);
-        let grouped_out = cpu.alloc(&[t, u], DType::F32).unwrap();
-        let shrink = |groups: &[i32], out: &T| {
+        let grouped_out = up(&cpu, &vec![1.0; t * n], &[t, n]);
+        let apply = |groups: &[i32], out: &T| {
             let groups_t = cpu.upload(HostSlice::I32(groups), &[groups.len() / 3, 3], DType::I32).unwrap();
             let groups = Some(LoraGroups { order: &order_t, groups: &groups_t });
-            cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots_t, out, groups })
+            cpu.lora_apply(&LoraArgs { x: &x, a: &a, parts: &parts, token_slots: &slots_t, out, groups })
         };
-        shrink(&groups, &grouped_out).unwrap();
+        apply(&groups, &grouped_out).unwrap();
         assert_eq!(cpu.download_f32(&plain).unwrap(), cpu.download_f32(&grouped_out).unwrap());
         let mut wrong = groups.clone();
         wrong[0] = wrong[0].max(0) + 1; // the first group's slot
-        let untouched = up(&cpu, &vec![5.0; t * u], &[t, u]);
-        assert!(matches!(shrink(&wrong, &untouched), Err(BackendError::Index { .. })));
-        assert_eq!(cpu.download_f32(&untouched).unwrap(), vec![5.0; t * u]);
+        let untouched = up(&cpu, &vec![5.0; t * n], &[t, n]);
+        assert!(matches!(apply(&wrong, &untouched), Err(BackendError::Index { .. })));
+        assert_eq!(cpu.download_f32(&untouched).unwrap(), vec![5.0; t * n]);
     }
 
     /// The expand forms the sum over r, then adds it to out once: with out at
@@ -299,62 +263,33 @@ mod tests {
     fn expand_adds_the_whole_sum_once() {
         let cpu = CpuBackend::new();
         let r = 4;
-        let u = up(&cpu, &[1.0; 4], &[1, r]);
+        let x = up(&cpu, &[1.0], &[1, 1]);
+        let a = up(&cpu, &[1.0; 4], &[1, 1, r, 1]);
         let b = up(&cpu, &[2f32.powi(-24); 4], &[1, r, 1]);
         let out = up(&cpu, &[1.0], &[1, 1]);
         let slots = ints(&cpu, &[0]);
-        let args = LoraExpandArgs {
-            u: &u,
-            u_offset: 0,
-            b: &b,
-            token_slots: &slots,
-            out: &out,
-            out_offset: 0,
-            groups: None,
-        };
-        cpu.lora_expand(&args).unwrap();
+        let parts = [LoraPart { b: &b, out_offset: 0 }];
+        let args = LoraArgs { x: &x, a: &a, parts: &parts, token_slots: &slots, out: &out, groups: None };
+        cpu.lora_apply(&args).unwrap();
         assert_eq!(cpu.download_f32(&out).unwrap(), vec![1.0 + 2f32.powi(-22)]);
     }
 
     #[test]
     fn slots_past_the_count_are_index_errors_and_write_nothing() {
         let cpu = CpuBackend::new();
-        let (t, k, u, s) = (3, 8, 4, 2);
+        let (t, k, r, s) = (3, 8, 4, 2);
         let x = up(&cpu, &[1.0; 24], &[t, k]);
-        let a = up(&cpu, &[1.0; 64], &[s, u, k]);
-        let out = up(&cpu, &[5.0; 12], &[t, u]);
-        let slots = ints(&cpu, &[0, -1, 2]);
-        let args = LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &out, groups: None };
-        assert!(matches!(cpu.lora_shrink(&args), Err(BackendError::Index { .. })));
-        assert_eq!(cpu.download_f32(&out).unwrap(), vec![5.0; 12]);
-
-        let b = up(&cpu, &[1.0; 16], &[s, u, 2]);
+        let a = up(&cpu, &[1.0; 64], &[1, s, r, k]);
+        let b = up(&cpu, &[1.0; 16], &[s, r, 2]);
+        let parts = [LoraPart { b: &b, out_offset: 0 }];
         let dst = up(&cpu, &[5.0; 6], &[t, 2]);
-        let args = LoraExpandArgs {
-            u: &out,
-            u_offset: 0,
-            b: &b,
-            token_slots: &slots,
-            out: &dst,
-            out_offset: 0,
-            groups: None,
-        };
-        assert!(matches!(cpu.lora_expand(&args), Err(BackendError::Index { .. })));
+        let slots = ints(&cpu, &[0, -1, 2]);
+        let args = LoraArgs { x: &x, a: &a, parts: &parts, token_slots: &slots, out: &dst, groups: None };
+        assert!(matches!(cpu.lora_apply(&args), Err(BackendError::Index { .. })));
         assert_eq!(cpu.download_f32(&dst).unwrap(), vec![5.0; 6]);
-        // The same calls with valid slots go through.
+        // The same call with valid slots goes through: u = 8 per rank row, 4 rows.
         let ok = ints(&cpu, &[1, -1, 0]);
-        cpu.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &ok, out: &out, groups: None }).unwrap();
-        assert_eq!(cpu.download_f32(&out).unwrap(), [[8.0; 4], [0.0; 4], [8.0; 4]].concat());
-        cpu.lora_expand(&LoraExpandArgs {
-            u: &out,
-            u_offset: 0,
-            b: &b,
-            token_slots: &ok,
-            out: &dst,
-            out_offset: 0,
-            groups: None,
-        })
-        .unwrap();
+        cpu.lora_apply(&LoraArgs { token_slots: &ok, ..args }).unwrap();
         assert_eq!(cpu.download_f32(&dst).unwrap(), vec![37.0, 37.0, 5.0, 5.0, 37.0, 37.0]);
     }
 
@@ -367,42 +302,37 @@ mod tests {
             t
         };
         let slots = ints(&cpu, &[0, 0]);
-        let (x, a, out) = (z(&[2, 8]), z(&[3, 4, 8]), z(&[2, 4]));
-        let shrink = |x: &T, a: &T, slots: &T, out: &T| {
-            cpu.lora_shrink(&LoraShrinkArgs { x, a, token_slots: slots, out, groups: None })
+        let (x, a, b, out) = (z(&[2, 8]), z(&[2, 3, 4, 8]), z(&[3, 4, 5]), z(&[2, 12]));
+        let apply = |x: &T, a: &T, parts: &[(&T, usize)], slots: &T, out: &T| {
+            let parts: Vec<LoraPart<'_, CpuBackend>> =
+                parts.iter().map(|&(b, out_offset)| LoraPart { b, out_offset }).collect();
+            cpu.lora_apply(&LoraArgs { x, a, parts: &parts, token_slots: slots, out, groups: None })
         };
         let is_shape = |r: pagoda_backend::Result<()>| matches!(r, Err(BackendError::Shape { .. }));
-        shrink(&x, &a, &slots, &out).unwrap();
-        assert!(is_shape(shrink(&x, &z(&[3, 4, 9]), &slots, &out)), "a's K");
-        assert!(is_shape(shrink(&x, &z(&[4, 8]), &slots, &out)), "a of rank 2");
-        assert!(is_shape(shrink(&x, &a, &slots, &z(&[2, 5]))), "out's U");
-        assert!(is_shape(shrink(&x, &a, &slots, &z(&[3, 4]))), "out's T");
-        assert!(is_shape(shrink(&x, &a, &ints(&cpu, &[0, 0, 0]), &out)), "slots' T");
+        apply(&x, &a, &[(&b, 0), (&b, 7)], &slots, &out).unwrap();
+        assert!(is_shape(apply(&x, &z(&[2, 3, 4, 9]), &[(&b, 0), (&b, 7)], &slots, &out)), "a's K");
+        assert!(is_shape(apply(&x, &z(&[6, 4, 8]), &[(&b, 0), (&b, 7)], &slots, &out)), "a of rank 3");
+        assert!(is_shape(apply(&x, &a, &[(&b, 0)], &slots, &out)), "fewer parts than a's");
+        assert!(is_shape(apply(&x, &a, &[(&b, 0), (&b, 4)], &slots, &out)), "overlapping parts");
+        assert!(is_shape(apply(&x, &a, &[(&b, 0), (&b, 8)], &slots, &out)), "out_offset + N past O");
+        assert!(is_shape(apply(&x, &a, &[(&b, 0), (&z(&[3, 5, 5]), 7)], &slots, &out)), "b's R");
+        assert!(is_shape(apply(&x, &a, &[(&b, 0), (&z(&[2, 4, 5]), 7)], &slots, &out)), "b's S");
+        assert!(is_shape(apply(&x, &a, &[(&b, 0), (&b, 7)], &slots, &z(&[3, 12]))), "out's T");
+        assert!(is_shape(apply(&x, &a, &[(&b, 0), (&b, 7)], &ints(&cpu, &[0, 0, 0]), &out)), "slots' T");
         let float_slots = z(&[2]);
-        assert!(matches!(shrink(&x, &a, &float_slots, &out), Err(BackendError::DType { .. })));
-        let wide = z(&[2, 12]);
-        let x_view = wide.reshape(&[3, 8]).unwrap().narrow(0, 2).unwrap();
-        let out_view = wide.reshape(&[6, 4]).unwrap().narrow(4, 2).unwrap();
-        assert!(matches!(shrink(&x_view, &a, &slots, &out_view), Err(BackendError::Aliasing { .. })));
-
-        let (u, b, dst) = (z(&[2, 8]), z(&[3, 4, 5]), z(&[2, 12]));
-        let expand = |u: &T, u_offset, b: &T, out: &T, out_offset| {
-            cpu.lora_expand(&LoraExpandArgs {
-                u,
-                u_offset,
-                b,
-                token_slots: &slots,
-                out,
-                out_offset,
-                groups: None,
-            })
-        };
-        expand(&u, 4, &b, &dst, 7).unwrap();
-        assert!(is_shape(expand(&u, 5, &b, &dst, 0)), "u_offset + R past U");
-        assert!(is_shape(expand(&u, 0, &b, &dst, 8)), "out_offset + N past O");
-        assert!(is_shape(expand(&u, 0, &b, &z(&[3, 12]), 0)), "out's T");
-        assert!(is_shape(expand(&u, 0, &z(&[5, 4]), &dst, 0)), "b of rank 2");
-        assert!(is_shape(expand(&u, 0, &b, &z(&[2, 3, 4]), 0)), "out of rank 3");
-        assert!(matches!(expand(&u, 0, &b, &u, 0), Err(BackendError::Aliasing { .. })));
+        assert!(matches!(
+            apply(&x, &a, &[(&b, 0), (&b, 7)], &float_slots, &out),
+            Err(BackendError::DType { .. })
+        ));
+        assert!(matches!(apply(&x, &a, &[(&b, 0), (&b, 7)], &slots, &b), Err(BackendError::Shape { .. })));
+        let wide = z(&[2, 20]);
+        let x_view = wide.reshape(&[5, 8]).unwrap().narrow(0, 2).unwrap();
+        let out_view = wide.reshape(&[20, 2]).unwrap().narrow(10, 2).unwrap().reshape(&[2, 2]).unwrap();
+        let b1 = z(&[3, 4, 2]);
+        let a1 = z(&[1, 3, 4, 8]);
+        assert!(matches!(
+            apply(&x_view, &a1, &[(&b1, 0)], &slots, &out_view),
+            Err(BackendError::Aliasing { .. })
+        ));
     }
 }

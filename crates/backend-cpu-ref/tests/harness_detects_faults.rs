@@ -9,8 +9,8 @@
 use half::{bf16, f16};
 use pagoda_backend::fp8::{e4m3_from_f32, e4m3_round, e4m3_to_f32};
 use pagoda_backend::{
-    AttentionArgs, AttentionMetadata, Backend, BackendError, DType, HostSlice, HostVec, LinearFusion,
-    LoraExpandArgs, LoraShrinkArgs, MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken,
+    AttentionArgs, AttentionMetadata, Backend, BackendError, DType, Fp8LinearArgs, Fp8LinearMode, HostSlice,
+    HostVec, LinearFusion, LoraArgs, LoraPart, MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken,
     SamplingRow, Tensor, UniformFill,
 };
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
@@ -46,6 +46,8 @@ enum Fault {
     Fp8AttentionIgnoresScales,
     /// Fills a part of a tensor as if it were a whole one (ignores the row stride).
     FillUniformIgnoresRowStride,
+    /// Computes an FP8 linear layer in the other mode than the one asked for.
+    Fp8LinearWrongMode,
 }
 
 struct Device {
@@ -357,11 +359,15 @@ impl Backend for Device {
         self.store(out)
     }
 
-    fn lora_shrink(&self, a: &LoraShrinkArgs<'_, Self>) -> Result<()> {
+    fn lora_apply(&self, a: &LoraArgs<'_, Self>) -> Result<()> {
         let (x, w, slots, out) = (c(a.x), c(a.a), self.lora_slots(a.token_slots)?, c(a.out));
-        self.cpu.lora_shrink(&LoraShrinkArgs {
+        let bs: Vec<C> = a.parts.iter().map(|p| c(p.b)).collect();
+        let parts: Vec<LoraPart<'_, CpuBackend>> =
+            a.parts.iter().zip(&bs).map(|(p, b)| LoraPart { b, out_offset: p.out_offset }).collect();
+        self.cpu.lora_apply(&LoraArgs {
             x: &x,
             a: &w,
+            parts: &parts,
             token_slots: &slots,
             out: &out,
             groups: None,
@@ -369,16 +375,40 @@ impl Backend for Device {
         self.store(a.out)
     }
 
-    fn lora_expand(&self, a: &LoraExpandArgs<'_, Self>) -> Result<()> {
-        let (u, b, slots, out) = (c(a.u), c(a.b), self.lora_slots(a.token_slots)?, c(a.out));
-        self.cpu.lora_expand(&LoraExpandArgs {
-            u: &u,
-            u_offset: a.u_offset,
-            b: &b,
-            token_slots: &slots,
-            out: &out,
-            out_offset: a.out_offset,
-            groups: None,
+    /// As a 16-bit device: with quantized activations the normed rows are
+    /// rounded to the dtype before quantizing (the op's spec), the output is
+    /// stored in the dtype.
+    fn fp8_linear(&self, a: &Fp8LinearArgs<'_, Self>) -> Result<()> {
+        a.check("fp8_linear")?;
+        let mode = match (self.fault, a.mode) {
+            (Fault::Fp8LinearWrongMode, Fp8LinearMode::WeightOnly) => Fp8LinearMode::QuantizedActivations,
+            (Fault::Fp8LinearWrongMode, Fp8LinearMode::QuantizedActivations) => Fp8LinearMode::WeightOnly,
+            (_, m) => m,
+        };
+        let mut x = c(a.x);
+        let mut norm = a.fusion.input_norm.map(|(g, e)| (c(g), e));
+        if let (Fp8LinearMode::QuantizedActivations, Some((g, eps))) = (mode, &norm) {
+            let normed = self.alloc(a.x.dims(), a.x.dtype())?;
+            self.cpu.rms_norm(&x, g, *eps, &c(&normed))?;
+            self.store(&normed)?;
+            x = c(&normed);
+            norm = None;
+        }
+        let fusion = LinearFusion {
+            input_norm: norm.as_ref().map(|(g, e)| (g, *e)),
+            silu_mul: a.fusion.silu_mul,
+            accumulate: a.fusion.accumulate,
+        };
+        let bias = a.bias.map(c);
+        self.cpu.fp8_linear(&Fp8LinearArgs {
+            x: &x,
+            weight: &c(a.weight),
+            weight_scale: &c(a.weight_scale),
+            bias: bias.as_ref(),
+            out: &c(a.out),
+            fusion: &fusion,
+            mode,
+            input_scale: a.input_scale,
         })?;
         self.store(a.out)
     }
@@ -511,11 +541,12 @@ fn every_injected_fault_is_caught_where_it_lives() {
         (Fault::CopyBlocksFirstCacheOnly, vec!["copy_blocks/v"]),
         (Fault::SampleWrongStep, vec!["sample/tokens"]),
         (Fault::SwapOutNextBlock, vec!["swap_out", "swap_in"]),
-        (Fault::LoraNoAdapterUsesSlotZero, vec!["lora_shrink", "lora_expand"]),
+        (Fault::LoraNoAdapterUsesSlotZero, vec!["lora_apply"]),
         (Fault::Fp8KeyCodesTruncated, vec!["rotary_and_cache/k_cache fp8"]),
         // It also accepts a scale tensor of the wrong shape.
         (Fault::Fp8AttentionIgnoresScales, vec!["attention", "errors"]),
         (Fault::FillUniformIgnoresRowStride, vec!["memory/fill_uniform columns view"]),
+        (Fault::Fp8LinearWrongMode, vec!["fp8_linear"]),
     ];
     for (fault, ops) in cases {
         let report = conformance::run(&Device::new(DType::F32, fault), &Grid::quick());

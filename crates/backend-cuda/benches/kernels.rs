@@ -16,9 +16,15 @@
 //!   engine's layout), against one, batch 1 and 32, bytes against the copy.
 //! - Linear products of 1-160 token rows on the 8B layer shapes (and the LM
 //!   head), both GEMVs and cuBLAS: weight bytes over time against the copy.
-//! - LoRA shrink and expand on the 8B layer shapes (rank 16, 16 resident
-//!   slots, 1-256 token rows, each token its own slot or a run of one):
-//!   bytes they must move over time against the copy.
+//! - FP8 (E4M3) weights on the same layer shapes: the weight-only GEMV (1-16
+//!   rows; one byte a weight against the copy) and the quantized-activation
+//!   FP8 GEMM (16-4096 rows; TFLOP/s against the bf16 GEMM).
+//! - LoRA on the 8B layer shapes (rank 16, 16 resident slots, 1-4096 token
+//!   rows, each token its own slot or a run of one): each adapted product
+//!   (q/k/v, o, gate/up, down: the shrink and every part's expand) by the
+//!   bytes it must move over time against the copy, and a whole layer's LoRA
+//!   work (the four products), eager and replayed from a graph (as decode
+//!   steps run), in microseconds.
 //! - rms_norm, add_rms_norm, silu_and_mul, rotary_and_cache on 8B shapes
 //!   against the copy bandwidth.
 //!
@@ -31,8 +37,9 @@ use std::fmt::Write as _;
 
 use half::bf16;
 use pagoda_backend::{
-    lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType, HostSlice,
-    LinearFusion, LoraExpandArgs, LoraGroups, LoraShrinkArgs, Result, RopeStyle, RotaryCacheArgs, Tensor,
+    lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, DType,
+    Fp8InputScale, Fp8LinearArgs, Fp8LinearMode, HostSlice, LinearFusion, LoraArgs, LoraGroups, LoraPart,
+    Result, RopeStyle, RotaryCacheArgs, Tensor,
 };
 use pagoda_backend_cuda::{CudaBackend, DecodePartition, KernelOptions};
 
@@ -183,6 +190,11 @@ impl Row {
             figure: format!("{:.0} GB/s", bw / 1e9),
             vs_ceiling: format!("{:.1}% of copy", 100.0 * bw / peak_bw),
         }
+    }
+
+    /// A row of its time alone (work of several kernels).
+    fn time(what: impl Into<String>, ms: f64) -> Self {
+        Row { what: what.into(), ms, figure: format!("{:.1} us", ms * 1e3), vs_ceiling: String::new() }
     }
 }
 
@@ -417,28 +429,96 @@ fn main() -> Result<()> {
         }
     }
 
+    // ---- FP8 (E4M3) weights on Llama-3-8B shapes, next to the bf16 rows above ----
+    // Weight only ("gemv", 1-16 rows): the FP8 GEMV's weight bytes (one a
+    // code) over time against the copy bandwidth; the floor is half the bf16
+    // GEMV's time. Quantized activations ("gemm", 16-4096 rows): the
+    // quantization and cuBLASLt's FP8 GEMM, in TFLOP/s (2·T·N·K) against the
+    // bf16 GEMM ceiling (the FP8 tensor cores' peak is twice it).
+    const FP8_GEMV_ROWS: [usize; 5] = [1, 2, 5, 8, 16];
+    const FP8_GEMM_ROWS: [usize; 5] = [16, 64, 256, 1024, 4096];
+    for &(name, kdim, ndim, norm, silu, accumulate) in &products[..4] {
+        let any = FP8_GEMV_ROWS.iter().any(|t| wanted(&format!("fp8 {name} t{t} gemv")))
+            || FP8_GEMM_ROWS.iter().any(|t| wanted(&format!("fp8 {name} t{t} gemm")));
+        if !any {
+            continue;
+        }
+        let w = random_codes(&g, &mut rng, &[ndim, kdim])?;
+        // Scales that keep random codes' products of order one.
+        let scale = 1.0 / (448.0 * (kdim as f32).sqrt());
+        let w_scale = g.upload(HostSlice::F32(&vec![scale; ndim]), &[ndim], DType::F32)?;
+        let gamma = random_tensor(&g, &mut rng, &[kdim])?;
+        let runs = FP8_GEMV_ROWS
+            .iter()
+            .map(|&t| (t, "gemv", Fp8LinearMode::WeightOnly))
+            .chain(FP8_GEMM_ROWS.iter().map(|&t| (t, "gemm", Fp8LinearMode::QuantizedActivations)));
+        for (t, path, mode) in runs {
+            let label = format!("fp8 {name} t{t} {path}");
+            if !wanted(&label) {
+                continue;
+            }
+            let x = random_tensor(&g, &mut rng, &[t, kdim])?;
+            let out = g.alloc(&[t, if silu { ndim / 2 } else { ndim }], DType::BF16)?;
+            let fusion =
+                LinearFusion { input_norm: norm.then_some((&gamma, 1e-5)), silu_mul: silu, accumulate };
+            let args = Fp8LinearArgs {
+                x: &x,
+                weight: &w,
+                weight_scale: &w_scale,
+                bias: None,
+                out: &out,
+                fusion: &fusion,
+                mode,
+                input_scale: Fp8InputScale::Dynamic,
+            };
+            let ms = median_ms(&g, 5, 30, || g.fp8_linear(&args))?;
+            if mode == Fp8LinearMode::WeightOnly {
+                rows.push(Row::bandwidth(label, ms, (ndim * kdim) as f64, peak_bw));
+            } else {
+                let tflops = 2.0 * (t * ndim * kdim) as f64 / (ms * 1e-3) / 1e12;
+                rows.push(Row {
+                    what: label,
+                    ms,
+                    figure: format!("{tflops:.0} TFLOP/s"),
+                    vs_ceiling: format!("{:.0}% of bf16 GEMM", 100.0 * tflops / gemm_tflops),
+                });
+            }
+        }
+    }
+
     // ---- LoRA on Llama-3-8B layers: rank 16, 16 resident slots ----
-    // The bytes each must move: the shrink reads x and the A of the slots the
-    // batch uses (each once) and writes u (F32); the expand reads u and the B
-    // of the slots used, and reads and writes its columns of out. Decode-like
-    // rows give token i slot i % 16 (every token its own adapter up to 16);
-    // "1 slot" rows are a prefill chunk of one adapter (the per-token kernels
-    // re-read its matrices from L2, which the grouped path does not).
+    // Each row is one adapted product (`lora_apply`: the shrink and every
+    // part's expand), with the bytes it must move: x and the A of the slots
+    // the batch uses (each once), the B of those slots, and its columns of
+    // out read and written. Decode-like rows give token i slot i % 16 (every
+    // token its own adapter up to 16); "1 slot" rows are a prefill chunk of
+    // one adapter. From 32 tokens the products run dense (GEMMs over all 16
+    // slots), below per token. "layer" rows time the four products of one
+    // layer in a row; "layer graph" rows replay them from a graph (as the
+    // decode steps do, without the host's launch cost).
     let (rank, num_slots) = (16usize, 16usize);
-    // (name, K, parts stacked in one shrink)
-    let shrinks = [("qkv", 4096usize, 3usize), ("o", 4096, 1), ("gate_up", 4096, 2), ("down", 14336, 1)];
-    // (name, N)
-    let expands = [
-        ("q", 4096usize),
-        ("k", 1024),
-        ("v", 1024),
-        ("o", 4096),
-        ("gate", 14336),
-        ("up", 14336),
-        ("down", 4096),
+    // (name, K, each part's N): the slot stacks as the model holds them
+    // (`LayerLoraSlots`): A part-major, the B of equal-width parts (k and v,
+    // gate and up) in one allocation, so that the dense path batches them.
+    let products: [(&str, usize, &[usize]); 4] = [
+        ("qkv", 4096, &[4096, 1024, 1024]),
+        ("o", 4096, &[4096]),
+        ("gate_up", 4096, &[14336, 14336]),
+        ("down", 14336, &[4096]),
     ];
+    struct Product {
+        name: &'static str,
+        x: T,
+        a: T,
+        /// The B stacks (one per run of equal widths) and each part's view.
+        _stacks: Vec<T>,
+        b: Vec<T>,
+        out: T,
+        bytes: usize,
+    }
     // "16 runs": a prefill step over 16 adapters (runs of t / 16 tokens).
-    // "grouped": the same with the tokens grouped by slot (the SGMV path).
+    // "grouped": the same with the tokens grouped by slot (the SGMV path,
+    // only with PAGODA_LORA_GROUPED=1 and below the dense path's tokens).
     let mixes =
         [("16 slots", [1usize, 8, 64, 256].as_slice()), ("1 slot", &[64, 256, 4096]), ("16 runs", &[4096])];
     for (mix, counts) in mixes {
@@ -455,47 +535,74 @@ fn main() -> Result<()> {
                 .collect();
             let used = if mix == "1 slot" { 1 } else { t.min(num_slots) };
             let mix = if grouped { format!("{mix} grouped") } else { mix.to_string() };
+            let layer_label = format!("lora layer t{t} r{rank} {mix}");
+            let any_product = products.iter().any(|p| wanted(&format!("lora {} t{t} r{rank} {mix}", p.0)));
+            if !any_product && !wanted(&layer_label) {
+                continue;
+            }
             let token_slots = g.upload(HostSlice::I32(&slots), &[t], DType::I32)?;
             let (order, groups) = lora_token_groups(&slots, None);
             let order = g.upload(HostSlice::I32(&order), &[t], DType::I32)?;
             let groups = g.upload(HostSlice::I32(&groups), &[groups.len() / 3, 3], DType::I32)?;
             let groups = || grouped.then_some(LoraGroups { order: &order, groups: &groups });
-            for &(name, k, parts) in &shrinks {
-                let label = format!("lora shrink {name} t{t} r{rank} {mix}");
-                if !wanted(&label) {
-                    continue;
-                }
-                let u_cols = parts * rank;
+            let mut layer = Vec::new();
+            for &(name, k, widths) in &products {
+                let parts = widths.len();
                 let x = random_tensor(&g, &mut rng, &[t, k])?;
-                let a = random_tensor(&g, &mut rng, &[num_slots, u_cols, k])?;
-                let out = g.alloc(&[t, u_cols], DType::F32)?;
-                let args =
-                    LoraShrinkArgs { x: &x, a: &a, token_slots: &token_slots, out: &out, groups: groups() };
-                let ms = median_ms(&g, 5, 30, || g.lora_shrink(&args))?;
-                let bytes = t * k * 2 + used * u_cols * k * 2 + t * u_cols * 4;
-                rows.push(Row::bandwidth(label, ms, bytes as f64, peak_bw));
+                let a = random_tensor(&g, &mut rng, &[parts, num_slots, rank, k])?;
+                let (mut stacks, mut b) = (Vec::new(), Vec::new());
+                let mut p = 0;
+                while p < parts {
+                    let run = widths[p..].iter().take_while(|&&n| n == widths[p]).count();
+                    let stack = random_tensor(&g, &mut rng, &[run * num_slots, rank, widths[p]])?;
+                    for i in 0..run {
+                        b.push(
+                            stack.narrow(i * num_slots, num_slots)?.reshape(&[num_slots, rank, widths[p]])?,
+                        );
+                    }
+                    stacks.push(stack);
+                    p += run;
+                }
+                let width: usize = widths.iter().sum();
+                let out = random_tensor(&g, &mut rng, &[t, width])?;
+                let bytes =
+                    t * k * 2 + used * parts * rank * k * 2 + used * rank * width * 2 + 2 * t * width * 2;
+                layer.push(Product { name, x, a, _stacks: stacks, b, out, bytes });
             }
-            for &(name, n) in &expands {
-                let label = format!("lora expand {name} t{t} r{rank} {mix}");
+            let apply = |p: &Product| -> Result<()> {
+                let mut offset = 0;
+                let parts: Vec<LoraPart<'_, CudaBackend>> =
+                    p.b.iter()
+                        .map(|b| {
+                            let part = LoraPart { b, out_offset: offset };
+                            offset += b.dim(2);
+                            part
+                        })
+                        .collect();
+                g.lora_apply(&LoraArgs {
+                    x: &p.x,
+                    a: &p.a,
+                    parts: &parts,
+                    token_slots: &token_slots,
+                    out: &p.out,
+                    groups: groups(),
+                })
+            };
+            for p in &layer {
+                let label = format!("lora {} t{t} r{rank} {mix}", p.name);
                 if !wanted(&label) {
                     continue;
                 }
-                let shrunk: Vec<f32> = (0..t * rank).map(|_| rng.uniform()).collect();
-                let u = g.upload(HostSlice::F32(&shrunk), &[t, rank], DType::F32)?;
-                let b = random_tensor(&g, &mut rng, &[num_slots, rank, n])?;
-                let out = random_tensor(&g, &mut rng, &[t, n])?;
-                let args = LoraExpandArgs {
-                    u: &u,
-                    u_offset: 0,
-                    b: &b,
-                    token_slots: &token_slots,
-                    out: &out,
-                    out_offset: 0,
-                    groups: groups(),
-                };
-                let ms = median_ms(&g, 5, 30, || g.lora_expand(&args))?;
-                let bytes = t * rank * 4 + used * n * rank * 2 + 2 * t * n * 2;
-                rows.push(Row::bandwidth(label, ms, bytes as f64, peak_bw));
+                let ms = median_ms(&g, 5, 30, || apply(p))?;
+                rows.push(Row::bandwidth(label, ms, p.bytes as f64, peak_bw));
+            }
+            if wanted(&layer_label) {
+                let mut all = || layer.iter().try_for_each(apply);
+                let ms = median_ms(&g, 5, 30, &mut all)?;
+                rows.push(Row::time(layer_label.clone(), ms));
+                let graph = g.capture(&mut all)?;
+                let ms = median_ms(&g, 5, 30, || g.replay(&graph))?;
+                rows.push(Row::time(format!("lora layer graph t{t} r{rank} {mix}"), ms));
             }
         }
     }

@@ -10,10 +10,12 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use pagoda_backend::fp8::e4m3_from_f32;
 use pagoda_backend::{
-    AttentionArgs, Backend, BackendError, CacheBlocks, DType, HostSlice, HostVec, KvCacheShape, LinearFusion,
-    LoraExpandArgs, LoraGroups, LoraShrinkArgs, MemoryInfo, Result, RotaryCacheArgs, RotaryShape,
-    SampledToken, SamplingRow, Tensor, UniformFill,
+    AttentionArgs, Backend, BackendError, CacheBlocks, DType, Fp8LinearArgs, Fp8LinearMode, HostSlice,
+    HostVec, KvCacheShape, LinearFusion, LoraArgs, LoraGroups, MemoryInfo, Result, RotaryCacheArgs,
+    RotaryShape, SampledToken, SamplingRow, Tensor, UniformFill,
 };
+
+mod fp8_linear;
 
 use crate::device::{CudaGraph, CudaStorage, DeviceInner, PinnedHost};
 use crate::error::{CudaError, DriverContext};
@@ -273,6 +275,8 @@ fn dptr(t: &Tensor<CudaBackend>) -> u64 {
 
 // The kernels' group size is the one the host groups with.
 const _: () = assert!(ffi::PAGODA_LORA_GROUP_TOKENS as usize == pagoda_backend::LORA_GROUP_TOKENS);
+// The launcher takes as many parts as the trait allows.
+const _: () = assert!(ffi::PAGODA_LORA_MAX_PARTS as usize == pagoda_backend::LORA_MAX_PARTS);
 
 /// Whether the LoRA products may take the grouped (SGMV) kernels: only with
 /// `PAGODA_LORA_GROUPED=1` until they have run on a GPU (they were written in
@@ -301,14 +305,6 @@ fn lora_dense_min_tokens() -> i32 {
             .filter(|&v| v >= 0)
             .unwrap_or(DEFAULT_LORA_DENSE_MIN_TOKENS)
     })
-}
-
-/// Whether the per-token LoRA expand may take 8 columns per thread: only with
-/// `PAGODA_LORA_EXPAND_VEC8=1` until that kernel has run on a GPU (it was
-/// written after the session's last GPU call).
-fn lora_expand_vec8() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PAGODA_LORA_EXPAND_VEC8").is_ok_and(|v| v == "1"))
 }
 
 /// The grouped tokens' device pointers and group count, or nulls and 0
@@ -579,6 +575,16 @@ impl Backend for CudaBackend {
         self.linear_layer("linear_fused", x, weight, bias, out, fusion)
     }
 
+    /// Weight only: the FP8 GEMV (16 rows a launch); quantized activations:
+    /// per-row quantization and cuBLASLt's FP8 GEMM (`backend/fp8_linear.rs`).
+    fn fp8_linear(&self, args: &Fp8LinearArgs<'_, Self>) -> Result<()> {
+        self.fp8_linear_layer(args)
+    }
+
+    fn fp8_linear_mode(&self, tokens: usize) -> Fp8LinearMode {
+        fp8_linear::fp8_linear_mode(tokens)
+    }
+
     fn rotary_and_cache(&self, a: &RotaryCacheArgs<'_, Self>) -> Result<()> {
         const OP: &str = "rotary_and_cache";
         let RotaryShape { num_tokens: t, max_positions, cache } = a.check()?;
@@ -708,85 +714,58 @@ impl Backend for CudaBackend {
         self.gather(OP, x, rows, width, indices, out)
     }
 
-    /// One launch for every token (`csrc/lora.cu`); a slot past the slot
-    /// count is skipped on the device (zeros written) and reported as
-    /// [`BackendError::Index`] by the next call that waits.
-    fn lora_shrink(&self, args: &LoraShrinkArgs<'_, Self>) -> Result<()> {
-        const OP: &str = "lora_shrink";
-        let (t, k, s, u) = args.check(self.activation)?;
-        no_alias(OP, args.out, &[args.x, args.a, args.token_slots])?;
+    /// One launcher for the whole product (`csrc/lora.cu`): dense cuBLAS
+    /// GEMMs over every slot from [`lora_dense_min_tokens`] tokens, per-token
+    /// kernels below; a slot past the slot count is skipped on the device
+    /// and reported as [`BackendError::Index`] by the next call that waits.
+    fn lora_apply(&self, args: &LoraArgs<'_, Self>) -> Result<()> {
+        const OP: &str = "lora_apply";
+        let shape = args.check(self.activation)?;
+        let mut inputs = vec![args.x, args.a, args.token_slots];
+        inputs.extend(args.parts.iter().map(|part| part.b));
+        no_alias(OP, args.out, &inputs)?;
         let (token_order, groups, num_groups) = lora_groups(OP, &args.groups)?;
-        let mut launch = ffi::PagodaLoraShrinkArgs {
+        let empty = ffi::PagodaLoraPart { b: std::ptr::null(), n: 0, out_offset: 0 };
+        let mut parts = [empty; ffi::PAGODA_LORA_MAX_PARTS as usize];
+        for (slot, part) in parts.iter_mut().zip(args.parts) {
+            *slot = ffi::PagodaLoraPart {
+                b: vptr(part.b),
+                n: to_i32(OP, "N", part.b.dim(2))?,
+                out_offset: to_i32(OP, "out_offset", part.out_offset)?,
+            };
+        }
+        let mut launch = ffi::PagodaLoraArgs {
             x: vptr(args.x),
             a: vptr(args.a),
-            token_slots: dptr(args.token_slots) as *const i32,
-            out: dptr(args.out) as *mut f32,
-            status: self.status_ptr(),
-            dtype: dtype_code(self.activation),
-            num_tokens: to_i32(OP, "tokens", t)?,
-            k: to_i32(OP, "K", k)?,
-            u: to_i32(OP, "U", u)?,
-            num_slots: to_i32(OP, "slots", s)?,
-            token_order,
-            groups,
-            num_groups,
-            dense_min_tokens: lora_dense_min_tokens(),
-            scratch: std::ptr::null_mut(),
-            scratch_bytes: 0,
-        };
-        self.bind()?;
-        // SAFETY: a pure size computation over the arguments.
-        let bytes = unsafe { ffi::pagoda_lora_shrink_scratch_bytes(&launch) };
-        let scratch = self.optional_scratch(bytes)?;
-        (launch.scratch, launch.scratch_bytes) = scratch_args(&scratch);
-        let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
-        // SAFETY: shapes, dtypes and aliasing checked above; slots are checked on
-        // the device; the scratch is freed on the stream after the work.
-        let rc = unsafe { ffi::pagoda_lora_shrink(blas.0, &launch, self.launch_policy(), self.stream()) };
-        Ok(check("pagoda_lora_shrink", rc)?)
-    }
-
-    /// One launch for every token of this part; slots as for the shrink
-    /// (a slot past the count leaves its row alone).
-    fn lora_expand(&self, args: &LoraExpandArgs<'_, Self>) -> Result<()> {
-        const OP: &str = "lora_expand";
-        let (t, s, n, r) = args.check(self.activation)?;
-        no_alias(OP, args.out, &[args.u, args.b, args.token_slots])?;
-        let (token_order, groups, num_groups) = lora_groups(OP, &args.groups)?;
-        let mut launch = ffi::PagodaLoraExpandArgs {
-            u: dptr(args.u) as *const f32,
-            b: vptr(args.b),
             token_slots: dptr(args.token_slots) as *const i32,
             out: vptr(args.out),
             status: self.status_ptr(),
             dtype: dtype_code(self.activation),
-            num_tokens: to_i32(OP, "tokens", t)?,
-            n: to_i32(OP, "N", n)?,
-            rank: to_i32(OP, "rank", r)?,
-            num_slots: to_i32(OP, "slots", s)?,
-            u_stride: to_i32(OP, "U", args.u.dim(1))?,
-            u_offset: to_i32(OP, "u_offset", args.u_offset)?,
-            out_stride: to_i32(OP, "out columns", args.out.dim(1))?,
-            out_offset: to_i32(OP, "out_offset", args.out_offset)?,
+            num_tokens: to_i32(OP, "tokens", shape.tokens)?,
+            k: to_i32(OP, "K", shape.k)?,
+            rank: to_i32(OP, "rank", shape.rank)?,
+            num_slots: to_i32(OP, "slots", shape.slots)?,
+            num_parts: to_i32(OP, "parts", shape.parts)?,
+            out_stride: to_i32(OP, "out columns", shape.out_cols)?,
+            parts,
             token_order,
             groups,
             num_groups,
             dense_min_tokens: lora_dense_min_tokens(),
-            expand_vec8: lora_expand_vec8() as i32,
             scratch: std::ptr::null_mut(),
             scratch_bytes: 0,
         };
         self.bind()?;
         // SAFETY: a pure size computation over the arguments.
-        let bytes = unsafe { ffi::pagoda_lora_expand_scratch_bytes(&launch) };
+        let bytes = unsafe { ffi::pagoda_lora_scratch_bytes(&launch) };
         let scratch = self.optional_scratch(bytes)?;
         (launch.scratch, launch.scratch_bytes) = scratch_args(&scratch);
         let blas = self.blas.lock().map_err(|_| BackendError::Device("cuBLAS handle poisoned".into()))?;
-        // SAFETY: shapes (offsets included), dtypes and aliasing checked above;
-        // slots are checked on the device; the scratch is freed on the stream
-        // after the work.
-        let rc = unsafe { ffi::pagoda_lora_expand(blas.0, &launch, self.launch_policy(), self.stream()) };
-        Ok(check("pagoda_lora_expand", rc)?)
+        // SAFETY: shapes (the parts' columns included), dtypes and aliasing
+        // checked above; slots are checked on the device; the scratch is
+        // freed on the stream after the work.
+        let rc = unsafe { ffi::pagoda_lora(blas.0, &launch, self.launch_policy(), self.stream()) };
+        Ok(check("pagoda_lora", rc)?)
     }
 
     fn copy_blocks(&self, caches: &[&Tensor<Self>], pairs: &[(u32, u32)]) -> Result<()> {

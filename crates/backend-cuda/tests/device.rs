@@ -3,15 +3,15 @@
 //! a long context against the reference, seeded sampling over a large
 //! vocabulary, logit constraints and structured-output masks, LoRA slots out of
 //! range and LoRA products replayed from a graph, an FP8 cache step replayed
-//! from a graph with changing scales, asynchronous
+//! from a graph with changing scales, FP8 linear layers replayed from a graph, asynchronous
 //! sampling (handles in flight, fed ids, dropped handles), uploads staged through the page-locked ring, the timing helpers,
 //! and the kernel policy (each forced decode partition, PDL and the GEMV on
 //! and off, against the reference). Needs an NVIDIA GPU (CI compiles only).
 use half::bf16;
 use pagoda_backend::{
     lora_group_capacity, lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend,
-    BackendError, DType, HostSlice, HostVec, LoraExpandArgs, LoraGroups, LoraShrinkArgs, SamplingParams,
-    SamplingRow, Tensor,
+    BackendError, DType, HostSlice, HostVec, LoraArgs, LoraGroups, LoraPart, SamplingParams, SamplingRow,
+    Tensor,
 };
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_backend_cuda::policy::DECODE_PARTITIONS;
@@ -724,78 +724,61 @@ fn token_masks_and_logit_constraints_match_the_reference() {
     }
 }
 
-/// A LoRA slot past the slot count is skipped on the device (the shrink
-/// writes zeros, the expand leaves the row) and reported by the next wait.
+/// A LoRA slot past the slot count is skipped on the device (its row left
+/// as it was) and reported by the next wait: token by token (2 tokens),
+/// through the grouped kernels when they are on (16 tokens: 8 of slot 1, 8
+/// of slot 2), and on the dense path (64 tokens).
 #[test]
 fn lora_slot_past_the_count_is_reported_at_the_next_wait() {
     let g = gpu();
-    let (t, k, r, n, s) = (2, 64, 8, 4, 2);
+    let (k, r, n, s) = (64, 8, 4, 2);
     let filled = |dims: &[usize], dtype, v| {
         let x = g.alloc(dims, dtype).unwrap();
         g.fill(&x, v).unwrap();
         x
     };
-    let x = filled(&[t, k], DType::BF16, 1.0);
-    let a = filled(&[s, r, k], DType::BF16, 0.125);
-    let slots = g.upload(HostSlice::I32(&[1, 2]), &[t], DType::I32).unwrap();
-    let u = filled(&[t, r], DType::F32, f32::NAN);
-    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u, groups: None }).unwrap();
-    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
-    assert_eq!(g.download_f32(&u).unwrap(), [[8.0; 8], [0.0; 8]].concat());
-
+    let a = filled(&[1, s, r, k], DType::BF16, 0.125);
     let b = filled(&[s, r, n], DType::BF16, 0.125);
-    let out = filled(&[t, n], DType::BF16, 1.0);
-    let args = LoraExpandArgs {
-        u: &u,
-        u_offset: 0,
-        b: &b,
-        token_slots: &slots,
-        out: &out,
-        out_offset: 0,
-        groups: None,
-    };
-    g.lora_expand(&args).unwrap();
-    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
-    assert_eq!(g.download_f32(&out).unwrap(), [[9.0; 4], [1.0; 4]].concat());
-    g.synchronize().unwrap();
-
-    // The grouped kernels (16 tokens: 8 of slot 1, 8 of slot 2) do the same.
-    let t = 16;
-    let token_slots: Vec<i32> = (0..t).map(|i| 1 + (i >= 8) as i32).collect();
-    let (order, groups) = lora_token_groups(&token_slots, None);
-    let slots = g.upload(HostSlice::I32(&token_slots), &[t], DType::I32).unwrap();
-    let order = g.upload(HostSlice::I32(&order), &[t], DType::I32).unwrap();
-    let groups = g.upload(HostSlice::I32(&groups), &[groups.len() / 3, 3], DType::I32).unwrap();
-    let grouped = || Some(LoraGroups { order: &order, groups: &groups });
-    let x = filled(&[t, k], DType::BF16, 1.0);
-    let u = filled(&[t, r], DType::F32, f32::NAN);
-    g.lora_shrink(&LoraShrinkArgs { x: &x, a: &a, token_slots: &slots, out: &u, groups: grouped() }).unwrap();
-    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
-    assert_eq!(g.download_f32(&u).unwrap(), [vec![8.0; 8 * r], vec![0.0; 8 * r]].concat());
-    let out = filled(&[t, n], DType::BF16, 1.0);
-    let args = LoraExpandArgs {
-        u: &u,
-        u_offset: 0,
-        b: &b,
-        token_slots: &slots,
-        out: &out,
-        out_offset: 0,
-        groups: grouped(),
-    };
-    g.lora_expand(&args).unwrap();
-    assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })));
-    assert_eq!(g.download_f32(&out).unwrap(), [vec![9.0; 8 * n], vec![1.0; 8 * n]].concat());
-    g.synchronize().unwrap();
+    let parts = [LoraPart { b: &b, out_offset: 0 }];
+    for t in [2usize, 16, 64] {
+        let token_slots: Vec<i32> = (0..t).map(|i| 1 + (i >= t / 2) as i32).collect();
+        let (order, groups) = lora_token_groups(&token_slots, None);
+        let slots = g.upload(HostSlice::I32(&token_slots), &[t], DType::I32).unwrap();
+        let order = g.upload(HostSlice::I32(&order), &[t], DType::I32).unwrap();
+        let groups = g.upload(HostSlice::I32(&groups), &[groups.len() / 3, 3], DType::I32).unwrap();
+        let x = filled(&[t, k], DType::BF16, 1.0);
+        let out = filled(&[t, n], DType::BF16, 1.0);
+        let args = LoraArgs {
+            x: &x,
+            a: &a,
+            parts: &parts,
+            token_slots: &slots,
+            out: &out,
+            groups: Some(LoraGroups { order: &order, groups: &groups }),
+        };
+        g.lora_apply(&args).unwrap();
+        assert!(matches!(g.synchronize(), Err(BackendError::Index { .. })), "T{t}");
+        // u = 64 · 0.125 = 8 per rank row; 8 rows · 8 · 0.125 = 8 added.
+        assert_eq!(
+            g.download_f32(&out).unwrap(),
+            [vec![9.0; t / 2 * n], vec![1.0; t / 2 * n]].concat(),
+            "T{t}"
+        );
+        g.synchronize().unwrap();
+    }
 }
 
-/// LoRA's shrink and expand recorded in a graph and replayed over new inputs
-/// and slots give what the same calls give eagerly (the same kernels: bit for
-/// bit), and that matches the CPU reference: token by token (5 tokens), and
+/// A LoRA product of two parts (their B views of one tensor, so the dense
+/// path batches them) recorded in a graph and replayed over new inputs and
+/// slots gives what the same call gives eagerly (the same kernels: bit for
+/// bit), and that matches the CPU reference: token by token (5 tokens),
 /// grouped by slot (40 tokens, the groups padded to their capacity as the
-/// decode graphs' are, so the recorded grid stays right when the groups change).
+/// decode graphs' are, so the recorded grid stays right when the groups
+/// change; the grouped kernels only with PAGODA_LORA_GROUPED=1, and
+/// PAGODA_LORA_DENSE_MIN_TOKENS above 40), and dense (64 tokens).
 #[test]
 fn lora_products_replay_in_a_graph() {
-    for (t, grouped) in [(5, false), (40, true)] {
+    for (t, grouped) in [(5, false), (40, true), (64, false)] {
         lora_products_replay(t, grouped);
     }
 }
@@ -806,15 +789,19 @@ fn lora_products_replay(t: usize, grouped: bool) {
     let mut rng = Rng(0x10_7a + t as u64);
     let (k, n, r, s) = (576, 200, 16, 3);
     let x_host = rng.bf16_vec(t * k);
-    let a_host = rng.bf16_vec(s * 2 * r * k);
-    let b_host = rng.bf16_vec(s * n * r);
+    let a_host = rng.bf16_vec(2 * s * r * k);
+    let b_host = rng.bf16_vec(2 * s * r * n);
     let base = rng.bf16_vec(t * 2 * n);
     let on = |v: &[f32], dims: &[usize], dtype| g.upload(HostSlice::F32(v), dims, dtype).unwrap();
     let (x, a, b) = (
         on(&x_host, &[t, k], DType::BF16),
-        on(&a_host, &[s, 2 * r, k], DType::BF16),
-        on(&b_host, &[s, r, n], DType::BF16),
+        on(&a_host, &[2, s, r, k], DType::BF16),
+        on(&b_host, &[2 * s, r, n], DType::BF16),
     );
+    let b_parts: Vec<Tensor<CudaBackend>> =
+        (0..2).map(|p| b.narrow(p * s, s).unwrap().reshape(&[s, r, n]).unwrap()).collect();
+    let parts: Vec<LoraPart<'_, CudaBackend>> =
+        b_parts.iter().enumerate().map(|(p, b)| LoraPart { b, out_offset: p * n }).collect();
     let capacity = lora_group_capacity(t, s);
     let slots = g.upload(HostSlice::I32(&vec![0; t]), &[t], DType::I32).unwrap();
     let order = g.alloc(&[t], DType::I32).unwrap();
@@ -827,23 +814,16 @@ fn lora_products_replay(t: usize, grouped: bool) {
     };
     write_slots(&vec![0; t]);
     let lora_groups = || grouped.then_some(LoraGroups { order: &order, groups: &groups });
-    let u = g.alloc(&[t, 2 * r], DType::F32).unwrap();
     let out = g.alloc(&[t, 2 * n], DType::BF16).unwrap();
-    // Both parts expand through the same B here: only the offsets differ.
     let step = |g: &CudaBackend, x: &Tensor<CudaBackend>| -> pagoda_backend::Result<()> {
-        g.lora_shrink(&LoraShrinkArgs { x, a: &a, token_slots: &slots, out: &u, groups: lora_groups() })?;
-        for p in 0..2 {
-            g.lora_expand(&LoraExpandArgs {
-                u: &u,
-                u_offset: p * r,
-                b: &b,
-                token_slots: &slots,
-                out: &out,
-                out_offset: p * n,
-                groups: lora_groups(),
-            })?;
-        }
-        Ok(())
+        g.lora_apply(&LoraArgs {
+            x,
+            a: &a,
+            parts: &parts,
+            token_slots: &slots,
+            out: &out,
+            groups: lora_groups(),
+        })
     };
     let graph = g.capture(&mut || step(&g, &x)).unwrap();
     // Mixed slots with -1; one slot for all; mostly none.
@@ -858,37 +838,36 @@ fn lora_products_replay(t: usize, grouped: bool) {
         write_slots(token_slots);
         g.write(&out, HostSlice::F32(&base)).unwrap();
         g.replay(&graph).unwrap();
-        let replayed = (g.download_f32(&u).unwrap(), g.download_f32(&out).unwrap());
+        let replayed = g.download_f32(&out).unwrap();
         g.write(&out, HostSlice::F32(&base)).unwrap();
         step(&g, &x).unwrap();
-        let eager = (g.download_f32(&u).unwrap(), g.download_f32(&out).unwrap());
-        assert!(replayed == eager, "T{t} round {round}: replay differs from the eager calls");
+        let eager = g.download_f32(&out).unwrap();
+        assert!(replayed == eager, "T{t} round {round}: replay differs from the eager call");
 
         let c = |v: &[f32], dims: &[usize]| cpu.upload(HostSlice::F32(v), dims, DType::F32).unwrap();
-        let (cx, ca, cb, cout) =
-            (c(&x_host, &[t, k]), c(&a_host, &[s, 2 * r, k]), c(&b_host, &[s, r, n]), c(&base, &[t, 2 * n]));
-        let cslots = cpu.upload(HostSlice::I32(token_slots), &[t], DType::I32).unwrap();
-        let cu = cpu.alloc(&[t, 2 * r], DType::F32).unwrap();
-        cpu.lora_shrink(&LoraShrinkArgs { x: &cx, a: &ca, token_slots: &cslots, out: &cu, groups: None })
-            .unwrap();
-        for p in 0..2 {
-            let args = LoraExpandArgs {
-                u: &cu,
-                u_offset: p * r,
-                b: &cb,
-                token_slots: &cslots,
-                out: &cout,
-                out_offset: p * n,
-                groups: None,
-            };
-            cpu.lora_expand(&args).unwrap();
-        }
-        let e_u = rel_err(&cpu.download_f32(&cu).unwrap(), &eager.0);
-        let e_out = rel_err(&cpu.download_f32(&cout).unwrap(), &eager.1);
-        println!(
-            "T{t} grouped {grouped} round {round}: shrink rel err {e_u:.2e}, expand rel err {e_out:.2e}"
+        let (cx, ca, cb, cout) = (
+            c(&x_host, &[t, k]),
+            c(&a_host, &[2, s, r, k]),
+            c(&b_host, &[2 * s, r, n]),
+            c(&base, &[t, 2 * n]),
         );
-        assert!(e_u < 1e-4 && e_out < 1e-2, "T{t} round {round}: shrink {e_u}, expand {e_out}");
+        let cb_parts: Vec<Tensor<CpuBackend>> =
+            (0..2).map(|p| cb.narrow(p * s, s).unwrap().reshape(&[s, r, n]).unwrap()).collect();
+        let cparts: Vec<LoraPart<'_, CpuBackend>> =
+            cb_parts.iter().enumerate().map(|(p, b)| LoraPart { b, out_offset: p * n }).collect();
+        let cslots = cpu.upload(HostSlice::I32(token_slots), &[t], DType::I32).unwrap();
+        cpu.lora_apply(&LoraArgs {
+            x: &cx,
+            a: &ca,
+            parts: &cparts,
+            token_slots: &cslots,
+            out: &cout,
+            groups: None,
+        })
+        .unwrap();
+        let e_out = rel_err(&cpu.download_f32(&cout).unwrap(), &eager);
+        println!("T{t} grouped {grouped} round {round}: rel err {e_out:.2e}");
+        assert!(e_out < 1e-2, "T{t} round {round}: rel err {e_out}");
     }
 }
 
@@ -1061,4 +1040,63 @@ fn fp8_cache_steps_replay_in_a_graph_with_the_scales_of_the_moment() {
         assert!(k_steps <= 1 && v_steps == 0, "round {round}: codes {k_steps} / {v_steps} steps apart");
         assert!(e < 1e-2, "round {round}: {e}");
     }
+}
+
+/// FP8 linear layers recorded in a graph replay what they compute eagerly, in both
+/// modes (the FP8 GEMV; the quantization kernel and cuBLASLt's FP8 GEMM inside a
+/// capture, whose workspace is the handle's own), and in-features the kernels do not
+/// take (not a multiple of 16) are refused by name rather than read past a row.
+#[test]
+fn fp8_linear_replays_from_a_graph_and_refuses_unaligned_rows() {
+    use pagoda_backend::fp8::e4m3_from_f32;
+    use pagoda_backend::{Fp8InputScale, Fp8LinearArgs, Fp8LinearMode, LinearFusion};
+    let g = gpu();
+    let mut rng = Rng(0xf8f8_0019);
+    let (k, n) = (256usize, 96usize);
+    let codes: Vec<u8> = (0..n * k).map(|_| e4m3_from_f32(rng.next() * 4.0)).collect();
+    let w = g.upload(HostSlice::Bytes(&codes, DType::F8E4M3), &[n, k], DType::F8E4M3).unwrap();
+    let scales: Vec<f32> = (0..n).map(|j| 0.01 * (1 + j % 5) as f32).collect();
+    let s = g.upload(HostSlice::F32(&scales), &[n], DType::F32).unwrap();
+    let fusion = LinearFusion::none();
+    for (t, mode) in [(4usize, Fp8LinearMode::WeightOnly), (40, Fp8LinearMode::QuantizedActivations)] {
+        let x = g.upload(HostSlice::F32(&rng.bf16_vec(t * k)), &[t, k], DType::BF16).unwrap();
+        let (eager, replayed) =
+            (g.alloc(&[t, n], DType::BF16).unwrap(), g.alloc(&[t, n], DType::BF16).unwrap());
+        let eager_args = Fp8LinearArgs {
+            x: &x,
+            weight: &w,
+            weight_scale: &s,
+            bias: None,
+            out: &eager,
+            fusion: &fusion,
+            mode,
+            input_scale: Fp8InputScale::Dynamic,
+        };
+        let replayed_args = Fp8LinearArgs { out: &replayed, ..eager_args };
+        g.fp8_linear(&eager_args).unwrap();
+        let graph = g.capture(&mut || g.fp8_linear(&replayed_args)).unwrap();
+        g.replay(&graph).unwrap();
+        assert_eq!(g.download_f32(&replayed).unwrap(), g.download_f32(&eager).unwrap(), "{mode:?}");
+    }
+    let x = g.alloc(&[2, 40], DType::BF16).unwrap();
+    g.fill(&x, 1.0).unwrap();
+    let w40 = g.upload(HostSlice::Bytes(&[0x38; 8 * 40], DType::F8E4M3), &[8, 40], DType::F8E4M3).unwrap();
+    let s8 = g.upload(HostSlice::F32(&[1.0; 8]), &[8], DType::F32).unwrap();
+    let out = g.alloc(&[2, 8], DType::BF16).unwrap();
+    let err = g
+        .fp8_linear(&Fp8LinearArgs {
+            x: &x,
+            weight: &w40,
+            weight_scale: &s8,
+            bias: None,
+            out: &out,
+            fusion: &fusion,
+            mode: Fp8LinearMode::WeightOnly,
+            input_scale: Fp8InputScale::Dynamic,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, BackendError::Shape { .. }) && err.to_string().contains("multiples of 16"),
+        "{err}"
+    );
 }

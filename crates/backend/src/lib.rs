@@ -41,6 +41,7 @@ mod blocks;
 mod comm;
 mod error;
 pub mod fp8;
+mod fp8_linear;
 mod host;
 mod linear;
 mod lora;
@@ -55,11 +56,12 @@ pub use attention::{
 pub use blocks::{check_copy_blocks, check_swap_in, check_swap_out, CacheBlocks};
 pub use comm::{Communicator, SingleRank};
 pub use error::{BackendError, Result};
+pub use fp8_linear::{fp8_dynamic_scale, fp8_quantize_rows, Fp8InputScale, Fp8LinearArgs, Fp8LinearMode};
 pub use host::{HostSlice, HostVec};
 pub use linear::LinearFusion;
 pub use lora::{
-    check_lora_token_groups, lora_group_capacity, lora_token_groups, LoraExpandArgs, LoraGroups,
-    LoraShrinkArgs, LORA_GROUP_TOKENS,
+    check_lora_token_groups, lora_group_capacity, lora_token_groups, LoraArgs, LoraGroups, LoraPart,
+    LoraShape, LORA_GROUP_TOKENS, LORA_MAX_PARTS,
 };
 pub use pagoda_sampler::{SampledToken, SamplingParams, SamplingRow, TokenId};
 pub use tensor::{DType, Shape, Tensor};
@@ -234,20 +236,29 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `out[m, :] = x[indices[m], :]`; x `[T, H]`, indices `I32 [M]`, out `[M, H]`.
     fn gather_rows(&self, x: &Tensor<Self>, indices: &Tensor<Self>, out: &Tensor<Self>) -> Result<()>;
 
-    /// LoRA's shrink: each token's input times its adapter's stacked `A`
-    /// matrices, to F32; see [`LoraShrinkArgs`] (and its `check`). A slot
-    /// index at or past the slot count is an error where the backend can see
-    /// it (the CPU reference) and must never be given.
-    fn lora_shrink(&self, args: &LoraShrinkArgs<'_, Self>) -> Result<()> {
+    /// LoRA: adds one adapted product's delta, every part of it, each token
+    /// by its adapter's slot (shrink `A[slot] · x`, then expand `B[slot] · u`
+    /// into each part's columns of the base output); see [`LoraArgs`] (and
+    /// its `check`). A slot index at or past the slot count is an error where
+    /// the backend can see it (the CPU reference) and must never be given.
+    fn lora_apply(&self, args: &LoraArgs<'_, Self>) -> Result<()> {
         let _ = args;
-        Err(BackendError::Unsupported { op: "lora_shrink", backend: self.name() })
+        Err(BackendError::Unsupported { op: "lora_apply", backend: self.name() })
     }
 
-    /// LoRA's expand: each token's shrunk vector times its adapter's `B`,
-    /// added into columns of the base product's output; see [`LoraExpandArgs`].
-    fn lora_expand(&self, args: &LoraExpandArgs<'_, Self>) -> Result<()> {
+    /// A linear layer with an FP8 (E4M3) weight and per-output-channel
+    /// scales, in the mode `args.mode` asks for; see [`Fp8LinearArgs`] (and
+    /// its `check`) and the `fp8_linear` module docs for the exact formulas.
+    fn fp8_linear(&self, args: &Fp8LinearArgs<'_, Self>) -> Result<()> {
         let _ = args;
-        Err(BackendError::Unsupported { op: "lora_expand", backend: self.name() })
+        Err(BackendError::Unsupported { op: "fp8_linear", backend: self.name() })
+    }
+
+    /// The [`Fp8LinearMode`] this backend computes `tokens` rows in best
+    /// (what the model asks for). The default: weights only.
+    fn fp8_linear_mode(&self, tokens: usize) -> Fp8LinearMode {
+        let _ = tokens;
+        Fp8LinearMode::WeightOnly
     }
 
     // ---- KV cache management -------------------------------------------------

@@ -4,24 +4,27 @@
 //! `A` `[r, K]` and `B` `[N, r]` of a small rank `r`. A batch mixes tokens of
 //! several adapters (and tokens of none), so the engine keeps every resident
 //! adapter's matrices in stacked slot tensors and gives each token the slot
-//! of its adapter; the two products below then run once for the whole batch
-//! (Punica's SGMV/BGMV split):
+//! of its adapter; [`Backend::lora_apply`](crate::Backend::lora_apply) then
+//! adds one adapted product's delta for the whole batch, in Punica's two
+//! steps:
 //!
-//! - *shrink*: `u[t] = A[slot_t] · x[t]`, to a narrow F32 `[T, U]` buffer;
-//! - *expand*: `out[t, o..] += B[slot_t] · u[t, i..i+r]`, added into the base
+//! - *shrink*: `u[t] = A[slot_t] · x[t]`, a narrow vector of `r` per part, in f32;
+//! - *expand*: `out[t, o..] += B[slot_t] · u[t]`, added into the base
 //!   product's output.
 //!
 //! A layer whose weight stacks several projections (q/k/v, gate/up) stacks
-//! their `A` matrices too (one shrink, `U = parts · r`) and expands each part
-//! into its columns (`u_offset`, `out_offset`). The scale (`alpha / r`, or
+//! their `A` matrices too (one shrink over every part) and expands each part
+//! into its columns ([`LoraPart`]). The scale (`alpha / r`, or
 //! `alpha / sqrt(r)` for rsLoRA) is folded into `B` when an adapter is loaded,
 //! and a rank below the slots' rank is padded with zero rows of `A`.
 //!
-//! Slot layouts: `A` is `[S, U, K]` and `B` is held transposed, `[S, R, N]`, so
-//! that both stacks are plain matrices over all slots (`[S·U, K]` and
-//! `[S·R, N]`): a backend may run a step's products as two dense GEMMs over
-//! every slot, with each token's `u` scattered into its slot's columns and
-//! zeros elsewhere, instead of per-token gathers.
+//! Slot layouts: `A` is part-major, `[P, S, R, K]`, and each part's `B` is held
+//! transposed, `[S, R, N]`, so that both stacks are plain matrices over all
+//! slots (`[P·S·R, K]` and `[S·R, N]`), and each part's columns of `x · Aᵀ`
+//! (`p·S·R .. (p+1)·S·R`) are contiguous: a backend may run a product as dense
+//! GEMMs over every slot (`x · A_allᵀ`, the columns of every slot but the
+//! token's zeroed, then each part's `· Bt_all`) instead of per-token gathers.
+//! The shrunk vector is the backend's own: only the sum reaches `out`.
 //!
 //! Grouped by slot (SGMV): a step's tokens may also come with [`LoraGroups`],
 //! the tokens ordered by slot and cut into groups of at most
@@ -82,40 +85,63 @@ pub fn lora_token_groups(token_slots: &[i32], capacity: Option<usize>) -> (Vec<i
     (order, groups)
 }
 
-/// `out[t, :] = a[token_slots[t]] · x[t, :]`, or zeros where `token_slots[t] < 0`.
-pub struct LoraShrinkArgs<'a, B: Backend> {
-    /// `[T, K]`, the activation dtype: the layer's input (after its norm).
+/// The most parts one [`LoraArgs`] stacks (q, k and v).
+pub const LORA_MAX_PARTS: usize = 3;
+
+/// One part of an adapted product: its `B` slots and where its columns of
+/// the output start.
+#[derive(Clone, Copy)]
+pub struct LoraPart<'a, B: Backend> {
+    /// `[S, R, N]`, the activation dtype: each slot's `B` of this part,
+    /// transposed (`Bᵀ`, `R` rows of `N`), scale folded in.
+    pub b: &'a Tensor<B>,
+    /// The first column of `out` this part adds into (`out_offset + N <= O`).
+    pub out_offset: usize,
+}
+
+/// One adapted product's LoRA delta, every part of it: for each part `p` and
+/// each token `t` with `token_slots[t] = s >= 0`,
+///
+/// `u_p[t, r] = Σ_k a[p, s, r, k] · x[t, k]` (in f32), then
+/// `out[t, parts[p].out_offset + n] += Σ_r u_p[t, r] · parts[p].b[s, r, n]`
+///
+/// for `n < N_p`, `r < R`; rows with `token_slots[t] < 0` are left as they
+/// are (a backend may add an exact 0 to them), and so are the columns outside
+/// the parts. A backend may round each `u_p[t, r]` to the activation dtype
+/// before the expand (as vLLM's kernels and the dense path do); the expand's
+/// sum stays in f32 and is added to `out` once (one rounding of `out`). The
+/// parts' column ranges must not overlap.
+pub struct LoraArgs<'a, B: Backend> {
+    /// `[T, K]`, the activation dtype: the product's input (after its norm).
     pub x: &'a Tensor<B>,
-    /// `[S, U, K]`, the activation dtype: each slot's stacked `A` matrices.
+    /// `[P, S, R, K]`, the activation dtype: every part's `A`, each part's
+    /// slots stacked (`[P·S·R, K]` as a matrix).
     pub a: &'a Tensor<B>,
+    /// `P` parts (`1..=`[`LORA_MAX_PARTS`]), in the order of `a`'s parts.
+    pub parts: &'a [LoraPart<'a, B>],
     /// I32 `[T]`: each token's adapter slot in `0..S`, or -1 for no adapter.
     pub token_slots: &'a Tensor<B>,
-    /// F32 `[T, U]`.
+    /// `[T, O]`, the activation dtype: the base product's output.
     pub out: &'a Tensor<B>,
     /// The same tokens grouped by slot, for backends that use them; they
     /// must agree with `token_slots`.
     pub groups: Option<LoraGroups<'a, B>>,
 }
 
-/// `out[t, out_offset + n] += Σ_r u[t, u_offset + r] · b[token_slots[t], r, n]`
-/// for `n < N`, `r < R`; rows with `token_slots[t] < 0` are left as they are.
-/// A backend may round `u` to the activation dtype before the product (as
-/// vLLM's kernels do): the sum stays in f32 and is added to `out` once.
-pub struct LoraExpandArgs<'a, B: Backend> {
-    /// F32 `[T, U]`: a shrink's output.
-    pub u: &'a Tensor<B>,
-    /// The first column of `u` this part reads (`u_offset + R <= U`).
-    pub u_offset: usize,
-    /// `[S, R, N]`, the activation dtype: each slot's `B` of this part,
-    /// transposed (`Bᵀ`, `R` rows of `N`), scale folded in.
-    pub b: &'a Tensor<B>,
-    /// I32 `[T]`, as for the shrink.
-    pub token_slots: &'a Tensor<B>,
-    /// `[T, O]`, the activation dtype: the base product's output (`out_offset + N <= O`).
-    pub out: &'a Tensor<B>,
-    pub out_offset: usize,
-    /// As for the shrink.
-    pub groups: Option<LoraGroups<'a, B>>,
+/// The shape of a checked [`LoraArgs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraShape {
+    pub tokens: usize,
+    /// K, the input width.
+    pub k: usize,
+    /// S, the slots.
+    pub slots: usize,
+    /// R, the slots' rank.
+    pub rank: usize,
+    /// P, the parts.
+    pub parts: usize,
+    /// O, the output's width.
+    pub out_cols: usize,
 }
 
 fn check_slots<B: Backend>(op: &'static str, token_slots: &Tensor<B>, tokens: usize) -> Result<()> {
@@ -186,77 +212,74 @@ pub fn check_lora_token_groups(
     }
 }
 
-impl<B: Backend> LoraShrinkArgs<'_, B> {
-    /// Checks shapes and dtypes; returns `(T, K, S, U)`.
-    pub fn check(&self, activation: DType) -> Result<(usize, usize, usize, usize)> {
-        const OP: &str = "lora_shrink";
+impl<B: Backend> LoraArgs<'_, B> {
+    /// Checks shapes, dtypes and the parts' columns (`N_p` is `parts[p].b.dim(2)`).
+    pub fn check(&self, activation: DType) -> Result<LoraShape> {
+        const OP: &str = "lora_apply";
         let (t, k) = self.x.dims2(OP)?;
-        let [s, u, ak] = self.a.dims() else {
-            return Err(BackendError::shape(OP, format!("a {:?} is not [slots, U, K]", self.a.dims())));
-        };
-        let (s, u) = (*s, *u);
-        if *ak != k {
-            return Err(BackendError::shape(OP, format!("x {:?} vs a {:?}", self.x.dims(), self.a.dims())));
-        }
-        for (name, tensor) in [("x", self.x), ("a", self.a)] {
-            if tensor.dtype() != activation {
-                return Err(BackendError::shape(
-                    OP,
-                    format!("{name} is {:?}, not {activation:?}", tensor.dtype()),
-                ));
-            }
-        }
-        if self.out.dtype() != DType::F32 {
-            return Err(BackendError::DType { op: OP, dtype: self.out.dtype() });
-        }
-        self.out.expect_dims(OP, "out", &[t, u])?;
-        check_slots(OP, self.token_slots, t)?;
-        if let Some(groups) = &self.groups {
-            groups.check(OP, t)?;
-        }
-        Ok((t, k, s, u))
-    }
-}
-
-impl<B: Backend> LoraExpandArgs<'_, B> {
-    /// Checks shapes and dtypes; returns `(T, S, N, R)`.
-    pub fn check(&self, activation: DType) -> Result<(usize, usize, usize, usize)> {
-        const OP: &str = "lora_expand";
-        let (t, u) = self.u.dims2(OP)?;
-        let [s, r, n] = self.b.dims() else {
-            return Err(BackendError::shape(OP, format!("b {:?} is not [slots, R, N]", self.b.dims())));
-        };
-        let (s, r, n) = (*s, *r, *n);
-        let (ot, o) = self.out.dims2(OP)?;
-        if self.u.dtype() != DType::F32 {
-            return Err(BackendError::DType { op: OP, dtype: self.u.dtype() });
-        }
-        for (name, tensor) in [("b", self.b), ("out", self.out)] {
-            if tensor.dtype() != activation {
-                return Err(BackendError::shape(
-                    OP,
-                    format!("{name} is {:?}, not {activation:?}", tensor.dtype()),
-                ));
-            }
-        }
-        if ot != t || self.u_offset + r > u || self.out_offset + n > o {
+        let [p, s, r, ak] = *self.a.dims() else {
             return Err(BackendError::shape(
                 OP,
-                format!(
-                    "u {:?} from column {}, b {:?}, out {:?} from column {}",
-                    self.u.dims(),
-                    self.u_offset,
-                    self.b.dims(),
-                    self.out.dims(),
-                    self.out_offset
-                ),
+                format!("a {:?} is not [parts, slots, R, K]", self.a.dims()),
             ));
+        };
+        if ak != k {
+            return Err(BackendError::shape(OP, format!("x {:?} vs a {:?}", self.x.dims(), self.a.dims())));
+        }
+        if p != self.parts.len() || p == 0 || p > LORA_MAX_PARTS {
+            return Err(BackendError::shape(
+                OP,
+                format!("a {:?} for {} parts (1..={LORA_MAX_PARTS})", self.a.dims(), self.parts.len()),
+            ));
+        }
+        let (ot, o) = self.out.dims2(OP)?;
+        if ot != t {
+            return Err(BackendError::shape(
+                OP,
+                format!("x {:?} vs out {:?}", self.x.dims(), self.out.dims()),
+            ));
+        }
+        let mut tensors = vec![("x", self.x), ("a", self.a), ("out", self.out)];
+        let mut columns = Vec::with_capacity(p);
+        for (i, part) in self.parts.iter().enumerate() {
+            let [bs, br, n] = *part.b.dims() else {
+                return Err(BackendError::shape(
+                    OP,
+                    format!("part {i}: b {:?} is not [slots, R, N]", part.b.dims()),
+                ));
+            };
+            if bs != s || br != r || part.out_offset + n > o {
+                return Err(BackendError::shape(
+                    OP,
+                    format!(
+                        "part {i}: b {:?} from column {} of out {:?}, a {:?}",
+                        part.b.dims(),
+                        part.out_offset,
+                        self.out.dims(),
+                        self.a.dims()
+                    ),
+                ));
+            }
+            columns.push((part.out_offset, part.out_offset + n));
+            tensors.push(("b", part.b));
+        }
+        columns.sort_unstable();
+        if let Some(w) = columns.windows(2).find(|w| w[0].1 > w[1].0) {
+            return Err(BackendError::shape(OP, format!("parts' columns {:?} and {:?} overlap", w[0], w[1])));
+        }
+        for (name, tensor) in tensors {
+            if tensor.dtype() != activation {
+                return Err(BackendError::shape(
+                    OP,
+                    format!("{name} is {:?}, not {activation:?}", tensor.dtype()),
+                ));
+            }
         }
         check_slots(OP, self.token_slots, t)?;
         if let Some(groups) = &self.groups {
             groups.check(OP, t)?;
         }
-        Ok((t, s, n, r))
+        Ok(LoraShape { tokens: t, k, slots: s, rank: r, parts: p, out_cols: o })
     }
 }
 

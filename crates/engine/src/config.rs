@@ -28,6 +28,10 @@ pub struct EngineConfig {
     /// dtype, or FP8 E4M3 codes with per-layer scales (half the bytes of
     /// bf16, so twice the blocks in the same memory).
     pub kv_cache_dtype: KvCacheDtype,
+    /// vLLM `--quantization`: `fp8` quantizes the projections of a 16/32-bit
+    /// checkpoint to E4M3 (per output channel) at load. An FP8 checkpoint
+    /// (`quantization_config` in config.json) loads as FP8 without it.
+    pub quantization: Option<pagoda_models::Quantization>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     /// Longest prompt + output; `None` means the model's own limit.
@@ -149,6 +153,7 @@ impl Default for EngineConfig {
             kv_cache_memory_bytes: None,
             swap_space_bytes: 1 << 30,
             kv_cache_dtype: KvCacheDtype::Auto,
+            quantization: None,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             max_model_len: None,
@@ -263,6 +268,16 @@ impl EngineConfig {
         let bad = |m: String| Err(EngineError::Config(m));
         if let Some(lora) = &self.lora {
             lora.validate()?;
+            if let Some(q) = self.quantization {
+                return bad(format!(
+                    "--quantization {q} with --enable-lora: LoRA on FP8 weights is not supported"
+                ));
+            }
+        }
+        if let (Some(q), tp @ 2..) = (self.quantization, self.tensor_parallel_size) {
+            return bad(format!(
+                "--quantization {q} with --tensor-parallel-size {tp}: FP8 weights are not sharded yet"
+            ));
         }
         if !matches!(self.block_size, 8 | 16 | 32 | 64 | 128) {
             return bad(format!("block size must be one of 8, 16, 32, 64, 128, got {}", self.block_size));

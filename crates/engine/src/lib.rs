@@ -97,7 +97,7 @@ pub use stop::{StopChecker, StopMatch, StopScan, MAX_STOP_STRINGS, MAX_STOP_STRI
 pub use tensor_parallel::RankStart;
 
 use pagoda_backend::Backend;
-use pagoda_models::{GenerationConfig, LoadOptions, LoadedModel, ModelFiles, TpShard};
+use pagoda_models::{GenerationConfig, LoadOptions, ModelFiles, TpShard};
 
 use crate::tensor_parallel::{check_comm, RankGroup, RankLoad};
 
@@ -137,13 +137,7 @@ pub fn load_engine<B: Backend>(
         }
         _ => None,
     };
-    let loaded = LoadedModel {
-        source: files.source,
-        model,
-        tokenizer: files.tokenizer,
-        chat_template: files.chat_template,
-        generation: files.generation,
-    };
+    let loaded = files.into_loaded(model);
     LlmEngine::with_draft_model(backend, loaded, draft, config)
 }
 
@@ -197,13 +191,7 @@ pub fn load_engine_tensor_parallel<B: Backend>(
     let mut group = RankGroup::spawn(ranks.collect(), load, comm.clone())?;
     let model = files.load_model_sharded(&backend, &options, comm, &mut progress)?;
     group.wait_loaded()?;
-    let loaded = LoadedModel {
-        source: files.source,
-        model,
-        tokenizer: files.tokenizer,
-        chat_template: files.chat_template,
-        generation: files.generation,
-    };
+    let loaded = files.into_loaded(model);
     if world == 1 {
         // A group of one: no ranks to lead, and the model ran no collective.
         drop(group);
@@ -234,7 +222,7 @@ fn open_model(model_path: &Path, config: &EngineConfig) -> Result<(ModelFiles, L
     // Before the weights load: a wrong --max-model-len fails at once.
     config.check_max_model_len(&files.config)?;
     let max_model_len = config.max_model_len(&files.config);
-    Ok((files, LoadOptions { max_positions: Some(max_model_len) }))
+    Ok((files, LoadOptions { max_positions: Some(max_model_len), quantization: config.quantization }))
 }
 
 impl<B: Backend> LlmEngine<B> {

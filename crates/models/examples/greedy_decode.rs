@@ -31,7 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cpu = CpuBackend::new();
     let t0 = Instant::now();
     let files = ModelFiles::open(&model_path)?;
-    let model = files.load_model(&cpu, &LoadOptions { max_positions: Some(4096) }, &mut |_, _| {})?;
+    let model = files.load_model(
+        &cpu,
+        &LoadOptions { max_positions: Some(4096), ..Default::default() },
+        &mut |_, _| {},
+    )?;
     eprintln!("loaded {} in {:.2?}", files.source.path().display(), t0.elapsed());
 
     let text = match &files.chat_template {

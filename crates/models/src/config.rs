@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufError, GgufHeader};
+use crate::quantization::CheckpointQuantization;
 
 /// The architectures this crate runs: all are the Llama decoder with small
 /// variations, which [`ModelConfig`] spells out as flags.
@@ -81,6 +82,8 @@ pub struct ModelConfig {
     pub first_sliding_layer: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// An FP8 checkpoint's `quantization_config` (`None`: 16/32-bit weights).
+    pub quantization: Option<CheckpointQuantization>,
 }
 
 impl ModelConfig {
@@ -187,6 +190,7 @@ impl ModelConfig {
             first_sliding_layer,
             bos_token_id: json.get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
             eos_token_ids: token_id_list(json.get("eos_token_id")),
+            quantization: CheckpointQuantization::from_hf_config(json).map_err(bad)?,
         };
         config.check().map_err(|(field, detail)| bad(format!("`{}` {detail}", hf_key(field))))?;
         Ok(config)
@@ -287,6 +291,7 @@ impl ModelConfig {
             first_sliding_layer: 0,
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
             eos_token_ids: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            quantization: None,
         };
         config
             .check()

@@ -57,6 +57,10 @@ pub enum ModelError {
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
     /// A forward-pass input is inconsistent (the message says how).
+    /// FP8 weights: a checkpoint's scales, or a feature they do not combine with.
+    #[error("FP8 weights: {0}")]
+    Quantization(String),
+
     #[error("forward: {0}")]
     Forward(String),
     /// The backend rejected an op.

@@ -16,16 +16,20 @@ use std::sync::Arc;
 
 use pagoda_backend::{
     lora_token_groups, AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, Communicator, DType,
-    HostSlice, KvCacheShape, LinearFusion, LoraExpandArgs, LoraGroups, LoraShrinkArgs, RopeStyle,
-    RotaryCacheArgs, Tensor, TokenId,
+    HostSlice, KvCacheShape, LinearFusion, LoraArgs, LoraGroups, LoraPart, RopeStyle, RotaryCacheArgs,
+    Tensor, TokenId,
 };
+
+mod fp8;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::lora::{LayerLoraSlots, LoraSlots};
+use crate::quantization::Quantization;
 use crate::rope::cos_sin_table;
 use crate::tensor_parallel::{weight_columns, weight_rows, TpShard};
 use crate::weights::{WeightData, WeightSource, WeightTensor};
+use fp8::{Fp8Load, LayerFp8};
 
 /// The paged KV cache of every layer: `layers[l] = (K, V)`, each
 /// `[num_blocks, num_kv_heads, block_size, head_dim]` of `dtype` (the model's
@@ -179,6 +183,9 @@ pub struct LoadOptions {
     /// Longest sequence (in tokens) the engine will run; caps the rotary
     /// table. Default: the model's `max_position_embeddings`.
     pub max_positions: Option<usize>,
+    /// `--quantization fp8`: quantize the projections of a 16/32-bit
+    /// checkpoint to E4M3 at load (an FP8 checkpoint is FP8 without it).
+    pub quantization: Option<Quantization>,
 }
 
 struct LlamaLayer<B: Backend> {
@@ -193,6 +200,9 @@ struct LlamaLayer<B: Backend> {
     gate_up: Tensor<B>,
     down: Tensor<B>,
     sliding_window: Option<usize>,
+    /// The scales of the projections stored as E4M3 codes (`fp8.rs`); those
+    /// weights above are then F8E4M3.
+    fp8: LayerFp8<B>,
 }
 
 /// A loaded Llama-family model on a backend.
@@ -467,6 +477,7 @@ impl<B: Backend> LlamaModel<B> {
         progress(0, total);
 
         let dtype = backend.activation_dtype();
+        let fp8_load = Fp8Load::resolve(c, weights, options, shard.world_size())?;
         let mut up = Uploader { backend, weights, dtype, done: 0, total, progress };
         let embed_tokens = up.tensor("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -483,11 +494,41 @@ impl<B: Backend> LlamaModel<B> {
                     .collect()
             };
             let ffn_columns = shard.intermediate_columns();
+            let gate_up_parts = [
+                (format!("{p}.mlp.gate_proj.weight"), vec![i, h], ffn_columns.clone()),
+                (format!("{p}.mlp.up_proj.weight"), vec![i, h], ffn_columns.clone()),
+            ];
+            let (o_name, down_name) =
+                (format!("{p}.self_attn.o_proj.weight"), format!("{p}.mlp.down_proj.weight"));
+            // FP8: every projection as codes with row scales (unsharded: `resolve`
+            // refuses tensor parallelism, so o and down are whole).
+            let (qkv, o_proj, gate_up, down, fp8) = match fp8_load {
+                None => (
+                    up.stacked(&qkv_parts("weight", &[h]))?,
+                    up.columns(&o_name, &[h, q], shard.q_rows())?,
+                    up.stacked(&gate_up_parts)?,
+                    up.columns(&down_name, &[h, i], ffn_columns)?,
+                    LayerFp8::none(),
+                ),
+                Some(load) => {
+                    let (qkv, qkv_s) = up.fp8_stacked(&qkv_parts("weight", &[h]), load)?;
+                    let (o_proj, o_s) = up.fp8_stacked(&[(o_name, vec![h, q], 0..h)], load)?;
+                    let (gate_up, gate_up_s) = up.fp8_stacked(&gate_up_parts, load)?;
+                    let (down, down_s) = up.fp8_stacked(&[(down_name, vec![h, i], 0..h)], load)?;
+                    (
+                        qkv,
+                        o_proj,
+                        gate_up,
+                        down,
+                        LayerFp8 { qkv: qkv_s, o: o_s, gate_up: gate_up_s, down: down_s },
+                    )
+                }
+            };
             layers.push(LlamaLayer {
                 input_norm: up.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
-                qkv: up.stacked(&qkv_parts("weight", &[h]))?,
+                qkv,
                 qkv_bias: if c.qkv_bias { Some(up.stacked(&qkv_parts("bias", &[]))?) } else { None },
-                o_proj: up.columns(&format!("{p}.self_attn.o_proj.weight"), &[h, q], shard.q_rows())?,
+                o_proj,
                 o_bias: match (c.o_bias, shard.rank()) {
                     (false, _) => None,
                     (true, 0) => Some(up.tensor(&format!("{p}.self_attn.o_proj.bias"), &[h])?),
@@ -498,12 +539,10 @@ impl<B: Backend> LlamaModel<B> {
                     }
                 },
                 post_attention_norm: up.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: up.stacked(&[
-                    (format!("{p}.mlp.gate_proj.weight"), vec![i, h], ffn_columns.clone()),
-                    (format!("{p}.mlp.up_proj.weight"), vec![i, h], ffn_columns.clone()),
-                ])?,
-                down: up.columns(&format!("{p}.mlp.down_proj.weight"), &[h, i], ffn_columns)?,
+                gate_up,
+                down,
                 sliding_window: c.layer_sliding_window(l),
+                fp8,
             });
         }
         let norm = up.tensor("model.norm.weight", &[h])?;
@@ -542,6 +581,12 @@ impl<B: Backend> LlamaModel<B> {
     /// Not on a sharded model ([`ModelError::TensorParallel`]): the adapters'
     /// matrices are not split across ranks.
     pub fn enable_lora(&mut self, backend: &B, max_loras: usize, max_rank: usize) -> Result<()> {
+        if self.is_fp8() {
+            return Err(ModelError::Quantization(
+                "LoRA adapters on FP8 weights (--quantization fp8 or an FP8 checkpoint) are not supported"
+                    .into(),
+            ));
+        }
         if self.comm.is_some() {
             return Err(ModelError::TensorParallel(format!(
                 "LoRA adapters on a model sharded over {} ranks are not supported",
@@ -550,6 +595,11 @@ impl<B: Backend> LlamaModel<B> {
         }
         self.lora = Some(LoraSlots::new(backend, &self.config, max_loras, max_rank)?);
         Ok(())
+    }
+
+    /// Whether any projection holds FP8 (E4M3) weights.
+    pub fn is_fp8(&self) -> bool {
+        self.layers.iter().any(|l| l.fp8.any())
     }
 
     /// The LoRA slots, if [`LlamaModel::enable_lora`] made them.
@@ -700,8 +750,9 @@ impl<B: Backend> LlamaModel<B> {
         let add_to_residual = LinearFusion { input_norm: None, silu_mul: false, accumulate: s.rank() == 0 };
 
         // With adapters in the step, each adapted product gets its LoRA delta:
-        // the norms it fused are computed on their own for the shrinks, and
-        // gate/up is activated only after its delta is added.
+        // q/k/v's and gate/up's norms are computed once, for the base product
+        // (then unfused) and the LoRA shrink alike, and gate/up is activated
+        // only after its delta is added.
         let lora = match (&batch.lora, &self.lora) {
             (Some(tokens), Some(slots)) => Some(LoraStep::new(backend, c, slots, tokens, t)?),
             (Some(_), None) => {
@@ -712,15 +763,21 @@ impl<B: Backend> LlamaModel<B> {
 
         backend.embedding(&batch.token_ids, &self.embed_tokens, &residual)?;
         for (l, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
-            backend.linear_fused(
-                &residual,
-                &layer.qkv,
-                layer.qkv_bias.as_ref(),
-                &qkv,
-                &normed_by(&layer.input_norm),
-            )?;
-            if let Some(lora) = &lora {
-                lora.qkv(backend, l, &residual, &layer.input_norm, eps, &qkv)?;
+            match &lora {
+                None => fp8::linear_fused(
+                    backend,
+                    &residual,
+                    &layer.qkv,
+                    layer.fp8.qkv.as_ref(),
+                    layer.qkv_bias.as_ref(),
+                    &qkv,
+                    &normed_by(&layer.input_norm),
+                )?,
+                Some(lora) => {
+                    let normed = lora.norm(backend, &residual, &layer.input_norm, eps)?;
+                    backend.linear(normed, &layer.qkv, layer.qkv_bias.as_ref(), &qkv)?;
+                    lora.qkv(backend, l, normed, &qkv)?;
+                }
             }
             backend.rotary_and_cache(&RotaryCacheArgs {
                 qkv: &qkv,
@@ -750,9 +807,11 @@ impl<B: Backend> LlamaModel<B> {
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 sliding_window: layer.sliding_window,
             })?;
-            backend.linear_fused(
+            fp8::linear_fused(
+                backend,
                 &attn_out,
                 &layer.o_proj,
+                layer.fp8.o.as_ref(),
                 layer.o_bias.as_ref(),
                 &residual,
                 &add_to_residual,
@@ -761,14 +820,26 @@ impl<B: Backend> LlamaModel<B> {
             match &lora {
                 None => {
                     let mlp_in = LinearFusion { silu_mul: true, ..normed_by(&layer.post_attention_norm) };
-                    backend.linear_fused(&residual, &layer.gate_up, None, &mlp_act, &mlp_in)?;
+                    let gate_up_fp8 = layer.fp8.gate_up.as_ref();
+                    fp8::linear_fused(
+                        backend,
+                        &residual,
+                        &layer.gate_up,
+                        gate_up_fp8,
+                        None,
+                        &mlp_act,
+                        &mlp_in,
+                    )?;
                 }
                 Some(lora) => {
                     lora.o(backend, l, &attn_out, &residual)?;
-                    lora.gate_up(backend, l, layer, &residual, eps, &mlp_act)?;
+                    let normed = lora.norm(backend, &residual, &layer.post_attention_norm, eps)?;
+                    backend.linear(normed, &layer.gate_up, None, &lora.gate_up)?;
+                    lora.gate_up(backend, l, normed, &mlp_act)?;
                 }
             }
-            backend.linear_fused(&mlp_act, &layer.down, None, &residual, &add_to_residual)?;
+            let down_fp8 = layer.fp8.down.as_ref();
+            fp8::linear_fused(backend, &mlp_act, &layer.down, down_fp8, None, &residual, &add_to_residual)?;
             self.reduce_residual(backend, &residual)?;
             if let Some(lora) = &lora {
                 lora.down(backend, l, &mlp_act, &residual)?;
@@ -825,19 +896,15 @@ impl<B: Backend> LlamaModel<B> {
     }
 }
 
-/// A step's LoRA work: the token slots and the scratch tensors its shrinks
-/// and the unfused gate/up product write.
+/// A step's LoRA work: the token slots, the normed input of q/k/v and
+/// gate/up (computed once for the base product and the LoRA shrink), and
+/// gate/up's output before SiLU-and-mul.
 struct LoraStep<'a, B: Backend> {
     slots: &'a [LayerLoraSlots<B>],
     tokens: &'a LoraTokens<B>,
-    rank: usize,
-    /// `[T, H]`: a norm's output, for the shrinks of q/k/v and gate/up.
+    /// `[T, H]`: a norm's output, the input of q/k/v and of gate/up.
     normed: Tensor<B>,
-    /// F32 `[T, 3R]`, `[T, R]`, `[T, 2R]`: the shrinks' outputs.
-    u_qkv: Tensor<B>,
-    u_one: Tensor<B>,
-    u_gate_up: Tensor<B>,
-    /// `[T, 2I]`: gate/up before SiLU-and-mul.
+    /// `[T, 2I]`: gate/up before SiLU-and-mul (the base product writes it).
     gate_up: Tensor<B>,
     q_size: usize,
     kv_size: usize,
@@ -852,15 +919,11 @@ impl<'a, B: Backend> LoraStep<'a, B> {
         tokens: &'a LoraTokens<B>,
         t: usize,
     ) -> Result<Self> {
-        let (r, d) = (slots.max_rank(), backend.activation_dtype());
+        let d = backend.activation_dtype();
         Ok(Self {
             slots: &slots.layers,
             tokens,
-            rank: r,
             normed: backend.alloc(&[t, c.hidden_size], d)?,
-            u_qkv: backend.alloc(&[t, 3 * r], DType::F32)?,
-            u_one: backend.alloc(&[t, r], DType::F32)?,
-            u_gate_up: backend.alloc(&[t, 2 * r], DType::F32)?,
             gate_up: backend.alloc(&[t, 2 * c.intermediate_size], d)?,
             q_size: c.q_size(),
             kv_size: c.kv_size(),
@@ -868,84 +931,58 @@ impl<'a, B: Backend> LoraStep<'a, B> {
         })
     }
 
-    fn shrink(&self, backend: &B, x: &Tensor<B>, a: &Tensor<B>, out: &Tensor<B>) -> Result<()> {
-        Ok(backend.lora_shrink(&LoraShrinkArgs {
+    /// `rms_norm(residual)` into the step's normed buffer, which it returns.
+    fn norm(&self, backend: &B, residual: &Tensor<B>, weight: &Tensor<B>, eps: f32) -> Result<&Tensor<B>> {
+        backend.rms_norm(residual, weight, eps, &self.normed)?;
+        Ok(&self.normed)
+    }
+
+    /// `out[:, at_p..] += B_p · (A_p · x)` for each part `(b, at)`.
+    fn apply(
+        &self,
+        backend: &B,
+        x: &Tensor<B>,
+        a: &Tensor<B>,
+        parts: &[(&Tensor<B>, usize)],
+        out: &Tensor<B>,
+    ) -> Result<()> {
+        let parts: Vec<LoraPart<'_, B>> =
+            parts.iter().map(|&(b, out_offset)| LoraPart { b, out_offset }).collect();
+        Ok(backend.lora_apply(&LoraArgs {
             x,
             a,
+            parts: &parts,
             token_slots: &self.tokens.slots,
             out,
             groups: Some(self.tokens.groups()),
         })?)
     }
 
-    fn expand(
-        &self,
-        backend: &B,
-        u: &Tensor<B>,
-        part: usize,
-        b: &Tensor<B>,
-        out: &Tensor<B>,
-        at: usize,
-    ) -> Result<()> {
-        Ok(backend.lora_expand(&LoraExpandArgs {
-            u,
-            u_offset: part * self.rank,
-            b,
-            token_slots: &self.tokens.slots,
-            out,
-            out_offset: at,
-            groups: Some(self.tokens.groups()),
-        })?)
-    }
-
-    /// `qkv += [B_q; B_k; B_v] · (A_qkv · rms_norm(residual))`.
-    fn qkv(
-        &self,
-        backend: &B,
-        l: usize,
-        residual: &Tensor<B>,
-        norm: &Tensor<B>,
-        eps: f32,
-        qkv: &Tensor<B>,
-    ) -> Result<()> {
+    /// `qkv += [B_q; B_k; B_v] · (A_qkv · normed)`, normed from [`LoraStep::norm`].
+    fn qkv(&self, backend: &B, l: usize, normed: &Tensor<B>, qkv: &Tensor<B>) -> Result<()> {
         let s = &self.slots[l];
-        backend.rms_norm(residual, norm, eps, &self.normed)?;
-        self.shrink(backend, &self.normed, &s.qkv_a, &self.u_qkv)?;
-        self.expand(backend, &self.u_qkv, 0, &s.q_b, qkv, 0)?;
-        self.expand(backend, &self.u_qkv, 1, &s.k_b, qkv, self.q_size)?;
-        self.expand(backend, &self.u_qkv, 2, &s.v_b, qkv, self.q_size + self.kv_size)
+        let (q, kv) = (self.q_size, self.kv_size);
+        self.apply(backend, normed, &s.qkv_a, &[(&s.q_b, 0), (&s.k_b, q), (&s.v_b, q + kv)], qkv)
     }
 
     /// `residual += B_o · (A_o · attn_out)` (the base o product was added already).
     fn o(&self, backend: &B, l: usize, attn_out: &Tensor<B>, residual: &Tensor<B>) -> Result<()> {
         let s = &self.slots[l];
-        self.shrink(backend, attn_out, &s.o_a, &self.u_one)?;
-        self.expand(backend, &self.u_one, 0, &s.o_b, residual, 0)
+        self.apply(backend, attn_out, &s.o_a, &[(&s.o_b, 0)], residual)
     }
 
-    /// `mlp_act = silu_and_mul(gate_up · x + LoRA deltas)`, x the normed residual.
-    fn gate_up(
-        &self,
-        backend: &B,
-        l: usize,
-        layer: &LlamaLayer<B>,
-        residual: &Tensor<B>,
-        eps: f32,
-        mlp_act: &Tensor<B>,
-    ) -> Result<()> {
+    /// `mlp_act = silu_and_mul(gate_up + [B_gate; B_up] · (A_gate_up · normed))`,
+    /// with the base product already in `self.gate_up`.
+    fn gate_up(&self, backend: &B, l: usize, normed: &Tensor<B>, mlp_act: &Tensor<B>) -> Result<()> {
         let s = &self.slots[l];
-        backend.rms_norm(residual, &layer.post_attention_norm, eps, &self.normed)?;
-        backend.linear(&self.normed, &layer.gate_up, None, &self.gate_up)?;
-        self.shrink(backend, &self.normed, &s.gate_up_a, &self.u_gate_up)?;
-        self.expand(backend, &self.u_gate_up, 0, &s.gate_b, &self.gate_up, 0)?;
-        self.expand(backend, &self.u_gate_up, 1, &s.up_b, &self.gate_up, self.intermediate)?;
+        let parts = [(&s.gate_b, 0), (&s.up_b, self.intermediate)];
+        self.apply(backend, normed, &s.gate_up_a, &parts, &self.gate_up)?;
         Ok(backend.silu_and_mul(&self.gate_up, mlp_act)?)
     }
 
     /// `residual += B_down · (A_down · mlp_act)`.
     fn down(&self, backend: &B, l: usize, mlp_act: &Tensor<B>, residual: &Tensor<B>) -> Result<()> {
         let s = &self.slots[l];
-        self.shrink(backend, mlp_act, &s.down_a, &self.u_one)?;
-        self.expand(backend, &self.u_one, 0, &s.down_b, residual, 0)
+        self.apply(backend, mlp_act, &s.down_a, &[(&s.down_b, 0)], residual)
     }
 }

@@ -317,6 +317,17 @@ impl ModelFiles {
     ) -> Result<LlamaModel<B>> {
         LlamaModel::load_sharded(backend, self.config.clone(), self.weights.as_ref(), options, comm, progress)
     }
+
+    /// The text side of these files with `model` (loaded from them): what serving needs.
+    pub fn into_loaded<B: Backend>(self, model: LlamaModel<B>) -> LoadedModel<B> {
+        LoadedModel {
+            source: self.source,
+            model,
+            tokenizer: self.tokenizer,
+            chat_template: self.chat_template,
+            generation: self.generation,
+        }
+    }
 }
 
 /// Everything needed to serve a model: the weights on a device and the text side.
@@ -337,11 +348,5 @@ pub fn load_model<B: Backend>(
 ) -> Result<LoadedModel<B>> {
     let files = ModelFiles::open(path)?;
     let model = files.load_model(backend, options, progress)?;
-    Ok(LoadedModel {
-        source: files.source,
-        model,
-        tokenizer: files.tokenizer,
-        chat_template: files.chat_template,
-        generation: files.generation,
-    })
+    Ok(files.into_loaded(model))
 }

@@ -107,12 +107,13 @@ pub struct LoraAdapter {
 }
 
 /// An adapter's slot contents in the slots' layout and dtype: per layer, the
-/// bytes of each of the [`LayerLoraSlots`] tensors' slot, in field order.
+/// bytes of its slot in each of the [`LayerLoraSlots`] stacks, in the order of
+/// [`LayerLoraSlots::stacks`] (a stack of `P` parts: `P` chunks, part-major).
 #[derive(Clone, Debug)]
 struct PackedSlot {
     max_rank: usize,
     dtype: DType,
-    layers: Vec<[Vec<u8>; 11]>,
+    layers: Vec<[Vec<u8>; NUM_STACKS]>,
 }
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -382,43 +383,91 @@ fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
     }
 }
 
-/// The stacked adapter tensors of one layer (see [`pagoda_backend::LoraShrinkArgs`]):
+/// The stacks of [`LayerLoraSlots`].
+const NUM_STACKS: usize = 9;
+
+/// The stacked adapter tensors of one layer (see [`pagoda_backend::LoraArgs`]):
 /// `S` slots, each of rank `R` (adapters of a lower rank are zero-padded).
+/// Every stack is `[P, S, R, N]` with `P` parts of `S` slots: an `A` stack's
+/// parts are the projections of one product (so `x · Aᵀ` over every slot
+/// gives each part's columns contiguous), a `B` stack's parts are
+/// projections of equal width in adjacent output columns (k and v, gate and
+/// up), so that a backend may batch their expands; a part's `B` is handed
+/// to the products as a `[S, R, N]` view.
 pub(crate) struct LayerLoraSlots<B: Backend> {
-    /// `[S, 3R, H]`: the A of q, k and v stacked.
+    /// `[3, S, R, H]`: the A of q, k and v.
     pub qkv_a: Tensor<B>,
-    /// `[S, R, q]`, `[S, R, kv]`, `[S, R, kv]`: each B transposed.
+    /// `[1, S, R, q]`: q's B transposed; `q_b` is its `[S, R, q]` view.
+    q_b_stack: Tensor<B>,
     pub q_b: Tensor<B>,
+    /// `[2, S, R, kv]`: k's and v's B transposed; `k_b`, `v_b` are views.
+    kv_b_stack: Tensor<B>,
     pub k_b: Tensor<B>,
     pub v_b: Tensor<B>,
-    /// `[S, R, q]` and `[S, R, H]`.
+    /// `[1, S, R, q]` and `[1, S, R, H]` (`o_b` the `[S, R, H]` view).
     pub o_a: Tensor<B>,
+    o_b_stack: Tensor<B>,
     pub o_b: Tensor<B>,
-    /// `[S, 2R, H]`: the A of gate and up stacked.
+    /// `[2, S, R, H]`: the A of gate and up.
     pub gate_up_a: Tensor<B>,
-    /// `[S, R, I]` each.
+    /// `[2, S, R, I]`: gate's and up's B transposed; `gate_b`, `up_b` are views.
+    gate_up_b_stack: Tensor<B>,
     pub gate_b: Tensor<B>,
     pub up_b: Tensor<B>,
-    /// `[S, R, I]` and `[S, R, H]`.
+    /// `[1, S, R, I]` and `[1, S, R, H]` (`down_b` the `[S, R, H]` view).
     pub down_a: Tensor<B>,
+    down_b_stack: Tensor<B>,
     pub down_b: Tensor<B>,
 }
 
 impl<B: Backend> LayerLoraSlots<B> {
-    /// The tensors in field order (the order of [`PackedSlot`]'s buffers).
-    fn tensors(&self) -> [&Tensor<B>; 11] {
+    /// Zeroed stacks for `s` slots of rank `r`.
+    fn new(backend: &B, c: &ModelConfig, s: usize, r: usize) -> Result<Self> {
+        let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_size(), c.kv_size());
+        let dtype = backend.activation_dtype();
+        let zeros = |parts: usize, n: usize| -> Result<Tensor<B>> {
+            let t = backend.alloc(&[parts, s, r, n], dtype)?;
+            backend.fill(&t, 0.0)?;
+            Ok(t)
+        };
+        let part = |stack: &Tensor<B>, p: usize| -> Result<Tensor<B>> {
+            let n = stack.dim(3);
+            Ok(stack.narrow(p, 1)?.reshape(&[s, r, n])?)
+        };
+        let (q_b_stack, kv_b_stack, o_b_stack) = (zeros(1, q)?, zeros(2, kv)?, zeros(1, h)?);
+        let (gate_up_b_stack, down_b_stack) = (zeros(2, i)?, zeros(1, h)?);
+        Ok(Self {
+            qkv_a: zeros(3, h)?,
+            q_b: part(&q_b_stack, 0)?,
+            k_b: part(&kv_b_stack, 0)?,
+            v_b: part(&kv_b_stack, 1)?,
+            o_a: zeros(1, q)?,
+            o_b: part(&o_b_stack, 0)?,
+            gate_up_a: zeros(2, h)?,
+            gate_b: part(&gate_up_b_stack, 0)?,
+            up_b: part(&gate_up_b_stack, 1)?,
+            down_a: zeros(1, i)?,
+            down_b: part(&down_b_stack, 0)?,
+            q_b_stack,
+            kv_b_stack,
+            o_b_stack,
+            gate_up_b_stack,
+            down_b_stack,
+        })
+    }
+
+    /// The stacks (the order of [`PackedSlot`]'s buffers).
+    fn stacks(&self) -> [&Tensor<B>; NUM_STACKS] {
         [
             &self.qkv_a,
-            &self.q_b,
-            &self.k_b,
-            &self.v_b,
+            &self.q_b_stack,
+            &self.kv_b_stack,
             &self.o_a,
-            &self.o_b,
+            &self.o_b_stack,
             &self.gate_up_a,
-            &self.gate_b,
-            &self.up_b,
+            &self.gate_up_b_stack,
             &self.down_a,
-            &self.down_b,
+            &self.down_b_stack,
         ]
     }
 }
@@ -439,30 +488,8 @@ impl<B: Backend> LoraSlots<B> {
                 format!("max_loras {max_loras}, max_lora_rank {max_rank}"),
             ));
         }
-        let (s, r, h, i) = (max_loras, max_rank, c.hidden_size, c.intermediate_size);
-        let (q, kv) = (c.q_size(), c.kv_size());
-        let dtype = backend.activation_dtype();
-        let zeros = |dims: &[usize]| -> Result<Tensor<B>> {
-            let t = backend.alloc(dims, dtype)?;
-            backend.fill(&t, 0.0)?;
-            Ok(t)
-        };
         let layers = (0..c.num_layers)
-            .map(|_| {
-                Ok(LayerLoraSlots {
-                    qkv_a: zeros(&[s, 3 * r, h])?,
-                    q_b: zeros(&[s, r, q])?,
-                    k_b: zeros(&[s, r, kv])?,
-                    v_b: zeros(&[s, r, kv])?,
-                    o_a: zeros(&[s, r, q])?,
-                    o_b: zeros(&[s, r, h])?,
-                    gate_up_a: zeros(&[s, 2 * r, h])?,
-                    gate_b: zeros(&[s, r, i])?,
-                    up_b: zeros(&[s, r, i])?,
-                    down_a: zeros(&[s, r, i])?,
-                    down_b: zeros(&[s, r, h])?,
-                })
-            })
+            .map(|_| LayerLoraSlots::new(backend, c, max_loras, max_rank))
             .collect::<Result<_>>()?;
         Ok(Self { layers, max_loras, max_rank })
     }
@@ -486,12 +513,14 @@ impl<B: Backend> LoraSlots<B> {
     /// (an 8B adapter of rank 16 is 42M values).
     fn pack(&self, adapter: &LoraAdapter, dtype: DType) -> PackedSlot {
         let r = self.max_rank;
-        let dims: Vec<[[usize; 2]; 11]> =
-            self.layers.iter().map(|slots| slots.tensors().map(|t| [t.dims()[1], t.dims()[2]])).collect();
-        let pack_layer = |l: usize| -> [Vec<u8>; 11] {
+        // Each stack's (parts, N).
+        let dims: Vec<[[usize; 2]; NUM_STACKS]> =
+            self.layers.iter().map(|slots| slots.stacks().map(|t| [t.dim(0), t.dim(3)])).collect();
+        let pack_layer = |l: usize| -> [Vec<u8>; NUM_STACKS] {
             let d = &dims[l];
-            // A: the stacked parts' rows, each part `r` rows of `in_features`.
+            // A: each part `r` rows of `in_features`, the adapter's rank rows first.
             let a = |i: usize, modules: &[LoraModule]| {
+                debug_assert_eq!(d[i][0], modules.len());
                 let k = d[i][1];
                 let mut host = vec![0f32; modules.len() * r * k];
                 for (p, &m) in modules.iter().enumerate() {
@@ -501,14 +530,18 @@ impl<B: Backend> LoraSlots<B> {
                 }
                 encode(&host, dtype)
             };
-            // B transposed: `[r, out]`, the adapter's rank rows first.
-            let b = |i: usize, module: LoraModule| {
+            // B transposed: each part `[r, out]`, the adapter's rank rows first.
+            let b = |i: usize, modules: &[LoraModule]| {
+                debug_assert_eq!(d[i][0], modules.len());
                 let n = d[i][1];
-                let mut host = vec![0f32; r * n];
-                if let Some(pair) = adapter.pair(l, module) {
-                    for (j, src) in pair.b.chunks_exact(pair.rank).enumerate() {
-                        for (i, &v) in src.iter().enumerate() {
-                            host[i * n + j] = v;
+                let mut host = vec![0f32; modules.len() * r * n];
+                for (p, &m) in modules.iter().enumerate() {
+                    if let Some(pair) = adapter.pair(l, m) {
+                        let part = &mut host[p * r * n..(p + 1) * r * n];
+                        for (j, src) in pair.b.chunks_exact(pair.rank).enumerate() {
+                            for (i, &v) in src.iter().enumerate() {
+                                part[i * n + j] = v;
+                            }
                         }
                     }
                 }
@@ -517,23 +550,21 @@ impl<B: Backend> LoraSlots<B> {
             use LoraModule::*;
             [
                 a(0, &[Q, K, V]),
-                b(1, Q),
-                b(2, K),
-                b(3, V),
-                a(4, &[O]),
-                b(5, O),
-                a(6, &[Gate, Up]),
-                b(7, Gate),
-                b(8, Up),
-                a(9, &[Down]),
-                b(10, Down),
+                b(1, &[Q]),
+                b(2, &[K, V]),
+                a(3, &[O]),
+                b(4, &[O]),
+                a(5, &[Gate, Up]),
+                b(6, &[Gate, Up]),
+                a(7, &[Down]),
+                b(8, &[Down]),
             ]
         };
         let num_layers = self.layers.len();
         let threads =
             std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(num_layers.max(1));
         let per_thread = num_layers.div_ceil(threads.max(1)).max(1);
-        let layers: Vec<[Vec<u8>; 11]> = std::thread::scope(|scope| {
+        let layers: Vec<[Vec<u8>; NUM_STACKS]> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..num_layers)
                 .step_by(per_thread)
                 .map(|first| {
@@ -587,9 +618,15 @@ impl<B: Backend> LoraSlots<B> {
                 }
             }
         };
+        let s = self.max_loras;
         for (slots, bytes) in self.layers.iter().zip(&packed.layers) {
-            for (tensor, data) in slots.tensors().into_iter().zip(bytes) {
-                backend.write(&tensor.narrow(slot, 1)?, HostSlice::Bytes(data, dtype))?;
+            for (stack, data) in slots.stacks().into_iter().zip(bytes) {
+                // Part p of the slot: row p·S + slot of the stack as [P·S, R·N].
+                let (parts, row) = (stack.dim(0), stack.numel() / (stack.dim(0) * s));
+                let rows = stack.reshape(&[parts * s, row])?;
+                for (p, chunk) in data.chunks_exact(data.len() / parts).enumerate() {
+                    backend.write(&rows.narrow(p * s + slot, 1)?, HostSlice::Bytes(chunk, dtype))?;
+                }
             }
         }
         Ok(())

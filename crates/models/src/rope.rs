@@ -86,6 +86,7 @@ mod tests {
             first_sliding_layer: 0,
             bos_token_id: None,
             eos_token_ids: vec![],
+            quantization: None,
         }
     }
 

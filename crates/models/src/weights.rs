@@ -169,6 +169,8 @@ impl WeightSource for SafetensorsWeights {
             StDtype::F32 => DType::F32,
             StDtype::F16 => DType::F16,
             StDtype::BF16 => DType::BF16,
+            // FP8 checkpoints' weights (`quantization_config`), one code a byte.
+            StDtype::F8_E4M3 => DType::F8E4M3,
             other => {
                 return Err(ModelError::UnsupportedDType { name: name.into(), dtype: format!("{other:?}") })
             }

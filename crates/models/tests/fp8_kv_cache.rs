@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{fixture, real_model_path};
+use common::{argmax, fixture, log_softmax, real_model_path};
 use pagoda_backend::{Backend, DType, TokenId};
 use pagoda_backend_cpu_ref::CpuBackend;
 use pagoda_models::weights::{SafetensorsWeights, WeightData, WeightSource, WeightTensor};
@@ -161,25 +161,14 @@ fn smollm2() -> &'static (ModelFiles, LlamaModel<CpuBackend>) {
     MODEL.get_or_init(|| {
         let files = ModelFiles::open(real_model_path()).expect("open SmolLM2");
         let model = files
-            .load_model(&CpuBackend::new(), &LoadOptions { max_positions: Some(512) }, &mut |_, _| {})
+            .load_model(
+                &CpuBackend::new(),
+                &LoadOptions { max_positions: Some(512), ..Default::default() },
+                &mut |_, _| {},
+            )
             .expect("load SmolLM2");
         (files, model)
     })
-}
-
-/// Log-softmax of one row of logits, in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-    let log_sum = sum.ln() + max;
-    row.iter().map(|&x| x as f64 - log_sum).collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
-        .0
 }
 
 #[test]

@@ -30,7 +30,11 @@ fn model() -> &'static LlamaModel<CpuBackend> {
     static MODEL: OnceLock<LlamaModel<CpuBackend>> = OnceLock::new();
     MODEL.get_or_init(|| {
         files()
-            .load_model(&CpuBackend::new(), &LoadOptions { max_positions: Some(1024) }, &mut |_, _| {})
+            .load_model(
+                &CpuBackend::new(),
+                &LoadOptions { max_positions: Some(1024), ..Default::default() },
+                &mut |_, _| {},
+            )
             .expect("load SmolLM2")
     })
 }

@@ -273,7 +273,7 @@ fn smollm2_at_tp_3_gives_the_tp_1_tokens() {
     let files = ModelFiles::open(real_model_path()).expect("open SmolLM2");
     assert_eq!((files.config.num_attention_heads, files.config.num_kv_heads), (9, 3));
     let cpu = CpuBackend::new();
-    let opts = LoadOptions { max_positions: Some(256) };
+    let opts = LoadOptions { max_positions: Some(256), ..Default::default() };
     let prompts: Vec<Vec<TokenId>> =
         ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th"]
             .iter()

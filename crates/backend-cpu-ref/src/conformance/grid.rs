@@ -21,8 +21,10 @@ pub struct Grid {
     /// copy_blocks and the swap_out / swap_in round trip.
     pub blocks: Vec<BlocksCase>,
     pub sample: Vec<SampleCase>,
-    /// lora_shrink and lora_expand.
+    /// lora_apply.
     pub lora: Vec<LoraCase>,
+    /// fp8_linear, each case in both modes.
+    pub fp8_linear: Vec<Fp8LinearCase>,
     /// Bad shapes and out-of-range host indices must come back as errors.
     pub errors: bool,
 }
@@ -49,6 +51,72 @@ pub struct LinearCase {
     pub f32_out: bool,
     /// As in [`RowsCase::margin`], for `x` and `out`.
     pub margin: usize,
+}
+
+/// One `fp8_linear` shape; each case runs in both modes
+/// (`check/fp8_linear.rs`).
+#[derive(Clone, Debug)]
+pub struct Fp8LinearCase {
+    pub tokens: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    /// What the layer fuses: input norm, input norm + SiLU-and-mul, or the
+    /// residual add (a random residual in `out`).
+    pub fusion: Fp8Fusion,
+    /// A static activation scale (a checkpoint's `input_scale`) instead of
+    /// the dynamic per-row scales, for the quantized mode.
+    pub static_input_scale: Option<f32>,
+    /// As in [`RowsCase::margin`], for `x` and `out`.
+    pub margin: usize,
+}
+
+/// The fusions of [`Fp8LinearCase`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Fusion {
+    None,
+    Norm,
+    NormSiluMul,
+    Accumulate,
+}
+
+impl Fp8LinearCase {
+    pub fn label(&self) -> String {
+        format!(
+            "T{} K{} N{}{} {:?}{}{}",
+            self.tokens,
+            self.in_features,
+            self.out_features,
+            if self.bias { " +bias" } else { "" },
+            self.fusion,
+            self.static_input_scale.map_or(String::new(), |s| format!(" static {s}")),
+            if self.margin > 0 { " view" } else { "" },
+        )
+    }
+}
+
+/// The FP8 linear layer over `shapes` (K, N) and `tokens`, the fusion,
+/// bias, margin and a static scale cycling so each appears at every size.
+fn fp8_linear_cases(shapes: &[(usize, usize)], tokens: &[usize]) -> Vec<Fp8LinearCase> {
+    let fusions = [Fp8Fusion::Norm, Fp8Fusion::Accumulate, Fp8Fusion::NormSiluMul, Fp8Fusion::None];
+    let mut cases = Vec::new();
+    let mut i = 0usize;
+    for &(in_features, out_features) in shapes {
+        for &t in tokens {
+            cases.push(Fp8LinearCase {
+                tokens: t,
+                in_features,
+                out_features,
+                bias: i % 3 == 1,
+                fusion: fusions[i % fusions.len()],
+                // About 0.01: rows of unit size saturate a few codes at ±448.
+                static_input_scale: (i % 5 == 2).then_some(0.0078125),
+                margin: usize::from(i % 4 == 3),
+            });
+            i += 1;
+        }
+    }
+    cases
 }
 
 #[derive(Clone, Debug)]
@@ -156,9 +224,8 @@ pub struct SampleCase {
     pub logit_scale: f32,
 }
 
-/// One layer's LoRA products: a shrink over `parts` stacked `A` matrices
-/// (`U = parts · rank`), then one expand per part into its columns of the
-/// base output.
+/// One adapted product's LoRA delta: a shrink over `parts` stacked `A`
+/// matrices, then each part's expand into its columns of the base output.
 #[derive(Clone, Debug)]
 pub struct LoraCase {
     pub tokens: usize,
@@ -636,6 +703,9 @@ impl Grid {
                 }))
                 .collect(),
             lora: quick_lora(),
+            // Decode (1, 2, 7, 16: weight-streaming sizes) and prefill (17, 64)
+            // at SmolLM2's widths, and an odd K for the devices' unaligned paths.
+            fp8_linear: fp8_linear_cases(&[(576, 1536), (1536, 576), (96, 40)], &[1, 2, 7, 16, 17, 64]),
             errors: true,
         }
     }
@@ -881,6 +951,12 @@ impl Grid {
             ],
             sample,
             lora: full_lora(),
+            // SmolLM2 (576, 1536) and Llama-3-8B (4096, 14336) projections: qkv/o
+            // and gate_up/down at each width, T from decode to a prefill chunk.
+            fp8_linear: fp8_linear_cases(
+                &[(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096)],
+                &[1, 2, 7, 16, 17, 64, 300],
+            ),
             errors: true,
         }
     }

@@ -43,11 +43,11 @@
 //!   wrong position, head, block, mask or eps) give errors of 1e-1 to 1.
 //! - **F16**: 2e-3: the same argument with 11 significant bits (2^-11 =
 //!   4.9e-4 max, ~2e-4 RMS measured).
-//! - LoRA's expand (`out += B·u` in the activation dtype) is judged element by
+//! - LoRA (`out += B·(A·x)` in the activation dtype) is judged element by
 //!   element against the bound its arithmetic gives: one rounding of the f32
 //!   result, `u·|ref|` with `u` the dtype's unit roundoff, plus the f32
-//!   summation-order term; its shrink (an F32 output) by the F32 tolerance.
-//!   `check/lora.rs` derives both.
+//!   summation-order terms of the shrink and the expand and the rounding of
+//!   the shrunk vector a backend may make. `check/lora.rs` derives it.
 //! - Exact ops (copies: embedding, gather, copy_blocks, swap, memory round
 //!   trips, untouched cache slots) must match bit for bit: tolerance 0.
 //! - FP8 (E4M3) KV caches: attention reads the same codes on both sides, and
@@ -56,6 +56,9 @@
 //!   equal, keys' equal or one representable step apart, for at most an
 //!   eighth of them (the device rounds the rotated key to its dtype before
 //!   quantising; `check/rotary.rs` derives the bound).
+//! - FP8 linear layers (E4M3 weights, per-channel scales): both modes are
+//!   judged by the activation dtype's tolerance for accumulated ops, given
+//!   the same codes; `check/fp8_linear.rs` derives it from the arithmetic.
 //! - Logprobs: 1e-3 absolute whatever the dtype: both sides compute the
 //!   log-softmax of identical logits in f32 or better; summing 128k terms in
 //!   f32 in another order moves the result by ~1e-5.
@@ -73,8 +76,8 @@ mod report;
 use pagoda_backend::{Backend, BackendError, DType, HostSlice, HostVec, Tensor};
 
 pub use grid::{
-    AttentionCase, BlocksCase, Fp8Scales, Grid, LinearCase, LoraCase, RotaryCase, RowsCase, SampleCase,
-    SeqShape, SlotLayout,
+    AttentionCase, BlocksCase, Fp8Fusion, Fp8LinearCase, Fp8Scales, Grid, LinearCase, LoraCase, RotaryCase,
+    RowsCase, SampleCase, SeqShape, SlotLayout,
 };
 pub use report::{CheckResult, ConformanceReport};
 
@@ -130,6 +133,7 @@ pub fn run_with<B: Backend>(device: &B, grid: &Grid, tolerances: Tolerances) -> 
     check::blocks::run(&mut h, &grid.blocks);
     check::sample::run(&mut h, &grid.sample);
     check::lora::run(&mut h, &grid.lora);
+    check::fp8_linear::run(&mut h, &grid.fp8_linear);
     if grid.errors {
         check::errors::run(&mut h);
     }

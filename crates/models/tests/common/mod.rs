@@ -75,3 +75,11 @@ pub fn argmax(row: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// Log-softmax of one row of logits, in f64.
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let log_sum = sum.ln() + max;
+    row.iter().map(|&x| x as f64 - log_sum).collect()
+}

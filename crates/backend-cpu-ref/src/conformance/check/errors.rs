@@ -5,7 +5,7 @@
 
 use pagoda_backend::{
     AttentionArgs, AttentionHostMetadata, AttentionMetadata, Backend, BackendError, DType, HostSlice,
-    LoraExpandArgs, LoraShrinkArgs, SamplingParams, SamplingRow,
+    LoraArgs, LoraPart, SamplingParams, SamplingRow, Tensor,
 };
 
 use crate::conformance::{dev, CheckResult, Harness};
@@ -140,26 +140,18 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>) {
         );
 
         let slots = zeros(&[4], DType::I32)?;
-        let shrunk = zeros(&[4, 6], DType::F32)?;
-        let (a_k9, a_u5) = (zeros(&[2, 6, 9], act)?, zeros(&[2, 5, 8], act)?);
-        let shrink =
-            |a| d.lora_shrink(&LoraShrinkArgs { x: &x, a, token_slots: &slots, out: &shrunk, groups: None });
-        expect("lora_shrink: a's K != x's K", shrink(&a_k9), is_shape);
-        expect("lora_shrink: out's U != a's U", shrink(&a_u5), is_shape);
-        let b = zeros(&[2, 4, 5], act)?;
-        let expand = |u_offset, out_offset| {
-            d.lora_expand(&LoraExpandArgs {
-                u: &shrunk,
-                u_offset,
-                b: &b,
-                token_slots: &slots,
-                out: &out,
-                out_offset,
-                groups: None,
-            })
+        let (a, a_k9) = (zeros(&[2, 2, 4, 8], act)?, zeros(&[2, 2, 4, 9], act)?);
+        let (b, b_r5) = (zeros(&[2, 4, 3], act)?, zeros(&[2, 5, 3], act)?);
+        let apply = |a, parts: &[(&Tensor<B>, usize)]| {
+            let parts: Vec<LoraPart<'_, B>> =
+                parts.iter().map(|&(b, out_offset)| LoraPart { b, out_offset }).collect();
+            d.lora_apply(&LoraArgs { x: &x, a, parts: &parts, token_slots: &slots, out: &out, groups: None })
         };
-        expect("lora_expand: u_offset + R past U", expand(3, 0), is_shape);
-        expect("lora_expand: out_offset + N past O", expand(0, 2), is_shape);
+        expect("lora_apply: a's K != x's K", apply(&a_k9, &[(&b, 0), (&b, 3)]), is_shape);
+        expect("lora_apply: b's R != a's R", apply(&a, &[(&b, 0), (&b_r5, 3)]), is_shape);
+        expect("lora_apply: one part for a of two", apply(&a, &[(&b, 0)]), is_shape);
+        expect("lora_apply: out_offset + N past O", apply(&a, &[(&b, 0), (&b, 4)]), is_shape);
+        expect("lora_apply: parts' columns overlap", apply(&a, &[(&b, 0), (&b, 2)]), is_shape);
         Ok(rows)
     });
 }

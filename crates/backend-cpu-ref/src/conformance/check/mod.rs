@@ -3,6 +3,7 @@
 pub(super) mod attention;
 pub(super) mod blocks;
 pub(super) mod errors;
+pub(super) mod fp8_linear;
 pub(super) mod linear;
 pub(super) mod lora;
 pub(super) mod memory;

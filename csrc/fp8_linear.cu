@@ -1,0 +1,397 @@
+// FP8 (E4M3) weights (pagoda_fp8_linear): out[t, j] = fusion(x' . W^T + bias)
+// with W[j, k] = weight_scale[j] * dec(w[j, k]). Two modes (the formulas are
+// pagoda_backend::Fp8LinearArgs'):
+//
+// - Weight only (decode, up to 16 rows a launch): a weight-streaming GEMV
+//   shaped as gemm.cu's CUDA-core kernel: each warp streams one weight row
+//   (two with SiLU: gate row j and up row j + n/2) with 16-byte loads, 16
+//   codes a load (half the bytes of bf16 for the same k, so twice the k per
+//   load), several in flight per lane, converts them in registers (exactly:
+//   every E4M3 value is an f16 value) and dots them with every token row
+//   (which stays in L1/L2), in f32. The row's scale, the norm's 1/rms, the
+//   bias, SiLU and the residual add happen in the epilogue.
+// - Quantized activations (more rows): x' (normed into scratch first when
+//   asked, in the activation dtype) is quantized per row in one kernel (a
+//   block per row: the row's absolute maximum, then every element divided by
+//   the scale and converted with SATFINITE), then cuBLASLt multiplies the
+//   codes on FP8 tensor cores, TN layout, with the per-row activation scales
+//   and per-channel weight scales as outer-vector scales (cuBLAS 12.9+ on
+//   Hopper), into the output (or a product buffer before SiLU), the bias
+//   broadcast first and added through beta = 1 as gemm.cu does.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+
+#include "blas.cuh"
+#include "common.cuh"
+
+using pagoda::BlasHandle;
+using pagoda::blas_status;
+using pagoda::kBlasWorkspaceBytes;
+
+namespace {
+
+// ---- weight only: the FP8 GEMV ------------------------------------------------------
+
+constexpr int FP8_GEMV_MAX_TOKENS = 16;
+constexpr int FP8_GEMV_WARPS = 8;
+constexpr int FP8_GEMV_UNROLL = 4;
+// 16-byte chunks at the start of each row prefetched into L2 before waiting on
+// the previous kernel (as gemm.cu's GEMV_PREFETCH_CHUNKS: 1 KB a row).
+constexpr int FP8_GEMV_PREFETCH_CHUNKS = 64;
+
+// The 16 E4M3 codes of a 16-byte chunk as floats (exact, through f16).
+__device__ __forceinline__ void unpack16_e4m3(const uint4 &v, float (&out)[16]) {
+    const __nv_fp8x2_storage_t *e = reinterpret_cast<const __nv_fp8x2_storage_t *>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(e[i], __NV_E4M3);
+        const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&h));
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+// One 16-code chunk `c` of each weight row against every token row (16
+// activations: two 16-byte loads of 8).
+template <typename T, int TOKENS, int ROWS, bool NORM>
+__device__ __forceinline__ void fp8_gemv_chunk(const uint4 (&wv)[ROWS], const T *__restrict__ x,
+                                               const T *__restrict__ gamma, int k, int t, int c,
+                                               float (&acc)[ROWS][TOKENS], float (&ss)[TOKENS]) {
+    float wf[ROWS][16];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) unpack16_e4m3(wv[r], wf[r]);
+    float gf[16];
+    if (NORM) {
+        const uint4 *g = reinterpret_cast<const uint4 *>(gamma) + 2 * c;
+        float lo[8], hi[8];
+        pagoda::unpack8<T>(__ldg(g), lo);
+        pagoda::unpack8<T>(__ldg(g + 1), hi);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            gf[e] = lo[e];
+            gf[8 + e] = hi[e];
+        }
+    }
+#pragma unroll
+    for (int tok = 0; tok < TOKENS; ++tok) {
+        // Rows past t (a launch's bucket is a power of two) read the last row; never stored.
+        const uint4 *xr = reinterpret_cast<const uint4 *>(x + (size_t)min(tok, t - 1) * k) + 2 * c;
+        float xf[16];
+        {
+            float lo[8], hi[8];
+            pagoda::unpack8<T>(__ldg(xr), lo);
+            pagoda::unpack8<T>(__ldg(xr + 1), hi);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                xf[e] = lo[e];
+                xf[8 + e] = hi[e];
+            }
+        }
+        if (NORM) {
+#pragma unroll
+            for (int e = 0; e < 16; ++e) {
+                ss[tok] = fmaf(xf[e], xf[e], ss[tok]);
+                xf[e] *= gf[e];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int e = 0; e < 16; ++e) acc[r][tok] = fmaf(wf[r][e], xf[e], acc[r][tok]);
+    }
+}
+
+template <typename T, int TOKENS, bool NORM, bool SILU>
+__global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
+    fp8_gemv_kernel(const T *__restrict__ x, const uint8_t *__restrict__ w, const float *__restrict__ w_scale,
+                    const T *__restrict__ bias, const T *__restrict__ gamma, float eps, T *__restrict__ out,
+                    int n_out, int k, int t, int accumulate) {
+    constexpr int ROWS = SILU ? 2 : 1;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * FP8_GEMV_WARPS + (threadIdx.x >> 5);
+    const uint4 *wrow[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        wrow[r] = reinterpret_cast<const uint4 *>(w + (size_t)(min(row, n_out - 1) + r * n_out) * k);
+    const int chunks = k / 16;  // 16-byte chunks (16 codes) per row
+    // As gemm.cu's GEMV: the weights never depend on the kernel before.
+    if (row < n_out) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            for (int c = 2 * lane; c < min(chunks, FP8_GEMV_PREFETCH_CHUNKS); c += 64)
+                pagoda::prefetch_l2(wrow[r] + c);
+    }
+    pagoda::pdl_wait();
+    if (row >= n_out) {
+        pagoda::pdl_launch_dependents();
+        return;
+    }
+    float acc[ROWS][TOKENS], ss[TOKENS];
+#pragma unroll
+    for (int tok = 0; tok < TOKENS; ++tok) {
+        ss[tok] = 0.f;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[r][tok] = 0.f;
+    }
+    int c = lane;
+    for (; c + (FP8_GEMV_UNROLL - 1) * 32 < chunks; c += FP8_GEMV_UNROLL * 32) {
+        uint4 wv[FP8_GEMV_UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < FP8_GEMV_UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) wv[u][r] = __ldg(wrow[r] + c + u * 32);
+#pragma unroll
+        for (int u = 0; u < FP8_GEMV_UNROLL; ++u)
+            fp8_gemv_chunk<T, TOKENS, ROWS, NORM>(wv[u], x, gamma, k, t, c + u * 32, acc, ss);
+    }
+    for (; c < chunks; c += 32) {
+        uint4 wv[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) wv[r] = __ldg(wrow[r] + c);
+        fp8_gemv_chunk<T, TOKENS, ROWS, NORM>(wv, x, gamma, k, t, c, acc, ss);
+    }
+    pagoda::pdl_launch_dependents();
+    float scale[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) scale[r] = w_scale[row + r * n_out];
+#pragma unroll
+    for (int tok = 0; tok < TOKENS; ++tok) {
+        const float inv_rms = NORM ? rsqrtf(pagoda::warp_sum(ss[tok]) / (float)k + eps) : 1.f;
+        float v[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            v[r] = pagoda::warp_sum(acc[r][tok]) * inv_rms * scale[r];
+            if (bias != nullptr) v[r] += pagoda::to_float<T>(bias[row + r * n_out]);
+        }
+        const float y = SILU ? pagoda::silu(v[0]) * v[ROWS - 1] : v[0];
+        if (lane == 0 && tok < t) {
+            T *dst = out + (size_t)tok * n_out + row;
+            *dst = pagoda::from_float<T>(accumulate ? pagoda::to_float<T>(*dst) + y : y);
+        }
+    }
+}
+
+template <typename T, bool NORM, bool SILU>
+int launch_fp8_gemv(const PagodaFp8LinearArgs *a, const T *x, T *out, int t, pagoda::LaunchStream stream) {
+    const int n_out = SILU ? a->n / 2 : a->n;
+    const dim3 grid(pagoda::ceil_div(n_out, FP8_GEMV_WARPS)), block(FP8_GEMV_WARPS * 32);
+    const T *bias = static_cast<const T *>(a->bias);
+    const T *gamma = static_cast<const T *>(a->norm_weight);
+    cudaError_t e;
+#define PAGODA_FP8_GEMV(N)                                                                                   \
+    e = pagoda::launch(fp8_gemv_kernel<T, N, NORM, SILU>, grid, block, 0, stream, x, a->weight, a->weight_scale, \
+                       bias, gamma, a->eps, out, n_out, a->k, t, a->accumulate)
+    if (t <= 1) {
+        PAGODA_FP8_GEMV(1);
+    } else if (t <= 2) {
+        PAGODA_FP8_GEMV(2);
+    } else if (t <= 4) {
+        PAGODA_FP8_GEMV(4);
+    } else if (t <= 8) {
+        PAGODA_FP8_GEMV(8);
+    } else {
+        PAGODA_FP8_GEMV(16);
+    }
+#undef PAGODA_FP8_GEMV
+    if (e != cudaSuccess) return (int)e;
+    PAGODA_LAUNCH_CHECK();
+    return 0;
+}
+
+// Every row of the product, FP8_GEMV_MAX_TOKENS rows a launch (rows are independent).
+template <typename T, bool NORM, bool SILU> int fp8_gemv_rows(const PagodaFp8LinearArgs *a, pagoda::LaunchStream s) {
+    const int out_cols = SILU ? a->n / 2 : a->n;
+    for (int r0 = 0; r0 < a->t; r0 += FP8_GEMV_MAX_TOKENS) {
+        const int rows = min(FP8_GEMV_MAX_TOKENS, a->t - r0);
+        const T *x = static_cast<const T *>(a->x) + (size_t)r0 * a->k;
+        T *out = static_cast<T *>(a->out) + (size_t)r0 * out_cols;
+        const int rc = launch_fp8_gemv<T, NORM, SILU>(a, x, out, rows, s);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+template <typename T> int fp8_gemv(const PagodaFp8LinearArgs *a, pagoda::LaunchStream s) {
+    const bool norm = a->norm_weight != nullptr;
+    if (a->silu_mul) return norm ? fp8_gemv_rows<T, true, true>(a, s) : fp8_gemv_rows<T, false, true>(a, s);
+    return norm ? fp8_gemv_rows<T, true, false>(a, s) : fp8_gemv_rows<T, false, false>(a, s);
+}
+
+// ---- quantized activations --------------------------------------------------------
+
+constexpr int QUANT_THREADS = 256;
+
+// Row `blockIdx.x` of x: its scale (static, or max|x| / 448, 1 for a zero
+// row) into scales[row], its codes e4m3(x / scale) into q. k % 8 == 0.
+template <typename T>
+__global__ void __launch_bounds__(QUANT_THREADS)
+    quantize_rows_kernel(const T *__restrict__ x, uint8_t *__restrict__ q, float *__restrict__ scales, int k,
+                         float static_scale) {
+    __shared__ float s_red[32];
+    const int row = blockIdx.x;
+    const uint4 *xr = reinterpret_cast<const uint4 *>(x + (size_t)row * k);
+    uint2 *qr = reinterpret_cast<uint2 *>(q + (size_t)row * k);
+    const int chunks = k / 8;
+    pagoda::pdl_wait();
+    float scale = static_scale;
+    if (!(static_scale > 0.f)) {
+        float m = 0.f;
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            float v[8];
+            pagoda::unpack8<T>(__ldg(xr + c), v);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(v[e]));
+        }
+        m = pagoda::block_max(m, s_red);
+        scale = m > 0.f ? __fdiv_rn(m, 448.f) : 1.f;
+    }
+    if (threadIdx.x == 0) scales[row] = scale;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        float v[8];
+        pagoda::unpack8<T>(__ldg(xr + c), v);
+        uint2 out;
+        __nv_fp8x2_storage_t *e = reinterpret_cast<__nv_fp8x2_storage_t *>(&out);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            e[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v[2 * i], scale), __fdiv_rn(v[2 * i + 1], scale)),
+                                            __NV_SATFINITE, __NV_E4M3);
+        qr[c] = out;
+    }
+    pagoda::pdl_launch_dependents();
+}
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+// The quantized path's scratch, in order: normed rows (with a norm), codes,
+// row scales, the product before SiLU (with silu_mul).
+size_t normed_bytes(const PagodaFp8LinearArgs *a) {
+    return a->norm_weight ? align256((size_t)a->t * a->k * 2) : 0;
+}
+size_t codes_bytes(const PagodaFp8LinearArgs *a) { return align256((size_t)a->t * a->k); }
+size_t scales_bytes(const PagodaFp8LinearArgs *a) { return align256((size_t)a->t * sizeof(float)); }
+size_t product_bytes(const PagodaFp8LinearArgs *a) { return a->silu_mul ? (size_t)a->t * a->n * 2 : 0; }
+size_t quantized_bytes(const PagodaFp8LinearArgs *a) {
+    return normed_bytes(a) + codes_bytes(a) + scales_bytes(a) + product_bytes(a);
+}
+
+// RAII for the cuBLASLt descriptors of one call.
+struct LtDescs {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    ~LtDescs() {
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+        if (d) cublasLtMatrixLayoutDestroy(d);
+        if (b) cublasLtMatrixLayoutDestroy(b);
+        if (a) cublasLtMatrixLayoutDestroy(a);
+        if (op) cublasLtMatmulDescDestroy(op);
+    }
+};
+
+#define PAGODA_LT(call)                                  \
+    do {                                                 \
+        const cublasStatus_t st_ = (call);               \
+        if (st_ != CUBLAS_STATUS_SUCCESS) return blas_status(st_); \
+    } while (0)
+
+// d (n x t column-major: row-major [t, n]) = a_scale[j] * b_scale[tok] * (w . q^T)
+// (+ d with accumulate). cuBLAS terms: A = w (k x n, transposed), B = q (k x t).
+int lt_fp8_gemm(BlasHandle *h, cudaStream_t stream, const uint8_t *w, const uint8_t *q, const float *w_scale,
+                const float *q_scale, void *d, cudaDataType_t d_type, int t, int n, int k, bool accumulate) {
+    // A cuBLAS handle is also a cuBLASLt handle (cuBLAS documents the cast).
+    cublasLtHandle_t lt = reinterpret_cast<cublasLtHandle_t>(h->handle);
+    LtDescs s;
+    PAGODA_LT(cublasLtMatmulDescCreate(&s.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof(outer)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof(outer)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &q_scale, sizeof(q_scale)));
+    // Full f32 accumulation (no fast accumulation): the conformance bound counts on it.
+    const int8_t fast_accum = 0;
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof(fast_accum)));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.a, CUDA_R_8F_E4M3, k, n, k));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.b, CUDA_R_8F_E4M3, k, t, k));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.d, d_type, n, t, n));
+    PAGODA_LT(cublasLtMatmulPreferenceCreate(&s.pref));
+    const size_t ws = kBlasWorkspaceBytes;
+    PAGODA_LT(cublasLtMatmulPreferenceSetAttribute(s.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    cublasLtMatmulHeuristicResult_t heuristic = {};
+    int found = 0;
+    PAGODA_LT(cublasLtMatmulAlgoGetHeuristic(lt, s.op, s.a, s.b, s.d, s.d, s.pref, 1, &heuristic, &found));
+    if (found == 0) return blas_status(CUBLAS_STATUS_NOT_SUPPORTED);
+    const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+    PAGODA_LT(cublasLtMatmul(lt, s.op, &alpha, w, s.a, q, s.b, &beta, d, s.d, d, s.d, &heuristic.algo, h->workspace,
+                             ws, stream));
+    return 0;
+}
+
+template <typename T> int fp8_quantized(void *handle, const PagodaFp8LinearArgs *a, const PagodaKernelPolicy *policy,
+                                        void *stream) {
+    const pagoda::LaunchStream ls = pagoda::launch_stream(policy, stream);
+    if (a->scratch_bytes < quantized_bytes(a)) return PAGODA_ERR_WORKSPACE;
+    if (a->n % 8 != 0) return PAGODA_ERR_ALIGNMENT;
+    char *scratch = static_cast<char *>(a->scratch);
+    const void *x = a->x;
+    int rc;
+    if (a->norm_weight != nullptr) {
+        rc = pagoda_rms_norm(a->x, nullptr, a->norm_weight, a->dtype, scratch, a->dtype, a->t, a->k, a->eps, policy,
+                             stream);
+        if (rc != 0) return rc;
+        x = scratch;
+    }
+    uint8_t *q = reinterpret_cast<uint8_t *>(scratch + normed_bytes(a));
+    float *q_scale = reinterpret_cast<float *>(scratch + normed_bytes(a) + codes_bytes(a));
+    cudaError_t e = pagoda::launch(quantize_rows_kernel<T>, dim3(a->t), dim3(QUANT_THREADS), 0, ls,
+                                   static_cast<const T *>(x), q, q_scale, a->k, a->input_scale);
+    if (e != cudaSuccess) return (int)e;
+    PAGODA_LAUNCH_CHECK();
+    void *product = a->silu_mul ? scratch + normed_bytes(a) + codes_bytes(a) + scales_bytes(a) : a->out;
+    bool accumulate = a->accumulate != 0;
+    if (a->bias != nullptr) {
+        rc = pagoda_broadcast_rows(a->bias, a->dtype, product, a->dtype, a->t, a->n, accumulate, policy, stream);
+        if (rc != 0) return rc;
+        accumulate = true;
+    }
+    cudaDataType_t d_type;
+    if (!pagoda::cuda_type(a->dtype, &d_type)) return PAGODA_ERR_DTYPE;
+    rc = lt_fp8_gemm(static_cast<BlasHandle *>(handle), ls.stream, a->weight, q, a->weight_scale, q_scale, product,
+                     d_type, a->t, a->n, a->k, accumulate);
+    if (rc != 0) return rc;
+    if (a->silu_mul) return pagoda_silu_and_mul(product, a->out, a->dtype, a->t, a->n / 2, policy, stream);
+    return 0;
+}
+
+}  // namespace
+
+extern "C" size_t pagoda_fp8_linear_scratch_bytes(const PagodaFp8LinearArgs *a) {
+    if (a->mode != PAGODA_FP8_QUANTIZED || a->t <= 0 || a->n <= 0) return 0;
+    return quantized_bytes(a);
+}
+
+extern "C" int pagoda_fp8_linear(void *handle, const PagodaFp8LinearArgs *a, const PagodaKernelPolicy *policy,
+                                 void *stream) {
+    PAGODA_CHECK_POLICY(policy);
+    if (a->t < 0 || a->n < 0 || a->k < 0) return PAGODA_ERR_ARGUMENT;
+    if (a->t == 0 || a->n == 0) return 0;
+    if (a->dtype != PAGODA_DTYPE_BF16 && a->dtype != PAGODA_DTYPE_F16) return PAGODA_ERR_DTYPE;
+    if (a->silu_mul && (a->n % 2 != 0 || a->accumulate)) return PAGODA_ERR_ARGUMENT;
+    if (a->k == 0 || a->k % 16 != 0) return PAGODA_ERR_ALIGNMENT;
+    if (!pagoda::aligned16(a->x) || !pagoda::aligned16(a->weight) ||
+        (a->norm_weight != nullptr && !pagoda::aligned16(a->norm_weight)))
+        return PAGODA_ERR_ALIGNMENT;
+    const bool bf16 = a->dtype == PAGODA_DTYPE_BF16;
+    switch (a->mode) {
+        case PAGODA_FP8_WEIGHT_ONLY: {
+            const pagoda::LaunchStream ls = pagoda::launch_stream(policy, stream);
+            return bf16 ? fp8_gemv<__nv_bfloat16>(a, ls) : fp8_gemv<__half>(a, ls);
+        }
+        case PAGODA_FP8_QUANTIZED:
+            return bf16 ? fp8_quantized<__nv_bfloat16>(handle, a, policy, stream)
+                        : fp8_quantized<__half>(handle, a, policy, stream);
+        default: return PAGODA_ERR_ARGUMENT;
+    }
+}
