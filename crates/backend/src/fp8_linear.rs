@@ -142,15 +142,39 @@ pub fn fp8_dynamic_scale(row: &[f32]) -> f32 {
 /// fp8`, as vLLM's online FP8): each row's scale is `max |w_row| / 448` (1
 /// for a zero row), its codes `e4m3(w / scale)`. Returns `(codes, scales)`
 /// for `rows` rows of `cols` values.
+///
+/// Rows are independent, so large weights are split over the host's threads
+/// (an 8B model's projections are ~7·10^9 values); the result does not depend
+/// on the split.
 pub fn fp8_quantize_rows(values: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     assert_eq!(values.len(), rows * cols, "fp8_quantize_rows: {rows} x {cols} values");
-    let mut codes = Vec::with_capacity(values.len());
-    let mut scales = Vec::with_capacity(rows);
-    for row in values.chunks(cols.max(1)).take(rows) {
-        let scale = fp8_dynamic_scale(row);
-        codes.extend(row.iter().map(|&w| crate::fp8::e4m3_from_f32(w / scale)));
-        scales.push(scale);
+    let mut codes = vec![0u8; values.len()];
+    let mut scales = vec![1f32; rows];
+    let cols = cols.max(1);
+    let quantize = |values: &[f32], codes: &mut [u8], scales: &mut [f32]| {
+        for ((row, out), scale) in values.chunks(cols).zip(codes.chunks_mut(cols)).zip(scales.iter_mut()) {
+            *scale = fp8_dynamic_scale(row);
+            for (c, &w) in out.iter_mut().zip(row) {
+                *c = crate::fp8::e4m3_from_f32(w / *scale);
+            }
+        }
+    };
+    // Below ~1M values a thread costs more than it saves.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(values.len() >> 20).max(1);
+    if threads == 1 || rows < 2 {
+        quantize(values, &mut codes, &mut scales);
+        return (codes, scales);
     }
+    let rows_per = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let chunks = values
+            .chunks(rows_per * cols)
+            .zip(codes.chunks_mut(rows_per * cols))
+            .zip(scales.chunks_mut(rows_per));
+        for ((v, c), s) in chunks {
+            scope.spawn(move || quantize(v, c, s));
+        }
+    });
     (codes, scales)
 }
 
@@ -164,6 +188,21 @@ mod tests {
         assert_eq!(fp8_dynamic_scale(&[1.0, -896.0, 3.0]), 2.0);
         assert_eq!(fp8_dynamic_scale(&[0.0, -0.0]), 1.0);
         assert_eq!(fp8_dynamic_scale(&[]), 1.0);
+    }
+
+    /// A weight large enough to be split over threads gets the codes and
+    /// scales of quantizing each row on its own.
+    #[test]
+    fn threaded_quantization_equals_row_by_row() {
+        let (rows, cols) = (2100usize, 1024usize); // over 2^21 values: two threads or more
+        let values: Vec<f32> =
+            (0..rows * cols).map(|i| ((i as f32 * 0.618).sin() * (1 + i % 7) as f32) * 0.01).collect();
+        let (codes, scales) = fp8_quantize_rows(&values, rows, cols);
+        for r in [0, 1, 1049, 1050, 2099] {
+            let (row_codes, row_scales) = fp8_quantize_rows(&values[r * cols..(r + 1) * cols], 1, cols);
+            assert_eq!(scales[r], row_scales[0], "row {r}");
+            assert_eq!(&codes[r * cols..(r + 1) * cols], &row_codes[..], "row {r}");
+        }
     }
 
     /// Quantizing rows and decoding them gives every weight back within

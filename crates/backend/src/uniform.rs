@@ -126,12 +126,31 @@ impl UniformFill {
     /// The f32 values of rows `rows` of a destination of `cols` columns
     /// (`row_stride` resolved, as [`UniformFill::check`] returns it):
     /// the reference every backend's fill must equal after rounding.
+    /// Large ranges are split over the host's threads (the values are a pure
+    /// function of the counter, so the split changes nothing).
     pub fn host_values(&self, rows: std::ops::Range<usize>, cols: usize, row_stride: u64) -> Vec<f32> {
-        let mut out = Vec::with_capacity(rows.len() * cols);
-        for r in rows {
-            let base = self.first + r as u64 * row_stride;
-            out.extend((0..cols as u64).map(|c| self.value(base + c)));
+        let mut out = vec![0f32; rows.len() * cols];
+        let fill = |first_row: usize, out: &mut [f32]| {
+            for (i, row) in out.chunks_mut(cols.max(1)).enumerate() {
+                let base = self.first + (first_row + i) as u64 * row_stride;
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v = self.value(base + c as u64);
+                }
+            }
+        };
+        // Below ~1M values a thread costs more than it saves.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(out.len() >> 20).max(1);
+        if threads == 1 || cols == 0 {
+            fill(rows.start, &mut out);
+            return out;
         }
+        let rows_per = rows.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (i, chunk) in out.chunks_mut(rows_per * cols).enumerate() {
+                let fill = &fill;
+                scope.spawn(move || fill(rows.start + i * rows_per, chunk));
+            }
+        });
         out
     }
 }
@@ -205,6 +224,18 @@ mod tests {
         let mut bins = [0usize; 8];
         values.iter().for_each(|&v| bins[((v + 0.5) * 4.0) as usize] += 1);
         assert!(bins.iter().all(|&b| (b as f64 / n as f64 - 0.125).abs() < 0.005), "{bins:?}");
+    }
+
+    #[test]
+    fn large_ranges_split_over_threads_give_the_same_values() {
+        let fill = UniformFill::new(3, -1.0, 1.0);
+        let (rows, cols) = (2100usize, 1024usize); // over 2^21 values: two threads or more
+        let all = fill.host_values(5..5 + rows, cols, 2048);
+        for r in [0, 1049, 1050, rows - 1] {
+            let base = 5 * 2048 + r as u64 * 2048;
+            let want: Vec<f32> = (0..cols as u64).map(|c| fill.value(base + c)).collect();
+            assert_eq!(all[r * cols..(r + 1) * cols], want[..], "row {r}");
+        }
     }
 
     #[test]
