@@ -4,13 +4,10 @@
 //! linear layer, over exactly the codes' values; the scales are applied to
 //! its f32 sums afterwards, then the bias and the fusion.
 
-use std::borrow::Cow;
-
 use pagoda_backend::fp8::e4m3_round;
 use pagoda_backend::{fp8_dynamic_scale, Fp8InputScale, Fp8LinearArgs, Fp8LinearMode, Result};
 
-use crate::linear::matmul_transposed;
-use crate::ops::{for_each_row, rms_norm_row, silu_and_mul_row};
+use crate::linear::{fused_input, matmul_transposed, store_fused};
 use crate::storage::with_operands;
 use crate::CpuBackend;
 
@@ -29,15 +26,8 @@ pub(crate) fn fp8_linear(a: &Fp8LinearArgs<'_, CpuBackend>) -> Result<()> {
         let scales = ins.f32(a.weight_scale)?;
         let bias = a.bias.map(|b| ins.f32(b)).transpose()?;
         // x' (the activation dtype here is f32, so "rounded to it" is x' itself).
-        let mut rows: Cow<'_, [f32]> = match a.fusion.input_norm {
-            Some((g, eps)) => {
-                let g = ins.f32(g)?;
-                let mut normed = vec![0.0f32; tokens * k];
-                for_each_row(&mut normed, k, |t, row| rms_norm_row(&xs[t * k..(t + 1) * k], g, eps, row));
-                Cow::Owned(normed)
-            }
-            None => Cow::Borrowed(xs),
-        };
+        let norm = a.fusion.input_norm.map(|(g, eps)| ins.f32(g).map(|g| (g, eps))).transpose()?;
+        let mut rows = fused_input(xs, norm, tokens, k);
         // Per row, the factor its sums are multiplied by besides s_w[n].
         let row_scales: Vec<f32> = match a.mode {
             Fp8LinearMode::WeightOnly => vec![1.0; tokens],
@@ -64,20 +54,7 @@ pub(crate) fn fp8_linear(a: &Fp8LinearArgs<'_, CpuBackend>) -> Result<()> {
                 *p = *p * row_scales[t] * scales[j] + bias.map_or(0.0, |b| b[j]);
             }
         }
-        let out = &mut *outs[0];
-        if a.fusion.silu_mul {
-            let inter = n / 2;
-            for_each_row(out, inter, |t, row| {
-                let (gate, up) = product[t * n..(t + 1) * n].split_at(inter);
-                silu_and_mul_row(gate, up, row);
-            });
-        } else if a.fusion.accumulate {
-            for (o, &p) in out.iter_mut().zip(&product) {
-                *o += p;
-            }
-        } else {
-            out.copy_from_slice(&product);
-        }
+        store_fused(outs[0], &product, a.fusion, n);
         Ok(())
     })
 }

@@ -46,15 +46,8 @@ pub(crate) fn linear_fused(
         let xs = ins.f32(x)?;
         let w = ins.f32(weight)?;
         let b = bias.map(|b| ins.f32(b)).transpose()?;
-        let normed: Cow<'_, [f32]> = match fusion.input_norm {
-            Some((g, eps)) => {
-                let g = ins.f32(g)?;
-                let mut normed = vec![0.0f32; tokens * k];
-                for_each_row(&mut normed, k, |t, row| rms_norm_row(&xs[t * k..(t + 1) * k], g, eps, row));
-                Cow::Owned(normed)
-            }
-            None => Cow::Borrowed(xs),
-        };
+        let norm = fusion.input_norm.map(|(g, eps)| ins.f32(g).map(|g| (g, eps))).transpose()?;
+        let normed = fused_input(xs, norm, tokens, k);
         let out = &mut *outs[0];
         if !fusion.silu_mul && !fusion.accumulate {
             matmul_transposed(&normed, w, b, out, tokens, k, n);
@@ -62,19 +55,46 @@ pub(crate) fn linear_fused(
         }
         let mut product = vec![0.0f32; tokens * n];
         matmul_transposed(&normed, w, b, &mut product, tokens, k, n);
-        if fusion.silu_mul {
-            let inter = n / 2;
-            for_each_row(out, inter, |t, row| {
-                let (gate, up) = product[t * n..(t + 1) * n].split_at(inter);
-                silu_and_mul_row(gate, up, row);
-            });
-        } else {
-            for (o, &p) in out.iter_mut().zip(&product) {
-                *o += p;
-            }
-        }
+        store_fused(out, &product, fusion, n);
         Ok(())
     })
+}
+
+/// The rows a fused linear layer multiplies: `x` itself, or `x` RMS-normed
+/// with `norm = (gamma, eps)`, exactly as the separate `rms_norm` computes it.
+pub(crate) fn fused_input<'a>(
+    x: &'a [f32],
+    norm: Option<(&[f32], f32)>,
+    tokens: usize,
+    k: usize,
+) -> Cow<'a, [f32]> {
+    match norm {
+        Some((g, eps)) => {
+            let mut normed = vec![0.0f32; tokens * k];
+            for_each_row(&mut normed, k, |t, row| rms_norm_row(&x[t * k..(t + 1) * k], g, eps, row));
+            Cow::Owned(normed)
+        }
+        None => Cow::Borrowed(x),
+    }
+}
+
+/// A fused linear layer's epilogue: `out = silu_and_mul(product)`,
+/// `out += product` or `out = product`, as the fusion says; `product` is
+/// `[tokens, n]`.
+pub(crate) fn store_fused(out: &mut [f32], product: &[f32], fusion: &LinearFusion<'_, CpuBackend>, n: usize) {
+    if fusion.silu_mul {
+        let inter = n / 2;
+        for_each_row(out, inter, |t, row| {
+            let (gate, up) = product[t * n..(t + 1) * n].split_at(inter);
+            silu_and_mul_row(gate, up, row);
+        });
+    } else if fusion.accumulate {
+        for (o, &p) in out.iter_mut().zip(product) {
+            *o += p;
+        }
+    } else {
+        out.copy_from_slice(product);
+    }
 }
 
 /// `out[t, j] = Σ_i x[t, i] · w[j, i] + bias[j]`; shapes were checked by the caller.
