@@ -661,24 +661,17 @@ impl Grid {
                 },
             ]),
             attention,
-            blocks: vec![
-                BlocksCase {
+            // The same copies over a bf16/f16 cache and over an FP8 one.
+            blocks: [false, true]
+                .map(|fp8| BlocksCase {
                     num_blocks: 8,
                     num_kv_heads: 2,
                     block_size: 16,
                     head_dim: 64,
                     pairs: 3,
-                    fp8: false,
-                },
-                BlocksCase {
-                    num_blocks: 8,
-                    num_kv_heads: 2,
-                    block_size: 16,
-                    head_dim: 64,
-                    pairs: 3,
-                    fp8: true,
-                },
-            ],
+                    fp8,
+                })
+                .to_vec(),
             sample: mixes
                 .into_iter()
                 .enumerate()
