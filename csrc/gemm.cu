@@ -8,6 +8,7 @@
 
 #include "blas.cuh"
 #include "common.cuh"
+#include "mma_gemv.cuh"
 
 using pagoda::BlasHandle;
 using pagoda::blas_status;
@@ -171,200 +172,10 @@ int launch_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     return 0;
 }
 
-// ---- small-batch products on tensor cores ----------------------------------------
-// The kernel above does 8 FMAs per weight element and token row on the CUDA
-// cores, and converts every element to f32: at 5 or more rows that arithmetic,
-// not the weight stream, sets its speed (an 8B verification step of 5 rows ran
-// at twice the time of a 1-row decode). Here the same product runs on the
-// tensor cores with the roles swapped: 16 weight rows are the MMA's M, up to
-// 8 token rows its N (two N tiles for 9-16 rows), so arithmetic is free and
-// the kernel streams the weights once for all rows.
-//
-// Loads stay 16 bytes wide: a lane reads 8 consecutive k of its weight rows
-// and 8 of its token row, and those 8 k feed two m16n8k16 products (k of an
-// MMA is a permutation of the real k, the same for A and B, which a dot
-// product does not see): lane (group g, q) loads k 8q..8q+7 of a 32-wide chunk
-// for weight rows g and g + 8 and token row g; registers .x/.y go to the
-// first product (its k 2q, 2q+1, 2q+8, 2q+9), .z/.w to the second.
-//
-// A block takes 16 output rows (SILU: 8 gate rows and the 8 up rows that pair
-// with them, so one lane holds both halves of an output) and splits k over its
-// 8 warps; the warps' partial sums meet in shared memory. The input norm
-// scales x by gamma before the product (rounded to 16 bits, as the unfused path
-// rounds the normalised rows) and by 1/rms(x) after it.
+// ---- small-batch products on tensor cores: mma_gemv.cuh ----------------------------
 
-// Compile-time knobs (PAGODA_NVCC_FLAGS=-DPAGODA_MMA_GEMV_...=N), for the kernel bench's sweeps.
-#ifndef PAGODA_MMA_GEMV_WARPS
-#define PAGODA_MMA_GEMV_WARPS 8
-#endif
-#ifndef PAGODA_MMA_GEMV_VEC
-#define PAGODA_MMA_GEMV_VEC 1
-#endif
-#ifndef PAGODA_MMA_GEMV_UNROLL
-#define PAGODA_MMA_GEMV_UNROLL 4
-#endif
-#ifndef PAGODA_MMA_GEMV_PREFETCH_CHUNKS
-#define PAGODA_MMA_GEMV_PREFETCH_CHUNKS 16
-#endif
-// Warps of a block, each taking a share of k.
-constexpr int MMA_GEMV_WARPS = PAGODA_MMA_GEMV_WARPS;
-constexpr int MMA_GEMV_MAX_TOKENS = 16;
-// 16-byte loads per lane, row and chunk: a chunk is 32 * VEC wide in k.
-constexpr int MMA_GEMV_VEC = PAGODA_MMA_GEMV_VEC;
-constexpr int MMA_GEMV_CHUNK = 32 * MMA_GEMV_VEC;
-constexpr int MMA_GEMV_UNROLL = PAGODA_MMA_GEMV_UNROLL;
-// Chunks of each warp's k range prefetched into L2 before waiting on the kernel before.
-constexpr int MMA_GEMV_PREFETCH_CHUNKS = PAGODA_MMA_GEMV_PREFETCH_CHUNKS;
-
-// One chunk `c` of the warp's two weight rows (`alo`, `ahi`: VEC loads each) against its token rows.
-template <typename T, int NT, bool NORM>
-__device__ __forceinline__ void mma_gemv_chunk(const uint4 (&alo)[MMA_GEMV_VEC], const uint4 (&ahi)[MMA_GEMV_VEC],
-                                               const uint4 *const (&xrow)[NT], const bool (&xvalid)[NT],
-                                               const uint4 *grow, int c, float (&acc)[NT][4], float (&ss)[NT]) {
-#pragma unroll
-    for (int v = 0; v < MMA_GEMV_VEC; ++v) {
-        const int idx = c * 4 * MMA_GEMV_VEC + v;
-        uint4 gv;
-        if (NORM) gv = __ldg(grow + idx);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            uint4 xv = xvalid[nt] ? __ldg(xrow[nt] + idx) : make_uint4(0, 0, 0, 0);
-            if (NORM) {
-                float xf[8], gf[8];
-                pagoda::unpack8<T>(xv, xf);
-                pagoda::unpack8<T>(gv, gf);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    ss[nt] = fmaf(xf[e], xf[e], ss[nt]);
-                    xf[e] *= gf[e];
-                }
-                xv.x = pagoda::Mma<T>::pack(xf[0], xf[1]);
-                xv.y = pagoda::Mma<T>::pack(xf[2], xf[3]);
-                xv.z = pagoda::Mma<T>::pack(xf[4], xf[5]);
-                xv.w = pagoda::Mma<T>::pack(xf[6], xf[7]);
-            }
-            const uint32_t a0[4] = {alo[v].x, ahi[v].x, alo[v].y, ahi[v].y};
-            pagoda::Mma<T>::run(acc[nt], a0, xv.x, xv.y);
-            const uint32_t a1[4] = {alo[v].z, ahi[v].z, alo[v].w, ahi[v].w};
-            pagoda::Mma<T>::run(acc[nt], a1, xv.z, xv.w);
-        }
-    }
-}
-
-template <typename T, typename O, int NT, bool NORM, bool SILU>
-__global__ void __launch_bounds__(MMA_GEMV_WARPS * 32)
-    mma_gemv_kernel(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ bias,
-                    const T *__restrict__ gamma, float eps, O *__restrict__ out, int n_out, int k, int t,
-                    int accumulate) {
-    constexpr int TOK = NT * 8;
-    constexpr int OUT_ROWS = SILU ? 8 : 16;  // outputs of this block per token
-    __shared__ float s_part[MMA_GEMV_WARPS][16][TOK];
-    __shared__ float s_ss[MMA_GEMV_WARPS][TOK];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, q = lane & 3;
-    const int r0 = blockIdx.x * OUT_ROWS;
-    // Weight rows of MMA rows g and g + 8 (clamped: rows past the end are read, never stored).
-    const int lo_row = min(r0 + g, n_out - 1);
-    const int hi_row = SILU ? lo_row + n_out : min(r0 + g + 8, n_out - 1);
-    const int chunks = k / MMA_GEMV_CHUNK;
-    const int c_begin = (int)((long)chunks * warp / MMA_GEMV_WARPS);
-    const int c_end = (int)((long)chunks * (warp + 1) / MMA_GEMV_WARPS);
-    const uint4 *wlo = reinterpret_cast<const uint4 *>(w + (size_t)lo_row * k) + q * MMA_GEMV_VEC;
-    const uint4 *whi = reinterpret_cast<const uint4 *>(w + (size_t)hi_row * k) + q * MMA_GEMV_VEC;
-    // As in the kernel above: the weights never depend on the kernel before.
-    if (MMA_GEMV_VEC > 1 || (q & 1) == 0) {  // one prefetch per 32-byte sector
-        for (int c = c_begin; c < min(c_end, c_begin + MMA_GEMV_PREFETCH_CHUNKS); ++c) {
-            pagoda::prefetch_l2(wlo + c * 4 * MMA_GEMV_VEC);
-            pagoda::prefetch_l2(whi + c * 4 * MMA_GEMV_VEC);
-        }
-    }
-    pagoda::pdl_wait();
-
-    const uint4 *xrow[NT];
-    bool xvalid[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int tok = g + 8 * nt;
-        xvalid[nt] = tok < t;
-        xrow[nt] = reinterpret_cast<const uint4 *>(x + (size_t)min(tok, t - 1) * k) + q * MMA_GEMV_VEC;
-    }
-    const uint4 *grow = NORM ? reinterpret_cast<const uint4 *>(gamma) + q * MMA_GEMV_VEC : nullptr;
-    float acc[NT][4], ss[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        ss[nt] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-    }
-    int c = c_begin;
-    for (; c + MMA_GEMV_UNROLL <= c_end; c += MMA_GEMV_UNROLL) {
-        uint4 alo[MMA_GEMV_UNROLL][MMA_GEMV_VEC], ahi[MMA_GEMV_UNROLL][MMA_GEMV_VEC];
-#pragma unroll
-        for (int u = 0; u < MMA_GEMV_UNROLL; ++u)
-#pragma unroll
-            for (int v = 0; v < MMA_GEMV_VEC; ++v) {
-                alo[u][v] = __ldg(wlo + (c + u) * 4 * MMA_GEMV_VEC + v);
-                ahi[u][v] = __ldg(whi + (c + u) * 4 * MMA_GEMV_VEC + v);
-            }
-#pragma unroll
-        for (int u = 0; u < MMA_GEMV_UNROLL; ++u)
-            mma_gemv_chunk<T, NT, NORM>(alo[u], ahi[u], xrow, xvalid, grow, c + u, acc, ss);
-    }
-    for (; c < c_end; ++c) {
-        uint4 alo[MMA_GEMV_VEC], ahi[MMA_GEMV_VEC];
-#pragma unroll
-        for (int v = 0; v < MMA_GEMV_VEC; ++v) {
-            alo[v] = __ldg(wlo + c * 4 * MMA_GEMV_VEC + v);
-            ahi[v] = __ldg(whi + c * 4 * MMA_GEMV_VEC + v);
-        }
-        mma_gemv_chunk<T, NT, NORM>(alo, ahi, xrow, xvalid, grow, c, acc, ss);
-    }
-    pagoda::pdl_launch_dependents();
-
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int col = 8 * nt + 2 * q;
-        s_part[warp][g][col] = acc[nt][0];
-        s_part[warp][g][col + 1] = acc[nt][1];
-        s_part[warp][g + 8][col] = acc[nt][2];
-        s_part[warp][g + 8][col + 1] = acc[nt][3];
-        if (NORM) {
-            float v = ss[nt];
-            v += __shfl_xor_sync(0xffffffffu, v, 1);
-            v += __shfl_xor_sync(0xffffffffu, v, 2);
-            if (q == 0) s_ss[warp][g + 8 * nt] = v;
-        }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < OUT_ROWS * t; i += blockDim.x) {
-        const int tok = i / OUT_ROWS, r = i % OUT_ROWS;
-        const int row = r0 + r;
-        if (row >= n_out) continue;
-        float scale = 1.f;
-        if (NORM) {
-            float sum = 0.f;
-#pragma unroll
-            for (int wi = 0; wi < MMA_GEMV_WARPS; ++wi) sum += s_ss[wi][tok];
-            scale = rsqrtf(sum / (float)k + eps);
-        }
-        float v = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < MMA_GEMV_WARPS; ++wi) v += s_part[wi][r][tok];
-        v *= scale;
-        if (bias != nullptr) v += pagoda::to_float<T>(bias[row]);
-        float y = v;
-        if (SILU) {
-            float up = 0.f;
-#pragma unroll
-            for (int wi = 0; wi < MMA_GEMV_WARPS; ++wi) up += s_part[wi][r + 8][tok];
-            up *= scale;
-            if (bias != nullptr) up += pagoda::to_float<T>(bias[row + n_out]);
-            y = pagoda::silu(v) * up;
-        }
-        O *dst = out + (size_t)tok * n_out + row;
-        *dst = pagoda::from_float<O>(accumulate ? pagoda::to_float<O>(*dst) + y : y);
-    }
-}
+using pagoda::mma_gemv::MMA_GEMV_MAX_TOKENS;
+using pagoda::mma_gemv::MMA_GEMV_WARPS;
 
 template <typename T, typename O, bool NORM, bool SILU>
 int launch_mma_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
@@ -375,11 +186,15 @@ int launch_mma_gemv(const PagodaLinearArgs *a, pagoda::LaunchStream stream) {
     const T *bias = static_cast<const T *>(a->bias);
     const T *gamma = static_cast<const T *>(a->norm_weight);
     O *out = static_cast<O *>(a->out);
+    using pagoda::mma_gemv::mma_gemv_kernel;
+    const float *no_scale = nullptr;
     const cudaError_t e =
-        a->t <= 8 ? pagoda::launch(mma_gemv_kernel<T, O, 1, NORM, SILU>, grid, block, 0, stream, x, w, bias, gamma,
-                                   a->eps, out, n_out, a->k, a->t, a->accumulate)
-                  : pagoda::launch(mma_gemv_kernel<T, O, 2, NORM, SILU>, grid, block, 0, stream, x, w, bias, gamma,
-                                   a->eps, out, n_out, a->k, a->t, a->accumulate);
+        a->t <= 8 ? pagoda::launch(mma_gemv_kernel<T, O, 1, NORM, SILU, false>, grid, block, 0, stream, x,
+                                   static_cast<const void *>(w), no_scale, bias, gamma, a->eps, out, n_out, a->k,
+                                   a->t, a->accumulate)
+                  : pagoda::launch(mma_gemv_kernel<T, O, 2, NORM, SILU, false>, grid, block, 0, stream, x,
+                                   static_cast<const void *>(w), no_scale, bias, gamma, a->eps, out, n_out, a->k,
+                                   a->t, a->accumulate);
     if (e != cudaSuccess) return (int)e;
     PAGODA_LAUNCH_CHECK();
     return 0;
@@ -435,7 +250,7 @@ bool streams_weights(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy
 // gemv_mma_min_tokens and MMA_GEMV_MAX_TOKENS rows, k a multiple of the chunk.
 bool mma_gemv_applies(const PagodaLinearArgs *a, const PagodaKernelPolicy *policy) {
     return streams_weights(a, policy) && a->t >= policy->gemv_mma_min_tokens && a->t <= MMA_GEMV_MAX_TOKENS &&
-           a->k % MMA_GEMV_CHUNK == 0;
+           a->k % pagoda::mma_gemv::Layout<false>::CHUNK == 0;
 }
 
 // Whether the CUDA-core kernel takes this product: at most GEMV_MAX_TOKENS
@@ -498,6 +313,7 @@ extern "C" int pagoda_blas_create(void **handle) {
 extern "C" int pagoda_blas_destroy(void *handle) {
     if (handle == nullptr) return 0;
     BlasHandle *b = static_cast<BlasHandle *>(handle);
+    pagoda::fp8_plans_destroy(b->fp8_plans);
     const int rc = blas_status(cublasDestroy(b->handle));
     const cudaError_t e = cudaFree(b->workspace);
     delete b;

@@ -267,6 +267,15 @@ size_t pagoda_fp8_linear_scratch_bytes(const PagodaFp8LinearArgs *args);
 int pagoda_fp8_linear(void *handle, const PagodaFp8LinearArgs *args, const PagodaKernelPolicy *policy,
                       void *stream);
 
+/* Each row of x ([rows, cols], dtype F16 or BF16) quantized to E4M3 with its
+ * own scale, as the quantized mode quantizes activations: scales[r] =
+ * max_c |x[r, c]| / 448 (1 for a zero row), codes[r, c] = e4m3(x[r, c] /
+ * scales[r]) (round to nearest even, saturating). For weights quantized at
+ * load (--quantization fp8). cols must be a multiple of 8, x 16-byte and
+ * codes 8-byte aligned (PAGODA_ERR_ALIGNMENT otherwise). */
+int pagoda_fp8_quantize_rows(const void *x, int dtype, uint8_t *codes, float *scales, int rows, int cols,
+                             const PagodaKernelPolicy *policy, void *stream);
+
 /* ---- LoRA: many adapters in one batch, each token by its slot ------------- */
 
 /* The most tokens in one group of token_order (LORA_GROUP_TOKENS in Rust). */

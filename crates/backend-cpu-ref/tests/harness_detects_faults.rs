@@ -9,9 +9,9 @@
 use half::{bf16, f16};
 use pagoda_backend::fp8::{e4m3_from_f32, e4m3_round, e4m3_to_f32};
 use pagoda_backend::{
-    AttentionArgs, AttentionMetadata, Backend, BackendError, DType, Fp8LinearArgs, Fp8LinearMode, HostSlice,
-    HostVec, LinearFusion, LoraArgs, LoraPart, MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken,
-    SamplingRow, Tensor, UniformFill,
+    check_fp8_quantize_rows, fp8_quantize_rows, fp8_quantize_rows_on_host, AttentionArgs, AttentionMetadata,
+    Backend, BackendError, DType, Fp8LinearArgs, Fp8LinearMode, HostSlice, HostVec, LinearFusion, LoraArgs,
+    LoraPart, MemoryInfo, Result, RopeStyle, RotaryCacheArgs, SampledToken, SamplingRow, Tensor, UniformFill,
 };
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
 use pagoda_backend_cpu_ref::{CpuBackend, CpuSampled, CpuStorage};
@@ -48,6 +48,9 @@ enum Fault {
     FillUniformIgnoresRowStride,
     /// Computes an FP8 linear layer in the other mode than the one asked for.
     Fp8LinearWrongMode,
+    /// Quantizes weights with one scale for the whole tensor (vLLM's
+    /// per-tensor default) instead of one per row.
+    Fp8QuantizeRowsPerTensor,
 }
 
 struct Device {
@@ -375,6 +378,18 @@ impl Backend for Device {
         self.store(a.out)
     }
 
+    fn fp8_quantize_rows(&self, x: &D, codes: &D, scales: &D) -> Result<()> {
+        if self.fault != Fault::Fp8QuantizeRowsPerTensor {
+            return fp8_quantize_rows_on_host(self, x, codes, scales);
+        }
+        let (rows, cols) = check_fp8_quantize_rows("fp8_quantize_rows", x, codes, scales)?;
+        let values = self.download_f32(x)?;
+        // The whole tensor as one row: one scale, repeated.
+        let (host_codes, scale) = fp8_quantize_rows(&values, 1, rows * cols);
+        self.write(codes, HostSlice::Bytes(&host_codes, DType::F8E4M3))?;
+        self.write(scales, HostSlice::F32(&vec![scale[0]; rows]))
+    }
+
     /// As a 16-bit device: with quantized activations the normed rows are
     /// rounded to the dtype before quantizing (the op's spec), the output is
     /// stored in the dtype.
@@ -547,6 +562,7 @@ fn every_injected_fault_is_caught_where_it_lives() {
         (Fault::Fp8AttentionIgnoresScales, vec!["attention", "errors"]),
         (Fault::FillUniformIgnoresRowStride, vec!["memory/fill_uniform columns view"]),
         (Fault::Fp8LinearWrongMode, vec!["fp8_linear"]),
+        (Fault::Fp8QuantizeRowsPerTensor, vec!["fp8_quantize_rows"]),
     ];
     for (fault, ops) in cases {
         let report = conformance::run(&Device::new(DType::F32, fault), &Grid::quick());

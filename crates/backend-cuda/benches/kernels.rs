@@ -430,16 +430,20 @@ fn main() -> Result<()> {
     }
 
     // ---- FP8 (E4M3) weights on Llama-3-8B shapes, next to the bf16 rows above ----
-    // Weight only ("gemv", 1-16 rows): the FP8 GEMV's weight bytes (one a
-    // code) over time against the copy bandwidth; the floor is half the bf16
-    // GEMV's time. Quantized activations ("gemm", 16-4096 rows): the
+    // Weight only, 1-16 rows: the CUDA-core FP8 GEMV ("gemv") and the
+    // tensor-core one ("mma", codes converted in registers), the weight bytes
+    // (one a code) over time against the copy bandwidth; the floor is half the
+    // bf16 GEMV's time. Quantized activations ("gemm", 2-4096 rows): the
     // quantization and cuBLASLt's FP8 GEMM, in TFLOP/s (2·T·N·K) against the
-    // bf16 GEMM ceiling (the FP8 tensor cores' peak is twice it).
+    // bf16 GEMM ceiling (the FP8 tensor cores' peak is twice it), and for few
+    // rows the weight bandwidth too, to set where each mode takes over.
     const FP8_GEMV_ROWS: [usize; 5] = [1, 2, 5, 8, 16];
-    const FP8_GEMM_ROWS: [usize; 5] = [16, 64, 256, 1024, 4096];
+    const FP8_GEMM_ROWS: [usize; 8] = [2, 5, 8, 16, 64, 256, 1024, 4096];
+    let fp8_label = |name: &str, t: usize, path: &str| format!("fp8 {name} t{t} {path}");
     for &(name, kdim, ndim, norm, silu, accumulate) in &products[..4] {
-        let any = FP8_GEMV_ROWS.iter().any(|t| wanted(&format!("fp8 {name} t{t} gemv")))
-            || FP8_GEMM_ROWS.iter().any(|t| wanted(&format!("fp8 {name} t{t} gemm")));
+        let any =
+            FP8_GEMV_ROWS.iter().any(|&t| ["gemv", "mma"].iter().any(|p| wanted(&fp8_label(name, t, p))))
+                || FP8_GEMM_ROWS.iter().any(|&t| wanted(&fp8_label(name, t, "gemm")));
         if !any {
             continue;
         }
@@ -448,12 +452,15 @@ fn main() -> Result<()> {
         let scale = 1.0 / (448.0 * (kdim as f32).sqrt());
         let w_scale = g.upload(HostSlice::F32(&vec![scale; ndim]), &[ndim], DType::F32)?;
         let gamma = random_tensor(&g, &mut rng, &[kdim])?;
+        // (rows, path, mode, the tensor-core GEMV's first row count)
         let runs = FP8_GEMV_ROWS
             .iter()
-            .map(|&t| (t, "gemv", Fp8LinearMode::WeightOnly))
-            .chain(FP8_GEMM_ROWS.iter().map(|&t| (t, "gemm", Fp8LinearMode::QuantizedActivations)));
-        for (t, path, mode) in runs {
-            let label = format!("fp8 {name} t{t} {path}");
+            .flat_map(|&t| {
+                [(t, "gemv", Fp8LinearMode::WeightOnly, 17), (t, "mma", Fp8LinearMode::WeightOnly, 1)]
+            })
+            .chain(FP8_GEMM_ROWS.iter().map(|&t| (t, "gemm", Fp8LinearMode::QuantizedActivations, 17)));
+        for (t, path, mode, mma_from) in runs {
+            let label = fp8_label(name, t, path);
             if !wanted(&label) {
                 continue;
             }
@@ -471,16 +478,27 @@ fn main() -> Result<()> {
                 mode,
                 input_scale: Fp8InputScale::Dynamic,
             };
+            g.set_kernel_options(KernelOptions {
+                gemv_mma_min_tokens: Some(mma_from),
+                ..KernelOptions::default()
+            });
             let ms = median_ms(&g, 5, 30, || g.fp8_linear(&args))?;
+            g.set_kernel_options(KernelOptions::default());
+            let weight_bytes = (ndim * kdim) as f64;
             if mode == Fp8LinearMode::WeightOnly {
-                rows.push(Row::bandwidth(label, ms, (ndim * kdim) as f64, peak_bw));
+                rows.push(Row::bandwidth(label, ms, weight_bytes, peak_bw));
             } else {
                 let tflops = 2.0 * (t * ndim * kdim) as f64 / (ms * 1e-3) / 1e12;
+                let weight_bw = weight_bytes / (ms * 1e-3);
                 rows.push(Row {
                     what: label,
                     ms,
                     figure: format!("{tflops:.0} TFLOP/s"),
-                    vs_ceiling: format!("{:.0}% of bf16 GEMM", 100.0 * tflops / gemm_tflops),
+                    vs_ceiling: format!(
+                        "{:.0}% of bf16 GEMM, weights {:.0}% of copy",
+                        100.0 * tflops / gemm_tflops,
+                        100.0 * weight_bw / peak_bw
+                    ),
                 });
             }
         }

@@ -585,6 +585,11 @@ impl Backend for CudaBackend {
         fp8_linear::fp8_linear_mode(tokens)
     }
 
+    /// In a kernel, one block a row (`backend/fp8_linear.rs`).
+    fn fp8_quantize_rows(&self, x: &Tensor<Self>, codes: &Tensor<Self>, scales: &Tensor<Self>) -> Result<()> {
+        self.fp8_quantize_rows_layer(x, codes, scales)
+    }
+
     fn rotary_and_cache(&self, a: &RotaryCacheArgs<'_, Self>) -> Result<()> {
         const OP: &str = "rotary_and_cache";
         let RotaryShape { num_tokens: t, max_positions, cache } = a.check()?;

@@ -48,7 +48,7 @@
 //! backends' results differ only by f32 summation order and the rounding of
 //! the output, given the same codes.
 
-use crate::{Backend, BackendError, DType, LinearFusion, Result, Tensor};
+use crate::{Backend, BackendError, DType, HostSlice, LinearFusion, Result, Tensor};
 
 /// The largest finite E4M3 magnitude, which a dynamic scale maps a row's
 /// largest magnitude to.
@@ -124,6 +124,47 @@ impl<B: Backend> Fp8LinearArgs<'_, B> {
         }
         Ok((t, k, n))
     }
+}
+
+/// The checks of [`Backend::fp8_quantize_rows`]: `x` a float `[rows, cols]`,
+/// `codes` F8E4M3 of the same dims, `scales` F32 `[rows]`, none overlapping
+/// another. Returns `(rows, cols)`.
+pub fn check_fp8_quantize_rows<B: Backend>(
+    op: &'static str,
+    x: &Tensor<B>,
+    codes: &Tensor<B>,
+    scales: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    let [rows, cols] = *x.dims() else {
+        return Err(BackendError::shape(op, format!("x of dims {:?} (rows and columns)", x.dims())));
+    };
+    if !x.dtype().is_float() {
+        return Err(BackendError::DType { op, dtype: x.dtype() });
+    }
+    codes.expect_dtype(op, DType::F8E4M3)?;
+    codes.expect_dims(op, "codes", &[rows, cols])?;
+    scales.expect_dtype(op, DType::F32)?;
+    scales.expect_dims(op, "scales", &[rows])?;
+    if x.overlaps(codes) || x.overlaps(scales) || codes.overlaps(scales) {
+        return Err(BackendError::Aliasing { op });
+    }
+    Ok((rows, cols))
+}
+
+/// [`Backend::fp8_quantize_rows`] through the host: reads `x` back,
+/// quantizes with [`fp8_quantize_rows`], writes the codes and scales (the
+/// trait's default, and a device's way for shapes its kernel does not take).
+pub fn fp8_quantize_rows_on_host<B: Backend>(
+    backend: &B,
+    x: &Tensor<B>,
+    codes: &Tensor<B>,
+    scales: &Tensor<B>,
+) -> Result<()> {
+    let (rows, cols) = check_fp8_quantize_rows("fp8_quantize_rows", x, codes, scales)?;
+    let values = backend.download_f32(x)?;
+    let (host_codes, host_scales) = fp8_quantize_rows(&values, rows, cols);
+    backend.write(codes, HostSlice::Bytes(&host_codes, DType::F8E4M3))?;
+    backend.write(scales, HostSlice::F32(&host_scales))
 }
 
 /// The dynamic per-row activation scale: `max |x| / 448` (an f32 division),

@@ -56,7 +56,10 @@ pub use attention::{
 pub use blocks::{check_copy_blocks, check_swap_in, check_swap_out, CacheBlocks};
 pub use comm::{Communicator, SingleRank};
 pub use error::{BackendError, Result};
-pub use fp8_linear::{fp8_dynamic_scale, fp8_quantize_rows, Fp8InputScale, Fp8LinearArgs, Fp8LinearMode};
+pub use fp8_linear::{
+    check_fp8_quantize_rows, fp8_dynamic_scale, fp8_quantize_rows, fp8_quantize_rows_on_host, Fp8InputScale,
+    Fp8LinearArgs, Fp8LinearMode,
+};
 pub use host::{HostSlice, HostVec};
 pub use linear::LinearFusion;
 pub use lora::{
@@ -252,6 +255,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn fp8_linear(&self, args: &Fp8LinearArgs<'_, Self>) -> Result<()> {
         let _ = args;
         Err(BackendError::Unsupported { op: "fp8_linear", backend: self.name() })
+    }
+
+    /// Quantizes each row of `x` (`[rows, cols]`, a float dtype) to E4M3
+    /// with its own scale, exactly as the host's [`fp8_quantize_rows`] does
+    /// on `x`'s values: `scales[r] = max |x[r, :]| / 448` (1 for a zero row),
+    /// `codes[r, c] = e4m3(x[r, c] / scales[r])`; `codes` F8E4M3 `[rows,
+    /// cols]`, `scales` F32 `[rows]` ([`check_fp8_quantize_rows`]). What
+    /// `--quantization fp8` quantizes weights with where they already are
+    /// (an 8B model's 7·10^9 values take minutes on a host). The default
+    /// reads `x` back and quantizes on the host.
+    fn fp8_quantize_rows(&self, x: &Tensor<Self>, codes: &Tensor<Self>, scales: &Tensor<Self>) -> Result<()> {
+        fp8_quantize_rows_on_host(self, x, codes, scales)
     }
 
     /// The [`Fp8LinearMode`] this backend computes `tokens` rows in best

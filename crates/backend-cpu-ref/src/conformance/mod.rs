@@ -134,6 +134,7 @@ pub fn run_with<B: Backend>(device: &B, grid: &Grid, tolerances: Tolerances) -> 
     check::sample::run(&mut h, &grid.sample);
     check::lora::run(&mut h, &grid.lora);
     check::fp8_linear::run(&mut h, &grid.fp8_linear);
+    check::fp8_linear::run_quantize_rows(&mut h, &grid.fp8_linear);
     if grid.errors {
         check::errors::run(&mut h);
     }

@@ -6,7 +6,10 @@
 
 use std::ffi::c_void;
 
-use pagoda_backend::{BackendError, DType, Fp8InputScale, Fp8LinearArgs, Fp8LinearMode, Result};
+use pagoda_backend::{
+    check_fp8_quantize_rows, fp8_quantize_rows_on_host, BackendError, DType, Fp8InputScale, Fp8LinearArgs,
+    Fp8LinearMode, Result, Tensor,
+};
 
 use super::{check, dptr, dtype_code, ffi, scratch_args, to_i32, vptr, CudaBackend};
 
@@ -24,6 +27,39 @@ pub(super) fn fp8_linear_mode(tokens: usize) -> Fp8LinearMode {
 }
 
 impl CudaBackend {
+    /// Per-row E4M3 quantization in a kernel (`pagoda_fp8_quantize_rows`);
+    /// rows of 16-bit values whose length is a multiple of 8 (every Llama
+    /// projection's), anything else through the host.
+    pub(super) fn fp8_quantize_rows_layer(
+        &self,
+        x: &Tensor<Self>,
+        codes: &Tensor<Self>,
+        scales: &Tensor<Self>,
+    ) -> Result<()> {
+        const OP: &str = "fp8_quantize_rows";
+        let (rows, cols) = check_fp8_quantize_rows(OP, x, codes, scales)?;
+        let aligned = (dptr(x) % 16 == 0) && (dptr(codes) % 8 == 0);
+        if !matches!(x.dtype(), DType::BF16 | DType::F16) || cols % 8 != 0 || !aligned {
+            return fp8_quantize_rows_on_host(self, x, codes, scales);
+        }
+        self.bind()?;
+        // SAFETY: shapes, dtypes and aliasing were checked; the pointers are
+        // device ranges of rows x cols (codes, x) and rows (scales) elements.
+        let rc = unsafe {
+            ffi::pagoda_fp8_quantize_rows(
+                vptr(x),
+                dtype_code(x.dtype()),
+                dptr(codes) as *mut u8,
+                dptr(scales) as *mut f32,
+                to_i32(OP, "rows", rows)?,
+                to_i32(OP, "columns", cols)?,
+                self.launch_policy(),
+                self.stream(),
+            )
+        };
+        Ok(check("pagoda_fp8_quantize_rows", rc)?)
+    }
+
     pub(super) fn fp8_linear_layer(&self, a: &Fp8LinearArgs<'_, Self>) -> Result<()> {
         const OP: &str = "fp8_linear";
         let (t, k, n) = a.check(OP)?;

@@ -15,9 +15,7 @@
 
 use std::ops::Range;
 
-use pagoda_backend::{
-    fp8_quantize_rows, Backend, DType, Fp8InputScale, Fp8LinearArgs, HostSlice, LinearFusion, Tensor,
-};
+use pagoda_backend::{Backend, DType, Fp8InputScale, Fp8LinearArgs, HostSlice, LinearFusion, Tensor};
 
 use super::{host_slice, LoadOptions, Uploader};
 use crate::config::ModelConfig;
@@ -189,29 +187,25 @@ impl<B: Backend> Uploader<'_, B> {
         parts: &[(String, Vec<usize>, Range<usize>)],
         load: Fp8Load,
     ) -> Result<(Tensor<B>, Option<Fp8Scales<B>>)> {
-        let static_scales = match load {
-            Fp8Load::Online => false,
-            Fp8Load::Checkpoint { static_scales } => {
-                let is_fp8 = |name: &str| -> Result<bool> {
-                    Ok(matches!(self.weights.tensor(name)?.data, WeightData::Borrowed(_, DType::F8E4M3)))
-                };
-                let fp8: Vec<bool> = parts.iter().map(|(n, _, _)| is_fp8(n)).collect::<Result<_>>()?;
-                if !fp8.iter().any(|&f| f) {
-                    return Ok((self.stacked(parts)?, None)); // a projection the checkpoint left in 16 bits
-                }
-                if let Some(i) = fp8.iter().position(|&f| !f) {
-                    return Err(ModelError::Quantization(format!(
-                        "{} is not FP8 while the projection it is stacked with is",
-                        parts[i].0
-                    )));
-                }
-                static_scales
-            }
+        let Fp8Load::Checkpoint { static_scales } = load else {
+            return self.fp8_quantized_at_load(parts);
         };
+        let is_fp8 = |name: &str| -> Result<bool> {
+            Ok(matches!(self.weights.tensor(name)?.data, WeightData::Borrowed(_, DType::F8E4M3)))
+        };
+        let fp8: Vec<bool> = parts.iter().map(|(n, _, _)| is_fp8(n)).collect::<Result<_>>()?;
+        if !fp8.iter().any(|&f| f) {
+            return Ok((self.stacked(parts)?, None)); // a projection the checkpoint left in 16 bits
+        }
+        if let Some(i) = fp8.iter().position(|&f| !f) {
+            return Err(ModelError::Quantization(format!(
+                "{} is not FP8 while the projection it is stacked with is",
+                parts[i].0
+            )));
+        }
         let rows: usize = parts.iter().map(|(_, _, r)| r.len()).sum();
         let mut dims = parts[0].1.clone();
         dims[0] = rows;
-        let cols: usize = dims[1..].iter().product();
         let codes = self.backend.alloc(&dims, DType::F8E4M3)?;
         let mut scales = Vec::with_capacity(rows);
         let mut input_scale: Option<f32> = None;
@@ -220,37 +214,43 @@ impl<B: Backend> Uploader<'_, B> {
             let w = self.fetch(name, shape)?;
             let part = weight_rows(&w.data, shape, range.clone());
             let view = codes.narrow(start, range.len())?;
-            match load {
-                Fp8Load::Checkpoint { .. } => {
-                    self.backend.write(&view, part.host_slice())?;
-                    scales.extend(row_scales(
-                        self.weights,
-                        &sibling(name, "weight_scale"),
-                        shape[0],
-                        range.clone(),
-                    )?);
-                    let input_name = sibling(name, "input_scale");
-                    if self.weights.contains(&input_name) {
-                        let s = scalar(self.weights, &input_name)?;
-                        input_scale = Some(input_scale.map_or(s, |m| m.max(s)));
-                    } else if static_scales {
-                        return Err(ModelError::Quantization(format!(
-                            "{input_name} is missing (the checkpoint's activation scheme is static)"
-                        )));
-                    }
-                }
-                Fp8Load::Online => {
-                    let data = part.host_slice();
-                    let values: Vec<f32> = (0..data.len()).map(|i| data.get_f32(i)).collect();
-                    let (part_codes, part_scales) = fp8_quantize_rows(&values, range.len(), cols);
-                    self.backend.write(&view, HostSlice::Bytes(&part_codes, DType::F8E4M3))?;
-                    scales.extend(part_scales);
-                }
+            self.backend.write(&view, part.host_slice())?;
+            scales.extend(row_scales(self.weights, &sibling(name, "weight_scale"), shape[0], range.clone())?);
+            let input_name = sibling(name, "input_scale");
+            if self.weights.contains(&input_name) {
+                let s = scalar(self.weights, &input_name)?;
+                input_scale = Some(input_scale.map_or(s, |m| m.max(s)));
+            } else if static_scales {
+                return Err(ModelError::Quantization(format!(
+                    "{input_name} is missing (the checkpoint's activation scheme is static)"
+                )));
             }
             start += range.len();
             self.advance(name);
         }
         let weight_scale = self.backend.upload(HostSlice::F32(&scales), &[rows], DType::F32)?;
         Ok((codes, Some(Fp8Scales { weight_scale, input_scale })))
+    }
+
+    /// `--quantization fp8`: the stacked projection put on the backend in
+    /// the activation dtype, then quantized there per output row
+    /// ([`Backend::fp8_quantize_rows`]; on a GPU a kernel, where the host took
+    /// minutes for an 8B model). The codes are those of the activation
+    /// dtype's values, the weights the 16-bit model computes with.
+    fn fp8_quantized_at_load(
+        &mut self,
+        parts: &[(String, Vec<usize>, Range<usize>)],
+    ) -> Result<(Tensor<B>, Option<Fp8Scales<B>>)> {
+        let staged = self.stacked(parts)?;
+        let rows = staged.dim(0);
+        let cols = staged.numel() / rows.max(1);
+        let codes = self.backend.alloc(staged.dims(), DType::F8E4M3)?;
+        let weight_scale = self.backend.alloc(&[rows], DType::F32)?;
+        self.backend.fp8_quantize_rows(
+            &staged.reshape(&[rows, cols])?,
+            &codes.reshape(&[rows, cols])?,
+            &weight_scale,
+        )?;
+        Ok((codes, Some(Fp8Scales { weight_scale, input_scale: None })))
     }
 }

@@ -41,7 +41,7 @@ use pagoda_backend::{
 
 use crate::conformance::grid::{Fp8Fusion, Fp8LinearCase};
 use crate::conformance::random::round_to;
-use crate::conformance::{cpu, dev, Harness};
+use crate::conformance::{cpu, dev, fp8_codes_of, Harness};
 
 pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[Fp8LinearCase]) {
     for c in cases {
@@ -121,5 +121,45 @@ pub(crate) fn run<B: Backend>(h: &mut Harness<'_, B>, cases: &[Fp8LinearCase]) {
                 h.compare_out("fp8_linear", &label, &out_r, &out_d, h.tol.accumulated)
             });
         }
+    }
+}
+
+/// `fp8_quantize_rows` (weights quantized at load) over each case's weight
+/// shape, and one whose rows are not a multiple of 8 (the host path on a
+/// device). Exact: the row maximum is exact, `/ 448` and `w / s` are IEEE
+/// divisions and E4M3 rounding is one function, so the codes and scales are
+/// bit-identical to the host's `fp8_quantize_rows` over the same values.
+/// Rows of sizes 2^-3..2^3 and a zero row (scale 1).
+pub(crate) fn run_quantize_rows<B: Backend>(h: &mut Harness<'_, B>, cases: &[Fp8LinearCase]) {
+    let mut shapes: Vec<(usize, usize)> = cases.iter().map(|c| (c.out_features, c.in_features)).collect();
+    shapes.push((5, 36));
+    shapes.sort_unstable();
+    shapes.dedup();
+    for (rows, cols) in shapes {
+        let label = format!("R{rows} C{cols}");
+        h.case("fp8_quantize_rows", &label, |h, rng| {
+            let mut w = rng.normals(rows * cols, 1.0, h.dtype);
+            for (r, row) in w.chunks_mut(cols.max(1)).enumerate() {
+                // Powers of two keep the values representable in the dtype.
+                let factor = if r == 1 { 0.0 } else { 2f32.powi((r % 7) as i32 - 3) };
+                row.iter_mut().for_each(|v| *v *= factor);
+            }
+            let (want_codes, want_scales) = fp8_quantize_rows(&w, rows, cols);
+            let (_, x_d) = h.floats(&w, &[rows, cols])?;
+            let codes_d = dev(h.device.alloc(&[rows, cols], DType::F8E4M3))?;
+            let scales_d = dev(h.device.alloc(&[rows], DType::F32))?;
+            dev(h.device.fp8_quantize_rows(&x_d, &codes_d, &scales_d))?;
+            let got_codes = dev(fp8_codes_of(h.device, &codes_d))?;
+            let got_scales = dev(h.device.download_f32(&scales_d))?;
+            let code_diffs = want_codes.iter().zip(&got_codes).filter(|(a, b)| a != b).count()
+                + want_codes.len().abs_diff(got_codes.len());
+            let scale_diffs =
+                want_scales.iter().zip(&got_scales).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+                    + want_scales.len().abs_diff(got_scales.len());
+            Ok(vec![
+                h.exact_count("fp8_quantize_rows/codes", &label, code_diffs, "codes differ"),
+                h.exact_count("fp8_quantize_rows/scales", &label, scale_diffs, "scales differ"),
+            ])
+        });
     }
 }
