@@ -307,12 +307,16 @@ impl BackendJob for Throughput {
 
     fn run<B: Backend>(self, devices: EngineDevices<B>) -> anyhow::Result<()> {
         let args = self.0;
-        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?, args.engine.load_format)?;
+        let mut loras =
+            lora::BenchLoras::write(args.lora, args.engine.model_path()?, args.engine.load_format)?;
         let (mut engine, load_s) = load(devices, &args.engine)?;
         anyhow::ensure!(
             loras.is_none() || engine.config().lora.is_some(),
             "--synthetic-loras needs --enable-lora (and --max-loras for the slots)"
         );
+        if let Some(loras) = &mut loras {
+            loras.preload(&engine)?;
+        }
         let requests = args.workload.load(engine.info().vocab_size)?;
         let constraint = match &args.json_schema {
             Some(path) => Some(json_schema_constraint(&engine, path, args.grammar_tokenizer.as_deref())?),
@@ -633,12 +637,16 @@ impl BackendJob for Latency {
     fn run<B: Backend>(self, devices: EngineDevices<B>) -> anyhow::Result<()> {
         let args = self.0;
         anyhow::ensure!(args.output_len >= 2, "--output-len must be at least 2 to time decoding");
-        let loras = lora::BenchLoras::write(args.lora, args.engine.model_path()?, args.engine.load_format)?;
+        let mut loras =
+            lora::BenchLoras::write(args.lora, args.engine.model_path()?, args.engine.load_format)?;
         let (mut engine, load_s) = load(devices, &args.engine)?;
         anyhow::ensure!(
             loras.is_none() || engine.config().lora.is_some(),
             "--synthetic-loras needs --enable-lora"
         );
+        if let Some(loras) = &mut loras {
+            loras.preload(&engine)?;
+        }
         let device = device_label(&engine);
         let vocab = engine.info().vocab_size;
         let mut ttft = Vec::new();

@@ -95,6 +95,9 @@ impl<B: Backend> LlmEngine<B> {
         if let Some(lora) = &config.lora {
             loaded.model.enable_lora(&backend, lora.max_loras, lora.max_lora_rank)?;
         }
+        // The host cache packs adapters for these slots as it reads them. The
+        // slots exist only on an unsharded model (LoRA refuses sharding).
+        let lora_slot_dtype = loaded.model.lora_slots().map(|slots| slots.dtype());
         config.check_max_model_len(&model_config)?;
         let memory = backend.memory_info().ok();
         let mut num_gpu_blocks = config.num_gpu_blocks(&backend, &model_config, memory)?;
@@ -195,7 +198,13 @@ impl<B: Backend> LlmEngine<B> {
             InputProcessor::new(info, config.max_num_seqs, loaded.tokenizer.is_present(), config.seed)
                 .with_logit_constraints(runner.backend().supports_logit_constraints())
                 .with_token_masks(runner.backend().supports_token_masks())
-                .with_lora(config.lora.clone().map(|l| Arc::new(LoraCache::new(l, model_config.clone()))));
+                .with_lora(config.lora.clone().map(|l| {
+                    let cache = LoraCache::new(l, model_config.clone());
+                    Arc::new(match lora_slot_dtype {
+                        Some(dtype) => cache.with_slot_dtype(dtype),
+                        None => cache,
+                    })
+                }));
         let mut core = EngineCore::new(scheduler, runner, config.async_scheduling, metrics.clone());
         core.set_max_fast_forward_tokens(config.max_fast_forward_tokens);
         if let Some(lora) = &config.lora {
@@ -249,6 +258,14 @@ impl<B: Backend> LlmEngine<B> {
 
     pub fn metrics(&self) -> Arc<EngineMetrics> {
         self.metrics.clone()
+    }
+
+    /// The host cache of LoRA adapters, when the engine serves them
+    /// ([`EngineConfig::lora`]): reading an adapter into it ahead of its
+    /// requests (as `serve` does for `--lora-modules`) keeps that out of
+    /// [`Self::add_request`].
+    pub fn lora_cache(&self) -> Option<&Arc<LoraCache>> {
+        self.input.lora_cache()
     }
 
     /// The input processor, to check requests and resolve their defaults on

@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pagoda_backend::Backend;
+use pagoda_backend::{Backend, DType};
 use pagoda_models::{LlamaModel, LoraAdapter, ModelConfig};
 use rustc_hash::FxHashMap;
 
@@ -80,6 +80,10 @@ pub struct LoraRequest {
 pub struct LoraCache {
     config: LoraConfig,
     model: ModelConfig,
+    /// The dtype of the engine's device slots, when it has them: adapters
+    /// read are packed for the slots here, not in the engine step that
+    /// first loads them into a slot.
+    slot_dtype: Option<DType>,
     inner: Mutex<CacheInner>,
 }
 
@@ -92,7 +96,17 @@ struct CacheInner {
 
 impl LoraCache {
     pub fn new(config: LoraConfig, model: ModelConfig) -> Self {
-        Self { config, model, inner: Mutex::default() }
+        Self { config, model, slot_dtype: None, inner: Mutex::default() }
+    }
+
+    /// Packs every adapter it reads for device slots of `model`,
+    /// `max_lora_rank` wide, in `dtype` ([`LoraAdapter::pack_for_slots`]),
+    /// so that loading one into a slot copies bytes. The slots
+    /// ([`pagoda_models::LoraSlots`]) must be made from the same model config
+    /// (one unsharded model); should they differ, a slot load repacks.
+    pub fn with_slot_dtype(mut self, dtype: DType) -> Self {
+        self.slot_dtype = Some(dtype);
+        self
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -102,6 +116,8 @@ impl LoraCache {
     /// The adapter of `request`, read from its folder unless cached. Reading
     /// checks it against the model (every tensor's shape, rank within
     /// `max_lora_rank`); an adapter that does not fit is an error naming why.
+    /// An adapter the caller holds is never evicted (so one held from
+    /// startup on is read once).
     pub fn get(&self, request: &LoraRequest) -> Result<Arc<LoraAdapter>, EngineError> {
         {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -112,9 +128,13 @@ impl LoraCache {
                 return Ok(adapter.clone());
             }
         }
-        // Read outside the lock: other requests' adapters stay available meanwhile.
-        let adapter = LoraAdapter::load(&request.path, &self.model, self.config.max_lora_rank)
-            .map_err(|e| EngineError::Lora(format!("adapter {:?}: {e}", request.name)))?;
+        // Read and pack outside the lock: other requests' adapters stay available meanwhile.
+        let lora_error = |e| EngineError::Lora(format!("adapter {:?}: {e}", request.name));
+        let adapter =
+            LoraAdapter::load(&request.path, &self.model, self.config.max_lora_rank).map_err(lora_error)?;
+        if let Some(dtype) = self.slot_dtype {
+            adapter.pack_for_slots(&self.model, self.config.max_lora_rank, dtype).map_err(lora_error)?;
+        }
         let adapter = Arc::new(adapter);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.clock += 1;
@@ -216,5 +236,65 @@ impl LoraSlotTable {
     /// Adapters resident now.
     pub fn num_resident(&self) -> usize {
         self.slots.iter().flatten().count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use pagoda_models::{LoraModule, SyntheticLora};
+
+    use super::*;
+
+    /// `n` rank-8 adapters for the tiny test model, written under `dir`.
+    fn write_adapters(model: &ModelConfig, dir: &Path, n: usize) -> Vec<LoraRequest> {
+        (0..n)
+            .map(|i| {
+                let path = dir.join(format!("lora{i}"));
+                let modules = LoraModule::ALL.to_vec();
+                let synthetic = SyntheticLora {
+                    seed: i as u64,
+                    rank: 8,
+                    alpha: 16.0,
+                    use_rslora: false,
+                    modules,
+                    b_amp: 0.1,
+                };
+                synthetic.write(&path, model, "tiny-llama").unwrap();
+                LoraRequest { name: format!("lora{i}"), id: i as u32 + 1, path }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adapters_held_from_startup_are_read_once_and_packed_for_the_slots() {
+        let config_path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama/config.json");
+        let model = ModelConfig::from_hf_file(&config_path).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let adapters = write_adapters(&model, tmp.path(), 4);
+        // Fewer host slots than adapters: unheld ones would be evicted and re-read.
+        let config = LoraConfig { max_loras: 2, max_lora_rank: 16, max_cpu_loras: 2 };
+        let cache = LoraCache::new(config.clone(), model.clone()).with_slot_dtype(DType::BF16);
+
+        // As the bench (and serve, for --lora-modules) does before any request.
+        let held: Vec<Arc<LoraAdapter>> = adapters.iter().map(|a| cache.get(a).unwrap()).collect();
+        assert_eq!(cache.stats(), (4, 4));
+        assert!(held.iter().all(|a| a.is_packed_for_slots(&model, 16, DType::BF16)));
+        // The run's requests, round-robin over the adapters.
+        for i in 0..32 {
+            let adapter = cache.get(&adapters[i % adapters.len()]).unwrap();
+            assert!(Arc::ptr_eq(&adapter, &held[i % adapters.len()]));
+        }
+        assert_eq!(cache.stats().1, 4, "an adapter held from startup was read again");
+
+        // Not held, the same requests re-read evicted adapters.
+        let cold = LoraCache::new(config, model.clone());
+        for i in 0..32 {
+            let adapter = cold.get(&adapters[i % adapters.len()]).unwrap();
+            assert!(!adapter.is_packed_for_slots(&model, 16, DType::BF16), "no slot dtype, no packing");
+        }
+        assert!(cold.stats().1 > 4, "{:?}", cold.stats());
     }
 }

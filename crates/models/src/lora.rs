@@ -101,8 +101,9 @@ pub struct LoraAdapter {
     layers: Vec<[Option<LoraPair>; 7]>,
     /// `base_model_name_or_path` from its config, if any.
     base_model: Option<String>,
-    /// Its slot contents, packed at its first slot load: later loads (an
-    /// adapter swapped out and back in) copy bytes and convert nothing.
+    /// Its slot contents, packed when the host cache reads it
+    /// ([`Self::pack_for_slots`]) or else at its first slot load: slot loads
+    /// (an adapter swapped out and back in too) copy bytes and convert nothing.
     packed: OnceLock<PackedSlot>,
 }
 
@@ -111,10 +112,63 @@ pub struct LoraAdapter {
 /// [`LayerLoraSlots::stacks`] (a stack of `P` parts: `P` chunks, part-major).
 #[derive(Clone, Debug)]
 struct PackedSlot {
-    max_rank: usize,
-    dtype: DType,
+    /// What the bytes were packed for: a slot load with any other layout repacks.
+    layout: SlotLayout,
     layers: Vec<[Vec<u8>; NUM_STACKS]>,
 }
+
+/// Everything an adapter's packed slot contents depend on, derived from the
+/// model config alone so that an adapter can be packed (by the host cache)
+/// before it meets a [`LoraSlots`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SlotLayout {
+    max_rank: usize,
+    dtype: DType,
+    num_layers: usize,
+    /// Each stack's `[parts, N]`, the same in every layer.
+    stacks: [[usize; 2]; NUM_STACKS],
+}
+
+impl SlotLayout {
+    fn new(c: &ModelConfig, max_rank: usize, dtype: DType) -> Self {
+        Self { max_rank, dtype, num_layers: c.num_layers, stacks: stack_dims(c) }
+    }
+}
+
+/// Each [`LayerLoraSlots`] stack's `[parts, N]` for a model of config `c`, in
+/// the order of [`LayerLoraSlots::stacks`]: the one source of the slots'
+/// shapes, for allocating them and for packing adapters into them.
+fn stack_dims(c: &ModelConfig) -> [[usize; 2]; NUM_STACKS] {
+    let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_size(), c.kv_size());
+    [
+        [3, h],  // qkv_a
+        [1, q],  // q_b
+        [2, kv], // k_b, v_b
+        [1, q],  // o_a
+        [1, h],  // o_b
+        [2, h],  // gate_up_a
+        [2, i],  // gate_b, up_b
+        [1, i],  // down_a
+        [1, h],  // down_b
+    ]
+}
+
+/// The modules of each stack's parts, and whether the stack holds `B`
+/// (transposed) rather than `A`, in the order of [`stack_dims`].
+const STACK_MODULES: [(&[LoraModule], bool); NUM_STACKS] = {
+    use LoraModule::*;
+    [
+        (&[Q, K, V], false),
+        (&[Q], true),
+        (&[K, V], true),
+        (&[O], false),
+        (&[O], true),
+        (&[Gate, Up], false),
+        (&[Gate, Up], true),
+        (&[Down], false),
+        (&[Down], true),
+    ]
+};
 
 const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -421,12 +475,11 @@ pub(crate) struct LayerLoraSlots<B: Backend> {
 }
 
 impl<B: Backend> LayerLoraSlots<B> {
-    /// Zeroed stacks for `s` slots of rank `r`.
-    fn new(backend: &B, c: &ModelConfig, s: usize, r: usize) -> Result<Self> {
-        let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_size(), c.kv_size());
-        let dtype = backend.activation_dtype();
-        let zeros = |parts: usize, n: usize| -> Result<Tensor<B>> {
-            let t = backend.alloc(&[parts, s, r, n], dtype)?;
+    /// Zeroed stacks for `s` slots of `layout`.
+    fn new(backend: &B, layout: &SlotLayout, s: usize) -> Result<Self> {
+        let r = layout.max_rank;
+        let zeros = |[parts, n]: [usize; 2]| -> Result<Tensor<B>> {
+            let t = backend.alloc(&[parts, s, r, n], layout.dtype)?;
             backend.fill(&t, 0.0)?;
             Ok(t)
         };
@@ -434,19 +487,20 @@ impl<B: Backend> LayerLoraSlots<B> {
             let n = stack.dim(3);
             Ok(stack.narrow(p, 1)?.reshape(&[s, r, n])?)
         };
-        let (q_b_stack, kv_b_stack, o_b_stack) = (zeros(1, q)?, zeros(2, kv)?, zeros(1, h)?);
-        let (gate_up_b_stack, down_b_stack) = (zeros(2, i)?, zeros(1, h)?);
+        let [qkv_a, q_b, kv_b, o_a, o_b, gate_up_a, gate_up_b, down_a, down_b] = layout.stacks;
+        let (q_b_stack, kv_b_stack, o_b_stack) = (zeros(q_b)?, zeros(kv_b)?, zeros(o_b)?);
+        let (gate_up_b_stack, down_b_stack) = (zeros(gate_up_b)?, zeros(down_b)?);
         Ok(Self {
-            qkv_a: zeros(3, h)?,
+            qkv_a: zeros(qkv_a)?,
             q_b: part(&q_b_stack, 0)?,
             k_b: part(&kv_b_stack, 0)?,
             v_b: part(&kv_b_stack, 1)?,
-            o_a: zeros(1, q)?,
+            o_a: zeros(o_a)?,
             o_b: part(&o_b_stack, 0)?,
-            gate_up_a: zeros(2, h)?,
+            gate_up_a: zeros(gate_up_a)?,
             gate_b: part(&gate_up_b_stack, 0)?,
             up_b: part(&gate_up_b_stack, 1)?,
-            down_a: zeros(1, i)?,
+            down_a: zeros(down_a)?,
             down_b: part(&down_b_stack, 0)?,
             q_b_stack,
             kv_b_stack,
@@ -472,11 +526,116 @@ impl<B: Backend> LayerLoraSlots<B> {
     }
 }
 
+/// Whether `adapter` fits slots of `layout`: its layers, its rank, and every
+/// matrix's width (packing copies whole matrices into place).
+fn check_fits(adapter: &LoraAdapter, layout: &SlotLayout) -> Result<()> {
+    if adapter.rank > layout.max_rank {
+        return Err(ModelError::Forward(format!(
+            "adapter rank {} exceeds the slots' {}",
+            adapter.rank, layout.max_rank
+        )));
+    }
+    if adapter.layers.len() != layout.num_layers {
+        return Err(ModelError::Forward(format!(
+            "adapter of {} layers for a model of {}",
+            adapter.layers.len(),
+            layout.num_layers
+        )));
+    }
+    for (l, modules) in adapter.layers.iter().enumerate() {
+        for ((stack_modules, is_b), [_, n]) in STACK_MODULES.iter().zip(layout.stacks) {
+            for &m in *stack_modules {
+                let Some(pair) = &modules[m.index()] else { continue };
+                let len = if *is_b { pair.b.len() } else { pair.a.len() };
+                if len != pair.rank * n {
+                    return Err(ModelError::Forward(format!(
+                        "layer {l} {}: the adapter's matrices do not fit the slots (width {n})",
+                        m.name()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `adapter`'s slot contents for slots of `layout` (which it must fit, see
+/// [`check_fits`]), layers packed on several threads (an 8B adapter of rank
+/// 16 is 42M values).
+fn pack(adapter: &LoraAdapter, layout: &SlotLayout) -> PackedSlot {
+    let (r, dtype) = (layout.max_rank, layout.dtype);
+    let pack_layer = |l: usize| -> [Vec<u8>; NUM_STACKS] {
+        std::array::from_fn(|i| {
+            let (modules, is_b) = STACK_MODULES[i];
+            let [parts, n] = layout.stacks[i];
+            debug_assert_eq!(parts, modules.len());
+            // Each part `[r, n]`, the adapter's rank rows first: A as is, B transposed.
+            let mut host = vec![0f32; parts * r * n];
+            for (p, &m) in modules.iter().enumerate() {
+                let Some(pair) = adapter.pair(l, m) else { continue };
+                let part = &mut host[p * r * n..(p + 1) * r * n];
+                if is_b {
+                    for (out, row) in pair.b.chunks_exact(pair.rank).enumerate() {
+                        for (k, &v) in row.iter().enumerate() {
+                            part[k * n + out] = v;
+                        }
+                    }
+                } else {
+                    part[..pair.rank * n].copy_from_slice(&pair.a);
+                }
+            }
+            encode(&host, dtype)
+        })
+    };
+    let num_layers = layout.num_layers;
+    let threads =
+        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(num_layers.max(1));
+    let per_thread = num_layers.div_ceil(threads.max(1)).max(1);
+    let layers: Vec<[Vec<u8>; NUM_STACKS]> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..num_layers)
+            .step_by(per_thread)
+            .map(|first| {
+                let pack_layer = &pack_layer;
+                scope.spawn(move || {
+                    (first..(first + per_thread).min(num_layers)).map(pack_layer).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    PackedSlot { layout: *layout, layers }
+}
+
+impl LoraAdapter {
+    /// Packs its slot contents for [`LoraSlots`] of rank `max_rank` in `dtype`
+    /// on a model of config `c` (the slots' [`LoraSlots::max_rank`] and
+    /// [`LoraSlots::dtype`]), and keeps them: [`LoraSlots::load`] then copies
+    /// bytes. Packing transposes and converts every matrix (42M values for an
+    /// 8B adapter of rank 16), so a host cache does it when it reads an
+    /// adapter rather than inside an engine step. A no-op when packed already
+    /// (for any slots: the first packing is kept, as by [`LoraSlots::load`]).
+    pub fn pack_for_slots(&self, c: &ModelConfig, max_rank: usize, dtype: DType) -> Result<()> {
+        let layout = SlotLayout::new(c, max_rank, dtype);
+        if self.packed.get().is_none() {
+            check_fits(self, &layout)?;
+            // A concurrent packer may win; both packed for their own layout.
+            let _ = self.packed.set(pack(self, &layout));
+        }
+        Ok(())
+    }
+
+    /// Whether its slot contents are packed for these slots (see
+    /// [`Self::pack_for_slots`]), so that a slot load converts nothing.
+    pub fn is_packed_for_slots(&self, c: &ModelConfig, max_rank: usize, dtype: DType) -> bool {
+        self.packed.get().is_some_and(|p| p.layout == SlotLayout::new(c, max_rank, dtype))
+    }
+}
+
 /// Room for `max_loras` adapters of rank up to `max_rank` on the backend.
 pub struct LoraSlots<B: Backend> {
     pub(crate) layers: Vec<LayerLoraSlots<B>>,
     max_loras: usize,
-    max_rank: usize,
+    layout: SlotLayout,
 }
 
 impl<B: Backend> LoraSlots<B> {
@@ -488,10 +647,11 @@ impl<B: Backend> LoraSlots<B> {
                 format!("max_loras {max_loras}, max_lora_rank {max_rank}"),
             ));
         }
+        let layout = SlotLayout::new(c, max_rank, backend.activation_dtype());
         let layers = (0..c.num_layers)
-            .map(|_| LayerLoraSlots::new(backend, c, max_loras, max_rank))
+            .map(|_| LayerLoraSlots::new(backend, &layout, max_loras))
             .collect::<Result<_>>()?;
-        Ok(Self { layers, max_loras, max_rank })
+        Ok(Self { layers, max_loras, layout })
     }
 
     pub fn max_loras(&self) -> usize {
@@ -499,115 +659,34 @@ impl<B: Backend> LoraSlots<B> {
     }
 
     pub fn max_rank(&self) -> usize {
-        self.max_rank
+        self.layout.max_rank
+    }
+
+    /// The dtype the slots hold (the backend's activation dtype).
+    pub fn dtype(&self) -> DType {
+        self.layout.dtype
     }
 
     /// Device bytes the slots take for a model of this config (for memory planning).
     pub fn bytes_for(c: &ModelConfig, max_loras: usize, max_rank: usize, dtype: DType) -> u64 {
-        let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_size(), c.kv_size());
-        let per_slot_layer = 3 * h + q + 2 * kv + q + h + 2 * h + 2 * i + i + h;
+        let per_slot_layer: usize = stack_dims(c).iter().map(|[parts, n]| parts * n).sum();
         (c.num_layers * max_loras * max_rank * per_slot_layer * dtype.size_in_bytes()) as u64
     }
 
-    /// `adapter`'s slot contents in `dtype`, layers packed on several threads
-    /// (an 8B adapter of rank 16 is 42M values).
-    fn pack(&self, adapter: &LoraAdapter, dtype: DType) -> PackedSlot {
-        let r = self.max_rank;
-        // Each stack's (parts, N).
-        let dims: Vec<[[usize; 2]; NUM_STACKS]> =
-            self.layers.iter().map(|slots| slots.stacks().map(|t| [t.dim(0), t.dim(3)])).collect();
-        let pack_layer = |l: usize| -> [Vec<u8>; NUM_STACKS] {
-            let d = &dims[l];
-            // A: each part `r` rows of `in_features`, the adapter's rank rows first.
-            let a = |i: usize, modules: &[LoraModule]| {
-                debug_assert_eq!(d[i][0], modules.len());
-                let k = d[i][1];
-                let mut host = vec![0f32; modules.len() * r * k];
-                for (p, &m) in modules.iter().enumerate() {
-                    if let Some(pair) = adapter.pair(l, m) {
-                        host[p * r * k..][..pair.rank * k].copy_from_slice(&pair.a);
-                    }
-                }
-                encode(&host, dtype)
-            };
-            // B transposed: each part `[r, out]`, the adapter's rank rows first.
-            let b = |i: usize, modules: &[LoraModule]| {
-                debug_assert_eq!(d[i][0], modules.len());
-                let n = d[i][1];
-                let mut host = vec![0f32; modules.len() * r * n];
-                for (p, &m) in modules.iter().enumerate() {
-                    if let Some(pair) = adapter.pair(l, m) {
-                        let part = &mut host[p * r * n..(p + 1) * r * n];
-                        for (j, src) in pair.b.chunks_exact(pair.rank).enumerate() {
-                            for (i, &v) in src.iter().enumerate() {
-                                part[i * n + j] = v;
-                            }
-                        }
-                    }
-                }
-                encode(&host, dtype)
-            };
-            use LoraModule::*;
-            [
-                a(0, &[Q, K, V]),
-                b(1, &[Q]),
-                b(2, &[K, V]),
-                a(3, &[O]),
-                b(4, &[O]),
-                a(5, &[Gate, Up]),
-                b(6, &[Gate, Up]),
-                a(7, &[Down]),
-                b(8, &[Down]),
-            ]
-        };
-        let num_layers = self.layers.len();
-        let threads =
-            std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(num_layers.max(1));
-        let per_thread = num_layers.div_ceil(threads.max(1)).max(1);
-        let layers: Vec<[Vec<u8>; NUM_STACKS]> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..num_layers)
-                .step_by(per_thread)
-                .map(|first| {
-                    let pack_layer = &pack_layer;
-                    scope.spawn(move || {
-                        (first..(first + per_thread).min(num_layers)).map(pack_layer).collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        });
-        PackedSlot { max_rank: r, dtype, layers }
-    }
-
     /// Writes `adapter` into `slot` (every projection it does not adapt, and
-    /// every rank row past its own, becomes zero). The first load packs the
-    /// adapter for the slots' layout and dtype and keeps the bytes with it.
+    /// every rank row past its own, becomes zero). An adapter not packed for
+    /// these slots yet ([`LoraAdapter::pack_for_slots`]) is packed here and
+    /// keeps the bytes.
     pub fn load(&self, backend: &B, slot: usize, adapter: &LoraAdapter) -> Result<()> {
         if slot >= self.max_loras {
             return Err(ModelError::Forward(format!("LoRA slot {slot} of {}", self.max_loras)));
         }
-        if adapter.rank > self.max_rank {
-            return Err(ModelError::Forward(format!(
-                "adapter rank {} exceeds the slots' {}",
-                adapter.rank, self.max_rank
-            )));
-        }
-        if adapter.layers.len() != self.layers.len() {
-            return Err(ModelError::Forward(format!(
-                "adapter of {} layers for a model of {}",
-                adapter.layers.len(),
-                self.layers.len()
-            )));
-        }
-        let dtype = backend.activation_dtype();
         let fresh;
         let packed = match adapter.packed.get() {
-            Some(p) if p.max_rank == self.max_rank && p.dtype == dtype => p,
+            Some(p) if p.layout == self.layout => p,
             _ => {
-                let p = self.pack(adapter, dtype);
+                check_fits(adapter, &self.layout)?;
+                let p = pack(adapter, &self.layout);
                 // The first engine's layout is kept (one engine per adapter cache).
                 match adapter.packed.get() {
                     None => adapter.packed.get_or_init(|| p),
@@ -618,7 +697,7 @@ impl<B: Backend> LoraSlots<B> {
                 }
             }
         };
-        let s = self.max_loras;
+        let (s, dtype) = (self.max_loras, self.layout.dtype);
         for (slots, bytes) in self.layers.iter().zip(&packed.layers) {
             for (stack, data) in slots.stacks().into_iter().zip(bytes) {
                 // Part p of the slot: row p·S + slot of the stack as [P·S, R·N].
@@ -635,6 +714,8 @@ impl<B: Backend> LoraSlots<B> {
 
 #[cfg(test)]
 mod tests {
+    use pagoda_backend_cpu_ref::CpuBackend;
+
     use super::*;
 
     #[test]
@@ -652,6 +733,90 @@ mod tests {
         ] {
             assert!(parse_tensor_name(bad).is_err(), "{bad}");
         }
+    }
+
+    fn tiny_config() -> ModelConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama/config.json");
+        ModelConfig::from_hf_file(&path).unwrap()
+    }
+
+    /// A rank-`rank` adapter of some projections, written to `dir` and read back.
+    fn tiny_adapter(c: &ModelConfig, dir: &Path, rank: usize) -> LoraAdapter {
+        let modules = vec![LoraModule::Q, LoraModule::V, LoraModule::O, LoraModule::Up, LoraModule::Down];
+        let synthetic = SyntheticLora { seed: 5, rank, alpha: 16.0, use_rslora: false, modules, b_amp: 0.1 };
+        synthetic.write(dir, c, "tiny-llama").unwrap();
+        LoraAdapter::load(dir, c, 16).unwrap()
+    }
+
+    /// Slot `slot`'s values in every stack of every layer.
+    fn slot_contents(cpu: &CpuBackend, slots: &LoraSlots<CpuBackend>, slot: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        for layer in &slots.layers {
+            for stack in layer.stacks() {
+                let values = cpu.download_f32(stack).unwrap();
+                // [P, S, R·N]: part p of the slot is row p·S + slot.
+                let row = stack.numel() / (stack.dim(0) * slots.max_loras);
+                for p in 0..stack.dim(0) {
+                    out.extend_from_slice(&values[(p * slots.max_loras + slot) * row..][..row]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_slot_layout_from_the_config_is_the_shape_of_the_slots() {
+        let c = tiny_config();
+        let slots = LoraSlots::new(&CpuBackend::new(), &c, 3, 16).unwrap();
+        for layer in &slots.layers {
+            assert_eq!(layer.stacks().map(|t| [t.dim(0), t.dim(3)]), slots.layout.stacks);
+            assert!(layer.stacks().iter().all(|t| t.dims()[1..3] == [3, 16] && t.dtype() == DType::F32));
+        }
+        for ((modules, _), [parts, _]) in STACK_MODULES.iter().zip(stack_dims(&c)) {
+            assert_eq!(modules.len(), parts);
+        }
+    }
+
+    #[test]
+    fn packing_at_cache_time_gives_the_slot_contents_of_packing_at_slot_load() {
+        let c = tiny_config();
+        let cpu = CpuBackend::new();
+        let slots = LoraSlots::new(&cpu, &c, 4, 16).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a");
+        // The same adapter three times: packed by its slot load, packed
+        // ahead for these slots (as the host cache does), and packed ahead
+        // for slots of another rank (which the slot load must not use).
+        let at_load = tiny_adapter(&c, &dir, 8);
+        let ahead = LoraAdapter::load(&dir, &c, 16).unwrap();
+        ahead.pack_for_slots(&c, 16, cpu.activation_dtype()).unwrap();
+        assert!(ahead.is_packed_for_slots(&c, 16, DType::F32));
+        let other_rank = LoraAdapter::load(&dir, &c, 16).unwrap();
+        other_rank.pack_for_slots(&c, 32, DType::F32).unwrap();
+        assert!(!other_rank.is_packed_for_slots(&c, 16, DType::F32));
+
+        assert!(!at_load.is_packed_for_slots(&c, 16, DType::F32));
+        slots.load(&cpu, 0, &at_load).unwrap();
+        assert!(at_load.is_packed_for_slots(&c, 16, DType::F32));
+        let (packed_ahead, packed_at_load) = (ahead.packed.get().unwrap(), at_load.packed.get().unwrap());
+        assert_eq!(packed_ahead.layout, packed_at_load.layout);
+        assert!(packed_ahead.layers == packed_at_load.layers, "packed bytes differ");
+
+        slots.load(&cpu, 1, &ahead).unwrap();
+        slots.load(&cpu, 3, &other_rank).unwrap();
+        let want = slot_contents(&cpu, &slots, 0);
+        assert!(want.iter().any(|&v| v != 0.0));
+        assert!(slot_contents(&cpu, &slots, 1) == want, "the adapter packed ahead");
+        assert!(slot_contents(&cpu, &slots, 3) == want, "the adapter packed for rank-32 slots");
+        assert!(slot_contents(&cpu, &slots, 2).iter().all(|&v| v == 0.0));
+
+        // Slots of another shape are refused, not packed wrong.
+        let mut wider = c.clone();
+        wider.intermediate_size *= 2;
+        let fresh = LoraAdapter::load(&dir, &c, 16).unwrap();
+        let err = fresh.pack_for_slots(&wider, 16, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("do not fit"), "{err}");
+        assert!(fresh.packed.get().is_none());
     }
 }
 
