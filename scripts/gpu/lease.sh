@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
-# Three chained device calls that check on a GPU what was written without one (the FP8 KV cache,
-# --load-format dummy, the NCCL communicator, the LoRA fixes) and measure the FP8 KV cache
-# (issue 19). From the repository root on the GPU machine, after scripts/gpu/package.sh and
-# `scripts/gpu/lease-fp8-kv.sh pack` here (xz-compressed binaries in .device/xz/<folder>/):
-#   latency      carry [".device/xz/bin"]: with dummy weights (the Llama-3-8B shape from its config
-#                alone, made on the GPU): single stream 512/128 with bf16 and FP8 weights, and at 32k
-#                context with the bf16 and the FP8 KV cache (pagoda is kept for the engine call)
-#   kernels      carry [".device/xz/kbench"]: the FP8 kernel bench rows (FP8 KV decode and prefill
-#                attention, FP8 GEMV and GEMM) and the per-layer LoRA rows
-#   device       carry [".device/xz/kdev"]: the CUDA backend's device tests
-#   conformance  carry [".device/xz/kconf"]: conformance (quick grids: FP8 cache, FP8 linear, LoRA),
-#                and LoRA's with the 8-column expand on per-token products
-#   engine       carry [".device/xz/tp"]: the NCCL tests (a group of one on one GPU); offline
-#                256 x 512/256 with bf16 weights, FP8 weights, 16 LoRA adapters; single stream with
-#                an adapter (8-column and scalar expand); little KV memory (--gpu-memory-utilization
-#                $SMALL_UTIL): preemptions and throughput with each KV cache dtype
-# SmolLM2 (the GPU quality tests of FP8) needs four more calls to carry: not in this lease.
-# (PAGODA_LORA_EXPAND_VEC8, set by two runs below, selected an 8-column expand that this lease measured
-# no faster; the kernel and the variable are gone since, and those runs now measure the scalar one.)
+# One lease's chained device calls for FP8 (issue 19), multi-LoRA (issue 20) and speculative decoding
+# (issue 18). From the repository root on the GPU machine, after scripts/gpu/package.sh and
+# `scripts/gpu/lease.sh pack` here (xz-compressed binaries in .device/xz/<folder>/, SmolLM2's GGUF in
+# quarters in .device/q/<n>/: a call carries 64 MiB, so each carries one binary folder and a quarter):
+#   conformance  carry [".device/xz/kconf", ".device/q/0"]: conformance, quick grids (bf16, f16): FP8
+#                cache, FP8 linear (CUDA-core and tensor-core GEMV, cuBLASLt GEMM), FP8 quantization
+#                of weights, LoRA
+#   engine       carry [".device/xz/bin", ".device/q/1"]: with dummy weights (the Llama-3-8B shape from
+#                its config alone, made on the GPU): single stream 512/128 and offline 256 x 512/256
+#                with bf16 and FP8 weights; 16 LoRA adapters and single stream with one; 32k single
+#                stream with the FP8 KV cache by decode partition; speculative decoding (the cost of a
+#                verification step, a useless 1B draft and the off switch: speculative.sh)
+#   kernels      carry [".device/xz/kbench", ".device/q/2"]: FP8 GEMV/MMA GEMV/GEMM rows, bf16 linear
+#                rows, FP8 and bf16 decode attention
+#   device       carry [".device/xz/kdev", ".device/q/3"]: the CUDA backend's device tests
+#   quality      carry [".device/xz/mtest"]: SmolLM2 (joined from the quarters) on the GPU: FP8 KV cache
+#                and FP8 weights against bf16 (tests/cuda_model.rs), and prompt lookup on copying
+#                prompts (speculative.sh smollm2)
 # State between calls lives in /tmp/pagoda-gpu (the machine stays warm 30 s after a call).
 # Output: $OUT/<call>/ (logs, JSON).
 set -uo pipefail
@@ -28,7 +27,8 @@ if [ "$CALL" = pack ]; then
   # One folder per call: each xz-compressed test binary is ~30 MiB (the kernels' fat binary).
   mkdir -p .device/kdev .device/kconf
   cp .device/kbin/device .device/kdev/; cp .device/kbin/conformance .device/kconf/
-  for d in bin kdev kconf kbench tp; do
+  rm -rf .device/xz .device/q
+  for d in bin kdev kconf kbench mtest; do
     mkdir -p ".device/xz/$d"
     for f in .device/$d/*; do
       case "$f" in *.py) cp "$f" ".device/xz/$d/" ;; *.sha256) cp "$f" ".device/xz/$d/" ;;
@@ -36,13 +36,17 @@ if [ "$CALL" = pack ]; then
     done
   done
   git rev-parse HEAD > .device/xz/bin/build_commit.txt
-  du -sh .device/xz/* .device/gguf.*
+  MODEL="$(scripts/fetch-model.sh)"
+  for n in 0 1 2 3; do mkdir -p ".device/q/$n"; done
+  split -n 4 -d "$MODEL" .device/q/gguf.
+  for n in 0 1 2 3; do mv ".device/q/gguf.0$n" ".device/q/$n/"; done
+  du -sh .device/xz/* .device/q/*
   exit 0
 fi
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
 W=/tmp/pagoda-gpu; D=$W/dev; mkdir -p "$W" "$D"
 A="$OUT/$CALL"; mkdir -p "$A"
-GGUF="$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF="$W/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # a model folder of its own, for PAGODA_TEST_MODEL
 t0=$SECONDS
 say() { echo "[$((SECONDS - t0)) s] $*"; }
 # Unpack this call's binaries into $D/<folder>/ (kept for later calls), and its GGUF third.
@@ -51,7 +55,13 @@ for f in .device/xz/*/*; do
   case "$f" in *.xz) xz -d -T0 -c "$f" > "$d/$(basename "$f" .xz)" && chmod +x "$d/$(basename "$f" .xz)" ;;
     *) cp "$f" "$d/" ;; esac
 done
-cp .device/gguf.0? "$W/" 2>/dev/null
+cp .device/q/*/gguf.0? "$W/" 2>/dev/null
+# SmolLM2, once all four quarters have come (speculative.sh smollm2 reads it here too).
+if [ ! -f "$GGUF" ] && [ "$(ls "$W"/gguf.0? 2>/dev/null | wc -l)" = 4 ]; then
+  mkdir -p "$(dirname "$GGUF")" && cat "$W"/gguf.0? > "$GGUF"
+  sha256sum "$GGUF" | cut -d' ' -f1 > "$W/gguf.sha256.got"
+  ln -sf "$GGUF" "$W/SmolLM2-135M-Instruct.Q4_1.gguf"  # where speculative.sh smollm2 looks
+fi
 P=$D/bin/pagoda
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$A/gpu.txt"
 cat "$D/bin/build_commit.txt" 2>/dev/null | tee "$A/build_commit.txt"
@@ -83,44 +93,41 @@ M8=(--model "$DM" --load-format dummy)
 LAT=(latency "${M8[@]}" --input-len 512 --output-len 128 --num-iters 3)
 TPUT=(throughput "${M8[@]}" --num-prompts 256 --input-len 512 --output-len 256 --max-num-batched-tokens 16384)
 case "$CALL" in
-  latency)
-    bench 60 dummy_latency_bf16 "${LAT[@]}"
-    grep -E "load|cold" "$A/dummy_latency_bf16.log" | head -3
-    bench 60 dummy_latency_fp8w "${LAT[@]}" --quantization fp8
-    for kv in auto fp8; do
-      bench 100 "dummy_latency_32k_kv_$kv" latency "${M8[@]}" --kv-cache-dtype $kv --input-len 32000 \
-        --output-len 128 --num-iters 2
-    done ;;
+  conformance)
+    K=$D/kconf
+    run 300 conformance $K/conformance quick --test-threads=1 --nocapture
+    grep -E "FAIL|test result" "$A/conformance.log" | head -20 ;;
+  engine)
+    bench 60 latency_bf16 "${LAT[@]}"
+    bench 120 latency_fp8w "${LAT[@]}" --quantization fp8
+    grep -E "load|cold" "$A/latency_bf16.log" "$A/latency_fp8w.log" | head -6
+    bench 60 tput_bf16 "${TPUT[@]}"
+    bench 120 tput_fp8w "${TPUT[@]}" --quantization fp8
+    bench 90 tput_lora16 "${TPUT[@]}" --enable-lora --max-loras 16 --max-lora-rank 16 --synthetic-loras 16
+    bench 40 lora_latency "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1
+    for p in default 1024 256; do
+      extra=(); [ "$p" = default ] || extra=(--kernel-decode-partition "$p")
+      bench 100 "latency_32k_kv_fp8_p$p" latency "${M8[@]}" --kv-cache-dtype fp8 --input-len 32000 \
+        --output-len 128 --num-iters 2 "${extra[@]}"
+    done
+    bench 100 latency_32k_kv_auto latency "${M8[@]}" --input-len 32000 --output-len 128 --num-iters 2
+    OUT="$A" PAGODA="$P" DUMMY=1 ROUNDS=1 timeout 240 bash scripts/gpu/speculative.sh models verify draft summary \
+      > "$A/speculative.log" 2>&1
+    say "speculative rc=$?"; tail -12 "$A/speculative.log" ;;
   kernels)
-    run 150 kernels_fp8 $D/kbench/kernels "fp8"
-    grep -E "fp8|bf16 cache" "$A/kernels_fp8.log" | head -40
-    run 60 kernels_lora_layer $D/kbench/kernels "lora layer"
-    grep -E "lora layer" "$A/kernels_lora_layer.log" | head -16 ;;
+    run 200 kernels_fp8 $D/kbench/kernels "fp8"
+    grep -E "fp8" "$A/kernels_fp8.log" | head -80
+    run 120 kernels_linear $D/kbench/kernels "linear" "decode attention bf16" ;;
   device)
     run 200 device $D/kdev/device --test-threads=1 --nocapture
     grep -E "test result|FAILED|panicked" "$A/device.log" | head -8 ;;
-  conformance)
-    K=$D/kconf
-    run 240 conformance $K/conformance --test-threads=1 --nocapture
-    grep -E "FAIL|test result" "$A/conformance.log" | head -20
-    PAGODA_LORA_EXPAND_VEC8=1 PAGODA_LORA_DENSE_MIN_TOKENS=0 run 50 conformance_lora_vec8_pertoken \
-      $K/conformance lora --test-threads=1 --nocapture
-    grep -E "FAIL|test result" "$A/conformance_lora_vec8_pertoken.log" | head -5 ;;
-  engine)
-    T=$D/tp
-    NCCL_DIR="$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)"
-    [ -n "$NCCL_DIR" ] && NCCL_LD="$NCCL_DIR:$LD_LIBRARY_PATH" || NCCL_LD="$LD_LIBRARY_PATH"
-    say "NCCL from ${NCCL_DIR:-the loader cache}"
-    NCCL_NVLS_ENABLE=0 LD_LIBRARY_PATH="$NCCL_LD" run 60 nccl $T/nccl --test-threads=1 --nocapture
-    grep -E "^test |test result|skipped|panicked" "$A/nccl.log" | head -14
-    bench 60 tput_bf16 "${TPUT[@]}"
-    bench 60 tput_lora16 "${TPUT[@]}" --enable-lora --max-loras 16 --max-lora-rank 16 --synthetic-loras 16
-    bench 40 lora_latency_base "${LAT[@]}"
-    PAGODA_LORA_EXPAND_VEC8=1 bench 40 lora_latency_vec8 "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1
-    bench 40 lora_latency_scalar "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1
-    for kv in auto fp8; do
-      bench 60 "preempt_kv_$kv" "${TPUT[@]}" --gpu-memory-utilization "${SMALL_UTIL:-0.30}" --kv-cache-dtype $kv
-    done ;;
+  quality)
+    [ -f "$GGUF" ] || { say "no SmolLM2 (the four quarters did not all come)"; exit 1; }
+    say "GGUF sha256 $(cat "$W/gguf.sha256.got")"
+    PAGODA_TEST_MODEL="$(dirname "$GGUF")" run 200 cuda_model_fp8 $D/mtest/cuda_model fp8 --test-threads=1 --nocapture
+    grep -E "agreement|test result|FAILED|panicked" "$A/cuda_model_fp8.log" | head -8
+    OUT="$A" PAGODA="$P" timeout 200 bash scripts/gpu/speculative.sh smollm2 summary > "$A/speculative.log" 2>&1
+    say "speculative rc=$?"; tail -6 "$A/speculative.log" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac
 say "done"

@@ -68,4 +68,4 @@ du -sh .device/bin .device/kbin .device/kbench .device/mtest .device/tp .device/
 mib() { du -cm "$@" | tail -1 | cut -f1; }
 [ "$(mib .device/mtest .device/whl .device/gguf.00)" -lt 63 ] \
   || echo "package.sh: warning: mtest + whl + one GGUF third exceed what one call carries (64 MiB):" \
-    "carry them in separate calls, xz-compressed (scripts/gpu/lease-fp8-kv.sh pack)" >&2
+    "carry them in separate calls, xz-compressed (scripts/gpu/lease.sh pack)" >&2

@@ -12,18 +12,23 @@
 #   smollm2  SmolLM2-135M single stream on prompts that copy (benchmarks/prompts/*.txt, chat
 #            template), n-gram k = 4 against no speculation, two rounds
 # Carry: .device/bin (pagoda, hf_peer.py; or keep-bin once) and, per call, .device/gguf.0N.
+# PAGODA=path runs that pagoda binary instead; DUMMY=1 makes the 8B and 1B models --load-format dummy
+# (a config.json alone, weights made on the GPU in seconds: no torch, no 16 GB of files); ROUNDS=1
+# runs verify's alternation once.
 # Results: $OUT/spec_*.json and logs.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 W=/tmp/pagoda-gpu; mkdir -p "$W"
 # The binaries: carried in .device/bin, or kept on the machine by an earlier call's keep-bin.
 B=.device/bin; [ -x "$B/pagoda" ] || B="$W/bin"
+PAGODA="${PAGODA:-$B/pagoda}"
+[ "${DUMMY:-0}" = 1 ] && LOAD=(--load-format dummy) || LOAD=()
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 L8B="$W/llama3-8b-random"; L1B="$W/llama3-1b-random"
 
 bench() { # name, pagoda bench args...
   local name=$1; shift
-  $B/pagoda bench "$@" --device cuda --output-json "$OUT/spec_$name.json" 2>&1 | grep -v "^\s*$" \
+  "$PAGODA" bench "$@" "${LOAD[@]}" --device cuda --output-json "$OUT/spec_$name.json" 2>&1 | grep -v "^\s*$" \
     > "$OUT/spec_$name.log"
   grep -E "output tok/s|decode:|speculative:|self-check" "$OUT/spec_$name.log" | sed "s/^/$name: /"
   # Kept for later calls (peers.sh vllm-spec gives vLLM the prompts these ran).
@@ -38,10 +43,16 @@ for phase in "$@"; do
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
       cat $B/build_commit.txt 2>/dev/null | tee "$OUT/build_commit.txt"
       t0=$SECONDS
-      [ -f "$L8B/config.json" ] || python3 $B/hf_peer.py --preset llama3-8b --save-model "$L8B" \
-        --n 1 --input-len 8 --output-len 2 --modes none 2>&1 | tail -2
-      [ -f "$L1B/config.json" ] || python3 $B/hf_peer.py --preset llama3-1b --save-model "$L1B" \
-        --n 1 --input-len 8 --output-len 2 --modes none 2>&1 | tail -2
+      if [ "${DUMMY:-0}" = 1 ]; then
+        PEER=scripts/peers/hf_peer.py; [ -f "$PEER" ] || PEER=$B/hf_peer.py
+        [ -f "$L8B/config.json" ] || python3 "$PEER" --preset llama3-8b --save-config "$L8B" | tail -1
+        [ -f "$L1B/config.json" ] || python3 "$PEER" --preset llama3-1b --save-config "$L1B" | tail -1
+      else
+        [ -f "$L8B/config.json" ] || python3 $B/hf_peer.py --preset llama3-8b --save-model "$L8B" \
+          --n 1 --input-len 8 --output-len 2 --modes none 2>&1 | tail -2
+        [ -f "$L1B/config.json" ] || python3 $B/hf_peer.py --preset llama3-1b --save-model "$L1B" \
+          --n 1 --input-len 8 --output-len 2 --modes none 2>&1 | tail -2
+      fi
       echo "models built in $((SECONDS - t0)) s"
       python3 - "$W" <<'PY'
 import json, random, sys
@@ -55,7 +66,7 @@ for n in (1, 32):
 PY
       ;;
     verify)
-      for round in 1 2; do
+      for round in $(seq 1 "${ROUNDS:-2}"); do
         for n in 1 32; do
           bench "plain_b${n}_r$round" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl"
           bench "verify4_b${n}_r$round" throughput --model "$L8B" --dataset "$W/spec-$n.jsonl" --verify-drafts 4
@@ -104,7 +115,7 @@ for r in (1, 2):
             step = lambda x: x["decode_step_s"] or x["elapsed_s"] / x["engine_steps"]
             print(f"round {r} batch {n}: decode-only step {step(p)*1e3:.2f} ms plain, {step(v)*1e3:.2f} ms verify(5 rows): "
                   f"ratio {step(v)/step(p):.3f}; tok/s {p['output_tokens_per_s']:.0f} vs {v['output_tokens_per_s']:.0f}")
-s, p = load("verify4_b1_simt"), load("plain_b1_r2")
+s, p = load("verify4_b1_simt"), load("plain_b1_r2") or load("plain_b1_r1")
 if s and p:
     step = lambda x: x["decode_step_s"] or x["elapsed_s"] / x["engine_steps"]
     print(f"ablation batch 1: verify(5 rows) on the CUDA-core GEMV {step(s)*1e3:.2f} ms, ratio {step(s)/step(p):.3f}")
