@@ -117,7 +117,9 @@ case "$CALL" in
   kernels)
     run 200 kernels_fp8 $D/kbench/kernels "fp8"
     grep -E "fp8" "$A/kernels_fp8.log" | head -80
-    run 120 kernels_linear $D/kbench/kernels "linear" "decode attention bf16" ;;
+    run 120 kernels_linear $D/kbench/kernels "linear"
+    run 60 kernels_attention_bf16 $D/kbench/kernels "decode attention bf16"
+    grep -E "attention" "$A/kernels_attention_bf16.log" ;;
   device)
     run 200 device $D/kdev/device --test-threads=1 --nocapture
     grep -E "test result|FAILED|panicked" "$A/device.log" | head -8 ;;
