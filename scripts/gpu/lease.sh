@@ -2,7 +2,7 @@
 # One lease's chained device calls for FP8 (issue 19), multi-LoRA (issue 20) and speculative decoding
 # (issue 18). From the repository root on the GPU machine, after scripts/gpu/package.sh and
 # `scripts/gpu/lease.sh pack` here (xz-compressed binaries in .device/xz/<folder>/, SmolLM2's GGUF in
-# quarters in .device/q/<n>/: a call carries 64 MiB, so each carries one binary folder and a quarter):
+# fifths in .device/q/<n>/: a call carries 64 MiB, so each carries one binary folder and a fifth):
 #   conformance  carry [".device/xz/kconf", ".device/q/0"]: conformance, quick grids (bf16, f16): FP8
 #                cache, FP8 linear (CUDA-core and tensor-core GEMV, cuBLASLt GEMM), FP8 quantization
 #                of weights, LoRA
@@ -14,7 +14,7 @@
 #   kernels      carry [".device/xz/kbench", ".device/q/2"]: FP8 GEMV/MMA GEMV/GEMM rows, bf16 linear
 #                rows, FP8 and bf16 decode attention
 #   device       carry [".device/xz/kdev", ".device/q/3"]: the CUDA backend's device tests
-#   quality      carry [".device/xz/mtest"]: SmolLM2 (joined from the quarters) on the GPU: FP8 KV cache
+#   quality      carry [".device/xz/mtest", ".device/q/4"]: SmolLM2 (joined from the fifths) on the GPU: FP8 KV cache
 #                and FP8 weights against bf16 (tests/cuda_model.rs), and prompt lookup on copying
 #                prompts (speculative.sh smollm2)
 # State between calls lives in /tmp/pagoda-gpu (the machine stays warm 30 s after a call).
@@ -37,9 +37,9 @@ if [ "$CALL" = pack ]; then
   done
   git rev-parse HEAD > .device/xz/bin/build_commit.txt
   MODEL="$(scripts/fetch-model.sh)"
-  for n in 0 1 2 3; do mkdir -p ".device/q/$n"; done
-  split -n 4 -d "$MODEL" .device/q/gguf.
-  for n in 0 1 2 3; do mv ".device/q/gguf.0$n" ".device/q/$n/"; done
+  for n in 0 1 2 3 4; do mkdir -p ".device/q/$n"; done
+  split -n 5 -d "$MODEL" .device/q/gguf.
+  for n in 0 1 2 3 4; do mv ".device/q/gguf.0$n" ".device/q/$n/"; done
   du -sh .device/xz/* .device/q/*
   exit 0
 fi
@@ -56,8 +56,8 @@ for f in .device/xz/*/*; do
     *) cp "$f" "$d/" ;; esac
 done
 cp .device/q/*/gguf.0? "$W/" 2>/dev/null
-# SmolLM2, once all four quarters have come (speculative.sh smollm2 reads it here too).
-if [ ! -f "$GGUF" ] && [ "$(ls "$W"/gguf.0? 2>/dev/null | wc -l)" = 4 ]; then
+# SmolLM2, once all five parts have come (speculative.sh smollm2 reads it here too).
+if [ ! -f "$GGUF" ] && [ "$(ls "$W"/gguf.0? 2>/dev/null | wc -l)" = 5 ]; then
   mkdir -p "$(dirname "$GGUF")" && cat "$W"/gguf.0? > "$GGUF"
   sha256sum "$GGUF" | cut -d' ' -f1 > "$W/gguf.sha256.got"
   ln -sf "$GGUF" "$W/SmolLM2-135M-Instruct.Q4_1.gguf"  # where speculative.sh smollm2 looks
@@ -124,7 +124,7 @@ case "$CALL" in
     run 200 device $D/kdev/device --test-threads=1 --nocapture
     grep -E "test result|FAILED|panicked" "$A/device.log" | head -8 ;;
   quality)
-    [ -f "$GGUF" ] || { say "no SmolLM2 (the four quarters did not all come)"; exit 1; }
+    [ -f "$GGUF" ] || { say "no SmolLM2 (the five parts did not all come)"; exit 1; }
     say "GGUF sha256 $(cat "$W/gguf.sha256.got")"
     PAGODA_TEST_MODEL="$(dirname "$GGUF")" run 200 cuda_model_fp8 $D/mtest/cuda_model fp8 --test-threads=1 --nocapture
     grep -E "agreement|test result|FAILED|panicked" "$A/cuda_model_fp8.log" | head -8
