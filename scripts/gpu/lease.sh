@@ -95,7 +95,7 @@ TPUT=(throughput "${M8[@]}" --num-prompts 256 --input-len 512 --output-len 256 -
 case "$CALL" in
   conformance)
     K=$D/kconf
-    run 300 conformance $K/conformance quick --test-threads=1 --nocapture
+    run 300 conformance $K/conformance "${CONFORMANCE_FILTER:-quick}" --test-threads=1 --nocapture
     grep -E "FAIL|test result" "$A/conformance.log" | head -20 ;;
   engine)
     bench 60 latency_bf16 "${LAT[@]}"
