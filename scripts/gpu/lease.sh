@@ -105,7 +105,7 @@ case "$CALL" in
     bench 120 tput_fp8w "${TPUT[@]}" --quantization fp8
     bench 90 tput_lora16 "${TPUT[@]}" --enable-lora --max-loras 16 --max-lora-rank 16 --synthetic-loras 16
     bench 40 lora_latency "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1
-    for p in default 1024 256; do
+    for p in ${PARTITIONS:-default 1024 256}; do
       extra=(); [ "$p" = default ] || extra=(--kernel-decode-partition "$p")
       bench 100 "latency_32k_kv_fp8_p$p" latency "${M8[@]}" --kv-cache-dtype fp8 --input-len 32000 \
         --output-len 128 --num-iters 2 "${extra[@]}"
