@@ -26,13 +26,7 @@ struct BlasHandle {
     cublasHandle_t handle;
     void *workspace;
     cudaStream_t stream;  // the stream `workspace` was last set for
-    // fp8_linear.cu's cuBLASLt plans by shape (Fp8Plans), made on first use:
-    // descriptors and the heuristic's algorithm cost ~40 us a call to make.
-    void *fp8_plans = nullptr;
 };
-
-// Frees a handle's FP8 plans (fp8_linear.cu); nullptr is fine.
-void fp8_plans_destroy(void *plans);
 
 // cuBLAS's recommended user workspace on Hopper (4 MiB suffices before it).
 constexpr size_t kBlasWorkspaceBytes = (size_t)32 << 20;

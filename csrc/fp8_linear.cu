@@ -21,9 +21,6 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
-#include <memory>
-#include <unordered_map>
-
 #include "blas.cuh"
 #include "common.cuh"
 #include "mma_gemv.cuh"
@@ -311,25 +308,13 @@ size_t quantized_bytes(const PagodaFp8LinearArgs *a) {
     return normed_bytes(a) + codes_bytes(a) + scales_bytes(a) + product_bytes(a);
 }
 
-#define PAGODA_LT(call)                                  \
-    do {                                                 \
-        const cublasStatus_t st_ = (call);               \
-        if (st_ != CUBLAS_STATUS_SUCCESS) return blas_status(st_); \
-    } while (0)
-
-// The cuBLASLt descriptors and algorithm of one GEMM shape, made once: making
-// them and asking the heuristic cost ~35-45 us a call (the kernel bench's FP8
-// GEMM below 256 tokens), more than the GEMM itself there. The scale pointers
-// change per call and are set on `op` before each matmul (a host-side
-// attribute; a captured graph keeps the values it was captured with).
-struct Fp8Plan {
+// RAII for the cuBLASLt descriptors of one call.
+struct LtDescs {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-    cublasLtMatmulAlgo_t algo = {};
-    Fp8Plan() = default;
-    Fp8Plan(const Fp8Plan &) = delete;
-    Fp8Plan &operator=(const Fp8Plan &) = delete;
-    ~Fp8Plan() {
+    cublasLtMatmulPreference_t pref = nullptr;
+    ~LtDescs() {
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
         if (d) cublasLtMatrixLayoutDestroy(d);
         if (b) cublasLtMatrixLayoutDestroy(b);
         if (a) cublasLtMatrixLayoutDestroy(a);
@@ -337,59 +322,11 @@ struct Fp8Plan {
     }
 };
 
-struct Fp8PlanKey {
-    int t, n, k;
-    cudaDataType_t d_type;
-    bool operator==(const Fp8PlanKey &o) const { return t == o.t && n == o.n && k == o.k && d_type == o.d_type; }
-};
-
-struct Fp8PlanKeyHash {
-    size_t operator()(const Fp8PlanKey &key) const {
-        size_t h = std::hash<int>()(key.t);
-        h = h * 1000003u ^ std::hash<int>()(key.n);
-        h = h * 1000003u ^ std::hash<int>()(key.k);
-        return h * 1000003u ^ std::hash<int>()((int)key.d_type);
-    }
-};
-
-// A handle's plans (BlasHandle::fp8_plans). Used under the handle's lock (the
-// Rust side holds its mutex for a call), so not synchronized here. Prefill
-// chunks come in many token counts: past kMaxFp8Plans the plans are dropped
-// and made again as shapes recur.
-constexpr size_t kMaxFp8Plans = 1024;
-using Fp8Plans = std::unordered_map<Fp8PlanKey, std::unique_ptr<Fp8Plan>, Fp8PlanKeyHash>;
-
-// Makes the plan of d (n x t column-major: row-major [t, n]) = A^T B with
-// A = w (k x n), B = q (k x t), E4M3, outer-vector f32 scales, f32 accumulation.
-int make_fp8_plan(cublasLtHandle_t lt, const Fp8PlanKey &key, Fp8Plan *p) {
-    PAGODA_LT(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-    const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof(outer)));
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof(outer)));
-    // Full f32 accumulation (no fast accumulation): the conformance bound counts on it.
-    const int8_t fast_accum = 0;
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof(fast_accum)));
-    PAGODA_LT(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_8F_E4M3, key.k, key.n, key.k));
-    PAGODA_LT(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_8F_E4M3, key.k, key.t, key.k));
-    PAGODA_LT(cublasLtMatrixLayoutCreate(&p->d, key.d_type, key.n, key.t, key.n));
-    cublasLtMatmulPreference_t pref = nullptr;
-    PAGODA_LT(cublasLtMatmulPreferenceCreate(&pref));
-    const size_t ws = kBlasWorkspaceBytes;
-    cublasStatus_t st =
-        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-    cublasLtMatmulHeuristicResult_t heuristic = {};
-    int found = 0;
-    if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatmulAlgoGetHeuristic(lt, p->op, p->a, p->b, p->d, p->d, pref, 1, &heuristic, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
-    if (found == 0) return blas_status(CUBLAS_STATUS_NOT_SUPPORTED);
-    p->algo = heuristic.algo;
-    return 0;
-}
+#define PAGODA_LT(call)                                  \
+    do {                                                 \
+        const cublasStatus_t st_ = (call);               \
+        if (st_ != CUBLAS_STATUS_SUCCESS) return blas_status(st_); \
+    } while (0)
 
 // d (n x t column-major: row-major [t, n]) = a_scale[j] * b_scale[tok] * (w . q^T)
 // (+ d with accumulate). cuBLAS terms: A = w (k x n, transposed), B = q (k x t).
@@ -397,23 +334,32 @@ int lt_fp8_gemm(BlasHandle *h, cudaStream_t stream, const uint8_t *w, const uint
                 const float *q_scale, void *d, cudaDataType_t d_type, int t, int n, int k, bool accumulate) {
     // A cuBLAS handle is also a cuBLASLt handle (cuBLAS documents the cast).
     cublasLtHandle_t lt = reinterpret_cast<cublasLtHandle_t>(h->handle);
-    if (h->fp8_plans == nullptr) h->fp8_plans = new Fp8Plans();
-    Fp8Plans &plans = *static_cast<Fp8Plans *>(h->fp8_plans);
-    const Fp8PlanKey key{t, n, k, d_type};
-    auto it = plans.find(key);
-    if (it == plans.end()) {
-        if (plans.size() >= kMaxFp8Plans) plans.clear();
-        auto plan = std::make_unique<Fp8Plan>();
-        const int rc = make_fp8_plan(lt, key, plan.get());
-        if (rc != 0) return rc;
-        it = plans.emplace(key, std::move(plan)).first;
-    }
-    Fp8Plan &p = *it->second;
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &q_scale, sizeof(q_scale)));
+    LtDescs s;
+    PAGODA_LT(cublasLtMatmulDescCreate(&s.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof(outer)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof(outer)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &q_scale, sizeof(q_scale)));
+    // Full f32 accumulation (no fast accumulation): the conformance bound counts on it.
+    const int8_t fast_accum = 0;
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof(fast_accum)));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.a, CUDA_R_8F_E4M3, k, n, k));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.b, CUDA_R_8F_E4M3, k, t, k));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.d, d_type, n, t, n));
+    PAGODA_LT(cublasLtMatmulPreferenceCreate(&s.pref));
+    const size_t ws = kBlasWorkspaceBytes;
+    PAGODA_LT(cublasLtMatmulPreferenceSetAttribute(s.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    cublasLtMatmulHeuristicResult_t heuristic = {};
+    int found = 0;
+    PAGODA_LT(cublasLtMatmulAlgoGetHeuristic(lt, s.op, s.a, s.b, s.d, s.d, s.pref, 1, &heuristic, &found));
+    if (found == 0) return blas_status(CUBLAS_STATUS_NOT_SUPPORTED);
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
-    PAGODA_LT(cublasLtMatmul(lt, p.op, &alpha, w, p.a, q, p.b, &beta, d, p.d, d, p.d, &p.algo, h->workspace,
-                             kBlasWorkspaceBytes, stream));
+    PAGODA_LT(cublasLtMatmul(lt, s.op, &alpha, w, s.a, q, s.b, &beta, d, s.d, d, s.d, &heuristic.algo, h->workspace,
+                             ws, stream));
     return 0;
 }
 
@@ -454,8 +400,6 @@ template <typename T> int fp8_quantized(void *handle, const PagodaFp8LinearArgs 
 }
 
 }  // namespace
-
-void pagoda::fp8_plans_destroy(void *plans) { delete static_cast<Fp8Plans *>(plans); }
 
 extern "C" size_t pagoda_fp8_linear_scratch_bytes(const PagodaFp8LinearArgs *a) {
     if (a->mode != PAGODA_FP8_QUANTIZED || a->t <= 0 || a->n <= 0) return 0;

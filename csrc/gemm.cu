@@ -313,7 +313,6 @@ extern "C" int pagoda_blas_create(void **handle) {
 extern "C" int pagoda_blas_destroy(void *handle) {
     if (handle == nullptr) return 0;
     BlasHandle *b = static_cast<BlasHandle *>(handle);
-    pagoda::fp8_plans_destroy(b->fp8_plans);
     const int rc = blas_status(cublasDestroy(b->handle));
     const cudaError_t e = cudaFree(b->workspace);
     delete b;
