@@ -62,18 +62,23 @@ __device__ __forceinline__ __nv_fp8_storage_t e4m3_of(float x, float scale) {
     return __nv_cvt_float_to_fp8(__fdiv_rn(x, scale), __NV_SATFINITE, __NV_E4M3);
 }
 
-// Eight floats rounded to T (what a cache of T would hold), divided by scale
-// and stored as eight E4M3 codes: one 8-byte access.
-template <typename T> __device__ __forceinline__ uint2 pack8_e4m3(const float (&in)[8], float scale) {
-    float r[8];
-    unpack8<T>(pack8<T>(in), r);
+// Eight floats divided by scale (IEEE divisions) as eight E4M3 codes (nearest,
+// ties to even, saturating): one 8-byte access.
+__device__ __forceinline__ uint2 e4m3x8_of(const float (&in)[8], float scale) {
     uint2 v;
     __nv_fp8x2_storage_t *e = reinterpret_cast<__nv_fp8x2_storage_t *>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-        e[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(r[2 * i], scale), __fdiv_rn(r[2 * i + 1], scale)),
+        e[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(in[2 * i], scale), __fdiv_rn(in[2 * i + 1], scale)),
                                         __NV_SATFINITE, __NV_E4M3);
     return v;
+}
+
+// Eight floats rounded to T (what a cache of T would hold), then as e4m3x8_of.
+template <typename T> __device__ __forceinline__ uint2 pack8_e4m3(const float (&in)[8], float scale) {
+    float r[8];
+    unpack8<T>(pack8<T>(in), r);
+    return e4m3x8_of(r, scale);
 }
 
 // Eight E4M3 codes (8 bytes) as floats: their exact values, unscaled (the

@@ -52,6 +52,18 @@ __device__ __forceinline__ void unpack16_e4m3(const uint4 &v, float (&out)[16]) 
     }
 }
 
+// 16 consecutive values of T at p (two 16-byte loads) as floats.
+template <typename T> __device__ __forceinline__ void load16(const uint4 *p, float (&out)[16]) {
+    float lo[8], hi[8];
+    pagoda::unpack8<T>(__ldg(p), lo);
+    pagoda::unpack8<T>(__ldg(p + 1), hi);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        out[e] = lo[e];
+        out[8 + e] = hi[e];
+    }
+}
+
 // One 16-code chunk `c` of each weight row against every token row (16
 // activations: two 16-byte loads of 8).
 template <typename T, int TOKENS, int ROWS, bool NORM>
@@ -62,32 +74,13 @@ __device__ __forceinline__ void fp8_gemv_chunk(const uint4 (&wv)[ROWS], const T 
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) unpack16_e4m3(wv[r], wf[r]);
     float gf[16];
-    if (NORM) {
-        const uint4 *g = reinterpret_cast<const uint4 *>(gamma) + 2 * c;
-        float lo[8], hi[8];
-        pagoda::unpack8<T>(__ldg(g), lo);
-        pagoda::unpack8<T>(__ldg(g + 1), hi);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            gf[e] = lo[e];
-            gf[8 + e] = hi[e];
-        }
-    }
+    if (NORM) load16<T>(reinterpret_cast<const uint4 *>(gamma) + 2 * c, gf);
 #pragma unroll
     for (int tok = 0; tok < TOKENS; ++tok) {
         // Rows past t (a launch's bucket is a power of two) read the last row; never stored.
         const uint4 *xr = reinterpret_cast<const uint4 *>(x + (size_t)min(tok, t - 1) * k) + 2 * c;
         float xf[16];
-        {
-            float lo[8], hi[8];
-            pagoda::unpack8<T>(__ldg(xr), lo);
-            pagoda::unpack8<T>(__ldg(xr + 1), hi);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                xf[e] = lo[e];
-                xf[8 + e] = hi[e];
-            }
-        }
+        load16<T>(xr, xf);
         if (NORM) {
 #pragma unroll
             for (int e = 0; e < 16; ++e) {
@@ -283,13 +276,7 @@ __global__ void __launch_bounds__(QUANT_THREADS)
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[8];
         pagoda::unpack8<T>(__ldg(xr + c), v);
-        uint2 out;
-        __nv_fp8x2_storage_t *e = reinterpret_cast<__nv_fp8x2_storage_t *>(&out);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            e[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v[2 * i], scale), __fdiv_rn(v[2 * i + 1], scale)),
-                                            __NV_SATFINITE, __NV_E4M3);
-        qr[c] = out;
+        qr[c] = pagoda::e4m3x8_of(v, scale);
     }
     pagoda::pdl_launch_dependents();
 }

@@ -48,9 +48,8 @@ namespace mma_gemv {
 // Warps of a block, each taking a share of k.
 constexpr int MMA_GEMV_WARPS = PAGODA_MMA_GEMV_WARPS;
 constexpr int MMA_GEMV_MAX_TOKENS = 16;
-// 16-byte loads per lane, row and chunk: a chunk is 32 * VEC wide in k.
+// 16-bit weights: 16-byte loads per lane, row and chunk (a chunk is 32 * VEC wide in k; Layout).
 constexpr int MMA_GEMV_VEC = PAGODA_MMA_GEMV_VEC;
-constexpr int MMA_GEMV_CHUNK = 32 * MMA_GEMV_VEC;
 constexpr int MMA_GEMV_UNROLL = PAGODA_MMA_GEMV_UNROLL;
 // Chunks of each warp's k range prefetched into L2 before waiting on the kernel before.
 constexpr int MMA_GEMV_PREFETCH_CHUNKS = PAGODA_MMA_GEMV_PREFETCH_CHUNKS;
