@@ -26,7 +26,16 @@ struct BlasHandle {
     cublasHandle_t handle;
     void *workspace;
     cudaStream_t stream;  // the stream `workspace` was last set for
+    // fp8_linear.cu's cuBLASLt plans by shape (Fp8Plans), made on first use:
+    // making descriptors and asking the heuristic costs ~40 us a call.
+    void *fp8_plans = nullptr;
+    // Set when a cached plan failed where the per-call path then succeeded:
+    // the handle stops caching (fp8_linear.cu says so once on stderr).
+    bool fp8_plans_off = false;
 };
+
+// Frees a handle's FP8 plans (fp8_linear.cu); nullptr is fine.
+void fp8_plans_destroy(void *plans);
 
 // cuBLAS's recommended user workspace on Hopper (4 MiB suffices before it).
 constexpr size_t kBlasWorkspaceBytes = (size_t)32 << 20;

@@ -21,6 +21,10 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <cstdio>
+#include <memory>
+#include <unordered_map>
+
 #include "blas.cuh"
 #include "common.cuh"
 #include "mma_gemv.cuh"
@@ -295,13 +299,26 @@ size_t quantized_bytes(const PagodaFp8LinearArgs *a) {
     return normed_bytes(a) + codes_bytes(a) + scales_bytes(a) + product_bytes(a);
 }
 
-// RAII for the cuBLASLt descriptors of one call.
-struct LtDescs {
+#define PAGODA_LT(call)                                  \
+    do {                                                 \
+        const cublasStatus_t st_ = (call);               \
+        if (st_ != CUBLAS_STATUS_SUCCESS) return blas_status(st_); \
+    } while (0)
+
+// The cuBLASLt descriptors and algorithm of one GEMM: d (n x t column-major:
+// row-major [t, n]) = a_scale[j] * b_scale[tok] * (w . q^T) (+ d), cuBLAS's
+// A = w (k x n, transposed), B = q (k x t), E4M3, outer-vector f32 scales,
+// f32 accumulation. The scale pointers are set before the heuristic is asked
+// (it refuses outer-vector scaling without them: an H100 returned
+// CUBLAS_STATUS_INVALID_VALUE on every call when they came after).
+struct Fp8Plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-    cublasLtMatmulPreference_t pref = nullptr;
-    ~LtDescs() {
-        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatmulAlgo_t algo = {};
+    Fp8Plan() = default;
+    Fp8Plan(const Fp8Plan &) = delete;
+    Fp8Plan &operator=(const Fp8Plan &) = delete;
+    ~Fp8Plan() {
         if (d) cublasLtMatrixLayoutDestroy(d);
         if (b) cublasLtMatrixLayoutDestroy(b);
         if (a) cublasLtMatrixLayoutDestroy(a);
@@ -309,45 +326,125 @@ struct LtDescs {
     }
 };
 
-#define PAGODA_LT(call)                                  \
-    do {                                                 \
-        const cublasStatus_t st_ = (call);               \
-        if (st_ != CUBLAS_STATUS_SUCCESS) return blas_status(st_); \
-    } while (0)
+int set_scale_pointers(cublasLtMatmulDesc_t op, const float *w_scale, const float *q_scale) {
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &q_scale, sizeof(q_scale)));
+    return 0;
+}
 
-// d (n x t column-major: row-major [t, n]) = a_scale[j] * b_scale[tok] * (w . q^T)
-// (+ d with accumulate). cuBLAS terms: A = w (k x n, transposed), B = q (k x t).
-int lt_fp8_gemm(BlasHandle *h, cudaStream_t stream, const uint8_t *w, const uint8_t *q, const float *w_scale,
-                const float *q_scale, void *d, cudaDataType_t d_type, int t, int n, int k, bool accumulate) {
-    // A cuBLAS handle is also a cuBLASLt handle (cuBLAS documents the cast).
-    cublasLtHandle_t lt = reinterpret_cast<cublasLtHandle_t>(h->handle);
-    LtDescs s;
-    PAGODA_LT(cublasLtMatmulDescCreate(&s.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+int make_fp8_plan(cublasLtHandle_t lt, const float *w_scale, const float *q_scale, cudaDataType_t d_type, int t,
+                  int n, int k, Fp8Plan *p) {
+    PAGODA_LT(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
     const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof(outer)));
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof(outer)));
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &q_scale, sizeof(q_scale)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof(outer)));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof(outer)));
+    const int rc = set_scale_pointers(p->op, w_scale, q_scale);
+    if (rc != 0) return rc;
     // Full f32 accumulation (no fast accumulation): the conformance bound counts on it.
     const int8_t fast_accum = 0;
-    PAGODA_LT(cublasLtMatmulDescSetAttribute(s.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof(fast_accum)));
-    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.a, CUDA_R_8F_E4M3, k, n, k));
-    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.b, CUDA_R_8F_E4M3, k, t, k));
-    PAGODA_LT(cublasLtMatrixLayoutCreate(&s.d, d_type, n, t, n));
-    PAGODA_LT(cublasLtMatmulPreferenceCreate(&s.pref));
+    PAGODA_LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof(fast_accum)));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_8F_E4M3, k, n, k));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_8F_E4M3, k, t, k));
+    PAGODA_LT(cublasLtMatrixLayoutCreate(&p->d, d_type, n, t, n));
+    cublasLtMatmulPreference_t pref = nullptr;
+    PAGODA_LT(cublasLtMatmulPreferenceCreate(&pref));
     const size_t ws = kBlasWorkspaceBytes;
-    PAGODA_LT(cublasLtMatmulPreferenceSetAttribute(s.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    cublasStatus_t st =
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
     cublasLtMatmulHeuristicResult_t heuristic = {};
     int found = 0;
-    PAGODA_LT(cublasLtMatmulAlgoGetHeuristic(lt, s.op, s.a, s.b, s.d, s.d, s.pref, 1, &heuristic, &found));
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulAlgoGetHeuristic(lt, p->op, p->a, p->b, p->d, p->d, pref, 1, &heuristic, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS) return blas_status(st);
     if (found == 0) return blas_status(CUBLAS_STATUS_NOT_SUPPORTED);
-    const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
-    PAGODA_LT(cublasLtMatmul(lt, s.op, &alpha, w, s.a, q, s.b, &beta, d, s.d, d, s.d, &heuristic.algo, h->workspace,
-                             ws, stream));
+    p->algo = heuristic.algo;
     return 0;
+}
+
+int run_fp8_plan(cublasLtHandle_t lt, const Fp8Plan &p, cudaStream_t stream, void *workspace, const uint8_t *w,
+                 const uint8_t *q, void *d, bool accumulate) {
+    const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+    PAGODA_LT(cublasLtMatmul(lt, p.op, &alpha, w, p.a, q, p.b, &beta, d, p.d, d, p.d, &p.algo, workspace,
+                             kBlasWorkspaceBytes, stream));
+    return 0;
+}
+
+struct Fp8PlanKey {
+    int t, n, k;
+    cudaDataType_t d_type;
+    bool operator==(const Fp8PlanKey &o) const { return t == o.t && n == o.n && k == o.k && d_type == o.d_type; }
+};
+
+struct Fp8PlanKeyHash {
+    size_t operator()(const Fp8PlanKey &key) const {
+        size_t h = std::hash<int>()(key.t);
+        h = h * 1000003u ^ std::hash<int>()(key.n);
+        h = h * 1000003u ^ std::hash<int>()(key.k);
+        return h * 1000003u ^ std::hash<int>()((int)key.d_type);
+    }
+};
+
+// A handle's plans (BlasHandle::fp8_plans), used under the handle's lock (the
+// Rust side holds its mutex for a call). Prefill chunks come in many token
+// counts: past kMaxFp8Plans the plans are dropped and made again as shapes recur.
+constexpr size_t kMaxFp8Plans = 1024;
+using Fp8Plans = std::unordered_map<Fp8PlanKey, std::unique_ptr<Fp8Plan>, Fp8PlanKeyHash>;
+
+// The cached path: the shape's plan (made on first use), this call's scale pointers.
+int lt_fp8_gemm_cached(BlasHandle *h, cudaStream_t stream, const uint8_t *w, const uint8_t *q, const float *w_scale,
+                       const float *q_scale, void *d, cudaDataType_t d_type, int t, int n, int k, bool accumulate) {
+    cublasLtHandle_t lt = reinterpret_cast<cublasLtHandle_t>(h->handle);
+    if (h->fp8_plans == nullptr) h->fp8_plans = new Fp8Plans();
+    Fp8Plans &plans = *static_cast<Fp8Plans *>(h->fp8_plans);
+    const Fp8PlanKey key{t, n, k, d_type};
+    auto it = plans.find(key);
+    if (it == plans.end()) {
+        if (plans.size() >= kMaxFp8Plans) plans.clear();
+        auto plan = std::make_unique<Fp8Plan>();
+        const int rc = make_fp8_plan(lt, w_scale, q_scale, d_type, t, n, k, plan.get());
+        if (rc != 0) return rc;
+        it = plans.emplace(key, std::move(plan)).first;
+    } else {
+        const int rc = set_scale_pointers(it->second->op, w_scale, q_scale);
+        if (rc != 0) return rc;
+    }
+    const int rc = run_fp8_plan(lt, *it->second, stream, h->workspace, w, q, d, accumulate);
+    if (rc != 0) plans.erase(it);
+    return rc;
+}
+
+// The uncached path: descriptors made, used and freed in this call.
+int lt_fp8_gemm_once(BlasHandle *h, cudaStream_t stream, const uint8_t *w, const uint8_t *q, const float *w_scale,
+                     const float *q_scale, void *d, cudaDataType_t d_type, int t, int n, int k, bool accumulate) {
+    cublasLtHandle_t lt = reinterpret_cast<cublasLtHandle_t>(h->handle);
+    Fp8Plan p;
+    const int rc = make_fp8_plan(lt, w_scale, q_scale, d_type, t, n, k, &p);
+    return rc != 0 ? rc : run_fp8_plan(lt, p, stream, h->workspace, w, q, d, accumulate);
+}
+
+// d = a_scale[j] * b_scale[tok] * (w . q^T) (+ d with accumulate). A cuBLAS
+// handle is also a cuBLASLt handle (cuBLAS documents the cast). Plans are
+// cached per shape; should a cached plan fail where a fresh one succeeds (the
+// cache is the newer code), the handle stops caching and says so once.
+int lt_fp8_gemm(BlasHandle *h, cudaStream_t stream, const uint8_t *w, const uint8_t *q, const float *w_scale,
+                const float *q_scale, void *d, cudaDataType_t d_type, int t, int n, int k, bool accumulate) {
+    if (!h->fp8_plans_off) {
+        const int rc = lt_fp8_gemm_cached(h, stream, w, q, w_scale, q_scale, d, d_type, t, n, k, accumulate);
+        if (rc == 0) return 0;
+        const int again = lt_fp8_gemm_once(h, stream, w, q, w_scale, q_scale, d, d_type, t, n, k, accumulate);
+        if (again != 0) return again;
+        h->fp8_plans_off = true;
+        std::fprintf(stderr,
+                     "pagoda: cuBLASLt FP8 plan cache off for this handle: a cached plan failed with code %d "
+                     "(t %d, n %d, k %d) where a fresh plan succeeded\n",
+                     rc, t, n, k);
+        return 0;
+    }
+    return lt_fp8_gemm_once(h, stream, w, q, w_scale, q_scale, d, d_type, t, n, k, accumulate);
 }
 
 template <typename T> int fp8_quantized(void *handle, const PagodaFp8LinearArgs *a, const PagodaKernelPolicy *policy,
@@ -387,6 +484,8 @@ template <typename T> int fp8_quantized(void *handle, const PagodaFp8LinearArgs 
 }
 
 }  // namespace
+
+void pagoda::fp8_plans_destroy(void *plans) { delete static_cast<Fp8Plans *>(plans); }
 
 extern "C" size_t pagoda_fp8_linear_scratch_bytes(const PagodaFp8LinearArgs *a) {
     if (a->mode != PAGODA_FP8_QUANTIZED || a->t <= 0 || a->n <= 0) return 0;

@@ -306,13 +306,14 @@ extern "C" int pagoda_blas_create(void **handle) {
         cudaFree(workspace);
         return blas_status(st);
     }
-    *handle = new BlasHandle{h, workspace, nullptr};
+    *handle = new BlasHandle{h, workspace, nullptr, nullptr, false};
     return 0;
 }
 
 extern "C" int pagoda_blas_destroy(void *handle) {
     if (handle == nullptr) return 0;
     BlasHandle *b = static_cast<BlasHandle *>(handle);
+    pagoda::fp8_plans_destroy(b->fp8_plans);
     const int rc = blas_status(cublasDestroy(b->handle));
     const cudaError_t e = cudaFree(b->workspace);
     delete b;
