@@ -5,8 +5,9 @@
 # fifths in .device/q/<n>/: a call carries 64 MiB, so each carries one binary folder and a fifth):
 #   conformance  carry [".device/xz/kconf", ".device/q/0"]: conformance, quick grids (bf16, f16): FP8
 #                cache, FP8 linear (CUDA-core and tensor-core GEMV, cuBLASLt GEMM), FP8 quantization
-#                of weights, LoRA
-#   engine       carry [".device/xz/bin", ".device/q/1"]: with dummy weights (the Llama-3-8B shape from
+#                of weights, LoRA; CONFORMANCE_FULL=<seconds> adds the full bf16 grid
+#   engine       carry [".device/xz/bin", ".device/q/1"] (a later engine call on the warm machine needs
+#                no binaries: it may carry two fifths): ENGINE_PARTS="fp8 lora long spec"; with dummy weights (the Llama-3-8B shape from
 #                its config alone, made on the GPU): single stream 512/128 and offline 256 x 512/256
 #                with bf16 and FP8 weights; 16 LoRA adapters and single stream with one; 32k single
 #                stream with the FP8 KV cache by decode partition; speculative decoding (the cost of a
@@ -96,24 +97,40 @@ case "$CALL" in
   conformance)
     K=$D/kconf
     run 300 conformance $K/conformance "${CONFORMANCE_FILTER:-quick}" --test-threads=1 --nocapture
-    grep -E "FAIL|test result" "$A/conformance.log" | head -20 ;;
+    grep -E "FAIL|test result" "$A/conformance.log" | head -20
+    if [ -n "${CONFORMANCE_FULL:-}" ]; then  # the full bf16 grid (batch to 256, context to 8k)
+      run "$CONFORMANCE_FULL" conformance_full $K/conformance full_grid_bf16 --ignored --test-threads=1 --nocapture
+      grep -E "FAIL|test result" "$A/conformance_full.log" | head -20
+    fi ;;
   engine)
-    bench 60 latency_bf16 "${LAT[@]}"
-    bench 120 latency_fp8w "${LAT[@]}" --quantization fp8
-    grep -E "load|cold" "$A/latency_bf16.log" "$A/latency_fp8w.log" | head -6
-    bench 60 tput_bf16 "${TPUT[@]}"
-    bench 120 tput_fp8w "${TPUT[@]}" --quantization fp8
-    bench 90 tput_lora16 "${TPUT[@]}" --enable-lora --max-loras 16 --max-lora-rank 16 --synthetic-loras 16
-    bench 40 lora_latency "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1
-    for p in ${PARTITIONS:-default 1024 256}; do
-      extra=(); [ "$p" = default ] || extra=(--kernel-decode-partition "$p")
-      bench 100 "latency_32k_kv_fp8_p$p" latency "${M8[@]}" --kv-cache-dtype fp8 --input-len 32000 \
-        --output-len 128 --num-iters 2 "${extra[@]}"
-    done
-    bench 100 latency_32k_kv_auto latency "${M8[@]}" --input-len 32000 --output-len 128 --num-iters 2
-    OUT="$A" PAGODA="$P" DUMMY=1 ROUNDS=1 timeout 240 bash scripts/gpu/speculative.sh models verify draft summary \
-      > "$A/speculative.log" 2>&1
-    say "speculative rc=$?"; tail -12 "$A/speculative.log" ;;
+    # ENGINE_PARTS picks what runs (one call has 10 minutes; all four take ~19): fp8 (bf16 and FP8
+    # weights, single stream and offline), lora (16 adapters offline, one adapter single stream; the
+    # bf16 offline run of the same lease is the base), long (32k single stream, FP8 and bf16 cache),
+    # spec (speculative decoding with dummy models).
+    for part in ${ENGINE_PARTS:-fp8 lora long spec}; do case "$part" in
+    fp8)
+      bench 60 latency_bf16 "${LAT[@]}"
+      bench 120 latency_fp8w "${LAT[@]}" --quantization fp8
+      grep -E "load|cold" "$A/latency_bf16.log" "$A/latency_fp8w.log" | head -6
+      bench 60 tput_bf16 "${TPUT[@]}"
+      bench 120 tput_fp8w "${TPUT[@]}" --quantization fp8
+      grep -h "plan cache" "$A"/*.log | head -3 ;;
+    lora)
+      bench 90 tput_lora16 "${TPUT[@]}" --enable-lora --max-loras 16 --max-lora-rank 16 --synthetic-loras 16
+      bench 40 lora_latency "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1 ;;
+    long)
+      for p in ${PARTITIONS:-default 1024 256}; do
+        extra=(); [ "$p" = default ] || extra=(--kernel-decode-partition "$p")
+        bench 100 "latency_32k_kv_fp8_p$p" latency "${M8[@]}" --kv-cache-dtype fp8 --input-len 32000 \
+          --output-len 128 --num-iters 2 "${extra[@]}"
+      done
+      bench 100 latency_32k_kv_auto latency "${M8[@]}" --input-len 32000 --output-len 128 --num-iters 2 ;;
+    spec)
+      OUT="$A" PAGODA="$P" DUMMY=1 ROUNDS=1 timeout 240 bash scripts/gpu/speculative.sh models verify draft summary \
+        > "$A/speculative.log" 2>&1
+      say "speculative rc=$?"; tail -12 "$A/speculative.log" ;;
+    *) say "unknown engine part $part" ;;
+    esac; done ;;
   kernels)
     run 200 kernels_fp8 $D/kbench/kernels "fp8"
     grep -E "fp8" "$A/kernels_fp8.log" | head -80
