@@ -38,8 +38,16 @@ namespace {
 // ---- weight only: the FP8 GEMV ------------------------------------------------------
 
 constexpr int FP8_GEMV_MAX_TOKENS = 16;
-constexpr int FP8_GEMV_WARPS = 8;
-constexpr int FP8_GEMV_UNROLL = 4;
+// Compile-time knobs (PAGODA_NVCC_FLAGS=-DPAGODA_FP8_GEMV_...=N) for the GEMV sweep
+// (crates/backend-cuda/sweep/).
+#ifndef PAGODA_FP8_GEMV_WARPS
+#define PAGODA_FP8_GEMV_WARPS 8
+#endif
+#ifndef PAGODA_FP8_GEMV_UNROLL
+#define PAGODA_FP8_GEMV_UNROLL 4
+#endif
+constexpr int FP8_GEMV_WARPS = PAGODA_FP8_GEMV_WARPS;
+constexpr int FP8_GEMV_UNROLL = PAGODA_FP8_GEMV_UNROLL;
 // 16-byte chunks at the start of each row prefetched into L2 before waiting on
 // the previous kernel (as gemm.cu's GEMV_PREFETCH_CHUNKS: 1 KB a row).
 constexpr int FP8_GEMV_PREFETCH_CHUNKS = 64;

@@ -33,8 +33,16 @@ namespace {
 // - bias and accumulate (out += p: the residual update) in the epilogue.
 
 constexpr int GEMV_MAX_TOKENS = 8;
-constexpr int GEMV_WARPS = 8;
-constexpr int GEMV_UNROLL = 4;
+// Compile-time knobs (PAGODA_NVCC_FLAGS=-DPAGODA_GEMV_...=N) for the GEMV sweep
+// (crates/backend-cuda/sweep/).
+#ifndef PAGODA_GEMV_WARPS
+#define PAGODA_GEMV_WARPS 8
+#endif
+#ifndef PAGODA_GEMV_UNROLL
+#define PAGODA_GEMV_UNROLL 4
+#endif
+constexpr int GEMV_WARPS = PAGODA_GEMV_WARPS;
+constexpr int GEMV_UNROLL = PAGODA_GEMV_UNROLL;
 // 16-byte chunks at the start of each weight row prefetched into L2 before
 // waiting on the previous kernel: 1 KB, enough to keep DRAM busy across the
 // kernel boundary. Whole rows (8 KB) were slower, 6.1 against 5.6 ms a token:

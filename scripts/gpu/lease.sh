@@ -20,6 +20,13 @@
 #                prompts (speculative.sh smollm2)
 # State between calls lives in /tmp/pagoda-gpu (the machine stays warm 30 s after a call).
 # Output: $OUT/<call>/ (logs, JSON).
+# An order that fits 30 minutes of device time, most needed first (each ~2-7 minutes):
+#   1. ENGINE_PARTS=fp8 engine              carry [".device/xz/bin", ".device/q/1"]
+#   2. conformance                          carry [".device/xz/kconf", ".device/q/0"]
+#   3. ENGINE_PARTS="lora sweep" engine     carry [".device/q/2", ".device/q/3", ".device/sweep"]
+#   4. quality                              carry [".device/xz/mtest", ".device/q/4"]
+#   5. ENGINE_PARTS="long spec" engine, then kernels, device, as time allows (no carry needed for 5's
+#      engine call while the machine stays warm)
 set -uo pipefail
 CALL="${1:?latency, kernels, device, conformance, engine or pack}"
 if [ "$CALL" = pack ]; then
@@ -106,11 +113,14 @@ case "$CALL" in
     # ENGINE_PARTS picks what runs (one call has 10 minutes; all four take ~19): fp8 (bf16 and FP8
     # weights, single stream and offline), lora (16 adapters offline, one adapter single stream; the
     # bf16 offline run of the same lease is the base), long (32k single stream, FP8 and bf16 cache),
-    # spec (speculative decoding with dummy models).
+    # spec (speculative decoding with dummy models), sweep (the small-batch GEMV builds of
+    # crates/backend-cuda/sweep/, carried in .device/sweep: needs no other binary).
     for part in ${ENGINE_PARTS:-fp8 lora long spec}; do case "$part" in
     fp8)
       bench 60 latency_bf16 "${LAT[@]}"
       bench 120 latency_fp8w "${LAT[@]}" --quantization fp8
+      # One-row products on the tensor-core GEMV too (the FP8 CUDA-core GEMV read 39-77% of copy).
+      bench 120 latency_fp8w_mma1 "${LAT[@]}" --quantization fp8 --kernel-gemv-mma-min-tokens 1
       grep -E "load|cold" "$A/latency_bf16.log" "$A/latency_fp8w.log" | head -6
       bench 60 tput_bf16 "${TPUT[@]}"
       bench 120 tput_fp8w "${TPUT[@]}" --quantization fp8
@@ -129,6 +139,8 @@ case "$CALL" in
       OUT="$A" PAGODA="$P" DUMMY=1 ROUNDS=1 timeout 240 bash scripts/gpu/speculative.sh models verify draft summary \
         > "$A/speculative.log" 2>&1
       say "speculative rc=$?"; tail -12 "$A/speculative.log" ;;
+    sweep)  # carry .device/sweep too (crates/backend-cuda/sweep/gemv-sweep.sh build: ~7 MB)
+      OUT="$A" timeout 300 bash crates/backend-cuda/sweep/gemv-sweep.sh run; say "gemv sweep rc=$?" ;;
     *) say "unknown engine part $part" ;;
     esac; done ;;
   kernels)
