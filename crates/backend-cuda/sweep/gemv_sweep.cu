@@ -105,6 +105,20 @@ double copy_gbs(cudaStream_t stream) {
 
 enum class Kernel { Simt, Mma };
 
+// The fields PagodaLinearArgs and PagodaFp8LinearArgs share, for one product at t rows.
+template <typename Args>
+void set_product(Args &a, const Product &pr, const void *x, const void *gamma, void *out, int t) {
+    a.x = x;
+    a.norm_weight = pr.norm ? gamma : nullptr;
+    a.eps = 1e-5f;
+    a.out = out;
+    a.t = t;
+    a.n = pr.n;
+    a.k = pr.k;
+    a.silu_mul = pr.silu;
+    a.accumulate = pr.accumulate;
+}
+
 struct Weights {
     std::vector<void *> copies;
     float *scales = nullptr;  // FP8: one per row (the same for every copy)
@@ -165,34 +179,18 @@ int main(int argc, char **argv) {
                     auto launch = [&](int copy_index) {
                         if (fp8) {
                             PagodaFp8LinearArgs a = {};
-                            a.x = x;
+                            set_product(a, pr, x, gamma, out, t);
                             a.weight = static_cast<const uint8_t *>(w.copies[copy_index]);
                             a.weight_scale = w.scales;
-                            a.norm_weight = pr.norm ? gamma : nullptr;
-                            a.eps = 1e-5f;
-                            a.out = out;
                             a.dtype = PAGODA_DTYPE_BF16;
-                            a.t = t;
-                            a.n = pr.n;
-                            a.k = pr.k;
-                            a.silu_mul = pr.silu;
-                            a.accumulate = pr.accumulate;
                             a.mode = PAGODA_FP8_WEIGHT_ONLY;
                             CHECK_RC(pagoda_fp8_linear(blas, &a, &policy, stream));
                         } else {
                             PagodaLinearArgs a = {};
-                            a.x = x;
+                            set_product(a, pr, x, gamma, out, t);
                             a.weight = w.copies[copy_index];
-                            a.norm_weight = pr.norm ? gamma : nullptr;
-                            a.eps = 1e-5f;
-                            a.out = out;
                             a.in_dtype = PAGODA_DTYPE_BF16;
                             a.out_dtype = PAGODA_DTYPE_BF16;
-                            a.t = t;
-                            a.n = pr.n;
-                            a.k = pr.k;
-                            a.silu_mul = pr.silu;
-                            a.accumulate = pr.accumulate;
                             CHECK_RC(pagoda_linear(blas, &a, &policy, stream));
                         }
                     };
