@@ -23,7 +23,7 @@
 # An order that fits 30 minutes of device time, most needed first (each ~2-7 minutes):
 #   1. ENGINE_PARTS=fp8 engine              carry [".device/xz/bin", ".device/q/1"]
 #   2. conformance                          carry [".device/xz/kconf", ".device/q/0"]
-#   3. ENGINE_PARTS="lora sweep" engine     carry [".device/q/2", ".device/q/3", ".device/sweep"]
+#   3. ENGINE_PARTS="sweep lora" engine     carry [".device/q/2", ".device/q/3", ".device/sweep"]
 #   4. quality                              carry [".device/xz/mtest", ".device/q/4"]
 #   5. ENGINE_PARTS="long spec" engine, then kernels, device, as time allows (no carry needed for 5's
 #      engine call while the machine stays warm)
@@ -127,7 +127,13 @@ case "$CALL" in
       grep -h "plan cache" "$A"/*.log | head -3 ;;
     lora)
       bench 90 tput_lora16 "${TPUT[@]}" --enable-lora --max-loras 16 --max-lora-rank 16 --synthetic-loras 16
-      bench 40 lora_latency "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1 ;;
+      bench 40 lora_latency "${LAT[@]}" --enable-lora --max-loras 16 --synthetic-loras 1
+      # The cost per adapter count, and the swap cost once the adapters outnumber the slots (last: the
+      # longest, 64 adapters read and packed before its timed run).
+      for n in 1 4 64; do
+        bench "$([ "$n" = 64 ] && echo 240 || echo 90)" "tput_lora$n" "${TPUT[@]}" --enable-lora --max-loras 16 \
+          --max-lora-rank 16 --max-cpu-loras 64 --synthetic-loras "$n"
+      done ;;
     long)
       for p in ${PARTITIONS:-default 1024 256}; do
         extra=(); [ "$p" = default ] || extra=(--kernel-decode-partition "$p")
