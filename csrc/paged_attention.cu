@@ -62,12 +62,188 @@ struct BlockDiv {
 // Decode
 // ---------------------------------------------------------------------------------------------
 
+// ---- decode on the tensor cores (E4M3 caches) ------------------------------------
+// The CUDA-core decode below spends ~45 instructions on every 8 codes (convert,
+// then 8 FMAs per query head of the group): at half the bytes of a 16-bit cache
+// it is bound by instruction issue, at 44-51% of the copy bandwidth. Here q.k
+// and p.v are m16n8k16 products on f16 operands (every E4M3 value is an f16
+// value; f32 sums), 16 context tokens a warp step, and a lane converts each
+// code once: about one instruction per code.
+//
+// q.k: M = 16 tokens (rows g and g + 8 of a lane's group g), N = 8 query heads
+// (the group's; zero past G), K = head dims. K of an MMA is a permutation of the
+// dims, the same for A and B, which a dot product does not see: lane q of a
+// group loads 16 codes of each row at dims 64l + 16q (l < D/64), and k step
+// 4l + m takes its codes 4m..4m+3, the first two as k 2q, 2q+1 and the last two
+// as k 2q + 8, 2q + 9. The query goes to f16 unscaled (a bf16 value in f16's
+// normal range is exact there; scaling first could push small ones below it),
+// and the scales multiply the f32 sums.
+//
+// p.v: M = head dims, N = the 8 heads, K = 16 tokens. A lane of group g holds the
+// dims D/8 * g .. D/8 * (g + 1) of its four tokens (2q, 2q + 1, 2q + 8, 2q + 9:
+// one load each), and M tile i takes dims 2i (row g) and 2i + 1 (row g + 8) of
+// them: a byte permute pairs two tokens' codes of one dim for each A register.
+// The probabilities (f32 in shared memory) are rounded to f16 for B.
+constexpr int kMmaUnroll = 2;  // 16-token tiles a warp loads before its products
+
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t pair) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(pair & 0xffffu), __NV_E4M3);
+    return (uint32_t)h.x | ((uint32_t)h.y << 16);
+}
+
+// Scores of every token of the partition and head of the group into s_score [GMAX][P]
+// (log2 domain: score_scale holds log2(e), the softmax scale and the K scale).
+template <typename T, int D, int P>
+__device__ __forceinline__ void mma_scores(const T *qbase, const __nv_fp8_e4m3 *kbase, size_t block_stride,
+                                           const int *s_blocks, int first_block, const BlockDiv &bdiv, int tok0,
+                                           int ntok, int G, float score_scale, float *s_score) {
+    constexpr int KL = D / 64;        // 16-byte loads per K row and lane
+    constexpr int KSTEPS = D / 16;    // MMAs per tile
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane >> 2, q = lane & 3;
+    uint32_t qb[KSTEPS][2];
+#pragma unroll
+    for (int l = 0; l < KL; ++l) {
+        float lo[8], hi[8];
+        if (g < G) {
+            const uint4 *src = reinterpret_cast<const uint4 *>(qbase + (size_t)g * D + 64 * l + 16 * q);
+            unpack8<T>(src[0], lo);
+            unpack8<T>(src[1], hi);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) lo[e] = hi[e] = 0.f;
+        }
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const float *f = m < 2 ? lo + 4 * m : hi + 4 * (m - 2);
+            qb[4 * l + m][0] = Mma<__half>::pack(f[0], f[1]);
+            qb[4 * l + m][1] = Mma<__half>::pack(f[2], f[3]);
+        }
+    }
+    for (int base = warp * 16; base < ntok; base += kDecodeWarps * 16 * kMmaUnroll) {
+        uint4 kr[kMmaUnroll][2][KL];  // rows g and g + 8 of each tile
+#pragma unroll
+        for (int u = 0; u < kMmaUnroll; ++u)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int tl = base + u * kDecodeWarps * 16 + g + 8 * h;
+                const int tok = tok0 + tl;
+                const int b = tl < ntok ? s_blocks[bdiv.div(tok) - first_block] : -1;
+#pragma unroll
+                for (int l = 0; l < KL; ++l)
+                    kr[u][h][l] = b >= 0 ? __ldg(reinterpret_cast<const uint4 *>(
+                                               kbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D +
+                                               64 * l + 16 * q))
+                                         : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+        for (int u = 0; u < kMmaUnroll; ++u) {
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int l = 0; l < KL; ++l) {
+                const uint32_t *lo = reinterpret_cast<const uint32_t *>(&kr[u][0][l]);
+                const uint32_t *hi = reinterpret_cast<const uint32_t *>(&kr[u][1][l]);
+#pragma unroll
+                for (int m = 0; m < 4; ++m) {
+                    const uint32_t a[4] = {e4m3x2_to_f16x2(lo[m]), e4m3x2_to_f16x2(hi[m]),
+                                           e4m3x2_to_f16x2(lo[m] >> 16), e4m3x2_to_f16x2(hi[m] >> 16)};
+                    Mma<__half>::run(c, a, qb[4 * l + m][0], qb[4 * l + m][1]);
+                }
+            }
+            // c[0], c[1]: token g, heads 2q and 2q + 1; c[2], c[3]: token g + 8.
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int tl = base + u * kDecodeWarps * 16 + g + 8 * h;
+                if (tl >= ntok) continue;
+                if (2 * q < G) s_score[2 * q * P + tl] = c[2 * h] * score_scale;
+                if (2 * q + 1 < G) s_score[(2 * q + 1) * P + tl] = c[2 * h + 1] * score_scale;
+            }
+        }
+    }
+}
+
+// This warp's share of p.v (unscaled, unnormalised) into s_part [warps][GMAX][D],
+// once every warp is done with the probabilities in s_score (which s_part overlays).
+template <int D, int GMAX, int P>
+__device__ __forceinline__ void mma_pv(const __nv_fp8_e4m3 *vbase, size_t block_stride, const int *s_blocks,
+                                       int first_block, const BlockDiv &bdiv, int tok0, int ntok, int G,
+                                       const float *s_score, float *s_part) {
+    constexpr int DPL = D / 8;      // dims a lane holds of each of its tokens
+    constexpr int WORDS = DPL / 4;  // ... in 32-bit words: one 16- (D 128) or 8-byte (D 64) load
+    constexpr int MT = DPL / 2;     // M tiles
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane >> 2, q = lane & 3;
+    float o[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
+    for (int base = warp * 16; base < ntok; base += kDecodeWarps * 16 * kMmaUnroll) {
+        uint32_t vw[kMmaUnroll][4][WORDS];
+#pragma unroll
+        for (int u = 0; u < kMmaUnroll; ++u)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int tl = base + u * kDecodeWarps * 16 + 2 * q + (j & 1) + 8 * (j >> 1);
+                const int tok = tok0 + tl;
+                const int b = tl < ntok ? s_blocks[bdiv.div(tok) - first_block] : -1;
+                const __nv_fp8_e4m3 *src = vbase + (size_t)(b >= 0 ? b : 0) * block_stride +
+                                           (size_t)bdiv.mod(tok) * D + DPL * g;
+                if constexpr (WORDS == 4) {
+                    const uint4 v = b >= 0 ? __ldg(reinterpret_cast<const uint4 *>(src)) : make_uint4(0, 0, 0, 0);
+                    vw[u][j][0] = v.x;
+                    vw[u][j][1] = v.y;
+                    vw[u][j][2] = v.z;
+                    vw[u][j][3] = v.w;
+                } else {
+                    const uint2 v = b >= 0 ? __ldg(reinterpret_cast<const uint2 *>(src)) : make_uint2(0, 0);
+                    vw[u][j][0] = v.x;
+                    vw[u][j][1] = v.y;
+                }
+            }
+#pragma unroll
+        for (int u = 0; u < kMmaUnroll; ++u) {
+            float p[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int tl = base + u * kDecodeWarps * 16 + 2 * q + (j & 1) + 8 * (j >> 1);
+                p[j] = g < G && tl < ntok ? s_score[g * P + tl] : 0.f;
+            }
+            const uint32_t b0 = Mma<__half>::pack(p[0], p[1]), b1 = Mma<__half>::pack(p[2], p[3]);
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                // Bytes 2i and 2i + 1 of two tokens, as [t0 dim 2i, t1 dim 2i, t0 dim 2i+1, t1 dim 2i+1].
+                const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
+                const uint32_t x01 = __byte_perm(vw[u][0][i >> 1], vw[u][1][i >> 1], sel);
+                const uint32_t x23 = __byte_perm(vw[u][2][i >> 1], vw[u][3][i >> 1], sel);
+                const uint32_t a[4] = {e4m3x2_to_f16x2(x01), e4m3x2_to_f16x2(x01 >> 16), e4m3x2_to_f16x2(x23),
+                                       e4m3x2_to_f16x2(x23 >> 16)};
+                Mma<__half>::run(o[i], a, b0, b1);
+            }
+        }
+    }
+    __syncthreads();  // every warp is done with the probabilities: s_part overlays them
+    // o[i]: dims D/8 * g + 2i (c0, c1) and + 2i + 1 (c2, c3), heads 2q (c0, c2) and 2q + 1 (c1, c3).
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int head = 2 * q + h;
+            if (head >= G) continue;
+            float *row = s_part + (size_t)(warp * GMAX + head) * D + DPL * g + 2 * i;
+            row[0] = o[i][h];
+            row[1] = o[i][2 + h];
+        }
+}
+
 // Grid (kv head, decode sequence, partition). Dynamic shared memory: the partition's
 // scores for every query head of the group, later reused to merge the warps' outputs.
-// C: the cache element type (T, or __nv_fp8_e4m3 for an E4M3 cache).
-template <typename T, typename C, int D, int GMAX, int P>
+// C: the cache element type (T, or __nv_fp8_e4m3 for an E4M3 cache). MMA (E4M3
+// caches only): q.k and p.v on the tensor cores (mma_scores, mma_pv below).
+template <typename T, typename C, int D, int GMAX, int P, bool MMA>
 __global__ void __launch_bounds__(kDecodeThreads)
     paged_decode_kernel(const PagodaAttentionArgs a, int max_splits) {
+    static_assert(!MMA || kIsFp8<C>, "the tensor-core decode reads E4M3 caches");
     using Chunk = KvChunk<C>;  // 8 cache elements: one 16-byte load, or 8 bytes of E4M3 codes
     constexpr int TPT = 8;                    // lanes per token for q.k
     constexpr int EPL = D / TPT;              // elements per lane for q.k
@@ -138,7 +314,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
 
     // ---- scores: q.k for every token of the partition and every head of the group ----
-    {
+    if constexpr (MMA) {
+        mma_scores<T, D, P>(qbase, kbase, block_stride, s_blocks, first_block, bdiv, tok0, ntok, G,
+                            qscale * k_scale, s_score);
+    } else {
         const float qk_scale = kIsFp8<C> ? qscale * k_scale : qscale;
         const int c = lane % TPT, sub = lane / TPT;
         float qr[GMAX][EPL];
@@ -224,59 +403,64 @@ __global__ void __launch_bounds__(kDecodeThreads)
     __syncthreads();
 
     // ---- p.v ----
-    const int vc = lane % LPV, vsub = lane / LPV;
-    float acc[GMAX][8];
+    if constexpr (MMA) {
+        mma_pv<D, GMAX, P>(vbase, block_stride, s_blocks, first_block, bdiv, tok0, ntok, G, s_score, smem);
+    } else {
+        const int vc = lane % LPV, vsub = lane / LPV;
+        float acc[GMAX][8];
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g)
+        for (int g = 0; g < GMAX; ++g)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
-    for (int base = 0; base < ntok; base += PV_TOK * UV) {
-        typename Chunk::type vv[UV];
-        int tl[UV];
+            for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+        for (int base = 0; base < ntok; base += PV_TOK * UV) {
+            typename Chunk::type vv[UV];
+            int tl[UV];
 #pragma unroll
-        for (int u = 0; u < UV; ++u) {
-            tl[u] = base + u * PV_TOK + warp * (32 / LPV) + vsub;
-            const int tok = tok0 + tl[u];
-            const int b = tl[u] < ntok ? s_blocks[bdiv.div(tok) - first_block] : -1;
-            if (b >= 0) {
-                const C *p = vbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D + vc * 8;
-                vv[u] = Chunk::ldg(p);
-            } else {
-                vv[u] = Chunk::zero();
+            for (int u = 0; u < UV; ++u) {
+                tl[u] = base + u * PV_TOK + warp * (32 / LPV) + vsub;
+                const int tok = tok0 + tl[u];
+                const int b = tl[u] < ntok ? s_blocks[bdiv.div(tok) - first_block] : -1;
+                if (b >= 0) {
+                    const C *p = vbase + (size_t)b * block_stride + (size_t)bdiv.mod(tok) * D + vc * 8;
+                    vv[u] = Chunk::ldg(p);
+                } else {
+                    vv[u] = Chunk::zero();
+                }
             }
-        }
 #pragma unroll
-        for (int u = 0; u < UV; ++u) {
-            if (tl[u] < ntok) {
-                float v[8];
-                Chunk::unpack(vv[u], v);
+            for (int u = 0; u < UV; ++u) {
+                if (tl[u] < ntok) {
+                    float v[8];
+                    Chunk::unpack(vv[u], v);
 #pragma unroll
-                for (int g = 0; g < GMAX; ++g) {
-                    if (g < G) {
-                        const float p = s_score[g * P + tl[u]];
+                    for (int g = 0; g < GMAX; ++g) {
+                        if (g < G) {
+                            const float p = s_score[g * P + tl[u]];
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[g][e] += p * v[e];
+                            for (int e = 0; e < 8; ++e) acc[g][e] += p * v[e];
+                        }
                     }
                 }
             }
         }
-    }
-    // Lanes that share a dimension chunk hold different tokens: sum them.
-#pragma unroll
-    for (int g = 0; g < GMAX; ++g)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-#pragma unroll
-            for (int o = LPV; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
-    __syncthreads();  // every warp is done with the scores: reuse the memory
-    float *s_part = smem;  // [warps][GMAX][D]
-    if (vsub == 0) {
+        // Lanes that share a dimension chunk hold different tokens: sum them.
 #pragma unroll
         for (int g = 0; g < GMAX; ++g)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) s_part[(warp * GMAX + g) * D + vc * 8 + e] = acc[g][e];
+            for (int e = 0; e < 8; ++e)
+#pragma unroll
+                for (int o = LPV; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+        __syncthreads();  // every warp is done with the scores: reuse the memory
+        float *s_part = smem;  // [warps][GMAX][D]
+        if (vsub == 0) {
+#pragma unroll
+            for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s_part[(warp * GMAX + g) * D + vc * 8 + e] = acc[g][e];
+        }
     }
     __syncthreads();
+    const float *s_part = smem;  // [warps][GMAX][D]: each warp's share of the outputs
 
     const int Hq = a.num_q_heads;
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
@@ -358,17 +542,17 @@ int decode_max_splits(const PagodaAttentionArgs *a, const PagodaKernelPolicy *po
     return ceil_div(decode_context(a), decode_partition(a, policy));
 }
 
-template <typename T, typename C, int D, int GMAX, int P>
+template <typename T, typename C, int D, int GMAX, int P, bool MMA>
 int launch_decode_p(const PagodaAttentionArgs *a, LaunchStream s) {
     const int max_splits = ceil_div(decode_context(a), P);
     const size_t smem = sizeof(float) * (size_t)max(GMAX * P, kDecodeWarps * GMAX * D);
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<T, C, D, GMAX, P>,
+        cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<T, C, D, GMAX, P, MMA>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid(a->num_kv_heads, a->num_decode_seqs, max_splits);
-    launch(paged_decode_kernel<T, C, D, GMAX, P>, grid, kDecodeThreads, smem, s, *a, max_splits);
+    launch(paged_decode_kernel<T, C, D, GMAX, P, MMA>, grid, kDecodeThreads, smem, s, *a, max_splits);
     PAGODA_LAUNCH_CHECK();
     if (max_splits > 1) {
         launch(paged_decode_merge_kernel<T, D>, dim3(a->num_q_heads, a->num_decode_seqs), D, 0, s, *a, max_splits, P);
@@ -377,24 +561,33 @@ int launch_decode_p(const PagodaAttentionArgs *a, LaunchStream s) {
     return 0;
 }
 
-template <typename T, typename C, int D, int GMAX>
+template <typename T, typename C, int D, int GMAX, bool MMA>
 int launch_decode_g(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     switch (decode_partition(a, policy)) {
-        case 64: return launch_decode_p<T, C, D, GMAX, 64>(a, s);
-        case 128: return launch_decode_p<T, C, D, GMAX, 128>(a, s);
-        case 256: return launch_decode_p<T, C, D, GMAX, 256>(a, s);
-        case 1024: return launch_decode_p<T, C, D, GMAX, 1024>(a, s);
-        default: return launch_decode_p<T, C, D, GMAX, 512>(a, s);
+        case 64: return launch_decode_p<T, C, D, GMAX, 64, MMA>(a, s);
+        case 128: return launch_decode_p<T, C, D, GMAX, 128, MMA>(a, s);
+        case 256: return launch_decode_p<T, C, D, GMAX, 256, MMA>(a, s);
+        case 1024: return launch_decode_p<T, C, D, GMAX, 1024, MMA>(a, s);
+        default: return launch_decode_p<T, C, D, GMAX, 512, MMA>(a, s);
     }
 }
 
+template <typename T, typename C, int D, bool MMA>
+int launch_decode_mma(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
+    const int G = a->num_q_heads / a->num_kv_heads;
+    if (G <= 1) return launch_decode_g<T, C, D, 1, MMA>(a, policy, s);
+    if (G <= 2) return launch_decode_g<T, C, D, 2, MMA>(a, policy, s);
+    if (G <= 4) return launch_decode_g<T, C, D, 4, MMA>(a, policy, s);
+    return launch_decode_g<T, C, D, 8, MMA>(a, policy, s);
+}
+
+// E4M3 caches take the tensor-core decode where the policy asks for it.
 template <typename T, typename C, int D>
 int launch_decode(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
-    const int G = a->num_q_heads / a->num_kv_heads;
-    if (G <= 1) return launch_decode_g<T, C, D, 1>(a, policy, s);
-    if (G <= 2) return launch_decode_g<T, C, D, 2>(a, policy, s);
-    if (G <= 4) return launch_decode_g<T, C, D, 4>(a, policy, s);
-    return launch_decode_g<T, C, D, 8>(a, policy, s);
+    if constexpr (kIsFp8<C>) {
+        if (policy->decode_attention_mma) return launch_decode_mma<T, C, D, true>(a, policy, s);
+    }
+    return launch_decode_mma<T, C, D, false>(a, policy, s);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ typedef struct {
     /* Context tokens per decode-attention partition: 0 chooses per launch
      * from the shape and num_sms; 64, 128, 256, 512 or 1024 forces it. */
     int32_t decode_partition;
+    /* 1: decode attention over an E4M3 cache computes q.k and p.v on the
+     * tensor cores (f16 operands, f32 sums); 0: on the CUDA cores (f32). */
+    int32_t decode_attention_mma;
 } PagodaKernelPolicy;
 
 /* ---- elementwise ------------------------------------------------------- */

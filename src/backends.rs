@@ -172,6 +172,7 @@ mod cuda {
             pdl: args.kernel_pdl.map(Switch::is_on),
             gemv: args.kernel_gemv.map(Switch::is_on),
             gemv_mma_min_tokens: args.kernel_gemv_mma_min_tokens,
+            decode_attention_mma: args.kernel_decode_attention_mma.map(Switch::is_on),
         }
     }
 

@@ -102,6 +102,11 @@ pub struct DeviceArgs {
     /// $PAGODA_GEMV_MMA_MIN_TOKENS).
     #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u32).range(1..=17))]
     pub kernel_gemv_mma_min_tokens: Option<u32>,
+    /// CUDA: decode attention over an FP8 KV cache on the tensor cores (f16
+    /// operands, f32 sums) rather than the CUDA cores (default: off, on with
+    /// PAGODA_DECODE_ATTENTION_MMA=1).
+    #[arg(long, value_enum)]
+    pub kernel_decode_attention_mma: Option<Switch>,
 }
 
 impl DeviceArgs {
@@ -111,6 +116,7 @@ impl DeviceArgs {
             || self.kernel_pdl.is_some()
             || self.kernel_gemv.is_some()
             || self.kernel_gemv_mma_min_tokens.is_some()
+            || self.kernel_decode_attention_mma.is_some()
     }
 }
 

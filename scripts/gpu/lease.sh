@@ -3,8 +3,8 @@
 # (issue 18). From the repository root on the GPU machine, after scripts/gpu/package.sh and
 # `scripts/gpu/lease.sh pack` here (xz-compressed binaries in .device/xz/<folder>/, SmolLM2's GGUF in
 # fifths in .device/q/<n>/: a call carries 64 MiB, so each carries one binary folder and a fifth):
-#   conformance  carry [".device/xz/kconf", ".device/q/0"]: conformance, quick grids (bf16, f16): FP8
-#                cache, FP8 linear (CUDA-core and tensor-core GEMV, cuBLASLt GEMM), FP8 quantization
+#   conformance  carry [".device/xz/kconf", ".device/q/0"]: conformance, quick grids (bf16, f16; and
+#                both with FP8 decode attention on the tensor cores): FP8 cache, FP8 linear (CUDA-core and tensor-core GEMV, cuBLASLt GEMM), FP8 quantization
 #                of weights, LoRA; CONFORMANCE_FULL=<seconds> adds the full bf16 grid
 #   engine       carry [".device/xz/bin", ".device/q/1"] (a later engine call on the warm machine needs
 #                no binaries: it may carry two fifths): ENGINE_PARTS="fp8 lora long spec"; with dummy weights (the Llama-3-8B shape from
@@ -135,6 +135,9 @@ case "$CALL" in
           --max-lora-rank 16 --max-cpu-loras 64 --synthetic-loras "$n"
       done ;;
     long)
+      # FP8 decode attention on the tensor cores (off by default until measured), then by partition.
+      bench 100 latency_32k_kv_fp8_mma latency "${M8[@]}" --kv-cache-dtype fp8 --input-len 32000 \
+        --output-len 128 --num-iters 2 --kernel-decode-attention-mma on
       for p in ${PARTITIONS:-default 1024 256}; do
         extra=(); [ "$p" = default ] || extra=(--kernel-decode-partition "$p")
         bench 100 "latency_32k_kv_fp8_p$p" latency "${M8[@]}" --kv-cache-dtype fp8 --input-len 32000 \
@@ -163,6 +166,10 @@ case "$CALL" in
     say "GGUF sha256 $(cat "$W/gguf.sha256.got")"
     PAGODA_TEST_MODEL="$(dirname "$GGUF")" run 200 cuda_model_fp8 $D/mtest/cuda_model fp8 --test-threads=1 --nocapture
     grep -E "agreement|test result|FAILED|panicked" "$A/cuda_model_fp8.log" | head -8
+    # The same with FP8 decode attention on the tensor cores.
+    PAGODA_TEST_MODEL="$(dirname "$GGUF")" PAGODA_DECODE_ATTENTION_MMA=1 run 200 cuda_model_fp8_mma \
+      $D/mtest/cuda_model fp8 --test-threads=1 --nocapture
+    grep -E "agreement|test result|FAILED|panicked" "$A/cuda_model_fp8_mma.log" | head -8
     OUT="$A" PAGODA="$P" timeout 200 bash scripts/gpu/speculative.sh smollm2 summary > "$A/speculative.log" 2>&1
     say "speculative rc=$?"; tail -6 "$A/speculative.log" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

@@ -7,7 +7,8 @@
 //!   block 16), batch 64 at context 2k and 8k: bytes of K and V read over time,
 //!   against the copy bandwidth.
 //! - The same over an FP8 (E4M3) cache, counting its bytes (one a code), and
-//!   single-stream decode at 32k context over both caches; FP8 prefill
+//!   single-stream decode at 32k context over both caches (FP8 on the CUDA
+//!   and on the tensor cores); FP8 prefill
 //!   attention (TFLOP/s) and rotary_and_cache writing FP8.
 //! - Prefill attention (causal, with and without a cached prefix): TFLOP/s
 //!   against the GEMM.
@@ -274,16 +275,23 @@ fn main() -> Result<()> {
     // ---- decode attention over an FP8 (E4M3) cache: bytes are one a code ----
     // The launcher's own partitions; single stream at 32k context over both caches.
     let kv_scales = g.upload(HostSlice::F32(&[0.021, 0.017]), &[2], DType::F32)?;
-    let fp8_decode = [(64usize, 2048usize), (64, 8192), (1, 576), (256, 640), (1, 32768)]
-        .map(|(b, c)| (b, c, DType::F8E4M3))
+    // FP8 rows once on the CUDA cores and once on the tensor cores ("fp8 mma").
+    let fp8_shapes = [(64usize, 2048usize), (64, 8192), (1, 576), (256, 640), (1, 32768)];
+    let fp8_decode = [false, true]
         .into_iter()
-        .chain([(1, 32768, DType::BF16)]);
-    for (batch, ctx, dtype) in fp8_decode {
-        let cache = if dtype == DType::F8E4M3 { "fp8" } else { "bf16" };
+        .flat_map(|mma| fp8_shapes.map(|(b, c)| (b, c, DType::F8E4M3, mma)))
+        .chain([(1, 32768, DType::BF16, false)]);
+    for (batch, ctx, dtype, mma) in fp8_decode {
+        let cache = match (dtype, mma) {
+            (DType::F8E4M3, false) => "fp8",
+            (DType::F8E4M3, true) => "fp8 mma",
+            _ => "bf16",
+        };
         let label = format!("decode attention {cache} cache b{batch} ctx{ctx} 32q/8kv D128 bs16");
         if !wanted(&label) {
             continue;
         }
+        g.set_kernel_options(KernelOptions { decode_attention_mma: Some(mma), ..KernelOptions::default() });
         let (k, v, perm, blocks_per_seq) = random_paged_kv(&g, &mut rng, batch, ctx, (hkv, bs, d), dtype)?;
         let host = AttentionHostMetadata {
             query_start_loc: (0..=batch as i32).collect(),
@@ -295,6 +303,7 @@ fn main() -> Result<()> {
         };
         let scales = (dtype == DType::F8E4M3).then_some(&kv_scales);
         let ms = time_attention(&g, &mut rng, (&k, &v, scales), host, hq, 5, 30)?;
+        g.set_kernel_options(KernelOptions::default());
         let bytes = (2 * batch * ctx * hkv * d * dtype.size_in_bytes() + 2 * batch * hq * d * 2) as f64;
         rows.push(Row::bandwidth(label, ms, bytes, peak_bw));
     }

@@ -49,6 +49,9 @@ pub const ENV_DISABLE_GEMV: &str = "PAGODA_DISABLE_GEMV";
 /// `PAGODA_GEMV_MMA_MIN_TOKENS=N` (1..=17): the fewest token rows a product
 /// needs to take the tensor-core GEMV (17: never).
 pub const ENV_GEMV_MMA_MIN_TOKENS: &str = "PAGODA_GEMV_MMA_MIN_TOKENS";
+/// `PAGODA_DECODE_ATTENTION_MMA=1|0`: decode attention over an FP8 cache on
+/// the tensor cores (1) or the CUDA cores (0).
+pub const ENV_DECODE_ATTENTION_MMA: &str = "PAGODA_DECODE_ATTENTION_MMA";
 
 /// The most token rows the tensor-core GEMV takes (`MMA_GEMV_MAX_TOKENS` in `csrc/gemm.cu`).
 pub const GEMV_MMA_MAX_TOKENS: u32 = 16;
@@ -105,6 +108,8 @@ pub struct KernelOptions {
     pub gemv: Option<bool>,
     /// The fewest token rows that take the tensor-core GEMV (1..=17; 17: never).
     pub gemv_mma_min_tokens: Option<u32>,
+    /// Decode attention over an FP8 cache on the tensor cores.
+    pub decode_attention_mma: Option<bool>,
 }
 
 /// An environment variable with a value the backend does not understand.
@@ -120,7 +125,8 @@ impl KernelOptions {
     /// The switches the `PAGODA_*` variables set: [`ENV_DECODE_PARTITION`]
     /// (`auto`, `64`, ... `1024`), [`ENV_DISABLE_PDL`] and [`ENV_DISABLE_GEMV`]
     /// (`1` turns the feature off; `0` or empty leaves it to the device),
-    /// [`ENV_GEMV_MMA_MIN_TOKENS`] (`1` to `17`).
+    /// [`ENV_GEMV_MMA_MIN_TOKENS`] (`1` to `17`), [`ENV_DECODE_ATTENTION_MMA`]
+    /// (`1` on, `0` off).
     /// Unset or empty variables set nothing; any other value is an error.
     pub fn from_env() -> Result<Self, KernelEnvError> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -159,11 +165,24 @@ impl KernelOptions {
                 }),
             })
             .transpose()?;
+        let decode_attention_mma = match set(ENV_DECODE_ATTENTION_MMA).as_deref().map(str::trim) {
+            None => None,
+            Some("1") => Some(true),
+            Some("0") => Some(false),
+            Some(other) => {
+                return Err(KernelEnvError {
+                    variable: ENV_DECODE_ATTENTION_MMA,
+                    value: other.to_string(),
+                    expected: "expected 1 (on) or 0 (off)".into(),
+                })
+            }
+        };
         Ok(Self {
             decode_partition,
             pdl: disable(ENV_DISABLE_PDL)?,
             gemv: disable(ENV_DISABLE_GEMV)?,
             gemv_mma_min_tokens,
+            decode_attention_mma,
         })
     }
 
@@ -174,6 +193,7 @@ impl KernelOptions {
             pdl: self.pdl.or(fallback.pdl),
             gemv: self.gemv.or(fallback.gemv),
             gemv_mma_min_tokens: self.gemv_mma_min_tokens.or(fallback.gemv_mma_min_tokens),
+            decode_attention_mma: self.decode_attention_mma.or(fallback.decode_attention_mma),
         }
     }
 }
@@ -209,6 +229,9 @@ pub struct KernelPolicy {
     pub gemv_mma_min_tokens: u32,
     /// Tokens per decode partition, forced; `None` chooses per launch.
     pub decode_partition: Option<u32>,
+    /// Decode attention over an FP8 cache computes q.k and p.v on the tensor
+    /// cores (f16 operands, f32 sums). Off by default until measured on a GPU.
+    pub decode_attention_mma: bool,
 }
 
 impl KernelPolicy {
@@ -229,6 +252,7 @@ impl KernelPolicy {
                 Some(DecodePartition::Tokens(n)) => Some(n),
                 Some(DecodePartition::Auto) | None => None,
             },
+            decode_attention_mma: asked.decode_attention_mma.unwrap_or(false),
         }
     }
 
@@ -240,6 +264,7 @@ impl KernelPolicy {
             use_gemv: self.use_gemv as i32,
             gemv_mma_min_tokens: self.gemv_mma_min_tokens as i32,
             decode_partition: self.decode_partition.map_or(0, |p| p as i32),
+            decode_attention_mma: self.decode_attention_mma as i32,
         }
     }
 }
@@ -249,12 +274,13 @@ impl fmt::Display for KernelPolicy {
         let on = |b: bool| if b { "on" } else { "off" };
         write!(
             f,
-            "{} SMs, PDL {}, GEMV {} (tensor cores from {} rows), decode partition {}",
+            "{} SMs, PDL {}, GEMV {} (tensor cores from {} rows), decode partition {}, FP8 decode attention on {}",
             self.num_sms,
             on(self.use_pdl),
             on(self.use_gemv),
             self.gemv_mma_min_tokens,
-            self.decode_partition.map_or(DecodePartition::Auto, DecodePartition::Tokens)
+            self.decode_partition.map_or(DecodePartition::Auto, DecodePartition::Tokens),
+            if self.decode_attention_mma { "tensor cores" } else { "CUDA cores" }
         )
     }
 }
@@ -276,6 +302,7 @@ mod tests {
             use_gemv: true,
             gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
             decode_partition: None,
+            decode_attention_mma: false,
         }
     }
 
@@ -298,11 +325,26 @@ mod tests {
                 use_pdl: false,
                 use_gemv: true,
                 gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
-                decode_partition: None
+                decode_partition: None,
+                decode_attention_mma: false
             }
         );
         assert_eq!(p.to_ffi().num_sms, 108);
         assert_eq!(p.to_ffi().decode_partition, 0);
+    }
+
+    #[test]
+    fn the_tensor_core_fp8_decode_is_asked_for_by_name() {
+        let none = KernelOptions::default();
+        assert!(!KernelPolicy::resolve(none, none, H100).decode_attention_mma, "off until measured");
+        let on = env(&[(ENV_DECODE_ATTENTION_MMA, "1")]).unwrap();
+        let p = KernelPolicy::resolve(none, on, H100);
+        assert!(p.decode_attention_mma);
+        assert_eq!(p.to_ffi().decode_attention_mma, 1);
+        let off = KernelOptions { decode_attention_mma: Some(false), ..none };
+        assert!(!KernelPolicy::resolve(off, on, H100).decode_attention_mma, "a flag wins");
+        let err = env(&[(ENV_DECODE_ATTENTION_MMA, "yes")]).unwrap_err();
+        assert_eq!(err.variable, ENV_DECODE_ATTENTION_MMA);
     }
 
     #[test]
@@ -317,7 +359,8 @@ mod tests {
                 use_pdl: false,
                 use_gemv: false,
                 gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
-                decode_partition: Some(256)
+                decode_partition: Some(256),
+                decode_attention_mma: false
             }
         );
         let ffi = p.to_ffi();
@@ -333,6 +376,7 @@ mod tests {
             pdl: Some(true),
             gemv: Some(true),
             gemv_mma_min_tokens: None,
+            decode_attention_mma: None,
         };
         let p = KernelPolicy::resolve(flags, vars, H100);
         assert_eq!(p, all_on(132));
@@ -347,7 +391,8 @@ mod tests {
                 use_pdl: false,
                 use_gemv: false,
                 gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
-                decode_partition: Some(1024)
+                decode_partition: Some(1024),
+                decode_attention_mma: false
             }
         );
     }
@@ -399,10 +444,12 @@ mod tests {
             use_gemv: false,
             gemv_mma_min_tokens: DEFAULT_GEMV_MMA_MIN_TOKENS,
             decode_partition: None,
+            decode_attention_mma: false,
         };
         assert_eq!(
             p.to_string(),
-            "132 SMs, PDL on, GEMV off (tensor cores from 3 rows), decode partition auto"
+            "132 SMs, PDL on, GEMV off (tensor cores from 3 rows), decode partition auto, FP8 decode attention \
+             on CUDA cores"
         );
     }
 }

@@ -3,17 +3,22 @@
 //! compiles them; they run on the GPU machine (see PERF.md for the command).
 use pagoda_backend::DType;
 use pagoda_backend_cpu_ref::conformance::{self, Grid};
-use pagoda_backend_cuda::CudaBackend;
+use pagoda_backend_cuda::{CudaBackend, KernelOptions};
 
-fn gpu(dtype: DType) -> CudaBackend {
-    match CudaBackend::with_activation_dtype(0, dtype) {
+fn gpu(dtype: DType, options: KernelOptions) -> CudaBackend {
+    match CudaBackend::with_kernel_options(0, dtype, options) {
         Ok(b) => b,
         Err(e) => panic!("these tests need a CUDA GPU: {e}"),
     }
 }
 
 fn run(dtype: DType, grid: &Grid) {
-    let device = gpu(dtype);
+    run_with(dtype, grid, KernelOptions::default());
+}
+
+fn run_with(dtype: DType, grid: &Grid, options: KernelOptions) {
+    let device = gpu(dtype, options);
+    println!("kernel policy: {}", device.kernel_policy());
     let report = conformance::run(&device, grid);
     println!("{report}");
     // One line per op family with its worst error, for the run's summary.
@@ -37,6 +42,15 @@ fn quick_grid_bf16() {
 #[test]
 fn quick_grid_f16() {
     run(DType::F16, &Grid::quick());
+}
+
+/// The quick grid with decode attention over FP8 caches on the tensor cores
+/// (off by default until measured): only those checks differ from the grids above.
+#[test]
+fn quick_grid_fp8_decode_on_tensor_cores() {
+    let on = KernelOptions { decode_attention_mma: Some(true), ..KernelOptions::default() };
+    run_with(DType::BF16, &Grid::quick(), on);
+    run_with(DType::F16, &Grid::quick(), on);
 }
 
 #[test]

@@ -189,6 +189,7 @@ fn every_kernel_policy_matches_the_reference() {
         pdl: Some(false),
         gemv: Some(false),
         gemv_mma_min_tokens: Some(17),
+        decode_attention_mma: None,
     };
     let mut g =
         CudaBackend::with_kernel_options(0, DType::BF16, forced).expect("these tests need a CUDA GPU");
@@ -202,7 +203,8 @@ fn every_kernel_policy_matches_the_reference() {
             use_pdl: false,
             use_gemv: false,
             gemv_mma_min_tokens: 17,
-            decode_partition: Some(128)
+            decode_partition: Some(128),
+            decode_attention_mma: false
         }
     );
     // Decode shapes that pick small, large and whole partitions on their own, under each forced one.
