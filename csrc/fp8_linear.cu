@@ -446,6 +446,8 @@ int lt_fp8_gemm(BlasHandle *h, cudaStream_t stream, const uint8_t *w, const uint
         const int again = lt_fp8_gemm_once(h, stream, w, q, w_scale, q_scale, d, d_type, t, n, k, accumulate);
         if (again != 0) return again;
         h->fp8_plans_off = true;
+        pagoda::fp8_plans_destroy(h->fp8_plans);  // never read again
+        h->fp8_plans = nullptr;
         std::fprintf(stderr,
                      "pagoda: cuBLASLt FP8 plan cache off for this handle: a cached plan failed with code %d "
                      "(t %d, n %d, k %d) where a fresh plan succeeded\n",

@@ -572,8 +572,9 @@ int launch_decode_g(const PagodaAttentionArgs *a, const PagodaKernelPolicy *poli
     }
 }
 
+// By the GQA group's size (the query heads a block serves).
 template <typename T, typename C, int D, bool MMA>
-int launch_decode_mma(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
+int launch_decode_group(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     const int G = a->num_q_heads / a->num_kv_heads;
     if (G <= 1) return launch_decode_g<T, C, D, 1, MMA>(a, policy, s);
     if (G <= 2) return launch_decode_g<T, C, D, 2, MMA>(a, policy, s);
@@ -585,9 +586,9 @@ int launch_decode_mma(const PagodaAttentionArgs *a, const PagodaKernelPolicy *po
 template <typename T, typename C, int D>
 int launch_decode(const PagodaAttentionArgs *a, const PagodaKernelPolicy *policy, LaunchStream s) {
     if constexpr (kIsFp8<C>) {
-        if (policy->decode_attention_mma) return launch_decode_mma<T, C, D, true>(a, policy, s);
+        if (policy->decode_attention_mma) return launch_decode_group<T, C, D, true>(a, policy, s);
     }
-    return launch_decode_mma<T, C, D, false>(a, policy, s);
+    return launch_decode_group<T, C, D, false>(a, policy, s);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -164,12 +164,13 @@ case "$CALL" in
   quality)
     [ -f "$GGUF" ] || { say "no SmolLM2 (the five parts did not all come)"; exit 1; }
     say "GGUF sha256 $(cat "$W/gguf.sha256.got")"
-    PAGODA_TEST_MODEL="$(dirname "$GGUF")" run 200 cuda_model_fp8 $D/mtest/cuda_model fp8 --test-threads=1 --nocapture
-    grep -E "agreement|test result|FAILED|panicked" "$A/cuda_model_fp8.log" | head -8
-    # The same with FP8 decode attention on the tensor cores.
-    PAGODA_TEST_MODEL="$(dirname "$GGUF")" PAGODA_DECODE_ATTENTION_MMA=1 run 200 cuda_model_fp8_mma \
-      $D/mtest/cuda_model fp8 --test-threads=1 --nocapture
-    grep -E "agreement|test result|FAILED|panicked" "$A/cuda_model_fp8_mma.log" | head -8
+    # FP8 decode attention on the CUDA cores (0), then on the tensor cores (1).
+    for mma in 0 1; do
+      name=cuda_model_fp8$([ $mma = 1 ] && echo _mma)
+      PAGODA_TEST_MODEL="$(dirname "$GGUF")" PAGODA_DECODE_ATTENTION_MMA=$mma run 200 "$name" \
+        $D/mtest/cuda_model fp8 --test-threads=1 --nocapture
+      grep -E "agreement|test result|FAILED|panicked" "$A/$name.log" | head -8
+    done
     OUT="$A" PAGODA="$P" timeout 200 bash scripts/gpu/speculative.sh smollm2 summary > "$A/speculative.log" 2>&1
     say "speculative rc=$?"; tail -6 "$A/speculative.log" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

@@ -144,17 +144,22 @@ impl KernelOptions {
                 })
             })
             .transpose()?;
-        let disable = |name: &'static str| -> Result<Option<bool>, KernelEnvError> {
+        // A `1` or `0` variable; `meaning` names what each does in the error.
+        let bit = |name: &'static str, meaning: &str| -> Result<Option<bool>, KernelEnvError> {
             match set(name).as_deref().map(str::trim) {
-                None | Some("0") => Ok(None),
-                Some("1") => Ok(Some(false)),
+                None => Ok(None),
+                Some("1") => Ok(Some(true)),
+                Some("0") => Ok(Some(false)),
                 Some(other) => Err(KernelEnvError {
                     variable: name,
                     value: other.to_string(),
-                    expected: "expected 1 (off) or 0".into(),
+                    expected: format!("expected {meaning}"),
                 }),
             }
         };
+        // `1` turns the feature off; `0` leaves it to the device.
+        let disable =
+            |name: &'static str| Ok(bit(name, "1 (off) or 0")?.and_then(|one| one.then_some(false)));
         let gemv_mma_min_tokens = set(ENV_GEMV_MMA_MIN_TOKENS)
             .map(|v| match v.trim().parse::<u32>() {
                 Ok(n) if (1..=GEMV_MMA_MAX_TOKENS + 1).contains(&n) => Ok(n),
@@ -165,18 +170,7 @@ impl KernelOptions {
                 }),
             })
             .transpose()?;
-        let decode_attention_mma = match set(ENV_DECODE_ATTENTION_MMA).as_deref().map(str::trim) {
-            None => None,
-            Some("1") => Some(true),
-            Some("0") => Some(false),
-            Some(other) => {
-                return Err(KernelEnvError {
-                    variable: ENV_DECODE_ATTENTION_MMA,
-                    value: other.to_string(),
-                    expected: "expected 1 (on) or 0 (off)".into(),
-                })
-            }
-        };
+        let decode_attention_mma = bit(ENV_DECODE_ATTENTION_MMA, "1 (on) or 0 (off)")?;
         Ok(Self {
             decode_partition,
             pdl: disable(ENV_DISABLE_PDL)?,
